@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visrec.artefact import Manifest, load_artefact, read_manifest
+from visrec.embed import Embedder
+from visrec.errors import ModelError
+from visrec.images import ImageLimits
+
+
+def test_manifest_describes_the_model(artefact: tuple[Path, Manifest]) -> None:
+    path, manifest = artefact
+    assert read_manifest(path) == manifest
+    assert manifest.embedding_dim == 1000 and manifest.embedding_layer == "backbone.fc"
+    assert manifest.classes == ["circle", "square", "triangle"]
+    assert manifest.preprocess.input_size == 32
+    assert {"top1", "top3"} <= set(manifest.metrics)
+    assert manifest.model_version == f"resnet18-{manifest.weights_sha256[:12]}"
+
+
+def test_export_load_round_trip_gives_identical_vectors(
+    artefact: tuple[Path, Manifest], tmp_path: Path
+) -> None:
+    path, _ = artefact
+    images = [tmp_path / f"{c}.png" for c in ("red", "blue")]
+    for image, colour in zip(images, ("red", "blue"), strict=True):
+        Image.new("RGB", (20, 30), colour).save(image)
+    refs = [str(i) for i in images]
+    first = next(Embedder(path, torch.device("cpu")).embed_refs(refs, ImageLimits(), 8, 0)).vectors
+    again = next(Embedder(path, torch.device("cpu")).embed_refs(refs, ImageLimits(), 8, 0)).vectors
+    assert first.shape == (2, 1000) and first.dtype == np.float32
+    np.testing.assert_array_equal(first, again)
+    single = Embedder(path, torch.device("cpu")).embed_image(Image.open(images[0]).convert("RGB"))
+    np.testing.assert_allclose(single, first[0], rtol=1e-5, atol=1e-5)
+
+
+def test_tampered_or_missing_artefact(artefact: tuple[Path, Manifest], tmp_path: Path) -> None:
+    copy = tmp_path / "model"
+    shutil.copytree(artefact[0], copy)
+    with (copy / "weights.pt").open("ab") as f:
+        f.write(b"x")
+    with pytest.raises(ModelError, match="sha256"):
+        load_artefact(copy, torch.device("cpu"))
+    with pytest.raises(ModelError, match="run `visrec train`"):
+        read_manifest(tmp_path / "nothing")
+    (copy / "manifest.json").write_text(json.dumps({"model_version": 1}))
+    with pytest.raises(ModelError, match="invalid manifest"):
+        read_manifest(copy)

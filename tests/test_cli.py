@@ -1,0 +1,123 @@
+"""The CLI through typer's CliRunner: the whole line of data, and user errors as one clean line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from visrec.cli import app
+from visrec.config import Settings
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setenv("VISREC_ARTEFACT", str(settings.artefact))
+    monkeypatch.setenv("VISREC_QDRANT__PATH", str(settings.qdrant.path))
+    monkeypatch.setenv("VISREC_INGEST__FAILURE_REPORT", str(settings.ingest.failure_report))
+    monkeypatch.setenv("VISREC_EMBED__WORKERS", "0")
+    monkeypatch.setenv("VISREC_EMBED__DEVICE", "cpu")
+    return settings
+
+
+def test_train_sync_similar_status_report(make_catalogue, env: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    catalogue = make_catalogue(18)
+    model = tmp_path / "trained"
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            str(catalogue),
+            "--out",
+            str(model),
+            "--backbone",
+            "resnet18",
+            "--weights",
+            "random",
+            "--image-size",
+            "32",
+            "--epochs-frozen",
+            "2",
+            "--epochs-finetune",
+            "1",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    trained = json.loads(result.stdout)
+    assert trained["classes"] == ["circle", "square", "triangle"] and "top3" in trained["metrics"]
+
+    result = runner.invoke(app, ["sync", str(catalogue), "--model", str(model), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["added"] == 18
+
+    result = runner.invoke(
+        app,
+        ["similar", "p0", "-k", "4", "--colour", "red", "--colour", "blue", "--price-max", "25", "--json"],
+    )
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)
+    assert len(hits) == 4 and all(h["payload"]["colour"] in {"red", "blue"} for h in hits)
+    assert all(h["payload"]["price"] <= 25 and h["product_id"] != "p0" for h in hits)
+
+    result = runner.invoke(
+        app,
+        [
+            "similar",
+            "--image",
+            str(tmp_path / "images" / "p3.png"),
+            "--model",
+            str(model),
+            "-k",
+            "2",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["product_id"] == "p3"
+
+    result = runner.invoke(app, ["status", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["points"] == 18
+
+    out = tmp_path / "report.html"
+    result = runner.invoke(app, ["report", "--out", str(out), "--queries", "3", "-k", "4", "--same-category"])
+    assert result.exit_code == 0, result.output
+    page = out.read_text()
+    assert page.count('class="row"') == 3 and page.count("data:image/png;base64") == 15
+    assert "report" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "code"),
+    [
+        (["similar", "nope"], "collection", 4),  # nothing synced yet
+        (["similar"], "either a PRODUCT_ID or --image", 1),
+        (["similar", "p1", "--price-min", "9", "--price-max", "1"], "above price_max", 2),
+        (["similar", "p1", "--where", "brand"], "FIELD=VALUE", 2),
+        (["sync", "missing.csv"], "catalogue not found", 2),
+        (["train", "missing.csv"], "catalogue not found", 2),
+    ],
+)
+def test_user_errors_are_one_line_and_an_exit_code(
+    env: Settings, args: list[str], message: str, code: int
+) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == code, result.output
+    assert message in result.stderr
+    assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_sync_without_a_model_says_to_train(
+    make_catalogue,
+    env: Settings,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    monkeypatch.setenv("VISREC_ARTEFACT", str(tmp_path / "no-model"))
+    result = runner.invoke(app, ["sync", str(make_catalogue(3))])
+    assert result.exit_code == 3 and "run `visrec train` first" in result.stderr

@@ -1,0 +1,179 @@
+"""Both backends through the one interface: the embedded engine (qdrant-edge) and qdrant-client's
+local mode (the server backend's code path). The congruence test runs one scenario on both."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from visrec.config import QdrantSettings
+from visrec.errors import CollectionMissing, IndexUnavailable, VisrecError
+from visrec.index import Filters, IndexPoint, VectorIndex, open_index, point_id
+
+DIM = 8
+
+
+def _points(n: int = 30) -> list[IndexPoint]:
+    rng = np.random.default_rng(0)
+    return [
+        IndexPoint(
+            f"p{i}",
+            rng.normal(size=DIM).astype(np.float32),
+            {
+                "product_id": f"p{i}",
+                "category": ["shirt", "jeans", "shoe"][i % 3],
+                "colour": ["red", "blue"][i % 2],
+                "price": float(i),
+                "brand": "acme" if i < 10 else "other",
+                "content_hash": f"h{i}",
+                "model_version": "m1",
+            },
+        )
+        for i in range(n)
+    ]
+
+
+def _exact(points: list[IndexPoint], vector: np.ndarray, keep: list[IndexPoint]) -> list[str]:
+    return [p.product_id for p in sorted(keep, key=lambda p: float(np.linalg.norm(p.vector - vector)))]
+
+
+@pytest.fixture(params=["embedded", "server-local"])
+def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VectorIndex]:
+    url = ":memory:" if request.param == "server-local" else None
+    with open_index(QdrantSettings(path=tmp_path / "q", url=url, collection="test")) as opened:
+        yield opened
+
+
+def _scenario(index: VectorIndex) -> dict[str, object]:
+    """Upsert, re-upsert, filter, delete, query by id: everything a sync and a query do."""
+    points = _points()
+    index.create(DIM)
+    index.create(DIM)  # idempotent
+    index.upsert(points[:20])
+    index.upsert(points)  # overlapping rerun: no duplicates
+    query = points[0].vector
+    results: dict[str, object] = {"count": index.count()}
+    for name, filters in {
+        "none": Filters(),
+        "category": Filters(category=["jeans"]),
+        "colour_any": Filters(colour=["red", "blue"]),
+        "price": Filters(price_min=5, price_max=12.5),
+        "combined": Filters(category=["shirt", "shoe"], colour=["red"], price_max=20),
+        "equals": Filters(equals={"brand": "acme"}),
+    }.items():
+        hits = index.search(query, 5, filters, exclude=["p0"])
+        results[name] = [(h.product_id, round(h.distance, 4)) for h in hits]
+        results[f"count_{name}"] = index.count(filters)
+    index.delete(["p1", "p2", "does-not-exist"])
+    results["after_delete"] = index.count()
+    results["records"] = sorted((k, v.content_hash) for k, v in index.sync_records().items())
+    got = index.get("p3")
+    assert got is not None
+    results["get"] = (np.round(got[0], 5).tolist(), got[1]["category"])
+    results["get_missing"] = index.get("p1")
+    return results
+
+
+def test_scenario_matches_exact_search(index: VectorIndex) -> None:
+    results = _scenario(index)
+    points = _points()
+    query = points[0].vector
+    assert results["count"] == 30 and results["after_delete"] == 28
+    expected = {
+        "none": lambda p: p.product_id != "p0",
+        "category": lambda p: p.payload["category"] == "jeans",
+        "price": lambda p: 5 <= p.payload["price"] <= 12.5,
+        "combined": lambda p: (
+            p.payload["category"] in {"shirt", "shoe"}
+            and p.payload["colour"] == "red"
+            and p.payload["price"] <= 20
+        ),
+        "equals": lambda p: p.payload["brand"] == "acme",
+    }
+    for name, keep in expected.items():
+        kept = [p for p in points if keep(p) and p.product_id != "p0"]
+        assert [pid for pid, _ in results[name]] == _exact(points, query, kept)[:5], name  # type: ignore[attr-defined]
+    assert len(results["records"]) == 28  # type: ignore[arg-type]
+    assert results["get_missing"] is None
+
+
+def test_backends_are_congruent(tmp_path: Path) -> None:
+    with open_index(QdrantSettings(path=tmp_path / "q", collection="c")) as embedded:
+        edge = _scenario(embedded)
+    with open_index(QdrantSettings(url=":memory:", collection="c")) as server:
+        local = _scenario(server)
+    assert edge.keys() == local.keys()
+    for key in edge:
+        if key.startswith("count") or key in {"after_delete", "records", "get_missing", "get"}:
+            assert edge[key] == local[key], key
+        else:  # same ids in the same order, distances equal to float precision
+            assert [p for p, _ in edge[key]] == [p for p, _ in local[key]], key  # type: ignore[attr-defined]
+            np.testing.assert_allclose([d for _, d in edge[key]], [d for _, d in local[key]], atol=1e-3)  # type: ignore[attr-defined]
+
+
+def test_point_ids_are_deterministic() -> None:
+    assert point_id("sku-1") == point_id("sku-1") != point_id("sku-2")
+    assert uuid.UUID(point_id("sku-1")).version == 5
+
+
+def test_missing_collection_and_wrong_size(index: VectorIndex) -> None:
+    assert not index.exists()
+    with pytest.raises(CollectionMissing):
+        index.search(np.zeros(DIM, np.float32), 3, Filters())
+    index.create(DIM)
+    with pytest.raises(VisrecError, match="another size|size"):
+        index.create(DIM + 1)
+
+
+def test_embedded_store_reopens_with_its_points(tmp_path: Path) -> None:
+    settings = QdrantSettings(path=tmp_path / "q", collection="c")
+    with open_index(settings) as index:
+        index.create(DIM)
+        index.upsert(_points(5))
+    with open_index(settings) as index:
+        assert index.count() == 5
+
+
+def test_busy_embedded_store_is_a_clear_error(tmp_path: Path) -> None:
+    settings = QdrantSettings(path=tmp_path / "q", collection="c")
+    with open_index(settings) as index:
+        index.create(DIM)
+        index.upsert(_points(5))
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from visrec.config import QdrantSettings;"
+            "from visrec.index import open_index;"
+            "i = open_index(QdrantSettings(path=Path(sys.argv[1]), collection='c'));"
+            "print('open', flush=True); time.sleep(60)",
+            str(tmp_path / "q"),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "open"
+        started = time.monotonic()
+        with pytest.raises(IndexUnavailable, match="in use by another process"):
+            open_index(settings)
+        assert time.monotonic() - started < 5  # an error, not a hang
+    finally:
+        holder.kill()
+        holder.wait()
+    with open_index(settings) as index:  # not corrupted: reopens with everything in it
+        assert index.count() == 5
+
+
+def test_unreachable_server_fails_after_bounded_retries() -> None:
+    started = time.monotonic()
+    with pytest.raises(IndexUnavailable, match="unreachable"):
+        open_index(QdrantSettings(url="http://127.0.0.1:9", retries=2, timeout_s=1, collection="c"))
+    assert time.monotonic() - started < 10

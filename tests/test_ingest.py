@@ -1,0 +1,197 @@
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import draw_product
+from visrec.catalogue import read_catalogue
+from visrec.config import Settings
+from visrec.embed import Embedder
+from visrec.errors import CatalogueError
+from visrec.images import ImageLimits
+from visrec.index import open_index
+from visrec.ingest import SyncSummary, sync
+
+
+def run_sync(catalogue: Path, settings: Settings) -> SyncSummary:
+    embedder = Embedder(settings.artefact, torch.device("cpu"))
+    with open_index(settings.qdrant) as index:
+        return sync(
+            read_catalogue(catalogue),
+            index,
+            embedder,
+            limits=ImageLimits(),
+            batch_size=settings.embed.batch_size,
+            workers=settings.embed.workers,
+            failure_report=settings.ingest.failure_report,
+        )
+
+
+def rewrite(path: Path, edit) -> None:  # type: ignore[no-untyped-def]
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    rows = [r for r in map(edit, rows) if r is not None]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def test_first_sync_then_nothing_to_do(make_catalogue, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    catalogue = make_catalogue(24)
+    first = run_sync(catalogue, settings)
+    assert (first.added, first.updated, first.deleted, first.unchanged, first.failed) == (24, 0, 0, 0, 0)
+    again = run_sync(catalogue, settings)
+    assert (again.added, again.updated, again.deleted, again.unchanged, again.failed) == (0, 0, 0, 24, 0)
+    with open_index(settings.qdrant) as index:
+        assert index.count() == 24
+        _, payload = index.get("p5")  # type: ignore[misc]
+        assert payload["category"] == "triangle" and payload["price"] == 15.5
+        assert payload["model_version"] == first.model_version and len(payload["content_hash"]) == 64
+
+
+def test_an_unchanged_resync_never_loads_the_model(make_catalogue, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    catalogue = make_catalogue(6)
+    run_sync(catalogue, settings)
+    embedder = Embedder(settings.artefact, torch.device("cpu"))
+    with open_index(settings.qdrant) as index:
+        sync(
+            read_catalogue(catalogue),
+            index,
+            embedder,
+            limits=ImageLimits(),
+            batch_size=4,
+            workers=0,
+            failure_report=settings.ingest.failure_report,
+        )
+    assert embedder._model is None
+
+
+def test_changes_and_removals_are_detected(make_catalogue, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    catalogue = make_catalogue(12)
+    run_sync(catalogue, settings)
+    draw_product(tmp_path / "images" / "p1.png", "circle", "green", variant=99)  # new photo
+    rewrite(
+        catalogue,
+        lambda r: (
+            None
+            if r["id"] in {"p10", "p11"}
+            # removed
+            else {**r, "price": "99"}
+            if r["id"] == "p2"
+            else r
+        ),
+    )  # new price
+    with catalogue.open("a") as f:
+        f.write("p12,images/p0.png,circle,red,1,\n")  # a new product
+    summary = run_sync(catalogue, settings)
+    assert (summary.added, summary.updated, summary.deleted, summary.unchanged) == (1, 2, 2, 8)
+    with open_index(settings.qdrant) as index:
+        assert index.count() == 11
+        assert index.get("p2")[1]["price"] == 99  # type: ignore[index]
+        assert index.get("p10") is None
+
+
+def test_a_new_model_version_re_embeds(make_catalogue, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    catalogue = make_catalogue(4)
+    run_sync(catalogue, settings)
+    with open_index(settings.qdrant) as index:  # as if an older model had made these points
+        records = index.sync_records()
+        points = [(pid, index.get(pid)) for pid in records]
+        from visrec.index import IndexPoint
+
+        index.upsert([IndexPoint(pid, got[0], {**got[1], "model_version": "old"}) for pid, got in points])  # type: ignore[index]
+    summary = run_sync(catalogue, settings)
+    assert (summary.added, summary.updated, summary.unchanged) == (0, 4, 0)
+
+
+def test_bad_rows_and_images_are_reported_and_the_rest_indexed(
+    make_catalogue,
+    settings: Settings,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    catalogue = make_catalogue(6)
+    (tmp_path / "images" / "empty.png").write_bytes(b"")
+    (tmp_path / "images" / "text.jpg").write_text("not an image")
+    with catalogue.open("a") as f:
+        f.write("bad1,images/missing.png,circle,red,1,\n")
+        f.write("bad2,images/empty.png,circle,red,1,\n")
+        f.write("bad3,images/text.jpg,circle,red,1,\n")
+        f.write("bad4,images/p0.png,circle,red,not-a-price,\n")
+    summary = run_sync(catalogue, settings)
+    assert (summary.added, summary.failed, summary.invalid_rows) == (6, 3, 1)
+    report = [json.loads(line) for line in settings.ingest.failure_report.read_text().splitlines()]
+    assert {(r["kind"], r["product_id"]) for r in report} == {
+        ("row", "bad4"),
+        ("image", "bad1"),
+        ("image", "bad2"),
+        ("image", "bad3"),
+    }
+    assert any("file not found" in r["error"] for r in report)
+
+
+def test_a_row_gone_bad_does_not_delete_its_product(make_catalogue, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    catalogue = make_catalogue(3)
+    run_sync(catalogue, settings)
+    rewrite(catalogue, lambda r: {**r, "price": "oops"} if r["id"] == "p1" else r)
+    summary = run_sync(catalogue, settings)
+    assert (summary.deleted, summary.invalid_rows) == (0, 1)
+    with open_index(settings.qdrant) as index:
+        assert index.get("p1") is not None
+
+
+def test_a_catalogue_with_no_valid_row_deletes_nothing(
+    make_catalogue, settings: Settings, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    run_sync(make_catalogue(3), settings)
+    broken = tmp_path / "broken.csv"
+    broken.write_text("id,image,price\na,x.png,bad\n")
+    with pytest.raises(CatalogueError, match="no valid product"):
+        run_sync(broken, settings)
+    with open_index(settings.qdrant) as index:
+        assert index.count() == 3
+
+
+def test_killed_sync_is_finished_by_a_rerun(make_catalogue, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL a real `visrec sync` process after its first batches land, rerun, check every product once."""
+    catalogue = make_catalogue(120)
+    env = {
+        **os.environ,
+        "VISREC_ARTEFACT": str(settings.artefact),
+        "VISREC_QDRANT__PATH": str(settings.qdrant.path),
+        "VISREC_EMBED__BATCH_SIZE": "4",
+        "VISREC_EMBED__WORKERS": "0",
+        "VISREC_EMBED__DEVICE": "cpu",
+        "VISREC_INGEST__FAILURE_REPORT": str(tmp_path / "f.jsonl"),
+        "COLUMNS": "200",
+    }
+    command = [sys.executable, "-m", "visrec", "-v", "sync", str(catalogue), "--json"]
+    victim = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    assert victim.stderr is not None
+    upserts = 0
+    for line in victim.stderr:
+        upserts += "upserted" in line
+        if upserts == 3:
+            victim.send_signal(signal.SIGKILL)
+            break
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL
+    with open_index(settings.qdrant) as index:
+        partial = index.count()
+    assert 12 <= partial < 120  # killed mid-run, with work done
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    summary = json.loads(rerun.stdout)
+    assert summary["added"] == 120 - partial and summary["unchanged"] == partial
+    with open_index(settings.qdrant) as index:
+        records = index.sync_records()
+        assert index.count() == 120 == len(records)
+        assert sorted(records) == sorted(f"p{i}" for i in range(120))

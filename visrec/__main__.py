@@ -1,0 +1,3 @@
+from visrec.cli import app
+
+app(prog_name="visrec")

@@ -1,0 +1,110 @@
+"""The exported embedder: `weights.pt` + `manifest.json` in one folder, written atomically.
+
+The manifest carries everything serving needs to use the weights the way training did (backbone,
+classes, preprocessing, embedding layer and size) and what a person needs to trust them (weight
+source and sha256, metrics, version). Serving reads this module, never the training code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, Field, ValidationError
+
+from visrec.errors import ModelError
+from visrec.images import Preprocess
+from visrec.model import EMBEDDING_DIM, EMBEDDING_LAYER, VisrecNet, WeightInfo, build_model, sha256_file
+
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.pt"
+FORMAT_VERSION = 1
+
+
+class Manifest(BaseModel):
+    format_version: int = FORMAT_VERSION
+    model_version: str  # backbone + the weights' hash: what every indexed point records
+    backbone: str
+    pretrained: WeightInfo
+    classes: list[str] = Field(min_length=2)
+    embedding_dim: int = EMBEDDING_DIM
+    embedding_layer: str = EMBEDDING_LAYER
+    preprocess: Preprocess
+    metrics: dict[str, float] = {}
+    training: dict[str, Any] = {}
+    weights_file: str = WEIGHTS
+    weights_sha256: str
+    created_at: datetime
+
+
+def save_artefact(
+    model: VisrecNet,
+    out_dir: Path,
+    *,
+    backbone: str,
+    pretrained: WeightInfo,
+    classes: list[str],
+    preprocess: Preprocess,
+    metrics: dict[str, float],
+    training: dict[str, Any],
+) -> Manifest:
+    """Write the artefact to `out_dir`, replacing any previous one only once the new one is complete."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        torch.save(state, staging / WEIGHTS)
+        digest = sha256_file(staging / WEIGHTS)
+        manifest = Manifest(
+            model_version=f"{backbone}-{digest[:12]}",
+            backbone=backbone,
+            pretrained=pretrained,
+            classes=classes,
+            preprocess=preprocess,
+            metrics=metrics,
+            training=training,
+            weights_sha256=digest,
+            created_at=datetime.now(UTC),
+        )
+        (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(out_dir, old)
+            os.rename(staging, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return manifest
+
+
+def read_manifest(artefact_dir: Path) -> Manifest:
+    """The manifest alone (cheap: no weights); raises `ModelError` if missing or invalid."""
+    path = artefact_dir / MANIFEST
+    try:
+        return Manifest.model_validate(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ModelError(f"no exported model at {artefact_dir}: run `visrec train` first") from None
+    except (json.JSONDecodeError, ValidationError) as exc:
+        raise ModelError(f"{path}: invalid manifest ({exc})") from exc
+
+
+def load_artefact(artefact_dir: Path, device: torch.device) -> tuple[VisrecNet, Manifest]:
+    """The exported network in eval mode on `device`, weights checked against the manifest."""
+    manifest = read_manifest(artefact_dir)
+    weights = artefact_dir / manifest.weights_file
+    if not weights.is_file() or sha256_file(weights) != manifest.weights_sha256:
+        raise ModelError(f"{weights}: missing or does not match the manifest's sha256")
+    model = build_model(manifest.backbone, len(manifest.classes))
+    state = torch.load(weights, map_location="cpu", weights_only=True)
+    model.load_state_dict(state)
+    return model.to(device).eval(), manifest

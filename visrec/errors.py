@@ -1,0 +1,49 @@
+"""One exception hierarchy. The CLI maps each to a one-line message and an exit code."""
+
+
+class VisrecError(Exception):
+    """Base of every error visrec raises on purpose; the message is meant for the user."""
+
+    exit_code = 1
+
+
+class CatalogueError(VisrecError):
+    """The catalogue file as a whole cannot be used (missing, unknown format, missing columns)."""
+
+    exit_code = 2
+
+
+class ImageError(VisrecError):
+    """One image cannot be read or decoded; ingestion records it and goes on."""
+
+
+class ModelError(VisrecError):
+    """Weights or an exported artefact are missing, corrupt, or not what they claim to be."""
+
+    exit_code = 3
+
+
+class IndexUnavailable(VisrecError):
+    """The vector store cannot be reached or opened (server down, embedded store in use)."""
+
+    exit_code = 4
+
+
+class CollectionMissing(VisrecError):
+    """The collection does not exist yet: run `visrec sync` first."""
+
+    exit_code = 4
+
+
+class InvalidQuery(VisrecError):
+    """A query is malformed: unknown product, bad k, wrong vector size."""
+
+    exit_code = 2
+
+
+class InvalidFilter(InvalidQuery):
+    """A metadata filter is malformed (e.g. price_min above price_max)."""
+
+
+class NotFound(InvalidQuery):
+    """The product asked for is not in the index."""

@@ -1,0 +1,212 @@
+"""Images: read bytes (file or URL), decode once safely, preprocess as the model's manifest says.
+
+Every failure becomes an `ImageError` with a reason a person can act on; batch loading turns those into
+per-item failures so one bad photo never stops a run.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast
+
+import httpx
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from pydantic import BaseModel, Field
+from tenacity import (
+    before_sleep_log,
+    retry,
+    retry_if_exception,
+    stop_after_attempt,
+    wait_exponential,
+)
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms import functional as TF
+
+from visrec.errors import ImageError
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Preprocess(BaseModel):
+    """How the model wants its input; stored in the artefact's manifest so ingest and query agree."""
+
+    input_size: int = Field(ge=8)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
+    # Product photos are padded to a square, not cropped: a long dress keeps its hem.
+    pad_fill: tuple[int, int, int] = (255, 255, 255)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int = 50_000_000
+    max_bytes: int = 50_000_000
+    fetch_timeout_s: float = 10.0
+    fetch_retries: int = 3
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, httpx.HTTPStatusError):
+        return exc.response.status_code >= 500 or exc.response.status_code == 429
+    return isinstance(exc, httpx.TransportError)
+
+
+def fetch_url(url: str, limits: ImageLimits) -> bytes:
+    """GET an image with a timeout and bounded retries on transient failures; raises `ImageError`."""
+
+    @retry(
+        retry=retry_if_exception(_is_transient),
+        stop=stop_after_attempt(limits.fetch_retries),
+        wait=wait_exponential(multiplier=0.2, max=5),
+        before_sleep=before_sleep_log(log, logging.WARNING),
+        reraise=True,
+    )
+    def get() -> bytes:
+        with httpx.stream("GET", url, timeout=limits.fetch_timeout_s, follow_redirects=True) as response:
+            response.raise_for_status()
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > limits.max_bytes:
+                    raise ImageError(f"{url}: larger than {limits.max_bytes} bytes")
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    try:
+        return get()
+    except httpx.HTTPStatusError as exc:
+        raise ImageError(f"{url}: HTTP {exc.response.status_code}") from exc
+    except httpx.HTTPError as exc:
+        raise ImageError(f"{url}: {type(exc).__name__}: {exc}") from exc
+
+
+def read_image_bytes(ref: str, limits: ImageLimits) -> bytes:
+    """The raw bytes of an image given as an absolute path or an http(s) URL."""
+    if ref.startswith(("http://", "https://")):
+        return fetch_url(ref, limits)
+    path = Path(ref)
+    try:
+        size = path.stat().st_size
+        if size > limits.max_bytes:
+            raise ImageError(f"{ref}: {size} bytes, above the limit of {limits.max_bytes}")
+        return path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ImageError(f"{ref}: file not found") from exc
+    except OSError as exc:
+        raise ImageError(f"{ref}: cannot read: {exc.strerror or exc}") from exc
+
+
+def decode_image(data: bytes, limits: ImageLimits, name: str = "image") -> Image.Image:
+    """Decode to an RGB image, EXIF orientation applied, pixel count bounded.
+
+    Raises `ImageError` for empty, corrupt, truncated, non-image or oversized input.
+    """
+    if not data:
+        raise ImageError(f"{name}: empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image: Image.Image = Image.open(io.BytesIO(data))
+            width, height = image.size  # header only: checked before any pixel is decoded
+            if width * height > limits.max_pixels:
+                raise ImageError(f"{name}: {width}x{height} pixels, above the limit of {limits.max_pixels}")
+            image.load()
+            image = ImageOps.exif_transpose(image)
+    except ImageError:
+        raise
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{name}: not a recognised image format") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"{name}: decompression bomb refused ({exc})") from exc
+    except (OSError, SyntaxError, ValueError) as exc:  # Pillow's truncated/corrupt-data errors
+        raise ImageError(f"{name}: corrupt or truncated image ({exc})") from exc
+    return _to_rgb(image)
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    if image.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
+        # 16-bit and float greyscale: scale to 8 bits instead of clipping everything to white.
+        lo, hi = cast(tuple[float, float], image.getextrema())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        image = image.point(lambda v: (v - lo) * scale).convert("L")
+    elif image.mode in {"RGBA", "LA", "PA"} or (image.mode == "P" and "transparency" in image.info):
+        # Transparent product cut-outs go on white, as a shop shows them.
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def load_image(ref: str, limits: ImageLimits) -> Image.Image:
+    """Read and decode one image by path or URL; raises `ImageError`."""
+    return decode_image(read_image_bytes(ref, limits), limits, name=ref)
+
+
+def to_tensor(image: Image.Image, pre: Preprocess) -> torch.Tensor:
+    """Pad to a square, resize to the model's input size and normalise: a (3, S, S) float tensor."""
+    width, height = image.size
+    side = max(width, height)
+    if width != height:
+        left, top = (side - width) // 2, (side - height) // 2
+        image = ImageOps.expand(image, (left, top, side - width - left, side - height - top), pre.pad_fill)
+    interpolation = InterpolationMode(pre.interpolation)
+    tensor = TF.pil_to_tensor(
+        TF.resize(image, [pre.input_size, pre.input_size], interpolation, antialias=True)
+    )
+    return TF.normalize(tensor.float().div_(255), list(pre.mean), list(pre.std))
+
+
+ImageItem = tuple[int, torch.Tensor | None, str | None]  # (index, pixels, error)
+
+
+class ImageDataset(Dataset[ImageItem]):
+    """Images by reference, decoded in DataLoader workers; a failure is returned, not raised."""
+
+    def __init__(
+        self, refs: Sequence[str], pre: Preprocess, limits: ImageLimits, hflip_p: float = 0.0
+    ) -> None:
+        self.refs, self.pre, self.limits, self.hflip_p = refs, pre, limits, hflip_p
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    def __getitem__(self, index: int) -> ImageItem:
+        try:
+            tensor = to_tensor(load_image(self.refs[index], self.limits), self.pre)
+        except ImageError as exc:
+            return index, None, str(exc)
+        if self.hflip_p and torch.rand(()) < self.hflip_p:
+            tensor = tensor.flip(-1)
+        return index, tensor, None
+
+
+@dataclass
+class ImageBatch:
+    """Indices into the dataset of the images that decoded, their tensor, and the ones that failed."""
+
+    indices: list[int]
+    pixels: torch.Tensor
+    failures: list[tuple[int, str]]
+
+    def pin_memory(self) -> ImageBatch:
+        self.pixels = self.pixels.pin_memory()
+        return self
+
+
+def collate_images(items: list[ImageItem]) -> ImageBatch:
+    """DataLoader collate: stack the decoded images, set the failures aside."""
+    good = [(i, t) for i, t, _ in items if t is not None]
+    failures = [(i, error) for i, t, error in items if t is None and error is not None]
+    pixels = torch.stack([t for _, t in good]) if good else torch.empty(0)
+    return ImageBatch([i for i, _ in good], pixels, failures)

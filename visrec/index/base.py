@@ -1,0 +1,117 @@
+"""The vector-store interface the rest of visrec sees; backends translate it to Qdrant's APIs."""
+
+from __future__ import annotations
+
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, Self
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, model_validator
+
+# Fixed namespace: the same product id gives the same point id on every machine, forever.
+POINT_NAMESPACE = uuid.UUID("6f1c2a56-3d7e-5b8a-9c41-2e0f7d8b9a10")
+
+KEYWORD_FIELDS = ("product_id", "category", "colour", "model_version")
+FLOAT_FIELDS = ("price",)
+
+PayloadValue = str | int | bool
+
+
+def point_id(product_id: str) -> str:
+    """The point id of a product: UUIDv5, so a rerun upserts the same point instead of a duplicate."""
+    return str(uuid.uuid5(POINT_NAMESPACE, product_id))
+
+
+class Filters(BaseModel):
+    """Metadata conditions, all of which a hit must meet. Empty lists mean 'any'."""
+
+    model_config = ConfigDict(frozen=True)
+
+    category: list[str] = []  # any of
+    colour: list[str] = []  # any of
+    price_min: float | None = None
+    price_max: float | None = None
+    equals: dict[str, PayloadValue] = {}  # exact match on any payload field
+
+    @model_validator(mode="after")
+    def _sane_range(self) -> Filters:
+        if self.price_min is not None and self.price_max is not None and self.price_min > self.price_max:
+            raise ValueError(f"price_min {self.price_min} is above price_max {self.price_max}")
+        return self
+
+
+@dataclass(frozen=True)
+class IndexPoint:
+    product_id: str
+    vector: np.ndarray
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Hit:
+    product_id: str
+    distance: float  # Euclidean
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SyncRecord:
+    """What the index remembers of a product to decide whether to re-embed it."""
+
+    content_hash: str | None
+    model_version: str | None
+
+
+class VectorIndex(ABC):
+    """One collection of product embeddings (Euclidean), keyed by product id."""
+
+    @abstractmethod
+    def exists(self) -> bool:
+        """Whether the collection exists."""
+
+    @abstractmethod
+    def create(self, dim: int) -> None:
+        """Create the collection (Euclidean, `dim`) with payload indexes; no-op if it exists with `dim`.
+
+        Raises `VisrecError` if it exists with another vector size.
+        """
+
+    @abstractmethod
+    def upsert(self, points: Sequence[IndexPoint]) -> None:
+        """Insert or replace points (idempotent: ids derive from product ids)."""
+
+    @abstractmethod
+    def delete(self, product_ids: Iterable[str]) -> None:
+        """Delete the products' points; unknown ids are ignored."""
+
+    @abstractmethod
+    def sync_records(self) -> dict[str, SyncRecord]:
+        """product id → what was indexed, for every point (payload fields only, no vectors)."""
+
+    @abstractmethod
+    def get(self, product_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """A product's vector and payload, or None if it is not indexed."""
+
+    @abstractmethod
+    def search(self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str] = ()) -> list[Hit]:
+        """The k nearest points meeting `filters`, nearest first, without the `exclude` product ids."""
+
+    @abstractmethod
+    def count(self, filters: Filters | None = None) -> int:
+        """Number of points, optionally meeting `filters`."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Flush and release the store."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

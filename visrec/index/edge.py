@@ -1,0 +1,161 @@
+"""Embedded backend: the Qdrant engine in-process (qdrant-edge), one shard folder per collection.
+
+qdrant-edge raises bare `Exception`s with a message; they are translated here, at the boundary.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import qdrant_edge as qe
+
+from visrec.errors import CollectionMissing, IndexUnavailable, VisrecError
+from visrec.index.base import (
+    FLOAT_FIELDS,
+    KEYWORD_FIELDS,
+    Filters,
+    Hit,
+    IndexPoint,
+    SyncRecord,
+    VectorIndex,
+    point_id,
+)
+
+log = logging.getLogger(__name__)
+SCROLL_PAGE = 1000
+SYNC_FIELDS = ["product_id", "content_hash", "model_version"]
+
+
+class EdgeIndex(VectorIndex):
+    """A collection stored in `root/<collection>/`; only one process may hold it open at a time."""
+
+    def __init__(self, root: Path, collection: str) -> None:
+        self.path = root / collection
+        self._shard: qe.EdgeShard | None = self._open() if self.path.is_dir() else None
+
+    def _open(self, config: qe.EdgeConfig | None = None) -> qe.EdgeShard:
+        try:
+            return qe.EdgeShard.load(str(self.path), config)
+        except Exception as exc:  # qdrant-edge raises plain Exception with a message
+            if "WouldBlock" in str(exc):
+                raise IndexUnavailable(
+                    f"embedded store {self.path} is in use by another process; wait for it to finish "
+                    "(or point VISREC_QDRANT__PATH elsewhere)"
+                ) from exc
+            raise IndexUnavailable(f"cannot open embedded store {self.path}: {exc}") from exc
+
+    @property
+    def shard(self) -> qe.EdgeShard:
+        if self._shard is None:
+            raise CollectionMissing(f"no collection at {self.path}: run `visrec sync` first")
+        return self._shard
+
+    def exists(self) -> bool:
+        return self._shard is not None
+
+    def create(self, dim: int) -> None:
+        config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Euclid))
+        if self._shard is not None:
+            self._shard.close()
+            self._shard = None
+            try:  # loading with a config checks the stored vectors are compatible with it
+                self._shard = self._open(config)
+            except IndexUnavailable as exc:
+                if "incompatible" in str(exc).lower():
+                    raise VisrecError(
+                        f"collection at {self.path} holds vectors of another size than {dim}; "
+                        "sync a new model into a new collection (VISREC_QDRANT__COLLECTION)"
+                    ) from exc
+                raise
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        shard = qe.EdgeShard.create(str(self.path), config)
+        # Payload indexes before any optimize(): filtered queries stay fast and exact.
+        for name in KEYWORD_FIELDS:
+            shard.update(qe.UpdateOperation.create_field_index(name, qe.PayloadSchemaType.Keyword))
+        for name in FLOAT_FIELDS:
+            shard.update(qe.UpdateOperation.create_field_index(name, qe.PayloadSchemaType.Float))
+        self._shard = shard
+
+    def upsert(self, points: Sequence[IndexPoint]) -> None:
+        if points:
+            self.shard.update(
+                qe.UpdateOperation.upsert_points(
+                    [
+                        qe.Point(point_id(p.product_id), p.vector.astype(np.float32).tolist(), p.payload)
+                        for p in points
+                    ]
+                )
+            )
+
+    def delete(self, product_ids: Iterable[str]) -> None:
+        ids: list[qe.PointId] = [point_id(p) for p in product_ids]
+        if ids:
+            self.shard.update(qe.UpdateOperation.delete_points(ids))
+
+    def sync_records(self) -> dict[str, SyncRecord]:
+        records: dict[str, SyncRecord] = {}
+        offset: qe.PointId | None = None
+        while True:
+            page, offset = self.shard.scroll(
+                qe.ScrollRequest(
+                    offset=offset, limit=SCROLL_PAGE, with_payload=SYNC_FIELDS, with_vector=False
+                )
+            )
+            for record in page:
+                payload = record.payload or {}
+                records[payload["product_id"]] = SyncRecord(
+                    payload.get("content_hash"), payload.get("model_version")
+                )
+            if offset is None:
+                return records
+
+    def get(self, product_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        # with_vector must be positional at run time, whatever the stub says.
+        found = self.shard.retrieve([point_id(product_id)], True, True)
+        if not found:
+            return None
+        return np.asarray(found[0].vector, dtype=np.float32), dict(found[0].payload or {})
+
+    def search(self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str] = ()) -> list[Hit]:
+        request = qe.QueryRequest(
+            limit=k,
+            query=qe.Query.Nearest(vector.astype(np.float32).tolist()),
+            filter=_edge_filter(filters, exclude),
+            with_payload=True,
+        )
+        return [
+            Hit(str((p.payload or {})["product_id"]), float(p.score), dict(p.payload or {}))
+            for p in self.shard.query(request)
+        ]
+
+    def count(self, filters: Filters | None = None) -> int:
+        return int(
+            self.shard.count(qe.CountRequest(exact=True, filter=_edge_filter(filters or Filters(), ())))
+        )
+
+    def close(self) -> None:
+        if self._shard is not None:
+            self._shard.flush()
+            self._shard.close()
+            self._shard = None
+
+
+def _edge_filter(filters: Filters, exclude: Sequence[str]) -> qe.Filter | None:
+    must: list[Any] = []
+    if filters.category:
+        must.append(qe.FieldCondition(key="category", match=qe.MatchAny(any=list(filters.category))))
+    if filters.colour:
+        must.append(qe.FieldCondition(key="colour", match=qe.MatchAny(any=list(filters.colour))))
+    if filters.price_min is not None or filters.price_max is not None:
+        must.append(
+            qe.FieldCondition(key="price", range=qe.RangeFloat(gte=filters.price_min, lte=filters.price_max))
+        )
+    for key, value in filters.equals.items():
+        must.append(qe.FieldCondition(key=key, match=qe.MatchValue(value)))
+    must_not: list[Any] = [qe.HasIdCondition({point_id(p) for p in exclude})] if exclude else []
+    return qe.Filter(must=must, must_not=must_not) if must or must_not else None

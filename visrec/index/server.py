@@ -1,0 +1,215 @@
+"""Server backend: a Qdrant server (or cluster) through qdrant-client, by URL and API key.
+
+`url=":memory:"` selects qdrant-client's local mode (the client's own code path and API, no server):
+what the tests and the congruence check run on. Transient failures (connection errors, 5xx, 429) are
+retried with bounded exponential backoff; once that runs out, `IndexUnavailable` says what happened.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
+
+import httpx
+import numpy as np
+from qdrant_client import QdrantClient
+from qdrant_client import models as qm
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
+from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_attempt, wait_exponential
+
+from visrec.errors import CollectionMissing, IndexUnavailable, VisrecError
+from visrec.index.base import (
+    FLOAT_FIELDS,
+    KEYWORD_FIELDS,
+    Filters,
+    Hit,
+    IndexPoint,
+    SyncRecord,
+    VectorIndex,
+    point_id,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+SCROLL_PAGE = 1000
+SYNC_FIELDS = ["product_id", "content_hash", "model_version"]
+
+
+def _is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, UnexpectedResponse):
+        return exc.status_code is not None and (exc.status_code >= 500 or exc.status_code == 429)
+    return isinstance(exc, ResponseHandlingException | httpx.TransportError)
+
+
+class ServerIndex(VectorIndex):
+    def __init__(
+        self, url: str, api_key: str | None, collection: str, timeout_s: float = 10.0, retries: int = 5
+    ) -> None:
+        self.collection = collection
+        self.where = url
+        if url == ":memory:":
+            self.client = QdrantClient(location=":memory:")
+        else:
+            self.client = QdrantClient(
+                url=url, api_key=api_key, timeout=max(1, round(timeout_s)), check_compatibility=False
+            )
+        self._retrying = Retrying(
+            retry=retry_if_exception(_is_transient),
+            stop=stop_after_attempt(retries),
+            wait=wait_exponential(multiplier=0.2, max=10),
+            before_sleep=before_sleep_log(log, logging.WARNING),
+            reraise=True,
+        )
+        self._exists = self._call(self.client.collection_exists, collection)
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return self._retrying(fn, *args, **kwargs)
+        except UnexpectedResponse as exc:
+            if exc.status_code == 404:
+                raise CollectionMissing(f"collection {self.collection!r} not found on {self.where}") from exc
+            if exc.status_code in (401, 403):
+                raise IndexUnavailable(
+                    f"Qdrant at {self.where} refused the API key ({exc.status_code})"
+                ) from exc
+            if _is_transient(exc):
+                raise IndexUnavailable(
+                    f"Qdrant at {self.where} keeps failing: HTTP {exc.status_code}"
+                ) from exc
+            raise VisrecError(f"Qdrant at {self.where} rejected the request: {exc}") from exc
+        except (ResponseHandlingException, httpx.TransportError) as exc:
+            raise IndexUnavailable(f"Qdrant at {self.where} is unreachable: {exc}") from exc
+
+    def _require(self) -> None:
+        if not self._exists:
+            raise CollectionMissing(
+                f"collection {self.collection!r} not found on {self.where}: run `visrec sync`"
+            )
+
+    def exists(self) -> bool:
+        return self._exists
+
+    def create(self, dim: int) -> None:
+        if self._exists:
+            info = self._call(self.client.get_collection, self.collection)
+            size = (
+                info.config.params.vectors.size
+                if isinstance(info.config.params.vectors, qm.VectorParams)
+                else None
+            )
+            if size != dim:
+                raise VisrecError(
+                    f"collection {self.collection!r} holds vectors of size {size}, not {dim}; "
+                    "sync a new model into a new collection (VISREC_QDRANT__COLLECTION)"
+                )
+            return
+        self._call(
+            self.client.create_collection,
+            self.collection,
+            vectors_config=qm.VectorParams(size=dim, distance=qm.Distance.EUCLID),
+        )
+        schemas = [(n, qm.PayloadSchemaType.KEYWORD) for n in KEYWORD_FIELDS]
+        schemas += [(n, qm.PayloadSchemaType.FLOAT) for n in FLOAT_FIELDS]
+        for name, schema in schemas:
+            self._call(self.client.create_payload_index, self.collection, name, field_schema=schema)
+        self._exists = True
+
+    def upsert(self, points: Sequence[IndexPoint]) -> None:
+        self._require()
+        if points:
+            structs = [
+                qm.PointStruct(
+                    id=point_id(p.product_id), vector=p.vector.astype(np.float32).tolist(), payload=p.payload
+                )
+                for p in points
+            ]
+            self._call(self.client.upsert, self.collection, points=structs, wait=True)
+
+    def delete(self, product_ids: Iterable[str]) -> None:
+        self._require()
+        ids: list[qm.ExtendedPointId] = [point_id(p) for p in product_ids]
+        if ids:
+            self._call(
+                self.client.delete, self.collection, points_selector=qm.PointIdsList(points=ids), wait=True
+            )
+
+    def sync_records(self) -> dict[str, SyncRecord]:
+        self._require()
+        records: dict[str, SyncRecord] = {}
+        offset: qm.ExtendedPointId | None = None
+        while True:
+            page, offset = self._call(
+                self.client.scroll,
+                self.collection,
+                limit=SCROLL_PAGE,
+                offset=offset,
+                with_payload=SYNC_FIELDS,
+                with_vectors=False,
+            )
+            for record in page:
+                payload = record.payload or {}
+                records[payload["product_id"]] = SyncRecord(
+                    payload.get("content_hash"), payload.get("model_version")
+                )
+            if offset is None:
+                return records
+
+    def get(self, product_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        self._require()
+        found = self._call(
+            self.client.retrieve,
+            self.collection,
+            ids=[point_id(product_id)],
+            with_payload=True,
+            with_vectors=True,
+        )
+        if not found:
+            return None
+        return np.asarray(found[0].vector, dtype=np.float32), dict(found[0].payload or {})
+
+    def search(self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str] = ()) -> list[Hit]:
+        self._require()
+        response = self._call(
+            self.client.query_points,
+            self.collection,
+            query=vector.astype(np.float32).tolist(),
+            query_filter=_server_filter(filters, exclude),
+            limit=k,
+            with_payload=True,
+        )
+        return [
+            Hit(str((p.payload or {})["product_id"]), float(p.score), dict(p.payload or {}))
+            for p in response.points
+        ]
+
+    def count(self, filters: Filters | None = None) -> int:
+        self._require()
+        result = self._call(
+            self.client.count,
+            self.collection,
+            count_filter=_server_filter(filters or Filters(), ()),
+            exact=True,
+        )
+        return int(result.count)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _server_filter(filters: Filters, exclude: Sequence[str]) -> qm.Filter | None:
+    must: list[qm.Condition] = []
+    if filters.category:
+        must.append(qm.FieldCondition(key="category", match=qm.MatchAny(any=list(filters.category))))
+    if filters.colour:
+        must.append(qm.FieldCondition(key="colour", match=qm.MatchAny(any=list(filters.colour))))
+    if filters.price_min is not None or filters.price_max is not None:
+        must.append(
+            qm.FieldCondition(key="price", range=qm.Range(gte=filters.price_min, lte=filters.price_max))
+        )
+    for key, value in filters.equals.items():
+        must.append(qm.FieldCondition(key=key, match=qm.MatchValue(value=value)))
+    must_not: list[qm.Condition] = (
+        [qm.HasIdCondition(has_id=[point_id(p) for p in exclude])] if exclude else []
+    )
+    return qm.Filter(must=must, must_not=must_not) if must or must_not else None

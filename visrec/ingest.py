@@ -1,0 +1,172 @@
+"""Incremental sync of a catalogue into the index.
+
+The index is the sync state: every point carries its product's content hash and the model version
+that embedded it. A sync diffs the catalogue against that, deletes removed products, and embeds only
+new and changed ones, upserting batch by batch. Point ids derive from product ids, so a run killed at
+any moment is finished by running it again: nothing is duplicated, nothing done is redone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from visrec.catalogue import Catalogue, Product
+from visrec.embed import Embedder
+from visrec.errors import CatalogueError
+from visrec.images import ImageLimits
+from visrec.index import IndexPoint, SyncRecord, VectorIndex
+
+log = logging.getLogger(__name__)
+
+ProgressFn = Callable[[int, int], None]  # (images done, images to embed)
+
+
+@dataclass
+class SyncPlan:
+    added: list[tuple[Product, str]] = field(default_factory=list)  # (product, content hash)
+    updated: list[tuple[Product, str]] = field(default_factory=list)
+    removed: list[str] = field(default_factory=list)
+    unchanged: int = 0
+
+    @property
+    def to_embed(self) -> list[tuple[Product, str]]:
+        return self.added + self.updated
+
+
+@dataclass
+class SyncSummary:
+    added: int = 0
+    updated: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    failed: int = 0  # images that could not be read or decoded
+    invalid_rows: int = 0  # catalogue rows skipped
+    seconds: float = 0.0
+    images_per_second: float = 0.0
+    model_version: str = ""
+    failure_report: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def plan_sync(catalogue: Catalogue, indexed: dict[str, SyncRecord], model_version: str) -> SyncPlan:
+    """Decide what to embed and what to delete.
+
+    A product is changed when its content hash or the model that embedded it differs. A product whose
+    row is invalid this time is neither embedded nor deleted: a typo in a row must not drop it.
+    """
+    plan = SyncPlan()
+    for product in catalogue.products:
+        digest = catalogue.content_hash(product)
+        record = indexed.get(product.id)
+        if record is None:
+            plan.added.append((product, digest))
+        elif record.content_hash != digest or record.model_version != model_version:
+            plan.updated.append((product, digest))
+        else:
+            plan.unchanged += 1
+    keep = {p.id for p in catalogue.products} | {e.product_id for e in catalogue.errors if e.product_id}
+    plan.removed = sorted(set(indexed) - keep)
+    return plan
+
+
+def sync(
+    catalogue: Catalogue,
+    index: VectorIndex,
+    embedder: Embedder,
+    *,
+    limits: ImageLimits,
+    batch_size: int,
+    workers: int,
+    failure_report: Path,
+    progress: ProgressFn | None = None,
+) -> SyncSummary:
+    """Bring the index in step with the catalogue; returns what was done.
+
+    Bad rows and bad images are written to `failure_report` (JSON lines) and skipped. Raises
+    `CatalogueError` for a catalogue with no valid product (it would otherwise empty the index),
+    `IndexUnavailable` if the store fails, `ModelError` if the artefact is unusable.
+    """
+    started = time.perf_counter()
+    if not catalogue.products:
+        raise CatalogueError(
+            f"{catalogue.path}: no valid product (of {len(catalogue.errors)} rows); nothing synced"
+        )
+    manifest = embedder.manifest
+    index.create(manifest.embedding_dim)
+    plan = plan_sync(catalogue, index.sync_records(), manifest.model_version)
+    log.info(
+        "plan: %d new, %d changed, %d removed, %d unchanged",
+        len(plan.added),
+        len(plan.updated),
+        len(plan.removed),
+        plan.unchanged,
+    )
+
+    index.delete(plan.removed)
+    failures: list[dict[str, Any]] = [
+        {"kind": "row", "line": e.line, "product_id": e.product_id, "error": e.message}
+        for e in catalogue.errors
+    ]
+    todo = plan.to_embed
+    refs = [catalogue.image_ref(product) for product, _ in todo]
+    done = 0
+    embedded: set[int] = set()
+    for batch in embedder.embed_refs(refs, limits, batch_size, workers):
+        points = [
+            IndexPoint(
+                todo[i][0].id, vector, _payload(todo[i][0], refs[i], todo[i][1], manifest.model_version)
+            )
+            for i, vector in zip(batch.indices, batch.vectors, strict=True)
+        ]
+        index.upsert(points)
+        embedded.update(batch.indices)
+        failures += [
+            {"kind": "image", "product_id": todo[i][0].id, "error": error} for i, error in batch.failures
+        ]
+        done += len(batch.indices) + len(batch.failures)
+        log.info("upserted %d points (%d/%d)", len(points), done, len(todo))
+        if progress:
+            progress(done, len(todo))
+
+    _write_report(failure_report, failures)
+    seconds = time.perf_counter() - started
+    added_ids = {p.id for p, _ in plan.added}
+    embedded_ids = {todo[i][0].id for i in embedded}
+    return SyncSummary(
+        added=len(embedded_ids & added_ids),
+        updated=len(embedded_ids - added_ids),
+        deleted=len(plan.removed),
+        unchanged=plan.unchanged,
+        failed=len(todo) - len(embedded),
+        invalid_rows=len(catalogue.errors),
+        seconds=round(seconds, 3),
+        images_per_second=round(len(embedded) / seconds, 1) if seconds else 0.0,
+        model_version=manifest.model_version,
+        failure_report=str(failure_report),
+    )
+
+
+def _payload(product: Product, image_ref: str, content_hash: str, model_version: str) -> dict[str, Any]:
+    return {
+        **product.metadata(),
+        "image": image_ref,
+        "product_id": product.id,
+        "content_hash": content_hash,
+        "model_version": model_version,
+    }
+
+
+def _write_report(path: Path, failures: list[dict[str, Any]]) -> None:
+    """The run's failures, one JSON object a line; replaced atomically each run (empty when none)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
+    tmp.replace(path)

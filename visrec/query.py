@@ -1,0 +1,89 @@
+"""Queries: products similar to a product, an image or a vector, under metadata filters.
+
+Every entry validates its input and raises `InvalidQuery`/`InvalidFilter`/`NotFound` with a reason;
+the CLI and the HTTP API only parse arguments and call these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from pydantic import ValidationError
+
+from visrec.embed import Embedder
+from visrec.errors import InvalidFilter, InvalidQuery, NotFound
+from visrec.images import ImageLimits, decode_image
+from visrec.index import Filters, Hit, VectorIndex
+
+MAX_K = 1000
+
+
+def make_filters(
+    category: Sequence[str] = (),
+    colour: Sequence[str] = (),
+    price_min: float | None = None,
+    price_max: float | None = None,
+    equals: Mapping[str, str | int | bool] | None = None,
+) -> Filters:
+    """Validated filters; raises `InvalidFilter` with the reason."""
+    try:
+        return Filters(
+            category=[c for c in category if c],
+            colour=[c for c in colour if c],
+            price_min=price_min,
+            price_max=price_max,
+            equals=dict(equals or {}),
+        )
+    except ValidationError as exc:
+        raise InvalidFilter("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from exc
+
+
+def parse_equals(pairs: Sequence[str]) -> dict[str, str]:
+    """`["brand=acme", …]` → `{"brand": "acme"}`; raises `InvalidFilter` for a pair without '='."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise InvalidFilter(f"expected FIELD=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def similar_to_vector(
+    index: VectorIndex,
+    vector: np.ndarray,
+    k: int = 10,
+    filters: Filters | None = None,
+    exclude: Sequence[str] = (),
+) -> list[Hit]:
+    """The k products nearest to `vector` (Euclidean) that meet `filters`."""
+    if not 1 <= k <= MAX_K:
+        raise InvalidQuery(f"k must be between 1 and {MAX_K}, got {k}")
+    vector = np.asarray(vector, dtype=np.float32)
+    if vector.ndim != 1 or not np.isfinite(vector).all():
+        raise InvalidQuery("the query vector must be one-dimensional and finite")
+    return index.search(vector, k, filters or Filters(), exclude)
+
+
+def similar_to_product(
+    index: VectorIndex, product_id: str, k: int = 10, filters: Filters | None = None
+) -> list[Hit]:
+    """The k products most like `product_id`, itself excluded; raises `NotFound` if it is not indexed."""
+    found = index.get(product_id)
+    if found is None:
+        raise NotFound(f"product {product_id!r} is not in the index")
+    return similar_to_vector(index, found[0], k, filters, exclude=[product_id])
+
+
+def similar_to_image(
+    index: VectorIndex,
+    embedder: Embedder,
+    image_bytes: bytes,
+    limits: ImageLimits,
+    k: int = 10,
+    filters: Filters | None = None,
+) -> list[Hit]:
+    """The k products most like a photo; raises `ImageError` if it cannot be decoded."""
+    image = decode_image(image_bytes, limits, name="query image")
+    return similar_to_vector(index, embedder.embed_image(image), k, filters)

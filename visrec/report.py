@@ -1,0 +1,121 @@
+"""A visual report like the paper's Fig. 2: each row a query image, then its neighbours by distance.
+
+One self-contained HTML file (thumbnails inlined), so it can be mailed or opened anywhere.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import random
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from visrec.errors import ImageError
+from visrec.images import ImageLimits, load_image
+from visrec.index import Filters, Hit, VectorIndex
+from visrec.query import make_filters, similar_to_product
+
+THUMB = 112
+
+
+@dataclass
+class ReportRow:
+    query_id: str
+    query: dict[str, Any]
+    filters: Filters
+    hits: list[Hit]
+
+
+def pick_queries(index: VectorIndex, n: int, seed: int = 0) -> list[str]:
+    """`n` indexed product ids, spread over the categories, the same for the same index and seed."""
+    by_category: dict[str, list[str]] = {}
+    for product_id in sorted(index.sync_records()):
+        payload = (index.get(product_id) or (None, {}))[1]
+        by_category.setdefault(str(payload.get("category")), []).append(product_id)
+    rng = random.Random(seed)
+    pools = [rng.sample(ids, len(ids)) for _, ids in sorted(by_category.items())]
+    picked: list[str] = []
+    while len(picked) < n and any(pools):
+        for pool in pools:
+            if pool and len(picked) < n:
+                picked.append(pool.pop())
+    return picked
+
+
+def run_queries(index: VectorIndex, product_ids: list[str], k: int, same_category: bool) -> list[ReportRow]:
+    """Query each product; with `same_category`, neighbours are filtered to the query's category."""
+    rows = []
+    for product_id in product_ids:
+        found = index.get(product_id)
+        payload = found[1] if found else {}
+        category = payload.get("category")
+        filters = make_filters(category=[category] if same_category and category else [])
+        rows.append(
+            ReportRow(product_id, payload, filters, similar_to_product(index, product_id, k, filters))
+        )
+    return rows
+
+
+def write_html(rows: list[ReportRow], out: Path, title: str, model_version: str) -> Path:
+    """Write the report; returns its path."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    body = "\n".join(_row_html(row) for row in rows)
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    out.write_text(f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font: 14px system-ui, sans-serif; margin: 24px; color: #222; }}
+.row {{ display: flex; gap: 10px; align-items: flex-start; margin: 14px 0; padding-bottom: 12px;
+        border-bottom: 1px solid #ddd; }}
+figure {{ margin: 0; width: {THUMB}px; text-align: center; font-size: 12px; }}
+figure img {{ width: {THUMB}px; height: {THUMB}px; object-fit: contain; background: #f4f4f4;
+              image-rendering: pixelated; }}
+figure.query {{ padding-right: 10px; border-right: 3px solid #2a6; }}
+.muted {{ color: #777; }}
+</style></head><body>
+<h1>{html.escape(title)}</h1>
+<p class="muted">model {html.escape(model_version)} · Euclidean distance on the 1000-d embedding · {when}</p>
+{body}
+</body></html>
+""")
+    return out
+
+
+def _row_html(row: ReportRow) -> str:
+    condition = ", ".join(row.filters.category) or "none"
+    query = _figure(row.query, f"<b>query</b> {html.escape(row.query_id)}", "query")
+    neighbours = "".join(
+        _figure(h.payload, f"{html.escape(h.product_id)}<br>d = {h.distance:.2f}") for h in row.hits
+    )
+    return (
+        f'<div class="row">{query}{neighbours}</div>'
+        f'<div class="muted">filter category: {html.escape(condition)}</div>'
+    )
+
+
+def _figure(payload: dict[str, Any], caption: str, css: str = "") -> str:
+    category = html.escape(str(payload.get("category", "")))
+    extra = "".join(f"<br>{html.escape(str(payload[k]))}" for k in ("colour", "price") if k in payload)
+    return (
+        f'<figure class="{css}"><img src="{_thumbnail(str(payload.get("image", "")))}" alt="">'
+        f"<figcaption>{caption}<br>{category}{extra}</figcaption></figure>"
+    )
+
+
+def _thumbnail(ref: str) -> str:
+    if ref.startswith(("http://", "https://")):
+        return html.escape(ref)
+    try:
+        image = load_image(ref, ImageLimits())
+    except ImageError:
+        return ""
+    image.thumbnail((THUMB * 2, THUMB * 2), Image.Resampling.LANCZOS)
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
