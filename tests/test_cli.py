@@ -112,6 +112,20 @@ def test_user_errors_are_one_line_and_an_exit_code(
     assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
 
 
+def test_flags_merge_over_environment_and_bad_settings_are_one_line(
+    env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from visrec.cli import _settings
+
+    monkeypatch.setenv("VISREC_TRAIN__EPOCHS_FROZEN", "7")
+    merged = _settings(**{"train.image_size": 48, "train.backbone": None})
+    assert (merged.train.image_size, merged.train.epochs_frozen, merged.train.backbone) == (48, 7, "resnet50")
+    monkeypatch.setenv("VISREC_EMBED__BATCH_SIZE", "0")
+    result = runner.invoke(app, ["status"])
+    assert result.exit_code == 1 and "invalid setting: embed.batch_size" in result.stderr
+    assert "Traceback" not in result.output
+
+
 def test_sync_without_a_model_says_to_train(
     make_catalogue,
     env: Settings,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -68,18 +69,21 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each
 
 
 def _settings(**overrides: Any) -> Settings:
-    """Settings from the environment, with the flags that were given (not None) on top."""
-    settings = Settings()
+    """Settings from the environment and .env, with the flags that were given (not None) on top.
+
+    Flags are named by dotted path ("train.image_size"); pydantic-settings merges them over the
+    environment group by group and validates the result.
+    """
+    nested: dict[str, Any] = {}
     for dotted, value in overrides.items():
-        if value is None:
-            continue
-        group, _, name = dotted.rpartition(".")
-        if group:
-            section = getattr(settings, group).model_copy(update={name: value})
-            settings = settings.model_copy(update={group: type(section).model_validate(section.model_dump())})
-        else:
-            settings = settings.model_copy(update={name: value})
-    return settings
+        if value is not None:
+            group, _, name = dotted.rpartition(".")
+            (nested.setdefault(group, {}) if group else nested)[name] = value
+    try:
+        return Settings(**nested)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise VisrecError(f"invalid setting: {problems}") from None
 
 
 def _limits(settings: Settings) -> ImageLimits:

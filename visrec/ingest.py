@@ -138,11 +138,10 @@ def sync(
 
     _write_report(failure_report, failures)
     seconds = time.perf_counter() - started
-    added_ids = {p.id for p, _ in plan.added}
-    embedded_ids = {todo[i][0].id for i in embedded}
+    added = sum(i < len(plan.added) for i in embedded)  # `todo` lists the new products first
     return SyncSummary(
-        added=len(embedded_ids & added_ids),
-        updated=len(embedded_ids - added_ids),
+        added=added,
+        updated=len(embedded) - added,
         deleted=len(plan.removed),
         unchanged=plan.unchanged,
         failed=len(todo) - len(embedded),

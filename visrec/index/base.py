@@ -7,7 +7,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
@@ -17,6 +17,8 @@ POINT_NAMESPACE = uuid.UUID("6f1c2a56-3d7e-5b8a-9c41-2e0f7d8b9a10")
 
 KEYWORD_FIELDS = ("product_id", "category", "colour", "model_version")
 FLOAT_FIELDS = ("price",)
+SYNC_FIELDS = ["product_id", "content_hash", "model_version"]  # all a sync needs of each point
+SCROLL_PAGE = 1000
 
 PayloadValue = str | int | bool
 
@@ -43,6 +45,22 @@ class Filters(BaseModel):
             raise ValueError(f"price_min {self.price_min} is above price_max {self.price_max}")
         return self
 
+    def conditions(self) -> list[Condition]:
+        """The filters as backend-neutral conditions; each backend maps them to its own classes."""
+        out: list[Condition] = []
+        if self.category:
+            out.append(("any", "category", list(self.category)))
+        if self.colour:
+            out.append(("any", "colour", list(self.colour)))
+        if self.price_min is not None or self.price_max is not None:
+            out.append(("range", "price", (self.price_min, self.price_max)))
+        out += [("equals", key, value) for key, value in self.equals.items()]
+        return out
+
+
+# ("any", field, values) | ("range", field, (gte, lte)) | ("equals", field, value)
+Condition = tuple[Literal["any", "range", "equals"], str, Any]
+
 
 @dataclass(frozen=True)
 class IndexPoint:
@@ -64,6 +82,10 @@ class SyncRecord:
 
     content_hash: str | None
     model_version: str | None
+
+    @classmethod
+    def from_payload(cls, payload: dict[str, Any]) -> SyncRecord:
+        return cls(payload.get("content_hash"), payload.get("model_version"))
 
 
 class VectorIndex(ABC):

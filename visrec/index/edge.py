@@ -17,6 +17,8 @@ from visrec.errors import CollectionMissing, IndexUnavailable, VisrecError
 from visrec.index.base import (
     FLOAT_FIELDS,
     KEYWORD_FIELDS,
+    SCROLL_PAGE,
+    SYNC_FIELDS,
     Filters,
     Hit,
     IndexPoint,
@@ -26,8 +28,6 @@ from visrec.index.base import (
 )
 
 log = logging.getLogger(__name__)
-SCROLL_PAGE = 1000
-SYNC_FIELDS = ["product_id", "content_hash", "model_version"]
 
 
 class EdgeIndex(VectorIndex):
@@ -108,9 +108,7 @@ class EdgeIndex(VectorIndex):
             )
             for record in page:
                 payload = record.payload or {}
-                records[payload["product_id"]] = SyncRecord(
-                    payload.get("content_hash"), payload.get("model_version")
-                )
+                records[payload["product_id"]] = SyncRecord.from_payload(payload)
             if offset is None:
                 return records
 
@@ -147,15 +145,12 @@ class EdgeIndex(VectorIndex):
 
 def _edge_filter(filters: Filters, exclude: Sequence[str]) -> qe.Filter | None:
     must: list[Any] = []
-    if filters.category:
-        must.append(qe.FieldCondition(key="category", match=qe.MatchAny(any=list(filters.category))))
-    if filters.colour:
-        must.append(qe.FieldCondition(key="colour", match=qe.MatchAny(any=list(filters.colour))))
-    if filters.price_min is not None or filters.price_max is not None:
-        must.append(
-            qe.FieldCondition(key="price", range=qe.RangeFloat(gte=filters.price_min, lte=filters.price_max))
-        )
-    for key, value in filters.equals.items():
-        must.append(qe.FieldCondition(key=key, match=qe.MatchValue(value)))
+    for kind, key, value in filters.conditions():
+        if kind == "any":
+            must.append(qe.FieldCondition(key=key, match=qe.MatchAny(any=value)))
+        elif kind == "range":
+            must.append(qe.FieldCondition(key=key, range=qe.RangeFloat(gte=value[0], lte=value[1])))
+        else:
+            must.append(qe.FieldCondition(key=key, match=qe.MatchValue(value)))
     must_not: list[Any] = [qe.HasIdCondition({point_id(p) for p in exclude})] if exclude else []
     return qe.Filter(must=must, must_not=must_not) if must or must_not else None

@@ -22,6 +22,8 @@ from visrec.errors import CollectionMissing, IndexUnavailable, VisrecError
 from visrec.index.base import (
     FLOAT_FIELDS,
     KEYWORD_FIELDS,
+    SCROLL_PAGE,
+    SYNC_FIELDS,
     Filters,
     Hit,
     IndexPoint,
@@ -32,8 +34,6 @@ from visrec.index.base import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-SCROLL_PAGE = 1000
-SYNC_FIELDS = ["product_id", "content_hash", "model_version"]
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -149,9 +149,7 @@ class ServerIndex(VectorIndex):
             )
             for record in page:
                 payload = record.payload or {}
-                records[payload["product_id"]] = SyncRecord(
-                    payload.get("content_hash"), payload.get("model_version")
-                )
+                records[payload["product_id"]] = SyncRecord.from_payload(payload)
             if offset is None:
                 return records
 
@@ -199,16 +197,13 @@ class ServerIndex(VectorIndex):
 
 def _server_filter(filters: Filters, exclude: Sequence[str]) -> qm.Filter | None:
     must: list[qm.Condition] = []
-    if filters.category:
-        must.append(qm.FieldCondition(key="category", match=qm.MatchAny(any=list(filters.category))))
-    if filters.colour:
-        must.append(qm.FieldCondition(key="colour", match=qm.MatchAny(any=list(filters.colour))))
-    if filters.price_min is not None or filters.price_max is not None:
-        must.append(
-            qm.FieldCondition(key="price", range=qm.Range(gte=filters.price_min, lte=filters.price_max))
-        )
-    for key, value in filters.equals.items():
-        must.append(qm.FieldCondition(key=key, match=qm.MatchValue(value=value)))
+    for kind, key, value in filters.conditions():
+        if kind == "any":
+            must.append(qm.FieldCondition(key=key, match=qm.MatchAny(any=value)))
+        elif kind == "range":
+            must.append(qm.FieldCondition(key=key, range=qm.Range(gte=value[0], lte=value[1])))
+        else:
+            must.append(qm.FieldCondition(key=key, match=qm.MatchValue(value=value)))
     must_not: list[qm.Condition] = (
         [qm.HasIdCondition(has_id=[point_id(p) for p in exclude])] if exclude else []
     )
