@@ -186,9 +186,7 @@ def sync(
             failure_report=settings.ingest.failure_report,
             progress=lambda done, total: progress("embed", done, total),
         )
-    table = Table(*summary.to_dict().keys(), title="sync")
-    table.add_row(*map(str, summary.to_dict().values()))
-    _emit(as_json, summary.to_dict(), table)
+    _emit(as_json, summary.to_dict(), _key_value_table("sync", summary.to_dict()))
 
 
 @app.command()
@@ -255,10 +253,7 @@ def status(as_json: JsonFlag = False) -> None:
         "artefact": str(settings.artefact),
         **model_info,
     }
-    table = Table("key", "value", title="status")
-    for key, value in data.items():
-        table.add_row(key, json.dumps(value, default=str) if isinstance(value, dict) else str(value))
-    _emit(as_json, data, table)
+    _emit(as_json, data, _key_value_table("status", data))
 
 
 @app.command()
@@ -283,7 +278,7 @@ def report(
         "query",
         "category",
         "filter",
-        "neighbours (distance)",
+        "nearest (distance)",
         "same category",
         title=f"report → {path.resolve()}",
     )
@@ -293,7 +288,7 @@ def report(
             row.query_id,
             str(row.query.get("category")),
             ",".join(row.filters.category) or "-",
-            " ".join(f"{h.product_id}({h.distance:.1f})" for h in row.hits[:3]) + " …",
+            f"{row.hits[0].payload.get('category')} ({row.hits[0].distance:.1f})" if row.hits else "-",
             f"{same}/{len(row.hits)}",
         )
     data = {
@@ -308,17 +303,18 @@ def _hit_dict(hit: Hit) -> dict[str, Any]:
     return {"product_id": hit.product_id, "distance": round(hit.distance, 4), "payload": payload}
 
 
+def _key_value_table(title: str, data: dict[str, Any]) -> Table:
+    table = Table("", "", title=title, show_header=False)
+    for key, value in data.items():
+        table.add_row(key, json.dumps(value, default=str) if isinstance(value, dict) else str(value))
+    return table
+
+
 def _hits_table(hits: list[Hit]) -> Table:
-    table = Table("#", "product", "distance", "category", "colour", "price", "title")
+    fields = [f for f in ("category", "colour", "price", "title") if any(f in h.payload for h in hits)]
+    table = Table("#", "product", "distance", *fields)
     for rank, hit in enumerate(hits, 1):
-        p = hit.payload
         table.add_row(
-            str(rank),
-            hit.product_id,
-            f"{hit.distance:.3f}",
-            str(p.get("category", "")),
-            str(p.get("colour", "")),
-            str(p.get("price", "")),
-            str(p.get("title", "")),
+            str(rank), hit.product_id, f"{hit.distance:.3f}", *(str(hit.payload.get(f, "")) for f in fields)
         )
     return table

@@ -88,15 +88,13 @@ figure.query {{ padding-right: 10px; border-right: 3px solid #2a6; }}
 
 
 def _row_html(row: ReportRow) -> str:
-    condition = ", ".join(row.filters.category) or "none"
-    query = _figure(row.query, f"<b>query</b> {html.escape(row.query_id)}", "query")
+    condition = html.escape(", ".join(row.filters.category) or "none")
+    caption = f'<b>query</b> {html.escape(row.query_id)}<br><span class="muted">filter: {condition}</span>'
+    query = _figure(row.query, caption, "query")
     neighbours = "".join(
         _figure(h.payload, f"{html.escape(h.product_id)}<br>d = {h.distance:.2f}") for h in row.hits
     )
-    return (
-        f'<div class="row">{query}{neighbours}</div>'
-        f'<div class="muted">filter category: {html.escape(condition)}</div>'
-    )
+    return f'<div class="row">{query}{neighbours}</div>'
 
 
 def _figure(payload: dict[str, Any], caption: str, css: str = "") -> str:
