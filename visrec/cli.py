@@ -303,6 +303,22 @@ def _hit_dict(hit: Hit) -> dict[str, Any]:
     return {"product_id": hit.product_id, "distance": round(hit.distance, 4), "payload": payload}
 
 
+@app.command()
+@user_errors
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface [VISREC_API__HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [VISREC_API__PORT].")] = None,
+) -> None:
+    """Serve the HTTP API (OpenAPI docs at /docs)."""
+    import uvicorn
+
+    from visrec.api import create_app
+
+    settings = _settings(**{"api.host": host, "api.port": port})
+    app_ = create_app(settings, resolve_device(settings.embed.device))
+    uvicorn.run(app_, host=settings.api.host, port=settings.api.port, log_level="warning")
+
+
 def _key_value_table(title: str, data: dict[str, Any]) -> Table:
     table = Table("", "", title=title, show_header=False)
     for key, value in data.items():

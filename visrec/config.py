@@ -39,6 +39,17 @@ class IngestSettings(BaseModel):
     fetch_retries: int = Field(default=3, ge=1, le=10)
 
 
+class ApiSettings(BaseModel):
+    """The HTTP service (`visrec serve`)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=1, le=65535)
+    api_key: SecretStr | None = None  # when set, every route but /healthz and /readyz needs X-API-Key
+    max_upload_bytes: int = Field(default=10_000_000, ge=1)
+    max_upload_pixels: int = Field(default=40_000_000, ge=1)
+    retry_after_s: int = Field(default=5, ge=1)  # told to clients when the index is unavailable
+
+
 class TrainSettings(BaseModel):
     """The paper's two phases; defaults are the full recipe, the demo passes quick ones."""
 
@@ -71,4 +82,5 @@ class Settings(BaseSettings):
     qdrant: QdrantSettings = QdrantSettings()
     embed: EmbedSettings = EmbedSettings()
     ingest: IngestSettings = IngestSettings()
+    api: ApiSettings = ApiSettings()
     train: TrainSettings = TrainSettings()

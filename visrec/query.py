@@ -76,6 +76,37 @@ def similar_to_product(
     return similar_to_vector(index, found[0], k, filters, exclude=[product_id])
 
 
+def recommend(
+    index: VectorIndex,
+    positive: Sequence[str],
+    negative: Sequence[str] = (),
+    k: int = 10,
+    filters: Filters | None = None,
+) -> list[Hit]:
+    """Products like the `positive` ones and unlike the `negative` ones (e.g. a basket, skipped items).
+
+    Qdrant's `average_vector` strategy: the target is avg(positive) + (avg(positive) - avg(negative)).
+    It is computed here so both backends answer alike (qdrant-edge has no such strategy) and
+    distances stay Euclidean. The example products are excluded. Raises `NotFound` for an unknown id.
+    """
+    if not positive:
+        raise InvalidQuery("recommend needs at least one positive product id")
+
+    def mean_of(ids: Sequence[str]) -> np.ndarray:
+        vectors = []
+        for product_id in ids:
+            found = index.get(product_id)
+            if found is None:
+                raise NotFound(f"product {product_id!r} is not in the index")
+            vectors.append(found[0])
+        return np.mean(vectors, axis=0)
+
+    target = mean_of(positive)
+    if negative:
+        target = 2 * target - mean_of(negative)
+    return similar_to_vector(index, target, k, filters, exclude=[*positive, *negative])
+
+
 def similar_to_image(
     index: VectorIndex,
     embedder: Embedder,

@@ -1,0 +1,140 @@
+"""The HTTP API through FastAPI's test client, on a real embedded index and a real model."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from PIL import Image
+from pydantic import SecretStr
+
+from tests.test_ingest import run_sync
+from visrec.api import create_app
+from visrec.config import ApiSettings, Settings
+
+
+@pytest.fixture
+def synced(make_catalogue, settings: Settings) -> Settings:  # type: ignore[no-untyped-def]
+    run_sync(make_catalogue(27), settings)  # 3 shapes x 3 colours, prices 10.5 … 36.5
+    return settings
+
+
+@pytest.fixture
+def client(synced: Settings) -> Iterator[TestClient]:
+    with TestClient(create_app(synced, torch.device("cpu"))) as test_client:
+        yield test_client
+
+
+def test_health_and_readiness(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["ready"] and ready["points"] == 27 and ready["model_version"].startswith("resnet18-")
+
+
+def test_similar_with_filters(client: TestClient) -> None:
+    response = client.get("/products/p4/similar", params={"k": 5, "colour": ["red", "blue"], "price_max": 30})
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert len(results) == 5 and "p4" not in [r["product_id"] for r in results]
+    assert all(r["payload"]["colour"] in {"red", "blue"} and r["payload"]["price"] <= 30 for r in results)
+    assert all("content_hash" not in r["payload"] for r in results)
+    distances = [r["distance"] for r in results]
+    assert distances == sorted(distances)
+
+
+def test_product_and_image_search(client: TestClient, tmp_path: Path) -> None:
+    assert client.get("/products/p7").json()["payload"]["category"] == "square"
+    photo = (tmp_path / "images" / "p7.png").read_bytes()
+    response = client.post(
+        "/search/image", files={"image": ("p.png", photo, "image/png")}, params={"k": 3, "category": "square"}
+    )
+    assert response.status_code == 200, response.text
+    first = response.json()["results"][0]
+    assert first["product_id"] == "p7" and first["distance"] == pytest.approx(0, abs=1e-3)
+
+
+def test_recommend_from_positives_and_negatives(client: TestClient) -> None:
+    body = {"positive": ["p0", "p3"], "negative": ["p1"], "k": 4, "category": ["circle", "triangle"]}
+    response = client.post("/recommend", json=body)
+    assert response.status_code == 200, response.text
+    ids = [r["product_id"] for r in response.json()["results"]]
+    assert len(ids) == 4 and not {"p0", "p3", "p1"} & set(ids)
+    assert all(r["payload"]["category"] in {"circle", "triangle"} for r in response.json()["results"])
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "status"),
+    [
+        ("get", "/products/nope/similar", {}, 404),
+        ("get", "/products/nope", {}, 404),
+        ("get", "/products/p1/similar", {"params": {"price_min": 9, "price_max": 1}}, 422),
+        ("get", "/products/p1/similar", {"params": {"k": 0}}, 422),
+        ("get", "/products/p1/similar", {"params": {"price_min": "cheap"}}, 422),
+        ("post", "/search/image", {"files": {"image": ("x.png", b"not an image", "image/png")}}, 422),
+        ("post", "/search/image", {}, 422),
+        ("post", "/recommend", {"json": {"positive": []}}, 422),
+        ("post", "/recommend", {"json": {"positive": ["nope"]}}, 404),
+    ],
+)
+def test_errors_map_to_status_codes(
+    client: TestClient,
+    method: str,
+    path: str,
+    kwargs: dict,  # type: ignore[type-arg]
+    status: int,
+) -> None:
+    response = getattr(client, method)(path, **kwargs)
+    assert response.status_code == status, response.text
+    assert response.json()["detail"]
+
+
+def test_upload_limits(synced: Settings) -> None:
+    settings = synced.model_copy(
+        update={"api": ApiSettings(max_upload_bytes=2_000, max_upload_pixels=10_000)}
+    )
+    with TestClient(create_app(settings, torch.device("cpu"))) as client:
+        big = io.BytesIO()
+        Image.effect_noise((200, 200), 60).save(big, "PNG")
+        response = client.post("/search/image", files={"image": ("big.png", big.getvalue(), "image/png")})
+        assert response.status_code == 413
+        wide = io.BytesIO()
+        Image.new("1", (400, 400)).save(wide, "PNG")  # few bytes, too many pixels
+        response = client.post("/search/image", files={"image": ("wide.png", wide.getvalue(), "image/png")})
+        assert response.status_code == 422 and "above the limit" in response.json()["detail"]
+
+
+def test_api_key_guards_all_but_health(synced: Settings) -> None:
+    settings = synced.model_copy(update={"api": ApiSettings(api_key=SecretStr("s3cret"))})
+    with TestClient(create_app(settings, torch.device("cpu"))) as client:
+        assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
+        for path in ("/products/p1", "/products/p1/similar", "/metrics", "/docs"):
+            assert client.get(path).status_code == 401, path
+            assert client.get(path, headers={"X-API-Key": "wrong"}).status_code == 401, path
+        assert client.get("/products/p1/similar", headers={"X-API-Key": "s3cret"}).status_code == 200
+
+
+def test_not_ready_without_a_collection_then_503(settings: Settings) -> None:
+    with TestClient(create_app(settings, torch.device("cpu"))) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.headers["Retry-After"] == "5"
+        response = client.get("/products/p1/similar")
+        assert response.status_code == 503 and "visrec sync" in response.json()["detail"]
+
+
+def test_metrics_count_requests(client: TestClient) -> None:
+    client.get("/products/p1/similar")
+    client.get("/products/nope/similar")
+    text = client.get("/metrics").text
+    assert (
+        'visrec_requests_total{method="GET",route="/products/{product_id}/similar",status="200"} 1.0' in text
+    )
+    assert 'status="404"' in text and "visrec_request_seconds_bucket" in text
+
+
+def test_openapi_describes_the_routes(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/products/{product_id}/similar", "/search/image", "/recommend", "/healthz"} <= set(paths)

@@ -1,0 +1,259 @@
+"""The HTTP service: "more like this" for other services. Thin routes over `visrec.query`.
+
+The model loads once at start-up and the index stays open; routes are plain `def`s, so FastAPI runs
+the CPU-bound work (embedding, search) in its thread pool, off the event loop. visrec's errors map to
+status codes in one handler: unknown product 404, bad query or image 422, upload too large 413,
+index or model unavailable 503 with Retry-After.
+"""
+
+from __future__ import annotations
+
+import secrets
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any
+
+import torch
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, Response, UploadFile
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from pydantic import BaseModel, Field
+
+from visrec import __version__, query
+from visrec.config import Settings
+from visrec.embed import Embedder
+from visrec.errors import (
+    CollectionMissing,
+    ImageError,
+    IndexUnavailable,
+    InvalidQuery,
+    ModelError,
+    NotFound,
+    VisrecError,
+)
+from visrec.images import ImageLimits
+from visrec.index import Filters, Hit, VectorIndex, open_index
+
+OPEN_PATHS = {"/healthz", "/readyz"}  # no API key: probes must work without secrets
+STATUS_OF: list[tuple[type[VisrecError], int]] = [
+    (NotFound, 404),
+    (InvalidQuery, 422),
+    (ImageError, 422),
+    (IndexUnavailable, 503),
+    (CollectionMissing, 503),
+    (ModelError, 503),
+]
+
+
+class HitOut(BaseModel):
+    product_id: str
+    distance: float = Field(description="Euclidean distance on the embedding; smaller is closer")
+    payload: dict[str, Any]
+
+
+class Results(BaseModel):
+    results: list[HitOut]
+
+
+class Product(BaseModel):
+    product_id: str
+    payload: dict[str, Any]
+
+
+class RecommendRequest(BaseModel):
+    positive: list[str] = Field(min_length=1, max_length=100, description="e.g. the basket")
+    negative: list[str] = Field(default=[], max_length=100, description="e.g. items skipped")
+    k: int = Field(default=10, ge=1, le=query.MAX_K)
+    category: list[str] = []
+    colour: list[str] = []
+    price_min: float | None = None
+    price_max: float | None = None
+
+
+def _filters(
+    category: Annotated[list[str], Query(description="any of")] = [],  # noqa: B006 - FastAPI copies it
+    colour: Annotated[list[str], Query(description="any of")] = [],  # noqa: B006
+    price_min: float | None = None,
+    price_max: float | None = None,
+) -> Filters:
+    return query.make_filters(category, colour, price_min, price_max)
+
+
+FilterDep = Annotated[Filters, Depends(_filters)]
+K = Annotated[int, Query(ge=1, le=query.MAX_K)]
+
+
+class Service:
+    """What the routes share: settings, the open index and the loaded model."""
+
+    def __init__(self, settings: Settings, device: torch.device) -> None:
+        self.settings = settings
+        self.embedder = Embedder(settings.artefact, device)
+        self.limits = ImageLimits(
+            max_pixels=settings.api.max_upload_pixels, max_bytes=settings.api.max_upload_bytes
+        )
+        self._index: VectorIndex | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        try:
+            self.embedder.load()
+            self.index()
+        except VisrecError:
+            pass  # not ready yet: /readyz says why, routes answer 503 until it is
+
+    def index(self) -> VectorIndex:
+        """The open index, (re)opened on demand until its collection exists."""
+        with self._lock:
+            if self._index is None or not self._index.exists():
+                if self._index is not None:
+                    self._index.close()
+                self._index = None
+                self._index = open_index(self.settings.qdrant)
+            index = self._index
+        if not index.exists():
+            raise CollectionMissing("the collection does not exist yet: run `visrec sync`")
+        return index
+
+    def close(self) -> None:
+        if self._index is not None:
+            self._index.close()
+
+
+def create_app(settings: Settings, device: torch.device) -> FastAPI:
+    """The FastAPI application; the model and index open when it starts."""
+    service = Service(settings, device)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        service.start()
+        yield
+        service.close()
+
+    app = FastAPI(
+        title="visrec",
+        version=__version__,
+        lifespan=lifespan,
+        description="Visually similar products, filtered by metadata.",
+    )
+    _instrument(app, settings)
+
+    @app.exception_handler(VisrecError)
+    async def visrec_error(request: Request, exc: VisrecError) -> JSONResponse:
+        status = next((code for kind, code in STATUS_OF if isinstance(exc, kind)), 400)
+        headers = {"Retry-After": str(settings.api.retry_after_s)} if status == 503 else None
+        return JSONResponse({"detail": str(exc), "error": type(exc).__name__}, status, headers=headers)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        """The process is up."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz(response: Response) -> dict[str, Any]:
+        """Ready when the model is loaded and the collection is reachable."""
+        problems = []
+        try:
+            model_version = service.embedder.manifest.model_version
+            service.embedder.load()
+        except VisrecError as exc:
+            model_version, problems = None, [str(exc)]
+        try:
+            points = service.index().count()
+        except VisrecError as exc:
+            points, problems = None, [*problems, str(exc)]
+        if problems:
+            response.status_code = 503
+            response.headers["Retry-After"] = str(settings.api.retry_after_s)
+        return {"ready": not problems, "model_version": model_version, "points": points, "problems": problems}
+
+    @app.get("/products/{product_id}", response_model=Product)
+    def product(product_id: str) -> Product:
+        found = service.index().get(product_id)
+        if found is None:
+            raise NotFound(f"product {product_id!r} is not in the index")
+        return Product(product_id=product_id, payload=_public(found[1]))
+
+    @app.get("/products/{product_id}/similar", response_model=Results)
+    def similar(product_id: str, filters: FilterDep, k: K = 10) -> Results:
+        """Products that look like this one, itself excluded."""
+        return _results(query.similar_to_product(service.index(), product_id, k, filters))
+
+    @app.post("/search/image", response_model=Results)
+    def search_image(
+        request: Request,
+        image: Annotated[UploadFile, File(description="a product photo")],
+        filters: FilterDep,
+        k: K = 10,
+    ) -> Results:
+        """Products that look like an uploaded photo."""
+        data = image.file.read(settings.api.max_upload_bytes + 1)
+        if len(data) > settings.api.max_upload_bytes:
+            raise HTTPException(413, f"upload larger than {settings.api.max_upload_bytes} bytes")
+        return _results(
+            query.similar_to_image(service.index(), service.embedder, data, service.limits, k, filters)
+        )
+
+    @app.post("/recommend", response_model=Results)
+    def recommend(body: RecommendRequest) -> Results:
+        """Products like the positive ones and unlike the negative ones."""
+        chosen = query.make_filters(body.category, body.colour, body.price_min, body.price_max)
+        return _results(query.recommend(service.index(), body.positive, body.negative, body.k, chosen))
+
+    return app
+
+
+def _instrument(app: FastAPI, settings: Settings) -> None:
+    """API-key check, upload-size check and Prometheus metrics, as one middleware; /metrics."""
+    registry = CollectorRegistry()  # per app: no process-global state
+    requests = Counter("visrec_requests", "HTTP requests", ["method", "route", "status"], registry=registry)
+    latency = Histogram(
+        "visrec_request_seconds",
+        "HTTP request latency",
+        ["route"],
+        registry=registry,
+        buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+    )
+    api_key = settings.api.api_key.get_secret_value() if settings.api.api_key else None
+    max_body = settings.api.max_upload_bytes + 64 * 1024  # room for the multipart envelope
+
+    @app.middleware("http")
+    async def guard_and_measure(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        started = time.perf_counter()
+        if (
+            api_key
+            and request.url.path not in OPEN_PATHS
+            and not secrets.compare_digest(request.headers.get("x-api-key", ""), api_key)
+        ):
+            response: Response = JSONResponse({"detail": "missing or wrong X-API-Key"}, 401)
+        elif int(request.headers.get("content-length") or 0) > max_body:
+            response = JSONResponse(
+                {"detail": f"body larger than {settings.api.max_upload_bytes} bytes"}, 413
+            )
+        else:
+            response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        requests.labels(request.method, route, str(response.status_code)).inc()
+        latency.labels(route).observe(time.perf_counter() - started)
+        return response
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        """Prometheus text: request counts and latency histograms."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _public(payload: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in payload.items() if k != "content_hash"}
+
+
+def _results(hits: list[Hit]) -> Results:
+    return Results(
+        results=[
+            HitOut(product_id=h.product_id, distance=h.distance, payload=_public(h.payload)) for h in hits
+        ]
+    )
