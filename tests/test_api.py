@@ -138,3 +138,19 @@ def test_metrics_count_requests(client: TestClient) -> None:
 def test_openapi_describes_the_routes(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/products/{product_id}/similar", "/search/image", "/recommend", "/healthz"} <= set(paths)
+
+
+def test_browse_products_page_by_page(client: TestClient) -> None:
+    first = client.get("/products", params={"limit": 4, "category": "circle"}).json()
+    assert len(first["products"]) == 4 and first["next"]
+    rest = client.get("/products", params={"limit": 50, "category": "circle", "after": first["next"]}).json()
+    ids = [p["product_id"] for p in first["products"] + rest["products"]]
+    assert sorted(ids) == sorted(f"p{i}" for i in range(0, 27, 3)) and rest["next"] is None
+
+
+def test_product_image_and_gallery_page(client: TestClient, tmp_path: Path) -> None:
+    image = client.get("/products/p2/image")
+    assert image.status_code == 200 and image.content == (tmp_path / "images" / "p2.png").read_bytes()
+    assert client.get("/products/nope/image").status_code == 404
+    page = client.get("/")
+    assert page.status_code == 200 and "visrec" in page.text and "/similar" in page.text

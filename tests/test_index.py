@@ -71,6 +71,9 @@ def _scenario(index: VectorIndex) -> dict[str, object]:
         hits = index.search(query, 5, filters, exclude=["p0"])
         results[name] = [(h.product_id, round(h.distance, 4)) for h in hits]
         results[f"count_{name}"] = index.count(filters)
+    first, cursor = index.browse(Filters(category=["jeans"]), 4)
+    rest, end = index.browse(Filters(category=["jeans"]), 10, after=cursor)
+    results["browse"] = ([pid for pid, _ in first], [pid for pid, _ in rest], end)
     index.delete(["p1", "p2", "does-not-exist"])
     results["after_delete"] = index.count()
     results["records"] = sorted((k, v.content_hash) for k, v in index.sync_records().items())
@@ -101,6 +104,9 @@ def test_scenario_matches_exact_search(index: VectorIndex) -> None:
         kept = [p for p in points if keep(p) and p.product_id != "p0"]
         assert [pid for pid, _ in results[name]] == _exact(points, query, kept)[:5], name  # type: ignore[attr-defined]
     assert len(results["records"]) == 28  # type: ignore[arg-type]
+    first, rest, end = results["browse"]  # type: ignore[misc]
+    assert len(first) == 4 and end is None
+    assert sorted(first + rest) == sorted(p.product_id for p in points if p.payload["category"] == "jeans")
     assert results["get_missing"] is None
 
 
@@ -111,7 +117,7 @@ def test_backends_are_congruent(tmp_path: Path) -> None:
         local = _scenario(server)
     assert edge.keys() == local.keys()
     for key in edge:
-        if key.startswith("count") or key in {"after_delete", "records", "get_missing", "get"}:
+        if key.startswith("count") or key in {"after_delete", "records", "get_missing", "get", "browse"}:
             assert edge[key] == local[key], key
         else:  # same ids in the same order, distances equal to float precision
             assert [p for p, _ in edge[key]] == [p for p, _ in local[key]], key  # type: ignore[attr-defined]

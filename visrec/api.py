@@ -13,11 +13,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Annotated, Any
 
 import torch
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, Response, UploadFile
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
@@ -36,7 +37,10 @@ from visrec.errors import (
 from visrec.images import ImageLimits
 from visrec.index import Filters, Hit, VectorIndex, open_index
 
-OPEN_PATHS = {"/healthz", "/readyz"}  # no API key: probes must work without secrets
+GALLERY = Path(__file__).with_name("static") / "gallery.html"
+# No API key for the probes (they must work without secrets) nor for the gallery's page shell, which
+# holds no data: its scripts send the key with every call.
+OPEN_PATHS = {"/healthz", "/readyz", "/"}
 STATUS_OF: list[tuple[type[VisrecError], int]] = [
     (NotFound, 404),
     (InvalidQuery, 422),
@@ -60,6 +64,11 @@ class Results(BaseModel):
 class Product(BaseModel):
     product_id: str
     payload: dict[str, Any]
+
+
+class Page(BaseModel):
+    products: list[Product]
+    next: str | None = Field(description="pass as `after` for the next page; null at the end")
 
 
 class RecommendRequest(BaseModel):
@@ -168,6 +177,32 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
             response.status_code = 503
             response.headers["Retry-After"] = str(settings.api.retry_after_s)
         return {"ready": not problems, "model_version": model_version, "points": points, "problems": problems}
+
+    @app.get("/", include_in_schema=False)
+    def gallery() -> FileResponse:
+        """The web gallery: pick a product or upload a photo, set filters, see its neighbours."""
+        return FileResponse(GALLERY, media_type="text/html")
+
+    @app.get("/products", response_model=Page)
+    def products(
+        filters: FilterDep, limit: Annotated[int, Query(ge=1, le=500)] = 24, after: str | None = None
+    ) -> Page:
+        """Browse the indexed products, filtered, a page at a time."""
+        items, next_page = service.index().browse(filters, limit, after)
+        return Page(products=[Product(product_id=i, payload=_public(p)) for i, p in items], next=next_page)
+
+    @app.get("/products/{product_id}/image", response_model=None)
+    def product_image(product_id: str) -> Response:
+        """The product's photo as indexed (a redirect for a remote one)."""
+        found = service.index().get(product_id)
+        if found is None:
+            raise NotFound(f"product {product_id!r} is not in the index")
+        ref = str(found[1].get("image", ""))  # written by sync, never taken from the request
+        if ref.startswith(("http://", "https://")):
+            return RedirectResponse(ref)
+        if not Path(ref).is_file():
+            raise HTTPException(404, f"the image of {product_id!r} is no longer on disk")
+        return FileResponse(ref)
 
     @app.get("/products/{product_id}", response_model=Product)
     def product(product_id: str) -> Product:

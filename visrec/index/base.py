@@ -119,6 +119,13 @@ class VectorIndex(ABC):
         """A product's vector and payload, or None if it is not indexed."""
 
     @abstractmethod
+    def browse(
+        self, filters: Filters, limit: int, after: str | None = None
+    ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+        """A page of (product id, payload) meeting `filters`, in point-id order, and the cursor of the next
+        page (None at the end). `after` is the cursor a previous page returned."""
+
+    @abstractmethod
     def search(self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str] = ()) -> list[Hit]:
         """The k nearest points meeting `filters`, nearest first, without the `exclude` product ids."""
 

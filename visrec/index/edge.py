@@ -112,6 +112,15 @@ class EdgeIndex(VectorIndex):
             if offset is None:
                 return records
 
+    def browse(
+        self, filters: Filters, limit: int, after: str | None = None
+    ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+        page, next_id = self.shard.scroll(
+            qe.ScrollRequest(offset=after, limit=limit, filter=_edge_filter(filters, ()), with_payload=True)
+        )
+        items = [(str((r.payload or {})["product_id"]), dict(r.payload or {})) for r in page]
+        return items, None if next_id is None else str(next_id)
+
     def get(self, product_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
         # with_vector must be positional at run time, whatever the stub says.
         found = self.shard.retrieve([point_id(product_id)], True, True)

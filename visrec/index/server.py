@@ -153,6 +153,22 @@ class ServerIndex(VectorIndex):
             if offset is None:
                 return records
 
+    def browse(
+        self, filters: Filters, limit: int, after: str | None = None
+    ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+        self._require()
+        page, next_id = self._call(
+            self.client.scroll,
+            self.collection,
+            limit=limit,
+            offset=after,
+            scroll_filter=_server_filter(filters, ()),
+            with_payload=True,
+            with_vectors=False,
+        )
+        items = [(str((r.payload or {})["product_id"]), dict(r.payload or {})) for r in page]
+        return items, None if next_id is None else str(next_id)
+
     def get(self, product_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
         self._require()
         found = self._call(

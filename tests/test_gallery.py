@@ -1,0 +1,120 @@
+"""The web gallery in a real browser: headless Chromium (Debian's chromium + chromium-driver) drives
+the page served by a live uvicorn server on loopback, picks a product, sets a filter, checks results.
+A screenshot is kept under .visrec/test-artefacts/."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import uvicorn
+
+from tests.test_ingest import run_sync
+from visrec.api import create_app
+from visrec.config import Settings
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+ARTEFACTS = Path(__file__).parents[1] / ".visrec" / "test-artefacts"
+
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="needs Debian's chromium and chromium-driver (scripts/test.sh installs them when run as root)",
+)
+
+
+@pytest.fixture
+def server(make_catalogue, settings: Settings) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    run_sync(make_catalogue(27), settings)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    config = uvicorn.Config(
+        create_app(settings, torch.device("cpu")), host="127.0.0.1", port=port, log_level="warning"
+    )
+    live = uvicorn.Server(config)
+    thread = threading.Thread(target=live.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not live.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    live.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[object]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1280,900",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(executable_path=str(DRIVER)), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_pick_a_product_filter_and_see_neighbours(server: str, browser) -> None:  # type: ignore[no-untyped-def]
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as ec
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 20)
+    browser.get(server + "/")
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#catalogue figure")) == 24)
+
+    browser.find_elements(By.CSS_SELECTOR, "#catalogue figure")[0].click()  # pick a product
+    wait.until(ec.presence_of_element_located((By.CSS_SELECTOR, "#neighbours figure.hit")))
+    picked = browser.find_element(By.NAME, "product").get_attribute("value")
+
+    category = browser.find_element(By.NAME, "category")
+    category.send_keys("square")
+    browser.find_element(By.NAME, "k").clear()
+    browser.find_element(By.NAME, "k").send_keys("5")
+    browser.find_element(By.ID, "search").click()
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#neighbours figure.hit")) == 5)
+    wait.until(
+        lambda d: all(
+            img.get_property("naturalWidth") > 0
+            for img in d.find_elements(By.CSS_SELECTOR, "#neighbours img")
+        )
+    )
+
+    hits = browser.find_elements(By.CSS_SELECTOR, "#neighbours figure.hit")
+    assert all("square" in hit.text for hit in hits)
+    assert picked not in [hit.get_attribute("data-product-id") for hit in hits]
+    distances = [float(hit.find_element(By.CLASS_NAME, "distance").text) for hit in hits]
+    assert distances == sorted(distances)
+    assert (
+        browser.find_element(By.CSS_SELECTOR, "#neighbours figure.query").get_attribute("data-product-id")
+        == picked
+    )
+    ARTEFACTS.mkdir(parents=True, exist_ok=True)
+    assert browser.save_screenshot(str(ARTEFACTS / "gallery.png"))
+
+
+def test_an_unknown_product_shows_an_error(server: str, browser) -> None:  # type: ignore[no-untyped-def]
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server + "/?product=nope")
+    WebDriverWait(browser, 20).until(lambda d: "not in the index" in d.find_element(By.ID, "status").text)
