@@ -154,3 +154,10 @@ def test_product_image_and_gallery_page(client: TestClient, tmp_path: Path) -> N
     assert client.get("/products/nope/image").status_code == 404
     page = client.get("/")
     assert page.status_code == 200 and "visrec" in page.text and "/similar" in page.text
+
+
+def test_colour_weight_parameter(client: TestClient) -> None:
+    colour = client.get("/products/p4").json()["payload"]["colour_extracted"]
+    results = client.get("/products/p4/similar", params={"k": 8, "colour_weight": 1}).json()["results"]
+    assert all(r["payload"]["colour_extracted"] == colour for r in results)
+    assert client.get("/products/p4/similar", params={"colour_weight": 1.5}).status_code == 422

@@ -18,7 +18,7 @@ from visrec.embed import Embedder
 from visrec.errors import CatalogueError
 from visrec.images import ImageLimits
 from visrec.index import open_index
-from visrec.ingest import SyncSummary, sync
+from visrec.ingest import PAYLOAD_VERSION, SyncSummary, sync
 
 
 def run_sync(catalogue: Path, settings: Settings) -> SyncSummary:
@@ -55,7 +55,17 @@ def test_first_sync_then_nothing_to_do(make_catalogue, settings: Settings) -> No
         assert index.count() == 24
         _, payload = index.get("p5")  # type: ignore[misc]
         assert payload["category"] == "triangle" and payload["price"] == 15.5
-        assert payload["model_version"] == first.model_version and len(payload["content_hash"]) == 64
+        assert payload["model_version"] == first.model_version
+        version, _, digest = payload["content_hash"].partition(":")
+        assert version == str(PAYLOAD_VERSION) and len(digest) == 64
+
+
+def test_a_new_payload_version_reprocesses(make_catalogue, settings: Settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    catalogue = make_catalogue(4)
+    run_sync(catalogue, settings)
+    monkeypatch.setattr("visrec.ingest.PAYLOAD_VERSION", PAYLOAD_VERSION + 1)
+    summary = run_sync(catalogue, settings)
+    assert (summary.updated, summary.unchanged) == (4, 0)
 
 
 def test_an_unchanged_resync_never_loads_the_model(make_catalogue, settings: Settings) -> None:  # type: ignore[no-untyped-def]
@@ -195,3 +205,26 @@ def test_killed_sync_is_finished_by_a_rerun(make_catalogue, settings: Settings, 
         records = index.sync_records()
         assert index.count() == 120 == len(records)
         assert sorted(records) == sorted(f"p{i}" for i in range(120))
+
+
+def test_colour_is_extracted_and_the_catalogue_colour_wins(make_catalogue, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    catalogue = make_catalogue(9)  # drawn in red, blue or green on white; the catalogue says which
+    rewrite(catalogue, lambda r: {**r, "colour": "crimson"} if r["id"] == "p0" else r)
+    run_sync(catalogue, settings)
+    with open_index(settings.qdrant) as index:
+        for product_id, _ in index.sync_records().items():
+            payload = index.get(product_id)[1]  # type: ignore[index]
+            drawn = ["red", "blue", "green"][(int(product_id[1:]) // 3) % 3]
+            assert payload["colour_extracted"] == drawn, product_id
+            assert payload["colour"] == ("crimson" if product_id == "p0" else drawn)
+            assert len(payload["colour_histogram"]) == 12 and len(payload["colour_rgb"]) == 3
+
+
+def test_extracted_colour_is_filterable_without_a_colour_column(make_catalogue, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    catalogue = make_catalogue(9)
+    rewrite(catalogue, lambda r: {k: v for k, v in r.items() if k != "colour"})
+    run_sync(catalogue, settings)
+    from visrec.query import make_filters
+
+    with open_index(settings.qdrant) as index:
+        assert index.count(make_filters(colour=["blue"])) == 3

@@ -73,3 +73,14 @@ def test_invalid_queries(index: VectorIndex) -> None:
     with pytest.raises(InvalidFilter, match="FIELD=VALUE"):
         parse_equals(["brand"])
     assert parse_equals(["brand = acme", "size=M"]) == {"brand": "acme", "size": "M"}
+
+
+def test_colour_rerank_prefers_the_query_colour(index: VectorIndex) -> None:
+    query_colour = index.get("p4")[1]["colour_extracted"]  # type: ignore[index]
+    plain = similar_to_product(index, "p4", k=8)
+    by_colour = similar_to_product(index, "p4", k=8, colour_weight=1.0)
+    assert all(h.payload["colour_extracted"] == query_colour for h in by_colour)  # 8 others share it
+    assert sum(h.payload["colour_extracted"] == query_colour for h in plain) <= 8
+    assert similar_to_product(index, "p4", k=8, colour_weight=0.0) == plain
+    with pytest.raises(InvalidQuery, match="colour_weight"):
+        similar_to_product(index, "p4", colour_weight=2)

@@ -92,6 +92,9 @@ def _filters(
 
 FilterDep = Annotated[Filters, Depends(_filters)]
 K = Annotated[int, Query(ge=1, le=query.MAX_K)]
+ColourWeight = Annotated[
+    float, Query(ge=0, le=1, description="0: visual order; up to 1: prefer the query's own colour")
+]
 
 
 class Service:
@@ -212,9 +215,9 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
         return Product(product_id=product_id, payload=_public(found[1]))
 
     @app.get("/products/{product_id}/similar", response_model=Results)
-    def similar(product_id: str, filters: FilterDep, k: K = 10) -> Results:
+    def similar(product_id: str, filters: FilterDep, k: K = 10, colour_weight: ColourWeight = 0.0) -> Results:
         """Products that look like this one, itself excluded."""
-        return _results(query.similar_to_product(service.index(), product_id, k, filters))
+        return _results(query.similar_to_product(service.index(), product_id, k, filters, colour_weight))
 
     @app.post("/search/image", response_model=Results)
     def search_image(
@@ -222,13 +225,16 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
         image: Annotated[UploadFile, File(description="a product photo")],
         filters: FilterDep,
         k: K = 10,
+        colour_weight: ColourWeight = 0.0,
     ) -> Results:
         """Products that look like an uploaded photo."""
         data = image.file.read(settings.api.max_upload_bytes + 1)
         if len(data) > settings.api.max_upload_bytes:
             raise HTTPException(413, f"upload larger than {settings.api.max_upload_bytes} bytes")
         return _results(
-            query.similar_to_image(service.index(), service.embedder, data, service.limits, k, filters)
+            query.similar_to_image(
+                service.index(), service.embedder, data, service.limits, k, filters, colour_weight
+            )
         )
 
     @app.post("/recommend", response_model=Results)

@@ -200,6 +200,7 @@ def similar(
     price_min: Annotated[float | None, typer.Option(help="Lowest price.")] = None,
     price_max: Annotated[float | None, typer.Option(help="Highest price.")] = None,
     where: Annotated[list[str] | None, typer.Option(help="FIELD=VALUE payload equality (repeat).")] = None,
+    colour_weight: Annotated[float, typer.Option(help="0-1: prefer the query's own colour.")] = 0.0,
     model: Annotated[
         Path | None, typer.Option(help="Artefact folder, for --image [VISREC_ARTEFACT].")
     ] = None,
@@ -221,9 +222,9 @@ def similar(
                 data = image.read_bytes()
             except OSError as exc:
                 raise VisrecError(f"cannot read {image}: {exc.strerror or exc}") from exc
-            hits = query.similar_to_image(index, embedder, data, _limits(settings), k, filters)
+            hits = query.similar_to_image(index, embedder, data, _limits(settings), k, filters, colour_weight)
         else:
-            hits = query.similar_to_product(index, str(product_id), k, filters)
+            hits = query.similar_to_product(index, str(product_id), k, filters, colour_weight)
     _emit(as_json, [_hit_dict(h) for h in hits], _hits_table(hits))
 
 

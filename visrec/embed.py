@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -16,7 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from visrec.artefact import Manifest, load_artefact, read_manifest
-from visrec.images import ImageDataset, ImageLimits, collate_images, to_tensor
+from visrec.images import Annotate, ImageDataset, ImageLimits, collate_images, to_tensor
 from visrec.model import VisrecNet
 
 
@@ -34,6 +35,7 @@ class EmbeddedBatch:
     indices: list[int]
     vectors: np.ndarray  # (len(indices), dim) float32
     failures: list[tuple[int, str]]
+    extras: list[dict[str, Any]]  # what `annotate` said of each image, aligned with `indices`
 
 
 class Embedder:
@@ -69,15 +71,21 @@ class Embedder:
         return self.embed_pixels(to_tensor(image, self.manifest.preprocess).unsqueeze(0))[0]
 
     def embed_refs(
-        self, refs: Sequence[str], limits: ImageLimits, batch_size: int, workers: int
+        self,
+        refs: Sequence[str],
+        limits: ImageLimits,
+        batch_size: int,
+        workers: int,
+        annotate: Annotate | None = None,
     ) -> Iterator[EmbeddedBatch]:
         """Embed images by path or URL, yielding one batch at a time in input order.
 
         A file that cannot be read or decoded is reported in the batch's `failures`, never raised.
+        `annotate` runs on each decoded image in the loader workers (e.g. colour extraction).
         """
         if not refs:
             return
-        dataset = ImageDataset(refs, self.manifest.preprocess, limits)
+        dataset = ImageDataset(refs, self.manifest.preprocess, limits, annotate=annotate)
         loader = DataLoader(
             dataset,
             batch_size=batch_size,
@@ -91,4 +99,4 @@ class Embedder:
                 if batch.indices
                 else np.empty((0, self.manifest.embedding_dim), np.float32)
             )
-            yield EmbeddedBatch(batch.indices, vectors, batch.failures)
+            yield EmbeddedBatch(batch.indices, vectors, batch.failures, batch.extras)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import io
 import logging
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 import httpx
 import torch
@@ -167,37 +167,48 @@ def to_tensor(image: Image.Image, pre: Preprocess) -> torch.Tensor:
     return TF.normalize(tensor.float().div_(255), list(pre.mean), list(pre.std))
 
 
-ImageItem = tuple[int, torch.Tensor | None, str | None]  # (index, pixels, error)
+ImageItem = tuple[int, torch.Tensor | None, str | None, dict[str, Any]]  # (index, pixels, error, extras)
+Annotate = Callable[[Image.Image], dict[str, Any]]  # more facts from the decoded image, e.g. its colour
 
 
 class ImageDataset(Dataset[ImageItem]):
-    """Images by reference, decoded in DataLoader workers; a failure is returned, not raised."""
+    """Images by reference, decoded once in DataLoader workers; a failure is returned, not raised.
+
+    `annotate`, if given, runs on the same decoded image (no second decode) and its dict travels along.
+    """
 
     def __init__(
-        self, refs: Sequence[str], pre: Preprocess, limits: ImageLimits, hflip_p: float = 0.0
+        self,
+        refs: Sequence[str],
+        pre: Preprocess,
+        limits: ImageLimits,
+        hflip_p: float = 0.0,
+        annotate: Annotate | None = None,
     ) -> None:
-        self.refs, self.pre, self.limits, self.hflip_p = refs, pre, limits, hflip_p
+        self.refs, self.pre, self.limits, self.hflip_p, self.annotate = refs, pre, limits, hflip_p, annotate
 
     def __len__(self) -> int:
         return len(self.refs)
 
     def __getitem__(self, index: int) -> ImageItem:
         try:
-            tensor = to_tensor(load_image(self.refs[index], self.limits), self.pre)
+            image = load_image(self.refs[index], self.limits)
         except ImageError as exc:
-            return index, None, str(exc)
+            return index, None, str(exc), {}
+        tensor = to_tensor(image, self.pre)
         if self.hflip_p and torch.rand(()) < self.hflip_p:
             tensor = tensor.flip(-1)
-        return index, tensor, None
+        return index, tensor, None, self.annotate(image) if self.annotate else {}
 
 
 @dataclass
 class ImageBatch:
-    """Indices into the dataset of the images that decoded, their tensor, and the ones that failed."""
+    """Indices into the dataset of the images that decoded, their tensor and extras, and the failures."""
 
     indices: list[int]
     pixels: torch.Tensor
     failures: list[tuple[int, str]]
+    extras: list[dict[str, Any]]
 
     def pin_memory(self) -> ImageBatch:
         self.pixels = self.pixels.pin_memory()
@@ -206,7 +217,7 @@ class ImageBatch:
 
 def collate_images(items: list[ImageItem]) -> ImageBatch:
     """DataLoader collate: stack the decoded images, set the failures aside."""
-    good = [(i, t) for i, t, _ in items if t is not None]
-    failures = [(i, error) for i, t, error in items if t is None and error is not None]
-    pixels = torch.stack([t for _, t in good]) if good else torch.empty(0)
-    return ImageBatch([i for i, _ in good], pixels, failures)
+    good = [(i, t, extra) for i, t, _, extra in items if t is not None]
+    failures = [(i, error) for i, t, error, _ in items if t is None and error is not None]
+    pixels = torch.stack([t for _, t, _ in good]) if good else torch.empty(0)
+    return ImageBatch([i for i, _, _ in good], pixels, failures, [extra for _, _, extra in good])

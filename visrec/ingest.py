@@ -16,7 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from PIL import Image
+
 from visrec.catalogue import Catalogue, Product
+from visrec.colour import extract_colours
 from visrec.embed import Embedder
 from visrec.errors import CatalogueError
 from visrec.images import ImageLimits
@@ -25,6 +28,10 @@ from visrec.index import IndexPoint, SyncRecord, VectorIndex
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]  # (images done, images to embed)
+
+# Part of every stored content hash: bump it when what a point carries changes (as when colour was
+# added), so the next sync re-processes points made before.
+PAYLOAD_VERSION = 2
 
 
 @dataclass
@@ -64,7 +71,7 @@ def plan_sync(catalogue: Catalogue, indexed: dict[str, SyncRecord], model_versio
     """
     plan = SyncPlan()
     for product in catalogue.products:
-        digest = catalogue.content_hash(product)
+        digest = f"{PAYLOAD_VERSION}:{catalogue.content_hash(product)}"
         record = indexed.get(product.id)
         if record is None:
             plan.added.append((product, digest))
@@ -119,12 +126,14 @@ def sync(
     refs = [catalogue.image_ref(product) for product, _ in todo]
     done = 0
     embedded: set[int] = set()
-    for batch in embedder.embed_refs(refs, limits, batch_size, workers):
+    for batch in embedder.embed_refs(refs, limits, batch_size, workers, annotate=_colour_fields):
         points = [
             IndexPoint(
-                todo[i][0].id, vector, _payload(todo[i][0], refs[i], todo[i][1], manifest.model_version)
+                todo[i][0].id,
+                vector,
+                _payload(todo[i][0], refs[i], todo[i][1], manifest.model_version, extracted),
             )
-            for i, vector in zip(batch.indices, batch.vectors, strict=True)
+            for i, vector, extracted in zip(batch.indices, batch.vectors, batch.extras, strict=True)
         ]
         index.upsert(points)
         embedded.update(batch.indices)
@@ -153,8 +162,19 @@ def sync(
     )
 
 
-def _payload(product: Product, image_ref: str, content_hash: str, model_version: str) -> dict[str, Any]:
+def _colour_fields(image: Image.Image) -> dict[str, Any]:
+    """Colour extracted from the photo (runs in the loader workers, on the already decoded image)."""
+    fields = extract_colours(image).payload()
+    return {**fields, "colour_extracted": fields["colour"]}
+
+
+def _payload(
+    product: Product, image_ref: str, content_hash: str, model_version: str, extracted: dict[str, Any]
+) -> dict[str, Any]:
+    """The point's payload. The catalogue's own fields (its `colour` among them) win over extracted
+    ones; the extracted colour stays as `colour_extracted`."""
     return {
+        **extracted,
         **product.metadata(),
         "image": image_ref,
         "product_id": product.id,

@@ -11,12 +11,14 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from pydantic import ValidationError
 
+from visrec.colour import extract_colours
 from visrec.embed import Embedder
 from visrec.errors import InvalidFilter, InvalidQuery, NotFound
 from visrec.images import ImageLimits, decode_image
 from visrec.index import Filters, Hit, VectorIndex
 
 MAX_K = 1000
+RERANK_POOL = 5  # a colour re-rank chooses k among k x this many visual neighbours
 
 
 def make_filters(
@@ -66,14 +68,49 @@ def similar_to_vector(
     return index.search(vector, k, filters or Filters(), exclude)
 
 
+def rerank_by_colour(hits: list[Hit], target_lab: Sequence[float], weight: float, k: int) -> list[Hit]:
+    """Re-order visual neighbours by a blend of visual distance and colour difference.
+
+    score = (1 - weight) * distance / max distance + weight * min(ΔE76(colour_lab, target) / 100, 1).
+    weight 0 keeps the visual order; 1 sorts by colour alone. A hit without a colour ranks as the most
+    different colour. Distances in the result stay the visual ones.
+    """
+    if not 0 <= weight <= 1:
+        raise InvalidQuery(f"colour_weight must be between 0 and 1, got {weight}")
+    if not hits:
+        return []
+    scale = max(h.distance for h in hits) or 1.0
+    target = np.asarray(target_lab, dtype=np.float64)
+
+    def score(hit: Hit) -> float:
+        lab = hit.payload.get("colour_lab")
+        colour = 1.0 if lab is None else min(float(np.linalg.norm(np.asarray(lab) - target)) / 100, 1.0)
+        return (1 - weight) * hit.distance / scale + weight * colour
+
+    return sorted(hits, key=score)[:k]
+
+
 def similar_to_product(
-    index: VectorIndex, product_id: str, k: int = 10, filters: Filters | None = None
+    index: VectorIndex,
+    product_id: str,
+    k: int = 10,
+    filters: Filters | None = None,
+    colour_weight: float = 0.0,
 ) -> list[Hit]:
-    """The k products most like `product_id`, itself excluded; raises `NotFound` if it is not indexed."""
+    """The k products most like `product_id`, itself excluded; raises `NotFound` if it is not indexed.
+
+    With `colour_weight` > 0, neighbours in the product's own colour are preferred (`rerank_by_colour`).
+    """
     found = index.get(product_id)
     if found is None:
         raise NotFound(f"product {product_id!r} is not in the index")
-    return similar_to_vector(index, found[0], k, filters, exclude=[product_id])
+    vector, payload = found
+    if not colour_weight:
+        return similar_to_vector(index, vector, k, filters, exclude=[product_id])
+    if "colour_lab" not in payload:
+        raise InvalidQuery(f"product {product_id!r} has no extracted colour: run `visrec sync` again")
+    pool = similar_to_vector(index, vector, min(MAX_K, k * RERANK_POOL), filters, exclude=[product_id])
+    return rerank_by_colour(pool, payload["colour_lab"], colour_weight, k)
 
 
 def recommend(
@@ -114,7 +151,13 @@ def similar_to_image(
     limits: ImageLimits,
     k: int = 10,
     filters: Filters | None = None,
+    colour_weight: float = 0.0,
 ) -> list[Hit]:
-    """The k products most like a photo; raises `ImageError` if it cannot be decoded."""
+    """The k products most like a photo (with `colour_weight` > 0, preferring its colour); raises
+    `ImageError` if it cannot be decoded."""
     image = decode_image(image_bytes, limits, name="query image")
-    return similar_to_vector(index, embedder.embed_image(image), k, filters)
+    vector = embedder.embed_image(image)
+    if not colour_weight:
+        return similar_to_vector(index, vector, k, filters)
+    pool = similar_to_vector(index, vector, min(MAX_K, k * RERANK_POOL), filters)
+    return rerank_by_colour(pool, extract_colours(image).lab, colour_weight, k)
