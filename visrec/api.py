@@ -8,6 +8,7 @@ index or model unavailable 503 with Retry-After.
 
 from __future__ import annotations
 
+import logging
 import secrets
 import threading
 import time
@@ -37,6 +38,7 @@ from visrec.errors import (
 from visrec.images import ImageLimits
 from visrec.index import Filters, Hit, VectorIndex, open_index
 
+log = logging.getLogger(__name__)
 GALLERY = Path(__file__).with_name("static") / "gallery.html"
 # No API key for the probes (they must work without secrets) nor for the gallery's page shell, which
 # holds no data: its scripts send the key with every call.
@@ -113,8 +115,8 @@ class Service:
         try:
             self.embedder.load()
             self.index()
-        except VisrecError:
-            pass  # not ready yet: /readyz says why, routes answer 503 until it is
+        except VisrecError as exc:  # not ready yet: /readyz says why, routes answer 503 until it is
+            log.warning("starting without being ready: %s", exc)
 
     def index(self) -> VectorIndex:
         """The open index, (re)opened on demand until its collection exists."""

@@ -35,11 +35,15 @@ class ReportRow:
 def pick_queries(index: VectorIndex, n: int, seed: int = 0) -> list[str]:
     """`n` indexed product ids, spread over the categories, the same for the same index and seed."""
     by_category: dict[str, list[str]] = {}
-    for product_id in sorted(index.sync_records()):
-        payload = (index.get(product_id) or (None, {}))[1]
-        by_category.setdefault(str(payload.get("category")), []).append(product_id)
+    after: str | None = None
+    while True:
+        page, after = index.browse(Filters(), 1000, after)
+        for product_id, payload in page:
+            by_category.setdefault(str(payload.get("category")), []).append(product_id)
+        if after is None:
+            break
     rng = random.Random(seed)
-    pools = [rng.sample(ids, len(ids)) for _, ids in sorted(by_category.items())]
+    pools = [rng.sample(sorted(ids), len(ids)) for _, ids in sorted(by_category.items())]
     picked: list[str] = []
     while len(picked) < n and any(pools):
         for pool in pools:
