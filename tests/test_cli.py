@@ -100,6 +100,7 @@ def test_train_sync_similar_status_report(make_catalogue, env: Settings, tmp_pat
         (["similar", "p1", "--price-min", "9", "--price-max", "1"], "above price_max", 2),
         (["similar", "p1", "--where", "brand"], "FIELD=VALUE", 2),
         (["sync", "missing.csv"], "catalogue not found", 2),
+        (["sync", "missing.csv", "--shard", "3/3"], "i/N", 1),
         (["train", "missing.csv"], "catalogue not found", 2),
     ],
 )

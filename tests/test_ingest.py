@@ -15,10 +15,10 @@ from tests.conftest import draw_product
 from visrec.catalogue import read_catalogue
 from visrec.config import Settings
 from visrec.embed import Embedder
-from visrec.errors import CatalogueError
+from visrec.errors import CatalogueError, VisrecError
 from visrec.images import ImageLimits
 from visrec.index import open_index
-from visrec.ingest import PAYLOAD_VERSION, SyncSummary, sync
+from visrec.ingest import PAYLOAD_VERSION, Shard, SyncSummary, sync
 
 
 def run_sync(catalogue: Path, settings: Settings) -> SyncSummary:
@@ -228,3 +228,49 @@ def test_extracted_colour_is_filterable_without_a_colour_column(make_catalogue, 
 
     with open_index(settings.qdrant) as index:
         assert index.count(make_filters(colour=["blue"])) == 3
+
+
+@pytest.mark.parametrize("text", ["4/4", "-1/2", "a/b", "1", "1/0", ""])
+def test_bad_shard_specs(text: str) -> None:
+    with pytest.raises(VisrecError, match="i/N"):
+        Shard.parse(text)
+
+
+def test_shards_partition_the_catalogue() -> None:
+    ids = [f"sku-{i}" for i in range(2000)]
+    shards = [Shard.parse(f"{i}/4") for i in range(4)]
+    owners = [[s.index for s in shards if product_id in s] for product_id in ids]
+    assert all(len(o) == 1 for o in owners)  # exactly one shard each
+    sizes = [sum(o == [i] for o in owners) for i in range(4)]
+    assert min(sizes) > 400  # and balanced (500 each on average)
+    assert all(p in Shard() for p in ids)  # the default shard is everything
+
+
+def test_n_sharded_workers_cover_everything_once(make_catalogue, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    catalogue = make_catalogue(30)
+
+    def sync_shard(text: str) -> SyncSummary:
+        embedder = Embedder(settings.artefact, torch.device("cpu"))
+        with open_index(settings.qdrant) as index:
+            return sync(
+                read_catalogue(catalogue),
+                index,
+                embedder,
+                limits=ImageLimits(),
+                batch_size=8,
+                workers=0,
+                failure_report=tmp_path / f"f{text[0]}.jsonl",
+                shard=Shard.parse(text),
+            )
+
+    summaries = [sync_shard(f"{i}/3") for i in range(3)]
+    assert sum(s.added for s in summaries) == 30 and all(s.added > 0 for s in summaries)
+    with open_index(settings.qdrant) as index:
+        assert sorted(index.sync_records()) == sorted(f"p{i}" for i in range(30))
+    # A product removed from the catalogue is deleted by its own shard's worker, not by the others.
+    gone = next(f"p{i}" for i in range(30) if f"p{i}" in Shard(1, 3))
+    rewrite(catalogue, lambda r: None if r["id"] == gone else r)
+    assert sync_shard("0/3").deleted == 0 and sync_shard("2/3").deleted == 0
+    assert sync_shard("1/3").deleted == 1
+    with open_index(settings.qdrant) as index:
+        assert index.count() == 29

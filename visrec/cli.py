@@ -167,11 +167,16 @@ def train(
 def sync(
     catalogue: Annotated[Path, typer.Argument(help="Catalogue file (.csv or .jsonl).")],
     model: Annotated[Path | None, typer.Option(help="Artefact folder [VISREC_ARTEFACT].")] = None,
+    shard: Annotated[
+        str, typer.Option(help="i/N: sync only shard i of N (one of N parallel workers).")
+    ] = "0/1",
     as_json: JsonFlag = False,
 ) -> None:
     """Embed new and changed products, delete removed ones, skip the rest."""
+    from visrec.ingest import Shard
     from visrec.ingest import sync as run_sync
 
+    chosen = Shard.parse(shard)
     settings = _settings(artefact=model)
     embedder = Embedder(settings.artefact, resolve_device(settings.embed.device))
     parsed = read_catalogue(catalogue)
@@ -185,6 +190,7 @@ def sync(
             workers=settings.embed.workers,
             failure_report=settings.ingest.failure_report,
             progress=lambda done, total: progress("embed", done, total),
+            shard=chosen,
         )
     _emit(as_json, summary.to_dict(), _key_value_table("sync", summary.to_dict()))
 

@@ -8,6 +8,7 @@ any moment is finished by running it again: nothing is duplicated, nothing done 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -21,7 +22,7 @@ from PIL import Image
 from visrec.catalogue import Catalogue, Product
 from visrec.colour import extract_colours
 from visrec.embed import Embedder
-from visrec.errors import CatalogueError
+from visrec.errors import CatalogueError, VisrecError
 from visrec.images import ImageLimits
 from visrec.index import IndexPoint, SyncRecord, VectorIndex
 
@@ -32,6 +33,29 @@ ProgressFn = Callable[[int, int], None]  # (images done, images to embed)
 # Part of every stored content hash: bump it when what a point carries changes (as when colour was
 # added), so the next sync re-processes points made before.
 PAYLOAD_VERSION = 2
+
+
+@dataclass(frozen=True)
+class Shard:
+    """Shard `index` of `count`: the products whose id hashes to it. N workers, each given one shard,
+    cover the catalogue exactly once (sha256, so every machine and Python process agrees)."""
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        """'i/N' with 0 <= i < N; raises `VisrecError` otherwise."""
+        index, sep, count = text.partition("/")
+        if not (sep and index.strip().isdigit() and count.strip().isdigit()) or not 0 <= int(index) < int(
+            count
+        ):
+            raise VisrecError(f"--shard takes i/N with 0 <= i < N (e.g. 0/4), got {text!r}")
+        return cls(int(index), int(count))
+
+    def __contains__(self, product_id: object) -> bool:
+        digest = hashlib.sha256(str(product_id).encode()).digest()
+        return int.from_bytes(digest[:8], "big") % self.count == self.index
 
 
 @dataclass
@@ -57,20 +81,24 @@ class SyncSummary:
     seconds: float = 0.0
     images_per_second: float = 0.0
     model_version: str = ""
+    shard: str = "0/1"
     failure_report: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def plan_sync(catalogue: Catalogue, indexed: dict[str, SyncRecord], model_version: str) -> SyncPlan:
-    """Decide what to embed and what to delete.
+def plan_sync(
+    catalogue: Catalogue, indexed: dict[str, SyncRecord], model_version: str, shard: Shard = Shard()
+) -> SyncPlan:
+    """Decide what to embed and what to delete, within `shard`.
 
     A product is changed when its content hash or the model that embedded it differs. A product whose
-    row is invalid this time is neither embedded nor deleted: a typo in a row must not drop it.
+    row is invalid this time is neither embedded nor deleted: a typo in a row must not drop it. Points
+    of other shards are left alone.
     """
     plan = SyncPlan()
-    for product in catalogue.products:
+    for product in (p for p in catalogue.products if p.id in shard):
         digest = f"{PAYLOAD_VERSION}:{catalogue.content_hash(product)}"
         record = indexed.get(product.id)
         if record is None:
@@ -80,7 +108,7 @@ def plan_sync(catalogue: Catalogue, indexed: dict[str, SyncRecord], model_versio
         else:
             plan.unchanged += 1
     keep = {p.id for p in catalogue.products} | {e.product_id for e in catalogue.errors if e.product_id}
-    plan.removed = sorted(set(indexed) - keep)
+    plan.removed = sorted(p for p in set(indexed) - keep if p in shard)
     return plan
 
 
@@ -94,6 +122,7 @@ def sync(
     workers: int,
     failure_report: Path,
     progress: ProgressFn | None = None,
+    shard: Shard = Shard(),
 ) -> SyncSummary:
     """Bring the index in step with the catalogue; returns what was done.
 
@@ -108,7 +137,7 @@ def sync(
         )
     manifest = embedder.manifest
     index.create(manifest.embedding_dim)
-    plan = plan_sync(catalogue, index.sync_records(), manifest.model_version)
+    plan = plan_sync(catalogue, index.sync_records(), manifest.model_version, shard)
     log.info(
         "plan: %d new, %d changed, %d removed, %d unchanged",
         len(plan.added),
@@ -158,6 +187,7 @@ def sync(
         seconds=round(seconds, 3),
         images_per_second=round(len(embedded) / seconds, 1) if seconds else 0.0,
         model_version=manifest.model_version,
+        shard=f"{shard.index}/{shard.count}",
         failure_report=str(failure_report),
     )
 
