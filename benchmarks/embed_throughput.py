@@ -88,6 +88,8 @@ def main() -> None:
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
@@ -105,11 +107,12 @@ def main() -> None:
         metrics={},
         training={},
     )
-    embedder = Embedder(root / "model", device)
+    embedder = Embedder(root / "model", device, args.channels_last, args.precision)
     refs = [catalogue.image_ref(p) for p in catalogue.products]
     print(
         f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{args.count} JPEGs of {args.jpeg_size} px, model input {args.input_size} px, {args.workers} workers"
+        f"{args.count} JPEGs of {args.jpeg_size} px, model input {args.input_size} px, "
+        f"{args.workers} workers, channels_last={args.channels_last}, {args.precision}"
     )
 
     model_rates = {b: model_only(embedder, b, args.count, args.input_size) for b in args.batch_sizes}

@@ -104,7 +104,9 @@ class Service:
 
     def __init__(self, settings: Settings, device: torch.device) -> None:
         self.settings = settings
-        self.embedder = Embedder(settings.artefact, device)
+        self.embedder = Embedder(
+            settings.artefact, device, settings.embed.channels_last, settings.embed.precision
+        )
         self.limits = ImageLimits(
             max_pixels=settings.api.max_upload_pixels, max_bytes=settings.api.max_upload_bytes
         )

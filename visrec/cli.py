@@ -86,6 +86,11 @@ def _settings(**overrides: Any) -> Settings:
         raise VisrecError(f"invalid setting: {problems}") from None
 
 
+def _embedder(settings: Settings) -> Embedder:
+    e = settings.embed
+    return Embedder(settings.artefact, resolve_device(e.device), e.channels_last, e.precision)
+
+
 def _limits(settings: Settings) -> ImageLimits:
     s = settings.ingest
     return ImageLimits(s.max_image_pixels, s.max_image_bytes, s.fetch_timeout_s, s.fetch_retries)
@@ -178,7 +183,7 @@ def sync(
 
     chosen = Shard.parse(shard)
     settings = _settings(artefact=model)
-    embedder = Embedder(settings.artefact, resolve_device(settings.embed.device))
+    embedder = _embedder(settings)
     parsed = read_catalogue(catalogue)
     with open_index(settings.qdrant) as index, _progress(not as_json) as progress:
         summary = run_sync(
@@ -223,7 +228,7 @@ def similar(
     )
     with open_index(settings.qdrant) as index:
         if image is not None:
-            embedder = Embedder(settings.artefact, resolve_device(settings.embed.device))
+            embedder = _embedder(settings)
             try:
                 data = image.read_bytes()
             except OSError as exc:

@@ -29,6 +29,8 @@ class EmbedSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=64, ge=1, le=4096)
     workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=0, le=64)
+    channels_last: bool = False  # NHWC tensors: faster convolutions on tensor-core GPUs
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 needs CUDA
 
 
 class IngestSettings(BaseModel):

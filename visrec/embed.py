@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from visrec.artefact import Manifest, load_artefact, read_manifest
+from visrec.errors import ModelError
 from visrec.images import Annotate, ImageDataset, ImageLimits, collate_images, to_tensor
 from visrec.model import VisrecNet
 
@@ -41,9 +42,19 @@ class EmbeddedBatch:
 class Embedder:
     """Turns images into embeddings with an exported artefact."""
 
-    def __init__(self, artefact_dir: Path, device: torch.device) -> None:
+    def __init__(
+        self,
+        artefact_dir: Path,
+        device: torch.device,
+        channels_last: bool = False,
+        precision: Literal["fp32", "bf16", "fp16"] = "fp32",
+    ) -> None:
+        if precision == "fp16" and device.type != "cuda":
+            raise ModelError("fp16 embedding needs a CUDA device; use bf16 or fp32 on the CPU")
         self.artefact_dir = artefact_dir
         self.device = device
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self._manifest: Manifest | None = None
         self._model: VisrecNet | None = None
 
@@ -56,15 +67,22 @@ class Embedder:
     def load(self) -> VisrecNet:
         """Load the weights (once); raises `ModelError` if the artefact is missing or corrupt."""
         if self._model is None:
-            self._model, self._manifest = load_artefact(self.artefact_dir, self.device)
+            model, self._manifest = load_artefact(self.artefact_dir, self.device)
+            self._model = model.to(memory_format=self.memory_format)
         return self._model
 
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Embed a preprocessed (B, 3, S, S) batch."""
         model = self.load()
-        with torch.inference_mode():
-            vectors = model.embed(pixels.to(self.device, non_blocking=True))
-        return vectors.float().cpu().numpy()
+        pixels = pixels.to(self.device, non_blocking=True, memory_format=self.memory_format)
+        with (
+            torch.inference_mode(),
+            torch.autocast(
+                self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
+            ),
+        ):
+            vectors = model.embed(pixels)
+        return vectors.float().cpu().numpy()  # one host copy per batch
 
     def embed_image(self, image: Image.Image) -> np.ndarray:
         """Embed one decoded RGB image: a (dim,) vector."""

@@ -1,0 +1,71 @@
+"""Embedding fast paths give the same neighbours as the plain fp32 path (correctness, not speed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import COLOURS, SHAPES, draw_product
+from visrec.artefact import Manifest
+from visrec.embed import Embedder
+from visrec.errors import ModelError
+from visrec.images import ImageLimits
+
+CUDA = torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    root = tmp_path_factory.mktemp("embed")
+    return [
+        str(draw_product(root / f"{i}.png", SHAPES[i % 3], list(COLOURS)[(i // 3) % 3], variant=i))
+        for i in range(48)
+    ]
+
+
+def _vectors(embedder: Embedder, refs: list[str]) -> np.ndarray:
+    return np.concatenate([b.vectors for b in embedder.embed_refs(refs, ImageLimits(), 16, 0)])
+
+
+def _top10_overlap(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean share of each item's 10 nearest neighbours (itself excluded) that both embeddings agree on."""
+
+    def neighbours(v: np.ndarray) -> np.ndarray:
+        d = np.linalg.norm(v[:, None] - v[None], axis=-1)
+        np.fill_diagonal(d, np.inf)
+        return np.argsort(d, axis=1)[:, :10]
+
+    na, nb = neighbours(a), neighbours(b)
+    return float(np.mean([len(set(x) & set(y)) / 10 for x, y in zip(na, nb, strict=True)]))
+
+
+def test_channels_last_matches_fp32(artefact: tuple[Path, Manifest], refs: list[str]) -> None:
+    plain = _vectors(Embedder(artefact[0], torch.device("cpu")), refs)
+    fast = _vectors(Embedder(artefact[0], torch.device("cpu"), channels_last=True), refs)
+    np.testing.assert_allclose(fast, plain, rtol=1e-3, atol=1e-3)
+
+
+def test_bf16_keeps_the_neighbours(artefact: tuple[Path, Manifest], refs: list[str]) -> None:
+    plain = _vectors(Embedder(artefact[0], torch.device("cpu")), refs)
+    reduced = _vectors(Embedder(artefact[0], torch.device("cpu"), channels_last=True, precision="bf16"), refs)
+    assert reduced.dtype == np.float32 and reduced.shape == plain.shape
+    assert _top10_overlap(plain, reduced) >= 0.95
+
+
+def test_fp16_on_cpu_is_refused(artefact: tuple[Path, Manifest]) -> None:
+    with pytest.raises(ModelError, match="needs a CUDA device"):
+        Embedder(artefact[0], torch.device("cpu"), precision="fp16")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_gpu_reduced_precision_keeps_the_neighbours(
+    artefact: tuple[Path, Manifest], refs: list[str], precision: str
+) -> None:
+    plain = _vectors(Embedder(artefact[0], torch.device("cpu")), refs)
+    gpu = _vectors(Embedder(artefact[0], torch.device("cuda"), True, precision), refs)  # type: ignore[arg-type]
+    assert _top10_overlap(plain, gpu) >= 0.95
