@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,10 +16,11 @@ from tests.conftest import draw_product
 from visrec.catalogue import read_catalogue
 from visrec.config import Settings
 from visrec.embed import Embedder
-from visrec.errors import CatalogueError, VisrecError
+from visrec.errors import CatalogueError, IndexUnavailable, VisrecError
 from visrec.images import ImageLimits
 from visrec.index import open_index
-from visrec.ingest import PAYLOAD_VERSION, Shard, SyncSummary, sync
+from visrec.index.edge import EdgeIndex
+from visrec.ingest import PAYLOAD_VERSION, BackgroundWriter, Shard, SyncSummary, sync
 
 
 def run_sync(catalogue: Path, settings: Settings) -> SyncSummary:
@@ -274,3 +276,54 @@ def test_n_sharded_workers_cover_everything_once(make_catalogue, settings: Setti
     assert sync_shard("1/3").deleted == 1
     with open_index(settings.qdrant) as index:
         assert index.count() == 29
+
+
+def test_background_writer_writes_everything_in_order() -> None:
+    written: list[int] = []
+    with BackgroundWriter(written.append, max_pending=2) as writer:
+        for i in range(50):
+            writer.put(i)
+    assert written == list(range(50))
+
+
+def test_a_write_error_reaches_the_producer_without_deadlock() -> None:
+    def write(item: int) -> None:
+        if item == 3:
+            raise IndexUnavailable("store gone")
+
+    started = time.monotonic()
+    with (
+        pytest.raises(IndexUnavailable, match="store gone"),
+        BackgroundWriter(write, max_pending=1) as writer,
+    ):
+        for i in range(1000):  # far more than the queue holds: a stuck producer would hang here
+            writer.put(i)
+    assert time.monotonic() - started < 5
+
+
+def test_a_producer_error_stops_the_writer() -> None:
+    written: list[int] = []
+    with pytest.raises(RuntimeError, match="decode failed"), BackgroundWriter(written.append) as writer:
+        writer.put(1)
+        raise RuntimeError("decode failed")
+    assert written == [1]  # what was queued before the error is still written; the thread has ended
+
+
+def test_a_failing_store_stops_the_sync_with_its_error(make_catalogue, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    class BrokenIndex(EdgeIndex):  # a real store whose writes fail, as a server going away would
+        def upsert(self, points):  # type: ignore[no-untyped-def]
+            raise IndexUnavailable("Qdrant at test is unreachable")
+
+    with (
+        BrokenIndex(settings.qdrant.path, "c") as index,
+        pytest.raises(IndexUnavailable, match="unreachable"),
+    ):
+        sync(
+            read_catalogue(make_catalogue(20)),
+            index,
+            Embedder(settings.artefact, torch.device("cpu")),
+            limits=ImageLimits(),
+            batch_size=4,
+            workers=0,
+            failure_report=settings.ingest.failure_report,
+        )

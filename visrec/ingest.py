@@ -11,11 +11,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from PIL import Image
 
@@ -27,12 +29,56 @@ from visrec.images import ImageLimits
 from visrec.index import IndexPoint, SyncRecord, VectorIndex
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ProgressFn = Callable[[int, int], None]  # (images done, images to embed)
 
 # Part of every stored content hash: bump it when what a point carries changes (as when colour was
 # added), so the next sync re-processes points made before.
 PAYLOAD_VERSION = 2
+
+
+class BackgroundWriter(Generic[T]):
+    """Runs `write(item)` in one background thread, fed through a bounded queue, so index writes overlap
+    with embedding instead of stalling it. An error on either side stops both and is re-raised in the
+    caller's thread; the bounded queue caps the memory held by batches waiting to be written.
+    """
+
+    _DONE = object()
+
+    def __init__(self, write: Callable[[T], None], max_pending: int = 4) -> None:
+        self._write = write
+        self._queue: queue.Queue[object] = queue.Queue(max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="index-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not self._DONE:
+            if self._error is None:  # after a failure, drain without writing so the producer never blocks
+                try:
+                    self._write(item)  # type: ignore[arg-type]
+                except BaseException as exc:  # re-raised in the caller's thread, whatever it is
+                    self._error = exc
+
+    def put(self, item: T) -> None:
+        """Queue an item; blocks while the queue is full; raises the writer's error if it failed."""
+        self._raise_if_failed()
+        self._queue.put(item)
+
+    def _raise_if_failed(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def __enter__(self) -> BackgroundWriter[T]:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        """Wait for every queued item to be written (or dropped after a failure); re-raise a write error."""
+        self._queue.put(self._DONE)
+        self._thread.join()
+        if exc is None:
+            self._raise_if_failed()
 
 
 @dataclass(frozen=True)
@@ -155,24 +201,30 @@ def sync(
     refs = [catalogue.image_ref(product) for product, _ in todo]
     done = 0
     embedded: set[int] = set()
-    for batch in embedder.embed_refs(refs, limits, batch_size, workers, annotate=_colour_fields):
-        points = [
-            IndexPoint(
-                todo[i][0].id,
-                vector,
-                _payload(todo[i][0], refs[i], todo[i][1], manifest.model_version, extracted),
-            )
-            for i, vector, extracted in zip(batch.indices, batch.vectors, batch.extras, strict=True)
-        ]
+
+    def write(points: list[IndexPoint]) -> None:
         index.upsert(points)
-        embedded.update(batch.indices)
-        failures += [
-            {"kind": "image", "product_id": todo[i][0].id, "error": error} for i, error in batch.failures
-        ]
-        done += len(batch.indices) + len(batch.failures)
-        log.info("upserted %d points (%d/%d)", len(points), done, len(todo))
-        if progress:
-            progress(done, len(todo))
+        log.info("upserted %d points", len(points))  # logged once durable in the index
+
+    with BackgroundWriter(write) as writer:
+        for batch in embedder.embed_refs(refs, limits, batch_size, workers, annotate=_colour_fields):
+            writer.put(
+                [
+                    IndexPoint(
+                        todo[i][0].id,
+                        vector,
+                        _payload(todo[i][0], refs[i], todo[i][1], manifest.model_version, extracted),
+                    )
+                    for i, vector, extracted in zip(batch.indices, batch.vectors, batch.extras, strict=True)
+                ]
+            )
+            embedded.update(batch.indices)
+            failures += [
+                {"kind": "image", "product_id": todo[i][0].id, "error": error} for i, error in batch.failures
+            ]
+            done += len(batch.indices) + len(batch.failures)
+            if progress:
+                progress(done, len(todo))
 
     _write_report(failure_report, failures)
     seconds = time.perf_counter() - started
