@@ -183,3 +183,23 @@ def test_unreachable_server_fails_after_bounded_retries() -> None:
     with pytest.raises(IndexUnavailable, match="unreachable"):
         open_index(QdrantSettings(url="http://127.0.0.1:9", retries=2, timeout_s=1, collection="c"))
     assert time.monotonic() - started < 10
+
+
+def test_losing_the_create_race_to_another_worker_is_fine() -> None:
+    """Sharded workers start together; all but one find the collection created under them."""
+    from qdrant_client import models as qm
+
+    index = open_index(QdrantSettings(url=":memory:", collection="c"))
+    assert not index.exists()  # checked at open; another worker creates it right after:
+    other = qm.VectorParams(size=DIM, distance=qm.Distance.EUCLID)
+    index.client.create_collection("c", vectors_config=other)  # type: ignore[attr-defined]
+    index.create(DIM)
+    index.upsert(_points(3))
+    assert index.count() == 3
+
+    late = open_index(QdrantSettings(url=":memory:", collection="d"))
+    late.client.create_collection(
+        "d", vectors_config=qm.VectorParams(size=DIM + 1, distance=qm.Distance.EUCLID)
+    )  # type: ignore[attr-defined]
+    with pytest.raises(VisrecError, match="size"):
+        late.create(DIM)  # the winner made it with another size: still refused

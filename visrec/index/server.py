@@ -104,11 +104,19 @@ class ServerIndex(VectorIndex):
                     "sync a new model into a new collection (VISREC_QDRANT__COLLECTION)"
                 )
             return
-        self._call(
-            self.client.create_collection,
-            self.collection,
-            vectors_config=qm.VectorParams(size=dim, distance=qm.Distance.EUCLID),
-        )
+        try:
+            self._call(
+                self.client.create_collection,
+                self.collection,
+                vectors_config=qm.VectorParams(size=dim, distance=qm.Distance.EUCLID),
+            )
+        except (VisrecError, ValueError):  # the server answers 409, local mode ValueError
+            # N sharded workers start together and race to create it: losing that race is fine.
+            if not self._call(self.client.collection_exists, self.collection):
+                raise
+            self._exists = True
+            self.create(dim)  # checks the winner's vector size
+            return
         schemas = [(n, qm.PayloadSchemaType.KEYWORD) for n in KEYWORD_FIELDS]
         schemas += [(n, qm.PayloadSchemaType.FLOAT) for n in FLOAT_FIELDS]
         for name, schema in schemas:
