@@ -23,7 +23,7 @@ from visrec.index.edge import EdgeIndex
 from visrec.ingest import PAYLOAD_VERSION, BackgroundWriter, Shard, SyncSummary, sync
 
 
-def run_sync(catalogue: Path, settings: Settings) -> SyncSummary:
+def run_sync(catalogue: Path, settings: Settings, shard: Shard | None = None) -> SyncSummary:
     embedder = Embedder(settings.artefact, torch.device("cpu"))
     with open_index(settings.qdrant) as index:
         return sync(
@@ -34,6 +34,7 @@ def run_sync(catalogue: Path, settings: Settings) -> SyncSummary:
             batch_size=settings.embed.batch_size,
             workers=settings.embed.workers,
             failure_report=settings.ingest.failure_report,
+            shard=shard or Shard(),
         )
 
 
@@ -252,18 +253,7 @@ def test_n_sharded_workers_cover_everything_once(make_catalogue, settings: Setti
     catalogue = make_catalogue(30)
 
     def sync_shard(text: str) -> SyncSummary:
-        embedder = Embedder(settings.artefact, torch.device("cpu"))
-        with open_index(settings.qdrant) as index:
-            return sync(
-                read_catalogue(catalogue),
-                index,
-                embedder,
-                limits=ImageLimits(),
-                batch_size=8,
-                workers=0,
-                failure_report=tmp_path / f"f{text[0]}.jsonl",
-                shard=Shard.parse(text),
-            )
+        return run_sync(catalogue, settings, Shard.parse(text))
 
     summaries = [sync_shard(f"{i}/3") for i in range(3)]
     assert sum(s.added for s in summaries) == 30 and all(s.added > 0 for s in summaries)
