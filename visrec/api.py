@@ -196,7 +196,10 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
     ) -> Page:
         """Browse the indexed products, filtered, a page at a time."""
         items, next_page = service.index().browse(filters, limit, after)
-        return Page(products=[Product(product_id=i, payload=_public(p)) for i, p in items], next=next_page)
+        return Page(
+            products=[Product(product_id=i, payload=query.public_payload(p)) for i, p in items],
+            next=next_page,
+        )
 
     @app.get("/products/{product_id}/image", response_model=None)
     def product_image(product_id: str) -> Response:
@@ -216,7 +219,7 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
         found = service.index().get(product_id)
         if found is None:
             raise NotFound(f"product {product_id!r} is not in the index")
-        return Product(product_id=product_id, payload=_public(found[1]))
+        return Product(product_id=product_id, payload=query.public_payload(found[1]))
 
     @app.get("/products/{product_id}/similar", response_model=Results)
     def similar(product_id: str, filters: FilterDep, k: K = 10, colour_weight: ColourWeight = 0.0) -> Results:
@@ -292,13 +295,10 @@ def _instrument(app: FastAPI, settings: Settings) -> None:
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _public(payload: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in payload.items() if k != "content_hash"}
-
-
 def _results(hits: list[Hit]) -> Results:
     return Results(
         results=[
-            HitOut(product_id=h.product_id, distance=h.distance, payload=_public(h.payload)) for h in hits
+            HitOut(product_id=h.product_id, distance=h.distance, payload=query.public_payload(h.payload))
+            for h in hits
         ]
     )

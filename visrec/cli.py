@@ -311,7 +311,9 @@ def report(
 
 
 def _hit_dict(hit: Hit) -> dict[str, Any]:
-    payload = {k: v for k, v in hit.payload.items() if k not in {"content_hash"}}
+    from visrec.query import public_payload
+
+    payload = public_payload(hit.payload)
     return {"product_id": hit.product_id, "distance": round(hit.distance, 4), "payload": payload}
 
 

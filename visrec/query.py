@@ -7,6 +7,7 @@ the CLI and the HTTP API only parse arguments and call these.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from pydantic import ValidationError
@@ -18,7 +19,13 @@ from visrec.images import ImageLimits, decode_image
 from visrec.index import Filters, Hit, VectorIndex
 
 MAX_K = 1000
+INTERNAL_FIELDS = frozenset({"content_hash"})  # sync bookkeeping, not for callers
 RERANK_POOL = 5  # a colour re-rank chooses k among k x this many visual neighbours
+
+
+def public_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """A point's payload as callers see it (CLI, HTTP): without sync bookkeeping."""
+    return {k: v for k, v in payload.items() if k not in INTERNAL_FIELDS}
 
 
 def make_filters(

@@ -103,9 +103,9 @@ def train(
     result = TrainResult(model, classes, pretrained, metrics={})
     started = time.perf_counter()
     if cfg.epochs_frozen:
-        feats, targets = _pooled_features(
-            model, loader(train_pos, 0.0, False), train_targets, device, progress
-        )
+        model.eval()  # phase 1's features: computed once, BatchNorm on its pretrained statistics
+        feats, kept = _infer(model.pooled, loader(train_pos, 0.0, False), device, "features", progress)
+        targets = train_targets[kept]
         result.losses["frozen"] = _train_frozen(
             model,
             feats,
@@ -132,7 +132,8 @@ def train(
     result.metrics["seconds_finetune"] = round(time.perf_counter() - started, 1)
 
     test_targets = torch.tensor([labels[i] for i in test_pos])
-    logits, kept = _predict(model, loader(test_pos, 0.0, False), device, progress)
+    model.eval()
+    logits, kept = _infer(model, loader(test_pos, 0.0, False), device, "evaluate", progress)
     accuracy = topk_accuracy(logits, test_targets[kept])
     result.metrics.update(
         top1=round(accuracy[1], 4),
@@ -165,26 +166,25 @@ def _freeze_batchnorm(model: nn.Module) -> None:
             module.eval()
 
 
-def _pooled_features(
-    model: VisrecNet,
+def _infer(
+    fn: Callable[[torch.Tensor], torch.Tensor],
     loader: DataLoader[ImageItem],
-    targets: torch.Tensor,
     device: torch.device,
+    stage: str,
     progress: StageProgress | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Frozen-backbone features of every training image, computed once for all phase-1 epochs."""
-    model.eval()
-    feats, kept = [], []
+) -> tuple[torch.Tensor, list[int]]:
+    """`fn` over every image that decodes, in eval mode: the stacked outputs and their dataset indices."""
+    outputs, kept = [], []
     with torch.inference_mode():
         for step, batch in enumerate(loader, 1):
             if batch.indices:
-                feats.append(model.pooled(batch.pixels.to(device, non_blocking=True)).cpu())
+                outputs.append(fn(batch.pixels.to(device, non_blocking=True)).cpu())
                 kept += batch.indices
             if progress:
-                progress("features", step, len(loader))
-    if not feats:
-        raise CatalogueError("no training image could be decoded")
-    return torch.cat(feats), targets[kept]
+                progress(stage, step, len(loader))
+    if not outputs:
+        raise CatalogueError(f"{stage}: no image could be decoded")
+    return torch.cat(outputs), kept
 
 
 def _train_frozen(
@@ -260,20 +260,3 @@ def _finetune(
         log.info("phase 2 epoch %d/%d: loss %.4f", epoch, epochs, losses[-1])
     model.eval()
     return losses
-
-
-def _predict(
-    model: VisrecNet, loader: DataLoader[ImageItem], device: torch.device, progress: StageProgress | None
-) -> tuple[torch.Tensor, list[int]]:
-    model.eval()
-    logits, kept = [], []
-    with torch.inference_mode():
-        for step, batch in enumerate(loader, 1):
-            if batch.indices:
-                logits.append(model(batch.pixels.to(device, non_blocking=True)).cpu())
-                kept += batch.indices
-            if progress:
-                progress("evaluate", step, len(loader))
-    if not logits:
-        raise CatalogueError("no held-out image could be decoded")
-    return torch.cat(logits), kept
