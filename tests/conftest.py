@@ -7,12 +7,17 @@ once per session, a real embedded Qdrant engine on a temp folder.
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import uvicorn
 from PIL import Image, ImageDraw
 
 from visrec.artefact import Manifest
@@ -118,3 +123,22 @@ def artefact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest]:
 def settings(tmp_path: Path, artefact: tuple[Path, Manifest]) -> Settings:
     """Small settings on a fresh store, pointing at the session's exported model."""
     return small_settings(tmp_path, artefact=artefact[0])
+
+
+@contextmanager
+def live_server(app: object) -> Iterator[str]:
+    """`app` served by a real uvicorn on a free loopback port, in a thread; yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)

@@ -18,7 +18,7 @@ def test_csv_fields_types_and_extra_columns(tmp_path: Path) -> None:
         "a2,/abs/b.png,,,,,\n"
         "a3,https://example.invalid/c.jpg,jeans,blue,0,,\n"
     )
-    catalogue = read_catalogue(tmp_path / "c.csv")
+    catalogue = read_catalogue(tmp_path / "c.csv", image_roots=[Path("/abs")])
     assert catalogue.errors == []
     a1, a2, a3 = catalogue.products
     assert (a1.category, a1.colour, a1.price, a1.title) == ("shirt", "red", 12.5, "Red shirt")
@@ -123,3 +123,21 @@ def test_bundled_sample_catalogue() -> None:
     assert len(categories) == 10
     assert all(Path(catalogue.image_ref(p)).is_file() for p in catalogue.products)
     assert all(p.price is None and p.colour is None for p in catalogue.products)  # none invented
+
+
+def test_local_images_must_lie_in_the_catalogues_folder_or_an_image_root(tmp_path: Path) -> None:
+    photos = tmp_path / "photos"
+    (tmp_path / "shop").mkdir()
+    (tmp_path / "shop" / "c.csv").write_text(
+        f"id,image\nin,img/a.png\nup,../photos/b.png\nabs,{photos}/c.png\netc,/etc/passwd\n"
+    )
+    confined = read_catalogue(tmp_path / "shop" / "c.csv")
+    assert [p.id for p in confined.products] == ["in"]
+    assert [(e.product_id, "outside" in e.message) for e in confined.errors] == [
+        ("up", True),
+        ("abs", True),
+        ("etc", True),
+    ]
+    widened = read_catalogue(tmp_path / "shop" / "c.csv", image_roots=[photos])
+    assert [p.id for p in widened.products] == ["in", "up", "abs"]
+    assert [e.product_id for e in widened.errors] == ["etc"]

@@ -5,16 +5,13 @@ A screenshot is kept under .visrec/test-artefacts/."""
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-import uvicorn
 
+from tests.conftest import live_server
 from tests.test_ingest import run_sync
 from visrec.api import create_app
 from visrec.config import Settings
@@ -31,21 +28,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture
 def server(make_catalogue, settings: Settings) -> Iterator[str]:  # type: ignore[no-untyped-def]
     run_sync(make_catalogue(27), settings)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = uvicorn.Config(
-        create_app(settings, torch.device("cpu")), host="127.0.0.1", port=port, log_level="warning"
-    )
-    live = uvicorn.Server(config)
-    thread = threading.Thread(target=live.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not live.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    live.should_exit = True
-    thread.join(timeout=10)
+    with live_server(create_app(settings, torch.device("cpu"))) as url:
+        yield url
 
 
 @pytest.fixture

@@ -192,14 +192,14 @@ def test_losing_the_create_race_to_another_worker_is_fine() -> None:
     index = open_index(QdrantSettings(url=":memory:", collection="c"))
     assert not index.exists()  # checked at open; another worker creates it right after:
     other = qm.VectorParams(size=DIM, distance=qm.Distance.EUCLID)
-    index.client.create_collection("c", vectors_config=other)  # type: ignore[attr-defined]
+    index.client.create_collection(index.collection, vectors_config=other)  # type: ignore[attr-defined]
     index.create(DIM)
     index.upsert(_points(3))
     assert index.count() == 3
 
     late = open_index(QdrantSettings(url=":memory:", collection="d"))
-    late.client.create_collection(
-        "d", vectors_config=qm.VectorParams(size=DIM + 1, distance=qm.Distance.EUCLID)
-    )  # type: ignore[attr-defined]
+    late.client.create_collection(  # type: ignore[attr-defined]
+        late.collection, vectors_config=qm.VectorParams(size=DIM + 1, distance=qm.Distance.EUCLID)
+    )
     with pytest.raises(VisrecError, match="size"):
         late.create(DIM)  # the winner made it with another size: still refused

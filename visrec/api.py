@@ -9,21 +9,28 @@ index or model unavailable 503 with Retry-After.
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import threading
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import torch
 from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, Response, UploadFile
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, Field
 
 from visrec import __version__, query
+from visrec.artefact import artefact_for
 from visrec.config import Settings
 from visrec.embed import Embedder
 from visrec.errors import (
@@ -36,7 +43,7 @@ from visrec.errors import (
     VisrecError,
 )
 from visrec.images import ImageLimits
-from visrec.index import Filters, Hit, VectorIndex, open_index
+from visrec.index import Filters, Hit, Store, VectorIndex, open_store
 
 log = logging.getLogger(__name__)
 GALLERY = Path(__file__).with_name("static") / "gallery.html"
@@ -79,15 +86,16 @@ class RecommendRequest(BaseModel):
     k: int = Field(default=10, ge=1, le=query.MAX_K)
     category: list[str] = []
     colour: list[str] = []
-    price_min: float | None = None
-    price_max: float | None = None
+    # Not NaN/inf: a NaN bound made qdrant-edge panic (a BaseException no handler catches).
+    price_min: float | None = Field(default=None, allow_inf_nan=False)
+    price_max: float | None = Field(default=None, allow_inf_nan=False)
 
 
 def _filters(
     category: Annotated[list[str], Query(description="any of")] = [],  # noqa: B006 - FastAPI copies it
     colour: Annotated[list[str], Query(description="any of")] = [],  # noqa: B006
-    price_min: float | None = None,
-    price_max: float | None = None,
+    price_min: Annotated[float | None, Query(allow_inf_nan=False)] = None,
+    price_max: Annotated[float | None, Query(allow_inf_nan=False)] = None,
 ) -> Filters:
     return query.make_filters(category, colour, price_min, price_max)
 
@@ -99,43 +107,135 @@ ColourWeight = Annotated[
 ]
 
 
+@dataclass
+class Live:
+    """The live collection version and the model that embeds photos for it: always a matching pair."""
+
+    collection: str
+    index: VectorIndex
+    embedder: Embedder | None
+    model_problem: ModelError | None  # why photos cannot be embedded for this version
+
+
 class Service:
-    """What the routes share: settings, the open index and the loaded model."""
+    """What the routes share: settings and the live (index, model) pair.
+
+    The pair follows `visrec reindex`/`rollback`: every `alias_check_s` one request looks at which
+    version is live and, if it changed, opens it and its model while the others go on with the old
+    pair; the swap is one assignment. The old index closes a grace period later, after requests that
+    still hold it have finished.
+    """
+
+    RETIRE_AFTER_S = 30.0  # far longer than any request (their timeouts are seconds)
 
     def __init__(self, settings: Settings, device: torch.device) -> None:
         self.settings = settings
-        self.embedder = Embedder(
-            settings.artefact, device, settings.embed.channels_last, settings.embed.precision
-        )
+        self.device = device
         self.limits = ImageLimits(
             max_pixels=settings.api.max_upload_pixels, max_bytes=settings.api.max_upload_bytes
         )
-        self._index: VectorIndex | None = None
+        self._store: Store | None = None
+        self._live: Live | None = None
+        self._checked = 0.0
+        self._refreshing = False
+        self._retired: list[tuple[float, VectorIndex]] = []
+        self._embedders: dict[Path, Embedder] = {}
         self._lock = threading.Lock()
+        self._retired_lock = threading.Lock()  # _reclaim runs under _lock or outside it
 
     def start(self) -> None:
         try:
-            self.embedder.load()
-            self.index()
+            self.live()
         except VisrecError as exc:  # not ready yet: /readyz says why, routes answer 503 until it is
             log.warning("starting without being ready: %s", exc)
 
-    def index(self) -> VectorIndex:
-        """The open index, (re)opened on demand until its collection exists."""
+    def live(self) -> Live:
+        """The live pair, refreshed at most every `alias_check_s` (by one request at a time)."""
         with self._lock:
-            if self._index is None or not self._index.exists():
-                if self._index is not None:
-                    self._index.close()
-                self._index = None
-                self._index = open_index(self.settings.qdrant)
-            index = self._index
+            if self._live is None:  # not ready: every request tries, one at a time
+                self._swap(self._open_live())
+                return self._live  # type: ignore[return-value]
+            current = self._live
+            due = time.monotonic() - self._checked >= self.settings.api.alias_check_s
+            if not due or self._refreshing:
+                return current
+            self._refreshing = True
+        try:
+            fresh = self._open_live(current)
+        except VisrecError as exc:  # the store hiccuped: keep serving the pair we have
+            log.warning("could not check the live collection: %s", exc)
+            fresh = current
+        finally:
+            with self._lock:
+                self._refreshing = False
+                self._checked = time.monotonic()
+        with self._lock:
+            self._swap(fresh)
+            return fresh
+
+    def index(self) -> VectorIndex:
+        return self.live().index
+
+    @property
+    def embedder(self) -> Embedder:
+        """The model for the live version; raises `ModelError` if it is not available here."""
+        live = self.live()
+        if live.embedder is None:
+            raise live.model_problem or ModelError("no model")
+        return live.embedder
+
+    def _open_live(self, current: Live | None = None) -> Live:
+        if self._store is None:
+            self._store = open_store(self.settings.qdrant)
+        target = self._store.live()
+        if current is not None and current.collection == target:
+            return current
+        index = self._reclaim(target) or self._store.open(target)
         if not index.exists():
+            index.close()
             raise CollectionMissing("the collection does not exist yet: run `visrec sync`")
-        return index
+        try:
+            artefact = artefact_for(index.metadata(), self.settings.artefact)
+            if artefact not in self._embedders:
+                e = self.settings.embed
+                embedder = Embedder(artefact, self.device, e.channels_last, e.precision)
+                embedder.load()
+                self._embedders[artefact] = embedder
+            return Live(target, index, self._embedders[artefact], None)
+        except ModelError as exc:  # product queries still work; photo queries answer 503 with this
+            log.error("%s", exc)
+            return Live(target, index, None, exc)
+
+    def _reclaim(self, collection: str) -> VectorIndex | None:
+        """A retired index of `collection`, still open (a rollback soon after a switch): reused, since
+        the embedded engine admits one open handle per folder."""
+        with self._retired_lock:
+            for entry in self._retired:
+                if entry[1].collection == collection:
+                    self._retired.remove(entry)
+                    return entry[1]
+        return None
+
+    def _swap(self, fresh: Live) -> None:
+        """Make `fresh` live (under the lock); close indexes retired long enough ago."""
+        now = time.monotonic()
+        if self._live is not None and fresh is not self._live:
+            log.info("live collection: %s → %s", self._live.collection, fresh.collection)
+            with self._retired_lock:
+                self._retired.append((now, self._live.index))
+        self._live = fresh
+        with self._retired_lock:
+            for entry in [r for r in self._retired if now - r[0] >= self.RETIRE_AFTER_S]:
+                entry[1].close()
+                self._retired.remove(entry)
 
     def close(self) -> None:
-        if self._index is not None:
-            self._index.close()
+        for _, index in self._retired:
+            index.close()
+        if self._live is not None:
+            self._live.index.close()
+        if self._store is not None:
+            self._store.close()
 
 
 def create_app(settings: Settings, device: torch.device) -> FastAPI:
@@ -155,6 +255,12 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
         description="Visually similar products, filtered by metadata.",
     )
     _instrument(app, settings)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # FastAPI's own handler echoes the bad input, and a NaN from a JSON body cannot be written back
+        # as JSON: the 422 became a 500.
+        return JSONResponse({"detail": _finite_json(jsonable_encoder(exc.errors()))}, 422)
 
     @app.exception_handler(VisrecError)
     async def visrec_error(request: Request, exc: VisrecError) -> JSONResponse:
@@ -192,10 +298,13 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
 
     @app.get("/products", response_model=Page)
     def products(
-        filters: FilterDep, limit: Annotated[int, Query(ge=1, le=500)] = 24, after: str | None = None
+        filters: FilterDep,
+        limit: Annotated[int, Query(ge=1, le=500)] = 24,
+        after: Annotated[uuid.UUID | None, Query(description="the `next` of the previous page")] = None,
     ) -> Page:
         """Browse the indexed products, filtered, a page at a time."""
-        items, next_page = service.index().browse(filters, limit, after)
+        # Cursors are point ids (UUIDs): anything else is a 422 here, not a store error (500).
+        items, next_page = service.index().browse(filters, limit, None if after is None else str(after))
         return Page(
             products=[Product(product_id=i, payload=query.public_payload(p)) for i, p in items],
             next=next_page,
@@ -210,9 +319,10 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
         ref = str(found[1].get("image", ""))  # written by sync, never taken from the request
         if ref.startswith(("http://", "https://")):
             return RedirectResponse(ref)
-        if not Path(ref).is_file():
+        media_type = _image_type(ref)
+        if media_type is None:
             raise HTTPException(404, f"the image of {product_id!r} is no longer on disk")
-        return FileResponse(ref)
+        return FileResponse(ref, media_type=media_type)
 
     @app.get("/products/{product_id}", response_model=Product)
     def product(product_id: str) -> Product:
@@ -278,7 +388,9 @@ def _instrument(app: FastAPI, settings: Settings) -> None:
             and not secrets.compare_digest(request.headers.get("x-api-key", ""), api_key)
         ):
             response: Response = JSONResponse({"detail": "missing or wrong X-API-Key"}, 401)
-        elif int(request.headers.get("content-length") or 0) > max_body:
+        elif (length := _content_length(request)) is None:
+            response = JSONResponse({"detail": "Content-Length is not a number of bytes"}, 400)
+        elif length > max_body:
             response = JSONResponse(
                 {"detail": f"body larger than {settings.api.max_upload_bytes} bytes"}, 413
             )
@@ -293,6 +405,39 @@ def _instrument(app: FastAPI, settings: Settings) -> None:
     def metrics() -> Response:
         """Prometheus text: request counts and latency histograms."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _image_type(ref: str) -> str | None:
+    """The media type of the image file at `ref`, or None if it is missing or not an image.
+
+    Sync only indexes files inside a catalogue's folder that decoded as images; checking the header
+    again here means a payload changed in the store itself (a shared server) cannot make the API
+    serve any other file, a key or /etc/passwd, and a file swapped on disk is not served either.
+    """
+    if not Path(ref).is_absolute() or not Path(ref).is_file():
+        return None
+    try:
+        with Image.open(ref) as image:  # reads the header only
+            return Image.MIME.get(image.format or "")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+
+
+def _content_length(request: Request) -> int | None:
+    """The declared body size (0 when none), or None when the header is not a plain number."""
+    text = request.headers.get("content-length", "0").strip() or "0"
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
+def _finite_json(value: Any) -> Any:
+    """`value` with NaN and infinities as strings: JSON has no such numbers."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite_json(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite_json(item) for item in value]
+    return value
 
 
 def _results(hits: list[Hit]) -> Results:

@@ -108,3 +108,27 @@ def load_artefact(artefact_dir: Path, device: torch.device) -> tuple[VisrecNet, 
     state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval(), manifest
+
+
+def artefact_for(collection_metadata: dict[str, str], configured: Path) -> Path:
+    """The artefact whose model made a collection's vectors, to embed query photos in the same space.
+
+    The collection records the artefact that built it; `configured` (the settings' artefact) is used
+    when that path is not readable here (another machine) or the collection predates the record.
+    Raises `ModelError` when neither holds the collection's model: a photo embedded by another model
+    would be compared in the wrong space.
+    """
+    wanted = collection_metadata.get("model_version")
+    if wanted is None:
+        return configured
+    recorded = Path(collection_metadata.get("artefact", ""))
+    for candidate in (recorded, configured):
+        try:
+            if read_manifest(candidate).model_version == wanted:
+                return candidate
+        except ModelError:
+            continue
+    raise ModelError(
+        f"the live collection was built by model {wanted} (artefact {recorded}), which is not readable "
+        f"here, and {configured} holds another model: deploy that artefact and point VISREC_ARTEFACT at it"
+    )

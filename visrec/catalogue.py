@@ -1,7 +1,8 @@
 """The product catalogue: CSV or JSONL rows validated into `Product` records.
 
-A bad row is reported with its line number and skipped; only a problem with the file as a whole
-(missing, unknown format, no `id`/`image` column) raises `CatalogueError`.
+A bad row is reported with its line number and skipped (a local image path must resolve inside the
+catalogue's folder or a configured image root); only a problem with the file as a whole (missing,
+unknown format, no `id`/`image` column) raises `CatalogueError`.
 """
 
 from __future__ import annotations
@@ -9,8 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,20 +33,13 @@ class Product(BaseModel):
     image: str = Field(min_length=1, max_length=4096)
     category: str | None = None
     colour: str | None = None
-    price: float | None = Field(default=None, ge=0)
+    price: float | None = Field(default=None, ge=0, allow_inf_nan=False)  # NaN said "not >= 0"
     title: str | None = None
 
     @field_validator("category", "colour", "title", "price", mode="before")
     @classmethod
     def _blank_is_missing(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
-
-    @field_validator("price")
-    @classmethod
-    def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("price must be a finite number")
-        return value
 
     @property
     def is_remote(self) -> bool:
@@ -73,6 +66,7 @@ class Catalogue:
     path: Path
     products: list[Product] = field(default_factory=list)
     errors: list[RowError] = field(default_factory=list)
+    image_roots: tuple[Path, ...] = ()  # besides the catalogue's folder, where local images may live
 
     @property
     def base_dir(self) -> Path:
@@ -83,6 +77,15 @@ class Catalogue:
         if product.is_remote:
             return product.image
         return str((self.base_dir / product.image).resolve())
+
+    def escapes_roots(self, product: Product) -> bool:
+        """Whether a local image path resolves outside the catalogue's folder and the image roots (through
+        `..`, an absolute path or a symlink): such a row is refused, so a catalogue cannot make visrec
+        read, index and serve an arbitrary file of the machine."""
+        if product.is_remote:
+            return False
+        image = Path(self.image_ref(product))
+        return not any(image.is_relative_to(root) for root in (self.base_dir, *self.image_roots))
 
     def content_hash(self, product: Product) -> str:
         """sha256 of the image bytes and the metadata: a change to either makes the product 'changed'.
@@ -102,8 +105,9 @@ class Catalogue:
         return digest.hexdigest()
 
 
-def read_catalogue(path: Path) -> Catalogue:
-    """Read and validate a `.csv` or `.jsonl` catalogue.
+def read_catalogue(path: Path, image_roots: Sequence[Path] = ()) -> Catalogue:
+    """Read and validate a `.csv` or `.jsonl` catalogue whose local images lie in its own folder or
+    under one of `image_roots`.
 
     Returns the valid products in file order and the skipped rows. Raises `CatalogueError` when the
     file is missing, of an unknown format, or lacks a required column.
@@ -115,7 +119,8 @@ def read_catalogue(path: Path) -> Catalogue:
     if reader is None:
         raise CatalogueError(f"unknown catalogue format {path.suffix!r}: use .csv or .jsonl")
 
-    catalogue = Catalogue(path=path.resolve())
+    roots = tuple(root.resolve() for root in image_roots)
+    catalogue = Catalogue(path=path.resolve(), image_roots=roots)
     first_line_of: dict[str, int] = {}
     for line, row in reader(path):
         if isinstance(row, RowError):
@@ -130,6 +135,13 @@ def read_catalogue(path: Path) -> Catalogue:
             product = Product.model_validate(row)
         except ValidationError as exc:
             catalogue.errors.append(RowError(line, _explain(exc), product_id))
+            continue
+        if catalogue.escapes_roots(product):
+            message = (
+                f"image {product.image!r} is outside the catalogue's folder {catalogue.base_dir} "
+                "and the image roots (VISREC_INGEST__IMAGE_ROOTS)"
+            )
+            catalogue.errors.append(RowError(line, message, product.id))
             continue
         if product.id in first_line_of:
             message = f"duplicate id {product.id!r} (first on line {first_line_of[product.id]})"

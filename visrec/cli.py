@@ -22,12 +22,13 @@ from rich.logging import RichHandler
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from visrec.artefact import artefact_for
 from visrec.catalogue import read_catalogue
 from visrec.config import Settings
 from visrec.embed import Embedder, resolve_device
 from visrec.errors import VisrecError
 from visrec.images import ImageLimits
-from visrec.index import Hit, open_index
+from visrec.index import Hit, open_index, open_store
 
 app = typer.Typer(
     help="Visually similar products, filtered by metadata.",
@@ -86,9 +87,9 @@ def _settings(**overrides: Any) -> Settings:
         raise VisrecError(f"invalid setting: {problems}") from None
 
 
-def _embedder(settings: Settings) -> Embedder:
+def _embedder(settings: Settings, artefact: Path | None = None) -> Embedder:
     e = settings.embed
-    return Embedder(settings.artefact, resolve_device(e.device), e.channels_last, e.precision)
+    return Embedder(artefact or settings.artefact, resolve_device(e.device), e.channels_last, e.precision)
 
 
 def _limits(settings: Settings) -> ImageLimits:
@@ -153,7 +154,7 @@ def train(
     )
     device = resolve_device(settings.embed.device)
     with _progress(not as_json) as progress:
-        result = fit(read_catalogue(catalogue), settings, device, progress)
+        result = fit(read_catalogue(catalogue, settings.ingest.image_roots), settings, device, progress)
     manifest = export(result, settings)
     table = Table("model", "classes", "top-1", "top-3", "held-out", "artefact", title="trained and exported")
     table.add_row(
@@ -184,7 +185,7 @@ def sync(
     chosen = Shard.parse(shard)
     settings = _settings(artefact=model)
     embedder = _embedder(settings)
-    parsed = read_catalogue(catalogue)
+    parsed = read_catalogue(catalogue, settings.ingest.image_roots)
     with open_index(settings.qdrant) as index, _progress(not as_json) as progress:
         summary = run_sync(
             parsed,
@@ -198,6 +199,50 @@ def sync(
             shard=chosen,
         )
     _emit(as_json, summary.to_dict(), _key_value_table("sync", summary.to_dict()))
+
+
+@app.command()
+@user_errors
+def reindex(
+    catalogue: Annotated[Path, typer.Argument(help="Catalogue file (.csv or .jsonl).")],
+    model: Annotated[Path, typer.Option(help="The new model's artefact folder.")],
+    accept_failures: Annotated[
+        bool, typer.Option(help="Go live even if some images failed (listed in the failure report).")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Build the next version of the collection with a new model, then make it live in one atomic
+    switch; the previous version stays for `visrec rollback`."""
+    from visrec.ingest import reindex as run_reindex
+
+    settings = _settings(artefact=model)
+    parsed = read_catalogue(catalogue, settings.ingest.image_roots)
+    with open_store(settings.qdrant) as store, _progress(not as_json) as progress:
+        summary = run_reindex(
+            parsed,
+            store,
+            _embedder(settings),
+            accept_failures=accept_failures,
+            limits=_limits(settings),
+            batch_size=settings.embed.batch_size,
+            workers=settings.embed.workers,
+            failure_report=settings.ingest.failure_report,
+            progress=lambda done, total: progress("embed", done, total),
+        )
+    _emit(as_json, summary.to_dict(), _key_value_table("reindex", summary.to_dict()))
+
+
+@app.command()
+@user_errors
+def rollback(as_json: JsonFlag = False) -> None:
+    """Make the previous version of the collection live again (after a `reindex`)."""
+    from visrec.ingest import rollback as run_rollback
+
+    settings = _settings()
+    with open_store(settings.qdrant) as store:
+        previous, live = run_rollback(store)
+    data = {"previous": previous, "live": live}
+    _emit(as_json, data, _key_value_table("rollback", data))
 
 
 @app.command()
@@ -228,7 +273,7 @@ def similar(
     )
     with open_index(settings.qdrant) as index:
         if image is not None:
-            embedder = _embedder(settings)
+            embedder = _embedder(settings, artefact_for(index.metadata(), settings.artefact))
             try:
                 data = image.read_bytes()
             except OSError as exc:
@@ -246,7 +291,8 @@ def status(as_json: JsonFlag = False) -> None:
     from visrec.artefact import read_manifest
 
     settings = _settings()
-    with open_index(settings.qdrant) as index:
+    with open_store(settings.qdrant) as store, store.open(store.live()) as index:
+        live, collections = index.collection, store.versions()
         points = index.count() if index.exists() else 0
         versions: dict[str, int] = {}
         for record in index.sync_records().values() if index.exists() else []:
@@ -256,10 +302,12 @@ def status(as_json: JsonFlag = False) -> None:
         model_info: dict[str, Any] = {"model_version": manifest.model_version, "metrics": manifest.metrics}
     except VisrecError as exc:
         model_info = {"model_version": None, "problem": str(exc)}
-    store = settings.qdrant.url or str(settings.qdrant.path / settings.qdrant.collection)
+    where = settings.qdrant.url or str(settings.qdrant.path)
     data = {
-        "store": store,
+        "store": where,
         "collection": settings.qdrant.collection,
+        "live_version": live,
+        "versions": collections,
         "points": points,
         "points_by_model_version": versions,
         "artefact": str(settings.artefact),

@@ -23,6 +23,15 @@ class QdrantSettings(BaseModel):
     collection: str = Field(default="products", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     timeout_s: float = Field(default=10.0, gt=0)
     retries: int = Field(default=5, ge=1, le=20)  # attempts for a transient server error
+    # HNSW graph: m edges per node, built with ef_construct candidates, searched with hnsw_ef
+    # (benchmarks/query_latency.py measures the recall these give on real embeddings).
+    hnsw_m: int = Field(default=16, ge=4, le=128)
+    hnsw_ef_construct: int = Field(default=100, ge=4, le=1000)
+    hnsw_ef: int = Field(default=128, ge=1, le=4096)
+    full_scan_threshold_kb: int = Field(default=10_000, ge=0)  # below this, segments are scanned, no graph
+    # Server only: the collection's distribution over a cluster's peers.
+    shard_number: int = Field(default=1, ge=1, le=256)
+    replication_factor: int = Field(default=1, ge=1, le=16)
 
 
 class EmbedSettings(BaseModel):
@@ -39,6 +48,8 @@ class IngestSettings(BaseModel):
     max_image_bytes: int = Field(default=50_000_000, ge=1)
     fetch_timeout_s: float = Field(default=10.0, gt=0)
     fetch_retries: int = Field(default=3, ge=1, le=10)
+    # Folders besides a catalogue's own where its local image paths may point; any other path is refused.
+    image_roots: list[Path] = Field(default_factory=list)
 
 
 class ApiSettings(BaseModel):
@@ -50,6 +61,8 @@ class ApiSettings(BaseModel):
     max_upload_bytes: int = Field(default=10_000_000, ge=1)
     max_upload_pixels: int = Field(default=40_000_000, ge=1)
     retry_after_s: int = Field(default=5, ge=1)  # told to clients when the index is unavailable
+    # How often the service checks which collection version is live (after `visrec reindex/rollback`).
+    alias_check_s: float = Field(default=1.0, ge=0)
 
 
 class TrainSettings(BaseModel):

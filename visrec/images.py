@@ -154,16 +154,20 @@ def load_image(ref: str, limits: ImageLimits) -> Image.Image:
 
 
 def to_tensor(image: Image.Image, pre: Preprocess) -> torch.Tensor:
-    """Pad to a square, resize to the model's input size and normalise: a (3, S, S) float tensor."""
+    """Fit the long side to the model's input size, pad to a square, normalise: a (3, S, S) tensor.
+
+    The padding goes on after resizing: padding first turned a 1x40000 strip (40k pixels, within any
+    pixel limit) into a 40000x40000 canvas of 4.8 GB.
+    """
     width, height = image.size
-    side = max(width, height)
-    if width != height:
-        left, top = (side - width) // 2, (side - height) // 2
-        image = ImageOps.expand(image, (left, top, side - width - left, side - height - top), pre.pad_fill)
-    interpolation = InterpolationMode(pre.interpolation)
-    tensor = TF.pil_to_tensor(
-        TF.resize(image, [pre.input_size, pre.input_size], interpolation, antialias=True)
-    )
+    size = pre.input_size
+    scale = size / max(width, height)
+    fit_w, fit_h = max(1, round(width * scale)), max(1, round(height * scale))
+    image = TF.resize(image, [fit_h, fit_w], InterpolationMode(pre.interpolation), antialias=True)
+    if (fit_w, fit_h) != (size, size):
+        left, top = (size - fit_w) // 2, (size - fit_h) // 2
+        image = ImageOps.expand(image, (left, top, size - fit_w - left, size - fit_h - top), pre.pad_fill)
+    tensor = TF.pil_to_tensor(image)
     return TF.normalize(tensor.float().div_(255), list(pre.mean), list(pre.std))
 
 

@@ -3,21 +3,39 @@
 from __future__ import annotations
 
 from visrec.config import QdrantSettings
-from visrec.index.base import Filters, Hit, IndexPoint, SyncRecord, VectorIndex, point_id
+from visrec.index.base import Filters, Hit, IndexPoint, Store, SyncRecord, VectorIndex, point_id
 
-__all__ = ["Filters", "Hit", "IndexPoint", "SyncRecord", "VectorIndex", "open_index", "point_id"]
+__all__ = [
+    "Filters",
+    "Hit",
+    "IndexPoint",
+    "Store",
+    "SyncRecord",
+    "VectorIndex",
+    "open_index",
+    "open_store",
+    "point_id",
+]
+
+
+def open_store(settings: QdrantSettings) -> Store:
+    """The server backend when `settings.url` is set, else the embedded engine under `settings.path`.
+
+    Raises `IndexUnavailable` if a server cannot be reached.
+    """
+    if settings.url:
+        from visrec.index.server import ServerStore
+
+        return ServerStore(settings)
+    from visrec.index.edge import EdgeStore
+
+    return EdgeStore(settings)
 
 
 def open_index(settings: QdrantSettings) -> VectorIndex:
-    """The server backend when `settings.url` is set, else the embedded engine under `settings.path`.
+    """The live version of the collection (it may not exist yet: a first sync creates it).
 
     Raises `IndexUnavailable` if the store cannot be opened (embedded store held by another process).
     """
-    if settings.url:
-        from visrec.index.server import ServerIndex
-
-        api_key = settings.api_key.get_secret_value() if settings.api_key else None
-        return ServerIndex(settings.url, api_key, settings.collection, settings.timeout_s, settings.retries)
-    from visrec.index.edge import EdgeIndex
-
-    return EdgeIndex(settings.path, settings.collection)
+    store = open_store(settings)
+    return store.open(store.live(), owner=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -11,6 +12,8 @@ from typing import Any, Literal, Self
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
+
+from visrec.errors import VisrecError
 
 # Fixed namespace: the same product id gives the same point id on every machine, forever.
 POINT_NAMESPACE = uuid.UUID("6f1c2a56-3d7e-5b8a-9c41-2e0f7d8b9a10")
@@ -95,12 +98,19 @@ class VectorIndex(ABC):
     def exists(self) -> bool:
         """Whether the collection exists."""
 
+    collection: str  # the physical collection's name
+
     @abstractmethod
-    def create(self, dim: int) -> None:
+    def create(self, dim: int, metadata: dict[str, str] | None = None) -> None:
         """Create the collection (Euclidean, `dim`) with payload indexes; no-op if it exists with `dim`.
+        `metadata` (which model made the vectors) is recorded either way.
 
         Raises `VisrecError` if it exists with another vector size.
         """
+
+    @abstractmethod
+    def metadata(self) -> dict[str, str]:
+        """What `create` recorded: `model_version` and `artefact` of the model that made the vectors."""
 
     @abstractmethod
     def upsert(self, points: Sequence[IndexPoint]) -> None:
@@ -126,16 +136,86 @@ class VectorIndex(ABC):
         page (None at the end). `after` is the cursor a previous page returned."""
 
     @abstractmethod
-    def search(self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str] = ()) -> list[Hit]:
-        """The k nearest points meeting `filters`, nearest first, without the `exclude` product ids."""
+    def search(
+        self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str] = (), exact: bool = False
+    ) -> list[Hit]:
+        """The k nearest points meeting `filters`, nearest first, without the `exclude` product ids.
+        `exact` skips the HNSW graph (a full scan): the ground truth for measuring recall."""
 
     @abstractmethod
     def count(self, filters: Filters | None = None) -> int:
         """Number of points, optionally meeting `filters`."""
 
     @abstractmethod
+    def optimize(self) -> None:
+        """Build the HNSW graph and merge segments now (blocking); the server does this on its own."""
+
+    @abstractmethod
     def close(self) -> None:
         """Flush and release the store."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class Store(ABC):
+    """The versions of one collection and the alias that says which one is live.
+
+    Version n of collection `name` is the physical collection `name__vn`. A new model is synced into a
+    new version, which goes live by switching the alias in one atomic step; older versions stay for
+    rollback. With no alias yet, version 1 is live (a first sync needs no switch).
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    @abstractmethod
+    def _collections(self) -> list[str]:
+        """Every physical collection in the store (any name)."""
+
+    @abstractmethod
+    def _alias_target(self) -> str | None:
+        """The collection the alias points at, or None before the first switch."""
+
+    @abstractmethod
+    def _point_alias(self, collection: str) -> None:
+        """Point the alias at `collection` atomically: readers see the old target or the new, never none."""
+
+    @abstractmethod
+    def open(self, collection: str, *, owner: bool = False) -> VectorIndex:
+        """An index on `collection` (it may not exist yet). With `owner`, closing the index closes the
+        store's connection too."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release the store's connection (if it has one)."""
+
+    def version(self, n: int) -> str:
+        return f"{self.name}__v{n}"
+
+    def versions(self) -> list[str]:
+        """The collection's versions, oldest first."""
+        pattern = re.compile(rf"{re.escape(self.name)}__v([0-9]+)")
+        found = [(int(m.group(1)), c) for c in self._collections() if (m := pattern.fullmatch(c))]
+        return [c for _, c in sorted(found)]
+
+    def live(self) -> str:
+        """The version queries use: the alias target, else version 1."""
+        return self._alias_target() or self.version(1)
+
+    def generation(self, collection: str) -> int:
+        return int(collection.rsplit("__v", 1)[1])
+
+    def switch(self, collection: str) -> None:
+        """Make `collection` (an existing version) live."""
+        if collection not in self.versions():
+            raise VisrecError(f"{collection!r} is not a version of {self.name!r}: {self.versions()}")
+        self._point_alias(collection)
 
     def __enter__(self) -> Self:
         return self

@@ -5,7 +5,9 @@ qdrant-edge raises bare `Exception`s with a message; they are translated here, a
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 import numpy as np
 import qdrant_edge as qe
 
+from visrec.config import QdrantSettings
 from visrec.errors import CollectionMissing, IndexUnavailable, VisrecError
 from visrec.index.base import (
     FLOAT_FIELDS,
@@ -22,6 +25,7 @@ from visrec.index.base import (
     Filters,
     Hit,
     IndexPoint,
+    Store,
     SyncRecord,
     VectorIndex,
     point_id,
@@ -30,11 +34,50 @@ from visrec.index.base import (
 log = logging.getLogger(__name__)
 
 
-class EdgeIndex(VectorIndex):
-    """A collection stored in `root/<collection>/`; only one process may hold it open at a time."""
+class EdgeStore(Store):
+    """Versions as folders `root/<name>__v<n>/`; the alias is the file `root/<name>.alias`, replaced
+    by an atomic rename."""
 
-    def __init__(self, root: Path, collection: str) -> None:
+    def __init__(self, settings: QdrantSettings) -> None:
+        super().__init__(settings.collection)
+        self.settings = settings
+        self.root = settings.path
+        self.alias_file = self.root / f"{self.name}.alias"
+
+    def _collections(self) -> list[str]:
+        return [p.name for p in self.root.iterdir() if p.is_dir()] if self.root.is_dir() else []
+
+    def _alias_target(self) -> str | None:
+        try:
+            return self.alias_file.read_text().strip() or None
+        except FileNotFoundError:
+            return None
+
+    def _point_alias(self, collection: str) -> None:
+        tmp = self.alias_file.with_suffix(".alias.tmp")
+        with tmp.open("w") as f:
+            f.write(collection)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(self.alias_file)
+        _fsync_dir(self.root)
+
+    def open(self, collection: str, *, owner: bool = False) -> EdgeIndex:
+        return EdgeIndex(self.root, collection, self.settings)
+
+    def close(self) -> None:
+        """Nothing to release: each index holds its own folder."""
+
+
+class EdgeIndex(VectorIndex):
+    """A collection stored in `root/<collection>/`; only one process may hold it open at a time.
+    Its metadata lives beside it in `root/<collection>.json` (the engine keeps none)."""
+
+    def __init__(self, root: Path, collection: str, settings: QdrantSettings | None = None) -> None:
+        self.collection = collection
         self.path = root / collection
+        self.metadata_file = root / f"{collection}.json"
+        self.settings = settings or QdrantSettings()
         self._shard: qe.EdgeShard | None = self._open() if self.path.is_dir() else None
 
     def _open(self, config: qe.EdgeConfig | None = None) -> qe.EdgeShard:
@@ -57,8 +100,27 @@ class EdgeIndex(VectorIndex):
     def exists(self) -> bool:
         return self._shard is not None
 
-    def create(self, dim: int) -> None:
-        config = qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Euclid))
+    def create(self, dim: int, metadata: dict[str, str] | None = None) -> None:
+        self._create(dim)
+        if metadata is not None and metadata != self.metadata():
+            tmp = self.metadata_file.with_suffix(".json.tmp")
+            tmp.write_text(json.dumps(metadata))
+            tmp.replace(self.metadata_file)
+
+    def metadata(self) -> dict[str, str]:
+        try:
+            return dict(json.loads(self.metadata_file.read_text()))
+        except FileNotFoundError:
+            return {}
+
+    def _create(self, dim: int) -> None:
+        s = self.settings
+        config = qe.EdgeConfig(
+            vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Euclid),
+            hnsw_config=qe.HnswIndexConfig(
+                m=s.hnsw_m, ef_construct=s.hnsw_ef_construct, full_scan_threshold=s.full_scan_threshold_kb
+            ),
+        )
         if self._shard is not None:
             self._shard.close()
             self._shard = None
@@ -128,12 +190,15 @@ class EdgeIndex(VectorIndex):
             return None
         return np.asarray(found[0].vector, dtype=np.float32), dict(found[0].payload or {})
 
-    def search(self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str] = ()) -> list[Hit]:
+    def search(
+        self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str] = (), exact: bool = False
+    ) -> list[Hit]:
         request = qe.QueryRequest(
             limit=k,
             query=qe.Query.Nearest(vector.astype(np.float32).tolist()),
             filter=_edge_filter(filters, exclude),
             with_payload=True,
+            params=qe.SearchParams(hnsw_ef=self.settings.hnsw_ef, exact=exact),
         )
         return [
             Hit(str((p.payload or {})["product_id"]), float(p.score), dict(p.payload or {}))
@@ -145,11 +210,23 @@ class EdgeIndex(VectorIndex):
             self.shard.count(qe.CountRequest(exact=True, filter=_edge_filter(filters or Filters(), ())))
         )
 
+    def optimize(self) -> None:
+        self.shard.optimize()
+
     def close(self) -> None:
         if self._shard is not None:
             self._shard.flush()
             self._shard.close()
             self._shard = None
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _edge_filter(filters: Filters, exclude: Sequence[str]) -> qe.Filter | None:

@@ -18,6 +18,7 @@ from qdrant_client import models as qm
 from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_attempt, wait_exponential
 
+from visrec.config import QdrantSettings
 from visrec.errors import CollectionMissing, IndexUnavailable, VisrecError
 from visrec.index.base import (
     FLOAT_FIELDS,
@@ -27,6 +28,7 @@ from visrec.index.base import (
     Filters,
     Hit,
     IndexPoint,
+    Store,
     SyncRecord,
     VectorIndex,
     point_id,
@@ -42,33 +44,34 @@ def _is_transient(exc: BaseException) -> bool:
     return isinstance(exc, ResponseHandlingException | httpx.TransportError)
 
 
-class ServerIndex(VectorIndex):
-    def __init__(
-        self, url: str, api_key: str | None, collection: str, timeout_s: float = 10.0, retries: int = 5
-    ) -> None:
-        self.collection = collection
+class Connection:
+    """One qdrant-client and its retry policy, shared by a store and the indexes it opens."""
+
+    def __init__(self, settings: QdrantSettings) -> None:
+        url = settings.url or ":memory:"
         self.where = url
-        if url == ":memory:":
+        self.local = url == ":memory:"
+        if self.local:
             self.client = QdrantClient(location=":memory:")
         else:
+            api_key = settings.api_key.get_secret_value() if settings.api_key else None
             self.client = QdrantClient(
-                url=url, api_key=api_key, timeout=max(1, round(timeout_s)), check_compatibility=False
+                url=url, api_key=api_key, timeout=max(1, round(settings.timeout_s)), check_compatibility=False
             )
         self._retrying = Retrying(
             retry=retry_if_exception(_is_transient),
-            stop=stop_after_attempt(retries),
+            stop=stop_after_attempt(settings.retries),
             wait=wait_exponential(multiplier=0.2, max=10),
             before_sleep=before_sleep_log(log, logging.WARNING),
             reraise=True,
         )
-        self._exists = self._call(self.client.collection_exists, collection)
 
-    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    def call(self, fn: Callable[..., T], *args: Any, collection: str = "", **kwargs: Any) -> T:
         try:
             return self._retrying(fn, *args, **kwargs)
         except UnexpectedResponse as exc:
             if exc.status_code == 404:
-                raise CollectionMissing(f"collection {self.collection!r} not found on {self.where}") from exc
+                raise CollectionMissing(f"collection {collection!r} not found on {self.where}") from exc
             if exc.status_code in (401, 403):
                 raise IndexUnavailable(
                     f"Qdrant at {self.where} refused the API key ({exc.status_code})"
@@ -81,6 +84,59 @@ class ServerIndex(VectorIndex):
         except (ResponseHandlingException, httpx.TransportError) as exc:
             raise IndexUnavailable(f"Qdrant at {self.where} is unreachable: {exc}") from exc
 
+    def close(self) -> None:
+        self.client.close()
+
+
+class ServerStore(Store):
+    """Versions as server collections `<name>__v<n>`; the alias `<name>` is a Qdrant collection alias,
+    switched by one atomic alias request (so other services may query `<name>` directly)."""
+
+    def __init__(self, settings: QdrantSettings) -> None:
+        super().__init__(settings.collection)
+        self.settings = settings
+        self.conn = Connection(settings)
+        self.conn.call(self.conn.client.get_collections)  # fail now, clearly, if unreachable
+
+    def _collections(self) -> list[str]:
+        return [c.name for c in self.conn.call(self.conn.client.get_collections).collections]
+
+    def _alias_target(self) -> str | None:
+        aliases = self.conn.call(self.conn.client.get_aliases).aliases
+        return next((a.collection_name for a in aliases if a.alias_name == self.name), None)
+
+    def _point_alias(self, collection: str) -> None:
+        changes: list[qm.AliasOperations] = [
+            qm.CreateAliasOperation(
+                create_alias=qm.CreateAlias(collection_name=collection, alias_name=self.name)
+            )
+        ]
+        if self._alias_target() is not None:  # delete + create in one request: atomic on the server
+            changes.insert(0, qm.DeleteAliasOperation(delete_alias=qm.DeleteAlias(alias_name=self.name)))
+        self.conn.call(self.conn.client.update_collection_aliases, change_aliases_operations=changes)
+
+    def open(self, collection: str, *, owner: bool = False) -> ServerIndex:
+        return ServerIndex(self.conn, collection, self.settings, owner=owner)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class ServerIndex(VectorIndex):
+    def __init__(
+        self, conn: Connection, collection: str, settings: QdrantSettings, *, owner: bool = False
+    ) -> None:
+        self.conn = conn
+        self.client = conn.client
+        self.collection = collection
+        self.where = conn.where
+        self.settings = settings
+        self._owner = owner
+        self._exists = self._call(self.client.collection_exists, collection)
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return self.conn.call(fn, *args, collection=self.collection, **kwargs)
+
     def _require(self) -> None:
         if not self._exists:
             raise CollectionMissing(
@@ -90,7 +146,17 @@ class ServerIndex(VectorIndex):
     def exists(self) -> bool:
         return self._exists
 
-    def create(self, dim: int) -> None:
+    def create(self, dim: int, metadata: dict[str, str] | None = None) -> None:
+        self._create(dim)
+        if metadata is not None and metadata != self.metadata():
+            self._call(self.client.update_collection, self.collection, metadata=metadata)
+
+    def metadata(self) -> dict[str, str]:
+        self._require()
+        info = self._call(self.client.get_collection, self.collection)
+        return {k: str(v) for k, v in (info.config.metadata or {}).items()}
+
+    def _create(self, dim: int) -> None:
         if self._exists:
             info = self._call(self.client.get_collection, self.collection)
             size = (
@@ -109,13 +175,20 @@ class ServerIndex(VectorIndex):
                 self.client.create_collection,
                 self.collection,
                 vectors_config=qm.VectorParams(size=dim, distance=qm.Distance.EUCLID),
+                hnsw_config=qm.HnswConfigDiff(
+                    m=self.settings.hnsw_m,
+                    ef_construct=self.settings.hnsw_ef_construct,
+                    full_scan_threshold=self.settings.full_scan_threshold_kb,
+                ),
+                shard_number=self.settings.shard_number,
+                replication_factor=self.settings.replication_factor,
             )
         except (VisrecError, ValueError):  # the server answers 409, local mode ValueError
             # N sharded workers start together and race to create it: losing that race is fine.
             if not self._call(self.client.collection_exists, self.collection):
                 raise
             self._exists = True
-            self.create(dim)  # checks the winner's vector size
+            self._create(dim)  # checks the winner's vector size
             return
         schemas = [(n, qm.PayloadSchemaType.KEYWORD) for n in KEYWORD_FIELDS]
         schemas += [(n, qm.PayloadSchemaType.FLOAT) for n in FLOAT_FIELDS]
@@ -190,7 +263,9 @@ class ServerIndex(VectorIndex):
             return None
         return np.asarray(found[0].vector, dtype=np.float32), dict(found[0].payload or {})
 
-    def search(self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str] = ()) -> list[Hit]:
+    def search(
+        self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str] = (), exact: bool = False
+    ) -> list[Hit]:
         self._require()
         response = self._call(
             self.client.query_points,
@@ -199,6 +274,10 @@ class ServerIndex(VectorIndex):
             query_filter=_server_filter(filters, exclude),
             limit=k,
             with_payload=True,
+            # Local mode always searches exactly (and warns about search params).
+            search_params=None
+            if self.conn.local
+            else qm.SearchParams(hnsw_ef=self.settings.hnsw_ef, exact=exact),
         )
         return [
             Hit(str((p.payload or {})["product_id"]), float(p.score), dict(p.payload or {}))
@@ -215,8 +294,12 @@ class ServerIndex(VectorIndex):
         )
         return int(result.count)
 
+    def optimize(self) -> None:
+        """The server optimizes in the background by itself."""
+
     def close(self) -> None:
-        self.client.close()
+        if self._owner:
+            self.conn.close()
 
 
 def _server_filter(filters: Filters, exclude: Sequence[str]) -> qm.Filter | None:

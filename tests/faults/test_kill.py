@@ -1,0 +1,171 @@
+"""The sync process killed (SIGKILL) at random points, many times in a row, then rerun."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from tests.conftest import write_csv
+from tests.faults.conftest import SEED, figure, settings_env, sync_in_process
+from visrec.catalogue import read_catalogue
+from visrec.config import QdrantSettings, Settings
+from visrec.index import open_index
+from visrec.ingest import PAYLOAD_VERSION
+
+CYCLES = int(os.environ.get("VISREC_FAULTS_KILL_CYCLES", "5"))
+REPO = Path(__file__).parents[2]
+
+
+class ForkServer:
+    """tests/faults/forkserver.py in a subprocess: runs `visrec` commands as forked, killable children."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.faults.forkserver"],
+            cwd=REPO,
+            env={**os.environ, "COLUMNS": "200"},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(self, argv: list[str], env: dict[str, str], logs: Path, kill: dict[str, float] | None) -> Any:
+        """Run `visrec ARGV`, killed as `kill` says; returns how it ended (see forkserver.py)."""
+        assert self.process.stdin and self.process.stdout
+        request = {"argv": argv, "env": env, "stdout": f"{logs}.out", "stderr": f"{logs}.err", "kill": kill}
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        assert line, "the fork server died"
+        return json.loads(line)
+
+    def close(self) -> None:
+        assert self.process.stdin
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def fork_server() -> Iterator[ForkServer]:
+    server = ForkServer()
+    yield server
+    server.close()
+
+
+def kill_plan(rng: random.Random) -> dict[str, float]:
+    """Where to kill: after the n-th durable batch plus a random delay (mid-embedding, mid-upsert), or
+    at a random time from the start (start-up, planning, collection creation, deletes)."""
+    if rng.random() < 0.7:
+        return {"after_upserts": rng.randint(1, 3), "delay_s": round(rng.uniform(0, 0.1), 3)}
+    return {"after_s": round(rng.uniform(0.05, 1.5), 3)}
+
+
+def test_repeated_kills_then_a_rerun_lose_and_duplicate_nothing(
+    store: Settings, make_catalogue: Callable[..., Path], fork_server: ForkServer, tmp_path: Path
+) -> None:
+    """Fault: `visrec sync` is SIGKILLed at seeded random points (after its n-th durable batch plus a
+    random delay, or at a random time from the start), VISREC_FAULTS_KILL_CYCLES times in a row, with
+    some prices changed between cycles; then it runs to the end. visrec: point ids derive from product
+    ids and every point carries its content hash, so each run upserts what is missing or stale and a
+    kill can only leave work undone. Checked: every batch logged as upserted before a kill is in the
+    index afterwards; after the rerun the count equals the catalogue's valid products, no id twice,
+    every payload matches its row, and every vector equals a clean sync's."""
+    rng = random.Random(SEED)
+    n = max(80, 16 * CYCLES)
+    catalogue = make_catalogue(n)
+    env = settings_env(store) | {"VISREC_EMBED__BATCH_SIZE": "4"}
+    argv = ["-v", "sync", str(catalogue), "--json"]
+    endings: list[dict[str, Any]] = []
+    points = 0
+    for cycle in range(CYCLES):
+        if rng.random() < 0.5:  # a changed product must be re-embedded even across kills
+            reprice(catalogue, rng.sample(range(n), 3), rng)
+        plan = kill_plan(rng)
+        logs = tmp_path / f"cycle{cycle}"
+        ended = fork_server.run(argv, env, logs, plan)
+        assert ended["killed"] or ended["status"] == 0, Path(f"{logs}.err").read_text()
+        durable = sum(map(int, re.findall(r"upserted (\d+) points", Path(f"{logs}.err").read_text())))
+        with open_index(store.qdrant) as index:
+            before, points = points, index.count() if index.exists() else 0
+        # Acknowledged writes survive the kill: every point logged as upserted is there (less the
+        # re-embedded changed products, which add no point).
+        assert points >= min(n, before + durable - count_updates(logs)), (cycle, plan, before, points)
+        endings.append({**ended, "plan": plan, "points_after": points, "batches_logged": durable // 4})
+
+    final = fork_server.run(argv, env, tmp_path / "final", None)
+    assert final["status"] == 0, Path(f"{tmp_path / 'final'}.err").read_text()
+    lost, duplicated = check_index_matches_catalogue(store, catalogue, tmp_path)
+    figure(
+        "kill/rerun",
+        {
+            "cycles": CYCLES,
+            "killed": sum(e["killed"] for e in endings),
+            "finished_before_the_kill": sum(not e["killed"] for e in endings),
+            "products": n,
+            "points_after_each_cycle": [e["points_after"] for e in endings],
+            "points_lost": lost,
+            "points_duplicated": duplicated,
+            "seed": SEED,
+        },
+    )
+    assert (lost, duplicated) == (0, 0)
+    assert sum(e["killed"] for e in endings) >= CYCLES // 2  # most cycles were really cut short
+
+
+def reprice(catalogue: Path, rows: list[int], rng: random.Random) -> None:
+    """Change the price of some products (by row number) in the CSV."""
+    table = list(read_rows(catalogue))
+    for i in rows:
+        table[i]["price"] = f"{rng.uniform(1, 500):.2f}"
+    write_csv(catalogue, table)
+
+
+def read_rows(catalogue: Path) -> Iterator[dict[str, Any]]:
+    with catalogue.open(newline="") as f:
+        yield from csv.DictReader(f)
+
+
+def count_updates(logs: Path) -> int:
+    """Products the cycle planned to re-embed (changed rows): their upserts add no points."""
+    match = re.search(r"plan: \d+ new, (\d+) changed", Path(f"{logs}.err").read_text())
+    return int(match.group(1)) if match else 0
+
+
+def check_index_matches_catalogue(store: Settings, catalogue: Path, tmp_path: Path) -> tuple[int, int]:
+    """Compare the index with the catalogue and with a clean sync of it; returns (lost, duplicated)."""
+    parsed = read_catalogue(catalogue)
+    reference = store.model_copy(update={"qdrant": QdrantSettings(path=tmp_path / "reference")})
+    sync_in_process(catalogue, reference)
+    with open_index(store.qdrant) as index, open_index(reference.qdrant) as clean:
+        records = index.sync_records()
+        expected = {p.id: p for p in parsed.products}
+        lost = len(set(expected) - set(records))
+        duplicated = index.count() - len(records)
+        assert set(records) <= set(expected)
+        version = clean.get(parsed.products[0].id)[1]["model_version"]  # type: ignore[index]
+        for product_id, product in expected.items():
+            got = index.get(product_id)
+            if got is None:
+                continue
+            vector, payload = got
+            assert payload["content_hash"] == f"{PAYLOAD_VERSION}:{parsed.content_hash(product)}"
+            assert payload["model_version"] == version
+            assert payload["image"] == parsed.image_ref(product)
+            for key, value in product.metadata().items():
+                if key != "image":
+                    assert payload[key] == value, (product_id, key)
+            clean_vector, clean_payload = clean.get(product_id)  # type: ignore[misc]
+            assert np.allclose(vector, clean_vector, atol=1e-3), product_id
+            assert payload == clean_payload
+    return lost, duplicated
