@@ -8,16 +8,9 @@ import torch
 from tests.conftest import small_settings
 from visrec.artefact import Manifest
 from visrec.catalogue import read_catalogue
+from visrec.config import Settings
 from visrec.errors import CatalogueError
-from visrec.train import split_holdout, topk_accuracy, train
-
-
-def test_topk_accuracy_by_hand() -> None:
-    logits = torch.tensor([[0.9, 0.05, 0.05, 0.0], [0.1, 0.2, 0.3, 0.4], [0.4, 0.3, 0.2, 0.1]])
-    targets = torch.tensor([0, 2, 3])
-    # row 0: top-1 hit; row 1: target 2 is second; row 2: target 3 is last
-    assert topk_accuracy(logits, targets) == {1: pytest.approx(1 / 3), 3: pytest.approx(2 / 3)}
-    assert topk_accuracy(logits[:, :2], torch.tensor([0, 1, 0]), ks=(1, 3))[3] == 1.0  # k capped at 2 classes
+from visrec.train import split_data, split_holdout, train
 
 
 def test_holdout_split_is_stratified_disjoint_and_seeded() -> None:
@@ -70,3 +63,64 @@ def test_training_needs_two_categories(tmp_path: Path) -> None:
     (tmp_path / "c.csv").write_text("id,image,category\na,a.png,x\nb,b.png,x\n")
     with pytest.raises(CatalogueError, match="at least 2 categories"):
         train(read_catalogue(tmp_path / "c.csv"), small_settings(tmp_path), torch.device("cpu"))
+
+
+def _with(settings: Settings, **train: object) -> Settings:
+    return settings.model_copy(update={"train": settings.train.model_copy(update=train)})
+
+
+def test_fit_validation_and_heldout_never_share_an_image(tmp_path: Path) -> None:
+    rows = "".join(f"p{i},img/{i}.png,{'abc'[i % 3]}\n" for i in range(90))
+    (tmp_path / "c.csv").write_text("id,image,category\n" + rows)
+    catalogue = read_catalogue(tmp_path / "c.csv")
+    cfg = _with(small_settings(tmp_path), holdout=0.2, validation=0.1).train
+    classes, fit, val, held = split_data(catalogue, cfg)
+    assert classes == ["a", "b", "c"]
+    assert len(held.refs) == 18 and len(val.refs) == 6 and len(fit.refs) == 66
+    assert not (
+        set(fit.refs) & set(val.refs) or set(fit.refs) & set(held.refs) or set(val.refs) & set(held.refs)
+    )
+    assert sorted(val.labels) == [0, 0, 1, 1, 2, 2]  # stratified
+    assert split_data(catalogue, cfg) == (classes, fit, val, held)  # seeded
+
+    # A separate test catalogue is the held-out split; the whole catalogue is then for fitting/validation.
+    (tmp_path / "t.csv").write_text("id,image,category\nt1,img/t1.png,a\nt2,img/t2.png,c\n")
+    _, fit, val, held = split_data(catalogue, cfg, read_catalogue(tmp_path / "t.csv"))
+    assert held.labels == [0, 2] and len(fit.refs) + len(val.refs) == 90
+    (tmp_path / "u.csv").write_text("id,image,category\nt1,img/t1.png,zebra\n")
+    with pytest.raises(CatalogueError, match="not in the training catalogue"):
+        split_data(catalogue, cfg, read_catalogue(tmp_path / "u.csv"))
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_an_interrupted_run_resumes_to_the_same_model(make_catalogue, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    catalogue = read_catalogue(make_catalogue(45))
+    settings = _with(small_settings(tmp_path), validation=0.2, epochs_finetune=2, patience=0)
+    straight = train(catalogue, _with(settings, work_dir=tmp_path / "straight"), torch.device("cpu"))
+    assert len(straight.validation["frozen"]) == 3 and len(straight.validation["finetune"]) == 2
+
+    def stop_in_epoch_2(stage: str, done: int, total: int) -> None:
+        if stage == "finetune 2/2":
+            raise Interrupted
+
+    resumable = _with(settings, work_dir=tmp_path / "resumed")
+    with pytest.raises(Interrupted):
+        train(catalogue, resumable, torch.device("cpu"), stop_in_epoch_2)
+    assert (tmp_path / "resumed" / "frozen.pt").is_file() and (tmp_path / "resumed" / "finetune.pt").is_file()
+    resumed = train(catalogue, resumable, torch.device("cpu"))
+    assert resumed.losses == straight.losses and resumed.validation == straight.validation
+    for name, tensor in straight.model.state_dict().items():
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+def test_validation_keeps_the_best_epoch_and_stops_early(make_catalogue, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # lr 1.0 on phase 2 wrecks a random backbone: validation must catch it, stop, and keep phase 1's model.
+    settings = _with(small_settings(tmp_path), validation=0.2, epochs_finetune=5, lr_finetune=1.0, patience=1)
+    result = train(read_catalogue(make_catalogue(45)), settings, torch.device("cpu"))
+    best_frozen = max(result.validation["frozen"])
+    assert all(top1 <= best_frozen for top1 in result.validation["finetune"])
+    assert len(result.validation["finetune"]) == 1  # patience 1: the first worse epoch stops phase 2
+    assert result.metrics["best_epoch_finetune"] == 0  # phase 1's model kept

@@ -79,6 +79,20 @@ class TrainSettings(BaseModel):
     batch_size: int = Field(default=32, ge=1)
     holdout: float = Field(default=0.2, gt=0, lt=1)
     seed: int = 0
+    # Share of the training images set aside to choose the best epoch (and stop early); 0: keep the last.
+    # Off by default: a small catalogue (the demo's) cannot spare the images; the quality benchmark uses 0.1.
+    validation: float = Field(default=0.0, ge=0, lt=1)
+    patience: int = Field(
+        default=3, ge=0
+    )  # epochs without a better validation top-1 before stopping; 0: never
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # phase 2, per step
+    # Phase 2 augmentation for product photos: mirror, and square crops keeping ≥ crop_scale of the area.
+    # No colour jitter: colour is what a shopper searches by.
+    hflip: float = Field(default=0.5, ge=0, le=1)
+    crop_scale: float = Field(default=0.8, gt=0, le=1)
+    finetune_images: int | None = Field(default=None, ge=1)  # per phase-2 epoch, freshly sampled; None: all
+    # Feature cache, per-epoch checkpoints and the best epoch's weights; a rerun resumes from them.
+    work_dir: Path | None = None
 
     @field_validator("weights")
     @classmethod

@@ -1,34 +1,83 @@
 """Fine-tuning, as the paper does it, and export.
 
 Phase 1: backbone frozen, the new layers (head, and `fc` when the starting weights lack it) trained
-with Adam on pooled features computed once. Phase 2: everything unfrozen, a small learning rate,
-light augmentation. BatchNorm keeps its ImageNet statistics in both phases (eval mode): phase 1's
-features were taken that way, and switching would throw away the warm start.
-Top-1/top-3 are measured on a stratified held-out split. Serving never imports this module.
+with Adam on pooled features computed once (and cached in `work_dir`). Phase 2: everything unfrozen, a
+small learning rate on a cosine schedule, flips and small crops. BatchNorm keeps its ImageNet
+statistics in both phases (eval mode): phase 1's features were taken that way, and switching would
+throw away the warm start.
+
+A validation split carved from the training images picks the best epoch of each phase (phase 2 keeps
+phase 1's model if it never beats it) and stops a phase early. The held-out split (a stratified share
+of the catalogue, or a separate test catalogue) is evaluated once, after training. With `work_dir`
+set, each phase checkpoints and a rerun with the same settings resumes. Serving never imports this.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import logging
+import math
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, RandomSampler, TensorDataset
+from torchvision.transforms import functional as TF
 
 from visrec.artefact import Manifest, save_artefact
 from visrec.catalogue import Catalogue
-from visrec.config import Settings
+from visrec.config import Settings, TrainSettings
 from visrec.errors import CatalogueError
 from visrec.images import ImageDataset, ImageItem, ImageLimits, Preprocess, collate_images
-from visrec.model import VisrecNet, WeightInfo, build_model, load_pretrained
+from visrec.metrics import topk_accuracy
+from visrec.model import EMBEDDING_DIM, VisrecNet, WeightInfo, build_model, load_pretrained
 
 log = logging.getLogger(__name__)
 
 StageProgress = Callable[[str, int, int], None]  # (stage, done, total)
+
+# Settings that change what phase 1 produces; the others (phase 2's) leave its checkpoint valid.
+PHASE1_FIELDS = (
+    "backbone",
+    "weights",
+    "image_size",
+    "epochs_frozen",
+    "lr_frozen",
+    "batch_size",
+    "holdout",
+    "seed",
+    "validation",
+    "patience",
+)
+
+
+@dataclass(frozen=True)
+class Split:
+    refs: list[str]
+    labels: list[int]
+
+    def take(self, positions: Sequence[int]) -> Split:
+        return Split([self.refs[i] for i in positions], [self.labels[i] for i in positions])
+
+
+@dataclass
+class HeldOut:
+    """The one evaluation of the held-out split: for each image that decoded, its target, logits and
+    1000-d embedding, and its position in the held-out split."""
+
+    refs: list[str]
+    targets: torch.Tensor
+    logits: torch.Tensor
+    embeddings: torch.Tensor
+    positions: list[int]
 
 
 @dataclass
@@ -38,6 +87,8 @@ class TrainResult:
     pretrained: WeightInfo
     metrics: dict[str, float]
     losses: dict[str, list[float]] = field(default_factory=dict)  # mean loss per epoch, by phase
+    validation: dict[str, list[float]] = field(default_factory=dict)  # validation top-1 per epoch
+    heldout: HeldOut | None = None
 
 
 def split_holdout(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -55,93 +106,81 @@ def split_holdout(labels: Sequence[int], fraction: float, seed: int) -> tuple[li
     return sorted(train), sorted(held_out)
 
 
-def topk_accuracy(
-    logits: torch.Tensor, targets: torch.Tensor, ks: Sequence[int] = (1, 3)
-) -> dict[int, float]:
-    """Share of rows whose target is among the k highest logits, for each k (capped at the class count)."""
-    ranked = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices
-    hits = ranked == targets.unsqueeze(1)
-    return {k: hits[:, :k].any(dim=1).float().mean().item() for k in ks}
-
-
-def train(
-    catalogue: Catalogue, settings: Settings, device: torch.device, progress: StageProgress | None = None
-) -> TrainResult:
-    """Fine-tune on the catalogue's categorised products; returns the model and its held-out metrics."""
-    cfg = settings.train
-    torch.manual_seed(cfg.seed)
+def split_data(
+    catalogue: Catalogue, cfg: TrainSettings, test: Catalogue | None = None
+) -> tuple[list[str], Split, Split, Split]:
+    """(classes, fit, validation, held-out). The held-out split is `test` when given, else a stratified
+    `cfg.holdout` share of the catalogue; validation is a stratified `cfg.validation` share of the rest.
+    Raises `CatalogueError` for fewer than 2 categories, a test category unseen in training, or too
+    few products to hold any out."""
     labelled = [p for p in catalogue.products if p.category]
     classes = sorted({p.category for p in labelled if p.category})
     if len(classes) < 2:
         raise CatalogueError(f"training needs at least 2 categories; {catalogue.path} has {len(classes)}")
-    labels = [classes.index(p.category or "") for p in labelled]
-    refs = [catalogue.image_ref(p) for p in labelled]
-    train_pos, test_pos = split_holdout(labels, cfg.holdout, cfg.seed)
-    if not test_pos:
+    data = Split(
+        [catalogue.image_ref(p) for p in labelled], [classes.index(p.category or "") for p in labelled]
+    )
+    if test is None:
+        train_pos, test_pos = split_holdout(data.labels, cfg.holdout, cfg.seed)
+        trainable, held_out = data.take(train_pos), data.take(test_pos)
+    else:
+        tested = [p for p in test.products if p.category]
+        unseen = sorted({p.category or "" for p in tested} - set(classes))
+        if unseen:
+            raise CatalogueError(f"{test.path}: categories not in the training catalogue: {unseen[:5]}")
+        trainable = data
+        held_out = Split(
+            [test.image_ref(p) for p in tested], [classes.index(p.category or "") for p in tested]
+        )
+    if not held_out.refs:
         raise CatalogueError("too few products per category to hold any out for evaluation")
+    if not cfg.validation:
+        return classes, trainable, Split([], []), held_out
+    fit_pos, val_pos = split_holdout(trainable.labels, cfg.validation, cfg.seed + 1)
+    return classes, trainable.take(fit_pos), trainable.take(val_pos), held_out
 
+
+def train(
+    catalogue: Catalogue,
+    settings: Settings,
+    device: torch.device,
+    progress: StageProgress | None = None,
+    *,
+    test: Catalogue | None = None,
+) -> TrainResult:
+    """Fine-tune on the catalogue's categorised products; returns the model and its held-out metrics.
+
+    `test`, if given, is the held-out split (evaluated once, after training) and all of `catalogue`
+    trains. Raises `CatalogueError` (see `split_data`) or `ModelError` (weights).
+    """
+    cfg = settings.train
+    torch.manual_seed(cfg.seed)
+    classes, fit, val, held_out = split_data(catalogue, cfg, test)
     model = build_model(cfg.backbone, len(classes))
     pretrained = load_pretrained(model, cfg.backbone, cfg.weights)
     model.to(device)
-    pre = Preprocess(input_size=cfg.image_size)
-    limits = ImageLimits(settings.ingest.max_image_pixels, settings.ingest.max_image_bytes)
-    workers = settings.embed.workers
-
-    def loader(positions: list[int], hflip: float, shuffle: bool) -> DataLoader[ImageItem]:
-        dataset = ImageDataset([refs[i] for i in positions], pre, limits, hflip_p=hflip)
-        return DataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            shuffle=shuffle,
-            num_workers=workers,
-            collate_fn=collate_images,
-            generator=torch.Generator().manual_seed(cfg.seed),
-            pin_memory=device.type == "cuda",
-        )
-
-    train_targets = torch.tensor([labels[i] for i in train_pos])
+    run = _Run(cfg, settings, device, progress, fit, val)
     result = TrainResult(model, classes, pretrained, metrics={})
-    started = time.perf_counter()
+    metrics = result.metrics
+    metrics.update(train_images=len(fit.refs), validation_images=len(val.refs))
     if cfg.epochs_frozen:
-        model.eval()  # phase 1's features: computed once, BatchNorm on its pretrained statistics
-        feats, kept = _infer(model.pooled, loader(train_pos, 0.0, False), device, "features", progress)
-        targets = train_targets[kept]
-        result.losses["frozen"] = _train_frozen(
-            model,
-            feats,
-            targets,
-            pretrained,
-            cfg.epochs_frozen,
-            cfg.lr_frozen,
-            cfg.batch_size,
-            cfg.seed,
-            progress,
-        )
-    result.metrics["seconds_frozen"] = round(time.perf_counter() - started, 1)
-    started = time.perf_counter()
+        _phase1(run, result)
     if cfg.epochs_finetune:
-        result.losses["finetune"] = _finetune(
-            model,
-            loader(train_pos, 0.5, True),
-            train_targets,
-            device,
-            cfg.epochs_finetune,
-            cfg.lr_finetune,
-            progress,
-        )
-    result.metrics["seconds_finetune"] = round(time.perf_counter() - started, 1)
+        started = time.perf_counter()
+        _phase2(run, result)
+        metrics["seconds_finetune"] = round(time.perf_counter() - started, 1)
 
-    test_targets = torch.tensor([labels[i] for i in test_pos])
+    started = time.perf_counter()
     model.eval()
-    logits, kept = _infer(model, loader(test_pos, 0.0, False), device, "evaluate", progress)
-    accuracy = topk_accuracy(logits, test_targets[kept])
-    result.metrics.update(
-        top1=round(accuracy[1], 4),
-        top3=round(accuracy[3], 4),
-        train_images=len(train_pos),
-        heldout_images=len(kept),
-    )
-    log.info("held-out top-1 %.3f, top-3 %.3f on %d images", accuracy[1], accuracy[3], len(kept))
+    evaluate = run.loader(run.images(held_out.refs))
+    outputs, kept = _infer(_embed_and_classify(model), evaluate, device, "evaluate", progress)
+    metrics["seconds_evaluate"] = round(time.perf_counter() - started, 1)
+    targets = torch.tensor(held_out.labels)[kept]
+    logits = outputs[:, EMBEDDING_DIM:]
+    accuracy = topk_accuracy(logits, targets)
+    result.heldout = HeldOut(held_out.refs, targets, logits, outputs[:, :EMBEDDING_DIM], kept)
+    metrics.update(top1=round(accuracy[1], 4), top3=round(accuracy[3], 4), heldout_images=len(kept))
+    log.info("held-out top-1 %.4f, top-3 %.4f on %d images", accuracy[1], accuracy[3], len(kept))
     return result
 
 
@@ -156,8 +195,362 @@ def export(result: TrainResult, settings: Settings) -> Manifest:
         classes=result.classes,
         preprocess=Preprocess(input_size=cfg.image_size),
         metrics=result.metrics,
-        training=cfg.model_dump(mode="json") | {"losses": result.losses},
+        training=cfg.model_dump(mode="json") | {"losses": result.losses, "validation": result.validation},
     )
+
+
+def pooled_features(
+    model: VisrecNet,
+    refs: Sequence[str],
+    pre: Preprocess,
+    device: torch.device,
+    *,
+    batch_size: int,
+    workers: int,
+    limits: ImageLimits | None = None,
+    cache_dir: Path | None = None,
+    progress: StageProgress | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """The frozen trunk's pooled features of the images (eval mode), and the positions that decoded.
+
+    With `cache_dir`, they are kept in a file named by the trunk's weights, the preprocessing and the
+    image references, so any later call with the same three reads them back instead of recomputing.
+    """
+    path = None
+    if cache_dir is not None:
+        digest = hashlib.sha256(json.dumps([pre.model_dump(), list(refs)]).encode())
+        for name, tensor in model.backbone.state_dict().items():
+            if not name.startswith("fc."):
+                digest.update(tensor.cpu().numpy().tobytes())
+        path = cache_dir / f"features-{digest.hexdigest()[:16]}.pt"
+        if path.is_file():
+            cached = torch.load(path, weights_only=True)
+            log.info("pooled features read from %s", path)
+            return cached["features"], cached["kept"]
+    model.eval()
+    loader = _loader(ImageDataset(refs, pre, limits or ImageLimits()), batch_size, workers, device)
+    feats, kept = _infer(model.pooled, loader, device, "features", progress)
+    if path is not None:
+        _atomic_save({"features": feats, "kept": kept}, path)
+    return feats, kept
+
+
+class _Augmented(ImageDataset):
+    """Product-photo augmentation: a mirror and a random square crop keeping ≥ `crop_scale` of the area,
+    resized back. Geometry only: colour stays exact."""
+
+    def __init__(
+        self, refs: Sequence[str], pre: Preprocess, limits: ImageLimits, hflip: float, crop_scale: float
+    ):
+        super().__init__(refs, pre, limits, hflip_p=hflip)
+        self.crop_scale = crop_scale
+
+    def __getitem__(self, index: int) -> ImageItem:
+        index, tensor, error, extras = super().__getitem__(index)
+        if tensor is None or self.crop_scale >= 1:
+            return index, tensor, error, extras
+        size = tensor.shape[-1]
+        scale = self.crop_scale + (1 - self.crop_scale) * torch.rand(()).item()
+        side = max(1, round(size * math.sqrt(scale)))
+        top, left = (int(v) for v in torch.randint(0, size - side + 1, (2,)))
+        return (
+            index,
+            TF.resized_crop(tensor, top, left, side, side, [size, size], antialias=True),
+            error,
+            extras,
+        )
+
+
+class _Run:
+    """What both phases share: settings, data, loaders and the work folder's checkpoints."""
+
+    def __init__(
+        self,
+        cfg: TrainSettings,
+        settings: Settings,
+        device: torch.device,
+        progress: StageProgress | None,
+        fit: Split,
+        val: Split,
+    ) -> None:
+        self.cfg, self.device, self.progress, self.fit, self.val = cfg, device, progress, fit, val
+        self.pre = Preprocess(input_size=cfg.image_size)
+        self.limits = ImageLimits(settings.ingest.max_image_pixels, settings.ingest.max_image_bytes)
+        self.workers = settings.embed.workers
+        data = [fit.refs, fit.labels, val.refs, val.labels]
+        phase1 = {k: v for k, v in cfg.model_dump(mode="json").items() if k in PHASE1_FIELDS}
+        phase2 = cfg.model_dump(mode="json", exclude={"work_dir"})
+        finetune = _digest([phase2, data])
+        self.keys = {"frozen": _digest([phase1, data]), "finetune": finetune, "best": finetune}
+
+    def images(self, refs: Sequence[str]) -> ImageDataset:
+        return ImageDataset(refs, self.pre, self.limits)
+
+    def loader(self, dataset: ImageDataset, **kw: Any) -> DataLoader[ImageItem]:
+        return _loader(dataset, self.cfg.batch_size, self.workers, self.device, **kw)
+
+    def path(self, name: str) -> Path | None:
+        return self.cfg.work_dir / f"{name}.pt" if self.cfg.work_dir else None
+
+    def load(self, phase: str) -> dict[str, Any] | None:
+        """The phase's checkpoint if there is one from these very settings and data."""
+        path = self.path(phase)
+        if path is None or not path.is_file():
+            return None
+        state: dict[str, Any] = torch.load(path, map_location="cpu", weights_only=True)
+        if state.get("key") != self.keys[phase]:
+            log.warning("%s was written with other settings or data: starting %s afresh", path, phase)
+            return None
+        log.info("resuming %s from %s", phase, path)
+        return state
+
+    def save(self, phase: str, state: dict[str, Any]) -> None:
+        path = self.path(phase)
+        if path is not None:
+            _atomic_save({"key": self.keys[phase]} | state, path)
+
+
+def _phase1(run: _Run, result: TrainResult) -> None:
+    model, cfg, metrics = result.model, run.cfg, result.metrics
+    saved = run.load("frozen")
+    if saved is None:
+        started = time.perf_counter()
+        feats, kept = pooled_features(
+            model,
+            run.fit.refs + run.val.refs,
+            run.pre,
+            run.device,
+            batch_size=cfg.batch_size,
+            workers=run.workers,
+            limits=run.limits,
+            cache_dir=cfg.work_dir,
+            progress=run.progress,
+        )
+        seconds = time.perf_counter() - started
+        timing = {
+            "seconds_features": round(seconds, 1),
+            "features_images_per_s": round(len(kept) / seconds, 1),
+        }
+        labels = torch.tensor(run.fit.labels + run.val.labels)[kept]
+        is_val = torch.tensor(kept) >= len(run.fit.refs)
+        started = time.perf_counter()
+        losses, val_top1 = _train_frozen(
+            model,
+            (feats[~is_val], labels[~is_val]),
+            (feats[is_val], labels[is_val]),
+            result.pretrained,
+            cfg,
+            run.progress,
+        )
+        timing["seconds_frozen"] = round(time.perf_counter() - started, 1)
+        saved = {"model": model.state_dict(), "losses": losses, "validation": val_top1, "timing": timing}
+        run.save("frozen", saved)
+    else:
+        model.load_state_dict(saved["model"])
+    result.losses["frozen"], result.validation["frozen"] = saved["losses"], saved["validation"]
+    metrics.update(saved["timing"])  # a resumed run reports the time phase 1 took when it ran
+    if saved["validation"]:
+        metrics["val_top1_frozen"] = round(max(saved["validation"]), 4)
+
+
+def _train_frozen(
+    model: VisrecNet,
+    fit: tuple[torch.Tensor, torch.Tensor],
+    val: tuple[torch.Tensor, torch.Tensor],
+    pretrained: WeightInfo,
+    cfg: TrainSettings,
+    progress: StageProgress | None,
+) -> tuple[list[float], list[float]]:
+    """Phase 1 on cached features: (loss, validation top-1) per epoch; the best epoch's layers are kept."""
+    fresh_fc = bool({"backbone", "backbone.fc"} & set(pretrained.trained_from_scratch))
+    layers = nn.Sequential(model.backbone.fc, model.head) if fresh_fc else model.head
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in layers.parameters():
+        p.requires_grad_(True)
+    device = next(model.parameters()).device
+    optimiser = torch.optim.Adam(layers.parameters(), lr=cfg.lr_frozen)
+    data = DataLoader(
+        TensorDataset(*fit),
+        batch_size=cfg.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    stopper = _EarlyStop(cfg.patience)
+    losses: list[float] = []
+    for epoch in range(1, cfg.epochs_frozen + 1):
+        layers.train()
+        total = 0.0
+        for x, y in data:
+            loss = nn.functional.cross_entropy(model.head(model.backbone.fc(x.to(device))), y.to(device))
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            total += loss.item() * len(y)
+        losses.append(total / len(fit[1]))
+        layers.eval()
+        with torch.inference_mode():
+            top1 = _top1(model.head(model.backbone.fc(val[0].to(device))).cpu(), val[1])
+        log.info(
+            "phase 1 epoch %d/%d: loss %.4f, validation top-1 %s", epoch, cfg.epochs_frozen, losses[-1], top1
+        )
+        if progress:
+            progress("frozen", epoch, cfg.epochs_frozen)
+        if stopper.update(epoch, top1, layers):
+            break
+    stopper.restore(layers)
+    for p in model.parameters():
+        p.requires_grad_(True)
+    return losses, stopper.history
+
+
+class _EarlyStop:
+    """Tracks validation top-1 per epoch, keeps the best epoch's weights, says when to stop."""
+
+    def __init__(self, patience: int, best: float = -1.0, best_epoch: int = 0) -> None:
+        self.patience, self.best, self.best_epoch = patience, best, best_epoch
+        self.history: list[float] = []
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def update(self, epoch: int, top1: float | None, module: nn.Module) -> bool:
+        """Record an epoch; True when it is time to stop. Without validation the last epoch is kept."""
+        if top1 is None:
+            self.best_epoch = epoch
+            return False
+        self.history.append(top1)
+        if top1 > self.best:
+            self.best, self.best_epoch = top1, epoch
+            self.best_state = copy.deepcopy(module.state_dict())
+            return False
+        return bool(self.patience) and epoch - self.best_epoch >= self.patience
+
+    def restore(self, module: nn.Module) -> None:
+        if self.best_state is not None:
+            module.load_state_dict(self.best_state)
+
+
+def _phase2(run: _Run, result: TrainResult) -> None:
+    model, cfg = result.model, run.cfg
+    dataset = _Augmented(run.fit.refs, run.pre, run.limits, cfg.hflip, cfg.crop_scale)
+    per_epoch = min(cfg.finetune_images or len(dataset), len(dataset))
+    steps = math.ceil(per_epoch / cfg.batch_size) * cfg.epochs_finetune
+    optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr_finetune)
+    # Cosine to 1 % of the starting rate over all of phase 2's steps: late steps refine, not wander.
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser,
+        lambda step: (
+            1.0 if cfg.lr_schedule == "constant" else 0.01 + 0.495 * (1 + math.cos(math.pi * step / steps))
+        ),
+    )
+    frozen_best = max(result.validation.get("frozen", []), default=-1.0)
+    stopper = _EarlyStop(cfg.patience, best=frozen_best)  # epoch 0, phase 1's model, is the one to beat
+    stopper.best_state = copy.deepcopy(model.state_dict()) if run.val.refs else None
+    targets = torch.tensor(run.fit.labels)
+    losses: list[float] = []
+    start, done = 1, False
+    saved = run.load("finetune")
+    if saved is not None:
+        model.load_state_dict(saved["model"])
+        optimiser.load_state_dict(saved["optimiser"])
+        scheduler.load_state_dict(saved["scheduler"])
+        best = run.load("best")
+        stopper.best, stopper.best_epoch, stopper.history = (
+            saved["best"],
+            saved["best_epoch"],
+            saved["validation"],
+        )
+        stopper.best_state = best["model"] if best is not None else stopper.best_state
+        losses, start, done = saved["losses"], saved["epoch"] + 1, saved["done"]
+    # Training throughput, summed over runs when resumed: images and seconds spent in training steps.
+    images, seconds = (saved["images"], saved["seconds"]) if saved else (0, 0.0)
+    for epoch in range(start, cfg.epochs_finetune + 1):
+        if done:
+            break
+        torch.manual_seed(cfg.seed + epoch)  # augmentation draws, when the loader has no workers
+        generator = torch.Generator().manual_seed(cfg.seed + epoch)
+        loader = run.loader(
+            dataset, sampler=RandomSampler(dataset, num_samples=per_epoch, generator=generator)
+        )
+        started = time.perf_counter()
+        loss, seen = _finetune_epoch(
+            model, loader, targets, optimiser, scheduler, run, f"finetune {epoch}/{cfg.epochs_finetune}"
+        )
+        losses.append(loss)
+        images, seconds = images + seen, seconds + time.perf_counter() - started
+        top1 = _validate(model, run) if run.val.refs else None
+        log.info(
+            "phase 2 epoch %d/%d: loss %.4f, validation top-1 %s", epoch, cfg.epochs_finetune, loss, top1
+        )
+        done = stopper.update(epoch, top1, model) or epoch == cfg.epochs_finetune
+        if stopper.best_epoch == epoch:
+            run.save("best", {"model": model.state_dict(), "epoch": epoch})
+        run.save(
+            "finetune",
+            {
+                "model": model.state_dict(),
+                "optimiser": optimiser.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "done": done,
+                "losses": losses,
+                "validation": stopper.history,
+                "best": stopper.best,
+                "best_epoch": stopper.best_epoch,
+                "images": images,
+                "seconds": seconds,
+            },
+        )
+    stopper.restore(model)
+    model.eval()
+    result.losses["finetune"], result.validation["finetune"] = losses, stopper.history
+    result.metrics["best_epoch_finetune"] = stopper.best_epoch
+    if images:
+        result.metrics["finetune_images_per_s"] = round(images / seconds, 1)
+
+
+def _finetune_epoch(
+    model: VisrecNet,
+    loader: DataLoader[ImageItem],
+    targets: torch.Tensor,
+    optimiser: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    run: _Run,
+    stage: str,
+) -> tuple[float, int]:
+    """One pass of phase 2: (mean loss, images seen)."""
+    model.train()
+    _freeze_batchnorm(model)
+    total, seen = 0.0, 0
+    for step, batch in enumerate(loader, 1):
+        if batch.indices:
+            y = targets[batch.indices].to(run.device)
+            loss = nn.functional.cross_entropy(model(batch.pixels.to(run.device, non_blocking=True)), y)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            scheduler.step()
+            total, seen = total + loss.item() * len(y), seen + len(y)
+        if run.progress:
+            run.progress(stage, step, len(loader))
+    model.eval()
+    return total / max(seen, 1), seen
+
+
+def _validate(model: VisrecNet, run: _Run) -> float | None:
+    logits, kept = _infer(model, run.loader(run.images(run.val.refs)), run.device, "validate", run.progress)
+    return _top1(logits, torch.tensor(run.val.labels)[kept])
+
+
+def _top1(logits: torch.Tensor, targets: torch.Tensor) -> float | None:
+    return round(topk_accuracy(logits, targets, ks=(1,))[1], 4) if len(targets) else None
+
+
+def _embed_and_classify(model: VisrecNet) -> Callable[[torch.Tensor], torch.Tensor]:
+    def both(x: torch.Tensor) -> torch.Tensor:
+        embedding = model.embed(x)
+        return torch.cat([embedding, model.head(embedding)], dim=1)
+
+    return both
 
 
 def _freeze_batchnorm(model: nn.Module) -> None:
@@ -187,76 +580,26 @@ def _infer(
     return torch.cat(outputs), kept
 
 
-def _train_frozen(
-    model: VisrecNet,
-    feats: torch.Tensor,
-    targets: torch.Tensor,
-    pretrained: WeightInfo,
-    epochs: int,
-    lr: float,
-    batch_size: int,
-    seed: int,
-    progress: StageProgress | None,
-) -> list[float]:
-    fresh_fc = bool({"backbone", "backbone.fc"} & set(pretrained.trained_from_scratch))
-    layers = nn.Sequential(model.backbone.fc, model.head) if fresh_fc else model.head
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in layers.parameters():
-        p.requires_grad_(True)
-    device = next(model.parameters()).device
-    optimiser = torch.optim.Adam(layers.parameters(), lr=lr)
-    data = DataLoader(
-        TensorDataset(feats, targets),
+def _loader(
+    dataset: ImageDataset, batch_size: int, workers: int, device: torch.device, **kw: Any
+) -> DataLoader[ImageItem]:
+    return DataLoader(
+        dataset,
         batch_size=batch_size,
-        shuffle=True,
-        generator=torch.Generator().manual_seed(seed),
+        num_workers=workers,
+        collate_fn=collate_images,
+        pin_memory=device.type == "cuda",
+        **kw,
     )
-    layers.train()
-    losses = []
-    for epoch in range(1, epochs + 1):
-        total = 0.0
-        for x, y in data:
-            loss = nn.functional.cross_entropy(model.head(model.backbone.fc(x.to(device))), y.to(device))
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            total += loss.item() * len(y)
-        losses.append(total / len(targets))
-        log.info("phase 1 epoch %d/%d: loss %.4f", epoch, epochs, losses[-1])
-        if progress:
-            progress("frozen", epoch, epochs)
-    for p in model.parameters():
-        p.requires_grad_(True)
-    return losses
 
 
-def _finetune(
-    model: VisrecNet,
-    loader: DataLoader[ImageItem],
-    targets: torch.Tensor,
-    device: torch.device,
-    epochs: int,
-    lr: float,
-    progress: StageProgress | None,
-) -> list[float]:
-    optimiser = torch.optim.Adam(model.parameters(), lr=lr)
-    losses = []
-    for epoch in range(1, epochs + 1):
-        model.train()
-        _freeze_batchnorm(model)
-        total, seen = 0.0, 0
-        for step, batch in enumerate(loader, 1):
-            if batch.indices:
-                y = targets[batch.indices].to(device)
-                loss = nn.functional.cross_entropy(model(batch.pixels.to(device, non_blocking=True)), y)
-                optimiser.zero_grad(set_to_none=True)
-                loss.backward()
-                optimiser.step()
-                total, seen = total + loss.item() * len(y), seen + len(y)
-            if progress:
-                progress(f"finetune {epoch}/{epochs}", step, len(loader))
-        losses.append(total / max(seen, 1))
-        log.info("phase 2 epoch %d/%d: loss %.4f", epoch, epochs, losses[-1])
-    model.eval()
-    return losses
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+def _atomic_save(state: dict[str, Any], path: Path) -> None:
+    """Write then rename: an interruption leaves the previous checkpoint, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(state, partial)
+    os.replace(partial, path)

