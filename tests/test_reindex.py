@@ -4,6 +4,7 @@ atomically; `rollback` switches back; a running API follows, and queries during 
 from __future__ import annotations
 
 import io
+import json
 import threading
 from collections import Counter
 from contextlib import nullcontext
@@ -176,6 +177,7 @@ def test_queries_during_the_switch_never_fail(make_catalogue, settings: Settings
                 t.join()
     assert set(seen) <= {(200, old), (200, new)}, seen
     assert seen[(200, new)] > 0 and seen[(200, old)] > 0, seen
+    print(f"\nFIGURE reindex: {json.dumps({f'{code} {v[:24]}': n for (code, v), n in seen.items()})}")
 
 
 def test_photo_queries_refuse_a_model_that_did_not_build_the_collection(

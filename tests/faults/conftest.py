@@ -103,7 +103,11 @@ def store(tmp_path: Path, artefact: tuple[Path, Manifest]) -> Iterator[Settings]
     )
     yield settings.model_copy(update={"qdrant": qdrant})
     key = qdrant.api_key.get_secret_value() if qdrant.api_key else ""
-    httpx.delete(f"{SERVER_URL}/collections/{qdrant.collection}", headers={"api-key": key}, timeout=30)
+    headers = {"api-key": key}
+    listed = httpx.get(f"{SERVER_URL}/collections", headers=headers, timeout=30).json()["result"]
+    for collection in listed["collections"]:  # the versions behind the alias: `<name>__v<n>`
+        if collection["name"].startswith(qdrant.collection):
+            httpx.delete(f"{SERVER_URL}/collections/{collection['name']}", headers=headers, timeout=30)
 
 
 def closed_port() -> int:

@@ -10,7 +10,7 @@ Decisions, per kind (docs/reliability.md has the table):
   declaring 100000x100000), a real image over ingest.max_image_pixels, an unreachable URL, a URL
   answering 404 or serving text; and every bad row (bad JSON, not an object, missing id or image, id
   too long, bad/negative/NaN/infinite price, duplicate id, reserved column, an image path outside the
-  catalogue's folder by `..`, absolute path or symlink).
+  catalogue's folder and the image roots by `..`, absolute path or symlink).
 """
 
 from __future__ import annotations
