@@ -1,14 +1,19 @@
 """Embedding throughput: model only, decoding only, and a whole `visrec sync`, in one run.
 
 Makes product-sized JPEGs from the bundled sample (upscaled), an artefact with random weights (the same
-speed as trained ones), then measures:
+speed as trained ones) unless `--artefact` names a trained one, then measures:
   (a) model-only img/s on pre-made tensors, for each batch size;
   (b) decode + preprocess img/s through the DataLoader (workers as configured);
   (c) end-to-end sync img/s into a fresh embedded store (decode, colour, embed, upsert);
+  (d) with --precision bf16/fp16 or --compile: the top-10 neighbour overlap with plain fp32 embeddings
+      of the same images (use a trained --artefact: random weights say little about neighbours);
 and prints (c)/(a) and (c)/(b): the pipeline's overhead. Device: CUDA when present, else CPU.
 
     .venv/bin/python benchmarks/embed_throughput.py --count 512 --input-size 128      # CPU-sized
-    .venv/bin/python benchmarks/embed_throughput.py --count 4096 --input-size 224 --batch-sizes 64 128 256
+    .venv/bin/python benchmarks/embed_throughput.py --count 512 --artefact .visrec/quality/model \
+        --precision bf16 --channels-last                                                # CPU, bf16
+    .venv/bin/python benchmarks/embed_throughput.py --count 4096 --input-size 224 --batch-sizes 64 128 256 \
+        --channels-last --precision bf16 --compile                                      # GPU
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader
@@ -90,32 +96,33 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the embedding path")
+    parser.add_argument(
+        "--artefact", type=Path, help="a trained model (its input size wins); default: random weights"
+    )
     args = parser.parse_args()
 
     device = resolve_device(args.device)
     root = Path(tempfile.mkdtemp(prefix="visrec-bench-"))
     catalogue_path = make_jpegs(root / "data", args.count, args.jpeg_size)
     catalogue = read_catalogue(catalogue_path)
-    pre = Preprocess(input_size=args.input_size)
-    save_artefact(
-        build_model("resnet50", 2),
-        root / "model",
-        backbone="resnet50",
-        pretrained=WeightInfo(source="random"),
-        classes=["a", "b"],
-        preprocess=pre,
-        metrics={},
-        training={},
-    )
-    embedder = Embedder(root / "model", device, args.channels_last, args.precision)
+    artefact = args.artefact or random_artefact(root / "model", args.input_size)
+    embedder = Embedder(artefact, device, args.channels_last, args.precision, args.compile)
+    pre = embedder.manifest.preprocess
     refs = [catalogue.image_ref(p) for p in catalogue.products]
     print(
         f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{args.count} JPEGs of {args.jpeg_size} px, model input {args.input_size} px, "
-        f"{args.workers} workers, channels_last={args.channels_last}, {args.precision}"
+        f"{args.count} JPEGs of {args.jpeg_size} px, model input {pre.input_size} px, "
+        f"{args.workers} workers, channels_last={args.channels_last}, {args.precision}, "
+        f"compile={args.compile}, weights {'of ' + str(artefact) if args.artefact else 'random'}"
     )
 
-    model_rates = {b: model_only(embedder, b, args.count, args.input_size) for b in args.batch_sizes}
+    if args.compile:  # compilation is paid once per process: keep it out of the rates
+        started = time.perf_counter()
+        for b in args.batch_sizes:
+            embedder.embed_pixels(torch.randn(b, 3, pre.input_size, pre.input_size))
+        print(f"torch.compile warm-up: {time.perf_counter() - started:.0f} s")
+    model_rates = {b: model_only(embedder, b, args.count, pre.input_size) for b in args.batch_sizes}
     for batch, rate in model_rates.items():
         print(f"(a) model only, batch {batch:4d}:   {rate:8.1f} img/s")
     batch = args.batch_sizes[0]
@@ -135,6 +142,44 @@ def main() -> None:
     took = f"{summary.added} in {summary.seconds:.1f} s"
     print(f"(c) end-to-end sync, batch {batch}: {end_to_end:8.1f} img/s ({took})")
     print(f"(c)/(a) = {end_to_end / model_rates[batch]:.2f}   (c)/(b) = {end_to_end / decode:.2f}")
+    if args.precision != "fp32" or args.compile:
+        plain = Embedder(artefact, device)
+        vectors = [embed_all(e, refs, batch, args.workers) for e in (plain, embedder)]
+        print(
+            f"(d) top-10 neighbour overlap with plain fp32 on the {len(refs)} images: {overlap(*vectors):.3f}"
+        )
+
+
+def random_artefact(out: Path, input_size: int) -> Path:
+    """A ResNet50 artefact with random weights: the same speed as a trained one."""
+    save_artefact(
+        build_model("resnet50", 2),
+        out,
+        backbone="resnet50",
+        pretrained=WeightInfo(source="random"),
+        classes=["a", "b"],
+        preprocess=Preprocess(input_size=input_size),
+        metrics={},
+        training={},
+    )
+    return out
+
+
+def embed_all(embedder: Embedder, refs: list[str], batch: int, workers: int) -> np.ndarray:
+    return np.concatenate([b.vectors for b in embedder.embed_refs(refs, ImageLimits(), batch, workers)])
+
+
+def overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:
+    """Mean share of each image's k nearest neighbours (itself excluded) that both embeddings agree on."""
+
+    def neighbours(v: np.ndarray) -> np.ndarray:
+        squared = (v * v).sum(1)
+        d = squared[:, None] + squared[None] - 2 * v @ v.T
+        np.fill_diagonal(d, np.inf)
+        return np.argsort(d, axis=1)[:, :k]
+
+    na, nb = neighbours(a), neighbours(b)
+    return float(np.mean([len(set(x) & set(y)) / k for x, y in zip(na, nb, strict=True)]))
 
 
 if __name__ == "__main__":

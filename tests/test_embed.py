@@ -55,6 +55,13 @@ def test_bf16_keeps_the_neighbours(artefact: tuple[Path, Manifest], refs: list[s
     assert _top10_overlap(plain, reduced) >= 0.95
 
 
+def test_torch_compile_matches_the_plain_path(artefact: tuple[Path, Manifest], refs: list[str]) -> None:
+    # 48 images in batches of 16: one shape, so one compilation (about 30 s on 2 cores).
+    plain = _vectors(Embedder(artefact[0], torch.device("cpu")), refs)
+    compiled = _vectors(Embedder(artefact[0], torch.device("cpu"), compile=True), refs)
+    np.testing.assert_allclose(compiled, plain, rtol=1e-3, atol=1e-3)
+
+
 def test_fp16_on_cpu_is_refused(artefact: tuple[Path, Manifest]) -> None:
     with pytest.raises(ModelError, match="needs a CUDA device"):
         Embedder(artefact[0], torch.device("cpu"), precision="fp16")

@@ -89,7 +89,8 @@ def _settings(**overrides: Any) -> Settings:
 
 def _embedder(settings: Settings, artefact: Path | None = None) -> Embedder:
     e = settings.embed
-    return Embedder(artefact or settings.artefact, resolve_device(e.device), e.channels_last, e.precision)
+    device = resolve_device(e.device)
+    return Embedder(artefact or settings.artefact, device, e.channels_last, e.precision, e.compile)
 
 
 def _limits(settings: Settings) -> ImageLimits:

@@ -40,6 +40,7 @@ class EmbedSettings(BaseModel):
     workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=0, le=64)
     channels_last: bool = False  # NHWC tensors: faster convolutions on tensor-core GPUs
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 needs CUDA
+    compile: bool = False  # torch.compile the embedding path (benchmarks/embed_throughput.py --compile)
 
 
 class IngestSettings(BaseModel):

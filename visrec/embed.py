@@ -6,7 +6,7 @@ for it. Decoding runs in DataLoader worker processes so the device never waits o
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -48,6 +48,7 @@ class Embedder:
         device: torch.device,
         channels_last: bool = False,
         precision: Literal["fp32", "bf16", "fp16"] = "fp32",
+        compile: bool = False,
     ) -> None:
         if precision == "fp16" and device.type != "cuda":
             raise ModelError("fp16 embedding needs a CUDA device; use bf16 or fp32 on the CPU")
@@ -55,8 +56,10 @@ class Embedder:
         self.device = device
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        self.compile = compile
         self._manifest: Manifest | None = None
         self._model: VisrecNet | None = None
+        self._embed: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     @property
     def manifest(self) -> Manifest:
@@ -69,11 +72,15 @@ class Embedder:
         if self._model is None:
             model, self._manifest = load_artefact(self.artefact_dir, self.device)
             self._model = model.to(memory_format=self.memory_format)
+            # Compiled on the first batch (tens of seconds), then fused kernels; a new batch shape
+            # recompiles once, with dynamic shapes.
+            self._embed = torch.compile(self._model.embed) if self.compile else self._model.embed
         return self._model
 
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
         """Embed a preprocessed (B, 3, S, S) batch."""
-        model = self.load()
+        self.load()
+        assert self._embed is not None
         pixels = pixels.to(self.device, non_blocking=True, memory_format=self.memory_format)
         with (
             torch.inference_mode(),
@@ -81,7 +88,7 @@ class Embedder:
                 self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None
             ),
         ):
-            vectors = model.embed(pixels)
+            vectors = self._embed(pixels)
         return vectors.float().cpu().numpy()  # one host copy per batch
 
     def embed_image(self, image: Image.Image) -> np.ndarray:
