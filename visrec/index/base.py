@@ -91,7 +91,22 @@ class SyncRecord:
         return cls(payload.get("content_hash"), payload.get("model_version"))
 
 
-class VectorIndex(ABC):
+class _Closing(ABC):
+    """Closes itself at the end of a `with` block."""
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+class VectorIndex(_Closing):
     """One collection of product embeddings (Euclidean), keyed by product id."""
 
     @abstractmethod
@@ -154,16 +169,8 @@ class VectorIndex(ABC):
     def close(self) -> None:
         """Flush and release the store."""
 
-    def __enter__(self) -> Self:
-        return self
 
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-
-class Store(ABC):
+class Store(_Closing):
     """The versions of one collection and the alias that says which one is live.
 
     Version n of collection `name` is the physical collection `name__vn`. A new model is synced into a
@@ -216,11 +223,3 @@ class Store(ABC):
         if collection not in self.versions():
             raise VisrecError(f"{collection!r} is not a version of {self.name!r}: {self.versions()}")
         self._point_alias(collection)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
