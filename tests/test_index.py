@@ -16,6 +16,7 @@ import pytest
 from visrec.config import QdrantSettings
 from visrec.errors import CollectionMissing, IndexUnavailable, VisrecError
 from visrec.index import Filters, IndexPoint, VectorIndex, open_index, point_id
+from visrec.index.edge import EdgeIndex
 
 DIM = 8
 
@@ -145,6 +146,28 @@ def test_embedded_store_reopens_with_its_points(tmp_path: Path) -> None:
         index.upsert(_points(5))
     with open_index(settings) as index:
         assert index.count() == 5
+
+
+def test_optimize_builds_the_graph_and_search_agrees_with_exact(tmp_path: Path) -> None:
+    """3,000 points of 1000-d (12 MB, above the full-scan threshold): as a sync leaves them nothing is
+    indexed; optimize() (what sync calls last) builds the HNSW graph, which finds (nearly) the exact top-10."""
+    rng = np.random.default_rng(1)
+    points = [
+        IndexPoint(f"p{i}", rng.normal(size=1000).astype(np.float32), {"product_id": f"p{i}"})
+        for i in range(3000)
+    ]
+    with open_index(QdrantSettings(path=tmp_path / "q", collection="big")) as index:
+        assert isinstance(index, EdgeIndex)
+        index.create(1000)
+        for start in range(0, len(points), 500):
+            index.upsert(points[start : start + 500])
+        assert index.shard.info().indexed_vectors_count == 0
+        index.optimize()
+        assert index.shard.info().indexed_vectors_count == 3000
+        query = points[7].vector
+        graph = [h.product_id for h in index.search(query, 10, Filters())]
+        exact = [h.product_id for h in index.search(query, 10, Filters(), exact=True)]
+        assert graph[0] == exact[0] == "p7" and len(set(graph) & set(exact)) >= 9  # graph build is threaded
 
 
 def test_busy_embedded_store_is_a_clear_error(tmp_path: Path) -> None:
