@@ -150,7 +150,8 @@ def test_embedded_store_reopens_with_its_points(tmp_path: Path) -> None:
 
 def test_optimize_builds_the_graph_and_search_agrees_with_exact(tmp_path: Path) -> None:
     """3,000 points of 1000-d (12 MB, above the full-scan threshold): as a sync leaves them nothing is
-    indexed; optimize() (what sync calls last) builds the HNSW graph, which finds (nearly) the exact top-10."""
+    indexed; optimize() (what sync calls last) builds the HNSW graph, which finds
+    (nearly) the exact top-10."""
     rng = np.random.default_rng(1)
     points = [
         IndexPoint(f"p{i}", rng.normal(size=1000).astype(np.float32), {"product_id": f"p{i}"})
