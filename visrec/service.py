@@ -1,0 +1,150 @@
+"""The live (index, model) pair the HTTP service answers from, following `visrec reindex`/`rollback`.
+
+Every `api.alias_check_s` one request looks at which collection version is live and, if it changed,
+opens it and the model that built it while the others go on with the old pair; the swap is one
+assignment, and the old index closes a grace period later, after requests that still hold it finish.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from visrec.artefact import artefact_for
+from visrec.config import Settings
+from visrec.embed import Embedder
+from visrec.errors import CollectionMissing, ModelError, VisrecError
+from visrec.images import ImageLimits
+from visrec.index import Store, VectorIndex, open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Live:
+    """The live collection version and the model that embeds photos for it: always a matching pair."""
+
+    collection: str
+    index: VectorIndex
+    embedder: Embedder | None
+    model_problem: ModelError | None  # why photos cannot be embedded for this version
+
+
+class Service:
+    """What the routes share: settings, upload limits and the live (index, model) pair."""
+
+    RETIRE_AFTER_S = 30.0  # far longer than any request (their timeouts are seconds)
+
+    def __init__(self, settings: Settings, device: torch.device) -> None:
+        self.settings = settings
+        self.device = device
+        self.limits = ImageLimits(
+            max_pixels=settings.api.max_upload_pixels, max_bytes=settings.api.max_upload_bytes
+        )
+        self._store: Store | None = None
+        self._live: Live | None = None
+        self._checked = 0.0
+        self._refreshing = False
+        self._retired: list[tuple[float, VectorIndex]] = []
+        self._embedders: dict[Path, Embedder] = {}
+        self._lock = threading.Lock()
+        self._retired_lock = threading.Lock()  # _reclaim runs under _lock or outside it
+
+    def start(self) -> None:
+        try:
+            self.live()
+        except VisrecError as exc:  # not ready yet: /readyz says why, routes answer 503 until it is
+            log.warning("starting without being ready: %s", exc)
+
+    def live(self) -> Live:
+        """The live pair, refreshed at most every `alias_check_s` (by one request at a time)."""
+        with self._lock:
+            if self._live is None:  # not ready: every request tries, one at a time
+                self._swap(self._open_live())
+                return self._live  # type: ignore[return-value]
+            current = self._live
+            due = time.monotonic() - self._checked >= self.settings.api.alias_check_s
+            if not due or self._refreshing:
+                return current
+            self._refreshing = True
+        try:
+            fresh = self._open_live(current)
+        except VisrecError as exc:  # the store hiccuped: keep serving the pair we have
+            log.warning("could not check the live collection: %s", exc)
+            fresh = current
+        finally:
+            with self._lock:
+                self._refreshing = False
+                self._checked = time.monotonic()
+        with self._lock:
+            self._swap(fresh)
+            return fresh
+
+    def index(self) -> VectorIndex:
+        return self.live().index
+
+    @property
+    def embedder(self) -> Embedder:
+        """The model for the live version; raises `ModelError` if it is not available here."""
+        live = self.live()
+        if live.embedder is None:
+            raise live.model_problem or ModelError("no model")
+        return live.embedder
+
+    def _open_live(self, current: Live | None = None) -> Live:
+        if self._store is None:
+            self._store = open_store(self.settings.qdrant)
+        target = self._store.live()
+        if current is not None and current.collection == target:
+            return current
+        index = self._reclaim(target) or self._store.open(target)
+        if not index.exists():
+            index.close()
+            raise CollectionMissing("the collection does not exist yet: run `visrec sync`")
+        try:
+            artefact = artefact_for(index.metadata(), self.settings.artefact)
+            if artefact not in self._embedders:
+                e = self.settings.embed
+                embedder = Embedder(artefact, self.device, e.channels_last, e.precision, e.compile)
+                embedder.load()
+                self._embedders[artefact] = embedder
+            return Live(target, index, self._embedders[artefact], None)
+        except ModelError as exc:  # product queries still work; photo queries answer 503 with this
+            log.error("%s", exc)
+            return Live(target, index, None, exc)
+
+    def _reclaim(self, collection: str) -> VectorIndex | None:
+        """A retired index of `collection`, still open (a rollback soon after a switch): reused, since
+        the embedded engine admits one open handle per folder."""
+        with self._retired_lock:
+            for entry in self._retired:
+                if entry[1].collection == collection:
+                    self._retired.remove(entry)
+                    return entry[1]
+        return None
+
+    def _swap(self, fresh: Live) -> None:
+        """Make `fresh` live (under the lock); close indexes retired long enough ago."""
+        now = time.monotonic()
+        if self._live is not None and fresh is not self._live:
+            log.info("live collection: %s → %s", self._live.collection, fresh.collection)
+            with self._retired_lock:
+                self._retired.append((now, self._live.index))
+        self._live = fresh
+        with self._retired_lock:
+            for entry in [r for r in self._retired if now - r[0] >= self.RETIRE_AFTER_S]:
+                entry[1].close()
+                self._retired.remove(entry)
+
+    def close(self) -> None:
+        for _, index in self._retired:
+            index.close()
+        if self._live is not None:
+            self._live.index.close()
+        if self._store is not None:
+            self._store.close()
