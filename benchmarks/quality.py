@@ -47,12 +47,14 @@ from torch.utils.data import DataLoader
 from visrec.catalogue import read_catalogue
 from visrec.config import EmbedSettings, Settings, TrainSettings
 from visrec.embed import Embedder, resolve_device
+from visrec.features import pooled_features
 from visrec.images import ImageDataset, ImageLimits, Preprocess, collate_images
 from visrec.index.base import Filters, IndexPoint
 from visrec.index.edge import EdgeIndex
 from visrec.metrics import retrieval_metrics
 from visrec.model import build_model, load_pretrained, sha256_file
-from visrec.train import export, pooled_features, split_data, train
+from visrec.splits import split_data
+from visrec.train import export, train
 
 log = logging.getLogger("quality")
 

@@ -10,7 +10,8 @@ from visrec.artefact import Manifest
 from visrec.catalogue import read_catalogue
 from visrec.config import Settings
 from visrec.errors import CatalogueError
-from visrec.train import split_data, split_holdout, train
+from visrec.splits import split_data, split_holdout
+from visrec.train import train
 
 
 def test_holdout_split_is_stratified_disjoint_and_seeded() -> None:

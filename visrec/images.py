@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -225,3 +226,29 @@ def collate_images(items: list[ImageItem]) -> ImageBatch:
     failures = [(i, error) for i, t, error, _ in items if t is None and error is not None]
     pixels = torch.stack([t for _, t, _ in good]) if good else torch.empty(0)
     return ImageBatch([i for i, _, _ in good], pixels, failures, [extra for _, _, extra in good])
+
+
+class AugmentedImages(ImageDataset):
+    """Product-photo augmentation: a mirror and a random square crop keeping ≥ `crop_scale` of the area,
+    resized back. Geometry only: colour stays exact."""
+
+    def __init__(
+        self, refs: Sequence[str], pre: Preprocess, limits: ImageLimits, hflip: float, crop_scale: float
+    ):
+        super().__init__(refs, pre, limits, hflip_p=hflip)
+        self.crop_scale = crop_scale
+
+    def __getitem__(self, index: int) -> ImageItem:
+        index, tensor, error, extras = super().__getitem__(index)
+        if tensor is None or self.crop_scale >= 1:
+            return index, tensor, error, extras
+        size = tensor.shape[-1]
+        scale = self.crop_scale + (1 - self.crop_scale) * torch.rand(()).item()
+        side = max(1, round(size * math.sqrt(scale)))
+        top, left = (int(v) for v in torch.randint(0, size - side + 1, (2,)))
+        return (
+            index,
+            TF.resized_crop(tensor, top, left, side, side, [size, size], antialias=True),
+            error,
+            extras,
+        )

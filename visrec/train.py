@@ -19,8 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,19 +28,18 @@ from typing import Any
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, RandomSampler, TensorDataset
-from torchvision.transforms import functional as TF
 
 from visrec.artefact import Manifest, save_artefact
 from visrec.catalogue import Catalogue
 from visrec.config import Settings, TrainSettings
-from visrec.errors import CatalogueError
-from visrec.images import ImageDataset, ImageItem, ImageLimits, Preprocess, collate_images
+from visrec.features import StageProgress, atomic_save, image_loader, infer, pooled_features
+from visrec.images import AugmentedImages, ImageDataset, ImageItem, ImageLimits, Preprocess
 from visrec.metrics import topk_accuracy
 from visrec.model import EMBEDDING_DIM, VisrecNet, WeightInfo, build_model, load_pretrained
+from visrec.splits import Split, split_data
 
 log = logging.getLogger(__name__)
 
-StageProgress = Callable[[str, int, int], None]  # (stage, done, total)
 
 # Settings that change what phase 1 produces; the others (phase 2's) leave its checkpoint valid.
 PHASE1_FIELDS = (
@@ -57,15 +54,6 @@ PHASE1_FIELDS = (
     "validation",
     "patience",
 )
-
-
-@dataclass(frozen=True)
-class Split:
-    refs: list[str]
-    labels: list[int]
-
-    def take(self, positions: Sequence[int]) -> Split:
-        return Split([self.refs[i] for i in positions], [self.labels[i] for i in positions])
 
 
 @dataclass
@@ -89,55 +77,6 @@ class TrainResult:
     losses: dict[str, list[float]] = field(default_factory=dict)  # mean loss per epoch, by phase
     validation: dict[str, list[float]] = field(default_factory=dict)  # validation top-1 per epoch
     heldout: HeldOut | None = None
-
-
-def split_holdout(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    """Stratified split of positions into (train, held-out); every class with ≥2 items is in both."""
-    rng = random.Random(seed)
-    by_class: dict[int, list[int]] = {}
-    for position, label in enumerate(labels):
-        by_class.setdefault(label, []).append(position)
-    train, held_out = [], []
-    for positions in by_class.values():
-        rng.shuffle(positions)
-        n_out = min(len(positions) - 1, max(1, round(len(positions) * fraction))) if len(positions) > 1 else 0
-        held_out += positions[:n_out]
-        train += positions[n_out:]
-    return sorted(train), sorted(held_out)
-
-
-def split_data(
-    catalogue: Catalogue, cfg: TrainSettings, test: Catalogue | None = None
-) -> tuple[list[str], Split, Split, Split]:
-    """(classes, fit, validation, held-out). The held-out split is `test` when given, else a stratified
-    `cfg.holdout` share of the catalogue; validation is a stratified `cfg.validation` share of the rest.
-    Raises `CatalogueError` for fewer than 2 categories, a test category unseen in training, or too
-    few products to hold any out."""
-    labelled = [p for p in catalogue.products if p.category]
-    classes = sorted({p.category for p in labelled if p.category})
-    if len(classes) < 2:
-        raise CatalogueError(f"training needs at least 2 categories; {catalogue.path} has {len(classes)}")
-    data = Split(
-        [catalogue.image_ref(p) for p in labelled], [classes.index(p.category or "") for p in labelled]
-    )
-    if test is None:
-        train_pos, test_pos = split_holdout(data.labels, cfg.holdout, cfg.seed)
-        trainable, held_out = data.take(train_pos), data.take(test_pos)
-    else:
-        tested = [p for p in test.products if p.category]
-        unseen = sorted({p.category or "" for p in tested} - set(classes))
-        if unseen:
-            raise CatalogueError(f"{test.path}: categories not in the training catalogue: {unseen[:5]}")
-        trainable = data
-        held_out = Split(
-            [test.image_ref(p) for p in tested], [classes.index(p.category or "") for p in tested]
-        )
-    if not held_out.refs:
-        raise CatalogueError("too few products per category to hold any out for evaluation")
-    if not cfg.validation:
-        return classes, trainable, Split([], []), held_out
-    fit_pos, val_pos = split_holdout(trainable.labels, cfg.validation, cfg.seed + 1)
-    return classes, trainable.take(fit_pos), trainable.take(val_pos), held_out
 
 
 def train(
@@ -173,7 +112,7 @@ def train(
     started = time.perf_counter()
     model.eval()
     evaluate = run.loader(run.images(held_out.refs))
-    outputs, kept = _infer(_embed_and_classify(model), evaluate, device, "evaluate", progress)
+    outputs, kept = infer(_embed_and_classify(model), evaluate, device, "evaluate", progress)
     metrics["seconds_evaluate"] = round(time.perf_counter() - started, 1)
     targets = torch.tensor(held_out.labels)[kept]
     logits = outputs[:, EMBEDDING_DIM:]
@@ -197,68 +136,6 @@ def export(result: TrainResult, settings: Settings) -> Manifest:
         metrics=result.metrics,
         training=cfg.model_dump(mode="json") | {"losses": result.losses, "validation": result.validation},
     )
-
-
-def pooled_features(
-    model: VisrecNet,
-    refs: Sequence[str],
-    pre: Preprocess,
-    device: torch.device,
-    *,
-    batch_size: int,
-    workers: int,
-    limits: ImageLimits | None = None,
-    cache_dir: Path | None = None,
-    progress: StageProgress | None = None,
-) -> tuple[torch.Tensor, list[int]]:
-    """The frozen trunk's pooled features of the images (eval mode), and the positions that decoded.
-
-    With `cache_dir`, they are kept in a file named by the trunk's weights, the preprocessing and the
-    image references, so any later call with the same three reads them back instead of recomputing.
-    """
-    path = None
-    if cache_dir is not None:
-        digest = hashlib.sha256(json.dumps([pre.model_dump(), list(refs)]).encode())
-        for name, tensor in model.backbone.state_dict().items():
-            if not name.startswith("fc."):
-                digest.update(tensor.cpu().numpy().tobytes())
-        path = cache_dir / f"features-{digest.hexdigest()[:16]}.pt"
-        if path.is_file():
-            cached = torch.load(path, weights_only=True)
-            log.info("pooled features read from %s", path)
-            return cached["features"], cached["kept"]
-    model.eval()
-    loader = _loader(ImageDataset(refs, pre, limits or ImageLimits()), batch_size, workers, device)
-    feats, kept = _infer(model.pooled, loader, device, "features", progress)
-    if path is not None:
-        _atomic_save({"features": feats, "kept": kept}, path)
-    return feats, kept
-
-
-class _Augmented(ImageDataset):
-    """Product-photo augmentation: a mirror and a random square crop keeping ≥ `crop_scale` of the area,
-    resized back. Geometry only: colour stays exact."""
-
-    def __init__(
-        self, refs: Sequence[str], pre: Preprocess, limits: ImageLimits, hflip: float, crop_scale: float
-    ):
-        super().__init__(refs, pre, limits, hflip_p=hflip)
-        self.crop_scale = crop_scale
-
-    def __getitem__(self, index: int) -> ImageItem:
-        index, tensor, error, extras = super().__getitem__(index)
-        if tensor is None or self.crop_scale >= 1:
-            return index, tensor, error, extras
-        size = tensor.shape[-1]
-        scale = self.crop_scale + (1 - self.crop_scale) * torch.rand(()).item()
-        side = max(1, round(size * math.sqrt(scale)))
-        top, left = (int(v) for v in torch.randint(0, size - side + 1, (2,)))
-        return (
-            index,
-            TF.resized_crop(tensor, top, left, side, side, [size, size], antialias=True),
-            error,
-            extras,
-        )
 
 
 class _Run:
@@ -287,7 +164,7 @@ class _Run:
         return ImageDataset(refs, self.pre, self.limits)
 
     def loader(self, dataset: ImageDataset, **kw: Any) -> DataLoader[ImageItem]:
-        return _loader(dataset, self.cfg.batch_size, self.workers, self.device, **kw)
+        return image_loader(dataset, self.cfg.batch_size, self.workers, self.device, **kw)
 
     def path(self, name: str) -> Path | None:
         return self.cfg.work_dir / f"{name}.pt" if self.cfg.work_dir else None
@@ -307,7 +184,7 @@ class _Run:
     def save(self, phase: str, state: dict[str, Any]) -> None:
         path = self.path(phase)
         if path is not None:
-            _atomic_save({"key": self.keys[phase]} | state, path)
+            atomic_save({"key": self.keys[phase]} | state, path)
 
 
 def _phase1(run: _Run, result: TrainResult) -> None:
@@ -431,7 +308,7 @@ class _EarlyStop:
 
 def _phase2(run: _Run, result: TrainResult) -> None:
     model, cfg = result.model, run.cfg
-    dataset = _Augmented(run.fit.refs, run.pre, run.limits, cfg.hflip, cfg.crop_scale)
+    dataset = AugmentedImages(run.fit.refs, run.pre, run.limits, cfg.hflip, cfg.crop_scale)
     per_epoch = min(cfg.finetune_images or len(dataset), len(dataset))
     steps = math.ceil(per_epoch / cfg.batch_size) * cfg.epochs_finetune
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr_finetune)
@@ -537,7 +414,7 @@ def _finetune_epoch(
 
 
 def _validate(model: VisrecNet, run: _Run) -> float | None:
-    logits, kept = _infer(model, run.loader(run.images(run.val.refs)), run.device, "validate", run.progress)
+    logits, kept = infer(model, run.loader(run.images(run.val.refs)), run.device, "validate", run.progress)
     return _top1(logits, torch.tensor(run.val.labels)[kept])
 
 
@@ -559,47 +436,5 @@ def _freeze_batchnorm(model: nn.Module) -> None:
             module.eval()
 
 
-def _infer(
-    fn: Callable[[torch.Tensor], torch.Tensor],
-    loader: DataLoader[ImageItem],
-    device: torch.device,
-    stage: str,
-    progress: StageProgress | None,
-) -> tuple[torch.Tensor, list[int]]:
-    """`fn` over every image that decodes, in eval mode: the stacked outputs and their dataset indices."""
-    outputs, kept = [], []
-    with torch.inference_mode():
-        for step, batch in enumerate(loader, 1):
-            if batch.indices:
-                outputs.append(fn(batch.pixels.to(device, non_blocking=True)).cpu())
-                kept += batch.indices
-            if progress:
-                progress(stage, step, len(loader))
-    if not outputs:
-        raise CatalogueError(f"{stage}: no image could be decoded")
-    return torch.cat(outputs), kept
-
-
-def _loader(
-    dataset: ImageDataset, batch_size: int, workers: int, device: torch.device, **kw: Any
-) -> DataLoader[ImageItem]:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate_images,
-        pin_memory=device.type == "cuda",
-        **kw,
-    )
-
-
 def _digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
-def _atomic_save(state: dict[str, Any], path: Path) -> None:
-    """Write then rename: an interruption leaves the previous checkpoint, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)

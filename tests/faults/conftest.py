@@ -119,6 +119,7 @@ def closed_port() -> int:
 
 class _Answer503(http.server.BaseHTTPRequestHandler):
     def _fail(self) -> None:
+        self.server.hits += 1  # type: ignore[attr-defined]  # before answering: the client may check at once
         length = int(self.headers.get("content-length") or 0)
         self.rfile.read(length)
         body = b'{"status":{"error":"Service Unavailable"}}'
@@ -127,7 +128,6 @@ class _Answer503(http.server.BaseHTTPRequestHandler):
         self.send_header("content-length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
-        self.server.hits += 1  # type: ignore[attr-defined]
 
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _fail
 
