@@ -142,16 +142,13 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
     @app.get("/readyz")
     def readyz(response: Response) -> dict[str, Any]:
         """Ready when the model is loaded and the collection is reachable."""
-        problems = []
+        problems, model_version, points = [], None, None
         try:
-            model_version = service.embedder.manifest.model_version
-            service.embedder.load()
+            live = service.live()
+            points = live.index.count()
+            model_version = live.model().manifest.model_version
         except VisrecError as exc:
-            model_version, problems = None, [str(exc)]
-        try:
-            points = service.index().count()
-        except VisrecError as exc:
-            points, problems = None, [*problems, str(exc)]
+            problems.append(str(exc))
         if problems:
             response.status_code = 503
             response.headers["Retry-After"] = str(settings.api.retry_after_s)
@@ -214,10 +211,9 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
         data = image.file.read(settings.api.max_upload_bytes + 1)
         if len(data) > settings.api.max_upload_bytes:
             raise HTTPException(413, f"upload larger than {settings.api.max_upload_bytes} bytes")
+        live = service.live()  # one (index, model) pair, even if a reindex switches versions meanwhile
         return _results(
-            query.similar_to_image(
-                service.index(), service.embedder, data, service.limits, k, filters, colour_weight
-            )
+            query.similar_to_image(live.index, live.model(), data, service.limits, k, filters, colour_weight)
         )
 
     @app.post("/recommend", response_model=Results)

@@ -34,6 +34,12 @@ class Live:
     embedder: Embedder | None
     model_problem: ModelError | None  # why photos cannot be embedded for this version
 
+    def model(self) -> Embedder:
+        """The model for this version; raises `ModelError` if it is not available here."""
+        if self.embedder is None:
+            raise self.model_problem or ModelError("no model")
+        return self.embedder
+
 
 class Service:
     """What the routes share: settings, upload limits and the live (index, model) pair."""
@@ -87,14 +93,6 @@ class Service:
 
     def index(self) -> VectorIndex:
         return self.live().index
-
-    @property
-    def embedder(self) -> Embedder:
-        """The model for the live version; raises `ModelError` if it is not available here."""
-        live = self.live()
-        if live.embedder is None:
-            raise live.model_problem or ModelError("no model")
-        return live.embedder
 
     def _open_live(self, current: Live | None = None) -> Live:
         if self._store is None:
