@@ -92,6 +92,14 @@ def test_reindex_switches_and_rollback_goes_back(make_catalogue, settings: Setti
     again = run_reindex(catalogue, settings, new_model)  # back up: v2 is reused, nothing re-embedded
     assert (again.live, again.sync.added, again.sync.unchanged) == ("products__v2", 0, 12)
 
+    # A plain sync with another model than the live version's would mix two models in a queried
+    # collection: refused, pointing at reindex. Rolled back, a reindex with the first model rebuilds v2.
+    with pytest.raises(ModelError, match="built by model .*`visrec reindex"):
+        run_sync(catalogue, settings)
+    rollback(open_store(settings.qdrant))
+    rebuilt = run_reindex(catalogue, settings, settings.artefact)
+    assert (rebuilt.live, rebuilt.sync.updated) == ("products__v2", 12) and model_versions(settings) == {old}
+
 
 def test_reindex_does_not_go_live_with_missing_products(
     make_catalogue, settings: Settings, new_model: Path

@@ -24,7 +24,7 @@ from PIL import Image
 from visrec.catalogue import Catalogue, Product
 from visrec.colour import extract_colours
 from visrec.embed import Embedder
-from visrec.errors import CatalogueError, VisrecError
+from visrec.errors import CatalogueError, ModelError, VisrecError
 from visrec.images import ImageLimits
 from visrec.index import IndexPoint, Store, SyncRecord, VectorIndex
 
@@ -169,12 +169,15 @@ def sync(
     failure_report: Path,
     progress: ProgressFn | None = None,
     shard: Shard = Shard(),
+    new_model: bool = False,
 ) -> SyncSummary:
     """Bring the index in step with the catalogue; returns what was done.
 
     Bad rows and bad images are written to `failure_report` (JSON lines) and skipped. Raises
     `CatalogueError` for a catalogue with no valid product (it would otherwise empty the index),
-    `IndexUnavailable` if the store fails, `ModelError` if the artefact is unusable.
+    `IndexUnavailable` if the store fails, `ModelError` if the artefact is unusable or, unless
+    `new_model`, is not the model that built the collection (re-embedding a collection in place would
+    mix two models' vectors while it is queried: `reindex` builds a new version instead).
     """
     started = time.perf_counter()
     if not catalogue.products:
@@ -182,6 +185,13 @@ def sync(
             f"{catalogue.path}: no valid product (of {len(catalogue.errors)} rows); nothing synced"
         )
     manifest = embedder.manifest
+    built_by = index.metadata().get("model_version") if index.exists() else None
+    if built_by and built_by != manifest.model_version and not new_model:
+        raise ModelError(
+            f"{index.collection} was built by model {built_by}, not {manifest.model_version} "
+            f"({embedder.artefact_dir}): sync with that model, or change models with "
+            "`visrec reindex CATALOGUE --model NEW`"
+        )
     index.create(
         manifest.embedding_dim,
         {"model_version": manifest.model_version, "artefact": str(embedder.artefact_dir.resolve())},
@@ -280,8 +290,8 @@ def reindex(
         target = live
     else:
         target = newer[-1] if newer else store.version(store.generation(live) + 1)
-    with store.open(target) as index:
-        summary = sync(catalogue, index, embedder, **sync_args)
+    with store.open(target) as index:  # not live: it may be rebuilt with another model in place
+        summary = sync(catalogue, index, embedder, new_model=True, **sync_args)
         points = index.count()
     expected = len(catalogue.products) - summary.failed
     if points != expected or (summary.failed and not accept_failures):
