@@ -149,14 +149,14 @@ def test_embedded_store_reopens_with_its_points(tmp_path: Path) -> None:
 
 
 def test_optimize_builds_the_graph_and_search_agrees_with_exact(tmp_path: Path) -> None:
-    """3,000 points of 1000-d (12 MB, above the full-scan threshold): as a sync leaves them nothing is
-    indexed; optimize() (what sync calls last) builds the HNSW graph, which finds
-    (nearly) the exact top-10."""
+    """3,000 points of 1000-d (12 MB, above the full-scan threshold) in 30 clusters, as product
+    embeddings come: as a sync leaves them nothing is indexed; optimize() (what sync calls last) builds
+    the HNSW graph, which finds the exact top-10. (On uniform random 1000-d points HNSW recall is poor
+    and a test of it flaky; benchmarks/query_latency.py measures recall on real embeddings.)"""
     rng = np.random.default_rng(1)
-    points = [
-        IndexPoint(f"p{i}", rng.normal(size=1000).astype(np.float32), {"product_id": f"p{i}"})
-        for i in range(3000)
-    ]
+    centres = rng.normal(size=(30, 1000)).astype(np.float32)
+    vectors = centres[np.arange(3000) % 30] + 0.1 * rng.normal(size=(3000, 1000)).astype(np.float32)
+    points = [IndexPoint(f"p{i}", v, {"product_id": f"p{i}"}) for i, v in enumerate(vectors)]
     with open_index(QdrantSettings(path=tmp_path / "q", collection="big")) as index:
         assert isinstance(index, EdgeIndex)
         index.create(1000)
@@ -165,10 +165,14 @@ def test_optimize_builds_the_graph_and_search_agrees_with_exact(tmp_path: Path) 
         assert index.shard.info().indexed_vectors_count == 0
         index.optimize()
         assert index.shard.info().indexed_vectors_count == 3000
-        query = points[7].vector
-        graph = [h.product_id for h in index.search(query, 10, Filters())]
-        exact = [h.product_id for h in index.search(query, 10, Filters(), exact=True)]
-        assert graph[0] == exact[0] == "p7" and len(set(graph) & set(exact)) >= 9  # graph build is threaded
+        found = [
+            len(
+                {h.product_id for h in index.search(v, 10, Filters())}
+                & {h.product_id for h in index.search(v, 10, Filters(), exact=True)}
+            )
+            for v in vectors[:20]
+        ]
+        assert sum(found) >= 0.95 * 200, found
 
 
 def test_busy_embedded_store_is_a_clear_error(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from visrec.ingest import PAYLOAD_VERSION
 
 CYCLES = int(os.environ.get("VISREC_FAULTS_KILL_CYCLES", "5"))
 REPO = Path(__file__).parents[2]
+BATCH = 2  # images per upsert: many small durable steps to kill between
 
 
 class ForkServer:
@@ -82,9 +83,9 @@ def test_repeated_kills_then_a_rerun_lose_and_duplicate_nothing(
     index afterwards; after the rerun the count equals the catalogue's valid products, no id twice,
     every payload matches its row, and every vector equals a clean sync's."""
     rng = random.Random(SEED)
-    n = max(80, 16 * CYCLES)
+    n = max(240, 16 * CYCLES)  # enough work that a fast machine cannot finish before the kill lands
     catalogue = make_catalogue(n)
-    env = settings_env(store) | {"VISREC_EMBED__BATCH_SIZE": "4"}
+    env = settings_env(store) | {"VISREC_EMBED__BATCH_SIZE": str(BATCH)}
     argv = ["-v", "sync", str(catalogue), "--json"]
     endings: list[dict[str, Any]] = []
     points = 0
@@ -101,7 +102,7 @@ def test_repeated_kills_then_a_rerun_lose_and_duplicate_nothing(
         # Acknowledged writes survive the kill: every point logged as upserted is there (less the
         # re-embedded changed products, which add no point).
         assert points >= min(n, before + durable - count_updates(logs)), (cycle, plan, before, points)
-        endings.append({**ended, "plan": plan, "points_after": points, "batches_logged": durable // 4})
+        endings.append({**ended, "plan": plan, "points_after": points, "batches_logged": durable // BATCH})
 
     final = fork_server.run(argv, env, tmp_path / "final", None)
     assert final["status"] == 0, Path(f"{tmp_path / 'final'}.err").read_text()
