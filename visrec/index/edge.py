@@ -54,13 +54,7 @@ class EdgeStore(Store):
             return None
 
     def _point_alias(self, collection: str) -> None:
-        tmp = self.alias_file.with_suffix(".alias.tmp")
-        with tmp.open("w") as f:
-            f.write(collection)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(self.alias_file)
-        _fsync_dir(self.root)
+        _write_atomically(self.alias_file, collection)
 
     def open(self, collection: str, *, owner: bool = False) -> EdgeIndex:
         return EdgeIndex(self.root, collection, self.settings)
@@ -103,9 +97,7 @@ class EdgeIndex(VectorIndex):
     def create(self, dim: int, metadata: dict[str, str] | None = None) -> None:
         self._create(dim)
         if metadata is not None and metadata != self.metadata():
-            tmp = self.metadata_file.with_suffix(".json.tmp")
-            tmp.write_text(json.dumps(metadata))
-            tmp.replace(self.metadata_file)
+            _write_atomically(self.metadata_file, json.dumps(metadata))
 
     def metadata(self) -> dict[str, str]:
         try:
@@ -220,9 +212,16 @@ class EdgeIndex(VectorIndex):
             self._shard = None
 
 
-def _fsync_dir(path: Path) -> None:
-    """Make a rename in `path` durable."""
-    fd = os.open(path, os.O_RDONLY)
+def _write_atomically(path: Path, text: str) -> None:
+    """Replace `path` with `text` durably: readers see the old content or the new, never a part, even
+    across a crash (write a temp file, fsync it, rename over, fsync the folder)."""
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
