@@ -5,15 +5,16 @@ speed as trained ones) unless `--artefact` names a trained one, then measures:
   (a) model-only img/s on pre-made tensors, for each batch size;
   (b) decode + preprocess img/s through the DataLoader (workers as configured);
   (c) end-to-end sync img/s into a fresh embedded store (decode, colour, embed, upsert);
-  (d) with --precision bf16/fp16 or --compile: the top-10 neighbour overlap with plain fp32 embeddings
-      of the same images (use a trained --artefact: random weights say little about neighbours);
+  (d) with --precision bf16/fp16, --compile or --decode-on-device: the top-10 neighbour overlap with
+      plain fp32 embeddings of the same images (use a trained --artefact: random weights say little
+      about neighbours);
 and prints (c)/(a) and (c)/(b): the pipeline's overhead. Device: CUDA when present, else CPU.
 
     .venv/bin/python benchmarks/embed_throughput.py --count 512 --input-size 128      # CPU-sized
     .venv/bin/python benchmarks/embed_throughput.py --count 512 --artefact .visrec/quality/model \
         --precision bf16 --channels-last                                                # CPU, bf16
     .venv/bin/python benchmarks/embed_throughput.py --count 4096 --input-size 224 --batch-sizes 64 128 256 \
-        --channels-last --precision bf16 --compile                                      # GPU
+        --channels-last --precision bf16 --compile --decode-on-device                   # GPU
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ from visrec.artefact import save_artefact
 from visrec.catalogue import read_catalogue
 from visrec.config import QdrantSettings
 from visrec.embed import Embedder, resolve_device
-from visrec.images import ImageDataset, ImageLimits, Preprocess, collate_images
+from visrec.images import (
+    ImageDataset,
+    ImageLimits,
+    JpegPassThrough,
+    Preprocess,
+    collate_images,
+    preprocess_jpegs,
+)
 from visrec.index import open_index
 from visrec.ingest import sync
 from visrec.model import WeightInfo, build_model
@@ -72,15 +80,23 @@ def model_only(embedder: Embedder, batch: int, count: int, size: int) -> float:
     return steps * batch / (time.perf_counter() - started)
 
 
-def decode_only(refs: list[str], pre: Preprocess, batch: int, workers: int) -> float:
+def decode_only(refs: list[str], pre: Preprocess, batch: int, workers: int, on: torch.device | None) -> float:
+    """Images/s decoded and preprocessed: by the workers, or, `on` a device, checked by the workers and
+    decoded there."""
     loader = DataLoader(
-        ImageDataset(refs, pre, ImageLimits()),
+        (JpegPassThrough if on else ImageDataset)(refs, pre, ImageLimits()),
         batch_size=batch,
         num_workers=workers,
         collate_fn=collate_images,
     )
     started = time.perf_counter()
-    seen = sum(len(b.indices) for b in loader)
+    seen = 0
+    for b in loader:
+        seen += len(b.indices)
+        if on and b.encoded:
+            preprocess_jpegs(b.encoded, pre, on)
+    if on and on.type == "cuda":
+        torch.cuda.synchronize()
     return seen / (time.perf_counter() - started)
 
 
@@ -98,6 +114,9 @@ def main() -> None:
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
     parser.add_argument("--compile", action="store_true", help="torch.compile the embedding path")
     parser.add_argument(
+        "--decode-on-device", action="store_true", help="decode JPEGs on the device (nvJPEG on CUDA)"
+    )
+    parser.add_argument(
         "--artefact", type=Path, help="a trained model (its input size wins); default: random weights"
     )
     args = parser.parse_args()
@@ -107,14 +126,17 @@ def main() -> None:
     catalogue_path = make_jpegs(root / "data", args.count, args.jpeg_size)
     catalogue = read_catalogue(catalogue_path)
     artefact = args.artefact or random_artefact(root / "model", args.input_size)
-    embedder = Embedder(artefact, device, args.channels_last, args.precision, args.compile)
+    embedder = Embedder(
+        artefact, device, args.channels_last, args.precision, args.compile, args.decode_on_device
+    )
     pre = embedder.manifest.preprocess
     refs = [catalogue.image_ref(p) for p in catalogue.products]
     print(
         f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{args.count} JPEGs of {args.jpeg_size} px, model input {pre.input_size} px, "
         f"{args.workers} workers, channels_last={args.channels_last}, {args.precision}, "
-        f"compile={args.compile}, weights {'of ' + str(artefact) if args.artefact else 'random'}"
+        f"compile={args.compile}, decode_on_device={args.decode_on_device}, "
+        f"weights {'of ' + str(artefact) if args.artefact else 'random'}"
     )
 
     if args.compile:  # compilation is paid once per process: keep it out of the rates
@@ -126,7 +148,7 @@ def main() -> None:
     for batch, rate in model_rates.items():
         print(f"(a) model only, batch {batch:4d}:   {rate:8.1f} img/s")
     batch = args.batch_sizes[0]
-    decode = decode_only(refs, pre, batch, args.workers)
+    decode = decode_only(refs, pre, batch, args.workers, device if args.decode_on_device else None)
     print(f"(b) decode + preprocess:         {decode:8.1f} img/s")
     with open_index(QdrantSettings(path=root / "qdrant")) as index:
         summary = sync(
@@ -142,11 +164,12 @@ def main() -> None:
     took = f"{summary.added} in {summary.seconds:.1f} s"
     print(f"(c) end-to-end sync, batch {batch}: {end_to_end:8.1f} img/s ({took})")
     print(f"(c)/(a) = {end_to_end / model_rates[batch]:.2f}   (c)/(b) = {end_to_end / decode:.2f}")
-    if args.precision != "fp32" or args.compile:
+    if args.precision != "fp32" or args.compile or args.decode_on_device:
         plain = Embedder(artefact, device)
-        vectors = [embed_all(e, refs, batch, args.workers) for e in (plain, embedder)]
+        reference, fast = (embed_all(e, refs, batch, args.workers) for e in (plain, embedder))
         print(
-            f"(d) top-10 neighbour overlap with plain fp32 on the {len(refs)} images: {overlap(*vectors):.3f}"
+            f"(d) top-10 neighbour overlap with plain fp32 on the {len(refs)} images: "
+            f"{overlap(reference, fast):.3f}"
         )
 
 

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from visrec.cli import app
@@ -136,3 +137,22 @@ def test_sync_without_a_model_says_to_train(
     monkeypatch.setenv("VISREC_ARTEFACT", str(tmp_path / "no-model"))
     result = runner.invoke(app, ["sync", str(make_catalogue(3))])
     assert result.exit_code == 3 and "run `visrec train` first" in result.stderr
+
+
+def test_sync_decoding_jpegs_on_the_device(
+    make_catalogue, env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    # The setting reaches the embedder; on this CPU-only machine the "device" is the CPU.
+    catalogue = make_catalogue(6)
+    for png in (catalogue.parent / "images").glob("*.png"):
+        Image.open(png).save(png.with_suffix(".jpg"), quality=95)
+    catalogue.write_text(catalogue.read_text().replace(".png", ".jpg"))
+    monkeypatch.setenv("VISREC_EMBED__DECODE_ON_DEVICE", "true")
+    result = runner.invoke(app, ["sync", str(catalogue), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["added"] == 6
+    result = runner.invoke(app, ["similar", "p0", "-k", "2", "--colour", "red", "--json"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)
+    assert [hit["product_id"] for hit in hits] == ["p1", "p2"]
+    assert {hit["payload"]["colour_extracted"] for hit in hits} == {"red"}  # workers still saw the photos

@@ -7,10 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from tests.conftest import COLOURS, SHAPES, draw_product
 from visrec.artefact import Manifest
-from visrec.embed import Embedder
+from visrec.embed import EmbeddedBatch, Embedder
 from visrec.errors import ModelError
 from visrec.images import ImageLimits
 
@@ -24,6 +25,20 @@ def refs(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
         str(draw_product(root / f"{i}.png", SHAPES[i % 3], list(COLOURS)[(i // 3) % 3], variant=i))
         for i in range(48)
     ]
+
+
+@pytest.fixture(scope="module")
+def jpeg_refs(refs: list[str], tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The same products as JPEGs of a few sizes and shapes, then a corrupt one and a PNG."""
+    root = tmp_path_factory.mktemp("jpegs")
+    sizes = [(48, 48), (120, 90), (64, 200), (300, 300)]
+    out = []
+    for i, ref in enumerate(refs):
+        path = root / f"{i}.jpg"
+        Image.open(ref).resize(sizes[i % len(sizes)], Image.Resampling.BICUBIC).save(path, quality=90)
+        out.append(str(path))
+    (root / "corrupt.jpg").write_bytes(Path(out[0]).read_bytes()[:300])
+    return [*out, str(root / "corrupt.jpg"), refs[0]]
 
 
 def _vectors(embedder: Embedder, refs: list[str]) -> np.ndarray:
@@ -62,6 +77,22 @@ def test_torch_compile_matches_the_plain_path(artefact: tuple[Path, Manifest], r
     np.testing.assert_allclose(compiled, plain, rtol=1e-3, atol=1e-3)
 
 
+def test_decoding_on_the_device_keeps_the_neighbours(
+    artefact: tuple[Path, Manifest], jpeg_refs: list[str]
+) -> None:
+    # On the CPU the "device" decoder is torchvision's libjpeg one: the path is the one CUDA takes.
+    embedders = [Embedder(artefact[0], torch.device("cpu"), decode_on_device=d) for d in (False, True)]
+    plain, on_device = ([*e.embed_refs(jpeg_refs, ImageLimits(), 16, 0)] for e in embedders)
+    assert [b.failures for b in on_device] == [b.failures for b in plain]
+    assert [i for b in on_device for i, _ in b.failures] == [len(jpeg_refs) - 2]  # the corrupt one
+
+    def by_index(batches: list[EmbeddedBatch]) -> np.ndarray:
+        indices = [i for b in batches for i in b.indices]
+        return np.concatenate([b.vectors for b in batches])[np.argsort(indices)]
+
+    assert _top10_overlap(by_index(plain), by_index(on_device)) >= 0.95  # 0.994 measured
+
+
 def test_fp16_on_cpu_is_refused(artefact: tuple[Path, Manifest]) -> None:
     with pytest.raises(ModelError, match="needs a CUDA device"):
         Embedder(artefact[0], torch.device("cpu"), precision="fp16")
@@ -75,4 +106,13 @@ def test_gpu_reduced_precision_keeps_the_neighbours(
 ) -> None:
     plain = _vectors(Embedder(artefact[0], torch.device("cpu")), refs)
     gpu = _vectors(Embedder(artefact[0], torch.device("cuda"), True, precision), refs)  # type: ignore[arg-type]
+    assert _top10_overlap(plain, gpu) >= 0.95
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
+def test_nvjpeg_decoding_keeps_the_neighbours(artefact: tuple[Path, Manifest], jpeg_refs: list[str]) -> None:
+    refs = jpeg_refs[:-2]  # the plain JPEGs: all of them go to nvJPEG
+    plain = _vectors(Embedder(artefact[0], torch.device("cpu")), refs)
+    gpu = _vectors(Embedder(artefact[0], torch.device("cuda"), decode_on_device=True), refs)
     assert _top10_overlap(plain, gpu) >= 0.95

@@ -12,14 +12,17 @@ import pytest
 import torch
 from PIL import Image
 
+from visrec import images
 from visrec.errors import ImageError
 from visrec.images import (
     ImageDataset,
     ImageLimits,
+    JpegPassThrough,
     Preprocess,
     collate_images,
     decode_image,
     load_image,
+    preprocess_jpegs,
     to_tensor,
 )
 
@@ -111,6 +114,71 @@ def test_dataset_reports_failures_without_raising(tmp_path: Path) -> None:
     assert batch.indices == [0, 3]
     assert batch.pixels.shape == (2, 3, 8, 8)
     assert [i for i, _ in batch.failures] == [1, 2]
+
+
+def _photo(width: int, height: int, seed: int) -> Image.Image:
+    """A smooth random photo (upscaled noise), so that resampling differences show."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 255, (height // 8 + 1, width // 8 + 1, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((width, height), Image.Resampling.BICUBIC)
+
+
+SIZES = [(256, 256), (256, 256), (300, 200), (97, 413), (32, 32), (40, 30), (1000, 700)]
+
+
+def _encoded(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def test_jpegs_preprocessed_on_the_device_match_the_host_path() -> None:
+    # torchvision's CPU decoder stands in for nvJPEG here: the same code path but the device.
+    pre = Preprocess(input_size=32)
+    jpegs = [_png(_photo(w, h, i), "JPEG", quality=90) for i, (w, h) in enumerate(SIZES)]
+    on_device = preprocess_jpegs([_encoded(d) for d in jpegs], pre, torch.device("cpu"))
+    host = torch.stack([to_tensor(decode_image(d, LIMITS), pre) for d in jpegs])
+    assert on_device.shape == host.shape == (len(SIZES), 3, 32, 32)
+    # Pillow resizes in 8 bits, torch in floats: at most about one grey level apart.
+    assert (on_device - host).abs().max() < 0.03
+    assert (on_device[4] == host[4]).all()  # already the input size: no resize, identical
+
+
+def test_a_batch_the_device_refuses_is_decoded_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    # nvJPEG refusing a JPEG that libjpeg takes cannot happen on this machine's CPU decoder: simulated.
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("nvjpegDecodeBatched failed")
+
+    monkeypatch.setattr(images, "decode_jpeg", refuse)
+    pre = Preprocess(input_size=16)
+    jpegs = [_png(_photo(w, h, i), "JPEG") for i, (w, h) in enumerate(SIZES[:3])]
+    decoded = preprocess_jpegs([_encoded(d) for d in jpegs], pre, torch.device("cpu"))
+    assert torch.equal(decoded, torch.stack([to_tensor(decode_image(d, LIMITS), pre) for d in jpegs]))
+
+
+def test_pass_through_leaves_only_plain_jpegs_encoded(tmp_path: Path) -> None:
+    rotated = Image.Exif()
+    rotated[0x0112] = 6
+    files = {
+        "plain.jpg": _png(_photo(64, 48, 0), "JPEG"),
+        "grey.jpg": _png(_photo(64, 48, 1).convert("L"), "JPEG"),
+        "cmyk.jpg": _png(_photo(64, 48, 2).convert("CMYK"), "JPEG"),
+        "rotated.jpg": _png(_photo(64, 48, 3), "JPEG", exif=rotated),
+        "photo.png": _png(_photo(64, 48, 4)),
+        "truncated.jpg": _jpeg()[:400],
+    }
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    refs = [str(tmp_path / name) for name in files]
+    dataset = JpegPassThrough(
+        refs, Preprocess(input_size=16), LIMITS, annotate=lambda image: {"w": image.width}
+    )
+    batch = collate_images([dataset[i] for i in range(len(refs))])
+    assert batch.indices == [2, 3, 4, 0, 1]  # decoded here first, then the encoded ones
+    assert batch.pixels.shape == (3, 3, 16, 16)
+    assert [bytes(e.numpy()) for e in batch.encoded] == [files["plain.jpg"], files["grey.jpg"]]
+    assert [(i, "corrupt or truncated" in error) for i, error in batch.failures] == [(5, True)]
+    # Pillow decoded every JPEG at half scale (a quarter of 48 px would not cover 16) for `annotate`;
+    # the rotated one is turned upright (24 px wide).
+    assert [extra["w"] for extra in batch.extras] == [32, 24, 64, 32, 32]
 
 
 @pytest.fixture

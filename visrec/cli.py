@@ -88,9 +88,8 @@ def _settings(**overrides: Any) -> Settings:
 
 
 def _embedder(settings: Settings, artefact: Path | None = None) -> Embedder:
-    e = settings.embed
-    device = resolve_device(e.device)
-    return Embedder(artefact or settings.artefact, device, e.channels_last, e.precision, e.compile)
+    device = resolve_device(settings.embed.device)
+    return Embedder.from_settings(artefact or settings.artefact, device, settings.embed)
 
 
 def _limits(settings: Settings) -> ImageLimits:

@@ -41,6 +41,8 @@ class EmbedSettings(BaseModel):
     channels_last: bool = False  # NHWC tensors: faster convolutions on tensor-core GPUs
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 needs CUDA
     compile: bool = False  # torch.compile the embedding path (benchmarks/embed_throughput.py --compile)
+    # Plain JPEGs decoded on the embedding device (nvJPEG on CUDA): workers only check them, at reduced scale.
+    decode_on_device: bool = False
 
 
 class IngestSettings(BaseModel):

@@ -1,7 +1,8 @@
 """Embedding: exported model + manifest preprocessing → 1000-d float32 vectors, in batches.
 
 The model loads lazily and once (`load()` is idempotent), so a sync with nothing to embed never pays
-for it. Decoding runs in DataLoader worker processes so the device never waits on JPEG decoding.
+for it. Decoding runs in DataLoader worker processes so the device never waits on JPEG decoding; with
+`decode_on_device`, the device decodes plain JPEGs itself (nvJPEG) and the workers only check them.
 """
 
 from __future__ import annotations
@@ -17,8 +18,18 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from visrec.artefact import Manifest, load_artefact, read_manifest
+from visrec.config import EmbedSettings
 from visrec.errors import ModelError
-from visrec.images import Annotate, ImageDataset, ImageLimits, collate_images, to_tensor
+from visrec.images import (
+    Annotate,
+    ImageBatch,
+    ImageDataset,
+    ImageLimits,
+    JpegPassThrough,
+    collate_images,
+    preprocess_jpegs,
+    to_tensor,
+)
 from visrec.model import VisrecNet
 
 
@@ -49,6 +60,7 @@ class Embedder:
         channels_last: bool = False,
         precision: Literal["fp32", "bf16", "fp16"] = "fp32",
         compile: bool = False,
+        decode_on_device: bool = False,
     ) -> None:
         if precision == "fp16" and device.type != "cuda":
             raise ModelError("fp16 embedding needs a CUDA device; use bf16 or fp32 on the CPU")
@@ -57,9 +69,21 @@ class Embedder:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.compile = compile
+        self.decode_on_device = decode_on_device
         self._manifest: Manifest | None = None
         self._model: VisrecNet | None = None
         self._embed: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    @classmethod
+    def from_settings(cls, artefact_dir: Path, device: torch.device, settings: EmbedSettings) -> Embedder:
+        return cls(
+            artefact_dir,
+            device,
+            settings.channels_last,
+            settings.precision,
+            settings.compile,
+            settings.decode_on_device,
+        )
 
     @property
     def manifest(self) -> Manifest:
@@ -78,7 +102,7 @@ class Embedder:
         return self._model
 
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
-        """Embed a preprocessed (B, 3, S, S) batch."""
+        """Embed a preprocessed (B, 3, S, S) batch, on the host or already on the device."""
         self.load()
         assert self._embed is not None
         pixels = pixels.to(self.device, non_blocking=True, memory_format=self.memory_format)
@@ -110,7 +134,8 @@ class Embedder:
         """
         if not refs:
             return
-        dataset = ImageDataset(refs, self.manifest.preprocess, limits, annotate=annotate)
+        source = JpegPassThrough if self.decode_on_device else ImageDataset
+        dataset = source(refs, self.manifest.preprocess, limits, annotate=annotate)
         loader = DataLoader(
             dataset,
             batch_size=batch_size,
@@ -120,8 +145,17 @@ class Embedder:
         )
         for batch in loader:
             vectors = (
-                self.embed_pixels(batch.pixels)
+                self.embed_pixels(self._pixels(batch))
                 if batch.indices
                 else np.empty((0, self.manifest.embedding_dim), np.float32)
             )
             yield EmbeddedBatch(batch.indices, vectors, batch.failures, batch.extras)
+
+    def _pixels(self, batch: ImageBatch) -> torch.Tensor:
+        """The batch's images as one tensor in `batch.indices` order, decoding any encoded ones."""
+        if not batch.encoded:
+            return batch.pixels
+        decoded = preprocess_jpegs(batch.encoded, self.manifest.preprocess, self.device)
+        if not len(batch.pixels):
+            return decoded
+        return torch.cat([batch.pixels.to(self.device, non_blocking=True), decoded])

@@ -17,7 +17,7 @@ from typing import Any, Literal, cast
 
 import httpx
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, Field
 from tenacity import (
     before_sleep_log,
@@ -27,6 +27,7 @@ from tenacity import (
     wait_exponential,
 )
 from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
@@ -108,9 +109,13 @@ def read_image_bytes(ref: str, limits: ImageLimits) -> bytes:
         raise ImageError(f"{ref}: cannot read: {exc.strerror or exc}") from exc
 
 
-def decode_image(data: bytes, limits: ImageLimits, name: str = "image") -> Image.Image:
+def decode_image(
+    data: bytes, limits: ImageLimits, name: str = "image", draft: int | None = None
+) -> Image.Image:
     """Decode to an RGB image, EXIF orientation applied, pixel count bounded.
 
+    `draft`: a JPEG may come back scaled down by libjpeg (1/2, 1/4 or 1/8, several times faster) as long
+    as both sides stay ≥ `draft` pixels; every byte is still decoded, so corruption is still caught.
     Raises `ImageError` for empty, corrupt, truncated, non-image or oversized input.
     """
     if not data:
@@ -122,6 +127,8 @@ def decode_image(data: bytes, limits: ImageLimits, name: str = "image") -> Image
             width, height = image.size  # header only: checked before any pixel is decoded
             if width * height > limits.max_pixels:
                 raise ImageError(f"{name}: {width}x{height} pixels, above the limit of {limits.max_pixels}")
+            if draft:
+                image.draft(None, (draft, draft))
             image.load()
             image = ImageOps.exif_transpose(image)
     except ImageError:
@@ -154,22 +161,70 @@ def load_image(ref: str, limits: ImageLimits) -> Image.Image:
     return decode_image(read_image_bytes(ref, limits), limits, name=ref)
 
 
+def _fit(width: int, height: int, size: int) -> tuple[int, int, int, int]:
+    """Width and height with the long side scaled to `size`, and the left/top offsets centring them."""
+    scale = size / max(width, height)
+    fit_w, fit_h = max(1, round(width * scale)), max(1, round(height * scale))
+    return fit_w, fit_h, (size - fit_w) // 2, (size - fit_h) // 2
+
+
 def to_tensor(image: Image.Image, pre: Preprocess) -> torch.Tensor:
     """Fit the long side to the model's input size, pad to a square, normalise: a (3, S, S) tensor.
 
     The padding goes on after resizing: padding first turned a 1x40000 strip (40k pixels, within any
     pixel limit) into a 40000x40000 canvas of 4.8 GB.
     """
-    width, height = image.size
     size = pre.input_size
-    scale = size / max(width, height)
-    fit_w, fit_h = max(1, round(width * scale)), max(1, round(height * scale))
+    fit_w, fit_h, left, top = _fit(*image.size, size)
     image = TF.resize(image, [fit_h, fit_w], InterpolationMode(pre.interpolation), antialias=True)
     if (fit_w, fit_h) != (size, size):
-        left, top = (size - fit_w) // 2, (size - fit_h) // 2
         image = ImageOps.expand(image, (left, top, size - fit_w - left, size - fit_h - top), pre.pad_fill)
     tensor = TF.pil_to_tensor(image)
     return TF.normalize(tensor.float().div_(255), list(pre.mean), list(pre.std))
+
+
+def plain_jpeg(data: bytes) -> bool:
+    """A JPEG that any decoder renders as Pillow does: 8-bit RGB or greyscale, no EXIF rotation.
+
+    torchvision ignores EXIF orientation on CUDA and nvJPEG has no CMYK, so those stay with Pillow.
+    Call it on bytes that `decode_image` accepted.
+    """
+    image = Image.open(io.BytesIO(data))
+    return (
+        image.format == "JPEG"
+        and image.mode in {"RGB", "L"}
+        and image.getexif().get(ExifTags.Base.Orientation, 1) == 1
+    )
+
+
+def preprocess_jpegs(encoded: Sequence[torch.Tensor], pre: Preprocess, device: torch.device) -> torch.Tensor:
+    """Decode plain JPEGs (1-D uint8 tensors of their bytes) on `device`, nvJPEG on CUDA, and preprocess
+    them there as `to_tensor` does: a (N, 3, S, S) batch on `device`.
+
+    nvJPEG fails a whole batch for one JPEG it does not take (and takes fewer variants than libjpeg):
+    such a batch is decoded by Pillow on the host instead, slower and the same.
+    """
+    try:
+        with warnings.catch_warnings():
+            # Deprecated in torchvision 0.29 for TorchCodec; it still is torchvision's nvJPEG path.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            images = decode_jpeg(list(encoded), mode=ImageReadMode.RGB, device=device)
+    except RuntimeError as exc:
+        log.warning("decoding %d JPEGs on %s failed (%s); decoding on the host", len(encoded), device, exc)
+        host = [to_tensor(decode_image(e.numpy().tobytes(), ImageLimits()), pre) for e in encoded]
+        return torch.stack(host).to(device)
+    size = pre.input_size
+    fill = torch.tensor(pre.pad_fill, dtype=torch.float32, device=device).div_(255)
+    batch = fill.view(1, 3, 1, 1).repeat(len(images), 1, size, size)
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        by_shape.setdefault((image.shape[1], image.shape[2]), []).append(i)
+    for (height, width), members in by_shape.items():  # one resize per shape: catalogues repeat sizes
+        fit_w, fit_h, left, top = _fit(width, height, size)
+        group = torch.stack([images[i] for i in members]).float().div_(255)
+        group = TF.resize(group, [fit_h, fit_w], InterpolationMode(pre.interpolation), antialias=True)
+        batch[members, :, top : top + fit_h, left : left + fit_w] = group.clamp_(0, 1)
+    return TF.normalize(batch, list(pre.mean), list(pre.std))
 
 
 ImageItem = tuple[int, torch.Tensor | None, str | None, dict[str, Any]]  # (index, pixels, error, extras)
@@ -206,14 +261,39 @@ class ImageDataset(Dataset[ImageItem]):
         return index, tensor, None, self.annotate(image) if self.annotate else {}
 
 
+class JpegPassThrough(ImageDataset):
+    """For decoding on the embedding device: a plain JPEG comes back as its bytes (a 1-D uint8 tensor),
+    any other image preprocessed as usual.
+
+    Pillow still decodes every JPEG here, at a reduced scale: cheap, it refuses corrupt files with the
+    same errors as the host path, and `annotate` gets its image.
+    """
+
+    def __getitem__(self, index: int) -> ImageItem:
+        ref = self.refs[index]
+        try:
+            data = read_image_bytes(ref, self.limits)
+            image = decode_image(data, self.limits, name=ref, draft=self.pre.input_size)
+        except ImageError as exc:
+            return index, None, str(exc), {}
+        tensor = (
+            torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            if plain_jpeg(data)
+            else to_tensor(image, self.pre)
+        )
+        return index, tensor, None, self.annotate(image) if self.annotate else {}
+
+
 @dataclass
 class ImageBatch:
-    """Indices into the dataset of the images that decoded, their tensor and extras, and the failures."""
+    """Indices into the dataset of the images that decoded, and their extras: first those in `pixels`,
+    then those in `encoded` (JPEG bytes left for the device to decode); then the failures."""
 
     indices: list[int]
     pixels: torch.Tensor
     failures: list[tuple[int, str]]
     extras: list[dict[str, Any]]
+    encoded: list[torch.Tensor]
 
     def pin_memory(self) -> ImageBatch:
         self.pixels = self.pixels.pin_memory()
@@ -221,11 +301,15 @@ class ImageBatch:
 
 
 def collate_images(items: list[ImageItem]) -> ImageBatch:
-    """DataLoader collate: stack the decoded images, set the failures aside."""
-    good = [(i, t, extra) for i, t, _, extra in items if t is not None]
+    """DataLoader collate: stack the decoded images, keep encoded ones apart, set the failures aside."""
+    decoded = [(i, t, extra) for i, t, _, extra in items if t is not None and t.dim() == 3]
+    encoded = [(i, t, extra) for i, t, _, extra in items if t is not None and t.dim() == 1]
     failures = [(i, error) for i, t, error, _ in items if t is None and error is not None]
-    pixels = torch.stack([t for _, t, _ in good]) if good else torch.empty(0)
-    return ImageBatch([i for i, _, _ in good], pixels, failures, [extra for _, _, extra in good])
+    pixels = torch.stack([t for _, t, _ in decoded]) if decoded else torch.empty(0)
+    good = decoded + encoded
+    return ImageBatch(
+        [i for i, _, _ in good], pixels, failures, [extra for _, _, extra in good], [t for _, t, _ in encoded]
+    )
 
 
 class AugmentedImages(ImageDataset):

@@ -107,8 +107,7 @@ class Service:
         try:
             artefact = artefact_for(index.metadata(), self.settings.artefact)
             if artefact not in self._embedders:
-                e = self.settings.embed
-                embedder = Embedder(artefact, self.device, e.channels_last, e.precision, e.compile)
+                embedder = Embedder.from_settings(artefact, self.device, self.settings.embed)
                 embedder.load()
                 self._embedders[artefact] = embedder
             return Live(target, index, self._embedders[artefact], None)
