@@ -3,7 +3,8 @@
 Makes product-sized JPEGs from the bundled sample (upscaled), an artefact with random weights (the same
 speed as trained ones) unless `--artefact` names a trained one, then measures:
   (a) model-only img/s on pre-made tensors, for each batch size;
-  (b) decode + preprocess img/s through the DataLoader (workers as configured);
+  (b) decode + preprocess img/s through the DataLoader (workers as configured; with --decode-on-device
+      the workers check the JPEGs and the device decodes them);
   (c) end-to-end sync img/s into a fresh embedded store (decode, colour, embed, upsert);
   (d) with --precision bf16/fp16, --compile or --decode-on-device: the top-10 neighbour overlap with
       plain fp32 embeddings of the same images (use a trained --artefact: random weights say little

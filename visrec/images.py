@@ -263,7 +263,8 @@ class ImageDataset(Dataset[ImageItem]):
 
 class JpegPassThrough(ImageDataset):
     """For decoding on the embedding device: a plain JPEG comes back as its bytes (a 1-D uint8 tensor),
-    any other image preprocessed as usual.
+    any other image preprocessed here (a CMYK or rotated JPEG from its reduced-scale decode, which still
+    covers the input size).
 
     Pillow still decodes every JPEG here, at a reduced scale: cheap, it refuses corrupt files with the
     same errors as the host path, and `annotate` gets its image.
