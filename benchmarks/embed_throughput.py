@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader
 
 from visrec.artefact import save_artefact
 from visrec.catalogue import read_catalogue
-from visrec.config import QdrantSettings
+from visrec.config import EmbedSettings, QdrantSettings
 from visrec.embed import Embedder, resolve_device
 from visrec.images import (
     ImageDataset,
@@ -109,7 +109,7 @@ def main() -> None:
     parser.add_argument("--jpeg-size", type=int, default=256, help="JPEG side in pixels")
     parser.add_argument("--input-size", type=int, default=128, help="model input side in pixels")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[64])
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=EmbedSettings().workers, help="default: the cores")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32")
@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument(
         "--decode-on-device", action="store_true", help="decode JPEGs on the device (nvJPEG on CUDA)"
     )
+    parser.add_argument("--no-pin-memory", action="store_true", help="CUDA: pageable host batches")
     parser.add_argument(
         "--artefact", type=Path, help="a trained model (its input size wins); default: random weights"
     )
@@ -128,7 +129,13 @@ def main() -> None:
     catalogue = read_catalogue(catalogue_path)
     artefact = args.artefact or random_artefact(root / "model", args.input_size)
     embedder = Embedder(
-        artefact, device, args.channels_last, args.precision, args.compile, args.decode_on_device
+        artefact,
+        device,
+        args.channels_last,
+        args.precision,
+        args.compile,
+        args.decode_on_device,
+        pin_memory=not args.no_pin_memory,
     )
     pre = embedder.manifest.preprocess
     refs = [catalogue.image_ref(p) for p in catalogue.products]
@@ -137,6 +144,7 @@ def main() -> None:
         f"{args.count} JPEGs of {args.jpeg_size} px, model input {pre.input_size} px, "
         f"{args.workers} workers, channels_last={args.channels_last}, {args.precision}, "
         f"compile={args.compile}, decode_on_device={args.decode_on_device}, "
+        f"pin_memory={embedder.pin_memory}, "
         f"weights {'of ' + str(artefact) if args.artefact else 'random'}"
     )
 

@@ -37,7 +37,9 @@ class QdrantSettings(BaseModel):
 class EmbedSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=64, ge=1, le=4096)
-    workers: int = Field(default_factory=lambda: min(4, os.cpu_count() or 1), ge=0, le=64)
+    # Decoding processes: every core this process may use (feeding a GPU takes them all).
+    workers: int = Field(default_factory=lambda: min(64, len(os.sched_getaffinity(0))), ge=0, le=64)
+    pin_memory: bool = True  # CUDA: page-locked batches, copied without blocking; no effect on the CPU
     channels_last: bool = False  # NHWC tensors: faster convolutions on tensor-core GPUs
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 needs CUDA
     compile: bool = False  # torch.compile the embedding path (benchmarks/embed_throughput.py --compile)

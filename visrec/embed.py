@@ -61,6 +61,7 @@ class Embedder:
         precision: Literal["fp32", "bf16", "fp16"] = "fp32",
         compile: bool = False,
         decode_on_device: bool = False,
+        pin_memory: bool = True,
     ) -> None:
         if precision == "fp16" and device.type != "cuda":
             raise ModelError("fp16 embedding needs a CUDA device; use bf16 or fp32 on the CPU")
@@ -70,6 +71,7 @@ class Embedder:
         self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         self.compile = compile
         self.decode_on_device = decode_on_device
+        self.pin_memory = pin_memory and device.type == "cuda"
         self._manifest: Manifest | None = None
         self._model: VisrecNet | None = None
         self._embed: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -83,6 +85,7 @@ class Embedder:
             settings.precision,
             settings.compile,
             settings.decode_on_device,
+            settings.pin_memory,
         )
 
     @property
@@ -141,7 +144,7 @@ class Embedder:
             batch_size=batch_size,
             num_workers=min(workers, len(refs)),
             collate_fn=collate_images,
-            pin_memory=self.device.type == "cuda",
+            pin_memory=self.pin_memory,
         )
         for batch in loader:
             vectors = (
