@@ -40,11 +40,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 from torch.utils.data import DataLoader
 
 from visrec.catalogue import read_catalogue
+from visrec.cli import progress_bars as cli_progress_bars
 from visrec.config import EmbedSettings, Settings, TrainSettings
 from visrec.embed import Embedder, resolve_device
 from visrec.features import pooled_features
@@ -118,15 +118,7 @@ def progress_bars() -> Iterator[Progress_]:
 
         yield note
         return
-    columns = (TextColumn("{task.description:>16}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, transient=True) as bar:
-        tasks: dict[str, Any] = {}
-
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
+    with cli_progress_bars(enabled=True) as update:
         yield update
 
 

@@ -98,8 +98,9 @@ def _limits(settings: Settings) -> ImageLimits:
 
 
 @contextmanager
-def _progress(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress bar per stage, on stderr; silent when `enabled` is false (e.g. --json)."""
+def progress_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar per stage, on stderr; silent when `enabled` is false (e.g. --json).
+    The benchmarks use it too."""
     if not enabled:
         yield lambda stage, done, total: None
         return
@@ -153,7 +154,7 @@ def train(
         },
     )
     device = resolve_device(settings.embed.device)
-    with _progress(not as_json) as progress:
+    with progress_bars(not as_json) as progress:
         result = fit(read_catalogue(catalogue, settings.ingest.image_roots), settings, device, progress)
     manifest = export(result, settings)
     table = Table("model", "classes", "top-1", "top-3", "held-out", "artefact", title="trained and exported")
@@ -186,7 +187,7 @@ def sync(
     settings = _settings(artefact=model)
     embedder = _embedder(settings)
     parsed = read_catalogue(catalogue, settings.ingest.image_roots)
-    with open_index(settings.qdrant) as index, _progress(not as_json) as progress:
+    with open_index(settings.qdrant) as index, progress_bars(not as_json) as progress:
         summary = run_sync(
             parsed,
             index,
@@ -217,7 +218,7 @@ def reindex(
 
     settings = _settings(artefact=model)
     parsed = read_catalogue(catalogue, settings.ingest.image_roots)
-    with open_store(settings.qdrant) as store, _progress(not as_json) as progress:
+    with open_store(settings.qdrant) as store, progress_bars(not as_json) as progress:
         summary = run_reindex(
             parsed,
             store,
