@@ -52,8 +52,10 @@ def test_first_sync_then_nothing_to_do(make_catalogue, settings: Settings) -> No
     catalogue = make_catalogue(24)
     first = run_sync(catalogue, settings)
     assert (first.added, first.updated, first.deleted, first.unchanged, first.failed) == (24, 0, 0, 0, 0)
+    assert 0 <= first.optimize_seconds <= first.seconds  # the closing optimize(), timed apart
     again = run_sync(catalogue, settings)
     assert (again.added, again.updated, again.deleted, again.unchanged, again.failed) == (0, 0, 0, 24, 0)
+    assert again.optimize_seconds == 0  # nothing changed: no optimize()
     with open_index(settings.qdrant) as index:
         assert index.count() == 24
         _, payload = index.get("p5")  # type: ignore[misc]
