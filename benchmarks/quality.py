@@ -41,14 +41,13 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader
 
 from visrec.catalogue import read_catalogue
 from visrec.cli import progress_bars as cli_progress_bars
 from visrec.config import EmbedSettings, Settings, TrainSettings
 from visrec.embed import Embedder, resolve_device
-from visrec.features import pooled_features
-from visrec.images import ImageDataset, ImageLimits, Preprocess, collate_images
+from visrec.features import image_loader, infer, pooled_features
+from visrec.images import ImageDataset, ImageLimits, Preprocess
 from visrec.index.base import Filters, IndexPoint
 from visrec.index.edge import EdgeIndex
 from visrec.metrics import retrieval_metrics
@@ -188,18 +187,9 @@ def embed_with(
     progress: Progress_,
 ) -> np.ndarray:
     """`fn`'s outputs for the images, through visrec's own decoding and preprocessing."""
-    loader = DataLoader(
-        ImageDataset(refs, pre, ImageLimits()),
-        batch_size=args.batch_size,
-        num_workers=args.workers,
-        collate_fn=collate_images,
-    )
-    outputs = []
-    with torch.inference_mode():
-        for step, batch in enumerate(loader, 1):
-            outputs.append(fn(batch.pixels.to(device)).float().cpu())
-            progress(stage, step, len(loader))
-    return torch.cat(outputs).numpy()
+    loader = image_loader(ImageDataset(refs, pre, ImageLimits()), args.batch_size, args.workers, device)
+    outputs, _ = infer(fn, loader, device, stage, progress)
+    return outputs.float().numpy()
 
 
 def settings_from(args: argparse.Namespace, work: Path) -> Settings:
