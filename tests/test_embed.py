@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 
 from tests.conftest import COLOURS, SHAPES, draw_product
 from visrec.artefact import Manifest
+from visrec.config import EmbedSettings
 from visrec.embed import EmbeddedBatch, Embedder
 from visrec.errors import ModelError
 from visrec.images import ImageLimits
@@ -116,3 +118,10 @@ def test_nvjpeg_decoding_keeps_the_neighbours(artefact: tuple[Path, Manifest], j
     plain = _vectors(Embedder(artefact[0], torch.device("cpu")), refs)
     gpu = _vectors(Embedder(artefact[0], torch.device("cuda"), decode_on_device=True), refs)
     assert _top10_overlap(plain, gpu) >= 0.95
+
+
+def test_workers_default_to_the_usable_cores_where_the_os_cannot_say(monkeypatch: pytest.MonkeyPatch) -> None:
+    """macOS and Windows have no sched_getaffinity: the default falls back to the core count."""
+    assert EmbedSettings().workers == min(64, len(os.sched_getaffinity(0)))
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert EmbedSettings().workers == min(64, os.cpu_count() or 1)

@@ -34,11 +34,18 @@ class QdrantSettings(BaseModel):
     replication_factor: int = Field(default=1, ge=1, le=16)
 
 
+def _usable_cores() -> int:
+    """The cores this process may run on (a container's CPU set), or all of them where the OS can't say."""
+    if hasattr(os, "sched_getaffinity"):  # Linux; not macOS or Windows
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 class EmbedSettings(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=64, ge=1, le=4096)
     # Decoding processes: every core this process may use (feeding a GPU takes them all).
-    workers: int = Field(default_factory=lambda: min(64, len(os.sched_getaffinity(0))), ge=0, le=64)
+    workers: int = Field(default_factory=lambda: min(64, _usable_cores()), ge=0, le=64)
     pin_memory: bool = True  # CUDA: page-locked batches, copied without blocking; no effect on the CPU
     channels_last: bool = False  # NHWC tensors: faster convolutions on tensor-core GPUs
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast; fp16 needs CUDA
