@@ -3,8 +3,10 @@ local mode (the server backend's code path). The congruence test runs one scenar
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -12,10 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import qdrant_edge as qe
 
 from visrec.config import QdrantSettings
-from visrec.errors import CollectionMissing, IndexUnavailable, VisrecError
-from visrec.index import Filters, IndexPoint, VectorIndex, open_index, point_id
+from visrec.errors import CollectionMissing, IndexUnavailable, InvalidFilter, PointRejected, VisrecError
+from visrec.index import Filters, IndexPoint, VectorIndex, open_index, open_store, point_id
+from visrec.index.base import FLOAT_FIELDS, KEYWORD_FIELDS
 from visrec.index.edge import EdgeIndex
 
 DIM = 8
@@ -105,6 +109,9 @@ def test_scenario_matches_exact_search(index: VectorIndex) -> None:
         kept = [p for p in points if keep(p) and p.product_id != "p0"]
         assert [pid for pid, _ in results[name]] == _exact(points, query, kept)[:5], name  # type: ignore[attr-defined]
     assert len(results["records"]) == 28  # type: ignore[arg-type]
+    first: list[str]
+    rest: list[str]
+    end: str | None
     first, rest, end = results["browse"]  # type: ignore[misc]
     assert len(first) == 4 and end is None
     assert sorted(first + rest) == sorted(p.product_id for p in points if p.payload["category"] == "jeans")
@@ -176,7 +183,7 @@ def test_optimize_builds_the_graph_and_search_agrees_with_exact(tmp_path: Path) 
 
 
 def test_busy_embedded_store_is_a_clear_error(tmp_path: Path) -> None:
-    settings = QdrantSettings(path=tmp_path / "q", collection="c")
+    settings = QdrantSettings(path=tmp_path / "q", collection="c", lock_wait_s=0.5)
     with open_index(settings) as index:
         index.create(DIM)
         index.upsert(_points(5))
@@ -198,7 +205,7 @@ def test_busy_embedded_store_is_a_clear_error(tmp_path: Path) -> None:
         started = time.monotonic()
         with pytest.raises(IndexUnavailable, match="in use by another process"):
             open_index(settings)
-        assert time.monotonic() - started < 5  # an error, not a hang
+        assert 0.5 <= time.monotonic() - started < 5  # waited lock_wait_s for it, then an error, not a hang
     finally:
         holder.kill()
         holder.wait()
@@ -231,3 +238,193 @@ def test_losing_the_create_race_to_another_worker_is_fine() -> None:
     )
     with pytest.raises(VisrecError, match="size"):
         late.create(DIM)  # the winner made it with another size: still refused
+
+
+def test_lock_wait_gives_up_after_lock_wait_s(tmp_path: Path) -> None:
+    """A store held by a process that is exiting is waited for, briefly; one held for good is "in use"."""
+    settings = QdrantSettings(path=tmp_path / "q", collection="c", lock_wait_s=0.5)
+    with open_index(settings) as first:
+        first.create(DIM)
+        started = time.monotonic()
+        with pytest.raises(IndexUnavailable, match="in use by another process"):
+            open_index(settings)
+        assert 0.5 <= time.monotonic() - started < 2
+
+
+def test_lock_wait_opens_once_the_holder_lets_go(tmp_path: Path) -> None:
+    settings = QdrantSettings(path=tmp_path / "q", collection="c", lock_wait_s=5)
+    first = open_index(settings)
+    first.create(DIM)
+    first.upsert(_points(4))
+    closer = threading.Timer(0.3, first.close)
+    started = time.monotonic()
+    closer.start()
+    try:
+        with open_index(settings) as second:
+            waited = time.monotonic() - started
+            assert second.count() == 4
+    finally:
+        closer.join()
+    assert 0.25 <= waited < 2  # opened soon after the close, long before lock_wait_s
+
+
+def _filtered_counts(index: VectorIndex) -> list[int]:
+    return [
+        index.count(Filters(category=["jeans"])),
+        index.count(Filters(price_min=5, price_max=12.5)),
+        index.count(Filters(equals={"product_id": "p3", "model_version": "m1", "colour": "blue"})),
+    ]
+
+
+def test_embedded_payload_indexes_are_ensured_on_open(tmp_path: Path) -> None:
+    """A first sync killed between creating the shard and its payload indexes: the next open adds them."""
+    settings = QdrantSettings(path=tmp_path / "q", collection="c")
+    shard = qe.EdgeShard.create(
+        str(tmp_path / "q" / "c__v1"),
+        qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=DIM, distance=qe.Distance.Euclid)),
+    )
+    shard.update(
+        qe.UpdateOperation.upsert_points(
+            [qe.Point(point_id(p.product_id), p.vector.tolist(), p.payload) for p in _points()]
+        )
+    )
+    assert shard.info().payload_schema == {}
+    shard.close()
+    with open_index(settings) as index:
+        assert isinstance(index, EdgeIndex)
+        schema = {name: info.data_type for name, info in index.shard.info().payload_schema.items()}
+        assert schema == {
+            **{name: qe.PayloadSchemaType.Keyword for name in KEYWORD_FIELDS},
+            **{name: qe.PayloadSchemaType.Float for name in FLOAT_FIELDS},
+        }
+        assert _filtered_counts(index) == [10, 8, 1]  # the indexes cover the points already there
+        index.optimize()
+        assert _filtered_counts(index) == [10, 8, 1]
+
+
+def test_embedded_folder_of_a_cut_short_create_is_no_collection(tmp_path: Path) -> None:
+    """A create killed after making the folder leaves no segments: the store says "not created yet"
+    (and a sync creates it) instead of failing to open for good."""
+    (tmp_path / "q" / "c__v1" / "wal").mkdir(parents=True)
+    settings = QdrantSettings(path=tmp_path / "q", collection="c")
+    with open_index(settings) as index:
+        assert not index.exists()
+        index.create(DIM)
+        index.upsert(_points(3))
+    with open_index(settings) as index:
+        assert index.count() == 3
+
+
+@pytest.mark.skipif(
+    not (os.environ.get("VISREC_QDRANT__URL") or "").startswith("http"),
+    reason="qdrant-client's local mode keeps no payload indexes (payload_schema stays empty): nothing to "
+    "observe; needs a Qdrant server at VISREC_QDRANT__URL",
+)
+def test_server_payload_indexes_are_ensured_on_open() -> None:
+    from qdrant_client import models as qm
+
+    settings = QdrantSettings(
+        url=os.environ["VISREC_QDRANT__URL"], collection=f"ensure_{uuid.uuid4().hex[:12]}"
+    )
+    store = open_store(settings)
+    try:
+        client = store.conn.client  # type: ignore[attr-defined]
+        collection = store.version(1)
+        client.create_collection(
+            collection, vectors_config=qm.VectorParams(size=DIM, distance=qm.Distance.EUCLID)
+        )
+        assert client.get_collection(collection).payload_schema == {}
+        store.open(collection).close()
+        schema = {n: i.data_type for n, i in client.get_collection(collection).payload_schema.items()}
+        assert schema == {
+            **{name: qm.PayloadSchemaType.KEYWORD for name in KEYWORD_FIELDS},
+            **{name: qm.PayloadSchemaType.FLOAT for name in FLOAT_FIELDS},
+        }
+    finally:
+        store.conn.client.delete_collection(store.version(1))  # type: ignore[attr-defined]
+        store.close()
+
+
+FULL_DISK_WRITER = """
+import resource, signal, sys
+from pathlib import Path
+import numpy as np
+from visrec.config import QdrantSettings
+from visrec.errors import VisrecError
+from visrec.index import IndexPoint, open_index
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail with EFBIG instead of killing us
+rng = np.random.default_rng(0)
+try:
+    with open_index(QdrantSettings(path=Path(sys.argv[1]), collection="c")) as index:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536))
+        for batch in range(20):
+            ids = [f"p{batch}-{i}" for i in range(100)]
+            index.upsert([IndexPoint(i, rng.random(8).astype(np.float32), {"product_id": i}) for i in ids])
+            index.optimize()
+except VisrecError as exc:
+    print(f"{type(exc).__name__}: {exc}")
+"""
+
+
+def test_engine_failure_on_a_full_disk_is_one_clear_error(tmp_path: Path) -> None:
+    """A real engine failure: writes beyond RLIMIT_FSIZE fail with EFBIG, as on a full disk."""
+    settings = QdrantSettings(path=tmp_path / "q", collection="c")
+    with open_index(settings) as index:
+        index.create(DIM)
+    done = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_WRITER, str(tmp_path / "q")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1, done.stdout
+    assert lines[0].startswith(f"IndexUnavailable: embedded store {tmp_path / 'q' / 'c__v1'}: ")
+    assert "the disk is full or the file size limit was reached" in lines[0]
+    assert "File too large" in lines[0]
+    with open_index(settings) as index:  # the store itself survives the failed write
+        assert index.count() >= 0
+
+
+def test_a_point_the_engine_cannot_take_is_rejected_not_a_store_failure(tmp_path: Path) -> None:
+    """Data the binding cannot convert is that point's fault (PointRejected: ingest isolates it), not the
+    store's (IndexUnavailable: the sync stops)."""
+    with open_index(QdrantSettings(path=tmp_path / "q", collection="c")) as index:
+        index.create(DIM)
+        good = _points(3)
+        nan = IndexPoint(
+            "bad", good[0].vector, {**good[0].payload, "product_id": "bad", "price": float("nan")}
+        )
+        with pytest.raises(
+            PointRejected,
+            match=r"^point rejected by the store: product 'bad', field 'price': failed to convert NaN",
+        ):
+            index.upsert([*good, nan])
+        surrogate = IndexPoint("odd", good[0].vector, {"product_id": "odd", "title": "caf\udce9"})
+        with pytest.raises(
+            PointRejected,
+            match="point rejected by the store: product 'odd', field 'title': UnicodeEncodeError",
+        ) as raised:
+            index.upsert([surrogate])
+        assert "\n" not in str(raised.value)
+        index.upsert(good)  # the store is fine: only those points were refused
+        assert index.count() == 3
+        for value in (2**70, "caf\udce9"):  # beyond 64 bits; a lone surrogate (JSON can carry one)
+            with pytest.raises(InvalidFilter, match="filter rejected by the store: Filters"):
+                index.search(good[0].vector, 3, Filters(equals={"brand": value}))
+
+
+def test_server_backend_rejects_a_point_the_client_cannot_send() -> None:
+    """The client serialises a request before sending it: a lone surrogate fails there, whatever the server
+    (none listens here), and is that point's PointRejected, not a raw pydantic error."""
+    from qdrant_client import models as qm
+
+    from visrec.index.server import Connection
+
+    conn = Connection(QdrantSettings(url="http://127.0.0.1:9", retries=1, timeout_s=1, collection="c"))
+    point = qm.PointStruct(id=point_id("odd"), vector=[0.0] * DIM, payload={"title": "caf\udce9"})
+    with pytest.raises(PointRejected, match="point rejected by the store: .*surrogates not allowed"):
+        conn.call(conn.client.upsert, "c", points=[point], wait=True, rejecting="point")
+    conn.close()

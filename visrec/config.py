@@ -6,6 +6,7 @@ Environment variables use the `VISREC_` prefix and `__` for nesting, e.g. `VISRE
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 from typing import Literal
@@ -23,6 +24,9 @@ class QdrantSettings(BaseModel):
     collection: str = Field(default="products", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     timeout_s: float = Field(default=10.0, gt=0)
     retries: int = Field(default=5, ge=1, le=20)  # attempts for a transient server error
+    # Embedded store: how long to wait for a store still held by a process that is exiting (a killed sync's
+    # last moments) before saying "in use".
+    lock_wait_s: float = Field(default=5.0, ge=0, le=600)
     # HNSW graph: m edges per node, built with ef_construct candidates, searched with hnsw_ef
     # (benchmarks/query_latency.py measures the recall these give on real embeddings).
     hnsw_m: int = Field(default=16, ge=4, le=128)
@@ -58,10 +62,39 @@ class IngestSettings(BaseModel):
     failure_report: Path = Path(".visrec/failures.jsonl")
     max_image_pixels: int = Field(default=50_000_000, ge=1)  # bound against decompression bombs
     max_image_bytes: int = Field(default=50_000_000, ge=1)
-    fetch_timeout_s: float = Field(default=10.0, gt=0)
+    fetch_timeout_s: float = Field(default=10.0, gt=0)  # per image, redirects and retries included
     fetch_retries: int = Field(default=3, ge=1, le=10)
     # Folders besides a catalogue's own where its local image paths may point; any other path is refused.
     image_roots: list[Path] = Field(default_factory=list)
+    # Image URLs: hosts that resolve to non-public addresses are refused unless listed here (host names or
+    # CIDRs, e.g. ["images.internal", "10.20.0.0/16"]); listed hosts may use any port.
+    allowed_hosts: list[str] = Field(default_factory=list)
+    allowed_ports: list[int] = Field(default_factory=lambda: [80, 443])  # for every other host
+    max_redirects: int = Field(default=5, ge=0, le=20)
+    # Per-host circuit breaker: after this many failures in a row a host is skipped for `host_cooldown_s`.
+    host_failures: int = Field(default=5, ge=1)
+    host_cooldown_s: float = Field(default=60.0, ge=0)
+    # A catalogue line longer than this (characters) is reported and skipped; so is a CSV field over it.
+    max_row_chars: int = Field(default=1_048_576, ge=1024)
+    # A sync that would delete more than this share of the indexed products (of its shard) deletes nothing.
+    max_delete: float = Field(default=0.2, ge=0, le=1)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _hosts_valid(cls, value: list[str]) -> list[str]:
+        for entry in value:
+            if "/" in entry:
+                ipaddress.ip_network(entry, strict=False)  # ValueError names the bad CIDR
+            elif not entry.strip() or any(c in entry for c in " /?#@"):
+                raise ValueError(f"{entry!r} is neither a host name nor a CIDR")
+        return [entry.strip().lower().rstrip(".") for entry in value]
+
+    @field_validator("allowed_ports")
+    @classmethod
+    def _ports_valid(cls, value: list[int]) -> list[int]:
+        if any(not 1 <= port <= 65535 for port in value):
+            raise ValueError("ports are 1-65535")
+        return value
 
 
 class ApiSettings(BaseModel):

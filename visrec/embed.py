@@ -7,6 +7,7 @@ for it. Decoding runs in DataLoader worker processes so the device never waits o
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,7 @@ class Embedder:
             num_workers=min(workers, len(refs)),
             collate_fn=collate_images,
             pin_memory=self.pin_memory,
+            worker_init_fn=_release_inherited_locks,
         )
         for batch in loader:
             vectors = (
@@ -162,3 +164,22 @@ class Embedder:
         if not len(batch.pixels):
             return decoded
         return torch.cat([batch.pixels.to(self.device, non_blocking=True), decoded])
+
+
+def _release_inherited_locks(worker_id: int) -> None:
+    """Loader `worker_init_fn`: close the descriptors this worker inherited that carry a file lock.
+
+    A forked worker shares its parent's open files, and a lock (the embedded store's WAL lock) belongs
+    to the open file: workers outliving a SIGKILLed sync by seconds kept the store "in use" for the rerun.
+    Workers read images by path and talk to the loader through pipes: they need none of those files.
+    Linux lists a descriptor's locks in /proc; elsewhere workers start by spawn and inherit nothing.
+    """
+    fdinfo = Path("/proc/self/fdinfo")
+    if not fdinfo.is_dir():
+        return
+    for entry in fdinfo.iterdir():
+        try:
+            if "\nlock:" in entry.read_text():
+                os.close(int(entry.name))
+        except (OSError, ValueError):  # gone meanwhile (the listing's own descriptor), or not a number
+            continue

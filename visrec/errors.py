@@ -47,3 +47,7 @@ class InvalidFilter(InvalidQuery):
 
 class NotFound(InvalidQuery):
     """The product asked for is not in the index."""
+
+
+class PointRejected(VisrecError):
+    """The store refused one point's data (e.g. a payload value it cannot hold); the store itself works."""

@@ -96,7 +96,9 @@ class Service:
 
     def _open_live(self, current: Live | None = None) -> Live:
         if self._store is None:
-            self._store = open_store(self.settings.qdrant)
+            # No waiting for a held embedded store: this runs under the service lock, and a request
+            # answered 503 at once is better than one held for seconds.
+            self._store = open_store(self.settings.qdrant.model_copy(update={"lock_wait_s": 0.0}))
         target = self._store.live()
         if current is not None and current.collection == target:
             return current

@@ -9,6 +9,7 @@ import random
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from tests.conftest import write_csv
 from tests.faults.conftest import SEED, figure, settings_env, sync_in_process
 from visrec.catalogue import read_catalogue
 from visrec.config import QdrantSettings, Settings
+from visrec.errors import IndexUnavailable
 from visrec.index import open_index
 from visrec.ingest import PAYLOAD_VERSION
 
@@ -122,6 +124,73 @@ def test_repeated_kills_then_a_rerun_lose_and_duplicate_nothing(
     )
     assert (lost, duplicated) == (0, 0)
     assert sum(e["killed"] for e in endings) >= CYCLES // 2  # most cycles were really cut short
+
+
+LOCK_WAIT_S = 0.5  # what the rerun waits for the store: less than forked loader workers held it (~5 s)
+
+
+def test_a_sync_killed_with_loader_workers_leaves_the_store_free(
+    store: Settings, make_catalogue: Callable[..., Path], fork_server: ForkServer, tmp_path: Path
+) -> None:
+    """Fault: `visrec sync` with DataLoader worker processes is SIGKILLed after its first upsert and rerun
+    at once. visrec: each forked loader worker first closes the descriptors it inherited that carry a
+    file lock, so none of them holds the embedded store's WAL lock; before, they held it until they
+    noticed their parent was gone (seconds), and the rerun said "in use". Checked: the store opens within
+    LOCK_WAIT_S of the kill, the rerun (waiting no longer than that) finishes, every product is indexed
+    exactly once, and the orphaned workers end by themselves (torch's watchdog, every 5 s)."""
+    if store.qdrant.url:
+        pytest.skip("the lock belongs to the embedded store; a server holds no file lock for its clients")
+    catalogue = make_catalogue(40)
+    env = settings_env(store) | {
+        "VISREC_EMBED__BATCH_SIZE": str(BATCH),
+        "VISREC_EMBED__WORKERS": "2",
+        "VISREC_QDRANT__LOCK_WAIT_S": str(LOCK_WAIT_S),
+    }
+    argv = ["-v", "sync", str(catalogue), "--json"]
+    killed = fork_server.run(argv, env, tmp_path / "killed", {"after_upserts": 1, "delay_s": 0})
+    reaped = time.monotonic()  # the killed sync is gone, its loader workers perhaps not yet
+    assert killed["killed"], Path(f"{tmp_path / 'killed'}.err").read_text()
+    probe = store.qdrant.model_copy(update={"lock_wait_s": 0.0})  # one attempt each: measures the hold
+    while True:
+        try:
+            open_index(probe).close()
+            break
+        except IndexUnavailable:
+            assert time.monotonic() - reaped < 10, "the store stayed locked for 10 s after the kill"
+            time.sleep(0.01)
+    reopen_s = round(time.monotonic() - reaped, 3)
+    # Nor do the killed sync's loader workers live on for long (they write to its log).
+    while holders := processes_writing(Path(f"{tmp_path / 'killed'}.err")):
+        assert time.monotonic() - reaped < 15, f"the killed sync's processes {holders} live on"
+        time.sleep(0.05)
+    gone_s = round(time.monotonic() - reaped, 3)
+    rerun = fork_server.run(argv, env, tmp_path / "rerun", None)
+    rerun_log = Path(f"{tmp_path / 'rerun'}.err").read_text()
+    lost, duplicated = check_index_matches_catalogue(store, catalogue, tmp_path)
+    figure(
+        "kill with loader workers/reopen",
+        {
+            "seconds_from_kill_to_reopen": reopen_s,
+            "seconds_from_kill_to_its_last_process_gone": gone_s,
+            "killed_after_s": killed["seconds"],
+            "rerun": rerun,
+        },
+    )
+    assert reopen_s < LOCK_WAIT_S, f"the store stayed locked {reopen_s} s after the kill"
+    assert rerun["status"] == 0 and "in use" not in rerun_log, rerun_log
+    assert (lost, duplicated) == (0, 0)
+
+
+def processes_writing(log: Path) -> list[int]:
+    """The pids of the processes holding `log` open (Linux /proc)."""
+    found = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) == str(log):
+                found.append(int(fd.parts[2]))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return sorted(set(found))
 
 
 def reprice(catalogue: Path, rows: list[int], rng: random.Random) -> None:

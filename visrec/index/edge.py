@@ -1,22 +1,26 @@
 """Embedded backend: the Qdrant engine in-process (qdrant-edge), one shard folder per collection.
 
-qdrant-edge raises bare `Exception`s with a message; they are translated here, at the boundary.
+qdrant-edge raises bare `Exception`s with a message; every call into it goes through `engine_errors`,
+the one place they become visrec errors.
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import qdrant_edge as qe
 
 from visrec.config import QdrantSettings
-from visrec.errors import CollectionMissing, IndexUnavailable, VisrecError
+from visrec.errors import CollectionMissing, IndexUnavailable, InvalidFilter, PointRejected, VisrecError
 from visrec.index.base import (
     FLOAT_FIELDS,
     KEYWORD_FIELDS,
@@ -32,6 +36,77 @@ from visrec.index.base import (
 )
 
 log = logging.getLogger(__name__)
+_R = TypeVar("_R")
+
+PAYLOAD_INDEXES = [(n, qe.PayloadSchemaType.Keyword) for n in KEYWORD_FIELDS] + [
+    (n, qe.PayloadSchemaType.Float) for n in FLOAT_FIELDS
+]
+LOCK_POLL_S = 0.1
+# How the engine words a full disk (ENOSPC) or a file over RLIMIT_FSIZE (EFBIG), in its messages.
+_DISK_FULL = (
+    "No space left on device",
+    "os error 28",
+    "StorageFull",
+    "File too large",
+    "os error 27",
+    "FileTooLarge",
+)
+_NEVER_CREATED = "no segments were loaded"  # a folder a crashed or failed create() left: it holds nothing
+
+
+class StoreBusy(IndexUnavailable):
+    """Another process (or another index in this one) holds the store's WAL lock."""
+
+
+@contextmanager
+def engine_errors(
+    store: Path,
+    doing: str,
+    *,
+    rejecting: str | None = None,
+    culprit: Callable[[], str] | None = None,
+    rejected: type[VisrecError] = PointRejected,
+) -> Iterator[None]:
+    """Translate whatever qdrant-edge raises inside the block. The rule:
+
+    - visrec errors pass unchanged; so do KeyboardInterrupt and SystemExit (not `Exception`s).
+    - With `rejecting` (the block turns caller data, a "point" or a "filter", into the binding's types),
+      a TypeError or ValueError is the data's fault, not the store's (NaN or ±inf in a payload, a string
+      with lone surrogates, an int beyond 64 bits): `rejected`, "point rejected by the store: <culprit>:
+      <reason>", so that the caller can isolate that one point. `culprit()` runs only on failure.
+    - Anything else is a store problem: `IndexUnavailable` naming the store and the cause, on one line
+      (`StoreBusy` when another process holds it; a full disk or the file size limit said as such).
+    """
+    try:
+        yield
+    except VisrecError:
+        raise
+    except Exception as exc:
+        if rejecting is not None and isinstance(exc, TypeError | ValueError):
+            who = f"{culprit()}: " if culprit else ""
+            raise rejected(f"{rejecting} rejected by the store: {who}{_gist(exc)}") from exc
+        message = str(exc)
+        if "WouldBlock" in message:
+            raise StoreBusy(
+                f"embedded store {store} is in use by another process; wait for it to finish "
+                "(or point VISREC_QDRANT__PATH elsewhere)"
+            ) from exc
+        cause = _gist(exc)
+        if any(sign in message for sign in _DISK_FULL):
+            cause = f"the disk is full or the file size limit was reached ({cause})"
+        raise IndexUnavailable(f"embedded store {store}: {doing} failed: {cause}") from exc
+
+
+def _gist(exc: BaseException) -> str:
+    """An engine message on one line. The binding's conversion errors list every variant it tried, a line
+    each, mostly type mismatches; a deeper reason (e.g. UnicodeEncodeError: surrogates not allowed) is
+    the one worth showing."""
+    lines = str(exc).strip().splitlines() or [type(exc).__name__]
+    for line in lines[1:]:
+        reason = line.rsplit("caused by ", 1)[-1]
+        if "caused by " in line and "Error: " in reason and not reason.startswith("TypeError"):
+            return reason
+    return lines[0]
 
 
 class EdgeStore(Store):
@@ -72,18 +147,58 @@ class EdgeIndex(VectorIndex):
         self.path = root / collection
         self.metadata_file = root / f"{collection}.json"
         self.settings = settings or QdrantSettings()
-        self._shard: qe.EdgeShard | None = self._open() if self.path.is_dir() else None
+        self._shard: qe.EdgeShard | None = None
+        if self.path.is_dir():
+            try:
+                self._shard = self._open()
+            except IndexUnavailable as exc:
+                if _NEVER_CREATED not in str(exc.__cause__):
+                    raise
+                log.warning(
+                    "%s holds no collection (its creation was cut short): creating it anew", self.path
+                )
+
+    def _engine(self, doing: str) -> AbstractContextManager[None]:
+        return engine_errors(self.path, doing)
 
     def _open(self, config: qe.EdgeConfig | None = None) -> qe.EdgeShard:
+        """Load the shard, waiting up to `lock_wait_s` for a process that is letting go of it (a killed
+        sync's last moments), and make sure its payload indexes exist."""
+        deadline = time.monotonic() + self.settings.lock_wait_s
+        for attempt in itertools.count():
+            try:
+                with self._engine("open"):
+                    shard = qe.EdgeShard.load(str(self.path), config)
+                break
+            except StoreBusy:
+                if time.monotonic() >= deadline:
+                    raise
+                if attempt == 0:
+                    log.info(
+                        "%s is held by another process: waiting up to %.1f s",
+                        self.path,
+                        self.settings.lock_wait_s,
+                    )
+                time.sleep(LOCK_POLL_S)
         try:
-            return qe.EdgeShard.load(str(self.path), config)
-        except Exception as exc:  # qdrant-edge raises plain Exception with a message
-            if "WouldBlock" in str(exc):
-                raise IndexUnavailable(
-                    f"embedded store {self.path} is in use by another process; wait for it to finish "
-                    "(or point VISREC_QDRANT__PATH elsewhere)"
-                ) from exc
-            raise IndexUnavailable(f"cannot open embedded store {self.path}: {exc}") from exc
+            if created := self._ensure_payload_indexes(shard):
+                log.warning("%s lacked payload indexes (a sync cut short?): created %s", self.path, created)
+        except BaseException:
+            with suppress(Exception):
+                shard.close()  # or the lock stays with this process
+            raise
+        return shard
+
+    def _ensure_payload_indexes(self, shard: qe.EdgeShard) -> list[str]:
+        """Create whichever payload index the shard lacks (one info() call, ~0.2 ms, when none does): a
+        crash between creating the shard and its indexes would otherwise leave filtered queries slow, and
+        inexact after optimize(), for good. Returns the fields indexed now."""
+        with self._engine("creating payload indexes"):
+            have = {name: index.data_type for name, index in shard.info().payload_schema.items()}
+            missing = [(name, kind) for name, kind in PAYLOAD_INDEXES if have.get(name) != kind]
+            for name, kind in missing:
+                shard.update(qe.UpdateOperation.create_field_index(name, kind))
+        return [name for name, _ in missing]
 
     @property
     def shard(self) -> qe.EdgeShard:
@@ -114,7 +229,8 @@ class EdgeIndex(VectorIndex):
             ),
         )
         if self._shard is not None:
-            self._shard.close()
+            with self._engine("close"):
+                self._shard.close()
             self._shard = None
             try:  # loading with a config checks the stored vectors are compatible with it
                 self._shard = self._open(config)
@@ -127,39 +243,43 @@ class EdgeIndex(VectorIndex):
                 raise
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        shard = qe.EdgeShard.create(str(self.path), config)
-        # Payload indexes before any optimize(): filtered queries stay fast and exact.
-        for name in KEYWORD_FIELDS:
-            shard.update(qe.UpdateOperation.create_field_index(name, qe.PayloadSchemaType.Keyword))
-        for name in FLOAT_FIELDS:
-            shard.update(qe.UpdateOperation.create_field_index(name, qe.PayloadSchemaType.Float))
+        with self._engine("create"):
+            shard = qe.EdgeShard.create(str(self.path), config)
+        try:  # payload indexes before any optimize(): filtered queries stay fast and exact
+            self._ensure_payload_indexes(shard)
+        except BaseException:
+            with suppress(Exception):
+                shard.close()
+            raise
         self._shard = shard
 
     def upsert(self, points: Sequence[IndexPoint]) -> None:
         if points:
-            self.shard.update(
-                qe.UpdateOperation.upsert_points(
-                    [
-                        qe.Point(point_id(p.product_id), p.vector.astype(np.float32).tolist(), p.payload)
-                        for p in points
-                    ]
-                )
-            )
+            operation = qe.UpdateOperation.upsert_points([self._point(p) for p in points])
+            with self._engine("upsert"):
+                self.shard.update(operation)
+
+    def _point(self, p: IndexPoint) -> qe.Point:
+        """The binding converts the vector and payload here: what it cannot take rejects this point."""
+        with engine_errors(self.path, "upsert", rejecting="point", culprit=lambda: _culprit(p)):
+            return qe.Point(point_id(p.product_id), p.vector.astype(np.float32).tolist(), p.payload)
 
     def delete(self, product_ids: Iterable[str]) -> None:
         ids: list[qe.PointId] = [point_id(p) for p in product_ids]
         if ids:
-            self.shard.update(qe.UpdateOperation.delete_points(ids))
+            with self._engine("delete"):
+                self.shard.update(qe.UpdateOperation.delete_points(ids))
 
     def sync_records(self) -> dict[str, SyncRecord]:
         records: dict[str, SyncRecord] = {}
         offset: qe.PointId | None = None
         while True:
-            page, offset = self.shard.scroll(
-                qe.ScrollRequest(
-                    offset=offset, limit=SCROLL_PAGE, with_payload=SYNC_FIELDS, with_vector=False
+            with self._engine("scroll"):
+                page, offset = self.shard.scroll(
+                    qe.ScrollRequest(
+                        offset=offset, limit=SCROLL_PAGE, with_payload=SYNC_FIELDS, with_vector=False
+                    )
                 )
-            )
             for record in page:
                 payload = record.payload or {}
                 records[payload["product_id"]] = SyncRecord.from_payload(payload)
@@ -169,15 +289,18 @@ class EdgeIndex(VectorIndex):
     def browse(
         self, filters: Filters, limit: int, after: str | None = None
     ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
-        page, next_id = self.shard.scroll(
-            qe.ScrollRequest(offset=after, limit=limit, filter=_edge_filter(filters, ()), with_payload=True)
+        request = self._request(
+            lambda f: qe.ScrollRequest(offset=after, limit=limit, filter=f, with_payload=True), filters, ()
         )
+        with self._engine("browse"):
+            page, next_id = self.shard.scroll(request)
         items = [(str((r.payload or {})["product_id"]), dict(r.payload or {})) for r in page]
         return items, None if next_id is None else str(next_id)
 
     def get(self, product_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
-        # with_vector must be positional at run time, whatever the stub says.
-        found = self.shard.retrieve([point_id(product_id)], True, True)
+        with self._engine("retrieve"):
+            # with_vector must be positional at run time, whatever the stub says.
+            found = self.shard.retrieve([point_id(product_id)], True, True)
         if not found:
             return None
         return np.asarray(found[0].vector, dtype=np.float32), dict(found[0].payload or {})
@@ -185,31 +308,60 @@ class EdgeIndex(VectorIndex):
     def search(
         self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str] = (), exact: bool = False
     ) -> list[Hit]:
-        request = qe.QueryRequest(
-            limit=k,
-            query=qe.Query.Nearest(vector.astype(np.float32).tolist()),
-            filter=_edge_filter(filters, exclude),
-            with_payload=True,
-            params=qe.SearchParams(hnsw_ef=self.settings.hnsw_ef, exact=exact),
+        request = self._request(
+            lambda f: qe.QueryRequest(
+                limit=k,
+                query=qe.Query.Nearest(vector.astype(np.float32).tolist()),
+                filter=f,
+                with_payload=True,
+                params=qe.SearchParams(hnsw_ef=self.settings.hnsw_ef, exact=exact),
+            ),
+            filters,
+            exclude,
         )
+        with self._engine("query"):
+            found = self.shard.query(request)
         return [
-            Hit(str((p.payload or {})["product_id"]), float(p.score), dict(p.payload or {}))
-            for p in self.shard.query(request)
+            Hit(str((p.payload or {})["product_id"]), float(p.score), dict(p.payload or {})) for p in found
         ]
 
     def count(self, filters: Filters | None = None) -> int:
-        return int(
-            self.shard.count(qe.CountRequest(exact=True, filter=_edge_filter(filters or Filters(), ())))
-        )
+        request = self._request(lambda f: qe.CountRequest(exact=True, filter=f), filters or Filters(), ())
+        with self._engine("count"):
+            return int(self.shard.count(request))
+
+    def _request(
+        self, build: Callable[[qe.Filter | None], _R], filters: Filters, exclude: Sequence[str]
+    ) -> _R:
+        """A request with `filters`: a filter value the binding cannot take (an int beyond 64 bits, a
+        lone surrogate) is the caller's `InvalidFilter`, not a store failure."""
+        with engine_errors(
+            self.path, "query", rejecting="filter", culprit=lambda: repr(filters), rejected=InvalidFilter
+        ):
+            return build(_edge_filter(filters, exclude))
 
     def optimize(self) -> None:
-        self.shard.optimize()
+        with self._engine("optimize"):
+            self.shard.optimize()
 
     def close(self) -> None:
         if self._shard is not None:
-            self._shard.flush()
-            self._shard.close()
-            self._shard = None
+            shard, self._shard = self._shard, None
+            with self._engine("close"):
+                try:
+                    shard.flush()
+                finally:
+                    shard.close()
+
+
+def _culprit(p: IndexPoint) -> str:
+    """The product and payload field the binding refuses (tried one by one, only once it has refused)."""
+    for key, value in p.payload.items():
+        try:
+            qe.Point(0, [0.0], {key: value})
+        except (TypeError, ValueError):
+            return f"product {p.product_id!r}, field {key!r}"
+    return f"product {p.product_id!r}"
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -19,7 +19,7 @@ from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedR
 from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_attempt, wait_exponential
 
 from visrec.config import QdrantSettings
-from visrec.errors import CollectionMissing, IndexUnavailable, VisrecError
+from visrec.errors import CollectionMissing, IndexUnavailable, PointRejected, VisrecError
 from visrec.index.base import (
     FLOAT_FIELDS,
     KEYWORD_FIELDS,
@@ -36,6 +36,9 @@ from visrec.index.base import (
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+PAYLOAD_INDEXES = [(n, qm.PayloadSchemaType.KEYWORD) for n in KEYWORD_FIELDS] + [
+    (n, qm.PayloadSchemaType.FLOAT) for n in FLOAT_FIELDS
+]
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -66,10 +69,23 @@ class Connection:
             reraise=True,
         )
 
-    def call(self, fn: Callable[..., T], *args: Any, collection: str = "", **kwargs: Any) -> T:
+    def call(
+        self, fn: Callable[..., T], *args: Any, collection: str = "", rejecting: str = "", **kwargs: Any
+    ) -> T:
+        """`fn(*args, **kwargs)` with retries, its errors translated. With `rejecting` (the request carries
+        caller data, e.g. "point"), data the client cannot serialise (a string with lone surrogates) or
+        the server refuses (HTTP 400/422) is `PointRejected`, so the caller can isolate it."""
         try:
             return self._retrying(fn, *args, **kwargs)
+        except (TypeError, ValueError) as exc:  # raised by the client before sending: not transient
+            if not rejecting:
+                raise
+            raise PointRejected(f"{rejecting} rejected by the store: {str(exc).splitlines()[0]}") from exc
         except UnexpectedResponse as exc:
+            if rejecting and exc.status_code in (400, 422):
+                raise PointRejected(
+                    f"{rejecting} rejected by the store: Qdrant at {self.where} answered {exc}"
+                ) from exc
             if exc.status_code == 404:
                 raise CollectionMissing(f"collection {collection!r} not found on {self.where}") from exc
             if exc.status_code in (401, 403):
@@ -133,6 +149,8 @@ class ServerIndex(VectorIndex):
         self.settings = settings
         self._owner = owner
         self._exists = self._call(self.client.collection_exists, collection)
+        if self._exists:
+            self._ensure_payload_indexes()
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return self.conn.call(fn, *args, collection=self.collection, **kwargs)
@@ -190,11 +208,28 @@ class ServerIndex(VectorIndex):
             self._exists = True
             self._create(dim)  # checks the winner's vector size
             return
-        schemas = [(n, qm.PayloadSchemaType.KEYWORD) for n in KEYWORD_FIELDS]
-        schemas += [(n, qm.PayloadSchemaType.FLOAT) for n in FLOAT_FIELDS]
+        self._create_payload_indexes(PAYLOAD_INDEXES)
+        self._exists = True
+
+    def _ensure_payload_indexes(self) -> None:
+        """Create whichever payload index the collection lacks: a crash between creating the collection and
+        its indexes would otherwise leave filtered queries slow for good. One request when none does.
+        (Local mode has no payload indexes: its payload_schema stays empty, so it is not asked.)"""
+        if self.conn.local:
+            return
+        have = self._call(self.client.get_collection, self.collection).payload_schema
+        missing = [(n, s) for n, s in PAYLOAD_INDEXES if n not in have or have[n].data_type != s]
+        if missing:
+            log.warning(
+                "collection %r lacked payload indexes (a sync cut short?): creating %s",
+                self.collection,
+                [n for n, _ in missing],
+            )
+            self._create_payload_indexes(missing)
+
+    def _create_payload_indexes(self, schemas: list[tuple[str, qm.PayloadSchemaType]]) -> None:
         for name, schema in schemas:
             self._call(self.client.create_payload_index, self.collection, name, field_schema=schema)
-        self._exists = True
 
     def upsert(self, points: Sequence[IndexPoint]) -> None:
         self._require()
@@ -205,7 +240,7 @@ class ServerIndex(VectorIndex):
                 )
                 for p in points
             ]
-            self._call(self.client.upsert, self.collection, points=structs, wait=True)
+            self._call(self.client.upsert, self.collection, points=structs, wait=True, rejecting="point")
 
     def delete(self, product_ids: Iterable[str]) -> None:
         self._require()
