@@ -169,6 +169,7 @@ def main() -> None:
             batch_size=batch,
             workers=args.workers,
             failure_report=root / "failures.jsonl",
+            max_delete=1.0,
         )
     # A sync ends with the index's optimize(), a cost of the store that a fast GPU run would otherwise
     # read as pipeline overhead: both rates are printed, with and without it.

@@ -23,7 +23,9 @@ from visrec.index.edge import EdgeIndex
 from visrec.ingest import PAYLOAD_VERSION, BackgroundWriter, Shard, SyncSummary, sync
 
 
-def run_sync(catalogue: Path, settings: Settings, shard: Shard | None = None) -> SyncSummary:
+def run_sync(
+    catalogue: Path, settings: Settings, shard: Shard | None = None, max_delete: float = 1.0
+) -> SyncSummary:
     embedder = Embedder(settings.artefact, torch.device("cpu"))
     with open_index(settings.qdrant) as index:
         return sync(
@@ -34,6 +36,7 @@ def run_sync(catalogue: Path, settings: Settings, shard: Shard | None = None) ->
             batch_size=settings.embed.batch_size,
             workers=settings.embed.workers,
             failure_report=settings.ingest.failure_report,
+            max_delete=max_delete,
             shard=shard or Shard(),
         )
 
@@ -86,6 +89,7 @@ def test_an_unchanged_resync_never_loads_the_model(make_catalogue, settings: Set
             batch_size=4,
             workers=0,
             failure_report=settings.ingest.failure_report,
+            max_delete=1.0,
         )
     assert embedder._model is None
 
@@ -173,6 +177,62 @@ def test_a_catalogue_with_no_valid_row_deletes_nothing(
         run_sync(broken, settings)
     with open_index(settings.qdrant) as index:
         assert index.count() == 3
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "p9,images/p9.png,circle,red,1,extra,cells\n",  # shifted cells: the id cannot be trusted
+        ',,,,,\n"unclosed,images/p0.png,circle,red,1,t\n',  # a stray quote
+        ",images/p0.png,circle,red,1,no id\n",
+    ],
+)
+def test_an_unreadable_row_holds_back_every_delete(make_catalogue, settings: Settings, damage: str) -> None:  # type: ignore[no-untyped-def]
+    """Deletes are earned: a row that cannot be read, or has no id, could be any product, so the run
+    deletes nothing and says so; once the row is fixed, the removed products go."""
+    catalogue = make_catalogue(10)
+    run_sync(catalogue, settings)
+    rewrite(catalogue, lambda r: None if r["id"] in {"p8", "p9"} else r)
+    clean = catalogue.read_text()
+    catalogue.write_text(clean + damage)
+    summary = run_sync(catalogue, settings)
+    assert (summary.deleted, summary.deletes_held_back) == (0, 2)
+    with open_index(settings.qdrant) as index:
+        assert index.count() == 10
+    catalogue.write_text(clean)
+    summary = run_sync(catalogue, settings)
+    assert (summary.deleted, summary.deletes_held_back) == (2, 0)
+
+
+def test_a_truncated_export_deletes_nothing(make_catalogue, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A feed job that died half-way: more than max_delete of the indexed products would go. Nothing is
+    written (not even the new products), the error says how many and how to allow it."""
+    catalogue = make_catalogue(10)
+    run_sync(catalogue, settings)
+    truncated = tmp_path / "truncated.csv"
+    truncated.write_text("".join(catalogue.read_text().splitlines(keepends=True)[:6]))  # header + 5 rows
+    with truncated.open("a") as f:
+        f.write("new1,images/p0.png,circle,red,1,new\n")
+    expected = r"would delete 5 of the 10 indexed products \(50%\).*--max-delete 1"
+    with pytest.raises(CatalogueError, match=expected):
+        run_sync(truncated, settings, max_delete=0.2)
+    with open_index(settings.qdrant) as index:
+        assert index.count() == 10 and index.get("new1") is None
+    assert run_sync(truncated, settings, max_delete=0.5).deleted == 5
+    assert run_sync(catalogue, settings, max_delete=0.2).added == 5  # additions are never limited
+
+
+def test_the_mass_delete_guard_counts_per_shard(make_catalogue, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+    """Two of the shard's products go: a small share of the index, a large one of the shard."""
+    catalogue = make_catalogue(20)
+    shard = Shard(0, 2)
+    run_sync(catalogue, settings)
+    in_shard = [f"p{i}" for i in range(20) if f"p{i}" in shard]
+    rewrite(catalogue, lambda r: None if r["id"] in in_shard[:2] else r)
+    share = 2 / len(in_shard)
+    with pytest.raises(CatalogueError, match="would delete 2 of the"):
+        run_sync(catalogue, settings, shard=shard, max_delete=share * 0.9)
+    assert run_sync(catalogue, settings, shard=shard, max_delete=share).deleted == 2
 
 
 def test_killed_sync_is_finished_by_a_rerun(make_catalogue, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -318,4 +378,5 @@ def test_a_failing_store_stops_the_sync_with_its_error(make_catalogue, settings:
             batch_size=4,
             workers=0,
             failure_report=settings.ingest.failure_report,
+            max_delete=1.0,
         )

@@ -64,6 +64,7 @@ def run_reindex(
             batch_size=settings.embed.batch_size,
             workers=settings.embed.workers,
             failure_report=settings.ingest.failure_report,
+            max_delete=1.0,
         )
 
 

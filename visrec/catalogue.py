@@ -1,8 +1,11 @@
 """The product catalogue: CSV or JSONL rows validated into `Product` records.
 
-A bad row is reported with its line number and skipped (a local image path must resolve inside the
-catalogue's folder or a configured image root); only a problem with the file as a whole (missing,
-unknown format, no `id`/`image` column) raises `CatalogueError`.
+Shop feeds are messy, so reading is built to contain damage: a bad row (malformed, too long, no usable
+id, a value the index cannot hold, an image URL or path that is refused) is reported with its line
+number and skipped, and the rest is read. Only a problem with the file as a whole raises
+`CatalogueError`: missing or unreadable, an unknown format, an encoding other than UTF-8 (with or
+without a byte-order mark) or UTF-16/32 with one, no `id`/`image` column, a column named like a field
+visrec computes.
 """
 
 from __future__ import annotations
@@ -10,26 +13,35 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from visrec.config import IngestSettings
 from visrec.errors import CatalogueError
+from visrec.textfile import Lines, RowTooLong, csv_field_limit, not_decodable, open_text
+from visrec.urls import FetchPolicy, check_url, is_url
 
 REQUIRED_COLUMNS = ("id", "image")
-# Payload keys visrec writes itself; a catalogue column must not overwrite them.
-RESERVED_KEYS = frozenset({"product_id", "content_hash", "model_version"})
-
-
+# Payload keys visrec writes itself (sync bookkeeping, the colour it extracts): a catalogue column of the
+# same name would overwrite them, so such a catalogue is refused. `colour` is the shop's own (it wins).
+RESERVED_KEYS = frozenset(
+    {"product_id", "content_hash", "model_version"}
+    | {"colour_extracted", "colours", "colour_rgb", "colour_lab", "colour_histogram"}
+)
+MAX_ID_LENGTH = 256
+MAX_DEPTH = 8  # nesting of a JSON value in a row; deeper is reported, not stored
+_INT64 = 2**63
 class Product(BaseModel):
     """One catalogue row. Columns beyond the known ones are kept (as `extra`) for the payload."""
 
     model_config = ConfigDict(extra="allow", str_strip_whitespace=True, frozen=True)
 
-    id: str = Field(min_length=1, max_length=256)
+    id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
     image: str = Field(min_length=1, max_length=4096)
     category: str | None = None
     colour: str | None = None
@@ -43,7 +55,7 @@ class Product(BaseModel):
 
     @property
     def is_remote(self) -> bool:
-        return self.image.startswith(("http://", "https://"))
+        return is_url(self.image)
 
     def metadata(self) -> dict[str, Any]:
         """Every field but `id`, blanks dropped: what goes into the index payload."""
@@ -52,7 +64,8 @@ class Product(BaseModel):
 
 @dataclass(frozen=True)
 class RowError:
-    """A row that was skipped: where it is and why."""
+    """A row that was skipped: where it is and why. Without a `product_id`, the row may have been any
+    product: a sync then deletes nothing (it cannot prove a product gone)."""
 
     line: int
     message: str
@@ -67,10 +80,16 @@ class Catalogue:
     products: list[Product] = field(default_factory=list)
     errors: list[RowError] = field(default_factory=list)
     image_roots: tuple[Path, ...] = ()  # besides the catalogue's folder, where local images may live
+    lines: dict[str, int] = field(default_factory=dict)  # product id → its (first) line in the file
 
     @property
     def base_dir(self) -> Path:
         return self.path.parent
+
+    @property
+    def unidentified(self) -> list[RowError]:
+        """Skipped rows whose product is unknown (unparseable, no usable id)."""
+        return [e for e in self.errors if e.product_id is None]
 
     def image_ref(self, product: Product) -> str:
         """The image as an absolute path or a URL: relative paths are relative to the catalogue file."""
@@ -97,21 +116,27 @@ class Catalogue:
         digest.update(json.dumps(product.metadata(), sort_keys=True, default=str).encode())
         if product.is_remote:
             digest.update(product.image.encode())
-        else:
-            try:
-                digest.update(Path(self.image_ref(product)).read_bytes())
-            except OSError:
-                digest.update(b"\0unreadable")  # decoding will fail and record why
+            return digest.hexdigest()
+        path = Path(self.image_ref(product))
+        try:
+            if not path.is_file():  # a FIFO or a device would block: decoding refuses it and says why
+                raise OSError
+            with path.open("rb") as f:
+                while chunk := f.read(1 << 20):
+                    digest.update(chunk)
+        except OSError:
+            digest.update(b"\0unreadable")
         return digest.hexdigest()
 
 
-def read_catalogue(path: Path, image_roots: Sequence[Path] = ()) -> Catalogue:
-    """Read and validate a `.csv` or `.jsonl` catalogue whose local images lie in its own folder or
-    under one of `image_roots`.
+def read_catalogue(path: Path, settings: IngestSettings | None = None) -> Catalogue:
+    """Read and validate a `.csv` or `.jsonl` catalogue whose local images lie in its own folder or under
+    one of `settings.image_roots`, and whose image URLs `settings` allows.
 
     Returns the valid products in file order and the skipped rows. Raises `CatalogueError` when the
-    file is missing, of an unknown format, or lacks a required column.
+    file cannot be used as a whole (see the module's docstring).
     """
+    settings = settings or IngestSettings()
     if not path.is_file():
         raise CatalogueError(f"catalogue not found: {path}")
     readers = {".csv": _csv_rows, ".jsonl": _jsonl_rows, ".ndjson": _jsonl_rows}
@@ -119,71 +144,186 @@ def read_catalogue(path: Path, image_roots: Sequence[Path] = ()) -> Catalogue:
     if reader is None:
         raise CatalogueError(f"unknown catalogue format {path.suffix!r}: use .csv or .jsonl")
 
-    roots = tuple(root.resolve() for root in image_roots)
+    roots = tuple(root.resolve() for root in settings.image_roots)
     catalogue = Catalogue(path=path.resolve(), image_roots=roots)
-    first_line_of: dict[str, int] = {}
-    for line, row in reader(path):
-        if isinstance(row, RowError):
-            catalogue.errors.append(row)
-            continue
-        product_id = str(row.get("id") or "").strip() or None
-        clash = RESERVED_KEYS.intersection(row)
-        if clash:
-            catalogue.errors.append(RowError(line, f"reserved column(s) {sorted(clash)}", product_id))
-            continue
-        try:
-            product = Product.model_validate(row)
-        except ValidationError as exc:
-            catalogue.errors.append(RowError(line, _explain(exc), product_id))
-            continue
-        if catalogue.escapes_roots(product):
-            message = (
-                f"image {product.image!r} is outside the catalogue's folder {catalogue.base_dir} "
-                "and the image roots (VISREC_INGEST__IMAGE_ROOTS)"
-            )
-            catalogue.errors.append(RowError(line, message, product.id))
-            continue
-        if product.id in first_line_of:
-            message = f"duplicate id {product.id!r} (first on line {first_line_of[product.id]})"
-            catalogue.errors.append(RowError(line, message, product.id))
-            continue
-        first_line_of[product.id] = line
-        catalogue.products.append(product)
+    rows = _RowChecker(catalogue, FetchPolicy.from_settings(settings))
+    try:
+        with open_text(path) as text, csv_field_limit(settings.max_row_chars):
+            for line, row in reader(Lines(text, settings.max_row_chars), path):
+                rows.add(line, row)
+    except UnicodeError as exc:
+        raise CatalogueError(not_decodable(path, exc)) from None
+    except OSError as exc:
+        raise CatalogueError(f"cannot read {path}: {exc.strerror or exc}") from None
     return catalogue
 
 
-def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise CatalogueError(f"{path}: missing column(s) {missing}; found {reader.fieldnames}")
-        for row in reader:
-            if None in row:  # more cells than header columns
-                yield reader.line_num, RowError(reader.line_num, "more cells than columns", row.get("id"))
-            elif any(v is None for v in row.values()):
-                yield reader.line_num, RowError(reader.line_num, "fewer cells than columns", row.get("id"))
-            else:
-                yield reader.line_num, {k: v for k, v in row.items() if v != "" or k in REQUIRED_COLUMNS}
+class _RowChecker:
+    """Turns each parsed row into a product or a `RowError`; one row's failure, whatever it is, stays
+    that row's."""
 
+    def __init__(self, catalogue: Catalogue, policy: FetchPolicy) -> None:
+        self.catalogue, self.policy = catalogue, policy
 
-def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
-    with path.open(encoding="utf-8") as f:
-        for line_no, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
+    def add(self, line: int, row: dict[str, Any] | RowError) -> None:
+        if isinstance(row, RowError):
+            self.catalogue.errors.append(row)
+            return
+        try:
+            error = self._check(line, row)
+        except CatalogueError:
+            raise
+        except Exception as exc:  # containment: an unforeseen failure skips the row, never the catalogue
+            error = RowError(line, f"cannot read the row ({type(exc).__name__}: {exc})", _usable_id(row))
+        if error is not None:
+            self.catalogue.errors.append(error)
+
+    def _check(self, line: int, row: dict[str, Any]) -> RowError | None:
+        catalogue = self.catalogue
+        row = {key.strip(): value for key, value in row.items() if key.strip()}
+        reserved = sorted(RESERVED_KEYS.intersection(row))
+        if reserved:
+            raise CatalogueError(_reserved(catalogue.path, reserved[0], line))
+        product_id = _usable_id(row)
+        if product_id is None:
+            return RowError(line, f"no usable id (a non-empty text of at most {MAX_ID_LENGTH} characters)")
+        problem = _value_problem(row)
+        if problem:
+            return RowError(line, problem, product_id)
+        try:
+            product = Product.model_validate({**row, "id": product_id})
+        except ValidationError as exc:
+            return RowError(line, _explain(exc), product_id)
+        if product.is_remote:
+            refused = check_url(product.image, self.policy)
+            if refused:
+                return RowError(line, f"image URL refused: {refused}", product_id)
+        else:
             try:
-                row = json.loads(text)
-            except json.JSONDecodeError as exc:
-                yield line_no, RowError(line_no, f"not valid JSON: {exc.msg}")
-                continue
-            if not isinstance(row, dict):
-                yield line_no, RowError(line_no, "not a JSON object")
-                continue
-            if isinstance(row.get("id"), int):
-                row["id"] = str(row["id"])
-            yield line_no, row
+                outside = catalogue.escapes_roots(product)
+            except (OSError, ValueError) as exc:  # a NUL byte, a name too long for the file system
+                return RowError(line, f"image path {product.image!r} is not usable ({exc})", product_id)
+            if outside:
+                return RowError(
+                    line,
+                    f"image {product.image!r} is outside the catalogue's folder {catalogue.base_dir} "
+                    "and the image roots (VISREC_INGEST__IMAGE_ROOTS)",
+                    product_id,
+                )
+        if product.id in catalogue.lines:
+            return RowError(
+                line, f"duplicate id {product.id!r} (first on line {catalogue.lines[product.id]})", product_id
+            )
+        catalogue.lines[product.id] = line
+        catalogue.products.append(product)
+        return None
+
+
+def _usable_id(row: dict[str, Any]) -> str | None:
+    """The row's product id as text, or None when there is none a product could have."""
+    value = row.get("id")
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        return None
+    value = value.strip()
+    if not value or len(value) > MAX_ID_LENGTH or _value_problem(value):
+        return None
+    return value
+
+
+def _value_problem(value: Any, depth: int = 0) -> str | None:
+    """What makes a row's value unfit for the index payload (None if nothing): text that is not valid
+    Unicode, numbers that are not finite or beyond 64 bits, nesting deeper than `MAX_DEPTH`."""
+    if depth > MAX_DEPTH:
+        return f"a value nested deeper than {MAX_DEPTH} levels"
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            return "text that is not valid Unicode (a lone surrogate escape)"
+    elif isinstance(value, float) and not math.isfinite(value):
+        return f"a number that is not finite ({value})"
+    elif isinstance(value, int) and not -_INT64 <= value < _INT64:
+        return "an integer beyond 64 bits"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            problem = _value_problem(key, depth + 1) or _value_problem(item, depth + 1)
+            if problem:
+                return problem
+    elif isinstance(value, list):
+        return next((p for item in value if (p := _value_problem(item, depth + 1))), None)
+    return None
+
+
+def _reserved(path: Path, column: str, line: int) -> str:
+    return (
+        f"{path}: column {column!r} (line {line}) is a field visrec computes itself; rename the column, "
+        f"e.g. to 'shop_{column}' (reserved: {', '.join(sorted(RESERVED_KEYS))})"
+    )
+
+
+def _csv_rows(lines: Lines, path: Path) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+    # strict: a stray quote is an error, not a field that swallows the rows after it (which would vanish).
+    reader = csv.reader(lines, strict=True)
+    try:
+        header = next(reader, [])
+    except (csv.Error, RowTooLong) as exc:
+        raise CatalogueError(f"{path}: the header line cannot be read: {exc}") from None
+    columns = [name.strip() for name in header]
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if missing:
+        raise CatalogueError(f"{path}: missing column(s) {missing}; found {columns}")
+    repeated = sorted({c for c in columns if c and columns.count(c) > 1})
+    if repeated:
+        raise CatalogueError(f"{path}: column(s) {repeated} appear more than once")
+    reserved = sorted(RESERVED_KEYS.intersection(columns))
+    if reserved:
+        raise CatalogueError(_reserved(path, reserved[0], 1))
+    while True:
+        start = lines.number + 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except (csv.Error, RowTooLong) as exc:
+            yield start, RowError(start, f"malformed CSV: {exc}")
+            continue
+        if not any(cell.strip() for cell in cells):  # a blank line, or a row of empty cells
+            continue
+        if len(cells) != len(columns):
+            # The cells are shifted: no cell can be trusted, the id included.
+            yield start, RowError(start, f"{len(cells)} cells for {len(columns)} columns")
+            continue
+        # Cells under an unnamed column (a trailing comma in the header) are dropped; blanks are missing.
+        yield start, {c: v for c, v in zip(columns, cells, strict=True) if c and (v or c in REQUIRED_COLUMNS)}
+
+
+def _jsonl_rows(lines: Lines, path: Path) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+    while True:
+        try:
+            text = next(lines)
+        except StopIteration:
+            return
+        except RowTooLong as exc:
+            yield lines.number, RowError(lines.number, str(exc))
+            continue
+        if not text.strip():
+            continue
+        try:
+            row = json.loads(text)  # NaN and Infinity are read (not JSON, but common): values check them
+        except RecursionError:
+            yield lines.number, RowError(lines.number, "not valid JSON: nested too deeply")
+            continue
+        except ValueError as exc:
+            yield lines.number, RowError(lines.number, f"not valid JSON: {getattr(exc, 'msg', exc)}")
+            continue
+        if not isinstance(row, dict):
+            yield lines.number, RowError(lines.number, "not a JSON object")
+            continue
+        yield lines.number, row
 
 
 def _explain(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in exc.errors())
+

@@ -36,6 +36,7 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+log = logging.getLogger(__name__)
 out = Console()
 err = Console(stderr=True)
 
@@ -55,6 +56,14 @@ def user_errors(command: Callable[P, R]) -> Callable[P, R]:
         except VisrecError as exc:
             err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code) from None
+        except Exception as exc:  # a bug, not a user mistake: still one line; the traceback with -v
+            log.info("unexpected error", exc_info=True)
+            err.print(
+                f"[red]error:[/red] unexpected {type(exc).__name__}: {exc} (rerun with -v for the details)",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(1) from None
 
     return wrapper
 
@@ -90,11 +99,6 @@ def _settings(**overrides: Any) -> Settings:
 def _embedder(settings: Settings, artefact: Path | None = None) -> Embedder:
     device = resolve_device(settings.embed.device)
     return Embedder.from_settings(artefact or settings.artefact, device, settings.embed)
-
-
-def _limits(settings: Settings) -> ImageLimits:
-    s = settings.ingest
-    return ImageLimits(s.max_image_pixels, s.max_image_bytes, s.fetch_timeout_s, s.fetch_retries)
 
 
 @contextmanager
@@ -155,7 +159,7 @@ def train(
     )
     device = resolve_device(settings.embed.device)
     with progress_bars(not as_json) as progress:
-        result = fit(read_catalogue(catalogue, settings.ingest.image_roots), settings, device, progress)
+        result = fit(read_catalogue(catalogue, settings.ingest), settings, device, progress)
     manifest = export(result, settings)
     table = Table("model", "classes", "top-1", "top-3", "held-out", "artefact", title="trained and exported")
     table.add_row(
@@ -177,6 +181,10 @@ def sync(
     shard: Annotated[
         str, typer.Option(help="i/N: sync only shard i of N (one of N parallel workers).")
     ] = "0/1",
+    max_delete: Annotated[
+        float | None,
+        typer.Option(help="Refuse to delete more than this share of the indexed products [0.2; 1: any]."),
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Embed new and changed products, delete removed ones, skip the rest."""
@@ -184,20 +192,21 @@ def sync(
     from visrec.ingest import sync as run_sync
 
     chosen = Shard.parse(shard)
-    settings = _settings(artefact=model)
+    settings = _settings(artefact=model, **{"ingest.max_delete": max_delete})
     embedder = _embedder(settings)
-    parsed = read_catalogue(catalogue, settings.ingest.image_roots)
+    parsed = read_catalogue(catalogue, settings.ingest)
     with open_index(settings.qdrant) as index, progress_bars(not as_json) as progress:
         summary = run_sync(
             parsed,
             index,
             embedder,
-            limits=_limits(settings),
+            limits=ImageLimits.from_settings(settings.ingest),
             batch_size=settings.embed.batch_size,
             workers=settings.embed.workers,
             failure_report=settings.ingest.failure_report,
             progress=lambda done, total: progress("embed", done, total),
             shard=chosen,
+            max_delete=settings.ingest.max_delete,
         )
     _emit(as_json, summary.to_dict(), _key_value_table("sync", summary.to_dict()))
 
@@ -217,18 +226,19 @@ def reindex(
     from visrec.ingest import reindex as run_reindex
 
     settings = _settings(artefact=model)
-    parsed = read_catalogue(catalogue, settings.ingest.image_roots)
+    parsed = read_catalogue(catalogue, settings.ingest)
     with open_store(settings.qdrant) as store, progress_bars(not as_json) as progress:
         summary = run_reindex(
             parsed,
             store,
             _embedder(settings),
             accept_failures=accept_failures,
-            limits=_limits(settings),
+            limits=ImageLimits.from_settings(settings.ingest),
             batch_size=settings.embed.batch_size,
             workers=settings.embed.workers,
             failure_report=settings.ingest.failure_report,
             progress=lambda done, total: progress("embed", done, total),
+            max_delete=settings.ingest.max_delete,
         )
     _emit(as_json, summary.to_dict(), _key_value_table("reindex", summary.to_dict()))
 
@@ -279,7 +289,8 @@ def similar(
                 data = image.read_bytes()
             except OSError as exc:
                 raise VisrecError(f"cannot read {image}: {exc.strerror or exc}") from exc
-            hits = query.similar_to_image(index, embedder, data, _limits(settings), k, filters, colour_weight)
+            limits = ImageLimits.from_settings(settings.ingest)
+            hits = query.similar_to_image(index, embedder, data, limits, k, filters, colour_weight)
         else:
             hits = query.similar_to_product(index, str(product_id), k, filters, colour_weight)
     _emit(as_json, [_hit_dict(h) for h in hits], _hits_table(hits))

@@ -9,29 +9,26 @@ from __future__ import annotations
 import io
 import logging
 import math
+import stat
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
-import httpx
+import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from pydantic import BaseModel, Field
-from tenacity import (
-    before_sleep_log,
-    retry,
-    retry_if_exception,
-    stop_after_attempt,
-    wait_exponential,
-)
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
+from visrec.config import IngestSettings
 from visrec.errors import ImageError
+from visrec.fetch import Fetcher
+from visrec.urls import FetchPolicy, is_url
 
 log = logging.getLogger(__name__)
 
@@ -50,63 +47,45 @@ class Preprocess(BaseModel):
     pad_fill: tuple[int, int, int] = (255, 255, 255)
 
 
+# Formats Pillow may decode here: what shops publish. Others (EPS runs Ghostscript, and a dozen rare
+# formats with little-used parsers) are refused before any parser sees the bytes.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 @dataclass(frozen=True)
 class ImageLimits:
+    """Bounds on one image: bytes read, pixels decoded, and how remote images are fetched."""
+
     max_pixels: int = 50_000_000
     max_bytes: int = 50_000_000
-    fetch_timeout_s: float = 10.0
-    fetch_retries: int = 3
+    fetch: FetchPolicy = FetchPolicy()
+
+    @classmethod
+    def from_settings(cls, ingest: IngestSettings) -> ImageLimits:
+        return cls(ingest.max_image_pixels, ingest.max_image_bytes, FetchPolicy.from_settings(ingest))
 
 
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, httpx.HTTPStatusError):
-        return exc.response.status_code >= 500 or exc.response.status_code == 429
-    return isinstance(exc, httpx.TransportError)
-
-
-def fetch_url(url: str, limits: ImageLimits) -> bytes:
-    """GET an image with a timeout and bounded retries on transient failures; raises `ImageError`."""
-
-    @retry(
-        retry=retry_if_exception(_is_transient),
-        stop=stop_after_attempt(limits.fetch_retries),
-        wait=wait_exponential(multiplier=0.2, max=5),
-        before_sleep=before_sleep_log(log, logging.WARNING),
-        reraise=True,
-    )
-    def get() -> bytes:
-        with httpx.stream("GET", url, timeout=limits.fetch_timeout_s, follow_redirects=True) as response:
-            response.raise_for_status()
-            chunks, size = [], 0
-            for chunk in response.iter_bytes():
-                size += len(chunk)
-                if size > limits.max_bytes:
-                    raise ImageError(f"{url}: larger than {limits.max_bytes} bytes")
-                chunks.append(chunk)
-            return b"".join(chunks)
-
-    try:
-        return get()
-    except httpx.HTTPStatusError as exc:
-        raise ImageError(f"{url}: HTTP {exc.response.status_code}") from exc
-    except httpx.HTTPError as exc:
-        raise ImageError(f"{url}: {type(exc).__name__}: {exc}") from exc
-
-
-def read_image_bytes(ref: str, limits: ImageLimits) -> bytes:
-    """The raw bytes of an image given as an absolute path or an http(s) URL."""
-    if ref.startswith(("http://", "https://")):
-        return fetch_url(ref, limits)
+def read_image_bytes(ref: str, limits: ImageLimits, fetcher: Fetcher | None = None) -> bytes:
+    """The raw bytes of an image given as an absolute path or an http(s) URL (through `fetcher`, the
+    caller's pooled client, or a one-off one). Raises `ImageError`."""
+    if is_url(ref):
+        if fetcher is None:
+            one_off = Fetcher(limits.fetch)
+            try:
+                return one_off.fetch(ref, limits.max_bytes)
+            finally:
+                one_off.close()
+        return fetcher.fetch(ref, limits.max_bytes)
     path = Path(ref)
     try:
-        size = path.stat().st_size
-        if size > limits.max_bytes:
-            raise ImageError(f"{ref}: {size} bytes, above the limit of {limits.max_bytes}")
+        info = path.stat()
+        if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
+            raise ImageError(f"{ref}: not a regular file")
+        if info.st_size > limits.max_bytes:
+            raise ImageError(f"{ref}: {info.st_size} bytes, above the limit of {limits.max_bytes}")
         return path.read_bytes()
     except FileNotFoundError as exc:
         raise ImageError(f"{ref}: file not found") from exc
-    except OSError as exc:
-        raise ImageError(f"{ref}: cannot read: {exc.strerror or exc}") from exc
+    except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        raise ImageError(f"{ref}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
 
 
 def decode_image(
@@ -123,31 +102,34 @@ def decode_image(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image: Image.Image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data), formats=IMAGE_FORMATS)
             width, height = image.size  # header only: checked before any pixel is decoded
             if width * height > limits.max_pixels:
                 raise ImageError(f"{name}: {width}x{height} pixels, above the limit of {limits.max_pixels}")
             if draft:
                 image.draft(None, (draft, draft))
             image.load()
-            image = ImageOps.exif_transpose(image)
+            return _to_rgb(ImageOps.exif_transpose(image))
     except ImageError:
         raise
     except UnidentifiedImageError as exc:
-        raise ImageError(f"{name}: not a recognised image format") from exc
+        raise ImageError(f"{name}: not an image in a supported format ({', '.join(IMAGE_FORMATS)})") from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageError(f"{name}: decompression bomb refused ({exc})") from exc
     except (OSError, SyntaxError, ValueError) as exc:  # Pillow's truncated/corrupt-data errors
         raise ImageError(f"{name}: corrupt or truncated image ({exc})") from exc
-    return _to_rgb(image)
+    except Exception as exc:  # untrusted bytes reach many parsers: any failure is this image's, not the run's
+        raise ImageError(f"{name}: cannot decode ({type(exc).__name__}: {exc})") from exc
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
-    if image.mode in {"I;16", "I;16B", "I;16L", "I", "F"}:
-        # 16-bit and float greyscale: scale to 8 bits instead of clipping everything to white.
-        lo, hi = cast(tuple[float, float], image.getextrema())
+    if image.mode.startswith(("I", "F")):
+        # 16-bit, 32-bit and float greyscale (either byte order): scale to 8 bits instead of clipping
+        # everything to white; numpy reads every such mode, Pillow's own conversions do not.
+        pixels = np.nan_to_num(np.asarray(image, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
         scale = 255.0 / (hi - lo) if hi > lo else 0.0
-        image = image.point(lambda v: (v - lo) * scale).convert("L")
+        image = Image.fromarray(((pixels - lo) * scale).clip(0, 255).astype(np.uint8), "L")
     elif image.mode in {"RGBA", "LA", "PA"} or (image.mode == "P" and "transparency" in image.info):
         # Transparent product cut-outs go on white, as a shop shows them.
         rgba = image.convert("RGBA")
@@ -235,6 +217,7 @@ class ImageDataset(Dataset[ImageItem]):
     """Images by reference, decoded once in DataLoader workers; a failure is returned, not raised.
 
     `annotate`, if given, runs on the same decoded image (no second decode) and its dict travels along.
+    Each worker process fetches remote images through its own pooled client (`Fetcher`).
     """
 
     def __init__(
@@ -246,19 +229,29 @@ class ImageDataset(Dataset[ImageItem]):
         annotate: Annotate | None = None,
     ) -> None:
         self.refs, self.pre, self.limits, self.hflip_p, self.annotate = refs, pre, limits, hflip_p, annotate
+        self.fetcher = Fetcher(limits.fetch)
 
     def __len__(self) -> int:
         return len(self.refs)
 
     def __getitem__(self, index: int) -> ImageItem:
+        ref = self.refs[index]
         try:
-            image = load_image(self.refs[index], self.limits)
+            tensor, image = self._load(ref)
+            extras = self.annotate(image) if self.annotate else {}
         except ImageError as exc:
             return index, None, str(exc), {}
+        except Exception as exc:  # whatever one image does, it fails alone and the run goes on
+            return index, None, f"{ref}: {type(exc).__name__}: {exc}", {}
+        return index, tensor, None, extras
+
+    def _load(self, ref: str) -> tuple[torch.Tensor, Image.Image]:
+        """The model's input for one image, and the decoded image (for `annotate`)."""
+        image = decode_image(read_image_bytes(ref, self.limits, self.fetcher), self.limits, name=ref)
         tensor = to_tensor(image, self.pre)
         if self.hflip_p and torch.rand(()) < self.hflip_p:
             tensor = tensor.flip(-1)
-        return index, tensor, None, self.annotate(image) if self.annotate else {}
+        return tensor, image
 
 
 class JpegPassThrough(ImageDataset):
@@ -270,19 +263,12 @@ class JpegPassThrough(ImageDataset):
     same errors as the host path, and `annotate` gets its image.
     """
 
-    def __getitem__(self, index: int) -> ImageItem:
-        ref = self.refs[index]
-        try:
-            data = read_image_bytes(ref, self.limits)
-            image = decode_image(data, self.limits, name=ref, draft=self.pre.input_size)
-        except ImageError as exc:
-            return index, None, str(exc), {}
-        tensor = (
-            torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            if plain_jpeg(data)
-            else to_tensor(image, self.pre)
-        )
-        return index, tensor, None, self.annotate(image) if self.annotate else {}
+    def _load(self, ref: str) -> tuple[torch.Tensor, Image.Image]:
+        data = read_image_bytes(ref, self.limits, self.fetcher)
+        image = decode_image(data, self.limits, name=ref, draft=self.pre.input_size)
+        if plain_jpeg(data):
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8), image
+        return to_tensor(image, self.pre), image
 
 
 @dataclass

@@ -24,7 +24,7 @@ from PIL import Image
 from visrec.catalogue import Catalogue, Product
 from visrec.colour import extract_colours
 from visrec.embed import Embedder
-from visrec.errors import CatalogueError, ModelError, VisrecError
+from visrec.errors import CatalogueError, ModelError, PointRejected, VisrecError
 from visrec.images import ImageLimits
 from visrec.index import IndexPoint, Store, SyncRecord, VectorIndex
 
@@ -109,6 +109,7 @@ class SyncPlan:
     added: list[tuple[Product, str]] = field(default_factory=list)  # (product, content hash)
     updated: list[tuple[Product, str]] = field(default_factory=list)
     removed: list[str] = field(default_factory=list)
+    held_back: list[str] = field(default_factory=list)  # would be removed, but a row could not be read
     unchanged: int = 0
 
     @property
@@ -122,8 +123,9 @@ class SyncSummary:
     updated: int = 0
     deleted: int = 0
     unchanged: int = 0
-    failed: int = 0  # images that could not be read or decoded
+    failed: int = 0  # images that could not be read or decoded, or points the store refused
     invalid_rows: int = 0  # catalogue rows skipped
+    deletes_held_back: int = 0  # products absent from the catalogue, kept because some row was unreadable
     seconds: float = 0.0  # the whole sync, the closing optimize() included
     optimize_seconds: float = 0.0  # of which the closing optimize(): an index cost, not an embedding one
     images_per_second: float = 0.0
@@ -140,9 +142,11 @@ def plan_sync(
 ) -> SyncPlan:
     """Decide what to embed and what to delete, within `shard`.
 
-    A product is changed when its content hash or the model that embedded it differs. A product whose
-    row is invalid this time is neither embedded nor deleted: a typo in a row must not drop it. Points
-    of other shards are left alone.
+    A product is changed when its content hash or the model that embedded it differs. Deletes are
+    earned: a product is deleted only when the catalogue proves it gone. One whose row is invalid this
+    time is neither embedded nor deleted (a typo in a row must not drop it), and a row that could not be
+    read at all, or has no usable id, could be any product: then nothing is deleted (`held_back`).
+    Points of other shards are left alone.
     """
     plan = SyncPlan()
     for product in (p for p in catalogue.products if p.id in shard):
@@ -155,7 +159,11 @@ def plan_sync(
         else:
             plan.unchanged += 1
     keep = {p.id for p in catalogue.products} | {e.product_id for e in catalogue.errors if e.product_id}
-    plan.removed = sorted(p for p in set(indexed) - keep if p in shard)
+    gone = sorted(p for p in set(indexed) - keep if p in shard)
+    if catalogue.unidentified:
+        plan.held_back = gone
+    else:
+        plan.removed = gone
     return plan
 
 
@@ -170,12 +178,15 @@ def sync(
     failure_report: Path,
     progress: ProgressFn | None = None,
     shard: Shard = Shard(),
+    max_delete: float,
     new_model: bool = False,
 ) -> SyncSummary:
     """Bring the index in step with the catalogue; returns what was done.
 
-    Bad rows and bad images are written to `failure_report` (JSON lines) and skipped. Raises
-    `CatalogueError` for a catalogue with no valid product (it would otherwise empty the index),
+    Bad rows, bad images and points the store refuses are written to `failure_report` (JSON lines,
+    with the product id, the catalogue line and the reason) and skipped. Raises `CatalogueError` for a
+    catalogue with no valid product, or one that would delete more than `max_delete` of the shard's
+    indexed products (a truncated export must not empty the index; nothing is written then),
     `IndexUnavailable` if the store fails, `ModelError` if the artefact is unusable or, unless
     `new_model`, is not the model that built the collection (re-embedding a collection in place would
     mix two models' vectors while it is queried: `reindex` builds a new version instead).
@@ -197,7 +208,8 @@ def sync(
         manifest.embedding_dim,
         {"model_version": manifest.model_version, "artefact": str(embedder.artefact_dir.resolve())},
     )
-    plan = plan_sync(catalogue, index.sync_records(), manifest.model_version, shard)
+    indexed = index.sync_records()
+    plan = plan_sync(catalogue, indexed, manifest.model_version, shard)
     log.info(
         "plan: %d new, %d changed, %d removed, %d unchanged",
         len(plan.added),
@@ -205,19 +217,28 @@ def sync(
         len(plan.removed),
         plan.unchanged,
     )
-
-    index.delete(plan.removed)
     failures: list[dict[str, Any]] = [
         {"kind": "row", "line": e.line, "product_id": e.product_id, "error": e.message}
         for e in catalogue.errors
     ]
+    _check_deletes(catalogue, plan, sum(p in shard for p in indexed), max_delete, failure_report, failures)
+
+    index.delete(plan.removed)
     todo = plan.to_embed
     refs = [catalogue.image_ref(product) for product, _ in todo]
     done = 0
     embedded: set[int] = set()
+    rejected: dict[str, str] = {}  # product id → why the store refused its point
 
     def write(points: list[IndexPoint]) -> None:
-        index.upsert(points)
+        try:
+            index.upsert(points)
+        except PointRejected:  # one point's data: write the others, report that one
+            for point in points:
+                try:
+                    index.upsert([point])
+                except PointRejected as exc:
+                    rejected[point.product_id] = str(exc)
         log.info("upserted %d points", len(points))  # logged once durable in the index
 
     with BackgroundWriter(write) as writer:
@@ -233,9 +254,7 @@ def sync(
                 ]
             )
             embedded.update(batch.indices)
-            failures += [
-                {"kind": "image", "product_id": todo[i][0].id, "error": error} for i, error in batch.failures
-            ]
+            failures += [_failure("image", catalogue, todo[i][0].id, error) for i, error in batch.failures]
             done += len(batch.indices) + len(batch.failures)
             if progress:
                 progress(done, len(todo))
@@ -248,7 +267,16 @@ def sync(
         index.optimize()
         optimize_seconds = time.perf_counter() - optimizing
         log.info("index optimized in %.1f s", optimize_seconds)
+    failures += [_failure("store", catalogue, product_id, error) for product_id, error in rejected.items()]
+    embedded = {i for i in embedded if todo[i][0].id not in rejected}
     _write_report(failure_report, failures)
+    if plan.held_back:
+        log.warning(
+            "%d deletes held back: %d rows could not be read or had no id (see %s)",
+            len(plan.held_back),
+            len(catalogue.unidentified),
+            failure_report,
+        )
     seconds = time.perf_counter() - started
     added = sum(i < len(plan.added) for i in embedded)  # `todo` lists the new products first
     return SyncSummary(
@@ -258,6 +286,7 @@ def sync(
         unchanged=plan.unchanged,
         failed=len(todo) - len(embedded),
         invalid_rows=len(catalogue.errors),
+        deletes_held_back=len(plan.held_back),
         seconds=round(seconds, 3),
         optimize_seconds=round(optimize_seconds, 3),
         images_per_second=round(len(embedded) / seconds, 1) if seconds else 0.0,
@@ -319,6 +348,32 @@ def rollback(store: Store) -> tuple[str, str]:
     return live, older[-1]
 
 
+def _check_deletes(
+    catalogue: Catalogue,
+    plan: SyncPlan,
+    indexed: int,
+    max_delete: float,
+    failure_report: Path,
+    failures: list[dict[str, Any]],
+) -> None:
+    """Refuse a plan that deletes more than `max_delete` of the `indexed` products (a feed job that died
+    half-way looks exactly like a shop that dropped half its range): nothing is written, the rows that
+    failed are reported, and `CatalogueError` says how to allow it."""
+    if len(plan.removed) <= max_delete * indexed:
+        return
+    _write_report(failure_report, failures)
+    raise CatalogueError(
+        f"{catalogue.path}: this sync would delete {len(plan.removed)} of the {indexed} indexed products "
+        f"({len(plan.removed) / indexed:.0%}), more than --max-delete {max_delete:g} allows; nothing was "
+        "changed. If the catalogue really dropped them, rerun with --max-delete 1"
+    )
+
+
+def _failure(kind: str, catalogue: Catalogue, product_id: str, error: str) -> dict[str, Any]:
+    """A line of the failure report for one product."""
+    return {"kind": kind, "line": catalogue.lines.get(product_id), "product_id": product_id, "error": error}
+
+
 def _colour_fields(image: Image.Image) -> dict[str, Any]:
     """Colour extracted from the photo (runs in the loader workers, on the already decoded image)."""
     fields = extract_colours(image).payload()
@@ -342,7 +397,10 @@ def _payload(
 
 def _write_report(path: Path, failures: list[dict[str, Any]]) -> None:
     """The run's failures, one JSON object a line; replaced atomically each run (empty when none)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
-    tmp.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
+        tmp.replace(path)
+    except OSError as exc:
+        raise VisrecError(f"cannot write the failure report {path}: {exc.strerror or exc}") from exc

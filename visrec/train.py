@@ -152,7 +152,7 @@ class _Run:
     ) -> None:
         self.cfg, self.device, self.progress, self.fit, self.val = cfg, device, progress, fit, val
         self.pre = Preprocess(input_size=cfg.image_size)
-        self.limits = ImageLimits(settings.ingest.max_image_pixels, settings.ingest.max_image_bytes)
+        self.limits = ImageLimits.from_settings(settings.ingest)
         self.workers = settings.embed.workers
         data = [fit.refs, fit.labels, val.refs, val.labels]
         phase1 = {k: v for k, v in cfg.model_dump(mode="json").items() if k in PHASE1_FIELDS}

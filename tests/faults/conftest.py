@@ -42,23 +42,18 @@ def figure(name: str, value: object) -> None:
     print(f"\nFIGURE {name}: {json.dumps(value, sort_keys=True, default=str)}")
 
 
-def limits_of(settings: Settings) -> ImageLimits:
-    """The image limits `visrec sync` builds from the settings."""
-    s = settings.ingest
-    return ImageLimits(s.max_image_pixels, s.max_image_bytes, s.fetch_timeout_s, s.fetch_retries)
-
-
 def sync_in_process(catalogue: Path, settings: Settings) -> SyncSummary:
     """One `visrec sync`, in this process, with the settings' own limits and batch size."""
     with open_index(settings.qdrant) as index:
         return sync(
-            read_catalogue(catalogue),
+            read_catalogue(catalogue, settings.ingest),
             index,
             Embedder(settings.artefact, torch.device("cpu")),
-            limits=limits_of(settings),
+            limits=ImageLimits.from_settings(settings.ingest),
             batch_size=settings.embed.batch_size,
             workers=settings.embed.workers,
             failure_report=settings.ingest.failure_report,
+            max_delete=settings.ingest.max_delete,
         )
 
 
@@ -72,6 +67,7 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "VISREC_QDRANT__COLLECTION": q.collection,
         "VISREC_QDRANT__RETRIES": str(q.retries),
         "VISREC_QDRANT__TIMEOUT_S": str(q.timeout_s),
+        "VISREC_QDRANT__LOCK_WAIT_S": str(q.lock_wait_s),
         "VISREC_EMBED__DEVICE": "cpu",
         "VISREC_EMBED__WORKERS": str(settings.embed.workers),
         "VISREC_EMBED__BATCH_SIZE": str(settings.embed.batch_size),

@@ -114,12 +114,14 @@ def test_an_embedded_store_in_use_then_released_finishes_on_rerun(
     store: Settings, make_catalogue: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Fault: the embedded store is held by another process (its WAL is locked). visrec: `visrec sync`
-    and `visrec similar` stop at once with one line, "in use", exit 4, having written nothing. When the
+    and `visrec similar` wait lock_wait_s for it, then stop with one line, "in use", exit 4, having
+    written nothing. When the
     holder lets go, a rerun indexes everything. Checked: exit code 4 and message while held; after
     release, the rerun's summary and the index hold all products."""
     if SERVER_URL:
         pytest.skip("the embedded store only: a server is not locked by a client")
     catalogue = make_catalogue(8)
+    store = store.model_copy(update={"qdrant": store.qdrant.model_copy(update={"lock_wait_s": 0.5})})
     sync_in_process(make_catalogue(2, name="seed.csv"), store)  # the collection exists
     with open_index(store.qdrant):  # the holder
         for args in (["sync", str(catalogue), "--json"], ["similar", "p0"]):
@@ -178,6 +180,7 @@ def test_a_server_lost_mid_sync_then_recovered_loses_nothing(
             batch_size=4,
             workers=0,
             failure_report=store.ingest.failure_report,
+            max_delete=1.0,
             progress=cut_after_two_batches,
         )
     proxy.switch("pass")

@@ -1,0 +1,507 @@
+"""Fetch catalogue image URLs without letting a catalogue reach inside the network.
+
+Threat model: whoever writes a catalogue chooses the URLs the ingest pod requests. Without checks a row can
+point at cloud metadata (169.254.169.254), loopback admin ports or cluster services (SSRF), directly, via a
+redirect, or via a name that resolves (or re-resolves: DNS rebinding) to such an address; and error messages
+that differ by what answered turn ingestion into a port scanner. So:
+
+- `visrec.urls.check_url` refuses, before any network access, what is not a plain http(s) URL to a valid
+  host on an allowed port, and literal IPs that are not public (every spelling: IPv4-mapped IPv6, ...);
+- the connection itself is checked: the host is resolved once, every address must be public (or allowed),
+  and the socket connects to that checked address, so no second lookup can answer differently. Every
+  redirect hop goes through both checks. A refusal reads the same whatever listens there, and is made
+  before any packet goes to the address;
+- one deadline bounds a whole fetch (lookup, connect, TLS, redirects, retries, body), the body is bounded
+  in size, and a per-host circuit breaker stops a dead host from costing every one of its images a timeout.
+
+Hosts listed in `allowed_hosts` (names or CIDRs) are trusted: they may resolve anywhere and use any port.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import random
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
+from http.cookiejar import CookieJar, DefaultCookiePolicy
+from typing import TYPE_CHECKING, Any, Literal
+
+import httpcore
+import httpx
+
+from visrec.errors import ImageError
+from visrec.urls import (
+    FetchPolicy,
+    allowlist,
+    check_url,
+    clip,
+    in_networks,
+    is_public,
+    non_public,
+    redacted,
+)
+
+if TYPE_CHECKING:
+    pass
+
+_Health = Literal["ok", "bad", "none"]
+
+_BACKOFF_BASE_S, _BACKOFF_MAX_S = 0.2, 5.0
+_MAX_TRACKED_HOSTS = 10_000  # breaker entries kept; a catalogue of many dead hosts must not grow memory
+
+
+def _host_key(url: httpx.URL) -> str:
+    host = url.raw_host.decode("ascii").rstrip(".")
+    host = f"[{host}]" if ":" in host else host
+    return f"{host}:{url.port}" if url.port else host
+
+
+# --- the connection guard ------------------------------------------------------------------------------
+
+
+class _Refused(Exception):
+    """Raised from inside httpcore when a connection would reach a non-public address; not an httpx
+    error, so httpx lets it through unmapped and nothing retries it."""
+
+    def __init__(self, host: str) -> None:
+        super().__init__(host)
+        self.host = host
+
+
+class _GuardedBackend(httpcore.SyncBackend):
+    """Resolves once, checks every address, connects to a checked one (TLS still verifies the name: httpcore
+    passes the origin's host name as SNI), and holds every socket operation to the calling thread's fetch
+    deadline."""
+
+    def __init__(self, policy: FetchPolicy) -> None:
+        self._names, self._networks = allowlist(policy.allowed_hosts)
+        self._local = threading.local()  # the deadline of the fetch running in this thread
+
+    def set_deadline(self, deadline: float | None) -> None:
+        self._local.deadline = deadline
+
+    def remaining(self, timeout: float | None) -> float | None:
+        deadline = getattr(self._local, "deadline", None)
+        if deadline is None:
+            return timeout
+        left = deadline - time.monotonic()
+        return left if timeout is None else min(timeout, left)
+
+    def bounded(self, timeout: float | None, error: type[Exception]) -> float | None:
+        left = self.remaining(timeout)
+        if left is not None and left <= 0:
+            raise error("the fetch deadline has passed")
+        return left
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        name = host.lower().rstrip(".")
+        targets = _resolve(host, port, self.bounded(timeout, httpcore.ConnectTimeout))
+        if name not in self._names:
+            for target in targets:
+                address = ipaddress.ip_address(target.split("%")[0])
+                if not is_public(address) and not in_networks(address, self._networks):
+                    raise _Refused(host)  # before any packet goes to any of the addresses
+        error: Exception = httpcore.ConnectError(f"no address for {host}")
+        for target in targets:
+            try:
+                # The checked IP literal, not the name: a second lookup could answer differently.
+                stream = super().connect_tcp(
+                    target,
+                    port,
+                    self.bounded(timeout, httpcore.ConnectTimeout),
+                    local_address,
+                    socket_options,
+                )
+            except httpcore.ConnectError as exc:
+                error = exc
+                continue
+            return _DeadlineStream(stream, self)
+        raise error
+
+
+def _resolve(host: str, port: int, timeout: float | None) -> list[str]:
+    """The addresses of `host`, in the resolver's order, within `timeout` (getaddrinfo itself has none)."""
+    try:
+        ipaddress.ip_address(host.split("%")[0])
+        return [host]
+    except ValueError:
+        pass
+    answer: list[list[str] | OSError] = []
+
+    def lookup() -> None:
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            answer.append(list(dict.fromkeys(str(info[4][0]) for info in infos)))
+        except OSError as exc:
+            answer.append(exc)
+
+    # A daemon thread: a hung lookup is abandoned at the deadline and cannot hold up interpreter exit.
+    thread = threading.Thread(target=lookup, name="visrec-resolve", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if not answer:
+        raise httpcore.ConnectTimeout(f"looking up {host} took too long")
+    result = answer[0]
+    if isinstance(result, OSError):
+        raise httpcore.ConnectError(f"cannot resolve {host} ({result.strerror or result})")
+    return result
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    """A connection whose reads and writes wait no longer than the fetch deadline: a server that stalls
+    after a trickle of bytes is cut off at the deadline, not a whole timeout later."""
+
+    def __init__(self, inner: httpcore.NetworkStream, backend: _GuardedBackend) -> None:
+        self._inner, self._backend = inner, backend
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, self._backend.bounded(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, self._backend.bounded(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore.NetworkStream:
+        bounded = self._backend.bounded(timeout, httpcore.ConnectTimeout)
+        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, bounded), self._backend)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _GuardedTransport(httpx.HTTPTransport):
+    """httpx's transport with its connection pool rebuilt on the guarded network backend."""
+
+    def __init__(self, backend: _GuardedBackend, limits: httpx.Limits | None = None) -> None:
+        limits = limits or httpx.Limits()
+        super().__init__(trust_env=False, limits=limits)
+        # httpx has no public hook for the network backend; it keeps the pool in `_pool` (0.28). Fail
+        # closed if that changes: an unguarded pool would fetch internal addresses.
+        if type(getattr(self, "_pool", None)) is not httpcore.ConnectionPool:
+            raise RuntimeError("httpx.HTTPTransport has no `_pool` ConnectionPool: cannot guard connections")
+        self._pool.close()
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=httpx.create_ssl_context(trust_env=False),
+            max_connections=limits.max_connections,
+            max_keepalive_connections=limits.max_keepalive_connections,
+            keepalive_expiry=limits.keepalive_expiry,
+            network_backend=backend,
+        )
+
+
+class _BadLocation(Exception):
+    """A redirect's Location is no URL. Raised from a response hook, before httpx turns it into a
+    RemoteProtocolError that would look like a transient network failure."""
+
+
+def _check_location(response: httpx.Response) -> None:
+    if response.has_redirect_location:
+        location = response.headers["Location"]
+        try:
+            httpx.URL(location)
+        except Exception as exc:
+            raise _BadLocation(location) from exc
+
+
+# --- the circuit breaker -------------------------------------------------------------------------------
+
+
+@dataclass
+class _HostState:
+    failures: int = 0  # consecutive failed fetches
+    open_until: float = 0.0  # monotonic time the open circuit lets a trial through
+    trial: bool = False  # a half-open trial request is in flight
+
+
+class _Breaker:
+    """Per-host consecutive failures; open hosts are skipped until their cooldown ends, then one trial
+    request decides: success closes the circuit, failure re-opens it."""
+
+    def __init__(self, threshold: int, cooldown_s: float) -> None:
+        self._threshold, self._cooldown_s = threshold, cooldown_s
+        self._lock = threading.Lock()
+        self._hosts: dict[str, _HostState] = {}
+
+    def admit(self, host: str) -> tuple[bool, str | None]:
+        """(whether this request is the trial of an open circuit, why it is skipped or None)."""
+        with self._lock:
+            state = self._hosts.get(host)
+            if state is None or state.failures < self._threshold:
+                return False, None
+            left = state.open_until - time.monotonic()
+            if left > 0 or state.trial:
+                after = f"{math.ceil(max(left, 0) * 10) / 10:g}s"
+                if state.trial:
+                    after += " (a trial request is in flight)"
+                return (
+                    False,
+                    f"skipped: host {host} failed {state.failures} times in a row; retrying it after {after}",
+                )
+            state.trial = True
+            return True, None
+
+    def record(self, host: str, health: _Health) -> None:
+        with self._lock:
+            if health == "ok":
+                self._hosts.pop(host, None)
+                return
+            state = self._hosts.get(host)
+            if health == "none":  # no evidence either way (e.g. refused before connecting)
+                if state is not None:
+                    state.trial = False
+                return
+            if state is None:
+                if len(self._hosts) >= _MAX_TRACKED_HOSTS:
+                    now = time.monotonic()
+                    self._hosts = {h: s for h, s in self._hosts.items() if s.open_until > now}
+                    if len(self._hosts) >= _MAX_TRACKED_HOSTS:
+                        self._hosts.clear()
+                state = self._hosts[host] = _HostState()
+            state.failures += 1
+            state.trial = False
+            if state.failures >= self._threshold:
+                state.open_until = time.monotonic() + self._cooldown_s
+
+
+# --- the fetcher ---------------------------------------------------------------------------------------
+
+
+class _Transient(Exception):
+    """A failure worth retrying (network error, 5xx, 429), with the server's Retry-After if it gave one."""
+
+    def __init__(self, detail: str, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.detail, self.retry_after = detail, retry_after
+
+
+class _Answered(Exception):
+    """The host answered, but not with a usable image (4xx, too large, bad redirect): final, host healthy."""
+
+
+class _Deadline(Exception):
+    """The fetch's deadline passed."""
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds a Retry-After header asks for (delta-seconds or an HTTP-date), None if absent or invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    if re.fullmatch(r"[0-9]{1,10}", value):
+        return float(value)
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _backoff(attempt: int) -> float:
+    # Full jitter, as tenacity's wait_random_exponential: workers retrying one host do not retry in step.
+    return random.uniform(0, min(_BACKOFF_MAX_S, _BACKOFF_BASE_S * 2 ** (attempt - 1)))
+
+
+def _describe(exc: httpx.TransportError) -> str:
+    detail = clip(str(exc) or type(exc).__name__)
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot connect ({detail})"
+    if isinstance(exc, httpx.RemoteProtocolError):
+        return f"the server's answer is not valid HTTP ({detail})"
+    if isinstance(exc, httpx.ReadError):
+        return f"the connection broke while reading ({detail})"
+    return f"{type(exc).__name__}: {detail}"
+
+
+class Fetcher:
+    """Fetches image URLs under a `FetchPolicy`: one pooled httpx.Client per process (made lazily, and
+    again in a forked worker), and the per-host circuit breaker. Thread-safe; picklable (the client and
+    breaker state stay behind: a worker process starts with its own)."""
+
+    def __init__(self, policy: FetchPolicy) -> None:
+        self.policy = policy
+        self._start()
+
+    def _start(self) -> None:
+        self._pid = os.getpid()
+        self._lock = threading.Lock()
+        self._breaker = _Breaker(self.policy.host_failures, self.policy.host_cooldown_s)
+        self._http: httpx.Client | None = None
+        self._backend: _GuardedBackend | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"policy": self.policy}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.policy = state["policy"]
+        self._start()
+
+    def _client(self) -> tuple[httpx.Client, _GuardedBackend]:
+        if self._pid != os.getpid():
+            # A forked child: the parent's sockets, locks (maybe held at fork time) and counts are not its.
+            self._start()
+        with self._lock:
+            if self._http is None or self._backend is None:
+                backend = _GuardedBackend(self.policy)
+                self._http = httpx.Client(
+                    transport=_GuardedTransport(backend),
+                    # No proxy from the environment: a proxy would make the connection, unchecked.
+                    trust_env=False,
+                    follow_redirects=False,  # followed by hand, each hop checked
+                    # No cookies: images need none, and one catalogue host must not set state for another.
+                    cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+                    event_hooks={"response": [_check_location]},
+                    # Images are compressed already; identity keeps the size limit on bytes as sent.
+                    headers={
+                        "User-Agent": "visrec-image-fetcher",
+                        "Accept": "image/*",
+                        "Accept-Encoding": "identity",
+                    },
+                )
+                self._backend = backend
+            return self._http, self._backend
+
+    def close(self) -> None:
+        with self._lock:
+            if self._http is not None and self._pid == os.getpid():
+                self._http.close()
+            self._http = self._backend = None
+
+    def fetch(self, url: str, max_bytes: int) -> bytes:
+        """The body of `url`, at most `max_bytes`, within the policy's deadline; raises `ImageError` only."""
+        shown = redacted(url) if isinstance(url, str) else repr(url)
+        reason = check_url(url, self.policy)
+        if reason is not None:
+            raise ImageError(f"{shown}: refused: {reason}")
+        deadline = time.monotonic() + self.policy.timeout_s
+        try:
+            client, backend = self._client()
+            backend.set_deadline(deadline)
+            try:
+                return self._follow(client, url, shown, max_bytes, deadline)
+            finally:
+                backend.set_deadline(None)
+        except ImageError:
+            raise
+        except Exception as exc:  # whatever a server makes httpx/httpcore do, the caller gets an ImageError
+            raise ImageError(f"{shown}: unexpected error: {type(exc).__name__}: {clip(str(exc))}") from exc
+
+    def _follow(self, client: httpx.Client, url: str, shown: str, max_bytes: int, deadline: float) -> bytes:
+        hop, where = url, shown
+        for _ in range(self.policy.max_redirects + 1):
+            result = self._request(client, hop, where, max_bytes, deadline)
+            if isinstance(result, bytes):
+                return result
+            hop = str(result)
+            where = f"{shown} (redirected to {redacted(hop)})"
+            reason = check_url(hop, self.policy)
+            if reason is not None:
+                raise ImageError(f"{where}: refused: {reason}")
+        raise ImageError(f"{shown}: too many redirects (more than {self.policy.max_redirects})")
+
+    def _request(
+        self, client: httpx.Client, hop: str, where: str, max_bytes: int, deadline: float
+    ) -> bytes | httpx.URL:
+        """One hop: the body, or the URL it redirects to; retried on transient failures."""
+        host = _host_key(httpx.URL(hop))
+        trial, skipped = self._breaker.admit(host)
+        if skipped is not None:
+            raise ImageError(f"{where}: {skipped}")
+        attempts = 1 if trial else max(1, self.policy.retries)  # a trial is one request, not a burst
+        health: _Health = "none"
+        try:
+            for attempt in range(1, attempts + 1):
+                try:
+                    result = self._once(client, hop, max_bytes, deadline)
+                    health = "ok"
+                    return result
+                except _Answered as exc:
+                    health = "ok"  # the host works; this URL does not
+                    raise ImageError(f"{where}: {exc}") from None
+                except _Deadline:
+                    health = "bad"
+                    raise ImageError(f"{where}: took longer than {self.policy.timeout_s:g} s") from None
+                except _Refused as exc:
+                    raise ImageError(f"{where}: refused: {non_public(exc.host)}") from None
+                except _Transient as exc:
+                    tries = f" ({attempt} attempts)" if attempt > 1 else ""
+                    if attempt == attempts:
+                        health = "bad"
+                        raise ImageError(f"{where}: {exc.detail}{tries}") from None
+                    wait = _backoff(attempt) if exc.retry_after is None else exc.retry_after
+                    if time.monotonic() + wait >= deadline:
+                        health = "bad"
+                        asked = "" if exc.retry_after is None else f", the server asked for {wait:g} s"
+                        raise ImageError(
+                            f"{where}: {exc.detail}{tries}; no time left to retry within the "
+                            f"{self.policy.timeout_s:g} s deadline{asked}"
+                        ) from None
+                    time.sleep(wait)
+            raise AssertionError("unreachable: the last attempt returns or raises")
+        finally:
+            self._breaker.record(host, health)
+
+    def _once(self, client: httpx.Client, hop: str, max_bytes: int, deadline: float) -> bytes | httpx.URL:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise _Deadline
+        try:
+            request = client.build_request("GET", hop, timeout=httpx.Timeout(left))
+            response = client.send(request, stream=True)
+            try:
+                return self._read(response, max_bytes, deadline)
+            finally:
+                response.close()
+        except _BadLocation as exc:
+            raise _Answered(f"redirect to an invalid Location {clip(str(exc))!r}") from None
+        except httpx.TimeoutException:
+            raise _Deadline from None
+        except httpx.TransportError as exc:
+            if time.monotonic() >= deadline:
+                raise _Deadline from None
+            raise _Transient(_describe(exc)) from None
+        except httpx.DecodingError as exc:
+            raise _Answered(f"the response body cannot be decoded ({clip(str(exc))})") from None
+        except httpx.InvalidURL as exc:  # a Location httpx parses but cannot resolve against the hop
+            raise _Answered(f"redirect to an invalid Location ({clip(str(exc))})") from None
+
+    def _read(self, response: httpx.Response, max_bytes: int, deadline: float) -> bytes | httpx.URL:
+        status = response.status_code
+        if response.next_request is not None:  # set by httpx for a redirect with a Location
+            return response.next_request.url
+        if status == 429 or status >= 500:
+            raise _Transient(f"HTTP {status}", _retry_after(response.headers.get("Retry-After")))
+        if not 200 <= status < 300:
+            raise _Answered(f"HTTP {status}")
+        length = response.headers.get("Content-Length", "").strip()
+        if re.fullmatch(r"[0-9]{1,30}", length) and int(length) > max_bytes:
+            raise _Answered(f"larger than {max_bytes} bytes (Content-Length: {int(length)})")
+        chunks, size = [], 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > max_bytes:
+                raise _Answered(f"larger than {max_bytes} bytes")
+            if time.monotonic() >= deadline:  # a server dripping bytes never trips a read timeout
+                raise _Deadline
+            chunks.append(chunk)
+        return b"".join(chunks)
