@@ -92,6 +92,34 @@ def test_errors_map_to_status_codes(
     assert response.json()["detail"]
 
 
+def _encoded(mode: str, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (40, 30), 90).convert(mode).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "status"),
+    [
+        ("I;16B", "TIFF", 200),  # big-endian 16-bit: was converted outside the guarded code, a 500
+        ("F", "TIFF", 200),
+        ("I", "TIFF", 200),
+        ("1", "BMP", 200),
+        ("CMYK", "JPEG", 200),
+        ("LA", "PNG", 200),
+        ("RGB", "EPS", 422),  # would run Ghostscript: not a format visrec decodes
+        ("RGB", "ICO", 422),
+        ("RGB", "PCX", 422),
+    ],
+)
+def test_uploads_in_odd_modes_and_formats_never_give_a_500(
+    client: TestClient, mode: str, fmt: str, status: int
+) -> None:
+    files = {"image": (f"x.{fmt.lower()}", _encoded(mode, fmt), "application/octet-stream")}
+    response = client.post("/search/image", files=files, params={"k": 2})
+    assert response.status_code == status, response.text
+
+
 def test_upload_limits(synced: Settings) -> None:
     settings = synced.model_copy(
         update={"api": ApiSettings(max_upload_bytes=2_000, max_upload_pixels=10_000)}

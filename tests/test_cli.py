@@ -156,3 +156,18 @@ def test_sync_decoding_jpegs_on_the_device(
     hits = json.loads(result.stdout)
     assert [hit["product_id"] for hit in hits] == ["p1", "p2"]
     assert {hit["payload"]["colour_extracted"] for hit in hits} == {"red"}  # workers still saw the photos
+
+
+def test_a_truncated_export_is_refused_in_one_line_and_allowed_with_max_delete(
+    make_catalogue, env: Settings, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    catalogue = make_catalogue(10)
+    assert runner.invoke(app, ["sync", str(catalogue), "--json"]).exit_code == 0
+    truncated = tmp_path / "truncated.csv"
+    truncated.write_text("".join(catalogue.read_text().splitlines(keepends=True)[:4]))  # 3 of 10 rows
+    refused = runner.invoke(app, ["sync", str(truncated), "--json"])
+    assert refused.exit_code == 2 and refused.stdout == ""
+    assert refused.stderr.count("\n") == 1 and "would delete 7 of the 10" in refused.stderr
+    allowed = runner.invoke(app, ["sync", str(truncated), "--json", "--max-delete", "1"])
+    assert allowed.exit_code == 0 and json.loads(allowed.stdout)["deleted"] == 7
+

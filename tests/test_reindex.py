@@ -27,7 +27,7 @@ from visrec.embed import Embedder
 from visrec.errors import ModelError, VisrecError
 from visrec.images import ImageLimits
 from visrec.index import Store, open_index, open_store
-from visrec.ingest import ReindexSummary, reindex, rollback
+from visrec.versions import ReindexSummary, reindex, rollback
 
 
 @pytest.fixture(scope="module")

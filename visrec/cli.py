@@ -47,23 +47,20 @@ JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output 
 
 
 def user_errors(command: Callable[P, R]) -> Callable[P, R]:
-    """Turn a `VisrecError` into one line on stderr and its exit code."""
+    """Turn a `VisrecError` into one line on stderr and its exit code; anything else (a bug) too, exit 1,
+    with its traceback logged under -v."""
 
     @functools.wraps(command)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return command(*args, **kwargs)
-        except VisrecError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(exc.exit_code) from None
-        except Exception as exc:  # a bug, not a user mistake: still one line; the traceback with -v
-            log.info("unexpected error", exc_info=True)
-            err.print(
-                f"[red]error:[/red] unexpected {type(exc).__name__}: {exc} (rerun with -v for the details)",
-                highlight=False,
-                soft_wrap=True,
-            )
-            raise typer.Exit(1) from None
+        except Exception as exc:
+            known = isinstance(exc, VisrecError)
+            if not known:
+                log.info("unexpected error", exc_info=True)
+            message = str(exc) if known else f"unexpected {type(exc).__name__}: {exc} (-v shows where)"
+            err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code if isinstance(exc, VisrecError) else 1) from None
 
     return wrapper
 
@@ -223,7 +220,7 @@ def reindex(
 ) -> None:
     """Build the next version of the collection with a new model, then make it live in one atomic
     switch; the previous version stays for `visrec rollback`."""
-    from visrec.ingest import reindex as run_reindex
+    from visrec.versions import reindex as run_reindex
 
     settings = _settings(artefact=model)
     parsed = read_catalogue(catalogue, settings.ingest)
@@ -247,7 +244,7 @@ def reindex(
 @user_errors
 def rollback(as_json: JsonFlag = False) -> None:
     """Make the previous version of the collection live again (after a `reindex`)."""
-    from visrec.ingest import rollback as run_rollback
+    from visrec.versions import rollback as run_rollback
 
     settings = _settings()
     with open_store(settings.qdrant) as store:

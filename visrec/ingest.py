@@ -26,7 +26,7 @@ from visrec.colour import extract_colours
 from visrec.embed import Embedder
 from visrec.errors import CatalogueError, ModelError, PointRejected, VisrecError
 from visrec.images import ImageLimits
-from visrec.index import IndexPoint, Store, SyncRecord, VectorIndex
+from visrec.index import IndexPoint, SyncRecord, VectorIndex
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -294,58 +294,6 @@ def sync(
         shard=f"{shard.index}/{shard.count}",
         failure_report=str(failure_report),
     )
-
-
-@dataclass
-class ReindexSummary:
-    previous: str  # the version that was live before
-    live: str  # the version live now
-    points: int
-    sync: SyncSummary
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"previous": self.previous, "live": self.live, "points": self.points, **self.sync.to_dict()}
-
-
-def reindex(
-    catalogue: Catalogue, store: Store, embedder: Embedder, *, accept_failures: bool = False, **sync_args: Any
-) -> ReindexSummary:
-    """Build the next version of the collection with `embedder`'s model and make it live once complete.
-
-    The version above the live one is reused if it exists (a rerun after a crash, or after a rollback,
-    carries on where it stopped); the live version is never written. The switch is one atomic alias
-    change, made only when the new version holds every valid product (and, unless `accept_failures`,
-    no image failed). Raises `VisrecError` without switching otherwise. `sync_args` go to `sync`.
-    """
-    live = store.live()
-    newer = [v for v in store.versions() if store.generation(v) > store.generation(live)]
-    if live not in store.versions():  # nothing built yet: build the first version
-        target = live
-    else:
-        target = newer[-1] if newer else store.version(store.generation(live) + 1)
-    with store.open(target) as index:  # not live: it may be rebuilt with another model in place
-        summary = sync(catalogue, index, embedder, new_model=True, **sync_args)
-        points = index.count()
-    expected = len(catalogue.products) - summary.failed
-    if points != expected or (summary.failed and not accept_failures):
-        raise VisrecError(
-            f"{target} not made live: it holds {points} points for {len(catalogue.products)} valid products, "
-            f"{summary.failed} images failed (see {summary.failure_report}); fix them and rerun "
-            "(or pass --accept-failures)"
-        )
-    store.switch(target)
-    log.info("%s is live (was %s)", target, live)
-    return ReindexSummary(previous=live, live=target, points=points, sync=summary)
-
-
-def rollback(store: Store) -> tuple[str, str]:
-    """Make the version below the live one live again; returns (was live, live now)."""
-    live = store.live()
-    older = [v for v in store.versions() if store.generation(v) < store.generation(live)]
-    if not older:
-        raise VisrecError(f"no version of {store.name!r} older than {live} to roll back to")
-    store.switch(older[-1])
-    return live, older[-1]
 
 
 def _check_deletes(
