@@ -36,6 +36,8 @@ RESERVED_KEYS = frozenset(
 MAX_ID_LENGTH = 256
 MAX_DEPTH = 8  # nesting of a JSON value in a row; deeper is reported, not stored
 _INT64 = 2**63
+
+
 class Product(BaseModel):
     """One catalogue row. Columns beyond the known ones are kept (as `extra`) for the payload."""
 
@@ -326,4 +328,3 @@ def _jsonl_rows(lines: Lines, path: Path) -> Iterator[tuple[int, dict[str, Any] 
 
 def _explain(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in exc.errors())
-

@@ -379,13 +379,17 @@ def _hit_dict(hit: Hit) -> dict[str, Any]:
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface [VISREC_API__HOST].")] = None,
     port: Annotated[int | None, typer.Option(help="Port [VISREC_API__PORT].")] = None,
+    insecure: Annotated[
+        bool, typer.Option(help="Listen beyond loopback without an API key [VISREC_API__INSECURE].")
+    ] = False,
 ) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs)."""
     import uvicorn
 
-    from visrec.api import create_app
+    from visrec.api import check_exposure, create_app
 
-    settings = _settings(**{"api.host": host, "api.port": port})
+    settings = _settings(**{"api.host": host, "api.port": port, "api.insecure": insecure or None})
+    check_exposure(settings.api)
     app_ = create_app(settings, resolve_device(settings.embed.device))
     uvicorn.run(app_, host=settings.api.host, port=settings.api.port, log_level="warning")
 

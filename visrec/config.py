@@ -102,12 +102,32 @@ class ApiSettings(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=1, le=65535)
-    api_key: SecretStr | None = None  # when set, every route but /healthz and /readyz needs X-API-Key
+    # When set, every route but /healthz, /readyz and / needs X-API-Key. `visrec serve` refuses to listen
+    # beyond loopback without one (unless --insecure).
+    api_key: SecretStr | None = None
+    insecure: bool = False  # allow serving beyond loopback without a key (said loudly in the log)
     max_upload_bytes: int = Field(default=10_000_000, ge=1)
-    max_upload_pixels: int = Field(default=40_000_000, ge=1)
+    # 16 M pixels take a 12-MP phone photo; decoded they hold ~64 MB, so max_heavy_requests of them at
+    # once stay far under a 4 GiB pod (40 M, the old default, took 160 MB and 0.6 s each).
+    max_upload_pixels: int = Field(default=16_000_000, ge=1)
+    max_body_bytes: int = Field(default=64 * 1024, ge=1024)  # every route but the photo upload
+    body_timeout_s: float = Field(default=30.0, gt=0)  # to receive a whole body (slow uploads are cut)
+    request_timeout_s: float = Field(default=30.0, gt=0)
+    # Photo and similarity searches at once (each holds a thread and CPU); more are answered 503 at once.
+    max_heavy_requests: int = Field(default=8, ge=1)
+    store_timeout_s: float = Field(default=2.0, gt=0)  # per store request: fail fast, answer 503
     retry_after_s: int = Field(default=5, ge=1)  # told to clients when the index is unavailable
     # How often the service checks which collection version is live (after `visrec reindex/rollback`).
     alias_check_s: float = Field(default=1.0, ge=0)
+    # Payload fields callers see; None: the catalogue's own columns and the public colour fields.
+    public_fields: list[str] | None = None
+
+    @field_validator("api_key")
+    @classmethod
+    def _key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is empty: set a key, or unset the variable to run without one")
+        return value
 
 
 class TrainSettings(BaseModel):

@@ -50,6 +50,8 @@ class Preprocess(BaseModel):
 # Formats Pillow may decode here: what shops publish. Others (EPS runs Ghostscript, and a dozen rare
 # formats with little-used parsers) are refused before any parser sees the bytes.
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+
+
 @dataclass(frozen=True)
 class ImageLimits:
     """Bounds on one image: bytes read, pixels decoded, and how remote images are fetched."""

@@ -23,9 +23,26 @@ INTERNAL_FIELDS = frozenset({"content_hash"})  # sync bookkeeping, not for calle
 RERANK_POOL = 5  # a colour re-rank chooses k among k x this many visual neighbours
 
 
+# What other services are never shown (HTTP): server paths, sync bookkeeping, colour internals.
+HIDDEN_FIELDS = INTERNAL_FIELDS | {
+    "image",
+    "product_id",
+    "colour_lab",
+    "colour_histogram",
+}
+
+
 def public_payload(payload: dict[str, Any]) -> dict[str, Any]:
-    """A point's payload as callers see it (CLI, HTTP): without sync bookkeeping."""
+    """A point's payload as the operator sees it (CLI): without sync bookkeeping."""
     return {k: v for k, v in payload.items() if k not in INTERNAL_FIELDS}
+
+
+def caller_payload(payload: dict[str, Any], fields: Sequence[str] | None = None) -> dict[str, Any]:
+    """A point's payload as other services see it (HTTP): `fields` if configured, else the catalogue's
+    own columns and the public colour fields; never server paths or internal fields."""
+    if fields is not None:
+        return {k: payload[k] for k in fields if k in payload and k not in HIDDEN_FIELDS}
+    return {k: v for k, v in payload.items() if k not in HIDDEN_FIELDS}
 
 
 def make_filters(
@@ -161,8 +178,10 @@ def similar_to_image(
     colour_weight: float = 0.0,
 ) -> list[Hit]:
     """The k products most like a photo (with `colour_weight` > 0, preferring its colour); raises
-    `ImageError` if it cannot be decoded."""
-    image = decode_image(image_bytes, limits, name="query image")
+    `ImageError` if it cannot be decoded. A JPEG is decoded at a reduced scale that still covers the
+    model's input (libjpeg's DCT scaling: half the time and a fraction of the memory of a full decode)."""
+    draft = embedder.manifest.preprocess.input_size
+    image = decode_image(image_bytes, limits, name="query image", draft=draft)
     vector = embedder.embed_image(image)
     if not colour_weight:
         return similar_to_vector(index, vector, k, filters)

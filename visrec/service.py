@@ -18,7 +18,8 @@ import torch
 from visrec.artefact import artefact_for
 from visrec.config import Settings
 from visrec.embed import Embedder
-from visrec.errors import CollectionMissing, ModelError, VisrecError
+from visrec.errors import CollectionMissing, IndexUnavailable, ModelError, VisrecError
+from visrec.fetch import Fetcher
 from visrec.images import ImageLimits
 from visrec.index import Store, VectorIndex, open_store
 
@@ -49,13 +50,22 @@ class Service:
     def __init__(self, settings: Settings, device: torch.device) -> None:
         self.settings = settings
         self.device = device
+        # Fail fast: a request waits for the store at most one short retry, never for a held embedded
+        # store (a 503 at once beats a thread held for seconds, and threads are what /healthz needs).
+        self.qdrant = settings.qdrant.model_copy(
+            update={"lock_wait_s": 0.0, "retries": 2, "timeout_s": settings.api.store_timeout_s}
+        )
         self.limits = ImageLimits(
             max_pixels=settings.api.max_upload_pixels, max_bytes=settings.api.max_upload_bytes
         )
+        # Remote product photos are served through the sync's fetch guard, with one pooled client.
+        self.fetch_limits = ImageLimits.from_settings(settings.ingest)
+        self.fetcher = Fetcher(self.fetch_limits.fetch)
         self._store: Store | None = None
         self._live: Live | None = None
         self._checked = 0.0
         self._refreshing = False
+        self._problem: VisrecError | None = None  # why there is no live pair yet
         self._retired: list[tuple[float, VectorIndex]] = []
         self._embedders: dict[Path, Embedder] = {}
         self._lock = threading.Lock()
@@ -68,20 +78,24 @@ class Service:
             log.warning("starting without being ready: %s", exc)
 
     def live(self) -> Live:
-        """The live pair, refreshed at most every `alias_check_s` (by one request at a time)."""
+        """The live pair, refreshed at most every `alias_check_s` by one request, which alone waits for
+        the store (no lock is held meanwhile). Until there is a pair, the others are told at once:
+        raises `IndexUnavailable` (a 503)."""
         with self._lock:
-            if self._live is None:  # not ready: every request tries, one at a time
-                self._swap(self._open_live())
-                return self._live  # type: ignore[return-value]
             current = self._live
             due = time.monotonic() - self._checked >= self.settings.api.alias_check_s
             if not due or self._refreshing:
+                if current is None:  # the last attempt's reason, until the next one is due
+                    raise self._problem or IndexUnavailable("the index is being opened")
                 return current
             self._refreshing = True
         try:
             fresh = self._open_live(current)
-        except VisrecError as exc:  # the store hiccuped: keep serving the pair we have
-            log.warning("could not check the live collection: %s", exc)
+        except VisrecError as exc:
+            if current is None:  # not ready yet: this request says why; one retry per alias_check_s
+                self._problem = exc
+                raise
+            log.warning("could not check the live collection: %s", exc)  # keep serving the pair we have
             fresh = current
         finally:
             with self._lock:
@@ -96,16 +110,19 @@ class Service:
 
     def _open_live(self, current: Live | None = None) -> Live:
         if self._store is None:
-            # No waiting for a held embedded store: this runs under the service lock, and a request
-            # answered 503 at once is better than one held for seconds.
-            self._store = open_store(self.settings.qdrant.model_copy(update={"lock_wait_s": 0.0}))
+            self._store = open_store(self.qdrant)
         target = self._store.live()
         if current is not None and current.collection == target:
-            return current
+            # A model that failed to load is retried at each check: the artefact may have arrived.
+            return current if current.embedder is not None else self._with_model(target, current.index)
         index = self._reclaim(target) or self._store.open(target)
         if not index.exists():
             index.close()
             raise CollectionMissing("the collection does not exist yet: run `visrec sync`")
+        return self._with_model(target, index)
+
+    def _with_model(self, target: str, index: VectorIndex) -> Live:
+        """`index` paired with the model that built it, or with the reason it cannot be loaded."""
         try:
             artefact = artefact_for(index.metadata(), self.settings.artefact)
             if artefact not in self._embedders:
@@ -130,7 +147,7 @@ class Service:
     def _swap(self, fresh: Live) -> None:
         """Make `fresh` live (under the lock); close indexes retired long enough ago."""
         now = time.monotonic()
-        if self._live is not None and fresh is not self._live:
+        if self._live is not None and fresh.index is not self._live.index:  # not a model retry
             log.info("live collection: %s → %s", self._live.collection, fresh.collection)
             with self._retired_lock:
                 self._retired.append((now, self._live.index))
@@ -141,6 +158,7 @@ class Service:
                 self._retired.remove(entry)
 
     def close(self) -> None:
+        self.fetcher.close()
         for _, index in self._retired:
             index.close()
         if self._live is not None:

@@ -44,8 +44,18 @@ EXAMPLES = int(os.environ.get("VISREC_FAULTS_FEED_EXAMPLES", "12"))
 ROW_LIMIT = 4096  # VISREC_INGEST__MAX_ROW_CHARS for these runs: a long row is cheap to make
 
 # Valid images in unusual forms: each is indexed.
-VALID_IMAGES = ("rgb.png", "cmyk.jpg", "i16b.tif", "float.tif", "palette.gif", "rgba.webp", "bits.bmp",
-                "la.png", "strip.png", "exif.jpg")
+VALID_IMAGES = (
+    "rgb.png",
+    "cmyk.jpg",
+    "i16b.tif",
+    "float.tif",
+    "palette.gif",
+    "rgba.webp",
+    "bits.bmp",
+    "la.png",
+    "strip.png",
+    "exif.jpg",
+)
 # Damaged, odd, or not images: each is a reported failure with this reason.
 BAD_IMAGES = {
     "truncated.png": "corrupt or truncated",
@@ -167,8 +177,12 @@ def rows(draw: st.DrawFn, port: int, base: list[str], jsonl: bool) -> list[Row]:
             return Row("damaged", product_id, fields, reason=reason)
         snippet, reason = draw(
             st.sampled_from(
-                [('"x": 1e999', "not finite"), ('"x": "\\udc80"', "not valid Unicode"),
-                 ('"x": ' + "[" * 20 + "]" * 20, "nested deeper"), ('"x": 99999999999999999999', "64 bits")]
+                [
+                    ('"x": 1e999', "not finite"),
+                    ('"x": "\\udc80"', "not valid Unicode"),
+                    ('"x": ' + "[" * 20 + "]" * 20, "nested deeper"),
+                    ('"x": 99999999999999999999', "64 bits"),
+                ]
             )
         )
         raw = f'{{"id": {json.dumps(product_id)}, "image": "rgb.png", {snippet}}}'

@@ -1,0 +1,204 @@
+"""What every HTTP request passes before a route sees it: one pure ASGI layer, so that it sees the body
+as it arrives and answers without a worker thread.
+
+In order: a request id (the caller's `X-Request-ID` if it is a plain token, else a new one; echoed on
+every answer and in every error body), the API key (compared as bytes, in constant time), the body limit
+(the declared length first, then the bytes as they arrive, chunked or not: a 5 MB chunked upload against
+a 1 MB limit is cut off at 1 MB, never spooled whole), a deadline for reading the body (slow uploads),
+load shedding for the heavy routes (a full house answers 503 with Retry-After at once instead of queueing
+without end), a deadline for the whole request, and Prometheus metrics whose labels come from fixed sets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import secrets
+import time
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_HEAVY = re.compile(r"/search/image|/recommend|/products/[^/]+/similar")  # CPU-bound: embedding, search
+
+
+@dataclass(frozen=True)
+class GuardSettings:
+    api_key: bytes | None  # None: no key required (a deliberate, logged choice)
+    open_paths: frozenset[str]  # answered without a key (probes, the gallery's page)
+    upload_path: str  # the one route whose body may be an upload
+    max_upload_bytes: int
+    max_body_bytes: int  # every other route
+    body_timeout_s: float  # reading the whole body
+    request_timeout_s: float  # the whole request
+    max_heavy: int  # heavy requests at once; more are shed
+    retry_after_s: int
+
+
+class _Refused(Exception):
+    """The request is answered here: status and message (raised from inside `receive`)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+class Guard:
+    """The ASGI middleware; `registry` holds its metrics (served by /metrics)."""
+
+    def __init__(self, app: ASGIApp, settings: GuardSettings, registry: CollectorRegistry) -> None:
+        self.app, self.settings = app, settings
+        self.heavy_in_flight = 0  # only the event loop's thread touches it
+        self.requests = Counter(
+            "visrec_requests", "HTTP requests", ["method", "route", "status"], registry=registry
+        )
+        self.shed = Counter("visrec_shed", "heavy requests answered 503 at once (full)", registry=registry)
+        self.latency = Histogram(
+            "visrec_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            registry=registry,
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+        exchange = _Exchange(send, request_id)
+        heavy = False
+        try:
+            self._admit(scope)
+            if _HEAVY.fullmatch(scope["path"]):
+                if self.heavy_in_flight >= self.settings.max_heavy:
+                    self.shed.inc()
+                    raise _Refused(503, "busy: too many photo and similarity searches at once; retry shortly")
+                self.heavy_in_flight += 1
+                # Only now: a shed request must not give back a slot it never took (it did, and every
+                # request shed raised the limit by one for good: 40 clients soon ran 40 at once).
+                heavy = True
+            limited = self._limited(scope, receive, exchange)
+            await asyncio.wait_for(self.app(scope, limited, exchange.send), self.settings.request_timeout_s)
+        except _Refused as refused:
+            exchange.refuse(refused)
+        except TimeoutError:
+            limit = self.settings.request_timeout_s
+            exchange.refuse(_Refused(503, f"the request took longer than {limit:g} s"))
+        finally:
+            if heavy:
+                self.heavy_in_flight -= 1
+        await exchange.finish(self.settings.retry_after_s)
+        route = getattr(scope.get("route"), "path", "unmatched")
+        method = scope["method"] if scope["method"] in METHODS else "OTHER"
+        self.requests.labels(method, route, str(exchange.status)).inc()
+        self.latency.labels(route).observe(time.perf_counter() - started)
+
+    def _admit(self, scope: Scope) -> None:
+        """The key and the declared body size, before anything is read."""
+        key = self.settings.api_key
+        if key is not None and scope["path"] not in self.settings.open_paths:
+            given = _header(scope, b"x-api-key") or b""
+            if not secrets.compare_digest(given, key):
+                raise _Refused(401, "missing or wrong X-API-Key")
+        declared = _header(scope, b"content-length")
+        if declared is not None:
+            if not (declared.isdigit() and len(declared) < 19):
+                raise _Refused(400, "Content-Length is not a number of bytes")
+            if int(declared) > self._limit(scope):
+                raise _Refused(413, f"body larger than {self._limit(scope)} bytes")
+
+    def _limit(self, scope: Scope) -> int:
+        s = self.settings
+        return s.max_upload_bytes + 64 * 1024 if scope["path"] == s.upload_path else s.max_body_bytes
+
+    def _limited(self, scope: Scope, receive: Receive, exchange: _Exchange) -> Receive:
+        """`receive` counting the body's bytes as they arrive, within the body deadline."""
+        limit, received = self._limit(scope), 0
+        deadline = time.monotonic() + self.settings.body_timeout_s
+
+        async def limited() -> Message:
+            nonlocal received
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                took = self.settings.body_timeout_s
+                exchange.refusal = _Refused(408, f"the body took longer than {took:g} s")
+                raise exchange.refusal from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    exchange.refusal = _Refused(413, f"body larger than {limit} bytes")
+                    raise exchange.refusal
+            return message
+
+        return limited
+
+
+class _Exchange:
+    """The response side of one request: passes the app's answer through, unless the guard refused the
+    request (then its own answer replaces whatever the app made of the refusal, e.g. a 400 for a body
+    that stopped parsing), and adds the request id."""
+
+    def __init__(self, send: Send, request_id: str) -> None:
+        self._send, self.request_id = send, request_id
+        self.refusal: _Refused | None = None
+        self.started = False
+        self.status = 500
+        self._dropping = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            if self.refusal is not None:  # the app answered a request the guard had already refused
+                self._dropping = True
+                return
+            self.started, self.status = True, int(message["status"])
+            headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
+            message = {**message, "headers": [*headers, (b"x-request-id", self.request_id.encode())]}
+        elif self._dropping:
+            return
+        await self._send(message)
+
+    def refuse(self, refusal: _Refused) -> None:
+        self.refusal = refusal
+
+    async def finish(self, retry_after_s: int) -> None:
+        """Send the guard's own answer if the request was refused and nothing was sent yet."""
+        if self.refusal is None or self.started:
+            return
+        self.started, self.status = True, self.refusal.status
+        body = json.dumps({"detail": self.refusal.detail, "request_id": self.request_id}).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-request-id", self.request_id.encode()),
+        ]
+        if self.refusal.status == 503:
+            headers.append((b"retry-after", str(retry_after_s).encode()))
+        if self.refusal.status in (408, 413):  # the rest of the body is not read: the connection ends
+            headers.append((b"connection", b"close"))
+        await self._send({"type": "http.response.start", "status": self.refusal.status, "headers": headers})
+        await self._send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    return next((value for key, value in scope["headers"] if key.lower() == name), None)
+
+
+def _request_id(scope: Scope) -> str:
+    given = (_header(scope, b"x-request-id") or b"").decode("latin-1")
+    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
