@@ -4,7 +4,10 @@
 #
 #   docker build -t visrec:0.1.0 .
 #   docker run --rm -p 8000:8000 -v "$PWD/.visrec/model:/model:ro" \
-#     -e VISREC_QDRANT__URL=http://qdrant:6333 -e VISREC_QDRANT__API_KEY=... visrec:0.1.0
+#     -e VISREC_QDRANT__URL=http://qdrant:6333 -e VISREC_QDRANT__API_KEY=... -e VISREC_API__API_KEY=... \
+#     visrec:0.1.0
+# The API listens on 0.0.0.0 in the container, so it needs an API key (or VISREC_API__INSECURE=true
+# behind something that authenticates): without one, `visrec serve` refuses to start.
 #
 # torch and torchvision are PyPI's default builds, pinned in constraints.txt: they bundle CUDA, run on a
 # GPU when the container is given one (--gpus, a compose device reservation, nvidia.com/gpu) and on the

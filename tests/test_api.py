@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +15,12 @@ from pydantic import SecretStr
 
 from tests.test_ingest import run_sync
 from visrec.api import create_app
+from visrec.catalogue import read_catalogue
 from visrec.config import ApiSettings, Settings
+from visrec.embed import Embedder
+from visrec.images import ImageLimits
+from visrec.index import open_index
+from visrec.ingest import sync
 
 
 @pytest.fixture
@@ -189,3 +195,85 @@ def test_colour_weight_parameter(client: TestClient) -> None:
     results = client.get("/products/p4/similar", params={"k": 8, "colour_weight": 1}).json()["results"]
     assert all(r["payload"]["colour_extracted"] == colour for r in results)
     assert client.get("/products/p4/similar", params={"colour_weight": 1.5}).status_code == 422
+
+
+def test_callers_never_see_server_paths_or_internal_fields(client: TestClient, tmp_path: Path) -> None:
+    for response in (
+        client.get("/products/p1"),
+        client.get("/products/p1/similar", params={"k": 5}),
+        client.get("/products", params={"limit": 5}),
+    ):
+        assert response.status_code == 200
+        assert str(tmp_path) not in response.text and "content_hash" not in response.text
+        assert "colour_lab" not in response.text and '"image"' not in response.text
+    payload = client.get("/products/p1").json()["payload"]
+    assert {"category", "colour", "price", "title", "colour_rgb"} <= set(payload)
+
+
+def test_public_fields_restrict_what_callers_see(synced: Settings) -> None:
+    settings = synced.model_copy(update={"api": ApiSettings(public_fields=["category", "price", "image"])})
+    with TestClient(create_app(settings, torch.device("cpu"))) as client:
+        assert set(client.get("/products/p1").json()["payload"]) == {"category", "price"}  # never "image"
+
+
+def test_errors_carry_a_request_id_and_5xx_hide_the_cause(settings: Settings, tmp_path: Path) -> None:
+    with TestClient(create_app(settings, torch.device("cpu"))) as client:  # nothing synced: 503
+        response = client.get("/products/p1/similar", headers={"X-Request-ID": "trace-42"})
+        body = response.json()
+        assert response.status_code == 503 and body["request_id"] == "trace-42"
+        assert response.headers["x-request-id"] == "trace-42"
+        assert str(tmp_path) not in response.text and "qdrant" not in response.text
+        ready = client.get("/readyz").json()
+        assert str(tmp_path) not in json.dumps(ready)
+        assert len(client.get("/healthz", headers={"X-Request-ID": "bad id!"}).headers["x-request-id"]) == 32
+
+
+def test_a_remote_image_is_served_through_the_api_not_redirected(
+    make_catalogue, settings: Settings, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A redirect would send callers (and their X-API-Key) to the catalogue's image host; the API
+    fetches the photo itself, through the same guard as a sync."""
+    import functools
+    import http.server
+    import threading
+
+    make_catalogue(3)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path / "images"))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/p1.png"
+        (tmp_path / "remote.csv").write_text(f"id,image,category\nr1,{url},circle\nr2,images/p2.png,circle\n")
+        allowed = settings.model_copy(
+            update={"ingest": settings.ingest.model_copy(update={"allowed_hosts": ["127.0.0.1"]})}
+        )
+        with open_index(allowed.qdrant) as index:
+            sync(
+                read_catalogue(tmp_path / "remote.csv", allowed.ingest),
+                index,
+                Embedder(allowed.artefact, torch.device("cpu")),
+                limits=ImageLimits.from_settings(allowed.ingest),
+                batch_size=8,
+                workers=0,
+                failure_report=allowed.ingest.failure_report,
+                max_delete=1.0,
+            )
+        with TestClient(create_app(allowed, torch.device("cpu")), follow_redirects=False) as client:
+            image = client.get("/products/r1/image")
+            assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+            assert image.content == (tmp_path / "images" / "p1.png").read_bytes()
+        with TestClient(create_app(settings, torch.device("cpu")), follow_redirects=False) as client:
+            refused = client.get("/products/r1/image")  # the host is no longer allowed: not fetched
+            assert refused.status_code == 422 and "refused" in refused.json()["detail"]
+    finally:
+        server.shutdown()
+
+
+def test_an_empty_api_key_is_a_configuration_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+
+    monkeypatch.setenv("VISREC_API__API_KEY", "")
+    result = CliRunner().invoke(app, ["serve"])
+    assert result.exit_code == 1 and "api.api_key" in result.stderr and "Traceback" not in result.output
