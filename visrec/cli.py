@@ -391,7 +391,10 @@ def serve(
     settings = _settings(**{"api.host": host, "api.port": port, "api.insecure": insecure or None})
     check_exposure(settings.api)
     app_ = create_app(settings, resolve_device(settings.embed.device))
-    uvicorn.run(app_, host=settings.api.host, port=settings.api.port, log_level="warning")
+    api = settings.api
+    uvicorn.run(
+        app_, host=api.host, port=api.port, log_level="warning", limit_concurrency=api.max_connections
+    )
 
 
 def _key_value_table(title: str, data: dict[str, Any]) -> Table:

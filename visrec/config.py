@@ -116,6 +116,9 @@ class ApiSettings(BaseModel):
     # Photo and similarity searches at once (each holds a thread and CPU); more are answered 503 at once.
     max_heavy_requests: int = Field(default=8, ge=1)
     store_timeout_s: float = Field(default=2.0, gt=0)  # per store request: fail fast, answer 503
+    # Open connections and requests the server holds at once (uvicorn answers 503 beyond): bounds what
+    # idle or slow-header clients can hold, which uvicorn does not time out (put a proxy in front).
+    max_connections: int = Field(default=256, ge=1)
     retry_after_s: int = Field(default=5, ge=1)  # told to clients when the index is unavailable
     # How often the service checks which collection version is live (after `visrec reindex/rollback`).
     alias_check_s: float = Field(default=1.0, ge=0)

@@ -128,11 +128,16 @@ class Guard:
 
     def _limited(self, scope: Scope, receive: Receive, exchange: _Exchange) -> Receive:
         """`receive` counting the body's bytes as they arrive, within the body deadline."""
-        limit, received = self._limit(scope), 0
+        limit, received, complete = self._limit(scope), 0, False
         deadline = time.monotonic() + self.settings.body_timeout_s
 
         async def limited() -> Message:
-            nonlocal received
+            nonlocal received, complete
+            if complete:
+                # The body is in. What an app still waits for (Starlette's file and streaming answers
+                # wait for a disconnect while they send) is no body: the deadline cut a slow download
+                # of a large photo at body_timeout_s. The request deadline still bounds it.
+                return await receive()
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
             except TimeoutError:
@@ -144,6 +149,7 @@ class Guard:
                 if received > limit:
                     exchange.refusal = _Refused(413, f"body larger than {limit} bytes")
                     raise exchange.refusal
+                complete = not message.get("more_body", False)
             return message
 
         return limited

@@ -1,0 +1,232 @@
+"""Property-based fuzzing of the HTTP API from its own OpenAPI schema (Schemathesis + Hypothesis).
+
+A real `visrec serve` on loopback (real uvicorn, the guard, the tiny real model, an embedded store of 27
+products) with an API key; every operation of the schema it publishes gets seeded valid (positive) and
+invalid (negative) requests. Complements test_api_fuzz.py, whose hand-written fuzzer knows the
+routes' tricky values; this one follows the schema, so a route or parameter added later is fuzzed too,
+and it checks that the answers are what the schema says.
+
+Bounded: VISREC_FAULTS_SCHEMA_EXAMPLES examples per operation and mode (CI default 25, ~250
+requests in all; the figures use 100), seeded by VISREC_FAULTS_SEED; failures are collected, not shrunk.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import pytest
+import requests
+from hypothesis import HealthCheck, Phase, given, seed, settings
+from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
+
+from tests.faults.conftest import SEED, figure
+from tests.faults.served import Served, leaks, serve, synced_store
+from visrec.artefact import Manifest
+
+schemathesis = pytest.importorskip("schemathesis")
+import jsonschema_rs  # noqa: E402 - installed with schemathesis
+from schemathesis import GenerationMode  # noqa: E402
+from schemathesis.core.failures import AcceptedNegativeData, Failure, FailureGroup  # noqa: E402
+from schemathesis.specs.openapi.checks import (  # noqa: E402
+    content_type_conformance,
+    negative_data_rejection,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+EXAMPLES = int(os.environ.get("VISREC_FAULTS_SCHEMA_EXAMPLES", "25"))
+KEY = "fuzz-key"
+CHECKS = [
+    status_code_conformance,  # every status is documented for its route
+    content_type_conformance,
+    response_headers_conformance,  # e.g. Retry-After on a 503
+    response_schema_conformance,  # the body matches the documented model, errors included
+    negative_data_rejection,  # invalid input is answered 4xx, never 200
+]
+BUSY = ("busy", "unavailable", "retry")  # what a deliberate 503 says
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory, artefact: tuple[Path, Manifest]) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp("schema-fuzz")
+    settings = synced_store(root, artefact[0])
+    with serve(settings, root / "serve.log", key=KEY, max_upload_bytes=200_000) as server:
+        yield server
+
+
+def test_every_operation_answers_as_its_schema_says(served: Served) -> None:
+    """Fault: Schemathesis-generated requests for every operation in /openapi.json, valid ones and
+    invalid ones (wrong types, out-of-range numbers, missing or extra fields, odd strings), sent with the
+    API key to a real server. Checked: no 5xx but a deliberate 503 (busy or unavailable, with
+    Retry-After); every status is documented for its route and the body matches the documented schema
+    (error bodies included: {detail, error?, request_id}); invalid input is rejected with a 4xx (but for
+    "invalid" query values that were valid, or gone, once written into the URL: counted, not failed);
+    no body shows a server path or a traceback; /healthz and /readyz answer 200 afterwards."""
+    raw = requests.get(f"{served.url}/openapi.json", headers=served.headers, timeout=10)
+    assert raw.status_code == 200, raw.text
+    spec = raw.json()
+    schema = schemathesis.openapi.from_dict(spec)
+    lost: Counter[str] = Counter()  # negative query values that were valid, or gone, once on the wire
+    statuses: Counter[int] = Counter()
+    failures: list[str] = []
+    sent = 0
+    started = time.monotonic()
+    with requests.Session() as session:
+        session.headers.update(served.headers)
+        operations = [result.ok() for result in schema.get_all_operations()]
+        assert len(operations) >= 9, [op.label for op in operations]
+        for operation in operations:
+            for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+                strategy = operation.as_strategy(generation_mode=mode)
+                if "{product_id}" in operation.path:  # half the time an indexed product, not a 404
+                    known = operation.as_strategy(generation_mode=mode, path_parameters={"product_id": "p4"})
+                    strategy = st.one_of(strategy, known)
+
+                def one(case: Any, operation: Any = operation, mode: GenerationMode = mode) -> None:
+                    nonlocal sent
+                    response = case.call(base_url=served.url, session=session, timeout=30)
+                    sent += 1
+                    statuses[response.status_code] += 1
+                    problems = _problems(case, response, served, spec, lost)
+                    if problems:
+                        where = f"{mode.value} {case.method} {response.request.url}"[:300]
+                        failures.append(
+                            f"{where} -> {response.status_code}: {problems}: {response.text[:300]}"
+                        )
+
+                try:
+                    _run(one, strategy)
+                except Unsatisfiable:  # nothing invalid to send: the operation takes no input
+                    assert mode is GenerationMode.NEGATIVE, operation.label
+    seconds = time.monotonic() - started
+    figure(
+        "schema_fuzz",
+        {
+            "operations": len(operations),
+            "examples_per_operation_and_mode": EXAMPLES,
+            "requests": sent,
+            "seconds": round(seconds, 1),
+            "seed": SEED,
+            "statuses": dict(sorted(statuses.items())),
+            "negative_query_not_negative_on_the_wire": sum(lost.values()),
+            "schemathesis": schemathesis.__version__,
+        },
+    )
+    assert not failures, "\n".join(failures[:15])
+    assert sent >= len(operations) * EXAMPLES // 2
+    assert requests.get(f"{served.url}/healthz", timeout=5).status_code == 200
+    assert requests.get(f"{served.url}/readyz", timeout=5).status_code == 200
+
+
+def _run(one: Callable[..., None], strategy: st.SearchStrategy[Any]) -> None:
+    """`one` on EXAMPLES cases drawn from `strategy`, seeded; no shrinking (failures are collected)."""
+
+    @seed(SEED)
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        database=None,
+        derandomize=False,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+        print_blob=False,
+    )
+    @given(case=strategy)
+    def run(case: Any) -> None:
+        one(case)
+
+    run()
+
+
+def _problems(
+    case: Any,
+    response: requests.Response,
+    served: Served,
+    spec: dict[str, Any],
+    lost: Counter[str],
+) -> list[str]:
+    """What is wrong with one answer: failed Schemathesis checks, an undeliberate 5xx, leaks."""
+    problems: list[str] = []
+    if response.status_code >= 500:
+        detail = response.text.lower()
+        deliberate = response.status_code == 503 and response.headers.get("Retry-After")
+        if not (deliberate and any(word in detail for word in BUSY)):
+            problems.append(f"server error {response.status_code}")
+    try:
+        case.validate_response(response, checks=CHECKS)
+    except (FailureGroup, Failure) as caught:
+        for failure in caught.exceptions if isinstance(caught, FailureGroup) else [caught]:
+            if isinstance(failure, AcceptedNegativeData) and _not_negative_on_the_wire(case, response, spec):
+                lost[case.operation.label] += 1
+            else:
+                problems.append(_one_line(failure))
+    if found := leaks(response.content, served):
+        problems.append(f"leaks {found}")
+    return problems
+
+
+def _one_line(failure: BaseException) -> str:
+    return f"{type(failure).__name__}: " + " | ".join(str(failure).split("\n")[:6])
+
+
+def _query_parameters(spec: dict[str, Any], case: Any) -> dict[str, dict[str, Any]]:
+    operation = spec["paths"][case.operation.path][case.method.lower()]
+    return {p["name"]: p for p in operation.get("parameters", []) if p["in"] == "query"}
+
+
+def _not_negative_on_the_wire(case: Any, response: requests.Response, spec: dict[str, Any]) -> bool:
+    """Whether a "negative" case was valid as sent. Its mutations are of query parameters only, and each
+    either did not reach the URL (an empty list, a null: nothing to send) or arrived as a valid value
+    (`false` for a string, a one-item list for a number: on the wire both are strings). Schemathesis
+    allows for some of these, not for every mix of two mutations."""
+    mutations = getattr(getattr(getattr(case.meta, "phase", None), "data", None), "mutations", ())
+    if not mutations:
+        return False
+    declared = _query_parameters(spec, case)
+    sent = parse_qs(urlsplit(response.request.url or "").query, keep_blank_values=True)
+    for mutation in mutations:
+        if mutation.parameter_location.name != "QUERY" or mutation.parameter not in declared:
+            return False
+        parameter = declared[mutation.parameter]
+        values = sent.get(mutation.parameter)
+        if values is None:
+            if parameter.get("required"):
+                return False
+        elif not _valid_query_values(values, parameter.get("schema", {})):
+            return False
+    return True
+
+
+def _valid_query_values(values: list[str], schema: dict[str, Any]) -> bool:
+    """Whether the strings sent for one query parameter are valid for its schema, read as FastAPI would:
+    an integer or a finite number where the text is one, else the text itself."""
+    if schema.get("type") == "array":
+        return all(_valid_query_values([value], schema.get("items", {})) for value in values)
+    if len(values) != 1:
+        return False
+    validator = jsonschema_rs.validator_for(schema, validate_formats=True)
+    return any(validator.is_valid(candidate) for candidate in _readings(values[0]))
+
+
+def _readings(text: str) -> list[Any]:
+    readings: list[Any] = [text]
+    if re.fullmatch(r"[+-]?\d+", text.strip()):
+        readings.append(int(text))
+    else:
+        try:
+            number = float(text)
+        except ValueError:
+            return readings
+        if math.isfinite(number):
+            readings.append(number)
+    return readings
