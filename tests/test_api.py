@@ -277,3 +277,28 @@ def test_an_empty_api_key_is_a_configuration_error(monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv("VISREC_API__API_KEY", "")
     result = CliRunner().invoke(app, ["serve"])
     assert result.exit_code == 1 and "api.api_key" in result.stderr and "Traceback" not in result.output
+
+
+def test_an_optional_rate_limit_per_caller(synced: Settings) -> None:
+    settings = synced.model_copy(update={"api": ApiSettings(rate_limit_per_s=1, rate_limit_burst=3)})
+    with TestClient(create_app(settings, torch.device("cpu"))) as client:
+        statuses = [client.get("/products/p1").status_code for _ in range(5)]
+        assert statuses[:3] == [200, 200, 200] and statuses[3:] == [429, 429]
+        limited = client.get("/products/p1")
+        assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
+        assert limited.json()["request_id"]
+        assert client.get("/healthz").status_code == 200  # the probes are never limited
+        other = client.get("/products/p1", headers={"X-API-Key": "another caller"})
+        assert other.status_code == 200  # (no key configured: the header only tells callers apart)
+
+
+def test_the_rate_limiter_refills_and_forgets() -> None:
+    from visrec.guard import RateLimiter
+
+    limiter = RateLimiter(per_s=2, burst=2)
+    assert [limiter.wait_s(b"a", 0.0) for _ in range(3)] == [0.0, 0.0, 0.5]
+    assert limiter.wait_s(b"a", 0.5) == 0.0  # one token back after half a second
+    limiter.MAX_CALLERS = 2
+    for caller in (b"b", b"c", b"d"):
+        limiter.wait_s(caller, 1.0)
+    assert len(limiter._buckets) == 2

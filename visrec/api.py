@@ -99,6 +99,7 @@ ERRORS: dict[int, str] = {
     408: "the body took longer than `api.body_timeout_s` to arrive",
     413: "the body is larger than the limit",
     422: "a parameter, the body or the image is invalid",
+    429: "over the caller's rate limit (`api.rate_limit_per_s`, when set): retry after Retry-After seconds",
     503: "busy (too many photo and similarity searches at once), the index or the model is unavailable, "
     "or the request took longer than `api.request_timeout_s`: retry after Retry-After seconds",
 }
@@ -108,14 +109,15 @@ RETRY_AFTER = {
 
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The `responses=` of a route answering `codes` besides its success."""
+    """The `responses=` of a route answering `codes` besides its success (and 429: any keyed route may
+    be rate limited)."""
     return {
         code: {
             "model": ErrorOut,
             "description": ERRORS[code],
-            **({"headers": RETRY_AFTER} if code == 503 else {}),
+            **({"headers": RETRY_AFTER} if code in (429, 503) else {}),
         }
-        for code in codes
+        for code in (*codes, 429)
     }
 
 
@@ -396,6 +398,8 @@ def _guard_settings(settings: Settings) -> GuardSettings:
         request_timeout_s=api.request_timeout_s,
         max_heavy=api.max_heavy_requests,
         retry_after_s=api.retry_after_s,
+        rate_per_s=api.rate_limit_per_s,
+        rate_burst=api.rate_limit_burst,
     )
 
 

@@ -119,6 +119,10 @@ class ApiSettings(BaseModel):
     # Open connections and requests the server holds at once (uvicorn answers 503 beyond): bounds what
     # idle or slow-header clients can hold, which uvicorn does not time out (put a proxy in front).
     max_connections: int = Field(default=256, ge=1)
+    # Optional: requests a second per caller (its X-API-Key and address), bursts of rate_limit_burst;
+    # more are answered 429 with Retry-After. Unset: no rate limit.
+    rate_limit_per_s: float | None = Field(default=None, gt=0)
+    rate_limit_burst: int = Field(default=20, ge=1)
     retry_after_s: int = Field(default=5, ge=1)  # told to clients when the index is unavailable
     # How often the service checks which collection version is live (after `visrec reindex/rollback`).
     alias_check_s: float = Field(default=1.0, ge=0)

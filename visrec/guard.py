@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import re
 import secrets
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
@@ -45,14 +47,37 @@ class GuardSettings:
     request_timeout_s: float  # the whole request
     max_heavy: int  # heavy requests at once; more are shed
     retry_after_s: int
+    rate_per_s: float | None = None  # per caller (its key and address); None: no rate limit
+    rate_burst: int = 20
 
 
 class _Refused(Exception):
     """The request is answered here: status and message (raised from inside `receive`)."""
 
-    def __init__(self, status: int, detail: str) -> None:
+    def __init__(self, status: int, detail: str, retry_after: int | None = None) -> None:
         super().__init__(detail)
-        self.status, self.detail = status, detail
+        self.status, self.detail, self.retry_after = status, detail, retry_after
+
+
+class RateLimiter:
+    """A token bucket per caller: `per_s` requests a second on average, bursts of up to `burst`. Bounded
+    in memory: past `MAX_CALLERS`, the callers seen least recently are forgotten."""
+
+    MAX_CALLERS = 10_000
+
+    def __init__(self, per_s: float, burst: int) -> None:
+        self.per_s, self.burst = per_s, burst
+        self._buckets: OrderedDict[bytes, tuple[float, float]] = OrderedDict()  # caller → (tokens, when)
+
+    def wait_s(self, caller: bytes, now: float) -> float:
+        """0 if `caller` may go now (a token is taken), else the seconds until it may."""
+        tokens, last = self._buckets.pop(caller, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - last) * self.per_s)
+        wait = 0.0 if tokens >= 1 else (1 - tokens) / self.per_s
+        self._buckets[caller] = (tokens - 1 if not wait else tokens, now)
+        if len(self._buckets) > self.MAX_CALLERS:
+            self._buckets.popitem(last=False)
+        return wait
 
 
 class Guard:
@@ -60,7 +85,9 @@ class Guard:
 
     def __init__(self, app: ASGIApp, settings: GuardSettings, registry: CollectorRegistry) -> None:
         self.app, self.settings = app, settings
-        self.heavy_in_flight = 0  # only the event loop's thread touches it
+        self.heavy_in_flight = 0  # only the event loop's thread touches it (and the limiter)
+        rate = settings.rate_per_s
+        self.limiter = RateLimiter(rate, settings.rate_burst) if rate else None
         self.requests = Counter(
             "visrec_requests", "HTTP requests", ["method", "route", "status"], registry=registry
         )
@@ -84,6 +111,7 @@ class Guard:
         heavy = False
         try:
             self._admit(scope)
+            self._rate_limit(scope)
             if _HEAVY.fullmatch(scope["path"]):
                 if self.heavy_in_flight >= self.settings.max_heavy:
                     self.shed.inc()
@@ -121,6 +149,16 @@ class Guard:
                 raise _Refused(400, "Content-Length is not a number of bytes")
             if int(declared) > self._limit(scope):
                 raise _Refused(413, f"body larger than {self._limit(scope)} bytes")
+
+    def _rate_limit(self, scope: Scope) -> None:
+        """429 with Retry-After for a caller (its key and address) over the configured rate."""
+        if self.limiter is None or scope["path"] in self.settings.open_paths:
+            return
+        caller = (_header(scope, b"x-api-key") or b"") + b"|" + (scope.get("client") or ("",))[0].encode()
+        wait = self.limiter.wait_s(caller, time.monotonic())
+        if wait:
+            detail = f"over {self.limiter.per_s:g} requests a second; retry shortly"
+            raise _Refused(429, detail, math.ceil(wait))
 
     def _limit(self, scope: Scope) -> int:
         s = self.settings
@@ -193,8 +231,9 @@ class _Exchange:
             (b"content-length", str(len(body)).encode()),
             (b"x-request-id", self.request_id.encode()),
         ]
-        if self.refusal.status == 503:
-            headers.append((b"retry-after", str(retry_after_s).encode()))
+        if self.refusal.status in (429, 503):
+            wait = self.refusal.retry_after or retry_after_s
+            headers.append((b"retry-after", str(wait).encode()))
         if self.refusal.status in (408, 413):  # the rest of the body is not read: the connection ends
             headers.append((b"connection", b"close"))
         await self._send({"type": "http.response.start", "status": self.refusal.status, "headers": headers})
