@@ -302,3 +302,28 @@ def test_the_rate_limiter_refills_and_forgets() -> None:
     for caller in (b"b", b"c", b"d"):
         limiter.wait_s(caller, 1.0)
     assert len(limiter._buckets) == 2
+
+
+def test_readiness_recovers_when_the_model_appears(
+    make_catalogue, settings: Settings, tmp_path: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A model that failed to load is retried at each check: no restart needed once it is there."""
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(settings.artefact, model)
+    settings = settings.model_copy(
+        update={"artefact": model, "api": settings.api.model_copy(update={"alias_check_s": 0})}
+    )
+    run_sync(make_catalogue(6), settings)
+    model.rename(tmp_path / "model-away")
+    photo = {"image": ("p.png", (tmp_path / "images" / "p1.png").read_bytes(), "image/png")}
+    with TestClient(create_app(settings, torch.device("cpu"))) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and "model" in ready.json()["problems"][0]
+        assert str(tmp_path) not in ready.text
+        assert client.get("/products/p1/similar").status_code == 200  # product queries still work
+        assert client.post("/search/image", files=photo).status_code == 503
+        (tmp_path / "model-away").rename(model)
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/search/image", files=photo).status_code == 200
