@@ -27,8 +27,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from visrec import connect, urls
 from visrec import fetch as fetch_module
-from visrec import urls
 from visrec.config import IngestSettings
 from visrec.errors import ImageError
 from visrec.fetch import Fetcher
@@ -209,10 +209,10 @@ def test_a_redirect_from_an_allowed_host_to_an_internal_one_is_refused(
 def test_the_connection_guard_is_installed() -> None:
     """Fails loudly if httpx stops keeping its pool where `_GuardedTransport` replaces it."""
     assert type(httpx.HTTPTransport()._pool) is httpcore.ConnectionPool
-    backend = fetch_module._GuardedBackend(FetchPolicy())
-    transport = fetch_module._GuardedTransport(backend)
+    backend = connect.GuardedBackend(FetchPolicy())
+    transport = connect.GuardedTransport(backend)
     assert transport._pool._network_backend is backend
-    with pytest.raises(fetch_module._Refused):
+    with pytest.raises(connect.Refused):
         backend.connect_tcp("127.0.0.1", closed_port())
 
 

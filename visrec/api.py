@@ -29,10 +29,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visrec import __version__, query
+from visrec.api_models import (
+    RETRY_AFTER,
+    HitOut,
+    Page,
+    Product,
+    Readiness,
+    RecommendRequest,
+    Results,
+    errors,
+)
 from visrec.config import ApiSettings, Settings
 from visrec.errors import (
     CollectionMissing,
@@ -69,87 +78,6 @@ UNAVAILABLE: list[tuple[type[VisrecError], str]] = [
     (ModelError, "photo search is unavailable: the model is not loaded; retry later"),
     (IndexUnavailable, "the index is unavailable; retry later"),
 ]
-
-
-class ErrorOut(BaseModel):
-    """The body of every error answer, the guard's own (401, 408, 413, busy 503) included."""
-
-    detail: str | list[dict[str, Any]] = Field(
-        description="What is wrong, as a sentence; for a request that does not match this schema (a 422 "
-        "from validation), the list of problems found, each with `type`, `loc` and `msg`"
-    )
-    error: str | None = Field(
-        default=None, description="visrec's kind of error, when visrec raised it (NotFound, ImageError, …)"
-    )
-    request_id: str = Field(description="this request's X-Request-ID, under which the server logs it")
-
-
-class Readiness(BaseModel):
-    ready: bool
-    model_version: str | None
-    points: int | None
-    problems: list[str] = Field(description="what is wrong, for anyone: the details are in the log")
-
-
-# Error answers, documented per route in the OpenAPI schema.
-ERRORS: dict[int, str] = {
-    400: "the body cannot be parsed (a malformed multipart upload), or Content-Length is not a number",
-    401: "missing or wrong X-API-Key (when the server has a key)",
-    404: "no such product",
-    408: "the body took longer than `api.body_timeout_s` to arrive",
-    413: "the body is larger than the limit",
-    422: "a parameter, the body or the image is invalid",
-    429: "over the caller's rate limit (`api.rate_limit_per_s`, when set): retry after Retry-After seconds",
-    503: "busy (too many photo and similarity searches at once), the index or the model is unavailable, "
-    "or the request took longer than `api.request_timeout_s`: retry after Retry-After seconds",
-}
-RETRY_AFTER = {
-    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
-}
-
-
-def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """The `responses=` of a route answering `codes` besides its success (and 429: any keyed route may
-    be rate limited)."""
-    return {
-        code: {
-            "model": ErrorOut,
-            "description": ERRORS[code],
-            **({"headers": RETRY_AFTER} if code in (429, 503) else {}),
-        }
-        for code in (*codes, 429)
-    }
-
-
-class HitOut(BaseModel):
-    product_id: str
-    distance: float = Field(description="Euclidean distance on the embedding; smaller is closer")
-    payload: dict[str, Any]
-
-
-class Results(BaseModel):
-    results: list[HitOut]
-
-
-class Product(BaseModel):
-    product_id: str
-    payload: dict[str, Any]
-
-
-class Page(BaseModel):
-    products: list[Product]
-    next: str | None = Field(description="pass as `after` for the next page; null at the end")
-
-
-class RecommendRequest(BaseModel):
-    positive: list[str] = Field(min_length=1, max_length=100, description="e.g. the basket")
-    negative: list[str] = Field(default=[], max_length=100, description="e.g. items skipped")
-    k: int = Field(default=10, ge=1, le=query.MAX_K)
-    category: list[str] = []
-    colour: list[str] = []
-    # Not NaN/inf: a NaN bound made qdrant-edge panic (a BaseException no handler catches).
-    price_min: float | None = Field(default=None, allow_inf_nan=False)
-    price_max: float | None = Field(default=None, allow_inf_nan=False)
 
 
 def _filters(
@@ -230,7 +158,7 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
     @app.get(
         "/metrics",
         response_class=Response,
-        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}, **_errors(401)},
+        responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}, **errors(401)},
     )
     def metrics() -> Response:
         """Prometheus text: request counts, latency histograms, shed requests."""
@@ -263,7 +191,7 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
         """The web gallery: pick a product or upload a photo, set filters, see its neighbours."""
         return FileResponse(GALLERY, media_type="text/html")
 
-    @app.get("/products", response_model=Page, responses=_errors(401, 422, 503))
+    @app.get("/products", response_model=Page, responses=errors(401, 422, 503))
     def products(
         filters: FilterDep,
         limit: Annotated[int, Query(ge=1, le=500)] = 24,
@@ -282,7 +210,7 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
         response_class=Response,
         responses={
             200: {"content": {"image/*": {}}, "description": "the photo"},
-            **_errors(401, 404, 422, 503),
+            **errors(401, 404, 422, 503),
         },
     )
     def product_image(product_id: str) -> Response:
@@ -303,19 +231,19 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
             raise HTTPException(404, f"the image of {product_id!r} is no longer on disk")
         return FileResponse(ref, media_type=media_type)
 
-    @app.get("/products/{product_id}", response_model=Product, responses=_errors(401, 404, 422, 503))
+    @app.get("/products/{product_id}", response_model=Product, responses=errors(401, 404, 422, 503))
     def product(product_id: str) -> Product:
         found = service.index().get(product_id)
         if found is None:
             raise NotFound(f"product {product_id!r} is not in the index")
         return Product(product_id=product_id, payload=caller_payload(found[1]))
 
-    @app.get("/products/{product_id}/similar", response_model=Results, responses=_errors(401, 404, 422, 503))
+    @app.get("/products/{product_id}/similar", response_model=Results, responses=errors(401, 404, 422, 503))
     def similar(product_id: str, filters: FilterDep, k: K = 10, colour_weight: ColourWeight = 0.0) -> Results:
         """Products that look like this one, itself excluded."""
         return results(query.similar_to_product(service.index(), product_id, k, filters, colour_weight))
 
-    @app.post("/search/image", response_model=Results, responses=_errors(400, 401, 408, 413, 422, 503))
+    @app.post("/search/image", response_model=Results, responses=errors(400, 401, 408, 413, 422, 503))
     def search_image(
         request: Request,
         image: Annotated[UploadFile, File(description="a product photo")],
@@ -332,7 +260,7 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
             query.similar_to_image(live.index, live.model(), data, service.limits, k, filters, colour_weight)
         )
 
-    @app.post("/recommend", response_model=Results, responses=_errors(400, 401, 404, 408, 413, 422, 503))
+    @app.post("/recommend", response_model=Results, responses=errors(400, 401, 404, 408, 413, 422, 503))
     def recommend(body: RecommendRequest) -> Results:
         """Products like the positive ones and unlike the negative ones."""
         chosen = query.make_filters(body.category, body.colour, body.price_min, body.price_max)

@@ -7,10 +7,10 @@ that differ by what answered turn ingestion into a port scanner. So:
 
 - `visrec.urls.check_url` refuses, before any network access, what is not a plain http(s) URL to a valid
   host on an allowed port, and literal IPs that are not public (every spelling: IPv4-mapped IPv6, ...);
-- the connection itself is checked: the host is resolved once, every address must be public (or allowed),
-  and the socket connects to that checked address, so no second lookup can answer differently. Every
-  redirect hop goes through both checks. A refusal reads the same whatever listens there, and is made
-  before any packet goes to the address;
+- the connection itself is checked (`visrec.connect`): the host is resolved once, every address must be
+  public (or allowed), and the socket connects to that checked address, so no second lookup can answer
+  differently. Every redirect hop goes through both checks. A refusal reads the same whatever listens
+  there, and is made before any packet goes to the address;
 - one deadline bounds a whole fetch (lookup, connect, TLS, redirects, retries, body), the body is bounded
   in size, and a per-host circuit breaker stops a dead host from costing every one of its images a timeout.
 
@@ -19,38 +19,29 @@ Hosts listed in `allowed_hosts` (names or CIDRs) are trusted: they may resolve a
 
 from __future__ import annotations
 
-import ipaddress
 import math
 import os
 import random
 import re
-import socket
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from http.cookiejar import CookieJar, DefaultCookiePolicy
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
-import httpcore
 import httpx
 
+from visrec.connect import GuardedBackend, GuardedTransport, Refused
 from visrec.errors import ImageError
 from visrec.urls import (
     FetchPolicy,
-    allowlist,
     check_url,
     clip,
-    in_networks,
-    is_public,
     non_public,
     redacted,
 )
-
-if TYPE_CHECKING:
-    pass
 
 _Health = Literal["ok", "bad", "none"]
 
@@ -62,150 +53,6 @@ def _host_key(url: httpx.URL) -> str:
     host = url.raw_host.decode("ascii").rstrip(".")
     host = f"[{host}]" if ":" in host else host
     return f"{host}:{url.port}" if url.port else host
-
-
-# --- the connection guard ------------------------------------------------------------------------------
-
-
-class _Refused(Exception):
-    """Raised from inside httpcore when a connection would reach a non-public address; not an httpx
-    error, so httpx lets it through unmapped and nothing retries it."""
-
-    def __init__(self, host: str) -> None:
-        super().__init__(host)
-        self.host = host
-
-
-class _GuardedBackend(httpcore.SyncBackend):
-    """Resolves once, checks every address, connects to a checked one (TLS still verifies the name: httpcore
-    passes the origin's host name as SNI), and holds every socket operation to the calling thread's fetch
-    deadline."""
-
-    def __init__(self, policy: FetchPolicy) -> None:
-        self._names, self._networks = allowlist(policy.allowed_hosts)
-        self._local = threading.local()  # the deadline of the fetch running in this thread
-
-    def set_deadline(self, deadline: float | None) -> None:
-        self._local.deadline = deadline
-
-    def remaining(self, timeout: float | None) -> float | None:
-        deadline = getattr(self._local, "deadline", None)
-        if deadline is None:
-            return timeout
-        left = deadline - time.monotonic()
-        return left if timeout is None else min(timeout, left)
-
-    def bounded(self, timeout: float | None, error: type[Exception]) -> float | None:
-        left = self.remaining(timeout)
-        if left is not None and left <= 0:
-            raise error("the fetch deadline has passed")
-        return left
-
-    def connect_tcp(
-        self,
-        host: str,
-        port: int,
-        timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.NetworkStream:
-        name = host.lower().rstrip(".")
-        targets = _resolve(host, port, self.bounded(timeout, httpcore.ConnectTimeout))
-        if name not in self._names:
-            for target in targets:
-                address = ipaddress.ip_address(target.split("%")[0])
-                if not is_public(address) and not in_networks(address, self._networks):
-                    raise _Refused(host)  # before any packet goes to any of the addresses
-        error: Exception = httpcore.ConnectError(f"no address for {host}")
-        for target in targets:
-            try:
-                # The checked IP literal, not the name: a second lookup could answer differently.
-                stream = super().connect_tcp(
-                    target,
-                    port,
-                    self.bounded(timeout, httpcore.ConnectTimeout),
-                    local_address,
-                    socket_options,
-                )
-            except httpcore.ConnectError as exc:
-                error = exc
-                continue
-            return _DeadlineStream(stream, self)
-        raise error
-
-
-def _resolve(host: str, port: int, timeout: float | None) -> list[str]:
-    """The addresses of `host`, in the resolver's order, within `timeout` (getaddrinfo itself has none)."""
-    try:
-        ipaddress.ip_address(host.split("%")[0])
-        return [host]
-    except ValueError:
-        pass
-    answer: list[list[str] | OSError] = []
-
-    def lookup() -> None:
-        try:
-            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            answer.append(list(dict.fromkeys(str(info[4][0]) for info in infos)))
-        except OSError as exc:
-            answer.append(exc)
-
-    # A daemon thread: a hung lookup is abandoned at the deadline and cannot hold up interpreter exit.
-    thread = threading.Thread(target=lookup, name="visrec-resolve", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if not answer:
-        raise httpcore.ConnectTimeout(f"looking up {host} took too long")
-    result = answer[0]
-    if isinstance(result, OSError):
-        raise httpcore.ConnectError(f"cannot resolve {host} ({result.strerror or result})")
-    return result
-
-
-class _DeadlineStream(httpcore.NetworkStream):
-    """A connection whose reads and writes wait no longer than the fetch deadline: a server that stalls
-    after a trickle of bytes is cut off at the deadline, not a whole timeout later."""
-
-    def __init__(self, inner: httpcore.NetworkStream, backend: _GuardedBackend) -> None:
-        self._inner, self._backend = inner, backend
-
-    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._inner.read(max_bytes, self._backend.bounded(timeout, httpcore.ReadTimeout))
-
-    def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._inner.write(buffer, self._backend.bounded(timeout, httpcore.WriteTimeout))
-
-    def close(self) -> None:
-        self._inner.close()
-
-    def start_tls(
-        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
-    ) -> httpcore.NetworkStream:
-        bounded = self._backend.bounded(timeout, httpcore.ConnectTimeout)
-        return _DeadlineStream(self._inner.start_tls(ssl_context, server_hostname, bounded), self._backend)
-
-    def get_extra_info(self, info: str) -> Any:
-        return self._inner.get_extra_info(info)
-
-
-class _GuardedTransport(httpx.HTTPTransport):
-    """httpx's transport with its connection pool rebuilt on the guarded network backend."""
-
-    def __init__(self, backend: _GuardedBackend, limits: httpx.Limits | None = None) -> None:
-        limits = limits or httpx.Limits()
-        super().__init__(trust_env=False, limits=limits)
-        # httpx has no public hook for the network backend; it keeps the pool in `_pool` (0.28). Fail
-        # closed if that changes: an unguarded pool would fetch internal addresses.
-        if type(getattr(self, "_pool", None)) is not httpcore.ConnectionPool:
-            raise RuntimeError("httpx.HTTPTransport has no `_pool` ConnectionPool: cannot guard connections")
-        self._pool.close()
-        self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-            network_backend=backend,
-        )
 
 
 class _BadLocation(Exception):
@@ -347,7 +194,7 @@ class Fetcher:
         self._lock = threading.Lock()
         self._breaker = _Breaker(self.policy.host_failures, self.policy.host_cooldown_s)
         self._http: httpx.Client | None = None
-        self._backend: _GuardedBackend | None = None
+        self._backend: GuardedBackend | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {"policy": self.policy}
@@ -356,15 +203,15 @@ class Fetcher:
         self.policy = state["policy"]
         self._start()
 
-    def _client(self) -> tuple[httpx.Client, _GuardedBackend]:
+    def _client(self) -> tuple[httpx.Client, GuardedBackend]:
         if self._pid != os.getpid():
             # A forked child: the parent's sockets, locks (maybe held at fork time) and counts are not its.
             self._start()
         with self._lock:
             if self._http is None or self._backend is None:
-                backend = _GuardedBackend(self.policy)
+                backend = GuardedBackend(self.policy)
                 self._http = httpx.Client(
-                    transport=_GuardedTransport(backend),
+                    transport=GuardedTransport(backend),
                     # No proxy from the environment: a proxy would make the connection, unchecked.
                     trust_env=False,
                     follow_redirects=False,  # followed by hand, each hop checked
@@ -441,7 +288,7 @@ class Fetcher:
                 except _Deadline:
                     health = "bad"
                     raise ImageError(f"{where}: took longer than {self.policy.timeout_s:g} s") from None
-                except _Refused as exc:
+                except Refused as exc:
                     raise ImageError(f"{where}: refused: {non_public(exc.host)}") from None
                 except _Transient as exc:
                     tries = f" ({attempt} attempts)" if attempt > 1 else ""

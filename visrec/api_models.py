@@ -1,0 +1,91 @@
+"""The HTTP API's public schema: request and response models, and the error answers each route
+documents (every error body is `ErrorOut`; 429 and 503 come with Retry-After)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from visrec import query
+
+
+class ErrorOut(BaseModel):
+    """The body of every error answer, the guard's own (401, 408, 413, busy 503) included."""
+
+    detail: str | list[dict[str, Any]] = Field(
+        description="What is wrong, as a sentence; for a request that does not match this schema (a 422 "
+        "from validation), the list of problems found, each with `type`, `loc` and `msg`"
+    )
+    error: str | None = Field(
+        default=None, description="visrec's kind of error, when visrec raised it (NotFound, ImageError, …)"
+    )
+    request_id: str = Field(description="this request's X-Request-ID, under which the server logs it")
+
+
+class Readiness(BaseModel):
+    ready: bool
+    model_version: str | None
+    points: int | None
+    problems: list[str] = Field(description="what is wrong, for anyone: the details are in the log")
+
+
+# Error answers, documented per route in the OpenAPI schema.
+ERRORS: dict[int, str] = {
+    400: "the body cannot be parsed (a malformed multipart upload), or Content-Length is not a number",
+    401: "missing or wrong X-API-Key (when the server has a key)",
+    404: "no such product",
+    408: "the body took longer than `api.body_timeout_s` to arrive",
+    413: "the body is larger than the limit",
+    422: "a parameter, the body or the image is invalid",
+    429: "over the caller's rate limit (`api.rate_limit_per_s`, when set): retry after Retry-After seconds",
+    503: "busy (too many photo and similarity searches at once), the index or the model is unavailable, "
+    "or the request took longer than `api.request_timeout_s`: retry after Retry-After seconds",
+}
+RETRY_AFTER = {
+    "Retry-After": {"description": "seconds to wait before retrying", "schema": {"type": "integer"}}
+}
+
+
+def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The `responses=` of a route answering `codes` besides its success (and 429: any keyed route may
+    be rate limited)."""
+    return {
+        code: {
+            "model": ErrorOut,
+            "description": ERRORS[code],
+            **({"headers": RETRY_AFTER} if code in (429, 503) else {}),
+        }
+        for code in (*codes, 429)
+    }
+
+
+class HitOut(BaseModel):
+    product_id: str
+    distance: float = Field(description="Euclidean distance on the embedding; smaller is closer")
+    payload: dict[str, Any]
+
+
+class Results(BaseModel):
+    results: list[HitOut]
+
+
+class Product(BaseModel):
+    product_id: str
+    payload: dict[str, Any]
+
+
+class Page(BaseModel):
+    products: list[Product]
+    next: str | None = Field(description="pass as `after` for the next page; null at the end")
+
+
+class RecommendRequest(BaseModel):
+    positive: list[str] = Field(min_length=1, max_length=100, description="e.g. the basket")
+    negative: list[str] = Field(default=[], max_length=100, description="e.g. items skipped")
+    k: int = Field(default=10, ge=1, le=query.MAX_K)
+    category: list[str] = []
+    colour: list[str] = []
+    # Not NaN/inf: a NaN bound made qdrant-edge panic (a BaseException no handler catches).
+    price_min: float | None = Field(default=None, allow_inf_nan=False)
+    price_max: float | None = Field(default=None, allow_inf_nan=False)
