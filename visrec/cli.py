@@ -7,9 +7,7 @@ with one line on stderr and a non-zero exit code, never a traceback.
 from __future__ import annotations
 
 import functools
-import json
 import logging
-import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,11 +22,12 @@ from rich.table import Table
 
 from visrec.artefact import artefact_for
 from visrec.catalogue import read_catalogue
+from visrec.cli_output import emit, hit_dict, hits_table, key_value_table
 from visrec.config import Settings
 from visrec.embed import Embedder, resolve_device
 from visrec.errors import VisrecError
 from visrec.images import ImageLimits
-from visrec.index import Hit, open_index, open_store
+from visrec.index import open_index, open_store
 
 app = typer.Typer(
     help="Visually similar products, filtered by metadata.",
@@ -37,7 +36,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 log = logging.getLogger(__name__)
-out = Console()
 err = Console(stderr=True)
 
 P = ParamSpec("P")
@@ -117,11 +115,7 @@ def progress_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
         yield update
 
 
-def _emit(as_json: bool, data: Any, table: Table | str) -> None:
-    if as_json:
-        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
-    else:
-        out.print(table)
+
 
 
 @app.command()
@@ -167,7 +161,7 @@ def train(
         str(int(manifest.metrics["heldout_images"])),
         str(settings.artefact),
     )
-    _emit(as_json, {"artefact": str(settings.artefact), **manifest.model_dump(mode="json")}, table)
+    emit(as_json, {"artefact": str(settings.artefact), **manifest.model_dump(mode="json")}, table)
 
 
 @app.command()
@@ -205,7 +199,7 @@ def sync(
             shard=chosen,
             max_delete=settings.ingest.max_delete,
         )
-    _emit(as_json, summary.to_dict(), _key_value_table("sync", summary.to_dict()))
+    emit(as_json, summary.to_dict(), key_value_table("sync", summary.to_dict()))
 
 
 @app.command()
@@ -237,7 +231,7 @@ def reindex(
             progress=lambda done, total: progress("embed", done, total),
             max_delete=settings.ingest.max_delete,
         )
-    _emit(as_json, summary.to_dict(), _key_value_table("reindex", summary.to_dict()))
+    emit(as_json, summary.to_dict(), key_value_table("reindex", summary.to_dict()))
 
 
 @app.command()
@@ -250,7 +244,7 @@ def rollback(as_json: JsonFlag = False) -> None:
     with open_store(settings.qdrant) as store:
         previous, live = run_rollback(store)
     data = {"previous": previous, "live": live}
-    _emit(as_json, data, _key_value_table("rollback", data))
+    emit(as_json, data, key_value_table("rollback", data))
 
 
 @app.command()
@@ -290,7 +284,7 @@ def similar(
             hits = query.similar_to_image(index, embedder, data, limits, k, filters, colour_weight)
         else:
             hits = query.similar_to_product(index, str(product_id), k, filters, colour_weight)
-    _emit(as_json, [_hit_dict(h) for h in hits], _hits_table(hits))
+    emit(as_json, [hit_dict(h) for h in hits], hits_table(hits))
 
 
 @app.command()
@@ -322,7 +316,7 @@ def status(as_json: JsonFlag = False) -> None:
         "artefact": str(settings.artefact),
         **model_info,
     }
-    _emit(as_json, data, _key_value_table("status", data))
+    emit(as_json, data, key_value_table("status", data))
 
 
 @app.command()
@@ -362,16 +356,12 @@ def report(
         )
     data = {
         "report": str(path.resolve()),
-        "rows": [{"query": r.query_id, "hits": [_hit_dict(h) for h in r.hits]} for r in rows],
+        "rows": [{"query": r.query_id, "hits": [hit_dict(h) for h in r.hits]} for r in rows],
     }
-    _emit(as_json, data, table)
+    emit(as_json, data, table)
 
 
-def _hit_dict(hit: Hit) -> dict[str, Any]:
-    from visrec.query import public_payload
 
-    payload = public_payload(hit.payload)
-    return {"product_id": hit.product_id, "distance": round(hit.distance, 4), "payload": payload}
 
 
 @app.command()
@@ -395,20 +385,3 @@ def serve(
     uvicorn.run(
         app_, host=api.host, port=api.port, log_level="warning", limit_concurrency=api.max_connections
     )
-
-
-def _key_value_table(title: str, data: dict[str, Any]) -> Table:
-    table = Table("", "", title=title, show_header=False)
-    for key, value in data.items():
-        table.add_row(key, json.dumps(value, default=str) if isinstance(value, dict) else str(value))
-    return table
-
-
-def _hits_table(hits: list[Hit]) -> Table:
-    fields = [f for f in ("category", "colour", "price", "title") if any(f in h.payload for h in hits)]
-    table = Table("#", "product", "distance", *fields)
-    for rank, hit in enumerate(hits, 1):
-        table.add_row(
-            str(rank), hit.product_id, f"{hit.distance:.3f}", *(str(hit.payload.get(f, "")) for f in fields)
-        )
-    return table
