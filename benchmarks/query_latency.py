@@ -27,7 +27,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
-from quality import CLASSES, prepare  # benchmarks/quality.py: the Fashion-MNIST PNG cache
 
 from visrec.config import QdrantSettings
 from visrec.embed import Embedder, resolve_device
@@ -35,6 +34,8 @@ from visrec.images import ImageLimits
 from visrec.index.base import Filters, IndexPoint, VectorIndex
 from visrec.index.edge import EdgeIndex
 from visrec.index.server import Connection, ServerIndex
+
+from common import CLASSES, prepare_split
 
 COLOURS = ("black", "white", "grey", "red", "blue", "green", "beige", "brown", "pink", "yellow")
 FILTERS = {
@@ -51,7 +52,7 @@ def embeddings(artefact: Path, data: Path, cache: Path, count: int, batch_size: 
     if path.is_file():
         cached = np.load(path)
         return cached["vectors"], cached["labels"]
-    splits = [prepare(data, cache / "fashion-mnist", split, None, 0) for split in ("train", "test")]
+    splits = [prepare_split(data, cache / "fashion-mnist", split) for split in ("train", "test")]
     refs = [ref for s in splits for ref in s.refs]
     labels = np.concatenate([s.labels for s in splits])
     mirrored = cache / "fashion-mnist" / "mirrored"

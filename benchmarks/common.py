@@ -1,0 +1,89 @@
+"""What the benchmarks share: the Fashion-MNIST reader and its PNG cache, the bundled sample catalogue,
+the catalogue and gallery builders, embedding a list of images, the common options and the result files.
+
+How a benchmark imports it: `from common import ...`, and nothing else. The README and docs/quality.md run
+each benchmark as a script (`.venv/bin/python benchmarks/quality.py ...`), and for a script the interpreter
+itself puts the script's folder first on `sys.path`: `common` is found next to it from any working
+directory, with no code of ours touching `sys.path`. mypy finds it the same way (`mypy benchmarks`: a
+folder without `__init__.py` is a search root). The alternatives cost more than they give:
+- a package (`benchmarks/__init__.py`, `from benchmarks.common import ...`) does not import under the
+  documented commands; it needs `python -m benchmarks.quality` from the repository root, a change to every
+  command in the README and docs/quality.md, for no gain in what the scripts can do;
+- `sys.path.insert(0, str(Path(__file__).parent))` in each script restates what the interpreter already
+  does, five times, and invites the scripts to reach further afield.
+The price, stated: this module serves the scripts in this folder only (the library never imports it), and
+its name must not meet an installed top-level `common` (none is installed; a script's own folder would win
+anyway, being first on the path).
+
+Imports stay light (numpy, Pillow, visrec's index types; torch only inside `embed_all`): api_load.py and
+colour_accuracy.py use the parser and the sample catalogue and should not pay torch's import for them.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# Debian's dataset-fashion-mnist; CLASSES in the dataset's label order.
+FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Split:
+    """One Fashion-MNIST split as written to the cache: image refs (absolute paths), labels and raw pixels,
+    aligned, and the catalogue that lists them."""
+
+    refs: list[str]
+    labels: np.ndarray
+    pixels: np.ndarray  # (n, 28, 28) uint8
+    catalogue: Path
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An idx (MNIST format) .gz file as an array."""
+    data = gzip.decompress(path.read_bytes())
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def prepare_split(data: Path, cache: Path, split: str, limit: int | None = None, seed: int = 0) -> Split:
+    """PNGs of a split ("train" or "test") under `cache` (written once) and a catalogue of all of them or
+    of a seeded sample of `limit`."""
+    prefix = "t10k" if split == "test" else "train"
+    pixels = read_idx(data / f"{prefix}-images-idx3-ubyte.gz")
+    labels = read_idx(data / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+    folder = cache / split
+    if not (folder / ".complete").is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, image in enumerate(pixels):
+            Image.fromarray(image, mode="L").save(folder / f"{i}.png")
+        (folder / ".complete").touch()
+    keep = np.arange(len(labels))
+    if limit is not None and limit < len(keep):
+        keep = np.sort(np.random.default_rng(seed).choice(keep, limit, replace=False))
+    refs = [str((folder / f"{i}.png").resolve()) for i in keep]
+    catalogue = write_catalogue(
+        cache / f"{split}-{len(keep)}-seed{seed}.csv",
+        ((f"{split}-{i}", ref, CLASSES[labels[i]]) for i, ref in zip(keep, refs, strict=True)),
+    )
+    return Split(refs, labels[keep], pixels[keep], catalogue)
+
+
+def write_catalogue(path: Path, rows: Iterable[tuple[str, str, str]]) -> Path:
+    """A catalogue CSV of (id, image, category) rows, as visrec reads it; returns `path`."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["id", "image", "category"])
+        writer.writerows(rows)
+    return path
