@@ -33,6 +33,7 @@ from PIL import Image
 # Debian's dataset-fashion-mnist; CLASSES in the dataset's label order.
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
+SAMPLE_CATALOGUE = Path(__file__).resolve().parents[1] / "data" / "sample" / "catalogue.csv"
 
 
 # --- data ---------------------------------------------------------------------------------------------
@@ -87,3 +88,9 @@ def write_catalogue(path: Path, rows: Iterable[tuple[str, str, str]]) -> Path:
         writer.writerow(["id", "image", "category"])
         writer.writerows(rows)
     return path
+
+
+def catalogue_rows(path: Path = SAMPLE_CATALOGUE) -> list[dict[str, str]]:
+    """The rows of a catalogue CSV (the bundled sample's by default) as dicts, in file order."""
+    with path.open() as f:
+        return list(csv.DictReader(f))

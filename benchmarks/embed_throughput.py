@@ -22,7 +22,6 @@ and prints (c)/(a) and (c)/(b): the pipeline's overhead. Device: CUDA when prese
 from __future__ import annotations
 
 import argparse
-import csv
 import tempfile
 import time
 from pathlib import Path
@@ -48,26 +47,24 @@ from visrec.index import open_index
 from visrec.ingest import sync
 from visrec.model import WeightInfo, build_model
 
+from common import SAMPLE_CATALOGUE, catalogue_rows, write_catalogue
+
 
 def make_jpegs(out: Path, count: int, size: int) -> Path:
     """`count` JPEGs of `size` px from the sample catalogue, and a catalogue.csv listing them."""
-    sample = Path(__file__).parents[1] / "data" / "sample"
-    with (sample / "catalogue.csv").open() as f:
-        rows = list(csv.DictReader(f))
+    sample = catalogue_rows()
     (out / "images").mkdir(parents=True)
-    with (out / "catalogue.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "image", "category"])
-        for i in range(count):
-            row = rows[i % len(rows)]
-            image = (
-                Image.open(sample / row["image"])
-                .convert("RGB")
-                .resize((size, size), Image.Resampling.BICUBIC)
-            )
-            image.save(out / "images" / f"{i}.jpg", quality=90)
-            writer.writerow([f"{row['id']}-{i}", f"images/{i}.jpg", row["category"]])
-    return out / "catalogue.csv"
+    rows = []
+    for i in range(count):
+        row = sample[i % len(sample)]
+        image = (
+            Image.open(SAMPLE_CATALOGUE.parent / row["image"])
+            .convert("RGB")
+            .resize((size, size), Image.Resampling.BICUBIC)
+        )
+        image.save(out / "images" / f"{i}.jpg", quality=90)
+        rows.append((f"{row['id']}-{i}", f"images/{i}.jpg", row["category"]))
+    return write_catalogue(out / "catalogue.csv", rows)
 
 
 def model_only(embedder: Embedder, batch: int, count: int, size: int) -> float:
