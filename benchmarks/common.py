@@ -23,12 +23,18 @@ from __future__ import annotations
 
 import csv
 import gzip
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
+
+from visrec.index.base import IndexPoint, VectorIndex
+
+if TYPE_CHECKING:
+    from visrec.embed import Embedder
 
 # Debian's dataset-fashion-mnist; CLASSES in the dataset's label order.
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -94,3 +100,37 @@ def catalogue_rows(path: Path = SAMPLE_CATALOGUE) -> list[dict[str, str]]:
     """The rows of a catalogue CSV (the bundled sample's by default) as dicts, in file order."""
     with path.open() as f:
         return list(csv.DictReader(f))
+
+
+# --- embedding and indexing ---------------------------------------------------------------------------
+
+
+def embed_all(embedder: Embedder, refs: Sequence[str], batch_size: int, workers: int) -> np.ndarray:
+    """The embeddings of `refs`, in order, through visrec's own decoding and batching."""
+    from visrec.images import ImageLimits  # imports torch: only the benchmarks that embed pay for it
+
+    return np.concatenate([b.vectors for b in embedder.embed_refs(refs, ImageLimits(), batch_size, workers)])
+
+
+def upsert_gallery(
+    index: VectorIndex,
+    ids: Sequence[str],
+    vectors: np.ndarray,
+    labels: np.ndarray,
+    extra: Mapping[str, Sequence[Any]] | None = None,
+) -> None:
+    """Upsert vectors[i] as product ids[i] with its Fashion-MNIST category (and extra[key][i] for each
+    extra payload field), a thousand points a call."""
+    extra = extra or {}
+    for start in range(0, len(ids), 1000):
+        index.upsert(
+            [
+                IndexPoint(
+                    ids[i],
+                    vectors[i],
+                    {"product_id": ids[i], "category": CLASSES[labels[i]]}
+                    | {key: values[i] for key, values in extra.items()},
+                )
+                for i in range(start, min(start + 1000, len(ids)))
+            ]
+        )

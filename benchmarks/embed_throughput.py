@@ -47,7 +47,7 @@ from visrec.index import open_index
 from visrec.ingest import sync
 from visrec.model import WeightInfo, build_model
 
-from common import SAMPLE_CATALOGUE, catalogue_rows, write_catalogue
+from common import SAMPLE_CATALOGUE, catalogue_rows, embed_all, write_catalogue
 
 
 def make_jpegs(out: Path, count: int, size: int) -> Path:
@@ -203,10 +203,6 @@ def random_artefact(out: Path, input_size: int) -> Path:
         training={},
     )
     return out
-
-
-def embed_all(embedder: Embedder, refs: list[str], batch: int, workers: int) -> np.ndarray:
-    return np.concatenate([b.vectors for b in embedder.embed_refs(refs, ImageLimits(), batch, workers)])
 
 
 def overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:

@@ -44,14 +44,14 @@ from visrec.config import EmbedSettings, Settings, TrainSettings
 from visrec.embed import Embedder, resolve_device
 from visrec.features import image_loader, infer, pooled_features
 from visrec.images import ImageDataset, ImageLimits, Preprocess
-from visrec.index.base import Filters, IndexPoint
+from visrec.index.base import Filters
 from visrec.index.edge import EdgeIndex
 from visrec.metrics import retrieval_metrics
 from visrec.model import build_model, load_pretrained, sha256_file
 from visrec.splits import split_data
 from visrec.train import export, train
 
-from common import CLASSES, prepare_split
+from common import CLASSES, embed_all, prepare_split, upsert_gallery
 
 log = logging.getLogger("quality")
 
@@ -86,13 +86,7 @@ def retrieve(
     started = time.perf_counter()
     index.create(vectors.shape[1])
     try:
-        for start in range(0, len(ids), 1000):
-            index.upsert(
-                [
-                    IndexPoint(ids[i], vectors[i], {"product_id": ids[i], "category": CLASSES[labels[i]]})
-                    for i in range(start, min(start + 1000, len(ids)))
-                ]
-            )
+        upsert_gallery(index, ids, vectors, labels)
         indexed = time.perf_counter()
         found = [
             [CLASSES.index(h.payload["category"]) for h in index.search(q, k, Filters())] for q in queries
@@ -207,8 +201,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.perf_counter()
     embedder = Embedder(settings.artefact, device)
-    batches = embedder.embed_refs(gallery_refs, ImageLimits(), args.batch_size, args.workers)
-    gallery_ft = np.concatenate([b.vectors for b in batches])
+    gallery_ft = embed_all(embedder, gallery_refs, args.batch_size, args.workers)
     timings["gallery_embed_s"] = time.perf_counter() - started
     vectors["visrec fine-tuned (ours)"] = (gallery_ft, heldout.embeddings.numpy()[query_pos])
 

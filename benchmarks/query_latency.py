@@ -30,12 +30,11 @@ from PIL import Image, ImageOps
 
 from visrec.config import QdrantSettings
 from visrec.embed import Embedder, resolve_device
-from visrec.images import ImageLimits
-from visrec.index.base import Filters, IndexPoint, VectorIndex
+from visrec.index.base import Filters, VectorIndex
 from visrec.index.edge import EdgeIndex
 from visrec.index.server import Connection, ServerIndex
 
-from common import CLASSES, prepare_split
+from common import CLASSES, embed_all, prepare_split, upsert_gallery
 
 COLOURS = ("black", "white", "grey", "red", "blue", "green", "beige", "brown", "pink", "yellow")
 FILTERS = {
@@ -65,8 +64,7 @@ def embeddings(artefact: Path, data: Path, cache: Path, count: int, batch_size: 
         labels = np.append(labels, labels[i])
     refs, labels = refs[:count], labels[:count]
     started = time.perf_counter()
-    batches = embedder.embed_refs(refs, ImageLimits(), batch_size, workers)
-    vectors = np.concatenate([b.vectors for b in batches]).astype(np.float32)
+    vectors = embed_all(embedder, refs, batch_size, workers).astype(np.float32)
     print(f"embedded {len(refs)} images in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     np.savez(path, vectors=vectors, labels=labels)
     return vectors, labels
@@ -78,22 +76,8 @@ def upsert(index: VectorIndex, vectors: np.ndarray, labels: np.ndarray, seed: in
     colours = rng.choice(COLOURS, len(vectors))
     prices = np.round(rng.lognormal(3.7, 0.6, len(vectors)), 2)  # median ~40
     started = time.perf_counter()
-    for start in range(0, len(vectors), 1000):
-        index.upsert(
-            [
-                IndexPoint(
-                    f"p{first + i}",
-                    vectors[i],
-                    {
-                        "product_id": f"p{first + i}",
-                        "category": CLASSES[labels[i]],
-                        "colour": str(colours[i]),
-                        "price": float(prices[i]),
-                    },
-                )
-                for i in range(start, min(start + 1000, len(vectors)))
-            ]
-        )
+    ids = [f"p{first + i}" for i in range(len(vectors))]
+    upsert_gallery(index, ids, vectors, labels, {"colour": colours.tolist(), "price": prices.tolist()})
     return len(vectors) / (time.perf_counter() - started)
 
 
