@@ -10,7 +10,6 @@ status-code histogram. Nothing leaves the machine.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import os
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import httpx
 
-from common import SAMPLE_CATALOGUE, catalogue_rows
+from common import SAMPLE_CATALOGUE, catalogue_rows, new_parser
 
 
 def free_port() -> int:
@@ -66,9 +65,7 @@ async def run(base: str, ids: list[tuple[str, str]], total: int, concurrency: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = new_parser(__doc__)
     parser.add_argument("--catalogue", type=Path, default=SAMPLE_CATALOGUE)
     parser.add_argument("--artefact", type=Path, default=Path(".visrec/demo/model"))
     parser.add_argument("--qdrant-path", type=Path, default=Path(".visrec/demo/qdrant"))

@@ -21,8 +21,11 @@ colour_accuracy.py use the parser and the sample catalogue and should not pay to
 
 from __future__ import annotations
 
+import argparse
 import csv
 import gzip
+import json
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,3 +137,38 @@ def upsert_gallery(
                 for i in range(start, min(start + 1000, len(ids)))
             ]
         )
+
+
+# --- options and results ------------------------------------------------------------------------------
+
+
+def new_parser(doc: str | None) -> argparse.ArgumentParser:
+    """A benchmark's argument parser, its module docstring (`doc`) shown as written in --help."""
+    return argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_data_options(p: argparse.ArgumentParser, *, cache: Path, out: Path) -> None:
+    """--data (the Fashion-MNIST folder), --cache and --out, with this benchmark's defaults."""
+    p.add_argument("--data", type=Path, default=FASHION_MNIST)
+    p.add_argument("--cache", type=Path, default=cache)
+    p.add_argument("--out", type=Path, default=out)
+
+
+def add_run_options(p: argparse.ArgumentParser, *, batch_size: int) -> None:
+    """--k (neighbours), --batch-size, --workers (image loading) and --seed."""
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def command_line() -> str:
+    """The command that ran this benchmark, as typed (near enough: the arguments joined by spaces)."""
+    return " ".join(sys.argv)
+
+
+def write_results(out: Path, name: str, data: Any, text: str) -> None:
+    """`<out>/<name>.json` (the figures) and `<out>/<name>.md` (the printed markdown under its command)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(data, indent=2, default=str))
+    (out / f"{name}.md").write_text(f"`{command_line()}`\n\n{text}\n")

@@ -21,7 +21,6 @@ and prints (c)/(a) and (c)/(b): the pipeline's overhead. Device: CUDA when prese
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -47,7 +46,7 @@ from visrec.index import open_index
 from visrec.ingest import sync
 from visrec.model import WeightInfo, build_model
 
-from common import SAMPLE_CATALOGUE, catalogue_rows, embed_all, write_catalogue
+from common import SAMPLE_CATALOGUE, catalogue_rows, embed_all, new_parser, write_catalogue
 
 
 def make_jpegs(out: Path, count: int, size: int) -> Path:
@@ -100,9 +99,7 @@ def decode_only(refs: list[str], pre: Preprocess, batch: int, workers: int, on: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = new_parser(__doc__)
     parser.add_argument("--count", type=int, default=512, help="images")
     parser.add_argument("--jpeg-size", type=int, default=256, help="JPEG side in pixels")
     parser.add_argument("--input-size", type=int, default=128, help="model input side in pixels")

@@ -51,7 +51,17 @@ from visrec.model import build_model, load_pretrained, sha256_file
 from visrec.splits import split_data
 from visrec.train import export, train
 
-from common import CLASSES, embed_all, prepare_split, upsert_gallery
+from common import (
+    CLASSES,
+    add_data_options,
+    add_run_options,
+    command_line,
+    embed_all,
+    new_parser,
+    prepare_split,
+    upsert_gallery,
+    write_results,
+)
 
 log = logging.getLogger("quality")
 
@@ -337,17 +347,14 @@ def report(out: dict[str, Any], args: argparse.Namespace, wall: float) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
-    p.add_argument("--cache", type=Path, default=Path(".visrec/cache/fashion-mnist"))
-    p.add_argument("--out", type=Path, default=Path(".visrec/quality"))
+    p = new_parser(__doc__)
+    add_data_options(p, cache=Path(".visrec/cache/fashion-mnist"), out=Path(".visrec/quality"))
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--epochs-frozen", type=int, default=10)
     p.add_argument("--epochs-finetune", type=int, default=10)
     p.add_argument("--lr-frozen", type=float, default=1e-3)
     p.add_argument("--lr-finetune", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--validation", type=float, default=0.1, help="share of train kept to choose epochs")
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--finetune-images", type=int, default=None, help="images per phase-2 epoch (sampled)")
@@ -355,9 +362,7 @@ def main() -> None:
     p.add_argument("--test-limit", type=int, default=None, help="seeded subset of the 10,000 (smoke runs)")
     p.add_argument("--queries", type=int, default=None, help="seeded subset of test images used as queries")
     p.add_argument("--pca", type=int, default=50, help="PCA components of the raw-pixel baseline")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    add_run_options(p, batch_size=64)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     started = time.perf_counter()
@@ -372,15 +377,8 @@ def main() -> None:
         result.metrics.update({f"{prefix}{key}": round(r[key], 4) for key in ("p@1", f"p@{k}", f"map@{k}")})
     result.metrics.update(retrieval_queries=out["queries"], seconds_total=round(wall, 1))
     export(result, settings)  # the same weights, now with the retrieval figures in the manifest
-    command = " ".join(sys.argv)
-    (args.out / "quality.json").write_text(
-        json.dumps(
-            out | {"command": command, "settings": settings.train.model_dump(mode="json")},
-            indent=2,
-            default=str,
-        )
-    )
-    (args.out / "quality.md").write_text(f"`{command}`\n\n{text}\n")
+    figures = out | {"command": command_line(), "settings": settings.train.model_dump(mode="json")}
+    write_results(args.out, "quality", figures, text)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,16 @@ from visrec.index.base import Filters, VectorIndex
 from visrec.index.edge import EdgeIndex
 from visrec.index.server import Connection, ServerIndex
 
-from common import CLASSES, embed_all, prepare_split, upsert_gallery
+from common import (
+    CLASSES,
+    add_data_options,
+    add_run_options,
+    embed_all,
+    new_parser,
+    prepare_split,
+    upsert_gallery,
+    write_results,
+)
 
 COLOURS = ("black", "white", "grey", "red", "blue", "green", "beige", "brown", "pink", "yellow")
 FILTERS = {
@@ -186,17 +195,12 @@ def report(rows: list[dict], settings: QdrantSettings) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = new_parser(__doc__)
     p.add_argument("--artefact", type=Path, default=Path(".visrec/quality/model"))
-    p.add_argument("--data", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
-    p.add_argument("--cache", type=Path, default=Path(".visrec/cache"))
-    p.add_argument("--out", type=Path, default=Path(".visrec/latency"))
+    add_data_options(p, cache=Path(".visrec/cache"), out=Path(".visrec/latency"))
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 100_000])
     p.add_argument("--queries", type=int, default=300)
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    add_run_options(p, batch_size=128)
     args = p.parse_args()
     vectors, labels = embeddings(
         args.artefact, args.data, args.cache, max(args.sizes), args.batch_size, args.workers
@@ -218,9 +222,7 @@ def main() -> None:
             conn.client.delete_collection(name)
     text = report(rows, settings)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latency.json").write_text(json.dumps(rows, indent=2))
-    (args.out / "latency.md").write_text(f"`{' '.join(sys.argv)}`\n\n{text}\n")
+    write_results(args.out, "latency", rows, text)
 
 
 if __name__ == "__main__":
