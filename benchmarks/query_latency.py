@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+from pydantic import SecretStr
 
 from visrec.config import QdrantSettings
 from visrec.embed import Embedder, resolve_device
@@ -207,7 +208,8 @@ def main() -> None:
     )
     settings = QdrantSettings()
     server_url = os.environ.get("VISREC_QDRANT__URL")
-    server = QdrantSettings(url=server_url, api_key=os.environ.get("VISREC_QDRANT__API_KEY"))
+    api_key = os.environ.get("VISREC_QDRANT__API_KEY")
+    server = QdrantSettings(url=server_url, api_key=None if api_key is None else SecretStr(api_key))
     conn = Connection(server) if server_url else None
     rows = []
     for n in args.sizes:
