@@ -1,22 +1,24 @@
-"""What the benchmarks share: the Fashion-MNIST reader and its PNG cache, the bundled sample catalogue,
-the catalogue and gallery builders, embedding a list of images, the common options and the result files.
+"""What the benchmarks share: the one Fashion-MNIST reader and its PNG cache, the sample catalogue's
+reader and the catalogue writer, embedding a list of images, indexing a labelled gallery, the option
+pieces several benchmarks repeat and the result files (json, and markdown headed by the command line).
 
-How a benchmark imports it: `from common import ...`, and nothing else. The README and docs/quality.md run
-each benchmark as a script (`.venv/bin/python benchmarks/quality.py ...`), and for a script the interpreter
-itself puts the script's folder first on `sys.path`: `common` is found next to it from any working
-directory, with no code of ours touching `sys.path`. mypy finds it the same way (`mypy benchmarks`: a
-folder without `__init__.py` is a search root). The alternatives cost more than they give:
+How a benchmark imports it: `from common import ...`, nothing else. The README and docs/quality.md run
+each benchmark as a script (`.venv/bin/python benchmarks/quality.py ...`), and for a script the
+interpreter itself puts the script's folder first on `sys.path`, so `common` is found next to it from any
+working directory without a line of ours touching `sys.path`; mypy finds it the same way (`mypy
+benchmarks`: a folder without `__init__.py` is a search root), and benchmarks/ruff.toml tells isort that
+`common` is local. The alternatives cost more than they give:
 - a package (`benchmarks/__init__.py`, `from benchmarks.common import ...`) does not import under the
-  documented commands; it needs `python -m benchmarks.quality` from the repository root, a change to every
-  command in the README and docs/quality.md, for no gain in what the scripts can do;
+  documented commands: it needs `python -m benchmarks.quality` from the repository root, a change to every
+  command in the README and docs/quality.md, for nothing the scripts need;
 - `sys.path.insert(0, str(Path(__file__).parent))` in each script restates what the interpreter already
-  does, five times, and invites the scripts to reach further afield.
-The price, stated: this module serves the scripts in this folder only (the library never imports it), and
-its name must not meet an installed top-level `common` (none is installed; a script's own folder would win
-anyway, being first on the path).
+  does, five times over.
+The price, stated: only the scripts in this folder can import this module (the library and the tests
+never do), and a top-level module of the same name installed elsewhere would be shadowed for them (none
+is installed).
 
 Imports stay light (numpy, Pillow, visrec's index types; torch only inside `embed_all`): api_load.py and
-colour_accuracy.py use the parser and the sample catalogue and should not pay torch's import for them.
+colour_accuracy.py take just the parser and the catalogue reader and should not pay torch's import.
 """
 
 from __future__ import annotations
