@@ -10,10 +10,8 @@ status-code histogram. Nothing leaves the machine.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
-import csv
 import os
 import random
 import socket
@@ -24,6 +22,8 @@ import time
 from pathlib import Path
 
 import httpx
+
+from common import SAMPLE_CATALOGUE, catalogue_rows, new_parser
 
 
 def free_port() -> int:
@@ -65,10 +65,8 @@ async def run(base: str, ids: list[tuple[str, str]], total: int, concurrency: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--catalogue", type=Path, default=Path("data/sample/catalogue.csv"))
+    parser = new_parser(__doc__)
+    parser.add_argument("--catalogue", type=Path, default=SAMPLE_CATALOGUE)
     parser.add_argument("--artefact", type=Path, default=Path(".visrec/demo/model"))
     parser.add_argument("--qdrant-path", type=Path, default=Path(".visrec/demo/qdrant"))
     parser.add_argument("--requests", type=int, default=2000)
@@ -76,8 +74,7 @@ def main() -> None:
     parser.add_argument("--time-limit", type=float, default=120.0)
     args = parser.parse_args()
 
-    with args.catalogue.open() as f:
-        ids = [(row["id"], row["category"]) for row in csv.DictReader(f)]
+    ids = [(row["id"], row["category"]) for row in catalogue_rows(args.catalogue)]
     port = free_port()
     env = {
         **os.environ,

@@ -11,7 +11,6 @@ with mild shading, noise and JPEG compression, and the extractor's dominant name
 
 from __future__ import annotations
 
-import argparse
 import colorsys
 import io
 import statistics
@@ -22,6 +21,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from visrec.colour import PALETTE, extract_colours
+
+from common import new_parser
 
 # (hue degrees, saturation, value) ranges of each chromatic colour's core region.
 HSV_REGIONS: dict[str, tuple[tuple[float, float], tuple[float, float], tuple[float, float]]] = {
@@ -112,9 +113,7 @@ def draw_product(
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = new_parser(__doc__)
     parser.add_argument("--per-colour", type=int, default=20, help="shades per colour and backdrop")
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)

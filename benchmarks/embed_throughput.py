@@ -21,8 +21,6 @@ and prints (c)/(a) and (c)/(b): the pipeline's overhead. Device: CUDA when prese
 
 from __future__ import annotations
 
-import argparse
-import csv
 import tempfile
 import time
 from pathlib import Path
@@ -48,26 +46,24 @@ from visrec.index import open_index
 from visrec.ingest import sync
 from visrec.model import WeightInfo, build_model
 
+from common import SAMPLE_CATALOGUE, catalogue_rows, embed_all, new_parser, write_catalogue
+
 
 def make_jpegs(out: Path, count: int, size: int) -> Path:
     """`count` JPEGs of `size` px from the sample catalogue, and a catalogue.csv listing them."""
-    sample = Path(__file__).parents[1] / "data" / "sample"
-    with (sample / "catalogue.csv").open() as f:
-        rows = list(csv.DictReader(f))
+    sample = catalogue_rows()
     (out / "images").mkdir(parents=True)
-    with (out / "catalogue.csv").open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "image", "category"])
-        for i in range(count):
-            row = rows[i % len(rows)]
-            image = (
-                Image.open(sample / row["image"])
-                .convert("RGB")
-                .resize((size, size), Image.Resampling.BICUBIC)
-            )
-            image.save(out / "images" / f"{i}.jpg", quality=90)
-            writer.writerow([f"{row['id']}-{i}", f"images/{i}.jpg", row["category"]])
-    return out / "catalogue.csv"
+    rows = []
+    for i in range(count):
+        row = sample[i % len(sample)]
+        image = (
+            Image.open(SAMPLE_CATALOGUE.parent / row["image"])
+            .convert("RGB")
+            .resize((size, size), Image.Resampling.BICUBIC)
+        )
+        image.save(out / "images" / f"{i}.jpg", quality=90)
+        rows.append((f"{row['id']}-{i}", f"images/{i}.jpg", row["category"]))
+    return write_catalogue(out / "catalogue.csv", rows)
 
 
 def model_only(embedder: Embedder, batch: int, count: int, size: int) -> float:
@@ -103,9 +99,7 @@ def decode_only(refs: list[str], pre: Preprocess, batch: int, workers: int, on: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = new_parser(__doc__)
     parser.add_argument("--count", type=int, default=512, help="images")
     parser.add_argument("--jpeg-size", type=int, default=256, help="JPEG side in pixels")
     parser.add_argument("--input-size", type=int, default=128, help="model input side in pixels")
@@ -206,10 +200,6 @@ def random_artefact(out: Path, input_size: int) -> Path:
         training={},
     )
     return out
-
-
-def embed_all(embedder: Embedder, refs: list[str], batch: int, workers: int) -> np.ndarray:
-    return np.concatenate([b.vectors for b in embedder.embed_refs(refs, ImageLimits(), batch, workers)])
 
 
 def overlap(a: np.ndarray, b: np.ndarray, k: int = 10) -> float:

