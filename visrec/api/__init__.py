@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visrec import __version__, query
-from visrec.api_models import (
+from visrec.api.models import (
     RETRY_AFTER,
     HitOut,
     Page,
@@ -59,7 +59,7 @@ from visrec.service import Service
 from visrec.urls import is_url
 
 log = logging.getLogger(__name__)
-GALLERY = Path(__file__).with_name("static") / "gallery.html"
+GALLERY = Path(__file__).parent.parent / "static" / "gallery.html"
 # No API key for the probes (they must work without secrets) nor for the gallery's page shell, which
 # holds no data: its scripts send the key with every call.
 OPEN_PATHS = {"/healthz", "/readyz", "/"}
