@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import gc
 import io
-import ipaddress
 import logging
 import math
 import uuid
@@ -32,6 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from visrec import __version__, query
+from visrec.api.exposure import ExposureRefused, check_exposure
 from visrec.api.models import (
     RETRY_AFTER,
     HitOut,
@@ -42,7 +42,7 @@ from visrec.api.models import (
     Results,
     errors,
 )
-from visrec.config import ApiSettings, Settings
+from visrec.config import Settings
 from visrec.errors import (
     CollectionMissing,
     ImageError,
@@ -57,6 +57,8 @@ from visrec.images import read_image_bytes
 from visrec.index import Filters, Hit
 from visrec.service import Service
 from visrec.urls import is_url
+
+__all__ = ["OPEN_PATHS", "ExposureRefused", "check_exposure", "create_app"]
 
 log = logging.getLogger(__name__)
 GALLERY = Path(__file__).parent.parent / "static" / "gallery.html"
@@ -278,36 +280,6 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
         )
 
     return app
-
-
-class ExposureRefused(VisrecError):
-    """`visrec serve` would listen beyond loopback without an API key: a configuration error, exit 2 like
-    the CLI's other usage errors (it was 1, the code of a bug)."""
-
-    exit_code = 2
-
-
-def check_exposure(api: ApiSettings) -> None:
-    """Refuse to listen beyond loopback with no API key unless `api.insecure`; then say so loudly.
-    Raises `ExposureRefused`."""
-    if api.api_key is not None or _is_loopback(api.host):
-        return
-    if not api.insecure:
-        raise ExposureRefused(
-            f"refusing to serve on {api.host} without an API key: anyone who reaches it could query the "
-            "catalogue. Set VISREC_API__API_KEY (callers send it as X-API-Key), listen on 127.0.0.1, "
-            "or pass --insecure (VISREC_API__INSECURE=true) if something in front of it authenticates"
-        )
-    log.warning("SERVING ON %s WITHOUT AN API KEY (--insecure): every route is open to the network", api.host)
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def _unavailable(exc: VisrecError) -> str:
