@@ -1,5 +1,6 @@
-"""The HTTP API's public schema: request and response models, and the error answers each route
-documents (every error body is `ErrorOut`; 429 and 503 come with Retry-After)."""
+"""The HTTP API's public schema: request and response models, the error answers each route documents
+(every error body is `ErrorOut`; 429 and 503 come with Retry-After), and the one place a product's
+payload is cut down to what callers may see."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from visrec import query
+from visrec.config import Settings
+from visrec.index import Hit
 
 
 class ErrorOut(BaseModel):
@@ -89,3 +92,18 @@ class RecommendRequest(BaseModel):
     # Not NaN/inf: a NaN bound made qdrant-edge panic (a BaseException no handler catches).
     price_min: float | None = Field(default=None, allow_inf_nan=False)
     price_max: float | None = Field(default=None, allow_inf_nan=False)
+
+
+def shown(payload: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The part of a stored payload callers see: `api.public_fields`, never sync's bookkeeping."""
+    return query.caller_payload(payload, settings.api.public_fields)
+
+
+def results(hits: list[Hit], settings: Settings) -> Results:
+    """The answer of every search route."""
+    return Results(
+        results=[
+            HitOut(product_id=h.product_id, distance=h.distance, payload=shown(h.payload, settings))
+            for h in hits
+        ]
+    )

@@ -1,0 +1,70 @@
+"""The routes for operators and people rather than client services: liveness, readiness, metrics, and
+the web gallery's page."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import FileResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from visrec.api.deps import MetricsDep, ServiceDep
+from visrec.api.errors import unavailable
+from visrec.api.models import RETRY_AFTER, Readiness, errors
+from visrec.errors import VisrecError
+
+log = logging.getLogger(__name__)
+GALLERY = Path(__file__).parent.parent / "static" / "gallery.html"
+# No API key for the probes (they must work without secrets) nor for the gallery's page shell, which
+# holds no data: its scripts send the key with every call.
+OPEN_PATHS = {"/healthz", "/readyz", "/"}
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up: answered on the event loop, whatever the worker threads are doing."""
+    return {"status": "ok"}
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text"}, **errors(401)},
+)
+def metrics(registry: MetricsDep) -> Response:
+    """Prometheus text: request counts, latency histograms, shed requests."""
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={
+        503: {"model": Readiness, "description": "not ready: `problems` says why", "headers": RETRY_AFTER}
+    },
+)
+def readyz(response: Response, service: ServiceDep) -> dict[str, Any]:
+    """Ready when the model is loaded and the collection is reachable."""
+    problems, model_version, points = [], None, None
+    try:
+        live = service.live()
+        points = live.index.count()
+        model_version = live.model().manifest.model_version
+    except VisrecError as exc:  # open to everyone: what is wrong, not where (that is in the log)
+        log.warning("not ready: %s", exc)
+        problems.append(unavailable(exc))
+    if problems:
+        response.status_code = 503
+        response.headers["Retry-After"] = str(service.settings.api.retry_after_s)
+    return {"ready": not problems, "model_version": model_version, "points": points, "problems": problems}
+
+
+@router.get("/", include_in_schema=False)
+def gallery() -> FileResponse:
+    """The web gallery: pick a product or upload a photo, set filters, see its neighbours."""
+    return FileResponse(GALLERY, media_type="text/html")

@@ -1,0 +1,95 @@
+"""Browsing the index and one product at a time: its payload, its photo, the products that look like it."""
+
+from __future__ import annotations
+
+import io
+import uuid
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi.responses import FileResponse
+from PIL import Image
+
+from visrec import query
+from visrec.api.deps import ColourWeight, FilterDep, K, ServiceDep
+from visrec.api.models import Page, Product, Results, errors, results, shown
+from visrec.errors import NotFound
+from visrec.images import read_image_bytes
+from visrec.urls import is_url
+
+router = APIRouter()
+
+
+@router.get("/products", response_model=Page, responses=errors(401, 422, 503))
+def products(
+    service: ServiceDep,
+    filters: FilterDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 24,
+    after: Annotated[uuid.UUID | None, Query(description="the `next` of the previous page")] = None,
+) -> Page:
+    """Browse the indexed products, filtered, a page at a time."""
+    # Cursors are point ids (UUIDs): anything else is a 422 here, not a store error (500).
+    items, next_page = service.index().browse(filters, limit, None if after is None else str(after))
+    return Page(
+        products=[Product(product_id=i, payload=shown(p, service.settings)) for i, p in items],
+        next=next_page,
+    )
+
+
+@router.get(
+    "/products/{product_id}/image",
+    response_class=Response,
+    responses={
+        200: {"content": {"image/*": {}}, "description": "the photo"},
+        **errors(401, 404, 422, 503),
+    },
+)
+def product_image(product_id: str, service: ServiceDep) -> Response:
+    """The product's photo as indexed, served from here: a remote one is fetched through the same
+    guard as at sync (never a redirect, which would carry the caller's key to the image host)."""
+    found = service.index().get(product_id)
+    if found is None:
+        raise NotFound(f"product {product_id!r} is not in the index")
+    ref = str(found[1].get("image", ""))  # written by sync, never taken from the request
+    if is_url(ref):
+        data = read_image_bytes(ref, service.fetch_limits, service.fetcher)  # ImageError: a 422
+        media_type = _image_type(io.BytesIO(data))
+        if media_type is None:
+            raise HTTPException(404, f"the image of {product_id!r} is no longer an image")
+        return Response(data, media_type=media_type)
+    media_type = _image_type(ref) if Path(ref).is_absolute() and Path(ref).is_file() else None
+    if media_type is None:
+        raise HTTPException(404, f"the image of {product_id!r} is no longer on disk")
+    return FileResponse(ref, media_type=media_type)
+
+
+@router.get("/products/{product_id}", response_model=Product, responses=errors(401, 404, 422, 503))
+def product(product_id: str, service: ServiceDep) -> Product:
+    found = service.index().get(product_id)
+    if found is None:
+        raise NotFound(f"product {product_id!r} is not in the index")
+    return Product(product_id=product_id, payload=shown(found[1], service.settings))
+
+
+@router.get("/products/{product_id}/similar", response_model=Results, responses=errors(401, 404, 422, 503))
+def similar(
+    product_id: str, service: ServiceDep, filters: FilterDep, k: K = 10, colour_weight: ColourWeight = 0.0
+) -> Results:
+    """Products that look like this one, itself excluded."""
+    hits = query.similar_to_product(service.index(), product_id, k, filters, colour_weight)
+    return results(hits, service.settings)
+
+
+def _image_type(ref: str | io.BytesIO) -> str | None:
+    """The media type of the image at `ref` (a file or bytes), or None if it is not an image.
+
+    Sync only indexes files inside a catalogue's folder that decoded as images; checking the header
+    again here means a payload changed in the store itself (a shared server) cannot make the API
+    serve any other file, a key or /etc/passwd, and a file swapped on disk is not served either.
+    """
+    try:
+        with Image.open(ref) as image:  # reads the header only
+            return Image.MIME.get(image.format or "")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None

@@ -1,0 +1,39 @@
+"""Searching by example: an uploaded photo, or a set of products to be like and unlike."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, File, HTTPException, UploadFile
+
+from visrec import query
+from visrec.api.deps import ColourWeight, FilterDep, K, ServiceDep
+from visrec.api.models import RecommendRequest, Results, errors, results
+
+router = APIRouter()
+
+
+@router.post("/search/image", response_model=Results, responses=errors(400, 401, 408, 413, 422, 503))
+def search_image(
+    service: ServiceDep,
+    image: Annotated[UploadFile, File(description="a product photo")],
+    filters: FilterDep,
+    k: K = 10,
+    colour_weight: ColourWeight = 0.0,
+) -> Results:
+    """Products that look like an uploaded photo."""
+    limit = service.settings.api.max_upload_bytes
+    data = image.file.read(limit + 1)
+    if len(data) > limit:
+        raise HTTPException(413, f"upload larger than {limit} bytes")
+    live = service.live()  # one (index, model) pair, even if a reindex switches versions meanwhile
+    hits = query.similar_to_image(live.index, live.model(), data, service.limits, k, filters, colour_weight)
+    return results(hits, service.settings)
+
+
+@router.post("/recommend", response_model=Results, responses=errors(400, 401, 404, 408, 413, 422, 503))
+def recommend(body: RecommendRequest, service: ServiceDep) -> Results:
+    """Products like the positive ones and unlike the negative ones."""
+    chosen = query.make_filters(body.category, body.colour, body.price_min, body.price_max)
+    hits = query.recommend(service.index(), body.positive, body.negative, body.k, chosen)
+    return results(hits, service.settings)
