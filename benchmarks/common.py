@@ -110,11 +110,12 @@ def catalogue_rows(path: Path = SAMPLE_CATALOGUE) -> list[dict[str, str]]:
 # --- embedding and indexing ---------------------------------------------------------------------------
 
 
-def embed_all(embedder: Embedder, refs: Sequence[str], batch_size: int, workers: int) -> np.ndarray:
-    """The embeddings of `refs`, in order, through visrec's own decoding and batching."""
+def embed_all(embedder: Embedder, refs: Sequence[str]) -> np.ndarray:
+    """The embeddings of `refs`, in order, through visrec's own decoding and batching (the embedder's
+    batch size and workers)."""
     from visrec.images import ImageLimits  # imports torch: only the benchmarks that embed pay for it
 
-    return np.concatenate([b.vectors for b in embedder.embed_refs(refs, ImageLimits(), batch_size, workers)])
+    return np.concatenate([b.vectors for b in embedder.embed_refs(refs, ImageLimits())])
 
 
 def upsert_gallery(

@@ -43,7 +43,7 @@ from visrec.images import (
     preprocess_jpegs,
 )
 from visrec.index import open_index
-from visrec.ingest import sync
+from visrec.ingest import SyncOptions, sync
 from visrec.model import WeightInfo, build_model
 
 from common import SAMPLE_CATALOGUE, catalogue_rows, embed_all, new_parser, write_catalogue
@@ -123,14 +123,19 @@ def main() -> None:
     catalogue_path = make_jpegs(root / "data", args.count, args.jpeg_size)
     catalogue = read_catalogue(catalogue_path)
     artefact = args.artefact or random_artefact(root / "model", args.input_size)
+    batch = args.batch_sizes[0]  # of the decoding, sync and overlap runs
     embedder = Embedder(
         artefact,
         device,
-        args.channels_last,
-        args.precision,
-        args.compile,
-        args.decode_on_device,
-        pin_memory=not args.no_pin_memory,
+        EmbedSettings(
+            batch_size=batch,
+            workers=args.workers,
+            channels_last=args.channels_last,
+            precision=args.precision,
+            compile=args.compile,
+            decode_on_device=args.decode_on_device,
+            pin_memory=not args.no_pin_memory,
+        ),
     )
     pre = embedder.manifest.preprocess
     refs = [catalogue.image_ref(p) for p in catalogue.products]
@@ -151,20 +156,10 @@ def main() -> None:
     model_rates = {b: model_only(embedder, b, args.count, pre.input_size) for b in args.batch_sizes}
     for batch, rate in model_rates.items():
         print(f"(a) model only, batch {batch:4d}:   {rate:8.1f} img/s")
-    batch = args.batch_sizes[0]
     decode = decode_only(refs, pre, batch, args.workers, device if args.decode_on_device else None)
     print(f"(b) decode + preprocess:         {decode:8.1f} img/s")
     with open_index(QdrantSettings(path=root / "qdrant")) as index:
-        summary = sync(
-            catalogue,
-            index,
-            embedder,
-            limits=ImageLimits(),
-            batch_size=batch,
-            workers=args.workers,
-            failure_report=root / "failures.jsonl",
-            max_delete=1.0,
-        )
+        summary = sync(catalogue, index, embedder, SyncOptions(ImageLimits(), root / "failures.jsonl", 1.0))
     # A sync ends with the index's optimize(), a cost of the store that a fast GPU run would otherwise
     # read as pipeline overhead: both rates are printed, with and without it.
     end_to_end = summary.added / summary.seconds
@@ -179,8 +174,8 @@ def main() -> None:
         f"without optimize)   (c)/(b) = {end_to_end / decode:.2f}"
     )
     if args.precision != "fp32" or args.compile or args.decode_on_device:
-        plain = Embedder(artefact, device)
-        reference, fast = (embed_all(e, refs, batch, args.workers) for e in (plain, embedder))
+        plain = Embedder(artefact, device, EmbedSettings(batch_size=batch, workers=args.workers))
+        reference, fast = (embed_all(e, refs) for e in (plain, embedder))
         print(
             f"(d) top-10 neighbour overlap with plain fp32 on the {len(refs)} images: "
             f"{overlap(reference, fast):.3f}"

@@ -39,12 +39,12 @@ import torch
 from torch import nn
 
 from visrec.catalogue import read_catalogue
-from visrec.cli import progress_bars as cli_progress_bars
+from visrec.cli_output import progress_bars as cli_progress_bars
 from visrec.config import EmbedSettings, Settings, TrainSettings
 from visrec.embed import Embedder, resolve_device
 from visrec.features import image_loader, infer, pooled_features
+from visrec.filters import Filters
 from visrec.images import ImageDataset, ImageLimits, Preprocess
-from visrec.index.base import Filters
 from visrec.index.edge import EdgeIndex
 from visrec.metrics import retrieval_metrics
 from visrec.model import build_model, load_pretrained, sha256_file
@@ -210,8 +210,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     notes: dict[str, str] = {}
 
     started = time.perf_counter()
-    embedder = Embedder(settings.artefact, device)
-    gallery_ft = embed_all(embedder, gallery_refs, args.batch_size, args.workers)
+    embedder = Embedder(settings.artefact, device, settings.embed)
+    gallery_ft = embed_all(embedder, gallery_refs)
     timings["gallery_embed_s"] = time.perf_counter() - started
     vectors["visrec fine-tuned (ours)"] = (gallery_ft, heldout.embeddings.numpy()[query_pos])
 

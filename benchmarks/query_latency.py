@@ -29,9 +29,10 @@ import numpy as np
 from PIL import Image, ImageOps
 from pydantic import SecretStr
 
-from visrec.config import QdrantSettings
+from visrec.config import EmbedSettings, QdrantSettings
 from visrec.embed import Embedder, resolve_device
-from visrec.index.base import Filters, VectorIndex
+from visrec.filters import Filters
+from visrec.index import VectorIndex
 from visrec.index.edge import EdgeIndex
 from visrec.index.server import Connection, ServerIndex
 
@@ -56,7 +57,8 @@ FILTERS = {
 
 def embeddings(artefact: Path, data: Path, cache: Path, count: int, batch_size: int, workers: int) -> tuple:
     """(vectors, labels) for `count` images: Fashion-MNIST's 70,000, then mirrored copies; cached."""
-    embedder = Embedder(artefact, resolve_device("auto"))
+    settings = EmbedSettings(batch_size=batch_size, workers=workers)
+    embedder = Embedder(artefact, resolve_device("auto"), settings)
     path = cache / f"latency-{embedder.manifest.weights_sha256[:12]}-{count}.npz"
     if path.is_file():
         cached = np.load(path)
@@ -74,7 +76,7 @@ def embeddings(artefact: Path, data: Path, cache: Path, count: int, batch_size: 
         labels = np.append(labels, labels[i])
     refs, labels = refs[:count], labels[:count]
     started = time.perf_counter()
-    vectors = embed_all(embedder, refs, batch_size, workers).astype(np.float32)
+    vectors = embed_all(embedder, refs).astype(np.float32)
     print(f"embedded {len(refs)} images in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     np.savez(path, vectors=vectors, labels=labels)
     return vectors, labels

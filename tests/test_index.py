@@ -19,8 +19,8 @@ import qdrant_edge as qe
 from visrec.config import QdrantSettings
 from visrec.errors import CollectionMissing, IndexUnavailable, InvalidFilter, PointRejected, VisrecError
 from visrec.index import Filters, IndexPoint, VectorIndex, open_index, open_store, point_id
-from visrec.index.base import FLOAT_FIELDS, KEYWORD_FIELDS
-from visrec.index.edge import EdgeIndex
+from visrec.index.edge import SCHEMA_TYPES, EdgeIndex
+from visrec.payload import INDEXED
 
 DIM = 8
 
@@ -293,10 +293,7 @@ def test_embedded_payload_indexes_are_ensured_on_open(tmp_path: Path) -> None:
     with open_index(settings) as index:
         assert isinstance(index, EdgeIndex)
         schema = {name: info.data_type for name, info in index.shard.info().payload_schema.items()}
-        assert schema == {
-            **{name: qe.PayloadSchemaType.Keyword for name in KEYWORD_FIELDS},
-            **{name: qe.PayloadSchemaType.Float for name in FLOAT_FIELDS},
-        }
+        assert schema == {name: SCHEMA_TYPES[kind] for name, kind in INDEXED}
         assert _filtered_counts(index) == [10, 8, 1]  # the indexes cover the points already there
         index.optimize()
         assert _filtered_counts(index) == [10, 8, 1]
@@ -323,6 +320,8 @@ def test_embedded_folder_of_a_cut_short_create_is_no_collection(tmp_path: Path) 
 def test_server_payload_indexes_are_ensured_on_open() -> None:
     from qdrant_client import models as qm
 
+    from visrec.index.server import SCHEMA_TYPES
+
     settings = QdrantSettings(
         url=os.environ["VISREC_QDRANT__URL"], collection=f"ensure_{uuid.uuid4().hex[:12]}"
     )
@@ -336,10 +335,7 @@ def test_server_payload_indexes_are_ensured_on_open() -> None:
         assert client.get_collection(collection).payload_schema == {}
         store.open(collection).close()
         schema = {n: i.data_type for n, i in client.get_collection(collection).payload_schema.items()}
-        assert schema == {
-            **{name: qm.PayloadSchemaType.KEYWORD for name in KEYWORD_FIELDS},
-            **{name: qm.PayloadSchemaType.FLOAT for name in FLOAT_FIELDS},
-        }
+        assert schema == {name: SCHEMA_TYPES[kind] for name, kind in INDEXED}
     finally:
         store.conn.client.delete_collection(store.version(1))  # type: ignore[attr-defined]
         store.close()

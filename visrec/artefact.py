@@ -1,4 +1,4 @@
-"""The exported embedder: `weights.pt` + `manifest.json` in one folder, written atomically.
+"""The exported embedder: `weights-<sha>.pt` + `manifest.json` in one folder, written atomically.
 
 The manifest carries everything serving needs to use the weights the way training did (backbone,
 classes, preprocessing, embedding layer and size) and what a person needs to trust them (weight
@@ -7,10 +7,9 @@ source and sha256, metrics, version). Serving reads this module, never the train
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
-import os
-import shutil
-import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,11 +18,12 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 
 from visrec.errors import ModelError
+from visrec.fs import write_atomically
 from visrec.images import Preprocess
 from visrec.model import EMBEDDING_DIM, EMBEDDING_LAYER, VisrecNet, WeightInfo, build_model, sha256_file
 
 MANIFEST = "manifest.json"
-WEIGHTS = "weights.pt"
+WEIGHTS = "weights.pt"  # what artefacts made before weights files were named by their hash call it
 FORMAT_VERSION = 1
 
 
@@ -54,36 +54,30 @@ def save_artefact(
     metrics: dict[str, float],
     training: dict[str, Any],
 ) -> Manifest:
-    """Write the artefact to `out_dir`, replacing any previous one only once the new one is complete."""
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        torch.save(state, staging / WEIGHTS)
-        digest = sha256_file(staging / WEIGHTS)
-        manifest = Manifest(
-            model_version=f"{backbone}-{digest[:12]}",
-            backbone=backbone,
-            pretrained=pretrained,
-            classes=classes,
-            preprocess=preprocess,
-            metrics=metrics,
-            training=training,
-            weights_sha256=digest,
-            created_at=datetime.now(UTC),
-        )
-        (staging / MANIFEST).write_text(manifest.model_dump_json(indent=2) + "\n")
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(out_dir, old)
-            os.rename(staging, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    """Write the artefact to `out_dir`, replacing any previous one there without a moment when none is
+    readable: the weights go to a new file named by their hash, then the manifest that names them
+    replaces the old one in one atomic step, then the old weights go."""
+    buffer = io.BytesIO()
+    torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buffer)
+    digest = hashlib.sha256(buffer.getbuffer()).hexdigest()
+    weights_file = f"weights-{digest[:16]}.pt"
+    write_atomically(out_dir / weights_file, buffer.getvalue())
+    manifest = Manifest(
+        model_version=f"{backbone}-{digest[:12]}",
+        backbone=backbone,
+        pretrained=pretrained,
+        classes=classes,
+        preprocess=preprocess,
+        metrics=metrics,
+        training=training,
+        weights_file=weights_file,
+        weights_sha256=digest,
+        created_at=datetime.now(UTC),
+    )
+    write_atomically(out_dir / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
+    for old in out_dir.glob("weights*.pt"):
+        if old.name != weights_file:
+            old.unlink(missing_ok=True)
     return manifest
 
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from visrec import payload
 from visrec.config import IngestSettings
 from visrec.errors import CatalogueError
 from visrec.textfile import Lines, RowTooLong, csv_field_limit, not_decodable, open_text
@@ -29,10 +30,7 @@ from visrec.urls import FetchPolicy, check_url, is_url
 REQUIRED_COLUMNS = ("id", "image")
 # Payload keys visrec writes itself (sync bookkeeping, the colour it extracts): a catalogue column of the
 # same name would overwrite them, so such a catalogue is refused. `colour` is the shop's own (it wins).
-RESERVED_KEYS = frozenset(
-    {"product_id", "content_hash", "model_version"}
-    | {"colour_extracted", "colours", "colour_rgb", "colour_lab", "colour_histogram"}
-)
+RESERVED_KEYS = payload.RESERVED
 MAX_ID_LENGTH = 256
 MAX_DEPTH = 8  # nesting of a JSON value in a row; deeper is reported, not stored
 _INT64 = 2**63

@@ -8,24 +8,22 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from pydantic import ValidationError
-from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from visrec.artefact import artefact_for
 from visrec.catalogue import read_catalogue
-from visrec.cli_output import emit, hit_dict, hits_table, key_value_table
+from visrec.cli_output import emit, err, hit_dict, hits_table, key_value_table, progress_bars
 from visrec.config import Settings
 from visrec.embed import Embedder, resolve_device
 from visrec.errors import VisrecError
+from visrec.filters import Filters, parse_equals
 from visrec.images import ImageLimits
 from visrec.index import open_index, open_store
 
@@ -36,7 +34,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 log = logging.getLogger(__name__)
-err = Console(stderr=True)
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -93,29 +90,7 @@ def _settings(**overrides: Any) -> Settings:
 
 def _embedder(settings: Settings, artefact: Path | None = None) -> Embedder:
     device = resolve_device(settings.embed.device)
-    return Embedder.from_settings(artefact or settings.artefact, device, settings.embed)
-
-
-@contextmanager
-def progress_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
-    """A rich progress bar per stage, on stderr; silent when `enabled` is false (e.g. --json).
-    The benchmarks use it too."""
-    if not enabled:
-        yield lambda stage, done, total: None
-        return
-    columns = (TextColumn("{task.description:>14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err, transient=False) as bar:
-        tasks: dict[str, Any] = {}
-
-        def update(stage: str, done: int, total: int) -> None:
-            if stage not in tasks:
-                tasks[stage] = bar.add_task(stage, total=total)
-            bar.update(tasks[stage], completed=done, total=total)
-
-        yield update
-
-
-
+    return Embedder(artefact or settings.artefact, device, settings.embed)
 
 
 @app.command()
@@ -179,25 +154,17 @@ def sync(
     as_json: JsonFlag = False,
 ) -> None:
     """Embed new and changed products, delete removed ones, skip the rest."""
-    from visrec.ingest import Shard
+    from visrec.ingest import Shard, SyncOptions
     from visrec.ingest import sync as run_sync
 
     chosen = Shard.parse(shard)
     settings = _settings(artefact=model, **{"ingest.max_delete": max_delete})
     embedder = _embedder(settings)
     parsed = read_catalogue(catalogue, settings.ingest)
+    options = SyncOptions.from_settings(settings, chosen)
     with open_index(settings.qdrant) as index, progress_bars(not as_json) as progress:
         summary = run_sync(
-            parsed,
-            index,
-            embedder,
-            limits=ImageLimits.from_settings(settings.ingest),
-            batch_size=settings.embed.batch_size,
-            workers=settings.embed.workers,
-            failure_report=settings.ingest.failure_report,
-            progress=lambda done, total: progress("embed", done, total),
-            shard=chosen,
-            max_delete=settings.ingest.max_delete,
+            parsed, index, embedder, options, progress=lambda done, total: progress("embed", done, total)
         )
     emit(as_json, summary.to_dict(), key_value_table("sync", summary.to_dict()))
 
@@ -214,6 +181,7 @@ def reindex(
 ) -> None:
     """Build the next version of the collection with a new model, then make it live in one atomic
     switch; the previous version stays for `visrec rollback`."""
+    from visrec.ingest import SyncOptions
     from visrec.versions import reindex as run_reindex
 
     settings = _settings(artefact=model)
@@ -223,13 +191,9 @@ def reindex(
             parsed,
             store,
             _embedder(settings),
+            SyncOptions.from_settings(settings),
             accept_failures=accept_failures,
-            limits=ImageLimits.from_settings(settings.ingest),
-            batch_size=settings.embed.batch_size,
-            workers=settings.embed.workers,
-            failure_report=settings.ingest.failure_report,
             progress=lambda done, total: progress("embed", done, total),
-            max_delete=settings.ingest.max_delete,
         )
     emit(as_json, summary.to_dict(), key_value_table("reindex", summary.to_dict()))
 
@@ -270,8 +234,12 @@ def similar(
     if (product_id is None) == (image is None):
         raise VisrecError("give either a PRODUCT_ID or --image PATH")
     settings = _settings(artefact=model)
-    filters = query.make_filters(
-        category or [], colour or [], price_min, price_max, query.parse_equals(where or [])
+    filters = Filters.parse(
+        category=category or [],
+        colour=colour or [],
+        price_min=price_min,
+        price_max=price_max,
+        equals=parse_equals(where or []),
     )
     with open_index(settings.qdrant) as index:
         if image is not None:
@@ -292,14 +260,11 @@ def similar(
 def status(as_json: JsonFlag = False) -> None:
     """What is indexed, where, and which model made it."""
     from visrec.artefact import read_manifest
+    from visrec.versions import describe
 
     settings = _settings()
-    with open_store(settings.qdrant) as store, store.open(store.live()) as index:
-        live, collections = index.collection, store.versions()
-        points = index.count() if index.exists() else 0
-        versions: dict[str, int] = {}
-        for record in index.sync_records().values() if index.exists() else []:
-            versions[str(record.model_version)] = versions.get(str(record.model_version), 0) + 1
+    with open_store(settings.qdrant) as store:
+        indexed = describe(store)
     try:
         manifest = read_manifest(settings.artefact)
         model_info: dict[str, Any] = {"model_version": manifest.model_version, "metrics": manifest.metrics}
@@ -309,10 +274,7 @@ def status(as_json: JsonFlag = False) -> None:
     data = {
         "store": where,
         "collection": settings.qdrant.collection,
-        "live_version": live,
-        "versions": collections,
-        "points": points,
-        "points_by_model_version": versions,
+        **indexed,
         "artefact": str(settings.artefact),
         **model_info,
     }
@@ -346,13 +308,13 @@ def report(
         title=f"report → {path.resolve()}",
     )
     for row in rows:
-        same = sum(h.payload.get("category") == row.query.get("category") for h in row.hits)
+        nearest = row.hits[0] if row.hits else None
         table.add_row(
             row.query_id,
             str(row.query.get("category")),
             ",".join(row.filters.category) or "-",
-            f"{row.hits[0].payload.get('category')} ({row.hits[0].distance:.1f})" if row.hits else "-",
-            f"{same}/{len(row.hits)}",
+            f"{nearest.payload.get('category')} ({nearest.distance:.1f})" if nearest else "-",
+            f"{row.same_category}/{len(row.hits)}",
         )
     data = {
         "report": str(path.resolve()),

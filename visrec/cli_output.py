@@ -1,18 +1,23 @@
-"""How the `visrec` command prints results: rich tables for people, JSON on stdout with --json."""
+"""How the `visrec` command prints results: rich tables and progress bars for people, JSON on stdout
+with --json."""
 
 from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from visrec.index import Hit
-from visrec.query import public_payload
+from visrec.payload import for_operators
 
 out = Console()
+err = Console(stderr=True)
 
 
 def emit(as_json: bool, data: Any, table: Table | str) -> None:
@@ -23,8 +28,7 @@ def emit(as_json: bool, data: Any, table: Table | str) -> None:
 
 
 def hit_dict(hit: Hit) -> dict[str, Any]:
-    payload = public_payload(hit.payload)
-    return {"product_id": hit.product_id, "distance": round(hit.distance, 4), "payload": payload}
+    return hit.to_dict(for_operators)
 
 
 def key_value_table(title: str, data: dict[str, Any]) -> Table:
@@ -42,3 +46,22 @@ def hits_table(hits: list[Hit]) -> Table:
             str(rank), hit.product_id, f"{hit.distance:.3f}", *(str(hit.payload.get(f, "")) for f in fields)
         )
     return table
+
+
+@contextmanager
+def progress_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
+    """A rich progress bar per stage, on stderr; silent when `enabled` is false (e.g. --json).
+    The benchmarks use it too."""
+    if not enabled:
+        yield lambda stage, done, total: None
+        return
+    columns = (TextColumn("{task.description:>14}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=False) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(stage: str, done: int, total: int) -> None:
+            if stage not in tasks:
+                tasks[stage] = bar.add_task(stage, total=total)
+            bar.update(tasks[stage], completed=done, total=total)
+
+        yield update

@@ -11,7 +11,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -52,42 +52,24 @@ class EmbeddedBatch:
 
 
 class Embedder:
-    """Turns images into embeddings with an exported artefact."""
+    """Turns images into embeddings with an exported artefact, as `settings` say (precision, batch size,
+    decoding workers, …)."""
 
     def __init__(
-        self,
-        artefact_dir: Path,
-        device: torch.device,
-        channels_last: bool = False,
-        precision: Literal["fp32", "bf16", "fp16"] = "fp32",
-        compile: bool = False,
-        decode_on_device: bool = False,
-        pin_memory: bool = True,
+        self, artefact_dir: Path, device: torch.device, settings: EmbedSettings | None = None
     ) -> None:
-        if precision == "fp16" and device.type != "cuda":
+        settings = settings or EmbedSettings()
+        if settings.precision == "fp16" and device.type != "cuda":
             raise ModelError("fp16 embedding needs a CUDA device; use bf16 or fp32 on the CPU")
         self.artefact_dir = artefact_dir
         self.device = device
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        self.compile = compile
-        self.decode_on_device = decode_on_device
-        self.pin_memory = pin_memory and device.type == "cuda"
+        self.settings = settings
+        self.memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+        self.dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
+        self.pin_memory = settings.pin_memory and device.type == "cuda"
         self._manifest: Manifest | None = None
         self._model: VisrecNet | None = None
         self._embed: Callable[[torch.Tensor], torch.Tensor] | None = None
-
-    @classmethod
-    def from_settings(cls, artefact_dir: Path, device: torch.device, settings: EmbedSettings) -> Embedder:
-        return cls(
-            artefact_dir,
-            device,
-            settings.channels_last,
-            settings.precision,
-            settings.compile,
-            settings.decode_on_device,
-            settings.pin_memory,
-        )
 
     @property
     def manifest(self) -> Manifest:
@@ -102,7 +84,7 @@ class Embedder:
             self._model = model.to(memory_format=self.memory_format)
             # Compiled on the first batch (tens of seconds), then fused kernels; a new batch shape
             # recompiles once, with dynamic shapes.
-            self._embed = torch.compile(self._model.embed) if self.compile else self._model.embed
+            self._embed = torch.compile(self._model.embed) if self.settings.compile else self._model.embed
         return self._model
 
     def embed_pixels(self, pixels: torch.Tensor) -> np.ndarray:
@@ -124,12 +106,7 @@ class Embedder:
         return self.embed_pixels(to_tensor(image, self.manifest.preprocess).unsqueeze(0))[0]
 
     def embed_refs(
-        self,
-        refs: Sequence[str],
-        limits: ImageLimits,
-        batch_size: int,
-        workers: int,
-        annotate: Annotate | None = None,
+        self, refs: Sequence[str], limits: ImageLimits, annotate: Annotate | None = None
     ) -> Iterator[EmbeddedBatch]:
         """Embed images by path or URL, yielding one batch at a time in input order.
 
@@ -138,12 +115,12 @@ class Embedder:
         """
         if not refs:
             return
-        source = JpegPassThrough if self.decode_on_device else ImageDataset
+        source = JpegPassThrough if self.settings.decode_on_device else ImageDataset
         dataset = source(refs, self.manifest.preprocess, limits, annotate=annotate)
         loader = DataLoader(
             dataset,
-            batch_size=batch_size,
-            num_workers=min(workers, len(refs)),
+            batch_size=self.settings.batch_size,
+            num_workers=min(self.settings.workers, len(refs)),
             collate_fn=collate_images,
             pin_memory=self.pin_memory,
             worker_init_fn=_release_inherited_locks,

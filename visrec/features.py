@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from visrec.errors import CatalogueError
+from visrec.fs import replacing
 from visrec.images import ImageDataset, ImageItem, ImageLimits, Preprocess, collate_images
 from visrec.model import VisrecNet
 
@@ -96,8 +96,6 @@ def image_loader(
 
 
 def atomic_save(state: dict[str, Any], path: Path) -> None:
-    """Write then rename: an interruption leaves the previous checkpoint, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_suffix(".partial")
-    torch.save(state, partial)
-    os.replace(partial, path)
+    """An interruption leaves the previous checkpoint, never half of one."""
+    with replacing(path) as f:
+        torch.save(state, f)

@@ -25,7 +25,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from visrec.config import IngestSettings
+from visrec.config import ApiSettings, IngestSettings
 from visrec.errors import ImageError
 from visrec.fetch import Fetcher
 from visrec.urls import FetchPolicy, is_url
@@ -52,17 +52,27 @@ class Preprocess(BaseModel):
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
+_DEFAULT = IngestSettings()
+
+
 @dataclass(frozen=True)
 class ImageLimits:
-    """Bounds on one image: bytes read, pixels decoded, and how remote images are fetched."""
+    """Bounds on one image: bytes read, pixels decoded, and how remote images are fetched (defaults:
+    IngestSettings' own)."""
 
-    max_pixels: int = 50_000_000
-    max_bytes: int = 50_000_000
+    max_pixels: int = _DEFAULT.max_image_pixels
+    max_bytes: int = _DEFAULT.max_image_bytes
     fetch: FetchPolicy = FetchPolicy()
 
     @classmethod
     def from_settings(cls, ingest: IngestSettings) -> ImageLimits:
+        """Catalogue photos, at sync and training."""
         return cls(ingest.max_image_pixels, ingest.max_image_bytes, FetchPolicy.from_settings(ingest))
+
+    @classmethod
+    def for_uploads(cls, api: ApiSettings) -> ImageLimits:
+        """Photos uploaded to the HTTP service (never fetched: a caller cannot make it fetch a URL)."""
+        return cls(api.max_upload_pixels, api.max_upload_bytes)
 
 
 def read_image_bytes(ref: str, limits: ImageLimits, fetcher: Fetcher | None = None) -> bytes:

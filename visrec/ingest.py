@@ -21,10 +21,13 @@ from typing import Any, Generic, TypeVar
 
 from PIL import Image
 
+from visrec import payload
 from visrec.catalogue import Catalogue, Product
 from visrec.colour import extract_colours
+from visrec.config import Settings
 from visrec.embed import Embedder
 from visrec.errors import CatalogueError, ModelError, PointRejected, VisrecError
+from visrec.fs import write_atomically
 from visrec.images import ImageLimits
 from visrec.index import IndexPoint, SyncRecord, VectorIndex
 
@@ -104,6 +107,21 @@ class Shard:
         return int.from_bytes(digest[:8], "big") % self.count == self.index
 
 
+@dataclass(frozen=True)
+class SyncOptions:
+    """How a sync runs, beyond what the embedder and the index decide."""
+
+    limits: ImageLimits  # per image: bytes, pixels, how remote ones are fetched
+    failure_report: Path
+    max_delete: float  # the share of the shard's indexed products a sync may delete (1: any)
+    shard: Shard = Shard()
+
+    @classmethod
+    def from_settings(cls, settings: Settings, shard: Shard = Shard()) -> SyncOptions:
+        ingest = settings.ingest
+        return cls(ImageLimits.from_settings(ingest), ingest.failure_report, ingest.max_delete, shard)
+
+
 @dataclass
 class SyncPlan:
     added: list[tuple[Product, str]] = field(default_factory=list)  # (product, content hash)
@@ -171,19 +189,14 @@ def sync(
     catalogue: Catalogue,
     index: VectorIndex,
     embedder: Embedder,
+    options: SyncOptions,
     *,
-    limits: ImageLimits,
-    batch_size: int,
-    workers: int,
-    failure_report: Path,
     progress: ProgressFn | None = None,
-    shard: Shard = Shard(),
-    max_delete: float,
     new_model: bool = False,
 ) -> SyncSummary:
     """Bring the index in step with the catalogue; returns what was done.
 
-    Bad rows, bad images and points the store refuses are written to `failure_report` (JSON lines,
+    Bad rows, bad images and points the store refuses are written to the failure report (JSON lines,
     with the product id, the catalogue line and the reason) and skipped. Raises `CatalogueError` for a
     catalogue with no valid product, or one that would delete more than `max_delete` of the shard's
     indexed products (a truncated export must not empty the index; nothing is written then),
@@ -192,6 +205,7 @@ def sync(
     mix two models' vectors while it is queried: `reindex` builds a new version instead).
     """
     started = time.perf_counter()
+    shard, failure_report = options.shard, options.failure_report
     if not catalogue.products:
         raise CatalogueError(
             f"{catalogue.path}: no valid product (of {len(catalogue.errors)} rows); nothing synced"
@@ -221,7 +235,7 @@ def sync(
         {"kind": "row", "line": e.line, "product_id": e.product_id, "error": e.message}
         for e in catalogue.errors
     ]
-    _check_deletes(catalogue, plan, sum(p in shard for p in indexed), max_delete, failure_report, failures)
+    _check_deletes(catalogue, plan, sum(p in shard for p in indexed), options, failures)
 
     index.delete(plan.removed)
     todo = plan.to_embed
@@ -242,13 +256,20 @@ def sync(
         log.info("upserted %d points", len(points))  # logged once durable in the index
 
     with BackgroundWriter(write) as writer:
-        for batch in embedder.embed_refs(refs, limits, batch_size, workers, annotate=_colour_fields):
+        for batch in embedder.embed_refs(refs, options.limits, annotate=_colour_fields):
             writer.put(
                 [
                     IndexPoint(
                         todo[i][0].id,
                         vector,
-                        _payload(todo[i][0], refs[i], todo[i][1], manifest.model_version, extracted),
+                        payload.build(
+                            todo[i][0].id,
+                            todo[i][0].metadata(),
+                            refs[i],
+                            content_hash=todo[i][1],
+                            model_version=manifest.model_version,
+                            extracted=extracted,
+                        ),
                     )
                     for i, vector, extracted in zip(batch.indices, batch.vectors, batch.extras, strict=True)
                 ]
@@ -297,19 +318,15 @@ def sync(
 
 
 def _check_deletes(
-    catalogue: Catalogue,
-    plan: SyncPlan,
-    indexed: int,
-    max_delete: float,
-    failure_report: Path,
-    failures: list[dict[str, Any]],
+    catalogue: Catalogue, plan: SyncPlan, indexed: int, options: SyncOptions, failures: list[dict[str, Any]]
 ) -> None:
     """Refuse a plan that deletes more than `max_delete` of the `indexed` products (a feed job that died
     half-way looks exactly like a shop that dropped half its range): nothing is written, the rows that
     failed are reported, and `CatalogueError` says how to allow it."""
+    max_delete = options.max_delete
     if len(plan.removed) <= max_delete * indexed:
         return
-    _write_report(failure_report, failures)
+    _write_report(options.failure_report, failures)
     raise CatalogueError(
         f"{catalogue.path}: this sync would delete {len(plan.removed)} of the {indexed} indexed products "
         f"({len(plan.removed) / indexed:.0%}), more than --max-delete {max_delete:g} allows; nothing was "
@@ -328,27 +345,9 @@ def _colour_fields(image: Image.Image) -> dict[str, Any]:
     return {**fields, "colour_extracted": fields["colour"]}
 
 
-def _payload(
-    product: Product, image_ref: str, content_hash: str, model_version: str, extracted: dict[str, Any]
-) -> dict[str, Any]:
-    """The point's payload. The catalogue's own fields (its `colour` among them) win over extracted
-    ones; the extracted colour stays as `colour_extracted`."""
-    return {
-        **extracted,
-        **product.metadata(),
-        "image": image_ref,
-        "product_id": product.id,
-        "content_hash": content_hash,
-        "model_version": model_version,
-    }
-
-
 def _write_report(path: Path, failures: list[dict[str, Any]]) -> None:
     """The run's failures, one JSON object a line; replaced atomically each run (empty when none)."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text("".join(json.dumps(f) + "\n" for f in failures))
-        tmp.replace(path)
+        write_atomically(path, "".join(json.dumps(f) + "\n" for f in failures))
     except OSError as exc:
         raise VisrecError(f"cannot write the failure report {path}: {exc.strerror or exc}") from exc

@@ -6,74 +6,18 @@ the CLI and the HTTP API only parse arguments and call these.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
-from pydantic import ValidationError
 
 from visrec.colour import extract_colours
 from visrec.embed import Embedder
-from visrec.errors import InvalidFilter, InvalidQuery, NotFound
+from visrec.errors import InvalidQuery, NotFound
 from visrec.images import ImageLimits, decode_image
 from visrec.index import Filters, Hit, VectorIndex
 
 MAX_K = 1000
-INTERNAL_FIELDS = frozenset({"content_hash"})  # sync bookkeeping, not for callers
 RERANK_POOL = 5  # a colour re-rank chooses k among k x this many visual neighbours
-
-
-# What other services are never shown (HTTP): server paths, sync bookkeeping, colour internals.
-HIDDEN_FIELDS = INTERNAL_FIELDS | {
-    "image",
-    "product_id",
-    "colour_lab",
-    "colour_histogram",
-}
-
-
-def public_payload(payload: dict[str, Any]) -> dict[str, Any]:
-    """A point's payload as the operator sees it (CLI): without sync bookkeeping."""
-    return {k: v for k, v in payload.items() if k not in INTERNAL_FIELDS}
-
-
-def caller_payload(payload: dict[str, Any], fields: Sequence[str] | None = None) -> dict[str, Any]:
-    """A point's payload as other services see it (HTTP): `fields` if configured, else the catalogue's
-    own columns and the public colour fields; never server paths or internal fields."""
-    if fields is not None:
-        return {k: payload[k] for k in fields if k in payload and k not in HIDDEN_FIELDS}
-    return {k: v for k, v in payload.items() if k not in HIDDEN_FIELDS}
-
-
-def make_filters(
-    category: Sequence[str] = (),
-    colour: Sequence[str] = (),
-    price_min: float | None = None,
-    price_max: float | None = None,
-    equals: Mapping[str, str | int | bool] | None = None,
-) -> Filters:
-    """Validated filters; raises `InvalidFilter` with the reason."""
-    try:
-        return Filters(
-            category=[c for c in category if c],
-            colour=[c for c in colour if c],
-            price_min=price_min,
-            price_max=price_max,
-            equals=dict(equals or {}),
-        )
-    except ValidationError as exc:
-        raise InvalidFilter("; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())) from exc
-
-
-def parse_equals(pairs: Sequence[str]) -> dict[str, str]:
-    """`["brand=acme", …]` → `{"brand": "acme"}`; raises `InvalidFilter` for a pair without '='."""
-    out: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise InvalidFilter(f"expected FIELD=VALUE, got {pair!r}")
-        out[key.strip()] = value.strip()
-    return out
 
 
 def similar_to_vector(

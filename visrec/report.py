@@ -17,9 +17,10 @@ from typing import Any
 from PIL import Image
 
 from visrec.errors import ImageError
+from visrec.fs import write_atomically
 from visrec.images import ImageLimits, load_image
 from visrec.index import Filters, Hit, VectorIndex
-from visrec.query import make_filters, similar_to_product
+from visrec.query import similar_to_product
 
 THUMB = 112
 
@@ -30,6 +31,11 @@ class ReportRow:
     query: dict[str, Any]
     filters: Filters
     hits: list[Hit]
+
+    @property
+    def same_category(self) -> int:
+        """How many neighbours share the query's category."""
+        return sum(h.payload.get("category") == self.query.get("category") for h in self.hits)
 
 
 def pick_queries(index: VectorIndex, n: int, seed: int = 0) -> list[str]:
@@ -59,7 +65,7 @@ def run_queries(index: VectorIndex, product_ids: list[str], k: int, same_categor
         found = index.get(product_id)
         payload = found[1] if found else {}
         category = payload.get("category")
-        filters = make_filters(category=[category] if same_category and category else [])
+        filters = Filters(category=[category] if same_category and category else [])
         rows.append(
             ReportRow(product_id, payload, filters, similar_to_product(index, product_id, k, filters))
         )
@@ -68,10 +74,9 @@ def run_queries(index: VectorIndex, product_ids: list[str], k: int, same_categor
 
 def write_html(rows: list[ReportRow], out: Path, title: str, model_version: str) -> Path:
     """Write the report; returns its path."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     body = "\n".join(_row_html(row) for row in rows)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    out.write_text(f"""<!doctype html>
+    write_atomically(out, f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font: 14px system-ui, sans-serif; margin: 24px; color: #222; }}

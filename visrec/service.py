@@ -34,6 +34,7 @@ class Live:
     index: VectorIndex
     embedder: Embedder | None
     model_problem: ModelError | None  # why photos cannot be embedded for this version
+    artefact: Path | None = None  # where the model came from
 
     def model(self) -> Embedder:
         """The model for this version; raises `ModelError` if it is not available here."""
@@ -55,9 +56,7 @@ class Service:
         self.qdrant = settings.qdrant.model_copy(
             update={"lock_wait_s": 0.0, "retries": 2, "timeout_s": settings.api.store_timeout_s}
         )
-        self.limits = ImageLimits(
-            max_pixels=settings.api.max_upload_pixels, max_bytes=settings.api.max_upload_bytes
-        )
+        self.limits = ImageLimits.for_uploads(settings.api)
         # Remote product photos are served through the sync's fetch guard, with one pooled client.
         self.fetch_limits = ImageLimits.from_settings(settings.ingest)
         self.fetcher = Fetcher(self.fetch_limits.fetch)
@@ -66,7 +65,9 @@ class Service:
         self._checked = 0.0
         self._refreshing = False
         self._problem: VisrecError | None = None  # why there is no live pair yet
-        self._retired: list[tuple[float, VectorIndex]] = []
+        self._retired: list[tuple[float, Live]] = []
+        # Loaded models by artefact: only the live pair's and the retired pairs' stay (a model is
+        # ~100 MB; a service that followed ten reindexes kept ten).
         self._embedders: dict[Path, Embedder] = {}
         self._lock = threading.Lock()
         self._retired_lock = threading.Lock()  # _reclaim runs under _lock or outside it
@@ -126,10 +127,10 @@ class Service:
         try:
             artefact = artefact_for(index.metadata(), self.settings.artefact)
             if artefact not in self._embedders:
-                embedder = Embedder.from_settings(artefact, self.device, self.settings.embed)
+                embedder = Embedder(artefact, self.device, self.settings.embed)
                 embedder.load()
                 self._embedders[artefact] = embedder
-            return Live(target, index, self._embedders[artefact], None)
+            return Live(target, index, self._embedders[artefact], None, artefact)
         except ModelError as exc:  # product queries still work; photo queries answer 503 with this
             log.error("%s", exc)
             return Live(target, index, None, exc)
@@ -141,7 +142,7 @@ class Service:
             for entry in self._retired:
                 if entry[1].collection == collection:
                     self._retired.remove(entry)
-                    return entry[1]
+                    return entry[1].index
         return None
 
     def _swap(self, fresh: Live) -> None:
@@ -150,17 +151,20 @@ class Service:
         if self._live is not None and fresh.index is not self._live.index:  # not a model retry
             log.info("live collection: %s → %s", self._live.collection, fresh.collection)
             with self._retired_lock:
-                self._retired.append((now, self._live.index))
+                self._retired.append((now, self._live))
         self._live = fresh
         with self._retired_lock:
             for entry in [r for r in self._retired if now - r[0] >= self.RETIRE_AFTER_S]:
-                entry[1].close()
+                entry[1].index.close()
                 self._retired.remove(entry)
+            in_use = {fresh.artefact} | {r[1].artefact for r in self._retired}
+        for artefact in [a for a in self._embedders if a not in in_use]:
+            del self._embedders[artefact]
 
     def close(self) -> None:
         self.fetcher.close()
-        for _, index in self._retired:
-            index.close()
+        for _, retired in self._retired:
+            retired.index.close()
         if self._live is not None:
             self._live.index.close()
         if self._store is not None:

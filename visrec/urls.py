@@ -14,16 +14,15 @@ import re
 import unicodedata
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import httpx
 
-if TYPE_CHECKING:
-    from visrec.config import IngestSettings
+from visrec.config import IngestSettings
 
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+_DEFAULT = IngestSettings()
 _MAX_URL_CHARS = 8192
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)", re.IGNORECASE)
 _USERINFO = re.compile(r"^([^:/?#]*://)[^/?#]*@")
@@ -48,13 +47,14 @@ def is_url(ref: str) -> bool:
 class FetchPolicy:
     """What image fetches may reach, and how long and how often they may try."""
 
-    timeout_s: float = 10.0  # total deadline per image: lookup, connect, redirects, retries, body
-    retries: int = 3  # attempts per request (each redirect hop) for transient failures
+    # Defaults: IngestSettings' own.
+    timeout_s: float = _DEFAULT.fetch_timeout_s  # total deadline per image: lookup, connect, redirects, …
+    retries: int = _DEFAULT.fetch_retries  # attempts per request (each redirect hop), transient failures
     allowed_hosts: tuple[str, ...] = ()  # lower-case host names or CIDRs; may resolve anywhere, any port
-    allowed_ports: tuple[int, ...] = (80, 443)  # for every other host
-    max_redirects: int = 5
-    host_failures: int = 5  # circuit breaker: consecutive failed fetches that open a host's circuit
-    host_cooldown_s: float = 60.0  # how long an open circuit refuses before one trial request
+    allowed_ports: tuple[int, ...] = tuple(_DEFAULT.allowed_ports)  # for every other host
+    max_redirects: int = _DEFAULT.max_redirects
+    host_failures: int = _DEFAULT.host_failures  # circuit breaker: failed fetches in a row open it
+    host_cooldown_s: float = _DEFAULT.host_cooldown_s  # how long an open circuit refuses before a trial
 
     @classmethod
     def from_settings(cls, ingest: IngestSettings) -> FetchPolicy:

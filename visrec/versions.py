@@ -4,6 +4,7 @@ the alias to it in one atomic step once it is complete, and roll back to the pre
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -11,7 +12,7 @@ from visrec.catalogue import Catalogue
 from visrec.embed import Embedder
 from visrec.errors import VisrecError
 from visrec.index import Store
-from visrec.ingest import SyncSummary, sync
+from visrec.ingest import ProgressFn, SyncOptions, SyncSummary, sync
 
 log = logging.getLogger(__name__)
 
@@ -28,14 +29,20 @@ class ReindexSummary:
 
 
 def reindex(
-    catalogue: Catalogue, store: Store, embedder: Embedder, *, accept_failures: bool = False, **sync_args: Any
+    catalogue: Catalogue,
+    store: Store,
+    embedder: Embedder,
+    options: SyncOptions,
+    *,
+    accept_failures: bool = False,
+    progress: ProgressFn | None = None,
 ) -> ReindexSummary:
     """Build the next version of the collection with `embedder`'s model and make it live once complete.
 
     The version above the live one is reused if it exists (a rerun after a crash, or after a rollback,
     carries on where it stopped); the live version is never written. The switch is one atomic alias
     change, made only when the new version holds every valid product (and, unless `accept_failures`,
-    no image failed). Raises `VisrecError` without switching otherwise. `sync_args` go to `sync`.
+    no image failed). Raises `VisrecError` without switching otherwise.
     """
     live = store.live()
     newer = [v for v in store.versions() if store.generation(v) > store.generation(live)]
@@ -44,7 +51,7 @@ def reindex(
     else:
         target = newer[-1] if newer else store.version(store.generation(live) + 1)
     with store.open(target) as index:  # not live: it may be rebuilt with another model in place
-        summary = sync(catalogue, index, embedder, new_model=True, **sync_args)
+        summary = sync(catalogue, index, embedder, options, progress=progress, new_model=True)
         points = index.count()
     expected = len(catalogue.products) - summary.failed
     if points != expected or (summary.failed and not accept_failures):
@@ -66,3 +73,17 @@ def rollback(store: Store) -> tuple[str, str]:
         raise VisrecError(f"no version of {store.name!r} older than {live} to roll back to")
     store.switch(older[-1])
     return live, older[-1]
+
+
+def describe(store: Store) -> dict[str, Any]:
+    """What is indexed: the live version, every version, its points and the model versions that made
+    them (one page-wise read of that payload field, no vectors)."""
+    with store.open(store.live()) as index:
+        exists = index.exists()
+        by_model = Counter(str(r.model_version) for r in index.sync_records().values()) if exists else {}
+        return {
+            "live_version": index.collection,
+            "versions": store.versions(),
+            "points": index.count() if exists else 0,
+            "points_by_model_version": dict(by_model),
+        }

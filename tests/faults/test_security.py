@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from fastapi.routing import APIRoute
+from fastapi.routing import APIRoute, iter_route_contexts
 from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import SecretStr
@@ -34,7 +34,12 @@ def test_every_route_but_health_and_the_static_page_needs_the_api_key(
     sync_in_process(make_catalogue(6), store)
     settings = store.model_copy(update={"api": ApiSettings(api_key=SecretStr("s3cret"))})
     app = create_app(settings, torch.device("cpu"))
-    routes = [(m, r.path) for r in app.routes if isinstance(r, APIRoute) for m in sorted(r.methods)]
+    routes = [
+        (m, str(r.path))
+        for r in iter_route_contexts(app.routes)  # included routers too (FastAPI >= 0.137 nests them)
+        if isinstance(r.original_route, APIRoute)
+        for m in sorted(r.methods or ())
+    ]
     routes += [("GET", path) for path in ("/docs", "/openapi.json", "/redoc")]
     assert len(routes) >= 10
     with TestClient(app) as client:

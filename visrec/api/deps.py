@@ -10,7 +10,7 @@ from fastapi import Depends, Query, Request
 from prometheus_client import CollectorRegistry
 
 from visrec import query
-from visrec.index import Filters
+from visrec.filters import CallerFilters, Filters
 from visrec.service import Service
 
 
@@ -31,13 +31,9 @@ async def get_metrics(request: Request) -> CollectorRegistry:
     return registry
 
 
-def get_filters(
-    category: Annotated[list[str], Query(description="any of")] = [],  # noqa: B006 - FastAPI copies it
-    colour: Annotated[list[str], Query(description="any of")] = [],  # noqa: B006
-    price_min: Annotated[float | None, Query(allow_inf_nan=False)] = None,
-    price_max: Annotated[float | None, Query(allow_inf_nan=False)] = None,
-) -> Filters:
-    return query.make_filters(category, colour, price_min, price_max)
+def get_filters(chosen: Annotated[CallerFilters, Query()]) -> Filters:
+    """The filters as query parameters: one per field of `CallerFilters`, validated there."""
+    return Filters.of(chosen)
 
 
 ServiceDep = Annotated[Service, Depends(get_service)]

@@ -10,7 +10,9 @@ from pydantic import BaseModel, Field
 
 from visrec import query
 from visrec.config import Settings
+from visrec.filters import CallerFilters
 from visrec.index import Hit
+from visrec.payload import for_callers
 
 
 class ErrorOut(BaseModel):
@@ -83,27 +85,19 @@ class Page(BaseModel):
     next: str | None = Field(description="pass as `after` for the next page; null at the end")
 
 
-class RecommendRequest(BaseModel):
+class RecommendRequest(CallerFilters):
+    """The examples and `k`, and the filters as on every search route."""
+
     positive: list[str] = Field(min_length=1, max_length=100, description="e.g. the basket")
     negative: list[str] = Field(default=[], max_length=100, description="e.g. items skipped")
     k: int = Field(default=10, ge=1, le=query.MAX_K)
-    category: list[str] = []
-    colour: list[str] = []
-    # Not NaN/inf: a NaN bound made qdrant-edge panic (a BaseException no handler catches).
-    price_min: float | None = Field(default=None, allow_inf_nan=False)
-    price_max: float | None = Field(default=None, allow_inf_nan=False)
 
 
 def shown(payload: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """The part of a stored payload callers see: `api.public_fields`, never sync's bookkeeping."""
-    return query.caller_payload(payload, settings.api.public_fields)
+    return for_callers(payload, settings.api.public_fields)
 
 
 def results(hits: list[Hit], settings: Settings) -> Results:
     """The answer of every search route."""
-    return Results(
-        results=[
-            HitOut(product_id=h.product_id, distance=h.distance, payload=shown(h.payload, settings))
-            for h in hits
-        ]
-    )
+    return Results(results=[HitOut(**h.to_dict(lambda payload: shown(payload, settings))) for h in hits])

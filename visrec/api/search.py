@@ -9,6 +9,7 @@ from fastapi import APIRouter, File, HTTPException, UploadFile
 from visrec import query
 from visrec.api.deps import ColourWeight, FilterDep, K, ServiceDep
 from visrec.api.models import RecommendRequest, Results, errors, results
+from visrec.filters import Filters
 
 router = APIRouter()
 
@@ -34,6 +35,6 @@ def search_image(
 @router.post("/recommend", response_model=Results, responses=errors(400, 401, 404, 408, 413, 422, 503))
 def recommend(body: RecommendRequest, service: ServiceDep) -> Results:
     """Products like the positive ones and unlike the negative ones."""
-    chosen = query.make_filters(body.category, body.colour, body.price_min, body.price_max)
+    chosen = Filters.of(body)
     hits = query.recommend(service.index(), body.positive, body.negative, body.k, chosen)
     return results(hits, service.settings)

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from visrec.config import QdrantSettings
-from visrec.index.base import Filters, Hit, IndexPoint, Store, SyncRecord, VectorIndex, point_id
+from visrec.filters import Filters
+from visrec.index.base import Hit, IndexPoint, Store, SyncRecord, VectorIndex, point_id
 
 __all__ = [
     "Filters",

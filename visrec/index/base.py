@@ -2,67 +2,31 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Self
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, model_validator
 
 from visrec.errors import VisrecError
+from visrec.filters import Filters
+from visrec.payload import INDEXED, SYNC_FIELDS, IndexType
 
 # Fixed namespace: the same product id gives the same point id on every machine, forever.
 POINT_NAMESPACE = uuid.UUID("6f1c2a56-3d7e-5b8a-9c41-2e0f7d8b9a10")
-
-KEYWORD_FIELDS = ("product_id", "category", "colour", "model_version")
-FLOAT_FIELDS = ("price",)
-SYNC_FIELDS = ["product_id", "content_hash", "model_version"]  # all a sync needs of each point
 SCROLL_PAGE = 1000
 
-PayloadValue = str | int | bool
+log = logging.getLogger(__name__)
 
 
 def point_id(product_id: str) -> str:
     """The point id of a product: UUIDv5, so a rerun upserts the same point instead of a duplicate."""
     return str(uuid.uuid5(POINT_NAMESPACE, product_id))
-
-
-class Filters(BaseModel):
-    """Metadata conditions, all of which a hit must meet. Empty lists mean 'any'."""
-
-    model_config = ConfigDict(frozen=True)
-
-    category: list[str] = []  # any of
-    colour: list[str] = []  # any of
-    price_min: float | None = None
-    price_max: float | None = None
-    equals: dict[str, PayloadValue] = {}  # exact match on any payload field
-
-    @model_validator(mode="after")
-    def _sane_range(self) -> Filters:
-        if self.price_min is not None and self.price_max is not None and self.price_min > self.price_max:
-            raise ValueError(f"price_min {self.price_min} is above price_max {self.price_max}")
-        return self
-
-    def conditions(self) -> list[Condition]:
-        """The filters as backend-neutral conditions; each backend maps them to its own classes."""
-        out: list[Condition] = []
-        if self.category:
-            out.append(("any", "category", list(self.category)))
-        if self.colour:
-            out.append(("any", "colour", list(self.colour)))
-        if self.price_min is not None or self.price_max is not None:
-            out.append(("range", "price", (self.price_min, self.price_max)))
-        out += [("equals", key, value) for key, value in self.equals.items()]
-        return out
-
-
-# ("any", field, values) | ("range", field, (gte, lte)) | ("equals", field, value)
-Condition = tuple[Literal["any", "range", "equals"], str, Any]
 
 
 @dataclass(frozen=True)
@@ -77,6 +41,16 @@ class Hit:
     product_id: str
     distance: float  # Euclidean
     payload: dict[str, Any]
+
+    @classmethod
+    def of(cls, payload: dict[str, Any] | None, distance: float) -> Hit:
+        payload = dict(payload or {})
+        return cls(str(payload["product_id"]), float(distance), payload)
+
+    def to_dict(self, shown: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        """The hit as the CLI and the API give it, its payload as `shown` lets it through
+        (`visrec.payload.for_operators` or `for_callers`)."""
+        return {"product_id": self.product_id, "distance": self.distance, "payload": shown(self.payload)}
 
 
 @dataclass(frozen=True)
@@ -107,25 +81,61 @@ class _Closing(ABC):
 
 
 class VectorIndex(_Closing):
-    """One collection of product embeddings (Euclidean), keyed by product id."""
+    """One collection of product embeddings (Euclidean), keyed by product id.
+
+    Backends implement the underscored primitives; what is the same whatever the engine (creating with
+    metadata, repairing payload indexes, paging through points, closing an owned store) lives here.
+    """
+
+    collection: str  # the physical collection's name
+    owned_store: Store | None = None  # closed with this index (`Store.open(..., owner=True)`)
 
     @abstractmethod
     def exists(self) -> bool:
         """Whether the collection exists."""
 
-    collection: str  # the physical collection's name
-
-    @abstractmethod
     def create(self, dim: int, metadata: dict[str, str] | None = None) -> None:
         """Create the collection (Euclidean, `dim`) with payload indexes; no-op if it exists with `dim`.
         `metadata` (which model made the vectors) is recorded either way.
 
         Raises `VisrecError` if it exists with another vector size.
         """
+        self._create(dim)
+        if metadata is not None and metadata != self.metadata():
+            self._write_metadata(metadata)
+
+    @abstractmethod
+    def _create(self, dim: int) -> None:
+        """Create the collection and its payload indexes, or check an existing one holds `dim` vectors."""
 
     @abstractmethod
     def metadata(self) -> dict[str, str]:
         """What `create` recorded: `model_version` and `artefact` of the model that made the vectors."""
+
+    @abstractmethod
+    def _write_metadata(self, metadata: dict[str, str]) -> None: ...
+
+    def _ensure_payload_indexes(self) -> list[str]:
+        """Create whichever payload index (`visrec.payload.INDEXED`) the collection lacks; returns the
+        fields indexed now (one schema read when none is missing)."""
+        have = self._payload_schema()
+        missing = [(name, kind) for name, kind in INDEXED if have.get(name) != kind]
+        for name, kind in missing:
+            self._create_payload_index(name, kind)
+        return [name for name, _ in missing]
+
+    def _repair_payload_indexes(self) -> None:
+        """On opening: a crash between creating the collection and its payload indexes would otherwise
+        leave filtered queries slow (and, on the embedded engine, inexact after optimize()) for good."""
+        if created := self._ensure_payload_indexes():
+            log.warning("%s lacked payload indexes (a sync cut short?): created %s", self.collection, created)
+
+    @abstractmethod
+    def _payload_schema(self) -> dict[str, IndexType | None]:
+        """The collection's payload indexes: field → type (None: a type visrec does not use)."""
+
+    @abstractmethod
+    def _create_payload_index(self, name: str, kind: IndexType) -> None: ...
 
     @abstractmethod
     def upsert(self, points: Sequence[IndexPoint]) -> None:
@@ -135,20 +145,33 @@ class VectorIndex(_Closing):
     def delete(self, product_ids: Iterable[str]) -> None:
         """Delete the products' points; unknown ids are ignored."""
 
-    @abstractmethod
     def sync_records(self) -> dict[str, SyncRecord]:
         """product id → what was indexed, for every point (payload fields only, no vectors)."""
+        records: dict[str, SyncRecord] = {}
+        offset: str | None = None
+        while True:
+            page, offset = self._scroll(Filters(), SCROLL_PAGE, offset, list(SYNC_FIELDS))
+            records.update((product_id, SyncRecord.from_payload(payload)) for product_id, payload in page)
+            if offset is None:
+                return records
 
-    @abstractmethod
-    def get(self, product_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
-        """A product's vector and payload, or None if it is not indexed."""
-
-    @abstractmethod
     def browse(
         self, filters: Filters, limit: int, after: str | None = None
     ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
         """A page of (product id, payload) meeting `filters`, in point-id order, and the cursor of the next
         page (None at the end). `after` is the cursor a previous page returned."""
+        return self._scroll(filters, limit, after, True)
+
+    @abstractmethod
+    def _scroll(
+        self, filters: Filters, limit: int, after: str | None, fields: list[str] | bool
+    ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+        """A page of points in point-id order, with the payload `fields` (True: all), and the next
+        page's point id."""
+
+    @abstractmethod
+    def get(self, product_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        """A product's vector and payload, or None if it is not indexed."""
 
     @abstractmethod
     def search(
@@ -165,9 +188,16 @@ class VectorIndex(_Closing):
     def optimize(self) -> None:
         """Build the HNSW graph and merge segments now (blocking); the server does this on its own."""
 
-    @abstractmethod
     def close(self) -> None:
-        """Flush and release the store."""
+        """Flush and release the collection, and the store if this index owns it."""
+        try:
+            self._close()
+        finally:
+            if self.owned_store is not None:
+                self.owned_store.close()
+
+    @abstractmethod
+    def _close(self) -> None: ...
 
 
 class Store(_Closing):
@@ -193,10 +223,16 @@ class Store(_Closing):
     def _point_alias(self, collection: str) -> None:
         """Point the alias at `collection` atomically: readers see the old target or the new, never none."""
 
-    @abstractmethod
     def open(self, collection: str, *, owner: bool = False) -> VectorIndex:
         """An index on `collection` (it may not exist yet). With `owner`, closing the index closes the
-        store's connection too."""
+        store too."""
+        index = self._open(collection)
+        if owner:
+            index.owned_store = self
+        return index
+
+    @abstractmethod
+    def _open(self, collection: str) -> VectorIndex: ...
 
     @abstractmethod
     def close(self) -> None:

@@ -9,38 +9,29 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, assert_never
 
 import numpy as np
 import qdrant_edge as qe
 
 from visrec.config import QdrantSettings
 from visrec.errors import CollectionMissing, IndexUnavailable, InvalidFilter, PointRejected, VisrecError
-from visrec.index.base import (
-    FLOAT_FIELDS,
-    KEYWORD_FIELDS,
-    SCROLL_PAGE,
-    SYNC_FIELDS,
-    Filters,
-    Hit,
-    IndexPoint,
-    Store,
-    SyncRecord,
-    VectorIndex,
-    point_id,
-)
+from visrec.filters import AnyOf, Condition, Equals, Filters, Range
+from visrec.fs import write_atomically
+from visrec.index.base import Hit, IndexPoint, Store, VectorIndex, point_id
+from visrec.payload import IndexType
 
 log = logging.getLogger(__name__)
 _R = TypeVar("_R")
 
-PAYLOAD_INDEXES = [(n, qe.PayloadSchemaType.Keyword) for n in KEYWORD_FIELDS] + [
-    (n, qe.PayloadSchemaType.Float) for n in FLOAT_FIELDS
-]
+SCHEMA_TYPES: dict[IndexType, qe.PayloadSchemaType] = {
+    "keyword": qe.PayloadSchemaType.Keyword,
+    "float": qe.PayloadSchemaType.Float,
+}
 LOCK_POLL_S = 0.1
 # How the engine words a full disk (ENOSPC) or a file over RLIMIT_FSIZE (EFBIG), in its messages.
 _DISK_FULL = (
@@ -129,9 +120,9 @@ class EdgeStore(Store):
             return None
 
     def _point_alias(self, collection: str) -> None:
-        _write_atomically(self.alias_file, collection)
+        write_atomically(self.alias_file, collection)
 
-    def open(self, collection: str, *, owner: bool = False) -> EdgeIndex:
+    def _open(self, collection: str) -> EdgeIndex:
         return EdgeIndex(self.root, collection, self.settings)
 
     def close(self) -> None:
@@ -150,7 +141,7 @@ class EdgeIndex(VectorIndex):
         self._shard: qe.EdgeShard | None = None
         if self.path.is_dir():
             try:
-                self._shard = self._open()
+                self._shard = self._load()
             except IndexUnavailable as exc:
                 if _NEVER_CREATED not in str(exc.__cause__):
                     raise
@@ -161,7 +152,7 @@ class EdgeIndex(VectorIndex):
     def _engine(self, doing: str) -> AbstractContextManager[None]:
         return engine_errors(self.path, doing)
 
-    def _open(self, config: qe.EdgeConfig | None = None) -> qe.EdgeShard:
+    def _load(self, config: qe.EdgeConfig | None = None) -> qe.EdgeShard:
         """Load the shard, waiting up to `lock_wait_s` for a process that is letting go of it (a killed
         sync's last moments), and make sure its payload indexes exist."""
         deadline = time.monotonic() + self.settings.lock_wait_s
@@ -180,25 +171,25 @@ class EdgeIndex(VectorIndex):
                         self.settings.lock_wait_s,
                     )
                 time.sleep(LOCK_POLL_S)
+        self._shard = shard
         try:
-            if created := self._ensure_payload_indexes(shard):
-                log.warning("%s lacked payload indexes (a sync cut short?): created %s", self.path, created)
+            self._repair_payload_indexes()
         except BaseException:
+            self._shard = None
             with suppress(Exception):
                 shard.close()  # or the lock stays with this process
             raise
         return shard
 
-    def _ensure_payload_indexes(self, shard: qe.EdgeShard) -> list[str]:
-        """Create whichever payload index the shard lacks (one info() call, ~0.2 ms, when none does): a
-        crash between creating the shard and its indexes would otherwise leave filtered queries slow, and
-        inexact after optimize(), for good. Returns the fields indexed now."""
+    def _payload_schema(self) -> dict[str, IndexType | None]:
+        with self._engine("reading payload indexes"):
+            have = self.shard.info().payload_schema
+        kinds = {engine: ours for ours, engine in SCHEMA_TYPES.items()}
+        return {name: kinds.get(index.data_type) for name, index in have.items()}
+
+    def _create_payload_index(self, name: str, kind: IndexType) -> None:
         with self._engine("creating payload indexes"):
-            have = {name: index.data_type for name, index in shard.info().payload_schema.items()}
-            missing = [(name, kind) for name, kind in PAYLOAD_INDEXES if have.get(name) != kind]
-            for name, kind in missing:
-                shard.update(qe.UpdateOperation.create_field_index(name, kind))
-        return [name for name, _ in missing]
+            self.shard.update(qe.UpdateOperation.create_field_index(name, SCHEMA_TYPES[kind]))
 
     @property
     def shard(self) -> qe.EdgeShard:
@@ -209,10 +200,8 @@ class EdgeIndex(VectorIndex):
     def exists(self) -> bool:
         return self._shard is not None
 
-    def create(self, dim: int, metadata: dict[str, str] | None = None) -> None:
-        self._create(dim)
-        if metadata is not None and metadata != self.metadata():
-            _write_atomically(self.metadata_file, json.dumps(metadata))
+    def _write_metadata(self, metadata: dict[str, str]) -> None:
+        write_atomically(self.metadata_file, json.dumps(metadata))
 
     def metadata(self) -> dict[str, str]:
         try:
@@ -233,7 +222,7 @@ class EdgeIndex(VectorIndex):
                 self._shard.close()
             self._shard = None
             try:  # loading with a config checks the stored vectors are compatible with it
-                self._shard = self._open(config)
+                self._shard = self._load(config)
             except IndexUnavailable as exc:
                 if "incompatible" in str(exc).lower():
                     raise VisrecError(
@@ -244,14 +233,14 @@ class EdgeIndex(VectorIndex):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._engine("create"):
-            shard = qe.EdgeShard.create(str(self.path), config)
+            self._shard = qe.EdgeShard.create(str(self.path), config)
         try:  # payload indexes before any optimize(): filtered queries stay fast and exact
-            self._ensure_payload_indexes(shard)
+            self._ensure_payload_indexes()
         except BaseException:
+            shard, self._shard = self._shard, None
             with suppress(Exception):
                 shard.close()
             raise
-        self._shard = shard
 
     def upsert(self, points: Sequence[IndexPoint]) -> None:
         if points:
@@ -270,29 +259,17 @@ class EdgeIndex(VectorIndex):
             with self._engine("delete"):
                 self.shard.update(qe.UpdateOperation.delete_points(ids))
 
-    def sync_records(self) -> dict[str, SyncRecord]:
-        records: dict[str, SyncRecord] = {}
-        offset: qe.PointId | None = None
-        while True:
-            with self._engine("scroll"):
-                page, offset = self.shard.scroll(
-                    qe.ScrollRequest(
-                        offset=offset, limit=SCROLL_PAGE, with_payload=SYNC_FIELDS, with_vector=False
-                    )
-                )
-            for record in page:
-                payload = record.payload or {}
-                records[payload["product_id"]] = SyncRecord.from_payload(payload)
-            if offset is None:
-                return records
-
-    def browse(
-        self, filters: Filters, limit: int, after: str | None = None
+    def _scroll(
+        self, filters: Filters, limit: int, after: str | None, fields: list[str] | bool
     ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
         request = self._request(
-            lambda f: qe.ScrollRequest(offset=after, limit=limit, filter=f, with_payload=True), filters, ()
+            lambda f: qe.ScrollRequest(
+                offset=after, limit=limit, filter=f, with_payload=fields, with_vector=False
+            ),
+            filters,
+            (),
         )
-        with self._engine("browse"):
+        with self._engine("scroll"):
             page, next_id = self.shard.scroll(request)
         items = [(str((r.payload or {})["product_id"]), dict(r.payload or {})) for r in page]
         return items, None if next_id is None else str(next_id)
@@ -321,9 +298,7 @@ class EdgeIndex(VectorIndex):
         )
         with self._engine("query"):
             found = self.shard.query(request)
-        return [
-            Hit(str((p.payload or {})["product_id"]), float(p.score), dict(p.payload or {})) for p in found
-        ]
+        return [Hit.of(p.payload, p.score) for p in found]
 
     def count(self, filters: Filters | None = None) -> int:
         request = self._request(lambda f: qe.CountRequest(exact=True, filter=f), filters or Filters(), ())
@@ -344,7 +319,7 @@ class EdgeIndex(VectorIndex):
         with self._engine("optimize"):
             self.shard.optimize()
 
-    def close(self) -> None:
+    def _close(self) -> None:
         if self._shard is not None:
             shard, self._shard = self._shard, None
             with self._engine("close"):
@@ -364,30 +339,19 @@ def _culprit(p: IndexPoint) -> str:
     return f"product {p.product_id!r}"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Replace `path` with `text` durably: readers see the old content or the new, never a part, even
-    across a crash (write a temp file, fsync it, rename over, fsync the folder)."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _edge_filter(filters: Filters, exclude: Sequence[str]) -> qe.Filter | None:
-    must: list[Any] = []
-    for kind, key, value in filters.conditions():
-        if kind == "any":
-            must.append(qe.FieldCondition(key=key, match=qe.MatchAny(any=value)))
-        elif kind == "range":
-            must.append(qe.FieldCondition(key=key, range=qe.RangeFloat(gte=value[0], lte=value[1])))
-        else:
-            must.append(qe.FieldCondition(key=key, match=qe.MatchValue(value)))
+    must: list[Any] = [_condition(c) for c in filters.conditions()]
     must_not: list[Any] = [qe.HasIdCondition({point_id(p) for p in exclude})] if exclude else []
     return qe.Filter(must=must, must_not=must_not) if must or must_not else None
+
+
+def _condition(condition: Condition) -> qe.FieldCondition:
+    match condition:
+        case AnyOf(field, values):
+            return qe.FieldCondition(key=field, match=qe.MatchAny(any=list(values)))
+        case Range(field, gte, lte):
+            return qe.FieldCondition(key=field, range=qe.RangeFloat(gte=gte, lte=lte))
+        case Equals(field, value):
+            return qe.FieldCondition(key=field, match=qe.MatchValue(value))
+        case _:
+            assert_never(condition)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, assert_never
 
 import httpx
 import numpy as np
@@ -20,25 +20,16 @@ from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_
 
 from visrec.config import QdrantSettings
 from visrec.errors import CollectionMissing, IndexUnavailable, PointRejected, VisrecError
-from visrec.index.base import (
-    FLOAT_FIELDS,
-    KEYWORD_FIELDS,
-    SCROLL_PAGE,
-    SYNC_FIELDS,
-    Filters,
-    Hit,
-    IndexPoint,
-    Store,
-    SyncRecord,
-    VectorIndex,
-    point_id,
-)
+from visrec.filters import AnyOf, Condition, Equals, Filters, Range
+from visrec.index.base import Hit, IndexPoint, Store, VectorIndex, point_id
+from visrec.payload import INDEXED, IndexType
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-PAYLOAD_INDEXES = [(n, qm.PayloadSchemaType.KEYWORD) for n in KEYWORD_FIELDS] + [
-    (n, qm.PayloadSchemaType.FLOAT) for n in FLOAT_FIELDS
-]
+SCHEMA_TYPES: dict[IndexType, qm.PayloadSchemaType] = {
+    "keyword": qm.PayloadSchemaType.KEYWORD,
+    "float": qm.PayloadSchemaType.FLOAT,
+}
 
 
 def _is_transient(exc: BaseException) -> bool:
@@ -131,26 +122,23 @@ class ServerStore(Store):
             changes.insert(0, qm.DeleteAliasOperation(delete_alias=qm.DeleteAlias(alias_name=self.name)))
         self.conn.call(self.conn.client.update_collection_aliases, change_aliases_operations=changes)
 
-    def open(self, collection: str, *, owner: bool = False) -> ServerIndex:
-        return ServerIndex(self.conn, collection, self.settings, owner=owner)
+    def _open(self, collection: str) -> ServerIndex:
+        return ServerIndex(self.conn, collection, self.settings)
 
     def close(self) -> None:
         self.conn.close()
 
 
 class ServerIndex(VectorIndex):
-    def __init__(
-        self, conn: Connection, collection: str, settings: QdrantSettings, *, owner: bool = False
-    ) -> None:
+    def __init__(self, conn: Connection, collection: str, settings: QdrantSettings) -> None:
         self.conn = conn
         self.client = conn.client
         self.collection = collection
         self.where = conn.where
         self.settings = settings
-        self._owner = owner
         self._exists = self._call(self.client.collection_exists, collection)
         if self._exists:
-            self._ensure_payload_indexes()
+            self._repair_payload_indexes()
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         return self.conn.call(fn, *args, collection=self.collection, **kwargs)
@@ -164,10 +152,8 @@ class ServerIndex(VectorIndex):
     def exists(self) -> bool:
         return self._exists
 
-    def create(self, dim: int, metadata: dict[str, str] | None = None) -> None:
-        self._create(dim)
-        if metadata is not None and metadata != self.metadata():
-            self._call(self.client.update_collection, self.collection, metadata=metadata)
+    def _write_metadata(self, metadata: dict[str, str]) -> None:
+        self._call(self.client.update_collection, self.collection, metadata=metadata)
 
     def metadata(self) -> dict[str, str]:
         self._require()
@@ -208,28 +194,18 @@ class ServerIndex(VectorIndex):
             self._exists = True
             self._create(dim)  # checks the winner's vector size
             return
-        self._create_payload_indexes(PAYLOAD_INDEXES)
         self._exists = True
+        self._ensure_payload_indexes()
 
-    def _ensure_payload_indexes(self) -> None:
-        """Create whichever payload index the collection lacks: a crash between creating the collection and
-        its indexes would otherwise leave filtered queries slow for good. One request when none does.
-        (Local mode has no payload indexes: its payload_schema stays empty, so it is not asked.)"""
-        if self.conn.local:
-            return
+    def _payload_schema(self) -> dict[str, IndexType | None]:
+        if self.conn.local:  # local mode has no payload indexes (its schema stays empty): nothing to do
+            return dict(INDEXED)
         have = self._call(self.client.get_collection, self.collection).payload_schema
-        missing = [(n, s) for n, s in PAYLOAD_INDEXES if n not in have or have[n].data_type != s]
-        if missing:
-            log.warning(
-                "collection %r lacked payload indexes (a sync cut short?): creating %s",
-                self.collection,
-                [n for n, _ in missing],
-            )
-            self._create_payload_indexes(missing)
+        kinds = {engine: ours for ours, engine in SCHEMA_TYPES.items()}
+        return {name: kinds.get(index.data_type) for name, index in have.items()}
 
-    def _create_payload_indexes(self, schemas: list[tuple[str, qm.PayloadSchemaType]]) -> None:
-        for name, schema in schemas:
-            self._call(self.client.create_payload_index, self.collection, name, field_schema=schema)
+    def _create_payload_index(self, name: str, kind: IndexType) -> None:
+        self._call(self.client.create_payload_index, self.collection, name, field_schema=SCHEMA_TYPES[kind])
 
     def upsert(self, points: Sequence[IndexPoint]) -> None:
         self._require()
@@ -250,27 +226,8 @@ class ServerIndex(VectorIndex):
                 self.client.delete, self.collection, points_selector=qm.PointIdsList(points=ids), wait=True
             )
 
-    def sync_records(self) -> dict[str, SyncRecord]:
-        self._require()
-        records: dict[str, SyncRecord] = {}
-        offset: qm.ExtendedPointId | None = None
-        while True:
-            page, offset = self._call(
-                self.client.scroll,
-                self.collection,
-                limit=SCROLL_PAGE,
-                offset=offset,
-                with_payload=SYNC_FIELDS,
-                with_vectors=False,
-            )
-            for record in page:
-                payload = record.payload or {}
-                records[payload["product_id"]] = SyncRecord.from_payload(payload)
-            if offset is None:
-                return records
-
-    def browse(
-        self, filters: Filters, limit: int, after: str | None = None
+    def _scroll(
+        self, filters: Filters, limit: int, after: str | None, fields: list[str] | bool
     ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
         self._require()
         page, next_id = self._call(
@@ -279,7 +236,7 @@ class ServerIndex(VectorIndex):
             limit=limit,
             offset=after,
             scroll_filter=_server_filter(filters, ()),
-            with_payload=True,
+            with_payload=fields,
             with_vectors=False,
         )
         items = [(str((r.payload or {})["product_id"]), dict(r.payload or {})) for r in page]
@@ -314,10 +271,7 @@ class ServerIndex(VectorIndex):
             if self.conn.local
             else qm.SearchParams(hnsw_ef=self.settings.hnsw_ef, exact=exact),
         )
-        return [
-            Hit(str((p.payload or {})["product_id"]), float(p.score), dict(p.payload or {}))
-            for p in response.points
-        ]
+        return [Hit.of(p.payload, p.score) for p in response.points]
 
     def count(self, filters: Filters | None = None) -> int:
         self._require()
@@ -332,21 +286,25 @@ class ServerIndex(VectorIndex):
     def optimize(self) -> None:
         """The server optimizes in the background by itself."""
 
-    def close(self) -> None:
-        if self._owner:
-            self.conn.close()
+    def _close(self) -> None:
+        """The connection is the store's: `Store.close` releases it."""
 
 
 def _server_filter(filters: Filters, exclude: Sequence[str]) -> qm.Filter | None:
-    must: list[qm.Condition] = []
-    for kind, key, value in filters.conditions():
-        if kind == "any":
-            must.append(qm.FieldCondition(key=key, match=qm.MatchAny(any=value)))
-        elif kind == "range":
-            must.append(qm.FieldCondition(key=key, range=qm.Range(gte=value[0], lte=value[1])))
-        else:
-            must.append(qm.FieldCondition(key=key, match=qm.MatchValue(value=value)))
+    must: list[qm.Condition] = [_condition(c) for c in filters.conditions()]
     must_not: list[qm.Condition] = (
         [qm.HasIdCondition(has_id=[point_id(p) for p in exclude])] if exclude else []
     )
     return qm.Filter(must=must, must_not=must_not) if must or must_not else None
+
+
+def _condition(condition: Condition) -> qm.FieldCondition:
+    match condition:
+        case AnyOf(field, values):
+            return qm.FieldCondition(key=field, match=qm.MatchAny(any=list(values)))
+        case Range(field, gte, lte):
+            return qm.FieldCondition(key=field, range=qm.Range(gte=gte, lte=lte))
+        case Equals(field, value):
+            return qm.FieldCondition(key=field, match=qm.MatchValue(value=value))
+        case _:
+            assert_never(condition)
