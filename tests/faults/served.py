@@ -19,8 +19,8 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import COLOURS, SHAPES, draw_product, small_settings, write_csv
-from tests.faults.conftest import settings_env, sync_in_process
+from tests.faults.helpers import settings_env
+from tests.helpers import COLOURS, SHAPES, draw_product, run_sync, small_settings, write_csv
 from visrec.config import Settings
 
 REPO = Path(__file__).parents[2]
@@ -45,7 +45,7 @@ def synced_store(root: Path, artefact: Path, n: int = PRODUCTS) -> Settings:
             {"id": f"p{i}", "image": f"images/p{i}.png", "category": shape, "colour": colour, "price": 10 + i}
         )
     settings = small_settings(root, artefact=artefact)
-    summary = sync_in_process(write_csv(root / "catalogue.csv", rows), settings)
+    summary = run_sync(write_csv(root / "catalogue.csv", rows), settings)
     assert summary.added == n and not summary.failed, summary
     return settings
 

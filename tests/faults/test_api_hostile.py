@@ -41,7 +41,7 @@ from PIL import Image
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
-from tests.faults.conftest import figure
+from tests.faults.helpers import figure
 from tests.faults.served import (
     MULTIPART,
     REPO,
