@@ -7,8 +7,9 @@ once per session, a real embedded Qdrant engine on a temp folder.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ from tests.helpers import COLOURS, SHAPES, draw_product, small_settings, write_c
 from visrec.artefact import Manifest
 from visrec.catalogue import read_catalogue
 from visrec.config import Settings
+from visrec.fetch import Fetcher
+from visrec.urls import FetchPolicy
 
 torch.set_num_threads(2)
 
@@ -65,3 +68,17 @@ def artefact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest]:
 def settings(tmp_path: Path, artefact: tuple[Path, Manifest]) -> Settings:
     """Small settings on a fresh store, pointing at the session's exported model."""
     return small_settings(tmp_path, artefact=artefact[0])
+
+
+@pytest.fixture
+def fetcher() -> Iterator[Callable[..., Fetcher]]:
+    """Make Fetchers with a given FetchPolicy (keyword arguments); closed after the test."""
+    made: list[Fetcher] = []
+
+    def make(**policy: Any) -> Fetcher:
+        made.append(Fetcher(FetchPolicy(**policy)))
+        return made[-1]
+
+    yield make
+    for f in made:
+        f.close()
