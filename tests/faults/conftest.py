@@ -3,6 +3,8 @@
 The store under test is the embedded engine on a temp folder, or the Qdrant server at
 `VISREC_QDRANT__URL` when that is set (one throw-away collection per test): the same cases run on both.
 The loopback servers here stand in for a broken Qdrant server, which cannot run on this machine.
+`guarded` is a real `visrec serve` process for the hostile-client tests (test_api_limits.py,
+test_api_exposure.py), one per module that uses it.
 """
 
 from __future__ import annotations
@@ -13,15 +15,31 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 from pydantic import SecretStr
 
 from tests.faults.helpers import SERVER_URL, Answer503, TcpProxy
+from tests.faults.served import (
+    BIG_IMAGE,
+    BODY_TIMEOUT_S,
+    HEAVY,
+    KEY,
+    UPLOAD_LIMIT,
+    ImageHost,
+    Served,
+    red_photo,
+    serve,
+    synced_store,
+)
 from tests.helpers import small_settings
 from visrec.artefact import Manifest
 from visrec.config import QdrantSettings, Settings
+from visrec.index import open_index
+from visrec.index.base import IndexPoint
 
 
 @pytest.fixture
@@ -68,3 +86,49 @@ def proxy() -> Iterator[TcpProxy]:
     tcp = TcpProxy((target.host, target.port or 80) if target else None)
     yield tcp
     tcp.close()
+
+
+@pytest.fixture(scope="module")
+def image_host() -> Iterator[str]:
+    """A loopback image host (ImageHost) for the remote photos of `guarded`; yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ImageHost)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def guarded(
+    tmp_path_factory: pytest.TempPathFactory, artefact: tuple[Path, Manifest], image_host: str
+) -> Iterator[Served]:
+    """The API with a key, a 1 MB upload limit, a 2 s body deadline and 4 heavy slots, on 27 products and
+    three more whose photos are remote (on the loopback image host): one plain, one behind a redirect,
+    one redirected to a host that is not allowed."""
+    root = tmp_path_factory.mktemp("hostile")
+    settings = synced_store(root, artefact[0])
+    with open_index(settings.qdrant) as index:
+        found = index.get("p0")
+        assert found is not None
+        vector = np.asarray(found[0], np.float32)
+        index.upsert(
+            [
+                IndexPoint(
+                    f"remote-{name}",
+                    vector,
+                    {"product_id": f"remote-{name}", "image": f"{image_host}/{path}"},
+                )
+                for name, path in (("ok", "ok.png"), ("redirect", "redirect"), ("away", "away"))
+            ]
+        )
+        big = root / "big.png"  # a large photo: a PNG, then padding (only its header is checked)
+        big.write_bytes(red_photo() + bytes(BIG_IMAGE - len(red_photo())))
+        index.upsert([IndexPoint("big", vector, {"product_id": "big", "image": str(big)})])
+    api: dict[str, Any] = {
+        "max_upload_bytes": UPLOAD_LIMIT,
+        "body_timeout_s": BODY_TIMEOUT_S,
+        "max_heavy_requests": HEAVY,
+    }
+    env = {"VISREC_INGEST__ALLOWED_HOSTS": '["127.0.0.1"]'}
+    with serve(settings, root / "serve.log", key=KEY, env=env, **api) as server:
+        yield server
