@@ -1,4 +1,5 @@
-"""Shared fixtures: generated product photos, catalogues, small settings, and one tiny real model.
+"""Shared fixtures: generated catalogues, small settings on a fresh store, and one tiny real model (the
+builders they use are in tests/helpers.py).
 
 Everything is real: Pillow-drawn images, a real ResNet18 (random init, 32 px) trained and exported
 once per session, a real embedded Qdrant engine on a temp folder.
@@ -6,57 +7,21 @@ once per session, a real embedded Qdrant engine on a temp folder.
 
 from __future__ import annotations
 
-import csv
-import socket
-import threading
-import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import uvicorn
-from PIL import Image, ImageDraw
 
+from tests.helpers import COLOURS, SHAPES, draw_product, small_settings, write_csv
 from visrec.artefact import Manifest
 from visrec.catalogue import read_catalogue
-from visrec.config import EmbedSettings, IngestSettings, QdrantSettings, Settings, TrainSettings
-
-SHAPES = ("circle", "square", "triangle")
-COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60)}
+from visrec.config import Settings
+from visrec.fetch import Fetcher
+from visrec.urls import FetchPolicy
 
 torch.set_num_threads(2)
-
-
-def draw_product(path: Path, shape: str, colour: str, size: int = 48, variant: int = 0) -> Path:
-    """A product photo: a coloured shape on a white background, slightly varied by `variant`."""
-    image = Image.new("RGB", (size, size), "white")
-    draw = ImageDraw.Draw(image)
-    m = 6 + variant % 5
-    box = (m, m, size - m - variant % 3, size - m)
-    rgb = tuple(min(255, c + 7 * (variant % 4)) for c in COLOURS[colour])
-    if shape == "circle":
-        draw.ellipse(box, fill=rgb)
-    elif shape == "square":
-        draw.rectangle(box, fill=rgb)
-    else:
-        draw.polygon([(size // 2, m), (m, size - m), (size - m, size - m)], fill=rgb)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
-
-
-def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
 
 
 @pytest.fixture
@@ -83,26 +48,6 @@ def make_catalogue(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-def small_settings(root: Path, artefact: Path | None = None) -> Settings:
-    """Settings sized for tests: ResNet18 at 32 px, random init, no DataLoader workers."""
-    return Settings(
-        artefact=artefact or root / "model",
-        qdrant=QdrantSettings(path=root / "qdrant"),
-        embed=EmbedSettings(device="cpu", batch_size=16, workers=0),
-        ingest=IngestSettings(failure_report=root / "failures.jsonl"),
-        train=TrainSettings(
-            backbone="resnet18",
-            weights="random",
-            image_size=32,
-            epochs_frozen=3,
-            epochs_finetune=1,
-            lr_frozen=3e-3,
-            lr_finetune=1e-4,
-            batch_size=16,
-        ),
-    )
-
-
 @pytest.fixture(scope="session")
 def artefact(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest]:
     """One tiny real model, trained on drawn products and exported, shared by the session."""
@@ -125,20 +70,15 @@ def settings(tmp_path: Path, artefact: tuple[Path, Manifest]) -> Settings:
     return small_settings(tmp_path, artefact=artefact[0])
 
 
-@contextmanager
-def live_server(app: object) -> Iterator[str]:
-    """`app` served by a real uvicorn on a free loopback port, in a thread; yields its base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))  # type: ignore[arg-type]
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+@pytest.fixture
+def fetcher() -> Iterator[Callable[..., Fetcher]]:
+    """Make Fetchers with a given FetchPolicy (keyword arguments); closed after the test."""
+    made: list[Fetcher] = []
+
+    def make(**policy: Any) -> Fetcher:
+        made.append(Fetcher(FetchPolicy(**policy)))
+        return made[-1]
+
+    yield make
+    for f in made:
+        f.close()

@@ -13,14 +13,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import SecretStr
 
-from tests.test_ingest import run_sync
+from tests.helpers import run_sync
 from visrec.api import create_app
-from visrec.catalogue import read_catalogue
 from visrec.config import ApiSettings, Settings
-from visrec.embed import Embedder
-from visrec.images import ImageLimits
-from visrec.index import open_index
-from visrec.ingest import sync
 
 
 @pytest.fixture
@@ -247,17 +242,7 @@ def test_a_remote_image_is_served_through_the_api_not_redirected(
         allowed = settings.model_copy(
             update={"ingest": settings.ingest.model_copy(update={"allowed_hosts": ["127.0.0.1"]})}
         )
-        with open_index(allowed.qdrant) as index:
-            sync(
-                read_catalogue(tmp_path / "remote.csv", allowed.ingest),
-                index,
-                Embedder(allowed.artefact, torch.device("cpu")),
-                limits=ImageLimits.from_settings(allowed.ingest),
-                batch_size=8,
-                workers=0,
-                failure_report=allowed.ingest.failure_report,
-                max_delete=1.0,
-            )
+        run_sync(tmp_path / "remote.csv", allowed, batch_size=8, workers=0, max_delete=1.0)
         with TestClient(create_app(allowed, torch.device("cpu")), follow_redirects=False) as client:
             image = client.get("/products/r1/image")
             assert image.status_code == 200 and image.headers["content-type"] == "image/png"

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import COLOURS, SHAPES, draw_product
+from tests.helpers import COLOURS, SHAPES, draw_product
 from visrec.artefact import Manifest
 from visrec.config import EmbedSettings
 from visrec.embed import EmbeddedBatch, Embedder

@@ -1,12 +1,12 @@
-"""visrec.fetch against real loopback servers: SSRF refusals, limits, retries, the circuit breaker.
+"""visrec.fetch against real loopback servers on allowed hosts: redirects, size limits, deadlines,
+retries, the circuit breaker, one client across pickling, forking and threads, no cookies, and TLS.
 
-Every server runs in this process on 127.0.0.1 or 127.0.0.2 and stops with its test; loopback is
-non-public, so tests that should succeed allow it explicitly.
+Refusals of non-public addresses are in test_fetch_refusals.py, URL checks in test_urls.py; the servers
+are in fetch_servers.py.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import pickle
 import shutil
 import socket
@@ -14,319 +14,15 @@ import ssl
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
-import httpcore
-import httpx
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
-from visrec import connect, urls
+from tests.fetch_servers import LOOPBACK, Handler, fails, ok, raw_server, serve
 from visrec import fetch as fetch_module
-from visrec.config import IngestSettings
-from visrec.errors import ImageError
 from visrec.fetch import Fetcher
-from visrec.urls import FetchPolicy, check_url
-
-LOOPBACK = ("127.0.0.1",)
-Respond = Callable[["_Handler"], None]
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, host: str, respond: Respond) -> None:
-        super().__init__((host, 0), _Handler)
-        self.respond = respond
-        self.hits: list[tuple[float, str]] = []  # (monotonic time, path) of every request
-        self.stop = threading.Event()
-        self.state: dict[str, Any] = {}
-
-    @property
-    def port(self) -> int:
-        return int(self.server_address[1])
-
-    def url(self, path: str = "/x.jpg") -> str:
-        return f"http://{self.server_address[0]!s}:{self.port}{path}"
-
-    @property
-    def paths(self) -> list[str]:
-        return [path for _, path in self.hits]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def do_GET(self) -> None:
-        self.server.hits.append((time.monotonic(), self.path))
-        self.server.respond(self)
-
-    def reply(self, status: int, body: bytes = b"", headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        for name, value in {"Content-Length": str(len(body)), **(headers or {})}.items():
-            self.send_header(name, value)
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:  # quiet test output
-        pass
-
-
-@contextmanager
-def serve(respond: Respond, host: str = "127.0.0.1") -> Iterator[_Server]:
-    server = _Server(host, respond)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield server
-    finally:
-        server.stop.set()
-        server.shutdown()
-        server.server_close()
-        thread.join(5)
-
-
-@contextmanager
-def raw_server(payload: bytes) -> Iterator[tuple[str, list[int]]]:
-    """A TCP server answering every connection with `payload` (after reading the request), then closing;
-    yields its URL and a one-item list counting connections."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.05)
-    count = [0]
-    stop = threading.Event()
-
-    def run() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                continue
-            count[0] += 1
-            with conn:
-                conn.settimeout(2)
-                try:
-                    data = b""
-                    while b"\r\n\r\n" not in data and len(data) < 65536:
-                        chunk = conn.recv(4096)
-                        if not chunk:
-                            break
-                        data += chunk
-                    conn.sendall(payload)
-                except OSError:
-                    pass
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}/x.jpg", count
-    finally:
-        stop.set()
-        thread.join(5)
-        listener.close()
-
-
-def closed_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture
-def fetcher() -> Iterator[Callable[..., Fetcher]]:
-    made: list[Fetcher] = []
-
-    def make(**policy: Any) -> Fetcher:
-        made.append(Fetcher(FetchPolicy(**policy)))
-        return made[-1]
-
-    yield make
-    for f in made:
-        f.close()
-
-
-def fails(f: Fetcher, url: str, max_bytes: int = 1_000_000) -> str:
-    """The message of the ImageError that fetching `url` raises."""
-    with pytest.raises(ImageError) as info:
-        f.fetch(url, max_bytes)
-    return str(info.value)
-
-
-def ok(body: bytes = b"image") -> Respond:
-    return lambda h: h.reply(200, body)
-
-
-# --- refusals: nothing is sent to a non-public address ------------------------------------------------
-
-
-def test_loopback_ip_is_refused_and_never_contacted(fetcher: Callable[..., Fetcher]) -> None:
-    f = fetcher()
-    with serve(ok()) as server:
-        live = fails(f, server.url())
-        dead_port = closed_port()
-        dead = fails(f, f"http://127.0.0.1:{dead_port}/x.jpg")
-        assert server.hits == []
-    assert live == (
-        f"{server.url()}: refused: 127.0.0.1 resolves to a non-public address "
-        "(allow it with VISREC_INGEST__ALLOWED_HOSTS)"
-    )
-    # Nothing tells a listening port from a closed one.
-    assert live.replace(str(server.port), "PORT") == dead.replace(str(dead_port), "PORT")
-
-
-def test_a_name_resolving_to_loopback_is_refused_at_connect_time(fetcher: Callable[..., Fetcher]) -> None:
-    with serve(ok()) as server:
-        dead_port = closed_port()
-        f = fetcher(allowed_ports=(server.port, dead_port))  # so that only the address is in question
-        url = f"http://localhost:{server.port}/x.jpg"
-        assert check_url(url, f.policy) is None  # a name: only the connection check can refuse it
-        live = fails(f, url)
-        dead = fails(f, f"http://localhost:{dead_port}/x.jpg")
-        assert server.hits == []
-    assert "refused: localhost resolves to a non-public address" in live
-    assert live.replace(str(server.port), "PORT") == dead.replace(str(dead_port), "PORT")
-
-
-@pytest.mark.parametrize("target", ["127.0.0.1", "localhost"])
-def test_a_redirect_from_an_allowed_host_to_an_internal_one_is_refused(
-    fetcher: Callable[..., Fetcher], target: str
-) -> None:
-    with serve(ok()) as internal:
-        f = fetcher(allowed_hosts=("127.0.0.2",), allowed_ports=(internal.port,))
-        location = f"http://{target}:{internal.port}/secret"
-        with serve(lambda h: h.reply(302, headers={"Location": location}), host="127.0.0.2") as allowed:
-            message = fails(f, allowed.url())
-            assert len(allowed.hits) == 1
-        assert internal.hits == []
-    assert f"redirected to {location}): refused: {target} resolves to a non-public address" in message
-
-
-def test_the_connection_guard_is_installed() -> None:
-    """Fails loudly if httpx stops keeping its pool where `_GuardedTransport` replaces it."""
-    assert type(httpx.HTTPTransport()._pool) is httpcore.ConnectionPool
-    backend = connect.GuardedBackend(FetchPolicy())
-    transport = connect.GuardedTransport(backend)
-    assert transport._pool._network_backend is backend
-    with pytest.raises(connect.Refused):
-        backend.connect_tcp("127.0.0.1", closed_port())
-
-
-def test_credentials_in_urls_are_refused_and_not_echoed(fetcher: Callable[..., Fetcher]) -> None:
-    message = fails(fetcher(allowed_hosts=LOOPBACK), "http://shop:hunter2@127.0.0.1/x.jpg")
-    assert "user:password@" in message and "hunter2" not in message and "***@127.0.0.1" in message
-
-
-# --- check_url ----------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("url", "reason"),
-    [
-        ("http://[::1", "not a valid URL"),
-        ("http://" + "a" * 64 + ".com/x.jpg", "is not valid"),
-        ("http://exa\x00mple.com/x", "control character (U+0000)"),
-        ("http://exa mple.com", "is not valid"),
-        ("http://exa\tmple.com", "control character (U+0009)"),
-        ("http://bü\u200bcher.de/", "not a valid URL"),
-        ("ftp://x/y", "scheme 'ftp' is not http or https"),
-        ("//example.com/x.jpg", "no http:// or https://"),
-        ("http:///x.jpg", "no host name"),
-        ("http://example.com:22/x", "port 22 is not allowed"),
-        ("http://example.com:99999/x", "port 99999 is out of range"),
-        ("http://169.254.169.254/latest/meta-data", "169.254.169.254 resolves to a non-public address"),
-        ("http://[::ffff:127.0.0.1]/", "resolves to a non-public address"),
-        ("http://[::1]/", "resolves to a non-public address"),
-        ("http://[fe80::1%25eth0]/", "zone identifiers"),
-        ("http://0x7f000001/", "resolves to a non-public address"),
-        ("http://2130706433/", "resolves to a non-public address"),
-        ("http://127.1/", "resolves to a non-public address"),
-        ("http://10.0.0.1/", "resolves to a non-public address"),
-        ("http://100.64.0.1/", "resolves to a non-public address"),
-        ("http://[64:ff9b::a00:1]/", "resolves to a non-public address"),  # NAT64 of 10.0.0.1
-        ("http://1.2.3.4.5/", "neither a valid name nor an IPv4 address"),
-        ("http://u:p@example.com/", "user:password@"),
-        ("http://example.com/" + "a" * 9000, "longer than 8192 characters"),
-        ("HTTP://EXAMPLE.COM/a.jpg", None),
-        ("https://images.example.com/a b.jpg?size=large", None),
-        ("http://bücher.de/x.jpg", None),
-        ("http://8.8.8.8/x.jpg", None),
-        ("http://[64:ff9b::808:808]/x.jpg", None),  # NAT64 of 8.8.8.8
-        ("http://example.com./x.jpg", None),
-        ("https://example.com:443/x.jpg", None),
-    ],
-)
-def test_check_url(url: str, reason: str | None) -> None:
-    got = check_url(url, FetchPolicy())
-    assert got is None if reason is None else got is not None and reason in got, got
-
-
-def test_check_url_allowed_hosts() -> None:
-    policy = FetchPolicy(allowed_hosts=("images.internal", "10.20.0.0/16", "bücher.de"))
-    assert check_url("http://images.internal:8080/x.jpg", policy) is None  # any port for listed names
-    assert check_url("http://10.20.3.4:9000/x.jpg", policy) is None
-    assert check_url("http://[::ffff:10.20.3.4]/x.jpg", policy) is None
-    assert check_url("http://xn--bcher-kva.de:8443/x.jpg", policy) is None
-    assert "non-public" in (check_url("http://10.21.0.1/x.jpg", policy) or "")
-    assert "port 8080" in (check_url("http://other.example:8080/x.jpg", policy) or "")
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.text())
-def test_check_url_never_raises_on_any_text(text: str) -> None:
-    assert isinstance(check_url(text, FetchPolicy()), str | None)
-
-
-_HOSTS = st.one_of(
-    st.sampled_from(
-        [
-            "example.com",
-            "127.0.0.1",
-            "[::1]",
-            "[::ffff:10.0.0.1]",
-            "0x7f000001",
-            "2130706433",
-            "0177.0.0.1",
-            "169.254.169.254",
-            "[fe80::1%25eth0]",
-            "bücher.de",
-            "[::1",
-            "localhost",
-            "",
-        ]
-    ),
-    st.from_regex(r"[a-zA-Z0-9.\-_\[\]:%@x]{0,24}", fullmatch=True),
-    st.text(max_size=24),
-)
-_URLS = st.builds(
-    lambda scheme, userinfo, host, port, path: f"{scheme}{userinfo}{host}{port}{path}",
-    st.sampled_from(["http://", "https://", "HTTP://", "ftp://", "file://", "//", "", "http:"]),
-    st.sampled_from(["", "user@", "u:p@", "@"]),
-    _HOSTS,
-    st.one_of(st.just(""), st.integers(-5, 70_000).map(":{}".format), st.text(max_size=6).map(":".__add__)),
-    st.one_of(st.just(""), st.text(max_size=30).map("/".__add__)),
-)
-
-
-@settings(max_examples=400, deadline=None)
-@given(_URLS)
-def test_check_url_on_url_like_strings(url: str) -> None:
-    reason = check_url(url, FetchPolicy())
-    assert reason is None or isinstance(reason, str)
-    if reason is None:  # what passes is a plain http(s) URL on an allowed port, never a non-public literal
-        parsed = httpx.URL(url)
-        assert parsed.scheme in ("http", "https") and parsed.host and not parsed.userinfo
-        assert (parsed.port or {"http": 80, "https": 443}[parsed.scheme]) in (80, 443)
-        host = parsed.raw_host.decode().rstrip(".")
-        literal = urls._numeric_ipv4(host) if ":" not in host else ipaddress.ip_address(host)
-        assert literal is None or urls.is_public(literal)
-
-
-# --- fetching from an allowed host --------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("allowed", [LOOPBACK, ("127.0.0.0/8",)])
@@ -339,7 +35,7 @@ def test_an_allowed_host_is_fetched(fetcher: Callable[..., Fetcher], allowed: tu
 
 
 def test_redirects_are_followed_up_to_the_limit(fetcher: Callable[..., Fetcher]) -> None:
-    def chain(h: _Handler) -> None:
+    def chain(h: Handler) -> None:
         left = int(h.path.rsplit("/", 1)[1])
         if left:
             h.reply(302, headers={"Location": f"../{left - 1}"})  # relative: resolved against this hop
@@ -358,7 +54,7 @@ def test_redirects_are_followed_up_to_the_limit(fetcher: Callable[..., Fetcher])
 def test_bad_redirects(fetcher: Callable[..., Fetcher]) -> None:
     locations = {"/scheme": "file:///etc/passwd", "/bad": "http://[::1", "/none": ""}
 
-    def respond(h: _Handler) -> None:
+    def respond(h: Handler) -> None:
         h.reply(302, headers={"Location": locations[h.path]} if locations[h.path] else {})
 
     f = fetcher(allowed_hosts=LOOPBACK)
@@ -369,7 +65,7 @@ def test_bad_redirects(fetcher: Callable[..., Fetcher]) -> None:
 
 
 def test_size_limit(fetcher: Callable[..., Fetcher]) -> None:
-    def respond(h: _Handler) -> None:
+    def respond(h: Handler) -> None:
         if h.path == "/declared":
             h.reply(200, b"x" * 200)
         else:  # no Content-Length: the body ends when the connection closes (HTTP/1.0)
@@ -385,7 +81,7 @@ def test_size_limit(fetcher: Callable[..., Fetcher]) -> None:
 
 
 def test_a_drip_feeding_server_is_cut_off_at_the_deadline(fetcher: Callable[..., Fetcher]) -> None:
-    def drip(h: _Handler) -> None:
+    def drip(h: Handler) -> None:
         h.send_response(200)
         h.send_header("Content-Length", "1000000")
         h.end_headers()
@@ -412,7 +108,7 @@ def test_a_server_that_stalls_after_a_trickle_is_cut_off_at_the_deadline(
 ) -> None:
     """A read that starts just before the deadline still ends at it (not a whole timeout later)."""
 
-    def trickle_then_stall(h: _Handler) -> None:
+    def trickle_then_stall(h: Handler) -> None:
         h.send_response(200)
         h.send_header("Content-Length", "1000")
         h.end_headers()
@@ -441,7 +137,7 @@ def test_a_server_that_never_answers_is_cut_off_at_the_deadline(fetcher: Callabl
 
 
 def test_retry_after_is_honoured(fetcher: Callable[..., Fetcher]) -> None:
-    def respond(h: _Handler) -> None:
+    def respond(h: Handler) -> None:
         if len(h.server.hits) == 1:
             h.reply(503, headers={"Retry-After": "1"})
         else:
@@ -525,7 +221,7 @@ def test_circuit_breaker(fetcher: Callable[..., Fetcher]) -> None:
 
 
 def test_answers_and_refusals_do_not_open_the_circuit(fetcher: Callable[..., Fetcher]) -> None:
-    def respond(h: _Handler) -> None:
+    def respond(h: Handler) -> None:
         if h.path == "/away":
             h.reply(302, headers={"Location": "http://localhost/x.jpg"})
         else:
@@ -573,7 +269,7 @@ def test_no_cookies_are_kept(fetcher: Callable[..., Fetcher]) -> None:
     f = fetcher(allowed_hosts=LOOPBACK)
     cookies: list[str | None] = []
 
-    def respond(h: _Handler) -> None:
+    def respond(h: Handler) -> None:
         cookies.append(h.headers.get("Cookie"))
         h.reply(200, b"ok", {"Set-Cookie": "session=abc; Path=/"})
 
@@ -616,18 +312,3 @@ def test_tls_is_verified_against_the_url_host_name(fetcher: Callable[..., Fetche
         thread.join(5)
     assert names == ["localhost"]
     assert "CERTIFICATE_VERIFY_FAILED" in message
-
-
-def test_policy_from_settings() -> None:
-    ingest = IngestSettings(
-        allowed_hosts=["Images.Internal.", "10.0.0.0/8"],
-        allowed_ports=[80, 443, 8443],
-        fetch_timeout_s=4,
-        fetch_retries=2,
-        max_redirects=3,
-        host_failures=7,
-        host_cooldown_s=30,
-    )
-    policy = FetchPolicy.from_settings(ingest)
-    assert policy == FetchPolicy(4, 2, ("images.internal", "10.0.0.0/8"), (80, 443, 8443), 3, 7, 30)
-    assert check_url("http://images.internal:1234/x.jpg", policy) is None

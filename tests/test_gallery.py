@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import live_server
-from tests.test_ingest import run_sync
+from tests.helpers import live_server, run_sync
 from visrec.api import create_app
 from visrec.config import Settings
 

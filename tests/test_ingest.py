@@ -12,33 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import draw_product
-from visrec.catalogue import read_catalogue
+from tests.helpers import draw_product, run_sync
 from visrec.config import Settings
 from visrec.embed import Embedder
 from visrec.errors import CatalogueError, IndexUnavailable, VisrecError
-from visrec.images import ImageLimits
 from visrec.index import open_index
 from visrec.index.edge import EdgeIndex
-from visrec.ingest import PAYLOAD_VERSION, BackgroundWriter, Shard, SyncSummary, sync
-
-
-def run_sync(
-    catalogue: Path, settings: Settings, shard: Shard | None = None, max_delete: float = 1.0
-) -> SyncSummary:
-    embedder = Embedder(settings.artefact, torch.device("cpu"))
-    with open_index(settings.qdrant) as index:
-        return sync(
-            read_catalogue(catalogue),
-            index,
-            embedder,
-            limits=ImageLimits(),
-            batch_size=settings.embed.batch_size,
-            workers=settings.embed.workers,
-            failure_report=settings.ingest.failure_report,
-            max_delete=max_delete,
-            shard=shard or Shard(),
-        )
+from visrec.ingest import PAYLOAD_VERSION, BackgroundWriter, Shard, SyncSummary
 
 
 def rewrite(path: Path, edit) -> None:  # type: ignore[no-untyped-def]
@@ -80,17 +60,7 @@ def test_an_unchanged_resync_never_loads_the_model(make_catalogue, settings: Set
     catalogue = make_catalogue(6)
     run_sync(catalogue, settings)
     embedder = Embedder(settings.artefact, torch.device("cpu"))
-    with open_index(settings.qdrant) as index:
-        sync(
-            read_catalogue(catalogue),
-            index,
-            embedder,
-            limits=ImageLimits(),
-            batch_size=4,
-            workers=0,
-            failure_report=settings.ingest.failure_report,
-            max_delete=1.0,
-        )
+    run_sync(catalogue, settings, embedder=embedder, batch_size=4, workers=0, max_delete=1.0)
     assert embedder._model is None
 
 
@@ -111,7 +81,7 @@ def test_changes_and_removals_are_detected(make_catalogue, settings: Settings, t
     )  # new price
     with catalogue.open("a") as f:
         f.write("p12,images/p0.png,circle,red,1,\n")  # a new product
-    summary = run_sync(catalogue, settings)
+    summary = run_sync(catalogue, settings, max_delete=1.0)
     assert (summary.added, summary.updated, summary.deleted, summary.unchanged) == (1, 2, 2, 8)
     with open_index(settings.qdrant) as index:
         assert index.count() == 11
@@ -200,7 +170,7 @@ def test_an_unreadable_row_holds_back_every_delete(make_catalogue, settings: Set
     with open_index(settings.qdrant) as index:
         assert index.count() == 10
     catalogue.write_text(clean)
-    summary = run_sync(catalogue, settings)
+    summary = run_sync(catalogue, settings, max_delete=1.0)
     assert (summary.deleted, summary.deletes_held_back) == (2, 0)
 
 
@@ -315,7 +285,7 @@ def test_n_sharded_workers_cover_everything_once(make_catalogue, settings: Setti
     catalogue = make_catalogue(30)
 
     def sync_shard(text: str) -> SyncSummary:
-        return run_sync(catalogue, settings, Shard.parse(text))
+        return run_sync(catalogue, settings, shard=Shard.parse(text), max_delete=1.0)
 
     summaries = [sync_shard(f"{i}/3") for i in range(3)]
     assert sum(s.added for s in summaries) == 30 and all(s.added > 0 for s in summaries)
@@ -370,13 +340,4 @@ def test_a_failing_store_stops_the_sync_with_its_error(make_catalogue, settings:
         BrokenIndex(settings.qdrant.path, "c") as index,
         pytest.raises(IndexUnavailable, match="unreachable"),
     ):
-        sync(
-            read_catalogue(make_catalogue(20)),
-            index,
-            Embedder(settings.artefact, torch.device("cpu")),
-            limits=ImageLimits(),
-            batch_size=4,
-            workers=0,
-            failure_report=settings.ingest.failure_report,
-            max_delete=1.0,
-        )
+        run_sync(make_catalogue(20), settings, index=index, batch_size=4, workers=0, max_delete=1.0)

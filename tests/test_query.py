@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_ingest import run_sync
+from tests.helpers import run_sync
 from visrec.config import Settings
 from visrec.embed import Embedder
 from visrec.errors import ImageError, InvalidFilter, InvalidQuery, NotFound

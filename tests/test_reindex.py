@@ -7,7 +7,6 @@ import io
 import json
 import threading
 from collections import Counter
-from contextlib import nullcontext
 from pathlib import Path
 
 import httpx
@@ -16,18 +15,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.conftest import live_server
-from tests.test_ingest import run_sync
+from tests.helpers import live_server, run_reindex, run_sync
 from visrec.api import create_app
 from visrec.artefact import Manifest, load_artefact, read_manifest, save_artefact
-from visrec.catalogue import read_catalogue
 from visrec.cli import app as cli_app
 from visrec.config import QdrantSettings, Settings
-from visrec.embed import Embedder
 from visrec.errors import ModelError, VisrecError
-from visrec.images import ImageLimits
-from visrec.index import Store, open_index, open_store
-from visrec.versions import ReindexSummary, reindex, rollback
+from visrec.index import open_index, open_store
+from visrec.versions import rollback
 
 
 @pytest.fixture(scope="module")
@@ -50,22 +45,6 @@ def new_model(artefact: tuple[Path, Manifest], tmp_path_factory: pytest.TempPath
         training=manifest.training,
     )
     return out
-
-
-def run_reindex(
-    catalogue: Path, settings: Settings, model: Path, store: Store | None = None
-) -> ReindexSummary:
-    with nullcontext(store) if store else open_store(settings.qdrant) as opened:
-        return reindex(
-            read_catalogue(catalogue),
-            opened,
-            Embedder(model, torch.device("cpu")),
-            limits=ImageLimits(),
-            batch_size=settings.embed.batch_size,
-            workers=settings.embed.workers,
-            failure_report=settings.ingest.failure_report,
-            max_delete=1.0,
-        )
 
 
 def model_versions(settings: Settings) -> set[str]:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import small_settings
+from tests.helpers import small_settings
 from visrec.artefact import Manifest
 from visrec.catalogue import read_catalogue
 from visrec.config import Settings

@@ -1,84 +1,45 @@
-"""Fixtures of the fault suite (issue #7).
+"""Fixtures of the fault suite (issue #7); its helpers are in helpers.py.
 
 The store under test is the embedded engine on a temp folder, or the Qdrant server at
 `VISREC_QDRANT__URL` when that is set (one throw-away collection per test): the same cases run on both.
 The loopback servers here stand in for a broken Qdrant server, which cannot run on this machine.
+`guarded` is a real `visrec serve` process for the hostile-client tests (test_api_limits.py,
+test_api_exposure.py), one per module that uses it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import http.server
-import json
 import os
-import socket
 import threading
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Literal
+from typing import Any
 
 import httpx
+import numpy as np
 import pytest
-import torch
 from pydantic import SecretStr
 
-from tests.conftest import small_settings
+from tests.faults.helpers import SERVER_URL, Answer503, TcpProxy
+from tests.faults.served import (
+    BIG_IMAGE,
+    BODY_TIMEOUT_S,
+    HEAVY,
+    KEY,
+    UPLOAD_LIMIT,
+    ImageHost,
+    Served,
+    red_photo,
+    serve,
+    synced_store,
+)
+from tests.helpers import small_settings
 from visrec.artefact import Manifest
-from visrec.catalogue import read_catalogue
 from visrec.config import QdrantSettings, Settings
-from visrec.embed import Embedder
-from visrec.images import ImageLimits
 from visrec.index import open_index
-from visrec.ingest import SyncSummary, sync
-
-SERVER_URL = os.environ.get("VISREC_QDRANT__URL") or None
-SEED = int(os.environ.get("VISREC_FAULTS_SEED", "0"))
-
-
-def figure(name: str, value: object) -> None:
-    """Print one figure of the closing note (read them with `pytest -s tests/faults`)."""
-    print(f"\nFIGURE {name}: {json.dumps(value, sort_keys=True, default=str)}")
-
-
-def sync_in_process(catalogue: Path, settings: Settings) -> SyncSummary:
-    """One `visrec sync`, in this process, with the settings' own limits and batch size."""
-    with open_index(settings.qdrant) as index:
-        return sync(
-            read_catalogue(catalogue, settings.ingest),
-            index,
-            Embedder(settings.artefact, torch.device("cpu")),
-            limits=ImageLimits.from_settings(settings.ingest),
-            batch_size=settings.embed.batch_size,
-            workers=settings.embed.workers,
-            failure_report=settings.ingest.failure_report,
-            max_delete=settings.ingest.max_delete,
-        )
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The environment that makes a `visrec` process use exactly these settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VISREC_")}
-    q = settings.qdrant
-    env |= {
-        "VISREC_ARTEFACT": str(settings.artefact),
-        "VISREC_QDRANT__PATH": str(q.path),
-        "VISREC_QDRANT__COLLECTION": q.collection,
-        "VISREC_QDRANT__RETRIES": str(q.retries),
-        "VISREC_QDRANT__TIMEOUT_S": str(q.timeout_s),
-        "VISREC_QDRANT__LOCK_WAIT_S": str(q.lock_wait_s),
-        "VISREC_EMBED__DEVICE": "cpu",
-        "VISREC_EMBED__WORKERS": str(settings.embed.workers),
-        "VISREC_EMBED__BATCH_SIZE": str(settings.embed.batch_size),
-        "VISREC_INGEST__FAILURE_REPORT": str(settings.ingest.failure_report),
-        "COLUMNS": "200",  # rich wraps log lines at the terminal width
-    }
-    if q.url:
-        env["VISREC_QDRANT__URL"] = q.url
-    if q.api_key:
-        env["VISREC_QDRANT__API_KEY"] = q.api_key.get_secret_value()
-    return env
+from visrec.index.base import IndexPoint
 
 
 @pytest.fixture
@@ -106,121 +67,16 @@ def store(tmp_path: Path, artefact: tuple[Path, Manifest]) -> Iterator[Settings]
             httpx.delete(f"{SERVER_URL}/collections/{collection['name']}", headers=headers, timeout=30)
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class _Answer503(http.server.BaseHTTPRequestHandler):
-    def _fail(self) -> None:
-        self.server.hits += 1  # type: ignore[attr-defined]  # before answering: the client may check at once
-        length = int(self.headers.get("content-length") or 0)
-        self.rfile.read(length)
-        body = b'{"status":{"error":"Service Unavailable"}}'
-        self.send_response(503)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _fail
-
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base's name
-        pass
-
-
 @pytest.fixture
 def answers_503() -> Iterator[http.server.ThreadingHTTPServer]:
     """A loopback HTTP server answering 503 to everything: a Qdrant server that is up but failing.
     (A stand-in: no Qdrant server runs here.) `.hits` counts the requests it answered."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answer503)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer503)
     server.hits = 0  # type: ignore[attr-defined]
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield server
     server.shutdown()
     server.server_close()
-
-
-Mode = Literal["pass", "drop", "stall"]
-
-
-class TcpProxy:
-    """A loopback TCP proxy in front of `target` (host, port) that can be switched, at any moment, to
-    drop every connection (accept, then close) or stall it (accept, never answer). Switching cuts the
-    connections already open, so a client's keep-alive pool cannot bypass the fault."""
-
-    def __init__(self, target: tuple[str, int] | None, mode: Mode = "pass") -> None:
-        self.target, self.mode = target, mode
-        self.accepted = 0
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self._open: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
-
-    def switch(self, mode: Mode) -> None:
-        with self._lock:
-            self.mode = mode
-            for conn in self._open:
-                _shut(conn)
-            self._open.clear()
-
-    def close(self) -> None:
-        self._closed = True
-        self.switch("drop")
-        self._listener.close()
-
-    def _accept(self) -> None:
-        while not self._closed:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            self.accepted += 1
-            with self._lock:
-                mode = self.mode
-                if mode == "drop":
-                    _shut(client)
-                    continue
-                self._open.add(client)
-            if mode == "pass":
-                threading.Thread(target=self._forward, args=(client,), daemon=True).start()
-            # "stall": kept open and never answered, until a switch or close cuts it
-
-    def _forward(self, client: socket.socket) -> None:
-        assert self.target is not None, "pass mode needs a target"
-        try:
-            upstream = socket.create_connection(self.target, timeout=10)
-        except OSError:
-            _shut(client)
-            return
-        with self._lock:
-            self._open.add(upstream)
-        threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
-        _pump(client, upstream)
-
-
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    try:
-        while data := src.recv(65536):
-            dst.sendall(data)
-    except OSError:
-        pass
-    finally:
-        _shut(src)
-        _shut(dst)
-
-
-def _shut(conn: socket.socket) -> None:
-    with contextlib.suppress(OSError):  # already closed by the other side
-        conn.shutdown(socket.SHUT_RDWR)
-    conn.close()
 
 
 @pytest.fixture
@@ -232,9 +88,47 @@ def proxy() -> Iterator[TcpProxy]:
     tcp.close()
 
 
-def wait_until(condition: Callable[[], object], timeout_s: float = 30) -> None:
-    """Poll `condition()` until it is true; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
+@pytest.fixture(scope="module")
+def image_host() -> Iterator[str]:
+    """A loopback image host (ImageHost) for the remote photos of `guarded`; yields its base URL."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ImageHost)
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="module")
+def guarded(
+    tmp_path_factory: pytest.TempPathFactory, artefact: tuple[Path, Manifest], image_host: str
+) -> Iterator[Served]:
+    """The API with a key, a 1 MB upload limit, a 2 s body deadline and 4 heavy slots, on 27 products and
+    three more whose photos are remote (on the loopback image host): one plain, one behind a redirect,
+    one redirected to a host that is not allowed."""
+    root = tmp_path_factory.mktemp("hostile")
+    settings = synced_store(root, artefact[0])
+    with open_index(settings.qdrant) as index:
+        found = index.get("p0")
+        assert found is not None
+        vector = np.asarray(found[0], np.float32)
+        index.upsert(
+            [
+                IndexPoint(
+                    f"remote-{name}",
+                    vector,
+                    {"product_id": f"remote-{name}", "image": f"{image_host}/{path}"},
+                )
+                for name, path in (("ok", "ok.png"), ("redirect", "redirect"), ("away", "away"))
+            ]
+        )
+        big = root / "big.png"  # a large photo: a PNG, then padding (only its header is checked)
+        big.write_bytes(red_photo() + bytes(BIG_IMAGE - len(red_photo())))
+        index.upsert([IndexPoint("big", vector, {"product_id": "big", "image": str(big)})])
+    api: dict[str, Any] = {
+        "max_upload_bytes": UPLOAD_LIMIT,
+        "body_timeout_s": BODY_TIMEOUT_S,
+        "max_heavy_requests": HEAVY,
+    }
+    env = {"VISREC_INGEST__ALLOWED_HOSTS": '["127.0.0.1"]'}
+    with serve(settings, root / "serve.log", key=KEY, env=env, **api) as server:
+        yield server

@@ -1,12 +1,17 @@
 """`visrec serve` as a real process on a loopback port, for the tests that act as hostile clients
-(test_api_hostile.py, test_api_schema_fuzz.py): a real uvicorn, the real guard, the real tiny model and a
-real embedded store, with nothing mocked. Also: raw-socket HTTP (chunked and slow bodies, junk methods),
-which an HTTP client library would refuse to send or would hide, and the leak check for answer bodies.
+(test_api_limits.py, test_api_outage.py, test_api_exposure.py, test_api_schema_fuzz.py): a real uvicorn,
+the real guard, the real tiny model and a real embedded store, with nothing mocked. Also: raw-socket HTTP
+(chunked and slow bodies, junk methods), which an HTTP client library would refuse to send or would hide,
+and the leak check for answer bodies; and the settings of the `guarded` fixture's API (conftest.py), its
+loopback image host, and the checks its tests share.
 """
 
 from __future__ import annotations
 
 import contextlib
+import http.server
+import io
+import json
 import select
 import socket
 import subprocess
@@ -16,11 +21,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
+from PIL import Image
 
-from tests.conftest import COLOURS, SHAPES, draw_product, small_settings, write_csv
-from tests.faults.conftest import settings_env, sync_in_process
+from tests.faults.helpers import settings_env
+from tests.helpers import COLOURS, SHAPES, draw_product, run_sync, small_settings, write_csv
 from visrec.config import Settings
 
 REPO = Path(__file__).parents[2]
@@ -45,7 +52,7 @@ def synced_store(root: Path, artefact: Path, n: int = PRODUCTS) -> Settings:
             {"id": f"p{i}", "image": f"images/p{i}.png", "category": shape, "colour": colour, "price": 10 + i}
         )
     settings = small_settings(root, artefact=artefact)
-    summary = sync_in_process(write_csv(root / "catalogue.csv", rows), settings)
+    summary = run_sync(write_csv(root / "catalogue.csv", rows), settings)
     assert summary.added == n and not summary.failed, summary
     return settings
 
@@ -262,3 +269,62 @@ def multipart_chunks(total: int, chunk: int = 16 * 1024, boundary: str = "visrec
 
 
 MULTIPART = {"Content-Type": "multipart/form-data; boundary=visrecboundary"}
+
+
+# --- the guarded API of the hostile-client tests (the `guarded` fixture) ---------------------------------
+
+KEY = "hostile-key"
+MB = 1_000_000
+UPLOAD_LIMIT = MB  # VISREC_API__MAX_UPLOAD_BYTES
+UPLOAD_CUTOFF = UPLOAD_LIMIT + 64 * 1024  # the guard's limit for the upload route: the file and its form
+BODY_TIMEOUT_S = 2.0
+HEAVY = 4
+BIG_IMAGE = 20 * MB  # a product photo that a slow client takes longer than the body deadline to read
+
+
+class ImageHost(http.server.BaseHTTPRequestHandler):
+    """A loopback image host: /ok.png a photo, /redirect a 302 to it, /away a 302 to a host that is not
+    allowed (127.0.0.2: loopback too, so that nothing could ever leave the machine)."""
+
+    def do_GET(self) -> None:  # noqa: N802 - the base's name
+        address: Any = self.server.server_address
+        port = address[1]
+        if self.path == "/ok.png":
+            photo = io.BytesIO()
+            Image.new("RGB", (24, 24), "blue").save(photo, "PNG")
+            self.send_response(200)
+            self.send_header("content-type", "image/png")
+            self.send_header("content-length", str(len(photo.getvalue())))
+            self.end_headers()
+            self.wfile.write(photo.getvalue())
+            return
+        target = {"/redirect": f"http://127.0.0.1:{port}/ok.png", "/away": f"http://127.0.0.2:{port}/ok.png"}
+        self.send_response(302 if self.path in target else 404)
+        if self.path in target:
+            self.send_header("location", target[self.path])
+        self.send_header("content-length", "0")
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+def red_photo() -> bytes:
+    """A 48x48 red PNG: a photo to search with."""
+    image = io.BytesIO()
+    Image.new("RGB", (48, 48), (220, 30, 30)).save(image, "PNG")
+    return image.getvalue()
+
+
+def client_for(served: Served, **kwargs: Any) -> httpx.Client:
+    """An HTTP client of `served`, with its key."""
+    return httpx.Client(base_url=served.url, headers=served.headers, timeout=15, **kwargs)
+
+
+def error_body(response: httpx.Response | Any, served: Served) -> dict[str, Any]:
+    """The JSON error body, checked: {detail, error?, request_id} and nothing of the server's."""
+    body = response.json() if isinstance(response, httpx.Response) else json.loads(response.body)
+    assert set(body) <= {"detail", "error", "request_id"} and "detail" in body and body["request_id"], body
+    content = response.content if isinstance(response, httpx.Response) else response.body
+    assert not leaks(content, served), (leaks(content, served), body)
+    return body

@@ -19,7 +19,8 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from tests.faults.conftest import SEED, figure, sync_in_process
+from tests.faults.helpers import SEED, figure
+from tests.helpers import run_sync
 from visrec.api import create_app
 from visrec.config import ApiSettings, Settings
 
@@ -31,7 +32,7 @@ PRODUCTS = 27
 def client(store: Settings, make_catalogue: Callable[..., Path]) -> Iterator[TestClient]:
     """The API on an index of 27 synced products, with small upload limits so that they are hit.
     Server exceptions come back as 500 responses (counted) instead of being raised."""
-    sync_in_process(make_catalogue(PRODUCTS), store)
+    run_sync(make_catalogue(PRODUCTS), store)
     settings = store.model_copy(
         update={"api": ApiSettings(max_upload_bytes=200_000, max_upload_pixels=250_000)}
     )

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 
-from tests.faults.conftest import SEED, figure
+from tests.faults.helpers import SEED, figure
 from tests.faults.served import Served, leaks, serve, synced_store
 from visrec.artefact import Manifest
 

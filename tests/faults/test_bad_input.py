@@ -17,51 +17,24 @@ from __future__ import annotations
 
 import functools
 import http.server
-import io
 import json
 import os
-import struct
 import threading
-import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from tests.conftest import COLOURS, SHAPES, draw_product
-from tests.faults.conftest import closed_port, figure, sync_in_process
+from tests.faults.helpers import drawn, figure, png_bomb, save
+from tests.helpers import COLOURS, SHAPES, closed_port, draw_product, run_sync
 from visrec.config import IngestSettings, Settings
 from visrec.index import open_index
 
 COPIES = int(os.environ.get("VISREC_FAULTS_BAD_COPIES", "1"))  # the whole mix, repeated
 VALID = 30  # ordinary drawn products per copy
-
-
-def save(image: Image.Image, fmt: str, **options: Any) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **options)
-    return buffer.getvalue()
-
-
-def drawn(mode: str = "RGB", size: tuple[int, int] = (48, 48)) -> Image.Image:
-    """A red circle on white, in `mode`."""
-    image = Image.new("RGB", size, "white")
-    ImageDraw.Draw(image).ellipse((4, 4, size[0] - 4, size[1] - 4), fill=(220, 30, 30))
-    return image.convert(mode)
-
-
-def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
-    """A PNG whose header declares width x height RGB pixels but whose data is a few bytes."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    data = zlib.compress(b"\0" * (1 + 3 * width) * 4)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
 
 
 def sixteen_bit() -> bytes:
@@ -235,7 +208,7 @@ def test_a_mixed_catalogue_indexes_every_valid_row_and_reports_every_bad_one(
         }
     )
     catalogue, valid, bad_images, bad_rows = build_catalogue(tmp_path, web)
-    summary = sync_in_process(catalogue, settings)
+    summary = run_sync(catalogue, settings)
     assert (summary.added, summary.failed, summary.invalid_rows) == (
         len(valid),
         len(bad_images),
@@ -258,7 +231,7 @@ def test_a_mixed_catalogue_indexes_every_valid_row_and_reports_every_bad_one(
             vector, payload = index.get(product_id)  # type: ignore[misc]
             assert np.isfinite(vector).all() and payload["product_id"] == product_id
             assert not str(payload["image"]).startswith(str(tmp_path / "secret"))
-    again = sync_in_process(catalogue, settings)
+    again = run_sync(catalogue, settings)
     assert (again.added, again.updated, again.deleted, again.unchanged) == (0, 0, 0, len(valid))
 
     def short(error: str) -> str:

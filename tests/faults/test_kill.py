@@ -14,16 +14,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
-from tests.conftest import write_csv
-from tests.faults.conftest import SEED, figure, settings_env, sync_in_process
-from visrec.catalogue import read_catalogue
-from visrec.config import QdrantSettings, Settings
+from tests.faults.helpers import SEED, check_index_matches_catalogue, figure, settings_env
+from tests.helpers import write_csv
+from visrec.config import Settings
 from visrec.errors import IndexUnavailable
 from visrec.index import open_index
-from visrec.ingest import PAYLOAD_VERSION
 
 CYCLES = int(os.environ.get("VISREC_FAULTS_KILL_CYCLES", "5"))
 REPO = Path(__file__).parents[2]
@@ -210,32 +207,3 @@ def count_updates(logs: Path) -> int:
     """Products the cycle planned to re-embed (changed rows): their upserts add no points."""
     match = re.search(r"plan: \d+ new, (\d+) changed", Path(f"{logs}.err").read_text())
     return int(match.group(1)) if match else 0
-
-
-def check_index_matches_catalogue(store: Settings, catalogue: Path, tmp_path: Path) -> tuple[int, int]:
-    """Compare the index with the catalogue and with a clean sync of it; returns (lost, duplicated)."""
-    parsed = read_catalogue(catalogue)
-    reference = store.model_copy(update={"qdrant": QdrantSettings(path=tmp_path / "reference")})
-    sync_in_process(catalogue, reference)
-    with open_index(store.qdrant) as index, open_index(reference.qdrant) as clean:
-        records = index.sync_records()
-        expected = {p.id: p for p in parsed.products}
-        lost = len(set(expected) - set(records))
-        duplicated = index.count() - len(records)
-        assert set(records) <= set(expected)
-        version = clean.get(parsed.products[0].id)[1]["model_version"]  # type: ignore[index]
-        for product_id, product in expected.items():
-            got = index.get(product_id)
-            if got is None:
-                continue
-            vector, payload = got
-            assert payload["content_hash"] == f"{PAYLOAD_VERSION}:{parsed.content_hash(product)}"
-            assert payload["model_version"] == version
-            assert payload["image"] == parsed.image_ref(product)
-            for key, value in product.metadata().items():
-                if key != "image":
-                    assert payload[key] == value, (product_id, key)
-            clean_vector, clean_payload = clean.get(product_id)  # type: ignore[misc]
-            assert np.allclose(vector, clean_vector, atol=1e-3), product_id
-            assert payload == clean_payload
-    return lost, duplicated

@@ -33,8 +33,7 @@ from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from tests.faults.conftest import SEED, figure
-from tests.faults.test_bad_input import drawn, png_bomb, save
+from tests.faults.helpers import SEED, drawn, figure, png_bomb, save
 from visrec.artefact import Manifest
 from visrec.cli import app
 from visrec.config import QdrantSettings

@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import SecretStr
 
-from tests.faults.conftest import sync_in_process
+from tests.helpers import run_sync
 from visrec.api import create_app
 from visrec.config import ApiSettings, Settings
 from visrec.index import open_index
@@ -31,7 +31,7 @@ def test_every_route_but_health_and_the_static_page_needs_the_api_key(
     """Fault: requests without the key, or with a wrong one, to every route the app declares (read from
     the app itself, so a route added later is covered). Checked: 401 everywhere but the two probes and
     the gallery's static page."""
-    sync_in_process(make_catalogue(6), store)
+    run_sync(make_catalogue(6), store)
     settings = store.model_copy(update={"api": ApiSettings(api_key=SecretStr("s3cret"))})
     app = create_app(settings, torch.device("cpu"))
     routes = [
@@ -58,7 +58,7 @@ def test_the_image_route_serves_only_image_files(
     collection tampered with, or a file swapped on disk). Checked: 404, and the file's bytes never
     appear in the answer."""
     catalogue = make_catalogue(3)
-    sync_in_process(catalogue, store)
+    run_sync(catalogue, store)
     secret = catalogue.parent / "secret.txt"
     secret.write_text("top secret\n")
     with open_index(store.qdrant) as index:
@@ -87,7 +87,7 @@ def test_an_upload_name_is_never_used_as_a_path(store: Settings, make_catalogue:
     bytes only. Checked: a real photo under a hostile name is searched (200) and nothing is written
     where the name points; an empty body named after an existing image is refused (422)."""
     catalogue = make_catalogue(6)
-    sync_in_process(catalogue, store)
+    run_sync(catalogue, store)
     photo = io.BytesIO()
     Image.new("RGB", (40, 40), "red").save(photo, "PNG")
     target = catalogue.parent / "planted.png"

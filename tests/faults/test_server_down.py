@@ -16,18 +16,14 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from tests.faults.conftest import SERVER_URL, TcpProxy, closed_port, settings_env, sync_in_process
-from visrec.catalogue import read_catalogue
+from tests.faults.helpers import SERVER_URL, TcpProxy, settings_env
+from tests.helpers import closed_port, run_sync
 from visrec.cli import app
 from visrec.config import QdrantSettings, Settings
-from visrec.embed import Embedder
 from visrec.errors import IndexUnavailable
-from visrec.images import ImageLimits
 from visrec.index import open_index
-from visrec.ingest import sync
 
 RETRIES = 3  # attempts per call; backoff 0.2 s, 0.4 s between them
 COMMANDS: dict[str, Callable[[Path], list[str]]] = {
@@ -122,7 +118,7 @@ def test_an_embedded_store_in_use_then_released_finishes_on_rerun(
         pytest.skip("the embedded store only: a server is not locked by a client")
     catalogue = make_catalogue(8)
     store = store.model_copy(update={"qdrant": store.qdrant.model_copy(update={"lock_wait_s": 0.5})})
-    sync_in_process(make_catalogue(2, name="seed.csv"), store)  # the collection exists
+    run_sync(make_catalogue(2, name="seed.csv"), store)  # the collection exists
     with open_index(store.qdrant):  # the holder
         for args in (["sync", str(catalogue), "--json"], ["similar", "p0"]):
             code, stderr, _ = run_cli(args, store, monkeypatch, None)
@@ -172,14 +168,12 @@ def test_a_server_lost_mid_sync_then_recovered_loses_nothing(
             proxy.switch("drop")
 
     with pytest.raises(IndexUnavailable, match="unreachable"), open_index(via_proxy.qdrant) as index:
-        sync(
-            read_catalogue(catalogue),
-            index,
-            Embedder(store.artefact, torch.device("cpu")),
-            limits=ImageLimits(),
+        run_sync(
+            catalogue,
+            via_proxy,
+            index=index,
             batch_size=4,
             workers=0,
-            failure_report=store.ingest.failure_report,
             max_delete=1.0,
             progress=cut_after_two_batches,
         )
@@ -187,7 +181,7 @@ def test_a_server_lost_mid_sync_then_recovered_loses_nothing(
     with open_index(via_proxy.qdrant) as index:
         partial = index.count()
     assert 0 < partial < 40
-    summary = sync_in_process(catalogue, via_proxy)
+    summary = run_sync(catalogue, via_proxy)
     assert (summary.unchanged, summary.added, summary.failed) == (partial, 40 - partial, 0)
     with open_index(store.qdrant) as index:
         records = index.sync_records()

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.faults.conftest import figure, settings_env, sync_in_process
-from tests.faults.test_kill import check_index_matches_catalogue
+from tests.faults.helpers import check_index_matches_catalogue, figure, settings_env
+from tests.helpers import run_sync
 from visrec.config import Settings
 from visrec.errors import IndexUnavailable
 
@@ -45,7 +45,7 @@ def test_a_full_disk_in_a_sync_is_one_clear_error_and_a_rerun_completes(
     if store.qdrant.url:
         pytest.skip("a fault of the embedded store's files; a server reports its own disk errors over HTTP")
     if existing:
-        sync_in_process(make_catalogue(8), store)
+        run_sync(make_catalogue(8), store)
     catalogue = make_catalogue(24)
     done = subprocess.run(
         [sys.executable, "-c", FULL_DISK_CLI, str(limit), "sync", str(catalogue), "--json"],
@@ -63,6 +63,6 @@ def test_a_full_disk_in_a_sync_is_one_clear_error_and_a_rerun_completes(
     assert "the disk is full or the file size limit was reached" in errors[0]
     assert str(store.qdrant.path) in errors[0]
 
-    summary = sync_in_process(catalogue, store)  # space is back: the rerun carries on
+    summary = run_sync(catalogue, store)  # space is back: the rerun carries on
     assert summary.failed == 0
     assert check_index_matches_catalogue(store, catalogue, tmp_path) == (0, 0)

@@ -1,0 +1,235 @@
+"""Helpers of the fault suite (issue #7); its fixtures are in conftest.py.
+
+The stores under test, the figures printed for the closing note, the environment of a `visrec` child
+process, the loopback stand-ins for a broken Qdrant server (which cannot run on this machine), images
+in unusual or hostile forms, and the check that an index holds exactly what a clean sync would make.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.server
+import io
+import json
+import os
+import socket
+import struct
+import threading
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from tests.helpers import run_sync
+from visrec.catalogue import read_catalogue
+from visrec.config import QdrantSettings, Settings
+from visrec.index import open_index
+from visrec.ingest import PAYLOAD_VERSION
+
+SERVER_URL = os.environ.get("VISREC_QDRANT__URL") or None
+SEED = int(os.environ.get("VISREC_FAULTS_SEED", "0"))
+
+
+def figure(name: str, value: object) -> None:
+    """Print one figure of the closing note (read them with `pytest -s tests/faults`)."""
+    print(f"\nFIGURE {name}: {json.dumps(value, sort_keys=True, default=str)}")
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The environment that makes a `visrec` process use exactly these settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISREC_")}
+    q = settings.qdrant
+    env |= {
+        "VISREC_ARTEFACT": str(settings.artefact),
+        "VISREC_QDRANT__PATH": str(q.path),
+        "VISREC_QDRANT__COLLECTION": q.collection,
+        "VISREC_QDRANT__RETRIES": str(q.retries),
+        "VISREC_QDRANT__TIMEOUT_S": str(q.timeout_s),
+        "VISREC_QDRANT__LOCK_WAIT_S": str(q.lock_wait_s),
+        "VISREC_EMBED__DEVICE": "cpu",
+        "VISREC_EMBED__WORKERS": str(settings.embed.workers),
+        "VISREC_EMBED__BATCH_SIZE": str(settings.embed.batch_size),
+        "VISREC_INGEST__FAILURE_REPORT": str(settings.ingest.failure_report),
+        "COLUMNS": "200",  # rich wraps log lines at the terminal width
+    }
+    if q.url:
+        env["VISREC_QDRANT__URL"] = q.url
+    if q.api_key:
+        env["VISREC_QDRANT__API_KEY"] = q.api_key.get_secret_value()
+    return env
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float = 30) -> None:
+    """Poll `condition()` until it is true; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.02)
+
+
+# --- stand-ins for a broken Qdrant server -----------------------------------------------------------------
+
+
+class Answer503(http.server.BaseHTTPRequestHandler):
+    """Answers 503 to every request, counting them in its server's `hits`: a Qdrant server that is up
+    but failing. (A stand-in: no Qdrant server runs here.)"""
+
+    def _fail(self) -> None:
+        self.server.hits += 1  # type: ignore[attr-defined]  # before answering: the client may check at once
+        length = int(self.headers.get("content-length") or 0)
+        self.rfile.read(length)
+        body = b'{"status":{"error":"Service Unavailable"}}'
+        self.send_response(503)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _fail
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base's name
+        pass
+
+
+Mode = Literal["pass", "drop", "stall"]
+
+
+class TcpProxy:
+    """A loopback TCP proxy in front of `target` (host, port) that can be switched, at any moment, to
+    drop every connection (accept, then close) or stall it (accept, never answer). Switching cuts the
+    connections already open, so a client's keep-alive pool cannot bypass the fault."""
+
+    def __init__(self, target: tuple[str, int] | None, mode: Mode = "pass") -> None:
+        self.target, self.mode = target, mode
+        self.accepted = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+
+    def switch(self, mode: Mode) -> None:
+        with self._lock:
+            self.mode = mode
+            for conn in self._open:
+                _shut(conn)
+            self._open.clear()
+
+    def close(self) -> None:
+        self._closed = True
+        self.switch("drop")
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with self._lock:
+                mode = self.mode
+                if mode == "drop":
+                    _shut(client)
+                    continue
+                self._open.add(client)
+            if mode == "pass":
+                threading.Thread(target=self._forward, args=(client,), daemon=True).start()
+            # "stall": kept open and never answered, until a switch or close cuts it
+
+    def _forward(self, client: socket.socket) -> None:
+        assert self.target is not None, "pass mode needs a target"
+        try:
+            upstream = socket.create_connection(self.target, timeout=10)
+        except OSError:
+            _shut(client)
+            return
+        with self._lock:
+            self._open.add(upstream)
+        threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
+        _pump(client, upstream)
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:
+        _shut(src)
+        _shut(dst)
+
+
+def _shut(conn: socket.socket) -> None:
+    with contextlib.suppress(OSError):  # already closed by the other side
+        conn.shutdown(socket.SHUT_RDWR)
+    conn.close()
+
+
+# --- images -----------------------------------------------------------------------------------------------
+
+
+def save(image: Image.Image, fmt: str, **options: Any) -> bytes:
+    """`image` encoded as `fmt` (with Pillow's `options`)."""
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def drawn(mode: str = "RGB", size: tuple[int, int] = (48, 48)) -> Image.Image:
+    """A red circle on white, in `mode`."""
+    image = Image.new("RGB", size, "white")
+    ImageDraw.Draw(image).ellipse((4, 4, size[0] - 4, size[1] - 4), fill=(220, 30, 30))
+    return image.convert(mode)
+
+
+def png_bomb(width: int = 100_000, height: int = 100_000) -> bytes:
+    """A PNG whose header declares width x height RGB pixels but whose data is a few bytes."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = zlib.compress(b"\0" * (1 + 3 * width) * 4)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+# --- checks -----------------------------------------------------------------------------------------------
+
+
+def check_index_matches_catalogue(store: Settings, catalogue: Path, tmp_path: Path) -> tuple[int, int]:
+    """Compare the index with the catalogue and with a clean sync of it; returns (lost, duplicated)."""
+    parsed = read_catalogue(catalogue)
+    reference = store.model_copy(update={"qdrant": QdrantSettings(path=tmp_path / "reference")})
+    run_sync(catalogue, reference)
+    with open_index(store.qdrant) as index, open_index(reference.qdrant) as clean:
+        records = index.sync_records()
+        expected = {p.id: p for p in parsed.products}
+        lost = len(set(expected) - set(records))
+        duplicated = index.count() - len(records)
+        assert set(records) <= set(expected)
+        version = clean.get(parsed.products[0].id)[1]["model_version"]  # type: ignore[index]
+        for product_id, product in expected.items():
+            got = index.get(product_id)
+            if got is None:
+                continue
+            vector, payload = got
+            assert payload["content_hash"] == f"{PAYLOAD_VERSION}:{parsed.content_hash(product)}"
+            assert payload["model_version"] == version
+            assert payload["image"] == parsed.image_ref(product)
+            for key, value in product.metadata().items():
+                if key != "image":
+                    assert payload[key] == value, (product_id, key)
+            clean_vector, clean_payload = clean.get(product_id)  # type: ignore[misc]
+            assert np.allclose(vector, clean_vector, atol=1e-3), product_id
+            assert payload == clean_payload
+    return lost, duplicated

@@ -1,0 +1,172 @@
+"""Builders shared by the test modules (fixtures live in conftest.py): drawn product photos and the
+catalogues that list them, small settings, one sync or reindex in this process, and loopback servers.
+
+`sync_args` is the one place that knows `visrec.ingest.sync`'s keyword arguments; `run_sync` and
+`run_reindex` go through it, so a change of that signature is made here.
+"""
+
+from __future__ import annotations
+
+import csv
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import uvicorn
+from PIL import Image, ImageDraw
+
+from visrec.catalogue import Catalogue, read_catalogue
+from visrec.config import EmbedSettings, IngestSettings, QdrantSettings, Settings, TrainSettings
+from visrec.embed import Embedder
+from visrec.images import ImageLimits
+from visrec.index import Store, VectorIndex, open_index, open_store
+from visrec.ingest import SyncSummary, sync
+from visrec.versions import ReindexSummary, reindex
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60)}
+
+
+# --- photos and catalogues --------------------------------------------------------------------------------
+
+
+def draw_product(path: Path, shape: str, colour: str, size: int = 48, variant: int = 0) -> Path:
+    """A product photo: a coloured shape on a white background, slightly varied by `variant`."""
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    m = 6 + variant % 5
+    box = (m, m, size - m - variant % 3, size - m)
+    rgb = tuple(min(255, c + 7 * (variant % 4)) for c in COLOURS[colour])
+    if shape == "circle":
+        draw.ellipse(box, fill=rgb)
+    elif shape == "square":
+        draw.rectangle(box, fill=rgb)
+    else:
+        draw.polygon([(size // 2, m), (m, size - m), (size - m, size - m)], fill=rgb)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+    return path
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
+    """`rows` as a CSV file whose columns are every key, in order of first appearance."""
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+# --- settings ---------------------------------------------------------------------------------------------
+
+
+def small_settings(root: Path, artefact: Path | None = None) -> Settings:
+    """Settings sized for tests: ResNet18 at 32 px, random init, no DataLoader workers."""
+    return Settings(
+        artefact=artefact or root / "model",
+        qdrant=QdrantSettings(path=root / "qdrant"),
+        embed=EmbedSettings(device="cpu", batch_size=16, workers=0),
+        ingest=IngestSettings(failure_report=root / "failures.jsonl"),
+        train=TrainSettings(
+            backbone="resnet18",
+            weights="random",
+            image_size=32,
+            epochs_frozen=3,
+            epochs_finetune=1,
+            lr_frozen=3e-3,
+            lr_finetune=1e-4,
+            batch_size=16,
+        ),
+    )
+
+
+# --- sync and reindex in this process ---------------------------------------------------------------------
+
+
+def sync_args(settings: Settings, **overrides: Any) -> dict[str, Any]:
+    """The keyword arguments of `sync` (and of `reindex`, which passes them on) as `visrec sync` takes
+    them from `settings`: image limits, batch size, workers, failure report and max_delete; `overrides`
+    replace or add any of them (e.g. `max_delete=1.0`, `shard=...`, `progress=...`)."""
+    return {
+        "limits": ImageLimits.from_settings(settings.ingest),
+        "batch_size": settings.embed.batch_size,
+        "workers": settings.embed.workers,
+        "failure_report": settings.ingest.failure_report,
+        "max_delete": settings.ingest.max_delete,
+    } | overrides
+
+
+def _catalogue(catalogue: Path | Catalogue, settings: Settings) -> Catalogue:
+    return catalogue if isinstance(catalogue, Catalogue) else read_catalogue(catalogue, settings.ingest)
+
+
+def run_sync(
+    catalogue: Path | Catalogue,
+    settings: Settings,
+    *,
+    index: VectorIndex | None = None,
+    embedder: Embedder | None = None,
+    **overrides: Any,
+) -> SyncSummary:
+    """One `visrec sync` in this process: `catalogue` (a path is read with `settings.ingest`) into
+    `index` (default: the store of `settings.qdrant`, opened for this call) with `embedder` (default: the
+    model at `settings.artefact`, on the CPU), `sync`'s other arguments from `sync_args(settings,
+    **overrides)`."""
+    embedder = embedder or Embedder(settings.artefact, torch.device("cpu"))
+    with nullcontext(index) if index is not None else open_index(settings.qdrant) as opened:
+        return sync(_catalogue(catalogue, settings), opened, embedder, **sync_args(settings, **overrides))
+
+
+def run_reindex(
+    catalogue: Path | Catalogue,
+    settings: Settings,
+    model: Path,
+    store: Store | None = None,
+    **overrides: Any,
+) -> ReindexSummary:
+    """One `visrec reindex --model MODEL` in this process, into `store` (default: the store of
+    `settings.qdrant`); `overrides` as for `run_sync` (and `accept_failures`)."""
+    with nullcontext(store) if store is not None else open_store(settings.qdrant) as opened:
+        return reindex(
+            _catalogue(catalogue, settings),
+            opened,
+            Embedder(model, torch.device("cpu")),
+            **sync_args(settings, **overrides),
+        )
+
+
+# --- loopback servers -------------------------------------------------------------------------------------
+
+
+@contextmanager
+def live_server(app: object) -> Iterator[str]:
+    """`app` served by a real uvicorn on a free loopback port, in a thread; yields its base URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))  # type: ignore[arg-type]
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def closed_port(host: str = "127.0.0.1") -> int:
+    """A port on `host` that nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
