@@ -1,13 +1,14 @@
 """Builders shared by the test modules (fixtures live in conftest.py): drawn product photos and the
 catalogues that list them, small settings, one sync or reindex in this process, and loopback servers.
 
-`sync_args` is the one place that knows `visrec.ingest.sync`'s keyword arguments; `run_sync` and
-`run_reindex` go through it, so a change of that signature is made here.
+`run_sync` and `run_reindex` are the one place that knows how `visrec sync` and `visrec reindex` call
+their stage, so a change of those signatures is made here.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import socket
 import threading
 import time
@@ -23,9 +24,8 @@ from PIL import Image, ImageDraw
 from visrec.catalogue import Catalogue, read_catalogue
 from visrec.config import EmbedSettings, IngestSettings, QdrantSettings, Settings, TrainSettings
 from visrec.embed import Embedder
-from visrec.images import ImageLimits
 from visrec.index import Store, VectorIndex, open_index, open_store
-from visrec.ingest import SyncSummary, sync
+from visrec.ingest import ProgressFn, SyncOptions, SyncSummary, sync
 from visrec.versions import ReindexSummary, reindex
 
 SHAPES = ("circle", "square", "triangle")
@@ -91,17 +91,15 @@ def small_settings(root: Path, artefact: Path | None = None) -> Settings:
 # --- sync and reindex in this process ---------------------------------------------------------------------
 
 
-def sync_args(settings: Settings, **overrides: Any) -> dict[str, Any]:
-    """The keyword arguments of `sync` (and of `reindex`, which passes them on) as `visrec sync` takes
-    them from `settings`: image limits, batch size, workers, failure report and max_delete; `overrides`
-    replace or add any of them (e.g. `max_delete=1.0`, `shard=...`, `progress=...`)."""
-    return {
-        "limits": ImageLimits.from_settings(settings.ingest),
-        "batch_size": settings.embed.batch_size,
-        "workers": settings.embed.workers,
-        "failure_report": settings.ingest.failure_report,
-        "max_delete": settings.ingest.max_delete,
-    } | overrides
+def sync_options(settings: Settings, **overrides: Any) -> SyncOptions:
+    """`SyncOptions` as `visrec sync` builds them from `settings`, with `overrides` (e.g. `max_delete=1.0`,
+    `shard=...`)."""
+    return dataclasses.replace(SyncOptions.from_settings(settings), **overrides)
+
+
+def cpu_embedder(settings: Settings, artefact: Path | None = None) -> Embedder:
+    """The model at `artefact` (default: `settings.artefact`) on the CPU, as `settings.embed` say."""
+    return Embedder(artefact or settings.artefact, torch.device("cpu"), settings.embed)
 
 
 def _catalogue(catalogue: Path | Catalogue, settings: Settings) -> Catalogue:
@@ -114,15 +112,16 @@ def run_sync(
     *,
     index: VectorIndex | None = None,
     embedder: Embedder | None = None,
-    **overrides: Any,
+    progress: ProgressFn | None = None,
+    **options: Any,
 ) -> SyncSummary:
     """One `visrec sync` in this process: `catalogue` (a path is read with `settings.ingest`) into
-    `index` (default: the store of `settings.qdrant`, opened for this call) with `embedder` (default: the
-    model at `settings.artefact`, on the CPU), `sync`'s other arguments from `sync_args(settings,
-    **overrides)`."""
-    embedder = embedder or Embedder(settings.artefact, torch.device("cpu"))
+    `index` (default: the store of `settings.qdrant`, opened for this call) with `embedder` (default:
+    `cpu_embedder(settings)`), its options from `sync_options(settings, **options)`."""
+    embedder = embedder or cpu_embedder(settings)
     with nullcontext(index) if index is not None else open_index(settings.qdrant) as opened:
-        return sync(_catalogue(catalogue, settings), opened, embedder, **sync_args(settings, **overrides))
+        options_ = sync_options(settings, **options)
+        return sync(_catalogue(catalogue, settings), opened, embedder, options_, progress=progress)
 
 
 def run_reindex(
@@ -130,16 +129,19 @@ def run_reindex(
     settings: Settings,
     model: Path,
     store: Store | None = None,
-    **overrides: Any,
+    *,
+    accept_failures: bool = False,
+    **options: Any,
 ) -> ReindexSummary:
     """One `visrec reindex --model MODEL` in this process, into `store` (default: the store of
-    `settings.qdrant`); `overrides` as for `run_sync` (and `accept_failures`)."""
+    `settings.qdrant`); `options` as for `run_sync`."""
     with nullcontext(store) if store is not None else open_store(settings.qdrant) as opened:
         return reindex(
             _catalogue(catalogue, settings),
             opened,
-            Embedder(model, torch.device("cpu")),
-            **sync_args(settings, **overrides),
+            cpu_embedder(settings, model),
+            sync_options(settings, **options),
+            accept_failures=accept_failures,
         )
 
 

@@ -242,7 +242,7 @@ def test_a_remote_image_is_served_through_the_api_not_redirected(
         allowed = settings.model_copy(
             update={"ingest": settings.ingest.model_copy(update={"allowed_hosts": ["127.0.0.1"]})}
         )
-        run_sync(tmp_path / "remote.csv", allowed, batch_size=8, workers=0, max_delete=1.0)
+        run_sync(tmp_path / "remote.csv", allowed, max_delete=1.0)
         with TestClient(create_app(allowed, torch.device("cpu")), follow_redirects=False) as client:
             image = client.get("/products/r1/image")
             assert image.status_code == 200 and image.headers["content-type"] == "image/png"

@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from visrec.artefact import Manifest, load_artefact, read_manifest
+from visrec.config import EmbedSettings
 from visrec.embed import Embedder
 from visrec.errors import ModelError
 from visrec.images import ImageLimits
@@ -33,8 +34,9 @@ def test_export_load_round_trip_gives_identical_vectors(
     for image, colour in zip(images, ("red", "blue"), strict=True):
         Image.new("RGB", (20, 30), colour).save(image)
     refs = [str(i) for i in images]
-    first = next(Embedder(path, torch.device("cpu")).embed_refs(refs, ImageLimits(), 8, 0)).vectors
-    again = next(Embedder(path, torch.device("cpu")).embed_refs(refs, ImageLimits(), 8, 0)).vectors
+    settings = EmbedSettings(batch_size=8, workers=0)
+    first = next(Embedder(path, torch.device("cpu"), settings).embed_refs(refs, ImageLimits())).vectors
+    again = next(Embedder(path, torch.device("cpu"), settings).embed_refs(refs, ImageLimits())).vectors
     assert first.shape == (2, 1000) and first.dtype == np.float32
     np.testing.assert_array_equal(first, again)
     single = Embedder(path, torch.device("cpu")).embed_image(Image.open(images[0]).convert("RGB"))
@@ -44,7 +46,7 @@ def test_export_load_round_trip_gives_identical_vectors(
 def test_tampered_or_missing_artefact(artefact: tuple[Path, Manifest], tmp_path: Path) -> None:
     copy = tmp_path / "model"
     shutil.copytree(artefact[0], copy)
-    with (copy / "weights.pt").open("ab") as f:
+    with (copy / artefact[1].weights_file).open("ab") as f:
         f.write(b"x")
     with pytest.raises(ModelError, match="sha256"):
         load_artefact(copy, torch.device("cpu"))
@@ -53,3 +55,31 @@ def test_tampered_or_missing_artefact(artefact: tuple[Path, Manifest], tmp_path:
     (copy / "manifest.json").write_text(json.dumps({"model_version": 1}))
     with pytest.raises(ModelError, match="invalid manifest"):
         read_manifest(copy)
+
+
+def test_a_new_export_replaces_the_old_one_without_a_gap(
+    artefact: tuple[Path, Manifest], tmp_path: Path
+) -> None:
+    """Exporting over an artefact writes the new weights beside the old ones, then switches the manifest
+    (one atomic rename): a reader finds a complete artefact at every moment. The old weights go after."""
+    from visrec.artefact import save_artefact
+
+    out = tmp_path / "model"
+    shutil.copytree(artefact[0], out)
+    model, manifest = load_artefact(out, torch.device("cpu"))
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    new = save_artefact(
+        model,
+        out,
+        backbone=manifest.backbone,
+        pretrained=manifest.pretrained,
+        classes=manifest.classes,
+        preprocess=manifest.preprocess,
+        metrics=manifest.metrics,
+        training=manifest.training,
+    )
+    assert new.weights_file != manifest.weights_file
+    assert sorted(p.name for p in out.iterdir()) == sorted([new.weights_file, "manifest.json"])
+    assert read_manifest(out).model_version == new.model_version
+    load_artefact(out, torch.device("cpu"))  # the weights match the manifest

@@ -267,11 +267,15 @@ def test_the_reserved_keys_cover_every_field_sync_computes() -> None:
     columns (and `image`, which it resolves) is reserved."""
     from PIL import Image
 
+    from visrec import payload as schema
     from visrec.catalogue import Product
-    from visrec.ingest import _colour_fields, _payload
+    from visrec.ingest import _colour_fields
 
     product = Product(id="a", image="a.png")
-    payload = _payload(product, "/x/a.png", "h", "m", _colour_fields(Image.new("RGB", (8, 8), "red")))
+    extracted = _colour_fields(Image.new("RGB", (8, 8), "red"))
+    payload = schema.build(
+        "a", product.metadata(), "/x/a.png", content_hash="h", model_version="m", extracted=extracted
+    )
     assert set(payload) - set(product.metadata()) - {"colour"} <= RESERVED_KEYS
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -43,8 +44,12 @@ def jpeg_refs(refs: list[str], tmp_path_factory: pytest.TempPathFactory) -> list
     return [*out, str(root / "corrupt.jpg"), refs[0]]
 
 
+def _embedder(artefact: Path, device: str, **settings: Any) -> Embedder:
+    return Embedder(artefact, torch.device(device), EmbedSettings(batch_size=16, workers=0, **settings))
+
+
 def _vectors(embedder: Embedder, refs: list[str]) -> np.ndarray:
-    return np.concatenate([b.vectors for b in embedder.embed_refs(refs, ImageLimits(), 16, 0)])
+    return np.concatenate([b.vectors for b in embedder.embed_refs(refs, ImageLimits())])
 
 
 def _top10_overlap(a: np.ndarray, b: np.ndarray) -> float:
@@ -60,22 +65,22 @@ def _top10_overlap(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_channels_last_matches_fp32(artefact: tuple[Path, Manifest], refs: list[str]) -> None:
-    plain = _vectors(Embedder(artefact[0], torch.device("cpu")), refs)
-    fast = _vectors(Embedder(artefact[0], torch.device("cpu"), channels_last=True), refs)
+    plain = _vectors(_embedder(artefact[0], "cpu"), refs)
+    fast = _vectors(_embedder(artefact[0], "cpu", channels_last=True), refs)
     np.testing.assert_allclose(fast, plain, rtol=1e-3, atol=1e-3)
 
 
 def test_bf16_keeps_the_neighbours(artefact: tuple[Path, Manifest], refs: list[str]) -> None:
-    plain = _vectors(Embedder(artefact[0], torch.device("cpu")), refs)
-    reduced = _vectors(Embedder(artefact[0], torch.device("cpu"), channels_last=True, precision="bf16"), refs)
+    plain = _vectors(_embedder(artefact[0], "cpu"), refs)
+    reduced = _vectors(_embedder(artefact[0], "cpu", channels_last=True, precision="bf16"), refs)
     assert reduced.dtype == np.float32 and reduced.shape == plain.shape
     assert _top10_overlap(plain, reduced) >= 0.95
 
 
 def test_torch_compile_matches_the_plain_path(artefact: tuple[Path, Manifest], refs: list[str]) -> None:
     # 48 images in batches of 16: one shape, so one compilation (about 30 s on 2 cores).
-    plain = _vectors(Embedder(artefact[0], torch.device("cpu")), refs)
-    compiled = _vectors(Embedder(artefact[0], torch.device("cpu"), compile=True), refs)
+    plain = _vectors(_embedder(artefact[0], "cpu"), refs)
+    compiled = _vectors(_embedder(artefact[0], "cpu", compile=True), refs)
     np.testing.assert_allclose(compiled, plain, rtol=1e-3, atol=1e-3)
 
 
@@ -83,8 +88,8 @@ def test_decoding_on_the_device_keeps_the_neighbours(
     artefact: tuple[Path, Manifest], jpeg_refs: list[str]
 ) -> None:
     # On the CPU the "device" decoder is torchvision's libjpeg one: the path is the one CUDA takes.
-    embedders = [Embedder(artefact[0], torch.device("cpu"), decode_on_device=d) for d in (False, True)]
-    plain, on_device = ([*e.embed_refs(jpeg_refs, ImageLimits(), 16, 0)] for e in embedders)
+    embedders = [_embedder(artefact[0], "cpu", decode_on_device=d) for d in (False, True)]
+    plain, on_device = ([*e.embed_refs(jpeg_refs, ImageLimits())] for e in embedders)
     assert [b.failures for b in on_device] == [b.failures for b in plain]
     assert [i for b in on_device for i, _ in b.failures] == [len(jpeg_refs) - 2]  # the corrupt one
 
@@ -97,7 +102,7 @@ def test_decoding_on_the_device_keeps_the_neighbours(
 
 def test_fp16_on_cpu_is_refused(artefact: tuple[Path, Manifest]) -> None:
     with pytest.raises(ModelError, match="needs a CUDA device"):
-        Embedder(artefact[0], torch.device("cpu"), precision="fp16")
+        _embedder(artefact[0], "cpu", precision="fp16")
 
 
 @pytest.mark.gpu
@@ -106,8 +111,8 @@ def test_fp16_on_cpu_is_refused(artefact: tuple[Path, Manifest]) -> None:
 def test_gpu_reduced_precision_keeps_the_neighbours(
     artefact: tuple[Path, Manifest], refs: list[str], precision: str
 ) -> None:
-    plain = _vectors(Embedder(artefact[0], torch.device("cpu")), refs)
-    gpu = _vectors(Embedder(artefact[0], torch.device("cuda"), True, precision), refs)  # type: ignore[arg-type]
+    plain = _vectors(_embedder(artefact[0], "cpu"), refs)
+    gpu = _vectors(_embedder(artefact[0], "cuda", channels_last=True, precision=precision), refs)
     assert _top10_overlap(plain, gpu) >= 0.95
 
 
@@ -115,8 +120,8 @@ def test_gpu_reduced_precision_keeps_the_neighbours(
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU")
 def test_nvjpeg_decoding_keeps_the_neighbours(artefact: tuple[Path, Manifest], jpeg_refs: list[str]) -> None:
     refs = jpeg_refs[:-2]  # the plain JPEGs: all of them go to nvJPEG
-    plain = _vectors(Embedder(artefact[0], torch.device("cpu")), refs)
-    gpu = _vectors(Embedder(artefact[0], torch.device("cuda"), decode_on_device=True), refs)
+    plain = _vectors(_embedder(artefact[0], "cpu"), refs)
+    gpu = _vectors(_embedder(artefact[0], "cuda", decode_on_device=True), refs)
     assert _top10_overlap(plain, gpu) >= 0.95
 
 

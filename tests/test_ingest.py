@@ -10,11 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from tests.helpers import draw_product, run_sync
+from tests.helpers import cpu_embedder, draw_product, run_sync
 from visrec.config import Settings
-from visrec.embed import Embedder
 from visrec.errors import CatalogueError, IndexUnavailable, VisrecError
 from visrec.index import open_index
 from visrec.index.edge import EdgeIndex
@@ -59,8 +57,8 @@ def test_a_new_payload_version_reprocesses(make_catalogue, settings: Settings, m
 def test_an_unchanged_resync_never_loads_the_model(make_catalogue, settings: Settings) -> None:  # type: ignore[no-untyped-def]
     catalogue = make_catalogue(6)
     run_sync(catalogue, settings)
-    embedder = Embedder(settings.artefact, torch.device("cpu"))
-    run_sync(catalogue, settings, embedder=embedder, batch_size=4, workers=0, max_delete=1.0)
+    embedder = cpu_embedder(settings)
+    run_sync(catalogue, settings, embedder=embedder, max_delete=1.0)
     assert embedder._model is None
 
 
@@ -259,10 +257,10 @@ def test_extracted_colour_is_filterable_without_a_colour_column(make_catalogue, 
     catalogue = make_catalogue(9)
     rewrite(catalogue, lambda r: {k: v for k, v in r.items() if k != "colour"})
     run_sync(catalogue, settings)
-    from visrec.query import make_filters
+    from visrec.filters import Filters
 
     with open_index(settings.qdrant) as index:
-        assert index.count(make_filters(colour=["blue"])) == 3
+        assert index.count(Filters(colour=["blue"])) == 3
 
 
 @pytest.mark.parametrize("text", ["4/4", "-1/2", "a/b", "1", "1/0", ""])
@@ -340,4 +338,4 @@ def test_a_failing_store_stops_the_sync_with_its_error(make_catalogue, settings:
         BrokenIndex(settings.qdrant.path, "c") as index,
         pytest.raises(IndexUnavailable, match="unreachable"),
     ):
-        run_sync(make_catalogue(20), settings, index=index, batch_size=4, workers=0, max_delete=1.0)
+        run_sync(make_catalogue(20), settings, index=index, max_delete=1.0)

@@ -1,19 +1,21 @@
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
-from tests.helpers import run_sync
+from tests.helpers import cpu_embedder, run_sync
 from visrec.config import Settings
-from visrec.embed import Embedder
 from visrec.errors import ImageError, InvalidFilter, InvalidQuery, NotFound
+from visrec.filters import Filters, parse_equals
 from visrec.images import ImageLimits
 from visrec.index import VectorIndex, open_index
-from visrec.query import make_filters, parse_equals, similar_to_image, similar_to_product, similar_to_vector
+from visrec.query import similar_to_image, similar_to_product, similar_to_vector
 
 
 @pytest.fixture
@@ -44,7 +46,7 @@ def test_similar_to_product_excludes_itself(index: VectorIndex) -> None:
     ids=["category", "colour-any-of", "price-range", "combined", "payload-equality"],
 )
 def test_filters_return_only_matching_products(index: VectorIndex, filters, keep) -> None:  # type: ignore[no-untyped-def]
-    hits = similar_to_product(index, "p1", k=27, filters=make_filters(**filters))
+    hits = similar_to_product(index, "p1", k=27, filters=Filters.parse(**filters))
     matching = [r for r in index.sync_records() if r != "p1" and keep(index.get(r)[1])]  # type: ignore[index]
     assert hits and all(keep(h.payload) for h in hits)
     assert sorted(h.product_id for h in hits) == sorted(matching)
@@ -53,7 +55,7 @@ def test_filters_return_only_matching_products(index: VectorIndex, filters, keep
 def test_similar_to_image_finds_the_same_photo_first(
     index: VectorIndex, settings: Settings, tmp_path: Path
 ) -> None:
-    embedder = Embedder(settings.artefact, torch.device("cpu"))
+    embedder = cpu_embedder(settings)
     photo = (tmp_path / "images" / "p7.png").read_bytes()
     hits = similar_to_image(index, embedder, photo, ImageLimits(), k=3)
     assert hits[0].product_id == "p7" and hits[0].distance == pytest.approx(0, abs=1e-3)
@@ -69,10 +71,31 @@ def test_invalid_queries(index: VectorIndex) -> None:
     with pytest.raises(InvalidQuery, match="finite"):
         similar_to_vector(index, np.full(1000, np.nan))
     with pytest.raises(InvalidFilter, match="above price_max"):
-        make_filters(price_min=10, price_max=5)
+        Filters.parse(price_min=10, price_max=5)
     with pytest.raises(InvalidFilter, match="FIELD=VALUE"):
         parse_equals(["brand"])
     assert parse_equals(["brand = acme", "size=M"]) == {"brand": "acme", "size": "M"}
+
+
+@given(
+    low=st.none() | st.floats(allow_nan=True, allow_infinity=True),
+    high=st.none() | st.floats(allow_nan=True, allow_infinity=True),
+    category=st.lists(st.text(max_size=3), max_size=4),
+)
+def test_filters_are_valid_or_an_invalid_filter(
+    low: float | None, high: float | None, category: list[str]
+) -> None:
+    """Whoever builds them (CLI flags, HTTP query parameters, the recommend body), filters hold finite
+    bounds in order and no blank category, or say why they cannot: NaN and ±inf never reach the engine
+    (a NaN bound made qdrant-edge panic)."""
+    try:
+        filters = Filters.parse(price_min=low, price_max=high, category=category)
+    except InvalidFilter:
+        assert any(b is not None and not math.isfinite(b) for b in (low, high)) or low > high  # type: ignore[operator]
+        return
+    bounds = [b for b in (filters.price_min, filters.price_max) if b is not None]
+    assert all(math.isfinite(b) for b in bounds) and bounds == sorted(bounds)
+    assert filters.category == [c for c in category if c]
 
 
 def test_colour_rerank_prefers_the_query_colour(index: VectorIndex) -> None:

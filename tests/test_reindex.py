@@ -202,3 +202,27 @@ def test_cli_reindex_and_rollback(
     assert back.exit_code == 0 and '"live": "products__v1"' in back.output
     refused = runner.invoke(cli_app, ["rollback"])
     assert refused.exit_code == 1 and "no version" in refused.output
+
+
+def test_the_service_keeps_only_the_models_of_live_and_retired_versions(
+    make_catalogue, settings: Settings, new_model: Path
+) -> None:  # type: ignore[no-untyped-def]
+    """A service that followed many reindexes must not keep every model it ever loaded (~100 MB each):
+    the live version's and those of versions retired moments ago (requests may still hold them)."""
+    from visrec.service import Service
+
+    catalogue = make_catalogue(6)
+    run_sync(catalogue, settings)
+    settings = settings.model_copy(update={"api": settings.api.model_copy(update={"alias_check_s": 0})})
+    service = Service(settings, torch.device("cpu"))
+    try:
+        assert service.live().model().artefact_dir == settings.artefact.resolve()
+        run_reindex(catalogue, settings, new_model)
+        assert service.live().model().artefact_dir == new_model.resolve()
+        assert set(service._embedders) == {settings.artefact.resolve(), new_model.resolve()}  # one retired
+        service.RETIRE_AFTER_S = 0  # retired versions close at the next check
+        rollback(open_store(settings.qdrant))
+        assert service.live().model().artefact_dir == settings.artefact.resolve()
+        assert set(service._embedders) == {settings.artefact.resolve()}
+    finally:
+        service.close()

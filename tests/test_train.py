@@ -53,7 +53,7 @@ def test_learns_beyond_chance(make_catalogue, tmp_path: Path) -> None:  # type: 
 def test_finetune_keeps_batchnorm_statistics(artefact: tuple[Path, Manifest]) -> None:
     """Phase 1's features were taken with BatchNorm in eval mode; phase 2 must not re-estimate it
     (that throws the warm start away). Random init starts BN at mean 0, var 1: it must still be."""
-    state = torch.load(artefact[0] / "weights.pt", weights_only=True)
+    state = torch.load(artefact[0] / artefact[1].weights_file, weights_only=True)
     means = [v for k, v in state.items() if k.endswith("running_mean")]
     variances = [v for k, v in state.items() if k.endswith("running_var")]
     assert means and all(torch.equal(m, torch.zeros_like(m)) for m in means)

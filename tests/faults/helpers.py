@@ -15,9 +15,7 @@ import os
 import socket
 import struct
 import threading
-import time
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -61,14 +59,6 @@ def settings_env(settings: Settings) -> dict[str, str]:
     if q.api_key:
         env["VISREC_QDRANT__API_KEY"] = q.api_key.get_secret_value()
     return env
-
-
-def wait_until(condition: Callable[[], object], timeout_s: float = 30) -> None:
-    """Poll `condition()` until it is true; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out waiting"
-        time.sleep(0.02)
 
 
 # --- stand-ins for a broken Qdrant server -----------------------------------------------------------------
