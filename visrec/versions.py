@@ -11,6 +11,7 @@ from typing import Any
 from visrec.catalogue import Catalogue
 from visrec.embed import Embedder
 from visrec.errors import VisrecError
+from visrec.filters import Filters
 from visrec.index import Store
 from visrec.ingest import ProgressFn, SyncOptions, SyncSummary, sync
 
@@ -77,13 +78,20 @@ def rollback(store: Store) -> tuple[str, str]:
 
 def describe(store: Store) -> dict[str, Any]:
     """What is indexed: the live version, every version, its points and the model versions that made
-    them (one page-wise read of that payload field, no vectors)."""
+    them. Two counts when every point is the collection's own model (the rule: sync refuses to mix
+    models); only otherwise a page-wise read of that payload field."""
     with store.open(store.live()) as index:
-        exists = index.exists()
-        by_model = Counter(str(r.model_version) for r in index.sync_records().values()) if exists else {}
+        points = index.count() if index.exists() else 0
+        by_model: dict[str, int] = {}
+        if points:
+            built_by = index.metadata().get("model_version")
+            if built_by and index.count(Filters(equals={"model_version": built_by})) == points:
+                by_model = {built_by: points}
+            else:
+                by_model = dict(Counter(str(r.model_version) for r in index.sync_records().values()))
         return {
             "live_version": index.collection,
             "versions": store.versions(),
-            "points": index.count() if exists else 0,
-            "points_by_model_version": dict(by_model),
+            "points": points,
+            "points_by_model_version": by_model,
         }
