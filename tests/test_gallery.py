@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import live_server, run_sync
+from tests.helpers import MakeCatalogue, live_server, run_sync
 from visrec.api import create_app
 from visrec.config import Settings
 
@@ -25,7 +25,7 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture
-def server(make_catalogue, settings: Settings) -> Iterator[str]:  # type: ignore[no-untyped-def]
+def server(make_catalogue: MakeCatalogue, settings: Settings) -> Iterator[str]:
     run_sync(make_catalogue(27), settings)
     with live_server(create_app(settings, torch.device("cpu"))) as url:
         yield url
@@ -56,7 +56,7 @@ def browser(tmp_path: Path) -> Iterator[object]:
     driver.quit()
 
 
-def test_pick_a_product_filter_and_see_neighbours(server: str, browser) -> None:  # type: ignore[no-untyped-def]
+def test_pick_a_product_filter_and_see_neighbours(server: str, browser) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -95,7 +95,7 @@ def test_pick_a_product_filter_and_see_neighbours(server: str, browser) -> None:
     assert browser.save_screenshot(str(ARTEFACTS / "gallery.png"))
 
 
-def test_an_unknown_product_shows_an_error(server: str, browser) -> None:  # type: ignore[no-untyped-def]
+def test_an_unknown_product_shows_an_error(server: str, browser) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.helpers import cpu_embedder, run_sync
+from tests.helpers import MakeCatalogue, cpu_embedder, run_sync
 from visrec.config import Settings
 from visrec.errors import ImageError, InvalidFilter, InvalidQuery, NotFound
 from visrec.filters import Filters, parse_equals
@@ -19,7 +19,7 @@ from visrec.query import similar_to_image, similar_to_product, similar_to_vector
 
 
 @pytest.fixture
-def index(make_catalogue, settings: Settings) -> Iterator[VectorIndex]:  # type: ignore[no-untyped-def]
+def index(make_catalogue: MakeCatalogue, settings: Settings) -> Iterator[VectorIndex]:
     run_sync(make_catalogue(27), settings)  # 3 shapes x 3 colours x 3, prices 10.5 … 36.5
     with open_index(settings.qdrant) as opened:
         yield opened
@@ -45,7 +45,7 @@ def test_similar_to_product_excludes_itself(index: VectorIndex) -> None:
     ],
     ids=["category", "colour-any-of", "price-range", "combined", "payload-equality"],
 )
-def test_filters_return_only_matching_products(index: VectorIndex, filters, keep) -> None:  # type: ignore[no-untyped-def]
+def test_filters_return_only_matching_products(index: VectorIndex, filters, keep) -> None:
     hits = similar_to_product(index, "p1", k=27, filters=Filters.parse(**filters))
     matching = [r for r in index.sync_records() if r != "p1" and keep(index.get(r)[1])]  # type: ignore[index]
     assert hits and all(keep(h.payload) for h in hits)

@@ -19,7 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.faults.helpers import SERVER_URL, TcpProxy, settings_env
-from tests.helpers import closed_port, run_sync
+from tests.helpers import MakeCatalogue, closed_port, run_sync
 from visrec.cli import app
 from visrec.config import QdrantSettings, Settings
 from visrec.errors import IndexUnavailable
@@ -57,7 +57,7 @@ def test_a_failing_server_ends_the_command_with_exit_4(
     fault: str,
     command: str,
     store: Settings,
-    make_catalogue: Callable[..., Path],
+    make_catalogue: MakeCatalogue,
     answers_503: http.server.ThreadingHTTPServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -91,7 +91,7 @@ def test_a_failing_server_ends_the_command_with_exit_4(
 
 
 def test_a_stalled_server_times_out_then_exit_4(
-    store: Settings, make_catalogue: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    store: Settings, make_catalogue: MakeCatalogue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Fault: the server accepts connections and never answers. visrec: each attempt times out after
     VISREC_QDRANT__TIMEOUT_S (1 s here), is retried with backoff, and `visrec sync` exits 4 with one
@@ -107,7 +107,7 @@ def test_a_stalled_server_times_out_then_exit_4(
 
 
 def test_an_embedded_store_in_use_then_released_finishes_on_rerun(
-    store: Settings, make_catalogue: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    store: Settings, make_catalogue: MakeCatalogue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Fault: the embedded store is held by another process (its WAL is locked). visrec: `visrec sync`
     and `visrec similar` wait lock_wait_s for it, then stop with one line, "in use", exit 4, having
@@ -151,7 +151,7 @@ def test_the_proxy_forwards_drops_and_stalls(answers_503: http.server.ThreadingH
 @pytest.mark.integration
 @pytest.mark.skipif(not SERVER_URL, reason="needs a Qdrant server: set VISREC_QDRANT__URL=http://host:6333")
 def test_a_server_lost_mid_sync_then_recovered_loses_nothing(
-    store: Settings, make_catalogue: Callable[..., Path], proxy: TcpProxy
+    store: Settings, make_catalogue: MakeCatalogue, proxy: TcpProxy
 ) -> None:
     """Fault: the connection to a real Qdrant server drops in the middle of a sync (a TCP proxy in
     front of it is switched to drop). visrec: the upsert is retried with backoff, then the sync stops
