@@ -7,19 +7,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import MakeCatalogue, cpu_embedder, draw_product, run_sync
+from tests.helpers import MakeCatalogue, cpu_embedder, draw_product, run_sync, stored
 from visrec.config import Settings
 from visrec.errors import CatalogueError, IndexUnavailable, VisrecError
-from visrec.index import open_index
+from visrec.index import IndexPoint, open_index
 from visrec.index.edge import EdgeIndex
 from visrec.ingest import PAYLOAD_VERSION, BackgroundWriter, Shard, SyncSummary
 
 
-def rewrite(path: Path, edit) -> None:
+def rewrite(path: Path, edit: Callable[[dict[str, str]], dict[str, str] | None]) -> None:
     with path.open() as f:
         rows = list(csv.DictReader(f))
     rows = [r for r in map(edit, rows) if r is not None]
@@ -39,7 +40,7 @@ def test_first_sync_then_nothing_to_do(make_catalogue: MakeCatalogue, settings: 
     assert again.optimize_seconds == 0  # nothing changed: no optimize()
     with open_index(settings.qdrant) as index:
         assert index.count() == 24
-        _, payload = index.get("p5")  # type: ignore[misc]
+        _, payload = stored(index, "p5")
         assert payload["category"] == "triangle" and payload["price"] == 15.5
         assert payload["model_version"] == first.model_version
         version, _, digest = payload["content_hash"].partition(":")
@@ -47,7 +48,7 @@ def test_first_sync_then_nothing_to_do(make_catalogue: MakeCatalogue, settings: 
 
 
 def test_a_new_payload_version_reprocesses(
-    make_catalogue: MakeCatalogue, settings: Settings, monkeypatch
+    make_catalogue: MakeCatalogue, settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     catalogue = make_catalogue(4)
     run_sync(catalogue, settings)
@@ -87,7 +88,7 @@ def test_changes_and_removals_are_detected(
     assert (summary.added, summary.updated, summary.deleted, summary.unchanged) == (1, 2, 2, 8)
     with open_index(settings.qdrant) as index:
         assert index.count() == 11
-        assert index.get("p2")[1]["price"] == 99  # type: ignore[index]
+        assert stored(index, "p2")[1]["price"] == 99
         assert index.get("p10") is None
 
 
@@ -98,10 +99,8 @@ def test_a_new_model_version_re_embeds(
     run_sync(catalogue, settings)
     with open_index(settings.qdrant) as index:  # as if an older model had made these points
         records = index.sync_records()
-        points = [(pid, index.get(pid)) for pid in records]
-        from visrec.index import IndexPoint
-
-        index.upsert([IndexPoint(pid, got[0], {**got[1], "model_version": "old"}) for pid, got in points])  # type: ignore[index]
+        points = [(pid, stored(index, pid)) for pid in records]
+        index.upsert([IndexPoint(pid, got[0], {**got[1], "model_version": "old"}) for pid, got in points])
     summary = run_sync(catalogue, settings)
     assert (summary.added, summary.updated, summary.unchanged) == (0, 4, 0)
 
@@ -262,7 +261,7 @@ def test_colour_is_extracted_and_the_catalogue_colour_wins(
     run_sync(catalogue, settings)
     with open_index(settings.qdrant) as index:
         for product_id, _ in index.sync_records().items():
-            payload = index.get(product_id)[1]  # type: ignore[index]
+            payload = stored(index, product_id)[1]
             drawn = ["red", "blue", "green"][(int(product_id[1:]) // 3) % 3]
             assert payload["colour_extracted"] == drawn, product_id
             assert payload["colour"] == ("crimson" if product_id == "p0" else drawn)
@@ -353,7 +352,7 @@ def test_a_failing_store_stops_the_sync_with_its_error(
     make_catalogue: MakeCatalogue, settings: Settings
 ) -> None:
     class BrokenIndex(EdgeIndex):  # a real store whose writes fail, as a server going away would
-        def upsert(self, points):
+        def upsert(self, points: Sequence[IndexPoint]) -> None:
             raise IndexUnavailable("Qdrant at test is unreachable")
 
     with (
