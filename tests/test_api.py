@@ -6,6 +6,7 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -85,7 +86,7 @@ def test_errors_map_to_status_codes(
     client: TestClient,
     method: str,
     path: str,
-    kwargs: dict,  # type: ignore[type-arg]
+    kwargs: dict[str, Any],
     status: int,
 ) -> None:
     response = getattr(client, method)(path, **kwargs)

@@ -22,6 +22,7 @@ from visrec.cli import app as cli_app
 from visrec.config import QdrantSettings, Settings
 from visrec.errors import ModelError, VisrecError
 from visrec.index import open_index, open_store
+from visrec.index.server import ServerStore
 from visrec.versions import rollback
 
 
@@ -108,10 +109,11 @@ def test_server_backend_switches_a_real_qdrant_alias(
     """qdrant-client's local mode: the alias other services would query follows the switch."""
     catalogue = make_catalogue(6)
     store = open_store(QdrantSettings(url=":memory:", collection="shop"))
+    assert isinstance(store, ServerStore)
     first = run_reindex(catalogue, settings, settings.artefact, store)  # nothing yet: builds v1
     assert first.live == "shop__v1" and store.live() == "shop__v1"
     run_reindex(catalogue, settings, new_model, store)
-    client = store.conn.client  # type: ignore[attr-defined]
+    client = store.conn.client
     assert [(a.alias_name, a.collection_name) for a in client.get_aliases().aliases] == [("shop", "shop__v2")]
     assert client.count("shop").count == 6
     assert rollback(store) == ("shop__v2", "shop__v1")
