@@ -9,7 +9,6 @@ embedded store's own unavailability (held by another process) runs everywhere.
 
 from __future__ import annotations
 
-import http.server
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +17,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from tests.faults.helpers import SERVER_URL, TcpProxy, settings_env
+from tests.faults.helpers import SERVER_URL, CountingServer, TcpProxy, settings_env
 from tests.helpers import MakeCatalogue, closed_port, run_sync
 from visrec.cli import app
 from visrec.config import QdrantSettings, Settings
@@ -58,7 +57,7 @@ def test_a_failing_server_ends_the_command_with_exit_4(
     command: str,
     store: Settings,
     make_catalogue: MakeCatalogue,
-    answers_503: http.server.ThreadingHTTPServer,
+    answers_503: CountingServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Fault: the Qdrant server answers 503 to everything (a loopback stand-in), or accepts connections
@@ -84,7 +83,7 @@ def test_a_failing_server_ends_the_command_with_exit_4(
     assert cause in error[0]
     assert stderr.count("Retrying") == RETRIES - 1  # tenacity logs before each sleep
     if fault == "http-503":
-        assert answers_503.hits == RETRIES  # type: ignore[attr-defined]
+        assert answers_503.hits == RETRIES
     elif fault == "drop":
         assert dropper.accepted >= RETRIES
     assert seconds < 10
@@ -129,7 +128,7 @@ def test_an_embedded_store_in_use_then_released_finishes_on_rerun(
         assert sorted(index.sync_records()) == sorted(f"p{i}" for i in range(8))
 
 
-def test_the_proxy_forwards_drops_and_stalls(answers_503: http.server.ThreadingHTTPServer) -> None:
+def test_the_proxy_forwards_drops_and_stalls(answers_503: CountingServer) -> None:
     """The test tool itself, so that the server-only case below can be trusted: in `pass` mode a
     request goes through to the loopback server; `drop` closes connections; `stall` never answers."""
     tcp = TcpProxy(("127.0.0.1", int(answers_503.server_address[1])))
