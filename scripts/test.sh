@@ -11,5 +11,5 @@ if ! command -v chromedriver >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-
     >/dev/null || echo "could not install chromium: the browser test will be skipped" >&2
 fi
 .venv/bin/ruff check --quiet visrec tests scripts benchmarks
-.venv/bin/mypy visrec
+.venv/bin/mypy visrec tests benchmarks
 .venv/bin/python -m pytest "$@"

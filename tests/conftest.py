@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers import COLOURS, SHAPES, draw_product, small_settings, write_csv
+from tests.helpers import COLOURS, SHAPES, MakeCatalogue, draw_product, small_settings, write_csv
 from visrec.artefact import Manifest
 from visrec.catalogue import read_catalogue
 from visrec.config import Settings
@@ -25,7 +25,7 @@ torch.set_num_threads(2)
 
 
 @pytest.fixture
-def make_catalogue(tmp_path: Path) -> Callable[..., Path]:
+def make_catalogue(tmp_path: Path) -> MakeCatalogue:
     """Build a CSV catalogue of `n` drawn products: category = shape, with colour and price."""
 
     def make(n: int = 24, name: str = "catalogue.csv", start: int = 0) -> Path:

@@ -138,7 +138,7 @@ def settings_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Setti
             if name.startswith("VISREC_"):
                 assert_known_setting(name)
                 patch.setenv(name, value)
-        return Settings(_env_file=None)  # type: ignore[call-arg]
+        return Settings(_env_file=None)
 
 
 def assert_known_setting(name: str) -> None:
@@ -165,7 +165,7 @@ def free_socket() -> socket.socket:
 def serve_keyed_app(artefact_dir: Path) -> Iterator[int]:
     """The real app over HTTP, with an API key set, no model and no collection: its port."""
     settings = Settings(
-        _env_file=None,  # type: ignore[call-arg]
+        _env_file=None,
         artefact=artefact_dir / "no-model",
         qdrant=QdrantSettings(url=":memory:"),
         api=ApiSettings(api_key=SecretStr("the-key")),

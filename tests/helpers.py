@@ -15,10 +15,12 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 import uvicorn
+from fastapi import FastAPI
 from PIL import Image, ImageDraw
 
 from visrec.catalogue import Catalogue, read_catalogue
@@ -33,6 +35,13 @@ COLOURS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 170, 60)}
 
 
 # --- photos and catalogues --------------------------------------------------------------------------------
+
+
+class MakeCatalogue(Protocol):
+    """The `make_catalogue` fixture: writes a CSV catalogue of `n` drawn products (ids `p{start}` on) as
+    `name` in the test's folder, with their photos under images/, and returns its path."""
+
+    def __call__(self, n: int = 24, name: str = "catalogue.csv", start: int = 0) -> Path: ...
 
 
 def draw_product(path: Path, shape: str, colour: str, size: int = 48, variant: int = 0) -> Path:
@@ -145,16 +154,23 @@ def run_reindex(
         )
 
 
+def stored(index: VectorIndex, product_id: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """`index.get(product_id)` for a product the test knows is there: its vector and payload."""
+    got = index.get(product_id)
+    assert got is not None, f"{product_id} is not in the index"
+    return got
+
+
 # --- loopback servers -------------------------------------------------------------------------------------
 
 
 @contextmanager
-def live_server(app: object) -> Iterator[str]:
+def live_server(app: FastAPI) -> Iterator[str]:
     """`app` served by a real uvicorn on a free loopback port, in a thread; yields its base URL."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))  # type: ignore[arg-type]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

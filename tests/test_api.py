@@ -6,6 +6,7 @@ import io
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,13 +14,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import SecretStr
 
-from tests.helpers import run_sync
+from tests.helpers import MakeCatalogue, run_sync
 from visrec.api import create_app
 from visrec.config import ApiSettings, Settings
 
 
 @pytest.fixture
-def synced(make_catalogue, settings: Settings) -> Settings:  # type: ignore[no-untyped-def]
+def synced(make_catalogue: MakeCatalogue, settings: Settings) -> Settings:
     run_sync(make_catalogue(27), settings)  # 3 shapes x 3 colours, prices 10.5 … 36.5
     return settings
 
@@ -85,7 +86,7 @@ def test_errors_map_to_status_codes(
     client: TestClient,
     method: str,
     path: str,
-    kwargs: dict,  # type: ignore[type-arg]
+    kwargs: dict[str, Any],
     status: int,
 ) -> None:
     response = getattr(client, method)(path, **kwargs)
@@ -224,8 +225,8 @@ def test_errors_carry_a_request_id_and_5xx_hide_the_cause(settings: Settings, tm
 
 
 def test_a_remote_image_is_served_through_the_api_not_redirected(
-    make_catalogue, settings: Settings, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    make_catalogue: MakeCatalogue, settings: Settings, tmp_path: Path
+) -> None:
     """A redirect would send callers (and their X-API-Key) to the catalogue's image host; the API
     fetches the photo itself, through the same guard as a sync."""
     import functools
@@ -290,8 +291,8 @@ def test_the_rate_limiter_refills_and_forgets() -> None:
 
 
 def test_readiness_recovers_when_the_model_appears(
-    make_catalogue, settings: Settings, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    make_catalogue: MakeCatalogue, settings: Settings, tmp_path: Path
+) -> None:
     """A model that failed to load is retried at each check: no restart needed once it is there."""
     import shutil
 

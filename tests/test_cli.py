@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from tests.helpers import MakeCatalogue
 from visrec.cli import app
 from visrec.config import Settings
 
@@ -25,7 +26,9 @@ def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
     return settings
 
 
-def test_train_sync_similar_status_report(make_catalogue, env: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_train_sync_similar_status_report(
+    make_catalogue: MakeCatalogue, env: Settings, tmp_path: Path
+) -> None:
     catalogue = make_catalogue(18)
     model = tmp_path / "trained"
     result = runner.invoke(
@@ -129,9 +132,9 @@ def test_flags_merge_over_environment_and_bad_settings_are_one_line(
 
 
 def test_sync_without_a_model_says_to_train(
-    make_catalogue,
+    make_catalogue: MakeCatalogue,
     env: Settings,
-    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
+    monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
 ) -> None:
     monkeypatch.setenv("VISREC_ARTEFACT", str(tmp_path / "no-model"))
@@ -140,8 +143,8 @@ def test_sync_without_a_model_says_to_train(
 
 
 def test_sync_decoding_jpegs_on_the_device(
-    make_catalogue, env: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+    make_catalogue: MakeCatalogue, env: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The setting reaches the embedder; on this CPU-only machine the "device" is the CPU.
     catalogue = make_catalogue(6)
     for png in (catalogue.parent / "images").glob("*.png"):
@@ -159,8 +162,8 @@ def test_sync_decoding_jpegs_on_the_device(
 
 
 def test_a_truncated_export_is_refused_in_one_line_and_allowed_with_max_delete(
-    make_catalogue, env: Settings, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    make_catalogue: MakeCatalogue, env: Settings, tmp_path: Path
+) -> None:
     catalogue = make_catalogue(10)
     assert runner.invoke(app, ["sync", str(catalogue), "--json"]).exit_code == 0
     truncated = tmp_path / "truncated.csv"
@@ -170,4 +173,3 @@ def test_a_truncated_export_is_refused_in_one_line_and_allowed_with_max_delete(
     assert refused.stderr.count("\n") == 1 and "would delete 7 of the 10" in refused.stderr
     allowed = runner.invoke(app, ["sync", str(truncated), "--json", "--max-delete", "1"])
     assert allowed.exit_code == 0 and json.loads(allowed.stdout)["deleted"] == 7
-

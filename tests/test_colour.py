@@ -192,4 +192,4 @@ def test_colour_info_is_frozen() -> None:
     info = extract_colours(product_photo((30, 150, 60)))
     assert isinstance(info, ColourInfo)
     with pytest.raises(AttributeError):
-        info.name = "red"  # type: ignore[misc]
+        info.name = "red"  # type: ignore[misc]  # assigning a frozen field on purpose

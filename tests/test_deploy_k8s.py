@@ -260,7 +260,7 @@ def test_api_deployment(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_probe_routes_exist_and_need_no_api_key(live_api: int) -> None:
     """Every path a probe uses (Dockerfile, compose, Kubernetes) is a route of the real app, open without
     X-API-Key (probes send none), and answers on the live app, which has a key set."""
-    app = create_app(Settings(_env_file=None), torch.device("cpu"))  # type: ignore[call-arg]
+    app = create_app(Settings(_env_file=None), torch.device("cpu"))
     routes = {route.path for route in iter_route_contexts(app.routes)}  # included routers too
     paths = {"/healthz"}  # the Dockerfile's and compose's healthchecks, checked above to use it
     container = the_container(find("Deployment", "visrec-api"))

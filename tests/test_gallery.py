@@ -7,13 +7,18 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
-from tests.helpers import live_server, run_sync
+from tests.helpers import MakeCatalogue, live_server, run_sync
 from visrec.api import create_app
 from visrec.config import Settings
+
+if TYPE_CHECKING:  # selenium is imported where a browser is driven (the tests skip without one)
+    from selenium.webdriver.remote.webdriver import WebDriver
+    from selenium.webdriver.remote.webelement import WebElement
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 ARTEFACTS = Path(__file__).parents[1] / ".visrec" / "test-artefacts"
@@ -25,14 +30,14 @@ pytestmark = pytest.mark.skipif(
 
 
 @pytest.fixture
-def server(make_catalogue, settings: Settings) -> Iterator[str]:  # type: ignore[no-untyped-def]
+def server(make_catalogue: MakeCatalogue, settings: Settings) -> Iterator[str]:
     run_sync(make_catalogue(27), settings)
     with live_server(create_app(settings, torch.device("cpu"))) as url:
         yield url
 
 
 @pytest.fixture
-def browser(tmp_path: Path) -> Iterator[object]:
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
@@ -56,7 +61,15 @@ def browser(tmp_path: Path) -> Iterator[object]:
     driver.quit()
 
 
-def test_pick_a_product_filter_and_see_neighbours(server: str, browser) -> None:  # type: ignore[no-untyped-def]
+def natural_width(img: WebElement) -> float:
+    """The loaded width of an <img> (0 until its photo has loaded): a JavaScript number, which
+    selenium's annotation of `get_property` (str | bool | WebElement | dict) leaves out."""
+    width = img.get_property("naturalWidth")
+    assert isinstance(width, (int, float)), width
+    return width
+
+
+def test_pick_a_product_filter_and_see_neighbours(server: str, browser: WebDriver) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -76,10 +89,7 @@ def test_pick_a_product_filter_and_see_neighbours(server: str, browser) -> None:
     browser.find_element(By.ID, "search").click()
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#neighbours figure.hit")) == 5)
     wait.until(
-        lambda d: all(
-            img.get_property("naturalWidth") > 0
-            for img in d.find_elements(By.CSS_SELECTOR, "#neighbours img")
-        )
+        lambda d: all(natural_width(img) > 0 for img in d.find_elements(By.CSS_SELECTOR, "#neighbours img"))
     )
 
     hits = browser.find_elements(By.CSS_SELECTOR, "#neighbours figure.hit")
@@ -95,7 +105,7 @@ def test_pick_a_product_filter_and_see_neighbours(server: str, browser) -> None:
     assert browser.save_screenshot(str(ARTEFACTS / "gallery.png"))
 
 
-def test_an_unknown_product_shows_an_error(server: str, browser) -> None:  # type: ignore[no-untyped-def]
+def test_an_unknown_product_shows_an_error(server: str, browser: WebDriver) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 

@@ -3,6 +3,7 @@ local mode (the server backend's code path). The congruence test runs one scenar
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -10,7 +11,9 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -56,7 +59,21 @@ def index(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[VectorInde
         yield opened
 
 
-def _scenario(index: VectorIndex) -> dict[str, object]:
+@dataclass
+class Scenario:
+    """What `_scenario` saw: the hits and counts of each filter (by name), and the rest of the run."""
+
+    count: int
+    hits: dict[str, list[tuple[str, float]]]  # (product id, distance), nearest first
+    counts: dict[str, int]
+    browse: tuple[list[str], list[str], str | None]  # the first page's ids, the next page's, the cursor
+    after_delete: int
+    records: list[tuple[str, str | None]]  # (product id, content hash)
+    get: tuple[list[float], Any]  # the vector, rounded, and the category
+    get_missing: tuple[np.ndarray, dict[str, Any]] | None
+
+
+def _scenario(index: VectorIndex) -> Scenario:
     """Upsert, re-upsert, filter, delete, query by id: everything a sync and a query do."""
     points = _points()
     index.create(DIM)
@@ -64,7 +81,9 @@ def _scenario(index: VectorIndex) -> dict[str, object]:
     index.upsert(points[:20])
     index.upsert(points)  # overlapping rerun: no duplicates
     query = points[0].vector
-    results: dict[str, object] = {"count": index.count()}
+    count = index.count()
+    hits: dict[str, list[tuple[str, float]]] = {}
+    counts: dict[str, int] = {}
     for name, filters in {
         "none": Filters(),
         "category": Filters(category=["jeans"]),
@@ -73,27 +92,34 @@ def _scenario(index: VectorIndex) -> dict[str, object]:
         "combined": Filters(category=["shirt", "shoe"], colour=["red"], price_max=20),
         "equals": Filters(equals={"brand": "acme"}),
     }.items():
-        hits = index.search(query, 5, filters, exclude=["p0"])
-        results[name] = [(h.product_id, round(h.distance, 4)) for h in hits]
-        results[f"count_{name}"] = index.count(filters)
+        found = index.search(query, 5, filters, exclude=["p0"])
+        hits[name] = [(h.product_id, round(h.distance, 4)) for h in found]
+        counts[name] = index.count(filters)
     first, cursor = index.browse(Filters(category=["jeans"]), 4)
     rest, end = index.browse(Filters(category=["jeans"]), 10, after=cursor)
-    results["browse"] = ([pid for pid, _ in first], [pid for pid, _ in rest], end)
+    browse = ([pid for pid, _ in first], [pid for pid, _ in rest], end)
     index.delete(["p1", "p2", "does-not-exist"])
-    results["after_delete"] = index.count()
-    results["records"] = sorted((k, v.content_hash) for k, v in index.sync_records().items())
+    after_delete = index.count()
+    records = sorted((k, v.content_hash) for k, v in index.sync_records().items())
     got = index.get("p3")
     assert got is not None
-    results["get"] = (np.round(got[0], 5).tolist(), got[1]["category"])
-    results["get_missing"] = index.get("p1")
-    return results
+    return Scenario(
+        count=count,
+        hits=hits,
+        counts=counts,
+        browse=browse,
+        after_delete=after_delete,
+        records=records,
+        get=(np.round(got[0], 5).tolist(), got[1]["category"]),
+        get_missing=index.get("p1"),
+    )
 
 
 def test_scenario_matches_exact_search(index: VectorIndex) -> None:
     results = _scenario(index)
     points = _points()
     query = points[0].vector
-    assert results["count"] == 30 and results["after_delete"] == 28
+    assert results.count == 30 and results.after_delete == 28
     expected = {
         "none": lambda p: p.product_id != "p0",
         "category": lambda p: p.payload["category"] == "jeans",
@@ -107,15 +133,12 @@ def test_scenario_matches_exact_search(index: VectorIndex) -> None:
     }
     for name, keep in expected.items():
         kept = [p for p in points if keep(p) and p.product_id != "p0"]
-        assert [pid for pid, _ in results[name]] == _exact(points, query, kept)[:5], name  # type: ignore[attr-defined]
-    assert len(results["records"]) == 28  # type: ignore[arg-type]
-    first: list[str]
-    rest: list[str]
-    end: str | None
-    first, rest, end = results["browse"]  # type: ignore[misc]
+        assert [pid for pid, _ in results.hits[name]] == _exact(points, query, kept)[:5], name
+    assert len(results.records) == 28
+    first, rest, end = results.browse
     assert len(first) == 4 and end is None
     assert sorted(first + rest) == sorted(p.product_id for p in points if p.payload["category"] == "jeans")
-    assert results["get_missing"] is None
+    assert results.get_missing is None
 
 
 def test_backends_are_congruent(tmp_path: Path) -> None:
@@ -123,13 +146,15 @@ def test_backends_are_congruent(tmp_path: Path) -> None:
         edge = _scenario(embedded)
     with open_index(QdrantSettings(url=":memory:", collection="c")) as server:
         local = _scenario(server)
-    assert edge.keys() == local.keys()
-    for key in edge:
-        if key.startswith("count") or key in {"after_delete", "records", "get_missing", "get", "browse"}:
-            assert edge[key] == local[key], key
-        else:  # same ids in the same order, distances equal to float precision
-            assert [p for p, _ in edge[key]] == [p for p, _ in local[key]], key  # type: ignore[attr-defined]
-            np.testing.assert_allclose([d for _, d in edge[key]], [d for _, d in local[key]], atol=1e-3)  # type: ignore[attr-defined]
+    assert edge.hits.keys() == local.hits.keys()
+    for name in edge.hits:  # same ids in the same order, distances equal to float precision
+        assert [p for p, _ in edge.hits[name]] == [p for p, _ in local.hits[name]], name
+        np.testing.assert_allclose(
+            [d for _, d in edge.hits[name]], [d for _, d in local.hits[name]], atol=1e-3
+        )
+    for field in dataclasses.fields(Scenario):  # the counts, browse pages, records and gets: equal
+        if field.name != "hits":
+            assert getattr(edge, field.name) == getattr(local, field.name), field.name
 
 
 def test_point_ids_are_deterministic() -> None:
@@ -224,16 +249,20 @@ def test_losing_the_create_race_to_another_worker_is_fine() -> None:
     """Sharded workers start together; all but one find the collection created under them."""
     from qdrant_client import models as qm
 
+    from visrec.index.server import ServerIndex
+
     index = open_index(QdrantSettings(url=":memory:", collection="c"))
+    assert isinstance(index, ServerIndex)
     assert not index.exists()  # checked at open; another worker creates it right after:
     other = qm.VectorParams(size=DIM, distance=qm.Distance.EUCLID)
-    index.client.create_collection(index.collection, vectors_config=other)  # type: ignore[attr-defined]
+    index.client.create_collection(index.collection, vectors_config=other)
     index.create(DIM)
     index.upsert(_points(3))
     assert index.count() == 3
 
     late = open_index(QdrantSettings(url=":memory:", collection="d"))
-    late.client.create_collection(  # type: ignore[attr-defined]
+    assert isinstance(late, ServerIndex)
+    late.client.create_collection(
         late.collection, vectors_config=qm.VectorParams(size=DIM + 1, distance=qm.Distance.EUCLID)
     )
     with pytest.raises(VisrecError, match="size"):
@@ -320,14 +349,15 @@ def test_embedded_folder_of_a_cut_short_create_is_no_collection(tmp_path: Path) 
 def test_server_payload_indexes_are_ensured_on_open() -> None:
     from qdrant_client import models as qm
 
-    from visrec.index.server import SCHEMA_TYPES
+    from visrec.index.server import SCHEMA_TYPES, ServerStore
 
     settings = QdrantSettings(
         url=os.environ["VISREC_QDRANT__URL"], collection=f"ensure_{uuid.uuid4().hex[:12]}"
     )
     store = open_store(settings)
+    assert isinstance(store, ServerStore)
     try:
-        client = store.conn.client  # type: ignore[attr-defined]
+        client = store.conn.client
         collection = store.version(1)
         client.create_collection(
             collection, vectors_config=qm.VectorParams(size=DIM, distance=qm.Distance.EUCLID)
@@ -337,7 +367,7 @@ def test_server_payload_indexes_are_ensured_on_open() -> None:
         schema = {n: i.data_type for n, i in client.get_collection(collection).payload_schema.items()}
         assert schema == {name: SCHEMA_TYPES[kind] for name, kind in INDEXED}
     finally:
-        store.conn.client.delete_collection(store.version(1))  # type: ignore[attr-defined]
+        store.conn.client.delete_collection(store.version(1))
         store.close()
 
 

@@ -7,19 +7,20 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import cpu_embedder, draw_product, run_sync
+from tests.helpers import MakeCatalogue, cpu_embedder, draw_product, run_sync, stored
 from visrec.config import Settings
 from visrec.errors import CatalogueError, IndexUnavailable, VisrecError
-from visrec.index import open_index
+from visrec.index import IndexPoint, open_index
 from visrec.index.edge import EdgeIndex
 from visrec.ingest import PAYLOAD_VERSION, BackgroundWriter, Shard, SyncSummary
 
 
-def rewrite(path: Path, edit) -> None:  # type: ignore[no-untyped-def]
+def rewrite(path: Path, edit: Callable[[dict[str, str]], dict[str, str] | None]) -> None:
     with path.open() as f:
         rows = list(csv.DictReader(f))
     rows = [r for r in map(edit, rows) if r is not None]
@@ -29,7 +30,7 @@ def rewrite(path: Path, edit) -> None:  # type: ignore[no-untyped-def]
         writer.writerows(rows)
 
 
-def test_first_sync_then_nothing_to_do(make_catalogue, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+def test_first_sync_then_nothing_to_do(make_catalogue: MakeCatalogue, settings: Settings) -> None:
     catalogue = make_catalogue(24)
     first = run_sync(catalogue, settings)
     assert (first.added, first.updated, first.deleted, first.unchanged, first.failed) == (24, 0, 0, 0, 0)
@@ -39,14 +40,16 @@ def test_first_sync_then_nothing_to_do(make_catalogue, settings: Settings) -> No
     assert again.optimize_seconds == 0  # nothing changed: no optimize()
     with open_index(settings.qdrant) as index:
         assert index.count() == 24
-        _, payload = index.get("p5")  # type: ignore[misc]
+        _, payload = stored(index, "p5")
         assert payload["category"] == "triangle" and payload["price"] == 15.5
         assert payload["model_version"] == first.model_version
         version, _, digest = payload["content_hash"].partition(":")
         assert version == str(PAYLOAD_VERSION) and len(digest) == 64
 
 
-def test_a_new_payload_version_reprocesses(make_catalogue, settings: Settings, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_new_payload_version_reprocesses(
+    make_catalogue: MakeCatalogue, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
     catalogue = make_catalogue(4)
     run_sync(catalogue, settings)
     monkeypatch.setattr("visrec.ingest.PAYLOAD_VERSION", PAYLOAD_VERSION + 1)
@@ -54,7 +57,7 @@ def test_a_new_payload_version_reprocesses(make_catalogue, settings: Settings, m
     assert (summary.updated, summary.unchanged) == (4, 0)
 
 
-def test_an_unchanged_resync_never_loads_the_model(make_catalogue, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+def test_an_unchanged_resync_never_loads_the_model(make_catalogue: MakeCatalogue, settings: Settings) -> None:
     catalogue = make_catalogue(6)
     run_sync(catalogue, settings)
     embedder = cpu_embedder(settings)
@@ -62,7 +65,9 @@ def test_an_unchanged_resync_never_loads_the_model(make_catalogue, settings: Set
     assert embedder._model is None
 
 
-def test_changes_and_removals_are_detected(make_catalogue, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_changes_and_removals_are_detected(
+    make_catalogue: MakeCatalogue, settings: Settings, tmp_path: Path
+) -> None:
     catalogue = make_catalogue(12)
     run_sync(catalogue, settings)
     draw_product(tmp_path / "images" / "p1.png", "circle", "green", variant=99)  # new photo
@@ -83,26 +88,26 @@ def test_changes_and_removals_are_detected(make_catalogue, settings: Settings, t
     assert (summary.added, summary.updated, summary.deleted, summary.unchanged) == (1, 2, 2, 8)
     with open_index(settings.qdrant) as index:
         assert index.count() == 11
-        assert index.get("p2")[1]["price"] == 99  # type: ignore[index]
+        assert stored(index, "p2")[1]["price"] == 99
         assert index.get("p10") is None
 
 
-def test_a_new_model_version_re_embeds(make_catalogue, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_new_model_version_re_embeds(
+    make_catalogue: MakeCatalogue, settings: Settings, tmp_path: Path
+) -> None:
     catalogue = make_catalogue(4)
     run_sync(catalogue, settings)
     with open_index(settings.qdrant) as index:  # as if an older model had made these points
         records = index.sync_records()
-        points = [(pid, index.get(pid)) for pid in records]
-        from visrec.index import IndexPoint
-
-        index.upsert([IndexPoint(pid, got[0], {**got[1], "model_version": "old"}) for pid, got in points])  # type: ignore[index]
+        points = [(pid, stored(index, pid)) for pid in records]
+        index.upsert([IndexPoint(pid, got[0], {**got[1], "model_version": "old"}) for pid, got in points])
     summary = run_sync(catalogue, settings)
     assert (summary.added, summary.updated, summary.unchanged) == (0, 4, 0)
 
 
 def test_bad_rows_and_images_are_reported_and_the_rest_indexed(
-    make_catalogue,
-    settings: Settings,  # type: ignore[no-untyped-def]
+    make_catalogue: MakeCatalogue,
+    settings: Settings,
     tmp_path: Path,
 ) -> None:
     catalogue = make_catalogue(6)
@@ -125,7 +130,9 @@ def test_bad_rows_and_images_are_reported_and_the_rest_indexed(
     assert any("file not found" in r["error"] for r in report)
 
 
-def test_a_row_gone_bad_does_not_delete_its_product(make_catalogue, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+def test_a_row_gone_bad_does_not_delete_its_product(
+    make_catalogue: MakeCatalogue, settings: Settings
+) -> None:
     catalogue = make_catalogue(3)
     run_sync(catalogue, settings)
     rewrite(catalogue, lambda r: {**r, "price": "oops"} if r["id"] == "p1" else r)
@@ -136,8 +143,8 @@ def test_a_row_gone_bad_does_not_delete_its_product(make_catalogue, settings: Se
 
 
 def test_a_catalogue_with_no_valid_row_deletes_nothing(
-    make_catalogue, settings: Settings, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    make_catalogue: MakeCatalogue, settings: Settings, tmp_path: Path
+) -> None:
     run_sync(make_catalogue(3), settings)
     broken = tmp_path / "broken.csv"
     broken.write_text("id,image,price\na,x.png,bad\n")
@@ -155,7 +162,9 @@ def test_a_catalogue_with_no_valid_row_deletes_nothing(
         ",images/p0.png,circle,red,1,no id\n",
     ],
 )
-def test_an_unreadable_row_holds_back_every_delete(make_catalogue, settings: Settings, damage: str) -> None:  # type: ignore[no-untyped-def]
+def test_an_unreadable_row_holds_back_every_delete(
+    make_catalogue: MakeCatalogue, settings: Settings, damage: str
+) -> None:
     """Deletes are earned: a row that cannot be read, or has no id, could be any product, so the run
     deletes nothing and says so; once the row is fixed, the removed products go."""
     catalogue = make_catalogue(10)
@@ -172,7 +181,9 @@ def test_an_unreadable_row_holds_back_every_delete(make_catalogue, settings: Set
     assert (summary.deleted, summary.deletes_held_back) == (2, 0)
 
 
-def test_a_truncated_export_deletes_nothing(make_catalogue, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_truncated_export_deletes_nothing(
+    make_catalogue: MakeCatalogue, settings: Settings, tmp_path: Path
+) -> None:
     """A feed job that died half-way: more than max_delete of the indexed products would go. Nothing is
     written (not even the new products), the error says how many and how to allow it."""
     catalogue = make_catalogue(10)
@@ -190,7 +201,7 @@ def test_a_truncated_export_deletes_nothing(make_catalogue, settings: Settings, 
     assert run_sync(catalogue, settings, max_delete=0.2).added == 5  # additions are never limited
 
 
-def test_the_mass_delete_guard_counts_per_shard(make_catalogue, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+def test_the_mass_delete_guard_counts_per_shard(make_catalogue: MakeCatalogue, settings: Settings) -> None:
     """Two of the shard's products go: a small share of the index, a large one of the shard."""
     catalogue = make_catalogue(20)
     shard = Shard(0, 2)
@@ -203,7 +214,9 @@ def test_the_mass_delete_guard_counts_per_shard(make_catalogue, settings: Settin
     assert run_sync(catalogue, settings, shard=shard, max_delete=share).deleted == 2
 
 
-def test_killed_sync_is_finished_by_a_rerun(make_catalogue, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_killed_sync_is_finished_by_a_rerun(
+    make_catalogue: MakeCatalogue, settings: Settings, tmp_path: Path
+) -> None:
     """SIGKILL a real `visrec sync` process after its first batches land, rerun, check every product once."""
     catalogue = make_catalogue(120)
     env = {
@@ -240,20 +253,24 @@ def test_killed_sync_is_finished_by_a_rerun(make_catalogue, settings: Settings, 
         assert sorted(records) == sorted(f"p{i}" for i in range(120))
 
 
-def test_colour_is_extracted_and_the_catalogue_colour_wins(make_catalogue, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+def test_colour_is_extracted_and_the_catalogue_colour_wins(
+    make_catalogue: MakeCatalogue, settings: Settings
+) -> None:
     catalogue = make_catalogue(9)  # drawn in red, blue or green on white; the catalogue says which
     rewrite(catalogue, lambda r: {**r, "colour": "crimson"} if r["id"] == "p0" else r)
     run_sync(catalogue, settings)
     with open_index(settings.qdrant) as index:
         for product_id, _ in index.sync_records().items():
-            payload = index.get(product_id)[1]  # type: ignore[index]
+            payload = stored(index, product_id)[1]
             drawn = ["red", "blue", "green"][(int(product_id[1:]) // 3) % 3]
             assert payload["colour_extracted"] == drawn, product_id
             assert payload["colour"] == ("crimson" if product_id == "p0" else drawn)
             assert len(payload["colour_histogram"]) == 12 and len(payload["colour_rgb"]) == 3
 
 
-def test_extracted_colour_is_filterable_without_a_colour_column(make_catalogue, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+def test_extracted_colour_is_filterable_without_a_colour_column(
+    make_catalogue: MakeCatalogue, settings: Settings
+) -> None:
     catalogue = make_catalogue(9)
     rewrite(catalogue, lambda r: {k: v for k, v in r.items() if k != "colour"})
     run_sync(catalogue, settings)
@@ -279,7 +296,9 @@ def test_shards_partition_the_catalogue() -> None:
     assert all(p in Shard() for p in ids)  # the default shard is everything
 
 
-def test_n_sharded_workers_cover_everything_once(make_catalogue, settings: Settings, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_n_sharded_workers_cover_everything_once(
+    make_catalogue: MakeCatalogue, settings: Settings, tmp_path: Path
+) -> None:
     catalogue = make_catalogue(30)
 
     def sync_shard(text: str) -> SyncSummary:
@@ -329,9 +348,11 @@ def test_a_producer_error_stops_the_writer() -> None:
     assert written == [1]  # what was queued before the error is still written; the thread has ended
 
 
-def test_a_failing_store_stops_the_sync_with_its_error(make_catalogue, settings: Settings) -> None:  # type: ignore[no-untyped-def]
+def test_a_failing_store_stops_the_sync_with_its_error(
+    make_catalogue: MakeCatalogue, settings: Settings
+) -> None:
     class BrokenIndex(EdgeIndex):  # a real store whose writes fail, as a server going away would
-        def upsert(self, points):  # type: ignore[no-untyped-def]
+        def upsert(self, points: Sequence[IndexPoint]) -> None:
             raise IndexUnavailable("Qdrant at test is unreachable")
 
     with (

@@ -31,7 +31,9 @@ def test_packaged_resnet50_weights_load_checked() -> None:
     model = build_model("resnet50", 3)
     before = model.backbone.conv1.weight.clone()
     info = load_pretrained(model, "resnet50", "packaged")
-    assert info.sha256 == BACKBONES["resnet50"].packaged.sha256  # type: ignore[union-attr]
+    packaged = BACKBONES["resnet50"].packaged
+    assert packaged is not None
+    assert info.sha256 == packaged.sha256
     assert not torch.equal(before, model.backbone.conv1.weight)
     assert info.trained_from_scratch == ["backbone.fc", "head"]  # imgsim's fc is 768-d: ours is trained
 

@@ -1,15 +1,16 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tests.helpers import cpu_embedder, run_sync
+from tests.helpers import MakeCatalogue, cpu_embedder, run_sync, stored
 from visrec.config import Settings
 from visrec.errors import ImageError, InvalidFilter, InvalidQuery, NotFound
 from visrec.filters import Filters, parse_equals
@@ -19,7 +20,7 @@ from visrec.query import similar_to_image, similar_to_product, similar_to_vector
 
 
 @pytest.fixture
-def index(make_catalogue, settings: Settings) -> Iterator[VectorIndex]:  # type: ignore[no-untyped-def]
+def index(make_catalogue: MakeCatalogue, settings: Settings) -> Iterator[VectorIndex]:
     run_sync(make_catalogue(27), settings)  # 3 shapes x 3 colours x 3, prices 10.5 … 36.5
     with open_index(settings.qdrant) as opened:
         yield opened
@@ -45,9 +46,11 @@ def test_similar_to_product_excludes_itself(index: VectorIndex) -> None:
     ],
     ids=["category", "colour-any-of", "price-range", "combined", "payload-equality"],
 )
-def test_filters_return_only_matching_products(index: VectorIndex, filters, keep) -> None:  # type: ignore[no-untyped-def]
+def test_filters_return_only_matching_products(
+    index: VectorIndex, filters: dict[str, Any], keep: Callable[[dict[str, Any]], bool]
+) -> None:
     hits = similar_to_product(index, "p1", k=27, filters=Filters.parse(**filters))
-    matching = [r for r in index.sync_records() if r != "p1" and keep(index.get(r)[1])]  # type: ignore[index]
+    matching = [r for r in index.sync_records() if r != "p1" and keep(stored(index, r)[1])]
     assert hits and all(keep(h.payload) for h in hits)
     assert sorted(h.product_id for h in hits) == sorted(matching)
 
@@ -91,7 +94,9 @@ def test_filters_are_valid_or_an_invalid_filter(
     try:
         filters = Filters.parse(price_min=low, price_max=high, category=category)
     except InvalidFilter:
-        assert any(b is not None and not math.isfinite(b) for b in (low, high)) or low > high  # type: ignore[operator]
+        assert any(b is not None and not math.isfinite(b) for b in (low, high)) or (
+            low is not None and high is not None and low > high
+        )
         return
     bounds = [b for b in (filters.price_min, filters.price_max) if b is not None]
     assert all(math.isfinite(b) for b in bounds) and bounds == sorted(bounds)
@@ -99,7 +104,7 @@ def test_filters_are_valid_or_an_invalid_filter(
 
 
 def test_colour_rerank_prefers_the_query_colour(index: VectorIndex) -> None:
-    query_colour = index.get("p4")[1]["colour_extracted"]  # type: ignore[index]
+    query_colour = stored(index, "p4")[1]["colour_extracted"]
     plain = similar_to_product(index, "p4", k=8)
     by_colour = similar_to_product(index, "p4", k=8, colour_weight=1.0)
     assert all(h.payload["colour_extracted"] == query_colour for h in by_colour)  # 8 others share it

@@ -15,13 +15,14 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.helpers import live_server, run_reindex, run_sync
+from tests.helpers import MakeCatalogue, live_server, run_reindex, run_sync
 from visrec.api import create_app
 from visrec.artefact import Manifest, load_artefact, read_manifest, save_artefact
 from visrec.cli import app as cli_app
 from visrec.config import QdrantSettings, Settings
 from visrec.errors import ModelError, VisrecError
 from visrec.index import open_index, open_store
+from visrec.index.server import ServerStore
 from visrec.versions import rollback
 
 
@@ -52,7 +53,9 @@ def model_versions(settings: Settings) -> set[str]:
         return {str(r.model_version) for r in index.sync_records().values()}
 
 
-def test_reindex_switches_and_rollback_goes_back(make_catalogue, settings: Settings, new_model: Path) -> None:  # type: ignore[no-untyped-def]
+def test_reindex_switches_and_rollback_goes_back(
+    make_catalogue: MakeCatalogue, settings: Settings, new_model: Path
+) -> None:
     catalogue = make_catalogue(12)
     run_sync(catalogue, settings)
     old, new = read_manifest(settings.artefact).model_version, read_manifest(new_model).model_version
@@ -82,8 +85,8 @@ def test_reindex_switches_and_rollback_goes_back(make_catalogue, settings: Setti
 
 
 def test_reindex_does_not_go_live_with_missing_products(
-    make_catalogue, settings: Settings, new_model: Path
-) -> None:  # type: ignore[no-untyped-def]
+    make_catalogue: MakeCatalogue, settings: Settings, new_model: Path
+) -> None:
     catalogue = make_catalogue(12)
     run_sync(catalogue, settings)
     broken = catalogue.parent / "images" / "p3.png"
@@ -101,15 +104,16 @@ def test_reindex_does_not_go_live_with_missing_products(
 
 
 def test_server_backend_switches_a_real_qdrant_alias(
-    make_catalogue, settings: Settings, new_model: Path
-) -> None:  # type: ignore[no-untyped-def]
+    make_catalogue: MakeCatalogue, settings: Settings, new_model: Path
+) -> None:
     """qdrant-client's local mode: the alias other services would query follows the switch."""
     catalogue = make_catalogue(6)
     store = open_store(QdrantSettings(url=":memory:", collection="shop"))
+    assert isinstance(store, ServerStore)
     first = run_reindex(catalogue, settings, settings.artefact, store)  # nothing yet: builds v1
     assert first.live == "shop__v1" and store.live() == "shop__v1"
     run_reindex(catalogue, settings, new_model, store)
-    client = store.conn.client  # type: ignore[attr-defined]
+    client = store.conn.client
     assert [(a.alias_name, a.collection_name) for a in client.get_aliases().aliases] == [("shop", "shop__v2")]
     assert client.count("shop").count == 6
     assert rollback(store) == ("shop__v2", "shop__v1")
@@ -117,7 +121,9 @@ def test_server_backend_switches_a_real_qdrant_alias(
     store.close()
 
 
-def test_queries_during_the_switch_never_fail(make_catalogue, settings: Settings, new_model: Path) -> None:  # type: ignore[no-untyped-def]
+def test_queries_during_the_switch_never_fail(
+    make_catalogue: MakeCatalogue, settings: Settings, new_model: Path
+) -> None:
     """Clients query a live server by product and by photo while reindex and rollback switch versions
     under it: every answer is a 200 whose neighbours all come from one complete version, and photo
     queries are embedded by that version's own model."""
@@ -169,8 +175,8 @@ def test_queries_during_the_switch_never_fail(make_catalogue, settings: Settings
 
 
 def test_photo_queries_refuse_a_model_that_did_not_build_the_collection(
-    make_catalogue, settings: Settings, new_model: Path, tmp_path: Path
-) -> None:  # type: ignore[no-untyped-def]
+    make_catalogue: MakeCatalogue, settings: Settings, new_model: Path, tmp_path: Path
+) -> None:
     """The collection records its model; if that artefact is gone and the configured one differs,
     photo queries must fail clearly rather than compare vectors from two models."""
     from visrec.artefact import artefact_for
@@ -185,8 +191,8 @@ def test_photo_queries_refuse_a_model_that_did_not_build_the_collection(
 
 
 def test_cli_reindex_and_rollback(
-    make_catalogue, settings: Settings, new_model: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:  # type: ignore[no-untyped-def]
+    make_catalogue: MakeCatalogue, settings: Settings, new_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     catalogue = make_catalogue(6)
     run_sync(catalogue, settings)
     monkeypatch.setenv("VISREC_QDRANT__PATH", str(settings.qdrant.path))
@@ -205,8 +211,8 @@ def test_cli_reindex_and_rollback(
 
 
 def test_the_service_keeps_only_the_models_of_live_and_retired_versions(
-    make_catalogue, settings: Settings, new_model: Path
-) -> None:  # type: ignore[no-untyped-def]
+    make_catalogue: MakeCatalogue, settings: Settings, new_model: Path
+) -> None:
     """A service that followed many reindexes must not keep every model it ever loaded (~100 MB each):
     the live version's and those of versions retired moments ago (requests may still hold them)."""
     from visrec.service import Service

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import small_settings
+from tests.helpers import MakeCatalogue, small_settings
 from visrec.artefact import Manifest
 from visrec.catalogue import read_catalogue
 from visrec.config import Settings
@@ -34,7 +34,7 @@ def test_training_reduces_the_loss_and_reports_topk(artefact: tuple[Path, Manife
     assert manifest.metrics["heldout_images"] == 9  # 20 % of 15 per class
 
 
-def test_learns_beyond_chance(make_catalogue, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_learns_beyond_chance(make_catalogue: MakeCatalogue, tmp_path: Path) -> None:
     # Phase 1 on a random-init ResNet18's frozen features: measured 0.80-0.93 top-1 over seeds 0-2.
     # (Phase 2 is left out here: one Adam step at 1e-4 over a *random* backbone wrecks it; on
     # pretrained weights it does not, see the demo's figures.)
@@ -97,7 +97,7 @@ class Interrupted(Exception):
     pass
 
 
-def test_an_interrupted_run_resumes_to_the_same_model(make_catalogue, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_an_interrupted_run_resumes_to_the_same_model(make_catalogue: MakeCatalogue, tmp_path: Path) -> None:
     catalogue = read_catalogue(make_catalogue(45))
     settings = _with(small_settings(tmp_path), validation=0.2, epochs_finetune=2, patience=0)
     straight = train(catalogue, _with(settings, work_dir=tmp_path / "straight"), torch.device("cpu"))
@@ -117,7 +117,9 @@ def test_an_interrupted_run_resumes_to_the_same_model(make_catalogue, tmp_path: 
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
 
 
-def test_validation_keeps_the_best_epoch_and_stops_early(make_catalogue, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_validation_keeps_the_best_epoch_and_stops_early(
+    make_catalogue: MakeCatalogue, tmp_path: Path
+) -> None:
     # lr 1.0 on phase 2 wrecks a random backbone: validation must catch it, stop, and keep phase 1's model.
     settings = _with(small_settings(tmp_path), validation=0.2, epochs_finetune=5, lr_finetune=1.0, patience=1)
     result = train(read_catalogue(make_catalogue(45)), settings, torch.device("cpu"))

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from pydantic import SecretStr
 
-from tests.faults.helpers import SERVER_URL, Answer503, TcpProxy
+from tests.faults.helpers import SERVER_URL, Answer503, CountingServer, TcpProxy
 from tests.faults.served import (
     BIG_IMAGE,
     BODY_TIMEOUT_S,
@@ -68,11 +68,10 @@ def store(tmp_path: Path, artefact: tuple[Path, Manifest]) -> Iterator[Settings]
 
 
 @pytest.fixture
-def answers_503() -> Iterator[http.server.ThreadingHTTPServer]:
+def answers_503() -> Iterator[CountingServer]:
     """A loopback HTTP server answering 503 to everything: a Qdrant server that is up but failing.
     (A stand-in: no Qdrant server runs here.) `.hits` counts the requests it answered."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Answer503)
-    server.hits = 0  # type: ignore[attr-defined]
+    server = CountingServer(("127.0.0.1", 0), Answer503)
     threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
     yield server
     server.shutdown()

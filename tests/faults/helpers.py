@@ -22,7 +22,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageDraw
 
-from tests.helpers import run_sync
+from tests.helpers import run_sync, stored
 from visrec.catalogue import read_catalogue
 from visrec.config import QdrantSettings, Settings
 from visrec.index import open_index
@@ -64,12 +64,19 @@ def settings_env(settings: Settings) -> dict[str, str]:
 # --- stand-ins for a broken Qdrant server -----------------------------------------------------------------
 
 
+class CountingServer(http.server.ThreadingHTTPServer):
+    """A loopback HTTP server whose handler counts the requests it answered in `hits`."""
+
+    hits = 0
+
+
 class Answer503(http.server.BaseHTTPRequestHandler):
-    """Answers 503 to every request, counting them in its server's `hits`: a Qdrant server that is up
-    but failing. (A stand-in: no Qdrant server runs here.)"""
+    """Answers 503 to every request, counting them in its server's `hits` (a CountingServer): a Qdrant
+    server that is up but failing. (A stand-in: no Qdrant server runs here.)"""
 
     def _fail(self) -> None:
-        self.server.hits += 1  # type: ignore[attr-defined]  # before answering: the client may check at once
+        assert isinstance(self.server, CountingServer)
+        self.server.hits += 1  # before answering: the client may check at once
         length = int(self.headers.get("content-length") or 0)
         self.rfile.read(length)
         body = b'{"status":{"error":"Service Unavailable"}}'
@@ -207,7 +214,7 @@ def check_index_matches_catalogue(store: Settings, catalogue: Path, tmp_path: Pa
         lost = len(set(expected) - set(records))
         duplicated = index.count() - len(records)
         assert set(records) <= set(expected)
-        version = clean.get(parsed.products[0].id)[1]["model_version"]  # type: ignore[index]
+        version = stored(clean, parsed.products[0].id)[1]["model_version"]
         for product_id, product in expected.items():
             got = index.get(product_id)
             if got is None:
@@ -219,7 +226,7 @@ def check_index_matches_catalogue(store: Settings, catalogue: Path, tmp_path: Pa
             for key, value in product.metadata().items():
                 if key != "image":
                     assert payload[key] == value, (product_id, key)
-            clean_vector, clean_payload = clean.get(product_id)  # type: ignore[misc]
+            clean_vector, clean_payload = stored(clean, product_id)
             assert np.allclose(vector, clean_vector, atol=1e-3), product_id
             assert payload == clean_payload
     return lost, duplicated

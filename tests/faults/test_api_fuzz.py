@@ -9,8 +9,7 @@ import os
 import random
 import string
 from collections import Counter
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
@@ -20,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from tests.faults.helpers import SEED, figure
-from tests.helpers import run_sync
+from tests.helpers import MakeCatalogue, run_sync
 from visrec.api import create_app
 from visrec.config import ApiSettings, Settings
 
@@ -29,7 +28,7 @@ PRODUCTS = 27
 
 
 @pytest.fixture
-def client(store: Settings, make_catalogue: Callable[..., Path]) -> Iterator[TestClient]:
+def client(store: Settings, make_catalogue: MakeCatalogue) -> Iterator[TestClient]:
     """The API on an index of 27 synced products, with small upload limits so that they are hit.
     Server exceptions come back as 500 responses (counted) instead of being raised."""
     run_sync(make_catalogue(PRODUCTS), store)

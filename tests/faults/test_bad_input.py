@@ -29,7 +29,7 @@ import pytest
 from PIL import Image
 
 from tests.faults.helpers import drawn, figure, png_bomb, save
-from tests.helpers import COLOURS, SHAPES, closed_port, draw_product, run_sync
+from tests.helpers import COLOURS, SHAPES, closed_port, draw_product, run_sync, stored
 from visrec.config import IngestSettings, Settings
 from visrec.index import open_index
 
@@ -228,7 +228,7 @@ def test_a_mixed_catalogue_indexes_every_valid_row_and_reports_every_bad_one(
         records = index.sync_records()
         assert set(records) == valid and index.count() == len(valid)
         for product_id in valid:
-            vector, payload = index.get(product_id)  # type: ignore[misc]
+            vector, payload = stored(index, product_id)
             assert np.isfinite(vector).all() and payload["product_id"] == product_id
             assert not str(payload["image"]).startswith(str(tmp_path / "secret"))
     again = run_sync(catalogue, settings)

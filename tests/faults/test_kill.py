@@ -10,14 +10,14 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.faults.helpers import SEED, check_index_matches_catalogue, figure, settings_env
-from tests.helpers import write_csv
+from tests.helpers import MakeCatalogue, write_csv
 from visrec.config import Settings
 from visrec.errors import IndexUnavailable
 from visrec.index import open_index
@@ -72,7 +72,7 @@ def kill_plan(rng: random.Random) -> dict[str, float]:
 
 
 def test_repeated_kills_then_a_rerun_lose_and_duplicate_nothing(
-    store: Settings, make_catalogue: Callable[..., Path], fork_server: ForkServer, tmp_path: Path
+    store: Settings, make_catalogue: MakeCatalogue, fork_server: ForkServer, tmp_path: Path
 ) -> None:
     """Fault: `visrec sync` is SIGKILLed at seeded random points (after its n-th durable batch plus a
     random delay, or at a random time from the start), VISREC_FAULTS_KILL_CYCLES times in a row, with
@@ -127,7 +127,7 @@ LOCK_WAIT_S = 0.5  # what the rerun waits for the store: less than forked loader
 
 
 def test_a_sync_killed_with_loader_workers_leaves_the_store_free(
-    store: Settings, make_catalogue: Callable[..., Path], fork_server: ForkServer, tmp_path: Path
+    store: Settings, make_catalogue: MakeCatalogue, fork_server: ForkServer, tmp_path: Path
 ) -> None:
     """Fault: `visrec sync` with DataLoader worker processes is SIGKILLed after its first upsert and rerun
     at once. visrec: each forked loader worker first closes the descriptors it inherited that carry a

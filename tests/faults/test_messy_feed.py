@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -133,7 +133,7 @@ class Row:
 
     kind: str  # valid | damaged (has an id, reported) | unidentified (no id can be read) | junk
     product_id: str | None
-    fields: dict[str, object] | None  # written by the format's own writer
+    fields: Mapping[str, object] | None  # written by the format's own writer
     raw: str | None = None  # a JSONL line written as is
     reason: str = ""  # in the failure report's message
 

@@ -5,7 +5,6 @@ configured roots are covered by test_bad_input.py, upload size and pixel limits 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import SecretStr
 
-from tests.helpers import run_sync
+from tests.helpers import MakeCatalogue, run_sync
 from visrec.api import create_app
 from visrec.config import ApiSettings, Settings
 from visrec.index import open_index
@@ -26,7 +25,7 @@ OPEN = {"/healthz", "/readyz", "/"}
 
 
 def test_every_route_but_health_and_the_static_page_needs_the_api_key(
-    store: Settings, make_catalogue: Callable[..., Path]
+    store: Settings, make_catalogue: MakeCatalogue
 ) -> None:
     """Fault: requests without the key, or with a wrong one, to every route the app declares (read from
     the app itself, so a route added later is covered). Checked: 401 everywhere but the two probes and
@@ -51,9 +50,7 @@ def test_every_route_but_health_and_the_static_page_needs_the_api_key(
         assert client.get("/products/p1", headers={"X-API-Key": "s3cret"}).status_code == 200
 
 
-def test_the_image_route_serves_only_image_files(
-    store: Settings, make_catalogue: Callable[..., Path]
-) -> None:
+def test_the_image_route_serves_only_image_files(store: Settings, make_catalogue: MakeCatalogue) -> None:
     """Fault: a payload in the store names a file that is not a product photo (a shared server's
     collection tampered with, or a file swapped on disk). Checked: 404, and the file's bytes never
     appear in the answer."""
@@ -82,7 +79,7 @@ def test_the_image_route_serves_only_image_files(
         assert client.get("/products/p1/image").status_code == 200
 
 
-def test_an_upload_name_is_never_used_as_a_path(store: Settings, make_catalogue: Callable[..., Path]) -> None:
+def test_an_upload_name_is_never_used_as_a_path(store: Settings, make_catalogue: MakeCatalogue) -> None:
     """Fault: uploads whose file name is a path (traversal, an existing file). visrec reads the uploaded
     bytes only. Checked: a real photo under a hostile name is searched (200) and nothing is written
     where the name points; an empty body named after an existing image is refused (422)."""

@@ -9,7 +9,6 @@ embedded store's own unavailability (held by another process) runs everywhere.
 
 from __future__ import annotations
 
-import http.server
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,8 +17,8 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from tests.faults.helpers import SERVER_URL, TcpProxy, settings_env
-from tests.helpers import closed_port, run_sync
+from tests.faults.helpers import SERVER_URL, CountingServer, TcpProxy, settings_env
+from tests.helpers import MakeCatalogue, closed_port, run_sync
 from visrec.cli import app
 from visrec.config import QdrantSettings, Settings
 from visrec.errors import IndexUnavailable
@@ -57,8 +56,8 @@ def test_a_failing_server_ends_the_command_with_exit_4(
     fault: str,
     command: str,
     store: Settings,
-    make_catalogue: Callable[..., Path],
-    answers_503: http.server.ThreadingHTTPServer,
+    make_catalogue: MakeCatalogue,
+    answers_503: CountingServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Fault: the Qdrant server answers 503 to everything (a loopback stand-in), or accepts connections
@@ -84,14 +83,14 @@ def test_a_failing_server_ends_the_command_with_exit_4(
     assert cause in error[0]
     assert stderr.count("Retrying") == RETRIES - 1  # tenacity logs before each sleep
     if fault == "http-503":
-        assert answers_503.hits == RETRIES  # type: ignore[attr-defined]
+        assert answers_503.hits == RETRIES
     elif fault == "drop":
         assert dropper.accepted >= RETRIES
     assert seconds < 10
 
 
 def test_a_stalled_server_times_out_then_exit_4(
-    store: Settings, make_catalogue: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    store: Settings, make_catalogue: MakeCatalogue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Fault: the server accepts connections and never answers. visrec: each attempt times out after
     VISREC_QDRANT__TIMEOUT_S (1 s here), is retried with backoff, and `visrec sync` exits 4 with one
@@ -107,7 +106,7 @@ def test_a_stalled_server_times_out_then_exit_4(
 
 
 def test_an_embedded_store_in_use_then_released_finishes_on_rerun(
-    store: Settings, make_catalogue: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+    store: Settings, make_catalogue: MakeCatalogue, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Fault: the embedded store is held by another process (its WAL is locked). visrec: `visrec sync`
     and `visrec similar` wait lock_wait_s for it, then stop with one line, "in use", exit 4, having
@@ -129,7 +128,7 @@ def test_an_embedded_store_in_use_then_released_finishes_on_rerun(
         assert sorted(index.sync_records()) == sorted(f"p{i}" for i in range(8))
 
 
-def test_the_proxy_forwards_drops_and_stalls(answers_503: http.server.ThreadingHTTPServer) -> None:
+def test_the_proxy_forwards_drops_and_stalls(answers_503: CountingServer) -> None:
     """The test tool itself, so that the server-only case below can be trusted: in `pass` mode a
     request goes through to the loopback server; `drop` closes connections; `stall` never answers."""
     tcp = TcpProxy(("127.0.0.1", int(answers_503.server_address[1])))
@@ -151,7 +150,7 @@ def test_the_proxy_forwards_drops_and_stalls(answers_503: http.server.ThreadingH
 @pytest.mark.integration
 @pytest.mark.skipif(not SERVER_URL, reason="needs a Qdrant server: set VISREC_QDRANT__URL=http://host:6333")
 def test_a_server_lost_mid_sync_then_recovered_loses_nothing(
-    store: Settings, make_catalogue: Callable[..., Path], proxy: TcpProxy
+    store: Settings, make_catalogue: MakeCatalogue, proxy: TcpProxy
 ) -> None:
     """Fault: the connection to a real Qdrant server drops in the middle of a sync (a TCP proxy in
     front of it is switched to drop). visrec: the upsert is retried with backoff, then the sync stops

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.faults.helpers import check_index_matches_catalogue, figure, settings_env
-from tests.helpers import run_sync
+from tests.helpers import MakeCatalogue, run_sync
 from visrec.config import Settings
 from visrec.errors import IndexUnavailable
 
@@ -34,7 +33,7 @@ visrec.cli.app(sys.argv[2:], prog_name="visrec")
     ids=["creating-the-collection", "opening-an-existing-store"],
 )
 def test_a_full_disk_in_a_sync_is_one_clear_error_and_a_rerun_completes(
-    store: Settings, make_catalogue: Callable[..., Path], tmp_path: Path, existing: bool, limit: int
+    store: Settings, make_catalogue: MakeCatalogue, tmp_path: Path, existing: bool, limit: int
 ) -> None:
     """Fault: the engine cannot write (EFBIG, as ENOSPC on a full disk) during a sync: one that creates the
     collection (its WAL cannot be allocated), or one that adds products to an existing store (which the
