@@ -23,6 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 from PIL import Image, ImageDraw
 
+from visrec.artefact import Manifest, load_artefact, save_artefact
 from visrec.catalogue import Catalogue, read_catalogue
 from visrec.config import EmbedSettings, IngestSettings, QdrantSettings, Settings, TrainSettings
 from visrec.embed import Embedder
@@ -98,6 +99,26 @@ def small_settings(root: Path, artefact: Path | None = None) -> Settings:
 
 
 # --- sync and reindex in this process ---------------------------------------------------------------------
+
+
+def export_nudged(source: Path, out: Path, seed: int = 1) -> Manifest:
+    """A second real model: the one at `source` with every weight nudged (so its vectors differ),
+    exported to `out` (which may be `source` itself) with the same manifest fields."""
+    model, manifest = load_artefact(source, torch.device("cpu"))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return save_artefact(
+        model,
+        out,
+        backbone=manifest.backbone,
+        pretrained=manifest.pretrained,
+        classes=manifest.classes,
+        preprocess=manifest.preprocess,
+        metrics=manifest.metrics,
+        training=manifest.training,
+    )
 
 
 def sync_options(settings: Settings, **overrides: Any) -> SyncOptions:

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.helpers import export_nudged
 from visrec.artefact import Manifest, load_artefact, read_manifest
 from visrec.config import EmbedSettings
 from visrec.embed import Embedder
@@ -62,23 +63,10 @@ def test_a_new_export_replaces_the_old_one_without_a_gap(
 ) -> None:
     """Exporting over an artefact writes the new weights beside the old ones, then switches the manifest
     (one atomic rename): a reader finds a complete artefact at every moment. The old weights go after."""
-    from visrec.artefact import save_artefact
-
     out = tmp_path / "model"
     shutil.copytree(artefact[0], out)
-    model, manifest = load_artefact(out, torch.device("cpu"))
-    with torch.no_grad():
-        next(model.parameters()).add_(1.0)
-    new = save_artefact(
-        model,
-        out,
-        backbone=manifest.backbone,
-        pretrained=manifest.pretrained,
-        classes=manifest.classes,
-        preprocess=manifest.preprocess,
-        metrics=manifest.metrics,
-        training=manifest.training,
-    )
+    manifest = read_manifest(out)
+    new = export_nudged(out, out)
     assert new.weights_file != manifest.weights_file
     assert sorted(p.name for p in out.iterdir()) == sorted([new.weights_file, "manifest.json"])
     assert read_manifest(out).model_version == new.model_version

@@ -15,9 +15,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.helpers import MakeCatalogue, live_server, run_reindex, run_sync
+from tests.helpers import MakeCatalogue, export_nudged, live_server, run_reindex, run_sync
 from visrec.api import create_app
-from visrec.artefact import Manifest, load_artefact, read_manifest, save_artefact
+from visrec.artefact import Manifest, read_manifest
 from visrec.cli import app as cli_app
 from visrec.config import QdrantSettings, Settings
 from visrec.errors import ModelError, VisrecError
@@ -29,22 +29,8 @@ from visrec.versions import rollback
 @pytest.fixture(scope="module")
 def new_model(artefact: tuple[Path, Manifest], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A second real model: the session's, with every weight nudged (so its vectors differ)."""
-    model, manifest = load_artefact(artefact[0], torch.device("cpu"))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
     out = tmp_path_factory.mktemp("new-model") / "model"
-    save_artefact(
-        model,
-        out,
-        backbone=manifest.backbone,
-        pretrained=manifest.pretrained,
-        classes=manifest.classes,
-        preprocess=manifest.preprocess,
-        metrics=manifest.metrics,
-        training=manifest.training,
-    )
+    export_nudged(artefact[0], out)
     return out
 
 

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from pathlib import Path
-
-from tests.helpers import run_sync
+from tests.helpers import MakeCatalogue, run_sync
 from visrec.artefact import read_manifest
 from visrec.config import Settings
 from visrec.index import IndexPoint, open_index, open_store
@@ -13,7 +10,7 @@ from visrec.versions import describe
 
 
 def test_describe_counts_the_points_of_each_model(
-    make_catalogue: Callable[..., Path], settings: Settings
+    make_catalogue: MakeCatalogue, settings: Settings
 ) -> None:
     with open_store(settings.qdrant) as store:
         assert describe(store) == {
