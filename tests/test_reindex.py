@@ -211,10 +211,10 @@ def test_the_service_keeps_only_the_models_of_live_and_retired_versions(
         assert service.live().model().artefact_dir == settings.artefact.resolve()
         run_reindex(catalogue, settings, new_model)
         assert service.live().model().artefact_dir == new_model.resolve()
-        assert set(service._embedders) == {settings.artefact.resolve(), new_model.resolve()}  # one retired
+        assert service.models() == {settings.artefact.resolve(), new_model.resolve()}  # one retired
         service.RETIRE_AFTER_S = 0  # retired versions close at the next check
         rollback(open_store(settings.qdrant))
         assert service.live().model().artefact_dir == settings.artefact.resolve()
-        assert set(service._embedders) == {settings.artefact.resolve()}
+        assert service.models() == {settings.artefact.resolve()}
     finally:
         service.close()

@@ -34,7 +34,6 @@ class Live:
     index: VectorIndex
     embedder: Embedder | None
     model_problem: ModelError | None  # why photos cannot be embedded for this version
-    artefact: Path | None = None  # where the model came from
 
     def model(self) -> Embedder:
         """The model for this version; raises `ModelError` if it is not available here."""
@@ -65,10 +64,9 @@ class Service:
         self._checked = 0.0
         self._refreshing = False
         self._problem: VisrecError | None = None  # why there is no live pair yet
+        # Pairs replaced by a switch, kept open a while for the requests that still hold them. Models are
+        # held only by pairs (a model is ~100 MB: a service that followed ten reindexes must not keep ten).
         self._retired: list[tuple[float, Live]] = []
-        # Loaded models by artefact: only the live pair's and the retired pairs' stay (a model is
-        # ~100 MB; a service that followed ten reindexes kept ten).
-        self._embedders: dict[Path, Embedder] = {}
         self._lock = threading.Lock()
         self._retired_lock = threading.Lock()  # _reclaim runs under _lock or outside it
 
@@ -113,10 +111,13 @@ class Service:
         if self._store is None:
             self._store = open_store(self.qdrant)
         target = self._store.live()
-        if current is not None and current.collection == target:
+        # The pair we have, or a retired one of the target (a rollback soon after a switch: reused, since
+        # the embedded engine admits one open handle per folder).
+        known = current if current is not None and current.collection == target else self._reclaim(target)
+        if known is not None:
             # A model that failed to load is retried at each check: the artefact may have arrived.
-            return current if current.embedder is not None else self._with_model(target, current.index)
-        index = self._reclaim(target) or self._store.open(target)
+            return known if known.embedder is not None else self._with_model(target, known.index)
+        index = self._store.open(target)
         if not index.exists():
             index.close()
             raise CollectionMissing("the collection does not exist yet: run `visrec sync`")
@@ -126,24 +127,33 @@ class Service:
         """`index` paired with the model that built it, or with the reason it cannot be loaded."""
         try:
             artefact = artefact_for(index.metadata(), self.settings.artefact)
-            if artefact not in self._embedders:
+            embedder = next((m for m in self._models() if m.artefact_dir == artefact), None)
+            if embedder is None:
                 embedder = Embedder(artefact, self.device, self.settings.embed)
                 embedder.load()
-                self._embedders[artefact] = embedder
-            return Live(target, index, self._embedders[artefact], None, artefact)
+            return Live(target, index, embedder, None)
         except ModelError as exc:  # product queries still work; photo queries answer 503 with this
             log.error("%s", exc)
             return Live(target, index, None, exc)
 
-    def _reclaim(self, collection: str) -> VectorIndex | None:
-        """A retired index of `collection`, still open (a rollback soon after a switch): reused, since
-        the embedded engine admits one open handle per folder."""
+    def _reclaim(self, collection: str) -> Live | None:
+        """The retired pair of `collection`, taken back from the retired ones, if it is still open."""
         with self._retired_lock:
             for entry in self._retired:
                 if entry[1].collection == collection:
                     self._retired.remove(entry)
-                    return entry[1].index
+                    return entry[1]
         return None
+
+    def _models(self) -> list[Embedder]:
+        """The models loaded: the live pair's and the retired pairs'."""
+        with self._retired_lock:
+            pairs = [*([self._live] if self._live else []), *(live for _, live in self._retired)]
+        return [pair.embedder for pair in pairs if pair.embedder is not None]
+
+    def models(self) -> set[Path]:
+        """The artefacts whose models are loaded."""
+        return {model.artefact_dir for model in self._models()}
 
     def _swap(self, fresh: Live) -> None:
         """Make `fresh` live (under the lock); close indexes retired long enough ago."""
@@ -157,9 +167,6 @@ class Service:
             for entry in [r for r in self._retired if now - r[0] >= self.RETIRE_AFTER_S]:
                 entry[1].index.close()
                 self._retired.remove(entry)
-            in_use = {fresh.artefact} | {r[1].artefact for r in self._retired}
-        for artefact in [a for a in self._embedders if a not in in_use]:
-            del self._embedders[artefact]
 
     def close(self) -> None:
         self.fetcher.close()
