@@ -6,10 +6,10 @@ import logging
 import re
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, ClassVar, Self
 
 import numpy as np
 
@@ -89,6 +89,7 @@ class VectorIndex(_Closing):
 
     collection: str  # the physical collection's name
     owned_store: Store | None = None  # closed with this index (`Store.open(..., owner=True)`)
+    SCHEMA_TYPES: ClassVar[Mapping[IndexType, object]]  # visrec's payload index types, in the engine's terms
 
     @abstractmethod
     def exists(self) -> bool:
@@ -119,7 +120,7 @@ class VectorIndex(_Closing):
         """Create whichever payload index (`visrec.payload.INDEXED`) the collection lacks; returns the
         fields indexed now (one schema read when none is missing)."""
         have = self._payload_schema()
-        missing = [(name, kind) for name, kind in INDEXED if have.get(name) != kind]
+        missing = [(name, kind) for name, kind in INDEXED if have.get(name) != self.SCHEMA_TYPES[kind]]
         for name, kind in missing:
             self._create_payload_index(name, kind)
         return [name for name, _ in missing]
@@ -131,8 +132,8 @@ class VectorIndex(_Closing):
             log.warning("%s lacked payload indexes (a sync cut short?): created %s", self.collection, created)
 
     @abstractmethod
-    def _payload_schema(self) -> dict[str, IndexType | None]:
-        """The collection's payload indexes: field → type (None: a type visrec does not use)."""
+    def _payload_schema(self) -> dict[str, object]:
+        """The collection's payload indexes: field → the engine's type."""
 
     @abstractmethod
     def _create_payload_index(self, name: str, kind: IndexType) -> None: ...
@@ -151,7 +152,7 @@ class VectorIndex(_Closing):
         offset: str | None = None
         while True:
             page, offset = self._scroll(Filters(), SCROLL_PAGE, offset, list(SYNC_FIELDS))
-            records.update((product_id, SyncRecord.from_payload(payload)) for product_id, payload in page)
+            records.update((payload["product_id"], SyncRecord.from_payload(payload)) for payload in page)
             if offset is None:
                 return records
 
@@ -160,14 +161,15 @@ class VectorIndex(_Closing):
     ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
         """A page of (product id, payload) meeting `filters`, in point-id order, and the cursor of the next
         page (None at the end). `after` is the cursor a previous page returned."""
-        return self._scroll(filters, limit, after, True)
+        page, next_page = self._scroll(filters, limit, after, True)
+        return [(str(payload["product_id"]), payload) for payload in page], next_page
 
     @abstractmethod
     def _scroll(
         self, filters: Filters, limit: int, after: str | None, fields: list[str] | bool
-    ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
-        """A page of points in point-id order, with the payload `fields` (True: all), and the next
-        page's point id."""
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """The payloads (`fields` of them; True: all) of a page of points in point-id order, and the next
+        page's point id (None at the end)."""
 
     @abstractmethod
     def get(self, product_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:

@@ -133,6 +133,8 @@ class EdgeIndex(VectorIndex):
     """A collection stored in `root/<collection>/`; only one process may hold it open at a time.
     Its metadata lives beside it in `root/<collection>.json` (the engine keeps none)."""
 
+    SCHEMA_TYPES = SCHEMA_TYPES
+
     def __init__(self, root: Path, collection: str, settings: QdrantSettings | None = None) -> None:
         self.collection = collection
         self.path = root / collection
@@ -171,21 +173,26 @@ class EdgeIndex(VectorIndex):
                         self.settings.lock_wait_s,
                     )
                 time.sleep(LOCK_POLL_S)
+        with self._adopting(shard):
+            self._repair_payload_indexes()
+        return shard
+
+    @contextmanager
+    def _adopting(self, shard: qe.EdgeShard) -> Iterator[None]:
+        """Hold `shard` as this index's; if the block fails, let it go (or its lock stays with this
+        process)."""
         self._shard = shard
         try:
-            self._repair_payload_indexes()
+            yield
         except BaseException:
             self._shard = None
             with suppress(Exception):
-                shard.close()  # or the lock stays with this process
+                shard.close()
             raise
-        return shard
 
-    def _payload_schema(self) -> dict[str, IndexType | None]:
+    def _payload_schema(self) -> dict[str, object]:
         with self._engine("reading payload indexes"):
-            have = self.shard.info().payload_schema
-        kinds = {engine: ours for ours, engine in SCHEMA_TYPES.items()}
-        return {name: kinds.get(index.data_type) for name, index in have.items()}
+            return {name: index.data_type for name, index in self.shard.info().payload_schema.items()}
 
     def _create_payload_index(self, name: str, kind: IndexType) -> None:
         with self._engine("creating payload indexes"):
@@ -233,14 +240,9 @@ class EdgeIndex(VectorIndex):
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._engine("create"):
-            self._shard = qe.EdgeShard.create(str(self.path), config)
-        try:  # payload indexes before any optimize(): filtered queries stay fast and exact
+            shard = qe.EdgeShard.create(str(self.path), config)
+        with self._adopting(shard):  # payload indexes before any optimize(): filtered queries stay exact
             self._ensure_payload_indexes()
-        except BaseException:
-            shard, self._shard = self._shard, None
-            with suppress(Exception):
-                shard.close()
-            raise
 
     def upsert(self, points: Sequence[IndexPoint]) -> None:
         if points:
@@ -261,7 +263,7 @@ class EdgeIndex(VectorIndex):
 
     def _scroll(
         self, filters: Filters, limit: int, after: str | None, fields: list[str] | bool
-    ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+    ) -> tuple[list[dict[str, Any]], str | None]:
         request = self._request(
             lambda f: qe.ScrollRequest(
                 offset=after, limit=limit, filter=f, with_payload=fields, with_vector=False
@@ -271,8 +273,7 @@ class EdgeIndex(VectorIndex):
         )
         with self._engine("scroll"):
             page, next_id = self.shard.scroll(request)
-        items = [(str((r.payload or {})["product_id"]), dict(r.payload or {})) for r in page]
-        return items, None if next_id is None else str(next_id)
+        return [dict(r.payload or {}) for r in page], None if next_id is None else str(next_id)
 
     def get(self, product_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
         with self._engine("retrieve"):

@@ -130,6 +130,8 @@ class ServerStore(Store):
 
 
 class ServerIndex(VectorIndex):
+    SCHEMA_TYPES = SCHEMA_TYPES
+
     def __init__(self, conn: Connection, collection: str, settings: QdrantSettings) -> None:
         self.conn = conn
         self.client = conn.client
@@ -197,12 +199,11 @@ class ServerIndex(VectorIndex):
         self._exists = True
         self._ensure_payload_indexes()
 
-    def _payload_schema(self) -> dict[str, IndexType | None]:
+    def _payload_schema(self) -> dict[str, object]:
         if self.conn.local:  # local mode has no payload indexes (its schema stays empty): nothing to do
-            return dict(INDEXED)
+            return {name: SCHEMA_TYPES[kind] for name, kind in INDEXED}
         have = self._call(self.client.get_collection, self.collection).payload_schema
-        kinds = {engine: ours for ours, engine in SCHEMA_TYPES.items()}
-        return {name: kinds.get(index.data_type) for name, index in have.items()}
+        return {name: index.data_type for name, index in have.items()}
 
     def _create_payload_index(self, name: str, kind: IndexType) -> None:
         self._call(self.client.create_payload_index, self.collection, name, field_schema=SCHEMA_TYPES[kind])
@@ -228,7 +229,7 @@ class ServerIndex(VectorIndex):
 
     def _scroll(
         self, filters: Filters, limit: int, after: str | None, fields: list[str] | bool
-    ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+    ) -> tuple[list[dict[str, Any]], str | None]:
         self._require()
         page, next_id = self._call(
             self.client.scroll,
@@ -239,8 +240,7 @@ class ServerIndex(VectorIndex):
             with_payload=fields,
             with_vectors=False,
         )
-        items = [(str((r.payload or {})["product_id"]), dict(r.payload or {})) for r in page]
-        return items, None if next_id is None else str(next_id)
+        return [dict(r.payload or {}) for r in page], None if next_id is None else str(next_id)
 
     def get(self, product_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
         self._require()
