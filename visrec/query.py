@@ -7,6 +7,7 @@ the CLI and the HTTP API only parse arguments and call these.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +19,14 @@ from visrec.index import Filters, Hit, VectorIndex
 
 MAX_K = 1000
 RERANK_POOL = 5  # a colour re-rank chooses k among k x this many visual neighbours
+
+
+def indexed(index: VectorIndex, product_id: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """A product's vector and payload; raises `NotFound` if it is not indexed."""
+    found = index.get(product_id)
+    if found is None:
+        raise NotFound(f"product {product_id!r} is not in the index")
+    return found
 
 
 def similar_to_vector(
@@ -69,10 +78,7 @@ def similar_to_product(
 
     With `colour_weight` > 0, neighbours in the product's own colour are preferred (`rerank_by_colour`).
     """
-    found = index.get(product_id)
-    if found is None:
-        raise NotFound(f"product {product_id!r} is not in the index")
-    vector, payload = found
+    vector, payload = indexed(index, product_id)
     if not colour_weight:
         return similar_to_vector(index, vector, k, filters, exclude=[product_id])
     if "colour_lab" not in payload:
@@ -98,13 +104,7 @@ def recommend(
         raise InvalidQuery("recommend needs at least one positive product id")
 
     def mean_of(ids: Sequence[str]) -> np.ndarray:
-        vectors = []
-        for product_id in ids:
-            found = index.get(product_id)
-            if found is None:
-                raise NotFound(f"product {product_id!r} is not in the index")
-            vectors.append(found[0])
-        return np.mean(vectors, axis=0)
+        return np.mean([indexed(index, product_id)[0] for product_id in ids], axis=0)
 
     target = mean_of(positive)
     if negative:

@@ -67,7 +67,7 @@ def _guard_settings(settings: Settings) -> GuardSettings:
     return GuardSettings(
         api_key=api.api_key.get_secret_value().encode() if api.api_key else None,
         open_paths=frozenset(OPEN_PATHS),
-        upload_path="/search/image",
+        upload_path=search.UPLOAD_PATH,
         max_upload_bytes=api.max_upload_bytes,
         max_body_bytes=api.max_body_bytes,
         body_timeout_s=api.body_timeout_s,

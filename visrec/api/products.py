@@ -14,7 +14,6 @@ from PIL import Image
 from visrec import query
 from visrec.api.deps import ColourWeight, FilterDep, K, ServiceDep
 from visrec.api.models import Page, Product, Results, errors, results, shown
-from visrec.errors import NotFound
 from visrec.images import read_image_bytes
 from visrec.urls import is_url
 
@@ -48,10 +47,8 @@ def products(
 def product_image(product_id: str, service: ServiceDep) -> Response:
     """The product's photo as indexed, served from here: a remote one is fetched through the same
     guard as at sync (never a redirect, which would carry the caller's key to the image host)."""
-    found = service.index().get(product_id)
-    if found is None:
-        raise NotFound(f"product {product_id!r} is not in the index")
-    ref = str(found[1].get("image", ""))  # written by sync, never taken from the request
+    _, payload = query.indexed(service.index(), product_id)
+    ref = str(payload.get("image", ""))  # written by sync, never taken from the request
     if is_url(ref):
         data = read_image_bytes(ref, service.fetch_limits, service.fetcher)  # ImageError: a 422
         media_type = _image_type(io.BytesIO(data))
@@ -66,10 +63,8 @@ def product_image(product_id: str, service: ServiceDep) -> Response:
 
 @router.get("/products/{product_id}", response_model=Product, responses=errors(401, 404, 422, 503))
 def product(product_id: str, service: ServiceDep) -> Product:
-    found = service.index().get(product_id)
-    if found is None:
-        raise NotFound(f"product {product_id!r} is not in the index")
-    return Product(product_id=product_id, payload=shown(found[1], service.settings))
+    payload = query.indexed(service.index(), product_id)[1]
+    return Product(product_id=product_id, payload=shown(payload, service.settings))
 
 
 @router.get("/products/{product_id}/similar", response_model=Results, responses=errors(401, 404, 422, 503))

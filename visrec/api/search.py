@@ -12,9 +12,10 @@ from visrec.api.models import RecommendRequest, Results, errors, results
 from visrec.filters import Filters
 
 router = APIRouter()
+UPLOAD_PATH = "/search/image"  # the one route whose body may be a photo (the guard's larger limit)
 
 
-@router.post("/search/image", response_model=Results, responses=errors(400, 401, 408, 413, 422, 503))
+@router.post(UPLOAD_PATH, response_model=Results, responses=errors(400, 401, 408, 413, 422, 503))
 def search_image(
     service: ServiceDep,
     image: Annotated[UploadFile, File(description="a product photo")],
