@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel, Field, ValidationError
 
 from visrec.errors import ModelError
-from visrec.fs import write_atomically
+from visrec.fs import replacing, write_atomically
 from visrec.images import Preprocess
 from visrec.model import EMBEDDING_DIM, EMBEDDING_LAYER, VisrecNet, WeightInfo, build_model, sha256_file
 
@@ -61,7 +61,8 @@ def save_artefact(
     torch.save({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, buffer)
     digest = hashlib.sha256(buffer.getbuffer()).hexdigest()
     weights_file = f"weights-{digest[:16]}.pt"
-    write_atomically(out_dir / weights_file, buffer.getvalue())
+    with replacing(out_dir / weights_file) as f:
+        f.write(buffer.getbuffer())  # no second copy of the weights in memory
     manifest = Manifest(
         model_version=f"{backbone}-{digest[:12]}",
         backbone=backbone,
