@@ -138,7 +138,7 @@ def main() -> None:
         ),
     )
     pre = embedder.manifest.preprocess
-    refs = [catalogue.image_ref(p) for p in catalogue.products]
+    refs = [ref for p in catalogue.products for ref in catalogue.photo_refs(p)]
     print(
         f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
         f"{args.count} JPEGs of {args.jpeg_size} px, model input {pre.input_size} px, "

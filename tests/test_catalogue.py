@@ -25,9 +25,9 @@ def test_csv_fields_types_and_extra_columns(tmp_path: Path) -> None:
     assert (a1.category, a1.colour, a1.price, a1.title) == ("shirt", "red", 12.5, "Red shirt")
     assert a1.metadata()["brand"] == "acme"  # unknown columns are kept for the payload
     assert (a2.category, a2.price) == (None, None)
-    assert catalogue.image_ref(a1) == str((tmp_path / "img/a.png").resolve())
-    assert catalogue.image_ref(a2) == "/abs/b.png"
-    assert catalogue.image_ref(a3) == "https://example.invalid/c.jpg"
+    assert catalogue.photo_refs(a1)[0] == str((tmp_path / "img/a.png").resolve())
+    assert catalogue.photo_refs(a2)[0] == "/abs/b.png"
+    assert catalogue.photo_refs(a3)[0] == "https://example.invalid/c.jpg"
 
 
 def test_jsonl_rows(tmp_path: Path) -> None:
@@ -81,7 +81,7 @@ def test_bad_jsonl_rows(tmp_path: Path) -> None:
     assert [(e.line, e.message.split(":")[0]) for e in catalogue.errors] == [
         (2, "not valid JSON"),
         (3, "not a JSON object"),
-        (4, "image"),
+        (4, "row"),  # "row: no photo: give `image` or `images`"
     ]
     assert catalogue.errors[2].product_id == "c"
 
@@ -120,7 +120,7 @@ def test_bundled_sample_catalogue() -> None:
     assert len(catalogue.products) == 2000 and catalogue.errors == []
     categories = {p.category for p in catalogue.products}
     assert len(categories) == 10
-    assert all(Path(catalogue.image_ref(p)).is_file() for p in catalogue.products)
+    assert all(Path(catalogue.photo_refs(p)[0]).is_file() for p in catalogue.products)
     assert all(p.price is None and p.colour is None for p in catalogue.products)  # none invented
 
 
@@ -274,15 +274,16 @@ def test_the_reserved_keys_cover_every_field_sync_computes() -> None:
     product = Product(id="a", image="a.png")
     extracted = _colour_fields(Image.new("RGB", (8, 8), "red"))
     payload = schema.build(
-        "a", product.metadata(), "/x/a.png", content_hash="h", model_version="m", extracted=extracted
+        "a", product.metadata(), ["/x/a.png"], content_hash="h", model_version="m", extracted=extracted
     )
-    assert set(payload) - set(product.metadata()) - {"colour"} <= RESERVED_KEYS
+    # `image` and `images` are catalogue columns that sync writes resolved.
+    assert set(payload) - set(product.metadata()) - {"colour", "images"} <= RESERVED_KEYS
 
 
 def test_upper_case_schemes_are_urls(tmp_path: Path) -> None:
     (tmp_path / "c.csv").write_text("id,image\na,HTTPS://example.com/a.jpg\n")
-    [product] = read_catalogue(tmp_path / "c.csv").products
-    assert product.is_remote
+    catalogue = read_catalogue(tmp_path / "c.csv")
+    assert catalogue.photo_refs(catalogue.products[0]) == ("HTTPS://example.com/a.jpg",)
 
 
 def test_content_hash_of_a_fifo_does_not_block(tmp_path: Path) -> None:

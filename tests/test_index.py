@@ -29,13 +29,15 @@ DIM = 8
 
 
 def _points(n: int = 30) -> list[IndexPoint]:
+    """`n` products; every third has three photos (the rest one)."""
     rng = np.random.default_rng(0)
     return [
         IndexPoint(
             f"p{i}",
-            rng.normal(size=DIM).astype(np.float32),
+            rng.normal(size=(3, DIM) if i % 3 == 1 else DIM).astype(np.float32),
             {
                 "product_id": f"p{i}",
+                "images": [f"/img/p{i}-{n}.png" for n in range(3 if i % 3 == 1 else 1)],
                 "category": ["shirt", "jeans", "shoe"][i % 3],
                 "colour": ["red", "blue"][i % 2],
                 "price": float(i),
@@ -48,8 +50,14 @@ def _points(n: int = 30) -> list[IndexPoint]:
     ]
 
 
+def _nearest_photo(point: IndexPoint, vector: np.ndarray) -> tuple[float, int]:
+    """(distance to the point's nearest photo, which photo)."""
+    distances = np.linalg.norm(point.photo_vectors - vector, axis=1)
+    return float(distances.min()), int(distances.argmin())
+
+
 def _exact(points: list[IndexPoint], vector: np.ndarray, keep: list[IndexPoint]) -> list[str]:
-    return [p.product_id for p in sorted(keep, key=lambda p: float(np.linalg.norm(p.vector - vector)))]
+    return [p.product_id for p in sorted(keep, key=lambda p: _nearest_photo(p, vector)[0])]
 
 
 @pytest.fixture(params=["embedded", "server-local"])
@@ -64,12 +72,12 @@ class Scenario:
     """What `_scenario` saw: the hits and counts of each filter (by name), and the rest of the run."""
 
     count: int
-    hits: dict[str, list[tuple[str, float]]]  # (product id, distance), nearest first
+    hits: dict[str, list[tuple[str, float, int]]]  # (product id, distance, matched photo), nearest first
     counts: dict[str, int]
     browse: tuple[list[str], list[str], str | None]  # the first page's ids, the next page's, the cursor
     after_delete: int
     records: list[tuple[str, str | None]]  # (product id, content hash)
-    get: tuple[list[float], Any]  # the vector, rounded, and the category
+    get: tuple[list[list[float]], Any]  # the vectors, rounded, and the category
     get_missing: tuple[np.ndarray, dict[str, Any]] | None
 
 
@@ -80,9 +88,9 @@ def _scenario(index: VectorIndex) -> Scenario:
     index.create(DIM)  # idempotent
     index.upsert(points[:20])
     index.upsert(points)  # overlapping rerun: no duplicates
-    query = points[0].vector
+    query = points[0].vectors
     count = index.count()
-    hits: dict[str, list[tuple[str, float]]] = {}
+    hits: dict[str, list[tuple[str, float, int]]] = {}
     counts: dict[str, int] = {}
     for name, filters in {
         "none": Filters(),
@@ -93,7 +101,7 @@ def _scenario(index: VectorIndex) -> Scenario:
         "equals": Filters(equals={"brand": "acme"}),
     }.items():
         found = index.search(query, 5, filters, exclude=["p0"])
-        hits[name] = [(h.product_id, round(h.distance, 4)) for h in found]
+        hits[name] = [(h.product_id, round(h.distance, 4), h.matched) for h in found]
         counts[name] = index.count(filters)
     first, cursor = index.browse(Filters(category=["jeans"]), 4)
     rest, end = index.browse(Filters(category=["jeans"]), 10, after=cursor)
@@ -101,7 +109,7 @@ def _scenario(index: VectorIndex) -> Scenario:
     index.delete(["p1", "p2", "does-not-exist"])
     after_delete = index.count()
     records = sorted((k, v.content_hash) for k, v in index.sync_records().items())
-    got = index.get("p3")
+    got = index.get("p4")  # three photos
     assert got is not None
     return Scenario(
         count=count,
@@ -118,7 +126,7 @@ def _scenario(index: VectorIndex) -> Scenario:
 def test_scenario_matches_exact_search(index: VectorIndex) -> None:
     results = _scenario(index)
     points = _points()
-    query = points[0].vector
+    query = points[0].vectors
     assert results.count == 30 and results.after_delete == 28
     expected = {
         "none": lambda p: p.product_id != "p0",
@@ -131,9 +139,15 @@ def test_scenario_matches_exact_search(index: VectorIndex) -> None:
         ),
         "equals": lambda p: p.payload["brand"] == "acme",
     }
+    by_id = {p.product_id: p for p in points}
     for name, keep in expected.items():
         kept = [p for p in points if keep(p) and p.product_id != "p0"]
-        assert [pid for pid, _ in results.hits[name]] == _exact(points, query, kept)[:5], name
+        assert [pid for pid, _, _ in results.hits[name]] == _exact(points, query, kept)[:5], name
+        for pid, distance, matched in results.hits[name]:  # the nearest photo's distance, and which
+            expected_distance, expected_photo = _nearest_photo(by_id[pid], query)
+            assert matched == expected_photo and distance == pytest.approx(expected_distance, abs=1e-3)
+    assert any(matched for hits in results.hits.values() for _, _, matched in hits)  # not all photo 0
+    assert np.array(results.get[0]).shape == (3, DIM)
     assert len(results.records) == 28
     first, rest, end = results.browse
     assert len(first) == 4 and end is None
@@ -148,9 +162,9 @@ def test_backends_are_congruent(tmp_path: Path) -> None:
         local = _scenario(server)
     assert edge.hits.keys() == local.hits.keys()
     for name in edge.hits:  # same ids in the same order, distances equal to float precision
-        assert [p for p, _ in edge.hits[name]] == [p for p, _ in local.hits[name]], name
+        assert [(p, m) for p, _, m in edge.hits[name]] == [(p, m) for p, _, m in local.hits[name]], name
         np.testing.assert_allclose(
-            [d for _, d in edge.hits[name]], [d for _, d in local.hits[name]], atol=1e-3
+            [d for _, d, _ in edge.hits[name]], [d for _, d, _ in local.hits[name]], atol=1e-3
         )
     for field in dataclasses.fields(Scenario):  # the counts, browse pages, records and gets: equal
         if field.name != "hits":
@@ -254,9 +268,11 @@ def test_losing_the_create_race_to_another_worker_is_fine() -> None:
     index = open_index(QdrantSettings(url=":memory:", collection="c"))
     assert isinstance(index, ServerIndex)
     assert not index.exists()  # checked at open; another worker creates it right after:
-    other = qm.VectorParams(size=DIM, distance=qm.Distance.EUCLID)
+    multivector = qm.MultiVectorConfig(comparator=qm.MultiVectorComparator.MAX_SIM)
+    other = qm.VectorParams(size=DIM, distance=qm.Distance.EUCLID, multivector_config=multivector)
     index.client.create_collection(index.collection, vectors_config=other)
     index.create(DIM)
+    assert index.multivector  # the winner's layout
     index.upsert(_points(3))
     assert index.count() == 3
 
@@ -314,7 +330,7 @@ def test_embedded_payload_indexes_are_ensured_on_open(tmp_path: Path) -> None:
     )
     shard.update(
         qe.UpdateOperation.upsert_points(
-            [qe.Point(point_id(p.product_id), p.vector.tolist(), p.payload) for p in _points()]
+            [qe.Point(point_id(p.product_id), p.photo_vectors[0].tolist(), p.payload) for p in _points()]
         )
     )
     assert shard.info().payload_schema == {}
@@ -326,6 +342,44 @@ def test_embedded_payload_indexes_are_ensured_on_open(tmp_path: Path) -> None:
         assert _filtered_counts(index) == [10, 8, 1]  # the indexes cover the points already there
         index.optimize()
         assert _filtered_counts(index) == [10, 8, 1]
+
+
+@pytest.mark.parametrize("backend", ["embedded", "server-local"])
+def test_a_collection_from_before_several_photos_keeps_working(tmp_path: Path, backend: str) -> None:
+    """A collection made with one plain vector a point (before `images`): queries, gets and one-photo
+    upserts work as before; a product with several photos is refused with what to do."""
+    points = _points()
+    single = [dataclasses.replace(p, vectors=p.photo_vectors[0]) for p in points]
+    settings = QdrantSettings(
+        path=tmp_path / "q", collection="c", url=":memory:" if backend != "embedded" else None
+    )
+    with open_store(settings) as store:
+        if backend == "embedded":
+            shard = qe.EdgeShard.create(
+                str(tmp_path / "q" / "c__v1"),
+                qe.EdgeConfig(vectors=qe.EdgeVectorParams(size=DIM, distance=qe.Distance.Euclid)),
+            )
+            shard.close()
+        else:
+            from qdrant_client import models as qm
+
+            from visrec.index.server import ServerStore
+
+            assert isinstance(store, ServerStore)
+            store.conn.client.create_collection(
+                "c__v1", qm.VectorParams(size=DIM, distance=qm.Distance.EUCLID)
+            )
+        index = store.open(store.live())
+        assert not index.multivector
+        index.create(DIM)  # as every sync does: the collection keeps its layout
+        index.upsert(single)
+        hits = index.search(single[0].vectors, 3, Filters(), exclude=["p0"])
+        assert [h.product_id for h in hits] == _exact(single, single[0].vectors, single[1:])[:3]
+        got = index.get("p4")
+        assert got is not None and got[0].shape == (1, DIM)
+        with pytest.raises(PointRejected, match="visrec reindex"):
+            index.upsert([points[4]])  # three photos
+        index.close()
 
 
 def test_embedded_folder_of_a_cut_short_create_is_no_collection(tmp_path: Path) -> None:
@@ -421,14 +475,14 @@ def test_a_point_the_engine_cannot_take_is_rejected_not_a_store_failure(tmp_path
         index.create(DIM)
         good = _points(3)
         nan = IndexPoint(
-            "bad", good[0].vector, {**good[0].payload, "product_id": "bad", "price": float("nan")}
+            "bad", good[0].vectors, {**good[0].payload, "product_id": "bad", "price": float("nan")}
         )
         with pytest.raises(
             PointRejected,
             match=r"^point rejected by the store: product 'bad', field 'price': failed to convert NaN",
         ):
             index.upsert([*good, nan])
-        surrogate = IndexPoint("odd", good[0].vector, {"product_id": "odd", "title": "caf\udce9"})
+        surrogate = IndexPoint("odd", good[0].vectors, {"product_id": "odd", "title": "caf\udce9"})
         with pytest.raises(
             PointRejected,
             match="point rejected by the store: product 'odd', field 'title': UnicodeEncodeError",
@@ -439,7 +493,7 @@ def test_a_point_the_engine_cannot_take_is_rejected_not_a_store_failure(tmp_path
         assert index.count() == 3
         for value in (2**70, "caf\udce9"):  # beyond 64 bits; a lone surrogate (JSON can carry one)
             with pytest.raises(InvalidFilter, match="filter rejected by the store: Filters"):
-                index.search(good[0].vector, 3, Filters(equals={"brand": value}))
+                index.search(good[0].vectors, 3, Filters(equals={"brand": value}))
 
 
 def test_server_backend_rejects_a_point_the_client_cannot_send() -> None:

@@ -4,8 +4,12 @@ Shop feeds are messy, so reading is built to contain damage: a bad row (malforme
 id, a value the index cannot hold, an image URL or path that is refused) is reported with its line
 number and skipped, and the rest is read. Only a problem with the file as a whole raises
 `CatalogueError`: missing or unreadable, an unknown format, an encoding other than UTF-8 (with or
-without a byte-order mark) or UTF-16/32 with one, no `id`/`image` column, a column named like a field
-visrec computes.
+without a byte-order mark) or UTF-16/32 with one, no `id` column or neither `image` nor `images`, a
+column named like a field visrec computes.
+
+A product has one photo (`image`) or several (`images`: a JSON list in JSONL, `|`-separated in CSV; with
+both, `image` comes first). A photo that is refused (its URL or path) is reported and dropped; the product
+stays with its other photos, and is refused only when none is left.
 """
 
 from __future__ import annotations
@@ -17,9 +21,9 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from visrec import payload
 from visrec.config import IngestSettings
@@ -27,7 +31,10 @@ from visrec.errors import CatalogueError
 from visrec.textfile import Lines, RowTooLong, csv_field_limit, not_decodable, open_text
 from visrec.urls import FetchPolicy, check_url, is_url
 
-REQUIRED_COLUMNS = ("id", "image")
+REQUIRED_COLUMNS = ("id",)
+PHOTO_COLUMNS = ("image", "images")  # at least one of them
+MAX_PHOTOS = 32  # per product: more is a feed bug, and each photo costs an embedding and 4 KB of index
+PHOTO_SEPARATOR = "|"  # between the photos of a CSV `images` cell
 # Payload keys visrec writes itself (sync bookkeeping, the colour it extracts): a catalogue column of the
 # same name would overwrite them, so such a catalogue is refused. `colour` is the shop's own (it wins).
 RESERVED_KEYS = payload.RESERVED
@@ -42,20 +49,41 @@ class Product(BaseModel):
     model_config = ConfigDict(extra="allow", str_strip_whitespace=True, frozen=True)
 
     id: str = Field(min_length=1, max_length=MAX_ID_LENGTH)
-    image: str = Field(min_length=1, max_length=4096)
+    image: str | None = Field(default=None, min_length=1, max_length=4096)
+    images: list[Annotated[str, Field(min_length=1, max_length=4096)]] | None = None
     category: str | None = None
     colour: str | None = None
     price: float | None = Field(default=None, ge=0, allow_inf_nan=False)  # NaN said "not >= 0"
     title: str | None = None
 
-    @field_validator("category", "colour", "title", "price", mode="before")
+    @field_validator("image", "category", "colour", "title", "price", mode="before")
     @classmethod
     def _blank_is_missing(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("images", mode="before")
+    @classmethod
+    def _split_photos(cls, value: Any) -> Any:
+        """A CSV cell lists its photos separated by `|`; blanks between separators are dropped."""
+        if isinstance(value, str):
+            value = value.split(PHOTO_SEPARATOR)
+        if isinstance(value, list):
+            value = [v.strip() if isinstance(v, str) else v for v in value]
+            value = [v for v in value if v != ""] or None
+        return value
+
+    @model_validator(mode="after")
+    def _has_photos(self) -> Product:
+        if not self.photos:
+            raise ValueError("no photo: give `image` or `images`")
+        if len(self.photos) > MAX_PHOTOS:
+            raise ValueError(f"{len(self.photos)} photos, more than {MAX_PHOTOS}")
+        return self
+
     @property
-    def is_remote(self) -> bool:
-        return is_url(self.image)
+    def photos(self) -> list[str]:
+        """The product's photos as the catalogue names them, `image` first, each once."""
+        return list(dict.fromkeys([*([self.image] if self.image else []), *(self.images or [])]))
 
     def metadata(self) -> dict[str, Any]:
         """Every field but `id`, blanks dropped: what goes into the index payload."""
@@ -81,6 +109,8 @@ class Catalogue:
     errors: list[RowError] = field(default_factory=list)
     image_roots: tuple[Path, ...] = ()  # besides the catalogue's folder, where local images may live
     lines: dict[str, int] = field(default_factory=dict)  # product id → its (first) line in the file
+    photos: dict[str, tuple[str, ...]] = field(default_factory=dict)  # product id → its usable photo refs
+    photo_errors: list[RowError] = field(default_factory=list)  # photos dropped from a product kept
 
     @property
     def base_dir(self) -> Path:
@@ -91,42 +121,51 @@ class Catalogue:
         """Skipped rows whose product is unknown (unparseable, no usable id)."""
         return [e for e in self.errors if e.product_id is None]
 
-    def image_ref(self, product: Product) -> str:
-        """The image as an absolute path or a URL: relative paths are relative to the catalogue file."""
-        if product.is_remote:
-            return product.image
-        return str((self.base_dir / product.image).resolve())
+    def resolve(self, photo: str) -> str:
+        """A photo as an absolute path or a URL: relative paths are relative to the catalogue file."""
+        if is_url(photo):
+            return photo
+        return str((self.base_dir / photo).resolve())
 
-    def escapes_roots(self, product: Product) -> bool:
-        """Whether a local image path resolves outside the catalogue's folder and the image roots (through
-        `..`, an absolute path or a symlink): such a row is refused, so a catalogue cannot make visrec
+    def photo_refs(self, product: Product) -> tuple[str, ...]:
+        """The product's usable photos (refused ones dropped), resolved, `image` first."""
+        return self.photos[product.id]
+
+    def escapes_roots(self, ref: str) -> bool:
+        """Whether a resolved local photo lies outside the catalogue's folder and the image roots (through
+        `..`, an absolute path or a symlink): such a photo is refused, so a catalogue cannot make visrec
         read, index and serve an arbitrary file of the machine."""
-        if product.is_remote:
+        if is_url(ref):
             return False
-        image = Path(self.image_ref(product))
-        return not any(image.is_relative_to(root) for root in (self.base_dir, *self.image_roots))
+        return not any(Path(ref).is_relative_to(root) for root in (self.base_dir, *self.image_roots))
 
     def content_hash(self, product: Product) -> str:
-        """sha256 of the image bytes and the metadata: a change to either makes the product 'changed'.
+        """sha256 of the metadata and each usable photo's bytes: a change to either, or to the list of
+        photos, makes the product 'changed' (a one-photo product hashes as it did before `images`).
 
-        A remote image is identified by its URL (fetching every image on every sync would defeat the
+        A remote photo is identified by its URL (fetching every image on every sync would defeat the
         point of an incremental sync): publish a changed photo under a new URL.
         """
         digest = hashlib.sha256()
         digest.update(json.dumps(product.metadata(), sort_keys=True, default=str).encode())
-        if product.is_remote:
-            digest.update(product.image.encode())
-            return digest.hexdigest()
-        path = Path(self.image_ref(product))
-        try:
-            if not path.is_file():  # a FIFO or a device would block: decoding refuses it and says why
-                raise OSError
-            with path.open("rb") as f:
-                while chunk := f.read(1 << 20):
-                    digest.update(chunk)
-        except OSError:
-            digest.update(b"\0unreadable")
+        for ref in self.photo_refs(product):
+            _hash_photo(digest, ref)
         return digest.hexdigest()
+
+
+def _hash_photo(digest: Any, ref: str) -> None:
+    if is_url(ref):
+        digest.update(ref.encode())
+        return
+    path = Path(ref)
+    try:
+        if not path.is_file():  # a FIFO or a device would block: decoding refuses it and says why
+            raise OSError
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    except OSError:
+        digest.update(b"\0unreadable")
 
 
 def read_catalogue(path: Path, settings: IngestSettings | None = None) -> Catalogue:
@@ -194,29 +233,45 @@ class _RowChecker:
             product = Product.model_validate({**row, "id": product_id})
         except ValidationError as exc:
             return RowError(line, _explain(exc), product_id)
-        if product.is_remote:
-            refused = check_url(product.image, self.policy)
-            if refused:
-                return RowError(line, f"image URL refused: {refused}", product_id)
-        else:
-            try:
-                outside = catalogue.escapes_roots(product)
-            except (OSError, ValueError) as exc:  # a NUL byte, a name too long for the file system
-                return RowError(line, f"image path {product.image!r} is not usable ({exc})", product_id)
-            if outside:
-                return RowError(
-                    line,
-                    f"image {product.image!r} is outside the catalogue's folder {catalogue.base_dir} "
-                    "and the image roots (VISREC_INGEST__IMAGE_ROOTS)",
-                    product_id,
-                )
+        photos, refused = self._photos(product)
+        if not photos:
+            return RowError(line, "; ".join(refused), product_id)
         if product.id in catalogue.lines:
             return RowError(
                 line, f"duplicate id {product.id!r} (first on line {catalogue.lines[product.id]})", product_id
             )
+        catalogue.photo_errors += [RowError(line, reason, product_id) for reason in refused]
         catalogue.lines[product.id] = line
+        catalogue.photos[product.id] = photos
         catalogue.products.append(product)
         return None
+
+    def _photos(self, product: Product) -> tuple[tuple[str, ...], list[str]]:
+        """The product's photos that may be read (resolved), and why each other one is refused."""
+        usable: list[str] = []
+        refused: list[str] = []
+        for photo in product.photos:
+            if is_url(photo):
+                problem = check_url(photo, self.policy)
+                if problem:
+                    refused.append(f"image URL refused: {problem}")
+                else:
+                    usable.append(photo)
+                continue
+            try:
+                ref = self.catalogue.resolve(photo)
+                outside = self.catalogue.escapes_roots(ref)
+            except (OSError, ValueError) as exc:  # a NUL byte, a name too long for the file system
+                refused.append(f"image path {photo!r} is not usable ({exc})")
+                continue
+            if outside:
+                refused.append(
+                    f"image {photo!r} is outside the catalogue's folder {self.catalogue.base_dir} "
+                    "and the image roots (VISREC_INGEST__IMAGE_ROOTS)"
+                )
+            else:
+                usable.append(ref)
+        return tuple(dict.fromkeys(usable)), refused
 
 
 def _usable_id(row: dict[str, Any]) -> str | None:
@@ -272,6 +327,8 @@ def _csv_rows(lines: Lines, path: Path) -> Iterator[tuple[int, dict[str, Any] | 
         raise CatalogueError(f"{path}: the header line cannot be read: {exc}") from None
     columns = [name.strip() for name in header]
     missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if not any(c in columns for c in PHOTO_COLUMNS):
+        missing.append(" or ".join(PHOTO_COLUMNS))
     if missing:
         raise CatalogueError(f"{path}: missing column(s) {missing}; found {columns}")
     repeated = sorted({c for c in columns if c and columns.count(c) > 1})
@@ -325,4 +382,7 @@ def _jsonl_rows(lines: Lines, path: Path) -> Iterator[tuple[int, dict[str, Any] 
 
 
 def _explain(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in exc.errors())
+    return "; ".join(
+        f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg'].removeprefix('Value error, ')}"
+        for e in exc.errors()
+    )

@@ -223,12 +223,19 @@ def similar(
     price_max: Annotated[float | None, typer.Option(help="Highest price.")] = None,
     where: Annotated[list[str] | None, typer.Option(help="FIELD=VALUE payload equality (repeat).")] = None,
     colour_weight: Annotated[float, typer.Option(help="0-1: prefer the query's own colour.")] = 0.0,
+    diversity: Annotated[
+        float, typer.Option(help="0-1: prefer products unlike those already chosen (MMR).")
+    ] = 0.0,
+    max_per: Annotated[
+        list[str] | None, typer.Option(help="FIELD=N: at most N results per value of FIELD (repeat).")
+    ] = None,
     model: Annotated[
         Path | None, typer.Option(help="Artefact folder, for --image [VISREC_ARTEFACT].")
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
-    """Products most similar to a product id or a photo, under metadata filters."""
+    """Products most similar to a product id (any of its photos) or a photo, under metadata filters;
+    one result per product, with the photo that matched."""
     from visrec import query
 
     if (product_id is None) == (image is None):
@@ -241,6 +248,7 @@ def similar(
         price_max=price_max,
         equals=parse_equals(where or []),
     )
+    rules = query.Rules.parse(diversity=diversity, max_per=max_per or [])
     with open_index(settings.qdrant) as index:
         if image is not None:
             embedder = _embedder(settings, artefact_for(index.metadata(), settings.artefact))
@@ -249,9 +257,9 @@ def similar(
             except OSError as exc:
                 raise VisrecError(f"cannot read {image}: {exc.strerror or exc}") from exc
             limits = ImageLimits.from_settings(settings.ingest)
-            hits = query.similar_to_image(index, embedder, data, limits, k, filters, colour_weight)
+            hits = query.similar_to_image(index, embedder, data, limits, k, filters, colour_weight, rules)
         else:
-            hits = query.similar_to_product(index, str(product_id), k, filters, colour_weight)
+            hits = query.similar_to_product(index, str(product_id), k, filters, colour_weight, rules)
     emit(as_json, [hit_dict(h) for h in hits], hits_table(hits))
 
 
@@ -321,9 +329,6 @@ def report(
         "rows": [{"query": r.query_id, "hits": [hit_dict(h) for h in r.hits]} for r in rows],
     }
     emit(as_json, data, table)
-
-
-
 
 
 @app.command()

@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import PurePath
 from typing import Any
 
 from rich.console import Console
@@ -14,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from visrec.index import Hit
-from visrec.payload import for_operators
+from visrec.payload import for_operators, photos
 
 out = Console()
 err = Console(stderr=True)
@@ -40,10 +41,18 @@ def key_value_table(title: str, data: dict[str, Any]) -> Table:
 
 def hits_table(hits: list[Hit]) -> Table:
     fields = [f for f in ("category", "colour", "price", "title") if any(f in h.payload for h in hits)]
-    table = Table("#", "product", "distance", *fields)
+    several = any(len(photos(h.payload)) > 1 for h in hits)  # a column for the matched photo then
+    table = Table("#", "product", "distance", *(["matched photo"] if several else []), *fields)
     for rank, hit in enumerate(hits, 1):
+        refs = photos(hit.payload)
+        name = PurePath(refs[hit.matched]).name if hit.matched < len(refs) else "?"
+        matched = [f"{hit.matched}: {name}"] if several else []
         table.add_row(
-            str(rank), hit.product_id, f"{hit.distance:.3f}", *(str(hit.payload.get(f, "")) for f in fields)
+            str(rank),
+            hit.product_id,
+            f"{hit.distance:.3f}",
+            *matched,
+            *(str(hit.payload.get(f, "")) for f in fields),
         )
     return table
 

@@ -9,23 +9,25 @@ any moment is finished by running it again: nothing is duplicated, nothing done 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+import numpy as np
 from PIL import Image
 
 from visrec import payload
 from visrec.catalogue import Catalogue, Product
 from visrec.colour import extract_colours
 from visrec.config import Settings
-from visrec.embed import Embedder
+from visrec.embed import EmbeddedBatch, Embedder
 from visrec.errors import CatalogueError, ModelError, PointRejected, VisrecError
 from visrec.fs import write_atomically
 from visrec.images import ImageLimits
@@ -39,6 +41,7 @@ ProgressFn = Callable[[int, int], None]  # (images done, images to embed)
 # Part of every stored content hash: bump it when what a point carries changes (as when colour was
 # added), so the next sync re-processes points made before.
 PAYLOAD_VERSION = 2
+PARTIAL = "+partial"  # ends the stored hash of a product indexed without some of its photos
 
 
 class BackgroundWriter(Generic[T]):
@@ -82,6 +85,45 @@ class BackgroundWriter(Generic[T]):
         self._thread.join()
         if exc is None:
             self._raise_if_failed()
+
+
+@dataclass
+class _Gathered:
+    """What became of one product's photos: the vectors of those that embedded (in catalogue order) and
+    why the others failed."""
+
+    refs: list[str] = field(default_factory=list)
+    vectors: list[np.ndarray] = field(default_factory=list)
+    extras: list[dict[str, Any]] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+class _PhotoGathering:
+    """Every photo of the products to embed, as one list of refs for the embedder, and the products
+    whose photos are all accounted for after each batch (batches come in input order, so a product is
+    complete once a batch reaches its last photo)."""
+
+    def __init__(self, products: Sequence[Sequence[str]]) -> None:
+        self.refs = [ref for refs in products for ref in refs]
+        self.owner = [n for n, refs in enumerate(products) for _ in refs]
+        self.last = [*itertools.accumulate(len(refs) for refs in products)]  # one past each one's last photo
+        self._gathered = [_Gathered() for _ in products]
+        self._next = 0  # the first product not yet complete
+
+    def add(self, batch: EmbeddedBatch) -> Iterator[tuple[int, _Gathered]]:
+        """Record a batch; yields (product position, what it got) for each product it completes."""
+        for i, vector, extra in zip(batch.indices, batch.vectors, batch.extras, strict=True):
+            got = self._gathered[self.owner[i]]
+            got.refs.append(self.refs[i])
+            got.vectors.append(vector)
+            got.extras.append(extra)
+        for i, error in batch.failures:
+            self._gathered[self.owner[i]].errors.append(error)
+        reached = max([*batch.indices, *(i for i, _ in batch.failures)], default=-1) + 1
+        while self._next < len(self._gathered) and self.last[self._next] <= reached:
+            yield self._next, self._gathered[self._next]
+            self._gathered[self._next] = _Gathered()  # free the vectors once handed on
+            self._next += 1
 
 
 @dataclass(frozen=True)
@@ -141,7 +183,8 @@ class SyncSummary:
     updated: int = 0
     deleted: int = 0
     unchanged: int = 0
-    failed: int = 0  # images that could not be read or decoded, or points the store refused
+    failed: int = 0  # products none of whose photos could be read or decoded, or the store refused
+    photos_skipped: int = 0  # photos refused or unreadable, of products indexed with their other photos
     invalid_rows: int = 0  # catalogue rows skipped
     deletes_held_back: int = 0  # products absent from the catalogue, kept because some row was unreadable
     seconds: float = 0.0  # the whole sync, the closing optimize() included
@@ -237,11 +280,15 @@ def sync(
     ]
     _check_deletes(catalogue, plan, sum(p in shard for p in indexed), options, failures)
 
+    failures += [
+        {"kind": "photo", "line": e.line, "product_id": e.product_id, "error": e.message}
+        for e in catalogue.photo_errors
+    ]
     index.delete(plan.removed)
     todo = plan.to_embed
-    refs = [catalogue.image_ref(product) for product, _ in todo]
+    photos = _PhotoGathering([catalogue.photo_refs(product) for product, _ in todo])
     done = 0
-    embedded: set[int] = set()
+    embedded: set[int] = set()  # positions in `todo`
     rejected: dict[str, str] = {}  # product id → why the store refused its point
 
     def write(points: list[IndexPoint]) -> None:
@@ -255,30 +302,36 @@ def sync(
                     rejected[point.product_id] = str(exc)
         log.info("upserted %d points", len(points))  # logged once durable in the index
 
+    def point(n: int, got: _Gathered) -> IndexPoint:
+        product, digest = todo[n]
+        return IndexPoint(
+            product.id,
+            np.stack(got.vectors),
+            payload.build(
+                product.id,
+                product.metadata(),
+                got.refs,
+                # A photo that failed is tried again next sync: the stored hash cannot match.
+                content_hash=digest if not got.errors else f"{digest}{PARTIAL}",
+                model_version=manifest.model_version,
+                extracted=got.extras[0],
+            ),
+        )
+
     with BackgroundWriter(write) as writer:
-        for batch in embedder.embed_refs(refs, options.limits, annotate=_colour_fields):
-            writer.put(
-                [
-                    IndexPoint(
-                        todo[i][0].id,
-                        vector,
-                        payload.build(
-                            todo[i][0].id,
-                            todo[i][0].metadata(),
-                            refs[i],
-                            content_hash=todo[i][1],
-                            model_version=manifest.model_version,
-                            extracted=extracted,
-                        ),
-                    )
-                    for i, vector, extracted in zip(batch.indices, batch.vectors, batch.extras, strict=True)
-                ]
-            )
-            embedded.update(batch.indices)
-            failures += [_failure("image", catalogue, todo[i][0].id, error) for i, error in batch.failures]
+        for batch in embedder.embed_refs(photos.refs, options.limits, annotate=_colour_fields):
+            points = []
+            for n, got in photos.add(batch):
+                product_id = todo[n][0].id
+                kind = "photo" if got.vectors else "image"  # "photo": the product is indexed without it
+                failures += [_failure(kind, catalogue, product_id, error) for error in got.errors]
+                if got.vectors:
+                    points.append(point(n, got))
+                    embedded.add(n)
+            writer.put(points)
             done += len(batch.indices) + len(batch.failures)
             if progress:
-                progress(done, len(todo))
+                progress(done, len(photos.refs))
 
     optimize_seconds = 0.0
     if embedded or plan.removed:
@@ -306,6 +359,7 @@ def sync(
         deleted=len(plan.removed),
         unchanged=plan.unchanged,
         failed=len(todo) - len(embedded),
+        photos_skipped=sum(f["kind"] == "photo" for f in failures),
         invalid_rows=len(catalogue.errors),
         deletes_held_back=len(plan.held_back),
         seconds=round(seconds, 3),

@@ -27,7 +27,9 @@ class PayloadField:
 
 FIELDS = (
     # From the catalogue (its other columns are stored as they come, seen by callers, not indexed).
-    PayloadField("image", None, "operators", computed=False),  # a server path or URL: never shown over HTTP
+    # Server paths or URLs: never shown over HTTP (callers get a photo by its position, `matched_image`).
+    PayloadField("image", None, "operators", computed=False),  # the first photo
+    PayloadField("images", None, "operators", computed=False),  # every photo embedded, in vector order
     PayloadField("category", "keyword", "callers", computed=False),
     PayloadField("colour", "keyword", "callers", computed=False),  # the shop's own, else the extracted one
     PayloadField("price", "float", "callers", computed=False),
@@ -53,23 +55,29 @@ SYNC_FIELDS = ("product_id", "content_hash", "model_version")  # all a sync read
 def build(
     product_id: str,
     metadata: Mapping[str, Any],
-    image: str,
+    images: Sequence[str],
     *,
     content_hash: str,
     model_version: str,
     extracted: Mapping[str, Any],
 ) -> dict[str, Any]:
     """A point's payload. The catalogue's own fields (its `colour` among them) win over what sync
-    extracted from the photo (the extracted colour stays as `colour_extracted`); `image` is the reference
-    sync resolved."""
+    extracted from the photo (the extracted colour stays as `colour_extracted`); `images` are the photos
+    sync embedded (resolved references, in the order of the product's vectors), `image` the first."""
     return {
         **extracted,
         **metadata,
-        "image": image,
+        "image": images[0],
+        "images": list(images),
         "product_id": product_id,
         "content_hash": content_hash,
         "model_version": model_version,
     }
+
+
+def photos(payload: Mapping[str, Any]) -> list[str]:
+    """A point's photos in the order of its vectors (points written before `images` have one)."""
+    return list(payload.get("images") or [payload.get("image", "")])
 
 
 def for_operators(payload: Mapping[str, Any]) -> dict[str, Any]:

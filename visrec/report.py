@@ -1,4 +1,5 @@
 """A visual report like the paper's Fig. 2: each row a query image, then its neighbours by distance.
+A product with several photos shows the matched one large and all of them small, the matched one framed.
 
 One self-contained HTML file (thumbnails inlined), so it can be mailed or opened anywhere.
 """
@@ -20,6 +21,7 @@ from visrec.errors import ImageError
 from visrec.fs import write_atomically
 from visrec.images import ImageLimits, load_image
 from visrec.index import Filters, Hit, VectorIndex
+from visrec.payload import photos
 from visrec.query import similar_to_product
 
 THUMB = 112
@@ -76,7 +78,9 @@ def write_html(rows: list[ReportRow], out: Path, title: str, model_version: str)
     """Write the report; returns its path."""
     body = "\n".join(_row_html(row) for row in rows)
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    write_atomically(out, f"""<!doctype html>
+    write_atomically(
+        out,
+        f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font: 14px system-ui, sans-serif; margin: 24px; color: #222; }}
@@ -86,13 +90,16 @@ figure {{ margin: 0; width: {THUMB}px; text-align: center; font-size: 12px; }}
 figure img {{ width: {THUMB}px; height: {THUMB}px; object-fit: contain; background: #f4f4f4;
               image-rendering: pixelated; }}
 figure.query {{ padding-right: 10px; border-right: 3px solid #2a6; }}
+.photos img {{ width: {THUMB // 4}px; height: {THUMB // 4}px; border: 2px solid transparent; }}
+.photos img.matched {{ border-color: #2a6; }}
 .muted {{ color: #777; }}
 </style></head><body>
 <h1>{html.escape(title)}</h1>
 <p class="muted">model {html.escape(model_version)} · Euclidean distance on the 1000-d embedding · {when}</p>
 {body}
 </body></html>
-""")
+""",
+    )
     return out
 
 
@@ -101,16 +108,26 @@ def _row_html(row: ReportRow) -> str:
     caption = f'<b>query</b> {html.escape(row.query_id)}<br><span class="muted">filter: {condition}</span>'
     query = _figure(row.query, caption, "query")
     neighbours = "".join(
-        _figure(h.payload, f"{html.escape(h.product_id)}<br>d = {h.distance:.2f}") for h in row.hits
+        _figure(h.payload, f"{html.escape(h.product_id)}<br>d = {h.distance:.2f}", matched=h.matched)
+        for h in row.hits
     )
     return f'<div class="row">{query}{neighbours}</div>'
 
 
-def _figure(payload: dict[str, Any], caption: str, css: str = "") -> str:
+def _figure(payload: dict[str, Any], caption: str, css: str = "", matched: int = 0) -> str:
     category = html.escape(str(payload.get("category", "")))
     extra = "".join(f"<br>{html.escape(str(payload[k]))}" for k in ("colour", "price") if k in payload)
+    refs = [str(ref) for ref in photos(payload)]
+    shown = refs[matched] if matched < len(refs) else refs[0]
+    strip = ""
+    if len(refs) > 1:
+        thumbs = [
+            f'<img src="{_thumbnail(ref)}" alt="photo {n}" class="{"matched" if n == matched else ""}">'
+            for n, ref in enumerate(refs)
+        ]
+        strip = f'<div class="photos">{"".join(thumbs)}</div>'
     return (
-        f'<figure class="{css}"><img src="{_thumbnail(str(payload.get("image", "")))}" alt="">'
+        f'<figure class="{css}"><img src="{_thumbnail(shown)}" alt="">{strip}'
         f"<figcaption>{caption}<br>{category}{extra}</figcaption></figure>"
     )
 

@@ -52,7 +52,7 @@ def split_data(
     if len(classes) < 2:
         raise CatalogueError(f"training needs at least 2 categories; {catalogue.path} has {len(classes)}")
     data = Split(
-        [catalogue.image_ref(p) for p in labelled], [classes.index(p.category or "") for p in labelled]
+        [catalogue.photo_refs(p)[0] for p in labelled], [classes.index(p.category or "") for p in labelled]
     )
     if test is None:
         train_pos, test_pos = split_holdout(data.labels, cfg.holdout, cfg.seed)
@@ -64,7 +64,7 @@ def split_data(
             raise CatalogueError(f"{test.path}: categories not in the training catalogue: {unseen[:5]}")
         trainable = data
         held_out = Split(
-            [test.image_ref(p) for p in tested], [classes.index(p.category or "") for p in tested]
+            [test.photo_refs(p)[0] for p in tested], [classes.index(p.category or "") for p in tested]
         )
     if not held_out.refs:
         raise CatalogueError("too few products per category to hold any out for evaluation")

@@ -222,9 +222,9 @@ def check_index_matches_catalogue(store: Settings, catalogue: Path, tmp_path: Pa
             vector, payload = got
             assert payload["content_hash"] == f"{PAYLOAD_VERSION}:{parsed.content_hash(product)}"
             assert payload["model_version"] == version
-            assert payload["image"] == parsed.image_ref(product)
+            assert payload["images"] == list(parsed.photo_refs(product))
             for key, value in product.metadata().items():
-                if key != "image":
+                if key not in ("image", "images"):
                     assert payload[key] == value, (product_id, key)
             clean_vector, clean_payload = stored(clean, product_id)
             assert np.allclose(vector, clean_vector, atol=1e-3), product_id

@@ -1,6 +1,7 @@
 """What routes take besides their own parameters, as FastAPI dependencies: the app's service (kept on
 `app.state`, one per app, so routes are module-level functions rather than closures over it), the
-product filters shared by browsing and search, and the bounds of `k` and of the colour weight."""
+product filters shared by browsing and search, the result rules (diversity, caps), and the bounds of
+`k` and of the colour weight."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from fastapi import Depends, Query, Request
 from prometheus_client import CollectorRegistry
 
 from visrec import query
+from visrec.errors import InvalidQuery
 from visrec.filters import CallerFilters, Filters
 from visrec.service import Service
 
@@ -36,9 +38,25 @@ def get_filters(chosen: Annotated[CallerFilters, Query()]) -> Filters:
     return Filters.of(chosen)
 
 
+def check_caps(rules: query.Rules, service: Service) -> query.Rules:
+    """Caps only on fields callers are shown: grouping results by a field they cannot see would tell
+    them which hits share its value."""
+    public = service.settings.api.public_fields
+    hidden = [field for field in rules.caps if public is not None and field not in public]
+    if hidden:
+        raise InvalidQuery(f"max_per cannot cap {hidden[0]!r}: not a field this service shows")
+    return rules
+
+
+def get_rules(chosen: Annotated[query.Rules, Query()], request: Request) -> query.Rules:
+    """Diversity and caps as query parameters (`max_per` repeated for several fields)."""
+    return check_caps(chosen, service_of(request))
+
+
 ServiceDep = Annotated[Service, Depends(get_service)]
 MetricsDep = Annotated[CollectorRegistry, Depends(get_metrics)]
 FilterDep = Annotated[Filters, Depends(get_filters)]
+RulesDep = Annotated[query.Rules, Depends(get_rules)]
 K = Annotated[int, Query(ge=1, le=query.MAX_K)]
 ColourWeight = Annotated[
     float, Query(ge=0, le=1, description="0: visual order; up to 1: prefer the query's own colour")

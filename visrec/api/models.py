@@ -12,7 +12,7 @@ from visrec import query
 from visrec.config import Settings
 from visrec.filters import CallerFilters
 from visrec.index import Hit
-from visrec.payload import for_callers
+from visrec.payload import for_callers, photos
 
 
 class ErrorOut(BaseModel):
@@ -67,7 +67,14 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 class HitOut(BaseModel):
     product_id: str
-    distance: float = Field(description="Euclidean distance on the embedding; smaller is closer")
+    distance: float = Field(
+        description="Euclidean distance on the embedding to the product's nearest photo; smaller is closer"
+    )
+    matched_image: int = Field(
+        description="which of the product's photos matched (0: the first): "
+        "GET /products/{product_id}/images/{matched_image}"
+    )
+    photos: int = Field(description="how many photos the product has")
     payload: dict[str, Any]
 
 
@@ -77,6 +84,7 @@ class Results(BaseModel):
 
 class Product(BaseModel):
     product_id: str
+    photos: int = Field(description="how many photos it has: GET /products/{product_id}/images/{0…photos-1}")
     payload: dict[str, Any]
 
 
@@ -85,8 +93,8 @@ class Page(BaseModel):
     next: str | None = Field(description="pass as `after` for the next page; null at the end")
 
 
-class RecommendRequest(CallerFilters):
-    """The examples and `k`, and the filters as on every search route."""
+class RecommendRequest(CallerFilters, query.Rules):
+    """The examples and `k`, and the filters and result rules as on every search route."""
 
     positive: list[str] = Field(min_length=1, max_length=100, description="e.g. the basket")
     negative: list[str] = Field(default=[], max_length=100, description="e.g. items skipped")
@@ -98,6 +106,15 @@ def shown(payload: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return for_callers(payload, settings.api.public_fields)
 
 
+def product_out(product_id: str, payload: dict[str, Any], settings: Settings) -> Product:
+    return Product(product_id=product_id, photos=len(photos(payload)), payload=shown(payload, settings))
+
+
 def results(hits: list[Hit], settings: Settings) -> Results:
     """The answer of every search route."""
-    return Results(results=[HitOut(**h.to_dict(lambda payload: shown(payload, settings))) for h in hits])
+    return Results(
+        results=[
+            HitOut(**h.to_dict(lambda payload: shown(payload, settings)), photos=len(photos(h.payload)))
+            for h in hits
+        ]
+    )

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import io
 import uuid
-from pathlib import Path
+from pathlib import Path as FilePath
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Response
 from fastapi.responses import FileResponse
 from PIL import Image
 
 from visrec import query
-from visrec.api.deps import ColourWeight, FilterDep, K, ServiceDep
-from visrec.api.models import Page, Product, Results, errors, results, shown
+from visrec.api.deps import ColourWeight, FilterDep, K, RulesDep, ServiceDep
+from visrec.api.models import Page, Product, Results, errors, product_out, results
+from visrec.catalogue import MAX_PHOTOS
 from visrec.images import read_image_bytes
+from visrec.payload import photos
 from visrec.urls import is_url
 
 router = APIRouter()
@@ -31,31 +33,45 @@ def products(
     # Cursors are point ids (UUIDs): anything else is a 422 here, not a store error (500).
     items, next_page = service.index().browse(filters, limit, None if after is None else str(after))
     return Page(
-        products=[Product(product_id=i, payload=shown(p, service.settings)) for i, p in items],
+        products=[product_out(i, p, service.settings) for i, p in items],
         next=next_page,
     )
 
 
-@router.get(
-    "/products/{product_id}/image",
-    response_class=Response,
-    responses={
-        200: {"content": {"image/*": {}}, "description": "the photo"},
-        **errors(401, 404, 422, 503),
-    },
-)
+PHOTO_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {"content": {"image/*": {}}, "description": "the photo"},
+    **errors(401, 404, 422, 503),
+}
+
+
+@router.get("/products/{product_id}/image", response_class=Response, responses=PHOTO_RESPONSES)
 def product_image(product_id: str, service: ServiceDep) -> Response:
-    """The product's photo as indexed, served from here: a remote one is fetched through the same
-    guard as at sync (never a redirect, which would carry the caller's key to the image host)."""
-    _, payload = query.indexed(service.index(), product_id)
-    ref = str(payload.get("image", ""))  # written by sync, never taken from the request
+    """The product's first photo (as `/images/0`)."""
+    return _photo(product_id, 0, service)
+
+
+@router.get("/products/{product_id}/images/{n}", response_class=Response, responses=PHOTO_RESPONSES)
+def product_photo(
+    product_id: str, n: Annotated[int, Path(ge=0, lt=MAX_PHOTOS)], service: ServiceDep
+) -> Response:
+    """The product's photo number `n` (0: the first; a hit's `matched_image`)."""
+    return _photo(product_id, n, service)
+
+
+def _photo(product_id: str, n: int, service: ServiceDep) -> Response:
+    """A photo as indexed, served from here: a remote one is fetched through the same guard as at sync
+    (never a redirect, which would carry the caller's key to the image host)."""
+    refs = photos(query.indexed(service.index(), product_id)[1])  # written by sync, never the request's
+    if n >= len(refs):
+        raise HTTPException(404, f"{product_id!r} has {len(refs)} photo(s); there is no photo {n}")
+    ref = str(refs[n])
     if is_url(ref):
         data = read_image_bytes(ref, service.fetch_limits, service.fetcher)  # ImageError: a 422
         media_type = _image_type(io.BytesIO(data))
         if media_type is None:
             raise HTTPException(404, f"the image of {product_id!r} is no longer an image")
         return Response(data, media_type=media_type)
-    media_type = _image_type(ref) if Path(ref).is_absolute() and Path(ref).is_file() else None
+    media_type = _image_type(ref) if FilePath(ref).is_absolute() and FilePath(ref).is_file() else None
     if media_type is None:
         raise HTTPException(404, f"the image of {product_id!r} is no longer on disk")
     return FileResponse(ref, media_type=media_type)
@@ -64,15 +80,20 @@ def product_image(product_id: str, service: ServiceDep) -> Response:
 @router.get("/products/{product_id}", response_model=Product, responses=errors(401, 404, 422, 503))
 def product(product_id: str, service: ServiceDep) -> Product:
     payload = query.indexed(service.index(), product_id)[1]
-    return Product(product_id=product_id, payload=shown(payload, service.settings))
+    return product_out(product_id, payload, service.settings)
 
 
 @router.get("/products/{product_id}/similar", response_model=Results, responses=errors(401, 404, 422, 503))
 def similar(
-    product_id: str, service: ServiceDep, filters: FilterDep, k: K = 10, colour_weight: ColourWeight = 0.0
+    product_id: str,
+    service: ServiceDep,
+    filters: FilterDep,
+    rules: RulesDep,
+    k: K = 10,
+    colour_weight: ColourWeight = 0.0,
 ) -> Results:
-    """Products that look like this one, itself excluded."""
-    hits = query.similar_to_product(service.index(), product_id, k, filters, colour_weight)
+    """Products that look like this one (any of its photos), itself excluded."""
+    hits = query.similar_to_product(service.index(), product_id, k, filters, colour_weight, rules)
     return results(hits, service.settings)
 
 

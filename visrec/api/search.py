@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, HTTPException, UploadFile
 
 from visrec import query
-from visrec.api.deps import ColourWeight, FilterDep, K, ServiceDep
+from visrec.api.deps import ColourWeight, FilterDep, K, RulesDep, ServiceDep, check_caps
 from visrec.api.models import RecommendRequest, Results, errors, results
 from visrec.filters import Filters
 
@@ -20,6 +20,7 @@ def search_image(
     service: ServiceDep,
     image: Annotated[UploadFile, File(description="a product photo")],
     filters: FilterDep,
+    rules: RulesDep,
     k: K = 10,
     colour_weight: ColourWeight = 0.0,
 ) -> Results:
@@ -29,13 +30,15 @@ def search_image(
     if len(data) > limit:
         raise HTTPException(413, f"upload larger than {limit} bytes")
     live = service.live()  # one (index, model) pair, even if a reindex switches versions meanwhile
-    hits = query.similar_to_image(live.index, live.model(), data, service.limits, k, filters, colour_weight)
+    hits = query.similar_to_image(
+        live.index, live.model(), data, service.limits, k, filters, colour_weight, rules
+    )
     return results(hits, service.settings)
 
 
 @router.post("/recommend", response_model=Results, responses=errors(400, 401, 404, 408, 413, 422, 503))
 def recommend(body: RecommendRequest, service: ServiceDep) -> Results:
     """Products like the positive ones and unlike the negative ones."""
-    chosen = Filters.of(body)
-    hits = query.recommend(service.index(), body.positive, body.negative, body.k, chosen)
+    rules = check_caps(query.Rules.of(body), service)
+    hits = query.recommend(service.index(), body.positive, body.negative, body.k, Filters.of(body), rules)
     return results(hits, service.settings)

@@ -7,15 +7,15 @@ import re
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
 import numpy as np
 
-from visrec.errors import VisrecError
+from visrec.errors import PointRejected, VisrecError
 from visrec.filters import Filters
-from visrec.payload import INDEXED, SYNC_FIELDS, IndexType
+from visrec.payload import INDEXED, SYNC_FIELDS, IndexType, photos
 
 # Fixed namespace: the same product id gives the same point id on every machine, forever.
 POINT_NAMESPACE = uuid.UUID("6f1c2a56-3d7e-5b8a-9c41-2e0f7d8b9a10")
@@ -31,16 +31,25 @@ def point_id(product_id: str) -> str:
 
 @dataclass(frozen=True)
 class IndexPoint:
+    """A product: one vector per photo (rows in the order of `payload["images"]`; a 1-D vector is one
+    photo) and its payload."""
+
     product_id: str
-    vector: np.ndarray
+    vectors: np.ndarray
     payload: dict[str, Any]
+
+    @property
+    def photo_vectors(self) -> np.ndarray:
+        """(photos, dim) float32."""
+        return np.atleast_2d(np.asarray(self.vectors, dtype=np.float32))
 
 
 @dataclass(frozen=True)
 class Hit:
     product_id: str
-    distance: float  # Euclidean
+    distance: float  # Euclidean, from the query to the product's nearest photo
     payload: dict[str, Any]
+    matched: int = 0  # which of the product's photos (`payload.photos`) is the nearest
 
     @classmethod
     def of(cls, payload: dict[str, Any] | None, distance: float) -> Hit:
@@ -50,7 +59,12 @@ class Hit:
     def to_dict(self, shown: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
         """The hit as the CLI and the API give it, its payload as `shown` lets it through
         (`visrec.payload.for_operators` or `for_callers`)."""
-        return {"product_id": self.product_id, "distance": self.distance, "payload": shown(self.payload)}
+        return {
+            "product_id": self.product_id,
+            "distance": self.distance,
+            "matched_image": self.matched,
+            "payload": shown(self.payload),
+        }
 
 
 @dataclass(frozen=True)
@@ -83,11 +97,19 @@ class _Closing(ABC):
 class VectorIndex(_Closing):
     """One collection of product embeddings (Euclidean), keyed by product id.
 
+    A product is one point holding a vector per photo (a Qdrant multivector compared by MaxSim): a query
+    vector's score for a product is its distance to the product's nearest photo, so every query answers
+    distinct products, and sync, deletes, counts and paging stay per product (docs/photo_layout.md).
+    Collections made before several photos were supported hold one plain vector a point: they keep
+    working, and take one-photo products only until a reindex.
+
     Backends implement the underscored primitives; what is the same whatever the engine (creating with
-    metadata, repairing payload indexes, paging through points, closing an owned store) lives here.
+    metadata, repairing payload indexes, paging through points, which photo matched, closing an owned
+    store) lives here.
     """
 
     collection: str  # the physical collection's name
+    multivector: bool = True  # False: a collection from before several photos per product
     owned_store: Store | None = None  # closed with this index (`Store.open(..., owner=True)`)
     SCHEMA_TYPES: ClassVar[Mapping[IndexType, object]]  # visrec's payload index types, in the engine's terms
 
@@ -171,16 +193,67 @@ class VectorIndex(_Closing):
         """The payloads (`fields` of them; True: all) of a page of points in point-id order, and the next
         page's point id (None at the end)."""
 
-    @abstractmethod
+    def _stored_vector(self, point: IndexPoint) -> list[float] | list[list[float]]:
+        """A point's vectors as the collection stores them; raises `PointRejected` for several photos in
+        a one-vector collection."""
+        rows = point.photo_vectors
+        if self.multivector:
+            return rows.tolist()
+        if len(rows) > 1:
+            raise PointRejected(
+                f"product {point.product_id!r} has {len(rows)} photos, but {self.collection} was made "
+                "before several photos per product: `visrec reindex` builds a version that takes them"
+            )
+        return rows[0].tolist()
+
+    def _query_vector(self, vector: np.ndarray) -> list[float] | list[list[float]]:
+        """One query vector as the collection takes it (a multivector of one: MaxSim is then the
+        distance to the nearest photo)."""
+        values: list[float] = np.asarray(vector, dtype=np.float32).tolist()
+        return [values] if self.multivector else values
+
     def get(self, product_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
-        """A product's vector and payload, or None if it is not indexed."""
+        """A product's vectors (photos × dim) and payload, or None if it is not indexed."""
+        found = self._retrieve([product_id], with_payload=True)
+        return (found[0][1], found[0][2]) if found else None
+
+    def vectors(self, product_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        """product id → its vectors (photos × dim), for the ids that are indexed."""
+        by_point = {point_id(p): p for p in product_ids}
+        return {by_point[pid]: vectors for pid, vectors, _ in self._retrieve(list(by_point.values()), False)}
 
     @abstractmethod
+    def _retrieve(
+        self, product_ids: Sequence[str], with_payload: bool
+    ) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
+        """(point id, vectors as a float32 photos × dim array, payload or {}) of the indexed ones."""
+
     def search(
         self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str] = (), exact: bool = False
     ) -> list[Hit]:
-        """The k nearest points meeting `filters`, nearest first, without the `exclude` product ids.
-        `exact` skips the HNSW graph (a full scan): the ground truth for measuring recall."""
+        """The k products nearest to `vector` (by their nearest photo) meeting `filters`, nearest first,
+        without the `exclude` product ids; each hit says which photo matched. `exact` skips the HNSW
+        graph (a full scan): the ground truth for measuring recall. Which photo matched is worked out
+        for the hits whose payload lists several (`images`, as sync writes it): only their vectors
+        are read back."""
+        hits = self._search(vector, k, filters, exclude, exact)
+        several = [h.product_id for h in hits if len(photos(h.payload)) > 1]
+        if not several:
+            return hits
+        found = self.vectors(several)
+        query = np.asarray(vector, dtype=np.float32)
+        return [
+            replace(h, matched=int(np.argmin(np.linalg.norm(found[h.product_id] - query, axis=1))))
+            if h.product_id in found
+            else h
+            for h in hits
+        ]
+
+    @abstractmethod
+    def _search(
+        self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str], exact: bool
+    ) -> list[Hit]:
+        """The engine's k nearest points, as hits (their `matched` left at 0)."""
 
     @abstractmethod
     def count(self, filters: Filters | None = None) -> int:

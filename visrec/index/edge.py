@@ -141,6 +141,7 @@ class EdgeIndex(VectorIndex):
         self.metadata_file = root / f"{collection}.json"
         self.settings = settings or QdrantSettings()
         self._shard: qe.EdgeShard | None = None
+        self.multivector = self._stored_layout()
         if self.path.is_dir():
             try:
                 self._shard = self._load()
@@ -150,6 +151,29 @@ class EdgeIndex(VectorIndex):
                 log.warning(
                     "%s holds no collection (its creation was cut short): creating it anew", self.path
                 )
+
+    def _stored_layout(self) -> bool:
+        """Whether the collection on disk holds a multivector a point (True for one not made yet). The
+        engine keeps its config in `edge_config.json` and has no call that returns it."""
+        try:
+            config = json.loads((self.path / "edge_config.json").read_text())
+            return "multivector_config" in config["vectors"][""]
+        except (OSError, ValueError, KeyError, TypeError):
+            return True
+
+    def _config(self, dim: int) -> qe.EdgeConfig:
+        s = self.settings
+        multivector = qe.MultiVectorConfig(comparator=qe.MultiVectorComparator.MaxSim)
+        return qe.EdgeConfig(
+            vectors=qe.EdgeVectorParams(
+                size=dim,
+                distance=qe.Distance.Euclid,
+                multivector_config=multivector if self.multivector else None,
+            ),
+            hnsw_config=qe.HnswIndexConfig(
+                m=s.hnsw_m, ef_construct=s.hnsw_ef_construct, full_scan_threshold=s.full_scan_threshold_kb
+            ),
+        )
 
     def _engine(self, doing: str) -> AbstractContextManager[None]:
         return engine_errors(self.path, doing)
@@ -217,13 +241,9 @@ class EdgeIndex(VectorIndex):
             return {}
 
     def _create(self, dim: int) -> None:
-        s = self.settings
-        config = qe.EdgeConfig(
-            vectors=qe.EdgeVectorParams(size=dim, distance=qe.Distance.Euclid),
-            hnsw_config=qe.HnswIndexConfig(
-                m=s.hnsw_m, ef_construct=s.hnsw_ef_construct, full_scan_threshold=s.full_scan_threshold_kb
-            ),
-        )
+        if self._shard is None:
+            self.multivector = True  # every new collection takes several photos per product
+        config = self._config(dim)
         if self._shard is not None:
             with self._engine("close"):
                 self._shard.close()
@@ -253,7 +273,7 @@ class EdgeIndex(VectorIndex):
     def _point(self, p: IndexPoint) -> qe.Point:
         """The binding converts the vector and payload here: what it cannot take rejects this point."""
         with engine_errors(self.path, "upsert", rejecting="point", culprit=lambda: _culprit(p)):
-            return qe.Point(point_id(p.product_id), p.vector.astype(np.float32).tolist(), p.payload)
+            return qe.Point(point_id(p.product_id), self._stored_vector(p), p.payload)
 
     def delete(self, product_ids: Iterable[str]) -> None:
         ids: list[qe.PointId] = [point_id(p) for p in product_ids]
@@ -275,21 +295,25 @@ class EdgeIndex(VectorIndex):
             page, next_id = self.shard.scroll(request)
         return [dict(r.payload or {}) for r in page], None if next_id is None else str(next_id)
 
-    def get(self, product_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+    def _retrieve(
+        self, product_ids: Sequence[str], with_payload: bool
+    ) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
+        ids: list[qe.PointId] = [point_id(p) for p in product_ids]
         with self._engine("retrieve"):
             # with_vector must be positional at run time, whatever the stub says.
-            found = self.shard.retrieve([point_id(product_id)], True, True)
-        if not found:
-            return None
-        return np.asarray(found[0].vector, dtype=np.float32), dict(found[0].payload or {})
+            found = self.shard.retrieve(ids, with_payload, True)
+        return [
+            (str(r.id), np.atleast_2d(np.asarray(r.vector, dtype=np.float32)), dict(r.payload or {}))
+            for r in found
+        ]
 
-    def search(
-        self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str] = (), exact: bool = False
+    def _search(
+        self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str], exact: bool
     ) -> list[Hit]:
         request = self._request(
             lambda f: qe.QueryRequest(
                 limit=k,
-                query=qe.Query.Nearest(vector.astype(np.float32).tolist()),
+                query=qe.Query.Nearest(self._query_vector(vector)),
                 filter=f,
                 with_payload=True,
                 params=qe.SearchParams(hnsw_ef=self.settings.hnsw_ef, exact=exact),

@@ -140,6 +140,7 @@ class ServerIndex(VectorIndex):
         self.settings = settings
         self._exists = self._call(self.client.collection_exists, collection)
         if self._exists:
+            self.multivector = self._vector_params().multivector_config is not None
             self._repair_payload_indexes()
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -162,14 +163,15 @@ class ServerIndex(VectorIndex):
         info = self._call(self.client.get_collection, self.collection)
         return {k: str(v) for k, v in (info.config.metadata or {}).items()}
 
+    def _vector_params(self) -> qm.VectorParams:
+        vectors = self._call(self.client.get_collection, self.collection).config.params.vectors
+        if not isinstance(vectors, qm.VectorParams):  # named vectors: not a collection visrec made
+            raise VisrecError(f"collection {self.collection!r} on {self.where} holds named vectors")
+        return vectors
+
     def _create(self, dim: int) -> None:
         if self._exists:
-            info = self._call(self.client.get_collection, self.collection)
-            size = (
-                info.config.params.vectors.size
-                if isinstance(info.config.params.vectors, qm.VectorParams)
-                else None
-            )
+            size = self._vector_params().size
             if size != dim:
                 raise VisrecError(
                     f"collection {self.collection!r} holds vectors of size {size}, not {dim}; "
@@ -180,7 +182,11 @@ class ServerIndex(VectorIndex):
             self._call(
                 self.client.create_collection,
                 self.collection,
-                vectors_config=qm.VectorParams(size=dim, distance=qm.Distance.EUCLID),
+                vectors_config=qm.VectorParams(
+                    size=dim,
+                    distance=qm.Distance.EUCLID,
+                    multivector_config=qm.MultiVectorConfig(comparator=qm.MultiVectorComparator.MAX_SIM),
+                ),
                 hnsw_config=qm.HnswConfigDiff(
                     m=self.settings.hnsw_m,
                     ef_construct=self.settings.hnsw_ef_construct,
@@ -194,9 +200,11 @@ class ServerIndex(VectorIndex):
             if not self._call(self.client.collection_exists, self.collection):
                 raise
             self._exists = True
+            self.multivector = self._vector_params().multivector_config is not None
             self._create(dim)  # checks the winner's vector size
             return
         self._exists = True
+        self.multivector = True
         self._ensure_payload_indexes()
 
     def _payload_schema(self) -> dict[str, object]:
@@ -212,9 +220,7 @@ class ServerIndex(VectorIndex):
         self._require()
         if points:
             structs = [
-                qm.PointStruct(
-                    id=point_id(p.product_id), vector=p.vector.astype(np.float32).tolist(), payload=p.payload
-                )
+                qm.PointStruct(id=point_id(p.product_id), vector=self._stored_vector(p), payload=p.payload)
                 for p in points
             ]
             self._call(self.client.upsert, self.collection, points=structs, wait=True, rejecting="point")
@@ -242,27 +248,30 @@ class ServerIndex(VectorIndex):
         )
         return [dict(r.payload or {}) for r in page], None if next_id is None else str(next_id)
 
-    def get(self, product_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+    def _retrieve(
+        self, product_ids: Sequence[str], with_payload: bool
+    ) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
         self._require()
         found = self._call(
             self.client.retrieve,
             self.collection,
-            ids=[point_id(product_id)],
-            with_payload=True,
+            ids=[point_id(p) for p in product_ids],
+            with_payload=with_payload,
             with_vectors=True,
         )
-        if not found:
-            return None
-        return np.asarray(found[0].vector, dtype=np.float32), dict(found[0].payload or {})
+        return [
+            (str(r.id), np.atleast_2d(np.asarray(r.vector, dtype=np.float32)), dict(r.payload or {}))
+            for r in found
+        ]
 
-    def search(
-        self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str] = (), exact: bool = False
+    def _search(
+        self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str], exact: bool
     ) -> list[Hit]:
         self._require()
         response = self._call(
             self.client.query_points,
             self.collection,
-            query=vector.astype(np.float32).tolist(),
+            query=self._query_vector(vector),
             query_filter=_server_filter(filters, exclude),
             limit=k,
             with_payload=True,
