@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -208,3 +209,61 @@ def test_http_hits_say_which_photo_matched_and_serve_it(tmp_path: Path, settings
         assert client.get("/products/p0/images/-1").status_code == 422
         similar = client.get("/products/p5/similar", params={"k": 1}).json()["results"][0]
         assert (similar["product_id"], similar["matched_image"]) == ("p1", 1)
+
+
+def test_http_rules_and_their_errors(tmp_path: Path, settings: Settings) -> None:
+    run_sync(_photo_catalogue(tmp_path), settings)
+    with TestClient(create_app(settings, torch.device("cpu"))) as client:
+        capped = client.get("/products/p3/similar", params={"k": 5, "max_per": "category=1"})
+        assert capped.status_code == 200, capped.text
+        categories = [r["payload"]["category"] for r in capped.json()["results"]]
+        assert len(categories) == len(set(categories)) == 4  # circle, square, triangle, set
+        diverse = client.get("/products/p3/similar", params={"k": 3, "diversity": 1})
+        assert diverse.status_code == 200 and len(diverse.json()["results"]) == 3
+        body = {"positive": ["p3"], "k": 4, "max_per": ["category=2"], "diversity": 0.5}
+        recommended = client.post("/recommend", json=body).json()["results"]
+        assert max(Counter(r["payload"]["category"] for r in recommended).values()) <= 2
+        for params in (
+            {"diversity": 2},
+            {"diversity": "nan"},
+            {"max_per": "category"},
+            {"max_per": "image=1"},
+        ):
+            assert client.get("/products/p3/similar", params=params).status_code == 422, params
+        bad = client.post("/recommend", json={"positive": ["p3"], "max_per": ["content_hash=1"]})
+        assert bad.status_code == 422
+    # A field the service does not show (api.public_fields) cannot be capped either: it would group by it.
+    settings.api.public_fields = ["category"]
+    with TestClient(create_app(settings, torch.device("cpu"))) as client:
+        refused = client.get("/products/p3/similar", params={"max_per": "colour_extracted=1"})
+        assert refused.status_code == 422 and "not a field this service shows" in refused.text
+        assert client.get("/products/p3/similar", params={"max_per": "category=1"}).status_code == 200
+
+
+def test_cli_similar_with_rules_shows_the_matched_photo(
+    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+
+    for name, value in {
+        "VISREC_ARTEFACT": settings.artefact,
+        "VISREC_QDRANT__PATH": settings.qdrant.path,
+        "VISREC_INGEST__FAILURE_REPORT": settings.ingest.failure_report,
+        "VISREC_EMBED__WORKERS": 0,
+        "VISREC_EMBED__DEVICE": "cpu",
+    }.items():
+        monkeypatch.setenv(name, str(value))
+    runner = CliRunner()
+    assert runner.invoke(app, ["sync", str(_photo_catalogue(tmp_path))]).exit_code == 0
+    result = runner.invoke(app, ["similar", "p5", "-k", "3", "--max-per", "category=1", "--json"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)
+    assert (hits[0]["product_id"], hits[0]["matched_image"]) == ("p1", 1)
+    assert hits[0]["payload"]["images"][1].endswith("p1-b.png")  # operators see the photo's path
+    assert len({h["payload"]["category"] for h in hits}) == 3
+    table = runner.invoke(app, ["similar", "p5", "-k", "2", "--diversity", "0.5"])
+    assert table.exit_code == 0 and "p1-b.png" in table.stdout  # the matched photo column
+    bad = runner.invoke(app, ["similar", "p5", "--max-per", "category"])
+    assert bad.exit_code != 0 and "FIELD=N" in bad.output and "Traceback" not in bad.output

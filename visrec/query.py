@@ -59,9 +59,9 @@ class Rules(BaseModel):
         for cap in caps:
             found = _CAP.match(cap)
             if not found or not 1 <= int(found.group(2)) <= MAX_K:
-                raise ValueError(f"max_per takes FIELD=N with 1 <= N <= {MAX_K}, got {cap!r}")
+                raise ValueError(f"takes FIELD=N with 1 <= N <= {MAX_K}, got {cap!r}")
             if found.group(1) in HIDDEN_FROM_CALLERS:
-                raise ValueError(f"max_per cannot cap {found.group(1)!r}: not a product field")
+                raise ValueError(f"cannot cap {found.group(1)!r}: not a product field")
         return caps
 
     @property
