@@ -33,6 +33,14 @@ class QdrantSettings(BaseModel):
     hnsw_ef_construct: int = Field(default=100, ge=4, le=1000)
     hnsw_ef: int = Field(default=128, ge=1, le=4096)
     full_scan_threshold_kb: int = Field(default=10_000, ge=0)  # below this, segments are scanned, no graph
+    # Memory per product (docs/scale.md measures each): vectors searched as int8 or 1-bit codes kept in
+    # RAM, the best `oversampling` x k of them rescored with the float32 originals; with
+    # `vectors_on_disk` the originals stay on disk (read for rescoring). Applied when a collection
+    # version is created: `visrec reindex` moves a live catalogue to new settings without downtime.
+    quantization: Literal["none", "int8", "binary"] = "none"
+    rescore: bool = True
+    oversampling: float = Field(default=2.0, ge=1, le=16)
+    vectors_on_disk: bool = False
     # Server only: the collection's distribution over a cluster's peers.
     shard_number: int = Field(default=1, ge=1, le=256)
     replication_factor: int = Field(default=1, ge=1, le=16)

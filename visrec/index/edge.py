@@ -152,23 +152,34 @@ class EdgeIndex(VectorIndex):
                     "%s holds no collection (its creation was cut short): creating it anew", self.path
                 )
 
-    def _stored_layout(self) -> bool:
-        """Whether the collection on disk holds a multivector a point (True for one not made yet). The
-        engine keeps its config in `edge_config.json` and has no call that returns it."""
+    def _stored_vectors(self) -> dict[str, Any]:
+        """The vector config of the collection on disk ({} if none). The engine keeps its config in
+        `edge_config.json` and has no call that returns it."""
         try:
-            config = json.loads((self.path / "edge_config.json").read_text())
-            return "multivector_config" in config["vectors"][""]
+            vectors = json.loads((self.path / "edge_config.json").read_text())["vectors"][""]
+            return vectors if isinstance(vectors, dict) else {}
         except (OSError, ValueError, KeyError, TypeError):
-            return True
+            return {}
+
+    def _stored_layout(self) -> bool:
+        """Whether the collection holds a multivector a point (True for one not made yet)."""
+        stored = self._stored_vectors()
+        return not stored or "multivector_config" in stored
 
     def _config(self, dim: int) -> qe.EdgeConfig:
         s = self.settings
-        multivector = qe.MultiVectorConfig(comparator=qe.MultiVectorComparator.MaxSim)
+        quantization: qe.ScalarQuantizationConfig | qe.BinaryQuantizationConfig | None = None
+        if s.quantization == "int8":  # codes in RAM; quantile 0.99 clips outliers (Qdrant's advice)
+            quantization = qe.ScalarQuantizationConfig(qe.ScalarType.Int8, quantile=0.99, always_ram=True)
+        elif s.quantization == "binary":
+            quantization = qe.BinaryQuantizationConfig(always_ram=True)
         return qe.EdgeConfig(
             vectors=qe.EdgeVectorParams(
                 size=dim,
                 distance=qe.Distance.Euclid,
-                multivector_config=multivector if self.multivector else None,
+                multivector_config=qe.MultiVectorConfig(comparator=qe.MultiVectorComparator.MaxSim),
+                quantization_config=quantization,
+                on_disk=s.vectors_on_disk,
             ),
             hnsw_config=qe.HnswIndexConfig(
                 m=s.hnsw_m, ef_construct=s.hnsw_ef_construct, full_scan_threshold=s.full_scan_threshold_kb
@@ -241,26 +252,18 @@ class EdgeIndex(VectorIndex):
             return {}
 
     def _create(self, dim: int) -> None:
-        if self._shard is None:
-            self.multivector = True  # every new collection takes several photos per product
-        config = self._config(dim)
-        if self._shard is not None:
-            with self._engine("close"):
-                self._shard.close()
-            self._shard = None
-            try:  # loading with a config checks the stored vectors are compatible with it
-                self._shard = self._load(config)
-            except IndexUnavailable as exc:
-                if "incompatible" in str(exc).lower():
-                    raise VisrecError(
-                        f"collection at {self.path} holds vectors of another size than {dim}; "
-                        "sync a new model into a new collection (VISREC_QDRANT__COLLECTION)"
-                    ) from exc
-                raise
+        if self._shard is not None:  # it keeps the layout it was made with: a new one is a new version
+            size = self._stored_vectors().get("size")
+            if size is not None and size != dim:
+                raise VisrecError(
+                    f"collection at {self.path} holds vectors of another size ({size}) than {dim}; "
+                    "sync a new model into a new collection (VISREC_QDRANT__COLLECTION)"
+                )
             return
+        self.multivector = True  # every new collection takes several photos per product
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._engine("create"):
-            shard = qe.EdgeShard.create(str(self.path), config)
+            shard = qe.EdgeShard.create(str(self.path), self._config(dim))
         with self._adopting(shard):  # payload indexes before any optimize(): filtered queries stay exact
             self._ensure_payload_indexes()
 
@@ -316,7 +319,13 @@ class EdgeIndex(VectorIndex):
                 query=qe.Query.Nearest(self._query_vector(vector)),
                 filter=f,
                 with_payload=True,
-                params=qe.SearchParams(hnsw_ef=self.settings.hnsw_ef, exact=exact),
+                params=qe.SearchParams(
+                    hnsw_ef=self.settings.hnsw_ef,
+                    exact=exact,
+                    quantization=qe.QuantizationSearchParams(
+                        ignore=exact, rescore=self.settings.rescore, oversampling=self.settings.oversampling
+                    ),
+                ),
             ),
             filters,
             exclude,

@@ -186,7 +186,9 @@ class ServerIndex(VectorIndex):
                     size=dim,
                     distance=qm.Distance.EUCLID,
                     multivector_config=qm.MultiVectorConfig(comparator=qm.MultiVectorComparator.MAX_SIM),
+                    on_disk=self.settings.vectors_on_disk,
                 ),
+                quantization_config=_quantization(self.settings),
                 hnsw_config=qm.HnswConfigDiff(
                     m=self.settings.hnsw_m,
                     ef_construct=self.settings.hnsw_ef_construct,
@@ -278,7 +280,13 @@ class ServerIndex(VectorIndex):
             # Local mode always searches exactly (and warns about search params).
             search_params=None
             if self.conn.local
-            else qm.SearchParams(hnsw_ef=self.settings.hnsw_ef, exact=exact),
+            else qm.SearchParams(
+                hnsw_ef=self.settings.hnsw_ef,
+                exact=exact,
+                quantization=qm.QuantizationSearchParams(
+                    ignore=exact, rescore=self.settings.rescore, oversampling=self.settings.oversampling
+                ),
+            ),
         )
         return [Hit.of(p.payload, p.score) for p in response.points]
 
@@ -297,6 +305,17 @@ class ServerIndex(VectorIndex):
 
     def _close(self) -> None:
         """The connection is the store's: `Store.close` releases it."""
+
+
+def _quantization(settings: QdrantSettings) -> qm.QuantizationConfig | None:
+    """The codes a new collection keeps in RAM (as the embedded backend's `_config`)."""
+    if settings.quantization == "int8":
+        return qm.ScalarQuantization(
+            scalar=qm.ScalarQuantizationConfig(type=qm.ScalarType.INT8, quantile=0.99, always_ram=True)
+        )
+    if settings.quantization == "binary":
+        return qm.BinaryQuantization(binary=qm.BinaryQuantizationConfig(always_ram=True))
+    return None
 
 
 def _server_filter(filters: Filters, exclude: Sequence[str]) -> qm.Filter | None:
