@@ -323,7 +323,37 @@ def report(
     emit(as_json, data, table)
 
 
+@app.command()
+@user_errors
+def duplicates(
+    max_distance: Annotated[
+        float | None,
+        typer.Option(help="Photos this close (Euclidean) count as one [VISREC_DUPLICATES__MAX_DISTANCE]."),
+    ] = None,
+    neighbours: Annotated[
+        int | None, typer.Option(help="Nearest products searched per photo [VISREC_DUPLICATES__NEIGHBOURS].")
+    ] = None,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Also write an HTML page of the groups.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Groups of distinct products whose photos are near-identical (a photo re-used, re-encoded, resized)."""
+    from visrec.cli_output import duplicates_dict, duplicates_table
+    from visrec.duplicates import check_options, find_duplicates
+    from visrec.report import write_duplicates_html
 
+    settings = _settings()
+    max_d = settings.duplicates.max_distance if max_distance is None else max_distance
+    k = settings.duplicates.neighbours if neighbours is None else neighbours
+    check_options(max_d, k)  # before opening the store
+    with open_index(settings.qdrant) as index, progress_bars(not as_json) as progress:
+        scan = find_duplicates(index, max_d, k, lambda done, total: progress("scan", done, total))
+        model_version = index.metadata().get("model_version", "")
+    data = duplicates_dict(scan)
+    if out_file is not None:
+        data["report"] = str(write_duplicates_html(scan, out_file, model_version).resolve())
+    emit(as_json, data, duplicates_table(scan, data.get("report")))
 
 
 @app.command()

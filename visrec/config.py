@@ -174,6 +174,15 @@ class TrainSettings(BaseModel):
         raise ValueError("weights must be 'packaged', 'imagenet', 'random' or a .pt/.pth checkpoint path")
 
 
+class DuplicateSettings(BaseModel):
+    """`visrec duplicates`: distinct products whose photos are near-identical."""
+
+    # Euclidean distance on the embedding within which two photos count as the same photo (re-encoded,
+    # resized, slightly cropped). Calibrated on real photos for the trained model: docs/duplicates.md.
+    max_distance: float = Field(default=1.0, ge=0)
+    neighbours: int = Field(default=10, ge=1, le=1000)  # nearest other products searched per photo
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="VISREC_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -185,3 +194,4 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     api: ApiSettings = ApiSettings()
     train: TrainSettings = TrainSettings()
+    duplicates: DuplicateSettings = DuplicateSettings()

@@ -16,6 +16,7 @@ from typing import Any
 
 from PIL import Image
 
+from visrec.duplicates import DuplicateGroup, DuplicateScan, photo_refs
 from visrec.errors import ImageError
 from visrec.fs import write_atomically
 from visrec.images import ImageLimits, load_image
@@ -74,14 +75,28 @@ def run_queries(index: VectorIndex, product_ids: list[str], k: int, same_categor
 
 def write_html(rows: list[ReportRow], out: Path, title: str, model_version: str) -> Path:
     """Write the report; returns its path."""
-    body = "\n".join(_row_html(row) for row in rows)
+    return _write_page(out, title, model_version, "\n".join(_row_html(row) for row in rows))
+
+
+def write_duplicates_html(scan: DuplicateScan, out: Path, model_version: str) -> Path:
+    """A page of `visrec duplicates` groups: each group a row of its products, every photo of each, with
+    the links (distances) that joined them; returns its path."""
+    summary = (
+        f'<p class="muted">{len(scan.groups)} groups among {scan.products} products · max distance '
+        f"{scan.max_distance:g} · {scan.neighbours} neighbours searched per photo</p>"
+    )
+    body = summary + "\n".join(_group_html(n, group) for n, group in enumerate(scan.groups, 1))
+    return _write_page(out, "visrec: near-duplicate products", model_version, body)
+
+
+def _write_page(out: Path, title: str, model_version: str, body: str) -> Path:
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     write_atomically(out, f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font: 14px system-ui, sans-serif; margin: 24px; color: #222; }}
-.row {{ display: flex; gap: 10px; align-items: flex-start; margin: 14px 0; padding-bottom: 12px;
-        border-bottom: 1px solid #ddd; }}
+.row {{ display: flex; flex-wrap: wrap; gap: 10px; align-items: flex-start; margin: 14px 0;
+        padding-bottom: 12px; border-bottom: 1px solid #ddd; }}
 figure {{ margin: 0; width: {THUMB}px; text-align: center; font-size: 12px; }}
 figure img {{ width: {THUMB}px; height: {THUMB}px; object-fit: contain; background: #f4f4f4;
               image-rendering: pixelated; }}
@@ -96,6 +111,23 @@ figure.query {{ padding-right: 10px; border-right: 3px solid #2a6; }}
     return out
 
 
+def _group_html(number: int, group: DuplicateGroup) -> str:
+    links = ", ".join(
+        f"{html.escape(link.a)} ~ {html.escape(link.b)} d = {link.distance:.2f}" for link in group.links
+    )
+    figures = []
+    for product_id, payload in group.products:
+        refs = photo_refs(payload) or [""]
+        figures += [
+            _figure(payload, f"{html.escape(product_id)}<br>photo {n}/{len(refs)}", image=ref)
+            for n, ref in enumerate(refs, 1)
+        ]
+    head = (
+        f'<p><b>group {number}</b> · {len(group.products)} products · <span class="muted">{links}</span></p>'
+    )
+    return f'{head}<div class="row">{"".join(figures)}</div>'
+
+
 def _row_html(row: ReportRow) -> str:
     condition = html.escape(", ".join(row.filters.category) or "none")
     caption = f'<b>query</b> {html.escape(row.query_id)}<br><span class="muted">filter: {condition}</span>'
@@ -106,11 +138,13 @@ def _row_html(row: ReportRow) -> str:
     return f'<div class="row">{query}{neighbours}</div>'
 
 
-def _figure(payload: dict[str, Any], caption: str, css: str = "") -> str:
+def _figure(payload: dict[str, Any], caption: str, css: str = "", image: str | None = None) -> str:
+    """A product's photo (`image`, default its first) with its caption, category, colour and price."""
     category = html.escape(str(payload.get("category", "")))
     extra = "".join(f"<br>{html.escape(str(payload[k]))}" for k in ("colour", "price") if k in payload)
+    ref = str(payload.get("image", "")) if image is None else image
     return (
-        f'<figure class="{css}"><img src="{_thumbnail(str(payload.get("image", "")))}" alt="">'
+        f'<figure class="{css}"><img src="{_thumbnail(ref)}" alt="">'
         f"<figcaption>{caption}<br>{category}{extra}</figcaption></figure>"
     )
 

@@ -1,0 +1,151 @@
+"""`visrec duplicates`: planted re-uploads of one photo under other SKUs are grouped, unrelated products
+are not; through the stage and the CLI, on the real embedded engine with the session's real small model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from tests.helpers import MakeCatalogue, run_sync
+from visrec.cli import app
+from visrec.config import Settings
+from visrec.duplicates import find_duplicates
+from visrec.index import open_index
+from visrec.index.edge import EdgeIndex
+from visrec.report import write_duplicates_html
+
+runner = CliRunner()
+MAX_DISTANCE = 2.0
+
+
+@pytest.fixture
+def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    monkeypatch.setenv("VISREC_ARTEFACT", str(settings.artefact))
+    monkeypatch.setenv("VISREC_QDRANT__PATH", str(settings.qdrant.path))
+    monkeypatch.setenv("VISREC_INGEST__FAILURE_REPORT", str(settings.ingest.failure_report))
+    monkeypatch.setenv("VISREC_EMBED__WORKERS", "0")
+    monkeypatch.setenv("VISREC_EMBED__DEVICE", "cpu")
+    return settings
+
+
+def plant(catalogue: Path) -> Path:
+    """Add two SKUs re-using p0's photo, as shops re-upload it: re-encoded as a JPEG (q80), and resized
+    (up to 2x, then JPEG q90); returns the catalogue."""
+    images = catalogue.parent / "images"
+    original = Image.open(images / "p0.png").convert("RGB")
+    original.save(images / "copy-jpeg.jpg", quality=80)
+    original.resize((96, 96), Image.Resampling.BICUBIC).save(images / "copy-resized.jpg", quality=90)
+    lines = catalogue.read_text().splitlines()
+    extra = [
+        "copy-jpeg,images/copy-jpeg.jpg,circle,red,12.5,re-upload A",
+        "copy-resized,images/copy-resized.jpg,circle,red,13.5,re-upload B",
+    ]
+    catalogue.write_text("\n".join([*lines, *extra]) + "\n")
+    return catalogue
+
+
+def test_planted_reuploads_form_one_group_of_distinct_products(
+    make_catalogue: MakeCatalogue, settings: Settings
+) -> None:
+    run_sync(plant(make_catalogue(9)), settings)  # 9 products: every shape in every colour, once
+    with open_index(settings.qdrant) as index:
+        scan = find_duplicates(index, MAX_DISTANCE, neighbours=5)
+    assert (scan.products, scan.photos) == (11, 11)
+    assert [group.product_ids for group in scan.groups] == [["copy-jpeg", "copy-resized", "p0"]]
+    group = scan.groups[0]
+    assert all(link.a < link.b and link.distance <= MAX_DISTANCE for link in group.links)
+    assert {p for link in group.links for p in (link.a, link.b)} == set(group.product_ids)
+    assert group.products[0][1]["title"] == "re-upload A"  # payloads travel with the ids
+
+
+def test_nothing_is_grouped_at_distance_zero_and_everything_when_far(
+    make_catalogue: MakeCatalogue, settings: Settings
+) -> None:
+    run_sync(make_catalogue(6), settings)
+    with open_index(settings.qdrant) as index:
+        assert find_duplicates(index, 0.0).groups == []
+        far = find_duplicates(index, 1e9, neighbours=5)
+    assert [g.product_ids for g in far.groups] == [[f"p{i}" for i in range(6)]]  # transitive: one group
+    assert far.saturated == [f"p{i}" for i in range(6)]  # each saw only its 5 nearest: said so
+
+
+def test_cli_json_table_and_html(make_catalogue: MakeCatalogue, env: Settings, tmp_path: Path) -> None:
+    run_sync(plant(make_catalogue(9)), env)
+    page = tmp_path / "dups.html"
+    args = ["duplicates", "--max-distance", str(MAX_DISTANCE), "--json", "--out", str(page)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert set(data) == {
+        "max_distance",
+        "neighbours",
+        "products_scanned",
+        "photos_searched",
+        "groups",
+        "saturated",
+        "report",
+    }
+    assert data["max_distance"] == MAX_DISTANCE and data["products_scanned"] == 11
+    (group,) = data["groups"]
+    assert [p["product_id"] for p in group["products"]] == ["copy-jpeg", "copy-resized", "p0"]
+    assert all(p["payload"]["category"] == "circle" for p in group["products"])
+    assert (
+        set(group["links"][0]) == {"a", "b", "distance"} and group["closest"] == group["links"][0]["distance"]
+    )
+    html = page.read_text()
+    assert data["report"] == str(page.resolve()) and html.count("data:image/png;base64") == 3
+    assert "group 1" in html and "copy-resized" in html
+
+    table = runner.invoke(app, ["duplicates", "--max-distance", str(MAX_DISTANCE)])
+    assert table.exit_code == 0, table.output
+    assert "1 duplicate groups among 11 products" in table.stdout and "copy-jpeg" in table.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "code"),
+    [
+        (["--max-distance", "-1"], "max distance must be a finite number", 2),
+        (["--max-distance", "nan"], "max distance must be a finite number", 2),
+        (["--neighbours", "0"], "neighbours must be between 1", 2),
+        ([], "run `visrec sync` first", 4),  # nothing synced
+    ],
+)
+def test_bad_input_is_one_line_and_an_exit_code(
+    env: Settings, args: list[str], message: str, code: int
+) -> None:
+    result = runner.invoke(app, ["duplicates", *args])
+    assert result.exit_code == code, result.output
+    assert message in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+class PhotoAlbums(EdgeIndex):
+    """The real engine, answering `get` as the index is about to for products with several photos: the
+    vectors as rows (photos x dim), their refs in `images`. Here p8 has two photos: its own, then p4's."""
+
+    def get(self, product_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
+        found = super().get(product_id)
+        if found is None or product_id != "p8":
+            return found
+        second = super().get("p4")
+        assert second is not None
+        (own, payload), (reused, other) = found, second
+        return np.stack([own, reused]), {**payload, "images": [payload["image"], other["image"]]}
+
+
+def test_a_photo_reused_as_a_second_photo_is_found(
+    make_catalogue: MakeCatalogue, settings: Settings, tmp_path: Path
+) -> None:
+    run_sync(make_catalogue(9), settings)
+    with PhotoAlbums(settings.qdrant.path, "products__v1", settings.qdrant) as index:
+        scan = find_duplicates(index, MAX_DISTANCE)
+    assert (scan.products, scan.photos) == (9, 10)
+    assert [g.product_ids for g in scan.groups] == [["p4", "p8"]] and scan.groups[0].closest < 1e-3
+    html = write_duplicates_html(scan, tmp_path / "albums.html", "test").read_text()
+    assert html.count("data:image/png;base64") == 3 and "photo 2/2" in html  # every photo of each product
