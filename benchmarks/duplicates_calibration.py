@@ -1,18 +1,21 @@
 """Calibrate `visrec duplicates --max-distance` on real product photos (Fashion-MNIST) with a trained model.
 
-Positives: a seeded sample of test-split photos, each against its own copies re-encoded (JPEG qualities),
-resized (down then up, up-scaled) and slightly cropped, as a shop re-uploads a photo. Negatives: each
-sampled photo against the nearest OTHER product of its own category in the whole test split (10,000
-products; the hardest honest non-duplicate), exact pixel copies inside the dataset excluded and counted.
+The products: --gallery photos of the test split (a seeded sample; all 10,000 by default). Positives:
+--originals of them, each against its own copies re-encoded (JPEG qualities), resized (down then up,
+up-scaled) and slightly cropped, as a shop re-uploads a photo. Negatives: each of those photos against the
+nearest OTHER product of its own category among the products (the hardest honest non-duplicate), exact
+pixel copies inside the dataset excluded and counted.
 All images go through visrec's own decoding and the exported model (`Embedder.embed_refs`).
 
 For each candidate threshold: recall per kind of copy and overall, the false-link rate (share of products
 whose nearest same-category product lies within it) and precision at one planted copy per product
 (recall / (recall + false-link rate)). The chosen threshold: the largest candidate with a false-link rate
 ≤ --max-false (default 0.5%). Thresholds are also given relative to the model's scale: the median
-distance from a product to its nearest other product (any category) in the test split.
+distance from a product to its nearest other product (any category) among the products, and the median
+length of an embedding.
 
-    VISREC_ARTEFACT=/tmp/dup/model .venv/bin/python benchmarks/duplicates_calibration.py --originals 500
+    VISREC_ARTEFACT=/tmp/dup/model .venv/bin/python benchmarks/duplicates_calibration.py \
+        --gallery 3000 --originals 200 --workers 1
 """
 
 from __future__ import annotations
@@ -83,7 +86,8 @@ def main() -> None:
     p = new_parser(__doc__)
     add_data_options(p, cache=Path(".visrec/cache"), out=Path(".visrec/duplicates"))
     p.add_argument("--model", type=Path, default=None, help="artefact folder [VISREC_ARTEFACT]")
-    p.add_argument("--originals", type=int, default=500, help="photos copied (positives, negatives)")
+    p.add_argument("--gallery", type=int, default=10_000, help="test photos: the products (seeded sample)")
+    p.add_argument("--originals", type=int, default=500, help="of them, photos copied (positives)")
     p.add_argument("--max-false", type=float, default=0.005, help="false-link rate the choice allows")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
@@ -95,9 +99,9 @@ def main() -> None:
         artefact, resolve_device("auto"), EmbedSettings(batch_size=args.batch_size, workers=args.workers)
     )
     model = embedder.manifest.model_version
-    split = prepare_split(args.data, args.cache / "fashion-mnist", "test")
+    split = prepare_split(args.data, args.cache / "fashion-mnist", "test", args.gallery, args.seed)
     started = time.perf_counter()
-    cached = args.cache / f"duplicates-gallery-{embedder.manifest.weights_sha256[:12]}.npy"
+    cached = args.cache / f"duplicates-gallery-{embedder.manifest.weights_sha256[:12]}-{len(split.refs)}.npy"
     if cached.is_file():
         gallery = np.load(cached)
     else:
@@ -120,7 +124,15 @@ def main() -> None:
             else:
                 copy.save(path)
             refs.append(str(path))
-    copies = embed_all(embedder, refs).astype(np.float32).reshape(len(COPIES), len(picks), -1)
+    copies_file = (
+        args.cache
+        / f"duplicates-copies-{embedder.manifest.weights_sha256[:12]}-{len(picks)}-{len(gallery)}.npy"
+    )
+    if copies_file.is_file():
+        copies = np.load(copies_file)
+    else:
+        copies = embed_all(embedder, refs).astype(np.float32).reshape(len(COPIES), len(picks), -1)
+        np.save(copies_file, copies)
     positives = np.linalg.norm(copies - gallery[picks][None], axis=2)  # (kinds, originals)
 
     # Negatives: nearest other product of the same category; pixel-identical images are true duplicates.
@@ -138,19 +150,25 @@ def main() -> None:
     scale_sample = rng.choice(len(gallery), min(2000, len(gallery)), replace=False)
     scale = float(np.median(nearest_other(gallery, gallery[scale_sample], [{int(i)} for i in scale_sample])))
 
-    lo, hi = float(positives.min()), float(np.quantile(negatives, 0.2))
-    candidates = sorted({round(float(t), 2) for t in np.geomspace(max(lo, 1e-3), hi, 14)})
+    norm = float(np.median(np.linalg.norm(gallery, axis=1)))
+
+    # Candidates are shares of the median embedding length (what `visrec duplicates` is configured in).
+    lo = float(np.quantile(positives, 0.05)) / norm
+    hi = max(float(np.quantile(negatives, 0.2)), float(np.quantile(positives, 0.99))) / norm
+    shares = sorted({float(f"{r:.2g}") for r in np.geomspace(max(lo, 1e-4), hi, 16)})
     kinds = list(COPIES)
     rows_out: list[dict[str, Any]] = []
-    for t in candidates:
+    for share in shares:
+        t = share * norm
         recall_by_kind = (positives <= t).mean(axis=1)
         recall = float(recall_by_kind.mean())
         false_rate = float((negatives <= t).mean())
         precision = recall / (recall + false_rate) if recall + false_rate else 1.0
         rows_out.append(
             {
+                "share_of_norm": share,
                 "threshold": t,
-                "relative": t / scale,
+                "per_nn_scale": t / scale,
                 "recall": recall,
                 "false_link_rate": false_rate,
                 "precision": precision,
@@ -158,12 +176,12 @@ def main() -> None:
             }
         )
     allowed = [r for r in rows_out if r["false_link_rate"] <= args.max_false]
-    chosen = max(allowed, key=lambda r: r["threshold"]) if allowed else rows_out[0]
+    chosen = max(allowed, key=lambda r: r["share_of_norm"]) if allowed else rows_out[0]
 
     lines = [
         f"model {model}; {len(picks)} originals x {len(kinds)} kinds of copy; negatives: nearest other "
         f"product of the same category among {len(gallery)} (exact pixel copies excluded: {exact_copies})",
-        f"scale (median nearest-other-product distance): {scale:.3f}",
+        f"median embedding norm: {norm:.3f}; NN scale (median nearest-other-product distance): {scale:.3f}",
         "",
         "| kind of copy | median distance | p95 | max |",
         "|---|---|---|---|",
@@ -177,20 +195,22 @@ def main() -> None:
     )
     lines += [
         "",
-        "| threshold | / scale | recall | false-link rate | precision (1:1) | worst kind (recall) |",
-        "|---|---|---|---|---|---|",
+        "| share of median norm | distance | / NN scale | recall | false-link rate | precision (1:1) "
+        "| worst kind (recall) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for r in rows_out:
         worst = min(r["recall_by_kind"].items(), key=lambda kv: kv[1])
         mark = " **chosen**" if r is chosen else ""
         lines.append(
-            f"| {r['threshold']:.2f}{mark} | {r['relative']:.3f} | {r['recall']:.3f} | "
-            f"{r['false_link_rate']:.3f} | {r['precision']:.3f} | {worst[0]} ({worst[1]:.2f}) |"
+            f"| {r['share_of_norm']:g}{mark} | {r['threshold']:.2f} | {r['per_nn_scale']:.3f} | "
+            f"{r['recall']:.3f} | {r['false_link_rate']:.3f} | {r['precision']:.3f} | "
+            f"{worst[0]} ({worst[1]:.2f}) |"
         )
     lines += [
         "",
-        f"chosen: {chosen['threshold']:.2f} (= {chosen['relative']:.3f} x scale): the largest candidate with "
-        f"a false-link rate <= {args.max_false}",
+        f"chosen: {chosen['share_of_norm']:g} x the median norm (= distance {chosen['threshold']:.2f} for "
+        f"this model): the largest candidate with a false-link rate <= {args.max_false}",
     ]
     text = "\n".join(lines)
     print(text)
@@ -200,6 +220,7 @@ def main() -> None:
         {
             "model": model,
             "scale": scale,
+            "median_norm": norm,
             "positives": {k: d.tolist() for k, d in zip(kinds, positives, strict=True)},
             "negatives": negatives.tolist(),
             "rows": rows_out,

@@ -1,19 +1,19 @@
 """Time of `visrec duplicates` at --size products (default 100,000) on the embedded store (qdrant-edge).
 
 The products, embedded by a trained model through visrec's own decoding (`Embedder.embed_refs`):
-- Fashion-MNIST's 10,000 test photos (real embeddings; the same cache file as duplicates_calibration.py);
-- --planted real duplicates: the first test photos re-uploaded as 2x up-scaled JPEGs (q75) under new ids;
+- --real Fashion-MNIST test photos (real embeddings; duplicates_calibration.py's cache file for --gallery);
+- --planted real duplicates: the first of those photos re-uploaded as 2x up-scaled JPEGs (q75) under new ids;
 - the rest up to --size: perturbed copies of the real embeddings, v + Gaussian noise of norm s (s = the
   median distance from a product to its nearest other product), so each is a distinct product in a real
-  product's neighbourhood, not a duplicate. (Embedding 90,000 more photos would take hours on 2 cores; the
-  scan's cost does not depend on how the vectors were made, only on how many there are.)
+  product's neighbourhood, not a duplicate. (Embedding 90,000 more photos would take hours on 2 shared
+  cores; the scan's cost depends on how many vectors there are, hardly on how they were made.)
 
 Then, through `visrec.duplicates`: as a sync leaves the store (no HNSW graph: every search is a full
 scan), the per-product work (`get` + one search per photo) timed on a seeded sample of --sample products
 and extrapolated to all of them (said so in the output); with --optimize, `optimize()` (timed), the sample
 again, and with --full the whole `find_duplicates` run for real, with how many planted pairs it grouped.
 
-    VISREC_ARTEFACT=/tmp/dup/model .venv/bin/python benchmarks/duplicates_scale.py --optimize --full
+    VISREC_ARTEFACT=/tmp/dup/model .venv/bin/python benchmarks/duplicates_scale.py --real 3000 --optimize
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from visrec.config import EmbedSettings, QdrantSettings, Settings
-from visrec.duplicates import find_duplicates
+from visrec.duplicates import find_duplicates, relative_distance
 from visrec.embed import Embedder, resolve_device
 from visrec.filters import Filters
 from visrec.index import VectorIndex
@@ -54,8 +54,8 @@ def products(args: Any) -> tuple[list[str], np.ndarray, np.ndarray, int]:
         EmbedSettings(batch_size=args.batch_size, workers=args.workers),
     )
     sha = embedder.manifest.weights_sha256[:12]
-    split = prepare_split(args.data, args.cache / "fashion-mnist", "test")
-    gallery_file = args.cache / f"duplicates-gallery-{sha}.npy"
+    split = prepare_split(args.data, args.cache / "fashion-mnist", "test", args.real, args.seed)
+    gallery_file = args.cache / f"duplicates-gallery-{sha}-{len(split.refs)}.npy"
     if gallery_file.is_file():
         real = np.load(gallery_file)
     else:
@@ -92,6 +92,7 @@ def products(args: Any) -> tuple[list[str], np.ndarray, np.ndarray, int]:
     vectors = np.concatenate([real, copies, real[base] + noise])[: args.size]
     labels = np.concatenate([split.labels, split.labels[:planted], split.labels[base]])[: args.size]
     ids = [f"fm-{i}" for i in range(len(real))] + [f"reupload-of-fm-{i}" for i in range(planted)]
+    # fm-i is the i-th photo of the sample (split.refs[i]); reupload-of-fm-i its re-upload
     ids += [f"synthetic-{i}-near-fm-{b}" for i, b in enumerate(base)]
     print(f"scale (median nearest-other distance) {scale:.3f}; {synthetic} synthetic", file=sys.stderr)
     return ids[: args.size], vectors, labels, planted
@@ -113,9 +114,10 @@ def main() -> None:
     add_data_options(p, cache=Path(".visrec/cache"), out=Path(".visrec/duplicates"))
     p.add_argument("--model", type=Path, default=None, help="artefact folder [VISREC_ARTEFACT]")
     p.add_argument("--size", type=int, default=100_000)
-    p.add_argument("--planted", type=int, default=1000)
+    p.add_argument("--real", type=int, default=10_000, help="test photos embedded (a seeded sample)")
+    p.add_argument("--planted", type=int, default=300)
     p.add_argument("--sample", type=int, default=300, help="products timed to extrapolate from")
-    p.add_argument("--max-distance", type=float, default=None, help="[the configured default]")
+    p.add_argument("--max-distance", type=float, default=None, help="[the configured relative default]")
     p.add_argument("--neighbours", type=int, default=10)
     p.add_argument("--optimize", action="store_true", help="build the HNSW graph, then time again")
     p.add_argument("--full", action="store_true", help="with --optimize: the whole scan, for real")
@@ -123,7 +125,6 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
-    max_distance = args.max_distance if args.max_distance is not None else Settings().duplicates.max_distance
 
     ids, vectors, labels, planted = products(args)
     n = len(ids)
@@ -133,8 +134,12 @@ def main() -> None:
     index.create(vectors.shape[1])
     started = time.perf_counter()
     upsert_gallery(index, ids, vectors, labels)
+    upsert_s = round(time.perf_counter() - started, 1)
+    max_distance = args.max_distance
+    if max_distance is None:  # the configured default: a share of the median vector length
+        max_distance, _ = relative_distance(index, Settings().duplicates.max_relative)
     row: dict[str, Any] = {"n": n, "planted": planted, "max_distance": max_distance, "k": args.neighbours}
-    row["upsert_s"] = round(time.perf_counter() - started, 1)
+    row["upsert_s"] = upsert_s
     sample = np.random.default_rng(args.seed).choice(n, min(args.sample, n), replace=False)
     started = time.perf_counter()
     after, pages = None, 0

@@ -14,14 +14,14 @@ from typer.testing import CliRunner
 
 from tests.helpers import MakeCatalogue, run_sync
 from visrec.cli import app
-from visrec.config import Settings
-from visrec.duplicates import find_duplicates
+from visrec.config import DuplicateSettings, Settings
+from visrec.duplicates import find_duplicates, relative_distance
 from visrec.index import open_index
 from visrec.index.edge import EdgeIndex
 from visrec.report import write_duplicates_html
 
 runner = CliRunner()
-MAX_DISTANCE = 2.0
+DEFAULT = DuplicateSettings()  # the calibrated default: a share of the median vector length
 
 
 @pytest.fixture
@@ -55,11 +55,13 @@ def test_planted_reuploads_form_one_group_of_distinct_products(
 ) -> None:
     run_sync(plant(make_catalogue(9)), settings)  # 9 products: every shape in every colour, once
     with open_index(settings.qdrant) as index:
-        scan = find_duplicates(index, MAX_DISTANCE, neighbours=5)
+        max_distance, norm = relative_distance(index, DEFAULT.max_relative)
+        scan = find_duplicates(index, max_distance, neighbours=5)
+    assert max_distance == pytest.approx(DEFAULT.max_relative * norm) and norm > 0
     assert (scan.products, scan.photos) == (11, 11)
     assert [group.product_ids for group in scan.groups] == [["copy-jpeg", "copy-resized", "p0"]]
     group = scan.groups[0]
-    assert all(link.a < link.b and link.distance <= MAX_DISTANCE for link in group.links)
+    assert all(link.a < link.b and link.distance <= max_distance for link in group.links)
     assert {p for link in group.links for p in (link.a, link.b)} == set(group.product_ids)
     assert group.products[0][1]["title"] == "re-upload A"  # payloads travel with the ids
 
@@ -78,11 +80,12 @@ def test_nothing_is_grouped_at_distance_zero_and_everything_when_far(
 def test_cli_json_table_and_html(make_catalogue: MakeCatalogue, env: Settings, tmp_path: Path) -> None:
     run_sync(plant(make_catalogue(9)), env)
     page = tmp_path / "dups.html"
-    args = ["duplicates", "--max-distance", str(MAX_DISTANCE), "--json", "--out", str(page)]
-    result = runner.invoke(app, args)
+    result = runner.invoke(app, ["duplicates", "--json", "--out", str(page)])
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert set(data) == {
+        "max_relative",
+        "median_norm",
         "max_distance",
         "neighbours",
         "products_scanned",
@@ -91,7 +94,8 @@ def test_cli_json_table_and_html(make_catalogue: MakeCatalogue, env: Settings, t
         "saturated",
         "report",
     }
-    assert data["max_distance"] == MAX_DISTANCE and data["products_scanned"] == 11
+    assert data["max_distance"] == pytest.approx(data["max_relative"] * data["median_norm"])
+    assert data["max_relative"] == DEFAULT.max_relative and data["products_scanned"] == 11
     (group,) = data["groups"]
     assert [p["product_id"] for p in group["products"]] == ["copy-jpeg", "copy-resized", "p0"]
     assert all(p["payload"]["category"] == "circle" for p in group["products"])
@@ -102,9 +106,11 @@ def test_cli_json_table_and_html(make_catalogue: MakeCatalogue, env: Settings, t
     assert data["report"] == str(page.resolve()) and html.count("data:image/png;base64") == 3
     assert "group 1" in html and "copy-resized" in html
 
-    table = runner.invoke(app, ["duplicates", "--max-distance", str(MAX_DISTANCE)])
+    table = runner.invoke(app, ["duplicates", "--max-distance", str(data["max_distance"])])  # absolute
     assert table.exit_code == 0, table.output
     assert "1 duplicate groups among 11 products" in table.stdout and "copy-jpeg" in table.stdout
+    none = runner.invoke(app, ["duplicates", "--max-distance", "0", "--json"])
+    assert none.exit_code == 0 and json.loads(none.stdout)["groups"] == []
 
 
 @pytest.mark.parametrize(
@@ -123,6 +129,12 @@ def test_bad_input_is_one_line_and_an_exit_code(
     assert result.exit_code == code, result.output
     assert message in result.stderr and "Traceback" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_bad_configured_share_is_one_line(env: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VISREC_DUPLICATES__MAX_RELATIVE", "-0.1")
+    result = runner.invoke(app, ["duplicates"])
+    assert result.exit_code == 1 and "invalid setting: duplicates.max_relative" in result.stderr
 
 
 class PhotoAlbums(EdgeIndex):
@@ -144,7 +156,7 @@ def test_a_photo_reused_as_a_second_photo_is_found(
 ) -> None:
     run_sync(make_catalogue(9), settings)
     with PhotoAlbums(settings.qdrant.path, "products__v1", settings.qdrant) as index:
-        scan = find_duplicates(index, MAX_DISTANCE)
+        scan = find_duplicates(index, relative_distance(index, DEFAULT.max_relative)[0])
     assert (scan.products, scan.photos) == (9, 10)
     assert [g.product_ids for g in scan.groups] == [["p4", "p8"]] and scan.groups[0].closest < 1e-3
     html = write_duplicates_html(scan, tmp_path / "albums.html", "test").read_text()

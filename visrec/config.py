@@ -177,9 +177,12 @@ class TrainSettings(BaseModel):
 class DuplicateSettings(BaseModel):
     """`visrec duplicates`: distinct products whose photos are near-identical."""
 
-    # Euclidean distance on the embedding within which two photos count as the same photo (re-encoded,
-    # resized, slightly cropped). Calibrated on real photos for the trained model: docs/duplicates.md.
-    max_distance: float = Field(default=1.0, ge=0)
+    # Two photos are one photo (re-encoded, up-scaled) within this share of the median embedding length
+    # (measured on the indexed vectors at each run): a scale the model sets, so a retrained model needs no
+    # new figure. Calibrated on real photos (docs/duplicates.md, benchmarks/duplicates_calibration.py).
+    max_relative: float = Field(default=0.053, ge=0, le=10)
+    # An absolute Euclidean distance instead (the CLI's --max-distance); None: max_relative x median norm.
+    max_distance: float | None = Field(default=None, ge=0)
     neighbours: int = Field(default=10, ge=1, le=1000)  # nearest other products searched per photo
 
 

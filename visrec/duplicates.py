@@ -25,6 +25,7 @@ from visrec.index import VectorIndex
 from visrec.query import MAX_K
 
 PAGE = 1000  # products fetched per browse call
+NORM_SAMPLE = 500  # products whose vectors' lengths set the scale of a relative distance
 
 Progress = Callable[[int, int], None]
 
@@ -120,6 +121,26 @@ def check_options(max_distance: float, neighbours: int) -> None:
         raise InvalidQuery(f"max distance must be a finite number ≥ 0, got {max_distance}")
     if not 1 <= neighbours <= MAX_K:
         raise InvalidQuery(f"neighbours must be between 1 and {MAX_K}, got {neighbours}")
+
+
+def median_norm(index: VectorIndex, sample: int = NORM_SAMPLE) -> float:
+    """The median length of the vectors of the first `sample` products in point-id order (ids are hashes,
+    so that is a spread sample): the scale of the model's embedding, whatever the catalogue's size."""
+    page, _ = index.browse(Filters(), sample)
+    norms: list[float] = []
+    for product_id, _payload in page:
+        found = index.get(product_id)
+        if found is not None:
+            norms += np.linalg.norm(np.atleast_2d(found[0]), axis=1).tolist()
+    return float(np.median(norms)) if norms else 0.0
+
+
+def relative_distance(index: VectorIndex, share: float) -> tuple[float, float]:
+    """(`share` x the median vector length, that median): the default `max_distance`."""
+    if not math.isfinite(share) or share < 0:
+        raise InvalidQuery(f"the relative distance must be a finite number ≥ 0, got {share}")
+    norm = median_norm(index)
+    return share * norm, norm
 
 
 def find_duplicates(
