@@ -160,10 +160,14 @@ def find_duplicates(
     total = index.count()
     best: dict[tuple[str, str], Link] = {}
     payloads: dict[str, dict[str, Any]] = {}
+    scanned: set[str] = set()  # an index holding a point per photo lists a product once per photo
     after: str | None = None
     while True:
         page, after = index.browse(Filters(), PAGE, after)
         for product_id, listed in page:
+            if product_id in scanned:
+                continue
+            scanned.add(product_id)
             found = index.get(product_id)
             if found is None:  # deleted since the page was read
                 continue
