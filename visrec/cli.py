@@ -333,6 +333,47 @@ def report(
 
 @app.command()
 @user_errors
+def duplicates(
+    max_distance: Annotated[
+        float | None,
+        typer.Option(
+            help="Photos this close (Euclidean) count as one [VISREC_DUPLICATES__MAX_DISTANCE; default: "
+            "VISREC_DUPLICATES__MAX_RELATIVE x the median vector length]."
+        ),
+    ] = None,
+    neighbours: Annotated[
+        int | None, typer.Option(help="Nearest products searched per photo [VISREC_DUPLICATES__NEIGHBOURS].")
+    ] = None,
+    out_file: Annotated[
+        Path | None, typer.Option("--out", help="Also write an HTML page of the groups.")
+    ] = None,
+    as_json: JsonFlag = False,
+) -> None:
+    """Groups of distinct products whose photos are near-identical (a photo re-used, re-encoded, resized)."""
+    from visrec.cli_output import duplicates_dict, duplicates_table
+    from visrec.duplicates import check_options, find_duplicates, relative_distance
+    from visrec.report import write_duplicates_html
+
+    settings = _settings()
+    chosen = settings.duplicates
+    absolute = chosen.max_distance if max_distance is None else max_distance
+    k = chosen.neighbours if neighbours is None else neighbours
+    check_options(0.0 if absolute is None else absolute, k)  # before opening the store
+    scale: dict[str, float] = {}
+    with open_index(settings.qdrant) as index, progress_bars(not as_json) as progress:
+        if absolute is None:
+            absolute, norm = relative_distance(index, chosen.max_relative)
+            scale = {"max_relative": chosen.max_relative, "median_norm": norm}
+        scan = find_duplicates(index, absolute, k, lambda done, total: progress("scan", done, total))
+        model_version = index.metadata().get("model_version", "")
+    data = {**duplicates_dict(scan), **scale}
+    if out_file is not None:
+        data["report"] = str(write_duplicates_html(scan, out_file, model_version).resolve())
+    emit(as_json, data, duplicates_table(scan, data.get("report")))
+
+
+@app.command()
+@user_errors
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface [VISREC_API__HOST].")] = None,
     port: Annotated[int | None, typer.Option(help="Port [VISREC_API__PORT].")] = None,

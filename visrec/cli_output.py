@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from visrec.duplicates import DuplicateScan
 from visrec.index import Hit
 from visrec.payload import for_operators, photos
 
@@ -54,6 +55,40 @@ def hits_table(hits: list[Hit]) -> Table:
             *matched,
             *(str(hit.payload.get(f, "")) for f in fields),
         )
+    return table
+
+
+def duplicates_dict(scan: DuplicateScan) -> dict[str, Any]:
+    return scan.to_dict(for_operators)
+
+
+def duplicates_table(scan: DuplicateScan, report: str | None = None) -> Table:
+    """One row per product of each group: the group's number and closest link on its first row."""
+    fields = [f for f in ("category", "title") if any(f in p for g in scan.groups for _, p in g.products)]
+    where = f" → {report}" if report else ""
+    table = Table(
+        "group",
+        "product",
+        "closest (distance)",
+        *fields,
+        title=f"{len(scan.groups)} duplicate groups among {scan.products} products{where}",
+        caption=f"max distance {scan.max_distance:g}, {scan.neighbours} neighbours per photo"
+        + (f"; {len(scan.saturated)} products had all neighbours within it" if scan.saturated else ""),
+    )
+    for number, group in enumerate(scan.groups, 1):
+        for row, (product_id, payload) in enumerate(group.products):
+            nearest = min(
+                (link for link in group.links if product_id in (link.a, link.b)),
+                key=lambda link: link.distance,
+            )
+            other = nearest.b if nearest.a == product_id else nearest.a
+            table.add_row(
+                str(number) if row == 0 else "",
+                product_id,
+                f"{other} ({nearest.distance:.3f})",
+                *(str(payload.get(f, "")) for f in fields),
+                end_section=row == len(group.products) - 1,
+            )
     return table
 
 

@@ -182,6 +182,18 @@ class TrainSettings(BaseModel):
         raise ValueError("weights must be 'packaged', 'imagenet', 'random' or a .pt/.pth checkpoint path")
 
 
+class DuplicateSettings(BaseModel):
+    """`visrec duplicates`: distinct products whose photos are near-identical."""
+
+    # Two photos are one photo (re-encoded, up-scaled) within this share of the median embedding length
+    # (measured on the indexed vectors at each run): a scale the model sets, so a retrained model needs no
+    # new figure. Calibrated on real photos (docs/duplicates.md, benchmarks/duplicates_calibration.py).
+    max_relative: float = Field(default=0.053, ge=0, le=10)
+    # An absolute Euclidean distance instead (the CLI's --max-distance); None: max_relative x median norm.
+    max_distance: float | None = Field(default=None, ge=0)
+    neighbours: int = Field(default=10, ge=1, le=1000)  # nearest other products searched per photo
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="VISREC_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -193,3 +205,4 @@ class Settings(BaseSettings):
     ingest: IngestSettings = IngestSettings()
     api: ApiSettings = ApiSettings()
     train: TrainSettings = TrainSettings()
+    duplicates: DuplicateSettings = DuplicateSettings()

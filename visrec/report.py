@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from visrec.duplicates import DuplicateGroup, DuplicateScan
 from visrec.errors import ImageError
 from visrec.fs import write_atomically
 from visrec.images import ImageLimits, load_image
@@ -76,7 +77,21 @@ def run_queries(index: VectorIndex, product_ids: list[str], k: int, same_categor
 
 def write_html(rows: list[ReportRow], out: Path, title: str, model_version: str) -> Path:
     """Write the report; returns its path."""
-    body = "\n".join(_row_html(row) for row in rows)
+    return _write_page(out, title, model_version, "\n".join(_row_html(row) for row in rows))
+
+
+def write_duplicates_html(scan: DuplicateScan, out: Path, model_version: str) -> Path:
+    """A page of `visrec duplicates` groups: each group a row of its products, every photo of each, with
+    the links (distances) that joined them; returns its path."""
+    summary = (
+        f'<p class="muted">{len(scan.groups)} groups among {scan.products} products · max distance '
+        f"{scan.max_distance:g} · {scan.neighbours} neighbours searched per photo</p>"
+    )
+    body = summary + "\n".join(_group_html(n, group) for n, group in enumerate(scan.groups, 1))
+    return _write_page(out, "visrec: near-duplicate products", model_version, body)
+
+
+def _write_page(out: Path, title: str, model_version: str, body: str) -> Path:
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     write_atomically(
         out,
@@ -84,8 +99,8 @@ def write_html(rows: list[ReportRow], out: Path, title: str, model_version: str)
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>
 body {{ font: 14px system-ui, sans-serif; margin: 24px; color: #222; }}
-.row {{ display: flex; gap: 10px; align-items: flex-start; margin: 14px 0; padding-bottom: 12px;
-        border-bottom: 1px solid #ddd; }}
+.row {{ display: flex; flex-wrap: wrap; gap: 10px; align-items: flex-start; margin: 14px 0;
+        padding-bottom: 12px; border-bottom: 1px solid #ddd; }}
 figure {{ margin: 0; width: {THUMB}px; text-align: center; font-size: 12px; }}
 figure img {{ width: {THUMB}px; height: {THUMB}px; object-fit: contain; background: #f4f4f4;
               image-rendering: pixelated; }}
@@ -101,6 +116,19 @@ figure.query {{ padding-right: 10px; border-right: 3px solid #2a6; }}
 """,
     )
     return out
+
+
+def _group_html(number: int, group: DuplicateGroup) -> str:
+    links = ", ".join(
+        f"{html.escape(link.a)} ~ {html.escape(link.b)} d = {link.distance:.2f}" for link in group.links
+    )
+    figures = []
+    for product_id, payload in group.products:
+        figures.append(_figure(payload, html.escape(product_id)))
+    head = (
+        f'<p><b>group {number}</b> · {len(group.products)} products · <span class="muted">{links}</span></p>'
+    )
+    return f'{head}<div class="row">{"".join(figures)}</div>'
 
 
 def _row_html(row: ReportRow) -> str:

@@ -1,0 +1,234 @@
+"""Calibrate `visrec duplicates --max-distance` on real product photos (Fashion-MNIST) with a trained model.
+
+The products: --gallery photos of the test split (a seeded sample; all 10,000 by default). Positives:
+--originals of them, each against its own copies re-encoded (JPEG qualities), resized (down then up,
+up-scaled) and slightly cropped, as a shop re-uploads a photo. Negatives: each of those photos against the
+nearest OTHER product of its own category among the products (the hardest honest non-duplicate), exact
+pixel copies inside the dataset excluded and counted.
+All images go through visrec's own decoding and the exported model (`Embedder.embed_refs`).
+
+For each candidate threshold: recall per kind of copy and overall, the false-link rate (share of products
+whose nearest same-category product lies within it) and precision at one planted copy per product
+(recall / (recall + false-link rate)). The chosen threshold: the largest candidate with a false-link rate
+≤ --max-false (default 0.5%). Thresholds are also given relative to the model's scale: the median
+distance from a product to its nearest other product (any category) among the products, and the median
+length of an embedding.
+
+    VISREC_ARTEFACT=/tmp/dup/model .venv/bin/python benchmarks/duplicates_calibration.py \
+        --gallery 3000 --originals 200 --workers 1
+"""
+
+from __future__ import annotations
+
+import io
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from visrec.config import EmbedSettings, Settings
+from visrec.embed import Embedder, resolve_device
+
+from common import add_data_options, embed_all, new_parser, prepare_split, write_results
+
+
+def _jpeg(image: Image.Image, quality: int) -> bytes:
+    """The photo re-encoded as a JPEG file (colour, as a shop's upload would be)."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _resized(image: Image.Image, size: int, back: bool = True) -> Image.Image:
+    small = image.resize((size, size), Image.Resampling.BICUBIC)
+    return small.resize(image.size, Image.Resampling.BICUBIC) if back else small
+
+
+def _crop(image: Image.Image, left: int, top: int, right: int, bottom: int) -> Image.Image:
+    w, h = image.size
+    return image.crop((left, top, w - right, h - bottom))
+
+
+# kind → how a shop's second upload of the same photo differs (the originals are 28 x 28 grayscale PNGs)
+COPIES: dict[str, Callable[[Image.Image], Image.Image | bytes]] = {
+    "jpeg q90": lambda im: _jpeg(im, 90),
+    "jpeg q70": lambda im: _jpeg(im, 70),
+    "jpeg q40": lambda im: _jpeg(im, 40),
+    "jpeg q20": lambda im: _jpeg(im, 20),
+    "upscaled 4x": lambda im: _resized(im, 112, back=False),
+    "upscaled 2x + jpeg q75": lambda im: _jpeg(_resized(im, 56, back=False), 75),
+    "down 0.7x, up": lambda im: _resized(im, 20),
+    "down 0.5x, up": lambda im: _resized(im, 14),
+    "crop 1 px each side": lambda im: _crop(im, 1, 1, 1, 1),
+    "crop 2 px top-left": lambda im: _crop(im, 2, 2, 0, 0),
+    "crop 2 px each side": lambda im: _crop(im, 2, 2, 2, 2),
+}
+
+
+def nearest_other(vectors: np.ndarray, queries: np.ndarray, skip: list[set[int]]) -> np.ndarray:
+    """For each query row, the distance to the nearest vector not in its `skip` set (exact, numpy)."""
+    sq = (vectors**2).sum(1)
+    out = np.empty(len(queries))
+    for start in range(0, len(queries), 256):
+        block = queries[start : start + 256]
+        d2 = (block**2).sum(1)[:, None] + sq[None, :] - 2 * block @ vectors.T
+        for row, d in enumerate(d2):
+            d[list(skip[start + row])] = np.inf
+            out[start + row] = np.sqrt(max(float(d.min()), 0.0))
+    return out
+
+
+def main() -> None:
+    p = new_parser(__doc__)
+    add_data_options(p, cache=Path(".visrec/cache"), out=Path(".visrec/duplicates"))
+    p.add_argument("--model", type=Path, default=None, help="artefact folder [VISREC_ARTEFACT]")
+    p.add_argument("--gallery", type=int, default=10_000, help="test photos: the products (seeded sample)")
+    p.add_argument("--originals", type=int, default=500, help="of them, photos copied (positives)")
+    p.add_argument("--max-false", type=float, default=0.005, help="false-link rate the choice allows")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    artefact = args.model or Settings().artefact
+    embedder = Embedder(
+        artefact, resolve_device("auto"), EmbedSettings(batch_size=args.batch_size, workers=args.workers)
+    )
+    model = embedder.manifest.model_version
+    split = prepare_split(args.data, args.cache / "fashion-mnist", "test", args.gallery, args.seed)
+    started = time.perf_counter()
+    cached = args.cache / f"duplicates-gallery-{embedder.manifest.weights_sha256[:12]}-{len(split.refs)}.npy"
+    if cached.is_file():
+        gallery = np.load(cached)
+    else:
+        gallery = embed_all(embedder, split.refs).astype(np.float32)
+        np.save(cached, gallery)
+    took = time.perf_counter() - started
+    print(f"gallery: {len(gallery)} products embedded ({took:.0f} s)", file=sys.stderr)
+
+    rng = np.random.default_rng(args.seed)
+    picks = np.sort(rng.choice(len(gallery), args.originals, replace=False))
+    folder = args.cache / "duplicates-copies"
+    refs: list[str] = []
+    for kind_no, make in enumerate(COPIES.values()):
+        (folder / str(kind_no)).mkdir(parents=True, exist_ok=True)
+        for i in picks:
+            copy = make(Image.open(split.refs[i]))
+            path = folder / str(kind_no) / f"{i}.{'jpg' if isinstance(copy, bytes) else 'png'}"
+            if isinstance(copy, bytes):
+                path.write_bytes(copy)
+            else:
+                copy.save(path)
+            refs.append(str(path))
+    copies_file = (
+        args.cache
+        / f"duplicates-copies-{embedder.manifest.weights_sha256[:12]}-{len(picks)}-{len(gallery)}.npy"
+    )
+    if copies_file.is_file():
+        copies = np.load(copies_file)
+    else:
+        copies = embed_all(embedder, refs).astype(np.float32).reshape(len(COPIES), len(picks), -1)
+        np.save(copies_file, copies)
+    positives = np.linalg.norm(copies - gallery[picks][None], axis=2)  # (kinds, originals)
+
+    # Negatives: nearest other product of the same category; pixel-identical images are true duplicates.
+    flat = split.pixels.reshape(len(split.pixels), -1)
+    twins = [{int(j) for j in np.flatnonzero((flat == flat[i]).all(1))} for i in picks]
+    exact_copies = sum(len(t) - 1 for t in twins)
+    labels = split.labels
+    negatives = np.empty(len(picks))
+    for c in np.unique(labels[picks]):
+        members = np.flatnonzero(labels == c)
+        rows = np.flatnonzero(labels[picks] == c)
+        position = {int(j): n for n, j in enumerate(members)}
+        skip = [{position[j] for j in twins[r]} for r in rows]
+        negatives[rows] = nearest_other(gallery[members], gallery[picks[rows]], skip)
+    scale_sample = rng.choice(len(gallery), min(2000, len(gallery)), replace=False)
+    scale = float(np.median(nearest_other(gallery, gallery[scale_sample], [{int(i)} for i in scale_sample])))
+
+    norm = float(np.median(np.linalg.norm(gallery, axis=1)))
+
+    # Candidates are shares of the median embedding length (what `visrec duplicates` is configured in).
+    lo = float(np.quantile(positives, 0.05)) / norm
+    hi = max(float(np.quantile(negatives, 0.2)), float(np.quantile(positives, 0.99))) / norm
+    shares = sorted({float(f"{r:.2g}") for r in np.geomspace(max(lo, 1e-4), hi, 16)})
+    kinds = list(COPIES)
+    rows_out: list[dict[str, Any]] = []
+    for share in shares:
+        t = share * norm
+        recall_by_kind = (positives <= t).mean(axis=1)
+        recall = float(recall_by_kind.mean())
+        false_rate = float((negatives <= t).mean())
+        precision = recall / (recall + false_rate) if recall + false_rate else 1.0
+        rows_out.append(
+            {
+                "share_of_norm": share,
+                "threshold": t,
+                "per_nn_scale": t / scale,
+                "recall": recall,
+                "false_link_rate": false_rate,
+                "precision": precision,
+                "recall_by_kind": dict(zip(kinds, map(float, recall_by_kind), strict=True)),
+            }
+        )
+    allowed = [r for r in rows_out if r["false_link_rate"] <= args.max_false]
+    chosen = max(allowed, key=lambda r: r["share_of_norm"]) if allowed else rows_out[0]
+
+    lines = [
+        f"model {model}; {len(picks)} originals x {len(kinds)} kinds of copy; negatives: nearest other "
+        f"product of the same category among {len(gallery)} (exact pixel copies excluded: {exact_copies})",
+        f"median embedding norm: {norm:.3f}; NN scale (median nearest-other-product distance): {scale:.3f}",
+        "",
+        "| kind of copy | median distance | p95 | max |",
+        "|---|---|---|---|",
+    ]
+    for kind, d in zip(kinds, positives, strict=True):
+        lines.append(f"| {kind} | {np.median(d):.3f} | {np.quantile(d, 0.95):.3f} | {d.max():.3f} |")
+    q = np.quantile(negatives, [0.0, 0.005, 0.01, 0.05, 0.5])
+    lines.append(
+        f"| nearest same-category product (negatives) | {q[4]:.3f} | min {q[0]:.3f}, "
+        f"p0.5 {q[1]:.3f}, p1 {q[2]:.3f}, p5 {q[3]:.3f} | |"
+    )
+    lines += [
+        "",
+        "| share of median norm | distance | / NN scale | recall | false-link rate | precision (1:1) "
+        "| worst kind (recall) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows_out:
+        worst = min(r["recall_by_kind"].items(), key=lambda kv: kv[1])
+        mark = " **chosen**" if r is chosen else ""
+        lines.append(
+            f"| {r['share_of_norm']:g}{mark} | {r['threshold']:.2f} | {r['per_nn_scale']:.3f} | "
+            f"{r['recall']:.3f} | {r['false_link_rate']:.3f} | {r['precision']:.3f} | "
+            f"{worst[0]} ({worst[1]:.2f}) |"
+        )
+    lines += [
+        "",
+        f"chosen: {chosen['share_of_norm']:g} x the median norm (= distance {chosen['threshold']:.2f} for "
+        f"this model): the largest candidate with a false-link rate <= {args.max_false}",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    write_results(
+        args.out,
+        "duplicates_calibration",
+        {
+            "model": model,
+            "scale": scale,
+            "median_norm": norm,
+            "positives": {k: d.tolist() for k, d in zip(kinds, positives, strict=True)},
+            "negatives": negatives.tolist(),
+            "rows": rows_out,
+            "chosen": chosen,
+        },
+        text,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,210 @@
+"""Near-duplicate products: distinct products whose photos are near-identical (one photo re-used for two
+SKUs, a re-encoded or resized upload).
+
+The index answers it, never all pairs: each product's photos are searched for their `neighbours` nearest
+other products, the ones within `max_distance` are linked, and linked products are joined into groups
+(union-find). Cost: one bounded search per photo, so time grows with the catalogue like that many queries.
+`docs/duplicates.md` gives the calibration of the default distance and the time at 100k products.
+
+A group is transitive: if A is within the distance of B and B of C, A, B and C form one group even when A
+and C are farther apart; each group lists the links that joined it, with their distances.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from visrec.errors import InvalidQuery
+from visrec.filters import Filters
+from visrec.index import VectorIndex
+from visrec.query import MAX_K
+
+PAGE = 1000  # products fetched per browse call
+NORM_SAMPLE = 500  # products whose vectors' lengths set the scale of a relative distance
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Link:
+    """A photo of product `a` and one of product `b` (a < b) lie `distance` apart, within the limit."""
+
+    a: str
+    b: str
+    distance: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"a": self.a, "b": self.b, "distance": self.distance}
+
+
+@dataclass
+class DuplicateGroup:
+    """Distinct products joined by links within the distance; products sorted by id, links nearest first."""
+
+    products: list[tuple[str, dict[str, Any]]]
+    links: list[Link]
+
+    @property
+    def closest(self) -> float:
+        return min(link.distance for link in self.links)
+
+    @property
+    def product_ids(self) -> list[str]:
+        return [product_id for product_id, _ in self.products]
+
+    def to_dict(self, shown: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "products": [{"product_id": pid, "payload": shown(payload)} for pid, payload in self.products],
+            "links": [link.to_dict() for link in self.links],
+            "closest": self.closest,
+        }
+
+
+@dataclass
+class DuplicateScan:
+    """The groups found, and what the scan did to find them."""
+
+    max_distance: float
+    neighbours: int
+    products: int = 0  # products scanned
+    photos: int = 0  # searches made (one per photo)
+    groups: list[DuplicateGroup] = field(default_factory=list)
+    # Products whose every one of `neighbours` hits lay within the distance: more may be there unseen
+    # (they are still grouped through their neighbours' own searches; raise `neighbours` to be sure).
+    saturated: list[str] = field(default_factory=list)
+
+    def to_dict(self, shown: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "max_distance": self.max_distance,
+            "neighbours": self.neighbours,
+            "products_scanned": self.products,
+            "photos_searched": self.photos,
+            "groups": [group.to_dict(shown) for group in self.groups],
+            "saturated": self.saturated,
+        }
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        root = self.parent.setdefault(x, x)
+        while root != self.parent[root]:
+            root = self.parent[root]
+        while x != root:  # path compression
+            self.parent[x], x = root, self.parent[x]
+        return root
+
+    def union(self, a: str, b: str) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.parent[max(ra, rb)] = min(ra, rb)
+
+
+def check_options(max_distance: float, neighbours: int) -> None:
+    """Raises `InvalidQuery` for a negative or non-finite distance or neighbours outside 1..MAX_K."""
+    if not math.isfinite(max_distance) or max_distance < 0:
+        raise InvalidQuery(f"max distance must be a finite number ≥ 0, got {max_distance}")
+    if not 1 <= neighbours <= MAX_K:
+        raise InvalidQuery(f"neighbours must be between 1 and {MAX_K}, got {neighbours}")
+
+
+def median_norm(index: VectorIndex, sample: int = NORM_SAMPLE) -> float:
+    """The median length of the vectors of the first `sample` products in point-id order (ids are hashes,
+    so that is a spread sample): the scale of the model's embedding, whatever the catalogue's size."""
+    page, _ = index.browse(Filters(), sample)
+    norms: list[float] = []
+    for product_id, _payload in page:
+        found = index.get(product_id)
+        if found is not None:
+            norms += np.linalg.norm(np.atleast_2d(found[0]), axis=1).tolist()
+    return float(np.median(norms)) if norms else 0.0
+
+
+def relative_distance(index: VectorIndex, share: float) -> tuple[float, float]:
+    """(`share` x the median vector length, that median): the default `max_distance`."""
+    if not math.isfinite(share) or share < 0:
+        raise InvalidQuery(f"the relative distance must be a finite number ≥ 0, got {share}")
+    norm = median_norm(index)
+    return share * norm, norm
+
+
+def find_duplicates(
+    index: VectorIndex,
+    max_distance: float,
+    neighbours: int = 10,
+    progress: Progress | None = None,
+) -> DuplicateScan:
+    """Groups of distinct products with a photo within `max_distance` (Euclidean) of another's, nearest
+    group first; each product's photos are searched for their `neighbours` nearest other products.
+
+    Works with one vector per product (`get` returns a 1-d array) or several (a 2-d array, one row per
+    photo, `payload["images"]` in the same order). Raises `InvalidQuery` for bad options.
+    """
+    check_options(max_distance, neighbours)
+    scan = DuplicateScan(max_distance, neighbours)
+    total = index.count()
+    best: dict[tuple[str, str], Link] = {}
+    payloads: dict[str, dict[str, Any]] = {}
+    scanned: set[str] = set()  # an index holding a point per photo lists a product once per photo
+    after: str | None = None
+    while True:
+        page, after = index.browse(Filters(), PAGE, after)
+        for product_id, listed in page:
+            if product_id in scanned:
+                continue
+            scanned.add(product_id)
+            found = index.get(product_id)
+            if found is None:  # deleted since the page was read
+                continue
+            vectors, payload = found
+            scan.products += 1
+            linked = False
+            for vector in np.atleast_2d(vectors):
+                scan.photos += 1
+                hits = index.search(vector, neighbours, Filters(), exclude=[product_id])
+                near = [hit for hit in hits if hit.distance <= max_distance and hit.product_id != product_id]
+                if near and len(near) == len(hits) == neighbours:
+                    scan.saturated.append(product_id)
+                for hit in near:
+                    linked = True
+                    payloads.setdefault(hit.product_id, hit.payload)
+                    a, b = sorted((product_id, hit.product_id))
+                    if (a, b) not in best or hit.distance < best[a, b].distance:
+                        best[a, b] = Link(a, b, hit.distance)
+            if linked:
+                payloads[product_id] = payload or listed
+            if progress:
+                progress(scan.products, total)
+        if after is None:
+            break
+    scan.groups = _groups(best.values(), payloads)
+    scan.saturated = sorted(set(scan.saturated))
+    return scan
+
+
+def _groups(links: Iterable[Link], payloads: dict[str, dict[str, Any]]) -> list[DuplicateGroup]:
+    links = list(links)
+    joined = _UnionFind()
+    for link in links:
+        joined.union(link.a, link.b)
+    members: dict[str, list[str]] = {}
+    for product_id in payloads:
+        members.setdefault(joined.find(product_id), []).append(product_id)
+    by_root: dict[str, list[Link]] = {}
+    for link in links:
+        by_root.setdefault(joined.find(link.a), []).append(link)
+    groups = [
+        DuplicateGroup(
+            [(pid, payloads[pid]) for pid in sorted(members[root])],
+            sorted(group_links, key=lambda link: (link.distance, link.a, link.b)),
+        )
+        for root, group_links in by_root.items()
+    ]
+    return sorted(groups, key=lambda g: (g.closest, g.product_ids[0]))
