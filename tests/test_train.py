@@ -84,7 +84,7 @@ def test_fit_validation_and_heldout_never_share_an_image(tmp_path: Path) -> None
         set(fit.refs) & set(val.refs) or set(fit.refs) & set(held.refs) or set(val.refs) & set(held.refs)
     )
     assert sorted(val.labels) == [0, 0, 1, 1, 2, 2]  # stratified
-    assert [f"img/{p[1:]}.png" for p in held.ids] == held.refs  # ids aligned with the images
+    assert [f"{p[1:]}.png" for p in held.ids] == [Path(r).name for r in held.refs]  # aligned
     assert not set(held.ids) & (set(fit.ids) | set(val.ids))
     assert split_data(catalogue, cfg) == (classes, fit, val, held)  # seeded
 
