@@ -379,7 +379,7 @@ def test_the_gate_queries_products_neither_model_was_trained_on(
     summary = run_reindex(catalogue, gated, new_model)
     assert summary.gate is not None and summary.gate.new is not None
     assert summary.gate.new.query_set == "held-out" and summary.gate.new.queries == 10
-    assert "10 of the 12 indexed products neither model was trained on" in summary.gate.note
+    assert "10 of the 12 indexed products no model measured was trained on" in summary.gate.note
 
     new_categories = {p: ("circle", "square", "triangle")[i % 3] for i, p in enumerate(ids)}
     chosen = choose_queries(new_categories, new_categories, set(ids[6:18]), 10, seed=0)

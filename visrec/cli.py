@@ -220,7 +220,7 @@ def reindex(
     table = key_value_table("reindex", {k: v for k, v in data.items() if k != "quality_gate"})
     if summary.gate is not None:
         gate = summary.gate
-        table.add_row("quality gate", f"{gate.verdict}: {gate.note}")
+        table.add_row("quality gate", f"{gate.verdict}: {gate.note} ({gate.seconds:.1f} s)")
         for name, quality in (("live", gate.live), ("new", gate.new)):
             if quality is not None:
                 table.add_row(f"  {name} {quality.model_version}", quality.line())

@@ -52,7 +52,7 @@ class QuerySet:
     def describe(self) -> str:
         if self.kind == "held-out":
             return (
-                f"{len(self.products)} of the {self.drawn_from} indexed products neither model was "
+                f"{len(self.products)} of the {self.drawn_from} indexed products no model measured was "
                 "trained on (the manifests' held-out products)"
             )
         return (

@@ -5,6 +5,7 @@ step once it is complete and no worse, and roll back to the previous version."""
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ class GateResult:
     max_drop: float
     live: Quality | None = None
     new: Quality | None = None
+    seconds: float = 0.0  # the whole gate: reading both versions, the queries, recording the figures
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -41,6 +43,7 @@ class GateResult:
             "max_quality_drop": self.max_drop,
             "live": self.live.to_dict() if self.live else None,
             "new": self.new.to_dict() if self.new else None,
+            "seconds": round(self.seconds, 2),
         }
 
 
@@ -102,7 +105,9 @@ def reindex(
                 f"products, {summary.failed} images failed (see {summary.failure_report}); fix them and "
                 "rerun (or pass --accept-failures)"
             )
+        started = time.perf_counter()
         result = quality_gate(store, compare, index, embedder.manifest, gate or GateSettings(), force)
+        result.seconds = time.perf_counter() - started
     if result.verdict == "refused":
         assert result.live is not None and result.new is not None
         raise QualityRefused(
