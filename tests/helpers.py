@@ -29,6 +29,7 @@ from visrec.config import EmbedSettings, IngestSettings, QdrantSettings, Setting
 from visrec.embed import Embedder
 from visrec.index import Store, VectorIndex, open_index, open_store
 from visrec.ingest import ProgressFn, SyncOptions, SyncSummary, sync
+from visrec.model import build_model
 from visrec.versions import ReindexSummary, reindex
 
 SHAPES = ("circle", "square", "triangle")
@@ -121,6 +122,24 @@ def export_nudged(source: Path, out: Path, seed: int = 1) -> Manifest:
     )
 
 
+def export_random(source: Path, out: Path, seed: int = 123) -> Manifest:
+    """A real model that learnt nothing: the architecture of the one at `source` with freshly random
+    weights (its embedding layer included), exported to `out` with the same manifest fields."""
+    _, manifest = load_artefact(source, torch.device("cpu"))
+    torch.manual_seed(seed)
+    model = build_model(manifest.backbone, len(manifest.classes))
+    return save_artefact(
+        model,
+        out,
+        backbone=manifest.backbone,
+        pretrained=manifest.pretrained,
+        classes=manifest.classes,
+        preprocess=manifest.preprocess,
+        metrics=manifest.metrics,
+        training=manifest.training,
+    )
+
+
 def sync_options(settings: Settings, **overrides: Any) -> SyncOptions:
     """`SyncOptions` as `visrec sync` builds them from `settings`, with `overrides` (e.g. `max_delete=1.0`,
     `shard=...`)."""
@@ -161,16 +180,20 @@ def run_reindex(
     store: Store | None = None,
     *,
     accept_failures: bool = False,
+    force: bool = False,
     **options: Any,
 ) -> ReindexSummary:
     """One `visrec reindex --model MODEL` in this process, into `store` (default: the store of
-    `settings.qdrant`); `options` as for `run_sync`."""
+    `settings.qdrant`), its quality gate `settings.gate` (`force`: switch whatever it measures);
+    `options` as for `run_sync`."""
     with nullcontext(store) if store is not None else open_store(settings.qdrant) as opened:
         return reindex(
             _catalogue(catalogue, settings),
             opened,
             cpu_embedder(settings, model),
             sync_options(settings, **options),
+            gate=settings.gate,
+            force=force,
             accept_failures=accept_failures,
         )
 

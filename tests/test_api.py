@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from pydantic import SecretStr
 
-from tests.helpers import MakeCatalogue, run_sync
+from tests.helpers import MakeCatalogue, run_reindex, run_sync
 from visrec.api import create_app
 from visrec.config import ApiSettings, Settings
 
@@ -35,6 +35,38 @@ def test_health_and_readiness(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     ready = client.get("/readyz").json()
     assert ready["ready"] and ready["points"] == 27 and ready["model_version"].startswith("resnet18-")
+
+
+def test_readiness_shows_the_live_versions_quality_figures(
+    make_catalogue: MakeCatalogue, settings: Settings, tmp_path: Path
+) -> None:
+    """After a reindex, /readyz shows the figures the quality gate measured for the live version and the
+    version it replaced (on the same queries), and nothing an anonymous caller should not see."""
+    catalogue = make_catalogue(12)
+    run_sync(catalogue, settings)
+    with TestClient(create_app(settings, torch.device("cpu"))) as client:
+        assert client.get("/readyz").json()["quality"] is None  # a sync measures nothing
+    summary = run_reindex(catalogue, settings, settings.artefact)  # the same model: passed
+    assert summary.gate is not None and summary.gate.new is not None
+    with TestClient(create_app(settings, torch.device("cpu"))) as client:
+        response = client.get("/readyz")
+    assert response.status_code == 200
+    quality = response.json()["quality"]
+    model = quality["model_version"]
+    assert quality == {
+        "model_version": model,
+        "p_at_10": round(summary.gate.new.p_at_10, 4),
+        "map_at_10": round(summary.gate.new.map_at_10, 4),
+        "queries": 12,
+        "query_set": "sample",
+        "measured_at": quality["measured_at"],
+        "compared_with": {
+            "model_version": model,
+            "p_at_10": quality["p_at_10"],
+            "map_at_10": quality["map_at_10"],
+        },
+    }
+    assert str(tmp_path) not in response.text and "products__v" not in response.text
 
 
 def test_similar_with_filters(client: TestClient) -> None:

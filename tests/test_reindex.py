@@ -1,5 +1,6 @@
 """Zero-downtime model upgrades: `reindex` builds the next collection version and switches the alias
-atomically; `rollback` switches back; a running API follows, and queries during the switch never fail."""
+atomically; `rollback` switches back; a running API follows, and queries during the switch never fail.
+The quality gate: a version that retrieves worse than the live one is not made live (unless forced)."""
 
 from __future__ import annotations
 
@@ -15,20 +16,30 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.helpers import MakeCatalogue, export_nudged, live_server, run_reindex, run_sync
+from tests.helpers import (
+    MakeCatalogue,
+    export_nudged,
+    export_random,
+    live_server,
+    run_reindex,
+    run_sync,
+    write_csv,
+)
 from visrec.api import create_app
-from visrec.artefact import Manifest, read_manifest
+from visrec.artefact import HELDOUT_PRODUCTS, Manifest, load_artefact, read_manifest, save_artefact
 from visrec.cli import app as cli_app
-from visrec.config import QdrantSettings, Settings
-from visrec.errors import ModelError, VisrecError
+from visrec.config import GateSettings, QdrantSettings, Settings
+from visrec.errors import IndexUnavailable, ModelError, VisrecError
+from visrec.evaluation import choose_queries
 from visrec.index import open_index, open_store
 from visrec.index.server import ServerStore
-from visrec.versions import rollback
+from visrec.versions import describe, rollback
 
 
 @pytest.fixture(scope="module")
 def new_model(artefact: tuple[Path, Manifest], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A second real model: the session's, with every weight nudged (so its vectors differ)."""
+    """A second real model: the session's, with every weight nudged (so its vectors differ). It retrieves
+    worse than the session's (the quality gate would refuse it): the tests of the switch itself `force`."""
     out = tmp_path_factory.mktemp("new-model") / "model"
     export_nudged(artefact[0], out)
     return out
@@ -47,7 +58,7 @@ def test_reindex_switches_and_rollback_goes_back(
     old, new = read_manifest(settings.artefact).model_version, read_manifest(new_model).model_version
     assert model_versions(settings) == {old}
 
-    summary = run_reindex(catalogue, settings, new_model)
+    summary = run_reindex(catalogue, settings, new_model, force=True)
     assert (summary.previous, summary.live, summary.points) == ("products__v1", "products__v2", 12)
     assert model_versions(settings) == {new}
     with open_index(settings.qdrant) as index:
@@ -58,7 +69,7 @@ def test_reindex_switches_and_rollback_goes_back(
     with pytest.raises(VisrecError, match="no version .* older"):
         rollback(open_store(settings.qdrant))
 
-    again = run_reindex(catalogue, settings, new_model)  # back up: v2 is reused, nothing re-embedded
+    again = run_reindex(catalogue, settings, new_model, force=True)  # v2 is reused, nothing re-embedded
     assert (again.live, again.sync.added, again.sync.unchanged) == ("products__v2", 0, 12)
 
     # A plain sync with another model than the live version's would mix two models in a queried
@@ -66,8 +77,11 @@ def test_reindex_switches_and_rollback_goes_back(
     with pytest.raises(ModelError, match="built by model .*`visrec reindex"):
         run_sync(catalogue, settings)
     rollback(open_store(settings.qdrant))
-    rebuilt = run_reindex(catalogue, settings, settings.artefact)
+    rebuilt = run_reindex(catalogue, settings, settings.artefact)  # the same model: equal figures, passed
     assert (rebuilt.live, rebuilt.sync.updated) == ("products__v2", 12) and model_versions(settings) == {old}
+    assert rebuilt.gate is not None and rebuilt.gate.verdict == "passed"
+    assert rebuilt.gate.live is not None and rebuilt.gate.new is not None
+    assert rebuilt.gate.new.figures() == rebuilt.gate.live.figures()
 
 
 def test_reindex_does_not_go_live_with_missing_products(
@@ -85,7 +99,7 @@ def test_reindex_does_not_go_live_with_missing_products(
     with open_store(settings.qdrant) as store:
         assert store.live() == "products__v1"
     broken.write_bytes(good)  # fixed: the rerun carries on in v2, embedding only what was missing
-    summary = run_reindex(catalogue, settings, new_model)
+    summary = run_reindex(catalogue, settings, new_model, force=True)
     assert (summary.live, summary.sync.added, summary.points) == ("products__v2", 1, 12)
 
 
@@ -98,7 +112,7 @@ def test_server_backend_switches_a_real_qdrant_alias(
     assert isinstance(store, ServerStore)
     first = run_reindex(catalogue, settings, settings.artefact, store)  # nothing yet: builds v1
     assert first.live == "shop__v1" and store.live() == "shop__v1"
-    run_reindex(catalogue, settings, new_model, store)
+    run_reindex(catalogue, settings, new_model, store, force=True)
     client = store.conn.client
     assert [(a.alias_name, a.collection_name) for a in client.get_aliases().aliases] == [("shop", "shop__v2")]
     assert client.count("shop").count == 6
@@ -147,7 +161,9 @@ def test_queries_during_the_switch_never_fail(
                 pass
 
         try:
-            run_reindex(catalogue, settings, new_model)  # queries run during the build and the switch
+            # Queries run during the build and the switch. The embedded store admits one open handle per
+            # version and this process's service holds the live one, so the gate cannot read it: forced.
+            run_reindex(catalogue, settings, new_model, force=True)
             answers_from(new)
             rollback(open_store(settings.qdrant))
             answers_from(old)
@@ -186,7 +202,7 @@ def test_cli_reindex_and_rollback(
     monkeypatch.setenv("VISREC_EMBED__WORKERS", "0")
     monkeypatch.setenv("VISREC_INGEST__FAILURE_REPORT", str(settings.ingest.failure_report))
     runner = CliRunner()
-    done = runner.invoke(cli_app, ["reindex", str(catalogue), "--model", str(new_model), "--json"])
+    done = runner.invoke(cli_app, ["reindex", str(catalogue), "--model", str(new_model), "--force", "--json"])
     assert done.exit_code == 0, done.output
     status = runner.invoke(cli_app, ["status", "--json"])
     assert '"live_version": "products__v2"' in status.output
@@ -209,12 +225,192 @@ def test_the_service_keeps_only_the_models_of_live_and_retired_versions(
     service = Service(settings, torch.device("cpu"))
     try:
         assert service.live().model().artefact_dir == settings.artefact.resolve()
-        run_reindex(catalogue, settings, new_model)
+        run_reindex(catalogue, settings, new_model, force=True)  # the service holds v1
         assert service.live().model().artefact_dir == new_model.resolve()
         assert service.models() == {settings.artefact.resolve(), new_model.resolve()}  # one retired
         service.RETIRE_AFTER_S = 0  # retired versions close at the next check
         rollback(open_store(settings.qdrant))
         assert service.live().model().artefact_dir == settings.artefact.resolve()
         assert service.models() == {settings.artefact.resolve()}
+    finally:
+        service.close()
+
+
+# --- the quality gate -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def random_model(artefact: tuple[Path, Manifest], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real model that learnt nothing: the session's architecture with fresh random weights."""
+    out = tmp_path_factory.mktemp("random-model") / "model"
+    export_random(artefact[0], out)
+    return out
+
+
+def with_heldout(source: Path, out: Path, heldout: list[str]) -> Path:
+    """The model at `source` exported to `out` with a manifest that lists `heldout` as its held-out
+    products (as `visrec train` records them)."""
+    model, manifest = load_artefact(source, torch.device("cpu"))
+    save_artefact(
+        model,
+        out,
+        backbone=manifest.backbone,
+        pretrained=manifest.pretrained,
+        classes=manifest.classes,
+        preprocess=manifest.preprocess,
+        metrics=manifest.metrics,
+        training={**manifest.training, HELDOUT_PRODUCTS: heldout},
+    )
+    return out
+
+
+def cli_env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VISREC_QDRANT__PATH", str(settings.qdrant.path))
+    monkeypatch.setenv("VISREC_ARTEFACT", str(settings.artefact))
+    monkeypatch.setenv("VISREC_EMBED__WORKERS", "0")
+    monkeypatch.setenv("VISREC_EMBED__DEVICE", "cpu")
+    monkeypatch.setenv("VISREC_INGEST__FAILURE_REPORT", str(settings.ingest.failure_report))
+
+
+def test_a_model_that_learnt_nothing_is_refused_unless_forced(
+    make_catalogue: MakeCatalogue,
+    settings: Settings,
+    random_model: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`visrec reindex` with random weights: exit 3, both versions' figures printed, the live version
+    unchanged and the new one kept; `status` shows both versions' figures; `--force` switches to it."""
+    catalogue = make_catalogue(24)
+    run_sync(catalogue, settings)
+    cli_env(settings, monkeypatch)
+    runner = CliRunner()
+    old, new = read_manifest(settings.artefact).model_version, read_manifest(random_model).model_version
+
+    refused = runner.invoke(cli_app, ["reindex", str(catalogue), "--model", str(random_model)])
+    assert refused.exit_code == 3, refused.output
+    message = " ".join(refused.stderr.split())
+    assert "products__v2 not made live" in message and "more than 0.01" in message
+    assert (
+        f"live products__v1 ({old}): p@10 0." in message and f"new products__v2 ({new}): p@10 0." in message
+    )
+    assert "--force" in message and "Traceback" not in refused.output
+    with open_store(settings.qdrant) as store:
+        assert store.live() == "products__v1" and store.versions() == ["products__v1", "products__v2"]
+    assert model_versions(settings) == {old}
+
+    status = runner.invoke(cli_app, ["status", "--json"])
+    quality = json.loads(status.stdout)["quality"]
+    assert quality["products__v1"]["model_version"] == old and quality["products__v2"]["model_version"] == new
+    assert quality["products__v2"]["p@10"] < quality["products__v1"]["p@10"] - 0.01
+    assert quality["products__v2"]["compared_with"]["p@10"] == quality["products__v1"]["p@10"]
+    assert {q["query_set"] for q in quality.values()} == {"sample"} and quality["products__v1"][
+        "queries"
+    ] == 24
+    table = runner.invoke(cli_app, ["status"])
+    assert table.exit_code == 0 and "quality products__v2" in table.stdout and "p@10" in table.stdout
+
+    # A tolerance as large as the figures accepts it without --force; put back, --force does.
+    lenient = runner.invoke(
+        cli_app,
+        ["reindex", str(catalogue), "--model", str(random_model), "--max-quality-drop", "1", "--json"],
+    )
+    assert lenient.exit_code == 0, lenient.output
+    assert json.loads(lenient.stdout)["quality_gate"]["verdict"] == "passed"
+    assert rollback(open_store(settings.qdrant)) == ("products__v2", "products__v1")
+    forced = runner.invoke(
+        cli_app, ["reindex", str(catalogue), "--model", str(random_model), "--force", "--json"]
+    )
+    assert forced.exit_code == 0, forced.output
+    done = json.loads(forced.stdout)
+    assert done["live"] == "products__v2" and done["added"] == 0  # kept: nothing re-embedded
+    gate = done["quality_gate"]
+    assert gate["verdict"] == "forced" and gate["new"]["p@10"] < gate["live"]["p@10"] - 0.01
+    assert model_versions(settings) == {new}
+
+
+def test_a_better_model_switches_and_the_first_build_is_not_compared(
+    make_catalogue: MakeCatalogue, settings: Settings, random_model: Path
+) -> None:
+    catalogue = make_catalogue(24)
+    first = run_reindex(catalogue, settings, random_model)  # nothing yet: builds v1, nothing to compare
+    assert first.live == "products__v1" and first.gate is not None
+    assert first.gate.verdict == "nothing to compare" and "first version" in first.gate.note
+    assert first.gate.live is None and first.gate.new is not None  # its own figures, recorded
+    with open_store(settings.qdrant) as store:
+        assert describe(store)["quality"]["products__v1"]["p@10"] == round(first.gate.new.p_at_10, 4)
+
+    better = run_reindex(catalogue, settings, settings.artefact)  # the trained model
+    assert better.live == "products__v2" and better.gate is not None and better.gate.verdict == "passed"
+    assert better.gate.live is not None and better.gate.new is not None
+    assert better.gate.new.p_at_10 > better.gate.live.p_at_10 and better.gate.new.queries == 24
+    with open_store(settings.qdrant) as store:
+        quality = describe(store)["quality"]
+    assert quality["products__v1"]["model_version"] == read_manifest(random_model).model_version
+    assert quality["products__v2"]["compared_with"]["p@10"] == quality["products__v1"]["p@10"]
+
+    run_sync(catalogue, settings)  # an incremental sync into the live version keeps its figures
+    with open_store(settings.qdrant) as store:
+        assert describe(store)["quality"] == quality
+
+
+def test_nothing_to_compare_without_categories(
+    make_catalogue: MakeCatalogue, settings: Settings, random_model: Path
+) -> None:
+    plain = make_catalogue(9).parent / "plain.csv"
+    write_csv(plain, [{"id": f"p{i}", "image": f"images/p{i}.png"} for i in range(9)])
+    run_sync(plain, settings)
+    summary = run_reindex(plain, settings, random_model)
+    assert summary.live == "products__v2" and summary.gate is not None
+    assert (summary.gate.verdict, summary.gate.live, summary.gate.new) == ("nothing to compare", None, None)
+    assert "no product has a category" in summary.gate.note
+
+
+def test_the_gate_queries_products_neither_model_was_trained_on(
+    make_catalogue: MakeCatalogue, settings: Settings, random_model: Path, tmp_path: Path
+) -> None:
+    """Where both manifests list their held-out products, the queries are drawn from those both held out
+    (the seeded sample only when there are too few)."""
+    catalogue = make_catalogue(24)
+    ids = [f"p{i}" for i in range(24)]
+    live_model = with_heldout(settings.artefact, tmp_path / "live-model", ids[:18])
+    new_model = with_heldout(settings.artefact, tmp_path / "new-model", ids[6:])
+    run_sync(catalogue, settings.model_copy(update={"artefact": live_model}))
+    gated = settings.model_copy(update={"gate": GateSettings(queries=10)})
+    summary = run_reindex(catalogue, gated, new_model)
+    assert summary.gate is not None and summary.gate.new is not None
+    assert summary.gate.new.query_set == "held-out" and summary.gate.new.queries == 10
+    assert "10 of the 12 indexed products no model measured was trained on" in summary.gate.note
+
+    new_categories = {p: ("circle", "square", "triangle")[i % 3] for i, p in enumerate(ids)}
+    chosen = choose_queries(new_categories, new_categories, set(ids[6:18]), 10, seed=0)
+    assert chosen.kind == "held-out" and set(chosen.products) <= set(ids[6:18]) and len(chosen.products) == 10
+    assert choose_queries(new_categories, new_categories, set(ids[6:18]), 10, seed=0) == chosen  # seeded
+    too_few = choose_queries(new_categories, new_categories, {"p1", "p2"}, 10, seed=0)
+    assert too_few.kind == "sample" and too_few.drawn_from == 24
+    moved = {**new_categories, "p0": "square"}  # a product whose category changed is no query
+    assert "p0" not in choose_queries(new_categories, moved, None, 100, seed=0).products
+
+
+def test_the_gate_needs_the_live_version_unless_forced(
+    make_catalogue: MakeCatalogue, settings: Settings
+) -> None:
+    """The embedded store admits one open handle per version: while a service holds the live one, the
+    gate cannot read it, so the new version stays unswitched (exit 4), and --force switches without
+    comparing."""
+    from visrec.service import Service
+
+    catalogue = make_catalogue(6)
+    run_sync(catalogue, settings)
+    settings = settings.model_copy(update={"qdrant": settings.qdrant.model_copy(update={"lock_wait_s": 0})})
+    service = Service(settings, torch.device("cpu"))
+    try:
+        service.live()
+        with pytest.raises(IndexUnavailable, match="products__v2 is built but not live: the quality gate"):
+            run_reindex(catalogue, settings, settings.artefact)
+        with open_store(settings.qdrant) as store:
+            assert store.live() == "products__v1"
+        forced = run_reindex(catalogue, settings, settings.artefact, force=True)
+        assert forced.live == "products__v2" and forced.gate is not None
+        assert "in use" in forced.gate.note and forced.gate.live is None
     finally:
         service.close()

@@ -32,6 +32,8 @@ def test_training_reduces_the_loss_and_reports_topk(artefact: tuple[Path, Manife
     assert len(losses["finetune"]) == 1
     assert 0 <= manifest.metrics["top1"] <= manifest.metrics["top3"] <= 1
     assert manifest.metrics["heldout_images"] == 9  # 20 % of 15 per class
+    heldout = manifest.training["heldout_products"]  # what the reindex quality gate queries
+    assert len(heldout) == 9 and heldout == sorted(heldout) and all(p.startswith("t") for p in heldout)
 
 
 def test_learns_beyond_chance(make_catalogue: MakeCatalogue, tmp_path: Path) -> None:
@@ -82,6 +84,8 @@ def test_fit_validation_and_heldout_never_share_an_image(tmp_path: Path) -> None
         set(fit.refs) & set(val.refs) or set(fit.refs) & set(held.refs) or set(val.refs) & set(held.refs)
     )
     assert sorted(val.labels) == [0, 0, 1, 1, 2, 2]  # stratified
+    assert [f"{p[1:]}.png" for p in held.ids] == [Path(r).name for r in held.refs]  # aligned
+    assert not set(held.ids) & (set(fit.ids) | set(val.ids))
     assert split_data(catalogue, cfg) == (classes, fit, val, held)  # seeded
 
     # A separate test catalogue is the held-out split; the whole catalogue is then for fitting/validation.

@@ -25,6 +25,8 @@ from visrec.model import EMBEDDING_DIM, EMBEDDING_LAYER, VisrecNet, WeightInfo, 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.pt"  # what artefacts made before weights files were named by their hash call it
 FORMAT_VERSION = 1
+# The `training` entry listing the ids of the held-out products (never trained on); absent in older manifests.
+HELDOUT_PRODUCTS = "heldout_products"
 
 
 class Manifest(BaseModel):

@@ -19,7 +19,15 @@ from rich.table import Table
 
 from visrec.artefact import artefact_for
 from visrec.catalogue import read_catalogue
-from visrec.cli_output import emit, err, hit_dict, hits_table, key_value_table, progress_bars
+from visrec.cli_output import (
+    emit,
+    err,
+    hit_dict,
+    hits_table,
+    key_value_table,
+    progress_bars,
+    quality_line,
+)
 from visrec.config import Settings
 from visrec.embed import Embedder, resolve_device
 from visrec.errors import VisrecError
@@ -177,14 +185,25 @@ def reindex(
     accept_failures: Annotated[
         bool, typer.Option(help="Go live even if some images failed (listed in the failure report).")
     ] = False,
+    max_quality_drop: Annotated[
+        float | None,
+        typer.Option(
+            help="Refuse (exit 3) if the new version's same-category P@10 or mAP@10 is more than this "
+            "below the live one's [0.01]."
+        ),
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Go live whatever the quality gate measures (the figures are still shown).")
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Build the next version of the collection with a new model, then make it live in one atomic
-    switch; the previous version stays for `visrec rollback`."""
+    """Build the next version of the collection with a new model, measure it against the live one
+    (same-category P@10 and mAP@10 on the same products), then make it live in one atomic switch unless
+    it is worse; the previous version stays for `visrec rollback`."""
     from visrec.ingest import SyncOptions
     from visrec.versions import reindex as run_reindex
 
-    settings = _settings(artefact=model)
+    settings = _settings(artefact=model, **{"gate.max_quality_drop": max_quality_drop})
     parsed = read_catalogue(catalogue, settings.ingest)
     with open_store(settings.qdrant) as store, progress_bars(not as_json) as progress:
         summary = run_reindex(
@@ -192,10 +211,20 @@ def reindex(
             store,
             _embedder(settings),
             SyncOptions.from_settings(settings),
+            gate=settings.gate,
+            force=force,
             accept_failures=accept_failures,
             progress=lambda done, total: progress("embed", done, total),
         )
-    emit(as_json, summary.to_dict(), key_value_table("reindex", summary.to_dict()))
+    data = summary.to_dict()
+    table = key_value_table("reindex", {k: v for k, v in data.items() if k != "quality_gate"})
+    if summary.gate is not None:
+        gate = summary.gate
+        table.add_row("quality gate", f"{gate.verdict}: {gate.note} ({gate.seconds:.1f} s)")
+        for name, quality in (("live", gate.live), ("new", gate.new)):
+            if quality is not None:
+                table.add_row(f"  {name} {quality.model_version}", quality.line())
+    emit(as_json, data, table)
 
 
 @app.command()
@@ -286,7 +315,10 @@ def status(as_json: JsonFlag = False) -> None:
         "artefact": str(settings.artefact),
         **model_info,
     }
-    emit(as_json, data, key_value_table("status", data))
+    table = key_value_table("status", {k: v for k, v in data.items() if k != "quality"})
+    for version, figures in indexed["quality"].items():
+        table.add_row(f"quality {version}", quality_line(figures))
+    emit(as_json, data, table)
 
 
 @app.command()

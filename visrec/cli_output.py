@@ -40,6 +40,18 @@ def key_value_table(title: str, data: dict[str, Any]) -> Table:
     return table
 
 
+def quality_line(figures: dict[str, Any] | None) -> str:
+    """A version's recorded quality figures (`visrec.evaluation`) as one line of a table."""
+    if not figures:
+        return "not measured (measured by `visrec reindex`)"
+    if "problem" in figures:
+        return f"unreadable: {figures['problem']}"
+    return (
+        f"p@10 {figures.get('p@10')}, map@10 {figures.get('map@10')} on {figures.get('queries')} "
+        f"{figures.get('query_set')} queries ({figures.get('measured_at')})"
+    )
+
+
 def hits_table(hits: list[Hit]) -> Table:
     fields = [f for f in ("category", "colour", "price", "title") if any(f in h.payload for h in hits)]
     several = any(len(photos(h.payload)) > 1 for h in hits)  # a column for the matched photo then

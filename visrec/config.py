@@ -194,6 +194,17 @@ class DuplicateSettings(BaseModel):
     neighbours: int = Field(default=10, ge=1, le=1000)  # nearest other products searched per photo
 
 
+class GateSettings(BaseModel):
+    """`visrec reindex`'s quality gate: the new version goes live only if its same-category P@10 and
+    mAP@10 are each at most `max_quality_drop` below the live version's, on the same query products."""
+
+    max_quality_drop: float = Field(default=0.01, ge=0, le=1)
+    # Query products: those neither model was trained on where the manifests list them, else a seeded
+    # sample of the indexed products; at most this many (each is one search per version).
+    queries: int = Field(default=500, ge=1, le=100_000)
+    seed: int = 0
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="VISREC_", env_nested_delimiter="__", env_file=".env", extra="ignore"
@@ -206,3 +217,4 @@ class Settings(BaseSettings):
     api: ApiSettings = ApiSettings()
     train: TrainSettings = TrainSettings()
     duplicates: DuplicateSettings = DuplicateSettings()
+    gate: GateSettings = GateSettings()

@@ -23,6 +23,12 @@ class ModelError(VisrecError):
     exit_code = 3
 
 
+class QualityRefused(VisrecError):
+    """A new collection version retrieves worse than the live one (the reindex quality gate)."""
+
+    exit_code = 3
+
+
 class IndexUnavailable(VisrecError):
     """The vector store cannot be reached or opened (server down, embedded store in use)."""
 

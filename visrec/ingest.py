@@ -254,16 +254,21 @@ def sync(
             f"{catalogue.path}: no valid product (of {len(catalogue.errors)} rows); nothing synced"
         )
     manifest = embedder.manifest
-    built_by = index.metadata().get("model_version") if index.exists() else None
+    recorded = index.metadata() if index.exists() else {}
+    built_by = recorded.get("model_version")
     if built_by and built_by != manifest.model_version and not new_model:
         raise ModelError(
             f"{index.collection} was built by model {built_by}, not {manifest.model_version} "
             f"({embedder.artefact_dir}): sync with that model, or change models with "
             "`visrec reindex CATALOGUE --model NEW`"
         )
-    index.create(
+    index.create(  # what else is recorded (the reindex gate's figures) stays, on every backend
         manifest.embedding_dim,
-        {"model_version": manifest.model_version, "artefact": str(embedder.artefact_dir.resolve())},
+        {
+            **recorded,
+            "model_version": manifest.model_version,
+            "artefact": str(embedder.artefact_dir.resolve()),
+        },
     )
     indexed = index.sync_records()
     plan = plan_sync(catalogue, indexed, manifest.model_version, shard)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from visrec.catalogue import Catalogue
 from visrec.config import TrainSettings
@@ -16,13 +16,18 @@ from visrec.errors import CatalogueError
 
 @dataclass(frozen=True)
 class Split:
-    """Image references and their class numbers, aligned."""
+    """Image references, their class numbers and their products' ids, aligned."""
 
     refs: list[str]
     labels: list[int]
+    ids: list[str] = field(default_factory=list)
 
     def take(self, positions: Sequence[int]) -> Split:
-        return Split([self.refs[i] for i in positions], [self.labels[i] for i in positions])
+        return Split(
+            [self.refs[i] for i in positions],
+            [self.labels[i] for i in positions],
+            [self.ids[i] for i in positions] if self.ids else [],
+        )
 
 
 def split_holdout(labels: Sequence[int], fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -52,7 +57,9 @@ def split_data(
     if len(classes) < 2:
         raise CatalogueError(f"training needs at least 2 categories; {catalogue.path} has {len(classes)}")
     data = Split(
-        [catalogue.photo_refs(p)[0] for p in labelled], [classes.index(p.category or "") for p in labelled]
+        [catalogue.photo_refs(p)[0] for p in labelled],
+        [classes.index(p.category or "") for p in labelled],
+        [p.id for p in labelled],
     )
     if test is None:
         train_pos, test_pos = split_holdout(data.labels, cfg.holdout, cfg.seed)
@@ -64,7 +71,9 @@ def split_data(
             raise CatalogueError(f"{test.path}: categories not in the training catalogue: {unseen[:5]}")
         trainable = data
         held_out = Split(
-            [test.photo_refs(p)[0] for p in tested], [classes.index(p.category or "") for p in tested]
+            [test.photo_refs(p)[0] for p in tested],
+            [classes.index(p.category or "") for p in tested],
+            [p.id for p in tested],
         )
     if not held_out.refs:
         raise CatalogueError("too few products per category to hold any out for evaluation")

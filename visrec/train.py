@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from visrec.artefact import Manifest, save_artefact
+from visrec.artefact import HELDOUT_PRODUCTS, Manifest, save_artefact
 from visrec.catalogue import Catalogue
 from visrec.config import Settings
 from visrec.features import StageProgress, infer
@@ -54,6 +54,9 @@ class TrainResult:
     losses: dict[str, list[float]] = field(default_factory=dict)  # mean loss per epoch, by phase
     validation: dict[str, list[float]] = field(default_factory=dict)  # validation top-1 per epoch
     heldout: HeldOut | None = None
+    # Ids of the held-out products the model never saw in training or validation: the manifest records
+    # them so that `visrec reindex`'s quality gate can query products neither model was trained on.
+    heldout_products: list[str] = field(default_factory=list)
 
 
 def train(
@@ -77,6 +80,7 @@ def train(
     model.to(device)
     run = Run(cfg, settings, device, progress, fit, val)
     result = TrainResult(model, classes, pretrained, metrics={})
+    result.heldout_products = sorted(set(held_out.ids) - set(fit.ids) - set(val.ids))
     metrics = result.metrics
     metrics.update(train_images=len(fit.refs), validation_images=len(val.refs))
     if cfg.epochs_frozen:
@@ -111,5 +115,10 @@ def export(result: TrainResult, settings: Settings) -> Manifest:
         classes=result.classes,
         preprocess=Preprocess(input_size=cfg.image_size),
         metrics=result.metrics,
-        training=cfg.model_dump(mode="json") | {"losses": result.losses, "validation": result.validation},
+        training=cfg.model_dump(mode="json")
+        | {
+            "losses": result.losses,
+            "validation": result.validation,
+            HELDOUT_PRODUCTS: result.heldout_products,
+        },
     )

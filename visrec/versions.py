@@ -1,21 +1,50 @@
-"""Model upgrades without downtime: build the next version of the collection with a new model, switch
-the alias to it in one atomic step once it is complete, and roll back to the previous version."""
+"""Model upgrades without downtime: build the next version of the collection with a new model, measure
+it against the live version (the quality gate, `visrec.evaluation`), switch the alias to it in one atomic
+step once it is complete and no worse, and roll back to the previous version."""
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from visrec import evaluation
+from visrec.artefact import Manifest, read_manifest
 from visrec.catalogue import Catalogue
+from visrec.config import GateSettings
 from visrec.embed import Embedder
-from visrec.errors import VisrecError
+from visrec.errors import IndexUnavailable, ModelError, QualityRefused, VisrecError
+from visrec.evaluation import Quality
 from visrec.filters import Filters
-from visrec.index import Store
+from visrec.index import Store, VectorIndex
 from visrec.ingest import ProgressFn, SyncOptions, SyncSummary, sync
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class GateResult:
+    """What the quality gate found: both versions' figures on the same queries, or why there were none."""
+
+    verdict: str  # "passed", "forced", "refused", or "nothing to compare"
+    note: str  # the query set, or why nothing was compared
+    max_drop: float
+    live: Quality | None = None
+    new: Quality | None = None
+    seconds: float = 0.0  # the whole gate: reading both versions, the queries, recording the figures
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "verdict": self.verdict,
+            "note": self.note,
+            "max_quality_drop": self.max_drop,
+            "live": self.live.to_dict() if self.live else None,
+            "new": self.new.to_dict() if self.new else None,
+            "seconds": round(self.seconds, 2),
+        }
 
 
 @dataclass
@@ -24,9 +53,16 @@ class ReindexSummary:
     live: str  # the version live now
     points: int
     sync: SyncSummary
+    gate: GateResult | None = field(default=None)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"previous": self.previous, "live": self.live, "points": self.points, **self.sync.to_dict()}
+        return {
+            "previous": self.previous,
+            "live": self.live,
+            "points": self.points,
+            **self.sync.to_dict(),
+            "quality_gate": self.gate.to_dict() if self.gate else None,
+        }
 
 
 def reindex(
@@ -35,15 +71,22 @@ def reindex(
     embedder: Embedder,
     options: SyncOptions,
     *,
+    gate: GateSettings | None = None,
+    force: bool = False,
     accept_failures: bool = False,
     progress: ProgressFn | None = None,
 ) -> ReindexSummary:
-    """Build the next version of the collection with `embedder`'s model and make it live once complete.
+    """Build the next version of the collection with `embedder`'s model and make it live once complete
+    and no worse than the live one.
 
-    The version above the live one is reused if it exists (a rerun after a crash, or after a rollback,
-    carries on where it stopped); the live version is never written. The switch is one atomic alias
-    change, made only when the new version holds every valid product (and, unless `accept_failures`,
-    no image failed). Raises `VisrecError` without switching otherwise.
+    The version above the live one is reused if it exists (a rerun after a crash, after a refusal or
+    after a rollback carries on where it stopped); the live version's points are never written. The
+    switch is one atomic alias change, made only when the new version holds every valid product (and,
+    unless `accept_failures`, no image failed): raises `VisrecError` without switching otherwise. Then
+    the quality gate (`gate`, default `GateSettings()`) measures both versions on the same query products
+    and records each one's figures in its metadata; unless `force`, raises `QualityRefused` without
+    switching if the new version's P@10 or mAP@10 is more than `gate.max_quality_drop` below the live
+    one's, and `IndexUnavailable` if the live version cannot be read (held by another process).
     """
     live = store.live()
     newer = [v for v in store.versions() if store.generation(v) > store.generation(live)]
@@ -51,19 +94,127 @@ def reindex(
         target = live
     else:
         target = newer[-1] if newer else store.version(store.generation(live) + 1)
+    compare = live if live != target else None  # None: the first version, nothing to compare with
     with store.open(target) as index:  # not live: it may be rebuilt with another model in place
         summary = sync(catalogue, index, embedder, options, progress=progress, new_model=True)
         points = index.count()
-    expected = len(catalogue.products) - summary.failed
-    if points != expected or (summary.failed and not accept_failures):
-        raise VisrecError(
-            f"{target} not made live: it holds {points} points for {len(catalogue.products)} valid products, "
-            f"{summary.failed} images failed (see {summary.failure_report}); fix them and rerun "
-            "(or pass --accept-failures)"
+        expected = len(catalogue.products) - summary.failed
+        if points != expected or (summary.failed and not accept_failures):
+            raise VisrecError(
+                f"{target} not made live: it holds {points} points for {len(catalogue.products)} valid "
+                f"products, {summary.failed} images failed (see {summary.failure_report}); fix them and "
+                "rerun (or pass --accept-failures)"
+            )
+        started = time.perf_counter()
+        result = quality_gate(store, compare, index, embedder.manifest, gate or GateSettings(), force)
+        result.seconds = time.perf_counter() - started
+    if result.verdict == "refused":
+        assert result.live is not None and result.new is not None
+        raise QualityRefused(
+            f"{target} not made live: it retrieves worse than the live {live} by more than "
+            f"{result.max_drop} (same-category, {result.note}): "
+            f"live {live} ({result.live.model_version}): {result.live.line()}; "
+            f"new {target} ({result.new.model_version}): {result.new.line()}. "
+            f"{target} is kept, not live: rerun this reindex with --force to switch to it anyway "
+            "(nothing is re-embedded)"
         )
     store.switch(target)
     log.info("%s is live (was %s)", target, live)
-    return ReindexSummary(previous=live, live=target, points=points, sync=summary)
+    return ReindexSummary(previous=live, live=target, points=points, sync=summary, gate=result)
+
+
+def quality_gate(
+    store: Store,
+    live: str | None,
+    new: VectorIndex,
+    manifest: Manifest,
+    gate: GateSettings,
+    force: bool = False,
+) -> GateResult:
+    """Measure the `new` version (built by `manifest`'s model) against the `live` one (None: there is
+    none yet) on the same query products, record each one's figures in its metadata, and say whether the
+    new one may go live. Raises `IndexUnavailable` if the live version cannot be opened, unless `force`."""
+    dim = manifest.embedding_dim
+    new_categories = evaluation.categories(new)
+    if live is None:
+        return _measure_alone(
+            new, manifest, new_categories, gate, "the first version: nothing to compare with"
+        )
+    try:
+        current = store.open(live)
+    except IndexUnavailable as exc:
+        if not force:
+            raise IndexUnavailable(
+                f"{new.collection} is built but not live: the quality gate cannot read the live {live} "
+                f"({exc}). Rerun when it is free (nothing is re-embedded), or pass --force to switch "
+                "without comparing"
+            ) from exc
+        return _measure_alone(new, manifest, new_categories, gate, f"--force, and the live {live} is in use")
+    with current:
+        if not current.exists():
+            return _measure_alone(new, manifest, new_categories, gate, f"the live {live} is empty")
+        live_categories = evaluation.categories(current)
+        live_metadata = current.metadata()
+        queries = evaluation.choose_queries(
+            live_categories,
+            new_categories,
+            _untrained(live_metadata, manifest),
+            gate.queries,
+            gate.seed,
+        )
+        if not queries.products:
+            return GateResult(
+                "nothing to compare", "no product has a category in both versions", gate.max_quality_drop
+            )
+        live_model = live_metadata.get("model_version", "unknown")
+        before = evaluation.measure(current, live_model, queries, live_categories)
+        after = evaluation.measure(new, manifest.model_version, queries, new_categories)
+        evaluation.record(current, dim, before)
+        evaluation.record(new, dim, after, compared_with=before)
+    worse = evaluation.worse_by(after, before)
+    verdict = "passed" if worse <= gate.max_quality_drop else "forced" if force else "refused"
+    log.info(
+        "quality gate %s: live %s, new %s (%s, %.1f s)",
+        verdict,
+        before.line(),
+        after.line(),
+        queries.describe(),
+        before.seconds + after.seconds,
+    )
+    return GateResult(verdict, queries.describe(), gate.max_quality_drop, before, after)
+
+
+def _measure_alone(
+    index: VectorIndex, manifest: Manifest, categories: dict[str, str], gate: GateSettings, why: str
+) -> GateResult:
+    """The new version's figures alone (recorded for `status`), when there is nothing to compare with."""
+    queries = evaluation.choose_queries(
+        categories, categories, evaluation.heldout_products(manifest), gate.queries, gate.seed
+    )
+    if not queries.products:
+        return GateResult("nothing to compare", f"{why}; no product has a category", gate.max_quality_drop)
+    quality = evaluation.measure(index, manifest.model_version, queries, categories)
+    evaluation.record(index, manifest.embedding_dim, quality)
+    return GateResult(
+        "nothing to compare", f"{why} ({queries.describe()})", gate.max_quality_drop, new=quality
+    )
+
+
+def _untrained(live_metadata: dict[str, str], new: Manifest) -> set[str] | None:
+    """The products neither the live version's model nor the new one was trained on, when both manifests
+    list their held-out products (and the live one's artefact is readable here); else None."""
+    if "artefact" not in live_metadata:
+        return None
+    try:
+        live_manifest = read_manifest(Path(live_metadata["artefact"]))
+    except ModelError:
+        return None
+    if live_manifest.model_version != live_metadata.get("model_version"):
+        return None
+    live_heldout, new_heldout = evaluation.heldout_products(live_manifest), evaluation.heldout_products(new)
+    if live_heldout is None or new_heldout is None:
+        return None
+    return live_heldout & new_heldout
 
 
 def rollback(store: Store) -> tuple[str, str]:
@@ -78,9 +229,20 @@ def rollback(store: Store) -> tuple[str, str]:
 
 def describe(store: Store) -> dict[str, Any]:
     """What is indexed: the live version, every version, its points and the model versions that made
-    them. Two counts when every point is the collection's own model (the rule: sync refuses to mix
-    models); only otherwise a page-wise read of that payload field."""
-    with store.open(store.live()) as index:
+    them, and each version's quality figures (as the reindex gate recorded them; None where none were).
+    Two counts when every point is the collection's own model (the rule: sync refuses to mix models);
+    only otherwise a page-wise read of that payload field."""
+    live = store.live()
+    quality: dict[str, dict[str, Any] | None] = {}
+    for version in store.versions():
+        if version == live:
+            continue
+        try:
+            with store.open(version) as other:
+                quality[version] = evaluation.recorded(other.metadata()) if other.exists() else None
+        except IndexUnavailable as exc:  # being built by a reindex: not a reason to fail the status
+            quality[version] = {"problem": str(exc)}
+    with store.open(live) as index:
         points = index.count() if index.exists() else 0
         by_model: dict[str, int] = {}
         if points:
@@ -89,9 +251,12 @@ def describe(store: Store) -> dict[str, Any]:
                 by_model = {built_by: points}
             else:
                 by_model = dict(Counter(str(r.model_version) for r in index.sync_records().values()))
+        if index.exists():
+            quality[live] = evaluation.recorded(index.metadata())
         return {
             "live_version": index.collection,
             "versions": store.versions(),
             "points": points,
             "points_by_model_version": by_model,
+            "quality": {v: quality.get(v) for v in store.versions()},
         }

@@ -28,10 +28,35 @@ class ErrorOut(BaseModel):
     request_id: str = Field(description="this request's X-Request-ID, under which the server logs it")
 
 
+class Figures(BaseModel):
+    """Same-category retrieval figures of a collection version, as `visrec reindex`'s quality gate measured
+    them: the share of each query product's 10 nearest products in its category (P@10), and mAP@10."""
+
+    model_version: str
+    p_at_10: float = Field(validation_alias="p@10")
+    map_at_10: float = Field(validation_alias="map@10")
+
+
+class Quality(Figures):
+    queries: int = Field(description="how many query products")
+    query_set: str = Field(
+        description="`held-out`: products neither model was trained on; `sample`: a seeded sample of the "
+        "indexed products"
+    )
+    measured_at: str
+    compared_with: Figures | None = Field(
+        default=None, description="the version it replaced, measured on the same query products"
+    )
+
+
 class Readiness(BaseModel):
     ready: bool
     model_version: str | None
     points: int | None
+    quality: Quality | None = Field(
+        default=None,
+        description="the live version's figures; null where `visrec reindex` has not measured it",
+    )
     problems: list[str] = Field(description="what is wrong, for anyone: the details are in the log")
 
 

@@ -15,6 +15,7 @@ from visrec.api.deps import MetricsDep, ServiceDep
 from visrec.api.errors import unavailable
 from visrec.api.models import RETRY_AFTER, Readiness, errors
 from visrec.errors import VisrecError
+from visrec.evaluation import recorded
 
 log = logging.getLogger(__name__)
 GALLERY = Path(__file__).parent.parent / "static" / "gallery.html"
@@ -50,10 +51,11 @@ def metrics(registry: MetricsDep) -> Response:
 )
 def readyz(response: Response, service: ServiceDep) -> dict[str, Any]:
     """Ready when the model is loaded and the collection is reachable."""
-    problems, model_version, points = [], None, None
+    problems, model_version, points, quality = [], None, None, None
     try:
         live = service.live()
         points = live.index.count()
+        quality = recorded(live.index.metadata())
         model_version = live.model().manifest.model_version
     except VisrecError as exc:  # open to everyone: what is wrong, not where (that is in the log)
         log.warning("not ready: %s", exc)
@@ -61,7 +63,13 @@ def readyz(response: Response, service: ServiceDep) -> dict[str, Any]:
     if problems:
         response.status_code = 503
         response.headers["Retry-After"] = str(service.settings.api.retry_after_s)
-    return {"ready": not problems, "model_version": model_version, "points": points, "problems": problems}
+    return {
+        "ready": not problems,
+        "model_version": model_version,
+        "points": points,
+        "quality": quality,
+        "problems": problems,
+    }
 
 
 @router.get("/", include_in_schema=False)
