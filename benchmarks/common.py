@@ -118,6 +118,17 @@ def embed_all(embedder: Embedder, refs: Sequence[str]) -> np.ndarray:
     return np.concatenate([b.vectors for b in embedder.embed_refs(refs, ImageLimits())])
 
 
+def embed_cached(embedder: Embedder, refs: Sequence[str], cache: Path, name: str) -> np.ndarray:
+    """`embed_all(embedder, refs)` as float32, kept in `cache` as `<name>-<weights sha>-<count>.npy`
+    and read from there by the next run."""
+    path = cache / f"{name}-{embedder.manifest.weights_sha256[:12]}-{len(refs)}.npy"
+    if path.is_file():
+        return np.asarray(np.load(path))
+    vectors = embed_all(embedder, refs).astype(np.float32)
+    np.save(path, vectors)
+    return vectors
+
+
 def upsert_gallery(
     index: VectorIndex,
     ids: Sequence[str],

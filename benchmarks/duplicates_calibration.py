@@ -33,7 +33,7 @@ from PIL import Image
 from visrec.config import EmbedSettings, Settings
 from visrec.embed import Embedder, resolve_device
 
-from common import add_data_options, embed_all, new_parser, prepare_split, write_results
+from common import add_data_options, embed_all, embed_cached, new_parser, prepare_split, write_results
 
 
 def _jpeg(image: Image.Image, quality: int) -> bytes:
@@ -101,12 +101,7 @@ def main() -> None:
     model = embedder.manifest.model_version
     split = prepare_split(args.data, args.cache / "fashion-mnist", "test", args.gallery, args.seed)
     started = time.perf_counter()
-    cached = args.cache / f"duplicates-gallery-{embedder.manifest.weights_sha256[:12]}-{len(split.refs)}.npy"
-    if cached.is_file():
-        gallery = np.load(cached)
-    else:
-        gallery = embed_all(embedder, split.refs).astype(np.float32)
-        np.save(cached, gallery)
+    gallery = embed_cached(embedder, split.refs, args.cache, "duplicates-gallery")
     took = time.perf_counter() - started
     print(f"gallery: {len(gallery)} products embedded ({took:.0f} s)", file=sys.stderr)
 

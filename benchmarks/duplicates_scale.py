@@ -38,7 +38,7 @@ from visrec.index.edge import EdgeIndex
 from common import (
     CLASSES,
     add_data_options,
-    embed_all,
+    embed_cached,
     new_parser,
     prepare_split,
     upsert_gallery,
@@ -53,14 +53,8 @@ def products(args: Any) -> tuple[list[str], np.ndarray, np.ndarray, int]:
         resolve_device("auto"),
         EmbedSettings(batch_size=args.batch_size, workers=args.workers),
     )
-    sha = embedder.manifest.weights_sha256[:12]
     split = prepare_split(args.data, args.cache / "fashion-mnist", "test", args.real, args.seed)
-    gallery_file = args.cache / f"duplicates-gallery-{sha}-{len(split.refs)}.npy"
-    if gallery_file.is_file():
-        real = np.load(gallery_file)
-    else:
-        real = embed_all(embedder, split.refs).astype(np.float32)
-        np.save(gallery_file, real)
+    real = embed_cached(embedder, split.refs, args.cache, "duplicates-gallery")
     planted = min(args.planted, len(real))
     folder = args.cache / "duplicates-reuploads"
     folder.mkdir(parents=True, exist_ok=True)
@@ -73,12 +67,7 @@ def products(args: Any) -> tuple[list[str], np.ndarray, np.ndarray, int]:
             image.save(buffer, "JPEG", quality=75)
             target.write_bytes(buffer.getvalue())
         refs.append(str(target))
-    copies_file = args.cache / f"duplicates-reuploads-{sha}-{planted}.npy"
-    if copies_file.is_file():
-        copies = np.load(copies_file)
-    else:
-        copies = embed_all(embedder, refs).astype(np.float32)
-        np.save(copies_file, copies)
+    copies = embed_cached(embedder, refs, args.cache, "duplicates-reuploads")
     rng = np.random.default_rng(args.seed)
     sample = rng.choice(len(real), 1000, replace=False)
     d2 = (real[sample] ** 2).sum(1)[:, None] + (real**2).sum(1)[None] - 2 * real[sample] @ real.T

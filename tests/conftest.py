@@ -71,6 +71,17 @@ def settings(tmp_path: Path, artefact: tuple[Path, Manifest]) -> Settings:
 
 
 @pytest.fixture
+def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """`settings` as the environment of a `visrec` command run in this process (CliRunner)."""
+    monkeypatch.setenv("VISREC_ARTEFACT", str(settings.artefact))
+    monkeypatch.setenv("VISREC_QDRANT__PATH", str(settings.qdrant.path))
+    monkeypatch.setenv("VISREC_INGEST__FAILURE_REPORT", str(settings.ingest.failure_report))
+    monkeypatch.setenv("VISREC_EMBED__WORKERS", "0")
+    monkeypatch.setenv("VISREC_EMBED__DEVICE", "cpu")
+    return settings
+
+
+@pytest.fixture
 def fetcher() -> Iterator[Callable[..., Fetcher]]:
     """Make Fetchers with a given FetchPolicy (keyword arguments); closed after the test."""
     made: list[Fetcher] = []

@@ -29,7 +29,7 @@ from visrec.config import EmbedSettings, IngestSettings, QdrantSettings, Setting
 from visrec.embed import Embedder
 from visrec.index import Store, VectorIndex, open_index, open_store
 from visrec.ingest import ProgressFn, SyncOptions, SyncSummary, sync
-from visrec.model import build_model
+from visrec.model import VisrecNet, build_model
 from visrec.versions import ReindexSummary, reindex
 
 SHAPES = ("circle", "square", "triangle")
@@ -110,6 +110,13 @@ def export_nudged(source: Path, out: Path, seed: int = 1) -> Manifest:
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.05 * torch.randn_like(p))
+    return export_like(model, manifest, out)
+
+
+def export_like(
+    model: VisrecNet, manifest: Manifest, out: Path, training: dict[str, Any] | None = None
+) -> Manifest:
+    """`model` exported to `out` with `manifest`'s fields (its `training` replaced if given)."""
     return save_artefact(
         model,
         out,
@@ -118,7 +125,7 @@ def export_nudged(source: Path, out: Path, seed: int = 1) -> Manifest:
         classes=manifest.classes,
         preprocess=manifest.preprocess,
         metrics=manifest.metrics,
-        training=manifest.training,
+        training=manifest.training if training is None else training,
     )
 
 
@@ -127,17 +134,7 @@ def export_random(source: Path, out: Path, seed: int = 123) -> Manifest:
     weights (its embedding layer included), exported to `out` with the same manifest fields."""
     _, manifest = load_artefact(source, torch.device("cpu"))
     torch.manual_seed(seed)
-    model = build_model(manifest.backbone, len(manifest.classes))
-    return save_artefact(
-        model,
-        out,
-        backbone=manifest.backbone,
-        pretrained=manifest.pretrained,
-        classes=manifest.classes,
-        preprocess=manifest.preprocess,
-        metrics=manifest.metrics,
-        training=manifest.training,
-    )
+    return export_like(build_model(manifest.backbone, len(manifest.classes)), manifest, out)
 
 
 def sync_options(settings: Settings, **overrides: Any) -> SyncOptions:

@@ -16,16 +16,6 @@ from visrec.config import Settings
 runner = CliRunner()
 
 
-@pytest.fixture
-def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.setenv("VISREC_ARTEFACT", str(settings.artefact))
-    monkeypatch.setenv("VISREC_QDRANT__PATH", str(settings.qdrant.path))
-    monkeypatch.setenv("VISREC_INGEST__FAILURE_REPORT", str(settings.ingest.failure_report))
-    monkeypatch.setenv("VISREC_EMBED__WORKERS", "0")
-    monkeypatch.setenv("VISREC_EMBED__DEVICE", "cpu")
-    return settings
-
-
 def test_train_sync_similar_status_report(
     make_catalogue: MakeCatalogue, env: Settings, tmp_path: Path
 ) -> None:

@@ -21,16 +21,6 @@ runner = CliRunner()
 DEFAULT = DuplicateSettings()  # the calibrated default: a share of the median vector length
 
 
-@pytest.fixture
-def env(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    monkeypatch.setenv("VISREC_ARTEFACT", str(settings.artefact))
-    monkeypatch.setenv("VISREC_QDRANT__PATH", str(settings.qdrant.path))
-    monkeypatch.setenv("VISREC_INGEST__FAILURE_REPORT", str(settings.ingest.failure_report))
-    monkeypatch.setenv("VISREC_EMBED__WORKERS", "0")
-    monkeypatch.setenv("VISREC_EMBED__DEVICE", "cpu")
-    return settings
-
-
 def plant(catalogue: Path) -> Path:
     """Add two SKUs re-using p0's photo, as shops re-upload it: re-encoded as a JPEG (q80), and resized
     (up to 2x, then JPEG q90); returns the catalogue."""

@@ -240,21 +240,11 @@ def test_http_rules_and_their_errors(tmp_path: Path, settings: Settings) -> None
         assert client.get("/products/p3/similar", params={"max_per": "category=1"}).status_code == 200
 
 
-def test_cli_similar_with_rules_shows_the_matched_photo(
-    tmp_path: Path, settings: Settings, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_cli_similar_with_rules_shows_the_matched_photo(tmp_path: Path, env: Settings) -> None:
     from typer.testing import CliRunner
 
     from visrec.cli import app
 
-    for name, value in {
-        "VISREC_ARTEFACT": settings.artefact,
-        "VISREC_QDRANT__PATH": settings.qdrant.path,
-        "VISREC_INGEST__FAILURE_REPORT": settings.ingest.failure_report,
-        "VISREC_EMBED__WORKERS": 0,
-        "VISREC_EMBED__DEVICE": "cpu",
-    }.items():
-        monkeypatch.setenv(name, str(value))
     runner = CliRunner()
     assert runner.invoke(app, ["sync", str(_photo_catalogue(tmp_path))]).exit_code == 0
     result = runner.invoke(app, ["similar", "p5", "-k", "3", "--max-per", "category=1", "--json"])

@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from tests.helpers import (
     MakeCatalogue,
+    export_like,
     export_nudged,
     export_random,
     live_server,
@@ -26,7 +27,7 @@ from tests.helpers import (
     write_csv,
 )
 from visrec.api import create_app
-from visrec.artefact import HELDOUT_PRODUCTS, Manifest, load_artefact, read_manifest, save_artefact
+from visrec.artefact import HELDOUT_PRODUCTS, Manifest, load_artefact, read_manifest
 from visrec.cli import app as cli_app
 from visrec.config import GateSettings, QdrantSettings, Settings
 from visrec.errors import IndexUnavailable, ModelError, VisrecError
@@ -251,16 +252,7 @@ def with_heldout(source: Path, out: Path, heldout: list[str]) -> Path:
     """The model at `source` exported to `out` with a manifest that lists `heldout` as its held-out
     products (as `visrec train` records them)."""
     model, manifest = load_artefact(source, torch.device("cpu"))
-    save_artefact(
-        model,
-        out,
-        backbone=manifest.backbone,
-        pretrained=manifest.pretrained,
-        classes=manifest.classes,
-        preprocess=manifest.preprocess,
-        metrics=manifest.metrics,
-        training={**manifest.training, HELDOUT_PRODUCTS: heldout},
-    )
+    export_like(model, manifest, out, {**manifest.training, HELDOUT_PRODUCTS: heldout})
     return out
 
 
