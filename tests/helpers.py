@@ -118,6 +118,7 @@ def export_nudged(source: Path, out: Path, seed: int = 1) -> Manifest:
         preprocess=manifest.preprocess,
         metrics=manifest.metrics,
         training=manifest.training,
+        loss=manifest.loss,
     )
 
 
