@@ -55,6 +55,7 @@ from visrec.train import export, train
 
 from common import (
     CLASSES,
+    Split,
     add_data_options,
     add_run_options,
     command_line,
@@ -210,7 +211,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     gallery_labels = train_set.labels[gallery_rows]
     # split_data numbers classes alphabetically, CLASSES in the dataset's order: compare by name.
     assert [CLASSES[i] for i in gallery_labels] == [result.classes[i] for i in fit.labels + val.labels]
-    query_refs = [test_set.refs[i] for i in query_pos]
     vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     notes: dict[str, str] = {}
 
@@ -220,6 +220,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings["gallery_embed_s"] = time.perf_counter() - started
     vectors["visrec fine-tuned (ours)"] = (gallery_ft, heldout.embeddings.numpy()[query_pos])
 
+    if args.baselines:
+        gallery = (train_set, gallery_rows, gallery_refs)
+        baselines(args, device, gallery, (test_set, query_pos), work, (vectors, notes, timings))
+
+    ids = gallery_refs
+    rows: dict[str, dict[str, float]] = {}
+    for name, (gallery, queries) in vectors.items():
+        found, timing = retrieve(
+            args.out / "index", _slug(name), (gallery, ids, gallery_labels), queries, args.k
+        )
+        rows[name] = (
+            retrieval_metrics(found, query_labels, gallery_labels, args.k)
+            | timing
+            | {"dim": gallery.shape[1]}
+        )
+    return {
+        "rows": rows,
+        "notes": notes,
+        "train_metrics": result.metrics,
+        "validation": result.validation,
+        "timings": timings,
+        "queries": n_queries,
+        "gallery": len(gallery_refs),
+        "result": result,
+        "settings": settings,
+    }
+
+
+def baselines(
+    args: argparse.Namespace,
+    device: torch.device,
+    gallery: tuple[Split, np.ndarray, list[str]],
+    queries: tuple[Split, np.ndarray],
+    work: Path,
+    into: tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str], dict[str, float]],
+) -> None:
+    """The baselines' (gallery, query) vectors, notes and timings, added to `into`. They do not depend on
+    the training settings: a run comparing those on the same data can leave them out (--no-baselines)."""
+    vectors, notes, timings = into
+    train_set, gallery_rows, gallery_refs = gallery
+    test_set, query_pos = queries
+    n_queries = len(query_pos)
+    query_refs = [test_set.refs[i] for i in query_pos]
     raw = train_set.pixels[gallery_rows].reshape(len(gallery_rows), -1).astype(np.float32) / 255
     raw_q = test_set.pixels[query_pos].reshape(n_queries, -1).astype(np.float32) / 255
     vectors["raw pixels"] = (raw, raw_q)
@@ -256,29 +299,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 embed_with(effnet, query_refs, tf_style, device, args, "effnet queries", progress),
             )
             timings["effnet_embed_s"] = time.perf_counter() - started
-
-    ids = gallery_refs
-    rows: dict[str, dict[str, float]] = {}
-    for name, (gallery, queries) in vectors.items():
-        found, timing = retrieve(
-            args.out / "index", _slug(name), (gallery, ids, gallery_labels), queries, args.k
-        )
-        rows[name] = (
-            retrieval_metrics(found, query_labels, gallery_labels, args.k)
-            | timing
-            | {"dim": gallery.shape[1]}
-        )
-    return {
-        "rows": rows,
-        "notes": notes,
-        "train_metrics": result.metrics,
-        "validation": result.validation,
-        "timings": timings,
-        "queries": n_queries,
-        "gallery": len(gallery_refs),
-        "result": result,
-        "settings": settings,
-    }
 
 
 def _slug(name: str) -> str:
@@ -372,6 +392,12 @@ def main() -> None:
     p.add_argument("--test-limit", type=int, default=None, help="seeded subset of the 10,000 (smoke runs)")
     p.add_argument("--queries", type=int, default=None, help="seeded subset of test images used as queries")
     p.add_argument("--pca", type=int, default=50, help="PCA components of the raw-pixel baseline")
+    p.add_argument(
+        "--no-baselines",
+        dest="baselines",
+        action="store_false",
+        help="only visrec's row (the baselines do not depend on the training settings)",
+    )
     add_run_options(p, batch_size=64)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
