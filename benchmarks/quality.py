@@ -221,8 +221,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     vectors["visrec fine-tuned (ours)"] = (gallery_ft, heldout.embeddings.numpy()[query_pos])
 
     if args.baselines:
-        gallery = (train_set, gallery_rows, gallery_refs)
-        baselines(args, device, gallery, (test_set, query_pos), work, (vectors, notes, timings))
+        of_gallery = (train_set, gallery_rows, gallery_refs)
+        baselines(args, device, of_gallery, (test_set, query_pos), work, (vectors, notes, timings))
 
     ids = gallery_refs
     rows: dict[str, dict[str, float]] = {}
