@@ -17,6 +17,7 @@ def test_embedding_is_the_1000d_fc_below_the_head() -> None:
         embedding = model.embed(x)
         assert embedding.shape == (2, EMBEDDING_DIM)
         assert torch.equal(model(x), model.head(embedding))
+    assert isinstance(model.head, torch.nn.Sequential)  # the paper's head: the default loss, softmax
     assert [m.out_features for m in model.head if isinstance(m, torch.nn.Linear)] == [256, 64, 4]
 
 

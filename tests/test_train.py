@@ -174,7 +174,7 @@ def test_loss_settings_are_checked() -> None:
     assert TrainSettings().loss == "softmax"  # the paper's recipe stays the default
     assert TrainSettings(loss="normalized-softmax", temperature=0.1).temperature == 0.1
     with pytest.raises(ValidationError, match="'softmax' or 'normalized-softmax'"):
-        TrainSettings(loss="arcface")  # type: ignore[arg-type]
+        TrainSettings(loss="arcface")
     with pytest.raises(ValidationError, match="temperature applies to loss 'normalized-softmax' only"):
         TrainSettings(temperature=0.1)  # the paper's softmax has no temperature
     with pytest.raises(ValidationError, match="greater than 0"):
