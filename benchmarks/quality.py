@@ -10,6 +10,8 @@ Figures go to stdout (markdown), `<out>/quality.json` and the exported manifest'
     # CPU-sized (2 cores, ~40 min): small input, a sampled phase-2 epoch, a query subset
     .venv/bin/python benchmarks/quality.py --image-size 64 --epochs-finetune 2 --finetune-images 4000 \
         --queries 1000 --workers 1
+    # The same with normalised softmax (Zhai & Wu 2019) in place of the paper's softmax
+    .venv/bin/python benchmarks/quality.py ... --loss normalized-softmax --temperature 0.05
     # The full recipe (GPU)
     .venv/bin/python benchmarks/quality.py --device cuda --image-size 224 --epochs-frozen 10 \
         --epochs-finetune 10 --batch-size 128 --workers 8
@@ -53,6 +55,7 @@ from visrec.train import export, train
 
 from common import (
     CLASSES,
+    Split,
     add_data_options,
     add_run_options,
     command_line,
@@ -169,6 +172,9 @@ def settings_from(args: argparse.Namespace, work: Path) -> Settings:
             patience=args.patience,
             finetune_images=args.finetune_images,
             seed=args.seed,
+            loss=args.loss,
+            # Unset: the settings' default (a temperature given with the paper's softmax is refused there).
+            **({} if args.temperature is None else {"temperature": args.temperature}),
             work_dir=work,
         ),
     )
@@ -205,7 +211,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     gallery_labels = train_set.labels[gallery_rows]
     # split_data numbers classes alphabetically, CLASSES in the dataset's order: compare by name.
     assert [CLASSES[i] for i in gallery_labels] == [result.classes[i] for i in fit.labels + val.labels]
-    query_refs = [test_set.refs[i] for i in query_pos]
     vectors: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     notes: dict[str, str] = {}
 
@@ -215,6 +220,49 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     timings["gallery_embed_s"] = time.perf_counter() - started
     vectors["visrec fine-tuned (ours)"] = (gallery_ft, heldout.embeddings.numpy()[query_pos])
 
+    if args.baselines:
+        of_gallery = (train_set, gallery_rows, gallery_refs)
+        baselines(args, device, of_gallery, (test_set, query_pos), work, (vectors, notes, timings))
+
+    ids = gallery_refs
+    rows: dict[str, dict[str, float]] = {}
+    for name, (gallery, queries) in vectors.items():
+        found, timing = retrieve(
+            args.out / "index", _slug(name), (gallery, ids, gallery_labels), queries, args.k
+        )
+        rows[name] = (
+            retrieval_metrics(found, query_labels, gallery_labels, args.k)
+            | timing
+            | {"dim": gallery.shape[1]}
+        )
+    return {
+        "rows": rows,
+        "notes": notes,
+        "train_metrics": result.metrics,
+        "validation": result.validation,
+        "timings": timings,
+        "queries": n_queries,
+        "gallery": len(gallery_refs),
+        "result": result,
+        "settings": settings,
+    }
+
+
+def baselines(
+    args: argparse.Namespace,
+    device: torch.device,
+    gallery: tuple[Split, np.ndarray, list[str]],
+    queries: tuple[Split, np.ndarray],
+    work: Path,
+    into: tuple[dict[str, tuple[np.ndarray, np.ndarray]], dict[str, str], dict[str, float]],
+) -> None:
+    """The baselines' (gallery, query) vectors, notes and timings, added to `into`. They do not depend on
+    the training settings: a run comparing those on the same data can leave them out (--no-baselines)."""
+    vectors, notes, timings = into
+    train_set, gallery_rows, gallery_refs = gallery
+    test_set, query_pos = queries
+    n_queries = len(query_pos)
+    query_refs = [test_set.refs[i] for i in query_pos]
     raw = train_set.pixels[gallery_rows].reshape(len(gallery_rows), -1).astype(np.float32) / 255
     raw_q = test_set.pixels[query_pos].reshape(n_queries, -1).astype(np.float32) / 255
     vectors["raw pixels"] = (raw, raw_q)
@@ -252,29 +300,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             timings["effnet_embed_s"] = time.perf_counter() - started
 
-    ids = gallery_refs
-    rows: dict[str, dict[str, float]] = {}
-    for name, (gallery, queries) in vectors.items():
-        found, timing = retrieve(
-            args.out / "index", _slug(name), (gallery, ids, gallery_labels), queries, args.k
-        )
-        rows[name] = (
-            retrieval_metrics(found, query_labels, gallery_labels, args.k)
-            | timing
-            | {"dim": gallery.shape[1]}
-        )
-    return {
-        "rows": rows,
-        "notes": notes,
-        "train_metrics": result.metrics,
-        "validation": result.validation,
-        "timings": timings,
-        "queries": n_queries,
-        "gallery": len(gallery_refs),
-        "result": result,
-        "settings": settings,
-    }
-
 
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in name.lower())[:60]
@@ -283,9 +308,12 @@ def _slug(name: str) -> str:
 def report(out: dict[str, Any], args: argparse.Namespace, wall: float) -> str:
     """The markdown the run prints (and docs/quality.md quotes)."""
     k, m = args.k, out["train_metrics"]
+    cfg = out["settings"].train
+    loss = cfg.loss + (f", temperature {cfg.temperature}" if cfg.loss == "normalized-softmax" else "")
     lines = [
         f"Fashion-MNIST: gallery {out['gallery']} train images, {out['queries']} test queries "
-        f"(of {int(m['heldout_images'])}), Euclidean top-{k} through visrec's embedded index.",
+        f"(of {int(m['heldout_images'])}), Euclidean top-{k} through visrec's embedded index. "
+        f"Ours trained with loss {loss}.",
         "",
         f"| features | dim | P@1 | P@{k} | mAP@{k} | top-1 | top-3 |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -358,10 +386,18 @@ def main() -> None:
     p.add_argument("--validation", type=float, default=0.1, help="share of train kept to choose epochs")
     p.add_argument("--patience", type=int, default=3)
     p.add_argument("--finetune-images", type=int, default=None, help="images per phase-2 epoch (sampled)")
+    p.add_argument("--loss", choices=("softmax", "normalized-softmax"), default="softmax")
+    p.add_argument("--temperature", type=float, default=None, help="normalized-softmax: cos / temperature")
     p.add_argument("--train-limit", type=int, default=None, help="seeded subset of the 60,000 (smoke runs)")
     p.add_argument("--test-limit", type=int, default=None, help="seeded subset of the 10,000 (smoke runs)")
     p.add_argument("--queries", type=int, default=None, help="seeded subset of test images used as queries")
     p.add_argument("--pca", type=int, default=50, help="PCA components of the raw-pixel baseline")
+    p.add_argument(
+        "--no-baselines",
+        dest="baselines",
+        action="store_false",
+        help="only visrec's row (the baselines do not depend on the training settings)",
+    )
     add_run_options(p, batch_size=64)
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

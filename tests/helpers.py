@@ -126,6 +126,7 @@ def export_like(
         preprocess=manifest.preprocess,
         metrics=manifest.metrics,
         training=manifest.training if training is None else training,
+        loss=manifest.loss,
     )
 
 

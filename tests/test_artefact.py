@@ -21,6 +21,7 @@ def test_manifest_describes_the_model(artefact: tuple[Path, Manifest]) -> None:
     path, manifest = artefact
     assert read_manifest(path) == manifest
     assert manifest.embedding_dim == 1000 and manifest.embedding_layer == "backbone.fc"
+    assert manifest.loss == "softmax" and manifest.training["loss"] == "softmax"  # the paper's, by default
     assert manifest.classes == ["circle", "square", "triangle"]
     assert manifest.preprocess.input_size == 32
     assert {"top1", "top3"} <= set(manifest.metrics)

@@ -86,6 +86,22 @@ def test_train_sync_similar_status_report(
     assert "report" in result.stdout
 
 
+def test_train_with_normalized_softmax(make_catalogue: MakeCatalogue, env: Settings, tmp_path: Path) -> None:
+    quick = ["--backbone", "resnet18", "--weights", "random", "--image-size", "32", "--epochs-frozen", "2"]
+    args = ["train", str(make_catalogue(18)), "--out", str(tmp_path / "m"), *quick, "--epochs-finetune", "0"]
+    result = runner.invoke(app, [*args, "--loss", "normalized-softmax", "--temperature", "0.1", "--json"])
+    assert result.exit_code == 0, result.output
+    trained = json.loads(result.stdout)
+    assert trained["loss"] == "normalized-softmax" and trained["training"]["temperature"] == 0.1
+    assert trained["embedding_dim"] == 1000
+
+    result = runner.invoke(app, [*args, "--loss", "arcface"])
+    assert result.exit_code == 1 and "invalid setting: train.loss" in result.stderr
+    result = runner.invoke(app, [*args, "--temperature", "0.1"])  # without --loss: the paper's softmax
+    assert result.exit_code == 1 and "temperature applies to loss 'normalized-softmax' only" in result.stderr
+    assert "Traceback" not in result.output
+
+
 @pytest.mark.parametrize(
     ("args", "message", "code"),
     [

@@ -7,7 +7,7 @@ import torch
 from torchvision import models
 
 from visrec.errors import ModelError
-from visrec.model import BACKBONES, EMBEDDING_DIM, build_model, load_pretrained
+from visrec.model import BACKBONES, EMBEDDING_DIM, CosineClassifier, build_model, load_pretrained
 
 
 def test_embedding_is_the_1000d_fc_below_the_head() -> None:
@@ -17,7 +17,23 @@ def test_embedding_is_the_1000d_fc_below_the_head() -> None:
         embedding = model.embed(x)
         assert embedding.shape == (2, EMBEDDING_DIM)
         assert torch.equal(model(x), model.head(embedding))
+    assert isinstance(model.head, torch.nn.Sequential)  # the paper's head: the default loss, softmax
     assert [m.out_features for m in model.head if isinstance(m, torch.nn.Linear)] == [256, 64, 4]
+
+
+def test_normalized_softmax_head_is_a_cosine_classifier_on_the_unit_embedding() -> None:
+    model = build_model("resnet18", num_classes=4, loss="normalized-softmax", temperature=0.05).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.inference_mode():
+        embedding = model.embed(x)
+        raw = model.backbone.fc(model.pooled(x))
+        assert embedding.shape == (3, EMBEDDING_DIM)
+        torch.testing.assert_close(embedding, raw / raw.norm(dim=1, keepdim=True))
+        assert isinstance(model.head, CosineClassifier)
+        weight = model.head.weight / model.head.weight.norm(dim=1, keepdim=True)
+        torch.testing.assert_close(model(x), embedding @ weight.T / 0.05)
+        torch.testing.assert_close(model.head(7 * raw), model(x))  # the scale of its input is ignored
+    assert model.head.weight.shape == (4, EMBEDDING_DIM) and "head.temperature" in model.state_dict()
 
 
 def test_unknown_backbone_and_too_few_classes() -> None:
@@ -25,6 +41,8 @@ def test_unknown_backbone_and_too_few_classes() -> None:
         build_model("vgg16", 3)
     with pytest.raises(ModelError, match="at least 2 classes"):
         build_model("resnet18", 1)
+    with pytest.raises(ModelError, match="unknown loss 'arcface'"):
+        build_model("resnet18", 3, loss="arcface")  # type: ignore[arg-type]
 
 
 def test_packaged_resnet50_weights_load_checked() -> None:

@@ -2,16 +2,22 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
+from pydantic import ValidationError
 
 from tests.helpers import MakeCatalogue, small_settings
-from visrec.artefact import Manifest
+from visrec.artefact import Manifest, load_artefact, read_manifest
 from visrec.catalogue import read_catalogue
-from visrec.config import Settings
+from visrec.config import Settings, TrainSettings
+from visrec.embed import Embedder
 from visrec.errors import CatalogueError
+from visrec.images import ImageLimits, to_tensor
+from visrec.model import CosineClassifier
 from visrec.splits import split_data, split_holdout
-from visrec.train import train
+from visrec.train import export, train
 
 
 def test_holdout_split_is_stratified_disjoint_and_seeded() -> None:
@@ -131,3 +137,53 @@ def test_validation_keeps_the_best_epoch_and_stops_early(
     assert all(top1 <= best_frozen for top1 in result.validation["finetune"])
     assert len(result.validation["finetune"]) == 1  # patience 1: the first worse epoch stops phase 2
     assert result.metrics["best_epoch_finetune"] == 0  # phase 1's model kept
+
+
+def test_normalized_softmax_trains_exports_and_embeds_unit_1000d(
+    make_catalogue: MakeCatalogue, tmp_path: Path
+) -> None:
+    """The retrieval-first variant: a cosine classifier on the 1000-d embedding. It trains in both phases,
+    exports with its loss in the manifest, and serving (which reads the manifest, not the settings)
+    rebuilds it and embeds unit-length 1000-d vectors, the ones training evaluated."""
+    catalogue = read_catalogue(make_catalogue(45))
+    settings = _with(small_settings(tmp_path), loss="normalized-softmax", temperature=0.1, epochs_frozen=5)
+    result = train(catalogue, settings, torch.device("cpu"))
+    assert result.losses["frozen"][-1] < result.losses["frozen"][0] and len(result.losses["finetune"]) == 1
+    assert 0 <= result.metrics["top1"] <= result.metrics["top3"] <= 1
+    assert result.heldout is not None
+    norms = result.heldout.embeddings.norm(dim=1)
+    assert result.heldout.embeddings.shape[1] == 1000 and torch.allclose(norms, torch.ones_like(norms))
+    assert result.heldout.logits.abs().max() <= 1 / 0.1 + 1e-4  # cosines over the temperature
+
+    manifest = export(result, settings)
+    assert manifest.loss == "normalized-softmax" and manifest.embedding_dim == 1000
+    assert manifest.training["loss"] == "normalized-softmax" and manifest.training["temperature"] == 0.1
+    assert read_manifest(settings.artefact) == manifest
+    model, _ = load_artefact(settings.artefact, torch.device("cpu"))
+    assert isinstance(model.head, CosineClassifier) and float(model.head.temperature) == pytest.approx(0.1)
+
+    refs = [str(tmp_path / "images" / f"p{i}.png") for i in range(6)]
+    embedder = Embedder(settings.artefact, torch.device("cpu"), settings.embed)
+    vectors = next(embedder.embed_refs(refs, ImageLimits())).vectors
+    assert vectors.shape == (6, 1000) and vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
+    # What the index gets is what training evaluated: the exported model embeds as the trained one did.
+    pixels = torch.stack([to_tensor(Image.open(r).convert("RGB"), manifest.preprocess) for r in refs])
+    with torch.inference_mode():
+        trained = result.model.eval().embed(pixels).numpy()
+    np.testing.assert_allclose(vectors, trained, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_settings_are_checked() -> None:
+    assert TrainSettings().loss == "softmax"  # the paper's recipe stays the default
+    assert TrainSettings(loss="normalized-softmax", temperature=0.1).temperature == 0.1
+    with pytest.raises(ValidationError, match="'softmax' or 'normalized-softmax'"):
+        TrainSettings(loss="arcface")
+    with pytest.raises(ValidationError, match="temperature applies to loss 'normalized-softmax' only"):
+        TrainSettings(temperature=0.1)  # the paper's softmax has no temperature
+    with pytest.raises(ValidationError, match="greater than 0"):
+        TrainSettings(loss="normalized-softmax", temperature=0)
+    with pytest.raises(ValidationError, match="less than or equal to 1"):
+        TrainSettings(loss="normalized-softmax", temperature=5)
+    dumped = TrainSettings().model_dump()  # a dumped softmax setting (default temperature) validates again
+    assert TrainSettings.model_validate(dumped) == TrainSettings()

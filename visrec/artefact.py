@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, Field, ValidationError
 
+from visrec.config import Loss
 from visrec.errors import ModelError
 from visrec.fs import replacing, write_atomically
 from visrec.images import Preprocess
@@ -37,6 +38,9 @@ class Manifest(BaseModel):
     classes: list[str] = Field(min_length=2)
     embedding_dim: int = EMBEDDING_DIM
     embedding_layer: str = EMBEDDING_LAYER
+    # What trained the head, and so how to build it: with "normalized-softmax" the embeddings are
+    # unit-length. Manifests from before the option say nothing: they were all the paper's softmax.
+    loss: Loss = "softmax"
     preprocess: Preprocess
     metrics: dict[str, float] = {}
     training: dict[str, Any] = {}
@@ -55,6 +59,7 @@ def save_artefact(
     preprocess: Preprocess,
     metrics: dict[str, float],
     training: dict[str, Any],
+    loss: Loss = "softmax",
 ) -> Manifest:
     """Write the artefact to `out_dir`, replacing any previous one there without a moment when none is
     readable: the weights go to a new file named by their hash, then the manifest that names them
@@ -70,6 +75,7 @@ def save_artefact(
         backbone=backbone,
         pretrained=pretrained,
         classes=classes,
+        loss=loss,
         preprocess=preprocess,
         metrics=metrics,
         training=training,
@@ -101,7 +107,8 @@ def load_artefact(artefact_dir: Path, device: torch.device) -> tuple[VisrecNet, 
     weights = artefact_dir / manifest.weights_file
     if not weights.is_file() or sha256_file(weights) != manifest.weights_sha256:
         raise ModelError(f"{weights}: missing or does not match the manifest's sha256")
-    model = build_model(manifest.backbone, len(manifest.classes))
+    # The head the loss needs; a normalised softmax's temperature is a buffer, loaded with the weights.
+    model = build_model(manifest.backbone, len(manifest.classes), manifest.loss)
     state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval(), manifest

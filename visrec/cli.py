@@ -114,6 +114,13 @@ def train(
     epochs_frozen: Annotated[int | None, typer.Option(help="Phase 1 epochs (backbone frozen).")] = None,
     epochs_finetune: Annotated[int | None, typer.Option(help="Phase 2 epochs (all layers).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Training batch size.")] = None,
+    loss: Annotated[
+        str | None,
+        typer.Option(help="softmax (the paper's, default) or normalized-softmax (cosine classifier)."),
+    ] = None,
+    temperature: Annotated[
+        float | None, typer.Option(help="normalized-softmax only: logits = cos / temperature (0.05).")
+    ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Fine-tune the embedder on a catalogue (the paper's two phases) and export it."""
@@ -129,15 +136,20 @@ def train(
             "train.epochs_frozen": epochs_frozen,
             "train.epochs_finetune": epochs_finetune,
             "train.batch_size": batch_size,
+            "train.loss": loss,
+            "train.temperature": temperature,
         },
     )
     device = resolve_device(settings.embed.device)
     with progress_bars(not as_json) as progress:
         result = fit(read_catalogue(catalogue, settings.ingest), settings, device, progress)
     manifest = export(result, settings)
-    table = Table("model", "classes", "top-1", "top-3", "held-out", "artefact", title="trained and exported")
+    table = Table(
+        "model", "loss", "classes", "top-1", "top-3", "held-out", "artefact", title="trained and exported"
+    )
     table.add_row(
         manifest.model_version,
+        manifest.loss,
         str(len(manifest.classes)),
         f"{manifest.metrics['top1']:.3f}",
         f"{manifest.metrics['top3']:.3f}",

@@ -11,8 +11,13 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# What the classifier on the embedding is trained with (visrec.model builds the head each one needs):
+# "softmax", the paper's head (embedding → 256 → 64 → N, cross-entropy); "normalized-softmax" (Zhai &
+# Wu, BMVC 2019), a cosine classifier on the L2-normalised embedding, logits = cos / temperature.
+Loss = Literal["softmax", "normalized-softmax"]
 
 
 class QdrantSettings(BaseModel):
@@ -171,6 +176,10 @@ class TrainSettings(BaseModel):
     hflip: float = Field(default=0.5, ge=0, le=1)
     crop_scale: float = Field(default=0.8, gt=0, le=1)
     finetune_images: int | None = Field(default=None, ge=1)  # per phase-2 epoch, freshly sampled; None: all
+    # The paper's softmax, or normalised softmax for retrieval (the exported 1000-d embedding is then
+    # unit-length; docs/quality.md, run E, measures both). `temperature` is normalised softmax's alone.
+    loss: Loss = "softmax"
+    temperature: float = Field(default=0.05, gt=0, le=1)
     # Feature cache, per-epoch checkpoints and the best epoch's weights; a rerun resumes from them.
     work_dir: Path | None = None
 
@@ -180,6 +189,17 @@ class TrainSettings(BaseModel):
         if value in {"packaged", "imagenet", "random"} or Path(value).suffix in {".pt", ".pth", ".bin"}:
             return value
         raise ValueError("weights must be 'packaged', 'imagenet', 'random' or a .pt/.pth checkpoint path")
+
+    @model_validator(mode="after")
+    def _temperature_needs_normalized_softmax(self) -> TrainSettings:
+        # A dumped softmax setting (default temperature) validates again; a temperature chosen for it is
+        # a mistake to say, not to ignore.
+        default = type(self).model_fields["temperature"].default
+        if self.loss != "normalized-softmax" and self.temperature != default:
+            raise ValueError(
+                f"temperature applies to loss 'normalized-softmax' only, not {self.loss!r} (set both)"
+            )
+        return self
 
 
 class DuplicateSettings(BaseModel):

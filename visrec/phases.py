@@ -46,6 +46,8 @@ PHASE1_FIELDS = (
     "seed",
     "validation",
     "patience",
+    "loss",
+    "temperature",
 )
 
 

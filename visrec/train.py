@@ -75,7 +75,7 @@ def train(
     cfg = settings.train
     torch.manual_seed(cfg.seed)
     classes, fit, val, held_out = split_data(catalogue, cfg, test)
-    model = build_model(cfg.backbone, len(classes))
+    model = build_model(cfg.backbone, len(classes), cfg.loss, cfg.temperature)
     pretrained = load_pretrained(model, cfg.backbone, cfg.weights)
     model.to(device)
     run = Run(cfg, settings, device, progress, fit, val)
@@ -113,6 +113,7 @@ def export(result: TrainResult, settings: Settings) -> Manifest:
         backbone=cfg.backbone,
         pretrained=result.pretrained,
         classes=result.classes,
+        loss=cfg.loss,
         preprocess=Preprocess(input_size=cfg.image_size),
         metrics=result.metrics,
         training=cfg.model_dump(mode="json")
