@@ -20,6 +20,7 @@ from visrec.config import QdrantSettings, Settings
 from visrec.index import Filters, IndexPoint, open_index, open_store
 from visrec.index.edge import EdgeIndex
 from visrec.index.server import ServerIndex, _quantization
+from visrec.versions import describe
 
 DIM = 1000
 
@@ -88,6 +89,7 @@ def test_the_server_backend_creates_collections_with_the_settings() -> None:
         info = index.client.get_collection(index.collection)
         if url != ":memory:":
             assert info.config.quantization_config == int8
+            assert index.layout() == {"multivector": True, "quantization": "int8", "on_disk": True}
         params = info.config.params.vectors
         assert isinstance(params, qm.VectorParams)
         assert params.on_disk and params.multivector_config is not None
@@ -107,6 +109,8 @@ def test_reindex_moves_a_live_catalogue_to_new_settings(
     summary = run_reindex(catalogue, quantized, settings.artefact)
     assert summary.live.endswith("__v2")
     with open_store(quantized.qdrant) as store:
+        layout = describe(store)["layout"]  # what `visrec status` shows
+        assert layout == {"multivector": True, "quantization": "int8", "on_disk": True}
         old, new = (store.open(v) for v in store.versions())
         assert isinstance(old, EdgeIndex) and isinstance(new, EdgeIndex)
         assert "quantization_config" not in old._stored_vectors()

@@ -229,9 +229,9 @@ def rollback(store: Store) -> tuple[str, str]:
 
 def describe(store: Store) -> dict[str, Any]:
     """What is indexed: the live version, every version, its points and the model versions that made
-    them, and each version's quality figures (as the reindex gate recorded them; None where none were).
-    Two counts when every point is the collection's own model (the rule: sync refuses to mix models);
-    only otherwise a page-wise read of that payload field."""
+    them, how the live one stores vectors, and each version's quality figures (as the reindex gate
+    recorded them; None where none were). Two counts when every point is the collection's own model
+    (the rule: sync refuses to mix models); only otherwise a page-wise read of that payload field."""
     live = store.live()
     quality: dict[str, dict[str, Any] | None] = {}
     for version in store.versions():
@@ -259,4 +259,5 @@ def describe(store: Store) -> dict[str, Any]:
             "points": points,
             "points_by_model_version": by_model,
             "quality": {v: quality.get(v) for v in store.versions()},
+            "layout": index.layout() if index.exists() else None,
         }

@@ -193,6 +193,11 @@ class VectorIndex(_Closing):
         """The payloads (`fields` of them; True: all) of a page of points in point-id order, and the next
         page's point id (None at the end)."""
 
+    @abstractmethod
+    def layout(self) -> dict[str, Any]:
+        """How the collection stores vectors: `multivector`, `quantization` (none, int8, binary) and
+        `on_disk` (the originals), as it was created."""
+
     def _stored_vector(self, point: IndexPoint) -> list[float] | list[list[float]]:
         """A point's vectors as the collection stores them; raises `PointRejected` for several photos in
         a one-vector collection."""

@@ -166,6 +166,12 @@ class EdgeIndex(VectorIndex):
         stored = self._stored_vectors()
         return not stored or "multivector_config" in stored
 
+    def layout(self) -> dict[str, Any]:
+        stored = self._stored_vectors()
+        quantization = stored.get("quantization_config") or {}
+        kind = "int8" if "scalar" in quantization else "binary" if "binary" in quantization else "none"
+        return {"multivector": self.multivector, "quantization": kind, "on_disk": bool(stored.get("on_disk"))}
+
     def _config(self, dim: int) -> qe.EdgeConfig:
         s = self.settings
         quantization: qe.ScalarQuantizationConfig | qe.BinaryQuantizationConfig | None = None

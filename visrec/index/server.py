@@ -169,6 +169,21 @@ class ServerIndex(VectorIndex):
             raise VisrecError(f"collection {self.collection!r} on {self.where} holds named vectors")
         return vectors
 
+    def layout(self) -> dict[str, Any]:
+        self._require()
+        config = self._call(self.client.get_collection, self.collection).config
+        params = config.params.vectors
+        quantization = config.quantization_config
+        kind = (
+            "int8"
+            if isinstance(quantization, qm.ScalarQuantization)
+            else "binary"
+            if isinstance(quantization, qm.BinaryQuantization)
+            else "none"
+        )
+        on_disk = isinstance(params, qm.VectorParams) and bool(params.on_disk)
+        return {"multivector": self.multivector, "quantization": kind, "on_disk": on_disk}
+
     def _create(self, dim: int) -> None:
         if self._exists:
             size = self._vector_params().size
