@@ -20,6 +20,7 @@ def test_describe_counts_the_points_of_each_model(make_catalogue: MakeCatalogue,
             "points": 0,
             "points_by_model_version": {},
             "quality": {},
+            "layout": None,
         }
     run_sync(make_catalogue(5), settings)
     model = read_manifest(settings.artefact).model_version
@@ -27,6 +28,7 @@ def test_describe_counts_the_points_of_each_model(make_catalogue: MakeCatalogue,
         described = describe(store)
     assert described["points_by_model_version"] == {model: 5}
     assert described["quality"] == {"products__v1": None}  # a sync measures nothing; `reindex` does
+    assert described["layout"] == {"multivector": True, "quantization": "none", "on_disk": False}
     with open_index(settings.qdrant) as index:  # a point some other model made (written by hand)
         found = index.get("p1")
         assert found is not None
