@@ -170,7 +170,7 @@ def build_catalogue(root: Path, web: str) -> tuple[Path, set[str], dict[str, str
         row("{not json", "not valid JSON")
         row("[1, 2, 3]", "not a JSON object")
         row({"image": "img/p0.png"}, "no usable id")
-        row({"id": f"no-image{c}"}, "image: Field required")
+        row({"id": f"no-image{c}"}, "no photo: give `image` or `images`")
         row({"id": "x" * 300, "image": "img/p0.png"}, "no usable id")
         row({"id": f"price-text{c}", "image": "img/p0.png", "price": "abc"}, "price")
         row({"id": f"price-negative{c}", "image": "img/p0.png", "price": -3}, "greater than or equal to 0")
