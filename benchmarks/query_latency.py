@@ -20,7 +20,8 @@ timed), RSS before and after (VmRSS, its anonymous part, and the peak). Then, in
 steady state of a serving process): reopen (timed), RSS, and top-k queries unfiltered, by category and by
 category + price range, each as p50/p95/p99 latency and recall@k against exact float32 search (numpy over
 the same vectors and filters; checked against the engine's own `exact=True` on a few queries), for each
-`--oversampling` (quantized settings). Disk per product is the collection folder's size.
+`--oversampling` (quantized settings) and `--ef` (the HNSW search breadth). Disk per product: the
+collection folder's size.
 
     .venv/bin/python benchmarks/quality.py ...                 # once: the trained model it embeds with
     .venv/bin/python benchmarks/query_latency.py --sizes 100000 --settings float32 int8-disk binary-disk
@@ -30,6 +31,7 @@ the same vectors and filters; checked against the engine's own `exact=True` on a
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -39,7 +41,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import qdrant_edge as qe
@@ -69,7 +71,7 @@ class Setting:
     """How a collection keeps its vectors: `quantization` and `vectors_on_disk` as QdrantSettings takes
     them; `encoding`/`query_encoding` (binary only) and `centred` are set here, not through visrec."""
 
-    quantization: str = "none"
+    quantization: Literal["none", "int8", "binary"] = "none"
     vectors_on_disk: bool = False
     encoding: str | None = None  # qe.BinaryQuantizationEncoding member
     query_encoding: str | None = None  # qe.BinaryQuantizationQueryEncoding member
@@ -122,8 +124,9 @@ class BenchIndex(EdgeIndex):
         )
 
 
-def qdrant_settings(setting: Setting, oversampling: float = 2.0) -> QdrantSettings:
+def qdrant_settings(setting: Setting, oversampling: float = 2.0, ef: int = 128) -> QdrantSettings:
     return QdrantSettings(
+        hnsw_ef=ef,
         quantization=setting.quantization,
         vectors_on_disk=setting.vectors_on_disk,
         oversampling=oversampling,
@@ -166,7 +169,13 @@ def random_embeddings(count: int, seed: int, dim: int = 1000) -> tuple[np.ndarra
 
 def cache_folder(args: argparse.Namespace) -> Path:
     """Where the catalogue of the largest size, its queries and ground truths are cached."""
-    return args.cache / f"scale-{args.vectors}-{max(args.sizes)}-q{args.queries}-seed{args.seed}"
+    return args.cache / f"scale-{args.vectors}-{largest(args)}-q{args.queries}-seed{args.seed}"
+
+
+def largest(args: argparse.Namespace) -> int:
+    """The catalogue's size: each --sizes is a prefix of it, so that a size's figures do not depend on
+    which other sizes ran with it."""
+    return int(args.catalogue_size or max(args.sizes))
 
 
 @dataclass
@@ -183,7 +192,7 @@ class Catalogue:
 
 def catalogue(args: argparse.Namespace, size: int) -> Catalogue:
     """The first `size` products of the largest size's catalogue (built once, cached as .npy files)."""
-    largest = max(args.sizes)
+    total = largest(args)
     folder = cache_folder(args)
     done = folder / ".complete"
     if not done.is_file():
@@ -191,30 +200,34 @@ def catalogue(args: argparse.Namespace, size: int) -> Catalogue:
         if args.vectors == "real":
             real, real_labels = real_embeddings(args)
         else:
-            real, real_labels = random_embeddings(min(largest + args.queries, REAL_IMAGES), args.seed)
+            real, real_labels = random_embeddings(min(total + args.queries, REAL_IMAGES), args.seed)
         rng = np.random.default_rng(args.seed)
         held = rng.choice(len(real), args.queries, replace=False)
         np.save(folder / "queries.npy", real[held])
         np.save(folder / "query_labels.npy", real_labels[held])
         keep = rng.permutation(np.setdiff1d(np.arange(len(real)), held))
         base, base_labels = real[keep], real_labels[keep]
-        n_real = min(len(base), largest)
-        vectors = np.lib.format.open_memmap(
-            folder / "vectors.npy", "w+", np.float32, (largest, real.shape[1])
-        )
-        labels = np.empty(largest, np.int64)
+        n_real = min(len(base), total)
+        vectors = np.lib.format.open_memmap(folder / "vectors.npy", "w+", np.float32, (total, real.shape[1]))
+        labels = np.empty(total, np.int64)
         vectors[:n_real], labels[:n_real] = base[:n_real], base_labels[:n_real]
-        if largest > n_real:
+        if total > n_real:
             synthesize(
                 base, base_labels, vectors[n_real:], labels[n_real:], np.random.default_rng(args.seed + 1)
             )
         vectors.flush()
         del vectors
         np.save(folder / "labels.npy", labels)
-        prices = np.round(rng.lognormal(3.7, 0.6, largest), 2)  # median ~40
+        prices = np.round(rng.lognormal(3.7, 0.6, total), 2)  # median ~40
         np.save(folder / "prices.npy", prices)
-        np.save(folder / "colours.npy", rng.choice(np.array(COLOURS), largest))
-        (folder / "meta.json").write_text(json.dumps({"real": n_real, "synthetic": largest - n_real}))
+        np.save(folder / "colours.npy", rng.choice(np.array(COLOURS), total))
+        meta = {
+            "real": n_real,
+            "synthetic": total - n_real,
+            **density(base, np.load(folder / "vectors.npy", mmap_mode="r"), n_real),
+        }
+        (folder / "meta.json").write_text(json.dumps(meta))
+        print(f"catalogue: {meta}", file=sys.stderr, flush=True)
         done.touch()
     vectors = np.load(folder / "vectors.npy", mmap_mode="r")[:size]
     return Catalogue(
@@ -250,6 +263,25 @@ def synthesize(
             block[rows] = (1 - t) * a + t * b + noise
         out[start : start + n] = block
         out_labels[start : start + n] = cls
+
+
+def density(real: np.ndarray, vectors: np.ndarray, n_real: int, sample: int = 300) -> dict[str, float]:
+    """How close products sit: the median distance from a real product to its nearest other real one,
+    and from a synthetic product to its nearest real one (samples of `sample`)."""
+    rng = np.random.default_rng(0)
+
+    def nearest(points: np.ndarray, exclude_self: bool) -> float:
+        d = (real * real).sum(1)[None, :] - 2 * points @ real.T + (points * points).sum(1)[:, None]
+        if exclude_self:
+            d[d < 1e-3 * np.median(d)] = np.inf
+        return float(np.median(np.sqrt(np.maximum(d.min(1), 0))))
+
+    out = {"median_nn_real_to_real": nearest(real[rng.choice(len(real), sample, replace=False)], True)}
+    if len(vectors) > n_real:
+        picks = n_real + rng.choice(len(vectors) - n_real, sample, replace=False)
+        out["median_nn_synthetic_to_real"] = nearest(np.asarray(vectors[np.sort(picks)]), False)
+    out["median_norm"] = float(np.median(np.linalg.norm(real[:sample], axis=1)))
+    return {k: round(v, 3) for k, v in out.items()}
 
 
 # --- ground truth -------------------------------------------------------------------------------------
@@ -382,9 +414,8 @@ def serve(spec: dict[str, Any]) -> dict[str, Any]:
     ]
     results: dict[str, Any] = {}
     oversamplings = spec["oversampling"] if setting.quantization != "none" else [None]
-    for oversampling in oversamplings:
-        if oversampling is not None:
-            index.settings = qdrant_settings(setting, oversampling)
+    for ef, oversampling in itertools.product(spec["ef"], oversamplings):
+        index.settings = qdrant_settings(setting, oversampling or 1.0, ef)
         per_filter: dict[str, Any] = {}
         for name in FILTER_NAMES:
             for q in range(min(20, len(queries))):  # warm-up: the pages the graph walks
@@ -403,7 +434,7 @@ def serve(spec: dict[str, Any]) -> dict[str, Any]:
                 "p99_ms": round(cuts[98], 2),
                 "recall@10": round(float(np.mean(recalls)), 4),
             }
-        results["-" if oversampling is None else str(oversampling)] = per_filter
+        results[f"{ef} / {'-' if oversampling is None else oversampling}"] = per_filter
     served = memory_mib()
     index.close()
     return {
@@ -429,6 +460,7 @@ def run(args: argparse.Namespace, size: int, name: str, cat: Catalogue, truth_fi
         "query_labels": str(cache_folder(args) / "query_labels.npy"),
         "truth": str(truth_file),
         "oversampling": args.oversampling,
+        "ef": args.ef,
         "check_exact": args.check_exact,
     }
     spec_file = args.out / f"{collection}.spec.json"
@@ -465,7 +497,7 @@ def report(rows: list[dict[str, Any]]) -> str:
         f"{os.cpu_count()} CPUs. RSS: serving process after reopen and the queries, less before opening.",
         "",
         "| N | setting | RSS B/product (anon) | disk B/product | upsert s | optimize s | reopen s "
-        "| oversampling | unfiltered p50/p99 ms | recall | category p50/p99 ms | recall "
+        "| ef / oversampling | unfiltered p50/p99 ms | recall | category p50/p99 ms | recall "
         "| category + price p50/p99 ms | recall |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
@@ -492,7 +524,9 @@ def main() -> None:
     p.add_argument("--vectors", choices=("real", "random"), default="real")
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["float32", "int8-disk"])
-    p.add_argument("--oversampling", type=float, nargs="+", default=[2.0])
+    p.add_argument("--catalogue-size", type=int, help="products made (default: the largest --sizes)")
+    p.add_argument("--oversampling", type=float, nargs="+", default=[2.0], help="quantized settings")
+    p.add_argument("--ef", type=int, nargs="+", default=[QdrantSettings().hnsw_ef], help="HNSW search ef")
     p.add_argument("--queries", type=int, default=300)
     p.add_argument(
         "--check-exact", type=int, default=5, help="queries checked against the engine's exact search"
