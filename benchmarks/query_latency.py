@@ -8,8 +8,9 @@ say little). One point per product, one 1000-d vector per point (a multivector o
 visrec stores a catalogue.
 
 Vectors (`--vectors`):
-- `real` (default): a trained visrec model's embeddings of Fashion-MNIST's 70,000 images (cached under
-  `--cache`); `--queries` of them are held out as queries (never indexed); beyond the other 69,xxx the
+- `real` (default): a trained visrec model's embeddings of Fashion-MNIST's 70,000 images (or a seeded
+  sample of `--real-images`; cached under `--cache`); `--queries` of them are held out as queries (never
+  indexed); beyond the others the
   catalogue is filled with synthetic products: each a mixture (1 - t) a + t b of two random same-class
   real vectors, t ~ U(0, 0.5), plus Gaussian noise of 0.1 x the class's per-dimension spread (docs/scale.md
   says what that does to recall);
@@ -137,26 +138,29 @@ def qdrant_settings(setting: Setting, oversampling: float = 2.0, ef: int = 128) 
 
 
 def real_embeddings(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray]:
-    """(vectors, labels) of Fashion-MNIST's 70,000 images (train then test) through the model; cached."""
+    """(vectors, labels) of `--real-images` Fashion-MNIST images (a seeded sample of the 70,000, train and
+    test together; all by default) through the model; cached."""
     from visrec.embed import Embedder, resolve_device  # imports torch
 
     from common import embed_all
 
     settings = EmbedSettings(batch_size=args.batch_size, workers=args.workers)
     embedder = Embedder(args.artefact, resolve_device("auto"), settings)
-    path = args.cache / f"latency-{embedder.manifest.weights_sha256[:12]}-{REAL_IMAGES}.npz"
+    count = min(args.real_images or REAL_IMAGES, REAL_IMAGES)
+    path = args.cache / f"latency-{embedder.manifest.weights_sha256[:12]}-{count}-seed{args.seed}.npz"
     if path.is_file():
         cached = np.load(path)
         return cached["vectors"], cached["labels"]
     splits = [prepare_split(args.data, args.cache / "fashion-mnist", split) for split in ("train", "test")]
     refs = [ref for s in splits for ref in s.refs]
     labels = np.concatenate([s.labels for s in splits])
+    picks = np.sort(np.random.default_rng(args.seed).choice(len(refs), count, replace=False))
     started = time.perf_counter()
-    vectors = embed_all(embedder, refs).astype(np.float32)
-    print(f"embedded {len(refs)} images in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    vectors = embed_all(embedder, [refs[i] for i in picks]).astype(np.float32)
+    print(f"embedded {count} images in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, vectors=vectors, labels=labels)
-    return vectors, labels
+    np.savez(path, vectors=vectors, labels=labels[picks])
+    return vectors, labels[picks]
 
 
 def random_embeddings(count: int, seed: int, dim: int = 1000) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +173,8 @@ def random_embeddings(count: int, seed: int, dim: int = 1000) -> tuple[np.ndarra
 
 def cache_folder(args: argparse.Namespace) -> Path:
     """Where the catalogue of the largest size, its queries and ground truths are cached."""
-    return args.cache / f"scale-{args.vectors}-{largest(args)}-q{args.queries}-seed{args.seed}"
+    real = f"-real{args.real_images}" if args.real_images else ""
+    return args.cache / f"scale-{args.vectors}{real}-{largest(args)}-q{args.queries}-seed{args.seed}"
 
 
 def largest(args: argparse.Namespace) -> int:
@@ -524,6 +529,7 @@ def main() -> None:
     p.add_argument("--vectors", choices=("real", "random"), default="real")
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000])
     p.add_argument("--settings", nargs="+", choices=sorted(SETTINGS), default=["float32", "int8-disk"])
+    p.add_argument("--real-images", type=int, help="Fashion-MNIST images embedded (default: all 70,000)")
     p.add_argument("--catalogue-size", type=int, help="products made (default: the largest --sizes)")
     p.add_argument("--oversampling", type=float, nargs="+", default=[2.0], help="quantized settings")
     p.add_argument("--ef", type=int, nargs="+", default=[QdrantSettings().hnsw_ef], help="HNSW search ef")
