@@ -84,6 +84,7 @@ SETTINGS = {
     "float32-disk": Setting(vectors_on_disk=True),
     "int8": Setting("int8"),
     "int8-disk": Setting("int8", True),
+    "int8-centred-disk": Setting("int8", True, centred=True),
     "binary": Setting("binary"),
     "binary-disk": Setting("binary", True),
     "binary-centred-disk": Setting("binary", True, centred=True),
