@@ -444,6 +444,7 @@ def serve(spec: dict[str, Any]) -> dict[str, Any]:
     served = memory_mib()
     index.close()
     return {
+        "load_average_1min": round(os.getloadavg()[0], 1),  # the machine's, as the queries ended
         "reopen_s": round(reopen_s, 2),
         "first_query_s": round(first_query_s, 3),
         "exact_agrees": round(float(np.mean(agree)), 4) if agree else None,
