@@ -119,11 +119,8 @@ def median_norm(index: VectorIndex, sample: int = NORM_SAMPLE) -> float:
     """The median length of the vectors of the first `sample` products in point-id order (ids are hashes,
     so that is a spread sample): the scale of the model's embedding, whatever the catalogue's size."""
     page, _ = index.browse(Filters(), sample)
-    norms: list[float] = []
-    for product_id, _payload in page:
-        found = index.get(product_id)
-        if found is not None:
-            norms += np.linalg.norm(np.atleast_2d(found[0]), axis=1).tolist()
+    found = index.vectors([product_id for product_id, _ in page])  # one read for the whole sample
+    norms = [float(n) for vectors in found.values() for n in np.linalg.norm(vectors, axis=1)]
     return float(np.median(norms)) if norms else 0.0
 
 
@@ -144,29 +141,24 @@ def find_duplicates(
     """Groups of distinct products with a photo within `max_distance` (Euclidean) of another's, nearest
     group first; each product's photos are searched for their `neighbours` nearest other products.
 
-    Works with one vector per product (`get` returns a 1-d array) or several (a 2-d array, one row per
-    photo, `payload["images"]` in the same order). Raises `InvalidQuery` for bad options.
+    Each page of products is read with one call for its vectors (a row per photo). Raises
+    `InvalidQuery` for bad options.
     """
     check_options(max_distance, neighbours)
     scan = DuplicateScan(max_distance, neighbours)
     total = index.count()
     best: dict[tuple[str, str], Link] = {}
     payloads: dict[str, dict[str, Any]] = {}
-    scanned: set[str] = set()  # an index holding a point per photo lists a product once per photo
     after: str | None = None
     while True:
         page, after = index.browse(Filters(), PAGE, after)
-        for product_id, listed in page:
-            if product_id in scanned:
+        found = index.vectors([product_id for product_id, _ in page])
+        for product_id, payload in page:
+            if product_id not in found:  # deleted since the page was read
                 continue
-            scanned.add(product_id)
-            found = index.get(product_id)
-            if found is None:  # deleted since the page was read
-                continue
-            vectors, payload = found
             scan.products += 1
             linked = False
-            for vector in np.atleast_2d(vectors):
+            for vector in found[product_id]:
                 scan.photos += 1
                 hits = index.search(vector, neighbours, Filters(), exclude=[product_id])
                 near = [hit for hit in hits if hit.distance <= max_distance and hit.product_id != product_id]
@@ -179,7 +171,7 @@ def find_duplicates(
                     if (a, b) not in best or hit.distance < best[a, b].distance:
                         best[a, b] = Link(a, b, hit.distance)
             if linked:
-                payloads[product_id] = payload or listed
+                payloads[product_id] = payload
             if progress:
                 progress(scan.products, total)
         if after is None:
