@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import MakeCatalogue, cpu_embedder, draw_product, run_sync, stored
+from visrec.background import BackgroundWriter
 from visrec.config import Settings
 from visrec.errors import CatalogueError, IndexUnavailable, VisrecError
 from visrec.index import IndexPoint, open_index
 from visrec.index.edge import EdgeIndex
-from visrec.ingest import PAYLOAD_VERSION, BackgroundWriter, Shard, SyncSummary
+from visrec.ingest import PAYLOAD_VERSION, Shard, SyncSummary
 
 
 def rewrite(path: Path, edit: Callable[[dict[str, str]], dict[str, str] | None]) -> None:
