@@ -23,7 +23,7 @@ from PIL import Image
 
 from visrec import payload
 from visrec.background import BackgroundWriter
-from visrec.catalogue import Catalogue, Product
+from visrec.catalogue import Catalogue, Product, RowError
 from visrec.colour import extract_colours
 from visrec.config import Settings
 from visrec.embed import EmbeddedBatch, Embedder
@@ -234,16 +234,10 @@ def sync(
         len(plan.removed),
         plan.unchanged,
     )
-    failures: list[dict[str, Any]] = [
-        {"kind": "row", "line": e.line, "product_id": e.product_id, "error": e.message}
-        for e in catalogue.errors
-    ]
+    failures = _reported("row", catalogue.errors)
     _check_deletes(catalogue, plan, sum(p in shard for p in indexed), options, failures)
 
-    failures += [
-        {"kind": "photo", "line": e.line, "product_id": e.product_id, "error": e.message}
-        for e in catalogue.photo_errors
-    ]
+    failures += _reported("photo", catalogue.photo_errors)
     index.delete(plan.removed)
     todo = plan.to_embed
     photos = _PhotoGathering([catalogue.photo_refs(product) for product, _ in todo])
@@ -346,6 +340,11 @@ def _check_deletes(
         f"({len(plan.removed) / indexed:.0%}), more than --max-delete {max_delete:g} allows; nothing was "
         "changed. If the catalogue really dropped them, rerun with --max-delete 1"
     )
+
+
+def _reported(kind: str, errors: list[RowError]) -> list[dict[str, Any]]:
+    """Lines of the failure report for what reading the catalogue skipped (rows, or photos of kept rows)."""
+    return [{"kind": kind, "line": e.line, "product_id": e.product_id, "error": e.message} for e in errors]
 
 
 def _failure(kind: str, catalogue: Catalogue, product_id: str, error: str) -> dict[str, Any]:
