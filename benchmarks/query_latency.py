@@ -408,28 +408,26 @@ def serve(spec: dict[str, Any]) -> dict[str, Any]:
     index.search(queries[0], k, Filters())
     first_query_s = time.perf_counter() - started
     results: dict[str, Any] = {}
-    oversamplings = spec["oversampling"] if setting.quantization != "none" else [None]
-    for ef, oversampling in itertools.product(spec["ef"], oversamplings):
+    for ef, oversampling, name in spec["blocks"]:
         index.settings = qdrant_settings(setting, oversampling or 1.0, ef)
-        per_filter: dict[str, Any] = {}
-        for name in FILTER_NAMES:
-            for q in range(min(20, len(queries))):  # warm-up: the pages the graph walks
+        per_filter = results.setdefault(f"{ef} / {'-' if oversampling is None else oversampling}", {})
+        if spec["warm_up"]:
+            for q in range(min(20, len(queries))):  # the pages the graph walks
                 index.search(queries[q], k, filters[q][name])
-            times, recalls = [], []
-            for q in range(len(queries)):
-                started = time.perf_counter()
-                hits = index.search(queries[q], k, filters[q][name])
-                times.append(1000 * (time.perf_counter() - started))
-                found = {h.product_id for h in hits}
-                recalls.append(len(found & {f"p{i}" for i in truth[name][q]}) / k)
-            cuts = statistics.quantiles(times, n=100)
-            per_filter[name] = {
-                "p50_ms": round(statistics.median(times), 2),
-                "p95_ms": round(cuts[94], 2),
-                "p99_ms": round(cuts[98], 2),
-                "recall@10": round(float(np.mean(recalls)), 4),
-            }
-        results[f"{ef} / {'-' if oversampling is None else oversampling}"] = per_filter
+        times, recalls = [], []
+        for q in range(len(queries)):
+            started = time.perf_counter()
+            hits = index.search(queries[q], k, filters[q][name])
+            times.append(1000 * (time.perf_counter() - started))
+            found = {h.product_id for h in hits}
+            recalls.append(len(found & {f"p{i}" for i in truth[name][q]}) / k)
+        cuts = statistics.quantiles(times, n=100)
+        per_filter[name] = {
+            "p50_ms": round(statistics.median(times), 2),
+            "p95_ms": round(cuts[94], 2),
+            "p99_ms": round(cuts[98], 2),
+            "recall@10": round(float(np.mean(recalls)), 4),
+        }
     served = memory_mib()
     # The engine's own exact search agrees with numpy's (a few queries, after the memory
     # reading: it scans every vector, and would map every on-disk original into the page cache).
@@ -454,48 +452,101 @@ def serve(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def run(args: argparse.Namespace, size: int, name: str, cat: Catalogue, truth_file: Path) -> dict[str, Any]:
-    root, collection = args.out / "edge", f"scale-{size}-{name}"
-    row: dict[str, Any] = {"n": size, "setting": name, **asdict(SETTINGS[name])}
-    row.update(build(args, cat, name, root, collection))
-    row["disk_bytes"] = disk_bytes(root / collection)
-    spec = {
-        "setting": asdict(SETTINGS[name]),
-        "root": str(root),
-        "collection": collection,
-        "k": args.k,
-        "queries": str(cache_folder(args) / "queries.npy"),
-        "query_labels": str(cache_folder(args) / "query_labels.npy"),
-        "truth": str(truth_file),
-        "oversampling": args.oversampling,
-        "ef": args.ef,
-        "check_exact": args.check_exact,
-    }
-    spec_file = args.out / f"{collection}.spec.json"
+def drop_page_cache() -> None:
+    """Evict clean page cache (root only): the on-disk originals must then come from the disk. Pages a
+    process has mapped stay, so each cold measurement is a fresh process opened after this."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+    except OSError as e:
+        raise SystemExit(f"--page-cache cold needs root (writing /proc/sys/vm/drop_caches): {e}") from e
+
+
+def read_through(path: Path) -> None:
+    """Read every file of the collection once, so that all of it sits in page cache."""
+    for f in path.rglob("*"):
+        if f.is_file():
+            with f.open("rb") as handle:
+                while handle.read(1 << 24):
+                    pass
+
+
+def serve_in_child(spec: dict[str, Any], spec_file: Path) -> dict[str, Any]:
     spec_file.write_text(json.dumps(spec))
     child = subprocess.run(
         [sys.executable, __file__, "--serve", str(spec_file)], capture_output=True, text=True, check=False
     )
     if child.returncode != 0:
         raise RuntimeError(f"serving process failed:\n{child.stderr}")
-    row.update(json.loads(child.stdout))
-    serve_mib = row["serve_mib"]
-    row["rss_bytes_per_product"] = round(
-        (serve_mib["after_queries"]["rss"] - serve_mib["before_open"]["rss"]) * 2**20 / size
-    )
-    row["resident_bytes_per_product"] = round(
-        (serve_mib["after_open"]["rss"] - serve_mib["before_open"]["rss"]) * 2**20 / size
-    )
-    row["anon_bytes_per_product"] = round(
-        (serve_mib["after_queries"]["anon"] - serve_mib["before_open"]["anon"]) * 2**20 / size
-    )
-    row["disk_bytes_per_product"] = round(row["disk_bytes"] / size)
+    served: dict[str, Any] = json.loads(child.stdout)
+    return served
+
+
+def serve_with_page_cache(args: argparse.Namespace, spec: dict[str, Any], page_cache: str) -> dict[str, Any]:
+    """Serve with the page cache as the build left it (`as-built`), holding the whole collection
+    (`warm`), or emptied before every block of queries (`cold`: one fresh process per ef x oversampling
+    x filter, opened after the cache is dropped, without warm-up queries)."""
+    setting: Setting = SETTINGS[spec["setting_name"]]
+    oversamplings = args.oversampling if setting.quantization != "none" else [None]
+    blocks = [list(b) for b in itertools.product(args.ef, oversamplings, FILTER_NAMES)]
+    spec_file = args.out / f"{spec['collection']}.spec.json"
+    if page_cache != "cold":
+        if page_cache == "warm":
+            read_through(Path(spec["root"]) / spec["collection"])
+        return serve_in_child({**spec, "blocks": blocks, "warm_up": True}, spec_file)
+    served: dict[str, Any] = {}
+    for n, block in enumerate(blocks):
+        drop_page_cache()
+        check = args.check_exact if n == len(blocks) - 1 else 0  # the exact scan reads every original
+        one = serve_in_child({**spec, "blocks": [block], "warm_up": False, "check_exact": check}, spec_file)
+        if not served:
+            served = one
+        else:
+            for key, per_filter in one["queries"].items():
+                served["queries"].setdefault(key, {}).update(per_filter)
+            served["exact_agrees"] = one["exact_agrees"]
+    return served
+
+
+def run(
+    args: argparse.Namespace, size: int, name: str, cat: Catalogue, truth_file: Path
+) -> list[dict[str, Any]]:
+    root, collection = args.out / "edge", f"scale-{size}-{name}"
+    built: dict[str, Any] = {"n": size, "setting": name, **asdict(SETTINGS[name])}
+    built.update(build(args, cat, name, root, collection))
+    built["disk_bytes"] = disk_bytes(root / collection)
+    spec = {
+        "setting": asdict(SETTINGS[name]),
+        "setting_name": name,
+        "root": str(root),
+        "collection": collection,
+        "k": args.k,
+        "queries": str(cache_folder(args) / "queries.npy"),
+        "query_labels": str(cache_folder(args) / "query_labels.npy"),
+        "truth": str(truth_file),
+        "check_exact": args.check_exact,
+    }
+    rows = []
+    for page_cache in args.page_cache:
+        row = {**built, "page_cache": page_cache, **serve_with_page_cache(args, spec, page_cache)}
+        serve_mib = row["serve_mib"]
+        row["rss_bytes_per_product"] = round(
+            (serve_mib["after_queries"]["rss"] - serve_mib["before_open"]["rss"]) * 2**20 / size
+        )
+        row["resident_bytes_per_product"] = round(
+            (serve_mib["after_open"]["rss"] - serve_mib["before_open"]["rss"]) * 2**20 / size
+        )
+        row["anon_bytes_per_product"] = round(
+            (serve_mib["after_queries"]["anon"] - serve_mib["before_open"]["anon"]) * 2**20 / size
+        )
+        row["disk_bytes_per_product"] = round(row["disk_bytes"] / size)
+        print(json.dumps(row), file=sys.stderr, flush=True)
+        with (args.out / "scale.jsonl").open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        rows.append(row)
     if not args.keep:
         shutil.rmtree(root / collection, ignore_errors=True)
-    print(json.dumps(row), file=sys.stderr, flush=True)
-    with (args.out / "scale.jsonl").open("a") as f:
-        f.write(json.dumps(row) + "\n")
-    return row
+    return rows
 
 
 # --- report -------------------------------------------------------------------------------------------
@@ -508,11 +559,12 @@ def report(rows: list[dict[str, Any]]) -> str:
         f"{os.cpu_count()} CPUs. Memory of a fresh serving process, less before opening: heap (RssAnon) "
         "after the queries, VmRSS after reopening, VmRSS after the queries.",
         "",
-        "| N | setting | B/product: heap / resident after reopen / after queries | disk B/product "
+        "| N | setting | page cache | B/product: heap / resident after reopen / after queries "
+        "| disk B/product "
         "| upsert s | optimize s | reopen s "
         "| ef / oversampling | unfiltered p50/p99 ms | recall | category p50/p99 ms | recall "
         "| category + price p50/p99 ms | recall |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         for oversampling, per in r["queries"].items():
@@ -520,7 +572,8 @@ def report(rows: list[dict[str, Any]]) -> str:
                 f"{per[f]['p50_ms']} / {per[f]['p99_ms']} | {per[f]['recall@10']}" for f in FILTER_NAMES
             )
             lines.append(
-                f"| {r['n']} | {r['setting']} | {r['anon_bytes_per_product']} / "
+                f"| {r['n']} | {r['setting']} | {r.get('page_cache', 'as-built')} "
+                f"| {r['anon_bytes_per_product']} / "
                 f"{r['resident_bytes_per_product']} / {r['rss_bytes_per_product']} "
                 f"| {r['disk_bytes_per_product']} | {r['upsert_s']} | {r['optimize_s']} | {r['reopen_s']} "
                 f"| {oversampling} | {cells} |"
@@ -547,6 +600,14 @@ def main() -> None:
         "--check-exact", type=int, default=5, help="queries checked against the engine's exact search"
     )
     p.add_argument("--keep", action="store_true", help="keep the collections")
+    p.add_argument(
+        "--page-cache",
+        nargs="+",
+        choices=("as-built", "warm", "cold"),
+        default=["as-built"],
+        help="serve each built collection with the page cache as the build left it, holding all of it "
+        "(warm), or dropped before each block of queries (cold; needs root)",
+    )
     add_run_options(p, batch_size=128)
     args = p.parse_args()
     rows = []
@@ -558,7 +619,7 @@ def main() -> None:
             truth_file.write_text(json.dumps(ground_truth(cat, args.k)))
         print(f"{size}: ground truth in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         for name in args.settings:
-            rows.append(run(args, size, name, cat, truth_file))
+            rows.extend(run(args, size, name, cat, truth_file))
     text = report(rows)
     print(text)
     write_results(args.out, "scale", rows, text)
