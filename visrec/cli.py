@@ -15,7 +15,6 @@ from typing import Annotated, Any, ParamSpec, TypeVar
 import typer
 from pydantic import ValidationError
 from rich.logging import RichHandler
-from rich.table import Table
 
 from visrec.artefact import artefact_for
 from visrec.catalogue import read_catalogue
@@ -26,7 +25,10 @@ from visrec.cli_output import (
     hits_table,
     key_value_table,
     progress_bars,
-    quality_line,
+    reindex_table,
+    report_table,
+    status_table,
+    trained_table,
 )
 from visrec.config import Settings
 from visrec.embed import Embedder, resolve_device
@@ -144,19 +146,8 @@ def train(
     with progress_bars(not as_json) as progress:
         result = fit(read_catalogue(catalogue, settings.ingest), settings, device, progress)
     manifest = export(result, settings)
-    table = Table(
-        "model", "loss", "classes", "top-1", "top-3", "held-out", "artefact", title="trained and exported"
-    )
-    table.add_row(
-        manifest.model_version,
-        manifest.loss,
-        str(len(manifest.classes)),
-        f"{manifest.metrics['top1']:.3f}",
-        f"{manifest.metrics['top3']:.3f}",
-        str(int(manifest.metrics["heldout_images"])),
-        str(settings.artefact),
-    )
-    emit(as_json, {"artefact": str(settings.artefact), **manifest.model_dump(mode="json")}, table)
+    data = {"artefact": str(settings.artefact), **manifest.model_dump(mode="json")}
+    emit(as_json, data, trained_table(manifest, settings.artefact))
 
 
 @app.command()
@@ -229,14 +220,7 @@ def reindex(
             progress=lambda done, total: progress("embed", done, total),
         )
     data = summary.to_dict()
-    table = key_value_table("reindex", {k: v for k, v in data.items() if k != "quality_gate"})
-    if summary.gate is not None:
-        gate = summary.gate
-        table.add_row("quality gate", f"{gate.verdict}: {gate.note} ({gate.seconds:.1f} s)")
-        for name, quality in (("live", gate.live), ("new", gate.new)):
-            if quality is not None:
-                table.add_row(f"  {name} {quality.model_version}", quality.line())
-    emit(as_json, data, table)
+    emit(as_json, data, reindex_table(summary))
 
 
 @app.command()
@@ -327,10 +311,7 @@ def status(as_json: JsonFlag = False) -> None:
         "artefact": str(settings.artefact),
         **model_info,
     }
-    table = key_value_table("status", {k: v for k, v in data.items() if k != "quality"})
-    for version, figures in indexed["quality"].items():
-        table.add_row(f"quality {version}", quality_line(figures))
-    emit(as_json, data, table)
+    emit(as_json, data, status_table(data))
 
 
 @app.command()
@@ -351,28 +332,11 @@ def report(
         rows = run_queries(index, pick_queries(index, queries, seed), k, same_category)
     version = str(rows[0].query.get("model_version", "")) if rows else ""
     path = write_html(rows, out_file, "visrec: products and their nearest neighbours", version)
-    table = Table(
-        "query",
-        "category",
-        "filter",
-        "nearest (distance)",
-        "same category",
-        title=f"report → {path.resolve()}",
-    )
-    for row in rows:
-        nearest = row.hits[0] if row.hits else None
-        table.add_row(
-            row.query_id,
-            str(row.query.get("category")),
-            ",".join(row.filters.category) or "-",
-            f"{nearest.payload.get('category')} ({nearest.distance:.1f})" if nearest else "-",
-            f"{row.same_category}/{len(row.hits)}",
-        )
     data = {
         "report": str(path.resolve()),
         "rows": [{"query": r.query_id, "hits": [hit_dict(h) for h in r.hits]} for r in rows],
     }
-    emit(as_json, data, table)
+    emit(as_json, data, report_table(rows, path))
 
 
 @app.command()
@@ -395,20 +359,18 @@ def duplicates(
 ) -> None:
     """Groups of distinct products whose photos are near-identical (a photo re-used, re-encoded, resized)."""
     from visrec.cli_output import duplicates_dict, duplicates_table
-    from visrec.duplicates import check_options, find_duplicates, relative_distance
+    from visrec.duplicates import scan_with
     from visrec.report import write_duplicates_html
 
     settings = _settings()
-    chosen = settings.duplicates
-    absolute = chosen.max_distance if max_distance is None else max_distance
-    k = chosen.neighbours if neighbours is None else neighbours
-    check_options(0.0 if absolute is None else absolute, k)  # before opening the store
-    scale: dict[str, float] = {}
+    chosen = settings.duplicates.model_copy(
+        update={
+            "max_distance": settings.duplicates.max_distance if max_distance is None else max_distance,
+            "neighbours": settings.duplicates.neighbours if neighbours is None else neighbours,
+        }
+    )
     with open_index(settings.qdrant) as index, progress_bars(not as_json) as progress:
-        if absolute is None:
-            absolute, norm = relative_distance(index, chosen.max_relative)
-            scale = {"max_relative": chosen.max_relative, "median_norm": norm}
-        scan = find_duplicates(index, absolute, k, lambda done, total: progress("scan", done, total))
+        scan, scale = scan_with(index, chosen, lambda done, total: progress("scan", done, total))
         model_version = index.metadata().get("model_version", "")
     data = {**duplicates_dict(scan), **scale}
     if out_file is not None:

@@ -7,8 +7,8 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from pathlib import PurePath
-from typing import Any
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -17,6 +17,11 @@ from rich.table import Table
 from visrec.duplicates import DuplicateScan
 from visrec.index import Hit
 from visrec.payload import for_operators, photos
+
+if TYPE_CHECKING:  # the report module (and PIL) loads only for `visrec report`
+    from visrec.artefact import Manifest
+    from visrec.report import ReportRow
+    from visrec.versions import ReindexSummary
 
 out = Console()
 err = Console(stderr=True)
@@ -101,6 +106,65 @@ def duplicates_table(scan: DuplicateScan, report: str | None = None) -> Table:
                 *(str(payload.get(f, "")) for f in fields),
                 end_section=row == len(group.products) - 1,
             )
+    return table
+
+
+def status_table(data: dict[str, Any]) -> Table:
+    """`visrec status`: one row per field, and one per version's measured quality."""
+    table = key_value_table("status", {k: v for k, v in data.items() if k != "quality"})
+    for version, figures in data["quality"].items():
+        table.add_row(f"quality {version}", quality_line(figures))
+    return table
+
+
+def reindex_table(summary: ReindexSummary) -> Table:
+    """`visrec reindex`: the summary, and the quality gate's verdict with both versions' figures."""
+    table = key_value_table("reindex", {k: v for k, v in summary.to_dict().items() if k != "quality_gate"})
+    if summary.gate is not None:
+        gate = summary.gate
+        table.add_row("quality gate", f"{gate.verdict}: {gate.note} ({gate.seconds:.1f} s)")
+        for name, quality in (("live", gate.live), ("new", gate.new)):
+            if quality is not None:
+                table.add_row(f"  {name} {quality.model_version}", quality.line())
+    return table
+
+
+def trained_table(manifest: Manifest, artefact: Path) -> Table:
+    """`visrec train`'s summary: the exported model and its held-out figures."""
+    table = Table(
+        "model", "loss", "classes", "top-1", "top-3", "held-out", "artefact", title="trained and exported"
+    )
+    table.add_row(
+        manifest.model_version,
+        manifest.loss,
+        str(len(manifest.classes)),
+        f"{manifest.metrics['top1']:.3f}",
+        f"{manifest.metrics['top3']:.3f}",
+        str(int(manifest.metrics["heldout_images"])),
+        str(artefact),
+    )
+    return table
+
+
+def report_table(rows: list[ReportRow], path: Path) -> Table:
+    """`visrec report`'s summary: each query product, its filter and its nearest neighbour."""
+    table = Table(
+        "query",
+        "category",
+        "filter",
+        "nearest (distance)",
+        "same category",
+        title=f"report → {path.resolve()}",
+    )
+    for row in rows:
+        nearest = row.hits[0] if row.hits else None
+        table.add_row(
+            row.query_id,
+            str(row.query.get("category")),
+            ",".join(row.filters.category) or "-",
+            f"{nearest.payload.get('category')} ({nearest.distance:.1f})" if nearest else "-",
+            f"{row.same_category}/{len(row.hits)}",
+        )
     return table
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from visrec.config import DuplicateSettings
 from visrec.errors import InvalidQuery
 from visrec.filters import Filters
 from visrec.index import VectorIndex
@@ -130,6 +131,19 @@ def relative_distance(index: VectorIndex, share: float) -> tuple[float, float]:
         raise InvalidQuery(f"the relative distance must be a finite number ≥ 0, got {share}")
     norm = median_norm(index)
     return share * norm, norm
+
+
+def scan_with(
+    index: VectorIndex, settings: DuplicateSettings, progress: Progress | None = None
+) -> tuple[DuplicateScan, dict[str, float]]:
+    """`find_duplicates` at the settings' distance: `max_distance` when set, else `max_relative` x the
+    median vector length, returned with that scale ({} for an absolute distance)."""
+    check_options(0.0 if settings.max_distance is None else settings.max_distance, settings.neighbours)
+    if settings.max_distance is not None:
+        return find_duplicates(index, settings.max_distance, settings.neighbours, progress), {}
+    distance, norm = relative_distance(index, settings.max_relative)
+    scale = {"max_relative": settings.max_relative, "median_norm": norm}
+    return find_duplicates(index, distance, settings.neighbours, progress), scale
 
 
 def find_duplicates(
