@@ -181,7 +181,8 @@ class TrainSettings(BaseModel):
     crop_scale: float = Field(default=0.8, gt=0, le=1)
     finetune_images: int | None = Field(default=None, ge=1)  # per phase-2 epoch, freshly sampled; None: all
     # The paper's softmax, or normalised softmax for retrieval (the exported 1000-d embedding is then
-    # unit-length; docs/quality.md, run E, measures both). `temperature` is normalised softmax's alone.
+    # unit-length). docs/quality.md, run E: level on P@10 and mAP@10 at run B's budget, so the paper's
+    # stays the default. `temperature` is normalised softmax's alone.
     loss: Loss = "softmax"
     temperature: float = Field(default=0.05, gt=0, le=1)
     # Feature cache, per-epoch checkpoints and the best epoch's weights; a rerun resumes from them.
