@@ -73,9 +73,7 @@ def test_duplicate_id_keeps_the_first(tmp_path: Path) -> None:
 
 def test_bad_jsonl_rows(tmp_path: Path) -> None:
     path = tmp_path / "c.jsonl"
-    path.write_text(
-        '{"id": "a", "image": "a.png"}\n{not json\n[1, 2]\n{"id": "c"}\n'
-    )
+    path.write_text('{"id": "a", "image": "a.png"}\n{not json\n[1, 2]\n{"id": "c"}\n')
     catalogue = read_catalogue(path)
     assert [p.id for p in catalogue.products] == ["a"]
     assert [(e.line, e.message.split(":")[0]) for e in catalogue.errors] == [
@@ -164,7 +162,7 @@ def _ids(
     ],
 )
 def test_encodings_with_a_byte_order_mark_are_read(tmp_path: Path, encoding: str, prefix: bytes) -> None:
-    text = "id,image,title\r\na,a.png,Crème brûlée\r\nb,b.png,\"two\r\nlines, and a comma\"\r\n"
+    text = 'id,image,title\r\na,a.png,Crème brûlée\r\nb,b.png,"two\r\nlines, and a comma"\r\n'
     (tmp_path / "c.csv").write_bytes(prefix + text.encode(encoding))
     catalogue = read_catalogue(tmp_path / "c.csv")
     assert [p.id for p in catalogue.products] == ["a", "b"] and catalogue.errors == []
