@@ -42,7 +42,7 @@ class QdrantSettings(BaseModel):
     # RAM, the best `oversampling` x k of them rescored with the float32 originals; with
     # `vectors_on_disk` the originals stay on disk (read for rescoring). Measured: float32 is the right
     # layout up to ~100k products; above, int8 + vectors_on_disk (oversampling 8: recall@10 0.997 at 1M,
-    # 3.1x less RAM, filtered p50 2.5 ms with the hot originals in page cache); int8 with the originals
+    # 2.95x less RAM, filtered p50 2.5 ms with the hot originals in page cache); int8 with the originals
     # in RAM saves nothing; binary needs oversampling 16 for 0.995 at 100k and falls as N grows. Applied
     # when a collection version is created: `visrec reindex` moves a live catalogue to new settings
     # without downtime.
