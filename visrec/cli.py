@@ -359,7 +359,7 @@ def duplicates(
 ) -> None:
     """Groups of distinct products whose photos are near-identical (a photo re-used, re-encoded, resized)."""
     from visrec.cli_output import duplicates_dict, duplicates_table
-    from visrec.duplicates import scan_with
+    from visrec.duplicates import check_options, scan_with
     from visrec.report import write_duplicates_html
 
     settings = _settings()
@@ -369,6 +369,7 @@ def duplicates(
             "neighbours": settings.duplicates.neighbours if neighbours is None else neighbours,
         }
     )
+    check_options(chosen.max_distance or 0.0, chosen.neighbours)  # before opening the store
     with open_index(settings.qdrant) as index, progress_bars(not as_json) as progress:
         scan, scale = scan_with(index, chosen, lambda done, total: progress("scan", done, total))
         model_version = index.metadata().get("model_version", "")

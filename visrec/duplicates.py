@@ -137,8 +137,8 @@ def scan_with(
     index: VectorIndex, settings: DuplicateSettings, progress: Progress | None = None
 ) -> tuple[DuplicateScan, dict[str, float]]:
     """`find_duplicates` at the settings' distance: `max_distance` when set, else `max_relative` x the
-    median vector length, returned with that scale ({} for an absolute distance)."""
-    check_options(0.0 if settings.max_distance is None else settings.max_distance, settings.neighbours)
+    median vector length, returned with that scale ({} for an absolute distance). `find_duplicates` checks
+    the options."""
     if settings.max_distance is not None:
         return find_duplicates(index, settings.max_distance, settings.neighbours, progress), {}
     distance, norm = relative_distance(index, settings.max_relative)
