@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 
 from visrec.artefact import save_artefact
 from visrec.catalogue import read_catalogue
-from visrec.config import EmbedSettings, QdrantSettings
+from visrec.config import EmbedSettings, IngestSettings, QdrantSettings
 from visrec.embed import Embedder, resolve_device
 from visrec.images import (
     ImageDataset,
@@ -44,6 +44,7 @@ from visrec.images import (
 )
 from visrec.index import open_index
 from visrec.ingest import SyncOptions, sync
+from visrec.manifest import ModelHandle
 from visrec.model import WeightInfo, build_model
 
 from common import SAMPLE_CATALOGUE, catalogue_rows, embed_all, new_parser, write_catalogue
@@ -159,7 +160,8 @@ def main() -> None:
     decode = decode_only(refs, pre, batch, args.workers, device if args.decode_on_device else None)
     print(f"(b) decode + preprocess:         {decode:8.1f} img/s")
     with open_index(QdrantSettings(path=root / "qdrant")) as index:
-        summary = sync(catalogue, index, embedder, SyncOptions(ImageLimits(), root / "failures.jsonl", 1.0))
+        options = SyncOptions(IngestSettings(), root / "failures.jsonl", 1.0)
+        summary = sync(catalogue, index, ModelHandle(artefact, embedder.settings, loaded=embedder), options)
     # A sync ends with the index's optimize(), a cost of the store that a fast GPU run would otherwise
     # read as pipeline overhead: both rates are printed, with and without it.
     end_to_end = summary.added / summary.seconds

@@ -29,6 +29,7 @@ from visrec.config import EmbedSettings, IngestSettings, QdrantSettings, Setting
 from visrec.embed import Embedder
 from visrec.index import Store, VectorIndex, open_index, open_store
 from visrec.ingest import ProgressFn, SyncOptions, SyncSummary, sync
+from visrec.manifest import ModelHandle
 from visrec.model import VisrecNet, build_model
 from visrec.versions import ReindexSummary, reindex
 
@@ -149,6 +150,14 @@ def cpu_embedder(settings: Settings, artefact: Path | None = None) -> Embedder:
     return Embedder(artefact or settings.artefact, torch.device("cpu"), settings.embed)
 
 
+def cpu_model(
+    settings: Settings, artefact: Path | None = None, embedder: Embedder | None = None
+) -> ModelHandle:
+    """The model a sync embeds with: `embedder`, or `cpu_embedder(settings, artefact)`."""
+    embedder = embedder or cpu_embedder(settings, artefact)
+    return ModelHandle(embedder.artefact_dir, settings.embed, loaded=embedder)
+
+
 def _catalogue(catalogue: Path | Catalogue, settings: Settings) -> Catalogue:
     return catalogue if isinstance(catalogue, Catalogue) else read_catalogue(catalogue, settings.ingest)
 
@@ -165,10 +174,10 @@ def run_sync(
     """One `visrec sync` in this process: `catalogue` (a path is read with `settings.ingest`) into
     `index` (default: the store of `settings.qdrant`, opened for this call) with `embedder` (default:
     `cpu_embedder(settings)`), its options from `sync_options(settings, **options)`."""
-    embedder = embedder or cpu_embedder(settings)
+    model = cpu_model(settings, embedder=embedder)
     with nullcontext(index) if index is not None else open_index(settings.qdrant) as opened:
         options_ = sync_options(settings, **options)
-        return sync(_catalogue(catalogue, settings), opened, embedder, options_, progress=progress)
+        return sync(_catalogue(catalogue, settings), opened, model, options_, progress=progress)
 
 
 def run_reindex(
@@ -188,7 +197,7 @@ def run_reindex(
         return reindex(
             _catalogue(catalogue, settings),
             opened,
-            cpu_embedder(settings, model),
+            cpu_model(settings, model),
             sync_options(settings, **options),
             gate=settings.gate,
             force=force,

@@ -99,20 +99,6 @@ def test_unusable_file_raises(tmp_path: Path, name: str, text: str | None, messa
         read_catalogue(tmp_path / name)
 
 
-def test_content_hash_follows_image_bytes_and_metadata(tmp_path: Path) -> None:
-    (tmp_path / "a.png").write_bytes(b"one")
-    (tmp_path / "c.csv").write_text("id,image,price\na,a.png,1\n")
-    first = read_catalogue(tmp_path / "c.csv")
-    digest = first.content_hash(first.products[0])
-    assert digest == read_catalogue(tmp_path / "c.csv").content_hash(first.products[0])
-    (tmp_path / "a.png").write_bytes(b"two")
-    assert first.content_hash(first.products[0]) != digest
-    (tmp_path / "a.png").write_bytes(b"one")
-    (tmp_path / "c.csv").write_text("id,image,price\na,a.png,2\n")
-    changed = read_catalogue(tmp_path / "c.csv")
-    assert changed.content_hash(changed.products[0]) != digest
-
-
 def test_bundled_sample_catalogue() -> None:
     catalogue = read_catalogue(SAMPLE)
     assert len(catalogue.products) == 2000 and catalogue.errors == []
@@ -271,9 +257,8 @@ def test_the_reserved_keys_cover_every_field_sync_computes() -> None:
 
     product = Product(id="a", image="a.png")
     extracted = _colour_fields(Image.new("RGB", (8, 8), "red"))
-    payload = schema.build(
-        "a", product.metadata(), ["/x/a.png"], content_hash="h", model_version="m", extracted=extracted
-    )
+    record = schema.Bookkeeping("v", "m", [], "model")
+    payload = schema.build("a", product.metadata(), ["/x/a.png"], bookkeeping=record, extracted=extracted)
     # `image` and `images` are catalogue columns that sync writes resolved.
     assert set(payload) - set(product.metadata()) - {"colour", "images"} <= RESERVED_KEYS
 
@@ -282,15 +267,6 @@ def test_upper_case_schemes_are_urls(tmp_path: Path) -> None:
     (tmp_path / "c.csv").write_text("id,image\na,HTTPS://example.com/a.jpg\n")
     catalogue = read_catalogue(tmp_path / "c.csv")
     assert catalogue.photo_refs(catalogue.products[0]) == ("HTTPS://example.com/a.jpg",)
-
-
-def test_content_hash_of_a_fifo_does_not_block(tmp_path: Path) -> None:
-    import os
-
-    os.mkfifo(tmp_path / "a.png")
-    (tmp_path / "c.csv").write_text("id,image\na,a.png\n")
-    catalogue = read_catalogue(tmp_path / "c.csv")
-    assert len(catalogue.content_hash(catalogue.products[0])) == 64
 
 
 def test_unreadable_file_is_a_catalogue_error(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.helpers import MakeCatalogue, cpu_embedder, draw_product, run_sync, stored
@@ -44,8 +45,11 @@ def test_first_sync_then_nothing_to_do(make_catalogue: MakeCatalogue, settings: 
         _, payload = stored(index, "p5")
         assert payload["category"] == "triangle" and payload["price"] == 15.5
         assert payload["model_version"] == first.model_version
-        version, _, digest = payload["content_hash"].partition(":")
+        version, _, digest = payload["vectors_hash"].partition(":")
         assert version == str(PAYLOAD_VERSION) and len(digest) == 64
+        assert len(payload["metadata_hash"]) == 64 and "content_hash" not in payload
+        [(ref, size, _, _, _, sha)] = payload["photo_files"]
+        assert ref == payload["image"] and size == Path(ref).stat().st_size and len(sha) == 64
 
 
 def test_a_new_payload_version_reprocesses(
@@ -53,7 +57,7 @@ def test_a_new_payload_version_reprocesses(
 ) -> None:
     catalogue = make_catalogue(4)
     run_sync(catalogue, settings)
-    monkeypatch.setattr("visrec.ingest.PAYLOAD_VERSION", PAYLOAD_VERSION + 1)
+    monkeypatch.setattr("visrec.plan.PAYLOAD_VERSION", PAYLOAD_VERSION + 1)
     summary = run_sync(catalogue, settings)
     assert (summary.updated, summary.unchanged) == (4, 0)
 
@@ -85,11 +89,19 @@ def test_changes_and_removals_are_detected(
     )  # new price
     with catalogue.open("a") as f:
         f.write("p12,images/p0.png,circle,red,1,\n")  # a new product
+    with open_index(settings.qdrant) as index:
+        before = stored(index, "p2")
     summary = run_sync(catalogue, settings, max_delete=1.0)
-    assert (summary.added, summary.updated, summary.deleted, summary.unchanged) == (1, 2, 2, 8)
+    assert (summary.added, summary.updated, summary.metadata_updated) == (1, 1, 1)
+    assert (summary.deleted, summary.unchanged) == (2, 8)
     with open_index(settings.qdrant) as index:
         assert index.count() == 11
-        assert stored(index, "p2")[1]["price"] == 99
+        vectors, after = stored(index, "p2")
+        # A price change rewrites the payload in place: same vectors, colour fields kept.
+        assert after["price"] == 99 and np.array_equal(vectors, before[0])
+        assert {k: v for k, v in after.items() if k not in ("price", "metadata_hash")} == {
+            k: v for k, v in before[1].items() if k not in ("price", "metadata_hash")
+        }
         assert index.get("p10") is None
 
 

@@ -9,45 +9,35 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, Field, ValidationError
 
 from visrec.config import Loss
 from visrec.errors import ModelError
 from visrec.fs import replacing, write_atomically
-from visrec.images import Preprocess
-from visrec.model import EMBEDDING_DIM, EMBEDDING_LAYER, VisrecNet, WeightInfo, build_model, sha256_file
+from visrec.manifest import (
+    HELDOUT_PRODUCTS,
+    MANIFEST,
+    Manifest,
+    Preprocess,
+    WeightInfo,
+    artefact_for,
+    read_manifest,
+    sha256_file,
+)
+from visrec.model import VisrecNet, build_model
 
-MANIFEST = "manifest.json"
-WEIGHTS = "weights.pt"  # what artefacts made before weights files were named by their hash call it
-FORMAT_VERSION = 1
-# The `training` entry listing the ids of the held-out products (never trained on); absent in older manifests.
-HELDOUT_PRODUCTS = "heldout_products"
-
-
-class Manifest(BaseModel):
-    format_version: int = FORMAT_VERSION
-    model_version: str  # backbone + the weights' hash: what every indexed point records
-    backbone: str
-    pretrained: WeightInfo
-    classes: list[str] = Field(min_length=2)
-    embedding_dim: int = EMBEDDING_DIM
-    embedding_layer: str = EMBEDDING_LAYER
-    # What trained the head, and so how to build it: with "normalized-softmax" the embeddings are
-    # unit-length. Manifests from before the option say nothing: they were all the paper's softmax.
-    loss: Loss = "softmax"
-    preprocess: Preprocess
-    metrics: dict[str, float] = {}
-    training: dict[str, Any] = {}
-    weights_file: str = WEIGHTS
-    weights_sha256: str
-    created_at: datetime
-
+__all__ = [
+    "HELDOUT_PRODUCTS",
+    "Manifest",
+    "artefact_for",
+    "load_artefact",
+    "read_manifest",
+    "save_artefact",
+]
 
 def save_artefact(
     model: VisrecNet,
@@ -90,17 +80,6 @@ def save_artefact(
     return manifest
 
 
-def read_manifest(artefact_dir: Path) -> Manifest:
-    """The manifest alone (cheap: no weights); raises `ModelError` if missing or invalid."""
-    path = artefact_dir / MANIFEST
-    try:
-        return Manifest.model_validate(json.loads(path.read_text()))
-    except FileNotFoundError:
-        raise ModelError(f"no exported model at {artefact_dir}: run `visrec train` first") from None
-    except (json.JSONDecodeError, ValidationError) as exc:
-        raise ModelError(f"{path}: invalid manifest ({exc})") from exc
-
-
 def load_artefact(artefact_dir: Path, device: torch.device) -> tuple[VisrecNet, Manifest]:
     """The exported network in eval mode on `device`, weights checked against the manifest."""
     manifest = read_manifest(artefact_dir)
@@ -112,27 +91,3 @@ def load_artefact(artefact_dir: Path, device: torch.device) -> tuple[VisrecNet, 
     state = torch.load(weights, map_location="cpu", weights_only=True)
     model.load_state_dict(state)
     return model.to(device).eval(), manifest
-
-
-def artefact_for(collection_metadata: dict[str, str], configured: Path) -> Path:
-    """The artefact whose model made a collection's vectors, to embed query photos in the same space.
-
-    The collection records the artefact that built it; `configured` (the settings' artefact) is used
-    when that path is not readable here (another machine) or the collection predates the record.
-    Raises `ModelError` when neither holds the collection's model: a photo embedded by another model
-    would be compared in the wrong space.
-    """
-    wanted = collection_metadata.get("model_version")
-    if wanted is None:
-        return configured
-    recorded = Path(collection_metadata.get("artefact", ""))
-    for candidate in (recorded, configured):
-        try:
-            if read_manifest(candidate).model_version == wanted:
-                return candidate
-        except ModelError:
-            continue
-    raise ModelError(
-        f"the live collection was built by model {wanted} (artefact {recorded}), which is not readable "
-        f"here, and {configured} holds another model: deploy that artefact and point VISREC_ARTEFACT at it"
-    )

@@ -15,7 +15,6 @@ stays with its other photos, and is refused only when none is left.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 from collections.abc import Iterator
@@ -138,34 +137,6 @@ class Catalogue:
         if is_url(ref):
             return False
         return not any(Path(ref).is_relative_to(root) for root in (self.base_dir, *self.image_roots))
-
-    def content_hash(self, product: Product) -> str:
-        """sha256 of the metadata and each usable photo's bytes: a change to either, or to the list of
-        photos, makes the product 'changed' (a one-photo product hashes as it did before `images`).
-
-        A remote photo is identified by its URL (fetching every image on every sync would defeat the
-        point of an incremental sync): publish a changed photo under a new URL.
-        """
-        digest = hashlib.sha256()
-        digest.update(json.dumps(product.metadata(), sort_keys=True, default=str).encode())
-        for ref in self.photo_refs(product):
-            _hash_photo(digest, ref)
-        return digest.hexdigest()
-
-
-def _hash_photo(digest: Any, ref: str) -> None:
-    if is_url(ref):
-        digest.update(ref.encode())
-        return
-    path = Path(ref)
-    try:
-        if not path.is_file():  # a FIFO or a device would block: decoding refuses it and says why
-            raise OSError
-        with path.open("rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    except OSError:
-        digest.update(b"\0unreadable")
 
 
 def read_catalogue(path: Path, settings: IngestSettings | None = None) -> Catalogue:

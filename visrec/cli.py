@@ -10,13 +10,12 @@ import functools
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from pydantic import ValidationError
 from rich.logging import RichHandler
 
-from visrec.artefact import artefact_for
 from visrec.catalogue import read_catalogue
 from visrec.cli_output import (
     emit,
@@ -31,11 +30,17 @@ from visrec.cli_output import (
     trained_table,
 )
 from visrec.config import Settings
-from visrec.embed import Embedder, resolve_device
 from visrec.errors import VisrecError
 from visrec.filters import Filters, parse_equals
-from visrec.images import ImageLimits
 from visrec.index import open_index, open_store
+from visrec.jobs import Job, ReindexJob, RollbackJob, SyncJob
+from visrec.manifest import artefact_for
+from visrec.plan import Shard
+
+if TYPE_CHECKING:  # torch: imported by the commands that embed, not by every command
+    import torch
+
+    from visrec.embed import Embedder
 
 app = typer.Typer(
     help="Visually similar products, filtered by metadata.",
@@ -98,9 +103,30 @@ def _settings(**overrides: Any) -> Settings:
         raise VisrecError(f"invalid setting: {problems}") from None
 
 
+def _device(settings: Settings) -> torch.device:
+    from visrec.embed import resolve_device
+
+    return resolve_device(settings.embed.device)
+
+
 def _embedder(settings: Settings, artefact: Path | None = None) -> Embedder:
-    device = resolve_device(settings.embed.device)
-    return Embedder(artefact or settings.artefact, device, settings.embed)
+    from visrec.embed import Embedder
+
+    return Embedder(artefact or settings.artefact, _device(settings), settings.embed)
+
+
+def _run(job: Job, settings: Settings, show_progress: bool) -> dict[str, Any]:
+    """Run a writing command: handed to the service that owns the embedded store when one runs
+    (`visrec.owner`), else here. Either way the same stages, progress, result and exit codes."""
+    from visrec.jobs import run_here
+    from visrec.owner import find_owner, hand_over
+
+    owner = find_owner(settings.qdrant)
+    with progress_bars(show_progress) as progress:
+        if owner is not None:
+            log.info("the store is owned by a running service: handing the %s over to it", job.command)
+            return hand_over(owner, job, progress)
+        return run_here(job, settings, progress)
 
 
 @app.command()
@@ -142,7 +168,7 @@ def train(
             "train.temperature": temperature,
         },
     )
-    device = resolve_device(settings.embed.device)
+    device = _device(settings)
     with progress_bars(not as_json) as progress:
         result = fit(read_catalogue(catalogue, settings.ingest), settings, device, progress)
     manifest = export(result, settings)
@@ -162,22 +188,25 @@ def sync(
         float | None,
         typer.Option(help="Refuse to delete more than this share of the indexed products [0.2; 1: any]."),
     ] = None,
+    checksum: Annotated[
+        bool,
+        typer.Option(help="Hash every local photo, not only those whose size or modification time changed."),
+    ] = False,
     as_json: JsonFlag = False,
 ) -> None:
-    """Embed new and changed products, delete removed ones, skip the rest."""
-    from visrec.ingest import Shard, SyncOptions
-    from visrec.ingest import sync as run_sync
-
-    chosen = Shard.parse(shard)
+    """Embed new products and changed photos, update changed metadata in place, delete removed products,
+    skip the rest. With `visrec serve` running on the embedded store, the service does it."""
+    Shard.parse(shard)  # a bad --shard is said before anything runs
     settings = _settings(artefact=model, **{"ingest.max_delete": max_delete})
-    embedder = _embedder(settings)
-    parsed = read_catalogue(catalogue, settings.ingest)
-    options = SyncOptions.from_settings(settings, chosen)
-    with open_index(settings.qdrant) as index, progress_bars(not as_json) as progress:
-        summary = run_sync(
-            parsed, index, embedder, options, progress=lambda done, total: progress("embed", done, total)
-        )
-    emit(as_json, summary.to_dict(), key_value_table("sync", summary.to_dict()))
+    job = SyncJob(
+        catalogue=catalogue.absolute(),
+        model=settings.artefact.absolute(),
+        shard=shard,
+        max_delete=settings.ingest.max_delete,
+        checksum=checksum,
+    )
+    data = _run(job, settings, not as_json)
+    emit(as_json, data, key_value_table("sync", data))
 
 
 @app.command()
@@ -202,37 +231,25 @@ def reindex(
 ) -> None:
     """Build the next version of the collection with a new model, measure it against the live one
     (same-category P@10 and mAP@10 on the same products), then make it live in one atomic switch unless
-    it is worse; the previous version stays for `visrec rollback`."""
-    from visrec.ingest import SyncOptions
-    from visrec.versions import reindex as run_reindex
-
+    it is worse; the previous version stays for `visrec rollback`. With `visrec serve` running on the
+    embedded store, the service does it."""
     settings = _settings(artefact=model, **{"gate.max_quality_drop": max_quality_drop})
-    parsed = read_catalogue(catalogue, settings.ingest)
-    with open_store(settings.qdrant) as store, progress_bars(not as_json) as progress:
-        summary = run_reindex(
-            parsed,
-            store,
-            _embedder(settings),
-            SyncOptions.from_settings(settings),
-            gate=settings.gate,
-            force=force,
-            accept_failures=accept_failures,
-            progress=lambda done, total: progress("embed", done, total),
-        )
-    data = summary.to_dict()
-    emit(as_json, data, reindex_table(summary))
+    job = ReindexJob(
+        catalogue=catalogue.absolute(),
+        model=settings.artefact.absolute(),
+        max_quality_drop=settings.gate.max_quality_drop,
+        force=force,
+        accept_failures=accept_failures,
+    )
+    data = _run(job, settings, not as_json)
+    emit(as_json, data, reindex_table(data))
 
 
 @app.command()
 @user_errors
 def rollback(as_json: JsonFlag = False) -> None:
     """Make the previous version of the collection live again (after a `reindex`)."""
-    from visrec.versions import rollback as run_rollback
-
-    settings = _settings()
-    with open_store(settings.qdrant) as store:
-        previous, live = run_rollback(store)
-    data = {"previous": previous, "live": live}
+    data = _run(RollbackJob(), _settings(), False)
     emit(as_json, data, key_value_table("rollback", data))
 
 
@@ -281,6 +298,8 @@ def similar(
                 data = image.read_bytes()
             except OSError as exc:
                 raise VisrecError(f"cannot read {image}: {exc.strerror or exc}") from exc
+            from visrec.images import ImageLimits
+
             limits = ImageLimits.from_settings(settings.ingest)
             hits = query.similar_to_image(index, embedder, data, limits, k, filters, colour_weight, rules)
         else:
@@ -292,7 +311,7 @@ def similar(
 @user_errors
 def status(as_json: JsonFlag = False) -> None:
     """What is indexed, where, and which model made it."""
-    from visrec.artefact import read_manifest
+    from visrec.manifest import read_manifest
     from visrec.versions import describe
 
     settings = _settings()
@@ -395,7 +414,7 @@ def serve(
 
     settings = _settings(**{"api.host": host, "api.port": port, "api.insecure": insecure or None})
     check_exposure(settings.api)
-    app_ = create_app(settings, resolve_device(settings.embed.device))
+    app_ = create_app(settings, _device(settings))
     api = settings.api
     uvicorn.run(
         app_, host=api.host, port=api.port, log_level="warning", limit_concurrency=api.max_connections

@@ -14,14 +14,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from visrec.duplicates import DuplicateScan
 from visrec.index import Hit
 from visrec.payload import for_operators, photos
 
-if TYPE_CHECKING:  # the report module (and PIL) loads only for `visrec report`
-    from visrec.artefact import Manifest
+if TYPE_CHECKING:  # the report and query modules (PIL, torch) load only for the commands that use them
+    from visrec.duplicates import DuplicateScan
+    from visrec.manifest import Manifest
     from visrec.report import ReportRow
-    from visrec.versions import ReindexSummary
 
 out = Console()
 err = Console(stderr=True)
@@ -117,15 +116,18 @@ def status_table(data: dict[str, Any]) -> Table:
     return table
 
 
-def reindex_table(summary: ReindexSummary) -> Table:
-    """`visrec reindex`: the summary, and the quality gate's verdict with both versions' figures."""
-    table = key_value_table("reindex", {k: v for k, v in summary.to_dict().items() if k != "quality_gate"})
-    if summary.gate is not None:
-        gate = summary.gate
-        table.add_row("quality gate", f"{gate.verdict}: {gate.note} ({gate.seconds:.1f} s)")
-        for name, quality in (("live", gate.live), ("new", gate.new)):
+def reindex_table(summary: dict[str, Any]) -> Table:
+    """`visrec reindex`: the summary (`ReindexSummary.to_dict`), and the quality gate's verdict with both
+    versions' figures."""
+    table = key_value_table("reindex", {k: v for k, v in summary.items() if k != "quality_gate"})
+    gate = summary.get("quality_gate")
+    if gate is not None:
+        table.add_row("quality gate", f"{gate['verdict']}: {gate['note']} ({gate['seconds']:.1f} s)")
+        for name in ("live", "new"):
+            quality = gate.get(name)
             if quality is not None:
-                table.add_row(f"  {name} {quality.model_version}", quality.line())
+                figures = ", ".join(f"{k} {quality[k]:.4f}" for k in ("p@10", "map@10") if k in quality)
+                table.add_row(f"  {name} {quality['model_version']}", figures)
     return table
 
 

@@ -38,6 +38,10 @@ class QdrantSettings(BaseModel):
     hnsw_ef_construct: int = Field(default=100, ge=4, le=1000)
     hnsw_ef: int = Field(default=128, ge=1, le=4096)
     full_scan_threshold_kb: int = Field(default=10_000, ge=0)  # below this, segments are scanned, no graph
+    # A running service owns the embedded store and optimizes only once this many points changed since it
+    # last did: optimize() holds Python's GIL (every request waits), and a tail of 10-20k unoptimized
+    # points costs queries 1.5-3 ms at 100k (docs/architecture.md).
+    optimize_after: int = Field(default=10_000, ge=0)
     # Memory per product (docs/scale.md measures each): vectors searched as int8 or 1-bit codes kept in
     # RAM, the best `oversampling` x k of them rescored with the float32 originals; with
     # `vectors_on_disk` the originals stay on disk (read for rescoring). Measured: float32 is the right

@@ -144,19 +144,23 @@ class Embedder:
 
 
 def _release_inherited_locks(worker_id: int) -> None:
-    """Loader `worker_init_fn`: close the descriptors this worker inherited that carry a file lock.
+    """Loader `worker_init_fn`: close the descriptors this worker inherited that it must not keep.
 
-    A forked worker shares its parent's open files, and a lock (the embedded store's WAL lock) belongs
-    to the open file: workers outliving a SIGKILLed sync by seconds kept the store "in use" for the rerun.
-    Workers read images by path and talk to the loader through pipes: they need none of those files.
-    Linux lists a descriptor's locks in /proc; elsewhere workers start by spawn and inherit nothing.
+    A forked worker shares its parent's open files. A lock belongs to the open file (the embedded store's
+    WAL lock): workers outliving a SIGKILLed sync by seconds kept the store "in use" for the rerun. A
+    socket (the service's listening socket and its clients', when a service embeds a handed-over sync)
+    would stay open in the worker: a killed service's port stays taken, a client's connection unclosed.
+    Workers read images by path, fetch over their own connections and talk to the loader through pipes:
+    they need none of those. Linux lists a descriptor's locks in /proc; elsewhere workers start by spawn
+    and inherit nothing.
     """
     fdinfo = Path("/proc/self/fdinfo")
     if not fdinfo.is_dir():
         return
     for entry in fdinfo.iterdir():
         try:
-            if "\nlock:" in entry.read_text():
-                os.close(int(entry.name))
+            fd = int(entry.name)
+            if "\nlock:" in entry.read_text() or os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                os.close(fd)
         except (OSError, ValueError):  # gone meanwhile (the listing's own descriptor), or not a number
             continue

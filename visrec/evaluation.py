@@ -24,11 +24,10 @@ from typing import Any, Literal
 
 import numpy as np
 
-from visrec.artefact import HELDOUT_PRODUCTS, Manifest
 from visrec.filters import Filters
 from visrec.index import VectorIndex
+from visrec.manifest import HELDOUT_PRODUCTS, Manifest
 from visrec.metrics import average_precision_at_k, precision_at_k, relevance
-from visrec.query import similar_to_product
 
 K = 10
 QUALITY = "quality"  # the collection metadata entry holding the figures (JSON)
@@ -134,11 +133,13 @@ def measure(index: VectorIndex, model_version: str, queries: QuerySet, gallery: 
     """P@10 and mAP@10 of `index` for the query products; `gallery` is every indexed product's category
     (for mAP's count of relevant products). A query with fewer than 10 neighbours (a small collection)
     counts the missing ones as not relevant."""
+    from visrec import query  # torch, for query photos: loaded by a gate, not by every command
+
     started = time.perf_counter()
     ids = list(queries.products)
     labels = np.empty((len(ids), K), dtype=object)  # None: no neighbour there
     for row, product_id in enumerate(ids):
-        hits = similar_to_product(index, product_id, k=K)
+        hits = query.similar_to_product(index, product_id, k=K)
         for col, hit in enumerate(hits[:K]):
             labels[row, col] = hit.payload.get("category")
     query_labels = np.array([queries.products[p] for p in ids], dtype=object)

@@ -14,12 +14,11 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
-from pydantic import BaseModel, Field
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
@@ -28,24 +27,10 @@ from torchvision.transforms import functional as TF
 from visrec.config import ApiSettings, IngestSettings
 from visrec.errors import ImageError
 from visrec.fetch import Fetcher
+from visrec.manifest import Preprocess
 from visrec.urls import FetchPolicy, is_url
 
 log = logging.getLogger(__name__)
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class Preprocess(BaseModel):
-    """How the model wants its input; stored in the artefact's manifest so ingest and query agree."""
-
-    input_size: int = Field(ge=8)
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    interpolation: Literal["bilinear", "bicubic"] = "bilinear"
-    # Product photos are padded to a square, not cropped: a long dress keeps its hem.
-    pad_fill: tuple[int, int, int] = (255, 255, 255)
-
 
 # Formats Pillow may decode here: what shops publish. Others (EPS runs Ghostscript, and a dozen rare
 # formats with little-used parsers) are refused before any parser sees the bytes.

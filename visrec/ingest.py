@@ -1,45 +1,48 @@
-"""Incremental sync of a catalogue into the index.
+"""Incremental sync of a catalogue into the index: carry out what `visrec.plan` decided.
 
-The index is the sync state: every point carries its product's content hash and the model version
-that embedded it. A sync diffs the catalogue against that, deletes removed products, and embeds only
-new and changed ones, upserting batch by batch. Point ids derive from product ids, so a run killed at
-any moment is finished by running it again: nothing is duplicated, nothing done is redone.
+The index is the sync state: every point records what decided its vectors and what decided the rest of
+its payload (`visrec.plan`). A sync deletes removed products, rewrites in place the payloads of products
+whose catalogue fields alone changed, and embeds only new products and changed photos, upserting batch
+by batch. Point ids derive from product ids, so a run killed at any moment is finished by running it
+again: nothing is duplicated, nothing done is redone. The model (and torch) loads only when a photo
+needs embedding. The same function serves `visrec sync` and a sync handed to a running service.
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from visrec import payload
 from visrec.background import BackgroundWriter
-from visrec.catalogue import Catalogue, Product, RowError
+from visrec.catalogue import Catalogue, RowError
 from visrec.colour import extract_colours
-from visrec.config import Settings
-from visrec.embed import EmbeddedBatch, Embedder
+from visrec.config import IngestSettings, Settings
 from visrec.errors import CatalogueError, ModelError, PointRejected, VisrecError
 from visrec.fs import write_atomically
-from visrec.images import ImageLimits
-from visrec.index import IndexPoint, SyncRecord, VectorIndex
+from visrec.index import IndexPoint, VectorIndex
+from visrec.manifest import ModelHandle
+from visrec.plan import PARTIAL, PAYLOAD_VERSION, Desired, Shard, SyncPlan, plan_sync
+
+if TYPE_CHECKING:  # torch: imported only once a photo needs embedding
+    from visrec.embed import EmbeddedBatch
+    from visrec.images import ImageLimits
+
+__all__ = ["PAYLOAD_VERSION", "Shard", "SyncOptions", "SyncSummary", "sync"]
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]  # (images done, images to embed)
-
-# Part of every stored content hash: bump it when what a point carries changes (as when colour was
-# added), so the next sync re-processes points made before.
-PAYLOAD_VERSION = 2
-PARTIAL = "+partial"  # ends the stored hash of a product indexed without some of its photos
+REWRITE_PAGE = 256  # payloads read and rewritten at a time
 
 
 @dataclass
@@ -82,60 +85,35 @@ class _PhotoGathering:
 
 
 @dataclass(frozen=True)
-class Shard:
-    """Shard `index` of `count`: the products whose id hashes to it. N workers, each given one shard,
-    cover the catalogue exactly once (sha256, so every machine and Python process agrees)."""
-
-    index: int = 0
-    count: int = 1
-
-    @classmethod
-    def parse(cls, text: str) -> Shard:
-        """'i/N' with 0 <= i < N; raises `VisrecError` otherwise."""
-        index, sep, count = text.partition("/")
-        if not (sep and index.strip().isdigit() and count.strip().isdigit()) or not 0 <= int(index) < int(
-            count
-        ):
-            raise VisrecError(f"--shard takes i/N with 0 <= i < N (e.g. 0/4), got {text!r}")
-        return cls(int(index), int(count))
-
-    def __contains__(self, product_id: object) -> bool:
-        digest = hashlib.sha256(str(product_id).encode()).digest()
-        return int.from_bytes(digest[:8], "big") % self.count == self.index
-
-
-@dataclass(frozen=True)
 class SyncOptions:
-    """How a sync runs, beyond what the embedder and the index decide."""
+    """How a sync runs, beyond what the model and the index decide."""
 
-    limits: ImageLimits  # per image: bytes, pixels, how remote ones are fetched
+    ingest: IngestSettings  # per image: bytes, pixels, how remote ones are fetched
     failure_report: Path
     max_delete: float  # the share of the shard's indexed products a sync may delete (1: any)
     shard: Shard = Shard()
+    checksum: bool = False  # hash every local photo, not only those whose size or time changed
+    optimize: bool = True  # end with optimize(); a service defers it (it would stop every thread)
 
     @classmethod
-    def from_settings(cls, settings: Settings, shard: Shard = Shard()) -> SyncOptions:
+    def from_settings(
+        cls, settings: Settings, shard: Shard = Shard(), *, checksum: bool = False
+    ) -> SyncOptions:
         ingest = settings.ingest
-        return cls(ImageLimits.from_settings(ingest), ingest.failure_report, ingest.max_delete, shard)
-
-
-@dataclass
-class SyncPlan:
-    added: list[tuple[Product, str]] = field(default_factory=list)  # (product, content hash)
-    updated: list[tuple[Product, str]] = field(default_factory=list)
-    removed: list[str] = field(default_factory=list)
-    held_back: list[str] = field(default_factory=list)  # would be removed, but a row could not be read
-    unchanged: int = 0
+        return cls(ingest, ingest.failure_report, ingest.max_delete, shard, checksum)
 
     @property
-    def to_embed(self) -> list[tuple[Product, str]]:
-        return self.added + self.updated
+    def limits(self) -> ImageLimits:
+        from visrec.images import ImageLimits
+
+        return ImageLimits.from_settings(self.ingest)
 
 
 @dataclass
 class SyncSummary:
     added: int = 0
-    updated: int = 0
+    updated: int = 0  # products whose photos (or model) changed: embedded again
+    metadata_updated: int = 0  # products whose other fields alone changed: payload rewritten, no embedding
     deleted: int = 0
     unchanged: int = 0
     failed: int = 0  # products none of whose photos could be read or decoded, or the store refused
@@ -145,6 +123,7 @@ class SyncSummary:
     seconds: float = 0.0  # the whole sync, the closing optimize() included
     optimize_seconds: float = 0.0  # of which the closing optimize(): an index cost, not an embedding one
     images_per_second: float = 0.0
+    photo_bytes_read: int = 0  # local photo bytes read to hash them (those whose size or time changed)
     model_version: str = ""
     shard: str = "0/1"
     failure_report: str = ""
@@ -153,40 +132,10 @@ class SyncSummary:
         return asdict(self)
 
 
-def plan_sync(
-    catalogue: Catalogue, indexed: dict[str, SyncRecord], model_version: str, shard: Shard = Shard()
-) -> SyncPlan:
-    """Decide what to embed and what to delete, within `shard`.
-
-    A product is changed when its content hash or the model that embedded it differs. Deletes are
-    earned: a product is deleted only when the catalogue proves it gone. One whose row is invalid this
-    time is neither embedded nor deleted (a typo in a row must not drop it), and a row that could not be
-    read at all, or has no usable id, could be any product: then nothing is deleted (`held_back`).
-    Points of other shards are left alone.
-    """
-    plan = SyncPlan()
-    for product in (p for p in catalogue.products if p.id in shard):
-        digest = f"{PAYLOAD_VERSION}:{catalogue.content_hash(product)}"
-        record = indexed.get(product.id)
-        if record is None:
-            plan.added.append((product, digest))
-        elif record.content_hash != digest or record.model_version != model_version:
-            plan.updated.append((product, digest))
-        else:
-            plan.unchanged += 1
-    keep = {p.id for p in catalogue.products} | {e.product_id for e in catalogue.errors if e.product_id}
-    gone = sorted(p for p in set(indexed) - keep if p in shard)
-    if catalogue.unidentified:
-        plan.held_back = gone
-    else:
-        plan.removed = gone
-    return plan
-
-
 def sync(
     catalogue: Catalogue,
     index: VectorIndex,
-    embedder: Embedder,
+    model: ModelHandle,
     options: SyncOptions,
     *,
     progress: ProgressFn | None = None,
@@ -208,13 +157,13 @@ def sync(
         raise CatalogueError(
             f"{catalogue.path}: no valid product (of {len(catalogue.errors)} rows); nothing synced"
         )
-    manifest = embedder.manifest
+    manifest = model.manifest
     recorded = index.metadata() if index.exists() else {}
     built_by = recorded.get("model_version")
     if built_by and built_by != manifest.model_version and not new_model:
         raise ModelError(
             f"{index.collection} was built by model {built_by}, not {manifest.model_version} "
-            f"({embedder.artefact_dir}): sync with that model, or change models with "
+            f"({model.artefact_dir}): sync with that model, or change models with "
             "`visrec reindex CATALOGUE --model NEW`"
         )
     index.create(  # what else is recorded (the reindex gate's figures) stays, on every backend
@@ -222,73 +171,32 @@ def sync(
         {
             **recorded,
             "model_version": manifest.model_version,
-            "artefact": str(embedder.artefact_dir.resolve()),
+            "artefact": str(model.artefact_dir.resolve()),
         },
     )
     indexed = index.sync_records()
-    plan = plan_sync(catalogue, indexed, manifest.model_version, shard)
+    plan = plan_sync(catalogue, indexed, manifest.model_version, shard, checksum=options.checksum)
     log.info(
-        "plan: %d new, %d changed, %d removed, %d unchanged",
+        "plan: %d new, %d photos changed, %d metadata changed, %d removed, %d unchanged (%d bytes of "
+        "photos read to hash them)",
         len(plan.added),
         len(plan.updated),
+        len(plan.repayload),
         len(plan.removed),
-        plan.unchanged,
+        plan.unchanged + len(plan.refresh),
+        plan.photo_bytes_hashed,
     )
     failures = _reported("row", catalogue.errors)
     _check_deletes(catalogue, plan, sum(p in shard for p in indexed), options, failures)
 
     failures += _reported("photo", catalogue.photo_errors)
     index.delete(plan.removed)
-    todo = plan.to_embed
-    photos = _PhotoGathering([catalogue.photo_refs(product) for product, _ in todo])
-    done = 0
-    embedded: set[int] = set()  # positions in `todo`
     rejected: dict[str, str] = {}  # product id → why the store refused its point
-
-    def write(points: list[IndexPoint]) -> None:
-        try:
-            index.upsert(points)
-        except PointRejected:  # one point's data: write the others, report that one
-            for point in points:
-                try:
-                    index.upsert([point])
-                except PointRejected as exc:
-                    rejected[point.product_id] = str(exc)
-        log.info("upserted %d points", len(points))  # logged once durable in the index
-
-    def point(n: int, got: _Gathered) -> IndexPoint:
-        product, digest = todo[n]
-        return IndexPoint(
-            product.id,
-            np.stack(got.vectors),
-            payload.build(
-                product.id,
-                product.metadata(),
-                got.refs,
-                # A photo that failed is tried again next sync: the stored hash cannot match.
-                content_hash=digest if not got.errors else f"{digest}{PARTIAL}",
-                model_version=manifest.model_version,
-                extracted=got.extras[0],
-            ),
-        )
-
-    with BackgroundWriter(write) as writer:
-        for batch in embedder.embed_refs(photos.refs, options.limits, annotate=_colour_fields):
-            points = []
-            for n, got in photos.add(batch):
-                product_id = todo[n][0].id
-                kind = "photo" if got.vectors else "image"  # "photo": the product is indexed without it
-                failures += [_failure(kind, catalogue, product_id, error) for error in got.errors]
-                if got.vectors:
-                    points.append(point(n, got))
-                    embedded.add(n)
-            writer.put(points)
-            done += len(batch.indices) + len(batch.failures)
-            if progress:
-                progress(done, len(photos.refs))
+    _rewrite_payloads(index, plan, rejected)
+    embedded = _embed_and_write(catalogue, index, model, options, plan.to_embed, failures, rejected, progress)
 
     optimize_seconds = 0.0
-    if embedded or plan.removed:
+    if options.optimize and (embedded or plan.removed):
         # The embedded store builds its HNSW graph only when asked: at 100k points top-10 takes 19 ms
         # unoptimized, 1.5 ms after (benchmarks/query_latency.py). Small stores and servers: a no-op.
         optimizing = time.perf_counter()
@@ -296,7 +204,7 @@ def sync(
         optimize_seconds = time.perf_counter() - optimizing
         log.info("index optimized in %.1f s", optimize_seconds)
     failures += [_failure("store", catalogue, product_id, error) for product_id, error in rejected.items()]
-    embedded = {i for i in embedded if todo[i][0].id not in rejected}
+    embedded = {i for i in embedded if plan.to_embed[i].product.id not in rejected}
     _write_report(failure_report, failures)
     if plan.held_back:
         log.warning(
@@ -306,23 +214,124 @@ def sync(
             failure_report,
         )
     seconds = time.perf_counter() - started
-    added = sum(i < len(plan.added) for i in embedded)  # `todo` lists the new products first
+    added = sum(i < len(plan.added) for i in embedded)  # `to_embed` lists the new products first
     return SyncSummary(
         added=added,
         updated=len(embedded) - added,
+        metadata_updated=sum(d.product.id not in rejected for d in plan.repayload),
         deleted=len(plan.removed),
-        unchanged=plan.unchanged,
-        failed=len(todo) - len(embedded),
+        unchanged=plan.unchanged + sum(d.product.id not in rejected for d in plan.refresh),
+        failed=len(plan.to_embed) - len(embedded),
         photos_skipped=sum(f["kind"] == "photo" for f in failures),
         invalid_rows=len(catalogue.errors),
         deletes_held_back=len(plan.held_back),
         seconds=round(seconds, 3),
         optimize_seconds=round(optimize_seconds, 3),
         images_per_second=round(len(embedded) / seconds, 1) if seconds else 0.0,
+        photo_bytes_read=plan.photo_bytes_hashed,
         model_version=manifest.model_version,
-        shard=f"{shard.index}/{shard.count}",
+        shard=str(shard),
         failure_report=str(failure_report),
     )
+
+
+def _isolating(
+    write: Callable[[list[Any]], None], key: Callable[[Any], str], rejected: dict[str, str]
+) -> Callable[[list[Any]], None]:
+    """`write` for a batch; when the store refuses one item's data (`PointRejected`), the others are
+    written one by one and the refused ones recorded in `rejected` (product id → why)."""
+
+    def isolating(items: list[Any]) -> None:
+        try:
+            write(items)
+        except PointRejected:
+            for item in items:
+                try:
+                    write([item])
+                except PointRejected as exc:
+                    rejected[key(item)] = str(exc)
+
+    return isolating
+
+
+def _rewrite_payloads(index: VectorIndex, plan: SyncPlan, rejected: dict[str, str]) -> None:
+    """Rewrite in place the payloads of the products whose vectors stand (metadata changed, records
+    refreshed): what came from the photos is kept, nothing is embedded and no optimize() is needed."""
+    todo = plan.to_rewrite
+    write = _isolating(
+        lambda items: index.overwrite_payloads(dict(items)), lambda item: str(item[0]), rejected
+    )
+    for start in range(0, len(todo), REWRITE_PAGE):
+        page = todo[start : start + REWRITE_PAGE]
+        old = index.payloads([d.product.id for d in page])
+        write(
+            [
+                (d.product.id, payload.rebuild(old[d.product.id], d.product.metadata(), d.bookkeeping))
+                for d in page
+                if d.product.id in old
+            ]
+        )
+    if todo:
+        log.info("rewrote %d payloads in place", len(todo))
+
+
+def _embed_and_write(
+    catalogue: Catalogue,
+    index: VectorIndex,
+    model: ModelHandle,
+    options: SyncOptions,
+    todo: list[Desired],
+    failures: list[dict[str, Any]],
+    rejected: dict[str, str],
+    progress: ProgressFn | None,
+) -> set[int]:
+    """Embed the photos of `todo` and upsert each product once its photos are in (index writes overlap
+    with embedding); returns the positions in `todo` that were written. The model loads here, and only
+    if there is a photo to embed."""
+    photos = _PhotoGathering([catalogue.photo_refs(d.product) for d in todo])
+    if not photos.refs:
+        return set()
+    embedded: set[int] = set()
+    done = 0
+    version = model.manifest.model_version
+
+    def point(n: int, got: _Gathered) -> IndexPoint:
+        desired = todo[n]
+        record = desired.bookkeeping
+        if got.errors:  # a photo that failed is tried again next sync: the recorded hash cannot match
+            record = replace(record, vectors_hash=record.vectors_hash + PARTIAL)
+        return IndexPoint(
+            desired.product.id,
+            np.stack(got.vectors),
+            payload.build(
+                desired.product.id,
+                desired.product.metadata(),
+                got.refs,
+                bookkeeping=replace(record, model_version=version),
+                extracted=got.extras[0],
+            ),
+        )
+
+    def write(points: list[IndexPoint]) -> None:
+        _isolating(index.upsert, lambda p: p.product_id, rejected)(points)
+        log.info("upserted %d points", len(points))  # logged once durable in the index
+
+    embedder = model.embedder()
+    with BackgroundWriter(write) as writer:
+        for batch in embedder.embed_refs(photos.refs, options.limits, annotate=_colour_fields):
+            points = []
+            for n, got in photos.add(batch):
+                product_id = todo[n].product.id
+                kind = "photo" if got.vectors else "image"  # "photo": the product is indexed without it
+                failures += [_failure(kind, catalogue, product_id, error) for error in got.errors]
+                if got.vectors:
+                    points.append(point(n, got))
+                    embedded.add(n)
+            writer.put(points)
+            done += len(batch.indices) + len(batch.failures)
+            if progress:
+                progress(done, len(photos.refs))
+    return embedded
 
 
 def _check_deletes(

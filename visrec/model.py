@@ -15,7 +15,6 @@ layout (air-gapped deployments). Layers a checkpoint lacks are left to training.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import math
 from collections.abc import Callable
@@ -23,15 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel
 from torch import nn
 from torchvision import models
 
 from visrec.config import Loss
 from visrec.errors import ModelError
+from visrec.manifest import EMBEDDING_DIM, EMBEDDING_LAYER, WeightInfo, sha256_file
 
-EMBEDDING_DIM = 1000
-EMBEDDING_LAYER = "backbone.fc"
+__all__ = ["EMBEDDING_DIM", "EMBEDDING_LAYER", "WeightInfo", "sha256_file"]
 
 
 @dataclass(frozen=True)
@@ -69,15 +67,6 @@ BACKBONES: dict[str, Backbone] = {
     # Small and fast: for tests and quick experiments; same 1000-d embedding.
     "resnet18": Backbone(build=models.resnet18, imagenet=models.ResNet18_Weights.IMAGENET1K_V1),
 }
-
-
-class WeightInfo(BaseModel):
-    """Where the backbone's starting weights came from; goes into the manifest."""
-
-    source: str
-    sha256: str | None = None
-    description: str = ""
-    trained_from_scratch: list[str] = []  # top-level layers the source did not provide
 
 
 class CosineClassifier(nn.Module):
@@ -252,9 +241,3 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -23,6 +23,7 @@ class PayloadField:
     index: IndexType | None  # a payload index, for fast, exact filtered queries
     seen_by: Audience
     computed: bool  # written by sync: a catalogue column of this name is refused
+    from_photo: bool = False  # computed from the decoded photo: kept as it is by a metadata-only update
 
 
 FIELDS = (
@@ -33,23 +34,47 @@ FIELDS = (
     PayloadField("category", "keyword", "callers", computed=False),
     PayloadField("colour", "keyword", "callers", computed=False),  # the shop's own, else the extracted one
     PayloadField("price", "float", "callers", computed=False),
-    # Sync bookkeeping.
+    # Sync bookkeeping (visrec.plan): what decided the vectors, what decided the rest, and how each local
+    # photo looked when it was hashed (size, time, file identity: rsync's quick check).
     PayloadField("product_id", "keyword", "operators", computed=True),  # callers get it beside the payload
-    PayloadField("content_hash", None, "nobody", computed=True),
+    PayloadField("vectors_hash", None, "nobody", computed=True),
+    PayloadField("metadata_hash", None, "nobody", computed=True),
+    PayloadField("photo_files", None, "nobody", computed=True),
+    PayloadField("content_hash", None, "nobody", computed=True),  # both in one: points from before the split
     PayloadField("model_version", "keyword", "callers", computed=True),
     # The colour sync extracts from the photo (visrec.colour).
-    PayloadField("colour_extracted", None, "callers", computed=True),
-    PayloadField("colours", None, "callers", computed=True),
-    PayloadField("colour_rgb", None, "callers", computed=True),
-    PayloadField("colour_lab", None, "operators", computed=True),
-    PayloadField("colour_histogram", None, "operators", computed=True),
+    PayloadField("colour_extracted", None, "callers", computed=True, from_photo=True),
+    PayloadField("colours", None, "callers", computed=True, from_photo=True),
+    PayloadField("colour_rgb", None, "callers", computed=True, from_photo=True),
+    PayloadField("colour_lab", None, "operators", computed=True, from_photo=True),
+    PayloadField("colour_histogram", None, "operators", computed=True, from_photo=True),
 )
 
 INDEXED: tuple[tuple[str, IndexType], ...] = tuple((f.name, f.index) for f in FIELDS if f.index)
 RESERVED = frozenset(f.name for f in FIELDS if f.computed)
 HIDDEN_FROM_CALLERS = frozenset(f.name for f in FIELDS if f.seen_by != "callers")
 HIDDEN_FROM_OPERATORS = frozenset(f.name for f in FIELDS if f.seen_by == "nobody")
-SYNC_FIELDS = ("product_id", "content_hash", "model_version")  # all a sync reads back of each point
+FROM_PHOTO = frozenset(f.name for f in FIELDS if f.from_photo)
+# All a sync reads back of each point.
+SYNC_FIELDS = ("product_id", "vectors_hash", "metadata_hash", "photo_files", "content_hash", "model_version")
+
+
+@dataclass(frozen=True)
+class Bookkeeping:
+    """What a sync records on a point to decide, next time, what changed (`visrec.plan`)."""
+
+    vectors_hash: str  # the photos as seen and the payload version: a change re-embeds
+    metadata_hash: str  # the catalogue's other fields: a change rewrites the payload only
+    photo_files: list[list[Any]]  # [ref, size, mtime_ns, inode, device, sha256] of each local photo
+    model_version: str
+
+    def fields(self) -> dict[str, Any]:
+        return {
+            "vectors_hash": self.vectors_hash,
+            "metadata_hash": self.metadata_hash,
+            "photo_files": self.photo_files,
+            "model_version": self.model_version,
+        }
 
 
 def build(
@@ -57,8 +82,7 @@ def build(
     metadata: Mapping[str, Any],
     images: Sequence[str],
     *,
-    content_hash: str,
-    model_version: str,
+    bookkeeping: Bookkeeping,
     extracted: Mapping[str, Any],
 ) -> dict[str, Any]:
     """A point's payload. The catalogue's own fields (its `colour` among them) win over what sync
@@ -70,9 +94,18 @@ def build(
         "image": images[0],
         "images": list(images),
         "product_id": product_id,
-        "content_hash": content_hash,
-        "model_version": model_version,
+        **bookkeeping.fields(),
     }
+
+
+def rebuild(old: Mapping[str, Any], metadata: Mapping[str, Any], bookkeeping: Bookkeeping) -> dict[str, Any]:
+    """A point's payload after a change of its metadata alone: what came from its photos (the embedded
+    photos, the extracted colour) stays, the catalogue's fields are replaced (a column the row dropped
+    goes, and a shop colour dropped falls back to the extracted one)."""
+    extracted = {k: old[k] for k in FROM_PHOTO if k in old}
+    if "colour_extracted" in old:
+        extracted["colour"] = old["colour_extracted"]
+    return build(str(old["product_id"]), metadata, photos(old), bookkeeping=bookkeeping, extracted=extracted)
 
 
 def photos(payload: Mapping[str, Any]) -> list[str]:

@@ -107,17 +107,34 @@ class Service:
     def index(self) -> VectorIndex:
         return self.live().index
 
-    def _open_live(self, current: Live | None = None) -> Live:
+    def store(self) -> Store:
         if self._store is None:
             self._store = open_store(self.qdrant)
-        target = self._store.live()
+        return self._store
+
+    def refresh(self) -> None:
+        """Look at the live version now (after this process switched it), not at the next check."""
+        with self._lock:
+            self._checked = 0.0
+        try:
+            self.live()
+        except VisrecError as exc:
+            log.warning("after the job, the live collection cannot be opened: %s", exc)
+
+    def loaded_models(self) -> list[Embedder]:
+        """The models in memory (the live pair's and the retired pairs')."""
+        return self._models()
+
+    def _open_live(self, current: Live | None = None) -> Live:
+        store = self.store()
+        target = store.live()
         # The pair we have, or a retired one of the target (a rollback soon after a switch: reused, since
         # the embedded engine admits one open handle per folder).
         known = current if current is not None and current.collection == target else self._reclaim(target)
         if known is not None:
             # A model that failed to load is retried at each check: the artefact may have arrived.
             return known if known.embedder is not None else self._with_model(target, known.index)
-        index = self._store.open(target)
+        index = store.open(target)
         if not index.exists():
             index.close()
             raise CollectionMissing("the collection does not exist yet: run `visrec sync`")

@@ -7,20 +7,21 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from visrec import evaluation
-from visrec.artefact import Manifest, read_manifest
 from visrec.catalogue import Catalogue
 from visrec.config import GateSettings
-from visrec.embed import Embedder
 from visrec.errors import IndexUnavailable, ModelError, QualityRefused, VisrecError
 from visrec.evaluation import Quality
 from visrec.filters import Filters
 from visrec.index import Store, VectorIndex
 from visrec.ingest import ProgressFn, SyncOptions, SyncSummary, sync
+from visrec.manifest import Manifest, ModelHandle, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +69,14 @@ class ReindexSummary:
 def reindex(
     catalogue: Catalogue,
     store: Store,
-    embedder: Embedder,
+    model: ModelHandle,
     options: SyncOptions,
     *,
     gate: GateSettings | None = None,
     force: bool = False,
     accept_failures: bool = False,
     progress: ProgressFn | None = None,
+    held: Mapping[str, VectorIndex] | None = None,
 ) -> ReindexSummary:
     """Build the next version of the collection with `embedder`'s model and make it live once complete
     and no worse than the live one.
@@ -87,6 +89,7 @@ def reindex(
     and records each one's figures in its metadata; unless `force`, raises `QualityRefused` without
     switching if the new version's P@10 or mAP@10 is more than `gate.max_quality_drop` below the live
     one's, and `IndexUnavailable` if the live version cannot be read (held by another process).
+    `held`: versions this process already has open (a service's live one), read through those handles.
     """
     live = store.live()
     newer = [v for v in store.versions() if store.generation(v) > store.generation(live)]
@@ -96,7 +99,7 @@ def reindex(
         target = newer[-1] if newer else store.version(store.generation(live) + 1)
     compare = live if live != target else None  # None: the first version, nothing to compare with
     with store.open(target) as index:  # not live: it may be rebuilt with another model in place
-        summary = sync(catalogue, index, embedder, options, progress=progress, new_model=True)
+        summary = sync(catalogue, index, model, options, progress=progress, new_model=True)
         points = index.count()
         expected = len(catalogue.products) - summary.failed
         if points != expected or (summary.failed and not accept_failures):
@@ -106,7 +109,7 @@ def reindex(
                 "rerun (or pass --accept-failures)"
             )
         started = time.perf_counter()
-        result = quality_gate(store, compare, index, embedder.manifest, gate or GateSettings(), force)
+        result = quality_gate(store, compare, index, model.manifest, gate or GateSettings(), force, held)
         result.seconds = time.perf_counter() - started
     if result.verdict == "refused":
         assert result.live is not None and result.new is not None
@@ -130,6 +133,7 @@ def quality_gate(
     manifest: Manifest,
     gate: GateSettings,
     force: bool = False,
+    held: Mapping[str, VectorIndex] | None = None,
 ) -> GateResult:
     """Measure the `new` version (built by `manifest`'s model) against the `live` one (None: there is
     none yet) on the same query products, record each one's figures in its metadata, and say whether the
@@ -140,8 +144,9 @@ def quality_gate(
         return _measure_alone(
             new, manifest, new_categories, gate, "the first version: nothing to compare with"
         )
+    stack = ExitStack()
     try:
-        current = store.open(live)
+        current = stack.enter_context(_opened(store, live, held or {}))
     except IndexUnavailable as exc:
         if not force:
             raise IndexUnavailable(
@@ -150,7 +155,7 @@ def quality_gate(
                 "without comparing"
             ) from exc
         return _measure_alone(new, manifest, new_categories, gate, f"--force, and the live {live} is in use")
-    with current:
+    with stack:
         if not current.exists():
             return _measure_alone(new, manifest, new_categories, gate, f"the live {live} is empty")
         live_categories = evaluation.categories(current)
@@ -182,6 +187,16 @@ def quality_gate(
         before.seconds + after.seconds,
     )
     return GateResult(verdict, queries.describe(), gate.max_quality_drop, before, after)
+
+
+@contextmanager
+def _opened(store: Store, collection: str, held: Mapping[str, VectorIndex]) -> Iterator[VectorIndex]:
+    """`collection` through the handle this process already holds (left open), else opened and closed."""
+    if collection in held:
+        yield held[collection]
+        return
+    with store.open(collection) as index:
+        yield index
 
 
 def _measure_alone(

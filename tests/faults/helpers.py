@@ -23,10 +23,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from tests.helpers import run_sync, stored
+from visrec import plan
 from visrec.catalogue import read_catalogue
 from visrec.config import QdrantSettings, Settings
 from visrec.index import open_index
-from visrec.ingest import PAYLOAD_VERSION
 
 SERVER_URL = os.environ.get("VISREC_QDRANT__URL") or None
 SEED = int(os.environ.get("VISREC_FAULTS_SEED", "0"))
@@ -220,7 +220,11 @@ def check_index_matches_catalogue(store: Settings, catalogue: Path, tmp_path: Pa
             if got is None:
                 continue
             vector, payload = got
-            assert payload["content_hash"] == f"{PAYLOAD_VERSION}:{parsed.content_hash(product)}"
+            refs = parsed.photo_refs(product)
+            files, _ = plan.photo_files(refs, [])  # every photo hashed afresh
+            record = plan.bookkeeping(product, refs, files, payload["model_version"])
+            assert payload["vectors_hash"] == record.vectors_hash, product_id
+            assert payload["metadata_hash"] == record.metadata_hash, product_id
             assert payload["model_version"] == version
             assert payload["images"] == list(parsed.photo_refs(product))
             for key, value in product.metadata().items():

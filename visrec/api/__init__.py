@@ -25,7 +25,9 @@ from visrec.api.exposure import ExposureRefused, check_exposure
 from visrec.api.ops import OPEN_PATHS
 from visrec.config import Settings
 from visrec.guard import Guard, GuardSettings
+from visrec.owner import OwnerChannel
 from visrec.service import Service
+from visrec.writer import Writer
 
 __all__ = ["OPEN_PATHS", "ExposureRefused", "check_exposure", "create_app"]
 
@@ -52,6 +54,11 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     service: Service = app.state.service
     service.start()
+    # On the embedded store this service is the one writer: writing commands hand their jobs over.
+    qdrant = service.settings.qdrant
+    owner = None if qdrant.url else OwnerChannel(qdrant, Writer(service).run)
+    if owner is not None:
+        owner.start()
     # What start-up made (torch, the model, every module: ~400k objects) lives as long as the process:
     # out of the collector's sight, a full collection no longer stops every thread, the event loop's
     # /healthz included, for ~0.3 s on a busy 2-core pod (measured under the saturation test).
@@ -59,6 +66,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.freeze()
     yield
     gc.unfreeze()  # collectable again (an app made and dropped in a test process)
+    if owner is not None:
+        owner.close()
     service.close()
 
 

@@ -69,14 +69,25 @@ class Hit:
 
 @dataclass(frozen=True)
 class SyncRecord:
-    """What the index remembers of a product to decide whether to re-embed it."""
+    """What the index remembers of a product to decide what to redo: its vectors, its payload, nothing
+    (`visrec.plan`). Points from before that split carry one `content_hash` of both."""
 
-    content_hash: str | None
+    vectors_hash: str | None
+    metadata_hash: str | None
+    photo_files: list[list[Any]]
     model_version: str | None
+    content_hash: str | None = None
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> SyncRecord:
-        return cls(payload.get("content_hash"), payload.get("model_version"))
+        files = payload.get("photo_files")
+        return cls(
+            payload.get("vectors_hash"),
+            payload.get("metadata_hash"),
+            files if isinstance(files, list) else [],
+            payload.get("model_version"),
+            payload.get("content_hash"),
+        )
 
 
 class _Closing(ABC):
@@ -168,6 +179,23 @@ class VectorIndex(_Closing):
     def delete(self, product_ids: Iterable[str]) -> None:
         """Delete the products' points; unknown ids are ignored."""
 
+    @abstractmethod
+    def overwrite_payloads(self, payloads: Mapping[str, dict[str, Any]]) -> None:
+        """Replace the payloads of indexed products (product id → payload), vectors untouched; needs no
+        optimize() and is visible to the next query."""
+
+    def payloads(self, product_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """product id → payload, for the ids that are indexed (no vectors read)."""
+        return {
+            str(payload["product_id"]): payload
+            for _, _, payload in self._retrieve(list(product_ids), with_payload=True, with_vectors=False)
+        }
+
+    def unindexed_points(self) -> int:
+        """Points not yet in the HNSW graph (searched by a full scan until optimize()); 0 where the
+        store indexes on its own (a server)."""
+        return 0
+
     def sync_records(self) -> dict[str, SyncRecord]:
         """product id → what was indexed, for every point (payload fields only, no vectors)."""
         records: dict[str, SyncRecord] = {}
@@ -219,19 +247,21 @@ class VectorIndex(_Closing):
 
     def get(self, product_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
         """A product's vectors (photos × dim) and payload, or None if it is not indexed."""
-        found = self._retrieve([product_id], with_payload=True)
+        found = self._retrieve([product_id], with_payload=True, with_vectors=True)
         return (found[0][1], found[0][2]) if found else None
 
     def vectors(self, product_ids: Sequence[str]) -> dict[str, np.ndarray]:
         """product id → its vectors (photos × dim), for the ids that are indexed."""
         by_point = {point_id(p): p for p in product_ids}
-        return {by_point[pid]: vectors for pid, vectors, _ in self._retrieve(list(by_point.values()), False)}
+        found = self._retrieve(list(by_point.values()), with_payload=False, with_vectors=True)
+        return {by_point[pid]: vectors for pid, vectors, _ in found}
 
     @abstractmethod
     def _retrieve(
-        self, product_ids: Sequence[str], with_payload: bool
+        self, product_ids: Sequence[str], *, with_payload: bool, with_vectors: bool
     ) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
-        """(point id, vectors as a float32 photos × dim array, payload or {}) of the indexed ones."""
+        """(point id, vectors as a float32 photos × dim array (empty without `with_vectors`), payload or
+        {}) of the indexed ones."""
 
     def search(
         self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str] = (), exact: bool = False

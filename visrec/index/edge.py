@@ -10,7 +10,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar, assert_never
@@ -305,16 +305,32 @@ class EdgeIndex(VectorIndex):
         return [dict(r.payload or {}) for r in page], None if next_id is None else str(next_id)
 
     def _retrieve(
-        self, product_ids: Sequence[str], with_payload: bool
+        self, product_ids: Sequence[str], *, with_payload: bool, with_vectors: bool
     ) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
         ids: list[qe.PointId] = [point_id(p) for p in product_ids]
         with self._engine("retrieve"):
             # with_vector must be positional at run time, whatever the stub says.
-            found = self.shard.retrieve(ids, with_payload, True)
+            found = self.shard.retrieve(ids, with_payload, with_vectors)
         return [
-            (str(r.id), np.atleast_2d(np.asarray(r.vector, dtype=np.float32)), dict(r.payload or {}))
+            (
+                str(r.id),
+                np.atleast_2d(np.asarray(r.vector if with_vectors else [], dtype=np.float32)),
+                dict(r.payload or {}),
+            )
             for r in found
         ]
+
+    def overwrite_payloads(self, payloads: Mapping[str, dict[str, Any]]) -> None:
+        for product_id, payload in payloads.items():
+            with engine_errors(self.path, "payload update", rejecting=f"point of product {product_id!r}"):
+                operation = qe.UpdateOperation.overwrite_payload([point_id(product_id)], payload)
+            with self._engine("payload update"):
+                self.shard.update(operation)
+
+    def unindexed_points(self) -> int:
+        with self._engine("info"):
+            info = self.shard.info()
+        return max(0, int(info.points_count) - int(info.indexed_vectors_count))
 
     def _search(
         self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str], exact: bool

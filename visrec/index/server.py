@@ -8,7 +8,7 @@ retried with bounded exponential backoff; once that runs out, `IndexUnavailable`
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, TypeVar, assert_never
 
 import httpx
@@ -250,6 +250,17 @@ class ServerIndex(VectorIndex):
                 self.client.delete, self.collection, points_selector=qm.PointIdsList(points=ids), wait=True
             )
 
+    def overwrite_payloads(self, payloads: Mapping[str, dict[str, Any]]) -> None:
+        self._require()
+        operations: list[qm.UpdateOperation] = [
+            qm.OverwritePayloadOperation(
+                overwrite_payload=qm.SetPayload(payload=payload, points=[point_id(product_id)])
+            )
+            for product_id, payload in payloads.items()
+        ]
+        if operations:
+            self._call(self.client.batch_update_points, self.collection, operations, wait=True)
+
     def _scroll(
         self, filters: Filters, limit: int, after: str | None, fields: list[str] | bool
     ) -> tuple[list[dict[str, Any]], str | None]:
@@ -266,7 +277,7 @@ class ServerIndex(VectorIndex):
         return [dict(r.payload or {}) for r in page], None if next_id is None else str(next_id)
 
     def _retrieve(
-        self, product_ids: Sequence[str], with_payload: bool
+        self, product_ids: Sequence[str], *, with_payload: bool, with_vectors: bool
     ) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
         self._require()
         found = self._call(
@@ -274,10 +285,14 @@ class ServerIndex(VectorIndex):
             self.collection,
             ids=[point_id(p) for p in product_ids],
             with_payload=with_payload,
-            with_vectors=True,
+            with_vectors=with_vectors,
         )
         return [
-            (str(r.id), np.atleast_2d(np.asarray(r.vector, dtype=np.float32)), dict(r.payload or {}))
+            (
+                str(r.id),
+                np.atleast_2d(np.asarray(r.vector if with_vectors else [], dtype=np.float32)),
+                dict(r.payload or {}),
+            )
             for r in found
         ]
 

@@ -1,0 +1,89 @@
+"""The sync plan: what decides a product's vectors and what decides only its payload, and the quick check
+that spares reading unchanged local photos."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from visrec import plan
+from visrec.catalogue import read_catalogue
+
+
+def _catalogue(tmp_path: Path, rows: str) -> Path:
+    path = tmp_path / "c.csv"
+    path.write_text("id,image,price\n" + rows)
+    return path
+
+
+def test_vectors_hash_follows_photo_bytes_and_metadata_hash_the_rest(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"one")
+    catalogue = read_catalogue(_catalogue(tmp_path, "a,a.png,1\n"))
+    product, refs = catalogue.products[0], catalogue.photo_refs(catalogue.products[0])
+    first = plan.bookkeeping(product, refs, plan.photo_files(refs, [])[0], "m")
+    (tmp_path / "a.png").write_bytes(b"two")
+    photo_changed = plan.bookkeeping(product, refs, plan.photo_files(refs, [])[0], "m")
+    assert photo_changed.vectors_hash != first.vectors_hash
+    assert photo_changed.metadata_hash == first.metadata_hash
+    (tmp_path / "a.png").write_bytes(b"one")
+    priced = read_catalogue(_catalogue(tmp_path, "a,a.png,2\n"))
+    price_changed = plan.bookkeeping(priced.products[0], refs, plan.photo_files(refs, [])[0], "m")
+    assert price_changed.vectors_hash == first.vectors_hash
+    assert price_changed.metadata_hash != first.metadata_hash
+
+
+def test_the_quick_check_reads_only_photos_whose_size_or_time_changed(tmp_path: Path) -> None:
+    photo = tmp_path / "a.png"
+    photo.write_bytes(b"one")
+    files, read = plan.photo_files([str(photo)], [])
+    assert read == 3 and files[0][0] == str(photo) and files[0][1] == 3
+    again, read = plan.photo_files([str(photo)], files)
+    assert (again, read) == (files, 0)  # nothing read
+    photo.write_bytes(b"three")
+    changed, read = plan.photo_files([str(photo)], files)
+    assert read == 5 and changed[0][5] != files[0][5]
+
+
+def test_the_one_change_the_quick_check_misses_needs_checksum(tmp_path: Path) -> None:
+    """Same size, modification time set back: only hashing the bytes (`--checksum`) sees it."""
+    photo = tmp_path / "a.png"
+    photo.write_bytes(b"one")
+    files, _ = plan.photo_files([str(photo)], [])
+    stat = photo.stat()
+    with photo.open("r+b") as f:  # same file (inode), same size, other bytes
+        f.write(b"two")
+    os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    missed, read = plan.photo_files([str(photo)], files)
+    assert missed == files and read == 0
+    hashed, read = plan.photo_files([str(photo)], [])  # what --checksum does: no recorded files
+    assert hashed[0][5] != files[0][5] and read == 3
+
+
+def test_a_fifo_is_never_read(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "a.png")
+    files, read = plan.photo_files([str(tmp_path / "a.png")], [])
+    assert files[0][5] == "unreadable" and read == 0
+
+
+def test_remote_photos_are_identified_by_url(tmp_path: Path) -> None:
+    (tmp_path / "c.csv").write_text("id,image\na,https://example.com/a.jpg\n")
+    catalogue = read_catalogue(tmp_path / "c.csv")
+    product = catalogue.products[0]
+    files, read = plan.photo_files(catalogue.photo_refs(product), [])
+    assert files == [] and read == 0
+    record = plan.bookkeeping(product, catalogue.photo_refs(product), files, "m")
+    assert record.vectors_hash.startswith(f"{plan.PAYLOAD_VERSION}:")
+
+
+def test_legacy_hash_is_the_one_points_carried_before_the_split(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"one")
+    catalogue = read_catalogue(_catalogue(tmp_path, "a,a.png,1\n"))
+    digest = plan.legacy_content_hash(catalogue, catalogue.products[0])
+    # payload version 2's rule: sha256(metadata json, then each photo's bytes)
+    import hashlib
+    import json
+
+    expected = hashlib.sha256(
+        json.dumps(catalogue.products[0].metadata(), sort_keys=True, default=str).encode() + b"one"
+    ).hexdigest()
+    assert digest == f"2:{expected}"

@@ -1,0 +1,144 @@
+"""The writing commands (`sync`, `reindex`, `rollback`) as jobs: what the CLI asked, as data that runs in
+this process or travels to the service that owns the store (`visrec.owner`), and runs there through the
+same stages (`ingest.sync`, `versions.reindex`, `versions.rollback`). A job's result is the dict the CLI
+prints (`--json`), wherever it ran.
+
+A job carries the command's flags, already checked by the CLI; the process that runs it adds its own
+settings (a handed-over job runs with the service's `VISREC_INGEST__*`, image roots included).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from visrec.catalogue import read_catalogue
+from visrec.config import Settings
+from visrec.index import VectorIndex, open_index, open_store
+from visrec.ingest import SyncOptions, sync
+from visrec.manifest import ModelHandle
+from visrec.plan import Shard
+from visrec.versions import reindex, rollback
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+
+
+class _Job(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SyncJob(_Job):
+    command: Literal["sync"] = "sync"
+    catalogue: Path  # absolute
+    model: Path  # the artefact, absolute
+    shard: str = "0/1"
+    max_delete: float = Field(ge=0, le=1)
+    checksum: bool = False
+
+
+class ReindexJob(_Job):
+    command: Literal["reindex"] = "reindex"
+    catalogue: Path
+    model: Path
+    max_quality_drop: float = Field(ge=0, le=1)
+    force: bool = False
+    accept_failures: bool = False
+
+
+class RollbackJob(_Job):
+    command: Literal["rollback"] = "rollback"
+
+
+Job = Annotated[SyncJob | ReindexJob | RollbackJob, Field(discriminator="command")]
+
+
+class JobRequest(BaseModel):
+    """What travels over the owner channel."""
+
+    job: Job
+
+
+def _with_flags(settings: Settings, job: SyncJob | ReindexJob) -> Settings:
+    ingest = settings.ingest
+    if isinstance(job, SyncJob):
+        ingest = ingest.model_copy(update={"max_delete": job.max_delete})
+    gate = settings.gate
+    if isinstance(job, ReindexJob):
+        gate = gate.model_copy(update={"max_quality_drop": job.max_quality_drop})
+    return settings.model_copy(update={"artefact": job.model, "ingest": ingest, "gate": gate})
+
+
+def run_sync(
+    job: SyncJob,
+    settings: Settings,
+    index: VectorIndex,
+    progress: Progress | None = None,
+    *,
+    model: ModelHandle | None = None,
+    optimize: bool = True,
+) -> dict[str, Any]:
+    """`visrec sync` on `index`; `model`: the handle to embed with (the service's, already loaded)."""
+    settings = _with_flags(settings, job)
+    catalogue = read_catalogue(job.catalogue, settings.ingest)
+    options = SyncOptions.from_settings(settings, Shard.parse(job.shard), checksum=job.checksum)
+    options = replace(options, optimize=optimize)
+    handle = model or ModelHandle(settings.artefact, settings.embed)
+    summary = sync(
+        catalogue, index, handle, options, progress=lambda done, total: _tell(progress, "embed", done, total)
+    )
+    return summary.to_dict()
+
+
+def run_reindex(
+    job: ReindexJob,
+    settings: Settings,
+    progress: Progress | None = None,
+    *,
+    held: Mapping[str, VectorIndex] | None = None,
+    model: ModelHandle | None = None,
+) -> dict[str, Any]:
+    """`visrec reindex`; `held`: versions this process has open (the service's live one)."""
+    settings = _with_flags(settings, job)
+    catalogue = read_catalogue(job.catalogue, settings.ingest)
+    with open_store(settings.qdrant) as store:
+        summary = reindex(
+            catalogue,
+            store,
+            model or ModelHandle(settings.artefact, settings.embed),
+            SyncOptions.from_settings(settings),
+            gate=settings.gate,
+            force=job.force,
+            accept_failures=job.accept_failures,
+            progress=lambda done, total: _tell(progress, "embed", done, total),
+            held=held,
+        )
+    return summary.to_dict()
+
+
+def run_rollback(settings: Settings) -> dict[str, Any]:
+    with open_store(settings.qdrant) as store:
+        previous, live = rollback(store)
+    return {"previous": previous, "live": live}
+
+
+def run_here(
+    job: SyncJob | ReindexJob | RollbackJob, settings: Settings, progress: Progress | None
+) -> dict[str, Any]:
+    """Run `job` in this process, which opens the store itself (no service owns it)."""
+    match job:
+        case SyncJob():
+            with open_index(settings.qdrant) as index:
+                return run_sync(job, settings, index, progress)
+        case ReindexJob():
+            return run_reindex(job, settings, progress)
+        case RollbackJob():
+            return run_rollback(settings)
+
+
+def _tell(progress: Progress | None, stage: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(stage, done, total)
