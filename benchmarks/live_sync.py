@@ -52,9 +52,8 @@ def visrec_sync(env: dict[str, str], catalogue: Path, *extra: str) -> tuple[dict
     wall = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"visrec sync failed ({done.returncode}): {done.stderr[-2000:]}")
-    io = dict(
-        item.split(": ") for item in done.stderr.rsplit("IO ", 1)[1].strip().split("  ") if ": " in item
-    )
+    fields = done.stderr.rsplit("IO ", 1)[1].split()  # "rchar: N wchar: N ..."
+    io = dict(zip(fields[::2], fields[1::2], strict=False))
     return json.loads(done.stdout), wall, int(io.get("rchar:", -1))
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -168,12 +168,23 @@ def read_catalogue(path: Path, settings: IngestSettings | None = None) -> Catalo
     return catalogue
 
 
+def rows_from_service(rows: Iterable[Any], settings: IngestSettings, origin: str = "HTTP") -> Catalogue:
+    """Rows written by another service (the HTTP write routes) as a catalogue, under the same checks as a
+    file's rows, and two more: a photo must be a URL (a caller cannot make visrec read a file of this
+    machine), and a reserved field refuses that row, not all of them. `line` n is the n-th row."""
+    catalogue = Catalogue(path=Path(origin))
+    checker = _RowChecker(catalogue, FetchPolicy.from_settings(settings), over_http=True)
+    for line, row in enumerate(rows, 1):
+        checker.add(line, row if isinstance(row, dict) else RowError(line, "not a JSON object"))
+    return catalogue
+
+
 class _RowChecker:
     """Turns each parsed row into a product or a `RowError`; one row's failure, whatever it is, stays
     that row's."""
 
-    def __init__(self, catalogue: Catalogue, policy: FetchPolicy) -> None:
-        self.catalogue, self.policy = catalogue, policy
+    def __init__(self, catalogue: Catalogue, policy: FetchPolicy, over_http: bool = False) -> None:
+        self.catalogue, self.policy, self.over_http = catalogue, policy, over_http
 
     def add(self, line: int, row: dict[str, Any] | RowError) -> None:
         if isinstance(row, RowError):
@@ -181,8 +192,10 @@ class _RowChecker:
             return
         try:
             error = self._check(line, row)
-        except CatalogueError:
-            raise
+        except CatalogueError as exc:
+            if not self.over_http:
+                raise
+            error = RowError(line, str(exc).split(": ", 1)[-1], _usable_id(row))
         except Exception as exc:  # containment: an unforeseen failure skips the row, never the catalogue
             error = RowError(line, f"cannot read the row ({type(exc).__name__}: {exc})", _usable_id(row))
         if error is not None:
@@ -190,20 +203,20 @@ class _RowChecker:
 
     def _check(self, line: int, row: dict[str, Any]) -> RowError | None:
         catalogue = self.catalogue
-        row = {key.strip(): value for key, value in row.items() if key.strip()}
+        row = {key.strip(): value for key, value in row.items() if isinstance(key, str) and key.strip()}
         reserved = sorted(RESERVED_KEYS.intersection(row))
         if reserved:
             raise CatalogueError(_reserved(catalogue.path, reserved[0], line))
         product_id = _usable_id(row)
         if product_id is None:
             return RowError(line, f"no usable id (a non-empty text of at most {MAX_ID_LENGTH} characters)")
-        problem = _value_problem(row)
+        problem = value_problem(row)
         if problem:
             return RowError(line, problem, product_id)
         try:
             product = Product.model_validate({**row, "id": product_id})
         except ValidationError as exc:
-            return RowError(line, _explain(exc), product_id)
+            return RowError(line, explain(exc), product_id)
         photos, refused = self._photos(product)
         if not photos:
             return RowError(line, "; ".join(refused), product_id)
@@ -229,6 +242,9 @@ class _RowChecker:
                 else:
                     usable.append(photo)
                 continue
+            if self.over_http:
+                refused.append("a photo written over HTTP must be an http(s) URL, not a file path")
+                continue
             try:
                 ref = self.catalogue.resolve(photo)
                 outside = self.catalogue.escapes_roots(ref)
@@ -253,12 +269,12 @@ def _usable_id(row: dict[str, Any]) -> str | None:
     if not isinstance(value, str):
         return None
     value = value.strip()
-    if not value or len(value) > MAX_ID_LENGTH or _value_problem(value):
+    if not value or len(value) > MAX_ID_LENGTH or value_problem(value):
         return None
     return value
 
 
-def _value_problem(value: Any, depth: int = 0) -> str | None:
+def value_problem(value: Any, depth: int = 0) -> str | None:
     """What makes a row's value unfit for the index payload (None if nothing): text that is not valid
     Unicode, numbers that are not finite or beyond 64 bits, nesting deeper than `MAX_DEPTH`."""
     if depth > MAX_DEPTH:
@@ -274,11 +290,11 @@ def _value_problem(value: Any, depth: int = 0) -> str | None:
         return "an integer beyond 64 bits"
     elif isinstance(value, dict):
         for key, item in value.items():
-            problem = _value_problem(key, depth + 1) or _value_problem(item, depth + 1)
+            problem = value_problem(key, depth + 1) or value_problem(item, depth + 1)
             if problem:
                 return problem
     elif isinstance(value, list):
-        return next((p for item in value if (p := _value_problem(item, depth + 1))), None)
+        return next((p for item in value if (p := value_problem(item, depth + 1))), None)
     return None
 
 
@@ -352,7 +368,7 @@ def _jsonl_rows(lines: Lines, path: Path) -> Iterator[tuple[int, dict[str, Any] 
         yield lines.number, row
 
 
-def _explain(exc: ValidationError) -> str:
+def explain(exc: ValidationError) -> str:
     return "; ".join(
         f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg'].removeprefix('Value error, ')}"
         for e in exc.errors()

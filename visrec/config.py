@@ -126,6 +126,11 @@ class ApiSettings(BaseModel):
     # When set, every route but /healthz, /readyz and / needs X-API-Key. `visrec serve` refuses to listen
     # beyond loopback without one (unless --insecure).
     api_key: SecretStr | None = None
+    # Needed by the write routes (PUT/PATCH/DELETE /products/{id}, POST /products/batch); unset: writes
+    # are off. Distinct from api_key: a read key cannot write.
+    write_key: SecretStr | None = None
+    max_pending_writes: int = Field(default=4, ge=1)  # writes waiting for the writer; more answer 503
+    max_batch_rows: int = Field(default=1000, ge=1)
     insecure: bool = False  # allow serving beyond loopback without a key (said loudly in the log)
     max_upload_bytes: int = Field(default=10_000_000, ge=1)
     # 16 M pixels take a 12-MP phone photo; decoded they hold ~64 MB, so max_heavy_requests of them at
@@ -150,12 +155,18 @@ class ApiSettings(BaseModel):
     # Payload fields callers see; None: the catalogue's own columns and the public colour fields.
     public_fields: list[str] | None = None
 
-    @field_validator("api_key")
+    @field_validator("api_key", "write_key")
     @classmethod
     def _key_not_blank(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and not value.get_secret_value().strip():
             raise ValueError("is empty: set a key, or unset the variable to run without one")
         return value
+
+    @model_validator(mode="after")
+    def _write_key_is_its_own(self) -> ApiSettings:
+        if self.write_key is not None and self.api_key is not None and self.write_key == self.api_key:
+            raise ValueError("write_key equals api_key: a read key must not be able to write")
+        return self
 
 
 class TrainSettings(BaseModel):

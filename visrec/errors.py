@@ -57,3 +57,13 @@ class NotFound(InvalidQuery):
 
 class PointRejected(VisrecError):
     """The store refused one point's data (e.g. a payload value it cannot hold); the store itself works."""
+
+
+class WriteForbidden(VisrecError):
+    """A write route asked without the write key (or with writes off on this service)."""
+
+    exit_code = 2
+
+
+class WritesBusy(IndexUnavailable):
+    """Too many writes are waiting for the service's writer: retry later."""

@@ -39,6 +39,7 @@ _HEAVY = re.compile(r"/search/image|/recommend|/products/[^/]+/similar")  # CPU-
 @dataclass(frozen=True)
 class GuardSettings:
     api_key: bytes | None  # None: no key required (a deliberate, logged choice)
+    write_key: bytes | None  # also admitted where the read key is; the write routes check it themselves
     open_paths: frozenset[str]  # answered without a key (probes, the gallery's page)
     upload_path: str  # the one route whose body may be an upload
     max_upload_bytes: int
@@ -141,7 +142,10 @@ class Guard:
         key = self.settings.api_key
         if key is not None and scope["path"] not in self.settings.open_paths:
             given = _header(scope, b"x-api-key") or b""
-            if not secrets.compare_digest(given, key):
+            write_key = self.settings.write_key
+            if not (
+                secrets.compare_digest(given, key) or (write_key and secrets.compare_digest(given, write_key))
+            ):
                 raise _Refused(401, "missing or wrong X-API-Key")
         declared = _header(scope, b"content-length")
         if declared is not None:

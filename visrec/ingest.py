@@ -94,6 +94,8 @@ class SyncOptions:
     shard: Shard = Shard()
     checksum: bool = False  # hash every local photo, not only those whose size or time changed
     optimize: bool = True  # end with optimize(); a service defers it (it would stop every thread)
+    source: str = "catalogue"  # who owns the rows' products from now on (visrec.payload.SOURCES)
+    deletes: bool = True  # False: only the rows' products are touched (rows written over HTTP)
 
     @classmethod
     def from_settings(
@@ -127,9 +129,12 @@ class SyncSummary:
     model_version: str = ""
     shard: str = "0/1"
     failure_report: str = ""
+    # product id → "added", "updated", "metadata_updated", "unchanged" or why it failed (rows written over
+    # HTTP answer per row); not part of the printed summary
+    outcomes: dict[str, str] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "outcomes"}
 
 
 def sync(
@@ -175,7 +180,15 @@ def sync(
         },
     )
     indexed = index.sync_records()
-    plan = plan_sync(catalogue, indexed, manifest.model_version, shard, checksum=options.checksum)
+    plan = plan_sync(
+        catalogue,
+        indexed,
+        manifest.model_version,
+        shard,
+        checksum=options.checksum,
+        source=options.source,
+        deletes=options.deletes,
+    )
     log.info(
         "plan: %d new, %d photos changed, %d metadata changed, %d removed, %d unchanged (%d bytes of "
         "photos read to hash them)",
@@ -187,7 +200,8 @@ def sync(
         plan.photo_bytes_hashed,
     )
     failures = _reported("row", catalogue.errors)
-    _check_deletes(catalogue, plan, sum(p in shard for p in indexed), options, failures)
+    owned = sum(p in shard and r.source == options.source for p, r in indexed.items())
+    _check_deletes(catalogue, plan, owned, options, failures)
 
     failures += _reported("photo", catalogue.photo_errors)
     index.delete(plan.removed)
@@ -215,6 +229,15 @@ def sync(
         )
     seconds = time.perf_counter() - started
     added = sum(i < len(plan.added) for i in embedded)  # `to_embed` lists the new products first
+    outcomes = {d.product.id: "unchanged" for d in plan.refresh}
+    outcomes |= {d.product.id: "metadata_updated" for d in plan.repayload}
+    outcomes |= {
+        d.product.id: "added" if i < len(plan.added) else "updated" for i, d in enumerate(plan.to_embed)
+    }
+    for f in failures:
+        if f["product_id"] is not None and f["kind"] != "photo":
+            outcomes[f["product_id"]] = f"error: {f['error']}"
+    outcomes |= {product_id: f"error: {error}" for product_id, error in rejected.items()}
     return SyncSummary(
         added=added,
         updated=len(embedded) - added,
@@ -232,6 +255,7 @@ def sync(
         model_version=manifest.model_version,
         shard=str(shard),
         failure_report=str(failure_report),
+        outcomes=outcomes,
     )
 
 

@@ -40,6 +40,8 @@ FIELDS = (
     PayloadField("vectors_hash", None, "nobody", computed=True),
     PayloadField("metadata_hash", None, "nobody", computed=True),
     PayloadField("photo_files", None, "nobody", computed=True),
+    # Who owns the product: "catalogue" (a file sync, which may delete it) or "api" (the write routes).
+    PayloadField("source", "keyword", "operators", computed=True),
     PayloadField("content_hash", None, "nobody", computed=True),  # both in one: points from before the split
     PayloadField("model_version", "keyword", "callers", computed=True),
     # The colour sync extracts from the photo (visrec.colour).
@@ -56,7 +58,16 @@ HIDDEN_FROM_CALLERS = frozenset(f.name for f in FIELDS if f.seen_by != "callers"
 HIDDEN_FROM_OPERATORS = frozenset(f.name for f in FIELDS if f.seen_by == "nobody")
 FROM_PHOTO = frozenset(f.name for f in FIELDS if f.from_photo)
 # All a sync reads back of each point.
-SYNC_FIELDS = ("product_id", "vectors_hash", "metadata_hash", "photo_files", "content_hash", "model_version")
+SYNC_FIELDS = (
+    "product_id",
+    "vectors_hash",
+    "metadata_hash",
+    "photo_files",
+    "source",
+    "content_hash",
+    "model_version",
+)
+SOURCES = ("catalogue", "api")
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,7 @@ class Bookkeeping:
     metadata_hash: str  # the catalogue's other fields: a change rewrites the payload only
     photo_files: list[list[Any]]  # [ref, size, mtime_ns, inode, device, sha256] of each local photo
     model_version: str
+    source: str = "catalogue"  # one of SOURCES: only a catalogue's own products may be deleted by its sync
 
     def fields(self) -> dict[str, Any]:
         return {
@@ -74,6 +86,7 @@ class Bookkeeping:
             "metadata_hash": self.metadata_hash,
             "photo_files": self.photo_files,
             "model_version": self.model_version,
+            "source": self.source,
         }
 
 

@@ -97,13 +97,18 @@ def plan_sync(
     shard: Shard = Shard(),
     *,
     checksum: bool = False,
+    source: str = "catalogue",
+    deletes: bool = True,
 ) -> SyncPlan:
-    """Decide what to embed, what to rewrite and what to delete, within `shard`.
+    """Decide what to embed, what to rewrite and what to delete, within `shard`; the rows' products are
+    owned by `source` from now on.
 
     Deletes are earned: a product is deleted only when the catalogue proves it gone. One whose row is
     invalid this time is neither embedded nor deleted (a typo in a row must not drop it), and a row that
     could not be read at all, or has no usable id, could be any product: then nothing is deleted
-    (`held_back`). Points of other shards are left alone.
+    (`held_back`). Points of other shards are left alone, and so are products another source owns (a
+    product written over HTTP is not the catalogue's to delete). Without `deletes` (rows from the API),
+    only the rows' products are touched.
     """
     plan = SyncPlan()
     for product in (p for p in catalogue.products if p.id in shard):
@@ -111,7 +116,7 @@ def plan_sync(
         refs = catalogue.photo_refs(product)
         files, read = photo_files(refs, record.photo_files if record and not checksum else [])
         plan.photo_bytes_hashed += read
-        desired = Desired(product, bookkeeping(product, refs, files, model_version))
+        desired = Desired(product, bookkeeping(product, refs, files, model_version, source))
         if record is None:
             plan.added.append(desired)
         elif record.vectors_hash is None:  # a point from before the split: one hash of both
@@ -123,14 +128,16 @@ def plan_sync(
                 plan.updated.append(desired)
         elif record.vectors_hash != desired.bookkeeping.vectors_hash or record.model_version != model_version:
             plan.updated.append(desired)
-        elif record.metadata_hash != desired.bookkeeping.metadata_hash:
+        elif record.metadata_hash != desired.bookkeeping.metadata_hash or record.source != source:
             plan.repayload.append(desired)
         elif record.photo_files != files:  # same bytes, but the files were touched: record them anew
             plan.refresh.append(desired)
         else:
             plan.unchanged += 1
+    if not deletes:
+        return plan
     keep = {p.id for p in catalogue.products} | {e.product_id for e in catalogue.errors if e.product_id}
-    gone = sorted(p for p in set(indexed) - keep if p in shard)
+    gone = sorted(p for p, r in indexed.items() if p not in keep and p in shard and r.source == source)
     if catalogue.unidentified:
         plan.held_back = gone
     else:
@@ -139,7 +146,11 @@ def plan_sync(
 
 
 def bookkeeping(
-    product: Product, refs: Iterable[str], files: list[list[Any]], model_version: str
+    product: Product,
+    refs: Iterable[str],
+    files: list[list[Any]],
+    model_version: str,
+    source: str = "catalogue",
 ) -> Bookkeeping:
     """The record a product's point carries: its vectors hash (photo digests in order), its metadata
     hash, the local photos' files, the model."""
@@ -152,6 +163,7 @@ def bookkeeping(
         metadata_hash=metadata_hash(product),
         photo_files=files,
         model_version=model_version,
+        source=source,
     )
 
 

@@ -13,10 +13,18 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from visrec.errors import CollectionMissing
+from pydantic import ValidationError
+
+from visrec import payload
+from visrec.catalogue import Catalogue, Product, explain, rows_from_service, value_problem
+from visrec.errors import CollectionMissing, InvalidQuery, NotFound, WritesBusy
+from visrec.index import SyncRecord, VectorIndex
+from visrec.ingest import SyncOptions, SyncSummary, sync
 from visrec.jobs import Job, Progress, ReindexJob, RollbackJob, SyncJob, run_reindex, run_rollback, run_sync
 from visrec.manifest import ModelHandle
 from visrec.service import Service
@@ -27,11 +35,11 @@ log = logging.getLogger(__name__)
 class Writer:
     def __init__(self, service: Service) -> None:
         self.service = service
-        self._lock = threading.Lock()  # one job at a time; the next command waits its turn
+        self.lock = threading.RLock()  # one job at a time; the next command (or write) waits its turn
         self.changed_since_optimize = 0
 
     def run(self, job: Job, progress: Progress) -> dict[str, Any]:
-        with self._lock:
+        with self.lock:
             log.info("running a handed-over %s", job.command)
             try:
                 match job:
@@ -61,8 +69,13 @@ class Writer:
             store = self.service.store()
             with store.open(store.live()) as index:
                 return run_sync(job, settings, index, progress, model=self._model(job.model))
-        self.changed_since_optimize += result["added"] + result["updated"] + result["deleted"]
-        if self.changed_since_optimize >= settings.qdrant.optimize_after:
+        self.changed(index, result["added"] + result["updated"] + result["deleted"])
+        return result
+
+    def changed(self, index: VectorIndex, points: int) -> None:
+        """Count points written into `index` without optimize(); optimize once there are enough."""
+        self.changed_since_optimize += points
+        if self.changed_since_optimize >= self.service.settings.qdrant.optimize_after:
             log.warning(
                 "optimizing %s after %d changed points: requests wait meanwhile",
                 index.collection,
@@ -70,7 +83,6 @@ class Writer:
             )
             index.optimize()
             self.changed_since_optimize = 0
-        return result
 
     def _reindex(self, job: ReindexJob, progress: Progress) -> dict[str, Any]:
         try:
@@ -79,3 +91,124 @@ class Writer:
         except CollectionMissing:
             held = {}
         return run_reindex(job, self.service.settings, progress, held=held, model=self._model(job.model))
+
+
+class ProductWrites:
+    """Products written one at a time by other services (the HTTP write routes), through the service's
+    writer: rows pass the catalogue's checks (`catalogue.rows_from_service`: photos as URLs only) and
+    the one sync engine (`ingest.sync` with `source="api"`, no deletes), so a photo is embedded only when
+    it changed, and a 2xx means the write is in the store and the next query sees it. At most
+    `api.max_pending_writes` wait for the writer; more raise `WritesBusy` (503)."""
+
+    def __init__(self, writer: Writer) -> None:
+        self.writer = writer
+        self.service = writer.service
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        with self._pending_lock:
+            if self._pending >= self.service.settings.api.max_pending_writes:
+                raise WritesBusy("too many writes are waiting for the writer")
+            self._pending += 1
+        try:
+            with self.writer.lock:
+                yield
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
+
+    def rows(self, rows: list[Any]) -> list[str]:
+        """Create or replace products from rows; one outcome per row, in order: "added", "updated"
+        (photos changed: embedded), "metadata_updated", "unchanged", or "error: why"."""
+        settings = self.service.settings
+        catalogue = rows_from_service(rows, settings.ingest)
+        outcomes = {e.line: f"error: {e.message}" for e in catalogue.errors}
+        if catalogue.products:
+            with self._turn():
+                summary = self._sync(catalogue)
+            for product in catalogue.products:
+                line = catalogue.lines[product.id]
+                outcomes[line] = summary.outcomes.get(product.id, "unchanged")
+        return [outcomes[n] for n in range(1, len(rows) + 1)]
+
+    def _sync(self, catalogue: Catalogue) -> SyncSummary:
+        settings = self.service.settings
+        report = settings.ingest.failure_report
+        options = SyncOptions(
+            settings.ingest,
+            report.with_name(f"{report.stem}.api{report.suffix}"),  # the file syncs' report stays theirs
+            max_delete=1.0,
+            optimize=False,
+            source="api",
+            deletes=False,
+        )
+        try:
+            live = self.service.live()
+        except CollectionMissing:  # the first products of an empty store: create it with the model
+            store = self.service.store()
+            with store.open(store.live()) as index:
+                summary = sync(catalogue, index, ModelHandle(settings.artefact, settings.embed), options)
+            self.service.refresh()
+            return summary
+        model = ModelHandle(live.model().artefact_dir, settings.embed, loaded=live.model())
+        summary = sync(catalogue, live.index, model, options)
+        self.writer.changed(live.index, summary.added + summary.updated)
+        return summary
+
+    def patch(self, product_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """Merge `fields` into a product's catalogue fields (JSON merge patch: null removes a field);
+        never embeds. Raises `NotFound`, `InvalidQuery` for a field it may not write."""
+        problem = patch_problem(fields)
+        if problem:
+            raise InvalidQuery(problem)
+        with self._turn():
+            index = self.service.index()
+            old = index.payloads([product_id]).get(product_id)
+            if old is None:
+                raise NotFound(f"no product {product_id!r}")
+            metadata = {k: v for k, v in old.items() if k not in payload.RESERVED | {"image", "images"}}
+            if "colour_extracted" in old and old.get("colour") == old["colour_extracted"]:
+                metadata.pop("colour", None)  # the extracted colour, not the shop's own
+            for key, value in fields.items():
+                if value is None:
+                    metadata.pop(key, None)
+                else:
+                    metadata[key] = value
+            try:
+                Product.model_validate({**metadata, "id": product_id, "images": payload.photos(old)})
+            except ValidationError as exc:
+                raise InvalidQuery(f"the patched product is not valid: {explain(exc)}") from None
+            record = SyncRecord.from_payload(old)
+            bookkeeping = payload.Bookkeeping(
+                vectors_hash=record.vectors_hash or "",
+                # No row hashes to this: the next sync of a row rewrites the payload (a catalogue's row
+                # wins for the catalogue's products; a PUT replaces).
+                metadata_hash="patched",
+                photo_files=record.photo_files,
+                model_version=record.model_version or "",
+                source=record.source,
+            )
+            new = payload.rebuild(old, metadata, bookkeeping)
+            index.overwrite_payloads({product_id: new})
+            return new
+
+    def delete(self, product_id: str) -> bool:
+        """Delete a product; whether it was indexed (a repeated DELETE is not an error)."""
+        with self._turn():
+            index = self.service.index()
+            existed = bool(index.payloads([product_id]))
+            index.delete([product_id])
+            return existed
+
+
+def patch_problem(fields: dict[str, Any]) -> str | None:
+    """Why a PATCH may not write `fields` (None: it may): photos, the id and computed fields are not its
+    to change, and values must fit the index as a catalogue's must."""
+    for key in fields:
+        if key in ("id", "image", "images"):
+            return f"{key!r} cannot be patched: PUT the whole product to change its photos"
+        if key in payload.RESERVED or not key.strip():
+            return f"{key!r} is a field visrec computes itself"
+    return value_problem(fields)

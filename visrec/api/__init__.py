@@ -19,7 +19,7 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from visrec import __version__
-from visrec.api import ops, products, search
+from visrec.api import ops, products, search, writes
 from visrec.api.errors import add_handlers
 from visrec.api.exposure import ExposureRefused, check_exposure
 from visrec.api.ops import OPEN_PATHS
@@ -27,7 +27,7 @@ from visrec.config import Settings
 from visrec.guard import Guard, GuardSettings
 from visrec.owner import OwnerChannel
 from visrec.service import Service
-from visrec.writer import Writer
+from visrec.writer import ProductWrites, Writer
 
 __all__ = ["OPEN_PATHS", "ExposureRefused", "check_exposure", "create_app"]
 
@@ -45,7 +45,7 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
     app.state.metrics = CollectorRegistry()
     app.add_middleware(Guard, settings=_guard_settings(settings), registry=app.state.metrics)
     add_handlers(app)
-    for router in (ops.router, products.router, search.router):  # this order is the schema's
+    for router in (ops.router, writes.router, products.router, search.router):  # the schema's order
         app.include_router(router)
     return app
 
@@ -56,7 +56,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     service.start()
     # On the embedded store this service is the one writer: writing commands hand their jobs over.
     qdrant = service.settings.qdrant
-    owner = None if qdrant.url else OwnerChannel(qdrant, Writer(service).run)
+    writer = Writer(service)
+    app.state.writes = ProductWrites(writer)
+    owner = None if qdrant.url else OwnerChannel(qdrant, writer.run)
     if owner is not None:
         owner.start()
     # What start-up made (torch, the model, every module: ~400k objects) lives as long as the process:
@@ -75,6 +77,7 @@ def _guard_settings(settings: Settings) -> GuardSettings:
     api = settings.api
     return GuardSettings(
         api_key=api.api_key.get_secret_value().encode() if api.api_key else None,
+        write_key=api.write_key.get_secret_value().encode() if api.write_key else None,
         open_paths=frozenset(OPEN_PATHS),
         upload_path=search.UPLOAD_PATH,
         max_upload_bytes=api.max_upload_bytes,

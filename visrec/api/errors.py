@@ -24,10 +24,13 @@ from visrec.errors import (
     ModelError,
     NotFound,
     VisrecError,
+    WriteForbidden,
+    WritesBusy,
 )
 
 log = logging.getLogger(__name__)
 STATUS_OF: list[tuple[type[VisrecError], int]] = [
+    (WriteForbidden, 403),
     (NotFound, 404),
     (InvalidQuery, 422),
     (ImageError, 422),
@@ -37,6 +40,7 @@ STATUS_OF: list[tuple[type[VisrecError], int]] = [
 ]
 # What a caller is told of a 5xx: what it can do. The cause goes to the log under the request id.
 UNAVAILABLE: list[tuple[type[VisrecError], str]] = [
+    (WritesBusy, "too many writes are waiting; retry later (writes are idempotent by product id)"),
     (CollectionMissing, "no products are indexed yet (run `visrec sync`); retry later"),
     (ModelError, "photo search is unavailable: the model is not loaded; retry later"),
     (IndexUnavailable, "the index is unavailable; retry later"),

@@ -64,6 +64,7 @@ class Readiness(BaseModel):
 ERRORS: dict[int, str] = {
     400: "the body cannot be parsed (a malformed multipart upload), or Content-Length is not a number",
     401: "missing or wrong X-API-Key (when the server has a key)",
+    403: "a write without the write key (VISREC_API__WRITE_KEY), or writes are off on this service",
     404: "no such product",
     408: "the body took longer than `api.body_timeout_s` to arrive",
     413: "the body is larger than the limit",
@@ -143,3 +144,29 @@ def results(hits: list[Hit], settings: Settings) -> Results:
             for h in hits
         ]
     )
+
+
+class ProductRow(BaseModel):
+    """A product as another service writes it: the fields and rules of a catalogue row. Photos are
+    http(s) URLs (`image`, or `images` for several); any other field is kept and can be filtered on."""
+
+    model_config = {"extra": "allow"}
+
+    image: str | None = Field(default=None, description="the photo's URL")
+    images: list[str] | None = Field(default=None, description="several photos' URLs, the first first")
+    category: str | None = None
+    colour: str | None = None
+    price: float | None = None
+    title: str | None = None
+
+
+class WriteOut(BaseModel):
+    product_id: str
+    outcome: str = Field(
+        description="`added`, `updated` (its photos changed: embedded), `metadata_updated` (payload "
+        "rewritten, nothing embedded), `unchanged`, `deleted`, `absent`, or `error: why`"
+    )
+
+
+class BatchOut(BaseModel):
+    results: list[WriteOut] = Field(description="one per row, in order")

@@ -77,6 +77,7 @@ class SyncRecord:
     photo_files: list[list[Any]]
     model_version: str | None
     content_hash: str | None = None
+    source: str = "catalogue"  # points from before sources were recorded came from catalogues
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any]) -> SyncRecord:
@@ -87,6 +88,7 @@ class SyncRecord:
             files if isinstance(files, list) else [],
             payload.get("model_version"),
             payload.get("content_hash"),
+            str(payload.get("source") or "catalogue"),
         )
 
 

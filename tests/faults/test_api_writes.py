@@ -1,0 +1,185 @@
+"""Products written by other services over HTTP, against a real `visrec serve` on loopback and a real
+store: the write key's scope, the catalogue's checks on every row, photos embedded only when they
+changed, read-your-writes, per-row batch answers, and sources (a file sync deletes only its own)."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.faults.helpers import settings_env
+from tests.faults.served import Served, serve, synced_store
+from tests.fetch_servers import Handler, Server
+from tests.fetch_servers import serve as serve_images
+from tests.helpers import COLOURS, SHAPES, draw_product
+from visrec.artefact import Manifest
+from visrec.config import Settings
+
+READ, WRITE = "read-key-1", "write-key-2"
+
+
+def photos(handler: Handler) -> None:
+    """/<n>.png: a drawn product photo, different for each n."""
+    n = int(handler.path.strip("/").split(".")[0] or 0)
+    buffer = io.BytesIO()
+    tmp = Path(f"/tmp/visrec-writes-{n}.png")
+    draw_product(tmp, SHAPES[n % 3], list(COLOURS)[n % 3], variant=n)
+    Image.open(tmp).save(buffer, "PNG")
+    handler.reply(200, buffer.getvalue(), {"Content-Type": "image/png"})
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[Server]:
+    with serve_images(photos) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, artefact: tuple[Path, Manifest]) -> Settings:
+    return synced_store(tmp_path_factory.mktemp("writes"), artefact[0], n=6)
+
+
+@pytest.fixture(scope="module")
+def served(store: Settings) -> Iterator[Served]:
+    env = {"VISREC_INGEST__ALLOWED_HOSTS": '["127.0.0.1"]', "VISREC_API__WRITE_KEY": WRITE}
+    with serve(store, store.qdrant.path.parent / "writes.log", key=READ, env=env) as server:
+        yield server
+
+
+def client(served: Served, key: str | None) -> httpx.Client:
+    return httpx.Client(base_url=served.url, timeout=60, headers={"X-API-Key": key} if key else {})
+
+
+def test_scopes(served: Served, host: Server) -> None:
+    row = {"image": host.url("/1.png"), "category": "circle"}
+    with client(served, READ) as reader, client(served, None) as anonymous, client(served, WRITE) as writer:
+        for method, path, body in (
+            ("PUT", "/products/w1", row),
+            ("PATCH", "/products/p0", {"price": 1}),
+            ("DELETE", "/products/p0", None),
+            ("POST", "/products/batch", [{"id": "w1", **row}]),
+        ):
+            assert reader.request(method, path, json=body).status_code == 403, (method, path)
+            assert anonymous.request(method, path, json=body).status_code == 401, (method, path)
+        assert writer.get("/products/p0").status_code == 200  # the write key reads too
+        assert reader.get("/products/p0").json()["payload"]["price"] == 10  # nothing was written
+
+
+def test_put_patch_delete_and_read_your_writes(served: Served, host: Server) -> None:
+    with client(served, WRITE) as writer:
+        row = {"images": [host.url("/7.png"), host.url("/8.png")], "category": "square", "price": 5}
+        assert writer.put("/products/w7", json=row).json()["outcome"] == "added"
+        fetched = len(host.hits)
+        assert writer.put("/products/w7", json=row).json()["outcome"] == "unchanged"
+        assert writer.put("/products/w7", json={**row, "price": 6}).json()["outcome"] == "metadata_updated"
+        assert len(host.hits) == fetched  # neither fetched nor embedded its photos again
+        got = writer.get("/products/w7").json()
+        assert got["payload"]["price"] == 6 and got["photos"] == 2
+        similar = writer.get("/products/w7/similar", params={"k": 3})
+        assert similar.status_code == 200 and len(similar.json()["results"]) == 3
+        assert writer.put("/products/w7", json={**row, "images": [host.url("/9.png")]}).json()["outcome"] == (
+            "updated"
+        )
+        patched = writer.patch("/products/w7", json={"price": 9, "title": "new", "category": None})
+        assert patched.status_code == 200
+        assert patched.json()["payload"] == {**patched.json()["payload"], "price": 9, "title": "new"}
+        assert "category" not in writer.get("/products/w7").json()["payload"]
+        assert writer.patch("/products/nope", json={"price": 1}).status_code == 404
+        assert writer.delete("/products/w7").json()["outcome"] == "deleted"
+        assert writer.delete("/products/w7").json()["outcome"] == "absent"
+        assert writer.get("/products/w7").status_code == 404
+
+
+@pytest.mark.parametrize(
+    ("row", "why"),
+    [
+        ({"image": "images/p0.png"}, "must be an http(s) URL"),
+        ({"image": "/etc/passwd"}, "must be an http(s) URL"),
+        ({"image": "http://10.1.2.3/x.png"}, "refused"),
+        ({"image": "file:///etc/passwd"}, ""),
+        ({"image": "http://x.example/a.png", "content_hash": "1"}, "computes itself"),
+        ({"image": "http://x.example/a.png", "price": -1}, "price"),
+        ({}, "no photo"),
+    ],
+)
+def test_a_row_gets_the_catalogue_checks(served: Served, row: dict[str, object], why: str) -> None:
+    with client(served, WRITE) as writer:
+        answer = writer.put("/products/bad", json=row)
+        assert answer.status_code == 422, answer.text
+        assert why in answer.text
+        assert writer.get("/products/bad").status_code == 404
+
+
+def test_patch_refuses_what_it_may_not_write(served: Served) -> None:
+    with client(served, WRITE) as writer:
+        refused: list[dict[str, object]] = [
+            {"image": "http://x.example/a.png"},
+            {"images": []},
+            {"model_version": "x"},
+            {"id": "z"},
+        ]
+        for fields in refused:
+            assert writer.patch("/products/p1", json=fields).status_code == 422, fields
+        json_type = {"content-type": "application/json"}
+        for raw in ('{"price": Infinity}', '{"price": -1}', '{"a": "\\ud800"}', "[1]"):
+            assert writer.patch("/products/p1", content=raw, headers=json_type).status_code == 422, raw
+        assert writer.get("/products/p1").json()["payload"]["price"] == 11
+
+
+def test_batch_answers_each_row(served: Served, host: Server) -> None:
+    rows = [
+        {"id": "b1", "image": host.url("/11.png"), "category": "circle"},
+        {"id": "", "image": host.url("/12.png")},
+        {"id": "b3", "image": "images/p0.png"},
+        "not a row",
+        {"id": "b5", "image": host.url("/13.png"), "price": 3},
+    ]
+    with client(served, WRITE) as writer:
+        answer = writer.post("/products/batch", json=rows)
+        assert answer.status_code == 200, answer.text
+        outcomes = [r["outcome"] for r in answer.json()["results"]]
+        assert outcomes[0] == "added" and outcomes[4] == "added"
+        assert all(o.startswith("error: ") for o in outcomes[1:4]), outcomes
+        lines = "\n".join(json.dumps(r) for r in (rows[0], rows[4])) + "\n{broken\n"
+        ndjson = {"content-type": "application/x-ndjson"}
+        again = [
+            r["outcome"]
+            for r in writer.post("/products/batch", content=lines, headers=ndjson).json()["results"]
+        ]
+        assert again[:2] == ["unchanged", "unchanged"] and again[2].startswith("error: ")
+        assert writer.get("/products/b5").json()["payload"]["price"] == 3
+
+
+def test_a_file_sync_deletes_only_its_own_products(served: Served, store: Settings, host: Server) -> None:
+    with client(served, WRITE) as writer:
+        assert writer.put("/products/api1", json={"image": host.url("/21.png")}).json()["outcome"] == "added"
+    catalogue = store.qdrant.path.parent / "catalogue.csv"
+    lines = catalogue.read_text().splitlines()
+    catalogue.write_text("\n".join(lines[:-1]) + "\n")  # the file drops its last product
+    synced = subprocess.run(
+        [sys.executable, "-m", "visrec", "sync", str(catalogue), "--json", "--max-delete", "1"],
+        env=settings_env(store),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert synced.returncode == 0, synced.stderr
+    assert json.loads(synced.stdout)["deleted"] == 1  # the catalogue's product, not the API's
+    with client(served, READ) as reader:
+        assert reader.get("/products/api1").status_code == 200
+        assert reader.get("/products/p5").status_code == 404
+
+
+def test_writes_are_off_without_a_write_key(tmp_path: Path, artefact: tuple[Path, Manifest]) -> None:
+    settings = synced_store(tmp_path, artefact[0], n=3)
+    with serve(settings, tmp_path / "serve.log") as server, client(server, None) as anyone:
+        answer = anyone.put("/products/x", json={"image": "http://x.example/a.png"})
+        assert answer.status_code == 403 and "VISREC_API__WRITE_KEY" in answer.text

@@ -1,0 +1,126 @@
+"""Writes from other services: add, change and remove products one at a time or in batches.
+
+Every write needs the write key (`VISREC_API__WRITE_KEY`, distinct from the read key); without one
+configured the routes answer 403 and say so. Rows pass the catalogue's checks and the one sync engine
+(`visrec.writer.ProductWrites`); a 2xx means the write is in the store and the next query sees it. A
+write is idempotent by product id: a client that timed out sends the same request again (a row that
+was written answers `unchanged`). A write that has started runs to its end in the service's writer even
+if its request times out: it is never left half done.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, Request
+from starlette.concurrency import run_in_threadpool
+
+from visrec.api.deps import ServiceDep, service_of
+from visrec.api.models import BatchOut, Product, ProductRow, WriteOut, errors, product_out
+from visrec.errors import InvalidQuery, WriteForbidden
+from visrec.writer import ProductWrites
+
+router = APIRouter()
+WRITE_ERRORS = errors(401, 403, 404, 413, 422, 503)
+
+
+def writes_of(request: Request) -> ProductWrites:
+    """The app's writes, after checking the caller holds the write key."""
+    key = service_of(request).settings.api.write_key
+    if key is None:
+        raise WriteForbidden("writes are off on this service: it has no VISREC_API__WRITE_KEY")
+    given = (request.headers.get("x-api-key") or "").encode()
+    if not secrets.compare_digest(given, key.get_secret_value().encode()):
+        raise WriteForbidden("this route needs the write key in X-API-Key")
+    writes: ProductWrites = request.app.state.writes
+    return writes
+
+
+WritesDep = Annotated[ProductWrites, Depends(writes_of)]
+
+
+def _outcome(product_id: str, outcome: str) -> WriteOut:
+    if outcome.startswith("error: "):
+        raise InvalidQuery(outcome.removeprefix("error: "))
+    return WriteOut(product_id=product_id, outcome=outcome)
+
+
+@router.put("/products/{product_id}", response_model=WriteOut, responses=WRITE_ERRORS)
+def put_product(product_id: str, row: ProductRow, writes: WritesDep) -> WriteOut:
+    """Create or replace a product, as a catalogue row says it; its photos are embedded only when they
+    changed (the same PUT again answers `unchanged`)."""
+    body = row.model_dump(exclude_none=True)
+    if body.get("id", product_id) != product_id:
+        raise InvalidQuery("the body's id differs from the path's")
+    [outcome] = writes.rows([{**body, "id": product_id}])
+    return _outcome(product_id, outcome)
+
+
+@router.patch("/products/{product_id}", response_model=Product, responses=WRITE_ERRORS)
+def patch_product(
+    product_id: str,
+    fields: Annotated[dict[str, Any], Body(description="fields to set; null removes one (JSON merge patch)")],
+    writes: WritesDep,
+    service: ServiceDep,
+) -> Product:
+    """Change a product's fields (never its photos): nothing is embedded. 404 for an unknown product."""
+    return product_out(product_id, writes.patch(product_id, fields), service.settings)
+
+
+@router.delete("/products/{product_id}", response_model=WriteOut, responses=WRITE_ERRORS)
+def delete_product(product_id: str, writes: WritesDep) -> WriteOut:
+    """Remove a product (`absent` if it was not indexed: a repeated DELETE is not an error)."""
+    return WriteOut(product_id=product_id, outcome="deleted" if writes.delete(product_id) else "absent")
+
+
+@router.post(
+    "/products/batch",
+    response_model=BatchOut,
+    responses=WRITE_ERRORS,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
+                "application/x-ndjson": {"schema": {"type": "string"}},
+            },
+        }
+    },
+)
+async def batch(request: Request, writes: WritesDep) -> BatchOut:
+    """Create or replace many products: a JSON array of rows, or JSON lines (`application/x-ndjson`),
+    each with its `id`. Every row is answered (`error: why` for a bad one): one bad row never fails the
+    others."""
+    rows = _rows(await request.body(), request.headers.get("content-type", ""))
+    limit = service_of(request).settings.api.max_batch_rows
+    if len(rows) > limit:
+        raise InvalidQuery(f"{len(rows)} rows: at most {limit} a batch")
+    outcomes = await run_in_threadpool(writes.rows, rows)
+    ids = [str(row.get("id")) if isinstance(row, dict) else "" for row in rows]
+    return BatchOut(results=[WriteOut(product_id=i, outcome=o) for i, o in zip(ids, outcomes, strict=True)])
+
+
+def _rows(body: bytes, content_type: str) -> list[Any]:
+    """The rows of a batch body; a line that is not JSON becomes a row that fails on its own."""
+    try:
+        text = body.decode()
+    except UnicodeDecodeError:
+        raise InvalidQuery("the body is not UTF-8") from None
+    if "ndjson" in content_type or "jsonl" in content_type:
+        rows: list[Any] = []
+        for line in text.splitlines():
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    rows.append(None)  # answered "not a JSON object"
+        return rows
+    try:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError):
+        raise InvalidQuery("the body is neither a JSON array of rows nor JSON lines") from None
+    if not isinstance(parsed, list):
+        raise InvalidQuery("the body must be a JSON array of rows")
+    return parsed
