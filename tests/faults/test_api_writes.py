@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -183,3 +184,59 @@ def test_writes_are_off_without_a_write_key(tmp_path: Path, artefact: tuple[Path
     with serve(settings, tmp_path / "serve.log") as server, client(server, None) as anyone:
         answer = anyone.put("/products/x", json={"image": "http://x.example/a.png"})
         assert answer.status_code == 403 and "VISREC_API__WRITE_KEY" in answer.text
+
+
+def test_kill_during_writes_keeps_every_answered_row(
+    tmp_path: Path, artefact: tuple[Path, Manifest], host: Server
+) -> None:
+    """kill -9 of the service while batches are written: every row answered ok is there after a
+    restart; rows not answered may be absent but never half-written (all their photos, their fields)."""
+    import signal
+    import threading
+
+    from visrec.index import open_index
+
+    settings = synced_store(tmp_path, artefact[0], n=3)
+    env = {"VISREC_INGEST__ALLOWED_HOSTS": '["127.0.0.1"]', "VISREC_API__WRITE_KEY": WRITE}
+    answered: list[str] = []
+
+    def rows(start: int) -> list[dict[str, object]]:
+        return [
+            {"id": f"k{i}", "images": [host.url(f"/{i}.png"), host.url(f"/{i + 1}.png")], "price": i}
+            for i in range(start, start + 4)
+        ]
+
+    with serve(settings, tmp_path / "serve.log", env=env) as server:
+        stop = threading.Event()
+
+        def write() -> None:
+            with client(server, WRITE) as writer:
+                start = 100
+                while not stop.is_set():
+                    try:
+                        answer = writer.post("/products/batch", json=rows(start))
+                    except httpx.HTTPError:
+                        return
+                    answered.extend(
+                        r["product_id"] for r in answer.json()["results"] if r["outcome"] == "added"
+                    )
+                    start += 4
+
+        thread = threading.Thread(target=write)
+        thread.start()
+        while len(answered) < 8 and thread.is_alive():
+            time.sleep(0.05)
+        server.process.send_signal(signal.SIGKILL)
+        server.process.wait(timeout=30)
+        stop.set()
+        thread.join(timeout=60)
+    assert len(answered) >= 8
+    with open_index(settings.qdrant) as index:
+        records = index.sync_records()
+        assert set(answered) <= set(records)
+        for product_id in set(records) - {"p0", "p1", "p2"}:
+            found = index.get(product_id)
+            assert found is not None
+            vectors, payload = found
+            i = int(product_id[1:])
+            assert len(vectors) == 2 and payload["price"] == i and payload["source"] == "api", product_id

@@ -23,7 +23,7 @@ from visrec.errors import InvalidQuery, WriteForbidden
 from visrec.writer import ProductWrites
 
 router = APIRouter()
-WRITE_ERRORS = errors(401, 403, 404, 413, 422, 503)
+WRITE_ERRORS = errors(400, 401, 403, 404, 413, 422, 503)
 
 
 def writes_of(request: Request) -> ProductWrites:
