@@ -8,8 +8,10 @@ command and a real `visrec serve` on loopback.
 Prints, in one run: (1) the first sync (every photo embedded); (2) a no-change resync: wall time, the
 photo bytes it read (the quick check) and the process's read syscalls (/proc/PID/io rchar), beside a
 `--checksum` resync that hashes every photo; (3) every price changed: wall time and photos embedded,
-against the first sync; (4) similar-by-id reads (one client) while idle and while the service embeds
-2,000 new products handed over by `visrec sync`: p50/p99 and failed reads.
+against the first sync; (4) similar-by-id and /healthz reads (one client) while idle and while the
+service embeds 2,000 new products handed over by `visrec sync` and replaces the live version by an
+optimized copy made in another process; (5) products written over HTTP (PUT, batches of 50) with photos
+from a loopback host, PATCH latency, and reads meanwhile.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import sys
 import tempfile
 import threading
 import time
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +36,8 @@ from embed_throughput import random_artefact
 
 from common import SAMPLE_CATALOGUE, catalogue_rows, new_parser
 
+WRITE_KEY = "bench-write-key"
+WRITE_HEADERS = {"X-API-Key": WRITE_KEY}
 # Runs the CLI, then reports its own /proc/self/io on stderr's last line (what the whole process read).
 _WITH_IO = (
     "import sys\nfrom visrec.cli import app\ntry:\n    app()\nfinally:\n"
@@ -62,22 +68,17 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-def read_loop(url: str, stop: threading.Event, out: list[float], failed: list[int]) -> None:
-    with httpx.Client(base_url=url, timeout=30) as client:
-        while not stop.is_set():
-            started = time.perf_counter()
-            try:
-                ok = client.get("/products/fmnist-00000/similar", params={"k": 10}).status_code == 200
-            except httpx.HTTPError:
-                ok = False
-            (out.append((time.perf_counter() - started) * 1000) if ok else failed.append(1))
-
-
 def main() -> None:
     p = new_parser(__doc__)
     p.add_argument("--artefact", type=Path, help="model to embed with (default: random ResNet50 weights)")
     p.add_argument("--input-size", type=int, default=64)
     p.add_argument("--idle-s", type=float, default=10.0, help="reads timed before the handed-over sync")
+    p.add_argument(
+        "--optimize-after", type=int, default=1000, help="VISREC_QDRANT__OPTIMIZE_AFTER of the service"
+    )
+    p.add_argument(
+        "--writes", type=int, default=200, help="products written by PUT, and by batch, and patched"
+    )
     args = p.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="visrec-live-"))
@@ -118,42 +119,118 @@ def main() -> None:
     )
 
     port = free_port()
-    served_env = env | {"VISREC_API__PORT": str(port)}
-    log = (root / "serve.log").open("wb")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "visrec", "serve"], env=served_env, stdout=log, stderr=log
+    images_host = ThreadingHTTPServer(
+        ("127.0.0.1", 0), partial(SimpleHTTPRequestHandler, directory=str(images))
     )
+    threading.Thread(target=images_host.serve_forever, daemon=True).start()
+    photo_url = f"http://127.0.0.1:{images_host.server_address[1]}"
+    served_env = env | {
+        "VISREC_API__PORT": str(port),
+        "VISREC_API__WRITE_KEY": WRITE_KEY,
+        "VISREC_INGEST__ALLOWED_HOSTS": '["127.0.0.1"]',
+        # the handed-over sync of 2,000 products ends with an optimized copy made beside the live one
+        "VISREC_QDRANT__OPTIMIZE_AFTER": str(args.optimize_after),
+    }
+    log = (root / "serve.log").open("wb")
+    command = [sys.executable, "-m", "visrec", "serve"]
+    server = subprocess.Popen(command, env=served_env, stdout=log, stderr=log)
     url = f"http://127.0.0.1:{port}"
     try:
         wait_ready(url, server)
-        idle: list[float] = []
-        failed: list[int] = []
-        stop = threading.Event()
-        reader = threading.Thread(target=read_loop, args=(url, stop, idle, failed))
-        reader.start()
-        time.sleep(args.idle_s)
-        stop.set()
-        reader.join()
-        more = rows + [{**row, "id": row["id"] + "-b"} for row in rows]
-        write_catalogue_rows(catalogue, more)
-        busy: list[float] = []
-        stop = threading.Event()
-        reader = threading.Thread(target=read_loop, args=(url, stop, busy, failed))
-        reader.start()
-        handed, handed_wall, _ = visrec_sync(env, catalogue)
-        stop.set()
-        reader.join()
+        with Reads(url) as idle:
+            time.sleep(args.idle_s)
+        print(f"(4) reads while idle: {idle.line()}")
+        write_catalogue_rows(catalogue, rows + [{**row, "id": row["id"] + "-b"} for row in rows])
+        with Reads(url) as busy:
+            handed, handed_wall, _ = visrec_sync(env, catalogue)
         print(
-            f"(4) reads, one client: idle p50 {statistics.median(idle):.1f} ms, p99 "
-            f"{percentile(idle, 0.99):.1f} ms ({len(idle)} reads); during a handed-over sync of "
-            f"{handed['added']} new products ({handed_wall:.1f} s): p50 {statistics.median(busy):.1f} ms, "
-            f"p99 {percentile(busy, 0.99):.1f} ms ({len(busy)} reads), p99 ratio "
-            f"{percentile(busy, 0.99) / percentile(idle, 0.99):.1f}x; failed reads {len(failed)}"
+            f"    during a handed-over sync of {handed['added']} new products ({handed_wall:.1f} s, its "
+            f"optimized copy included): {busy.line()}; p99 {busy.p99() / idle.p99():.1f}x idle"
+        )
+        with Reads(url) as during, httpx.Client(base_url=url, timeout=120, headers=WRITE_HEADERS) as writer:
+            started = time.perf_counter()
+            for n, row in enumerate(rows[: args.writes]):
+                body = {"image": f"{photo_url}/{Path(row['image']).name}", "category": row["category"]}
+                assert writer.put(f"/products/w{n}", json=body).json()["outcome"] == "added"
+            put_rate = args.writes / (time.perf_counter() - started)
+            batch = [
+                {
+                    "id": f"x{n}",
+                    "image": f"{photo_url}/{Path(row['image']).name}",
+                    "category": row["category"],
+                }
+                for n, row in enumerate(rows[: args.writes])
+            ]
+            started = time.perf_counter()
+            for start in range(0, len(batch), 50):
+                answer = writer.post("/products/batch", json=batch[start : start + 50]).json()["results"]
+                assert {r["outcome"] for r in answer} == {"added"}, answer[:3]
+            batch_rate = args.writes / (time.perf_counter() - started)
+            patches: list[float] = []
+            for n in range(args.writes):
+                started = time.perf_counter()
+                assert writer.patch(f"/products/w{n}", json={"price": n}).status_code == 200
+                patches.append((time.perf_counter() - started) * 1000)
+        print(
+            f"(5) HTTP writes, photos from a loopback host: PUT {put_rate:.1f} products/s, batch of 50 "
+            f"{batch_rate:.1f} products/s (the CLI's first sync: {first['added'] / first_wall:.1f}/s); "
+            f"PATCH p50 {statistics.median(patches):.1f} ms, p99 {percentile(patches, 0.99):.1f} ms "
+            f"({len(patches)} at {4000 + 2 * args.writes} products); reads meanwhile: {during.line()}"
         )
     finally:
         server.terminate()
         server.wait(timeout=30)
+        images_host.shutdown()
         shutil.rmtree(root, ignore_errors=True)
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class Reads:
+    """One client reading similar-by-id, and /healthz, in a loop while the block runs."""
+
+    def __init__(self, url: str) -> None:
+        self.url, self.ms, self.health_ms, self.failed = url, [], [], 0  # type: ignore[var-annotated]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            while not self._stop.is_set():
+                for path, into in (
+                    ("/products/fmnist-00000/similar?k=10", self.ms),
+                    ("/healthz", self.health_ms),
+                ):
+                    started = time.perf_counter()
+                    try:
+                        ok = client.get(path).status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    if ok:
+                        into.append((time.perf_counter() - started) * 1000)
+                    else:
+                        self.failed += 1
+
+    def p99(self) -> float:
+        return percentile(self.ms, 0.99)
+
+    def line(self) -> str:
+        return (
+            f"similar p50 {statistics.median(self.ms):.1f} ms, p99 {self.p99():.1f} ms ({len(self.ms)}), "
+            f"/healthz p99 {percentile(self.health_ms, 0.99):.1f} ms, max {max(self.health_ms):.1f} ms; "
+            f"failed {self.failed}"
+        )
+
+    def __enter__(self) -> Reads:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
 
 
 def write_catalogue_rows(path: Path, rows: list[dict[str, str]]) -> Path:

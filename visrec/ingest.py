@@ -94,6 +94,7 @@ class SyncOptions:
     shard: Shard = Shard()
     checksum: bool = False  # hash every local photo, not only those whose size or time changed
     optimize: bool = True  # end with optimize(); a service defers it (it would stop every thread)
+    optimize_apart: bool = False  # optimize in a process of its own (a service building a new version)
     source: str = "catalogue"  # who owns the rows' products from now on (visrec.payload.SOURCES)
     deletes: bool = True  # False: only the rows' products are touched (rows written over HTTP)
 
@@ -214,7 +215,7 @@ def sync(
         # The embedded store builds its HNSW graph only when asked: at 100k points top-10 takes 19 ms
         # unoptimized, 1.5 ms after (benchmarks/query_latency.py). Small stores and servers: a no-op.
         optimizing = time.perf_counter()
-        index.optimize()
+        index.optimize(apart=options.optimize_apart)
         optimize_seconds = time.perf_counter() - optimizing
         log.info("index optimized in %.1f s", optimize_seconds)
     failures += [_failure("store", catalogue, product_id, error) for product_id, error in rejected.items()]

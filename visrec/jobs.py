@@ -80,12 +80,14 @@ def run_sync(
     *,
     model: ModelHandle | None = None,
     optimize: bool = True,
+    optimize_apart: bool = False,
 ) -> dict[str, Any]:
-    """`visrec sync` on `index`; `model`: the handle to embed with (the service's, already loaded)."""
+    """`visrec sync` on `index`; `model`: the handle to embed with (the service's, already loaded);
+    `optimize`, `optimize_apart`: as `SyncOptions` says."""
     settings = _with_flags(settings, job)
     catalogue = read_catalogue(job.catalogue, settings.ingest)
     options = SyncOptions.from_settings(settings, Shard.parse(job.shard), checksum=job.checksum)
-    options = replace(options, optimize=optimize)
+    options = replace(options, optimize=optimize, optimize_apart=optimize_apart)
     handle = model or ModelHandle(settings.artefact, settings.embed)
     summary = sync(
         catalogue, index, handle, options, progress=lambda done, total: _tell(progress, "embed", done, total)
@@ -101,7 +103,8 @@ def run_reindex(
     held: Mapping[str, VectorIndex] | None = None,
     model: ModelHandle | None = None,
 ) -> dict[str, Any]:
-    """`visrec reindex`; `held`: versions this process has open (the service's live one)."""
+    """`visrec reindex`; `held`: versions this process has open (the service's live one), whose requests
+    must not stop: the new version is then optimized in a process of its own."""
     settings = _with_flags(settings, job)
     catalogue = read_catalogue(job.catalogue, settings.ingest)
     with open_store(settings.qdrant) as store:
@@ -109,7 +112,7 @@ def run_reindex(
             catalogue,
             store,
             model or ModelHandle(settings.artefact, settings.embed),
-            SyncOptions.from_settings(settings),
+            replace(SyncOptions.from_settings(settings), optimize_apart=held is not None),
             gate=settings.gate,
             force=job.force,
             accept_failures=job.accept_failures,

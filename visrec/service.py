@@ -121,6 +121,12 @@ class Service:
         except VisrecError as exc:
             log.warning("after the job, the live collection cannot be opened: %s", exc)
 
+    def replace_index(self, old: Live, index: VectorIndex) -> None:
+        """Serve `old`'s collection from `index` (an optimized copy) from now on; `old`'s handle is
+        retired like a switched version's, closed once the requests holding it are done."""
+        with self._lock:
+            self._swap(Live(old.collection, index, old.embedder, old.model_problem))
+
     def loaded_models(self) -> list[Embedder]:
         """The models in memory (the live pair's and the retired pairs')."""
         return self._models()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -67,22 +68,34 @@ class Writer:
             result = run_sync(job, settings, index, progress, model=self._model(job.model), optimize=False)
         except CollectionMissing:  # no collection yet: the first sync creates it, then the service opens it
             store = self.service.store()
-            with store.open(store.live()) as index:
-                return run_sync(job, settings, index, progress, model=self._model(job.model))
+            with store.open(store.live()) as index:  # no request reads it yet, but they must not stop
+                return run_sync(
+                    job, settings, index, progress, model=self._model(job.model), optimize_apart=True
+                )
         self.changed(index, result["added"] + result["updated"] + result["deleted"])
         return result
 
     def changed(self, index: VectorIndex, points: int) -> None:
-        """Count points written into `index` without optimize(); optimize once there are enough."""
+        """Count points written into the live `index` without optimize(); once there are
+        `qdrant.optimize_after`, replace it by an optimized copy (made by another process: requests go
+        on meanwhile, and writes wait their turn)."""
         self.changed_since_optimize += points
-        if self.changed_since_optimize >= self.service.settings.qdrant.optimize_after:
-            log.warning(
-                "optimizing %s after %d changed points: requests wait meanwhile",
-                index.collection,
-                self.changed_since_optimize,
-            )
-            index.optimize()
-            self.changed_since_optimize = 0
+        if self.changed_since_optimize < self.service.settings.qdrant.optimize_after:
+            return
+        live = self.service.live()
+        if live.index is not index:
+            return
+        started = time.perf_counter()
+        copy = index.optimized_copy()
+        if copy is not index:
+            self.service.replace_index(live, copy)
+        log.info(
+            "%s optimized after %d changed points (%.1f s, beside the live handle)",
+            index.collection,
+            self.changed_since_optimize,
+            time.perf_counter() - started,
+        )
+        self.changed_since_optimize = 0
 
     def _reindex(self, job: ReindexJob, progress: Progress) -> dict[str, Any]:
         try:

@@ -89,7 +89,9 @@ def test_sync_reindex_and_rollback_hand_over_to_the_running_service(
     shutil.copytree(settings.qdrant.path, reference.qdrant.path)
     expected = run_sync(catalogue, reference, max_delete=1.0).to_dict()
 
-    with serve(settings, tmp_path / "serve.log") as served, Reader(served.url) as reader:
+    # Every handed-over sync ends with an optimized copy made by another process.
+    env = {"VISREC_QDRANT__OPTIMIZE_AFTER": "1"}
+    with serve(settings, tmp_path / "serve.log", env=env) as served, Reader(served.url) as reader:
         assert find_owner(settings.qdrant) is not None
         synced = visrec(settings, "sync", str(catalogue), "--max-delete", "1", "--json")
         assert synced.returncode == 0, synced.stderr
@@ -109,6 +111,8 @@ def test_sync_reindex_and_rollback_hand_over_to_the_running_service(
             assert client.get("/products/p1").json()["payload"]["price"] == 999
         again = visrec(settings, "sync", str(catalogue), "--json")
         assert again.returncode == 0 and json.loads(again.stdout)["unchanged"] == 27
+        # The live version now lives in its optimized copy, and the service reads from it.
+        assert (settings.qdrant.path / "products__v1.current").read_text() == "products__v1.g1"
 
         # A second model: reindex builds v2 beside the live v1 (its gate reads v1 through the service).
         model, manifest = load_artefact(artefact[0], torch.device("cpu"))
@@ -128,6 +132,9 @@ def test_sync_reindex_and_rollback_hand_over_to_the_running_service(
         time.sleep(0.5)
     assert reader.statuses and set(reader.statuses) == {200}, reader.statuses
     assert find_owner(settings.qdrant) is None  # the marker goes with the service
+    status = visrec(settings, "status", "--json")  # alone again: opens the optimized copy itself
+    assert status.returncode == 0 and json.loads(status.stdout)["points"] == 27, status.stderr
+    assert not (settings.qdrant.path / "products__v1").exists()  # the replaced folder went with its handle
 
 
 def test_a_service_killed_mid_sync_loses_nothing(tmp_path: Path, artefact: tuple[Path, Manifest]) -> None:

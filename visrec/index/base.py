@@ -297,8 +297,16 @@ class VectorIndex(_Closing):
         """Number of points, optionally meeting `filters`."""
 
     @abstractmethod
-    def optimize(self) -> None:
-        """Build the HNSW graph and merge segments now (blocking); the server does this on its own."""
+    def optimize(self, *, apart: bool = False) -> None:
+        """Build the HNSW graph and merge segments now (blocking); the server does this on its own.
+        `apart`: in a process of its own (the embedded engine holds the GIL while it optimizes), for a
+        handle no other thread uses meanwhile (it is closed and opened again)."""
+
+    def optimized_copy(self) -> VectorIndex:
+        """An optimized copy of this collection, opened beside this handle to replace it while this one
+        goes on answering (the embedded engine: a copy optimized by another process; it becomes the
+        collection's folder). A backend that optimizes on its own returns this handle."""
+        return self
 
     def close(self) -> None:
         """Flush and release the collection, and the store if this index owns it."""

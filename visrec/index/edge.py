@@ -9,6 +9,9 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import shutil
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
@@ -43,6 +46,17 @@ _DISK_FULL = (
     "FileTooLarge",
 )
 _NEVER_CREATED = "no segments were loaded"  # a folder a crashed or failed create() left: it holds nothing
+GENERATION = ".g"  # `products__v1.g3`: the third optimized copy of version 1 (collection names have no dot)
+
+
+def current_folder(root: Path, collection: str) -> Path:
+    """The folder that holds `collection` now: the optimized copy its pointer file
+    (`<collection>.current`, replaced atomically) names, else `root/<collection>`."""
+    try:
+        name = (root / f"{collection}.current").read_text().strip()
+    except FileNotFoundError:
+        return root / collection
+    return root / name if name else root / collection
 
 
 class StoreBusy(IndexUnavailable):
@@ -111,7 +125,9 @@ class EdgeStore(Store):
         self.alias_file = self.root / f"{self.name}.alias"
 
     def _collections(self) -> list[str]:
-        return [p.name for p in self.root.iterdir() if p.is_dir()] if self.root.is_dir() else []
+        if not self.root.is_dir():
+            return []
+        return sorted({p.name.split(GENERATION)[0] for p in self.root.iterdir() if p.is_dir()})
 
     def _alias_target(self) -> str | None:
         try:
@@ -135,9 +151,12 @@ class EdgeIndex(VectorIndex):
 
     SCHEMA_TYPES = SCHEMA_TYPES
 
-    def __init__(self, root: Path, collection: str, settings: QdrantSettings | None = None) -> None:
+    def __init__(
+        self, root: Path, collection: str, settings: QdrantSettings | None = None, folder: Path | None = None
+    ) -> None:
         self.collection = collection
-        self.path = root / collection
+        self.root = root
+        self.path = folder or current_folder(root, collection)
         self.metadata_file = root / f"{collection}.json"
         self.settings = settings or QdrantSettings()
         self._shard: qe.EdgeShard | None = None
@@ -371,9 +390,36 @@ class EdgeIndex(VectorIndex):
         ):
             return build(_edge_filter(filters, exclude))
 
-    def optimize(self) -> None:
-        with self._engine("optimize"):
-            self.shard.optimize()
+    def optimize(self, *, apart: bool = False) -> None:
+        if not apart:
+            with self._engine("optimize"):
+                self.shard.optimize()
+            return
+        self._close()  # the child process takes the folder's lock, then gives it back
+        try:
+            _optimize_in_child(self.path)
+        finally:
+            self._shard = self._load()
+
+    def optimized_copy(self) -> EdgeIndex:
+        """Copy this collection's folder (flushed) to its next generation, optimize the copy in a child
+        process (this handle goes on answering), make the copy the collection's folder and open it. The
+        folder this handle holds is removed when it closes."""
+        with self._engine("flush"):
+            self.shard.flush()
+        suffix = self.path.name.rpartition(GENERATION)[2] if GENERATION in self.path.name else "0"
+        target = self.root / f"{self.collection}{GENERATION}{int(suffix) + 1}"
+        for stale in self.root.glob(f"{self.collection}{GENERATION}*"):  # copies a crash left behind
+            if stale not in (self.path, current_folder(self.root, self.collection)):
+                shutil.rmtree(stale, ignore_errors=True)
+        try:
+            shutil.copytree(self.path, target)
+        except OSError as exc:
+            shutil.rmtree(target, ignore_errors=True)
+            raise IndexUnavailable(f"embedded store {self.path}: cannot copy it to optimize: {exc}") from exc
+        _optimize_in_child(target)
+        write_atomically(self.root / f"{self.collection}.current", target.name)
+        return EdgeIndex(self.root, self.collection, self.settings, folder=target)
 
     def _close(self) -> None:
         if self._shard is not None:
@@ -383,6 +429,22 @@ class EdgeIndex(VectorIndex):
                     shard.flush()
                 finally:
                     shard.close()
+            if self.path != current_folder(self.root, self.collection):  # replaced by an optimized copy
+                shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _optimize_in_child(folder: Path) -> None:
+    """optimize() of `folder` in a process of its own (`visrec.index.compact`): the GIL stays free."""
+    done = subprocess.run(
+        [sys.executable, "-m", "visrec.index.compact", str(folder)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        cause = (done.stderr.strip().splitlines() or ["no message"])[-1]
+        raise IndexUnavailable(f"embedded store {folder}: optimize failed in its process: {cause}")
+    log.info("%s", done.stderr.strip())
 
 
 def _culprit(p: IndexPoint) -> str:

@@ -330,7 +330,7 @@ class ServerIndex(VectorIndex):
         )
         return int(result.count)
 
-    def optimize(self) -> None:
+    def optimize(self, *, apart: bool = False) -> None:
         """The server optimizes in the background by itself."""
 
     def _close(self) -> None:
