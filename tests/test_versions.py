@@ -19,6 +19,7 @@ def test_describe_counts_the_points_of_each_model(make_catalogue: MakeCatalogue,
             "versions": [],
             "points": 0,
             "points_by_model_version": {},
+            "points_by_source": {},
             "quality": {},
             "layout": None,
         }
@@ -27,6 +28,7 @@ def test_describe_counts_the_points_of_each_model(make_catalogue: MakeCatalogue,
     with open_store(settings.qdrant) as store:
         described = describe(store)
     assert described["points_by_model_version"] == {model: 5}
+    assert described["points_by_source"] == {"catalogue": 5, "api": 0}
     assert described["quality"] == {"products__v1": None}  # a sync measures nothing; `reindex` does
     assert described["layout"] == {"multivector": True, "quantization": "none", "on_disk": False}
     with open_index(settings.qdrant) as index:  # a point some other model made (written by hand)

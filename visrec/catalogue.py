@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +125,8 @@ class Catalogue:
         """A photo as an absolute path or a URL: relative paths are relative to the catalogue file."""
         if is_url(photo):
             return photo
-        return str((self.base_dir / photo).resolve())
+        # os.path: a third of Path.resolve's cost, which dominated reading a large catalogue
+        return os.path.realpath(os.path.join(self.base_dir, photo))
 
     def photo_refs(self, product: Product) -> tuple[str, ...]:
         """The product's usable photos (refused ones dropped), resolved, `image` first."""
@@ -136,7 +138,10 @@ class Catalogue:
         read, index and serve an arbitrary file of the machine."""
         if is_url(ref):
             return False
-        return not any(Path(ref).is_relative_to(root) for root in (self.base_dir, *self.image_roots))
+        return not any(
+            ref == root or ref.startswith(root.rstrip(os.sep) + os.sep)
+            for root in map(str, (self.base_dir, *self.image_roots))
+        )
 
 
 def read_catalogue(path: Path, settings: IngestSettings | None = None) -> Catalogue:

@@ -266,6 +266,10 @@ def describe(store: Store) -> dict[str, Any]:
                 by_model = {built_by: points}
             else:
                 by_model = dict(Counter(str(r.model_version) for r in index.sync_records().values()))
+        by_source: dict[str, int] = {}
+        if points:  # points from before sources were recorded came from catalogues
+            api = index.count(Filters(equals={"source": "api"}))
+            by_source = {"catalogue": points - api, "api": api}
         if index.exists():
             quality[live] = evaluation.recorded(index.metadata())
         return {
@@ -273,6 +277,7 @@ def describe(store: Store) -> dict[str, Any]:
             "versions": store.versions(),
             "points": points,
             "points_by_model_version": by_model,
+            "points_by_source": by_source,
             "quality": {v: quality.get(v) for v in store.versions()},
             "layout": index.layout() if index.exists() else None,
         }
