@@ -189,10 +189,13 @@ class ProductWrites:
                     metadata.pop(key, None)
                 else:
                     metadata[key] = value
-            try:
-                Product.model_validate({**metadata, "id": product_id, "images": payload.photos(old)})
+            try:  # as a catalogue row would be: blanks are missing, text is stripped
+                patched = Product.model_validate(
+                    {**metadata, "id": product_id, "images": payload.photos(old)}
+                )
             except ValidationError as exc:
                 raise InvalidQuery(f"the patched product is not valid: {explain(exc)}") from None
+            metadata = {k: v for k, v in patched.metadata().items() if k not in ("image", "images")}
             record = SyncRecord.from_payload(old)
             bookkeeping = payload.Bookkeeping(
                 vectors_hash=record.vectors_hash or "",
