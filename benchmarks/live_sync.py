@@ -79,7 +79,13 @@ def main() -> None:
     p.add_argument(
         "--writes", type=int, default=200, help="products written by PUT, and by batch, and patched"
     )
+    p.add_argument(
+        "--scale", type=int, help="instead: N products (points written directly), resync and prices"
+    )
     args = p.parse_args()
+    if args.scale:
+        scale_run(args.scale, args.input_size)
+        return
 
     root = Path(tempfile.mkdtemp(prefix="visrec-live-"))
     rows = catalogue_rows(SAMPLE_CATALOGUE)
@@ -231,6 +237,69 @@ class Reads:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+
+
+def scale_run(n: int, input_size: int) -> None:
+    """No-change resync and every price changed at `n` products: n distinct local photo files (a sample
+    PNG and a counter after its end, which readers ignore), points written directly with the records a
+    sync would write (random vectors: nothing here embeds), then `visrec sync` as a user runs it."""
+    import numpy as np
+
+    from visrec import payload, plan
+    from visrec.catalogue import read_catalogue
+    from visrec.config import QdrantSettings
+    from visrec.index import IndexPoint, open_index
+    from visrec.manifest import read_manifest
+
+    root = Path(tempfile.mkdtemp(prefix="visrec-scale-"))
+    try:
+        png = (SAMPLE_CATALOGUE.parent / "images" / "fmnist-00000.png").read_bytes()
+        (root / "images").mkdir()
+        rows = []
+        for i in range(n):
+            (root / "images" / f"s{i}.png").write_bytes(png + i.to_bytes(8, "big"))
+            rows.append({"id": f"s{i}", "image": f"images/s{i}.png", "category": str(i % 10), "price": "10"})
+        catalogue = write_catalogue_rows(root / "catalogue.csv", rows)
+        artefact = random_artefact(root / "model", input_size)
+        version = read_manifest(artefact).model_version
+        parsed = read_catalogue(catalogue)
+        started = time.perf_counter()
+        with open_index(QdrantSettings(path=root / "qdrant")) as index:
+            index.create(1000, {"model_version": version, "artefact": str(artefact)})
+            rng = np.random.default_rng(0)
+            for start in range(0, n, 1000):
+                points = []
+                for product in parsed.products[start : start + 1000]:
+                    refs = parsed.photo_refs(product)
+                    files, _ = plan.photo_files(refs, [])
+                    record = plan.bookkeeping(product, refs, files, version)
+                    body = payload.build(
+                        product.id, product.metadata(), refs, bookkeeping=record, extracted={}
+                    )
+                    points.append(IndexPoint(product.id, rng.standard_normal((1, 1000), np.float32), body))
+                index.upsert(points)
+        print(f"{n} products written directly in {time.perf_counter() - started:.0f} s (no optimize)")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VISREC_")} | {
+            "VISREC_ARTEFACT": str(artefact),
+            "VISREC_QDRANT__PATH": str(root / "qdrant"),
+            "VISREC_INGEST__FAILURE_REPORT": str(root / "failures.jsonl"),
+        }
+        same, same_wall, same_io = visrec_sync(env, catalogue)
+        print(
+            f"(2) no-change resync of {n}: {same_wall:.1f} s wall ({same['seconds']:.1f} s sync), "
+            f"{same['unchanged']} unchanged, photo bytes read {same['photo_bytes_read']}, process rchar "
+            f"{same_io / 1e6:.1f} MB (the catalogue and the store's files; the photos are "
+            f"{n * (len(png) + 8) / 1e6:.1f} MB)"
+        )
+        write_catalogue_rows(catalogue, [{**row, "price": "11"} for row in rows])
+        priced, priced_wall, _ = visrec_sync(env, catalogue)
+        print(
+            f"(3) every price changed at {n}: {priced['metadata_updated']} payloads rewritten, "
+            f"{priced['updated']} embedded, photo bytes read {priced['photo_bytes_read']}, "
+            f"{priced_wall:.1f} s wall ({priced['seconds']:.1f} s sync)"
+        )
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def write_catalogue_rows(path: Path, rows: list[dict[str, str]]) -> Path:

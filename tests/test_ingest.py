@@ -373,3 +373,25 @@ def test_a_failing_store_stops_the_sync_with_its_error(
         pytest.raises(IndexUnavailable, match="unreachable"),
     ):
         run_sync(make_catalogue(20), settings, index=index, max_delete=1.0)
+
+
+def test_checksum_finds_the_one_change_the_quick_check_misses(
+    make_catalogue: MakeCatalogue, settings: Settings, tmp_path: Path
+) -> None:
+    """A photo rewritten with other bytes of the same size and its modification time set back: the quick
+    check (size, time, file identity) cannot see it; `--checksum` can."""
+    catalogue = make_catalogue(3)
+    photo, other = tmp_path / "images" / "p1.png", tmp_path / "other.png"
+    draw_product(other, "square", "blue", variant=55)
+    size = max(photo.stat().st_size, other.stat().st_size) + 8  # PNG readers ignore bytes after IEND
+    for path in (photo, other):
+        path.write_bytes(path.read_bytes().ljust(size, b"\0"))
+    run_sync(catalogue, settings)
+    stat = photo.stat()
+    with photo.open("r+b") as f:  # same file, same size, other bytes
+        f.write(other.read_bytes())
+    os.utime(photo, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    missed = run_sync(catalogue, settings)
+    assert (missed.updated, missed.unchanged, missed.photo_bytes_read) == (0, 3, 0)
+    found = run_sync(catalogue, settings, checksum=True)
+    assert (found.updated, found.unchanged) == (1, 2) and found.photo_bytes_read >= 3 * size - 16
