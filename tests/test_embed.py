@@ -130,3 +130,38 @@ def test_workers_default_to_the_usable_cores_where_the_os_cannot_say(monkeypatch
     assert EmbedSettings().workers == min(64, len(os.sched_getaffinity(0)))
     monkeypatch.delattr(os, "sched_getaffinity")
     assert EmbedSettings().workers == min(64, os.cpu_count() or 1)
+
+
+def test_loader_workers_let_go_of_inherited_sockets_and_locks(tmp_path: Path) -> None:
+    """A worker forked from a serving process must not keep its listening socket (a killed service's
+    port would stay taken) nor the store's lock: the worker's init closes both, and nothing else."""
+    import fcntl
+    import json
+    import os
+    import socket
+
+    from visrec.embed import _release_inherited_locks
+
+    listening = socket.create_server(("127.0.0.1", 0))
+    locked = (tmp_path / "lock").open("w")
+    fcntl.flock(locked, fcntl.LOCK_EX)
+    plain = (tmp_path / "plain").open("w")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker
+        _release_inherited_locks(0)
+        still = []
+        for fd in (listening.fileno(), locked.fileno(), plain.fileno(), write):
+            try:
+                os.fstat(fd)
+                still.append(fd)
+            except OSError:
+                pass
+        os.write(write, json.dumps(still).encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    still = json.loads(os.read(read, 1000))
+    assert still == [plain.fileno(), write]
+    listening.close()
+    locked.close()
+    plain.close()
