@@ -14,6 +14,8 @@ import json
 import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import zlib
 from pathlib import Path
@@ -35,6 +37,17 @@ SEED = int(os.environ.get("VISREC_FAULTS_SEED", "0"))
 def figure(name: str, value: object) -> None:
     """Print one figure of the closing note (read them with `pytest -s tests/faults`)."""
     print(f"\nFIGURE {name}: {json.dumps(value, sort_keys=True, default=str)}")
+
+
+def run_visrec(settings: Settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """`visrec ARGS` in a process of its own, with exactly `settings`; its output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "visrec", *args],
+        env=settings_env(settings),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,7 +14,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from tests.faults.helpers import settings_env
+from tests.faults.helpers import run_visrec
 from tests.faults.served import Served, serve, synced_store
 from tests.fetch_servers import Handler, Server
 from tests.fetch_servers import serve as serve_images
@@ -165,13 +163,7 @@ def test_a_file_sync_deletes_only_its_own_products(served: Served, store: Settin
     catalogue = store.qdrant.path.parent / "catalogue.csv"
     lines = catalogue.read_text().splitlines()
     catalogue.write_text("\n".join(lines[:-1]) + "\n")  # the file drops its last product
-    synced = subprocess.run(
-        [sys.executable, "-m", "visrec", "sync", str(catalogue), "--json", "--max-delete", "1"],
-        env=settings_env(store),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    synced = run_visrec(store, "sync", str(catalogue), "--json", "--max-delete", "1")
     assert synced.returncode == 0, synced.stderr
     assert json.loads(synced.stdout)["deleted"] == 1  # the catalogue's product, not the API's
     with client(served, READ) as reader:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from PIL import Image
 
-from tests.faults.helpers import settings_env
+from tests.faults.helpers import run_visrec
 from tests.faults.served import Served, serve, synced_store
 from tests.fetch_servers import Handler, Server
 from tests.fetch_servers import serve as serve_images
@@ -133,13 +131,7 @@ class Writes(RuleBasedStateMachine):
         root: Path = self.world["root"]
         catalogue = write_csv(root / "file.csv", listed)
         store: Settings = self.world["store"]
-        done = subprocess.run(
-            [sys.executable, "-m", "visrec", "sync", str(catalogue), "--json", "--max-delete", "1"],
-            env=settings_env(store),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        done = run_visrec(store, "sync", str(catalogue), "--json", "--max-delete", "1")
         assert done.returncode == 0, done.stderr
         for pid, entry in list(self.model.items()):
             if entry["source"] == "catalogue" and pid not in {r["id"] for r in listed}:

@@ -18,26 +18,17 @@ from typing import Any
 import httpx
 import torch
 
+from tests.faults.helpers import run_visrec as visrec
 from tests.faults.helpers import settings_env
 from tests.faults.served import serve, synced_store
 from tests.helpers import draw_product, export_like, run_sync
 from visrec.artefact import Manifest, load_artefact
 from visrec.catalogue import read_catalogue
-from visrec.config import QdrantSettings, Settings
+from visrec.config import QdrantSettings
 from visrec.index import open_index
 from visrec.owner import find_owner
 
 TIMING = {"seconds", "optimize_seconds", "images_per_second", "failure_report"}
-
-
-def visrec(settings: Settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "visrec", *args],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 class Reader:
