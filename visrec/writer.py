@@ -16,9 +16,11 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 
 from visrec import payload
@@ -106,18 +108,46 @@ class Writer:
         return run_reindex(job, self.service.settings, progress, held=held, model=self._model(job.model))
 
 
-class ProductWrites:
-    """Products written one at a time by other services (the HTTP write routes), through the service's
-    writer: rows pass the catalogue's checks (`catalogue.rows_from_service`: photos as URLs only) and
-    the one sync engine (`ingest.sync` with `source="api"`, no deletes), so a photo is embedded only when
-    it changed, and a 2xx means the write is in the store and the next query sees it. At most
-    `api.max_pending_writes` wait for the writer; more raise `WritesBusy` (503)."""
+@dataclass
+class _Rows:
+    """One request's rows, waiting for the writer, and what became of them."""
 
-    def __init__(self, writer: Writer) -> None:
+    rows: list[Any]
+    ids: set[str]
+    done: threading.Event = field(default_factory=threading.Event)
+    outcomes: list[str] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+class ProductWrites:
+    """Products written by other services (the HTTP write routes), through the service's writer: rows
+    pass the catalogue's checks (`catalogue.rows_from_service`: photos as URLs only) and the one sync
+    engine (`ingest.sync` with `source="api"`, no deletes), so a photo is embedded only when it changed,
+    and a 2xx means the write is in the store and the next query sees it.
+
+    Writes are jobs, not request threads: requests queue their rows, and one thread takes every request
+    waiting (one row per product id a round, at most `api.max_batch_rows` rows) into one sync, so the
+    photos of concurrent writes share the embedder's batches. At most `api.max_pending_writes` requests
+    wait; more raise `WritesBusy` (503). A request that gives up (its deadline) leaves its rows to be
+    written all the same: a write is never left half done, and a retry is idempotent."""
+
+    def __init__(self, writer: Writer, registry: CollectorRegistry) -> None:
         self.writer = writer
         self.service = writer.service
+        self.outcomes = Counter(
+            "visrec_writes",
+            "products written over HTTP, by route and outcome",
+            ["route", "outcome"],
+            registry=registry,
+        )
+        self.rounds = Counter(
+            "visrec_write_rounds", "syncs that wrote the rows of waiting requests", registry=registry
+        )
         self._pending = 0
         self._pending_lock = threading.Lock()
+        self._waiting: list[_Rows] = []
+        self._arrived = threading.Condition()
+        self._thread: threading.Thread | None = None
 
     @contextmanager
     def _turn(self) -> Iterator[None]:
@@ -135,15 +165,54 @@ class ProductWrites:
     def rows(self, rows: list[Any]) -> list[str]:
         """Create or replace products from rows; one outcome per row, in order: "added", "updated"
         (photos changed: embedded), "metadata_updated", "unchanged", or "error: why"."""
-        settings = self.service.settings
-        catalogue = rows_from_service(rows, settings.ingest)
+        request = _Rows(rows, {str(row.get("id")) for row in rows if isinstance(row, dict)})
+        with self._arrived:
+            if len(self._waiting) >= self.service.settings.api.max_pending_writes:
+                raise WritesBusy("too many writes are waiting for the writer")
+            self._waiting.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write_rounds, name="product-writes", daemon=True)
+                self._thread.start()
+            self._arrived.notify()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.outcomes
+
+    def _write_rounds(self) -> None:
+        limit = self.service.settings.api.max_batch_rows
+        while True:
+            with self._arrived:
+                while not self._waiting:
+                    self._arrived.wait()
+                taken: list[_Rows] = []
+                ids: set[str] = set()
+                for request in list(self._waiting):
+                    rows = sum(len(r.rows) for r in taken)
+                    if not taken or (not request.ids & ids and rows + len(request.rows) <= limit):
+                        taken.append(request)
+                        ids |= request.ids
+                        self._waiting.remove(request)
+            try:
+                self.rounds.inc()
+                outcomes = self._write([row for request in taken for row in request.rows])
+                for request in taken:
+                    request.outcomes, outcomes = outcomes[: len(request.rows)], outcomes[len(request.rows) :]
+            except BaseException as exc:  # every request of the round is told
+                for request in taken:
+                    request.error = exc
+            finally:
+                for request in taken:
+                    request.done.set()
+
+    def _write(self, rows: list[Any]) -> list[str]:
+        catalogue = rows_from_service(rows, self.service.settings.ingest)
         outcomes = {e.line: f"error: {e.message}" for e in catalogue.errors}
         if catalogue.products:
-            with self._turn():
+            with self.writer.lock:
                 summary = self._sync(catalogue)
             for product in catalogue.products:
-                line = catalogue.lines[product.id]
-                outcomes[line] = summary.outcomes.get(product.id, "unchanged")
+                outcomes[catalogue.lines[product.id]] = summary.outcomes.get(product.id, "unchanged")
         return [outcomes[n] for n in range(1, len(rows) + 1)]
 
     def _sync(self, catalogue: Catalogue) -> SyncSummary:

@@ -232,3 +232,34 @@ def test_kill_during_writes_keeps_every_answered_row(
             vectors, payload = found
             i = int(product_id[1:])
             assert len(vectors) == 2 and payload["price"] == i and payload["source"] == "api", product_id
+
+
+def test_concurrent_writes_share_the_embedder_batches(served: Served, host: Server) -> None:
+    """Requests that arrive while a write runs are written together in the next round (one sync, their
+    photos in shared batches), each with its own answer; beyond `max_pending_writes` (4) waiting, a write
+    is answered 503 with Retry-After, and sent again it is written. Writes are counted by outcome."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def rounds() -> float:
+        with client(served, READ) as reader:
+            text = reader.get("/metrics").text
+        lines = [line for line in text.splitlines() if line.startswith("visrec_write_rounds_total")]
+        return sum(float(line.split()[-1]) for line in lines)
+
+    def put(n: int) -> httpx.Response:
+        return writer.put(f"/products/c{n}", json={"image": host.url(f"/{40 + n}.png")})
+
+    before = rounds()
+    with client(served, WRITE) as writer, ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(put, range(8)))
+        added = [n for n, a in enumerate(answers) if a.status_code == 200]
+        assert [a.json()["outcome"] for a in answers if a.status_code == 200] == ["added"] * len(added)
+        busy = [a for a in answers if a.status_code != 200]
+        assert all(a.status_code == 503 and a.headers.get("retry-after") for a in busy), [
+            a.text for a in busy
+        ]
+        assert len(added) >= 5 and rounds() - before < len(added)  # 4 waited, 1 was being written
+        for n in set(range(8)) - set(added):  # the retry
+            assert put(n).json()["outcome"] == "added"
+    with client(served, READ) as reader:
+        assert 'visrec_writes_total{outcome="added",route="put"}' in reader.get("/metrics").text

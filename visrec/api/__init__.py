@@ -57,7 +57,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # On the embedded store this service is the one writer: writing commands hand their jobs over.
     qdrant = service.settings.qdrant
     writer = Writer(service)
-    app.state.writes = ProductWrites(writer)
+    app.state.writes = ProductWrites(writer, app.state.metrics)
     owner = None if qdrant.url else OwnerChannel(qdrant, writer.run)
     if owner is not None:
         owner.start()

@@ -41,6 +41,11 @@ def writes_of(request: Request) -> ProductWrites:
 WritesDep = Annotated[ProductWrites, Depends(writes_of)]
 
 
+def _counted(writes: ProductWrites, route: str, outcome: str) -> str:
+    writes.outcomes.labels(route, outcome.split(":")[0]).inc()
+    return outcome
+
+
 def _outcome(product_id: str, outcome: str) -> WriteOut:
     if outcome.startswith("error: "):
         raise InvalidQuery(outcome.removeprefix("error: "))
@@ -55,7 +60,7 @@ def put_product(product_id: str, row: ProductRow, writes: WritesDep) -> WriteOut
     if body.get("id", product_id) != product_id:
         raise InvalidQuery("the body's id differs from the path's")
     [outcome] = writes.rows([{**body, "id": product_id}])
-    return _outcome(product_id, outcome)
+    return _outcome(product_id, _counted(writes, "put", outcome))
 
 
 @router.patch("/products/{product_id}", response_model=Product, responses=WRITE_ERRORS)
@@ -66,13 +71,16 @@ def patch_product(
     service: ServiceDep,
 ) -> Product:
     """Change a product's fields (never its photos): nothing is embedded. 404 for an unknown product."""
-    return product_out(product_id, writes.patch(product_id, fields), service.settings)
+    patched = writes.patch(product_id, fields)
+    _counted(writes, "patch", "metadata_updated")
+    return product_out(product_id, patched, service.settings)
 
 
 @router.delete("/products/{product_id}", response_model=WriteOut, responses=WRITE_ERRORS)
 def delete_product(product_id: str, writes: WritesDep) -> WriteOut:
     """Remove a product (`absent` if it was not indexed: a repeated DELETE is not an error)."""
-    return WriteOut(product_id=product_id, outcome="deleted" if writes.delete(product_id) else "absent")
+    outcome = _counted(writes, "delete", "deleted" if writes.delete(product_id) else "absent")
+    return WriteOut(product_id=product_id, outcome=outcome)
 
 
 @router.post(
@@ -97,7 +105,7 @@ async def batch(request: Request, writes: WritesDep) -> BatchOut:
     limit = service_of(request).settings.api.max_batch_rows
     if len(rows) > limit:
         raise InvalidQuery(f"{len(rows)} rows: at most {limit} a batch")
-    outcomes = await run_in_threadpool(writes.rows, rows)
+    outcomes = [_counted(writes, "batch", o) for o in await run_in_threadpool(writes.rows, rows)]
     ids = [str(row.get("id")) if isinstance(row, dict) else "" for row in rows]
     return BatchOut(results=[WriteOut(product_id=i, outcome=o) for i, o in zip(ids, outcomes, strict=True)])
 
