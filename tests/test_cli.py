@@ -96,7 +96,7 @@ def test_train_with_normalized_softmax(make_catalogue: MakeCatalogue, env: Setti
     assert trained["embedding_dim"] == 1000
 
     result = runner.invoke(app, [*args, "--loss", "arcface"])
-    assert result.exit_code == 1 and "invalid setting: train.loss" in result.stderr
+    assert result.exit_code == 1 and "invalid setting: VISREC_TRAIN__LOSS" in result.stderr
     result = runner.invoke(app, [*args, "--temperature", "0.1"])  # without --loss: the paper's softmax
     assert result.exit_code == 1 and "temperature applies to loss 'normalized-softmax' only" in result.stderr
     assert "Traceback" not in result.output
@@ -133,7 +133,7 @@ def test_flags_merge_over_environment_and_bad_settings_are_one_line(
     assert (merged.train.image_size, merged.train.epochs_frozen, merged.train.backbone) == (48, 7, "resnet50")
     monkeypatch.setenv("VISREC_EMBED__BATCH_SIZE", "0")
     result = runner.invoke(app, ["status"])
-    assert result.exit_code == 1 and "invalid setting: embed.batch_size" in result.stderr
+    assert result.exit_code == 1 and "invalid setting: VISREC_EMBED__BATCH_SIZE" in result.stderr
     assert "Traceback" not in result.output
 
 
@@ -179,3 +179,28 @@ def test_a_truncated_export_is_refused_in_one_line_and_allowed_with_max_delete(
     assert refused.stderr.count("\n") == 1 and "would delete 7 of the 10" in refused.stderr
     allowed = runner.invoke(app, ["sync", str(truncated), "--json", "--max-delete", "1"])
     assert allowed.exit_code == 0 and json.loads(allowed.stdout)["deleted"] == 7
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "said"),
+    [
+        (
+            "VISREC_INGEST__IMAGE_ROOTS",
+            "/data/images",
+            "VISREC_INGEST__IMAGE_ROOTS='/data/images' is not JSON (a list",
+        ),
+        (
+            "VISREC_API__PUBLIC_FIELDS",
+            '"price"',
+            "VISREC_API__PUBLIC_FIELDS: Input should be a valid list (a list",
+        ),
+        ("VISREC_QDRANT__HNSW_M", "many", "VISREC_QDRANT__HNSW_M: Input should be a valid integer"),
+    ],
+)
+def test_a_malformed_setting_names_its_variable_and_form(
+    env: Settings, monkeypatch: pytest.MonkeyPatch, variable: str, value: str, said: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    result = CliRunner().invoke(app, ["status"])
+    assert result.exit_code == 1 and said in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
-from pydantic import ValidationError
 from rich.logging import RichHandler
 
 from visrec.catalogue import read_catalogue
@@ -29,7 +28,7 @@ from visrec.cli_output import (
     status_table,
     trained_table,
 )
-from visrec.config import Settings
+from visrec.config import Settings, load_settings
 from visrec.errors import VisrecError
 from visrec.filters import Filters, parse_equals
 from visrec.index import open_index, open_store
@@ -97,10 +96,9 @@ def _settings(**overrides: Any) -> Settings:
             group, _, name = dotted.rpartition(".")
             (nested.setdefault(group, {}) if group else nested)[name] = value
     try:
-        return Settings(**nested)
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise VisrecError(f"invalid setting: {problems}") from None
+        return load_settings(**nested)
+    except ValueError as exc:
+        raise VisrecError(f"invalid setting: {exc}") from None
 
 
 def _device(settings: Settings) -> torch.device:

@@ -258,3 +258,64 @@ class Settings(BaseSettings):
     train: TrainSettings = TrainSettings()
     duplicates: DuplicateSettings = DuplicateSettings()
     gate: GateSettings = GateSettings()
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment and .env with `overrides` (nested dicts, from the CLI's flags) on
+    top. Raises `ValueError` naming each bad variable and the form it takes (a list or a mapping is
+    JSON: `VISREC_INGEST__IMAGE_ROOTS='["/data/images"]'`)."""
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except SettingsError:
+        raise ValueError(_not_json(os.environ)) from None
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            loc = [str(part) for part in error["loc"] if isinstance(part, str)]
+            variable = "VISREC_" + "__".join(part.upper() for part in loc) if loc else "a setting"
+            problems.append(f"{variable}: {error['msg']}{_form(loc)}")
+        raise ValueError("; ".join(problems)) from None
+
+
+def _field(loc: list[str]) -> object:
+    """The type annotation of the setting at `loc` (None if unknown)."""
+    model: object = Settings
+    annotation: object = None
+    for part in loc:
+        fields = getattr(model, "model_fields", {})
+        if part not in fields:
+            return None
+        annotation = fields[part].annotation
+        model = annotation
+    return annotation
+
+
+def _form(loc: list[str]) -> str:
+    text = str(_field(loc))
+    if "list[" in text:
+        return ' (a list, as JSON: e.g. \'["a", "b"]\')'
+    if "dict[" in text:
+        return ' (a mapping, as JSON: e.g. \'{"a": 1}\')'
+    return ""
+
+
+def _not_json(environ: os._Environ[str] | dict[str, str]) -> str:
+    """Which list or mapping variables do not hold JSON (pydantic-settings says only the group)."""
+    import json
+
+    bad = []
+    for name, value in environ.items():
+        if not name.startswith("VISREC_"):
+            continue
+        loc = [part.lower() for part in name.removeprefix("VISREC_").split("__")]
+        form = _form(loc)
+        if not form:
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            bad.append(f"{name}={value!r} is not JSON{form}")
+    return "; ".join(bad) or "a VISREC_ variable holding a list or a mapping is not JSON"
