@@ -512,6 +512,7 @@ def preflight(kit: Path, device: str, need_weights: bool) -> tuple[list[str], li
     env["tmp_free_gib"] = round(free, 1)
     if free < 2:
         problems.append(f"{free:.1f} GiB free in the temp folder: the run writes ~1.5 GiB")
+    env["workers"] = loader_workers(os.cpu_count() or 1, warnings, env)
     if "torch" not in versions:
         return problems, warnings, env
     import torch
@@ -542,6 +543,22 @@ def preflight(kit: Path, device: str, need_weights: bool) -> tuple[list[str], li
             "no C compiler on the PATH: torch.compile (Triton) may fail; its variant is tried last"
         )
     return problems, warnings, env
+
+
+def loader_workers(cores: int, warnings: list[str], env: dict[str, Any]) -> int:
+    """How many loader workers the run uses: the cores less two (the main process, the pin-memory thread),
+    at most 14, and no more than /dev/shm holds: workers hand batches over through it, two in flight
+    each, the largest 512 images of 224 px in fp32 (308 MB)."""
+    workers = max(1, min(14, cores - 2))
+    shm = Path("/dev/shm")
+    if shm.is_dir():
+        free = shutil.disk_usage(shm).free
+        env["shm_free_gib"] = round(free / 2**30, 1)
+        fit = max(1, free // (2 * 512 * 3 * 224 * 224 * 4))
+        if fit < workers:
+            warnings.append(f"/dev/shm has {free / 2**30:.1f} GiB free: loader workers capped at {fit}")
+            workers = fit
+    return workers
 
 
 def _decode_check(device: str, env: dict[str, Any]) -> list[str]:

@@ -104,6 +104,9 @@ main() {
   step preflight "${py[@]}" benchmarks/gpu_kit.py preflight --kit "$kit" --device "$device" \
     --json "$results/environment.json" || stop "preflight failed: nothing was run (the lines above say why)"
 
+  # The loader workers preflight chose (the cores less two, at most 14, as /dev/shm allows).
+  workers=$("${base[@]}" -c 'import json, sys; print(json.load(open(sys.argv[1]))["workers"])' \
+    "$results/environment.json" 2>/dev/null || echo "$workers")
   weights="$work/imgsim-0.1.2-resnet50-q10.pth"
   step "restore weights" "${py[@]}" benchmarks/gpu_kit.py restore-weights \
     "$kit/weights/imgsim-0.1.2-resnet50-q10.npz" "$weights" || stop "the packed weights could not be restored"

@@ -178,6 +178,7 @@ def test_preflight_names_each_missing_file_of_the_kit(tmp_path: Path) -> None:
         + [f"{kit / gpu_kit.WEIGHTS_FILE}: missing (the packed ResNet50 weights)"]
     )
     assert {"torch", "pydantic", "pydantic_settings"} <= set(env["versions"])
+    assert 1 <= env["workers"] <= 14  # loader workers: the cores less two, as /dev/shm allows
 
 
 @pytest.mark.slow  # ~2.5 min on 2 cores: eight Python processes, each importing torch
