@@ -27,8 +27,11 @@ import argparse
 import csv
 import gzip
 import json
+import lzma
+import os
 import sys
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -62,24 +65,39 @@ class Split:
 
 
 def read_idx(path: Path) -> np.ndarray:
-    """An idx (MNIST format) .gz file as an array."""
-    data = gzip.decompress(path.read_bytes())
+    """An idx (MNIST format) file, gzip- (`.gz`, as Debian ships it) or xz-compressed (`.xz`, as the GPU
+    kit carries it), as an array."""
+    data = (lzma if path.suffix == ".xz" else gzip).decompress(path.read_bytes())
     ndim = data[3]
     shape = [int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
+def idx_file(data: Path, name: str) -> Path:
+    """`<data>/<name>.gz`, or `<name>.xz` where only that is there (the GPU kit's data)."""
+    gz = data / f"{name}.gz"
+    return gz if gz.is_file() or not (data / f"{name}.xz").is_file() else data / f"{name}.xz"
+
+
+def _write_pngs(folder: Path, start: int, images: np.ndarray) -> None:
+    for i, image in enumerate(images, start):
+        Image.fromarray(image, mode="L").save(folder / f"{i}.png")
+
+
 def prepare_split(data: Path, cache: Path, split: str, limit: int | None = None, seed: int = 0) -> Split:
-    """PNGs of a split ("train" or "test") under `cache` (written once) and a catalogue of all of them or
-    of a seeded sample of `limit`."""
+    """PNGs of a split ("train" or "test") under `cache` (written once, by a process per core) and a
+    catalogue of all of them or of a seeded sample of `limit`."""
     prefix = "t10k" if split == "test" else "train"
-    pixels = read_idx(data / f"{prefix}-images-idx3-ubyte.gz")
-    labels = read_idx(data / f"{prefix}-labels-idx1-ubyte.gz").astype(np.int64)
+    pixels = read_idx(idx_file(data, f"{prefix}-images-idx3-ubyte"))
+    labels = read_idx(idx_file(data, f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
     folder = cache / split
     if not (folder / ".complete").is_file():
         folder.mkdir(parents=True, exist_ok=True)
-        for i, image in enumerate(pixels):
-            Image.fromarray(image, mode="L").save(folder / f"{i}.png")
+        starts = range(0, len(pixels), 2000)
+        with ProcessPoolExecutor(max(1, min(os.cpu_count() or 1, len(starts)))) as pool:
+            list(
+                pool.map(_write_pngs, [folder] * len(starts), starts, [pixels[i : i + 2000] for i in starts])
+            )
         (folder / ".complete").touch()
     keep = np.arange(len(labels))
     if limit is not None and limit < len(keep):

@@ -11,6 +11,8 @@ speed as trained ones) unless `--artefact` names a trained one, then measures:
       plain fp32 embeddings of the same images (use a trained --artefact: random weights say little
       about neighbours);
 and prints (c)/(a) and (c)/(b): the pipeline's overhead. Device: CUDA when present, else CPU.
+`--no-sync` leaves (c) out (no Qdrant engine needed: the GPU kit's run, docs/gpu.md); `--results` appends
+the run's figures as one JSON line; `--images-dir` keeps the JPEGs for the next run.
 
     .venv/bin/python benchmarks/embed_throughput.py --count 512 --input-size 128      # CPU-sized
     .venv/bin/python benchmarks/embed_throughput.py --count 512 --artefact .visrec/quality/model \
@@ -21,9 +23,12 @@ and prints (c)/(a) and (c)/(b): the pipeline's overhead. Device: CUDA when prese
 
 from __future__ import annotations
 
+import json
+import platform
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +36,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from visrec.artefact import save_artefact
-from visrec.catalogue import read_catalogue
+from visrec.catalogue import Catalogue, read_catalogue
 from visrec.config import EmbedSettings, IngestSettings, QdrantSettings
 from visrec.embed import Embedder, resolve_device
 from visrec.images import (
@@ -45,15 +50,18 @@ from visrec.images import (
 from visrec.index import open_index
 from visrec.ingest import SyncOptions, sync
 from visrec.manifest import ModelHandle
-from visrec.model import WeightInfo, build_model
+from visrec.model import build_model, load_pretrained
 
 from common import SAMPLE_CATALOGUE, catalogue_rows, embed_all, new_parser, write_catalogue
 
 
 def make_jpegs(out: Path, count: int, size: int) -> Path:
-    """`count` JPEGs of `size` px from the sample catalogue, and a catalogue.csv listing them."""
+    """`count` JPEGs of `size` px from the sample catalogue, and a catalogue.csv listing them (written
+    last: where it is already there, the JPEGs are reused)."""
+    if (out / "catalogue.csv").is_file():
+        return out / "catalogue.csv"
     sample = catalogue_rows()
-    (out / "images").mkdir(parents=True)
+    (out / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for i in range(count):
         row = sample[i % len(sample)]
@@ -117,13 +125,22 @@ def main() -> None:
     parser.add_argument(
         "--artefact", type=Path, help="a trained model (its input size wins); default: random weights"
     )
+    parser.add_argument(
+        "--weights",
+        default="random",
+        help="without --artefact: the made model's backbone weights ('random', 'packaged' or a checkpoint)",
+    )
+    parser.add_argument("--no-sync", dest="sync", action="store_false", help="leave out (c): no Qdrant")
+    parser.add_argument("--results", type=Path, help="append this run's figures to a JSON-lines file")
+    parser.add_argument("--images-dir", type=Path, help="where the JPEGs go, reused by a later run")
     args = parser.parse_args()
 
     device = resolve_device(args.device)
     root = Path(tempfile.mkdtemp(prefix="visrec-bench-"))
-    catalogue_path = make_jpegs(root / "data", args.count, args.jpeg_size)
+    jpegs = args.images_dir / f"jpegs-{args.count}-{args.jpeg_size}" if args.images_dir else root / "data"
+    catalogue_path = make_jpegs(jpegs, args.count, args.jpeg_size)
     catalogue = read_catalogue(catalogue_path)
-    artefact = args.artefact or random_artefact(root / "model", args.input_size)
+    artefact = args.artefact or random_artefact(root / "model", args.input_size, args.weights)
     batch = args.batch_sizes[0]  # of the decoding, sync and overlap runs
     embedder = Embedder(
         artefact,
@@ -146,22 +163,58 @@ def main() -> None:
         f"{args.workers} workers, channels_last={args.channels_last}, {args.precision}, "
         f"compile={args.compile}, decode_on_device={args.decode_on_device}, "
         f"pin_memory={embedder.pin_memory}, "
-        f"weights {'of ' + str(artefact) if args.artefact else 'random'}"
+        f"weights {'of ' + str(artefact) if args.artefact else args.weights}"
     )
+    figures: dict[str, Any] = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+        "torch": torch.__version__,
+        "count": args.count,
+        "jpeg_size": args.jpeg_size,
+        "input_size": pre.input_size,
+        "workers": args.workers,
+        "channels_last": args.channels_last,
+        "precision": args.precision,
+        "compile": args.compile,
+        "decode_on_device": args.decode_on_device,
+        "pin_memory": embedder.pin_memory,
+        "weights": str(artefact) if args.artefact else args.weights,
+    }
 
     if args.compile:  # compilation is paid once per process: keep it out of the rates
         started = time.perf_counter()
         for b in args.batch_sizes:
             embedder.embed_pixels(torch.randn(b, 3, pre.input_size, pre.input_size))
-        print(f"torch.compile warm-up: {time.perf_counter() - started:.0f} s")
+        figures["compile_s"] = time.perf_counter() - started
+        print(f"torch.compile warm-up: {figures['compile_s']:.0f} s")
     model_rates = {b: model_only(embedder, b, args.count, pre.input_size) for b in args.batch_sizes}
-    for batch, rate in model_rates.items():
-        print(f"(a) model only, batch {batch:4d}:   {rate:8.1f} img/s")
+    figures["model_only"] = model_rates
+    for b, rate in model_rates.items():  # not `batch`: the decoding, sync and overlap runs use the first
+        print(f"(a) model only, batch {b:4d}:   {rate:8.1f} img/s")
     decode = decode_only(refs, pre, batch, args.workers, device if args.decode_on_device else None)
+    figures["decode"] = decode
     print(f"(b) decode + preprocess:         {decode:8.1f} img/s")
+    if args.sync:
+        figures["sync"] = end_to_end_sync(catalogue, embedder, root, model_rates[batch], decode)
+    if args.precision != "fp32" or args.compile or args.decode_on_device:
+        plain = Embedder(artefact, device, EmbedSettings(batch_size=batch, workers=args.workers))
+        reference, fast = (embed_all(e, refs) for e in (plain, embedder))
+        figures["overlap"] = overlap_ = overlap(reference, fast)
+        print(f"(d) top-10 neighbour overlap with plain fp32 on the {len(refs)} images: {overlap_:.3f}")
+    if args.results:
+        with args.results.open("a") as f:
+            f.write(json.dumps(figures) + "\n")
+
+
+def end_to_end_sync(
+    catalogue: Catalogue, embedder: Embedder, root: Path, model_rate: float, decode: float
+) -> dict[str, float]:
+    """(c): a whole sync into a fresh embedded store; its rates, with and without the closing optimize()."""
+    batch = embedder.settings.batch_size
     with open_index(QdrantSettings(path=root / "qdrant")) as index:
         options = SyncOptions(IngestSettings(), root / "failures.jsonl", 1.0)
-        summary = sync(catalogue, index, ModelHandle(artefact, embedder.settings, loaded=embedder), options)
+        model = ModelHandle(embedder.artefact_dir, embedder.settings, loaded=embedder)
+        summary = sync(catalogue, index, model, options)
     # A sync ends with the index's optimize(), a cost of the store that a fast GPU run would otherwise
     # read as pipeline overhead: both rates are printed, with and without it.
     end_to_end = summary.added / summary.seconds
@@ -172,25 +225,27 @@ def main() -> None:
         f"{without_optimize:.1f} img/s without it)"
     )
     print(
-        f"(c)/(a) = {end_to_end / model_rates[batch]:.2f} ({without_optimize / model_rates[batch]:.2f} "
+        f"(c)/(a) = {end_to_end / model_rate:.2f} ({without_optimize / model_rate:.2f} "
         f"without optimize)   (c)/(b) = {end_to_end / decode:.2f}"
     )
-    if args.precision != "fp32" or args.compile or args.decode_on_device:
-        plain = Embedder(artefact, device, EmbedSettings(batch_size=batch, workers=args.workers))
-        reference, fast = (embed_all(e, refs) for e in (plain, embedder))
-        print(
-            f"(d) top-10 neighbour overlap with plain fp32 on the {len(refs)} images: "
-            f"{overlap(reference, fast):.3f}"
-        )
+    return {
+        "images_per_s": end_to_end,
+        "images_per_s_without_optimize": without_optimize,
+        "seconds": summary.seconds,
+        "optimize_seconds": summary.optimize_seconds,
+    }
 
 
-def random_artefact(out: Path, input_size: int) -> Path:
-    """A ResNet50 artefact with random weights: the same speed as a trained one."""
+def random_artefact(out: Path, input_size: int, weights: str = "random") -> Path:
+    """A ResNet50 artefact with random weights (the same speed as a trained one), or with the backbone's
+    `weights` (packaged or a checkpoint; `fc` stays random): neighbours then mean something."""
+    torch.manual_seed(0)
+    model = build_model("resnet50", 2)
     save_artefact(
-        build_model("resnet50", 2),
+        model,
         out,
         backbone="resnet50",
-        pretrained=WeightInfo(source="random"),
+        pretrained=load_pretrained(model, "resnet50", weights),
         classes=["a", "b"],
         preprocess=Preprocess(input_size=input_size),
         metrics={},

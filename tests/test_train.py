@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -125,6 +126,34 @@ def test_an_interrupted_run_resumes_to_the_same_model(make_catalogue: MakeCatalo
     assert resumed.losses == straight.losses and resumed.validation == straight.validation
     for name, tensor in straight.model.state_dict().items():
         assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+def test_a_deadline_stops_training_cleanly_and_still_evaluates(
+    make_catalogue: MakeCatalogue, tmp_path: Path
+) -> None:
+    """`stop_at` (quality.py --deadline-s, the GPU run): no phase-1 epoch and no phase-2 step starts after
+    it, an epoch cut short is validated, and the held-out split is evaluated all the same."""
+    catalogue = read_catalogue(make_catalogue(45))
+    settings = _with(small_settings(tmp_path), validation=0.2, epochs_finetune=2, work_dir=tmp_path / "work")
+    passed = train(catalogue, settings, torch.device("cpu"), stop_at=time.monotonic())
+    assert len(passed.losses["frozen"]) == 1 and passed.losses["finetune"] == []  # the first epoch runs
+    assert passed.metrics["stopped_at_deadline"] == 1 and passed.heldout is not None
+    assert 0 <= passed.metrics["top1"] <= 1
+    assert not (tmp_path / "work" / "frozen.pt").exists()  # a cut phase 1 is not resumed as if whole
+
+    deadline = time.monotonic() + 5
+    steps: list[str] = []
+
+    def reach_the_deadline(stage: str, done: int, total: int) -> None:
+        if stage.startswith("finetune"):
+            steps.append(stage)
+            time.sleep(max(0.0, deadline - time.monotonic()))
+
+    settings = _with(settings, epochs_frozen=0, batch_size=4, work_dir=None)
+    cut = train(catalogue, settings, torch.device("cpu"), reach_the_deadline, stop_at=deadline)
+    assert steps == ["finetune 1/2"]  # one step of the first epoch; the second epoch never starts
+    assert len(cut.losses["finetune"]) == 1 and len(cut.validation["finetune"]) == 1
+    assert cut.metrics["stopped_at_deadline"] == 1 and cut.heldout is not None
 
 
 def test_validation_keeps_the_best_epoch_and_stops_early(

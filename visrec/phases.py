@@ -62,8 +62,10 @@ class Run:
         progress: StageProgress | None,
         fit: Split,
         val: Split,
+        stop_at: float | None = None,
     ) -> None:
         self.cfg, self.device, self.progress, self.fit, self.val = cfg, device, progress, fit, val
+        self.stop_at = stop_at  # a time.monotonic() instant: no epoch or step starts after it
         self.pre = Preprocess(input_size=cfg.image_size)
         self.limits = ImageLimits.from_settings(settings.ingest)
         self.workers = settings.embed.workers
@@ -72,6 +74,9 @@ class Run:
         phase2 = cfg.model_dump(mode="json", exclude={"work_dir"})
         finetune = _digest([phase2, data])
         self.keys = {"frozen": _digest([phase1, data]), "finetune": finetune, "best": finetune}
+
+    def out_of_time(self) -> bool:
+        return self.stop_at is not None and time.monotonic() >= self.stop_at
 
     def images(self, refs: Sequence[str]) -> ImageDataset:
         return ImageDataset(refs, self.pre, self.limits)
@@ -124,17 +129,20 @@ def frozen_phase(run: Run, result: TrainResult) -> None:
         labels = torch.tensor(run.fit.labels + run.val.labels)[kept]
         is_val = torch.tensor(kept) >= len(run.fit.refs)
         started = time.perf_counter()
-        losses, val_top1 = _train_frozen(
+        losses, val_top1, cut = _train_frozen(
             model,
             (feats[~is_val], labels[~is_val]),
             (feats[is_val], labels[is_val]),
             result.pretrained,
             cfg,
-            run.progress,
+            run,
         )
         timing["seconds_frozen"] = round(time.perf_counter() - started, 1)
         saved = {"model": model.state_dict(), "losses": losses, "validation": val_top1, "timing": timing}
-        run.save("frozen", saved)
+        if cut:
+            metrics["stopped_at_deadline"] = 1  # not checkpointed: a rerun trains phase 1 in full
+        else:
+            run.save("frozen", saved)
     else:
         model.load_state_dict(saved["model"])
     result.losses["frozen"], result.validation["frozen"] = saved["losses"], saved["validation"]
@@ -149,9 +157,10 @@ def _train_frozen(
     val: tuple[torch.Tensor, torch.Tensor],
     pretrained: WeightInfo,
     cfg: TrainSettings,
-    progress: StageProgress | None,
-) -> tuple[list[float], list[float]]:
-    """Phase 1 on cached features: (loss, validation top-1) per epoch; the best epoch's layers are kept."""
+    run: Run,
+) -> tuple[list[float], list[float], bool]:
+    """Phase 1 on cached features: (loss, validation top-1) per epoch and whether `run.stop_at` cut it
+    short (no epoch starts after it; the first always runs); the best epoch's layers are kept."""
     fresh_fc = bool({"backbone", "backbone.fc"} & set(pretrained.trained_from_scratch))
     layers = nn.Sequential(model.backbone.fc, model.head) if fresh_fc else model.head
     for p in model.parameters():
@@ -168,6 +177,7 @@ def _train_frozen(
     )
     stopper = _EarlyStop(cfg.patience)
     losses: list[float] = []
+    cut = False
     for epoch in range(1, cfg.epochs_frozen + 1):
         layers.train()
         total = 0.0
@@ -184,14 +194,17 @@ def _train_frozen(
         log.info(
             "phase 1 epoch %d/%d: loss %.4f, validation top-1 %s", epoch, cfg.epochs_frozen, losses[-1], top1
         )
-        if progress:
-            progress("frozen", epoch, cfg.epochs_frozen)
+        if run.progress:
+            run.progress("frozen", epoch, cfg.epochs_frozen)
         if stopper.update(epoch, top1, layers):
+            break
+        if epoch < cfg.epochs_frozen and run.out_of_time():
+            cut = True
             break
     stopper.restore(layers)
     for p in model.parameters():
         p.requires_grad_(True)
-    return losses, stopper.history
+    return losses, stopper.history, cut
 
 
 class _EarlyStop:
@@ -256,21 +269,30 @@ def finetune_phase(run: Run, result: TrainResult) -> None:
     for epoch in range(start, cfg.epochs_finetune + 1):
         if done:
             break
+        if run.out_of_time():
+            result.metrics["stopped_at_deadline"] = 1
+            break
         torch.manual_seed(cfg.seed + epoch)  # augmentation draws, when the loader has no workers
         generator = torch.Generator().manual_seed(cfg.seed + epoch)
         loader = run.loader(
             dataset, sampler=RandomSampler(dataset, num_samples=per_epoch, generator=generator)
         )
         started = time.perf_counter()
-        loss, seen = _finetune_epoch(
+        loss, seen, cut = _finetune_epoch(
             model, loader, targets, optimiser, scheduler, run, f"finetune {epoch}/{cfg.epochs_finetune}"
         )
         losses.append(loss)
         images, seconds = images + seen, seconds + time.perf_counter() - started
         top1 = _validate(model, run) if run.val.refs else None
         log.info(
-            "phase 2 epoch %d/%d: loss %.4f, validation top-1 %s", epoch, cfg.epochs_finetune, loss, top1
+            "phase 2 epoch %d/%d%s: loss %.4f, validation top-1 %s",
+            epoch,
+            cfg.epochs_finetune,
+            f" (cut at the deadline after {seen} images)" if cut else "",
+            loss,
+            top1,
         )
+        # A cut epoch counts as run: a rerun of these settings resumes at the next one.
         done = stopper.update(epoch, top1, model) or epoch == cfg.epochs_finetune
         if stopper.best_epoch == epoch:
             run.save("best", {"model": model.state_dict(), "epoch": epoch})
@@ -290,6 +312,9 @@ def finetune_phase(run: Run, result: TrainResult) -> None:
                 "seconds": seconds,
             },
         )
+        if cut:
+            result.metrics["stopped_at_deadline"] = 1
+            break
     stopper.restore(model)
     model.eval()
     result.losses["finetune"], result.validation["finetune"] = losses, stopper.history
@@ -306,8 +331,8 @@ def _finetune_epoch(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     run: Run,
     stage: str,
-) -> tuple[float, int]:
-    """One pass of phase 2: (mean loss, images seen)."""
+) -> tuple[float, int, bool]:
+    """One pass of phase 2: (mean loss, images seen, whether `run.stop_at` cut it short)."""
     model.train()
     _freeze_batchnorm(model)
     total, seen = 0.0, 0
@@ -322,8 +347,11 @@ def _finetune_epoch(
             total, seen = total + loss.item() * len(y), seen + len(y)
         if run.progress:
             run.progress(stage, step, len(loader))
+        if run.out_of_time() and step < len(loader):
+            model.eval()
+            return total / max(seen, 1), seen, True
     model.eval()
-    return total / max(seen, 1), seen
+    return total / max(seen, 1), seen, False
 
 
 def _validate(model: VisrecNet, run: Run) -> float | None:

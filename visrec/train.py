@@ -66,11 +66,16 @@ def train(
     progress: StageProgress | None = None,
     *,
     test: Catalogue | None = None,
+    stop_at: float | None = None,
 ) -> TrainResult:
     """Fine-tune on the catalogue's categorised products; returns the model and its held-out metrics.
 
     `test`, if given, is the held-out split (evaluated once, after training) and all of `catalogue`
-    trains. Raises `CatalogueError` (see `split_data`) or `ModelError` (weights).
+    trains. `stop_at`, a `time.monotonic()` instant, ends training early and cleanly: no phase-1 epoch
+    and no phase-2 step starts after it (an epoch cut short is validated and may still be the best); the
+    held-out evaluation runs all the same, so a caller with a deadline reserves its time.
+    `metrics["stopped_at_deadline"]` is 1 when training was cut. Raises `CatalogueError` (see
+    `split_data`) or `ModelError` (weights).
     """
     cfg = settings.train
     torch.manual_seed(cfg.seed)
@@ -78,7 +83,7 @@ def train(
     model = build_model(cfg.backbone, len(classes), cfg.loss, cfg.temperature)
     pretrained = load_pretrained(model, cfg.backbone, cfg.weights)
     model.to(device)
-    run = Run(cfg, settings, device, progress, fit, val)
+    run = Run(cfg, settings, device, progress, fit, val, stop_at)
     result = TrainResult(model, classes, pretrained, metrics={})
     result.heldout_products = sorted(set(held_out.ids) - set(fit.ids) - set(val.ids))
     metrics = result.metrics
