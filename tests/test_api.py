@@ -282,7 +282,8 @@ def test_a_remote_image_is_served_through_the_api_not_redirected(
             assert image.content == (tmp_path / "images" / "p1.png").read_bytes()
         with TestClient(create_app(settings, torch.device("cpu")), follow_redirects=False) as client:
             refused = client.get("/products/r1/image")  # the host is no longer allowed: not fetched
-            assert refused.status_code == 422 and "refused" in refused.json()["detail"]
+            assert refused.status_code == 502 and "not available" in refused.json()["detail"]
+            assert "127.0.0.1" not in refused.text and "p1.png" not in refused.text  # nor its URL
     finally:
         server.shutdown()
 
@@ -345,3 +346,17 @@ def test_readiness_recovers_when_the_model_appears(
         (tmp_path / "model-away").rename(model)
         assert client.get("/readyz").status_code == 200
         assert client.post("/search/image", files=photo).status_code == 200
+
+
+def test_scrub_blanks_urls_and_paths_in_what_callers_are_told() -> None:
+    from visrec.api.errors import scrub
+
+    said = scrub(
+        {
+            "detail": "https://cdn.example/p.jpg?sig=abc: refused; /srv/shop/photos/p.jpg: gone; C:\\x\\y",
+            "loc": ["query", "k"],
+        }
+    )
+    assert said == {"detail": "… refused; … gone; …", "loc": ["query", "k"]}
+    assert scrub("product 'a/b' is not in the index") == "product 'a/b' is not in the index"
+    assert scrub(["k must be between 1 and 1000", 3]) == ["k must be between 1 and 1000", 3]

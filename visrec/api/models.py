@@ -69,6 +69,8 @@ ERRORS: dict[int, str] = {
     413: "the body is larger than the limit",
     422: "a parameter, the body or the image is invalid",
     429: "over the caller's rate limit (`api.rate_limit_per_s`, when set): retry after Retry-After seconds",
+    502: "the product's photo is remote and its image host did not deliver it (the cause is in the server's "
+    "log, under the request id)",
     503: "busy (too many photo and similarity searches at once), the index or the model is unavailable, "
     "or the request took longer than `api.request_timeout_s`: retry after Retry-After seconds",
 }

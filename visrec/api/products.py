@@ -7,14 +7,16 @@ import uuid
 from pathlib import Path as FilePath
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, Query, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from fastapi.responses import FileResponse
 from PIL import Image
 
 from visrec import query
 from visrec.api.deps import ColourWeight, FilterDep, K, RulesDep, ServiceDep
+from visrec.api.errors import hidden
 from visrec.api.models import Page, Product, Results, errors, product_out, results
 from visrec.catalogue import MAX_PHOTOS
+from visrec.errors import ImageError
 from visrec.images import read_image_bytes
 from visrec.payload import photos
 from visrec.urls import is_url
@@ -40,40 +42,45 @@ def products(
 
 PHOTO_RESPONSES: dict[int | str, dict[str, object]] = {
     200: {"content": {"image/*": {}}, "description": "the photo"},
-    **errors(401, 404, 422, 503),
+    **errors(401, 404, 422, 502, 503),
 }
 
 
 @router.get("/products/{product_id}/image", response_class=Response, responses=PHOTO_RESPONSES)
-def product_image(product_id: str, service: ServiceDep) -> Response:
+def product_image(product_id: str, service: ServiceDep, request: Request) -> Response:
     """The product's first photo (as `/images/0`)."""
-    return _photo(product_id, 0, service)
+    return _photo(product_id, 0, service, request)
 
 
 @router.get("/products/{product_id}/images/{n}", response_class=Response, responses=PHOTO_RESPONSES)
 def product_photo(
-    product_id: str, n: Annotated[int, Path(ge=0, lt=MAX_PHOTOS)], service: ServiceDep
+    product_id: str, n: Annotated[int, Path(ge=0, lt=MAX_PHOTOS)], service: ServiceDep, request: Request
 ) -> Response:
     """The product's photo number `n` (0: the first; a hit's `matched_image`)."""
-    return _photo(product_id, n, service)
+    return _photo(product_id, n, service, request)
 
 
-def _photo(product_id: str, n: int, service: ServiceDep) -> Response:
+def _photo(product_id: str, n: int, service: ServiceDep, request: Request) -> Response:
     """A photo as indexed, served from here: a remote one is fetched through the same guard as at sync
-    (never a redirect, which would carry the caller's key to the image host)."""
+    (never a redirect, which would carry the caller's key to the image host). Why one cannot be served
+    goes to the log: the answer never names its URL (a signed URL's token) or its path."""
     refs = photos(query.indexed(service.index(), product_id)[1])  # written by sync, never the request's
     if n >= len(refs):
-        raise HTTPException(404, f"{product_id!r} has {len(refs)} photo(s); there is no photo {n}")
+        raise HTTPException(404, f"product {product_id!r} has {len(refs)} photo(s); there is no photo {n}")
     ref = str(refs[n])
+    gone = f"photo {n} of product {product_id!r} is not available"
     if is_url(ref):
-        data = read_image_bytes(ref, service.fetch_limits, service.fetcher)  # ImageError: a 422
+        try:
+            data = read_image_bytes(ref, service.fetch_limits, service.fetcher)
+        except ImageError as exc:
+            raise hidden(request, exc, 502, f"{gone}: its image host did not deliver it") from None
         media_type = _image_type(io.BytesIO(data))
         if media_type is None:
-            raise HTTPException(404, f"the image of {product_id!r} is no longer an image")
+            raise hidden(request, ImageError(f"{ref}: not an image"), 502, f"{gone}: not an image") from None
         return Response(data, media_type=media_type)
     media_type = _image_type(ref) if FilePath(ref).is_absolute() and FilePath(ref).is_file() else None
     if media_type is None:
-        raise HTTPException(404, f"the image of {product_id!r} is no longer on disk")
+        raise hidden(request, ImageError(f"{ref}: missing or not an image"), 404, gone)
     return FileResponse(ref, media_type=media_type)
 
 

@@ -8,7 +8,9 @@ from fastapi import APIRouter, File, HTTPException, UploadFile
 
 from visrec import query
 from visrec.api.deps import ColourWeight, FilterDep, K, RulesDep, ServiceDep, check_caps
+from visrec.api.errors import UploadRejected
 from visrec.api.models import RecommendRequest, Results, errors, results
+from visrec.errors import ImageError
 from visrec.filters import Filters
 
 router = APIRouter()
@@ -30,9 +32,12 @@ def search_image(
     if len(data) > limit:
         raise HTTPException(413, f"upload larger than {limit} bytes")
     live = service.live()  # one (index, model) pair, even if a reindex switches versions meanwhile
-    hits = query.similar_to_image(
-        live.index, live.model(), data, service.limits, k, filters, colour_weight, rules
-    )
+    try:
+        hits = query.similar_to_image(
+            live.index, live.model(), data, service.limits, k, filters, colour_weight, rules
+        )
+    except ImageError as exc:  # decoding the caller's own bytes: the message may be shown
+        raise UploadRejected(str(exc)) from exc
     return results(hits, service.settings)
 
 
