@@ -5,8 +5,14 @@ In order: a request id (the caller's `X-Request-ID` if it is a plain token, else
 every answer and in every error body), the API key (compared as bytes, in constant time), the body limit
 (the declared length first, then the bytes as they arrive, chunked or not: a 5 MB chunked upload against
 a 1 MB limit is cut off at 1 MB, never spooled whole), a deadline for reading the body (slow uploads),
-load shedding for the heavy routes (a full house answers 503 with Retry-After at once instead of queueing
-without end), a deadline for the whole request, and Prometheus metrics whose labels come from fixed sets.
+a slot for the heavy routes (`Slots`: a short, bounded queue, then 503 with Retry-After instead of
+queueing without end), a deadline for the whole request, and Prometheus metrics whose labels come from
+fixed sets.
+
+Slots count work, not waiting: a request takes its slot on arrival, and the route's work (`Slots.run`,
+in a worker thread) gives it back when it ends. A request past its deadline is answered 503 at once, but
+its thread cannot be stopped: its slot stays taken until the thread is done, so timed-out requests cannot
+pile up more running work than there are slots.
 """
 
 from __future__ import annotations
@@ -16,14 +22,16 @@ import json
 import math
 import re
 import secrets
+import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import anyio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -33,7 +41,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_HEAVY = re.compile(r"/search/image|/recommend|/products/[^/]+/similar")  # CPU-bound: embedding, search
+# Routes whose work holds a thread for long: embedding, search, fetching a remote photo.
+_HEAVY = re.compile(r"/search/image|/recommend|/products/[^/]+/(similar|image|images/[^/]+)")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -45,7 +55,6 @@ class GuardSettings:
     max_body_bytes: int  # every other route
     body_timeout_s: float  # reading the whole body
     request_timeout_s: float  # the whole request
-    max_heavy: int  # heavy requests at once; more are shed
     retry_after_s: int
     rate_per_s: float | None = None  # per caller (its key and address); None: no rate limit
     rate_burst: int = 20
@@ -80,18 +89,143 @@ class RateLimiter:
         return wait
 
 
-class Guard:
-    """The ASGI middleware; `registry` holds its metrics (served by /metrics)."""
+class _Waiter:
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.future, self.granted = future, False
 
-    def __init__(self, app: ASGIApp, settings: GuardSettings, registry: CollectorRegistry) -> None:
-        self.app, self.settings = app, settings
-        self.heavy_in_flight = 0  # only the event loop's thread touches it (and the limiter)
+
+class Slot:
+    """One heavy slot: held by its request until a worker thread claims it for the work, then by the
+    work until it ends. Given back once, by whichever holds it last."""
+
+    def __init__(self, slots: Slots) -> None:
+        self._slots = slots
+        self._state: Literal["held", "claimed", "returned"] = "held"
+
+    def claim(self) -> bool:
+        """The work takes the slot over (in its thread); False if the request already gave it back."""
+        with self._slots.lock:
+            if self._state != "held":
+                return False
+            self._state = "claimed"
+            return True
+
+    def give_back(self, unless_claimed: bool = False) -> None:
+        """Give the slot back (by the work when it ends; by the request, `unless_claimed`, at its end)."""
+        with self._slots.lock:
+            if self._state == "returned" or (unless_claimed and self._state == "claimed"):
+                return
+            self._state = "returned"
+            self._slots.release_locked()
+
+
+class Slots:
+    """`size` slots for heavy work; a request that finds them taken waits, first come first served, at
+    most `wait_s` in a queue of at most `depth` (then it is refused: `take` answers None). Thread-safe:
+    work ends in worker threads. `running` counts the works running now, from inside their threads, and
+    `peak` the most at once since start."""
+
+    def __init__(self, size: int, depth: int, wait_s: float) -> None:
+        self.size, self.depth, self.wait_s = size, depth, wait_s
+        self.lock = threading.Lock()
+        self.taken = 0
+        self.running = self.peak = 0
+        self._queue: deque[_Waiter] = deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def take(self) -> Slot | None:
+        """A slot, at once or after a wait in the queue; None if the queue is full or the wait ran out."""
+        with self.lock:
+            if self.taken < self.size and not self._queue:
+                self.taken += 1
+                return Slot(self)
+            if len(self._queue) >= self.depth or self.wait_s <= 0:
+                return None
+            waiter = _Waiter(asyncio.get_running_loop().create_future())
+            self._queue.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.future), self.wait_s)
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:  # the request ended while waiting (its deadline, a disconnect)
+            with self.lock:
+                if waiter.granted:
+                    self.release_locked()
+                else:
+                    self._queue.remove(waiter)
+            raise
+        with self.lock:  # a slot may have been passed on just as the wait ran out: then it is ours
+            if waiter.granted:
+                return Slot(self)
+            self._queue.remove(waiter)
+            return None
+
+    def release_locked(self) -> None:
+        """A slot is free (called under `lock`, from any thread): to the first waiter, else free."""
+        if self._queue:
+            waiter = self._queue.popleft()
+            waiter.granted = True  # the slot passes to it as it is: `taken` unchanged
+            waiter.future.get_loop().call_soon_threadsafe(_wake, waiter.future)
+        else:
+            self.taken -= 1
+
+    async def run(self, slot: Slot, work: Callable[[], T]) -> T:
+        """`work()` in a worker thread, holding `slot` until it returns — also when the request waiting
+        for it is cancelled at its deadline (the thread cannot be stopped; its slot stays taken)."""
+
+        def holding() -> T:
+            if not slot.claim():  # the request gave up before a thread was free: nothing to do
+                raise asyncio.CancelledError
+            with self.lock:
+                self.running += 1
+                self.peak = max(self.peak, self.running)
+            try:
+                return work()
+            finally:
+                with self.lock:
+                    self.running -= 1
+                slot.give_back()
+
+        return await anyio.to_thread.run_sync(holding, abandon_on_cancel=True)
+
+
+def _reader(slots: Slots, name: str) -> Callable[[], float]:
+    return lambda: float(getattr(slots, name))
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Guard:
+    """The ASGI middleware; `registry` holds its metrics (served by /metrics), `slots` the heavy slots
+    (shared with the routes, which run their work through `Slots.run`)."""
+
+    def __init__(
+        self, app: ASGIApp, settings: GuardSettings, registry: CollectorRegistry, slots: Slots
+    ) -> None:
+        self.app, self.settings, self.slots = app, settings, slots
         rate = settings.rate_per_s
         self.limiter = RateLimiter(rate, settings.rate_burst) if rate else None
         self.requests = Counter(
             "visrec_requests", "HTTP requests", ["method", "route", "status"], registry=registry
         )
-        self.shed = Counter("visrec_shed", "heavy requests answered 503 at once (full)", registry=registry)
+        self.shed = Counter(
+            "visrec_shed",
+            "heavy requests answered 503 (slots taken, queue full or wait over)",
+            registry=registry,
+        )
+        for name, doc, read in (
+            ("visrec_heavy_running", "heavy works running now (counted in their threads)", "running"),
+            ("visrec_heavy_running_peak", "the most heavy works running at once since start", "peak"),
+            ("visrec_heavy_slots_taken", "heavy slots taken (by requests or their running work)", "taken"),
+            ("visrec_heavy_queued", "heavy requests waiting for a slot", "queued"),
+        ):
+            Gauge(name, doc, registry=registry).set_function(_reader(slots, read))
         self.latency = Histogram(
             "visrec_request_seconds",
             "HTTP request latency",
@@ -108,28 +242,27 @@ class Guard:
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
         exchange = _Exchange(send, request_id)
-        heavy = False
+        slot: Slot | None = None
         try:
             self._admit(scope)
             self._rate_limit(scope)
             if _HEAVY.fullmatch(scope["path"]):
-                if self.heavy_in_flight >= self.settings.max_heavy:
+                slot = await self.slots.take()
+                if slot is None:
                     self.shed.inc()
                     raise _Refused(503, "busy: too many photo and similarity searches at once; retry shortly")
-                self.heavy_in_flight += 1
-                # Only now: a shed request must not give back a slot it never took (it did, and every
-                # request shed raised the limit by one for good: 40 clients soon ran 40 at once).
-                heavy = True
+                scope["state"]["slot"] = slot
             limited = self._limited(scope, receive, exchange)
-            await asyncio.wait_for(self.app(scope, limited, exchange.send), self.settings.request_timeout_s)
+            left = self.settings.request_timeout_s - (time.perf_counter() - started)  # the queue counts
+            await asyncio.wait_for(self.app(scope, limited, exchange.send), max(0.0, left))
         except _Refused as refused:
             exchange.refuse(refused)
         except TimeoutError:
             limit = self.settings.request_timeout_s
             exchange.refuse(_Refused(503, f"the request took longer than {limit:g} s"))
         finally:
-            if heavy:
-                self.heavy_in_flight -= 1
+            if slot is not None:  # unless its work has it: then the work gives it back when it ends
+                slot.give_back(unless_claimed=True)
         await exchange.finish(self.settings.retry_after_s)
         route = getattr(scope.get("route"), "path", "unmatched")
         method = scope["method"] if scope["method"] in METHODS else "OTHER"

@@ -1,19 +1,23 @@
 """What routes take besides their own parameters, as FastAPI dependencies: the app's service (kept on
 `app.state`, one per app, so routes are module-level functions rather than closures over it), the
-product filters shared by browsing and search, the result rules (diversity, caps), and the bounds of
-`k` and of the colour weight."""
+product filters shared by browsing and search, the result rules (diversity, caps), the bounds of
+`k` and of the colour weight, and `heavy`, which runs a route's work under its heavy slot."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, HTTPException, Query, Request
 from prometheus_client import CollectorRegistry
 
 from visrec import query
 from visrec.errors import InvalidQuery
 from visrec.filters import CallerFilters, Filters
+from visrec.guard import Slots
 from visrec.service import Service
+
+T = TypeVar("T")
 
 
 def service_of(request: Request) -> Service:
@@ -31,6 +35,16 @@ async def get_service(request: Request) -> Service:
 async def get_metrics(request: Request) -> CollectorRegistry:
     registry: CollectorRegistry = request.app.state.metrics
     return registry
+
+
+async def heavy(request: Request, work: Callable[[], T]) -> T:
+    """`work()` in a worker thread under the request's heavy slot (taken by the guard on arrival), which
+    it holds until it returns, even past the request's deadline: slots count running work."""
+    slots: Slots = request.app.state.slots
+    slot = getattr(request.state, "slot", None) or await slots.take()
+    if slot is None:  # a heavy route the guard did not know as one, and no slot free
+        raise HTTPException(503, "busy: too many photo and similarity searches at once; retry shortly")
+    return await slots.run(slot, work)
 
 
 def get_filters(chosen: Annotated[CallerFilters, Query()]) -> Filters:

@@ -12,7 +12,7 @@ from fastapi.responses import FileResponse
 from PIL import Image
 
 from visrec import query
-from visrec.api.deps import ColourWeight, FilterDep, K, RulesDep, ServiceDep
+from visrec.api.deps import ColourWeight, FilterDep, K, RulesDep, ServiceDep, heavy
 from visrec.api.errors import hidden
 from visrec.api.models import Page, Product, Results, errors, product_out, results
 from visrec.catalogue import MAX_PHOTOS
@@ -47,17 +47,17 @@ PHOTO_RESPONSES: dict[int | str, dict[str, object]] = {
 
 
 @router.get("/products/{product_id}/image", response_class=Response, responses=PHOTO_RESPONSES)
-def product_image(product_id: str, service: ServiceDep, request: Request) -> Response:
+async def product_image(product_id: str, service: ServiceDep, request: Request) -> Response:
     """The product's first photo (as `/images/0`)."""
-    return _photo(product_id, 0, service, request)
+    return await heavy(request, lambda: _photo(product_id, 0, service, request))
 
 
 @router.get("/products/{product_id}/images/{n}", response_class=Response, responses=PHOTO_RESPONSES)
-def product_photo(
+async def product_photo(
     product_id: str, n: Annotated[int, Path(ge=0, lt=MAX_PHOTOS)], service: ServiceDep, request: Request
 ) -> Response:
     """The product's photo number `n` (0: the first; a hit's `matched_image`)."""
-    return _photo(product_id, n, service, request)
+    return await heavy(request, lambda: _photo(product_id, n, service, request))
 
 
 def _photo(product_id: str, n: int, service: ServiceDep, request: Request) -> Response:
@@ -91,8 +91,9 @@ def product(product_id: str, service: ServiceDep) -> Product:
 
 
 @router.get("/products/{product_id}/similar", response_model=Results, responses=errors(401, 404, 422, 503))
-def similar(
+async def similar(
     product_id: str,
+    request: Request,
     service: ServiceDep,
     filters: FilterDep,
     rules: RulesDep,
@@ -100,8 +101,13 @@ def similar(
     colour_weight: ColourWeight = 0.0,
 ) -> Results:
     """Products that look like this one (any of its photos), itself excluded."""
-    hits = query.similar_to_product(service.index(), product_id, k, filters, colour_weight, rules)
-    return results(hits, service.settings)
+    bounds = query.Bounds.from_settings(service.settings.api)
+
+    def work() -> Results:
+        hits = query.similar_to_product(service.index(), product_id, k, filters, colour_weight, rules, bounds)
+        return results(hits, service.settings)
+
+    return await heavy(request, work)
 
 
 def _image_type(ref: str | io.BytesIO) -> str | None:
