@@ -307,8 +307,38 @@ def test_an_optional_rate_limit_per_caller(synced: Settings) -> None:
         assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
         assert limited.json()["request_id"]
         assert client.get("/healthz").status_code == 200  # the probes are never limited
-        other = client.get("/products/p1", headers={"X-API-Key": "another caller"})
-        assert other.status_code == 200  # (no key configured: the header only tells callers apart)
+        # The client is its address, not what it says of itself: a new X-API-Key each time (no key is
+        # configured) is the same client.
+        for fresh in ("another caller", "a third", ""):
+            assert client.get("/products/p1", headers={"X-API-Key": fresh}).status_code == 429
+
+
+def test_wrong_keys_are_limited_and_the_right_one_still_passes(synced: Settings) -> None:
+    """Key guessing, rotating the key at every try, from one client: 401 for the first
+    `auth_failure_burst` wrong keys, then 429 with Retry-After (no rate limit configured); the right key
+    still passes, and the probes are never limited."""
+    api = ApiSettings(api_key=SecretStr("s3cret"), auth_failure_per_s=0.5, auth_failure_burst=4)
+    with TestClient(create_app(synced.model_copy(update={"api": api}), torch.device("cpu"))) as client:
+        statuses = [
+            client.get("/products/p1", headers={"X-API-Key": f"guess-{i}"}).status_code for i in range(7)
+        ]
+        assert statuses == [401] * 4 + [429] * 3, statuses
+        limited = client.get("/products/p1")  # no key at all: a failed authentication too
+        assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
+        assert "failed authentications" in limited.json()["detail"]
+        assert client.get("/products/p1", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert client.get("/healthz").status_code == 200
+
+
+def test_rate_limits_key_on_the_client_address() -> None:
+    from visrec.guard import _client
+
+    assert _client({"client": ("203.0.113.7", 5000)}) == b"203.0.113.7"
+    assert _client({"client": ("::ffff:203.0.113.7", 1)}) == b"203.0.113.7"
+    # One IPv6 host is given a /64: rotating within it is one client.
+    assert _client({"client": ("2001:db8:1:2::1", 1)}) == _client({"client": ("2001:db8:1:2:ffff::9", 2)})
+    assert _client({"client": ("2001:db8:1:2::1", 1)}) != _client({"client": ("2001:db8:1:3::1", 1)})
+    assert _client({"client": None}) == b""
 
 
 def test_the_rate_limiter_refills_and_forgets() -> None:

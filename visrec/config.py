@@ -146,10 +146,15 @@ class ApiSettings(BaseModel):
     # Open connections and requests the server holds at once (uvicorn answers 503 beyond): bounds what
     # idle or slow-header clients can hold, which uvicorn does not time out (put a proxy in front).
     max_connections: int = Field(default=256, ge=1)
-    # Optional: requests a second per caller (its X-API-Key and address), bursts of rate_limit_burst;
-    # more are answered 429 with Retry-After. Unset: no rate limit.
+    # Optional: requests a second per client address (an IPv6 client by its /64; behind a proxy every
+    # client has the proxy's address: limit there), bursts of rate_limit_burst; more are answered 429
+    # with Retry-After. Unset: no rate limit.
     rate_limit_per_s: float | None = Field(default=None, gt=0)
     rate_limit_burst: int = Field(default=20, ge=1)
+    # With an API key: wrong keys a client address may send, a second and in a burst; more are answered
+    # 429 (the right key still passes), so that keys cannot be guessed at the server's speed.
+    auth_failure_per_s: float = Field(default=0.2, gt=0)
+    auth_failure_burst: int = Field(default=10, ge=1)
     retry_after_s: int = Field(default=5, ge=1)  # told to clients when the index is unavailable
     # How often the service checks which collection version is live (after `visrec reindex/rollback`).
     alias_check_s: float = Field(default=1.0, ge=0)

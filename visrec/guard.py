@@ -18,6 +18,7 @@ pile up more running work than there are slots.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import math
 import re
@@ -56,8 +57,10 @@ class GuardSettings:
     body_timeout_s: float  # reading the whole body
     request_timeout_s: float  # the whole request
     retry_after_s: int
-    rate_per_s: float | None = None  # per caller (its key and address); None: no rate limit
+    rate_per_s: float | None = None  # per client address; None: no rate limit
     rate_burst: int = 20
+    auth_failure_per_s: float = 0.2  # failed authentications per client address (with a key)
+    auth_failure_burst: int = 10
 
 
 class _Refused(Exception):
@@ -211,6 +214,7 @@ class Guard:
         self.app, self.settings, self.slots = app, settings, slots
         rate = settings.rate_per_s
         self.limiter = RateLimiter(rate, settings.rate_burst) if rate else None
+        self.failures = RateLimiter(settings.auth_failure_per_s, settings.auth_failure_burst)
         self.requests = Counter(
             "visrec_requests", "HTTP requests", ["method", "route", "status"], registry=registry
         )
@@ -270,11 +274,16 @@ class Guard:
         self.latency.labels(route).observe(time.perf_counter() - started)
 
     def _admit(self, scope: Scope) -> None:
-        """The key and the declared body size, before anything is read."""
+        """The key and the declared body size, before anything is read. A wrong key costs its client
+        address a token of its failed-authentication bucket: key guessing is throttled (429), whatever
+        the general rate limit, and the right key still works."""
         key = self.settings.api_key
         if key is not None and scope["path"] not in self.settings.open_paths:
             given = _header(scope, b"x-api-key") or b""
             if not secrets.compare_digest(given, key):
+                wait = self.failures.wait_s(b"auth|" + _client(scope), time.monotonic())
+                if wait:
+                    raise _Refused(429, "too many failed authentications; retry later", math.ceil(wait))
                 raise _Refused(401, "missing or wrong X-API-Key")
         declared = _header(scope, b"content-length")
         if declared is not None:
@@ -284,11 +293,12 @@ class Guard:
                 raise _Refused(413, f"body larger than {self._limit(scope)} bytes")
 
     def _rate_limit(self, scope: Scope) -> None:
-        """429 with Retry-After for a caller (its key and address) over the configured rate."""
+        """429 with Retry-After for a client over the configured rate. The client is its address (an
+        IPv6 one by its /64, what one host is given): never something the request says of itself, such
+        as a header. With a key, only authenticated requests get here, and they all carry the one key."""
         if self.limiter is None or scope["path"] in self.settings.open_paths:
             return
-        caller = (_header(scope, b"x-api-key") or b"") + b"|" + (scope.get("client") or ("",))[0].encode()
-        wait = self.limiter.wait_s(caller, time.monotonic())
+        wait = self.limiter.wait_s(_client(scope), time.monotonic())
         if wait:
             detail = f"over {self.limiter.per_s:g} requests a second; retry shortly"
             raise _Refused(429, detail, math.ceil(wait))
@@ -371,6 +381,18 @@ class _Exchange:
             headers.append((b"connection", b"close"))
         await self._send({"type": "http.response.start", "status": self.refusal.status, "headers": headers})
         await self._send({"type": "http.response.body", "body": body})
+
+
+def _client(scope: Scope) -> bytes:
+    """Who a request comes from, for rate limits: its peer's address, an IPv6 one by its /64."""
+    host = str((scope.get("client") or ("",))[0])
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host.encode()
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((address, 64), strict=False)).encode()
+    return str(address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else address).encode()
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -131,6 +131,7 @@ def guarded(
         "max_heavy_requests": HEAVY,
         "queue_depth": HEAVY,
         "queue_wait_s": QUEUE_WAIT_S,
+        "auth_failure_burst": 1000,  # its tests send wrong keys on purpose, many of them
     }
     env = {"VISREC_INGEST__ALLOWED_HOSTS": '["127.0.0.1"]'}
     with serve(settings, root / "serve.log", key=KEY, env=env, **api) as server:

@@ -41,6 +41,7 @@ SLOTS, QUEUE, QUEUE_WAIT_S, DEADLINE_S = 2, 2, 1.0, 1.5
 HANG_S = 3.0
 MANY = int(os.environ.get("VISREC_FAULTS_MANY_PRODUCTS", "300"))  # products of 32 photos
 PHOTOS = 32
+AUTH_BURST = 5
 WORST_CPU_S = 8.0  # the worst request's CPU here (measured: docs/reliability.md), with room for a slow CI
 
 
@@ -144,6 +145,8 @@ def worked(tmp_path_factory: pytest.TempPathFactory, artefact: tuple[Path, Manif
         "queue_depth": QUEUE,
         "queue_wait_s": QUEUE_WAIT_S,
         "request_timeout_s": DEADLINE_S,
+        "auth_failure_per_s": 0.5,
+        "auth_failure_burst": AUTH_BURST,
     }
     env = {
         "VISREC_INGEST__ALLOWED_HOSTS": '["127.0.0.1"]',
@@ -309,3 +312,20 @@ def test_the_worst_request_costs_bounded_cpu(worked: Worked) -> None:
     assert all(seconds < WORST_CPU_S for seconds in cpu.values()), cpu
     assert set(many) <= {200, 503}, many
     assert worked.metric("visrec_heavy_running_peak") <= SLOTS
+
+
+def test_guessing_keys_is_throttled(worked: Worked) -> None:
+    """Fault: a client guessing keys, a new one at each try (and one sending none). visrec: each wrong
+    key costs the client's address a token of its failed-authentication bucket (5, then one per 2 s).
+    Checked: 401 for the first 5, then 429 with Retry-After; the right key from the same address still
+    gets its answer."""
+    with httpx.Client(base_url=worked.served.url, timeout=30) as http:
+        statuses = [
+            http.get("/products/p1", headers={"X-API-Key": f"guess-{i}"}).status_code for i in range(8)
+        ]
+        anonymous = http.get("/products/p1")
+        right = http.get("/products/p1", headers={"X-API-Key": KEY})
+    figure("key_guessing", {"burst": AUTH_BURST, "statuses": statuses, "then_no_key": anonymous.status_code})
+    assert statuses[:AUTH_BURST] == [401] * AUTH_BURST and set(statuses[AUTH_BURST + 1 :]) == {429}, statuses
+    assert anonymous.status_code == 429 and anonymous.headers["retry-after"]
+    assert right.status_code == 200

@@ -79,4 +79,6 @@ def _guard_settings(settings: Settings) -> GuardSettings:
         retry_after_s=api.retry_after_s,
         rate_per_s=api.rate_limit_per_s,
         rate_burst=api.rate_limit_burst,
+        auth_failure_per_s=api.auth_failure_per_s,
+        auth_failure_burst=api.auth_failure_burst,
     )

@@ -68,7 +68,8 @@ ERRORS: dict[int, str] = {
     408: "the body took longer than `api.body_timeout_s` to arrive",
     413: "the body is larger than the limit",
     422: "a parameter, the body or the image is invalid",
-    429: "over the caller's rate limit (`api.rate_limit_per_s`, when set): retry after Retry-After seconds",
+    429: "over the client's rate limit (`api.rate_limit_per_s`, when set) or too many wrong keys from it "
+    "(`api.auth_failure_per_s`): retry after Retry-After seconds",
     502: "the product's photo is remote and its image host did not deliver it (the cause is in the server's "
     "log, under the request id)",
     503: "busy (too many photo and similarity searches at once), the index or the model is unavailable, "
