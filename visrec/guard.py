@@ -7,7 +7,8 @@ every answer and in every error body), the API key (compared as bytes, in consta
 a 1 MB limit is cut off at 1 MB, never spooled whole), a deadline for reading the body (slow uploads),
 a slot for the heavy routes (`Slots`: a short, bounded queue, then 503 with Retry-After instead of
 queueing without end), a deadline for the whole request, and Prometheus metrics whose labels come from
-fixed sets.
+fixed sets. Every answer leaves through here, a 500 included (a failure the app did not handle is
+answered here, with its request id, counted, and logged).
 
 Slots count work, not waiting: a request takes its slot on arrival, and the route's work (`Slots.run`,
 in a worker thread) gives it back when it ends. A request past its deadline is answered 503 at once, but
@@ -20,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import logging
 import math
 import re
 import secrets
@@ -40,6 +42,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+log = logging.getLogger(__name__)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Routes whose work holds a thread for long: embedding, search, fetching a remote photo.
@@ -264,6 +267,9 @@ class Guard:
         except TimeoutError:
             limit = self.settings.request_timeout_s
             exchange.refuse(_Refused(503, f"the request took longer than {limit:g} s"))
+        except Exception:  # a bug: answered here too, with the request id, counted, its cause logged
+            log.exception("request %s failed", request_id)
+            exchange.refuse(_Refused(500, "internal error; the request id is in the server's log"))
         finally:
             if slot is not None:  # unless its work has it: then the work gives it back when it ends
                 slot.give_back(unless_claimed=True)

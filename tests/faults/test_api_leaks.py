@@ -167,6 +167,9 @@ def leaky(tmp_path_factory: pytest.TempPathFactory, artefact: tuple[Path, Manife
                 for pid, ref in refs.items()
             ]
         )
+        # A point another writer left without its product id (a shared server): a search reaching it
+        # fails in a way visrec does not handle, a 500.
+        index.upsert([IndexPoint("broken", vector, {"image": str(secret_dir / "BrokenPoint.png")})])
     env = {
         "VISREC_INGEST__ALLOWED_HOSTS": '["127.0.0.1"]',
         "VISREC_INGEST__FETCH_TIMEOUT_S": str(FETCH_TIMEOUT_S),
@@ -270,3 +273,20 @@ def test_generated_failures_show_no_url_or_path(leaky: Leaky) -> None:
 
         one()
     figure("leaks_generated", {"examples": EXAMPLES, "seed": SEED, "answers": dict(sorted(statuses.items()))})
+
+
+def test_a_500_passes_the_guard(leaky: Leaky) -> None:
+    """Fault: a search whose neighbours include a point without a product id (written by another writer
+    on a shared store): a failure no handler knows. visrec: the guard answers it (500), like every other
+    answer. Checked: the 500 has its X-Request-ID and the same id in a {detail, request_id} body, no
+    path or traceback; it is counted in /metrics; the traceback is in the log under that id."""
+    with httpx.Client(base_url=leaky.served.url, headers={"X-API-Key": KEY}, timeout=30) as http:
+        response = http.get("/products/p0/similar", params={"k": 20}, headers={"X-Request-ID": "bug-1"})
+        metrics = http.get("/metrics").text
+    assert response.status_code == 500, response.text
+    assert response.headers["x-request-id"] == "bug-1" and response.json()["request_id"] == "bug-1"
+    assert set(response.json()) == {"detail", "request_id"}
+    assert not _leaks(response, ["BrokenPoint", "Traceback", "KeyError"]), response.text
+    assert 'route="/products/{product_id}/similar",status="500"} 1.0' in metrics
+    log = leaky.served.log_text()
+    assert "request bug-1 failed" in log and "Traceback" in log

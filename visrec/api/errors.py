@@ -128,17 +128,12 @@ async def visrec_error(request: Request, exc: VisrecError) -> JSONResponse:
     return answer(request, status, detail, error=kind.__name__)
 
 
-async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("request %s failed", getattr(request.state, "request_id", "-"))
-    return answer(request, 500, "internal error; the request id is in the server's log")
-
-
 def add_handlers(app: FastAPI) -> None:
     """Answer every failure of `app` as above (FastAPI's own handlers would echo input and internals)."""
     app.exception_handler(RequestValidationError)(invalid_request)
     app.exception_handler(StarletteHTTPException)(http_error)
     app.exception_handler(VisrecError)(visrec_error)
-    app.exception_handler(Exception)(unexpected)
+    # Anything else is a bug: `visrec.guard` answers it (500, with the request id) and logs it.
 
 
 def _finite_json(value: Any) -> Any:
