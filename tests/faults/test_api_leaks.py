@@ -121,6 +121,7 @@ class Leaky:
     host: HostServer
     port: int
     secrets: dict[str, list[str]]  # product id → the URL or path parts that must never be shown
+    root: Path  # the store's folder: its drawn products' photos are in root/images
 
 
 def _parts(ref: str) -> list[str]:
@@ -177,7 +178,7 @@ def leaky(tmp_path_factory: pytest.TempPathFactory, artefact: tuple[Path, Manife
         "VISREC_INGEST__HOST_FAILURES": "100000",  # the breaker would answer every later example alike
     }
     with serve(settings, root / "serve.log", key=KEY, env=env) as served:
-        yield Leaky(served, server, port, {pid: _parts(ref) for pid, ref in refs.items()})
+        yield Leaky(served, server, port, {pid: _parts(ref) for pid, ref in refs.items()}, root)
     server.shutdown()
     server.server_close()
 
@@ -290,3 +291,37 @@ def test_a_500_passes_the_guard(leaky: Leaky) -> None:
     assert 'route="/products/{product_id}/similar",status="500"} 1.0' in metrics
     log = leaky.served.log_text()
     assert "request bug-1 failed" in log and "Traceback" in log
+
+
+def test_a_photo_swapped_for_a_link_after_sync_is_not_served(leaky: Leaky) -> None:
+    """Fault: after the sync (which resolved and checked every photo path), p2's photo is replaced by a
+    symbolic link to an image outside the catalogue's folder; then p1's whole folder is replaced by a
+    link to a copy elsewhere. visrec: the photo route opens the stored path one folder at a time without
+    following any link. Checked: 404 with a fixed text both times, none of the outside image's bytes;
+    the photo served again once the real file is back."""
+    images = leaky.root / "images"
+    secret = leaky.root.parent / f"{leaky.root.name}-secret.png"
+    secret.write_bytes(red_photo() + b"SecretOutsideBytes")
+    original = (images / "p2.png").read_bytes()
+    with httpx.Client(base_url=leaky.served.url, headers={"X-API-Key": KEY}, timeout=30) as http:
+        assert http.get("/products/p2/image").content == original
+        (images / "p2.png").unlink()
+        (images / "p2.png").symlink_to(secret)
+        try:
+            swapped = http.get("/products/p2/image")
+        finally:
+            (images / "p2.png").unlink()
+            (images / "p2.png").write_bytes(original)
+        assert swapped.status_code == 404 and b"SecretOutsideBytes" not in swapped.content, swapped.text
+        assert "symbolic link" in leaky.served.log_text()
+        assert http.get("/products/p2/image").content == original
+        moved = leaky.root / "images-moved"
+        images.rename(moved)
+        images.symlink_to(moved)
+        try:
+            through = http.get("/products/p1/image")
+        finally:
+            images.unlink()
+            moved.rename(images)
+        assert through.status_code == 404, through.text
+        assert http.get("/products/p1/image").status_code == 200

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path as FilePath
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 from PIL import Image
 
 from visrec import query
@@ -17,7 +19,7 @@ from visrec.api.errors import hidden
 from visrec.api.models import Page, Product, Results, errors, product_out, results
 from visrec.catalogue import MAX_PHOTOS
 from visrec.errors import ImageError
-from visrec.images import read_image_bytes
+from visrec.images import ANY_FOLDER, open_local, read_image_bytes
 from visrec.payload import photos
 from visrec.urls import is_url
 
@@ -78,10 +80,28 @@ def _photo(product_id: str, n: int, service: ServiceDep, request: Request) -> Re
         if media_type is None:
             raise hidden(request, ImageError(f"{ref}: not an image"), 502, f"{gone}: not an image") from None
         return Response(data, media_type=media_type)
-    media_type = _image_type(ref) if FilePath(ref).is_absolute() and FilePath(ref).is_file() else None
-    if media_type is None:
-        raise hidden(request, ImageError(f"{ref}: missing or not an image"), 404, gone)
-    return FileResponse(ref, media_type=media_type)
+    try:
+        # Without following any link (the stored path was resolved when the catalogue was read: a link
+        # now is a file swapped since), checked where it is opened, not before. The catalogue's own
+        # folder is not known here: any folder, no link on the way.
+        file = open_local(ref, ANY_FOLDER) if FilePath(ref).is_absolute() else None
+    except ImageError as exc:
+        raise hidden(request, exc, 404, gone) from None
+    media_type = _image_type(file) if file is not None else None
+    if file is None or media_type is None:
+        if file is not None:
+            file.close()
+        raise hidden(request, ImageError(f"{ref}: not an image"), 404, gone)
+    file.seek(0)
+    size = os.fstat(file.fileno()).st_size
+    return StreamingResponse(_chunks(file), media_type=media_type, headers={"Content-Length": str(size)})
+
+
+def _chunks(file: BinaryIO, size: int = 256 * 1024) -> Iterator[bytes]:
+    """The open file in pieces, closed at the end (sent after the work's slot is given back)."""
+    with file:
+        while piece := file.read(size):
+            yield piece
 
 
 @router.get("/products/{product_id}", response_model=Product, responses=errors(401, 404, 422, 503))
@@ -110,7 +130,7 @@ async def similar(
     return await heavy(request, work)
 
 
-def _image_type(ref: str | io.BytesIO) -> str | None:
+def _image_type(ref: BinaryIO) -> str | None:
     """The media type of the image at `ref` (a file or bytes), or None if it is not an image.
 
     Sync only indexes files inside a catalogue's folder that decoded as images; checking the header
