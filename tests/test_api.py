@@ -244,6 +244,29 @@ def test_public_fields_restrict_what_callers_see(synced: Settings) -> None:
         assert set(client.get("/products/p1").json()["payload"]) == {"category", "price"}  # never "image"
 
 
+def test_callers_filter_only_on_fields_they_are_shown(synced: Settings) -> None:
+    """With `public_fields` narrowed to category, a filter on colour or price (or the colour re-rank)
+    would let a caller probe values it is not shown, one query at a time: 422 on every route that
+    filters; filtering on category still works."""
+    settings = synced.model_copy(update={"api": ApiSettings(public_fields=["category"])})
+    with TestClient(create_app(settings, torch.device("cpu"))) as client:
+        photo = {"image": ("p.png", b"x", "image/png")}
+        for method, path, kwargs in [
+            ("get", "/products/p1/similar", {"params": {"colour": "red"}}),
+            ("get", "/products/p1/similar", {"params": {"price_max": 20}}),
+            ("get", "/products/p1/similar", {"params": {"colour_weight": 0.5}}),
+            ("get", "/products", {"params": {"price_min": 1}}),
+            ("post", "/search/image", {"params": {"colour": "red"}, "files": photo}),
+            ("post", "/recommend", {"json": {"positive": ["p1"], "price_max": 20}}),
+            ("post", "/recommend", {"json": {"positive": ["p1"], "max_per": ["colour=1"]}}),
+        ]:
+            response = getattr(client, method)(path, **kwargs)
+            assert response.status_code == 422, (path, kwargs, response.text)
+            assert "not a field this service shows" in response.text or "does not show" in response.text
+        shown = client.get("/products/p1/similar", params={"category": "circle", "k": 3})
+        assert shown.status_code == 200 and len(shown.json()["results"]) == 3
+
+
 def test_errors_carry_a_request_id_and_5xx_hide_the_cause(settings: Settings, tmp_path: Path) -> None:
     with TestClient(create_app(settings, torch.device("cpu"))) as client:  # nothing synced: 503
         response = client.get("/products/p1/similar", headers={"X-Request-ID": "trace-42"})

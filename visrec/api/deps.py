@@ -47,16 +47,38 @@ async def heavy(request: Request, work: Callable[[], T]) -> T:
     return await slots.run(slot, work)
 
 
-def get_filters(chosen: Annotated[CallerFilters, Query()]) -> Filters:
+def get_filters(chosen: Annotated[CallerFilters, Query()], request: Request) -> Filters:
     """The filters as query parameters: one per field of `CallerFilters`, validated there."""
-    return Filters.of(chosen)
+    return check_filters(Filters.of(chosen), service_of(request))
+
+
+# The payload fields callers may see for the colour re-rank to be allowed: it ranks by the extracted
+# colour, whose public forms these are.
+COLOUR_SHOWN = ("colour_extracted", "colour_rgb")
+
+
+def _hidden(field: str, service: Service) -> bool:
+    public = service.settings.api.public_fields
+    return public is not None and field not in public
+
+
+def check_filters(filters: Filters, service: Service, colour_weight: float = 0.0) -> Filters:
+    """Filters (and the colour re-rank) only on fields callers are shown: filtering on a field they
+    cannot see would let them probe its values, one query at a time. Raises `InvalidQuery`."""
+    used = [field for field in ("category", "colour") if getattr(filters, field)]
+    used += ["price"] if filters.price_min is not None or filters.price_max is not None else []
+    hidden = [field for field in used if _hidden(field, service)]
+    if hidden:
+        raise InvalidQuery(f"cannot filter on {hidden[0]!r}: not a field this service shows")
+    if colour_weight and all(_hidden(field, service) for field in COLOUR_SHOWN):
+        raise InvalidQuery("colour_weight ranks by the product's colour, which this service does not show")
+    return filters
 
 
 def check_caps(rules: query.Rules, service: Service) -> query.Rules:
     """Caps only on fields callers are shown: grouping results by a field they cannot see would tell
     them which hits share its value."""
-    public = service.settings.api.public_fields
-    hidden = [field for field in rules.caps if public is not None and field not in public]
+    hidden = [field for field in rules.caps if _hidden(field, service)]
     if hidden:
         raise InvalidQuery(f"max_per cannot cap {hidden[0]!r}: not a field this service shows")
     return rules

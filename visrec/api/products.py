@@ -14,7 +14,7 @@ from fastapi.responses import StreamingResponse
 from PIL import Image
 
 from visrec import query
-from visrec.api.deps import ColourWeight, FilterDep, K, RulesDep, ServiceDep, heavy
+from visrec.api.deps import ColourWeight, FilterDep, K, RulesDep, ServiceDep, check_filters, heavy
 from visrec.api.errors import hidden
 from visrec.api.models import Page, Product, Results, errors, product_out, results
 from visrec.catalogue import MAX_PHOTOS
@@ -122,6 +122,7 @@ async def similar(
 ) -> Results:
     """Products that look like this one (any of its photos), itself excluded."""
     bounds = query.Bounds.from_settings(service.settings.api)
+    check_filters(filters, service, colour_weight)
 
     def work() -> Results:
         hits = query.similar_to_product(service.index(), product_id, k, filters, colour_weight, rules, bounds)

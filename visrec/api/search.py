@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, HTTPException, Request, UploadFile
 
 from visrec import query
-from visrec.api.deps import ColourWeight, FilterDep, K, RulesDep, ServiceDep, check_caps, heavy
+from visrec.api.deps import ColourWeight, FilterDep, K, RulesDep, ServiceDep, check_caps, check_filters, heavy
 from visrec.api.errors import UploadRejected
 from visrec.api.models import RecommendRequest, Results, errors, results
 from visrec.errors import ImageError
@@ -30,6 +30,7 @@ async def search_image(
     """Products that look like an uploaded photo."""
     limit = service.settings.api.max_upload_bytes
     bounds = query.Bounds.from_settings(service.settings.api)
+    check_filters(filters, service, colour_weight)
 
     def work() -> Results:
         data = image.file.read(limit + 1)
@@ -51,12 +52,11 @@ async def search_image(
 async def recommend(body: RecommendRequest, request: Request, service: ServiceDep) -> Results:
     """Products like the positive ones and unlike the negative ones."""
     rules = check_caps(query.Rules.of(body), service)
+    filters = check_filters(Filters.of(body), service)
     bounds = query.Bounds.from_settings(service.settings.api)
 
     def work() -> Results:
-        hits = query.recommend(
-            service.index(), body.positive, body.negative, body.k, Filters.of(body), rules, bounds
-        )
+        hits = query.recommend(service.index(), body.positive, body.negative, body.k, filters, rules, bounds)
         return results(hits, service.settings)
 
     return await heavy(request, work)
