@@ -413,3 +413,41 @@ def test_scrub_blanks_urls_and_paths_in_what_callers_are_told() -> None:
     assert said == {"detail": "… refused; … gone; …", "loc": ["query", "k"]}
     assert scrub("product 'a/b' is not in the index") == "product 'a/b' is not in the index"
     assert scrub(["k must be between 1 and 1000", 3]) == ["k must be between 1 and 1000", 3]
+
+
+ODD_IDS = ["a/b", "x/similar", "images/1", "50%off", "a%2Fb", "/lead", "trail/", "ü/ß ?#&", ".", "a b/image"]
+
+
+def test_every_id_the_catalogue_takes_is_reachable_on_every_route(settings: Settings, tmp_path: Path) -> None:
+    """Ids with '/', a route's suffix, '%', an encoded slash as text, spaces, '?', '#', '.': each is
+    indexed, and every product route reaches it with the id percent-encoded as one path segment; an
+    id with '/' also plainly where the path stays unambiguous. (A '/' in an id was a 404 from routing.)"""
+    from urllib.parse import quote
+
+    from tests.helpers import draw_product, write_csv
+
+    rows = []
+    for i, product_id in enumerate(ODD_IDS):
+        draw_product(tmp_path / "images" / f"o{i}.png", "circle", "red", variant=i)
+        rows.append({"id": product_id, "image": f"images/o{i}.png", "category": "odd"})
+    summary = run_sync(write_csv(tmp_path / "odd.csv", rows), settings)
+    assert summary.added == len(ODD_IDS) and not summary.failed, summary
+    with TestClient(create_app(settings, torch.device("cpu"))) as client:
+        for i, product_id in enumerate(ODD_IDS):
+            encoded = quote(product_id, safe="").replace(".", "%2E")
+            got = client.get(f"/products/{encoded}")
+            assert got.status_code == 200 and got.json()["product_id"] == product_id, (product_id, got.text)
+            similar = client.get(f"/products/{encoded}/similar", params={"k": 3})
+            assert similar.status_code == 200, (product_id, similar.text)
+            assert product_id not in [h["product_id"] for h in similar.json()["results"]]
+            image = (tmp_path / "images" / f"o{i}.png").read_bytes()
+            for path in (f"/products/{encoded}/image", f"/products/{encoded}/images/0"):
+                photo = client.get(path)
+                assert photo.status_code == 200 and photo.content == image, (path, photo.text)
+        # Plainly, where the path stays unambiguous: the suffix routes win over an id's last part.
+        assert client.get("/products/a/b").json()["product_id"] == "a/b"
+        assert client.get("/products/a/b/similar").status_code == 200
+        assert client.get("/products/images/1").json()["product_id"] == "images/1"
+        assert client.get("/products/x/similar").status_code == 404  # similar to "x", which is not indexed
+        metrics = client.get("/metrics").text
+        assert 'route="/products/{product_id}/similar"' in metrics and ":path" not in metrics

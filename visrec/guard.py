@@ -32,6 +32,7 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Literal, TypeVar
+from urllib.parse import unquote
 
 import anyio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -46,7 +47,8 @@ log = logging.getLogger(__name__)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # Routes whose work holds a thread for long: embedding, search, fetching a remote photo.
-_HEAVY = re.compile(r"/search/image|/recommend|/products/[^/]+/(similar|image|images/[^/]+)")
+_HEAVY = re.compile(r"/search/image|/recommend|/products/.+/(similar|image|images/[^/]+)")
+_CONVERTOR = re.compile(r"\{(\w+):\w+\}")  # "{product_id:path}" in a route's template
 T = TypeVar("T")
 
 
@@ -246,6 +248,7 @@ class Guard:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        scope["path"] = routing_path(scope)
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
         exchange = _Exchange(send, request_id)
@@ -274,7 +277,7 @@ class Guard:
             if slot is not None:  # unless its work has it: then the work gives it back when it ends
                 slot.give_back(unless_claimed=True)
         await exchange.finish(self.settings.retry_after_s)
-        route = getattr(scope.get("route"), "path", "unmatched")
+        route = _CONVERTOR.sub(r"{\1}", getattr(scope.get("route"), "path", "unmatched"))
         method = scope["method"] if scope["method"] in METHODS else "OTHER"
         self.requests.labels(method, route, str(exchange.status)).inc()
         self.latency.labels(route).observe(time.perf_counter() - started)
@@ -387,6 +390,20 @@ class _Exchange:
             headers.append((b"connection", b"close"))
         await self._send({"type": "http.response.start", "status": self.refusal.status, "headers": headers})
         await self._send({"type": "http.response.body", "body": body})
+
+
+def routing_path(scope: Scope) -> str:
+    """The path routes are matched on: the request's path as sent, each segment decoded but for an
+    encoded '/' or '%', which stay encoded (%2F, %25). The server's own decoding (`path`) makes
+    /products/a%2Fb/similar and /products/a/b/similar one path; this keeps a '/' inside an id apart from
+    the path's own, and routes decode the id once (`api.deps.product_id_of`)."""
+    raw = scope.get("raw_path")
+    if not raw:
+        return str(scope["path"])
+    return "/".join(
+        unquote(segment, errors="replace").replace("%", "%25").replace("/", "%2F")
+        for segment in raw.decode("latin-1").split("/")
+    )
 
 
 def _client(scope: Scope) -> bytes:

@@ -45,7 +45,7 @@ def test_every_route_but_health_and_the_static_page_needs_the_api_key(
     assert len(routes) >= 10
     with TestClient(app) as client:
         for method, path in routes:
-            url = path.replace("{product_id}", "p1")
+            url = path.replace("{product_id:path}", "p1").replace("{product_id}", "p1").replace("{n}", "0")
             for headers in ({}, {"X-API-Key": "wrong"}, {"X-API-Key": ""}):
                 status = client.request(method, url, headers=headers).status_code
                 assert (status != 401) if path in OPEN else (status == 401), (method, url, headers, status)

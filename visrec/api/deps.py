@@ -7,8 +7,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Annotated, TypeVar
+from urllib.parse import unquote
 
-from fastapi import Depends, HTTPException, Query, Request
+from fastapi import Depends, HTTPException, Path, Query, Request
 from prometheus_client import CollectorRegistry
 
 from visrec import query
@@ -89,6 +90,19 @@ def get_rules(chosen: Annotated[query.Rules, Query()], request: Request) -> quer
     return check_caps(chosen, service_of(request))
 
 
+async def product_id_of(
+    product_id: Annotated[
+        str,
+        Path(description="the catalogue's id, percent-encoded as one path segment ('/' as %2F, '%' as %25)"),
+    ],
+) -> str:
+    """The product id of a `/products/{product_id:path}…` route. The guard leaves an encoded '/' and '%'
+    encoded in the path it routes on (`guard.routing_path`), so that a '/' inside an id is not taken for
+    the path's own: decoded here, once."""
+    return unquote(product_id)
+
+
+ProductId = Annotated[str, Depends(product_id_of)]
 ServiceDep = Annotated[Service, Depends(get_service)]
 MetricsDep = Annotated[CollectorRegistry, Depends(get_metrics)]
 FilterDep = Annotated[Filters, Depends(get_filters)]

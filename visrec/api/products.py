@@ -1,4 +1,8 @@
-"""Browsing the index and one product at a time: its payload, its photo, the products that look like it."""
+"""Browsing the index and one product at a time: its payload, its photo, the products that look like it.
+
+Every id the catalogue takes is reachable: `{product_id:path}` lets an id hold '/' (send it encoded,
+%2F, or plain where the rest of the path is unambiguous), and the routes with a suffix (`/similar`,
+`/image`, `/images/{n}`) are matched before the plain one (see `deps.ProductId`)."""
 
 from __future__ import annotations
 
@@ -14,7 +18,16 @@ from fastapi.responses import StreamingResponse
 from PIL import Image
 
 from visrec import query
-from visrec.api.deps import ColourWeight, FilterDep, K, RulesDep, ServiceDep, check_filters, heavy
+from visrec.api.deps import (
+    ColourWeight,
+    FilterDep,
+    K,
+    ProductId,
+    RulesDep,
+    ServiceDep,
+    check_filters,
+    heavy,
+)
 from visrec.api.errors import hidden
 from visrec.api.models import Page, Product, Results, errors, product_out, results
 from visrec.catalogue import MAX_PHOTOS
@@ -48,15 +61,15 @@ PHOTO_RESPONSES: dict[int | str, dict[str, object]] = {
 }
 
 
-@router.get("/products/{product_id}/image", response_class=Response, responses=PHOTO_RESPONSES)
-async def product_image(product_id: str, service: ServiceDep, request: Request) -> Response:
+@router.get("/products/{product_id:path}/image", response_class=Response, responses=PHOTO_RESPONSES)
+async def product_image(product_id: ProductId, service: ServiceDep, request: Request) -> Response:
     """The product's first photo (as `/images/0`)."""
     return await heavy(request, lambda: _photo(product_id, 0, service, request))
 
 
-@router.get("/products/{product_id}/images/{n}", response_class=Response, responses=PHOTO_RESPONSES)
+@router.get("/products/{product_id:path}/images/{n}", response_class=Response, responses=PHOTO_RESPONSES)
 async def product_photo(
-    product_id: str, n: Annotated[int, Path(ge=0, lt=MAX_PHOTOS)], service: ServiceDep, request: Request
+    product_id: ProductId, n: Annotated[int, Path(ge=0, lt=MAX_PHOTOS)], service: ServiceDep, request: Request
 ) -> Response:
     """The product's photo number `n` (0: the first; a hit's `matched_image`)."""
     return await heavy(request, lambda: _photo(product_id, n, service, request))
@@ -104,15 +117,11 @@ def _chunks(file: BinaryIO, size: int = 256 * 1024) -> Iterator[bytes]:
             yield piece
 
 
-@router.get("/products/{product_id}", response_model=Product, responses=errors(401, 404, 422, 503))
-def product(product_id: str, service: ServiceDep) -> Product:
-    payload = query.indexed(service.index(), product_id)[1]
-    return product_out(product_id, payload, service.settings)
-
-
-@router.get("/products/{product_id}/similar", response_model=Results, responses=errors(401, 404, 422, 503))
+@router.get(
+    "/products/{product_id:path}/similar", response_model=Results, responses=errors(401, 404, 422, 503)
+)
 async def similar(
-    product_id: str,
+    product_id: ProductId,
     request: Request,
     service: ServiceDep,
     filters: FilterDep,
@@ -129,6 +138,12 @@ async def similar(
         return results(hits, service.settings)
 
     return await heavy(request, work)
+
+
+@router.get("/products/{product_id:path}", response_model=Product, responses=errors(401, 404, 422, 503))
+def product(product_id: ProductId, service: ServiceDep) -> Product:
+    payload = query.indexed(service.index(), product_id)[1]
+    return product_out(product_id, payload, service.settings)
 
 
 def _image_type(ref: BinaryIO) -> str | None:
