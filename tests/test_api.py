@@ -251,7 +251,7 @@ def test_callers_filter_only_on_fields_they_are_shown(synced: Settings) -> None:
     settings = synced.model_copy(update={"api": ApiSettings(public_fields=["category"])})
     with TestClient(create_app(settings, torch.device("cpu"))) as client:
         photo = {"image": ("p.png", b"x", "image/png")}
-        for method, path, kwargs in [
+        cases: list[tuple[str, str, dict[str, Any]]] = [
             ("get", "/products/p1/similar", {"params": {"colour": "red"}}),
             ("get", "/products/p1/similar", {"params": {"price_max": 20}}),
             ("get", "/products/p1/similar", {"params": {"colour_weight": 0.5}}),
@@ -259,7 +259,8 @@ def test_callers_filter_only_on_fields_they_are_shown(synced: Settings) -> None:
             ("post", "/search/image", {"params": {"colour": "red"}, "files": photo}),
             ("post", "/recommend", {"json": {"positive": ["p1"], "price_max": 20}}),
             ("post", "/recommend", {"json": {"positive": ["p1"], "max_per": ["colour=1"]}}),
-        ]:
+        ]
+        for method, path, kwargs in cases:
             response = getattr(client, method)(path, **kwargs)
             assert response.status_code == 422, (path, kwargs, response.text)
             assert "not a field this service shows" in response.text or "does not show" in response.text
