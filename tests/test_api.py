@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,14 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from PIL import Image
 from pydantic import SecretStr
 
 from tests.helpers import MakeCatalogue, run_reindex, run_sync
+from visrec import query
 from visrec.api import create_app
 from visrec.config import ApiSettings, Settings
 
@@ -105,7 +110,6 @@ def test_recommend_from_positives_and_negatives(client: TestClient) -> None:
     [
         ("get", "/products/nope/similar", {}, 404),
         ("get", "/products/nope", {}, 404),
-        ("get", "/products/p1/similar", {"params": {"price_min": 9, "price_max": 1}}, 422),
         ("get", "/products/p1/similar", {"params": {"k": 0}}, 422),
         ("get", "/products/p1/similar", {"params": {"price_min": "cheap"}}, 422),
         ("post", "/search/image", {"files": {"image": ("x.png", b"not an image", "image/png")}}, 422),
@@ -452,3 +456,52 @@ def test_every_id_the_catalogue_takes_is_reachable_on_every_route(settings: Sett
         assert client.get("/products/x/similar").status_code == 404  # similar to "x", which is not indexed
         metrics = client.get("/metrics").text
         assert 'route="/products/{product_id}/similar"' in metrics and ":path" not in metrics
+
+
+def test_the_contract_says_what_is_refused(client: TestClient) -> None:
+    """What the schema allows is answered, what it refuses is refused: an empty price range (price_min
+    above price_max: JSON Schema cannot order two parameters) matches nothing, on every route that
+    filters; max_per's FIELD=N is a pattern in the schema; a 405 says which methods the route takes."""
+    empty = {"price_min": 30, "price_max": 10}
+    assert client.get("/products/p1/similar", params=empty).json() == {"results": []}
+    assert client.get("/products", params=empty).json() == {"products": [], "next": None}
+    assert client.post("/recommend", json={"positive": ["p1"], **empty}).json() == {"results": []}
+    photo = {"image": ("p.png", _encoded("RGB", "PNG"), "image/png")}
+    assert client.post("/search/image", params=empty, files=photo).json() == {"results": []}
+    schema = client.get("/openapi.json").json()
+    similar = schema["paths"]["/products/{product_id}/similar"]["get"]["parameters"]
+    max_per = next(p for p in similar if p["name"] == "max_per")["schema"]
+    assert max_per["items"]["pattern"] == query.CAP_PATTERN and max_per["maxItems"] == query.MAX_CAPS
+    body = schema["components"]["schemas"]["RecommendRequest"]["properties"]["max_per"]
+    assert body["items"]["pattern"] == query.CAP_PATTERN
+    for method, path, allow in [("delete", "/products/p1", "GET"), ("put", "/recommend", "POST")]:
+        refused = client.request(method, path)
+        assert refused.status_code == 405 and refused.headers["allow"] == allow, refused.headers
+        assert refused.json()["request_id"]
+
+
+@hypothesis_settings(max_examples=int(os.environ.get("VISREC_CAP_EXAMPLES", "300")), deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=20),
+        st.from_regex(query.CAP_PATTERN, fullmatch=True),
+        st.builds(
+            "{}{}={}{}".format,
+            st.sampled_from(["", " ", "\t", "\n"]),
+            st.sampled_from(["brand", "image", "images", "colour_lab ", "a b", "\ufeffx", "\x1cx"]),
+            st.integers(-2, 1002).map(str) | st.sampled_from(["0007", "x", ""]),
+            st.sampled_from(["", " ", "\n", "\t"]),
+        ),
+    )
+)
+def test_max_per_pattern_in_the_schema_is_the_rule(cap: str) -> None:
+    """The schema's pattern for one cap, read as JSON Schema reads it (ECMAScript regular expressions,
+    by the validator Schemathesis uses), accepts exactly the caps `Rules` accepts."""
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")
+    valid = jsonschema_rs.validator_for({"type": "string", "pattern": query.CAP_PATTERN}).is_valid(cap)
+    try:
+        query.Rules(max_per=[cap])
+        accepted = True
+    except ValueError:
+        accepted = False
+    assert valid == accepted, repr(cap)

@@ -17,10 +17,10 @@ import re
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from visrec.colour import extract_colours
 from visrec.config import ApiSettings
@@ -36,6 +36,15 @@ RULES_POOL = 10  # diversity and caps choose k among k x this many neighbours (a
 POOL_MIN = 50  # … and, when caps leave fewer than k, among as many as `Bounds` allow
 MAX_CAPS = 5
 _API = ApiSettings()
+# A cap, FIELD=N, as the schema states it: the same rule `Rules` checks (a field callers may see, at most
+# N = MAX_K): a request the schema allows is never refused for its caps.
+_HIDDEN = "|".join(sorted(HIDDEN_FROM_CALLERS))
+# Only characters every regular-expression dialect reads alike (JSON Schema's is ECMAScript's, whose \s
+# is not Python's).
+CAP_PATTERN = (
+    rf"^[ \t]*(?!(?:{_HIDDEN})[ \t]*=)[^= \t\r\n\f\v][^=]*="
+    r"[ \t]*0*(?:[1-9][0-9]{0,2}|1000)[ \t]*$"  # N from 1 to MAX_K
+)
 
 
 @dataclass(frozen=True)
@@ -55,7 +64,7 @@ class Bounds:
 
 
 BOUNDS = Bounds()
-_CAP = re.compile(r"^\s*([^=\s][^=]*?)\s*=\s*([0-9]+)\s*$")
+_CAP = re.compile(r"[ \t]*([^= \t\r\n\f\v][^=]*?)[ \t]*=[ \t]*([0-9]+)[ \t]*")  # whole: fullmatch
 
 
 class Rules(BaseModel):
@@ -70,17 +79,19 @@ class Rules(BaseModel):
         allow_inf_nan=False,
         description="0: nearest first; up to 1: prefer products unlike those already chosen (MMR)",
     )
-    max_per: list[str] = Field(
+    # The pattern is for the schema; `_caps_parse` checks the same rule and says what is wrong.
+    max_per: list[Annotated[str, WithJsonSchema({"type": "string", "pattern": CAP_PATTERN})]] = Field(
         default=[],
         max_length=MAX_CAPS,
-        description="FIELD=N: at most N results with the same value of FIELD (e.g. brand=2)",
+        description=f"FIELD=N: at most N results with the same value of FIELD (e.g. brand=2); N from 1 to "
+        f"{MAX_K}; FIELD a payload field callers are shown (api.public_fields, when set, narrows them)",
     )
 
     @field_validator("max_per")
     @classmethod
     def _caps_parse(cls, caps: list[str]) -> list[str]:
         for cap in caps:
-            found = _CAP.match(cap)
+            found = _CAP.fullmatch(cap)
             if not found or not 1 <= int(found.group(2)) <= MAX_K:
                 raise ValueError(f"takes FIELD=N with 1 <= N <= {MAX_K}, got {cap!r}")
             if found.group(1) in HIDDEN_FROM_CALLERS:
@@ -89,7 +100,7 @@ class Rules(BaseModel):
 
     @property
     def caps(self) -> dict[str, int]:
-        return {m.group(1): int(m.group(2)) for cap in self.max_per if (m := _CAP.match(cap))}
+        return {m.group(1): int(m.group(2)) for cap in self.max_per if (m := _CAP.fullmatch(cap))}
 
     @property
     def active(self) -> bool:

@@ -234,6 +234,45 @@ def test_a_slow_download_is_not_cut_by_the_body_deadline(guarded: Served) -> Non
     assert len(body) == BIG_IMAGE, len(body)
 
 
+def _pushed_after_answer(served: Served, head: str, most: int = 256 * MB) -> tuple[str, int, str]:
+    """Send `head` (a chunked body: its length is not declared, so no limit refuses it up front), wait
+    for the answer without sending any of the body, then push 64 KiB chunks until the server stops
+    taking them (or `most` bytes): (status line, bytes it took after answering, how it ended)."""
+    with socket.create_connection((served.host, served.port), timeout=10) as sock:
+        sock.sendall(head.encode() + b"Transfer-Encoding: chunked\r\n\r\n")
+        answer = sock.recv(65536).split(b"\r\n", 1)[0].decode()
+        pushed, ended, piece = 0, "still open", b"10000\r\n" + bytes(64 * 1024) + b"\r\n"
+        started = time.monotonic()
+        sock.settimeout(2)
+        while pushed < most and time.monotonic() - started < 30:
+            try:
+                sock.sendall(piece)
+            except OSError as exc:  # reset or closed: the server is not reading any more
+                ended = type(exc).__name__
+                break
+            pushed += len(piece)
+        return answer, pushed, ended
+
+
+def test_an_answer_before_the_body_closes_the_connection(guarded: Served) -> None:
+    """Fault: requests with a chunked body that are answered before any of it is read — a wrong key
+    (the guard's 401), an unknown product (the app's 404), a method the route does not take (405) —
+    then the client keeps sending. visrec: an answer that starts while the body is unread says
+    `Connection: close`, and the server ends the connection instead of reading the rest to reach a next
+    request. Checked: the server takes at most what the sockets buffer (under 32 MB) after answering,
+    not the gigabyte (it took 1 GB in 1.2 s after a 400)."""
+    cases = {
+        "401": "POST /recommend HTTP/1.1\r\nHost: x\r\nX-API-Key: wrong\r\n",
+        "404": f"GET /products/nope HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n",
+        "405": f"POST /products/p1 HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n",
+    }
+    results = {name: _pushed_after_answer(guarded, head) for name, head in cases.items()}
+    figure("pushed_after_answer_mb", {k: (v[0], round(v[1] / MB, 1), v[2]) for k, v in results.items()})
+    for name, (answer, pushed, ended) in results.items():
+        assert f" {name} " in answer, (name, answer)
+        assert pushed < 32 * MB and ended != "still open", (name, pushed, ended)
+
+
 # --- saturation -------------------------------------------------------------------------------------------
 
 

@@ -13,8 +13,9 @@ from fastapi import Depends, HTTPException, Path, Query, Request
 from prometheus_client import CollectorRegistry
 
 from visrec import query
+from visrec.api.models import CallerQuery
 from visrec.errors import InvalidQuery
-from visrec.filters import CallerFilters, Filters
+from visrec.filters import Filters
 from visrec.guard import Slots
 from visrec.service import Service
 
@@ -48,8 +49,8 @@ async def heavy(request: Request, work: Callable[[], T]) -> T:
     return await slots.run(slot, work)
 
 
-def get_filters(chosen: Annotated[CallerFilters, Query()], request: Request) -> Filters:
-    """The filters as query parameters: one per field of `CallerFilters`, validated there."""
+def get_filters(chosen: Annotated[CallerQuery, Query()], request: Request) -> Filters:
+    """The filters as query parameters: one per field of `CallerQuery`, validated there."""
     return check_filters(Filters.of(chosen), service_of(request))
 
 

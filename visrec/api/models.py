@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from visrec import query
 from visrec.config import Settings
@@ -121,7 +121,24 @@ class Page(BaseModel):
     next: str | None = Field(description="pass as `after` for the next page; null at the end")
 
 
-class RecommendRequest(CallerFilters, query.Rules):
+class CallerQuery(CallerFilters):
+    """The filters as callers send them: `CallerFilters`, but an empty price range (price_min above
+    price_max) is no error: it matches nothing. JSON Schema cannot say that one parameter must not
+    exceed another, so the schema allows such a request, and the service answers it."""
+
+    price_min: float | None = Field(
+        default=None, allow_inf_nan=False, description="at least; above price_max, nothing matches"
+    )
+    price_max: float | None = Field(
+        default=None, allow_inf_nan=False, description="at most; below price_min, nothing matches"
+    )
+
+    @model_validator(mode="after")
+    def _sane_range(self) -> CallerQuery:  # replaces CallerFilters' check of the order (same name)
+        return self
+
+
+class RecommendRequest(CallerQuery, query.Rules):
     """The examples and `k`, and the filters and result rules as on every search route."""
 
     positive: list[str] = Field(min_length=1, max_length=100, description="e.g. the basket")
