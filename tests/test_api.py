@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,10 +12,14 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from PIL import Image
 from pydantic import SecretStr
 
 from tests.helpers import MakeCatalogue, run_reindex, run_sync
+from visrec import query
 from visrec.api import create_app
 from visrec.config import ApiSettings, Settings
 
@@ -105,7 +110,6 @@ def test_recommend_from_positives_and_negatives(client: TestClient) -> None:
     [
         ("get", "/products/nope/similar", {}, 404),
         ("get", "/products/nope", {}, 404),
-        ("get", "/products/p1/similar", {"params": {"price_min": 9, "price_max": 1}}, 422),
         ("get", "/products/p1/similar", {"params": {"k": 0}}, 422),
         ("get", "/products/p1/similar", {"params": {"price_min": "cheap"}}, 422),
         ("post", "/search/image", {"files": {"image": ("x.png", b"not an image", "image/png")}}, 422),
@@ -244,6 +248,30 @@ def test_public_fields_restrict_what_callers_see(synced: Settings) -> None:
         assert set(client.get("/products/p1").json()["payload"]) == {"category", "price"}  # never "image"
 
 
+def test_callers_filter_only_on_fields_they_are_shown(synced: Settings) -> None:
+    """With `public_fields` narrowed to category, a filter on colour or price (or the colour re-rank)
+    would let a caller probe values it is not shown, one query at a time: 422 on every route that
+    filters; filtering on category still works."""
+    settings = synced.model_copy(update={"api": ApiSettings(public_fields=["category"])})
+    with TestClient(create_app(settings, torch.device("cpu"))) as client:
+        photo = {"image": ("p.png", b"x", "image/png")}
+        cases: list[tuple[str, str, dict[str, Any]]] = [
+            ("get", "/products/p1/similar", {"params": {"colour": "red"}}),
+            ("get", "/products/p1/similar", {"params": {"price_max": 20}}),
+            ("get", "/products/p1/similar", {"params": {"colour_weight": 0.5}}),
+            ("get", "/products", {"params": {"price_min": 1}}),
+            ("post", "/search/image", {"params": {"colour": "red"}, "files": photo}),
+            ("post", "/recommend", {"json": {"positive": ["p1"], "price_max": 20}}),
+            ("post", "/recommend", {"json": {"positive": ["p1"], "max_per": ["colour=1"]}}),
+        ]
+        for method, path, kwargs in cases:
+            response = getattr(client, method)(path, **kwargs)
+            assert response.status_code == 422, (path, kwargs, response.text)
+            assert "not a field this service shows" in response.text or "does not show" in response.text
+        shown = client.get("/products/p1/similar", params={"category": "circle", "k": 3})
+        assert shown.status_code == 200 and len(shown.json()["results"]) == 3
+
+
 def test_errors_carry_a_request_id_and_5xx_hide_the_cause(settings: Settings, tmp_path: Path) -> None:
     with TestClient(create_app(settings, torch.device("cpu"))) as client:  # nothing synced: 503
         response = client.get("/products/p1/similar", headers={"X-Request-ID": "trace-42"})
@@ -282,7 +310,8 @@ def test_a_remote_image_is_served_through_the_api_not_redirected(
             assert image.content == (tmp_path / "images" / "p1.png").read_bytes()
         with TestClient(create_app(settings, torch.device("cpu")), follow_redirects=False) as client:
             refused = client.get("/products/r1/image")  # the host is no longer allowed: not fetched
-            assert refused.status_code == 422 and "refused" in refused.json()["detail"]
+            assert refused.status_code == 502 and "not available" in refused.json()["detail"]
+            assert "127.0.0.1" not in refused.text and "p1.png" not in refused.text  # nor its URL
     finally:
         server.shutdown()
 
@@ -306,8 +335,38 @@ def test_an_optional_rate_limit_per_caller(synced: Settings) -> None:
         assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
         assert limited.json()["request_id"]
         assert client.get("/healthz").status_code == 200  # the probes are never limited
-        other = client.get("/products/p1", headers={"X-API-Key": "another caller"})
-        assert other.status_code == 200  # (no key configured: the header only tells callers apart)
+        # The client is its address, not what it says of itself: a new X-API-Key each time (no key is
+        # configured) is the same client.
+        for fresh in ("another caller", "a third", ""):
+            assert client.get("/products/p1", headers={"X-API-Key": fresh}).status_code == 429
+
+
+def test_wrong_keys_are_limited_and_the_right_one_still_passes(synced: Settings) -> None:
+    """Key guessing, rotating the key at every try, from one client: 401 for the first
+    `auth_failure_burst` wrong keys, then 429 with Retry-After (no rate limit configured); the right key
+    still passes, and the probes are never limited."""
+    api = ApiSettings(api_key=SecretStr("s3cret"), auth_failure_per_s=0.5, auth_failure_burst=4)
+    with TestClient(create_app(synced.model_copy(update={"api": api}), torch.device("cpu"))) as client:
+        statuses = [
+            client.get("/products/p1", headers={"X-API-Key": f"guess-{i}"}).status_code for i in range(7)
+        ]
+        assert statuses == [401] * 4 + [429] * 3, statuses
+        limited = client.get("/products/p1")  # no key at all: a failed authentication too
+        assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
+        assert "failed authentications" in limited.json()["detail"]
+        assert client.get("/products/p1", headers={"X-API-Key": "s3cret"}).status_code == 200
+        assert client.get("/healthz").status_code == 200
+
+
+def test_rate_limits_key_on_the_client_address() -> None:
+    from visrec.guard import _client
+
+    assert _client({"client": ("203.0.113.7", 5000)}) == b"203.0.113.7"
+    assert _client({"client": ("::ffff:203.0.113.7", 1)}) == b"203.0.113.7"
+    # One IPv6 host is given a /64: rotating within it is one client.
+    assert _client({"client": ("2001:db8:1:2::1", 1)}) == _client({"client": ("2001:db8:1:2:ffff::9", 2)})
+    assert _client({"client": ("2001:db8:1:2::1", 1)}) != _client({"client": ("2001:db8:1:3::1", 1)})
+    assert _client({"client": None}) == b""
 
 
 def test_the_rate_limiter_refills_and_forgets() -> None:
@@ -345,3 +404,104 @@ def test_readiness_recovers_when_the_model_appears(
         (tmp_path / "model-away").rename(model)
         assert client.get("/readyz").status_code == 200
         assert client.post("/search/image", files=photo).status_code == 200
+
+
+def test_scrub_blanks_urls_and_paths_in_what_callers_are_told() -> None:
+    from visrec.api.errors import scrub
+
+    said = scrub(
+        {
+            "detail": "https://cdn.example/p.jpg?sig=abc: refused; /srv/shop/photos/p.jpg: gone; C:\\x\\y",
+            "loc": ["query", "k"],
+        }
+    )
+    assert said == {"detail": "… refused; … gone; …", "loc": ["query", "k"]}
+    assert scrub("product 'a/b' is not in the index") == "product 'a/b' is not in the index"
+    assert scrub(["k must be between 1 and 1000", 3]) == ["k must be between 1 and 1000", 3]
+
+
+ODD_IDS = ["a/b", "x/similar", "images/1", "50%off", "a%2Fb", "/lead", "trail/", "ü/ß ?#&", ".", "a b/image"]
+
+
+def test_every_id_the_catalogue_takes_is_reachable_on_every_route(settings: Settings, tmp_path: Path) -> None:
+    """Ids with '/', a route's suffix, '%', an encoded slash as text, spaces, '?', '#', '.': each is
+    indexed, and every product route reaches it with the id percent-encoded as one path segment; an
+    id with '/' also plainly where the path stays unambiguous. (A '/' in an id was a 404 from routing.)"""
+    from urllib.parse import quote
+
+    from tests.helpers import draw_product, write_csv
+
+    rows = []
+    for i, product_id in enumerate(ODD_IDS):
+        draw_product(tmp_path / "images" / f"o{i}.png", "circle", "red", variant=i)
+        rows.append({"id": product_id, "image": f"images/o{i}.png", "category": "odd"})
+    summary = run_sync(write_csv(tmp_path / "odd.csv", rows), settings)
+    assert summary.added == len(ODD_IDS) and not summary.failed, summary
+    with TestClient(create_app(settings, torch.device("cpu"))) as client:
+        for i, product_id in enumerate(ODD_IDS):
+            encoded = quote(product_id, safe="").replace(".", "%2E")
+            got = client.get(f"/products/{encoded}")
+            assert got.status_code == 200 and got.json()["product_id"] == product_id, (product_id, got.text)
+            similar = client.get(f"/products/{encoded}/similar", params={"k": 3})
+            assert similar.status_code == 200, (product_id, similar.text)
+            assert product_id not in [h["product_id"] for h in similar.json()["results"]]
+            image = (tmp_path / "images" / f"o{i}.png").read_bytes()
+            for path in (f"/products/{encoded}/image", f"/products/{encoded}/images/0"):
+                photo = client.get(path)
+                assert photo.status_code == 200 and photo.content == image, (path, photo.text)
+        # Plainly, where the path stays unambiguous: the suffix routes win over an id's last part.
+        assert client.get("/products/a/b").json()["product_id"] == "a/b"
+        assert client.get("/products/a/b/similar").status_code == 200
+        assert client.get("/products/images/1").json()["product_id"] == "images/1"
+        assert client.get("/products/x/similar").status_code == 404  # similar to "x", which is not indexed
+        metrics = client.get("/metrics").text
+        assert 'route="/products/{product_id}/similar"' in metrics and ":path" not in metrics
+
+
+def test_the_contract_says_what_is_refused(client: TestClient) -> None:
+    """What the schema allows is answered, what it refuses is refused: an empty price range (price_min
+    above price_max: JSON Schema cannot order two parameters) matches nothing, on every route that
+    filters; max_per's FIELD=N is a pattern in the schema; a 405 says which methods the route takes."""
+    empty = {"price_min": 30, "price_max": 10}
+    assert client.get("/products/p1/similar", params=empty).json() == {"results": []}
+    assert client.get("/products", params=empty).json() == {"products": [], "next": None}
+    assert client.post("/recommend", json={"positive": ["p1"], **empty}).json() == {"results": []}
+    photo = {"image": ("p.png", _encoded("RGB", "PNG"), "image/png")}
+    assert client.post("/search/image", params=empty, files=photo).json() == {"results": []}
+    schema = client.get("/openapi.json").json()
+    similar = schema["paths"]["/products/{product_id}/similar"]["get"]["parameters"]
+    max_per = next(p for p in similar if p["name"] == "max_per")["schema"]
+    assert max_per["items"]["pattern"] == query.CAP_PATTERN and max_per["maxItems"] == query.MAX_CAPS
+    body = schema["components"]["schemas"]["RecommendRequest"]["properties"]["max_per"]
+    assert body["items"]["pattern"] == query.CAP_PATTERN
+    for method, path, allow in [("delete", "/products/p1", "GET"), ("put", "/recommend", "POST")]:
+        refused = client.request(method, path)
+        assert refused.status_code == 405 and refused.headers["allow"] == allow, refused.headers
+        assert refused.json()["request_id"]
+
+
+@hypothesis_settings(max_examples=int(os.environ.get("VISREC_CAP_EXAMPLES", "300")), deadline=None)
+@given(
+    st.one_of(
+        st.text(max_size=20),
+        st.from_regex(query.CAP_PATTERN, fullmatch=True),
+        st.builds(
+            "{}{}={}{}".format,
+            st.sampled_from(["", " ", "\t", "\n"]),
+            st.sampled_from(["brand", "image", "images", "colour_lab ", "a b", "\ufeffx", "\x1cx"]),
+            st.integers(-2, 1002).map(str) | st.sampled_from(["0007", "x", ""]),
+            st.sampled_from(["", " ", "\n", "\t"]),
+        ),
+    )
+)
+def test_max_per_pattern_in_the_schema_is_the_rule(cap: str) -> None:
+    """The schema's pattern for one cap, read as JSON Schema reads it (ECMAScript regular expressions,
+    by the validator Schemathesis uses), accepts exactly the caps `Rules` accepts."""
+    jsonschema_rs = pytest.importorskip("jsonschema_rs")
+    valid = jsonschema_rs.validator_for({"type": "string", "pattern": query.CAP_PATTERN}).is_valid(cap)
+    try:
+        query.Rules(max_per=[cap])
+        accepted = True
+    except ValueError:
+        accepted = False
+    assert valid == accepted, repr(cap)

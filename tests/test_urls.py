@@ -130,3 +130,82 @@ def test_policy_from_settings() -> None:
     policy = FetchPolicy.from_settings(ingest)
     assert policy == FetchPolicy(4, 2, ("images.internal", "10.0.0.0/8"), (80, 443, 8443), 3, 7, 30)
     assert check_url("http://images.internal:1234/x.jpg", policy) is None
+
+
+# IANA's registries, restated here (not imported from visrec.urls) so that the test checks the policy.
+# IPv4 Special-Purpose Address Registry: blocks not globally reachable, plus multicast and broadcast.
+IANA_V4_NOT_PUBLIC = [
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.0.2.0/24",
+    "192.88.99.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "198.51.100.0/24",
+    "203.0.113.0/24",
+    "224.0.0.0/4",
+    "240.0.0.0/4",
+    "255.255.255.255/32",
+]
+IANA_V4_GLOBAL_SPECIAL = ["192.31.196.0/24", "192.52.193.0/24", "192.175.48.0/24"]  # AS112, AMT
+# IPv6: global unicast is 2000::/3 (Address Space registry), less these Special-Purpose blocks.
+IANA_V6_NOT_PUBLIC_IN_2000 = ["2001::/23", "2001:db8::/32", "3fff::/20"]
+V6_OUTSIDE_2000 = [
+    "::/128",
+    "::1/128",
+    "100::/64",
+    "5f00::/16",
+    "fc00::/7",
+    "fe80::/10",
+    "fec0::/10",
+    "ff00::/8",
+]
+
+
+def _corners(block: str) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    network = ipaddress.ip_network(block)
+    return [network.network_address, network.broadcast_address, network[network.num_addresses // 2]]
+
+
+@pytest.mark.parametrize("block", IANA_V4_NOT_PUBLIC + IANA_V6_NOT_PUBLIC_IN_2000 + V6_OUTSIDE_2000)
+def test_every_special_purpose_block_is_refused(block: str) -> None:
+    for address in _corners(block):
+        assert not urls.is_public(address), address
+        host = f"[{address}]" if address.version == 6 else str(address)
+        reason = check_url(f"http://{host}/x.jpg?sig=1", FetchPolicy())
+        assert reason is not None and "non-public" in reason, (address, reason)
+
+
+@pytest.mark.parametrize("block", [*IANA_V4_GLOBAL_SPECIAL, "2620:4f:8000::/48", "2a00::/12"])
+def test_globally_reachable_special_blocks_are_public(block: str) -> None:
+    assert all(urls.is_public(address) for address in _corners(block))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.ip_addresses(v=4))
+def test_ipv4_policy_is_the_registry(address: ipaddress.IPv4Address) -> None:
+    expected = not any(address in ipaddress.ip_network(block) for block in IANA_V4_NOT_PUBLIC)
+    assert urls.is_public(address) == expected, address
+    assert urls.is_public(ipaddress.IPv6Address(f"::ffff:{address}")) == expected  # mapped
+    assert urls.is_public(ipaddress.IPv6Address((0x2002 << 112) | (int(address) << 80))) == expected  # 6to4
+    assert urls.is_public(ipaddress.IPv6Address((0x64FF9B << 96) | int(address))) == expected  # NAT64
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.ip_addresses(v=6))
+def test_ipv6_policy_is_the_registry(address: ipaddress.IPv6Address) -> None:
+    embedded = address.ipv4_mapped or address.sixtofour
+    if embedded is None and address in ipaddress.ip_network("64:ff9b::/96"):
+        embedded = ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
+    if embedded is not None:
+        expected = not any(embedded in ipaddress.ip_network(block) for block in IANA_V4_NOT_PUBLIC)
+    else:
+        expected = address in ipaddress.ip_network("2000::/3") and not any(
+            address in ipaddress.ip_network(block) for block in IANA_V6_NOT_PUBLIC_IN_2000
+        )
+    assert urls.is_public(address) == expected, address

@@ -139,21 +139,42 @@ class ApiSettings(BaseModel):
     max_body_bytes: int = Field(default=64 * 1024, ge=1024)  # every route but the photo upload
     body_timeout_s: float = Field(default=30.0, gt=0)  # to receive a whole body (slow uploads are cut)
     request_timeout_s: float = Field(default=30.0, gt=0)
-    # Photo and similarity searches at once (each holds a thread and CPU); more are answered 503 at once.
+    # Photo and similarity searches and photo fetches running at once (each holds a thread and CPU or a
+    # connection). A slot is given back when the work ends, not when its request is answered (a request
+    # past its deadline is answered 503 while its thread finishes). More wait in a queue of queue_depth
+    # for at most queue_wait_s (a burst is served late rather than refused); beyond, 503 at once.
     max_heavy_requests: int = Field(default=8, ge=1)
+    queue_depth: int = Field(default=16, ge=0)
+    queue_wait_s: float = Field(default=2.0, ge=0)
+    # What one search may cost, whatever its k and rules: its searches (one per photo of the query
+    # product) fetch at most max_neighbours neighbours in all, the pool result rules (diversity, caps, a
+    # colour re-rank) choose among included; at least k's own maximum (1000). docs/reliability.md
+    # measures the worst request.
+    max_neighbours: int = Field(default=1000, ge=1000, le=100_000)
     store_timeout_s: float = Field(default=2.0, gt=0)  # per store request: fail fast, answer 503
     # Open connections and requests the server holds at once (uvicorn answers 503 beyond): bounds what
     # idle or slow-header clients can hold, which uvicorn does not time out (put a proxy in front).
     max_connections: int = Field(default=256, ge=1)
-    # Optional: requests a second per caller (its X-API-Key and address), bursts of rate_limit_burst;
-    # more are answered 429 with Retry-After. Unset: no rate limit.
+    # Optional: requests a second per client address (an IPv6 client by its /64; behind a proxy every
+    # client has the proxy's address: limit there), bursts of rate_limit_burst; more are answered 429
+    # with Retry-After. Unset: no rate limit.
     rate_limit_per_s: float | None = Field(default=None, gt=0)
     rate_limit_burst: int = Field(default=20, ge=1)
+    # With an API key: wrong keys a client address may send, a second and in a burst; more are answered
+    # 429 (the right key still passes), so that keys cannot be guessed at the server's speed.
+    auth_failure_per_s: float = Field(default=0.2, gt=0)
+    auth_failure_burst: int = Field(default=10, ge=1)
     retry_after_s: int = Field(default=5, ge=1)  # told to clients when the index is unavailable
     # How often the service checks which collection version is live (after `visrec reindex/rollback`).
     alias_check_s: float = Field(default=1.0, ge=0)
     # Payload fields callers see; None: the catalogue's own columns and the public colour fields.
     public_fields: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _queue_within_deadline(self) -> ApiSettings:
+        if self.queue_wait_s >= self.request_timeout_s:
+            raise ValueError("queue_wait_s must be shorter than request_timeout_s")
+        return self
 
     @field_validator("api_key", "write_key")
     @classmethod

@@ -5,25 +5,37 @@ In order: a request id (the caller's `X-Request-ID` if it is a plain token, else
 every answer and in every error body), the API key (compared as bytes, in constant time), the body limit
 (the declared length first, then the bytes as they arrive, chunked or not: a 5 MB chunked upload against
 a 1 MB limit is cut off at 1 MB, never spooled whole), a deadline for reading the body (slow uploads),
-load shedding for the heavy routes (a full house answers 503 with Retry-After at once instead of queueing
-without end), a deadline for the whole request, and Prometheus metrics whose labels come from fixed sets.
+a slot for the heavy routes (`Slots`: a short, bounded queue, then 503 with Retry-After instead of
+queueing without end), a deadline for the whole request, and Prometheus metrics whose labels come from
+fixed sets. Every answer leaves through here, a 500 included (a failure the app did not handle is
+answered here, with its request id, counted, and logged).
+
+Slots count work, not waiting: a request takes its slot on arrival, and the route's work (`Slots.run`,
+in a worker thread) gives it back when it ends. A request past its deadline is answered 503 at once, but
+its thread cannot be stopped: its slot stays taken until the thread is done, so timed-out requests cannot
+pile up more running work than there are slots.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import logging
 import math
 import re
 import secrets
+import threading
 import time
 import uuid
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, TypeVar
+from urllib.parse import unquote
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import anyio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -31,9 +43,13 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+log = logging.getLogger(__name__)
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_HEAVY = re.compile(r"/search/image|/recommend|/products/[^/]+/similar")  # CPU-bound: embedding, search
+# Routes whose work holds a thread for long: embedding, search, fetching a remote photo.
+_HEAVY = re.compile(r"/search/image|/recommend|/products/.+/(similar|image|images/[^/]+)")
+_CONVERTOR = re.compile(r"\{(\w+):\w+\}")  # "{product_id:path}" in a route's template
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -46,10 +62,11 @@ class GuardSettings:
     max_body_bytes: int  # every other route
     body_timeout_s: float  # reading the whole body
     request_timeout_s: float  # the whole request
-    max_heavy: int  # heavy requests at once; more are shed
     retry_after_s: int
-    rate_per_s: float | None = None  # per caller (its key and address); None: no rate limit
+    rate_per_s: float | None = None  # per client address; None: no rate limit
     rate_burst: int = 20
+    auth_failure_per_s: float = 0.2  # failed authentications per client address (with a key)
+    auth_failure_burst: int = 10
 
 
 class _Refused(Exception):
@@ -81,18 +98,144 @@ class RateLimiter:
         return wait
 
 
-class Guard:
-    """The ASGI middleware; `registry` holds its metrics (served by /metrics)."""
+class _Waiter:
+    def __init__(self, future: asyncio.Future[None]) -> None:
+        self.future, self.granted = future, False
 
-    def __init__(self, app: ASGIApp, settings: GuardSettings, registry: CollectorRegistry) -> None:
-        self.app, self.settings = app, settings
-        self.heavy_in_flight = 0  # only the event loop's thread touches it (and the limiter)
+
+class Slot:
+    """One heavy slot: held by its request until a worker thread claims it for the work, then by the
+    work until it ends. Given back once, by whichever holds it last."""
+
+    def __init__(self, slots: Slots) -> None:
+        self._slots = slots
+        self._state: Literal["held", "claimed", "returned"] = "held"
+
+    def claim(self) -> bool:
+        """The work takes the slot over (in its thread); False if the request already gave it back."""
+        with self._slots.lock:
+            if self._state != "held":
+                return False
+            self._state = "claimed"
+            return True
+
+    def give_back(self, unless_claimed: bool = False) -> None:
+        """Give the slot back (by the work when it ends; by the request, `unless_claimed`, at its end)."""
+        with self._slots.lock:
+            if self._state == "returned" or (unless_claimed and self._state == "claimed"):
+                return
+            self._state = "returned"
+            self._slots.release_locked()
+
+
+class Slots:
+    """`size` slots for heavy work; a request that finds them taken waits, first come first served, at
+    most `wait_s` in a queue of at most `depth` (then it is refused: `take` answers None). Thread-safe:
+    work ends in worker threads. `running` counts the works running now, from inside their threads, and
+    `peak` the most at once since start."""
+
+    def __init__(self, size: int, depth: int, wait_s: float) -> None:
+        self.size, self.depth, self.wait_s = size, depth, wait_s
+        self.lock = threading.Lock()
+        self.taken = 0
+        self.running = self.peak = 0
+        self._queue: deque[_Waiter] = deque()
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    async def take(self) -> Slot | None:
+        """A slot, at once or after a wait in the queue; None if the queue is full or the wait ran out."""
+        with self.lock:
+            if self.taken < self.size and not self._queue:
+                self.taken += 1
+                return Slot(self)
+            if len(self._queue) >= self.depth or self.wait_s <= 0:
+                return None
+            waiter = _Waiter(asyncio.get_running_loop().create_future())
+            self._queue.append(waiter)
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter.future), self.wait_s)
+        except TimeoutError:
+            pass
+        except asyncio.CancelledError:  # the request ended while waiting (its deadline, a disconnect)
+            with self.lock:
+                if waiter.granted:
+                    self.release_locked()
+                else:
+                    self._queue.remove(waiter)
+            raise
+        with self.lock:  # a slot may have been passed on just as the wait ran out: then it is ours
+            if waiter.granted:
+                return Slot(self)
+            self._queue.remove(waiter)
+            return None
+
+    def release_locked(self) -> None:
+        """A slot is free (called under `lock`, from any thread): to the first waiter, else free."""
+        if self._queue:
+            waiter = self._queue.popleft()
+            waiter.granted = True  # the slot passes to it as it is: `taken` unchanged
+            waiter.future.get_loop().call_soon_threadsafe(_wake, waiter.future)
+        else:
+            self.taken -= 1
+
+    async def run(self, slot: Slot, work: Callable[[], T]) -> T:
+        """`work()` in a worker thread, holding `slot` until it returns — also when the request waiting
+        for it is cancelled at its deadline (the thread cannot be stopped; its slot stays taken)."""
+
+        def holding() -> T:
+            if not slot.claim():  # the request gave up before a thread was free: nothing to do
+                raise asyncio.CancelledError
+            with self.lock:
+                self.running += 1
+                self.peak = max(self.peak, self.running)
+            try:
+                return work()
+            finally:
+                with self.lock:
+                    self.running -= 1
+                slot.give_back()
+
+        return await anyio.to_thread.run_sync(holding, abandon_on_cancel=True)
+
+
+def _reader(slots: Slots, name: str) -> Callable[[], float]:
+    return lambda: float(getattr(slots, name))
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+class Guard:
+    """The ASGI middleware; `registry` holds its metrics (served by /metrics), `slots` the heavy slots
+    (shared with the routes, which run their work through `Slots.run`)."""
+
+    def __init__(
+        self, app: ASGIApp, settings: GuardSettings, registry: CollectorRegistry, slots: Slots
+    ) -> None:
+        self.app, self.settings, self.slots = app, settings, slots
         rate = settings.rate_per_s
         self.limiter = RateLimiter(rate, settings.rate_burst) if rate else None
+        self.failures = RateLimiter(settings.auth_failure_per_s, settings.auth_failure_burst)
         self.requests = Counter(
             "visrec_requests", "HTTP requests", ["method", "route", "status"], registry=registry
         )
-        self.shed = Counter("visrec_shed", "heavy requests answered 503 at once (full)", registry=registry)
+        self.shed = Counter(
+            "visrec_shed",
+            "heavy requests answered 503 (slots taken, queue full or wait over)",
+            registry=registry,
+        )
+        for name, doc, read in (
+            ("visrec_heavy_running", "heavy works running now (counted in their threads)", "running"),
+            ("visrec_heavy_running_peak", "the most heavy works running at once since start", "peak"),
+            ("visrec_heavy_slots_taken", "heavy slots taken (by requests or their running work)", "taken"),
+            ("visrec_heavy_queued", "heavy requests waiting for a slot", "queued"),
+        ):
+            Gauge(name, doc, registry=registry).set_function(_reader(slots, read))
         self.latency = Histogram(
             "visrec_request_seconds",
             "HTTP request latency",
@@ -106,39 +249,44 @@ class Guard:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
+        scope["path"] = routing_path(scope)
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
-        exchange = _Exchange(send, request_id)
-        heavy = False
+        exchange = _Exchange(send, request_id, body_pending=_has_body(scope))
+        slot: Slot | None = None
         try:
             self._admit(scope)
             self._rate_limit(scope)
             if _HEAVY.fullmatch(scope["path"]):
-                if self.heavy_in_flight >= self.settings.max_heavy:
+                slot = await self.slots.take()
+                if slot is None:
                     self.shed.inc()
                     raise _Refused(503, "busy: too many photo and similarity searches at once; retry shortly")
-                self.heavy_in_flight += 1
-                # Only now: a shed request must not give back a slot it never took (it did, and every
-                # request shed raised the limit by one for good: 40 clients soon ran 40 at once).
-                heavy = True
+                scope["state"]["slot"] = slot
             limited = self._limited(scope, receive, exchange)
-            await asyncio.wait_for(self.app(scope, limited, exchange.send), self.settings.request_timeout_s)
+            left = self.settings.request_timeout_s - (time.perf_counter() - started)  # the queue counts
+            await asyncio.wait_for(self.app(scope, limited, exchange.send), max(0.0, left))
         except _Refused as refused:
             exchange.refuse(refused)
         except TimeoutError:
             limit = self.settings.request_timeout_s
             exchange.refuse(_Refused(503, f"the request took longer than {limit:g} s"))
+        except Exception:  # a bug: answered here too, with the request id, counted, its cause logged
+            log.exception("request %s failed", request_id)
+            exchange.refuse(_Refused(500, "internal error; the request id is in the server's log"))
         finally:
-            if heavy:
-                self.heavy_in_flight -= 1
+            if slot is not None:  # unless its work has it: then the work gives it back when it ends
+                slot.give_back(unless_claimed=True)
         await exchange.finish(self.settings.retry_after_s)
-        route = getattr(scope.get("route"), "path", "unmatched")
+        route = _CONVERTOR.sub(r"{\1}", getattr(scope.get("route"), "path", "unmatched"))
         method = scope["method"] if scope["method"] in METHODS else "OTHER"
         self.requests.labels(method, route, str(exchange.status)).inc()
         self.latency.labels(route).observe(time.perf_counter() - started)
 
     def _admit(self, scope: Scope) -> None:
-        """The key and the declared body size, before anything is read."""
+        """The key and the declared body size, before anything is read. A wrong key costs its client
+        address a token of its failed-authentication bucket: key guessing is throttled (429), whatever
+        the general rate limit, and the right key still works."""
         key = self.settings.api_key
         if key is not None and scope["path"] not in self.settings.open_paths:
             given = _header(scope, b"x-api-key") or b""
@@ -146,6 +294,9 @@ class Guard:
             if not (
                 secrets.compare_digest(given, key) or (write_key and secrets.compare_digest(given, write_key))
             ):
+                wait = self.failures.wait_s(b"auth|" + _client(scope), time.monotonic())
+                if wait:
+                    raise _Refused(429, "too many failed authentications; retry later", math.ceil(wait))
                 raise _Refused(401, "missing or wrong X-API-Key")
         declared = _header(scope, b"content-length")
         if declared is not None:
@@ -155,11 +306,12 @@ class Guard:
                 raise _Refused(413, f"body larger than {self._limit(scope)} bytes")
 
     def _rate_limit(self, scope: Scope) -> None:
-        """429 with Retry-After for a caller (its key and address) over the configured rate."""
+        """429 with Retry-After for a client over the configured rate. The client is its address (an
+        IPv6 one by its /64, what one host is given): never something the request says of itself, such
+        as a header. With a key, only authenticated requests get here, and they all carry the one key."""
         if self.limiter is None or scope["path"] in self.settings.open_paths:
             return
-        caller = (_header(scope, b"x-api-key") or b"") + b"|" + (scope.get("client") or ("",))[0].encode()
-        wait = self.limiter.wait_s(caller, time.monotonic())
+        wait = self.limiter.wait_s(_client(scope), time.monotonic())
         if wait:
             detail = f"over {self.limiter.per_s:g} requests a second; retry shortly"
             raise _Refused(429, detail, math.ceil(wait))
@@ -192,6 +344,7 @@ class Guard:
                     exchange.refusal = _Refused(413, f"body larger than {limit} bytes")
                     raise exchange.refusal
                 complete = not message.get("more_body", False)
+                exchange.body_pending = not complete
             return message
 
         return limited
@@ -200,10 +353,13 @@ class Guard:
 class _Exchange:
     """The response side of one request: passes the app's answer through, unless the guard refused the
     request (then its own answer replaces whatever the app made of the refusal, e.g. a 400 for a body
-    that stopped parsing), and adds the request id."""
+    that stopped parsing), and adds the request id. An answer that starts while the request's body is
+    still unread says `Connection: close`: the server then ends the connection after it instead of
+    reading (and discarding) the rest of the body to reach a next request — a gigabyte after a 400."""
 
-    def __init__(self, send: Send, request_id: str) -> None:
+    def __init__(self, send: Send, request_id: str, body_pending: bool = False) -> None:
         self._send, self.request_id = send, request_id
+        self.body_pending = body_pending  # the request has a body not yet read to its end
         self.refusal: _Refused | None = None
         self.started = False
         self.status = 500
@@ -216,7 +372,10 @@ class _Exchange:
                 return
             self.started, self.status = True, int(message["status"])
             headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"x-request-id"]
-            message = {**message, "headers": [*headers, (b"x-request-id", self.request_id.encode())]}
+            headers.append((b"x-request-id", self.request_id.encode()))
+            if self.body_pending and not any(k.lower() == b"connection" for k, _ in headers):
+                headers.append((b"connection", b"close"))
+            message = {**message, "headers": headers}
         elif self._dropping:
             return
         await self._send(message)
@@ -238,10 +397,42 @@ class _Exchange:
         if self.refusal.status in (429, 503):
             wait = self.refusal.retry_after or retry_after_s
             headers.append((b"retry-after", str(wait).encode()))
-        if self.refusal.status in (408, 413):  # the rest of the body is not read: the connection ends
+        if self.body_pending or self.refusal.status in (408, 413):  # the rest of the body is not read
             headers.append((b"connection", b"close"))
         await self._send({"type": "http.response.start", "status": self.refusal.status, "headers": headers})
         await self._send({"type": "http.response.body", "body": body})
+
+
+def _has_body(scope: Scope) -> bool:
+    """Whether the request declares a body (a length above 0, or chunked)."""
+    length = _header(scope, b"content-length")
+    return _header(scope, b"transfer-encoding") is not None or (length is not None and length.strip() != b"0")
+
+
+def routing_path(scope: Scope) -> str:
+    """The path routes are matched on: the request's path as sent, each segment decoded but for an
+    encoded '/' or '%', which stay encoded (%2F, %25). The server's own decoding (`path`) makes
+    /products/a%2Fb/similar and /products/a/b/similar one path; this keeps a '/' inside an id apart from
+    the path's own, and routes decode the id once (`api.deps.product_id_of`)."""
+    raw = scope.get("raw_path")
+    if not raw:
+        return str(scope["path"])
+    return "/".join(
+        unquote(segment, errors="replace").replace("%", "%25").replace("/", "%2F")
+        for segment in raw.decode("latin-1").split("/")
+    )
+
+
+def _client(scope: Scope) -> bytes:
+    """Who a request comes from, for rate limits: its peer's address, an IPv6 one by its /64."""
+    host = str((scope.get("client") or ("",))[0])
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host.encode()
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((address, 64), strict=False)).encode()
+    return str(address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else address).encode()
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -6,15 +6,17 @@ per-item failures so one bad photo never stops a run.
 
 from __future__ import annotations
 
+import errno
 import io
 import logging
 import math
+import os
 import stat
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -38,21 +40,34 @@ IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 _DEFAULT = IngestSettings()
+ANY_FOLDER = (os.sep,)  # `ImageLimits.allowed_roots` for a resolved path anywhere, opened without links
 
 
 @dataclass(frozen=True)
 class ImageLimits:
-    """Bounds on one image: bytes read, pixels decoded, and how remote images are fetched (defaults:
-    IngestSettings' own)."""
+    """Bounds on one image: bytes read, pixels decoded, how remote images are fetched (defaults:
+    IngestSettings' own), and where local ones may be opened.
+
+    `allowed_roots`: None for files the operator names, opened as given; for a catalogue's photos, the
+    folders they may lie in: a path must lie inside one, and is opened one folder at a time without
+    following any symbolic link (`open_local`), so a file swapped for a link after the catalogue was read
+    (and its paths resolved and checked) is refused when opened. `from_settings` gives `ANY_FOLDER`
+    (no link anywhere on the way); `within` pins the catalogue's own folders."""
 
     max_pixels: int = _DEFAULT.max_image_pixels
     max_bytes: int = _DEFAULT.max_image_bytes
     fetch: FetchPolicy = FetchPolicy()
+    allowed_roots: tuple[str, ...] | None = None
+
+    def within(self, *roots: str | Path) -> ImageLimits:
+        """These limits for photos that must lie inside `roots` (resolved), opened without links."""
+        return replace(self, allowed_roots=tuple(os.path.realpath(root) for root in roots))
 
     @classmethod
     def from_settings(cls, ingest: IngestSettings) -> ImageLimits:
-        """Catalogue photos, at sync and training."""
-        return cls(ingest.max_image_pixels, ingest.max_image_bytes, FetchPolicy.from_settings(ingest))
+        """Catalogue photos, at sync and training: resolved paths, opened without following links."""
+        fetch = FetchPolicy.from_settings(ingest)
+        return cls(ingest.max_image_pixels, ingest.max_image_bytes, fetch, allowed_roots=ANY_FOLDER)
 
     @classmethod
     def for_uploads(cls, api: ApiSettings) -> ImageLimits:
@@ -71,18 +86,98 @@ def read_image_bytes(ref: str, limits: ImageLimits, fetcher: Fetcher | None = No
             finally:
                 one_off.close()
         return fetcher.fetch(ref, limits.max_bytes)
-    path = Path(ref)
+    with open_local(ref, limits.allowed_roots) as file:
+        size = os.fstat(file.fileno()).st_size
+        if size > limits.max_bytes:
+            raise ImageError(f"{ref}: {size} bytes, above the limit of {limits.max_bytes}")
+        try:
+            data = file.read(limits.max_bytes + 1)
+        except OSError as exc:
+            raise ImageError(f"{ref}: cannot read: {exc.strerror or exc}") from exc
+    if len(data) > limits.max_bytes:  # it grew since fstat
+        raise ImageError(f"{ref}: more than {limits.max_bytes} bytes, above the limit")
+    return data
+
+
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
+_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+
+
+def open_local(ref: str, roots: Sequence[str] | None = None) -> BinaryIO:
+    """A local image file opened for reading; raises `ImageError` (missing, not a regular file, a link
+    where none may be, outside `roots`).
+
+    With `roots` (resolved folders), the path must lie inside one of them and is opened from the file
+    system's root one folder at a time, each with O_NOFOLLOW: no symbolic link is followed anywhere on
+    the way, so what is opened is the file at that very path, inside the root, whatever was swapped
+    since the path was checked. Catalogue paths are stored resolved (links followed once, when the
+    catalogue was read and checked), so a link found now is a swap. A FIFO or a device is refused
+    without blocking (O_NONBLOCK, then fstat). Without `roots`, the path is opened as given.
+    """
     try:
-        info = path.stat()
-        if not stat.S_ISREG(info.st_mode):  # a FIFO or a device would block or never end
-            raise ImageError(f"{ref}: not a regular file")
-        if info.st_size > limits.max_bytes:
-            raise ImageError(f"{ref}: {info.st_size} bytes, above the limit of {limits.max_bytes}")
-        return path.read_bytes()
+        if roots is None:
+            fd = os.open(ref, os.O_RDONLY | os.O_NONBLOCK | _CLOEXEC)
+        else:
+            fd = _open_without_links(ref, roots)
+    except ImageError:
+        raise
     except FileNotFoundError as exc:
         raise ImageError(f"{ref}: file not found") from exc
     except (OSError, ValueError) as exc:  # ValueError: a NUL byte in the path
+        if isinstance(exc, OSError) and exc.errno in (errno.ELOOP, errno.EMLINK):
+            raise ImageError(
+                f"{ref}: a symbolic link, refused (the catalogue's photos are opened without links)"
+            ) from exc
+        if isinstance(exc, OSError) and exc.errno == errno.ENOTDIR:
+            raise ImageError(f"{ref}: file not found") from exc
         raise ImageError(f"{ref}: cannot read: {getattr(exc, 'strerror', None) or exc}") from exc
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):  # a FIFO or a device would block or never end
+            raise ImageError(f"{ref}: not a regular file")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _open_without_links(ref: str, roots: Sequence[str]) -> int:
+    """`ref`, inside one of `roots`, opened component by component with O_NOFOLLOW."""
+    if not _NOFOLLOW or os.open not in os.supports_dir_fd:
+        raise ImageError(f"{ref}: this system cannot open files without following links")
+    path = os.path.abspath(ref)
+    if not any(path == root or path.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
+        raise ImageError(f"{ref}: outside the catalogue's folder and the image roots")
+    parts = [part for part in path.split(os.sep) if part]
+    if not parts:
+        raise ImageError(f"{ref}: not a regular file")
+    folder = os.open(os.sep, os.O_RDONLY | _DIRECTORY | _CLOEXEC)
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            flags = os.O_RDONLY | _NOFOLLOW | _CLOEXEC | (os.O_NONBLOCK if last else _DIRECTORY)
+            try:
+                inner = os.open(part, flags, dir_fd=folder)
+            except OSError as exc:
+                # A link met with O_NOFOLLOW: ELOOP, or ENOTDIR where a folder was expected.
+                if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENOTDIR) and _is_link(part, folder):
+                    raise OSError(errno.ELOOP, "a symbolic link") from exc
+                raise
+            if last:
+                return inner
+            os.close(folder)
+            folder = inner
+        raise AssertionError("unreachable: the last part returns")
+    finally:
+        os.close(folder)
+
+
+def _is_link(name: str, folder: int) -> bool:
+    try:
+        return stat.S_ISLNK(os.stat(name, dir_fd=folder, follow_symlinks=False).st_mode)
+    except OSError:
+        return False
 
 
 def decode_image(

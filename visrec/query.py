@@ -2,7 +2,9 @@
 
 Every query answers distinct products, ranked by their nearest photo, each saying which photo matched.
 `Rules` then choose among an over-fetched set of neighbours: diversity (maximal marginal relevance) and
-caps per field value (at most N per brand); what they choose stays sorted by distance.
+caps per field value (at most N per brand); what they choose stays sorted by distance. `Bounds` cap what
+one query may cost, whatever its k, rules and the query product's photos: the neighbours its searches
+fetch in all and the pool the rules choose among (docs/reliability.md measures the worst case).
 
 Every entry validates its input and raises `InvalidQuery`/`InvalidFilter`/`NotFound` with a reason;
 the CLI and the HTTP API only parse arguments and call these.
@@ -14,12 +16,14 @@ import json
 import re
 from collections import Counter
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
 
 from visrec.colour import extract_colours
+from visrec.config import ApiSettings
 from visrec.embed import Embedder
 from visrec.errors import InvalidQuery, NotFound
 from visrec.images import ImageLimits, decode_image
@@ -29,10 +33,38 @@ from visrec.payload import HIDDEN_FROM_CALLERS
 MAX_K = 1000
 RERANK_POOL = 5  # a colour re-rank chooses k among k x this many visual neighbours
 RULES_POOL = 10  # diversity and caps choose k among k x this many neighbours (at least POOL_MIN) …
-POOL_MIN = 50
-POOL_LIMIT = 4 * MAX_K  # … and, when caps leave fewer than k, among up to this many
+POOL_MIN = 50  # … and, when caps leave fewer than k, among as many as `Bounds` allow
 MAX_CAPS = 5
-_CAP = re.compile(r"^\s*([^=\s][^=]*?)\s*=\s*([0-9]+)\s*$")
+_API = ApiSettings()
+# A cap, FIELD=N, as the schema states it: the same rule `Rules` checks (a field callers may see, at most
+# N = MAX_K): a request the schema allows is never refused for its caps.
+_HIDDEN = "|".join(sorted(HIDDEN_FROM_CALLERS))
+# Only characters every regular-expression dialect reads alike (JSON Schema's is ECMAScript's, whose \s
+# is not Python's).
+CAP_PATTERN = (
+    rf"^[ \t]*(?!(?:{_HIDDEN})[ \t]*=)[^= \t\r\n\f\v][^=]*="
+    r"[ \t]*0*(?:[1-9][0-9]{0,2}|1000)[ \t]*$"  # N from 1 to MAX_K
+)
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """What one query may cost (default: ApiSettings' own): its searches fetch at most `max_neighbours`
+    neighbours in all. A product with several photos is one search per photo, each fetching the whole
+    pool that result rules (diversity, caps, a colour re-rank) choose among: beyond the bound the pool
+    shrinks towards k, and past that only the product's first `max_neighbours // k` photos are searched
+    with. Reading a neighbour costs reading its photos' vectors (to say which matched), and diversity
+    compares every pair in the pool: both are bounded by it."""
+
+    max_neighbours: int = _API.max_neighbours
+
+    @classmethod
+    def from_settings(cls, api: ApiSettings) -> Bounds:
+        return cls(api.max_neighbours)
+
+
+BOUNDS = Bounds()
+_CAP = re.compile(r"[ \t]*([^= \t\r\n\f\v][^=]*?)[ \t]*=[ \t]*([0-9]+)[ \t]*")  # whole: fullmatch
 
 
 class Rules(BaseModel):
@@ -47,17 +79,19 @@ class Rules(BaseModel):
         allow_inf_nan=False,
         description="0: nearest first; up to 1: prefer products unlike those already chosen (MMR)",
     )
-    max_per: list[str] = Field(
+    # The pattern is for the schema; `_caps_parse` checks the same rule and says what is wrong.
+    max_per: list[Annotated[str, WithJsonSchema({"type": "string", "pattern": CAP_PATTERN})]] = Field(
         default=[],
         max_length=MAX_CAPS,
-        description="FIELD=N: at most N results with the same value of FIELD (e.g. brand=2)",
+        description=f"FIELD=N: at most N results with the same value of FIELD (e.g. brand=2); N from 1 to "
+        f"{MAX_K}; FIELD a payload field callers are shown (api.public_fields, when set, narrows them)",
     )
 
     @field_validator("max_per")
     @classmethod
     def _caps_parse(cls, caps: list[str]) -> list[str]:
         for cap in caps:
-            found = _CAP.match(cap)
+            found = _CAP.fullmatch(cap)
             if not found or not 1 <= int(found.group(2)) <= MAX_K:
                 raise ValueError(f"takes FIELD=N with 1 <= N <= {MAX_K}, got {cap!r}")
             if found.group(1) in HIDDEN_FROM_CALLERS:
@@ -66,7 +100,7 @@ class Rules(BaseModel):
 
     @property
     def caps(self) -> dict[str, int]:
-        return {m.group(1): int(m.group(2)) for cap in self.max_per if (m := _CAP.match(cap))}
+        return {m.group(1): int(m.group(2)) for cap in self.max_per if (m := _CAP.fullmatch(cap))}
 
     @property
     def active(self) -> bool:
@@ -113,11 +147,14 @@ def nearest(
     k: int,
     filters: Filters,
     exclude: Sequence[str] = (),
+    bounds: Bounds = BOUNDS,
 ) -> list[Hit]:
     """The k products nearest to any of `vectors` (one row per query photo), each ranked by its
-    nearest pair of photos: one search per row, merged. Exact whenever each search is."""
+    nearest pair of photos: one search per row, merged. Exact whenever each search is. At most
+    `bounds.max_neighbours` neighbours in all: the first rows that fit (at least one)."""
     merged: dict[str, Hit] = {}
-    for vector in np.atleast_2d(vectors):
+    rows = np.atleast_2d(vectors)
+    for vector in rows[: max(1, bounds.max_neighbours // k)]:
         for hit in index.search(vector, k, filters, exclude):
             if hit.product_id not in merged or hit.distance < merged[hit.product_id].distance:
                 merged[hit.product_id] = hit
@@ -132,9 +169,10 @@ def _neighbours(
     exclude: Sequence[str] = (),
     rules: Rules = NEAREST,
     colour: tuple[Sequence[float], float] | None = None,
+    bounds: Bounds = BOUNDS,
 ) -> list[Hit]:
     """The k products the query asks for: the nearest, or, with a colour (target Lab, weight) or
-    active `rules`, those chosen among an over-fetched pool."""
+    active `rules`, those chosen among an over-fetched pool, within `bounds`."""
     _check_k(k)
     vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
     if vectors.ndim != 2 or not np.isfinite(vectors).all():
@@ -143,16 +181,20 @@ def _neighbours(
     if colour is not None and not 0 <= colour[1] <= 1:
         raise InvalidQuery(f"colour_weight must be between 0 and 1, got {colour[1]}")
     if not rules.active and not (colour and colour[1]):
-        return nearest(index, vectors, k, filters, exclude)
-    pool_size = min(MAX_K, k * RERANK_POOL) if not rules.active else max(POOL_MIN, k * RULES_POOL)
+        return nearest(index, vectors, k, filters, exclude, bounds)
+    wanted = min(MAX_K, k * RERANK_POOL) if not rules.active else max(POOL_MIN, k * RULES_POOL)
+    # Every search of a query photo fetches the whole pool: a pool the photos' searches cannot afford
+    # shrinks towards k first.
+    limit = max(k, bounds.max_neighbours // len(vectors))
+    pool_size = min(wanted, limit)
     while True:
-        pool = nearest(index, vectors, pool_size, filters, exclude)
+        pool = nearest(index, vectors, pool_size, filters, exclude, bounds)
         if colour and colour[1]:
             pool = rerank_by_colour(pool, colour[0], colour[1], len(pool))
         chosen = choose(index, pool, vectors, k, rules) if rules.active else pool[:k]
-        if len(chosen) == k or len(pool) < pool_size or pool_size >= POOL_LIMIT:
+        if len(chosen) == k or len(pool) < pool_size or pool_size >= limit:
             return chosen
-        pool_size = min(POOL_LIMIT, pool_size * 4)  # caps left too few: look further
+        pool_size = limit  # caps left too few: look further, once, as far as the bounds allow
 
 
 def choose(index: VectorIndex, pool: list[Hit], query: np.ndarray, k: int, rules: Rules) -> list[Hit]:
@@ -161,39 +203,63 @@ def choose(index: VectorIndex, pool: list[Hit], query: np.ndarray, k: int, rules
 
     Caps skip a hit whose field value already has its N (a hit without the field is never capped).
     Diversity picks, each time, the hit maximising (1 - d) * relevance + d * novelty, where relevance
-    is minus its distance to the query and novelty its distance to the nearest hit chosen so far (photo
-    to nearest photo), both over the pool's largest distance to the query (maximal marginal relevance,
-    Carbonell & Goldstein 1998; d = `rules.diversity`, 0 keeps the preference order).
+    is minus its distance to the query and novelty its distance to the nearest hit chosen so far
+    (between the photos that matched), both over the pool's largest distance to the query (maximal
+    marginal relevance, Carbonell & Goldstein 1998; d = `rules.diversity`, 0 keeps the preference
+    order). The distances between the pool's matched photos are one matrix product, and each pick is
+    a few array operations: O(pool² · dim + k · pool) in all, not a Python loop over k × pool.
     """
     caps = rules.caps
+    keys = [_cap_keys(hit, caps) for hit in pool]
+    holders: dict[tuple[str, str], list[int]] = {}
+    for i, hit_keys in enumerate(keys):
+        for key in hit_keys:
+            holders.setdefault(key, []).append(i)
     counts: Counter[tuple[str, str]] = Counter()
-
-    def allowed(hit: Hit) -> bool:
-        return all(counts[key] < caps[key[0]] for key in _cap_keys(hit, caps))
-
-    photos = index.vectors([h.product_id for h in pool]) if rules.diversity else {}
-    scale = max((h.distance for h in pool), default=1.0) or 1.0
-    novelty = np.full(len(pool), np.inf)
-    remaining = list(range(len(pool)))
+    available = np.ones(len(pool), dtype=bool)
+    d = rules.diversity
+    if d:
+        distance = np.array([hit.distance for hit in pool], dtype=np.float64)
+        scale = float(distance.max(initial=0.0)) or 1.0
+        between = _matched_distances(index, pool)
+        novelty = np.full(len(pool), np.inf)
     chosen: list[int] = []
-    while remaining and len(chosen) < k:
-        candidates = [i for i in remaining if allowed(pool[i])]
-        if not candidates:
+    while len(chosen) < k:
+        candidates = np.flatnonzero(available)
+        if not candidates.size:
             break
-        pick = candidates[0]
-        if rules.diversity and chosen:
-            d = rules.diversity
-            pick = max(candidates, key=lambda i: -(1 - d) * pool[i].distance / scale + d * novelty[i] / scale)
-        hit = pool[pick]
+        pick = int(candidates[0])
+        if d and chosen:
+            score = -(1 - d) * distance[candidates] / scale + d * novelty[candidates] / scale
+            pick = int(candidates[int(np.argmax(score))])
         chosen.append(pick)
-        remaining.remove(pick)
-        counts.update(_cap_keys(hit, caps))
-        if rules.diversity and hit.product_id in photos:
-            picked = photos[hit.product_id]
-            for i in remaining:
-                if (other := photos.get(pool[i].product_id)) is not None:
-                    novelty[i] = min(novelty[i], _nearest_photos(picked, other))
+        available[pick] = False
+        for key in keys[pick]:
+            counts[key] += 1
+            if counts[key] >= caps[key[0]]:
+                available[holders[key]] = False
+        if d:
+            novelty = np.minimum(novelty, between[pick])
     return [pool[i] for i in sorted(chosen)]
+
+
+def _matched_distances(index: VectorIndex, pool: list[Hit]) -> np.ndarray:
+    """Euclidean distances between the pool's hits, each by the photo that matched (pool × pool). A hit
+    whose vectors are gone (deleted meanwhile) is at distance 0 from all: diversity never prefers it."""
+    photos = index.vectors([hit.product_id for hit in pool])
+    found = [hit.product_id in photos for hit in pool]
+    dim = next((v.shape[-1] for v in photos.values()), 1)
+    matched = np.zeros((len(pool), dim), dtype=np.float32)
+    for i, hit in enumerate(pool):
+        if found[i]:
+            vectors = np.atleast_2d(photos[hit.product_id])
+            matched[i] = vectors[min(hit.matched, len(vectors) - 1)]
+    squared = (matched * matched).sum(1)
+    between = np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2 * (matched @ matched.T), 0.0))
+    missing = ~np.array(found, dtype=bool)
+    between[missing, :] = 0.0
+    between[:, missing] = 0.0
+    return between
 
 
 def _cap_keys(hit: Hit, caps: dict[str, int]) -> list[tuple[str, str]]:
@@ -205,12 +271,6 @@ def _cap_keys(hit: Hit, caps: dict[str, int]) -> list[tuple[str, str]]:
     ]
 
 
-def _nearest_photos(a: np.ndarray, b: np.ndarray) -> float:
-    """The smallest Euclidean distance between a photo of `a` and a photo of `b` (photos × dim each)."""
-    squared = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T
-    return float(np.sqrt(max(float(squared.min()), 0.0)))
-
-
 def similar_to_vector(
     index: VectorIndex,
     vector: np.ndarray,
@@ -218,12 +278,13 @@ def similar_to_vector(
     filters: Filters | None = None,
     exclude: Sequence[str] = (),
     rules: Rules = NEAREST,
+    bounds: Bounds = BOUNDS,
 ) -> list[Hit]:
     """The k products nearest to `vector` (Euclidean, to their nearest photo) that meet `filters`."""
     vector = np.asarray(vector, dtype=np.float32)
     if vector.ndim != 1 or not np.isfinite(vector).all():
         raise InvalidQuery("the query vector must be one-dimensional and finite")
-    return _neighbours(index, vector, k, filters, exclude, rules)
+    return _neighbours(index, vector, k, filters, exclude, rules, bounds=bounds)
 
 
 def rerank_by_colour(hits: list[Hit], target_lab: Sequence[float], weight: float, k: int) -> list[Hit]:
@@ -255,6 +316,7 @@ def similar_to_product(
     filters: Filters | None = None,
     colour_weight: float = 0.0,
     rules: Rules = NEAREST,
+    bounds: Bounds = BOUNDS,
 ) -> list[Hit]:
     """The k products most like `product_id`, itself excluded, by the nearest pair of photos (all of its
     photos are queries); raises `NotFound` if it is not indexed.
@@ -265,7 +327,7 @@ def similar_to_product(
     if colour_weight and "colour_lab" not in payload:
         raise InvalidQuery(f"product {product_id!r} has no extracted colour: run `visrec sync` again")
     colour = (payload["colour_lab"], colour_weight) if colour_weight else None
-    return _neighbours(index, vectors, k, filters, [product_id], rules, colour)
+    return _neighbours(index, vectors, k, filters, [product_id], rules, colour, bounds)
 
 
 def recommend(
@@ -275,6 +337,7 @@ def recommend(
     k: int = 10,
     filters: Filters | None = None,
     rules: Rules = NEAREST,
+    bounds: Bounds = BOUNDS,
 ) -> list[Hit]:
     """Products like the `positive` ones and unlike the `negative` ones (e.g. a basket, skipped items).
 
@@ -292,7 +355,7 @@ def recommend(
     target = mean_of(positive)
     if negative:
         target = 2 * target - mean_of(negative)
-    return similar_to_vector(index, target, k, filters, [*positive, *negative], rules)
+    return similar_to_vector(index, target, k, filters, [*positive, *negative], rules, bounds)
 
 
 def similar_to_image(
@@ -304,6 +367,7 @@ def similar_to_image(
     filters: Filters | None = None,
     colour_weight: float = 0.0,
     rules: Rules = NEAREST,
+    bounds: Bounds = BOUNDS,
 ) -> list[Hit]:
     """The k products most like a photo (with `colour_weight` > 0, preferring its colour); raises
     `ImageError` if it cannot be decoded. A JPEG is decoded at a reduced scale that still covers the
@@ -312,4 +376,4 @@ def similar_to_image(
     image = decode_image(image_bytes, limits, name="query image", draft=draft)
     vector = embedder.embed_image(image)
     colour = (extract_colours(image).lab, colour_weight) if colour_weight else None
-    return _neighbours(index, vector, k, filters, (), rules, colour)
+    return _neighbours(index, vector, k, filters, (), rules, colour, bounds)

@@ -26,12 +26,43 @@ _DEFAULT = IngestSettings()
 _MAX_URL_CHARS = 8192
 _LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)", re.IGNORECASE)
 _USERINFO = re.compile(r"^([^:/?#]*://)[^/?#]*@")
-# Not public although Python calls them global (or, for IPv6, may not know them): shared address space
-# (carrier-grade NAT, often cloud-internal), local-use NAT64, and Teredo (its IPv4 client is obfuscated).
-_NON_PUBLIC = (
-    ipaddress.ip_network("100.64.0.0/10"),
-    ipaddress.ip_network("64:ff9b:1::/48"),
-    ipaddress.ip_network("2001::/32"),
+# Where an image may be fetched from, read from IANA's registries rather than from Python's `ipaddress`
+# flags (which lag them: 192.0.0.0/24 and fec0::/10 counted as public). IPv4: every block of the IANA
+# IPv4 Special-Purpose Address Registry that is not globally reachable, with multicast and limited
+# broadcast; the registry's globally reachable blocks (AS112, AMT) stay public. IPv6: only global unicast
+# (2000::/3, the IANA IPv6 Address Space registry) is public — that alone refuses loopback, unspecified,
+# discard-only, segment-routing SIDs, unique-local, link-local, the deprecated site-local and multicast —
+# less the IPv6 Special-Purpose registry's blocks within it that are not globally reachable. Addresses
+# that embed an IPv4 one (mapped, NAT64, 6to4) are judged by it.
+_IPV4_NOT_GLOBAL = tuple(
+    ipaddress.IPv4Network(block)
+    for block in (
+        "0.0.0.0/8",  # "this network" (RFC 791)
+        "10.0.0.0/8",  # private use (RFC 1918)
+        "100.64.0.0/10",  # shared address space: carrier-grade NAT, often cloud-internal (RFC 6598)
+        "127.0.0.0/8",  # loopback (RFC 1122)
+        "169.254.0.0/16",  # link local: cloud metadata (RFC 3927)
+        "172.16.0.0/12",  # private use (RFC 1918)
+        "192.0.0.0/24",  # IETF protocol assignments (RFC 6890): DS-Lite, NAT64 discovery, dummy, …
+        "192.0.2.0/24",  # documentation, TEST-NET-1 (RFC 5737)
+        "192.88.99.0/24",  # 6to4 relay anycast, deprecated (RFC 7526)
+        "192.168.0.0/16",  # private use (RFC 1918)
+        "198.18.0.0/15",  # benchmarking (RFC 2544)
+        "198.51.100.0/24",  # documentation, TEST-NET-2 (RFC 5737)
+        "203.0.113.0/24",  # documentation, TEST-NET-3 (RFC 5737)
+        "224.0.0.0/4",  # multicast (RFC 5771)
+        "240.0.0.0/4",  # reserved (RFC 1112)
+        "255.255.255.255/32",  # limited broadcast (RFC 919)
+    )
+)
+_IPV6_GLOBAL_UNICAST = ipaddress.IPv6Network("2000::/3")
+_IPV6_NOT_GLOBAL = tuple(
+    ipaddress.IPv6Network(block)
+    for block in (
+        "2001::/23",  # IETF protocol assignments (RFC 2928): Teredo, benchmarking, ORCHID, …
+        "2001:db8::/32",  # documentation (RFC 3849)
+        "3fff::/20",  # documentation (RFC 9637)
+    )
 )
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # DNS64 answers for IPv4-only hosts on IPv6-only networks
 _URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
@@ -70,7 +101,8 @@ class FetchPolicy:
 
 
 def is_public(address: Address) -> bool:
-    """Whether `address` is on the public internet; addresses embedding an IPv4 one are judged by it."""
+    """Whether `address` is on the public internet, by IANA's registries (see `_IPV4_NOT_GLOBAL`);
+    addresses embedding an IPv4 one are judged by it. Python's own flags must agree too."""
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return is_public(address.ipv4_mapped)
@@ -78,7 +110,9 @@ def is_public(address: Address) -> bool:
             return is_public(ipaddress.IPv4Address(int(address) & 0xFFFFFFFF))
         if address.sixtofour is not None:
             return is_public(address.sixtofour)
-    if any(address in network for network in _NON_PUBLIC):
+        if address not in _IPV6_GLOBAL_UNICAST or any(address in n for n in _IPV6_NOT_GLOBAL):
+            return False
+    elif any(address in network for network in _IPV4_NOT_GLOBAL):
         return False
     return address.is_global and not (
         address.is_multicast

@@ -28,6 +28,7 @@ from tests.faults.served import (
     BODY_TIMEOUT_S,
     HEAVY,
     KEY,
+    QUEUE_WAIT_S,
     UPLOAD_LIMIT,
     ImageHost,
     Served,
@@ -101,7 +102,8 @@ def image_host() -> Iterator[str]:
 def guarded(
     tmp_path_factory: pytest.TempPathFactory, artefact: tuple[Path, Manifest], image_host: str
 ) -> Iterator[Served]:
-    """The API with a key, a 1 MB upload limit, a 2 s body deadline and 4 heavy slots, on 27 products and
+    """The API with a key, a 1 MB upload limit, a 2 s body deadline and 4 heavy slots (a queue of 4 for
+    0.25 s), on 27 products and
     three more whose photos are remote (on the loopback image host): one plain, one behind a redirect,
     one redirected to a host that is not allowed."""
     root = tmp_path_factory.mktemp("hostile")
@@ -127,6 +129,9 @@ def guarded(
         "max_upload_bytes": UPLOAD_LIMIT,
         "body_timeout_s": BODY_TIMEOUT_S,
         "max_heavy_requests": HEAVY,
+        "queue_depth": HEAVY,
+        "queue_wait_s": QUEUE_WAIT_S,
+        "auth_failure_burst": 1000,  # its tests send wrong keys on purpose, many of them
     }
     env = {"VISREC_INGEST__ALLOWED_HOSTS": '["127.0.0.1"]'}
     with serve(settings, root / "serve.log", key=KEY, env=env, **api) as server:

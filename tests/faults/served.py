@@ -279,6 +279,7 @@ UPLOAD_LIMIT = MB  # VISREC_API__MAX_UPLOAD_BYTES
 UPLOAD_CUTOFF = UPLOAD_LIMIT + 64 * 1024  # the guard's limit for the upload route: the file and its form
 BODY_TIMEOUT_S = 2.0
 HEAVY = 4
+QUEUE_WAIT_S = 0.25
 BIG_IMAGE = 20 * MB  # a product photo that a slow client takes longer than the body deadline to read
 
 

@@ -24,7 +24,7 @@ from visrec.api.errors import add_handlers
 from visrec.api.exposure import ExposureRefused, check_exposure
 from visrec.api.ops import OPEN_PATHS
 from visrec.config import Settings
-from visrec.guard import Guard, GuardSettings
+from visrec.guard import Guard, GuardSettings, Slots
 from visrec.owner import OwnerChannel
 from visrec.service import Service
 from visrec.writer import ProductWrites, Writer
@@ -43,7 +43,11 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
     # On the app, not in modules: each app (several in a test process) has its own service and metrics.
     app.state.service = Service(settings, device)
     app.state.metrics = CollectorRegistry()
-    app.add_middleware(Guard, settings=_guard_settings(settings), registry=app.state.metrics)
+    api = settings.api
+    app.state.slots = Slots(api.max_heavy_requests, api.queue_depth, api.queue_wait_s)
+    app.add_middleware(
+        Guard, settings=_guard_settings(settings), registry=app.state.metrics, slots=app.state.slots
+    )
     add_handlers(app)
     for router in (ops.router, writes.router, products.router, search.router):  # the schema's order
         app.include_router(router)
@@ -84,8 +88,9 @@ def _guard_settings(settings: Settings) -> GuardSettings:
         max_body_bytes=api.max_body_bytes,
         body_timeout_s=api.body_timeout_s,
         request_timeout_s=api.request_timeout_s,
-        max_heavy=api.max_heavy_requests,
         retry_after_s=api.retry_after_s,
         rate_per_s=api.rate_limit_per_s,
         rate_burst=api.rate_limit_burst,
+        auth_failure_per_s=api.auth_failure_per_s,
+        auth_failure_burst=api.auth_failure_burst,
     )

@@ -1,19 +1,25 @@
 """What routes take besides their own parameters, as FastAPI dependencies: the app's service (kept on
 `app.state`, one per app, so routes are module-level functions rather than closures over it), the
-product filters shared by browsing and search, the result rules (diversity, caps), and the bounds of
-`k` and of the colour weight."""
+product filters shared by browsing and search, the result rules (diversity, caps), the bounds of
+`k` and of the colour weight, and `heavy`, which runs a route's work under its heavy slot."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
+from urllib.parse import unquote
 
-from fastapi import Depends, Query, Request
+from fastapi import Depends, HTTPException, Path, Query, Request
 from prometheus_client import CollectorRegistry
 
 from visrec import query
+from visrec.api.models import CallerQuery
 from visrec.errors import InvalidQuery
-from visrec.filters import CallerFilters, Filters
+from visrec.filters import Filters
+from visrec.guard import Slots
 from visrec.service import Service
+
+T = TypeVar("T")
 
 
 def service_of(request: Request) -> Service:
@@ -33,16 +39,48 @@ async def get_metrics(request: Request) -> CollectorRegistry:
     return registry
 
 
-def get_filters(chosen: Annotated[CallerFilters, Query()]) -> Filters:
-    """The filters as query parameters: one per field of `CallerFilters`, validated there."""
-    return Filters.of(chosen)
+async def heavy(request: Request, work: Callable[[], T]) -> T:
+    """`work()` in a worker thread under the request's heavy slot (taken by the guard on arrival), which
+    it holds until it returns, even past the request's deadline: slots count running work."""
+    slots: Slots = request.app.state.slots
+    slot = getattr(request.state, "slot", None) or await slots.take()
+    if slot is None:  # a heavy route the guard did not know as one, and no slot free
+        raise HTTPException(503, "busy: too many photo and similarity searches at once; retry shortly")
+    return await slots.run(slot, work)
+
+
+def get_filters(chosen: Annotated[CallerQuery, Query()], request: Request) -> Filters:
+    """The filters as query parameters: one per field of `CallerQuery`, validated there."""
+    return check_filters(Filters.of(chosen), service_of(request))
+
+
+# The payload fields callers may see for the colour re-rank to be allowed: it ranks by the extracted
+# colour, whose public forms these are.
+COLOUR_SHOWN = ("colour_extracted", "colour_rgb")
+
+
+def _hidden(field: str, service: Service) -> bool:
+    public = service.settings.api.public_fields
+    return public is not None and field not in public
+
+
+def check_filters(filters: Filters, service: Service, colour_weight: float = 0.0) -> Filters:
+    """Filters (and the colour re-rank) only on fields callers are shown: filtering on a field they
+    cannot see would let them probe its values, one query at a time. Raises `InvalidQuery`."""
+    used = [field for field in ("category", "colour") if getattr(filters, field)]
+    used += ["price"] if filters.price_min is not None or filters.price_max is not None else []
+    hidden = [field for field in used if _hidden(field, service)]
+    if hidden:
+        raise InvalidQuery(f"cannot filter on {hidden[0]!r}: not a field this service shows")
+    if colour_weight and all(_hidden(field, service) for field in COLOUR_SHOWN):
+        raise InvalidQuery("colour_weight ranks by the product's colour, which this service does not show")
+    return filters
 
 
 def check_caps(rules: query.Rules, service: Service) -> query.Rules:
     """Caps only on fields callers are shown: grouping results by a field they cannot see would tell
     them which hits share its value."""
-    public = service.settings.api.public_fields
-    hidden = [field for field in rules.caps if public is not None and field not in public]
+    hidden = [field for field in rules.caps if _hidden(field, service)]
     if hidden:
         raise InvalidQuery(f"max_per cannot cap {hidden[0]!r}: not a field this service shows")
     return rules
@@ -53,6 +91,19 @@ def get_rules(chosen: Annotated[query.Rules, Query()], request: Request) -> quer
     return check_caps(chosen, service_of(request))
 
 
+async def product_id_of(
+    product_id: Annotated[
+        str,
+        Path(description="the catalogue's id, percent-encoded as one path segment ('/' as %2F, '%' as %25)"),
+    ],
+) -> str:
+    """The product id of a `/products/{product_id:path}…` route. The guard leaves an encoded '/' and '%'
+    encoded in the path it routes on (`guard.routing_path`), so that a '/' inside an id is not taken for
+    the path's own: decoded here, once."""
+    return unquote(product_id)
+
+
+ProductId = Annotated[str, Depends(product_id_of)]
 ServiceDep = Annotated[Service, Depends(get_service)]
 MetricsDep = Annotated[CollectorRegistry, Depends(get_metrics)]
 FilterDep = Annotated[Filters, Depends(get_filters)]

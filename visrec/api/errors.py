@@ -1,15 +1,25 @@
 """How failures reach callers, in one place: visrec's errors map to status codes (unknown product 404,
-bad query or image 422, index or model unavailable 503 with Retry-After, anything else of visrec's 400),
-every error body carries the request id, and a 5xx says what the caller can do while its cause (store
-paths, server URLs, engine errors) goes to the log under that id."""
+bad query or uploaded image 422, index or model unavailable 503 with Retry-After, anything else of
+visrec's 400), and every error body carries the request id.
+
+The one rule for what an answer may say: **the caller's own input and fixed texts, never a URL, a
+server path or an engine's words.** Only errors whose message is built from the request alone
+(`InvalidQuery` and its kinds: the parameters, the ids, the filters; `UploadRejected`: the caller's own
+bytes) are shown as they are; every other error (a catalogue photo that failed, a store or model
+problem, anything unexpected) is answered with a fixed text for its kind, and its cause goes to the log
+under the request id. Whatever is shown passes `scrub` last, which blanks anything shaped like a URL or
+an absolute path: a message written later cannot carry a catalogue URL (and its signed query string) out.
+"""
 
 from __future__ import annotations
 
 import logging
 import math
+import re
+from collections.abc import Mapping
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -29,6 +39,12 @@ from visrec.errors import (
 )
 
 log = logging.getLogger(__name__)
+
+
+class UploadRejected(ImageError):
+    """The caller's uploaded photo cannot be used: its message speaks of the caller's own bytes only."""
+
+
 STATUS_OF: list[tuple[type[VisrecError], int]] = [
     (WriteForbidden, 403),
     (NotFound, 404),
@@ -47,16 +63,51 @@ UNAVAILABLE: list[tuple[type[VisrecError], str]] = [
 ]
 
 
+# Messages built from the request alone: shown to the caller (after `scrub`).
+SHOWN: tuple[type[VisrecError], ...] = (InvalidQuery, UploadRejected)
+# What the caller is told of every other error of visrec's, by kind (first match).
+FIXED: list[tuple[type[VisrecError], str]] = [
+    (ImageError, "the image cannot be used"),
+    (VisrecError, "the request cannot be completed; the request id is in the server's log"),
+]
+_URL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
+_PATH = re.compile(r"(?<![\w.~-])(?:[A-Za-z]:)?[/\\](?:[^\s/\\'\"]+[/\\])+[^\s'\"]*")
+
+
+def scrub(value: Any) -> Any:
+    """`value` (a text, or the lists and dicts of a validation error) with anything shaped like a URL or
+    an absolute path of two or more parts replaced by `…`: the last word on what leaves the service."""
+    if isinstance(value, str):
+        return _PATH.sub("…", _URL.sub("…", value))
+    if isinstance(value, dict):
+        return {key: scrub(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [scrub(item) for item in value]
+    return value
+
+
+def hidden(request: Request, exc: BaseException, status: int, text: str) -> HTTPException:
+    """An answer of `status` saying `text`, for a failure whose cause the caller must not see (a URL, a
+    path, an engine's words): the cause goes to the log under the request id."""
+    log.warning("request %s: %s", getattr(request.state, "request_id", "-"), exc)
+    return HTTPException(status, text)
+
+
 def unavailable(exc: VisrecError) -> str:
     """What a caller may be told of `exc` when it makes the service unavailable."""
     return next((text for kind, text in UNAVAILABLE if isinstance(exc, kind)), "unavailable; retry later")
 
 
-def answer(request: Request, status: int, detail: Any, **extra: Any) -> JSONResponse:
-    """An error body (`ErrorOut`) with the request id; a 503 says when to retry."""
+def answer(
+    request: Request, status: int, detail: Any, headers: Mapping[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    """An error body (`ErrorOut`) with the request id, `detail` scrubbed; a 503 says when to retry."""
     request_id = getattr(request.state, "request_id", None)
-    headers = {"Retry-After": str(service_of(request).settings.api.retry_after_s)} if status == 503 else None
-    return JSONResponse({"detail": detail, **extra, "request_id": request_id}, status, headers=headers)
+    headers = dict(headers or {})
+    if status == 503:
+        headers["Retry-After"] = str(service_of(request).settings.api.retry_after_s)
+    body = {"detail": scrub(detail), **extra, "request_id": request_id}
+    return JSONResponse(body, status, headers=headers or None)
 
 
 async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -66,21 +117,19 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return answer(request, exc.status_code, exc.detail)
+    # Its headers too: a 405 says which methods the route takes (`Allow`, RFC 9110).
+    return answer(request, exc.status_code, exc.detail, headers=exc.headers)
 
 
 async def visrec_error(request: Request, exc: VisrecError) -> JSONResponse:
     status = next((code for kind, code in STATUS_OF if isinstance(exc, kind)), 400)
-    detail = str(exc)
-    if status >= 500:
+    if isinstance(exc, SHOWN) and status < 500:
+        detail = str(exc)
+    else:
         log.warning("request %s: %s", getattr(request.state, "request_id", "-"), exc)
-        detail = unavailable(exc)
-    return answer(request, status, detail, error=type(exc).__name__)
-
-
-async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-    log.exception("request %s failed", getattr(request.state, "request_id", "-"))
-    return answer(request, 500, "internal error; the request id is in the server's log")
+        detail = unavailable(exc) if status >= 500 else next(t for kind, t in FIXED if isinstance(exc, kind))
+    kind = ImageError if isinstance(exc, UploadRejected) else type(exc)
+    return answer(request, status, detail, error=kind.__name__)
 
 
 def add_handlers(app: FastAPI) -> None:
@@ -88,7 +137,7 @@ def add_handlers(app: FastAPI) -> None:
     app.exception_handler(RequestValidationError)(invalid_request)
     app.exception_handler(StarletteHTTPException)(http_error)
     app.exception_handler(VisrecError)(visrec_error)
-    app.exception_handler(Exception)(unexpected)
+    # Anything else is a bug: `visrec.guard` answers it (500, with the request id) and logs it.
 
 
 def _finite_json(value: Any) -> Any:

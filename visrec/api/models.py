@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from visrec import query
 from visrec.config import Settings
@@ -69,7 +69,10 @@ ERRORS: dict[int, str] = {
     408: "the body took longer than `api.body_timeout_s` to arrive",
     413: "the body is larger than the limit",
     422: "a parameter, the body or the image is invalid",
-    429: "over the caller's rate limit (`api.rate_limit_per_s`, when set): retry after Retry-After seconds",
+    429: "over the client's rate limit (`api.rate_limit_per_s`, when set) or too many wrong keys from it "
+    "(`api.auth_failure_per_s`): retry after Retry-After seconds",
+    502: "the product's photo is remote and its image host did not deliver it (the cause is in the server's "
+    "log, under the request id)",
     503: "busy (too many photo and similarity searches at once), the index or the model is unavailable, "
     "or the request took longer than `api.request_timeout_s`: retry after Retry-After seconds",
 }
@@ -119,7 +122,24 @@ class Page(BaseModel):
     next: str | None = Field(description="pass as `after` for the next page; null at the end")
 
 
-class RecommendRequest(CallerFilters, query.Rules):
+class CallerQuery(CallerFilters):
+    """The filters as callers send them: `CallerFilters`, but an empty price range (price_min above
+    price_max) is no error: it matches nothing. JSON Schema cannot say that one parameter must not
+    exceed another, so the schema allows such a request, and the service answers it."""
+
+    price_min: float | None = Field(
+        default=None, allow_inf_nan=False, description="at least; above price_max, nothing matches"
+    )
+    price_max: float | None = Field(
+        default=None, allow_inf_nan=False, description="at most; below price_min, nothing matches"
+    )
+
+    @model_validator(mode="after")
+    def _sane_range(self) -> CallerQuery:  # replaces CallerFilters' check of the order (same name)
+        return self
+
+
+class RecommendRequest(CallerQuery, query.Rules):
     """The examples and `k`, and the filters and result rules as on every search route."""
 
     positive: list[str] = Field(min_length=1, max_length=100, description="e.g. the basket")

@@ -1,21 +1,38 @@
-"""Browsing the index and one product at a time: its payload, its photo, the products that look like it."""
+"""Browsing the index and one product at a time: its payload, its photo, the products that look like it.
+
+Every id the catalogue takes is reachable: `{product_id:path}` lets an id hold '/' (send it encoded,
+%2F, or plain where the rest of the path is unambiguous), and the routes with a suffix (`/similar`,
+`/image`, `/images/{n}`) are matched before the plain one (see `deps.ProductId`)."""
 
 from __future__ import annotations
 
 import io
+import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path as FilePath
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
-from fastapi import APIRouter, HTTPException, Path, Query, Response
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
 from PIL import Image
 
 from visrec import query
-from visrec.api.deps import ColourWeight, FilterDep, K, RulesDep, ServiceDep
+from visrec.api.deps import (
+    ColourWeight,
+    FilterDep,
+    K,
+    ProductId,
+    RulesDep,
+    ServiceDep,
+    check_filters,
+    heavy,
+)
+from visrec.api.errors import hidden
 from visrec.api.models import Page, Product, Results, errors, product_out, results
 from visrec.catalogue import MAX_PHOTOS
-from visrec.images import read_image_bytes
+from visrec.errors import ImageError
+from visrec.images import ANY_FOLDER, open_local, read_image_bytes
 from visrec.payload import photos
 from visrec.urls import is_url
 
@@ -40,52 +57,72 @@ def products(
 
 PHOTO_RESPONSES: dict[int | str, dict[str, object]] = {
     200: {"content": {"image/*": {}}, "description": "the photo"},
-    **errors(401, 404, 422, 503),
+    **errors(401, 404, 422, 502, 503),
 }
 
 
-@router.get("/products/{product_id}/image", response_class=Response, responses=PHOTO_RESPONSES)
-def product_image(product_id: str, service: ServiceDep) -> Response:
+@router.get("/products/{product_id:path}/image", response_class=Response, responses=PHOTO_RESPONSES)
+async def product_image(product_id: ProductId, service: ServiceDep, request: Request) -> Response:
     """The product's first photo (as `/images/0`)."""
-    return _photo(product_id, 0, service)
+    return await heavy(request, lambda: _photo(product_id, 0, service, request))
 
 
-@router.get("/products/{product_id}/images/{n}", response_class=Response, responses=PHOTO_RESPONSES)
-def product_photo(
-    product_id: str, n: Annotated[int, Path(ge=0, lt=MAX_PHOTOS)], service: ServiceDep
+@router.get("/products/{product_id:path}/images/{n}", response_class=Response, responses=PHOTO_RESPONSES)
+async def product_photo(
+    product_id: ProductId, n: Annotated[int, Path(ge=0, lt=MAX_PHOTOS)], service: ServiceDep, request: Request
 ) -> Response:
     """The product's photo number `n` (0: the first; a hit's `matched_image`)."""
-    return _photo(product_id, n, service)
+    return await heavy(request, lambda: _photo(product_id, n, service, request))
 
 
-def _photo(product_id: str, n: int, service: ServiceDep) -> Response:
+def _photo(product_id: str, n: int, service: ServiceDep, request: Request) -> Response:
     """A photo as indexed, served from here: a remote one is fetched through the same guard as at sync
-    (never a redirect, which would carry the caller's key to the image host)."""
+    (never a redirect, which would carry the caller's key to the image host). Why one cannot be served
+    goes to the log: the answer never names its URL (a signed URL's token) or its path."""
     refs = photos(query.indexed(service.index(), product_id)[1])  # written by sync, never the request's
     if n >= len(refs):
-        raise HTTPException(404, f"{product_id!r} has {len(refs)} photo(s); there is no photo {n}")
+        raise HTTPException(404, f"product {product_id!r} has {len(refs)} photo(s); there is no photo {n}")
     ref = str(refs[n])
+    gone = f"photo {n} of product {product_id!r} is not available"
     if is_url(ref):
-        data = read_image_bytes(ref, service.fetch_limits, service.fetcher)  # ImageError: a 422
+        try:
+            data = read_image_bytes(ref, service.fetch_limits, service.fetcher)
+        except ImageError as exc:
+            raise hidden(request, exc, 502, f"{gone}: its image host did not deliver it") from None
         media_type = _image_type(io.BytesIO(data))
         if media_type is None:
-            raise HTTPException(404, f"the image of {product_id!r} is no longer an image")
+            raise hidden(request, ImageError(f"{ref}: not an image"), 502, f"{gone}: not an image") from None
         return Response(data, media_type=media_type)
-    media_type = _image_type(ref) if FilePath(ref).is_absolute() and FilePath(ref).is_file() else None
-    if media_type is None:
-        raise HTTPException(404, f"the image of {product_id!r} is no longer on disk")
-    return FileResponse(ref, media_type=media_type)
+    try:
+        # Without following any link (the stored path was resolved when the catalogue was read: a link
+        # now is a file swapped since), checked where it is opened, not before. The catalogue's own
+        # folder is not known here: any folder, no link on the way.
+        file = open_local(ref, ANY_FOLDER) if FilePath(ref).is_absolute() else None
+    except ImageError as exc:
+        raise hidden(request, exc, 404, gone) from None
+    media_type = _image_type(file) if file is not None else None
+    if file is None or media_type is None:
+        if file is not None:
+            file.close()
+        raise hidden(request, ImageError(f"{ref}: not an image"), 404, gone)
+    file.seek(0)
+    size = os.fstat(file.fileno()).st_size
+    return StreamingResponse(_chunks(file), media_type=media_type, headers={"Content-Length": str(size)})
 
 
-@router.get("/products/{product_id}", response_model=Product, responses=errors(401, 404, 422, 503))
-def product(product_id: str, service: ServiceDep) -> Product:
-    payload = query.indexed(service.index(), product_id)[1]
-    return product_out(product_id, payload, service.settings)
+def _chunks(file: BinaryIO, size: int = 256 * 1024) -> Iterator[bytes]:
+    """The open file in pieces, closed at the end (sent after the work's slot is given back)."""
+    with file:
+        while piece := file.read(size):
+            yield piece
 
 
-@router.get("/products/{product_id}/similar", response_model=Results, responses=errors(401, 404, 422, 503))
-def similar(
-    product_id: str,
+@router.get(
+    "/products/{product_id:path}/similar", response_model=Results, responses=errors(401, 404, 422, 503)
+)
+async def similar(
+    product_id: ProductId,
+    request: Request,
     service: ServiceDep,
     filters: FilterDep,
     rules: RulesDep,
@@ -93,11 +130,23 @@ def similar(
     colour_weight: ColourWeight = 0.0,
 ) -> Results:
     """Products that look like this one (any of its photos), itself excluded."""
-    hits = query.similar_to_product(service.index(), product_id, k, filters, colour_weight, rules)
-    return results(hits, service.settings)
+    bounds = query.Bounds.from_settings(service.settings.api)
+    check_filters(filters, service, colour_weight)
+
+    def work() -> Results:
+        hits = query.similar_to_product(service.index(), product_id, k, filters, colour_weight, rules, bounds)
+        return results(hits, service.settings)
+
+    return await heavy(request, work)
 
 
-def _image_type(ref: str | io.BytesIO) -> str | None:
+@router.get("/products/{product_id:path}", response_model=Product, responses=errors(401, 404, 422, 503))
+def product(product_id: ProductId, service: ServiceDep) -> Product:
+    payload = query.indexed(service.index(), product_id)[1]
+    return product_out(product_id, payload, service.settings)
+
+
+def _image_type(ref: BinaryIO) -> str | None:
     """The media type of the image at `ref` (a file or bytes), or None if it is not an image.
 
     Sync only indexes files inside a catalogue's folder that decoded as images; checking the header

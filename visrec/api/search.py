@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, File, HTTPException, UploadFile
+from fastapi import APIRouter, File, HTTPException, Request, UploadFile
 
 from visrec import query
-from visrec.api.deps import ColourWeight, FilterDep, K, RulesDep, ServiceDep, check_caps
+from visrec.api.deps import ColourWeight, FilterDep, K, RulesDep, ServiceDep, check_caps, check_filters, heavy
+from visrec.api.errors import UploadRejected
 from visrec.api.models import RecommendRequest, Results, errors, results
+from visrec.errors import ImageError
 from visrec.filters import Filters
 
 router = APIRouter()
@@ -16,7 +18,8 @@ UPLOAD_PATH = "/search/image"  # the one route whose body may be a photo (the gu
 
 
 @router.post(UPLOAD_PATH, response_model=Results, responses=errors(400, 401, 408, 413, 422, 503))
-def search_image(
+async def search_image(
+    request: Request,
     service: ServiceDep,
     image: Annotated[UploadFile, File(description="a product photo")],
     filters: FilterDep,
@@ -26,19 +29,34 @@ def search_image(
 ) -> Results:
     """Products that look like an uploaded photo."""
     limit = service.settings.api.max_upload_bytes
-    data = image.file.read(limit + 1)
-    if len(data) > limit:
-        raise HTTPException(413, f"upload larger than {limit} bytes")
-    live = service.live()  # one (index, model) pair, even if a reindex switches versions meanwhile
-    hits = query.similar_to_image(
-        live.index, live.model(), data, service.limits, k, filters, colour_weight, rules
-    )
-    return results(hits, service.settings)
+    bounds = query.Bounds.from_settings(service.settings.api)
+    check_filters(filters, service, colour_weight)
+
+    def work() -> Results:
+        data = image.file.read(limit + 1)
+        if len(data) > limit:
+            raise HTTPException(413, f"upload larger than {limit} bytes")
+        live = service.live()  # one (index, model) pair, even if a reindex switches versions meanwhile
+        try:
+            hits = query.similar_to_image(
+                live.index, live.model(), data, service.limits, k, filters, colour_weight, rules, bounds
+            )
+        except ImageError as exc:  # decoding the caller's own bytes: the message may be shown
+            raise UploadRejected(str(exc)) from exc
+        return results(hits, service.settings)
+
+    return await heavy(request, work)
 
 
 @router.post("/recommend", response_model=Results, responses=errors(400, 401, 404, 408, 413, 422, 503))
-def recommend(body: RecommendRequest, service: ServiceDep) -> Results:
+async def recommend(body: RecommendRequest, request: Request, service: ServiceDep) -> Results:
     """Products like the positive ones and unlike the negative ones."""
     rules = check_caps(query.Rules.of(body), service)
-    hits = query.recommend(service.index(), body.positive, body.negative, body.k, Filters.of(body), rules)
-    return results(hits, service.settings)
+    filters = check_filters(Filters.of(body), service)
+    bounds = query.Bounds.from_settings(service.settings.api)
+
+    def work() -> Results:
+        hits = query.recommend(service.index(), body.positive, body.negative, body.k, filters, rules, bounds)
+        return results(hits, service.settings)
+
+    return await heavy(request, work)

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
-from visrec.api.deps import ServiceDep, service_of
+from visrec.api.deps import ProductId, ServiceDep, service_of
 from visrec.api.models import BatchOut, Product, ProductRow, WriteOut, errors, product_out
 from visrec.errors import InvalidQuery, WriteForbidden
 from visrec.writer import ProductWrites
@@ -52,8 +52,8 @@ def _outcome(product_id: str, outcome: str) -> WriteOut:
     return WriteOut(product_id=product_id, outcome=outcome)
 
 
-@router.put("/products/{product_id}", response_model=WriteOut, responses=WRITE_ERRORS)
-def put_product(product_id: str, row: ProductRow, writes: WritesDep) -> WriteOut:
+@router.put("/products/{product_id:path}", response_model=WriteOut, responses=WRITE_ERRORS)
+def put_product(product_id: ProductId, row: ProductRow, writes: WritesDep) -> WriteOut:
     """Create or replace a product, as a catalogue row says it; its photos are embedded only when they
     changed (the same PUT again answers `unchanged`)."""
     body = row.model_dump(exclude_none=True)
@@ -63,9 +63,9 @@ def put_product(product_id: str, row: ProductRow, writes: WritesDep) -> WriteOut
     return _outcome(product_id, _counted(writes, "put", outcome))
 
 
-@router.patch("/products/{product_id}", response_model=Product, responses=WRITE_ERRORS)
+@router.patch("/products/{product_id:path}", response_model=Product, responses=WRITE_ERRORS)
 def patch_product(
-    product_id: str,
+    product_id: ProductId,
     fields: Annotated[dict[str, Any], Body(description="fields to set; null removes one (JSON merge patch)")],
     writes: WritesDep,
     service: ServiceDep,
@@ -76,8 +76,8 @@ def patch_product(
     return product_out(product_id, patched, service.settings)
 
 
-@router.delete("/products/{product_id}", response_model=WriteOut, responses=WRITE_ERRORS)
-def delete_product(product_id: str, writes: WritesDep) -> WriteOut:
+@router.delete("/products/{product_id:path}", response_model=WriteOut, responses=WRITE_ERRORS)
+def delete_product(product_id: ProductId, writes: WritesDep) -> WriteOut:
     """Remove a product (`absent` if it was not indexed: a repeated DELETE is not an error)."""
     outcome = _counted(writes, "delete", "deleted" if writes.delete(product_id) else "absent")
     return WriteOut(product_id=product_id, outcome=outcome)
