@@ -343,7 +343,10 @@ def _embed_and_write(
 
     embedder = model.embedder()
     with BackgroundWriter(write) as writer:
-        for batch in embedder.embed_refs(photos.refs, options.limits, annotate=_colour_fields):
+        # Photos are opened without links, inside the folders the catalogue was allowed (checked at open:
+        # a photo swapped for a link after the catalogue was read is refused).
+        limits = options.limits.within(catalogue.base_dir, *catalogue.image_roots)
+        for batch in embedder.embed_refs(photos.refs, limits, annotate=_colour_fields):
             points = []
             for n, got in photos.add(batch):
                 product_id = todo[n].product.id
