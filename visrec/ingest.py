@@ -237,7 +237,8 @@ def sync(
     }
     for f in failures:
         if f["product_id"] is not None and f["kind"] != "photo":
-            outcomes[f["product_id"]] = f"error: {f['error']}"
+            why = f"no photo could be read: {f['error']}" if f["kind"] == "image" else f["error"]
+            outcomes[f["product_id"]] = f"error: {why}"
     outcomes |= {product_id: f"error: {error}" for product_id, error in rejected.items()}
     return SyncSummary(
         added=added,

@@ -294,6 +294,8 @@ def patch_problem(fields: dict[str, Any]) -> str | None:
     for key in fields:
         if key in ("id", "image", "images"):
             return f"{key!r} cannot be patched: PUT the whole product to change its photos"
-        if key in payload.RESERVED or not key.strip():
+        if not key.strip():
+            return "a field needs a name"
+        if key in payload.RESERVED:
             return f"{key!r} is a field visrec computes itself"
     return value_problem(fields)

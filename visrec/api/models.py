@@ -4,15 +4,18 @@ payload is cut down to what callers may see."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Set as AbstractSet
+from typing import Annotated, Any, cast
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic.config import JsonDict
 
 from visrec import query
+from visrec.catalogue import MAX_PHOTOS
 from visrec.config import Settings
 from visrec.filters import CallerFilters
 from visrec.index import Hit
-from visrec.payload import for_callers, photos
+from visrec.payload import RESERVED, for_callers, photos
 
 
 class ErrorOut(BaseModel):
@@ -166,17 +169,64 @@ def results(hits: list[Hit], settings: Settings) -> Results:
     )
 
 
+URL = r"^[Hh][Tt][Tt][Pp][Ss]?://.+$"  # read alike by every regex dialect; the fetch guard says the rest
+_SCALAR: list[dict[str, Any]] = [
+    {"type": "string"},
+    {"type": "number"},
+    {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+    {"type": "boolean"},
+    {"type": "null"},
+]
+
+
+def _fields_schema(refused: AbstractSet[str]) -> JsonDict:
+    """Any other field: a text, a number (within 64 bits), a list of them; not one of `refused`."""
+    schema = {
+        "additionalProperties": {"anyOf": [*_SCALAR, {"type": "array", "items": {"anyOf": _SCALAR}}]},
+        "propertyNames": {"not": {"enum": sorted(refused)}, "pattern": r"[^ ]"},
+    }
+    return cast(JsonDict, schema)
+
+
 class ProductRow(BaseModel):
-    """A product as another service writes it: the fields and rules of a catalogue row. Photos are
-    http(s) URLs (`image`, or `images` for several); any other field is kept and can be filtered on."""
+    """A product as another service writes it: the fields and rules of a catalogue row (its id is the
+    path's). Photos are http(s) URLs (`image`, or `images` for several: at least one); any other field
+    (a text, a number, a list of them) is kept and can be filtered on; visrec's own fields are refused."""
 
-    model_config = {"extra": "allow"}
+    model_config = ConfigDict(
+        extra="allow",
+        json_schema_extra={
+            "anyOf": [{"required": ["image"]}, {"required": ["images"]}],
+            **_fields_schema(RESERVED | {"id"}),
+        },
+    )
 
-    image: str | None = Field(default=None, description="the photo's URL")
-    images: list[str] | None = Field(default=None, description="several photos' URLs, the first first")
+    image: str | None = Field(default=None, pattern=URL, max_length=4096, description="the photo's URL")
+    images: list[Annotated[str, Field(pattern=URL, max_length=4096)]] | None = Field(
+        default=None, min_length=1, max_length=MAX_PHOTOS, description="several photos' URLs, the first first"
+    )
     category: str | None = None
     colour: str | None = None
-    price: float | None = None
+    price: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    title: str | None = None
+
+    @model_validator(mode="after")
+    def _has_a_photo(self) -> ProductRow:
+        if not self.image and not self.images:
+            raise ValueError("no photo: give `image` or `images`")
+        return self
+
+
+class ProductPatch(BaseModel):
+    """Fields to change (JSON merge patch: null removes one); never the id, the photos or visrec's own."""
+
+    model_config = ConfigDict(
+        extra="allow", json_schema_extra=_fields_schema(RESERVED | {"id", "image", "images"})
+    )
+
+    category: str | None = None
+    colour: str | None = None
+    price: float | None = Field(default=None, ge=0, allow_inf_nan=False)
     title: str | None = None
 
 

@@ -14,11 +14,11 @@ import json
 import secrets
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Request
+from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from visrec.api.deps import ProductId, ServiceDep, service_of
-from visrec.api.models import BatchOut, Product, ProductRow, WriteOut, errors, product_out
+from visrec.api.models import BatchOut, Product, ProductPatch, ProductRow, WriteOut, errors, product_out
 from visrec.errors import InvalidQuery, WriteForbidden
 from visrec.writer import ProductWrites
 
@@ -66,12 +66,12 @@ def put_product(product_id: ProductId, row: ProductRow, writes: WritesDep) -> Wr
 @router.patch("/products/{product_id:path}", response_model=Product, responses=WRITE_ERRORS)
 def patch_product(
     product_id: ProductId,
-    fields: Annotated[dict[str, Any], Body(description="fields to set; null removes one (JSON merge patch)")],
+    fields: ProductPatch,
     writes: WritesDep,
     service: ServiceDep,
 ) -> Product:
     """Change a product's fields (never its photos): nothing is embedded. 404 for an unknown product."""
-    patched = writes.patch(product_id, fields)
+    patched = writes.patch(product_id, fields.model_dump(exclude_unset=True))
     _counted(writes, "patch", "metadata_updated")
     return product_out(product_id, patched, service.settings)
 
@@ -91,7 +91,12 @@ def delete_product(product_id: ProductId, writes: WritesDep) -> WriteOut:
         "requestBody": {
             "required": True,
             "content": {
-                "application/json": {"schema": {"type": "array", "items": {"type": "object"}}},
+                "application/json": {
+                    "schema": {
+                        "type": "array",
+                        "items": {"description": "a row (a row that is not a product answers `error: why`)"},
+                    }
+                },
                 "application/x-ndjson": {"schema": {"type": "string"}},
             },
         }
