@@ -64,7 +64,7 @@ UNAVAILABLE: list[tuple[type[VisrecError], str]] = [
 
 
 # Messages built from the request alone: shown to the caller (after `scrub`).
-SHOWN: tuple[type[VisrecError], ...] = (InvalidQuery, UploadRejected)
+SHOWN: tuple[type[VisrecError], ...] = (InvalidQuery, UploadRejected, WriteForbidden)
 # What the caller is told of every other error of visrec's, by kind (first match).
 FIXED: list[tuple[type[VisrecError], str]] = [
     (ImageError, "the image cannot be used"),
