@@ -5,14 +5,17 @@ In order: a request id (the caller's `X-Request-ID` if it is a plain token, else
 every answer and in every error body), the API key (compared as bytes, in constant time), the body limit
 (the declared length first, then the bytes as they arrive, chunked or not: a 5 MB chunked upload against
 a 1 MB limit is cut off at 1 MB, never spooled whole), a deadline for reading the body (slow uploads),
-a slot for the heavy routes (`Slots`: a short, bounded queue, then 503 with Retry-After instead of
-queueing without end), a deadline for the whole request, and Prometheus metrics whose labels come from
-fixed sets. Every answer leaves through here, a 500 included (a failure the app did not handle is
-answered here, with its request id, counted, and logged).
+load shedding for the heavy routes (when their slots are taken and their queue is full: 503 with
+Retry-After at once, before the body is read), a deadline for the whole request, and Prometheus metrics
+whose labels come from fixed sets. Every answer leaves through here, a 500 included (a failure the app
+did not handle is answered here, with its request id, counted and logged); one that starts before the
+request's body was read closes the connection. Rate limits key on the client's address, never on what
+the request says of itself; wrong keys are throttled per address.
 
-Slots count work, not waiting: a request takes its slot on arrival, and the route's work (`Slots.run`,
-in a worker thread) gives it back when it ends. A request past its deadline is answered 503 at once, but
-its thread cannot be stopped: its slot stays taken until the thread is done, so timed-out requests cannot
+Slots count work, not waiting (`Slots`): a heavy route takes one when its work starts (after its body is
+in: a slow upload holds none), waiting in a short queue when all are taken, and its work (`Slots.run`, in
+a worker thread) gives it back when it ends. A request past its deadline is answered 503 at once, but its
+thread cannot be stopped: its slot stays taken until the thread is done, so timed-out requests cannot
 pile up more running work than there are slots.
 """
 
@@ -50,6 +53,7 @@ _REQUEST_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HEAVY = re.compile(r"/search/image|/recommend|/products/.+/(similar|image|images/[^/]+)")
 _CONVERTOR = re.compile(r"\{(\w+):\w+\}")  # "{product_id:path}" in a route's template
 T = TypeVar("T")
+BUSY = "busy: too many photo and similarity searches at once; retry shortly"
 
 
 @dataclass(frozen=True)
@@ -136,6 +140,7 @@ class Slots:
 
     def __init__(self, size: int, depth: int, wait_s: float) -> None:
         self.size, self.depth, self.wait_s = size, depth, wait_s
+        self.on_refused: Callable[[], None] = lambda: None  # the guard counts refusals in its metrics
         self.lock = threading.Lock()
         self.taken = 0
         self.running = self.peak = 0
@@ -145,8 +150,19 @@ class Slots:
     def queued(self) -> int:
         return len(self._queue)
 
+    def full(self) -> bool:
+        """Whether a request arriving now would be refused at once (every slot taken, the queue full)."""
+        with self.lock:
+            return self.taken >= self.size and (len(self._queue) >= self.depth or self.wait_s <= 0)
+
     async def take(self) -> Slot | None:
         """A slot, at once or after a wait in the queue; None if the queue is full or the wait ran out."""
+        slot = await self._take()
+        if slot is None:
+            self.on_refused()
+        return slot
+
+    async def _take(self) -> Slot | None:
         with self.lock:
             if self.taken < self.size and not self._queue:
                 self.taken += 1
@@ -181,10 +197,19 @@ class Slots:
         else:
             self.taken -= 1
 
-    async def run(self, slot: Slot, work: Callable[[], T]) -> T:
-        """`work()` in a worker thread, holding `slot` until it returns — also when the request waiting
-        for it is cancelled at its deadline (the thread cannot be stopped; its slot stays taken)."""
+    async def run(self, work: Callable[[], T]) -> T | None:
+        """`work()` in a worker thread under a slot, which it holds until it returns — also when the
+        request waiting for it is cancelled at its deadline (the thread cannot be stopped; its slot stays
+        taken). None if no slot came (the queue full or the wait over: the caller answers busy)."""
+        slot = await self.take()
+        if slot is None:
+            return None
+        try:
+            return await self._run(slot, work)
+        finally:
+            slot.give_back(unless_claimed=True)  # cancelled before a thread took it up
 
+    async def _run(self, slot: Slot, work: Callable[[], T]) -> T:
         def holding() -> T:
             if not slot.claim():  # the request gave up before a thread was free: nothing to do
                 raise asyncio.CancelledError
@@ -229,6 +254,7 @@ class Guard:
             "heavy requests answered 503 (slots taken, queue full or wait over)",
             registry=registry,
         )
+        slots.on_refused = self.shed.inc
         for name, doc, read in (
             ("visrec_heavy_running", "heavy works running now (counted in their threads)", "running"),
             ("visrec_heavy_running_peak", "the most heavy works running at once since start", "peak"),
@@ -253,16 +279,12 @@ class Guard:
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
         exchange = _Exchange(send, request_id, body_pending=_has_body(scope))
-        slot: Slot | None = None
         try:
             self._admit(scope)
             self._rate_limit(scope)
-            if _HEAVY.fullmatch(scope["path"]):
-                slot = await self.slots.take()
-                if slot is None:
-                    self.shed.inc()
-                    raise _Refused(503, "busy: too many photo and similarity searches at once; retry shortly")
-                scope["state"]["slot"] = slot
+            if _HEAVY.fullmatch(scope["path"]) and self.slots.full():  # before reading any of the body
+                self.shed.inc()
+                raise _Refused(503, BUSY)
             limited = self._limited(scope, receive, exchange)
             left = self.settings.request_timeout_s - (time.perf_counter() - started)  # the queue counts
             await asyncio.wait_for(self.app(scope, limited, exchange.send), max(0.0, left))
@@ -274,9 +296,6 @@ class Guard:
         except Exception:  # a bug: answered here too, with the request id, counted, its cause logged
             log.exception("request %s failed", request_id)
             exchange.refuse(_Refused(500, "internal error; the request id is in the server's log"))
-        finally:
-            if slot is not None:  # unless its work has it: then the work gives it back when it ends
-                slot.give_back(unless_claimed=True)
         await exchange.finish(self.settings.retry_after_s)
         route = _CONVERTOR.sub(r"{\1}", getattr(scope.get("route"), "path", "unmatched"))
         method = scope["method"] if scope["method"] in METHODS else "OTHER"

@@ -283,9 +283,8 @@ def test_saturation_sheds_the_excess_and_healthz_stays_fast(guarded: Served, tmp
     heavy works run at once, 4 more requests wait, the rest are answered 503 busy with Retry-After at
     once; /healthz is answered on the event loop. Checked: every answer is 200 or 503-busy-with-
     Retry-After (the 503s within the queue wait + 0.5 s), no connection fails, most are shed, the server
-    never ran more than 4 searches at once (its own count, from inside the worker threads; the clients'
-    side, by Little's law, sees at most the slots and the queue), /healthz always 200 with p99 under
-    100 ms."""
+    never ran more than 4 searches at once (its own count, from inside the worker threads), /healthz
+    always 200 with p99 under 200 ms."""
     photo = tmp_path / "q.png"
     photo.write_bytes(red_photo())
     load = subprocess.Popen(
@@ -366,11 +365,13 @@ def test_saturation_sheds_the_excess_and_healthz_stays_fast(guarded: Served, tmp
     assert statuses.get("200", 0) > 0 and statuses.get("503", 0) > 0, statuses
     assert result["shed_busy"] == result["shed_retry_after"] == statuses["503"], result
     # At most HEAVY at once, counted where the work runs: with shed requests giving back slots they
-    # never took, 40 clients soon ran 40 at once. The clients see the slots and the queue.
+    # never took, 40 clients soon ran 40 at once. (The clients' side, by Little's law, sees the slots,
+    # the queue and the event loop's own delays: a figure, not a bound.)
     assert peak <= HEAVY, peak
-    assert result["served_concurrency"] <= 2 * HEAVY * 1.25, result["served_concurrency"]
     assert statuses["503"] > statuses["200"], statuses
     assert result["shed_p99_s"] < QUEUE_WAIT_S + 0.5, result["shed_p99_s"]
     assert not bad_health, bad_health
     assert len(health) >= SATURATION_S * 10, len(health)
-    assert p99 < 0.1, f"/healthz p99 {p99 * 1000:.1f} ms"
+    # The 4 slots now run 4 searches all the time (they counted parsing on the event loop too, so 2-3
+    # searches ran): on 2 cores their threads take more of the interpreter lock from the event loop.
+    assert p99 < 0.2, f"/healthz p99 {p99 * 1000:.1f} ms"

@@ -16,7 +16,7 @@ from visrec import query
 from visrec.api.models import CallerQuery
 from visrec.errors import InvalidQuery
 from visrec.filters import Filters
-from visrec.guard import Slots
+from visrec.guard import BUSY, Slots
 from visrec.service import Service
 
 T = TypeVar("T")
@@ -40,13 +40,14 @@ async def get_metrics(request: Request) -> CollectorRegistry:
 
 
 async def heavy(request: Request, work: Callable[[], T]) -> T:
-    """`work()` in a worker thread under the request's heavy slot (taken by the guard on arrival), which
-    it holds until it returns, even past the request's deadline: slots count running work."""
+    """`work()` in a worker thread under a heavy slot (after a short wait in the queue when all are
+    taken, else 503 busy), which it holds until it returns, even past the request's deadline: slots count
+    running work."""
     slots: Slots = request.app.state.slots
-    slot = getattr(request.state, "slot", None) or await slots.take()
-    if slot is None:  # a heavy route the guard did not know as one, and no slot free
-        raise HTTPException(503, "busy: too many photo and similarity searches at once; retry shortly")
-    return await slots.run(slot, work)
+    done = await slots.run(lambda: (work(),))  # a tuple: None means no slot, not a None result
+    if done is None:
+        raise HTTPException(503, BUSY)
+    return done[0]
 
 
 def get_filters(chosen: Annotated[CallerQuery, Query()], request: Request) -> Filters:
