@@ -323,7 +323,8 @@ def test_an_empty_api_key_is_a_configuration_error(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setenv("VISREC_API__API_KEY", "")
     result = CliRunner().invoke(app, ["serve"])
-    assert result.exit_code == 1 and "api.api_key" in result.stderr and "Traceback" not in result.output
+    assert result.exit_code == 1 and "VISREC_API__API_KEY" in result.stderr
+    assert "Traceback" not in result.output
 
 
 def test_an_optional_rate_limit_per_caller(synced: Settings) -> None:
@@ -474,7 +475,7 @@ def test_the_contract_says_what_is_refused(client: TestClient) -> None:
     assert max_per["items"]["pattern"] == query.CAP_PATTERN and max_per["maxItems"] == query.MAX_CAPS
     body = schema["components"]["schemas"]["RecommendRequest"]["properties"]["max_per"]
     assert body["items"]["pattern"] == query.CAP_PATTERN
-    for method, path, allow in [("delete", "/products/p1", "GET"), ("put", "/recommend", "POST")]:
+    for method, path, allow in [("delete", "/products", "GET"), ("put", "/recommend", "POST")]:
         refused = client.request(method, path)
         assert refused.status_code == 405 and refused.headers["allow"] == allow, refused.headers
         assert refused.json()["request_id"]
