@@ -51,3 +51,45 @@ def sync_folder(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def allocated_bytes(folder: Path) -> int:
+    """The disk a folder's files occupy (their allocated blocks: a sparse file's holes take none)."""
+    return sum(p.lstat().st_blocks * 512 for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def copy_tree_sparse(source: Path, target: Path) -> None:
+    """Copy a folder of plain files, keeping holes as holes: the engine preallocates its mmapped files
+    sparse (a collection occupying 836 KB has files totalling ~200 MB), and a plain copy writes the
+    zeros out. Only the data extents are copied (in the kernel: `copy_file_range`), then each file is
+    sized as its source and fsynced; links and other special files are refused."""
+    target.mkdir(parents=True)
+    for entry in sorted(source.rglob("*")):
+        destination = target / entry.relative_to(source)
+        if entry.is_symlink() or not (entry.is_dir() or entry.is_file()):
+            raise OSError(f"{entry} is not a plain file or folder")
+        if entry.is_dir():
+            destination.mkdir()
+            continue
+        with open(entry, "rb") as src, open(destination, "xb") as dst:
+            _copy_extents(src.fileno(), dst.fileno(), os.fstat(src.fileno()).st_size)
+            os.fsync(dst.fileno())
+    for folder in [target, *(p for p in target.rglob("*") if p.is_dir())]:
+        sync_folder(folder)
+
+
+def _copy_extents(src: int, dst: int, size: int) -> None:
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: only a hole is left
+            break
+        end = os.lseek(src, start, os.SEEK_HOLE)
+        while start < end:
+            copied = os.copy_file_range(src, dst, end - start, start, start)
+            if copied == 0:
+                raise OSError(f"the source file shrank while it was copied (at byte {start})")
+            start += copied
+        offset = end
+    os.ftruncate(dst, size)

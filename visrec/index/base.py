@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import re
+import threading
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from types import TracebackType
 from typing import Any, ClassVar, Self
 
@@ -92,6 +94,53 @@ class SyncRecord:
         )
 
 
+class ChangeLog:
+    """The product ids written through one index handle since the log started (`VectorIndex.watch`):
+    what a copy of the collection taken then lacks. Thread-safe: a sync writes from its own thread."""
+
+    def __init__(self, index: VectorIndex) -> None:
+        self._index = index
+        self._ids: set[str] = set()
+        self._lock = threading.Lock()
+
+    def note(self, product_ids: Iterable[str]) -> None:
+        with self._lock:
+            self._ids.update(product_ids)
+
+    def take(self) -> set[str]:
+        """The ids written since the last take (and forgets them)."""
+        with self._lock:
+            ids, self._ids = self._ids, set()
+            return ids
+
+    def close(self) -> None:
+        """Stop recording."""
+        self._index._stop_watching(self)
+
+
+class IndexCopy(ABC):
+    """A copy of a collection's files, taken while its writes were held (`VectorIndex.copy`), to be
+    optimized apart and made the collection's storage once it has caught up with the live one."""
+
+    folder: Path
+
+    @abstractmethod
+    def optimize(self) -> None:
+        """Optimize the copy in a process of its own (the GIL stays free)."""
+
+    @abstractmethod
+    def open(self) -> VectorIndex:
+        """A handle on the copy."""
+
+    @abstractmethod
+    def make_current(self) -> None:
+        """From now on the collection is the copy (one atomic pointer change, durable)."""
+
+    @abstractmethod
+    def discard(self) -> None:
+        """Remove the copy (never made current)."""
+
+
 class _Closing(ABC):
     """Closes itself at the end of a `with` block."""
 
@@ -173,18 +222,72 @@ class VectorIndex(_Closing):
     @abstractmethod
     def _create_payload_index(self, name: str, kind: IndexType) -> None: ...
 
-    @abstractmethod
+    # Every write goes through these three, which tell the change logs watching this handle. Noted after
+    # the write, failed or not: a catch-up that read a product because the log named it must have seen
+    # that write, and one still under way is noted for the next round (`visrec.catchup`).
     def upsert(self, points: Sequence[IndexPoint]) -> None:
         """Insert or replace points (idempotent: ids derive from product ids)."""
+        try:
+            self._upsert(points)
+        finally:
+            self._noting(p.product_id for p in points)
 
-    @abstractmethod
     def delete(self, product_ids: Iterable[str]) -> None:
         """Delete the products' points; unknown ids are ignored."""
+        ids = list(product_ids)
+        try:
+            self._delete(ids)
+        finally:
+            self._noting(ids)
 
-    @abstractmethod
     def overwrite_payloads(self, payloads: Mapping[str, dict[str, Any]]) -> None:
         """Replace the payloads of indexed products (product id → payload), vectors untouched; needs no
         optimize() and is visible to the next query."""
+        try:
+            self._overwrite_payloads(payloads)
+        finally:
+            self._noting(payloads)
+
+    def watch(self) -> ChangeLog:
+        """A log of the product ids written through this handle from now on (until it is closed)."""
+        change_log = ChangeLog(self)
+        with _WATCHING:
+            self._change_logs = [*self._watchers(), change_log]
+        return change_log
+
+    def _watchers(self) -> list[ChangeLog]:
+        return list(getattr(self, "_change_logs", ()))
+
+    def _stop_watching(self, change_log: ChangeLog) -> None:
+        with _WATCHING:
+            self._change_logs = [w for w in self._watchers() if w is not change_log]
+
+    def _noting(self, product_ids: Iterable[str]) -> None:
+        watchers = self._watchers()
+        if watchers:
+            ids = list(product_ids)
+            for watcher in watchers:
+                watcher.note(ids)
+
+    @abstractmethod
+    def _upsert(self, points: Sequence[IndexPoint]) -> None: ...
+
+    @abstractmethod
+    def _delete(self, product_ids: list[str]) -> None: ...
+
+    @abstractmethod
+    def _overwrite_payloads(self, payloads: Mapping[str, dict[str, Any]]) -> None: ...
+
+    @property
+    def place(self) -> str:
+        """What this handle holds, the same for every handle on the same storage: an embedded
+        collection's folder, a server's collection name (at most one handle a place: `visrec.live`)."""
+        return self.collection
+
+    def copy(self) -> IndexCopy | None:
+        """A copy of this collection's storage, taken now (the caller holds its writes meanwhile), for an
+        optimize that stops nothing; None for a backend that optimizes on its own (a server)."""
+        return None
 
     def payloads(self, product_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """product id → payload, for the ids that are indexed (no vectors read)."""
@@ -247,6 +350,11 @@ class VectorIndex(_Closing):
         values: list[float] = np.asarray(vector, dtype=np.float32).tolist()
         return [values] if self.multivector else values
 
+    def points(self, product_ids: Sequence[str]) -> list[IndexPoint]:
+        """The indexed ones of these products, with their vectors and payloads."""
+        found = self._retrieve(list(product_ids), with_payload=True, with_vectors=True)
+        return [IndexPoint(str(payload["product_id"]), vectors, payload) for _, vectors, payload in found]
+
     def get(self, product_id: str) -> tuple[np.ndarray, dict[str, Any]] | None:
         """A product's vectors (photos × dim) and payload, or None if it is not indexed."""
         found = self._retrieve([product_id], with_payload=True, with_vectors=True)
@@ -302,12 +410,6 @@ class VectorIndex(_Closing):
         `apart`: in a process of its own (the embedded engine holds the GIL while it optimizes), for a
         handle no other thread uses meanwhile (it is closed and opened again)."""
 
-    def optimized_copy(self) -> VectorIndex:
-        """An optimized copy of this collection, opened beside this handle to replace it while this one
-        goes on answering (the embedded engine: a copy optimized by another process; it becomes the
-        collection's folder). A backend that optimizes on its own returns this handle."""
-        return self
-
     def close(self) -> None:
         """Flush and release the collection, and the store if this index owns it."""
         try:
@@ -318,6 +420,9 @@ class VectorIndex(_Closing):
 
     @abstractmethod
     def _close(self) -> None: ...
+
+
+_WATCHING = threading.Lock()  # adding or removing a change log (rare); noting reads a snapshot
 
 
 class Store(_Closing):
@@ -373,6 +478,19 @@ class Store(_Closing):
 
     def generation(self, collection: str) -> int:
         return int(collection.rsplit("__v", 1)[1])
+
+    def place(self, collection: str) -> str:
+        """What a handle on `collection` opened now would hold (`VectorIndex.place`)."""
+        return collection
+
+    def unnamed(self) -> set[str]:
+        """The places of this collection's versions that nothing names any longer (an embedded folder
+        a copy replaced, a copy a crash left before it was made current): removable once no handle
+        holds them. None on a server."""
+        return set()
+
+    def remove(self, places: Iterable[str]) -> None:
+        """Remove these places (`unnamed` ones only)."""
 
     def switch(self, collection: str) -> None:
         """Make `collection` (an existing version) live."""

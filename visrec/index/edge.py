@@ -24,8 +24,8 @@ import qdrant_edge as qe
 from visrec.config import QdrantSettings
 from visrec.errors import CollectionMissing, IndexUnavailable, InvalidFilter, PointRejected, VisrecError
 from visrec.filters import AnyOf, Condition, Equals, Filters, Range
-from visrec.fs import write_atomically
-from visrec.index.base import Hit, IndexPoint, Store, VectorIndex, point_id
+from visrec.fs import allocated_bytes, copy_tree_sparse, write_atomically
+from visrec.index.base import Hit, IndexCopy, IndexPoint, Store, VectorIndex, point_id
 from visrec.payload import IndexType
 
 log = logging.getLogger(__name__)
@@ -47,6 +47,8 @@ _DISK_FULL = (
 )
 _NEVER_CREATED = "no segments were loaded"  # a folder a crashed or failed create() left: it holds nothing
 GENERATION = ".g"  # `products__v1.g3`: the third optimized copy of version 1 (collection names have no dot)
+COPY_HEADROOM = 1.1  # a copy may grow while it is optimized; refused unless the disk holds 110 % of it
+COPY_SPARE_BYTES = 64 * 1024**2  # and this much beside it, for the live version's own writes meanwhile
 
 
 def current_folder(root: Path, collection: str) -> Path:
@@ -143,6 +145,34 @@ class EdgeStore(Store):
 
     def close(self) -> None:
         """Nothing to release: each index holds its own folder."""
+
+    def place(self, collection: str) -> str:
+        return str(current_folder(self.root, collection))
+
+    def _folders(self) -> dict[str, list[Path]]:
+        """Each version's folders: the first (`products__v1`) and its copies (`products__v1.g3`)."""
+        found: dict[str, list[Path]] = {version: [] for version in self.versions()}
+        for path in self.root.iterdir() if self.root.is_dir() else []:
+            version = path.name.split(GENERATION)[0]
+            if version in found and path.is_dir() and not path.is_symlink():
+                found[version].append(path)
+        return found
+
+    def unnamed(self) -> set[str]:
+        """Each version is the folder its pointer names (its first folder without a pointer). A pointer
+        that names no folder keeps every folder of that version: the store is damaged, and which
+        folder holds the data is not guessed."""
+        unnamed: set[str] = set()
+        for version, folders in self._folders().items():
+            named = current_folder(self.root, version)
+            if named.is_dir():
+                unnamed.update(str(f) for f in folders if f != named)
+        return unnamed
+
+    def remove(self, places: Iterable[str]) -> None:
+        for place in places:
+            log.info("removing %s: nothing names it any longer", place)
+            shutil.rmtree(place, ignore_errors=True)
 
 
 class EdgeIndex(VectorIndex):
@@ -292,7 +322,11 @@ class EdgeIndex(VectorIndex):
         with self._adopting(shard):  # payload indexes before any optimize(): filtered queries stay exact
             self._ensure_payload_indexes()
 
-    def upsert(self, points: Sequence[IndexPoint]) -> None:
+    @property
+    def place(self) -> str:
+        return str(self.path)
+
+    def _upsert(self, points: Sequence[IndexPoint]) -> None:
         if points:
             operation = qe.UpdateOperation.upsert_points([self._point(p) for p in points])
             with self._engine("upsert"):
@@ -303,7 +337,7 @@ class EdgeIndex(VectorIndex):
         with engine_errors(self.path, "upsert", rejecting="point", culprit=lambda: _culprit(p)):
             return qe.Point(point_id(p.product_id), self._stored_vector(p), p.payload)
 
-    def delete(self, product_ids: Iterable[str]) -> None:
+    def _delete(self, product_ids: list[str]) -> None:
         ids: list[qe.PointId] = [point_id(p) for p in product_ids]
         if ids:
             with self._engine("delete"):
@@ -339,7 +373,7 @@ class EdgeIndex(VectorIndex):
             for r in found
         ]
 
-    def overwrite_payloads(self, payloads: Mapping[str, dict[str, Any]]) -> None:
+    def _overwrite_payloads(self, payloads: Mapping[str, dict[str, Any]]) -> None:
         for product_id, payload in payloads.items():
             with engine_errors(self.path, "payload update", rejecting=f"point of product {product_id!r}"):
                 operation = qe.UpdateOperation.overwrite_payload([point_id(product_id)], payload)
@@ -401,25 +435,25 @@ class EdgeIndex(VectorIndex):
         finally:
             self._shard = self._load()
 
-    def optimized_copy(self) -> EdgeIndex:
-        """Copy this collection's folder (flushed) to its next generation, optimize the copy in a child
-        process (this handle goes on answering), make the copy the collection's folder and open it. The
-        folder this handle holds is removed when it closes."""
+    def copy(self) -> EdgeCopy:
+        """Flush, then copy this collection's folder (sparse) to its next generation, if the disk has
+        room for it. Raises `IndexUnavailable` (nothing left behind) if it cannot."""
         with self._engine("flush"):
             self.shard.flush()
-        suffix = self.path.name.rpartition(GENERATION)[2] if GENERATION in self.path.name else "0"
-        target = self.root / f"{self.collection}{GENERATION}{int(suffix) + 1}"
-        for stale in self.root.glob(f"{self.collection}{GENERATION}*"):  # copies a crash left behind
-            if stale not in (self.path, current_folder(self.root, self.collection)):
-                shutil.rmtree(stale, ignore_errors=True)
+        target = _next_copy(self.root, self.collection)
+        needed = int(allocated_bytes(self.path) * COPY_HEADROOM) + COPY_SPARE_BYTES
+        free = shutil.disk_usage(self.root).free
+        if free < needed:
+            raise IndexUnavailable(
+                f"embedded store {self.root}: not copied to optimize it: {free // 2**20} MiB free, "
+                f"{needed // 2**20} MiB needed"
+            )
         try:
-            shutil.copytree(self.path, target)
+            copy_tree_sparse(self.path, target)
         except OSError as exc:
             shutil.rmtree(target, ignore_errors=True)
             raise IndexUnavailable(f"embedded store {self.path}: cannot copy it to optimize: {exc}") from exc
-        _optimize_in_child(target)
-        write_atomically(self.root / f"{self.collection}.current", target.name)
-        return EdgeIndex(self.root, self.collection, self.settings, folder=target)
+        return EdgeCopy(self, target)
 
     def _close(self) -> None:
         if self._shard is not None:
@@ -429,8 +463,36 @@ class EdgeIndex(VectorIndex):
                     shard.flush()
                 finally:
                     shard.close()
-            if self.path != current_folder(self.root, self.collection):  # replaced by an optimized copy
-                shutil.rmtree(self.path, ignore_errors=True)
+
+
+class EdgeCopy(IndexCopy):
+    """A copy of an embedded collection's folder (`EdgeIndex.copy`)."""
+
+    def __init__(self, index: EdgeIndex, folder: Path) -> None:
+        self.root, self.collection, self.settings = index.root, index.collection, index.settings
+        self.folder = folder
+
+    def optimize(self) -> None:
+        _optimize_in_child(self.folder)
+
+    def open(self) -> EdgeIndex:
+        return EdgeIndex(self.root, self.collection, self.settings, folder=self.folder)
+
+    def make_current(self) -> None:
+        write_atomically(self.root / f"{self.collection}.current", self.folder.name)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _next_copy(root: Path, collection: str) -> Path:
+    """A folder for the next copy of `collection`, above every copy there is (one a crash left too)."""
+    taken = [
+        int(p.name.rpartition(GENERATION)[2])
+        for p in root.glob(f"{collection}{GENERATION}*")
+        if p.name.rpartition(GENERATION)[2].isdigit()
+    ]
+    return root / f"{collection}{GENERATION}{max(taken, default=0) + 1}"
 
 
 def _optimize_in_child(folder: Path) -> None:

@@ -8,7 +8,7 @@ retried with bounded exponential backoff; once that runs out, `IndexUnavailable`
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, assert_never
 
 import httpx
@@ -233,7 +233,7 @@ class ServerIndex(VectorIndex):
     def _create_payload_index(self, name: str, kind: IndexType) -> None:
         self._call(self.client.create_payload_index, self.collection, name, field_schema=SCHEMA_TYPES[kind])
 
-    def upsert(self, points: Sequence[IndexPoint]) -> None:
+    def _upsert(self, points: Sequence[IndexPoint]) -> None:
         self._require()
         if points:
             structs = [
@@ -242,7 +242,7 @@ class ServerIndex(VectorIndex):
             ]
             self._call(self.client.upsert, self.collection, points=structs, wait=True, rejecting="point")
 
-    def delete(self, product_ids: Iterable[str]) -> None:
+    def _delete(self, product_ids: list[str]) -> None:
         self._require()
         ids: list[qm.ExtendedPointId] = [point_id(p) for p in product_ids]
         if ids:
@@ -250,7 +250,7 @@ class ServerIndex(VectorIndex):
                 self.client.delete, self.collection, points_selector=qm.PointIdsList(points=ids), wait=True
             )
 
-    def overwrite_payloads(self, payloads: Mapping[str, dict[str, Any]]) -> None:
+    def _overwrite_payloads(self, payloads: Mapping[str, dict[str, Any]]) -> None:
         self._require()
         operations: list[qm.UpdateOperation] = [
             qm.OverwritePayloadOperation(
