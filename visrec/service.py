@@ -1,8 +1,10 @@
-"""The live (index, model) pair the HTTP service answers from, following `visrec reindex`/`rollback`.
+"""What the HTTP service's routes share: settings, upload limits, and the live (index, model) pair
+(`visrec.live`), following `visrec reindex`/`rollback` and the writer's optimized copies.
 
-Every `api.alias_check_s` one request looks at which collection version is live and, if it changed,
-opens it and the model that built it while the others go on with the old pair; the swap is one
-assignment, and the old index closes a grace period later, after requests that still hold it finish.
+Every `api.alias_check_s` one request looks at which place the live version is in and, if it changed,
+opens it and the model that built it while the others go on with the old pair, then publishes the new
+pair only if no one replaced the old one meanwhile. Routes read through `reading()`: the handle they
+were given stays open until they are done, however long they read.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -22,30 +25,13 @@ from visrec.errors import CollectionMissing, IndexUnavailable, ModelError, Visre
 from visrec.fetch import Fetcher
 from visrec.images import ImageLimits
 from visrec.index import Store, VectorIndex, open_store
+from visrec.live import Live, LiveState
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Live:
-    """The live collection version and the model that embeds photos for it: always a matching pair."""
-
-    collection: str
-    index: VectorIndex
-    embedder: Embedder | None
-    model_problem: ModelError | None  # why photos cannot be embedded for this version
-
-    def model(self) -> Embedder:
-        """The model for this version; raises `ModelError` if it is not available here."""
-        if self.embedder is None:
-            raise self.model_problem or ModelError("no model")
-        return self.embedder
-
-
 class Service:
     """What the routes share: settings, upload limits and the live (index, model) pair."""
-
-    RETIRE_AFTER_S = 30.0  # far longer than any request (their timeouts are seconds)
 
     def __init__(self, settings: Settings, device: torch.device) -> None:
         self.settings = settings
@@ -60,52 +46,38 @@ class Service:
         self.fetch_limits = ImageLimits.from_settings(settings.ingest)
         self.fetcher = Fetcher(self.fetch_limits.fetch)
         self._store: Store | None = None
-        self._live: Live | None = None
+        self.state = LiveState(self.store)
         self._checked = 0.0
         self._refreshing = False
         self._problem: VisrecError | None = None  # why there is no live pair yet
-        # Pairs replaced by a switch, kept open a while for the requests that still hold them. Models are
-        # held only by pairs (a model is ~100 MB: a service that followed ten reindexes must not keep ten).
-        self._retired: list[tuple[float, Live]] = []
-        self._lock = threading.Lock()
-        self._retired_lock = threading.Lock()  # _reclaim runs under _lock or outside it
+        self._lock = threading.Lock()  # the refresh's schedule (the pair itself is `state`'s)
 
     def start(self) -> None:
+        """Remove what a crash left in the store, then open the live pair (or say why not)."""
         try:
-            self.live()
+            self.state.sweep()
+        except (OSError, VisrecError) as exc:
+            log.warning("could not look for leftovers in the store: %s", exc)
+        try:
+            self._refresh()
         except VisrecError as exc:  # not ready yet: /readyz says why, routes answer 503 until it is
             log.warning("starting without being ready: %s", exc)
 
-    def live(self) -> Live:
-        """The live pair, refreshed at most every `alias_check_s` by one request, which alone waits for
-        the store (no lock is held meanwhile). Until there is a pair, the others are told at once:
-        raises `IndexUnavailable` (a 503)."""
-        with self._lock:
-            current = self._live
-            due = time.monotonic() - self._checked >= self.settings.api.alias_check_s
-            if not due or self._refreshing:
-                if current is None:  # the last attempt's reason, until the next one is due
-                    raise self._problem or IndexUnavailable("the index is being opened")
-                return current
-            self._refreshing = True
-        try:
-            fresh = self._open_live(current)
-        except VisrecError as exc:
-            if current is None:  # not ready yet: this request says why; one retry per alias_check_s
-                self._problem = exc
-                raise
-            log.warning("could not check the live collection: %s", exc)  # keep serving the pair we have
-            fresh = current
-        finally:
-            with self._lock:
-                self._refreshing = False
-                self._checked = time.monotonic()
-        with self._lock:
-            self._swap(fresh)
-            return fresh
+    @contextmanager
+    def reading(self) -> Iterator[Live]:
+        """The live pair, held (open) until the block ends: raises `IndexUnavailable` (a 503) until
+        there is one. Looks at the store first when `alias_check_s` has passed."""
+        self._refresh()
+        with self.state.lease() as pair:
+            yield pair
 
-    def index(self) -> VectorIndex:
-        return self.live().index
+    def live(self) -> Live:
+        """The live pair, at a glance (not held: for checks, not for reading through)."""
+        self._refresh()
+        pair = self.state.live
+        if pair is None:
+            raise self._problem or IndexUnavailable("the index is being opened")
+        return pair
 
     def store(self) -> Store:
         if self._store is None:
@@ -117,40 +89,72 @@ class Service:
         with self._lock:
             self._checked = 0.0
         try:
-            self.live()
+            self._refresh()
         except VisrecError as exc:
             log.warning("after the job, the live collection cannot be opened: %s", exc)
 
-    def replace_index(self, old: Live, index: VectorIndex) -> None:
-        """Serve `old`'s collection from `index` (an optimized copy) from now on; `old`'s handle is
-        retired like a switched version's, closed once the requests holding it are done."""
+    def _refresh(self) -> None:
+        """If a check is due, one caller (alone: the others go on with the pair there is) opens the
+        live version's place if it moved and publishes it in place of the pair it saw. Raises the
+        reason there is no pair, until there is one."""
         with self._lock:
-            self._swap(Live(old.collection, index, old.embedder, old.model_problem))
+            due = time.monotonic() - self._checked >= self.settings.api.alias_check_s
+            if not due or self._refreshing:
+                if self.state.live is None:  # the last attempt's reason, until the next one is due
+                    raise self._problem or IndexUnavailable("the index is being opened")
+                return
+            self._refreshing = True
+        current = self.state.live
+        try:
+            fresh = self._open_live(current)
+            if fresh is not current and not self.state.publish(fresh, current):
+                self.state.release(fresh.index)  # a writer's swap came first: it stands
+        except VisrecError as exc:
+            if current is None:  # not ready yet: this request says why; one retry per alias_check_s
+                self._problem = exc
+                raise
+            log.warning("could not check the live collection: %s", exc)  # keep serving the pair we have
+        finally:
+            with self._lock:
+                self._refreshing = False
+                self._checked = time.monotonic()
+
+    def replace(self, old: Live, index: VectorIndex) -> bool:
+        """Serve `old`'s collection from `index` (an optimized copy, held by the caller, its place named
+        by the collection's pointer now) in place of `old`; False if `old` was no longer live."""
+        return self.state.publish(Live(old.collection, index, old.embedder, old.model_problem), old)
 
     def loaded_models(self) -> list[Embedder]:
-        """The models in memory (the live pair's and the retired pairs')."""
-        return self._models()
+        """The models in memory (the live pair's and those of pairs still held)."""
+        return self.state.models()
 
-    def _open_live(self, current: Live | None = None) -> Live:
+    def models(self) -> set[Path]:
+        """The artefacts whose models are loaded."""
+        return {model.artefact_dir for model in self.state.models()}
+
+    def _open_live(self, current: Live | None) -> Live:
+        """The pair for the version live in the store now, held: `current` if it is still in that
+        place with its model, else the handle held on that place (a rollback soon after a switch) or a
+        new one, paired with its model."""
         store = self.store()
         target = store.live()
-        # The pair we have, or a retired one of the target (a rollback soon after a switch: reused, since
-        # the embedded engine admits one open handle per folder).
-        known = current if current is not None and current.collection == target else self._reclaim(target)
-        if known is not None:
-            # A model that failed to load is retried at each check: the artefact may have arrived.
-            return known if known.embedder is not None else self._with_model(target, known.index)
-        index = store.open(target)
-        if not index.exists():
-            index.close()
-            raise CollectionMissing("the collection does not exist yet: run `visrec sync`")
-        return self._with_model(target, index)
+        place = store.place(target)
+        if current is not None and current.index.place == place and current.embedder is not None:
+            return current
+        index = self.state.hold(place, lambda: store.open(target))
+        try:
+            if not index.exists():
+                raise CollectionMissing("the collection does not exist yet: run `visrec sync`")
+            return self._with_model(target, index)
+        except BaseException:
+            self.state.release(index)
+            raise
 
     def _with_model(self, target: str, index: VectorIndex) -> Live:
         """`index` paired with the model that built it, or with the reason it cannot be loaded."""
         try:
             artefact = artefact_for(index.metadata(), self.settings.artefact)
-            embedder = next((m for m in self._models() if m.artefact_dir == artefact), None)
+            embedder = next((m for m in self.state.models() if m.artefact_dir == artefact), None)
             if embedder is None:
                 embedder = Embedder(artefact, self.device, self.settings.embed)
                 embedder.load()
@@ -159,43 +163,8 @@ class Service:
             log.error("%s", exc)
             return Live(target, index, None, exc)
 
-    def _reclaim(self, collection: str) -> Live | None:
-        """The retired pair of `collection`, taken back from the retired ones, if it is still open."""
-        with self._retired_lock:
-            for entry in self._retired:
-                if entry[1].collection == collection:
-                    self._retired.remove(entry)
-                    return entry[1]
-        return None
-
-    def _models(self) -> list[Embedder]:
-        """The models loaded: the live pair's and the retired pairs'."""
-        with self._retired_lock:
-            pairs = [*([self._live] if self._live else []), *(live for _, live in self._retired)]
-        return [pair.embedder for pair in pairs if pair.embedder is not None]
-
-    def models(self) -> set[Path]:
-        """The artefacts whose models are loaded."""
-        return {model.artefact_dir for model in self._models()}
-
-    def _swap(self, fresh: Live) -> None:
-        """Make `fresh` live (under the lock); close indexes retired long enough ago."""
-        now = time.monotonic()
-        if self._live is not None and fresh.index is not self._live.index:  # not a model retry
-            log.info("live collection: %s → %s", self._live.collection, fresh.collection)
-            with self._retired_lock:
-                self._retired.append((now, self._live))
-        self._live = fresh
-        with self._retired_lock:
-            for entry in [r for r in self._retired if now - r[0] >= self.RETIRE_AFTER_S]:
-                entry[1].index.close()
-                self._retired.remove(entry)
-
     def close(self) -> None:
         self.fetcher.close()
-        for _, retired in self._retired:
-            retired.index.close()
-        if self._live is not None:
-            self._live.index.close()
+        self.state.close()
         if self._store is not None:
             self._store.close()

@@ -53,10 +53,10 @@ def readyz(response: Response, service: ServiceDep) -> dict[str, Any]:
     """Ready when the model is loaded and the collection is reachable."""
     problems, model_version, points, quality = [], None, None, None
     try:
-        live = service.live()
-        points = live.index.count()
-        quality = recorded(live.index.metadata())
-        model_version = live.model().manifest.model_version
+        with service.reading() as live:
+            points = live.index.count()
+            quality = recorded(live.index.metadata())
+            model_version = live.model().manifest.model_version
     except VisrecError as exc:  # open to everyone: what is wrong, not where (that is in the log)
         log.warning("not ready: %s", exc)
         problems.append(unavailable(exc))

@@ -48,7 +48,8 @@ def products(
 ) -> Page:
     """Browse the indexed products, filtered, a page at a time."""
     # Cursors are point ids (UUIDs): anything else is a 422 here, not a store error (500).
-    items, next_page = service.index().browse(filters, limit, None if after is None else str(after))
+    with service.reading() as live:
+        items, next_page = live.index.browse(filters, limit, None if after is None else str(after))
     return Page(
         products=[product_out(i, p, service.settings) for i, p in items],
         next=next_page,
@@ -79,7 +80,8 @@ def _photo(product_id: str, n: int, service: ServiceDep, request: Request) -> Re
     """A photo as indexed, served from here: a remote one is fetched through the same guard as at sync
     (never a redirect, which would carry the caller's key to the image host). Why one cannot be served
     goes to the log: the answer never names its URL (a signed URL's token) or its path."""
-    refs = photos(query.indexed(service.index(), product_id)[1])  # written by sync, never the request's
+    with service.reading() as live:  # written by sync, never the request's
+        refs = photos(query.indexed(live.index, product_id)[1])
     if n >= len(refs):
         raise HTTPException(404, f"product {product_id!r} has {len(refs)} photo(s); there is no photo {n}")
     ref = str(refs[n])
@@ -134,7 +136,8 @@ async def similar(
     check_filters(filters, service, colour_weight)
 
     def work() -> Results:
-        hits = query.similar_to_product(service.index(), product_id, k, filters, colour_weight, rules, bounds)
+        with service.reading() as live:
+            hits = query.similar_to_product(live.index, product_id, k, filters, colour_weight, rules, bounds)
         return results(hits, service.settings)
 
     return await heavy(request, work)
@@ -142,7 +145,8 @@ async def similar(
 
 @router.get("/products/{product_id:path}", response_model=Product, responses=errors(401, 404, 422, 503))
 def product(product_id: ProductId, service: ServiceDep) -> Product:
-    payload = query.indexed(service.index(), product_id)[1]
+    with service.reading() as live:
+        payload = query.indexed(live.index, product_id)[1]
     return product_out(product_id, payload, service.settings)
 
 

@@ -36,13 +36,14 @@ async def search_image(
         data = image.file.read(limit + 1)
         if len(data) > limit:
             raise HTTPException(413, f"upload larger than {limit} bytes")
-        live = service.live()  # one (index, model) pair, even if a reindex switches versions meanwhile
-        try:
-            hits = query.similar_to_image(
-                live.index, live.model(), data, service.limits, k, filters, colour_weight, rules, bounds
-            )
-        except ImageError as exc:  # decoding the caller's own bytes: the message may be shown
-            raise UploadRejected(str(exc)) from exc
+        # One (index, model) pair, held open, even if a reindex switches versions meanwhile.
+        with service.reading() as live:
+            try:
+                hits = query.similar_to_image(
+                    live.index, live.model(), data, service.limits, k, filters, colour_weight, rules, bounds
+                )
+            except ImageError as exc:  # decoding the caller's own bytes: the message may be shown
+                raise UploadRejected(str(exc)) from exc
         return results(hits, service.settings)
 
     return await heavy(request, work)
@@ -56,7 +57,8 @@ async def recommend(body: RecommendRequest, request: Request, service: ServiceDe
     bounds = query.Bounds.from_settings(service.settings.api)
 
     def work() -> Results:
-        hits = query.recommend(service.index(), body.positive, body.negative, body.k, filters, rules, bounds)
+        with service.reading() as live:
+            hits = query.recommend(live.index, body.positive, body.negative, body.k, filters, rules, bounds)
         return results(hits, service.settings)
 
     return await heavy(request, work)
