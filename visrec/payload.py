@@ -121,6 +121,20 @@ def rebuild(old: Mapping[str, Any], metadata: Mapping[str, Any], bookkeeping: Bo
     return build(str(old["product_id"]), metadata, photos(old), bookkeeping=bookkeeping, extracted=extracted)
 
 
+def catalogue_fields(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields a catalogue row (or a PUT) gave this point, without its photos and the id: what a row
+    that writes it again holds (the colour only when the shop gave one, not the extracted one)."""
+    fields = {k: v for k, v in payload.items() if k not in RESERVED | {"image", "images"}}
+    if "colour_extracted" in payload and payload.get("colour") == payload["colour_extracted"]:
+        fields.pop("colour", None)
+    return fields
+
+
+def as_row(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """The row that would write this point again: its id, its catalogue fields and its photos."""
+    return {**catalogue_fields(payload), "id": str(payload["product_id"]), "images": photos(payload)}
+
+
 def photos(payload: Mapping[str, Any]) -> list[str]:
     """A point's photos in the order of its vectors (points written before `images` have one)."""
     return list(payload.get("images") or [payload.get("image", "")])

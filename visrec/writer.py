@@ -1,12 +1,20 @@
 """The service's one writer: the jobs handed over by `visrec sync`, `reindex` and `rollback`
-(`visrec.owner`) run here one at a time, on the service's own handles, while requests go on reading.
+(`visrec.owner`) and the HTTP writes run here one at a time, on the service's own handles, while requests
+go on reading.
 
 A sync writes into the live version through the handle the requests use (qdrant-edge takes reads and
 writes on one handle from several threads); its model is the live pair's when it is the same artefact (no
 second copy in memory). A reindex builds the next version beside the live one and reads the live one
 through the service's handle for its quality gate. After each job the live pair is re-checked at once,
-so a switch or a rollback is served by the next request. The closing optimize() is deferred until
-`qdrant.optimize_after` points have changed (it holds the GIL: every request waits while it runs).
+so a switch or a rollback is served by the next request.
+
+optimize() holds the GIL (every request would wait while it runs), so the service never runs it in its
+own process: once `qdrant.optimize_after` points have changed, a maintenance thread replaces the live
+version by an optimized copy. Writes wait only while the copy is taken (flush and a sparse copy of the
+folder); the copy is optimized by a child process while they go on into the live version, then caught
+up with them (`visrec.catchup`: the last round with writes held, the switch inside it). A copy that
+fails changes nothing a write was told: it is logged, counted in /metrics and tried again later, each
+time later (up to `MAX_BACKOFF_S`).
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from pydantic import ValidationError
 
 from visrec import payload
 from visrec.catalogue import Catalogue, Product, explain, rows_from_service, value_problem
-from visrec.errors import CollectionMissing, InvalidQuery, NotFound, WritesBusy
+from visrec.catchup import caught_up, copy_points
+from visrec.errors import CollectionMissing, InvalidQuery, NotFound, VisrecError, WritesBusy
 from visrec.index import SyncRecord, VectorIndex
 from visrec.ingest import SyncOptions, SyncSummary, sync
 from visrec.jobs import Job, Progress, ReindexJob, RollbackJob, SyncJob, run_reindex, run_rollback, run_sync
@@ -34,12 +43,26 @@ from visrec.service import Service
 
 log = logging.getLogger(__name__)
 
+FIRST_BACKOFF_S = 5.0  # a failed copy (a full disk) is tried again after this, then twice as long each time
+MAX_BACKOFF_S = 600.0
+
 
 class Writer:
-    def __init__(self, service: Service) -> None:
+    def __init__(self, service: Service, registry: CollectorRegistry | None = None) -> None:
         self.service = service
-        self.lock = threading.RLock()  # one job at a time; the next command (or write) waits its turn
+        self.lock = threading.RLock()  # one writer at a time; the next command (or write) waits its turn
+        # Under `lock`: the points changed since the live version was last optimized, and the copy's plan.
         self.changed_since_optimize = 0
+        self._copying: threading.Thread | None = None
+        self._retry_at = 0.0
+        self._backoff = FIRST_BACKOFF_S
+        self._closed = False
+        self.copies = Counter(
+            "visrec_optimized_copies",
+            "optimized copies of the live version, by outcome (made, failed: tried again later)",
+            ["outcome"],
+            registry=registry,
+        )
 
     def run(self, job: Job, progress: Progress) -> dict[str, Any]:
         with self.lock:
@@ -51,7 +74,7 @@ class Writer:
                     case ReindexJob():
                         return self._reindex(job, progress)
                     case RollbackJob():
-                        return run_rollback(self.service.settings)
+                        return self._rollback(job)
             finally:
                 self.service.refresh()
 
@@ -66,46 +89,122 @@ class Writer:
     def _sync(self, job: SyncJob, progress: Progress) -> dict[str, Any]:
         settings = self.service.settings
         try:
-            index = self.service.index()
-            result = run_sync(job, settings, index, progress, model=self._model(job.model), optimize=False)
+            with self.service.reading() as live:
+                result = run_sync(
+                    job, settings, live.index, progress, model=self._model(job.model), optimize=False
+                )
         except CollectionMissing:  # no collection yet: the first sync creates it, then the service opens it
-            store = self.service.store()
-            with store.open(store.live()) as index:  # no request reads it yet, but they must not stop
+            with self.first_version() as index:
                 return run_sync(
                     job, settings, index, progress, model=self._model(job.model), optimize_apart=True
                 )
-        self.changed(index, result["added"] + result["updated"] + result["deleted"])
+        self.changed(sum(result[k] for k in ("added", "updated", "metadata_updated", "deleted")))
         return result
 
-    def changed(self, index: VectorIndex, points: int) -> None:
-        """Count points written into the live `index` without optimize(); once there are
-        `qdrant.optimize_after`, replace it by an optimized copy (made by another process: requests go
-        on meanwhile, and writes wait their turn)."""
-        self.changed_since_optimize += points
-        if self.changed_since_optimize < self.service.settings.qdrant.optimize_after:
-            return
-        live = self.service.live()
-        if live.index is not index:
-            return
+    @contextmanager
+    def first_version(self) -> Iterator[VectorIndex]:
+        """The live version's place, held (no request reads it yet: it holds no collection), for the
+        write that creates it; the service serves it from the next request on."""
+        store = self.service.store()
+        target = store.live()
+        index = self.service.state.hold(store.place(target), lambda: store.open(target))
+        try:
+            yield index
+        finally:
+            self.service.state.release(index)
+            self.service.refresh()
+
+    def changed(self, points: int) -> None:
+        """Count points written into the live version; once there are `qdrant.optimize_after`, start
+        replacing it by an optimized copy in the background. Never waits for it, never raises."""
+        with self.lock:
+            self.changed_since_optimize += points
+            due = self.changed_since_optimize >= self.service.settings.qdrant.optimize_after
+            if not due or self._copying is not None or self._closed or time.monotonic() < self._retry_at:
+                return
+            self._copying = threading.Thread(target=self._optimized_copy, name="optimized-copy", daemon=True)
+            self._copying.start()
+
+    def _optimized_copy(self) -> None:
+        try:
+            self._replace_by_optimized_copy()
+        except Exception as exc:  # a bug too: the writes it followed are in the live version all the same
+            with self.lock:
+                self._retry_at = time.monotonic() + self._backoff
+                log.error("optimized copy failed (%s); trying again in %.0f s", exc, self._backoff)
+                self._backoff = min(self._backoff * 2, MAX_BACKOFF_S)
+            self.copies.labels("failed").inc()
+        else:
+            with self.lock:
+                self._backoff = FIRST_BACKOFF_S
+        finally:
+            with self.lock:
+                self._copying = None
+
+    def _replace_by_optimized_copy(self) -> None:
         started = time.perf_counter()
-        copy = index.optimized_copy()
-        if copy is not index:
-            self.service.replace_index(live, copy)
+        with self.service.reading() as live:
+            with self.lock:  # writes wait for the flush and the copy alone
+                copy = live.index.copy()
+                if copy is None:  # a server optimizes by itself
+                    self.changed_since_optimize = 0
+                    return
+                changes = live.index.watch()
+                counted, self.changed_since_optimize = self.changed_since_optimize, 0
+            current = False
+            try:
+                copy.optimize()  # in a child process: reads and writes go on meanwhile
+                index = copy.open()
+                self.service.state.adopt(index)
+                published = False
+                try:
+                    with caught_up(changes, copy_points(live.index, index), lambda: self.lock) as applied:
+                        if self.service.state.live is not live:
+                            raise VisrecError("the live version changed while it was copied")
+                        copy.make_current()
+                        current = True
+                        published = self.service.replace(live, index)
+                finally:
+                    if not published:
+                        self.service.state.release(index)
+            except BaseException:
+                if not current:
+                    copy.discard()
+                with self.lock:
+                    self.changed_since_optimize += counted
+                raise
+            finally:
+                changes.close()
+        self.copies.labels("made").inc()
         log.info(
-            "%s optimized after %d changed points (%.1f s, beside the live handle)",
-            index.collection,
-            self.changed_since_optimize,
+            "%s replaced by an optimized copy after %d changed points (%.1f s; %d written meanwhile)",
+            live.collection,
+            counted,
             time.perf_counter() - started,
+            applied,
         )
-        self.changed_since_optimize = 0
+
+    def close(self) -> None:
+        """Start no copy from now on (the service stops); one under way is left to the start-up sweep."""
+        with self.lock:
+            self._closed = True
+
+    def _rollback(self, job: RollbackJob) -> dict[str, Any]:
+        with self.service.reading() as live:
+            return run_rollback(self.service.settings, force=job.force, held={live.collection: live.index})
 
     def _reindex(self, job: ReindexJob, progress: Progress) -> dict[str, Any]:
         try:
-            live = self.service.live()
-            held = {live.collection: live.index}
+            with self.service.reading() as live:
+                return run_reindex(
+                    job,
+                    self.service.settings,
+                    progress,
+                    held={live.collection: live.index},
+                    model=self._model(job.model),
+                )
         except CollectionMissing:
-            held = {}
-        return run_reindex(job, self.service.settings, progress, held=held, model=self._model(job.model))
+            return run_reindex(job, self.service.settings, progress, held={}, model=self._model(job.model))
 
 
 @dataclass
@@ -227,16 +326,13 @@ class ProductWrites:
             deletes=False,
         )
         try:
-            live = self.service.live()
+            with self.service.reading() as live:
+                model = ModelHandle(live.model().artefact_dir, settings.embed, loaded=live.model())
+                summary = sync(catalogue, live.index, model, options)
         except CollectionMissing:  # the first products of an empty store: create it with the model
-            store = self.service.store()
-            with store.open(store.live()) as index:
-                summary = sync(catalogue, index, ModelHandle(settings.artefact, settings.embed), options)
-            self.service.refresh()
-            return summary
-        model = ModelHandle(live.model().artefact_dir, settings.embed, loaded=live.model())
-        summary = sync(catalogue, live.index, model, options)
-        self.writer.changed(live.index, summary.added + summary.updated)
+            with self.writer.first_version() as index:
+                return sync(catalogue, index, ModelHandle(settings.artefact, settings.embed), options)
+        self.writer.changed(summary.added + summary.updated + summary.metadata_updated)
         return summary
 
     def patch(self, product_id: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -245,14 +341,12 @@ class ProductWrites:
         problem = patch_problem(fields)
         if problem:
             raise InvalidQuery(problem)
-        with self._turn():
-            index = self.service.index()
+        with self._turn(), self.service.reading() as live:
+            index = live.index
             old = index.payloads([product_id]).get(product_id)
             if old is None:
                 raise NotFound(f"no product {product_id!r}")
-            metadata = {k: v for k, v in old.items() if k not in payload.RESERVED | {"image", "images"}}
-            if "colour_extracted" in old and old.get("colour") == old["colour_extracted"]:
-                metadata.pop("colour", None)  # the extracted colour, not the shop's own
+            metadata = payload.catalogue_fields(old)
             for key, value in fields.items():
                 if value is None:
                     metadata.pop(key, None)
@@ -277,14 +371,15 @@ class ProductWrites:
             )
             new = payload.rebuild(old, metadata, bookkeeping)
             index.overwrite_payloads({product_id: new})
+            self.writer.changed(1)
             return new
 
     def delete(self, product_id: str) -> bool:
         """Delete a product; whether it was indexed (a repeated DELETE is not an error)."""
-        with self._turn():
-            index = self.service.index()
-            existed = bool(index.payloads([product_id]))
-            index.delete([product_id])
+        with self._turn(), self.service.reading() as live:
+            existed = bool(live.index.payloads([product_id]))
+            live.index.delete([product_id])
+            self.writer.changed(1)
             return existed
 
 

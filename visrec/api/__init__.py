@@ -60,7 +60,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     service.start()
     # On the embedded store this service is the one writer: writing commands hand their jobs over.
     qdrant = service.settings.qdrant
-    writer = Writer(service)
+    writer = Writer(service, app.state.metrics)
     app.state.writes = ProductWrites(writer, app.state.metrics)
     owner = None if qdrant.url else OwnerChannel(qdrant, writer.run)
     if owner is not None:
@@ -74,6 +74,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     gc.unfreeze()  # collectable again (an app made and dropped in a test process)
     if owner is not None:
         owner.close()
+    writer.close()
     service.close()
 
 
