@@ -34,6 +34,7 @@ from visrec.errors import IndexUnavailable, ModelError, VisrecError
 from visrec.evaluation import choose_queries
 from visrec.index import open_index, open_store
 from visrec.index.server import ServerStore
+from visrec.jobs import ReindexJob, RollbackJob
 from visrec.versions import describe, rollback
 
 
@@ -151,7 +152,8 @@ def test_queries_during_the_switch_never_fail(
                 complete = len(hits) == (18 if by_photo else 17) and len(versions) == 1
                 seen[(r.status_code, versions.pop() if complete else "incomplete")] += 1
 
-    with live_server(create_app(settings, torch.device("cpu"))) as base:
+    app = create_app(settings, torch.device("cpu"))
+    with live_server(app) as base:
         threads = [threading.Thread(target=client, args=(base, i % 2 == 1)) for i in range(4)]
         for t in threads:
             t.start()
@@ -162,11 +164,13 @@ def test_queries_during_the_switch_never_fail(
                 pass
 
         try:
-            # Queries run during the build and the switch. The embedded store admits one open handle per
-            # version and this process's service holds the live one, so the gate cannot read it: forced.
-            run_reindex(catalogue, settings, new_model, force=True)
+            # Queries run during the build and the switch, which run in the service's writer (as a
+            # handed-over `visrec reindex` / `rollback` would).
+            writer = app.state.writes.writer
+            reindex_job = ReindexJob(catalogue=catalogue, model=new_model, max_quality_drop=1.0)
+            writer.run(reindex_job, lambda *_: None)
             answers_from(new)
-            rollback(open_store(settings.qdrant))
+            writer.run(RollbackJob(), lambda *_: None)
             answers_from(old)
         finally:
             stop.set()
@@ -213,24 +217,28 @@ def test_cli_reindex_and_rollback(
     assert refused.exit_code == 1 and "no version" in refused.output
 
 
-def test_the_service_keeps_only_the_models_of_live_and_retired_versions(
+def test_the_service_keeps_only_the_models_of_live_and_held_versions(
     make_catalogue: MakeCatalogue, settings: Settings, new_model: Path
 ) -> None:
     """A service that followed many reindexes must not keep every model it ever loaded (~100 MB each):
-    the live version's and those of versions retired moments ago (requests may still hold them)."""
+    the live version's, and a replaced version's only while a reader still holds it."""
     from visrec.service import Service
+    from visrec.writer import Writer
 
     catalogue = make_catalogue(6)
     run_sync(catalogue, settings)
     settings = settings.model_copy(update={"api": settings.api.model_copy(update={"alias_check_s": 0})})
     service = Service(settings, torch.device("cpu"))
+    writer = Writer(service)
     try:
         assert service.live().model().artefact_dir == settings.artefact.resolve()
-        run_reindex(catalogue, settings, new_model, force=True)  # the service holds v1
-        assert service.live().model().artefact_dir == new_model.resolve()
-        assert service.models() == {settings.artefact.resolve(), new_model.resolve()}  # one retired
-        service.RETIRE_AFTER_S = 0  # retired versions close at the next check
-        rollback(open_store(settings.qdrant))
+        job = ReindexJob(catalogue=catalogue, model=new_model, max_quality_drop=1.0)
+        with service.reading():  # a long reader holds v1 through the switch
+            writer.run(job, lambda *_: None)
+            assert service.live().model().artefact_dir == new_model.resolve()
+            assert service.models() == {settings.artefact.resolve(), new_model.resolve()}
+        assert service.models() == {new_model.resolve()}  # v1 closed with its last reader
+        writer.run(RollbackJob(), lambda *_: None)
         assert service.live().model().artefact_dir == settings.artefact.resolve()
         assert service.models() == {settings.artefact.resolve()}
     finally:
@@ -383,12 +391,11 @@ def test_the_gate_queries_products_neither_model_was_trained_on(
     assert "p0" not in choose_queries(new_categories, moved, None, 100, seed=0).products
 
 
-def test_the_gate_needs_the_live_version_unless_forced(
-    make_catalogue: MakeCatalogue, settings: Settings
-) -> None:
-    """The embedded store admits one open handle per version: while a service holds the live one, the
-    gate cannot read it, so the new version stays unswitched (exit 4), and --force switches without
-    comparing."""
+def test_a_reindex_needs_the_live_version(make_catalogue: MakeCatalogue, settings: Settings) -> None:
+    """The embedded store admits one open handle per version: while a service holds the live one, a
+    reindex run beside it (not handed over) cannot read it: neither for the gate nor for the products
+    written over HTTP, which a new version without them would lose. So it stays unswitched (exit 4),
+    --force included (force overrides the gate's verdict, never a lost write)."""
     from visrec.service import Service
 
     catalogue = make_catalogue(6)
@@ -397,12 +404,10 @@ def test_the_gate_needs_the_live_version_unless_forced(
     service = Service(settings, torch.device("cpu"))
     try:
         service.live()
-        with pytest.raises(IndexUnavailable, match="products__v2 is built but not live: the quality gate"):
-            run_reindex(catalogue, settings, settings.artefact)
+        for force in (False, True):
+            with pytest.raises(IndexUnavailable, match="written over HTTP into products__v1 cannot be read"):
+                run_reindex(catalogue, settings, settings.artefact, force=force)
         with open_store(settings.qdrant) as store:
             assert store.live() == "products__v1"
-        forced = run_reindex(catalogue, settings, settings.artefact, force=True)
-        assert forced.live == "products__v2" and forced.gate is not None
-        assert "in use" in forced.gate.note and forced.gate.live is None
     finally:
         service.close()

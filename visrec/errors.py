@@ -29,6 +29,10 @@ class QualityRefused(VisrecError):
     exit_code = 3
 
 
+class WritesWouldBeLost(VisrecError):
+    """A version change would drop products written since the version it restores (unless forced)."""
+
+
 class IndexUnavailable(VisrecError):
     """The vector store cannot be reached or opened (server down, embedded store in use)."""
 

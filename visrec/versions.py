@@ -9,17 +9,18 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from visrec import evaluation
-from visrec.catalogue import Catalogue
+from visrec import evaluation, payload
+from visrec.catalogue import Catalogue, rows_from_service
 from visrec.config import GateSettings
-from visrec.errors import IndexUnavailable, ModelError, QualityRefused, VisrecError
+from visrec.errors import IndexUnavailable, ModelError, QualityRefused, VisrecError, WritesWouldBeLost
 from visrec.evaluation import Quality
 from visrec.filters import Filters
 from visrec.index import Store, VectorIndex
+from visrec.index.base import SCROLL_PAGE
 from visrec.ingest import ProgressFn, SyncOptions, SyncSummary, sync
 from visrec.manifest import Manifest, ModelHandle, read_manifest
 
@@ -98,16 +99,21 @@ def reindex(
     else:
         target = newer[-1] if newer else store.version(store.generation(live) + 1)
     compare = live if live != target else None  # None: the first version, nothing to compare with
+    written = written_over_http(store, compare, options, held or {})
     with store.open(target) as index:  # not live: it may be rebuilt with another model in place
         summary = sync(catalogue, index, model, options, progress=progress, new_model=True)
+        api = _sync_written(written, index, model, options, progress)
         points = index.count()
-        expected = len(catalogue.products) - summary.failed
-        if points != expected or (summary.failed and not accept_failures):
+        missing, failed = _incomplete(index, catalogue, written, summary, api)
+        if missing or (failed and not accept_failures):
+            lacking = f", {len(missing)} products lacking ({_some(missing)})" if missing else ""
             raise VisrecError(
                 f"{target} not made live: it holds {points} points for {len(catalogue.products)} valid "
-                f"products, {summary.failed} images failed (see {summary.failure_report}); fix them and "
-                "rerun (or pass --accept-failures)"
+                f"products and {len(written.products)} written over HTTP, {failed} images failed{lacking} "
+                f"(see {summary.failure_report}); fix them and rerun (or pass --accept-failures, which "
+                "leaves the failed ones out)"
             )
+        summary.failed += api.failed
         started = time.perf_counter()
         result = quality_gate(store, compare, index, model.manifest, gate or GateSettings(), force, held)
         result.seconds = time.perf_counter() - started
@@ -124,6 +130,78 @@ def reindex(
     store.switch(target)
     log.info("%s is live (was %s)", target, live)
     return ReindexSummary(previous=live, live=target, points=points, sync=summary, gate=result)
+
+
+def written_over_http(
+    store: Store, live: str | None, options: SyncOptions, held: Mapping[str, VectorIndex]
+) -> Catalogue:
+    """The products written over HTTP into the `live` version, as rows to write again (their photos
+    are fetched again from their URLs): a new version holds them as it holds the catalogue's. Raises
+    `IndexUnavailable` if the live version cannot be read (they would be lost)."""
+    rows: list[dict[str, Any]] = []
+    if live is not None:
+        try:
+            with _opened(store, live, held) as index:
+                if index.exists():
+                    after = None
+                    while True:
+                        page, after = index.browse(Filters(equals={"source": "api"}), SCROLL_PAGE, after)
+                        rows += [payload.as_row(p) for _, p in page]
+                        if after is None:
+                            break
+        except IndexUnavailable as exc:
+            raise IndexUnavailable(
+                f"the products written over HTTP into {live} cannot be read ({exc}); a new version "
+                "without them would lose them: rerun when the store is free"
+            ) from exc
+    return rows_from_service(rows, options.ingest, origin=f"{live} (products written over HTTP)")
+
+
+def _sync_written(
+    written: Catalogue,
+    index: VectorIndex,
+    model: ModelHandle,
+    options: SyncOptions,
+    progress: ProgressFn | None,
+) -> SyncSummary:
+    """Write the products written over HTTP into a version being built; those of them it holds from
+    an earlier attempt and deleted since are deleted."""
+    ids = {p.id for p in written.products}
+    gone = [p for p, record in index.sync_records().items() if record.source == "api" and p not in ids]
+    index.delete(gone)
+    if not written.products:
+        return SyncSummary()
+    report = options.failure_report
+    return sync(
+        written,
+        index,
+        model,
+        replace(
+            options,
+            source="api",
+            deletes=False,
+            failure_report=report.with_name(f"{report.stem}.api{report.suffix}"),
+        ),
+        progress=progress,
+        new_model=True,
+    )
+
+
+def _incomplete(
+    index: VectorIndex, catalogue: Catalogue, written: Catalogue, *summaries: SyncSummary
+) -> tuple[set[str], int]:
+    """What a version being built lacks: the products it must hold and does not (beyond those that
+    failed), and how many failed (photos, refused rows of products written over HTTP)."""
+    must = {p.id for p in catalogue.products} | {p.id for p in written.products}
+    failed = {p for s in summaries for p, outcome in s.outcomes.items() if outcome.startswith("error")}
+    failed |= {e.product_id for e in written.errors if e.product_id is not None}
+    held = set(index.sync_records())
+    return (must - failed) - held, len(failed) + len(written.unidentified)
+
+
+def _some(ids: set[str], shown: int = 5) -> str:
+    listed = ", ".join(repr(i) for i in sorted(ids)[:shown])
+    return listed + (f" and {len(ids) - shown} more" if len(ids) > shown else "") if ids else "none"
 
 
 def quality_gate(
@@ -232,14 +310,37 @@ def _untrained(live_metadata: dict[str, str], new: Manifest) -> set[str] | None:
     return live_heldout & new_heldout
 
 
-def rollback(store: Store) -> tuple[str, str]:
-    """Make the version below the live one live again; returns (was live, live now)."""
+def rollback(
+    store: Store, *, force: bool = False, held: Mapping[str, VectorIndex] | None = None
+) -> tuple[str, str]:
+    """Make the version below the live one live again; returns (was live, live now). Unless `force`,
+    raises `WritesWouldBeLost` if a product was written (added, changed or deleted, by a sync or over
+    HTTP) in the live version since the older one was built: the older one would not have it.
+    `held`: versions this process has open (a service's live one)."""
     live = store.live()
     older = [v for v in store.versions() if store.generation(v) < store.generation(live)]
     if not older:
         raise VisrecError(f"no version of {store.name!r} older than {live} to roll back to")
-    store.switch(older[-1])
-    return live, older[-1]
+    target = older[-1]
+    if not force:
+        differ = _written_since(store, live, target, held or {})
+        if differ:
+            raise WritesWouldBeLost(
+                f"not rolled back: {len(differ)} products were written into {live} since {target} was "
+                f"built ({_some(differ)}), and {target} would serve them as they were before; rerun with "
+                "--force to roll back anyway (or reindex the catalogue with the older model instead)"
+            )
+    store.switch(target)
+    return live, target
+
+
+def _written_since(store: Store, live: str, older: str, held: Mapping[str, VectorIndex]) -> set[str]:
+    """The products whose photos or fields differ between two versions, or that one of them lacks."""
+    with _opened(store, live, held) as index:
+        now = {p: (r.vectors_hash, r.metadata_hash) for p, r in index.sync_records().items()}
+    with _opened(store, older, held) as index:
+        before = {p: (r.vectors_hash, r.metadata_hash) for p, r in index.sync_records().items()}
+    return {p for p in now.keys() | before.keys() if now.get(p) != before.get(p)}
 
 
 def describe(store: Store) -> dict[str, Any]:

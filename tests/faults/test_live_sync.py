@@ -102,8 +102,12 @@ def test_sync_reindex_and_rollback_hand_over_to_the_running_service(
             assert client.get("/products/p1").json()["payload"]["price"] == 999
         again = visrec(settings, "sync", str(catalogue), "--json")
         assert again.returncode == 0 and json.loads(again.stdout)["unchanged"] == 27
-        # The live version now lives in its optimized copy, and the service reads from it.
-        assert (settings.qdrant.path / "products__v1.current").read_text() == "products__v1.g1"
+        # The live version now lives in an optimized copy (made in the background), read by the service.
+        pointer = settings.qdrant.path / "products__v1.current"
+        deadline = time.monotonic() + 60
+        while not pointer.exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert pointer.read_text().startswith("products__v1.g")
 
         # A second model: reindex builds v2 beside the live v1 (its gate reads v1 through the service).
         model, manifest = load_artefact(artefact[0], torch.device("cpu"))
