@@ -245,9 +245,18 @@ def reindex(
 
 @app.command()
 @user_errors
-def rollback(as_json: JsonFlag = False) -> None:
+def rollback(
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Roll back even if products written since the switch would be lost from the "
+            "restored version."
+        ),
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
     """Make the previous version of the collection live again (after a `reindex`)."""
-    data = _run(RollbackJob(), _settings(), False)
+    data = _run(RollbackJob(force=force), _settings(), False)
     emit(as_json, data, key_value_table("rollback", data))
 
 

@@ -51,6 +51,7 @@ class ReindexJob(_Job):
 
 class RollbackJob(_Job):
     command: Literal["rollback"] = "rollback"
+    force: bool = False
 
 
 Job = Annotated[SyncJob | ReindexJob | RollbackJob, Field(discriminator="command")]
@@ -122,9 +123,10 @@ def run_reindex(
     return summary.to_dict()
 
 
-def run_rollback(settings: Settings) -> dict[str, Any]:
+def run_rollback(settings: Settings, *, force: bool = False) -> dict[str, Any]:
+    """`visrec rollback`; `force`: even if products written since the switch would be lost."""
     with open_store(settings.qdrant) as store:
-        previous, live = rollback(store)
+        previous, live = rollback(store, force=force)
     return {"previous": previous, "live": live}
 
 
@@ -139,7 +141,7 @@ def run_here(
         case ReindexJob():
             return run_reindex(job, settings, progress)
         case RollbackJob():
-            return run_rollback(settings)
+            return run_rollback(settings, force=job.force)
 
 
 def _tell(progress: Progress | None, stage: str, done: int, total: int) -> None:

@@ -232,7 +232,7 @@ def _untrained(live_metadata: dict[str, str], new: Manifest) -> set[str] | None:
     return live_heldout & new_heldout
 
 
-def rollback(store: Store) -> tuple[str, str]:
+def rollback(store: Store, *, force: bool = False) -> tuple[str, str]:
     """Make the version below the live one live again; returns (was live, live now)."""
     live = store.live()
     older = [v for v in store.versions() if store.generation(v) < store.generation(live)]

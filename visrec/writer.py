@@ -51,7 +51,7 @@ class Writer:
                     case ReindexJob():
                         return self._reindex(job, progress)
                     case RollbackJob():
-                        return run_rollback(self.service.settings)
+                        return run_rollback(self.service.settings, force=job.force)
             finally:
                 self.service.refresh()
 
