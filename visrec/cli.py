@@ -123,7 +123,7 @@ def _run(job: Job, settings: Settings, show_progress: bool) -> dict[str, Any]:
     with progress_bars(show_progress) as progress:
         if owner is not None:
             log.info("the store is owned by a running service: handing the %s over to it", job.command)
-            return hand_over(owner, job, progress)
+            return hand_over(owner, job, progress, settings.qdrant)
         return run_here(job, settings, progress)
 
 
