@@ -123,7 +123,7 @@ def _run(job: Job, settings: Settings, show_progress: bool) -> dict[str, Any]:
     with progress_bars(show_progress) as progress:
         if owner is not None:
             log.info("the store is owned by a running service: handing the %s over to it", job.command)
-            return hand_over(owner, job, progress)
+            return hand_over(owner, job, progress, settings.qdrant)
         return run_here(job, settings, progress)
 
 
@@ -245,9 +245,18 @@ def reindex(
 
 @app.command()
 @user_errors
-def rollback(as_json: JsonFlag = False) -> None:
+def rollback(
+    force: Annotated[
+        bool,
+        typer.Option(
+            help="Roll back even if products written since the switch would be lost from the "
+            "restored version."
+        ),
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
     """Make the previous version of the collection live again (after a `reindex`)."""
-    data = _run(RollbackJob(), _settings(), False)
+    data = _run(RollbackJob(force=force), _settings(), False)
     emit(as_json, data, key_value_table("rollback", data))
 
 

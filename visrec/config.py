@@ -42,6 +42,12 @@ class QdrantSettings(BaseModel):
     # last did: optimize() holds Python's GIL (every request waits), and a tail of 10-20k unoptimized
     # points costs queries 1.5-3 ms at 100k (docs/architecture.md).
     optimize_after: int = Field(default=10_000, ge=0)
+    # A command handing its job to the service that owns the embedded store (visrec.owner). A live service
+    # accepts at once (a thread does nothing else), so 5 s without a connection means it is stuck. While
+    # it runs the job it sends a line at least every 2 s (owner.HEARTBEAT_S), so 60 s without one (30
+    # missed heartbeats: far beyond a GC pause or a loaded machine) means it hangs; at least 5 s.
+    owner_connect_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    owner_idle_timeout_s: float = Field(default=60.0, ge=5, le=3600)
     # Memory per product (docs/scale.md measures each): vectors searched as int8 or 1-bit codes kept in
     # RAM, the best `oversampling` x k of them rescored with the float32 originals; with
     # `vectors_on_disk` the originals stay on disk (read for rescoring). Measured: float32 is the right

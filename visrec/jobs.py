@@ -57,9 +57,29 @@ class RollbackJob(_Job):
 Job = Annotated[SyncJob | ReindexJob | RollbackJob, Field(discriminator="command")]
 
 
-class JobRequest(BaseModel):
-    """What travels over the owner channel."""
+PROTOCOL = 1  # the owner channel's version: raise it when a request or an answer changes meaning
 
+
+class StoreId(BaseModel):
+    """The embedded store a job is for, as the command sees it: the folder's resolved path, its device
+    and inode (a copy of the folder has another pair, whatever its path), and the collection."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: Path
+    device: int
+    inode: int
+    collection: str
+
+
+class JobRequest(BaseModel):
+    """What travels over the owner channel: the job, and which store it is for. The service runs it only
+    on the store it owns (a marker copied with its store folder must not send the copy's jobs here)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    protocol: int
+    store: StoreId
     job: Job
 
 

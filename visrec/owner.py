@@ -3,11 +3,19 @@ same machine hand their work to it instead of opening the store themselves (the 
 process per collection).
 
 The service listens on a Unix socket in a private folder (mode 0700, made by `mkdtemp`) and names it in a
-marker beside the collection (`<store>/<collection>.owner.json`); it answers only peers of its own user
-(SO_PEERCRED). No key travels on a command line and nothing is reachable from another machine. One
-request a connection, one JSON line: `{"job": {...}}`; the answer is JSON lines, `{"progress": [stage,
-done, total]}` while it runs, then `{"result": {...}}` or `{"error": message, "exit_code": n}`. A marker
-left by a killed service names a socket nobody listens on: commands then open the store themselves.
+marker beside the collection (`<store>/<collection>.owner.json`), with the store folder it owns: its
+resolved path, device and inode, and the collection. A store folder copied while live carries the marker,
+but not the folder's identity: a command on the copy sees another device/inode and runs the job itself.
+Both ends check the other's uid (SO_PEERCRED): nothing is sent to, or taken from, another user. No key
+travels on a command line and nothing is reachable from another machine.
+
+One request a connection, one JSON line: `{"protocol": n, "store": {...}, "job": {...}}`; the service
+runs it only if the protocol is its own and the store is the one it owns (it holds the folder open, so
+its inode cannot be reused while it runs). The answer is JSON lines: `{"progress": [stage, done,
+total]}`, `{"heartbeat": true}` when nothing else was said for `HEARTBEAT_S`, then `{"result": {...}}`
+or `{"error": message, "exit_code": n}`. Answers are written by a thread of their own: a paused or slow
+command loses progress lines, never the writer's time. A marker left by a killed service names a socket
+nobody listens on: commands then open the store themselves.
 """
 
 from __future__ import annotations
@@ -21,21 +29,37 @@ import socket
 import struct
 import tempfile
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from visrec.catalogue import explain
 from visrec.config import QdrantSettings
 from visrec.errors import IndexUnavailable, VisrecError
 from visrec.fs import write_atomically
-from visrec.jobs import Job, JobRequest, Progress
+from visrec.jobs import PROTOCOL, Job, JobRequest, Progress, StoreId
 
 log = logging.getLogger(__name__)
 
 MAX_REQUEST_BYTES = 64 * 1024
+# The command's idle timeout (`qdrant.owner_idle_timeout_s`, at least 5 s) is many of these: a job in a
+# silent stage (a model loading, a quality gate, waiting for the writer) is never taken for a hung one.
+HEARTBEAT_S = 2.0
+# A connection that sends no request in this long is closed (it must not hold a thread for ever).
+REQUEST_TIMEOUT_S = 10.0
+# One answer line that the command does not take in this long (stopped with Ctrl-Z while its socket
+# buffer, ~200 kB of progress lines, is full) ends the connection; the job goes on, its result is logged.
+SEND_TIMEOUT_S = 60.0
+# Progress lines waiting for a slow command; more are dropped (the next one tells the same story).
+QUEUE_LINES = 32
+
 Handler = Callable[[Job, Progress], dict[str, Any]]
+Message = dict[str, Any]
 
 
 class HandedOverError(VisrecError):
@@ -46,17 +70,51 @@ class HandedOverError(VisrecError):
         self.exit_code = exit_code
 
 
+class _Refused(Exception):
+    """A request the service does not run: why, and the exit code the command ends with."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+@dataclass(frozen=True)
+class Owner:
+    """A live service that owns the store a command is for: its socket, and that store."""
+
+    socket: Path
+    store: StoreId
+
+
 def marker(settings: QdrantSettings) -> Path:
     return settings.path / f"{settings.collection}.owner.json"
 
 
+def store_id(settings: QdrantSettings) -> StoreId:
+    """The store folder as this process sees it now (raises OSError if it does not exist)."""
+    path = settings.path.resolve()
+    stat = os.stat(path)
+    return StoreId(path=path, device=stat.st_dev, inode=stat.st_ino, collection=settings.collection)
+
+
 class OwnerChannel:
-    """The service's end: accepts jobs from this user's processes and runs them through `handle` (which
-    runs one at a time, in the service's writer)."""
+    """The service's end: accepts jobs from this user's processes for the store it owns and runs them
+    through `handle` (which runs one at a time, in the service's writer)."""
 
     def __init__(self, settings: QdrantSettings, handle: Handler) -> None:
         self.marker = marker(settings)
         self.handle = handle
+        settings.path.mkdir(parents=True, exist_ok=True)
+        # Held open while the service runs: the folder's inode cannot be reused by another folder, and a
+        # folder removed under the service is seen (no links left).
+        self._store_fd = os.open(settings.path, os.O_RDONLY | os.O_DIRECTORY)
+        stat = os.fstat(self._store_fd)
+        self.store = StoreId(
+            path=settings.path.resolve(),
+            device=stat.st_dev,
+            inode=stat.st_ino,
+            collection=settings.collection,
+        )
         self._folder = Path(tempfile.mkdtemp(prefix="visrec-owner-"))  # 0700: this user alone
         self.path = self._folder / "socket"
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -66,19 +124,21 @@ class OwnerChannel:
         self._thread = threading.Thread(target=self._serve, name="owner-channel", daemon=True)
 
     def start(self) -> None:
-        self.marker.parent.mkdir(parents=True, exist_ok=True)
-        write_atomically(self.marker, json.dumps({"socket": str(self.path), "pid": os.getpid()}))
+        claim = {"socket": str(self.path), "pid": os.getpid(), "protocol": PROTOCOL}
+        write_atomically(self.marker, json.dumps(claim | self.store.model_dump(mode="json")))
         self._thread.start()
         log.info("owner channel at %s (marker %s)", self.path, self.marker)
 
     def close(self) -> None:
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError):
             if json.loads(self.marker.read_text()).get("socket") == str(self.path):
                 self.marker.unlink()
         with contextlib.suppress(OSError):
             self._server.shutdown(socket.SHUT_RDWR)
         self._server.close()
         shutil.rmtree(self._folder, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.close(self._store_fd)
 
     def _serve(self) -> None:
         while True:
@@ -89,34 +149,157 @@ class OwnerChannel:
             threading.Thread(target=self._answer, args=(conn,), name="owner-job", daemon=True).start()
 
     def _answer(self, conn: socket.socket) -> None:
-        with conn:
+        try:
             if _peer_uid(conn) != os.getuid():
                 log.warning("owner channel: refused a peer of another user")
+                conn.close()
                 return
-            stream = conn.makefile("rwb")
+            conn.settimeout(REQUEST_TIMEOUT_S)
+            line = conn.makefile("rb").readline(MAX_REQUEST_BYTES)
+        except OSError:
+            conn.close()
+            return
+        if not line:  # a command looking whether the service lives (`find_owner`)
+            conn.close()
+            return
+        conn.settimeout(SEND_TIMEOUT_S)
+        sender = _Sender(conn)
+        sender.start()
+        sender.finish(self._run(line, sender.progress))
 
-            def send(message: dict[str, Any]) -> None:
-                try:
-                    stream.write(json.dumps(message).encode() + b"\n")
-                    stream.flush()
-                except OSError:  # the command went away (Ctrl-C): the job carries on
-                    pass
+    def _run(self, line: bytes, progress: Progress) -> Message:
+        """The job's final answer: its result, or why it failed or was not run."""
+        try:
+            job = self._request(line).job
+        except _Refused as exc:
+            log.warning("owner channel: refused a request: %s", exc)
+            return {"error": str(exc), "exit_code": exc.exit_code}
+        try:
+            return {"result": self.handle(job, progress)}
+        except VisrecError as exc:
+            return {"error": str(exc), "exit_code": exc.exit_code}
+        except Exception as exc:  # a bug: said to the command, logged here
+            log.exception("handed-over %s failed", job.command)
+            return {"error": f"the service failed: {type(exc).__name__}: {exc}", "exit_code": 1}
 
-            try:
-                line = stream.readline(MAX_REQUEST_BYTES)
-                job = JobRequest.model_validate_json(line).job
-            except (OSError, ValueError, ValidationError) as exc:
-                send({"error": f"not a job this service takes: {exc}", "exit_code": 2})
+    def _request(self, line: bytes) -> JobRequest:
+        """The request in `line`, if this service runs it: its protocol, for the store it owns."""
+        if len(line) >= MAX_REQUEST_BYTES and not line.endswith(b"\n"):
+            raise _Refused(
+                f"not a job this service takes: a request is one line of at most {MAX_REQUEST_BYTES} bytes", 2
+            )
+        try:
+            raw = json.loads(line)
+        except ValueError:
+            raise _Refused("not a job this service takes: not a JSON line", 2) from None
+        if not isinstance(raw, dict):
+            raise _Refused("not a job this service takes: not a JSON object", 2)
+        if raw.get("protocol") != PROTOCOL:
+            raise _Refused(
+                f"the service speaks owner protocol {PROTOCOL}, this command {raw.get('protocol')!r}: "
+                "nothing was run; use the same visrec version as the service (or stop it and run the "
+                "command alone)",
+                4,
+            )
+        try:
+            request = JobRequest.model_validate(raw)
+        except ValidationError as exc:
+            raise _Refused(f"not a job this service takes: {explain(exc)}", 2) from None
+        self._check_store(request.store)
+        return request
+
+    def _check_store(self, theirs: StoreId) -> None:
+        mine = self.store
+        if os.fstat(self._store_fd).st_nlink == 0:
+            raise _Refused(
+                f"the store folder this service owned ({mine.path}) was removed: nothing was run; restart "
+                "the service",
+                4,
+            )
+        if (theirs.device, theirs.inode, theirs.collection) != (mine.device, mine.inode, mine.collection):
+            raise _Refused(
+                f"the service that answered owns collection {mine.collection!r} at {mine.path}, not "
+                f"{theirs.collection!r} at {theirs.path}: nothing was run (was {theirs.path} copied from "
+                f"{mine.path}? then remove its {theirs.collection}.owner.json)",
+                4,
+            )
+
+
+class _Sender:
+    """One connection's answers, written by a thread of its own, so the job's thread (which may hold the
+    writer's lock) never waits on a socket: progress lines wait in a short queue and are dropped when it
+    is full; a heartbeat goes when nothing was said for `HEARTBEAT_S`; the final line is never dropped.
+    A line the command does not take in `SEND_TIMEOUT_S` ends the connection; the final answer is then
+    logged."""
+
+    def __init__(self, conn: socket.socket) -> None:
+        self._conn = conn
+        self._lines: deque[Message] = deque()
+        self._final: Message | None = None
+        self._gone = False
+        self._ready = threading.Condition()
+        self._thread = threading.Thread(target=self._send_all, name="owner-send", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        with self._ready:
+            if not self._gone and len(self._lines) < QUEUE_LINES:
+                self._lines.append({"progress": [stage, done, total]})
+                self._ready.notify()
+
+    def finish(self, message: Message) -> None:
+        with self._ready:
+            if self._gone:
+                _log_undelivered(message)
                 return
-            try:
-                result = self.handle(job, lambda stage, done, total: send({"progress": [stage, done, total]}))
-            except VisrecError as exc:
-                send({"error": str(exc), "exit_code": exc.exit_code})
-            except Exception as exc:  # a bug: said to the command, logged here
-                log.exception("handed-over %s failed", job.command)
-                send({"error": f"the service failed: {type(exc).__name__}: {exc}", "exit_code": 1})
-            else:
-                send({"result": result})
+            self._final = message
+            self._ready.notify()
+
+    def _next(self) -> tuple[Message, bool]:
+        """The next line to send, and whether it is the last."""
+        with self._ready:
+            if not self._lines and self._final is None:
+                self._ready.wait(HEARTBEAT_S)
+            if self._lines:
+                return self._lines.popleft(), False
+            if self._final is not None:
+                return self._final, True
+            return {"heartbeat": True}, False
+
+    def _send_all(self) -> None:
+        try:
+            while True:
+                message, last = self._next()
+                self._conn.sendall(json.dumps(message).encode() + b"\n")
+                if last:
+                    _drain(self._conn)
+                    return
+        except OSError as exc:  # the command went away (Ctrl-C) or stopped reading: the job carries on
+            log.info("owner channel: the command stopped taking answers (%s)", type(exc).__name__)
+            with self._ready:
+                self._gone = True
+                self._lines.clear()
+                if self._final is not None:
+                    _log_undelivered(self._final)
+        finally:
+            self._conn.close()
+
+
+def _drain(conn: socket.socket) -> None:
+    """Read what the command sent beyond its request (briefly, boundedly) before closing: a Unix socket
+    closed with unread data resets the connection, and the command would lose the answer."""
+    with contextlib.suppress(OSError):
+        conn.shutdown(socket.SHUT_WR)
+        conn.settimeout(1.0)
+        for _ in range(64):
+            if not conn.recv(65536):
+                return
+
+
+def _log_undelivered(message: Message) -> None:
+    log.warning("a handed-over job ended after its command went away: %s", json.dumps(message))
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -124,44 +307,123 @@ def _peer_uid(conn: socket.socket) -> int:
     return int(struct.unpack("3i", creds)[1])
 
 
-def find_owner(settings: QdrantSettings) -> Path | None:
-    """The socket of the live service that owns this embedded store, or None (a server backend, no
-    service, or a marker a killed one left)."""
+def _connect(path: Path, timeout_s: float) -> socket.socket:
+    """A connection to the socket at `path`, once its listener is known to run as this user.
+    Raises OSError where nobody listens, `IndexUnavailable` where something else does."""
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        _connect_within(conn, path, timeout_s)
+        if (uid := _peer_uid(conn)) != os.getuid():
+            raise IndexUnavailable(
+                f"the socket {path} named by the store's owner marker is served by another user (uid "
+                f"{uid}), not you (uid {os.getuid()}): refused, nothing was sent"
+            )
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _connect_within(conn: socket.socket, path: Path, timeout_s: float) -> None:
+    """Connect, waiting at most `timeout_s` for a listener whose queue is full (a Unix socket says so at
+    once, EAGAIN, where TCP would wait)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        conn.settimeout(max(0.01, deadline - time.monotonic()))
+        try:
+            conn.connect(str(path))
+            return
+        except (TimeoutError, BlockingIOError):
+            if time.monotonic() >= deadline:
+                raise IndexUnavailable(
+                    f"the service that owns the store (socket {path}) accepts no connection in {timeout_s:g} "
+                    "s: nothing was sent; check the service (its log), restart it if it is stuck, then run "
+                    "the command again"
+                ) from None
+            time.sleep(0.05)
+
+
+def find_owner(settings: QdrantSettings) -> Owner | None:
+    """The live service that owns this embedded store, or None: a server backend, no service, a marker
+    a killed one left, or a marker copied with its store folder (it names another folder)."""
     if settings.url:
         return None
     try:
-        path = Path(json.loads(marker(settings).read_text())["socket"])
-    except (OSError, ValueError, KeyError, TypeError):
+        claim = json.loads(marker(settings).read_text())
+        path = Path(claim["socket"])
+        theirs = StoreId.model_validate({k: claim.get(k) for k in StoreId.model_fields})
+        here = store_id(settings)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # ValidationError is a ValueError
+        return None
+    if (theirs.device, theirs.inode, theirs.collection) != (here.device, here.inode, here.collection):
+        log.info("%s was written for the store at %s, not this one: ignored", marker(settings), theirs.path)
         return None
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-            probe.connect(str(path))
+        _connect(path, settings.owner_connect_timeout_s).close()
     except OSError:
         return None
-    return path
+    return Owner(path, here)
 
 
-def hand_over(path: Path, job: Job, progress: Progress | None) -> dict[str, Any]:
-    """Run `job` in the service listening at `path`; returns its result, raises what it raised (same
-    message, same exit code). A service that dies meanwhile: `IndexUnavailable` (rerun the command:
-    with no service, it opens the store and finishes the job)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+def hand_over(owner: Owner, job: Job, progress: Progress | None, settings: QdrantSettings) -> dict[str, Any]:
+    """Run `job` in the service `owner`; returns its result, raises what it raised (same message, same
+    exit code). A service that dies or hangs meanwhile: `IndexUnavailable` (nothing done is lost)."""
+    try:
+        conn = _connect(owner.socket, settings.owner_connect_timeout_s)
+    except OSError as exc:
+        raise IndexUnavailable(f"the service that owns the store stopped answering ({exc})") from exc
+    with conn:
+        conn.settimeout(settings.owner_idle_timeout_s)
+        request = JobRequest(protocol=PROTOCOL, store=owner.store, job=job)
         try:
-            conn.connect(str(path))
-        except OSError as exc:
-            raise IndexUnavailable(f"the service that owns the store stopped answering ({exc})") from exc
-        stream = conn.makefile("rwb")
-        stream.write(JobRequest(job=job).model_dump_json().encode() + b"\n")
-        stream.flush()
-        for line in stream:
-            message = json.loads(line)
-            if "progress" in message and progress is not None:
-                progress(*message["progress"])
-            elif "result" in message:
-                return dict(message["result"])
-            elif "error" in message:
-                raise HandedOverError(str(message["error"]), int(message["exit_code"]))
-    raise IndexUnavailable(
-        f"the service that owns the store stopped during the {job.command}: nothing done is lost; run "
-        "the command again (with no service running, it opens the store itself and finishes the job)"
+            conn.sendall(request.model_dump_json().encode() + b"\n")
+            for line in conn.makefile("rb"):
+                if (result := _take(line, progress)) is not None:
+                    return result
+        except TimeoutError:
+            raise IndexUnavailable(
+                f"the service that owns the store sent nothing for {settings.owner_idle_timeout_s:g} s: "
+                f"the {job.command} was given up here; nothing done is lost (what the service wrote is in "
+                "the store); check the service (its log), restart it if it is stuck, then run the command "
+                "again"
+            ) from None
+        except OSError:
+            pass  # the service went away: said below
+    raise IndexUnavailable(_ended(owner, job, settings))
+
+
+def _take(line: bytes, progress: Progress | None) -> dict[str, Any] | None:
+    """One answer line: the job's result, None for a line that is not the last; raises its error."""
+    try:
+        message = json.loads(line)
+        if not isinstance(message, dict):
+            raise TypeError
+        if "result" in message:
+            return dict(message["result"])
+        if "error" in message:
+            raise HandedOverError(str(message["error"]), int(message["exit_code"]))
+        if "progress" in message and progress is not None:
+            stage, done, total = message["progress"]
+            progress(str(stage), int(done), int(total))
+    except (ValueError, TypeError, KeyError):
+        raise IndexUnavailable(
+            "the service that owns the store answered something that is not the owner protocol: nothing "
+            "done is lost; check that the service runs the same visrec version"
+        ) from None
+    return None  # a heartbeat, or progress
+
+
+def _ended(owner: Owner, job: Job, settings: QdrantSettings) -> str:
+    """Why the answers ended before the result, as far as the command can tell."""
+    try:
+        _connect(owner.socket, settings.owner_connect_timeout_s).close()
+    except (OSError, VisrecError):
+        return (
+            f"the service that owns the store stopped during the {job.command}: nothing done is lost; run "
+            "the command again (with no service running, it opens the store itself and finishes the job)"
+        )
+    return (
+        f"the service closed the connection before the {job.command}'s result (this command did not read "
+        "its answers for a while: paused?); the job goes on in the service (its log has the result); "
+        "nothing done is lost; run the command again to be sure (it does only what is left)"
     )
