@@ -204,26 +204,3 @@ def test_a_malformed_setting_names_its_variable_and_form(
     result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 1 and said in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
-
-
-def test_rollback_force_reaches_the_store(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    import contextlib
-
-    from visrec import jobs
-
-    asked: list[bool] = []
-
-    def rollback(store: object, *, force: bool = False) -> tuple[str, str]:
-        asked.append(force)
-        return "products__v2", "products__v1"
-
-    monkeypatch.setenv("VISREC_QDRANT__PATH", str(tmp_path / "store"))  # no service owns it: runs here
-    monkeypatch.setattr(jobs, "open_store", lambda settings: contextlib.nullcontext(None))
-    monkeypatch.setattr(jobs, "rollback", rollback)
-    for args, force in ((["rollback", "--json"], False), (["rollback", "--force", "--json"], True)):
-        result = runner.invoke(app, args)
-        assert result.exit_code == 0, result.output
-        assert json.loads(result.stdout) == {"previous": "products__v2", "live": "products__v1"}
-        assert asked.pop() is force
-    words = " ".join(runner.invoke(app, ["rollback", "--help"]).output.replace("│", " ").split())
-    assert "--force --no-force <bool> Roll back even if products written since the switch" in words

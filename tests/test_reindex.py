@@ -211,10 +211,22 @@ def test_cli_reindex_and_rollback(
     assert done.exit_code == 0, done.output
     status = runner.invoke(cli_app, ["status", "--json"])
     assert '"live_version": "products__v2"' in status.output
-    back = runner.invoke(cli_app, ["rollback", "--json"])
+    # A product written into v2 since the switch: v1 would serve it as it was, so rollback refuses.
+    edited = catalogue.read_text().replace("10.5", "99.5").replace("p5,", "gone,")
+    (catalogue.parent / "edited.csv").write_text(edited)
+    monkeypatch.setenv("VISREC_ARTEFACT", str(new_model))  # v2's model
+    synced = runner.invoke(cli_app, ["sync", str(catalogue.parent / "edited.csv"), "--max-delete", "1"])
+    assert synced.exit_code == 0, synced.output
+    refused = runner.invoke(cli_app, ["rollback"])
+    assert refused.exit_code == 1, refused.output
+    assert "not rolled back: 3 products were written into products__v2 since products__v1" in refused.output
+    assert "'gone', 'p0', 'p5'" in refused.output and "--force" in refused.output
+    back = runner.invoke(cli_app, ["rollback", "--force", "--json"])
     assert back.exit_code == 0 and '"live": "products__v1"' in back.output
     refused = runner.invoke(cli_app, ["rollback"])
     assert refused.exit_code == 1 and "no version" in refused.output
+    words = " ".join(runner.invoke(cli_app, ["rollback", "--help"]).output.replace("│", " ").split())
+    assert "--force --no-force <bool> Roll back even if products written since the switch" in words
 
 
 def test_the_service_keeps_only_the_models_of_live_and_held_versions(
