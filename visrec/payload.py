@@ -121,6 +121,23 @@ def rebuild(old: Mapping[str, Any], metadata: Mapping[str, Any], bookkeeping: Bo
     return build(str(old["product_id"]), metadata, photos(old), bookkeeping=bookkeeping, extracted=extracted)
 
 
+PATCHED = "patched"  # the metadata hash of a point whose fields a PATCH wrote: no row hashes to it
+
+
+def patched(old: Mapping[str, Any], metadata: Mapping[str, Any]) -> dict[str, Any]:
+    """`old` with its catalogue fields replaced by `metadata` over HTTP (a PATCH): its photos, vectors
+    and model stay; the next sync of its row rewrites it (a catalogue's row wins for its products)."""
+    files = old.get("photo_files")
+    bookkeeping = Bookkeeping(
+        vectors_hash=str(old.get("vectors_hash") or ""),
+        metadata_hash=PATCHED,
+        photo_files=files if isinstance(files, list) else [],
+        model_version=str(old.get("model_version") or ""),
+        source=str(old.get("source") or "catalogue"),
+    )
+    return rebuild(old, metadata, bookkeeping)
+
+
 def catalogue_fields(payload: Mapping[str, Any]) -> dict[str, Any]:
     """The fields a catalogue row (or a PUT) gave this point, without its photos and the id: what a row
     that writes it again holds (the colour only when the shop gave one, not the extracted one)."""

@@ -103,13 +103,15 @@ def reindex(
     with store.open(target) as index:  # not live: it may be rebuilt with another model in place
         summary = sync(catalogue, index, model, options, progress=progress, new_model=True)
         api = _sync_written(written, index, model, options, progress)
+        _carry_patches(written, index)
         points = index.count()
-        missing, failed = _incomplete(index, catalogue, written, summary, api)
+        missing, failed = _incomplete(index, catalogue, written.products, summary, api)
         if missing or (failed and not accept_failures):
             lacking = f", {len(missing)} products lacking ({_some(missing)})" if missing else ""
             raise VisrecError(
                 f"{target} not made live: it holds {points} points for {len(catalogue.products)} valid "
-                f"products and {len(written.products)} written over HTTP, {failed} images failed{lacking} "
+                f"products and {len(written.products.products)} written over HTTP, {failed} images "
+                f"failed{lacking} "
                 f"(see {summary.failure_report}); fix them and rerun (or pass --accept-failures, which "
                 "leaves the failed ones out)"
             )
@@ -132,33 +134,59 @@ def reindex(
     return ReindexSummary(previous=live, live=target, points=points, sync=summary, gate=result)
 
 
+@dataclass
+class Written:
+    """What was written over HTTP into the live version, which a new version must hold too: the
+    products PUT (as rows, their photos to fetch again from their URLs) and the fields PATCHed into
+    the catalogue's products (product id → catalogue fields)."""
+
+    products: Catalogue
+    patched: dict[str, dict[str, Any]]
+
+
 def written_over_http(
     store: Store, live: str | None, options: SyncOptions, held: Mapping[str, VectorIndex]
-) -> Catalogue:
-    """The products written over HTTP into the `live` version, as rows to write again (their photos
-    are fetched again from their URLs): a new version holds them as it holds the catalogue's. Raises
-    `IndexUnavailable` if the live version cannot be read (they would be lost)."""
+) -> Written:
+    """What was written over HTTP into the `live` version (None: none yet). Raises `IndexUnavailable`
+    if it cannot be read: a new version without it would lose it."""
     rows: list[dict[str, Any]] = []
+    patched: dict[str, dict[str, Any]] = {}
     if live is not None:
         try:
             with _opened(store, live, held) as index:
                 if index.exists():
-                    after = None
-                    while True:
-                        page, after = index.browse(Filters(equals={"source": "api"}), SCROLL_PAGE, after)
-                        rows += [payload.as_row(p) for _, p in page]
-                        if after is None:
-                            break
+                    rows = [payload.as_row(p) for p in _payloads(index, Filters(equals={"source": "api"}))]
+                    for p in _payloads(index, Filters(equals={"metadata_hash": payload.PATCHED})):
+                        if p.get("source") != "api":
+                            patched[str(p["product_id"])] = payload.catalogue_fields(p)
         except IndexUnavailable as exc:
             raise IndexUnavailable(
                 f"the products written over HTTP into {live} cannot be read ({exc}); a new version "
                 "without them would lose them: rerun when the store is free"
             ) from exc
-    return rows_from_service(rows, options.ingest, origin=f"{live} (products written over HTTP)")
+    origin = f"{live} (products written over HTTP)"
+    return Written(rows_from_service(rows, options.ingest, origin=origin), patched)
+
+
+def _payloads(index: VectorIndex, filters: Filters) -> Iterator[dict[str, Any]]:
+    after = None
+    while True:
+        page, after = index.browse(filters, SCROLL_PAGE, after)
+        yield from (p for _, p in page)
+        if after is None:
+            return
+
+
+def _carry_patches(written: Written, index: VectorIndex) -> None:
+    """The fields PATCHed into the live version's catalogue products, into a version being built."""
+    ids = sorted(written.patched)
+    for start in range(0, len(ids), SCROLL_PAGE):
+        built = index.payloads(ids[start : start + SCROLL_PAGE])
+        index.overwrite_payloads({p: payload.patched(old, written.patched[p]) for p, old in built.items()})
 
 
 def _sync_written(
-    written: Catalogue,
+    written: Written,
     index: VectorIndex,
     model: ModelHandle,
     options: SyncOptions,
@@ -166,14 +194,14 @@ def _sync_written(
 ) -> SyncSummary:
     """Write the products written over HTTP into a version being built; those of them it holds from
     an earlier attempt and deleted since are deleted."""
-    ids = {p.id for p in written.products}
+    ids = {p.id for p in written.products.products}
     gone = [p for p, record in index.sync_records().items() if record.source == "api" and p not in ids]
     index.delete(gone)
-    if not written.products:
+    if not ids:
         return SyncSummary()
     report = options.failure_report
     return sync(
-        written,
+        written.products,
         index,
         model,
         replace(

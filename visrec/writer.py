@@ -35,7 +35,7 @@ from visrec import payload
 from visrec.catalogue import Catalogue, Product, explain, rows_from_service, value_problem
 from visrec.catchup import caught_up, copy_points
 from visrec.errors import CollectionMissing, InvalidQuery, NotFound, VisrecError, WritesBusy
-from visrec.index import SyncRecord, VectorIndex
+from visrec.index import VectorIndex
 from visrec.ingest import SyncOptions, SyncSummary, sync
 from visrec.jobs import Job, Progress, ReindexJob, RollbackJob, SyncJob, run_reindex, run_rollback, run_sync
 from visrec.manifest import ModelHandle
@@ -359,17 +359,7 @@ class ProductWrites:
             except ValidationError as exc:
                 raise InvalidQuery(f"the patched product is not valid: {explain(exc)}") from None
             metadata = {k: v for k, v in patched.metadata().items() if k not in ("image", "images")}
-            record = SyncRecord.from_payload(old)
-            bookkeeping = payload.Bookkeeping(
-                vectors_hash=record.vectors_hash or "",
-                # No row hashes to this: the next sync of a row rewrites the payload (a catalogue's row
-                # wins for the catalogue's products; a PUT replaces).
-                metadata_hash="patched",
-                photo_files=record.photo_files,
-                model_version=record.model_version or "",
-                source=record.source,
-            )
-            new = payload.rebuild(old, metadata, bookkeeping)
+            new = payload.patched(old, metadata)
             index.overwrite_payloads({product_id: new})
             self.writer.changed(1)
             return new
