@@ -9,19 +9,23 @@ import json
 import os
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import quote, unquote
 
 import pytest
 import torch
+from fastapi.routing import iter_route_contexts
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 from pydantic import SecretStr
+from starlette.routing import Match
 
 from tests.helpers import MakeCatalogue, run_sync
 from visrec.api import create_app
 from visrec.api.writes import json_lines
 from visrec.config import ApiSettings, Settings
+from visrec.guard import routing_path
 
 WRITE, READ = "write-key-9", "read-key-9"
 EXAMPLES = int(os.environ.get("VISREC_WRITE_ROUTE_EXAMPLES", "60"))
@@ -106,3 +110,92 @@ def test_json_lines_answer_each_row_in_order(
         str(row.get("id")) if isinstance(row, dict) else "" for row in rows
     ], results
     assert all(r["outcome"].startswith("error: ") for r in results)
+
+
+# --- 3. one product per path, on every method -------------------------------------------------------------
+
+METHODS = ("GET", "PUT", "PATCH", "DELETE", "POST")
+WRITES = ("PUT", "PATCH", "DELETE")
+SUFFIXES = ("similar", "image", "images/0", "images/x")
+ID_PART = st.sampled_from([*"ab/%.-_ ?#&ü\n", "similar", "image", "images", "batch", "%2F"])
+IDS = st.lists(ID_PART, min_size=1, max_size=6).map("".join)
+
+
+def encoded(product_id: str, keep_slashes: bool = False) -> str:
+    """The id as path segments: one (every '/' as %2F), or one per '/'-separated part (a segment '.' or
+    '..' as %2E: a client would resolve it)."""
+    parts = product_id.split("/") if keep_slashes else [product_id]
+    return "/".join(quote(part, safe="").replace(".", "%2E") for part in parts)
+
+
+def resolve(app: Any, method: str, path: str) -> tuple[str, str | None] | None:
+    """The route template and the product id (decoded, as `deps.ProductId` does) that the app's router
+    picks for `method` at `path` as sent, the guard's routing path; None where no route takes it."""
+    scope = {
+        "type": "http",
+        "method": method,
+        "path": unquote(path),
+        "raw_path": path.encode(),
+        "root_path": "",
+    }
+    scope["path"] = routing_path(scope)
+    for route in iter_route_contexts(app.routes):  # the router's order, included routers' routes too
+        match, child = route.matches(scope)
+        if match is Match.FULL:
+            found = child.get("path_params", {}).get("product_id")
+            return str(route.path), None if found is None else unquote(found)
+    return None
+
+
+@pytest.fixture(scope="module")
+def routed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Any, TestClient]]:
+    """The app (never started: routing and the 405 answer need no model or store)."""
+    from tests.helpers import small_settings
+
+    root = tmp_path_factory.mktemp("routes")
+    app = create_app(small_settings(root), torch.device("cpu"))
+    yield app, TestClient(app)
+
+
+@hypothesis_settings(max_examples=EXAMPLES * 5, deadline=None)
+@given(product_id=IDS, plain=st.booleans(), suffix=st.none() | st.sampled_from(SUFFIXES))
+def test_a_path_names_one_product_on_every_method(
+    routed: tuple[Any, TestClient], product_id: str, plain: bool, suffix: str | None
+) -> None:
+    """Any id, sent as one segment (%2F for '/') or with its '/' plain, with or without a read route's
+    suffix: every method that takes the path takes it as the same product; a path with a suffix is a read
+    route's on every method (never a write of "x/similar"); an encoded id is its product on every method;
+    POST takes only /products/batch; and a 405's `Allow` lists exactly the methods that take the path."""
+    app, client = routed
+    path = "/products/" + encoded(product_id, plain) + (f"/{suffix}" if suffix else "")
+    taken = {method: resolve(app, method, path) for method in METHODS}
+    products = {found[1] for m, found in taken.items() if found is not None and m != "GET"} - {None}
+    get = taken["GET"]
+    assert get is not None
+    if get[0] == "/products/{product_id:path}":  # the product, on every method
+        assert all(taken[m] is not None for m in WRITES) and products == {get[1]}, taken
+        if not plain and not suffix:
+            assert get[1] == product_id
+    else:  # a read route's suffix: GET only
+        assert suffix or plain, taken
+        assert all(taken[m] is None for m in WRITES), taken
+    assert (taken["POST"] is not None) == (path == "/products/batch"), taken
+    answer = client.options(path)
+    assert answer.status_code == 405 and answer.json()["request_id"]
+    allow = set(answer.headers["allow"].split(", "))
+    assert allow == {m for m in METHODS if taken[m] is not None}, (path, taken, allow)
+
+
+def test_the_reviews_paths(routed: tuple[Any, TestClient]) -> None:
+    app, client = routed
+    assert resolve(app, "PUT", "/products/x/similar") is None
+    assert resolve(app, "PUT", "/products/x%2Fsimilar") == ("/products/{product_id:product}", "x/similar")
+    assert resolve(app, "DELETE", "/products/batch") == ("/products/{product_id:product}", "batch")
+    refused = client.put("/products/x/similar", json={})
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET"
+    assert client.options("/products/batch").headers["allow"] == "DELETE, GET, PATCH, POST, PUT"
+    assert client.options("/products/a/images/3").headers["allow"] == "GET"
+    # A line feed in an id: the product's on every route (it was a 404; `…/similar%0A` was similar-to x).
+    assert resolve(app, "GET", "/products/a%0Ab") == ("/products/{product_id:path}", "a\nb")
+    assert resolve(app, "GET", "/products/x/similar%0A") == ("/products/{product_id:path}", "x/similar\n")
+

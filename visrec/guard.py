@@ -430,14 +430,16 @@ def _has_body(scope: Scope) -> bool:
 
 def routing_path(scope: Scope) -> str:
     """The path routes are matched on: the request's path as sent, each segment decoded but for an
-    encoded '/' or '%', which stay encoded (%2F, %25). The server's own decoding (`path`) makes
-    /products/a%2Fb/similar and /products/a/b/similar one path; this keeps a '/' inside an id apart from
-    the path's own, and routes decode the id once (`api.deps.product_id_of`)."""
+    encoded '/', '%' or line feed, which stay encoded (%2F, %25, %0A). The server's own decoding (`path`)
+    makes /products/a%2Fb/similar and /products/a/b/similar one path; this keeps a '/' inside an id apart
+    from the path's own, and routes decode the id once (`api.deps.product_id_of`). A line feed stays
+    encoded because route patterns are regular expressions whose `.` stops at it (an id holding one was
+    a 404) and whose `$` matches before a final one (`/products/x/similar%0A` was similar-to "x")."""
     raw = scope.get("raw_path")
     if not raw:
         return str(scope["path"])
     return "/".join(
-        unquote(segment, errors="replace").replace("%", "%25").replace("/", "%2F")
+        unquote(segment, errors="replace").replace("%", "%25").replace("/", "%2F").replace("\n", "%0A")
         for segment in raw.decode("latin-1").split("/")
     )
 
