@@ -112,6 +112,41 @@ def test_json_lines_answer_each_row_in_order(
     assert all(r["outcome"].startswith("error: ") for r in results)
 
 
+# --- 2. wrong write keys ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("read_key", "refused"), [(None, 403), (READ, 401)])
+def test_wrong_write_keys_are_throttled_whichever_keys_are_set(
+    synced: Settings, read_key: str | None, refused: int
+) -> None:
+    """Guessing the write key, a new guess each time, from one client: `auth_failure_burst` refusals, then
+    429 with Retry-After — with a read key set (401: no key of this service) and without one (403: the
+    write routes' answer; every guess used to be a 403, never throttled). The write key still writes; the
+    read key is no guess (403, no token); reads with no read key set are not limited."""
+    api: dict[str, Any] = {"write_key": SecretStr(WRITE), "auth_failure_per_s": 0.5, "auth_failure_burst": 4}
+    if read_key:
+        api["api_key"] = SecretStr(read_key)
+    with app_client(synced, **api) as client:
+        if read_key:
+            for _ in range(6):
+                assert client.delete("/products/p1", headers={"X-API-Key": READ}).status_code == 403
+        guesses = [
+            client.request(method, path, headers={"X-API-Key": f"guess-{i}"}).status_code
+            for i, (method, path) in enumerate(
+                [("PUT", "/products/a"), ("POST", "/products/batch")] * 3 + [("PATCH", "/products/a%2Fb")]
+            )
+        ]
+        assert guesses == [refused] * 4 + [429] * 3, guesses
+        limited = client.delete("/products/p1")  # no key at all: a failed authentication too
+        assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
+        assert "failed authentications" in limited.json()["detail"]
+        right = client.delete("/products/p1", headers={"X-API-Key": WRITE})
+        assert right.status_code == 200 and right.json()["outcome"] == "deleted"
+        if read_key is None:
+            assert client.get("/products/p2").status_code == 200  # reads need no key: not limited
+        assert client.get("/healthz").status_code == 200
+
+
 # --- 3. one product per path, on every method -------------------------------------------------------------
 
 METHODS = ("GET", "PUT", "PATCH", "DELETE", "POST")

@@ -16,6 +16,7 @@ are never part of a written id (`PUT /products/x/similar` is a 405, not a write 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from typing import Annotated, Any
 
@@ -44,7 +45,15 @@ class ProductPath(PathConvertor):
 
 register_url_convertor("product", ProductPath())
 PRODUCT_PATH = "/products/{product_id:product}"
+_PRODUCT = re.compile("/products/" + ProductPath.regex)
 
+
+def is_write(method: str, path: str) -> bool:
+    """Whether a request (its routing path, `guard.routing_path`) is for a write route: the guard
+    throttles wrong write keys there whichever keys are set."""
+    if method == "POST":
+        return path == BATCH_PATH
+    return method in ("PUT", "PATCH", "DELETE") and _PRODUCT.fullmatch(path) is not None
 
 
 def writes_of(request: Request) -> ProductWrites:
