@@ -158,9 +158,12 @@ def add_handlers(app: FastAPI) -> None:
 
 
 def _finite_json(value: Any) -> Any:
-    """`value` with NaN and infinities as strings: JSON has no such numbers."""
+    """`value` with NaN and infinities as strings (JSON has no such numbers) and lone surrogates escaped
+    (UTF-8 has none: echoing one in a 422 was a 500)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode()
     if isinstance(value, dict):
         return {key: _finite_json(item) for key, item in value.items()}
     if isinstance(value, list | tuple):
