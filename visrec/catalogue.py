@@ -215,7 +215,7 @@ class _RowChecker:
         product_id = _usable_id(row)
         if product_id is None:
             return RowError(line, f"no usable id (a non-empty text of at most {MAX_ID_LENGTH} characters)")
-        problem = value_problem(row)
+        problem = value_problem(row) or (written_fields_problem(row) if self.over_http else None)
         if problem:
             return RowError(line, problem, product_id)
         try:
@@ -300,6 +300,49 @@ def value_problem(value: Any, depth: int = 0) -> str | None:
                 return problem
     elif isinstance(value, list):
         return next((p for item in value if (p := value_problem(item, depth + 1))), None)
+    return None
+
+
+# A field written over HTTP: its schema (`api.models`) says the same, in JSON Schema's words.
+WHITESPACE = "".join(
+    chr(c) for c in (*range(9, 14), *range(28, 33), 0x85, 0xA0, 0x1680, *range(0x2000, 0x200B))
+)
+WHITESPACE += "\u2028\u2029\u202f\u205f\u3000"  # what str.strip drops (str.isspace), the test checks
+SCALARS = "a text, a number, a boolean, null, or a list of those"
+
+
+def written_value_problem(value: Any) -> str | None:
+    """What makes a field's value unfit for a product written over HTTP (None if nothing): it must be
+    a text, a number within 64 bits, a boolean, null, or a list of those — what the schema allows. Not
+    an object or a list of lists: a catalogue file may nest them, but the write routes' schema refuses
+    them, and the code must refuse what the schema says is refused."""
+    if isinstance(value, list):
+        return next((f"in its list: {p}" for item in value if (p := _scalar_problem(item))), None)
+    return _scalar_problem(value)
+
+
+def _scalar_problem(value: Any) -> str | None:
+    if value is None or isinstance(value, bool | str):
+        return value_problem(value)  # text that is not valid Unicode
+    if isinstance(value, int) and -_INT64 <= value < _INT64:
+        return None
+    if isinstance(value, float) and (-_INT64 <= value < _INT64 or not math.isfinite(value)):
+        return value_problem(value)  # not finite
+    if isinstance(value, int | float):
+        return "a number beyond 64 bits (from -2**63 to 2**63 - 1)"
+    return f"an object or a list in a list: a field holds {SCALARS}"
+
+
+def written_fields_problem(fields: dict[str, Any]) -> str | None:
+    """Why the fields of a product written over HTTP cannot be written (None: they can): every field
+    has a name (not only white space), and every field other than the typed ones (`Product`'s) holds
+    a value `written_value_problem` allows. The one rule of the write routes' models and batches."""
+    for key, value in fields.items():
+        if not key.strip():
+            return "a field needs a name"
+        problem = None if key in Product.model_fields else written_value_problem(value)
+        if problem:
+            return f"field {key!r}: {problem}"
     return None
 
 

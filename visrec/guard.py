@@ -71,6 +71,8 @@ class GuardSettings:
     rate_burst: int = 20
     auth_failure_per_s: float = 0.2  # failed authentications per client address (with a key)
     auth_failure_burst: int = 10
+    # Whether (method, routing path) is a write route: it needs the write key, whichever keys are set.
+    is_write: Callable[[str, str], bool] = lambda method, path: False
 
 
 class _Refused(Exception):
@@ -303,26 +305,37 @@ class Guard:
         self.latency.labels(route).observe(time.perf_counter() - started)
 
     def _admit(self, scope: Scope) -> None:
-        """The key and the declared body size, before anything is read. A wrong key costs its client
-        address a token of its failed-authentication bucket: key guessing is throttled (429), whatever
-        the general rate limit, and the right key still works."""
-        key = self.settings.api_key
-        if key is not None and scope["path"] not in self.settings.open_paths:
-            given = _header(scope, b"x-api-key") or b""
-            write_key = self.settings.write_key
-            if not (
-                secrets.compare_digest(given, key) or (write_key and secrets.compare_digest(given, write_key))
-            ):
-                wait = self.failures.wait_s(b"auth|" + _client(scope), time.monotonic())
-                if wait:
-                    raise _Refused(429, "too many failed authentications; retry later", math.ceil(wait))
-                raise _Refused(401, "missing or wrong X-API-Key")
+        """The keys and the declared body size, before anything is read. A missing or wrong key costs its
+        client address a token of its failed-authentication bucket: key guessing is throttled (429),
+        whatever the general rate limit, and the right key still works. The write key is guessed at the
+        write routes whether or not a read key is set: those are throttled alike (the route itself then
+        answers 403 to a key that is not the write key, and to the read key, which is no guess)."""
+        s = self.settings
+        if scope["path"] in s.open_paths:
+            pass
+        elif s.api_key is not None and not (_is(scope, s.api_key) or _is(scope, s.write_key)):
+            self._failed_authentication(scope, 401, "missing or wrong X-API-Key")
+        elif (
+            s.write_key is not None
+            and s.is_write(scope["method"], scope["path"])
+            and not (_is(scope, s.write_key) or _is(scope, s.api_key))
+        ):
+            self._failed_authentication(scope, None, "")
         declared = _header(scope, b"content-length")
         if declared is not None:
             if not (declared.isdigit() and len(declared) < 19):
                 raise _Refused(400, "Content-Length is not a number of bytes")
             if int(declared) > self._limit(scope):
                 raise _Refused(413, f"body larger than {self._limit(scope)} bytes")
+
+    def _failed_authentication(self, scope: Scope, status: int | None, detail: str) -> None:
+        """A token of the client's failed-authentication bucket: 429 when it has none left, else `status`
+        (None: the route answers)."""
+        wait = self.failures.wait_s(b"auth|" + _client(scope), time.monotonic())
+        if wait:
+            raise _Refused(429, "too many failed authentications; retry later", math.ceil(wait))
+        if status is not None:
+            raise _Refused(status, detail)
 
     def _rate_limit(self, scope: Scope) -> None:
         """429 with Retry-After for a client over the configured rate. The client is its address (an
@@ -430,14 +443,16 @@ def _has_body(scope: Scope) -> bool:
 
 def routing_path(scope: Scope) -> str:
     """The path routes are matched on: the request's path as sent, each segment decoded but for an
-    encoded '/' or '%', which stay encoded (%2F, %25). The server's own decoding (`path`) makes
-    /products/a%2Fb/similar and /products/a/b/similar one path; this keeps a '/' inside an id apart from
-    the path's own, and routes decode the id once (`api.deps.product_id_of`)."""
+    encoded '/', '%' or line feed, which stay encoded (%2F, %25, %0A). The server's own decoding (`path`)
+    makes /products/a%2Fb/similar and /products/a/b/similar one path; this keeps a '/' inside an id apart
+    from the path's own, and routes decode the id once (`api.deps.product_id_of`). A line feed stays
+    encoded because route patterns are regular expressions whose `.` stops at it (an id holding one was
+    a 404) and whose `$` matches before a final one (`/products/x/similar%0A` was similar-to "x")."""
     raw = scope.get("raw_path")
     if not raw:
         return str(scope["path"])
     return "/".join(
-        unquote(segment, errors="replace").replace("%", "%25").replace("/", "%2F")
+        unquote(segment, errors="replace").replace("%", "%25").replace("/", "%2F").replace("\n", "%0A")
         for segment in raw.decode("latin-1").split("/")
     )
 
@@ -452,6 +467,11 @@ def _client(scope: Scope) -> bytes:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
         return str(ipaddress.IPv6Network((address, 64), strict=False)).encode()
     return str(address.ipv4_mapped if isinstance(address, ipaddress.IPv6Address) else address).encode()
+
+
+def _is(scope: Scope, key: bytes | None) -> bool:
+    """Whether the request's X-API-Key is `key` (compared in constant time; never a missing key)."""
+    return key is not None and secrets.compare_digest(_header(scope, b"x-api-key") or b"", key)
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

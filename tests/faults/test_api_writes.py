@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from tests.faults.helpers import run_visrec
@@ -263,3 +268,79 @@ def test_concurrent_writes_share_the_embedder_batches(served: Served, host: Serv
             assert put(n).json()["outcome"] == "added"
     with client(served, READ) as reader:
         assert 'visrec_writes_total{outcome="added",route="put"}' in reader.get("/metrics").text
+
+
+def test_a_path_names_one_product_on_every_method(served: Served, host: Server) -> None:
+    """The review's paths over real HTTP: a read route's suffix is never part of a written id (PUT
+    /products/x/similar was a write of "x/similar"), `/products/batch` is the product "batch" on every
+    method but POST, an id with '/' is the same product on every method sent as %2F, and `Allow` lists
+    every method the path takes (OPTIONS /products/batch said `Allow: PUT`)."""
+    row = {"image": host.url("/31.png")}
+    with client(served, WRITE) as writer:
+        for path in ("/products/x/similar", "/products/x/image", "/products/x/images/0"):
+            for method in ("PUT", "PATCH", "DELETE"):
+                refused = writer.request(method, path, json=row)
+                assert refused.status_code == 405 and refused.headers["allow"] == "GET", (method, path)
+        assert writer.options("/products/batch").headers["allow"] == "DELETE, GET, PATCH, POST, PUT"
+        assert writer.put("/products/x%2Fsimilar", json=row).json() == {
+            "product_id": "x/similar",
+            "outcome": "added",
+        }
+        assert writer.get("/products/x%2Fsimilar").json()["product_id"] == "x/similar"
+        assert writer.get("/products/x/similar").status_code == 404  # similar to "x": not indexed
+        assert writer.patch("/products/x%2Fsimilar", json={"title": "t"}).json()["payload"]["title"] == "t"
+        assert writer.put("/products/batch", json=row).json()["product_id"] == "batch"
+        assert writer.get("/products/batch").json()["product_id"] == "batch"
+        assert writer.delete("/products/batch").json() == {"product_id": "batch", "outcome": "deleted"}
+        assert writer.delete("/products/x/similar").status_code == 405
+        assert writer.get("/products/x%2Fsimilar").status_code == 200  # not deleted by that
+        spaced = writer.put("/products/%20x", json=row)  # a row's id is stripped: it would write "x"
+        assert spaced.status_code == 422 and "whitespace" in spaced.text
+        assert writer.get("/products/x").status_code == 404
+
+
+IDS = st.lists(
+    st.sampled_from([*"ab/%.-_ ?#&ü\n", "similar", "image", "images", "batch", "%2F"]), min_size=1, max_size=6
+).map("".join)
+
+
+@hypothesis_settings(
+    max_examples=int(os.environ.get("VISREC_FAULTS_ROUTE_EXAMPLES", "12")),
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+@given(product_id=IDS.filter(lambda i: i.strip() == i and i))
+def test_generated_ids_name_one_product_on_every_method(
+    served: Served, host: Server, product_id: str
+) -> None:
+    """Generated ids (with '/', '%', '.', a line feed, the words of the routes) written over real HTTP:
+    sent as one segment, the id is its product on PUT, GET, PATCH and DELETE; sent with its '/' plain,
+    a path that ends like a read route's suffix is that route's (405 on every write, `Allow: GET`), and
+    any other path is the same product on every method."""
+    from urllib.parse import quote
+
+    def segments(parts: list[str]) -> str:
+        return "/".join(quote(part, safe="").replace(".", "%2E") for part in parts)
+
+    one, plain = f"/products/{segments([product_id])}", f"/products/{segments(product_id.split('/'))}"
+    suffixed = re.search(r"/(similar|image|images/[^/]+)\Z", product_id) is not None
+    with client(served, WRITE) as writer:
+        put = writer.put(one, json={"image": host.url("/32.png")})
+        assert put.status_code == 200 and put.json()["product_id"] == product_id, put.text
+        assert writer.get(one).json()["product_id"] == product_id
+        patched = writer.patch(one, json={"title": "t"})
+        assert patched.status_code == 200 and patched.json()["product_id"] == product_id
+        got = writer.get(plain)
+        if suffixed:
+            assert "product_id" not in (
+                got.json() if got.headers["content-type"] == "application/json" else {}
+            )
+            for method in ("PUT", "PATCH", "DELETE"):
+                refused = writer.request(method, plain, json={"title": "t"})
+                assert refused.status_code == 405 and refused.headers["allow"] == "GET", (method, plain)
+            assert writer.delete(one).json()["outcome"] == "deleted"
+        else:
+            assert got.json()["product_id"] == product_id, (plain, got.text)
+            assert writer.patch(plain, json={"title": "u"}).json()["product_id"] == product_id
+            assert writer.delete(plain).json() == {"product_id": product_id, "outcome": "deleted"}
+        assert writer.get(one).status_code == 404

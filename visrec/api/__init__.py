@@ -94,4 +94,5 @@ def _guard_settings(settings: Settings) -> GuardSettings:
         rate_burst=api.rate_limit_burst,
         auth_failure_per_s=api.auth_failure_per_s,
         auth_failure_burst=api.auth_failure_burst,
+        is_write=writes.is_write,
     )

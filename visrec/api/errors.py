@@ -23,7 +23,9 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from visrec.api.deps import service_of
 from visrec.errors import (
@@ -117,8 +119,23 @@ async def invalid_request(request: Request, exc: RequestValidationError) -> JSON
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    # Its headers too: a 405 says which methods the route takes (`Allow`, RFC 9110).
-    return answer(request, exc.status_code, exc.detail, headers=exc.headers)
+    # Its headers too: a 405 says which methods the path takes (`Allow`, RFC 9110).
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = ", ".join(allowed_methods(request))
+    return answer(request, exc.status_code, exc.detail, headers=headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the app takes at the request's path. Starlette's 405 names the
+    methods of the first route whose path matched only: `OPTIONS /products/batch` said `Allow: PUT`."""
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):  # included routers' routes too
+        if route.methods:
+            match, _ = route.matches({**request.scope, "method": next(iter(route.methods))})
+            if match is Match.FULL:
+                methods |= route.methods
+    return sorted(methods)
 
 
 async def visrec_error(request: Request, exc: VisrecError) -> JSONResponse:
@@ -141,9 +158,12 @@ def add_handlers(app: FastAPI) -> None:
 
 
 def _finite_json(value: Any) -> Any:
-    """`value` with NaN and infinities as strings: JSON has no such numbers."""
+    """`value` with NaN and infinities as strings (JSON has no such numbers) and lone surrogates escaped
+    (UTF-8 has none: echoing one in a 422 was a 500)."""
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "backslashreplace").decode()
     if isinstance(value, dict):
         return {key: _finite_json(item) for key, item in value.items()}
     if isinstance(value, list | tuple):

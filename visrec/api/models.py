@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.config import JsonDict
 
 from visrec import query
-from visrec.catalogue import MAX_PHOTOS
+from visrec.catalogue import MAX_PHOTOS, SCALARS, WHITESPACE, written_fields_problem
 from visrec.config import Settings
 from visrec.filters import CallerFilters
 from visrec.index import Hit
@@ -172,20 +172,37 @@ def results(hits: list[Hit], settings: Settings) -> Results:
 URL = r"^[Hh][Tt][Tt][Pp][Ss]?://.+$"  # read alike by every regex dialect; the fetch guard says the rest
 _SCALAR: list[dict[str, Any]] = [
     {"type": "string"},
-    {"type": "number"},
+    # Whole numbers (1e300 is one to JSON Schema) within 64 bits, and any other number (all below 2**53).
+    # FastAPI writes the bounds as doubles (±2**63), which validators compare with integers beyond 64
+    # bits lossily: the code's exact rule may refuse a number the schema's validator let through there.
     {"type": "integer", "minimum": -(2**63), "maximum": 2**63 - 1},
+    {"type": "number", "not": {"type": "integer"}},
     {"type": "boolean"},
     {"type": "null"},
 ]
 
 
 def _fields_schema(refused: AbstractSet[str]) -> JsonDict:
-    """Any other field: a text, a number (within 64 bits), a list of them; not one of `refused`."""
+    """Any other field: `catalogue.written_fields_problem`'s rule, as JSON Schema says it: a text, a
+    number within 64 bits, a boolean, null, a list of those; named with more than white space (the
+    characters str.strip drops, listed: every regex dialect reads a class of plain characters alike);
+    not one of `refused`."""
     schema = {
-        "additionalProperties": {"anyOf": [*_SCALAR, {"type": "array", "items": {"anyOf": _SCALAR}}]},
-        "propertyNames": {"not": {"enum": sorted(refused)}, "pattern": r"[^ ]"},
+        "additionalProperties": {
+            "anyOf": [*_SCALAR, {"type": "array", "items": {"anyOf": _SCALAR}}],
+            "description": SCALARS,
+        },
+        "propertyNames": {"not": {"enum": sorted(refused)}, "pattern": f"[^{WHITESPACE}]"},
     }
     return cast(JsonDict, schema)
+
+
+def _extra_problem(model: BaseModel) -> None:
+    """The fields beyond the typed ones, under the catalogue's rule for written fields (422 with its
+    message): pydantic keeps extra fields unchecked."""
+    problem = written_fields_problem(model.model_extra or {})
+    if problem:
+        raise ValueError(problem)
 
 
 class ProductRow(BaseModel):
@@ -207,13 +224,14 @@ class ProductRow(BaseModel):
     )
     category: str | None = None
     colour: str | None = None
-    price: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    price: float | None = Field(default=None, ge=0, allow_inf_nan=False, strict=True)  # not "5", not true
     title: str | None = None
 
     @model_validator(mode="after")
     def _has_a_photo(self) -> ProductRow:
         if not self.image and not self.images:
             raise ValueError("no photo: give `image` or `images`")
+        _extra_problem(self)
         return self
 
 
@@ -226,8 +244,13 @@ class ProductPatch(BaseModel):
 
     category: str | None = None
     colour: str | None = None
-    price: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    price: float | None = Field(default=None, ge=0, allow_inf_nan=False, strict=True)  # not "5", not true
     title: str | None = None
+
+    @model_validator(mode="after")
+    def _written_fields(self) -> ProductPatch:
+        _extra_problem(self)
+        return self
 
 
 class WriteOut(BaseModel):

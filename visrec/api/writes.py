@@ -6,16 +6,23 @@ configured the routes answer 403 and say so. Rows pass the catalogue's checks an
 write is idempotent by product id: a client that timed out sends the same request again (a row that
 was written answers `unchanged`). A write that has started runs to its end in the service's writer even
 if its request times out: it is never left half done.
+
+A path names the same product on every method: the write routes take exactly the paths that
+`GET /products/{product_id}` takes, so the read routes' suffixes (`/similar`, `/image`, `/images/{n}`)
+are never part of a written id (`PUT /products/x/similar` is a 405, not a write of "x/similar"), and
+`/products/batch` is the product "batch" on every method but POST. An id with '/' is sent as %2F.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import secrets
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from visrec.api.deps import ProductId, ServiceDep, service_of
 from visrec.api.models import BatchOut, Product, ProductPatch, ProductRow, WriteOut, errors, product_out
@@ -24,6 +31,29 @@ from visrec.writer import ProductWrites
 
 router = APIRouter()
 WRITE_ERRORS = errors(400, 401, 403, 404, 413, 422, 503)
+# The read routes' suffixes (api/products.py's routes, matched there before the plain product route).
+READ_SUFFIX = r"/(?:similar|image|images/[^/]+)"
+BATCH_PATH = "/products/batch"
+
+
+class ProductPath(PathConvertor):
+    """`{product_id:product}`: what `{product_id:path}` takes on `GET /products/…` but for a path ending
+    in a read route's suffix, which the suffixed read routes take instead."""
+
+    regex = rf"(?!.*{READ_SUFFIX}$).*"
+
+
+register_url_convertor("product", ProductPath())
+PRODUCT_PATH = "/products/{product_id:product}"
+_PRODUCT = re.compile("/products/" + ProductPath.regex)
+
+
+def is_write(method: str, path: str) -> bool:
+    """Whether a request (its routing path, `guard.routing_path`) is for a write route: the guard
+    throttles wrong write keys there whichever keys are set."""
+    if method == "POST":
+        return path == BATCH_PATH
+    return method in ("PUT", "PATCH", "DELETE") and _PRODUCT.fullmatch(path) is not None
 
 
 def writes_of(request: Request) -> ProductWrites:
@@ -52,18 +82,20 @@ def _outcome(product_id: str, outcome: str) -> WriteOut:
     return WriteOut(product_id=product_id, outcome=outcome)
 
 
-@router.put("/products/{product_id:path}", response_model=WriteOut, responses=WRITE_ERRORS)
+@router.put(PRODUCT_PATH, response_model=WriteOut, responses=WRITE_ERRORS)
 def put_product(product_id: ProductId, row: ProductRow, writes: WritesDep) -> WriteOut:
     """Create or replace a product, as a catalogue row says it; its photos are embedded only when they
     changed (the same PUT again answers `unchanged`)."""
     body = row.model_dump(exclude_none=True)
+    if product_id != product_id.strip():  # a row's id is stripped: the path would name another product
+        raise InvalidQuery("the id starts or ends with whitespace: write it without")
     if body.get("id", product_id) != product_id:
         raise InvalidQuery("the body's id differs from the path's")
     [outcome] = writes.rows([{**body, "id": product_id}])
     return _outcome(product_id, _counted(writes, "put", outcome))
 
 
-@router.patch("/products/{product_id:path}", response_model=Product, responses=WRITE_ERRORS)
+@router.patch(PRODUCT_PATH, response_model=Product, responses=WRITE_ERRORS)
 def patch_product(
     product_id: ProductId,
     fields: ProductPatch,
@@ -76,7 +108,7 @@ def patch_product(
     return product_out(product_id, patched, service.settings)
 
 
-@router.delete("/products/{product_id:path}", response_model=WriteOut, responses=WRITE_ERRORS)
+@router.delete(PRODUCT_PATH, response_model=WriteOut, responses=WRITE_ERRORS)
 def delete_product(product_id: ProductId, writes: WritesDep) -> WriteOut:
     """Remove a product (`absent` if it was not indexed: a repeated DELETE is not an error)."""
     outcome = _counted(writes, "delete", "deleted" if writes.delete(product_id) else "absent")
@@ -84,7 +116,7 @@ def delete_product(product_id: ProductId, writes: WritesDep) -> WriteOut:
 
 
 @router.post(
-    "/products/batch",
+    BATCH_PATH,
     response_model=BatchOut,
     responses=WRITE_ERRORS,
     openapi_extra={
@@ -123,12 +155,11 @@ def _rows(body: bytes, content_type: str) -> list[Any]:
         raise InvalidQuery("the body is not UTF-8") from None
     if "ndjson" in content_type or "jsonl" in content_type:
         rows: list[Any] = []
-        for line in text.splitlines():
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except ValueError:
-                    rows.append(None)  # answered "not a JSON object"
+        for line in json_lines(text):
+            try:
+                rows.append(json.loads(line))
+            except (ValueError, RecursionError):
+                rows.append(None)  # answered "not a JSON object"
         return rows
     try:
         parsed = json.loads(text)
@@ -137,3 +168,11 @@ def _rows(body: bytes, content_type: str) -> list[Any]:
     if not isinstance(parsed, list):
         raise InvalidQuery("the body must be a JSON array of rows")
     return parsed
+
+
+def json_lines(text: str) -> list[str]:
+    """The non-blank lines of a JSON-lines body. Split at LF only (a CR before it is dropped):
+    `str.splitlines` also splits at U+2028, U+2029, U+0085, vertical tab, form feed and the file, group
+    and record separators, which JSON allows unescaped inside a string: one row became several, and
+    the answers no longer lined up with the rows. Blank means JSON's whitespace only."""
+    return [line.removesuffix("\r") for line in text.split("\n") if line.strip(" \t\r")]
