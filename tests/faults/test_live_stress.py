@@ -1,0 +1,254 @@
+"""The live catalogue driven hard, against a real `visrec serve` that owns a real embedded store, with a
+swap after every write (`VISREC_QDRANT__OPTIMIZE_AFTER=1`: each write starts an optimized copy in the
+background while the next ones go on). Readers in threads query all along; a seeded random sequence of
+HTTP writes (PUT with a photo from a loopback image host, PATCH, DELETE, batches), handed-over syncs,
+reindexes and rollbacks runs beside them. After every step each acknowledged write is readable; every
+read answers 200 (or 404 for a product deleted); after SIGTERM and after kill -9 plus a restart, the
+same, and no folder is left that nothing names.
+
+Bounded for CI (`VISREC_STRESS_STEPS`, default 24, one seed); longer for the figures, e.g.
+`VISREC_STRESS_STEPS=200 VISREC_STRESS_SEEDS=0,1,2,3 pytest tests/faults/test_live_stress.py -s`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.faults.helpers import run_visrec
+from tests.faults.served import Served, serve, synced_store
+from tests.fetch_servers import Handler, Server
+from tests.fetch_servers import serve as serve_images
+from tests.helpers import COLOURS, SHAPES, draw_product
+from visrec.artefact import Manifest
+from visrec.config import Settings
+from visrec.index.edge import GENERATION, current_folder
+
+STEPS = int(os.environ.get("VISREC_STRESS_STEPS", "24"))
+SEEDS = [int(s) for s in os.environ.get("VISREC_STRESS_SEEDS", "0").split(",")]
+WRITE = "stress-write-key"
+CATALOGUE = 9  # p0…p8, prices 10…18
+
+
+def photos(handler: Handler) -> None:
+    """/<n>.png: a drawn product photo, different for each n."""
+    n = int(handler.path.strip("/").split(".")[0] or 0)
+    path = Path(f"/tmp/visrec-stress-{n}.png")
+    if not path.exists():
+        draw_product(path, SHAPES[n % 3], list(COLOURS)[n % 3], variant=n)
+    buffer = io.BytesIO()
+    Image.open(path).save(buffer, "PNG")
+    handler.reply(200, buffer.getvalue(), {"Content-Type": "image/png"})
+
+
+@pytest.fixture(scope="module")
+def host() -> Iterator[Server]:
+    with serve_images(photos) as server:
+        yield server
+
+
+class Readers:
+    """Threads querying similar-by-id, a product and /readyz until stopped; every status counted."""
+
+    def __init__(self, url: str, ids: list[str]) -> None:
+        self.statuses: Counter[tuple[str, int]] = Counter()
+        self._ids, self._url = ids, url
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(3)]
+
+    def _run(self, seed: int) -> None:
+        pick = random.Random(seed)
+        with httpx.Client(base_url=self._url, timeout=60) as http:
+            while not self._stop.is_set():
+                product = pick.choice(self._ids)
+                route, path = pick.choice(
+                    [("similar", f"/products/{product}/similar?k=5"), ("get", f"/products/{product}")]
+                    + [("readyz", "/readyz")]
+                )
+                self.statuses[(route, http.get(path).status_code)] += 1
+
+    def __enter__(self) -> Readers:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+    def wrong(self) -> dict[tuple[str, int], int]:
+        """Answers a reader must never get: anything but 200, and 404 but for a product."""
+        fine = {("similar", 200), ("similar", 404), ("get", 200), ("get", 404), ("readyz", 200)}
+        return {k: n for k, n in self.statuses.items() if k not in fine}
+
+
+class Catalogue:
+    """What the store must hold: product id → price, for every id ever written (None: absent)."""
+
+    def __init__(self, root: Path) -> None:
+        self.file = root / "catalogue.csv"
+        self.expected: dict[str, float | None] = {f"p{i}": 10.0 + i for i in range(CATALOGUE)}
+
+    def synced(self) -> None:
+        """A file sync: the catalogue's products as its rows say (its row overwrites a PATCH)."""
+        self.expected |= {f"p{i}": 10.0 + i for i in range(CATALOGUE)}
+
+    def check(self, http: httpx.Client, when: str) -> None:
+        for product, price in self.expected.items():
+            got = http.get(f"/products/{product}")
+            if price is None:
+                assert got.status_code == 404, (when, product, got.status_code, got.text)
+            else:
+                assert got.status_code == 200, (when, product, got.status_code, got.text)
+                assert got.json()["payload"]["price"] == price, (when, product, got.json()["payload"])
+
+
+def step(
+    pick: random.Random, n: int, http: httpx.Client, settings: Settings, host: Server, model: Catalogue
+) -> str:
+    """One drawn step; returns what it did."""
+    kind = pick.choices(
+        ["put", "patch", "delete", "batch", "sync", "reindex", "rollback"], weights=[5, 5, 2, 2, 2, 1, 1]
+    )[0]
+    api_ids = [f"a{i}" for i in range(6)]
+    if kind == "put":
+        product, price = pick.choice(api_ids), float(pick.randint(1, 500))
+        row = {"image": host.url(f"/{100 + n}.png"), "category": "circle", "price": price}
+        answer = http.put(f"/products/{product}", json=row)
+        assert answer.status_code == 200, answer.text
+        model.expected[product] = price
+    elif kind == "patch":
+        product, price = pick.choice([*model.expected]), float(pick.randint(1, 500))
+        answer = http.patch(f"/products/{product}", json={"price": price})
+        if model.expected[product] is None:
+            assert answer.status_code == 404, answer.text
+        else:
+            assert answer.status_code == 200, answer.text
+            model.expected[product] = price
+    elif kind == "delete":
+        product = pick.choice([*model.expected])
+        assert http.delete(f"/products/{product}").status_code == 200
+        model.expected[product] = None
+    elif kind == "batch":
+        prices = {product: float(pick.randint(1, 500)) for product in pick.sample(api_ids, 2)}
+        rows = [{"id": p, "image": host.url(f"/{200 + n}.png"), "price": v} for p, v in prices.items()]
+        answer = http.post("/products/batch", json=rows)
+        assert answer.status_code == 200, answer.text
+        assert all(not r["outcome"].startswith("error") for r in answer.json()["results"]), answer.text
+        model.expected |= prices
+    elif kind == "sync":
+        done = run_visrec(settings, "sync", str(model.file), "--max-delete", "1", "--json")
+        assert done.returncode == 0, done.stderr
+        model.synced()
+    elif kind == "reindex":
+        done = run_visrec(settings, "reindex", str(model.file), "--model", str(settings.artefact), "--force")
+        assert done.returncode == 0, done.stderr
+    else:
+        done = run_visrec(settings, "rollback", "--json")
+        assert done.returncode == 0 or "not rolled back" in done.stderr or "no version" in done.stderr, (
+            done.returncode,
+            done.stderr,
+        )
+    return kind
+
+
+def unnamed_folders(store: Path) -> list[str]:
+    """Version folders that no pointer names (what a swap or a crash could leak)."""
+    left = []
+    for folder in store.iterdir():
+        if folder.is_dir():
+            version = folder.name.split(GENERATION)[0]
+            if current_folder(store, version) != folder:
+                left.append(folder.name)
+    return left
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", SEEDS)
+def test_no_acknowledged_write_is_lost_under_stress(
+    seed: int, tmp_path: Path, artefact: tuple[Path, Manifest], host: Server
+) -> None:
+    settings = synced_store(tmp_path, artefact[0], n=CATALOGUE)
+    model = Catalogue(tmp_path)
+    env = {
+        "VISREC_QDRANT__OPTIMIZE_AFTER": "1",
+        "VISREC_INGEST__ALLOWED_HOSTS": '["127.0.0.1"]',
+        "VISREC_API__WRITE_KEY": WRITE,
+    }
+    pick = random.Random(seed)
+    done: Counter[str] = Counter()
+    headers = {"X-API-Key": WRITE}
+    with serve(settings, tmp_path / "serve.log", env=env) as served:
+        readers = Readers(served.url, [*model.expected, "a0", "a1"])
+        with readers, httpx.Client(base_url=served.url, timeout=120, headers=headers) as http:
+            for n in range(STEPS):
+                done[step(pick, n, http, settings, host, model)] += 1
+                model.check(http, f"after step {n}")
+        assert not readers.wrong(), (readers.statuses, _log_tail(served))
+    print(f"\nFIGURE stress seed {seed}: {dict(done)}; reads {dict(readers.statuses)}")
+
+    with (
+        serve(settings, tmp_path / "serve2.log", env=env) as served,  # after SIGTERM
+        httpx.Client(base_url=served.url, timeout=60) as http,
+    ):
+        model.check(http, "after SIGTERM and a restart")
+        served.process.kill()  # kill -9, maybe in the middle of a copy
+        served.process.wait(30)
+    with serve(settings, tmp_path / "serve3.log", env=env) as served:
+        with httpx.Client(base_url=served.url, timeout=60) as http:
+            model.check(http, "after kill -9 and a restart")
+        left = unnamed_folders(settings.qdrant.path)
+        assert not left, (left, _log_tail(served))
+
+
+def _log_tail(served: Served) -> str:
+    return "\n".join(served.log.read_text(errors="replace").splitlines()[-40:])
+
+
+def test_a_write_during_a_copy_reaches_the_copy(tmp_path: Path, artefact: tuple[Path, Manifest]) -> None:
+    """The catch-up, alone and deterministic: writes made while a copy is optimized are in it once it is
+    live (a PATCH between the copy and the swap), and the pre-copy folder goes when its handle closes."""
+    import torch
+    from prometheus_client import CollectorRegistry
+
+    from visrec.service import Service
+    from visrec.writer import ProductWrites, Writer
+
+    settings = synced_store(tmp_path, artefact[0], n=CATALOGUE)
+    service = Service(settings, torch.device("cpu"))
+    service.start()
+    writer = Writer(service)
+    writes = ProductWrites(writer, CollectorRegistry())
+    try:
+        copying = threading.Thread(target=writer._replace_by_optimized_copy)
+        with service.reading() as before:
+            copying.start()
+            while not (settings.qdrant.path / "products__v1.g1").exists():
+                time.sleep(0.01)
+            for i in range(CATALOGUE):  # after the copy was taken: while the child optimizes it
+                writes.patch(f"p{i}", {"price": 100 + i})
+            writes.delete("p0")
+            copying.join(120)
+            assert before.index.place == str(settings.qdrant.path / "products__v1")  # held: still open
+        with service.reading() as after:
+            assert after.index.place != before.index.place
+            assert after.index.place == str(current_folder(settings.qdrant.path, "products__v1"))
+            payloads = after.index.payloads([f"p{i}" for i in range(CATALOGUE)])
+            prices = {p: v["price"] for p, v in payloads.items()}
+        assert prices == {f"p{i}": 100 + i for i in range(1, CATALOGUE)}
+        assert not (settings.qdrant.path / "products__v1").exists()  # closed with its last reader
+    finally:
+        service.close()
+    print(f"\nFIGURE catch-up: {json.dumps(prices)}")
