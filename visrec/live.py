@@ -81,6 +81,21 @@ class LiveState:
         finally:
             self.release(pair.index)
 
+    @contextmanager
+    def holding(self) -> Iterator[dict[str, VectorIndex]]:
+        """Every handle held now, by collection, held until the block ends: a job reads (or, for a
+        version above the live one, rebuilds) those versions through them, since no second handle
+        can open them."""
+        with self._lock:
+            entries = [held for held in self._held.values() if held.index.exists()]
+            for held in entries:
+                held.holders += 1
+        try:
+            yield {held.index.collection: held.index for held in entries}
+        finally:
+            for held in entries:
+                self.release(held.index)
+
     def hold(self, place: str, opener: Callable[[], VectorIndex]) -> VectorIndex:
         """The handle on `place`, held once more: the one held already, else `opener()`'s (called under
         the lock, so that no one else opens the same place meanwhile)."""

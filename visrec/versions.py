@@ -100,17 +100,17 @@ def reindex(
         target = newer[-1] if newer else store.version(store.generation(live) + 1)
     compare = live if live != target else None  # None: the first version, nothing to compare with
     written = written_over_http(store, compare, options, held or {})
-    with store.open(target) as index:  # not live: it may be rebuilt with another model in place
+    # Not live: it may be rebuilt with another model in place (through the handle `held` has, if any).
+    with _opened(store, target, held or {}) as index:
         summary = sync(catalogue, index, model, options, progress=progress, new_model=True)
         api = _sync_written(written, index, model, options, progress)
-        _carry_patches(written, index)
         points = index.count()
-        missing, failed = _incomplete(index, catalogue, written.products, summary, api)
+        missing, failed = _incomplete(index, catalogue, written, summary, api)
         if missing or (failed and not accept_failures):
             lacking = f", {len(missing)} products lacking ({_some(missing)})" if missing else ""
             raise VisrecError(
                 f"{target} not made live: it holds {points} points for {len(catalogue.products)} valid "
-                f"products and {len(written.products.products)} written over HTTP, {failed} images "
+                f"products and {len(written.products)} written over HTTP, {failed} images "
                 f"failed{lacking} "
                 f"(see {summary.failure_report}); fix them and rerun (or pass --accept-failures, which "
                 "leaves the failed ones out)"
@@ -134,38 +134,24 @@ def reindex(
     return ReindexSummary(previous=live, live=target, points=points, sync=summary, gate=result)
 
 
-@dataclass
-class Written:
-    """What was written over HTTP into the live version, which a new version must hold too: the
-    products PUT (as rows, their photos to fetch again from their URLs) and the fields PATCHed into
-    the catalogue's products (product id → catalogue fields)."""
-
-    products: Catalogue
-    patched: dict[str, dict[str, Any]]
-
-
 def written_over_http(
     store: Store, live: str | None, options: SyncOptions, held: Mapping[str, VectorIndex]
-) -> Written:
-    """What was written over HTTP into the `live` version (None: none yet). Raises `IndexUnavailable`
-    if it cannot be read: a new version without it would lose it."""
+) -> Catalogue:
+    """The products written over HTTP into the `live` version (None: none yet), as rows to write again
+    (their photos fetched again from their URLs). Raises `IndexUnavailable` if they cannot be read: a
+    new version without them would lose them."""
     rows: list[dict[str, Any]] = []
-    patched: dict[str, dict[str, Any]] = {}
     if live is not None:
         try:
             with _opened(store, live, held) as index:
                 if index.exists():
                     rows = [payload.as_row(p) for p in _payloads(index, Filters(equals={"source": "api"}))]
-                    for p in _payloads(index, Filters(equals={"metadata_hash": payload.PATCHED})):
-                        if p.get("source") != "api":
-                            patched[str(p["product_id"])] = payload.catalogue_fields(p)
         except IndexUnavailable as exc:
             raise IndexUnavailable(
                 f"the products written over HTTP into {live} cannot be read ({exc}); a new version "
                 "without them would lose them: rerun when the store is free"
             ) from exc
-    origin = f"{live} (products written over HTTP)"
-    return Written(rows_from_service(rows, options.ingest, origin=origin), patched)
+    return rows_from_service(rows, options.ingest, origin=f"{live} (products written over HTTP)")
 
 
 def _payloads(index: VectorIndex, filters: Filters) -> Iterator[dict[str, Any]]:
@@ -177,16 +163,8 @@ def _payloads(index: VectorIndex, filters: Filters) -> Iterator[dict[str, Any]]:
             return
 
 
-def _carry_patches(written: Written, index: VectorIndex) -> None:
-    """The fields PATCHed into the live version's catalogue products, into a version being built."""
-    ids = sorted(written.patched)
-    for start in range(0, len(ids), SCROLL_PAGE):
-        built = index.payloads(ids[start : start + SCROLL_PAGE])
-        index.overwrite_payloads({p: payload.patched(old, written.patched[p]) for p, old in built.items()})
-
-
 def _sync_written(
-    written: Written,
+    written: Catalogue,
     index: VectorIndex,
     model: ModelHandle,
     options: SyncOptions,
@@ -194,14 +172,14 @@ def _sync_written(
 ) -> SyncSummary:
     """Write the products written over HTTP into a version being built; those of them it holds from
     an earlier attempt and deleted since are deleted."""
-    ids = {p.id for p in written.products.products}
+    ids = {p.id for p in written.products}
     gone = [p for p, record in index.sync_records().items() if record.source == "api" and p not in ids]
     index.delete(gone)
     if not ids:
         return SyncSummary()
     report = options.failure_report
     return sync(
-        written.products,
+        written,
         index,
         model,
         replace(
@@ -354,9 +332,10 @@ def rollback(
         differ = _written_since(store, live, target, held or {})
         if differ:
             raise WritesWouldBeLost(
-                f"not rolled back: {len(differ)} products were written into {live} since {target} was "
-                f"built ({_some(differ)}), and {target} would serve them as they were before; rerun with "
-                "--force to roll back anyway (or reindex the catalogue with the older model instead)"
+                f"not rolled back: {len(differ)} products differ between {live} and {target} "
+                f"({_some(differ)}): written since the switch (or set back to the catalogue's rows by "
+                f"the reindex), {target} would serve them as they were; rerun with --force to roll back "
+                "anyway (or reindex the catalogue with the older model instead)"
             )
     store.switch(target)
     return live, target

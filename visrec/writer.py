@@ -190,21 +190,12 @@ class Writer:
             self._closed = True
 
     def _rollback(self, job: RollbackJob) -> dict[str, Any]:
-        with self.service.reading() as live:
-            return run_rollback(self.service.settings, force=job.force, held={live.collection: live.index})
+        with self.service.state.holding() as held:
+            return run_rollback(self.service.settings, force=job.force, held=held)
 
     def _reindex(self, job: ReindexJob, progress: Progress) -> dict[str, Any]:
-        try:
-            with self.service.reading() as live:
-                return run_reindex(
-                    job,
-                    self.service.settings,
-                    progress,
-                    held={live.collection: live.index},
-                    model=self._model(job.model),
-                )
-        except CollectionMissing:
-            return run_reindex(job, self.service.settings, progress, held={}, model=self._model(job.model))
+        with self.service.state.holding() as held:
+            return run_reindex(job, self.service.settings, progress, held=held, model=self._model(job.model))
 
 
 @dataclass
