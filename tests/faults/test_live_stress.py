@@ -16,6 +16,8 @@ import io
 import json
 import os
 import random
+import shutil
+import subprocess
 import threading
 import time
 from collections import Counter
@@ -252,3 +254,59 @@ def test_a_write_during_a_copy_reaches_the_copy(tmp_path: Path, artefact: tuple[
     finally:
         service.close()
     print(f"\nFIGURE catch-up: {json.dumps(prices)}")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 512 MiB tmpfs (root only: skipped where it cannot be mounted)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=512m", "tmpfs", str(disk)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_stops_no_write(small_disk: Path, artefact: tuple[Path, Manifest]) -> None:
+    """The store on a nearly full disk: the optimized copy after each write cannot be made (refused
+    before it starts), every write still answers 200 and is readable, the service stays ready, and the
+    failures are counted; once there is room again, a later write's copy is made."""
+    settings = synced_store(small_disk, artefact[0], n=CATALOGUE)
+    filler = small_disk / "filler"
+    free = shutil.disk_usage(small_disk).free
+    with filler.open("wb") as f:  # leave 160 MiB: room for the service, not for a copy's margin
+        f.truncate(0)
+        f.write(b"\0" * (free - 160 * 2**20))
+    env = {"VISREC_QDRANT__OPTIMIZE_AFTER": "1", "VISREC_API__WRITE_KEY": WRITE}
+    with (
+        serve(settings, small_disk.parent / "serve.log", env=env) as served,
+        httpx.Client(base_url=served.url, timeout=60, headers={"X-API-Key": WRITE}) as http,
+    ):
+        for i in range(6):
+            answer = http.patch(f"/products/p{i}", json={"price": 100 + i})
+            assert answer.status_code == 200, answer.text
+            assert http.get("/readyz").status_code == 200
+            time.sleep(0.3)
+        assert all(http.get(f"/products/p{i}").json()["payload"]["price"] == 100 + i for i in range(6))
+        assert _copies(http, "failed") >= 1 and _copies(http, "made") == 0, _log_tail(served)
+        assert not list(settings.qdrant.path.glob(f"*{GENERATION}*"))  # nothing half made is left
+        filler.unlink()
+        deadline = time.monotonic() + 60
+        while _copies(http, "made") == 0 and time.monotonic() < deadline:  # retried after its backoff
+            assert http.patch("/products/p7", json={"price": 7}).status_code == 200
+            time.sleep(1)
+        assert _copies(http, "made") >= 1, _log_tail(served)
+        assert all(http.get(f"/products/p{i}").json()["payload"]["price"] == 100 + i for i in range(6))
+
+
+def _copies(http: httpx.Client, outcome: str) -> float:
+    """visrec_optimized_copies_total{outcome=...} from /metrics."""
+    for line in http.get("/metrics").text.splitlines():
+        if line.startswith(f'visrec_optimized_copies_total{{outcome="{outcome}"}}'):
+            return float(line.split()[-1])
+    return 0.0

@@ -48,7 +48,11 @@ _DISK_FULL = (
 _NEVER_CREATED = "no segments were loaded"  # a folder a crashed or failed create() left: it holds nothing
 GENERATION = ".g"  # `products__v1.g3`: the third optimized copy of version 1 (collection names have no dot)
 COPY_HEADROOM = 1.1  # a copy may grow while it is optimized; refused unless the disk holds 110 % of it
-COPY_SPARE_BYTES = 64 * 1024**2  # and this much beside it, for the live version's own writes meanwhile
+# And this much beside it: the engine preallocates what it maps (a shard opened with 48 MiB free on a
+# tmpfs died of SIGBUS here, with 80 MiB it ran), and both the child optimizing the copy and the live
+# version's writes meanwhile need their share. Running out is no error the engine can return: a mapped
+# page it cannot allocate kills the process.
+COPY_SPARE_BYTES = 256 * 1024**2
 
 
 def current_folder(root: Path, collection: str) -> Path:
