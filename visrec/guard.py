@@ -294,7 +294,13 @@ class Guard:
             exchange.refuse(refused)
         except TimeoutError:
             limit = self.settings.request_timeout_s
-            exchange.refuse(_Refused(503, f"the request took longer than {limit:g} s"))
+            late = f"the request took longer than {limit:g} s"
+            if self.settings.is_write(scope["method"], scope["path"]):  # a write goes on once accepted
+                late += (
+                    "; the write goes on and will be applied unless the service stops first: read the "
+                    "product to see it, or retry (writes are idempotent)"
+                )
+            exchange.refuse(_Refused(503, late))
         except Exception:  # a bug: answered here too, with the request id, counted, its cause logged
             log.exception("request %s failed", request_id)
             exchange.refuse(_Refused(500, "internal error; the request id is in the server's log"))

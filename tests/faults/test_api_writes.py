@@ -344,3 +344,34 @@ def test_generated_ids_name_one_product_on_every_method(
             assert writer.patch(plain, json={"title": "u"}).json()["product_id"] == product_id
             assert writer.delete(plain).json() == {"product_id": product_id, "outcome": "deleted"}
         assert writer.get(one).status_code == 404
+
+
+def test_a_write_that_times_out_says_it_will_still_be_applied(
+    tmp_path: Path, artefact: tuple[Path, Manifest]
+) -> None:
+    """A PUT whose photo arrives after the request's deadline: the 503 says the write goes on, and it
+    is applied (a caller that retries or reads sees it)."""
+
+    def slow(handler: Handler) -> None:
+        time.sleep(2.5)
+        photos(handler)
+
+    settings = synced_store(tmp_path, artefact[0], n=3)
+    env = {
+        "VISREC_INGEST__ALLOWED_HOSTS": '["127.0.0.1"]',
+        "VISREC_API__WRITE_KEY": WRITE,
+        "VISREC_API__REQUEST_TIMEOUT_S": "1",
+        "VISREC_API__QUEUE_WAIT_S": "0.5",
+    }
+    with (
+        serve_images(slow) as slow_host,
+        serve(settings, tmp_path / "serve.log", env=env) as served,
+        client(served, WRITE) as writer,
+    ):
+        answer = writer.put("/products/late", json={"image": slow_host.url("/3.png"), "price": 3})
+        assert answer.status_code == 503, answer.text
+        assert "will be applied" in answer.json()["detail"], answer.text
+        deadline = time.monotonic() + 30
+        while writer.get("/products/late").status_code == 404 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert writer.get("/products/late").json()["payload"]["price"] == 3

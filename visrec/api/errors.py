@@ -58,10 +58,10 @@ STATUS_OF: list[tuple[type[VisrecError], int]] = [
 ]
 # What a caller is told of a 5xx: what it can do. The cause goes to the log under the request id.
 UNAVAILABLE: list[tuple[type[VisrecError], str]] = [
-    (WritesBusy, "too many writes are waiting; retry later (writes are idempotent by product id)"),
+    (WritesBusy, "too many writes are waiting: this one was not written; retry later"),
     (CollectionMissing, "no products are indexed yet (run `visrec sync`); retry later"),
     (ModelError, "photo search is unavailable: the model is not loaded; retry later"),
-    (IndexUnavailable, "the index is unavailable; retry later"),
+    (IndexUnavailable, "the index is unavailable (a write may not have been made); retry later"),
 ]
 
 
