@@ -12,7 +12,6 @@ Bounded for CI (`VISREC_STRESS_STEPS`, default 24, one seed); longer for the fig
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import random
@@ -26,13 +25,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from PIL import Image
 
 from tests.faults.helpers import run_visrec
 from tests.faults.served import Served, serve, synced_store
-from tests.fetch_servers import Handler, Server
+from tests.faults.test_api_writes import photos
+from tests.fetch_servers import Server
 from tests.fetch_servers import serve as serve_images
-from tests.helpers import COLOURS, SHAPES, draw_product
 from visrec.artefact import Manifest
 from visrec.config import Settings
 from visrec.index.edge import GENERATION, current_folder
@@ -41,17 +39,6 @@ STEPS = int(os.environ.get("VISREC_STRESS_STEPS", "24"))
 SEEDS = [int(s) for s in os.environ.get("VISREC_STRESS_SEEDS", "0").split(",")]
 WRITE = "stress-write-key"
 CATALOGUE = 9  # p0…p8, prices 10…18
-
-
-def photos(handler: Handler) -> None:
-    """/<n>.png: a drawn product photo, different for each n."""
-    n = int(handler.path.strip("/").split(".")[0] or 0)
-    path = Path(f"/tmp/visrec-stress-{n}.png")
-    if not path.exists():
-        draw_product(path, SHAPES[n % 3], list(COLOURS)[n % 3], variant=n)
-    buffer = io.BytesIO()
-    Image.open(path).save(buffer, "PNG")
-    handler.reply(200, buffer.getvalue(), {"Content-Type": "image/png"})
 
 
 @pytest.fixture(scope="module")
