@@ -145,6 +145,8 @@ class Writer:
         started = time.perf_counter()
         with self.service.reading() as live:
             with self.lock:  # writes wait for the flush and the copy alone
+                if self.service.state.live is not live:  # a job switched versions meanwhile: next write
+                    return
                 copy = live.index.copy()
                 if copy is None:  # a server optimizes by itself
                     self.changed_since_optimize = 0
