@@ -219,7 +219,7 @@ def test_cli_reindex_and_rollback(
     assert synced.exit_code == 0, synced.output
     refused = runner.invoke(cli_app, ["rollback"])
     assert refused.exit_code == 1, refused.output
-    assert "not rolled back: 3 products were written into products__v2 since products__v1" in refused.output
+    assert "not rolled back: 3 products differ between products__v2 and products__v1" in refused.output
     assert "'gone', 'p0', 'p5'" in refused.output and "--force" in refused.output
     back = runner.invoke(cli_app, ["rollback", "--force", "--json"])
     assert back.exit_code == 0 and '"live": "products__v1"' in back.output
@@ -421,5 +421,36 @@ def test_a_reindex_needs_the_live_version(make_catalogue: MakeCatalogue, setting
                 run_reindex(catalogue, settings, settings.artefact, force=force)
         with open_store(settings.qdrant) as store:
             assert store.live() == "products__v1"
+    finally:
+        service.close()
+
+
+def test_rollback_refuses_when_a_product_was_patched_again_since_the_switch(
+    make_catalogue: MakeCatalogue, settings: Settings
+) -> None:
+    """A product PATCHed before a reindex and again after it: the older version holds the first value,
+    so rolling back would lose the second (an outside review saw it succeed and lose it)."""
+    from prometheus_client import CollectorRegistry
+
+    from visrec.errors import WritesWouldBeLost
+    from visrec.service import Service
+    from visrec.writer import ProductWrites, Writer
+
+    catalogue = make_catalogue(6)
+    run_sync(catalogue, settings)
+    service = Service(settings, torch.device("cpu"))
+    writer = Writer(service)
+    writes = ProductWrites(writer, CollectorRegistry())
+    try:
+        writes.patch("p0", {"title": "A"})
+        job = ReindexJob(catalogue=catalogue, model=settings.artefact, max_quality_drop=1)
+        writer.run(job, lambda *_: None)
+        writes.patch("p0", {"title": "B"})
+        writes.patch("p1", {"title": "B"})
+        with pytest.raises(WritesWouldBeLost, match="2 products differ between products__v2 and products__"):
+            writer.run(RollbackJob(), lambda *_: None)
+        assert service.live().collection == "products__v2"
+        with service.reading() as live:
+            assert live.index.payloads(["p0"])["p0"]["title"] == "B"
     finally:
         service.close()

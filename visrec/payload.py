@@ -8,6 +8,8 @@ fields a sync reads back. A new filterable or computed field is one line here.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -121,7 +123,9 @@ def rebuild(old: Mapping[str, Any], metadata: Mapping[str, Any], bookkeeping: Bo
     return build(str(old["product_id"]), metadata, photos(old), bookkeeping=bookkeeping, extracted=extracted)
 
 
-PATCHED = "patched"  # the metadata hash of a point whose fields a PATCH wrote: no row hashes to it
+# The metadata hash of a point whose fields a PATCH wrote: no row hashes to it (a row's is bare hex), and
+# two PATCHes that wrote different fields differ (a rollback compares versions by these hashes).
+PATCHED = "patched:"
 
 
 def patched(old: Mapping[str, Any], metadata: Mapping[str, Any]) -> dict[str, Any]:
@@ -130,12 +134,16 @@ def patched(old: Mapping[str, Any], metadata: Mapping[str, Any]) -> dict[str, An
     files = old.get("photo_files")
     bookkeeping = Bookkeeping(
         vectors_hash=str(old.get("vectors_hash") or ""),
-        metadata_hash=PATCHED,
+        metadata_hash=PATCHED + _digest(metadata),
         photo_files=files if isinstance(files, list) else [],
         model_version=str(old.get("model_version") or ""),
         source=str(old.get("source") or "catalogue"),
     )
     return rebuild(old, metadata, bookkeeping)
+
+
+def _digest(fields: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def catalogue_fields(payload: Mapping[str, Any]) -> dict[str, Any]:
