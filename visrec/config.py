@@ -42,6 +42,10 @@ class QdrantSettings(BaseModel):
     # last did: optimize() holds Python's GIL (every request waits), and a tail of 10-20k unoptimized
     # points costs queries 1.5-3 ms at 100k (docs/architecture.md).
     optimize_after: int = Field(default=10_000, ge=0)
+    # Embedded store: writes (and opening it) are refused while less than this is free on its disk. The
+    # engine maps its files and allocates pages as it touches them; a page it cannot allocate kills the
+    # process (SIGBUS), no error returned: a shard opened with 48 MiB free on a tmpfs died, with 80 ran.
+    min_free_mb: int = Field(default=128, ge=0)
     # A command handing its job to the service that owns the embedded store (visrec.owner). A live service
     # accepts at once (a thread does nothing else), so 5 s without a connection means it is stuck. While
     # it runs the job it sends a line at least every 2 s (owner.HEARTBEAT_S), so 60 s without one (30

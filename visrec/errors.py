@@ -39,6 +39,10 @@ class IndexUnavailable(VisrecError):
     exit_code = 4
 
 
+class DiskFull(IndexUnavailable):
+    """The embedded store's disk is (nearly) full: writes are refused, nothing of them was written."""
+
+
 class CollectionMissing(VisrecError):
     """The collection does not exist yet: run `visrec sync` first."""
 

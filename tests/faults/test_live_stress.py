@@ -262,13 +262,14 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
 def test_a_full_disk_stops_no_write(small_disk: Path, artefact: tuple[Path, Manifest]) -> None:
     """The store on a nearly full disk: the optimized copy after each write cannot be made (refused
     before it starts), every write still answers 200 and is readable, the service stays ready, and the
-    failures are counted; once there is room again, a later write's copy is made."""
+    failures are counted; fuller still, writes are refused with a 503 that says so while reads go on;
+    once there is room again, writes are made and so is a later write's copy."""
     settings = synced_store(small_disk, artefact[0], n=CATALOGUE)
     filler = small_disk / "filler"
     free = shutil.disk_usage(small_disk).free
-    with filler.open("wb") as f:  # leave 160 MiB: room for the service, not for a copy's margin
+    with filler.open("wb") as f:  # leave 240 MiB: room for the service's writes (128), not for a copy (256)
         f.truncate(0)
-        f.write(b"\0" * (free - 160 * 2**20))
+        f.write(b"\0" * (free - 240 * 2**20))
     env = {"VISREC_QDRANT__OPTIMIZE_AFTER": "1", "VISREC_API__WRITE_KEY": WRITE}
     with (
         serve(settings, small_disk.parent / "serve.log", env=env) as served,
@@ -282,6 +283,16 @@ def test_a_full_disk_stops_no_write(small_disk: Path, artefact: tuple[Path, Mani
         assert all(http.get(f"/products/p{i}").json()["payload"]["price"] == 100 + i for i in range(6))
         assert _copies(http, "failed") >= 1 and _copies(http, "made") == 0, _log_tail(served)
         assert not list(settings.qdrant.path.glob(f"*{GENERATION}*"))  # nothing half made is left
+        # Nearly full (below VISREC_QDRANT__MIN_FREE_MB, 128): writes are refused, said so, and the
+        # service lives on (the engine would die of SIGBUS on a page it cannot allocate).
+        more = small_disk / "more"
+        more.write_bytes(b"\0" * (shutil.disk_usage(small_disk).free - 64 * 2**20))
+        refused = http.patch("/products/p6", json={"price": 1})
+        assert refused.status_code == 503 and "disk is nearly full" in refused.text, refused.text
+        assert http.get("/products/p6").json()["payload"]["price"] == 16  # not written
+        assert http.get("/products/p0/similar").status_code == 200
+        assert http.get("/readyz").status_code == 200
+        more.unlink()
         filler.unlink()
         deadline = time.monotonic() + 60
         while _copies(http, "made") == 0 and time.monotonic() < deadline:  # retried after its backoff

@@ -30,6 +30,7 @@ from starlette.routing import Match
 from visrec.api.deps import service_of
 from visrec.errors import (
     CollectionMissing,
+    DiskFull,
     ImageError,
     IndexUnavailable,
     InvalidQuery,
@@ -59,6 +60,7 @@ STATUS_OF: list[tuple[type[VisrecError], int]] = [
 # What a caller is told of a 5xx: what it can do. The cause goes to the log under the request id.
 UNAVAILABLE: list[tuple[type[VisrecError], str]] = [
     (WritesBusy, "too many writes are waiting: this one was not written; retry later"),
+    (DiskFull, "the store's disk is nearly full: writes are refused until there is room; retry later"),
     (CollectionMissing, "no products are indexed yet (run `visrec sync`); retry later"),
     (ModelError, "photo search is unavailable: the model is not loaded; retry later"),
     (IndexUnavailable, "the index is unavailable (a write may not have been made); retry later"),

@@ -22,7 +22,14 @@ import numpy as np
 import qdrant_edge as qe
 
 from visrec.config import QdrantSettings
-from visrec.errors import CollectionMissing, IndexUnavailable, InvalidFilter, PointRejected, VisrecError
+from visrec.errors import (
+    CollectionMissing,
+    DiskFull,
+    IndexUnavailable,
+    InvalidFilter,
+    PointRejected,
+    VisrecError,
+)
 from visrec.filters import AnyOf, Condition, Equals, Filters, Range
 from visrec.fs import allocated_bytes, copy_tree_sparse, write_atomically
 from visrec.index.base import Hit, IndexCopy, IndexPoint, Store, VectorIndex, point_id
@@ -248,9 +255,25 @@ class EdgeIndex(VectorIndex):
     def _engine(self, doing: str) -> AbstractContextManager[None]:
         return engine_errors(self.path, doing)
 
+    def _room(self, doing: str) -> None:
+        """Raise `DiskFull` unless `qdrant.min_free_mb` is free on the store's disk: better a refused
+        write than a process killed by a mapped page the engine cannot allocate (another process can
+        still fill the disk between this look and the write: keep the margin wide)."""
+        least = self.settings.min_free_mb * 2**20
+        try:
+            free = shutil.disk_usage(self.root if self.root.exists() else self.root.parent).free
+        except OSError:
+            return
+        if free < least:
+            raise DiskFull(
+                f"embedded store {self.root}: {doing} refused: {free // 2**20} MiB free on its disk, "
+                f"{least // 2**20} MiB must stay free (VISREC_QDRANT__MIN_FREE_MB); free some space"
+            )
+
     def _load(self, config: qe.EdgeConfig | None = None) -> qe.EdgeShard:
         """Load the shard, waiting up to `lock_wait_s` for a process that is letting go of it (a killed
         sync's last moments), and make sure its payload indexes exist."""
+        self._room("open")
         deadline = time.monotonic() + self.settings.lock_wait_s
         for attempt in itertools.count():
             try:
@@ -321,6 +344,7 @@ class EdgeIndex(VectorIndex):
             return
         self.multivector = True  # every new collection takes several photos per product
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._room("create")
         with self._engine("create"):
             shard = qe.EdgeShard.create(str(self.path), self._config(dim))
         with self._adopting(shard):  # payload indexes before any optimize(): filtered queries stay exact
@@ -332,6 +356,7 @@ class EdgeIndex(VectorIndex):
 
     def _upsert(self, points: Sequence[IndexPoint]) -> None:
         if points:
+            self._room("upsert")
             operation = qe.UpdateOperation.upsert_points([self._point(p) for p in points])
             with self._engine("upsert"):
                 self.shard.update(operation)
@@ -344,6 +369,7 @@ class EdgeIndex(VectorIndex):
     def _delete(self, product_ids: list[str]) -> None:
         ids: list[qe.PointId] = [point_id(p) for p in product_ids]
         if ids:
+            self._room("delete")
             with self._engine("delete"):
                 self.shard.update(qe.UpdateOperation.delete_points(ids))
 
@@ -378,6 +404,8 @@ class EdgeIndex(VectorIndex):
         ]
 
     def _overwrite_payloads(self, payloads: Mapping[str, dict[str, Any]]) -> None:
+        if payloads:
+            self._room("payload update")
         for product_id, payload in payloads.items():
             with engine_errors(self.path, "payload update", rejecting=f"point of product {product_id!r}"):
                 operation = qe.UpdateOperation.overwrite_payload([point_id(product_id)], payload)
