@@ -454,3 +454,28 @@ def test_rollback_refuses_when_a_product_was_patched_again_since_the_switch(
             assert live.index.payloads(["p0"])["p0"]["title"] == "B"
     finally:
         service.close()
+
+
+def test_rollback_refuses_when_a_product_changed_owner_since_the_switch(
+    make_catalogue: MakeCatalogue, settings: Settings
+) -> None:
+    """A product written over HTTP with exactly its catalogue row's content changes only its owner (a
+    later file sync no longer deletes it); the older version would give it back to the catalogue, so a
+    rollback must refuse (an outside review saw it pass, and a later reindex delete the product)."""
+    from dataclasses import replace
+
+    from visrec.catalogue import read_catalogue
+    from visrec.ingest import SyncOptions, sync
+    from visrec.manifest import ModelHandle
+
+    catalogue = make_catalogue(4)
+    run_sync(catalogue, settings)
+    run_reindex(catalogue, settings, settings.artefact, force=True)
+    rows = read_catalogue(catalogue, settings.ingest)
+    rows.products = [p for p in rows.products if p.id == "p1"]
+    options = replace(SyncOptions.from_settings(settings), source="api", deletes=False, optimize=False)
+    with open_index(settings.qdrant) as index:  # as the service writes a PUT: the same row, owned by HTTP
+        summary = sync(rows, index, ModelHandle(settings.artefact, settings.embed), options)
+    assert summary.outcomes == {"p1": "metadata_updated"}
+    with open_store(settings.qdrant) as store, pytest.raises(VisrecError, match="1 products differ .*'p1'"):
+        rollback(store)

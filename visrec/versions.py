@@ -342,11 +342,12 @@ def rollback(
 
 
 def _written_since(store: Store, live: str, older: str, held: Mapping[str, VectorIndex]) -> set[str]:
-    """The products whose photos or fields differ between two versions, or that one of them lacks."""
+    """The products whose photos, fields or owner (a catalogue, or HTTP: which later syncs may delete it)
+    differ between two versions, or that one of them lacks."""
     with _opened(store, live, held) as index:
-        now = {p: (r.vectors_hash, r.metadata_hash) for p, r in index.sync_records().items()}
+        now = {p: (r.vectors_hash, r.metadata_hash, r.source) for p, r in index.sync_records().items()}
     with _opened(store, older, held) as index:
-        before = {p: (r.vectors_hash, r.metadata_hash) for p, r in index.sync_records().items()}
+        before = {p: (r.vectors_hash, r.metadata_hash, r.source) for p, r in index.sync_records().items()}
     return {p for p in now.keys() | before.keys() if now.get(p) != before.get(p)}
 
 
