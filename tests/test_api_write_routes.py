@@ -147,6 +147,33 @@ def test_wrong_write_keys_are_throttled_whichever_keys_are_set(
         assert client.get("/healthz").status_code == 200
 
 
+@pytest.mark.parametrize(("read_key", "refused"), [(None, 403), (READ, 401)])
+def test_no_write_key_header_writes_nothing(synced: Settings, read_key: str | None, refused: int) -> None:
+    """A service with a write key: a write with no X-API-Key header at all is refused like a wrong key —
+    403 from the write routes with no read key set, 401 from the guard with one — and writes nothing."""
+    api: dict[str, Any] = {"write_key": SecretStr(WRITE), "auth_failure_burst": 100}
+    if read_key:
+        api["api_key"] = SecretStr(read_key)
+    reader = {"X-API-Key": read_key} if read_key else {}
+    with app_client(synced, **api) as client:
+        before = {p: client.get(f"/products/{p}", headers=reader).json() for p in ("p0", "p1", "p2")}
+        row = {"image": "http://192.0.2.1/x.jpg", "title": "anonymous"}  # valid; its photo never fetched
+        anonymous = [
+            client.patch("/products/p1", json={"title": "anonymous"}),
+            client.put("/products/p2", json=row),
+            client.put("/products/new1", json=row),
+            client.delete("/products/p0"),
+            client.post("/products/batch", json=[{"id": "new1", **row}, {"id": "p1", **row}]),
+        ]
+        assert [r.status_code for r in anonymous] == [refused] * 5, [r.text for r in anonymous]
+        after = {p: client.get(f"/products/{p}", headers=reader).json() for p in ("p0", "p1", "p2")}
+        assert after == before
+        assert client.get("/products/new1", headers=reader).status_code == 404
+        written = client.patch("/products/p1", json={"title": "keyed"}, headers={"X-API-Key": WRITE})
+        assert written.status_code == 200  # the same write with the key goes through
+        assert client.get("/products/p1", headers=reader).json()["payload"]["title"] == "keyed"
+
+
 # --- 3. one product per path, on every method -------------------------------------------------------------
 
 METHODS = ("GET", "PUT", "PATCH", "DELETE", "POST")

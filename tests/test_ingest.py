@@ -227,6 +227,31 @@ def test_the_mass_delete_guard_counts_per_shard(make_catalogue: MakeCatalogue, s
     assert run_sync(catalogue, settings, shard=shard, max_delete=share).deleted == 2
 
 
+def test_the_mass_delete_guard_counts_the_catalogues_own_products(
+    make_catalogue: MakeCatalogue, settings: Settings
+) -> None:
+    """A store of 10 catalogue products and 30 written over HTTP (source "api": the writer's sync, no
+    deletes). A file sync dropping 3 of the catalogue's 10 deletes 30% of what it owns, though only 7.5% of
+    every point: with --max-delete 0.25 it is refused, and nothing is deleted, the API's products least."""
+    catalogue = make_catalogue(10)  # p0..p9
+    run_sync(catalogue, settings)
+    api = run_sync(make_catalogue(30, "api.csv", start=10), settings, source="api", deletes=False)
+    assert api.added == 30
+    with open_index(settings.qdrant) as index:
+        assert index.count() == 40
+        assert {stored(index, f"p{i}")[1]["source"] for i in range(10, 40)} == {"api"}
+        assert {stored(index, f"p{i}")[1]["source"] for i in range(10)} == {"catalogue"}
+    rewrite(catalogue, lambda r: None if r["id"] in ("p0", "p1", "p2") else r)
+    with pytest.raises(CatalogueError, match=r"would delete 3 of the 10 indexed products \(30%\)"):
+        run_sync(catalogue, settings, max_delete=0.25)
+    with open_index(settings.qdrant) as index:
+        assert index.count() == 40 and all(index.get(f"p{i}") is not None for i in range(40))
+    summary = run_sync(catalogue, settings, max_delete=0.3)  # 3 of 10 is allowed at 30%
+    assert summary.deleted == 3
+    with open_index(settings.qdrant) as index:
+        assert index.count() == 37 and all(index.get(f"p{i}") is None for i in range(3))
+
+
 def test_killed_sync_is_finished_by_a_rerun(
     make_catalogue: MakeCatalogue, settings: Settings, tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -181,6 +182,34 @@ def test_changing_the_photo_list_re_embeds_that_product_only(tmp_path: Path, set
     assert (summary.updated, summary.unchanged, summary.added, summary.deleted) == (3, 6, 0, 0)
     with open_index(settings.qdrant) as index:
         assert [stored(index, p)[0].shape[0] for p in ("p0", "p1", "p3")] == [2, 2, 2]
+
+
+def test_reordering_the_photo_list_re_embeds_in_the_new_order(tmp_path: Path, settings: Settings) -> None:
+    """The photo list is ordered (the first is the product's image, hits say which photo matched by its
+    place): the same photos in another order is a photo change, embedded again, its stored photos and
+    vectors in the new order — row n of the vectors is the embedding of photo n."""
+    catalogue = _photo_catalogue(tmp_path)
+    run_sync(catalogue, settings)
+    with open_index(settings.qdrant) as index:
+        before, _ = stored(index, "p0")
+    assert before.shape == (3, 1000)
+    rows = read_rows(catalogue)
+    rows["p0"]["images"] = "images/p0-2.png|images/p0-0.png|images/p0-1.png"  # same photos, new order
+    write_csv(catalogue, list(rows.values()))
+    summary = run_sync(catalogue, settings)
+    assert summary.outcomes["p0"] == "updated", summary.outcomes["p0"]
+    assert (summary.updated, summary.metadata_updated, summary.unchanged) == (1, 0, 8)
+    with open_index(settings.qdrant) as index:
+        after, payload = stored(index, "p0")
+        assert [Path(p).name for p in photos(payload)] == ["p0-2.png", "p0-0.png", "p0-1.png"]
+        assert after.shape == (3, 1000)
+        for n, old in enumerate((2, 0, 1)):  # the photos are distinct (a circle, a square, a triangle)
+            assert np.allclose(after[n], before[old], atol=1e-4), (n, old)
+            assert not any(np.allclose(after[n], before[m], atol=1e-2) for m in range(3) if m != old), n
+        first = (tmp_path / "images" / "p0-2.png").read_bytes()  # as a query: p0, by its new place 0
+        limits = ImageLimits.from_settings(settings.ingest)
+        hit = query.similar_to_image(index, cpu_embedder(settings), first, limits, k=1)[0]
+        assert (hit.product_id, hit.matched) == ("p0", 0)
 
 
 def read_rows(catalogue: Path) -> dict[str, dict[str, str]]:

@@ -4,6 +4,7 @@ URL-like string Hypothesis makes), and the fetch policy built from the settings.
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import httpx
 import pytest
@@ -67,9 +68,86 @@ def test_check_url_allowed_hosts() -> None:
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.text())
-def test_check_url_never_raises_on_any_text(text: str) -> None:
-    assert isinstance(check_url(text, FetchPolicy()), str | None)
+@given(st.one_of(st.text(), st.text().map("http://".__add__)))
+def test_any_text_is_judged_by_the_checks_not_by_the_catch_all(text: str) -> None:
+    """`check_url` turns any exception into a reason, so "it never raises" proves nothing: the checks
+    under it must judge any text themselves (raise nothing), and their answer is what `check_url` says."""
+    reason = urls._check_url(text, FetchPolicy())
+    assert reason is None or (isinstance(reason, str) and reason), reason
+    assert check_url(text, FetchPolicy()) == reason
+
+
+def test_a_check_that_trips_is_a_refusal_with_a_reason(monkeypatch: pytest.MonkeyPatch) -> None:
+    def trips(url: str, policy: FetchPolicy) -> str | None:
+        raise IndexError("tripped")
+
+    monkeypatch.setattr(urls, "_check_url", trips)
+    assert check_url("http://example.com/", FetchPolicy()) == "not a valid URL (IndexError)"
+
+
+# Numeric hosts as resolvers read them (inet_aton: 1 to 4 parts, each decimal, 0-prefixed octal or
+# 0x-prefixed hex; the last part fills the remaining bytes), written out by hand, and whether the address
+# is public by the IANA IPv4 Special-Purpose Address Registry.
+NUMERIC_HOSTS = [
+    # host, the address it names, public
+    ("127.1", "127.0.0.1", False),  # loopback, 127.0.0.0/8
+    ("0177.1", "127.0.0.1", False),  # octal 0177 = 127
+    ("0177.0.1", "127.0.0.1", False),
+    ("00000177.1", "127.0.0.1", False),
+    ("0x7f.1", "127.0.0.1", False),
+    ("0X7F.0.0.1", "127.0.0.1", False),
+    ("0x7f.0x0.0x0.0x1", "127.0.0.1", False),
+    ("017700000001", "127.0.0.1", False),  # one octal number: 0o17700000001 = 2130706433
+    ("0x7f000001", "127.0.0.1", False),
+    ("2130706433", "127.0.0.1", False),
+    ("0177.0x1", "127.0.0.1", False),
+    ("012.1", "10.0.0.1", False),  # private use, 10.0.0.0/8; octal 012 = 10
+    ("0xa.1", "10.0.0.1", False),
+    ("012.0x0.01", "10.0.0.1", False),
+    ("0251.0376.0xa9fe", "169.254.169.254", False),  # link local: cloud metadata; 0251 = 169, 0376 = 254
+    ("0xa9fea9fe", "169.254.169.254", False),
+    ("025177524776", "169.254.169.254", False),
+    ("0300.0250.0x101", "192.168.1.1", False),  # private use, 192.168.0.0/16; 0300 = 192, 0250 = 168
+    ("0254.020.1", "172.16.0.1", False),  # private use, 172.16.0.0/12; 0254 = 172, 020 = 16
+    ("0144.0100.1", "100.64.0.1", False),  # shared address space, 100.64.0.0/10; 0144 = 100, 0100 = 64
+    ("0", "0.0.0.0", False),  # "this network", 0.0.0.0/8
+    ("0x0", "0.0.0.0", False),
+    ("00", "0.0.0.0", False),
+    ("0340.1", "224.0.0.1", False),  # multicast; 0340 = 224
+    ("0377.0377.0xffff", "255.255.255.255", False),  # limited broadcast
+    ("010.1", "8.0.0.1", True),  # octal 010 = 8: public, where decimal would read private 10.0.0.1
+    ("010.010.0x808", "8.8.8.8", True),
+    ("01002004010", "8.8.8.8", True),  # 0o1002004010 = 134744072
+    ("0x8.0x8.0x8.0x8", "8.8.8.8", True),
+    ("134744072", "8.8.8.8", True),
+    ("0x8080808", "8.8.8.8", True),
+    ("01.02.0x304", "1.2.3.4", True),
+    ("0xd8.072.0330", "216.58.0.216", True),  # 072 = 58, 0330 = 216
+]
+
+
+@pytest.mark.parametrize(("host", "address", "public"), NUMERIC_HOSTS)
+def test_numeric_hosts_in_every_base_are_checked_before_any_packet(
+    host: str, address: str, public: bool
+) -> None:
+    """The check made before any packet (`check_url` itself, not through an HTTP client that refuses
+    some forms first) reads each part of a numeric host in its own base: 0177.1 is loopback, as the
+    resolver that would connect reads it, not 177.0.0.1; and 010.1 is public 8.0.0.1, not 10.0.0.1."""
+    ip = ipaddress.IPv4Address(address)  # the table against Python's own flags (multicast counts global)
+    assert (ip.is_global and not ip.is_multicast) is public
+    try:  # and against the C library's inet_aton, where it reads these forms (glibc, musl, BSD)
+        resolver = socket.inet_ntoa(socket.inet_aton(host))
+    except OSError:
+        resolver = address
+    assert resolver == address, (host, resolver)
+    for url in (f"http://{host}/x.jpg", f"https://{host}./x.jpg", f"http://{host.upper()}:443/"):
+        reason = check_url(url, FetchPolicy())
+        if public:
+            assert reason is None, (url, reason)
+        else:
+            assert reason is not None and "non-public address" in reason, (url, reason)
+            assert check_url(url, FetchPolicy(allowed_hosts=(f"{address}/32",))) is None, url
+    assert urls._numeric_ipv4(host) == ip
 
 
 _HOSTS = st.one_of(
