@@ -91,7 +91,7 @@ class Catalogue:
         self.expected: dict[str, float | None] = {f"p{i}": 10.0 + i for i in range(CATALOGUE)}
 
     def synced(self) -> None:
-        """A file sync: the catalogue's products as its rows say (its row overwrites a PATCH)."""
+        """A file sync or a reindex: the catalogue's products as its rows say (over a PATCH or DELETE)."""
         self.expected |= {f"p{i}": 10.0 + i for i in range(CATALOGUE)}
 
     def check(self, http: httpx.Client, when: str) -> None:
@@ -144,6 +144,7 @@ def step(
     elif kind == "reindex":
         done = run_visrec(settings, "reindex", str(model.file), "--model", str(settings.artefact), "--force")
         assert done.returncode == 0, done.stderr
+        model.synced()  # the file decides its products, as a sync's does; products written over HTTP stay
     else:
         done = run_visrec(settings, "rollback", "--json")
         assert done.returncode == 0 or "not rolled back" in done.stderr or "no version" in done.stderr, (
