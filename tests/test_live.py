@@ -40,6 +40,7 @@ EXAMPLES = int(os.environ.get("VISREC_LIVE_EXAMPLES", "6"))
 PRODUCTS = [f"p{i}" for i in range(6)]
 prices = st.integers(1, 999).map(float)
 products = st.sampled_from(PRODUCTS)
+FILE: dict[str, tuple[float, str] | None] = {p: (10.0 + i, "file") for i, p in enumerate(PRODUCTS)}
 
 
 @pytest.fixture(scope="module")
@@ -60,9 +61,10 @@ class LivePair(RuleBasedStateMachine):
         api = self.template.api.model_copy(update={"alias_check_s": 0.0})
         ingest = self.template.ingest.model_copy(update={"failure_report": self.root / "failures.jsonl"})
         self.settings = self.template.model_copy(update={"qdrant": qdrant, "api": api, "ingest": ingest})
-        self.expected: dict[str, float | None] = {p: 10.0 + i for i, p in enumerate(PRODUCTS)}
+        # What each version holds: product → (price, "file" or "patched"), None when deleted.
+        self.versions: dict[int, dict[str, tuple[float, str] | None]] = {1: FILE.copy()}
+        self.live = 1
         self.readers = ExitStack()
-        self.written_since_switch = False
         self._start()
 
     def _start(self) -> None:
@@ -79,10 +81,9 @@ class LivePair(RuleBasedStateMachine):
             try:
                 self.writes.patch(product, {"price": price})
             except NotFound:
-                assert self.expected[product] is None
+                assert self.versions[self.live][product] is None
                 return
-        self.expected[product] = price
-        self.written_since_switch = True
+        self.versions[self.live][product] = None if price is None else (price, "patched")
 
     @rule(product=products, price=prices)
     def patch(self, product: str, price: float) -> None:
@@ -149,22 +150,24 @@ class LivePair(RuleBasedStateMachine):
         except VisrecError as exc:  # the version above the live one held by a long reader: nothing changes
             assert "in use" in str(exc), exc
             return
-        # As a sync of the file would: the catalogue's products as its rows say (PATCHed and DELETEd
-        # catalogue products set back: the file is their source).
-        self.expected = {p: 10.0 + i for i, p in enumerate(PRODUCTS)}
-        self.written_since_switch = True  # the reindex itself may have set products back
+        # The version above the live one (reused if there is one), as a sync of the file would leave it:
+        # the catalogue's products as its rows say (PATCHed and DELETEd ones set back).
+        self.live = max((g for g in self.versions if g > self.live), default=self.live + 1)
+        self.versions[self.live] = FILE.copy()
 
     @rule()
     def rollback(self) -> None:
+        older = max((g for g in self.versions if g < self.live), default=None)
         try:
             self.writer.run(RollbackJob(), lambda *_: None)
-        except WritesWouldBeLost:
-            assert self.written_since_switch  # refused only when the versions differ
+        except WritesWouldBeLost:  # refused exactly when the two versions differ
+            assert older is not None and self.versions[older] != self.versions[self.live]
             return
         except VisrecError as exc:
-            assert "no version" in str(exc) or "in use" in str(exc), exc
+            assert ("no version" in str(exc) and older is None) or "in use" in str(exc), exc
             return
-        self.written_since_switch = False
+        assert older is not None and self.versions[older] == self.versions[self.live]
+        self.live = older
 
     @rule()
     def restart(self) -> None:
@@ -180,7 +183,7 @@ class LivePair(RuleBasedStateMachine):
         with self.service.reading() as live:
             held = live.index.payloads(PRODUCTS)
         assert {p: v["price"] for p, v in held.items()} == {
-            p: price for p, price in self.expected.items() if price is not None
+            p: held[0] for p, held in self.versions[self.live].items() if held is not None
         }
 
     @invariant()
