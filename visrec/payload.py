@@ -134,7 +134,7 @@ def patched(old: Mapping[str, Any], metadata: Mapping[str, Any]) -> dict[str, An
     files = old.get("photo_files")
     bookkeeping = Bookkeeping(
         vectors_hash=str(old.get("vectors_hash") or ""),
-        metadata_hash=PATCHED + _digest(metadata),
+        metadata_hash=PATCHED + digest(metadata),
         photo_files=files if isinstance(files, list) else [],
         model_version=str(old.get("model_version") or ""),
         source=str(old.get("source") or "catalogue"),
@@ -142,7 +142,8 @@ def patched(old: Mapping[str, Any], metadata: Mapping[str, Any]) -> dict[str, An
     return rebuild(old, metadata, bookkeeping)
 
 
-def _digest(fields: Mapping[str, Any]) -> str:
+def digest(fields: Mapping[str, Any]) -> str:
+    """The hash of catalogue fields: a row's metadata hash (`plan`); a PATCH's, after its prefix."""
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()
 
 

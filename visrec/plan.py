@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from visrec import payload
 from visrec.catalogue import Catalogue, Product
 from visrec.errors import VisrecError
 from visrec.index import SyncRecord
@@ -168,7 +169,7 @@ def bookkeeping(
 
 
 def metadata_hash(product: Product) -> str:
-    return hashlib.sha256(json.dumps(product.metadata(), sort_keys=True, default=str).encode()).hexdigest()
+    return payload.digest(product.metadata())
 
 
 def photo_files(refs: Iterable[str], recorded: list[list[Any]]) -> tuple[list[list[Any]], int]:

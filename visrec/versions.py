@@ -20,7 +20,6 @@ from visrec.errors import IndexUnavailable, ModelError, QualityRefused, VisrecEr
 from visrec.evaluation import Quality
 from visrec.filters import Filters
 from visrec.index import Store, VectorIndex
-from visrec.index.base import SCROLL_PAGE
 from visrec.ingest import ProgressFn, SyncOptions, SyncSummary, sync
 from visrec.manifest import Manifest, ModelHandle, read_manifest
 
@@ -145,22 +144,13 @@ def written_over_http(
         try:
             with _opened(store, live, held) as index:
                 if index.exists():
-                    rows = [payload.as_row(p) for p in _payloads(index, Filters(equals={"source": "api"}))]
+                    rows = [payload.as_row(p) for p in index.all_payloads(Filters(equals={"source": "api"}))]
         except IndexUnavailable as exc:
             raise IndexUnavailable(
                 f"the products written over HTTP into {live} cannot be read ({exc}); a new version "
                 "without them would lose them: rerun when the store is free"
             ) from exc
     return rows_from_service(rows, options.ingest, origin=f"{live} (products written over HTTP)")
-
-
-def _payloads(index: VectorIndex, filters: Filters) -> Iterator[dict[str, Any]]:
-    after = None
-    while True:
-        page, after = index.browse(filters, SCROLL_PAGE, after)
-        yield from (p for _, p in page)
-        if after is None:
-            return
 
 
 def _sync_written(

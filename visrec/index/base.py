@@ -7,7 +7,7 @@ import re
 import threading
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -173,6 +173,7 @@ class VectorIndex(_Closing):
     collection: str  # the physical collection's name
     multivector: bool = True  # False: a collection from before several photos per product
     owned_store: Store | None = None  # closed with this index (`Store.open(..., owner=True)`)
+    _change_logs: tuple[ChangeLog, ...] = ()  # watching this handle's writes (`watch`)
     SCHEMA_TYPES: ClassVar[Mapping[IndexType, object]]  # visrec's payload index types, in the engine's terms
 
     @abstractmethod
@@ -252,18 +253,15 @@ class VectorIndex(_Closing):
         """A log of the product ids written through this handle from now on (until it is closed)."""
         change_log = ChangeLog(self)
         with _WATCHING:
-            self._change_logs = [*self._watchers(), change_log]
+            self._change_logs = (*self._change_logs, change_log)
         return change_log
-
-    def _watchers(self) -> list[ChangeLog]:
-        return list(getattr(self, "_change_logs", ()))
 
     def _stop_watching(self, change_log: ChangeLog) -> None:
         with _WATCHING:
-            self._change_logs = [w for w in self._watchers() if w is not change_log]
+            self._change_logs = tuple(w for w in self._change_logs if w is not change_log)
 
     def _noting(self, product_ids: Iterable[str]) -> None:
-        watchers = self._watchers()
+        watchers = self._change_logs  # a tuple, replaced whole: a snapshot without the lock
         if watchers:
             ids = list(product_ids)
             for watcher in watchers:
@@ -303,13 +301,19 @@ class VectorIndex(_Closing):
 
     def sync_records(self) -> dict[str, SyncRecord]:
         """product id → what was indexed, for every point (payload fields only, no vectors)."""
-        records: dict[str, SyncRecord] = {}
+        return {
+            payload["product_id"]: SyncRecord.from_payload(payload)
+            for payload in self.all_payloads(Filters(), list(SYNC_FIELDS))
+        }
+
+    def all_payloads(self, filters: Filters, fields: list[str] | bool = True) -> Iterator[dict[str, Any]]:
+        """The payloads (`fields` of them; True: all) of every point meeting `filters`, page by page."""
         offset: str | None = None
         while True:
-            page, offset = self._scroll(Filters(), SCROLL_PAGE, offset, list(SYNC_FIELDS))
-            records.update((payload["product_id"], SyncRecord.from_payload(payload)) for payload in page)
+            page, offset = self._scroll(filters, SCROLL_PAGE, offset, fields)
+            yield from page
             if offset is None:
-                return records
+                return
 
     def browse(
         self, filters: Filters, limit: int, after: str | None = None
