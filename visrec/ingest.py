@@ -180,7 +180,8 @@ def sync(
             "artefact": str(model.artefact_dir.resolve()),
         },
     )
-    indexed = index.sync_records()
+    # Rows alone (no deletes) need only their own products' records.
+    indexed = index.sync_records(None if options.deletes else [p.id for p in catalogue.products])
     plan = plan_sync(
         catalogue,
         indexed,

@@ -299,8 +299,12 @@ class VectorIndex(_Closing):
         store indexes on its own (a server)."""
         return 0
 
-    def sync_records(self) -> dict[str, SyncRecord]:
-        """product id → what was indexed, for every point (payload fields only, no vectors)."""
+    def sync_records(self, product_ids: Sequence[str] | None = None) -> dict[str, SyncRecord]:
+        """product id → what was indexed, for every point, or for `product_ids` (those indexed) alone: a
+        write of a few rows reads their records, not the collection's (1.5 s at 100k points)."""
+        if product_ids is not None:
+            found = self.payloads(product_ids)
+            return {product_id: SyncRecord.from_payload(p) for product_id, p in found.items()}
         return {
             payload["product_id"]: SyncRecord.from_payload(payload)
             for payload in self.all_payloads(Filters(), list(SYNC_FIELDS))
