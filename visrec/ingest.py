@@ -15,6 +15,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,11 +38,22 @@ if TYPE_CHECKING:  # torch: imported only once a photo needs embedding
     from visrec.embed import EmbeddedBatch
     from visrec.images import ImageLimits
 
-__all__ = ["PAYLOAD_VERSION", "Shard", "SyncOptions", "SyncSummary", "sync"]
+__all__ = [
+    "PAYLOAD_VERSION",
+    "Ahead",
+    "Shard",
+    "SyncOptions",
+    "SyncSummary",
+    "Writing",
+    "embed_ahead",
+    "sync",
+]
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]  # (images done, images to embed)
+# A service's writer: one unit of writes holds it, on the live version of that moment (`Writer.writing`).
+Writing = Callable[[], AbstractContextManager[VectorIndex]]
 REWRITE_PAGE = 256  # payloads read and rewritten at a time
 
 
@@ -140,14 +152,21 @@ class SyncSummary:
 
 def sync(
     catalogue: Catalogue,
-    index: VectorIndex,
+    index: VectorIndex | Writing,
     model: ModelHandle,
     options: SyncOptions,
     *,
     progress: ProgressFn | None = None,
     new_model: bool = False,
+    ahead: Ahead | None = None,
 ) -> SyncSummary:
     """Bring the index in step with the catalogue; returns what was done.
+
+    `index` is the index, or a service's `Writing`: then the sync writes in units, each holding the writer
+    on the live version of its moment: one for the plan with its deletes and payload rewrites (the plan
+    holds only while nothing else writes), then one per batch of upserts. Other writes go on between them,
+    while photos embed: an upsert writes what the catalogue and the photos say and reads nothing, so a
+    write that came between is as if made before the sync. `ahead`: photos embedded before (`embed_ahead`).
 
     Bad rows, bad images and points the store refuses are written to the failure report (JSON lines,
     with the product id, the catalogue line and the reason) and skipped. Raises `CatalogueError` for a
@@ -158,12 +177,37 @@ def sync(
     mix two models' vectors while it is queried: `reindex` builds a new version instead).
     """
     started = time.perf_counter()
-    shard, failure_report = options.shard, options.failure_report
     if not catalogue.products:
         raise CatalogueError(
             f"{catalogue.path}: no valid product (of {len(catalogue.errors)} rows); nothing synced"
         )
-    manifest = model.manifest
+    writing: Writing = (lambda: nullcontext(index)) if isinstance(index, VectorIndex) else index
+    with writing() as written:
+        plan, failures = _plan_and_delete(catalogue, written, model, options, new_model)
+        rejected: dict[str, str] = {}  # product id → why the store refused its point
+        _rewrite_payloads(written, plan, rejected)
+    embedded = _embed_and_write(
+        catalogue, writing, model, options, plan.to_embed, failures, rejected, progress, ahead
+    )
+
+    optimize_seconds = 0.0
+    if options.optimize and (embedded or plan.removed):
+        # The embedded store builds its HNSW graph only when asked: at 100k points top-10 takes 19 ms
+        # unoptimized, 1.5 ms after (benchmarks/query_latency.py). Small stores and servers: a no-op.
+        optimizing = time.perf_counter()
+        with writing() as written:
+            written.optimize(apart=options.optimize_apart)
+        optimize_seconds = time.perf_counter() - optimizing
+        log.info("index optimized in %.1f s", optimize_seconds)
+    return _summary(catalogue, plan, embedded, failures, rejected, options, started, optimize_seconds, model)
+
+
+def _plan_and_delete(
+    catalogue: Catalogue, index: VectorIndex, model: ModelHandle, options: SyncOptions, new_model: bool
+) -> tuple[SyncPlan, list[dict[str, Any]]]:
+    """Plan the sync against what `index` holds and carry out its deletes; returns the plan and the
+    failures so far (rows, photos). Raises as `sync` says, before anything is written."""
+    manifest, shard = model.manifest, options.shard
     recorded = index.metadata() if index.exists() else {}
     built_by = recorded.get("model_version")
     if built_by and built_by != manifest.model_version and not new_model:
@@ -207,18 +251,22 @@ def sync(
 
     failures += _reported("photo", catalogue.photo_errors)
     index.delete(plan.removed)
-    rejected: dict[str, str] = {}  # product id → why the store refused its point
-    _rewrite_payloads(index, plan, rejected)
-    embedded = _embed_and_write(catalogue, index, model, options, plan.to_embed, failures, rejected, progress)
+    return plan, failures
 
-    optimize_seconds = 0.0
-    if options.optimize and (embedded or plan.removed):
-        # The embedded store builds its HNSW graph only when asked: at 100k points top-10 takes 19 ms
-        # unoptimized, 1.5 ms after (benchmarks/query_latency.py). Small stores and servers: a no-op.
-        optimizing = time.perf_counter()
-        index.optimize(apart=options.optimize_apart)
-        optimize_seconds = time.perf_counter() - optimizing
-        log.info("index optimized in %.1f s", optimize_seconds)
+
+def _summary(
+    catalogue: Catalogue,
+    plan: SyncPlan,
+    embedded: set[int],
+    failures: list[dict[str, Any]],
+    rejected: dict[str, str],
+    options: SyncOptions,
+    started: float,
+    optimize_seconds: float,
+    model: ModelHandle,
+) -> SyncSummary:
+    """What a sync did, per product and in all; writes the failure report."""
+    shard, failure_report, manifest = options.shard, options.failure_report, model.manifest
     failures += [_failure("store", catalogue, product_id, error) for product_id, error in rejected.items()]
     embedded = {i for i in embedded if plan.to_embed[i].product.id not in rejected}
     _write_report(failure_report, failures)
@@ -304,13 +352,14 @@ def _rewrite_payloads(index: VectorIndex, plan: SyncPlan, rejected: dict[str, st
 
 def _embed_and_write(
     catalogue: Catalogue,
-    index: VectorIndex,
+    writing: Writing,
     model: ModelHandle,
     options: SyncOptions,
     todo: list[Desired],
     failures: list[dict[str, Any]],
     rejected: dict[str, str],
     progress: ProgressFn | None,
+    ahead: Ahead | None,
 ) -> set[int]:
     """Embed the photos of `todo` and upsert each product once its photos are in (index writes overlap
     with embedding); returns the positions in `todo` that were written. The model loads here, and only
@@ -340,15 +389,13 @@ def _embed_and_write(
         )
 
     def write(points: list[IndexPoint]) -> None:
-        _isolating(index.upsert, lambda p: p.product_id, rejected)(points)
+        with writing() as index:
+            _isolating(index.upsert, lambda p: p.product_id, rejected)(points)
         log.info("upserted %d points", len(points))  # logged once durable in the index
 
-    embedder = model.embedder()
+    ready = ahead.batch(photos.refs, version) if ahead else None
     with BackgroundWriter(write) as writer:
-        # Photos are opened without links, inside the folders the catalogue was allowed (checked at open:
-        # a photo swapped for a link after the catalogue was read is refused).
-        limits = options.limits.within(catalogue.base_dir, *catalogue.image_roots)
-        for batch in embedder.embed_refs(photos.refs, limits, annotate=_colour_fields):
+        for batch in [ready] if ready else _embedded(catalogue, model, options, photos.refs):
             points = []
             for n, got in photos.add(batch):
                 product_id = todo[n].product.id
@@ -362,6 +409,60 @@ def _embed_and_write(
             if progress:
                 progress(done, len(photos.refs))
     return embedded
+
+
+def _embedded(
+    catalogue: Catalogue, model: ModelHandle, options: SyncOptions, refs: list[str]
+) -> Iterator[EmbeddedBatch]:
+    """The catalogue's photos `refs`, embedded batch by batch in order. Photos are opened without links,
+    inside the folders the catalogue was allowed (checked at open: a photo swapped for a link after the
+    catalogue was read is refused)."""
+    limits = options.limits.within(catalogue.base_dir, *catalogue.image_roots)
+    return model.embedder().embed_refs(refs, limits, annotate=_colour_fields)
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """Photos embedded before a write takes the service's writer, by one model: each ref's vector and
+    colour fields, or why it failed. The writer is then held to decide and write, not to fetch and
+    embed (`visrec.writer.ProductWrites`)."""
+
+    model_version: str
+    vectors: dict[str, tuple[np.ndarray, dict[str, Any]]]
+    failed: dict[str, str]
+
+    def batch(self, refs: list[str], model_version: str) -> EmbeddedBatch | None:
+        """`refs` as one embedded batch; None unless every one was embedded (or failed) by that model."""
+        if model_version != self.model_version or not all(
+            r in self.vectors or r in self.failed for r in refs
+        ):
+            return None
+        from visrec.embed import EmbeddedBatch
+
+        done = [i for i, ref in enumerate(refs) if ref in self.vectors]
+        vectors = [self.vectors[refs[i]][0] for i in done]
+        return EmbeddedBatch(
+            done,
+            np.stack(vectors) if vectors else np.empty((0, 0), np.float32),
+            [(i, self.failed[ref]) for i, ref in enumerate(refs) if ref not in self.vectors],
+            [self.vectors[refs[i]][1] for i in done],
+        )
+
+
+def embed_ahead(catalogue: Catalogue, index: VectorIndex, model: ModelHandle, options: SyncOptions) -> Ahead:
+    """Embed the photos that a sync of the catalogue's rows (no deletes) would embed now, planned on their
+    records read without the writer: the sync under the writer plans again and embeds whatever this
+    missed (a write that came between, a model that changed)."""
+    version = model.manifest.model_version
+    records = index.sync_records([p.id for p in catalogue.products])
+    plan = plan_sync(catalogue, records, version, options.shard, source=options.source, deletes=False)
+    refs = list(dict.fromkeys(ref for d in plan.to_embed for ref in catalogue.photo_refs(d.product)))
+    ahead = Ahead(version, {}, {})
+    for batch in _embedded(catalogue, model, options, refs) if refs else []:
+        for i, vector, extra in zip(batch.indices, batch.vectors, batch.extras, strict=True):
+            ahead.vectors[refs[i]] = (vector, extra)
+        ahead.failed.update((refs[i], error) for i, error in batch.failures)
+    return ahead
 
 
 def _check_deletes(

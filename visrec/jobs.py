@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from visrec.catalogue import read_catalogue
 from visrec.config import Settings
 from visrec.index import VectorIndex, open_index, open_store
-from visrec.ingest import SyncOptions, sync
+from visrec.ingest import SyncOptions, Writing, sync
 from visrec.manifest import ModelHandle
 from visrec.plan import Shard
 from visrec.versions import reindex, rollback
@@ -96,7 +96,7 @@ def _with_flags(settings: Settings, job: SyncJob | ReindexJob) -> Settings:
 def run_sync(
     job: SyncJob,
     settings: Settings,
-    index: VectorIndex,
+    index: VectorIndex | Writing,
     progress: Progress | None = None,
     *,
     model: ModelHandle | None = None,

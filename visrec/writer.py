@@ -1,6 +1,11 @@
-"""The service's one writer: the jobs handed over by `visrec sync`, `reindex` and `rollback`
-(`visrec.owner`) and the HTTP writes run here one at a time, on the service's own handles, while requests
-go on reading.
+"""The service's writer: the jobs handed over by `visrec sync`, `reindex` and `rollback` (`visrec.owner`)
+and the HTTP writes, on the service's own handles, while requests go on reading.
+
+Two locks, always taken in this order: `jobs` runs one handed-over job at a time; `lock` is held by one
+unit of writes at a time, and only to decide and write: an HTTP write (its photos are fetched and
+embedded before, `ingest.embed_ahead`), one unit of a sync's (`Writer.writing`: the plan with its
+deletes and payload rewrites, then each batch of upserts: other writes go on while its photos embed), a
+reindex or a rollback (held for their whole run), the optimized copy's two short steps below.
 
 A sync writes into the live version through the handle the requests use (qdrant-edge takes reads and
 writes on one handle from several threads); its model is the live pair's when it is the same artefact (no
@@ -36,7 +41,7 @@ from visrec.catalogue import Catalogue, Product, explain, rows_from_service, val
 from visrec.catchup import caught_up, copy_points
 from visrec.errors import CollectionMissing, InvalidQuery, NotFound, VisrecError, WritesBusy
 from visrec.index import VectorIndex
-from visrec.ingest import SyncOptions, SyncSummary, sync
+from visrec.ingest import Ahead, SyncOptions, SyncSummary, embed_ahead, sync
 from visrec.jobs import Job, Progress, ReindexJob, RollbackJob, SyncJob, run_reindex, run_rollback, run_sync
 from visrec.manifest import ModelHandle
 from visrec.service import Service
@@ -50,7 +55,8 @@ MAX_BACKOFF_S = 600.0
 class Writer:
     def __init__(self, service: Service, registry: CollectorRegistry | None = None) -> None:
         self.service = service
-        self.lock = threading.RLock()  # one writer at a time; the next command (or write) waits its turn
+        self.jobs = threading.Lock()  # one handed-over job at a time; the next command waits its turn
+        self.lock = threading.RLock()  # one unit of writes at a time
         # Under `lock`: the points changed since the live version was last optimized, and the copy's plan.
         self.changed_since_optimize = 0
         self._copying: threading.Thread | None = None
@@ -65,18 +71,27 @@ class Writer:
         )
 
     def run(self, job: Job, progress: Progress) -> dict[str, Any]:
-        with self.lock:
+        with self.jobs:
             log.info("running a handed-over %s", job.command)
             try:
                 match job:
                     case SyncJob():
                         return self._sync(job, progress)
                     case ReindexJob():
-                        return self._reindex(job, progress)
+                        with self.lock:
+                            return self._reindex(job, progress)
                     case RollbackJob():
-                        return self._rollback(job)
+                        with self.lock:
+                            return self._rollback(job)
             finally:
                 self.service.refresh()
+
+    @contextmanager
+    def writing(self) -> Iterator[VectorIndex]:
+        """One unit of writes: the writer held, on the live version of this moment (an optimized copy
+        may have replaced the one a job started on)."""
+        with self.lock, self.service.reading() as live:
+            yield live.index
 
     def _model(self, artefact: Path) -> ModelHandle:
         """The live pair's model when the job names the same artefact, else a handle that loads its own."""
@@ -89,12 +104,11 @@ class Writer:
     def _sync(self, job: SyncJob, progress: Progress) -> dict[str, Any]:
         settings = self.service.settings
         try:
-            with self.service.reading() as live:
-                result = run_sync(
-                    job, settings, live.index, progress, model=self._model(job.model), optimize=False
-                )
+            result = run_sync(
+                job, settings, self.writing, progress, model=self._model(job.model), optimize=False
+            )
         except CollectionMissing:  # no collection yet: the first sync creates it, then the service opens it
-            with self.first_version() as index:
+            with self.lock, self.first_version() as index:
                 return run_sync(
                     job, settings, index, progress, model=self._model(job.model), optimize_apart=True
                 )
@@ -301,16 +315,17 @@ class ProductWrites:
         catalogue = rows_from_service(rows, self.service.settings.ingest)
         outcomes = {e.line: f"error: {e.message}" for e in catalogue.errors}
         if catalogue.products:
+            ahead = self._embedded_ahead(catalogue)  # fetched and embedded with the writer free
             with self.writer.lock:
-                summary = self._sync(catalogue)
+                summary = self._sync(catalogue, ahead)
             for product in catalogue.products:
                 outcomes[catalogue.lines[product.id]] = summary.outcomes.get(product.id, "unchanged")
         return [outcomes[n] for n in range(1, len(rows) + 1)]
 
-    def _sync(self, catalogue: Catalogue) -> SyncSummary:
+    def _options(self) -> SyncOptions:
         settings = self.service.settings
         report = settings.ingest.failure_report
-        options = SyncOptions(
+        return SyncOptions(
             settings.ingest,
             report.with_name(f"{report.stem}.api{report.suffix}"),  # the file syncs' report stays theirs
             max_delete=1.0,
@@ -318,10 +333,27 @@ class ProductWrites:
             source="api",
             deletes=False,
         )
+
+    def _embedded_ahead(self, catalogue: Catalogue) -> Ahead | None:
+        """The rows' new photos, embedded by the live model; None where that cannot be done now (the
+        sync under the writer then does it, and reports why it failed)."""
+        try:
+            with self.service.reading() as live:
+                model = ModelHandle(
+                    live.model().artefact_dir, self.service.settings.embed, loaded=live.model()
+                )
+                return embed_ahead(catalogue, live.index, model, self._options())
+        except VisrecError as exc:
+            log.debug("photos not embedded ahead of the writer: %s", exc)
+            return None
+
+    def _sync(self, catalogue: Catalogue, ahead: Ahead | None) -> SyncSummary:
+        settings = self.service.settings
+        options = self._options()
         try:
             with self.service.reading() as live:
                 model = ModelHandle(live.model().artefact_dir, settings.embed, loaded=live.model())
-                summary = sync(catalogue, live.index, model, options)
+                summary = sync(catalogue, live.index, model, options, ahead=ahead)
         except CollectionMissing:  # the first products of an empty store: create it with the model
             with self.writer.first_version() as index:
                 return sync(catalogue, index, ModelHandle(settings.artefact, settings.embed), options)
