@@ -39,6 +39,7 @@ from visrec.artefact import save_artefact
 from visrec.catalogue import Catalogue, read_catalogue
 from visrec.config import EmbedSettings, IngestSettings, QdrantSettings
 from visrec.embed import Embedder, resolve_device
+from visrec.handle import ModelHandle
 from visrec.images import (
     ImageDataset,
     ImageLimits,
@@ -49,7 +50,6 @@ from visrec.images import (
 )
 from visrec.index import open_index
 from visrec.ingest import SyncOptions, sync
-from visrec.manifest import ModelHandle
 from visrec.model import build_model, load_pretrained
 
 from common import SAMPLE_CATALOGUE, catalogue_rows, embed_all, new_parser, write_catalogue

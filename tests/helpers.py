@@ -27,9 +27,9 @@ from visrec.artefact import Manifest, load_artefact, save_artefact
 from visrec.catalogue import Catalogue, read_catalogue
 from visrec.config import EmbedSettings, IngestSettings, QdrantSettings, Settings, TrainSettings
 from visrec.embed import Embedder
+from visrec.handle import ModelHandle
 from visrec.index import Store, VectorIndex, open_index, open_store
 from visrec.ingest import ProgressFn, SyncOptions, SyncSummary, sync
-from visrec.manifest import ModelHandle
 from visrec.model import VisrecNet, build_model
 from visrec.versions import ReindexSummary, reindex
 

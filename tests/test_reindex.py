@@ -465,8 +465,8 @@ def test_rollback_refuses_when_a_product_changed_owner_since_the_switch(
     from dataclasses import replace
 
     from visrec.catalogue import read_catalogue
+    from visrec.handle import ModelHandle
     from visrec.ingest import SyncOptions, sync
-    from visrec.manifest import ModelHandle
 
     catalogue = make_catalogue(4)
     run_sync(catalogue, settings)

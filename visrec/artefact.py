@@ -39,6 +39,7 @@ __all__ = [
     "save_artefact",
 ]
 
+
 def save_artefact(
     model: VisrecNet,
     out_dir: Path,

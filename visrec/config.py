@@ -329,7 +329,7 @@ def _form(loc: list[str]) -> str:
     if "list[" in text:
         return ' (a list, as JSON: e.g. \'["a", "b"]\')'
     if "dict[" in text:
-        return ' (a mapping, as JSON: e.g. \'{"a": 1}\')'
+        return " (a mapping, as JSON: e.g. '{\"a\": 1}')"
     return ""
 
 

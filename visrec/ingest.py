@@ -30,8 +30,8 @@ from visrec.colour import extract_colours
 from visrec.config import IngestSettings, Settings
 from visrec.errors import CatalogueError, ModelError, PointRejected, VisrecError
 from visrec.fs import write_atomically
+from visrec.handle import ModelHandle
 from visrec.index import IndexPoint, VectorIndex
-from visrec.manifest import ModelHandle
 from visrec.plan import PARTIAL, PAYLOAD_VERSION, Desired, Shard, SyncPlan, plan_sync
 
 if TYPE_CHECKING:  # torch: imported only once a photo needs embedding

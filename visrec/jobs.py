@@ -18,9 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from visrec.catalogue import read_catalogue
 from visrec.config import Settings
+from visrec.handle import ModelHandle
 from visrec.index import VectorIndex, open_index, open_store
 from visrec.ingest import SyncOptions, Writing, sync
-from visrec.manifest import ModelHandle
 from visrec.plan import Shard
 from visrec.versions import reindex, rollback
 

@@ -179,4 +179,3 @@ class LiveState:
                 entry.index.close()
             except VisrecError as exc:
                 log.warning("closing %s: %s", entry.index.place, exc)
-

@@ -1,5 +1,6 @@
 """The exported model as far as it can be known without torch: its manifest (what made it, how it wants
-its input, its version), and `ModelHandle`, which loads the network only when a photo needs embedding.
+its input, its version). The model layer's constants and records live here, below the embedding stage:
+this module imports neither torch nor `visrec.embed` (`visrec.handle.ModelHandle` loads the network).
 
 A sync with nothing to embed, and a command handed to a running service, import neither torch nor
 torchvision (seconds of start-up on this machine): they read the manifest from here.
@@ -11,15 +12,12 @@ import hashlib
 import json
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
-from visrec.config import EmbedSettings, Loss
+from visrec.config import Loss
 from visrec.errors import ModelError
-
-if TYPE_CHECKING:
-    from visrec.embed import Embedder
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.pt"  # what artefacts made before weights files were named by their hash call it
@@ -112,34 +110,3 @@ def artefact_for(collection_metadata: dict[str, str], configured: Path) -> Path:
         f"the live collection was built by model {wanted} (artefact {recorded}), which is not readable "
         f"here, and {configured} holds another model: deploy that artefact and point VISREC_ARTEFACT at it"
     )
-
-
-class ModelHandle:
-    """An exported model as a sync uses it: the manifest at once, the network (and torch) only when the
-    first photo needs embedding. `loaded` reuses an embedder already in memory (the service's)."""
-
-    def __init__(
-        self, artefact_dir: Path, settings: EmbedSettings | None = None, loaded: Embedder | None = None
-    ) -> None:
-        self.artefact_dir = artefact_dir
-        self.settings = settings or EmbedSettings()
-        self._embedder = loaded
-        self._manifest = loaded.manifest if loaded is not None else None
-
-    @property
-    def manifest(self) -> Manifest:
-        if self._manifest is None:
-            self._manifest = read_manifest(self.artefact_dir)
-        return self._manifest
-
-    @property
-    def loaded(self) -> bool:
-        return self._embedder is not None
-
-    def embedder(self) -> Embedder:
-        """The embedder, made on first use (this imports torch; the weights load on the first batch)."""
-        if self._embedder is None:
-            from visrec.embed import Embedder, resolve_device
-
-            self._embedder = Embedder(self.artefact_dir, resolve_device(self.settings.device), self.settings)
-        return self._embedder

@@ -239,5 +239,3 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict):
         raise ModelError(f"{path}: expected a state dict, found {type(state).__name__}")
     return state
-
-

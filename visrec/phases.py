@@ -1,4 +1,5 @@
-"""The two training phases of `visrec.train`, and what they share (`Run`: data, loaders, checkpoints).
+"""The two training phases of `visrec.train`, and what they share (`Run`: data, loaders, checkpoints;
+`TrainResult`: the model and the figures each phase adds to it).
 
 Phase 1 (`frozen_phase`) trains the new layers with Adam on pooled features computed once; phase 2
 (`finetune_phase`) unfreezes everything, with a small learning rate on a cosine schedule. Both keep
@@ -14,8 +15,9 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,9 +29,6 @@ from visrec.images import AugmentedImages, ImageDataset, ImageItem, ImageLimits,
 from visrec.metrics import topk_accuracy
 from visrec.model import VisrecNet, WeightInfo
 from visrec.splits import Split
-
-if TYPE_CHECKING:
-    from visrec.train import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +48,34 @@ PHASE1_FIELDS = (
     "loss",
     "temperature",
 )
+
+
+@dataclass
+class HeldOut:
+    """The one evaluation of the held-out split: for each image that decoded, its target, logits and
+    1000-d embedding, and its position in the held-out split."""
+
+    refs: list[str]
+    targets: torch.Tensor
+    logits: torch.Tensor
+    embeddings: torch.Tensor
+    positions: list[int]
+
+
+@dataclass
+class TrainResult:
+    """What `visrec.train.train` returns; each phase adds its losses, validation history and figures."""
+
+    model: VisrecNet
+    classes: list[str]
+    pretrained: WeightInfo
+    metrics: dict[str, float]
+    losses: dict[str, list[float]] = field(default_factory=dict)  # mean loss per epoch, by phase
+    validation: dict[str, list[float]] = field(default_factory=dict)  # validation top-1 per epoch
+    heldout: HeldOut | None = None
+    # Ids of the held-out products the model never saw in training or validation: the manifest records
+    # them so that `visrec reindex`'s quality gate can query products neither model was trained on.
+    heldout_products: list[str] = field(default_factory=list)
 
 
 class Run:

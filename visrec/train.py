@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 import torch
 
@@ -26,37 +25,11 @@ from visrec.config import Settings
 from visrec.features import StageProgress, infer
 from visrec.images import Preprocess
 from visrec.metrics import topk_accuracy
-from visrec.model import EMBEDDING_DIM, VisrecNet, WeightInfo, build_model, load_pretrained
-from visrec.phases import Run, embed_and_classify, finetune_phase, frozen_phase
+from visrec.model import EMBEDDING_DIM, build_model, load_pretrained
+from visrec.phases import HeldOut, Run, TrainResult, embed_and_classify, finetune_phase, frozen_phase
 from visrec.splits import split_data
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class HeldOut:
-    """The one evaluation of the held-out split: for each image that decoded, its target, logits and
-    1000-d embedding, and its position in the held-out split."""
-
-    refs: list[str]
-    targets: torch.Tensor
-    logits: torch.Tensor
-    embeddings: torch.Tensor
-    positions: list[int]
-
-
-@dataclass
-class TrainResult:
-    model: VisrecNet
-    classes: list[str]
-    pretrained: WeightInfo
-    metrics: dict[str, float]
-    losses: dict[str, list[float]] = field(default_factory=dict)  # mean loss per epoch, by phase
-    validation: dict[str, list[float]] = field(default_factory=dict)  # validation top-1 per epoch
-    heldout: HeldOut | None = None
-    # Ids of the held-out products the model never saw in training or validation: the manifest records
-    # them so that `visrec reindex`'s quality gate can query products neither model was trained on.
-    heldout_products: list[str] = field(default_factory=list)
 
 
 def train(

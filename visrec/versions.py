@@ -19,9 +19,10 @@ from visrec.config import GateSettings
 from visrec.errors import IndexUnavailable, ModelError, QualityRefused, VisrecError, WritesWouldBeLost
 from visrec.evaluation import Quality
 from visrec.filters import Filters
+from visrec.handle import ModelHandle
 from visrec.index import Store, VectorIndex
 from visrec.ingest import ProgressFn, SyncOptions, SyncSummary, sync
-from visrec.manifest import Manifest, ModelHandle, read_manifest
+from visrec.manifest import Manifest, read_manifest
 
 log = logging.getLogger(__name__)
 

@@ -40,10 +40,10 @@ from visrec import payload
 from visrec.catalogue import Catalogue, Product, explain, rows_from_service, value_problem
 from visrec.catchup import caught_up, copy_points
 from visrec.errors import CollectionMissing, InvalidQuery, NotFound, VisrecError, WritesBusy
+from visrec.handle import ModelHandle
 from visrec.index import VectorIndex
 from visrec.ingest import Ahead, SyncOptions, SyncSummary, embed_ahead, sync
 from visrec.jobs import Job, Progress, ReindexJob, RollbackJob, SyncJob, run_reindex, run_rollback, run_sync
-from visrec.manifest import ModelHandle
 from visrec.service import Service
 
 log = logging.getLogger(__name__)

@@ -24,9 +24,10 @@ from visrec.api.errors import add_handlers
 from visrec.api.exposure import ExposureRefused, check_exposure
 from visrec.api.ops import OPEN_PATHS
 from visrec.config import Settings
-from visrec.guard import Guard, GuardSettings, Slots
+from visrec.guard import Guard, GuardSettings
 from visrec.owner import OwnerChannel
 from visrec.service import Service
+from visrec.slots import Slots
 from visrec.writer import ProductWrites, Writer
 
 __all__ = ["OPEN_PATHS", "ExposureRefused", "check_exposure", "create_app"]

@@ -16,8 +16,8 @@ from visrec import query
 from visrec.api.models import CallerQuery
 from visrec.errors import InvalidQuery
 from visrec.filters import Filters
-from visrec.guard import BUSY, Slots
 from visrec.service import Service
+from visrec.slots import BUSY, Slots
 
 T = TypeVar("T")
 
