@@ -417,7 +417,13 @@ def _jsonl_rows(lines: Lines, path: Path) -> Iterator[tuple[int, dict[str, Any] 
 
 
 def explain(exc: ValidationError) -> str:
+    """Pydantic's errors on one line: a field named with a newline or other control character (a junk
+    key) is shown quoted and escaped, so no message breaks a terminal line or a log line."""
+
+    def shown(part: object) -> str:
+        return str(part) if str(part).isprintable() else json.dumps(str(part))
+
     return "; ".join(
-        f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg'].removeprefix('Value error, ')}"
+        f"{'.'.join(map(shown, e['loc'])) or 'row'}: {e['msg'].removeprefix('Value error, ')}"
         for e in exc.errors()
     )

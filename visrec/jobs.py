@@ -22,7 +22,7 @@ from visrec.handle import ModelHandle
 from visrec.index import VectorIndex, open_index, open_store
 from visrec.ingest import SyncOptions, Writing, sync
 from visrec.plan import Shard
-from visrec.versions import reindex, rollback
+from visrec.versions import Beside, reindex, rollback
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -123,9 +123,11 @@ def run_reindex(
     *,
     held: Mapping[str, VectorIndex] | None = None,
     model: ModelHandle | None = None,
+    beside: Beside | None = None,
 ) -> dict[str, Any]:
     """`visrec reindex`; `held`: versions this process has open (the service's live one), whose requests
-    must not stop: the new version is then optimized in a process of its own."""
+    must not stop: the new version is then optimized in a process of its own; `beside`: the service
+    writing into the live version meanwhile."""
     settings = _with_flags(settings, job)
     catalogue = read_catalogue(job.catalogue, settings.ingest)
     with open_store(settings.qdrant) as store:
@@ -139,6 +141,7 @@ def run_reindex(
             accept_failures=job.accept_failures,
             progress=lambda done, total: _tell(progress, "embed", done, total),
             held=held,
+            beside=beside,
         )
     return summary.to_dict()
 

@@ -85,9 +85,12 @@ class LiveState:
     def holding(self) -> Iterator[dict[str, VectorIndex]]:
         """Every handle held now, by collection, held until the block ends: a job reads (or, for a
         version above the live one, rebuilds) those versions through them, since no second handle
-        can open them."""
+        can open them. Where a collection has two (a retired one still read), the live pair's."""
         with self._lock:
-            entries = [held for held in self._held.values() if held.index.exists()]
+            live = self._live.index if self._live else None
+            entries = sorted(
+                (held for held in self._held.values() if held.index.exists()), key=lambda h: h.index is live
+            )
             for held in entries:
                 held.holders += 1
         try:

@@ -7,20 +7,22 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from visrec import evaluation, payload
 from visrec.catalogue import Catalogue, rows_from_service
+from visrec.catchup import Apply, caught_up
 from visrec.config import GateSettings
 from visrec.errors import IndexUnavailable, ModelError, QualityRefused, VisrecError, WritesWouldBeLost
 from visrec.evaluation import Quality
 from visrec.filters import Filters
 from visrec.handle import ModelHandle
 from visrec.index import Store, VectorIndex
+from visrec.index.base import ChangeLog
 from visrec.ingest import ProgressFn, SyncOptions, SyncSummary, sync
 from visrec.manifest import Manifest, read_manifest
 
@@ -67,6 +69,18 @@ class ReindexSummary:
         }
 
 
+@dataclass(frozen=True)
+class Beside:
+    """A service that goes on writing into its live version while a reindex builds the next one: its
+    writes are watched from before the build and caught up with before the switch (`visrec.catchup`),
+    which is made, and served, with them held."""
+
+    live: VectorIndex  # the handle the service writes into
+    writes_held: Callable[[], AbstractContextManager[object]]
+    switched: Callable[[], None]  # serve the switched version: called with the writes still held
+    version: Callable[[str], AbstractContextManager[VectorIndex]]  # the service's handle on a version
+
+
 def reindex(
     catalogue: Catalogue,
     store: Store,
@@ -78,6 +92,7 @@ def reindex(
     accept_failures: bool = False,
     progress: ProgressFn | None = None,
     held: Mapping[str, VectorIndex] | None = None,
+    beside: Beside | None = None,
 ) -> ReindexSummary:
     """Build the next version of the collection with `embedder`'s model and make it live once complete
     and no worse than the live one.
@@ -90,8 +105,32 @@ def reindex(
     and records each one's figures in its metadata; unless `force`, raises `QualityRefused` without
     switching if the new version's P@10 or mAP@10 is more than `gate.max_quality_drop` below the live
     one's, and `IndexUnavailable` if the live version cannot be read (held by another process).
-    `held`: versions this process already has open (a service's live one), read through those handles.
+    `held`: versions this process already has open (a service's live one), read through those handles;
+    `beside`: the service writing into the live version meanwhile.
     """
+    changes = beside.live.watch() if beside else None  # before the HTTP products are read
+    try:
+        return _reindex(
+            catalogue, store, model, options, gate, force, accept_failures, progress, held, beside, changes
+        )
+    finally:
+        if changes:
+            changes.close()
+
+
+def _reindex(
+    catalogue: Catalogue,
+    store: Store,
+    model: ModelHandle,
+    options: SyncOptions,
+    gate: GateSettings | None,
+    force: bool,
+    accept_failures: bool,
+    progress: ProgressFn | None,
+    held: Mapping[str, VectorIndex] | None,
+    beside: Beside | None,
+    changes: ChangeLog | None,
+) -> ReindexSummary:
     live = store.live()
     newer = [v for v in store.versions() if store.generation(v) > store.generation(live)]
     if live not in store.versions():  # nothing built yet: build the first version
@@ -99,9 +138,14 @@ def reindex(
     else:
         target = newer[-1] if newer else store.version(store.generation(live) + 1)
     compare = live if live != target else None  # None: the first version, nothing to compare with
+    if beside and beside.live.collection != compare:
+        raise VisrecError(
+            f"the service writes into {beside.live.collection}, but the store's live version is {live}"
+        )
     written = written_over_http(store, compare, options, held or {})
-    # Not live: it may be rebuilt with another model in place (through the handle `held` has, if any).
-    with _opened(store, target, held or {}) as index:
+    # Not live: it may be rebuilt with another model in place (through the handle `held` has, if any);
+    # beside a service, through the handle the service serves once it is switched to.
+    with beside.version(target) if beside else _opened(store, target, held or {}) as index:
         summary = sync(catalogue, index, model, options, progress=progress, new_model=True)
         api = _sync_written(written, index, model, options, progress)
         points = index.count()
@@ -119,17 +163,23 @@ def reindex(
         started = time.perf_counter()
         result = quality_gate(store, compare, index, model.manifest, gate or GateSettings(), force, held)
         result.seconds = time.perf_counter() - started
-    if result.verdict == "refused":
-        assert result.live is not None and result.new is not None
-        raise QualityRefused(
-            f"{target} not made live: it retrieves worse than the live {live} by more than "
-            f"{result.max_drop} (same-category, {result.note}): "
-            f"live {live} ({result.live.model_version}): {result.live.line()}; "
-            f"new {target} ({result.new.model_version}): {result.new.line()}. "
-            f"{target} is kept, not live: rerun this reindex with --force to switch to it anyway "
-            "(nothing is re-embedded)"
-        )
-    store.switch(target)
+        if result.verdict == "refused":
+            assert result.live is not None and result.new is not None
+            raise QualityRefused(
+                f"{target} not made live: it retrieves worse than the live {live} by more than "
+                f"{result.max_drop} (same-category, {result.note}): "
+                f"live {live} ({result.live.model_version}): {result.live.line()}; "
+                f"new {target} ({result.new.model_version}): {result.new.line()}. "
+                f"{target} is kept, not live: rerun this reindex with --force to switch to it anyway "
+                "(nothing is re-embedded)"
+            )
+        if beside is None or changes is None:
+            store.switch(target)
+        else:
+            meanwhile = written_meanwhile(beside.live, index, model, options)
+            with caught_up(changes, meanwhile, beside.writes_held):
+                store.switch(target)
+                beside.switched()
     log.info("%s is live (was %s)", target, live)
     return ReindexSummary(previous=live, live=target, points=points, sync=summary, gate=result)
 
@@ -154,6 +204,35 @@ def written_over_http(
     return rows_from_service(rows, options.ingest, origin=f"{live} (products written over HTTP)")
 
 
+def written_meanwhile(
+    live: VectorIndex, target: VectorIndex, model: ModelHandle, options: SyncOptions
+) -> Apply:
+    """Catch-up for a version built beside the live one (`visrec.catchup`): these products as the live
+    version holds them now. Those gone are deleted; those written over HTTP are written again (photos
+    fetched and embedded by the new model where they changed); a catalogue product's fields patched over
+    HTTP are carried over (its vectors are its catalogue photos', which the build embedded)."""
+
+    def apply(product_ids: set[str]) -> None:
+        now = live.payloads(sorted(product_ids))
+        target.delete(product_ids - set(now))
+        api = [payload.as_row(p) for p in now.values() if p.get("source") == "api"]
+        if api:
+            _sync_rows(
+                rows_from_service(api, options.ingest, origin="written meanwhile"), target, model, options
+            )
+        theirs = {i: p for i, p in now.items() if p.get("source") != "api"}
+        built = target.payloads(sorted(theirs))
+        target.overwrite_payloads(
+            {
+                i: payload.patched(built[i], payload.catalogue_fields(p))
+                for i, p in theirs.items()
+                if i in built
+            }
+        )
+
+    return apply
+
+
 def _sync_written(
     written: Catalogue,
     index: VectorIndex,
@@ -168,6 +247,17 @@ def _sync_written(
     index.delete(gone)
     if not ids:
         return SyncSummary()
+    return _sync_rows(written, index, model, options, progress)
+
+
+def _sync_rows(
+    written: Catalogue,
+    index: VectorIndex,
+    model: ModelHandle,
+    options: SyncOptions,
+    progress: ProgressFn | None = None,
+) -> SyncSummary:
+    """Products written over HTTP, written into a version being built by its model."""
     report = options.failure_report
     return sync(
         written,

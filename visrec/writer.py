@@ -45,11 +45,16 @@ from visrec.index import VectorIndex
 from visrec.ingest import Ahead, SyncOptions, SyncSummary, embed_ahead, sync
 from visrec.jobs import Job, Progress, ReindexJob, RollbackJob, SyncJob, run_reindex, run_rollback, run_sync
 from visrec.service import Service
+from visrec.versions import Beside
 
 log = logging.getLogger(__name__)
 
 FIRST_BACKOFF_S = 5.0  # a failed copy (a full disk) is tried again after this, then twice as long each time
 MAX_BACKOFF_S = 600.0
+
+
+class _Dropped(VisrecError):
+    """An optimized copy that must not go live (it would replace a handle that changed or is watched)."""
 
 
 class Writer:
@@ -63,9 +68,11 @@ class Writer:
         self._retry_at = 0.0
         self._backoff = FIRST_BACKOFF_S
         self._closed = False
+        self._reindexing = False  # under `lock`: no copy may replace the live handle a reindex watches
         self.copies = Counter(
             "visrec_optimized_copies",
-            "optimized copies of the live version, by outcome (made, failed: tried again later)",
+            "optimized copies of the live version, by outcome (made; dropped: the live version changed or a "
+            "reindex watches it; failed: tried again later)",
             ["outcome"],
             registry=registry,
         )
@@ -78,8 +85,7 @@ class Writer:
                     case SyncJob():
                         return self._sync(job, progress)
                     case ReindexJob():
-                        with self.lock:
-                            return self._reindex(job, progress)
+                        return self._reindex(job, progress)
                     case RollbackJob():
                         with self.lock:
                             return self._rollback(job)
@@ -119,14 +125,21 @@ class Writer:
     def first_version(self) -> Iterator[VectorIndex]:
         """The live version's place, held (no request reads it yet: it holds no collection), for the
         write that creates it; the service serves it from the next request on."""
+        try:
+            with self.version(self.service.store().live()) as index:
+                yield index
+        finally:
+            self.service.refresh()
+
+    @contextmanager
+    def version(self, collection: str) -> Iterator[VectorIndex]:
+        """The service's handle on a version, held: the one it serves once it is switched to."""
         store = self.service.store()
-        target = store.live()
-        index = self.service.state.hold(store.place(target), lambda: store.open(target))
+        index = self.service.state.hold(store.place(collection), lambda: store.open(collection))
         try:
             yield index
         finally:
             self.service.state.release(index)
-            self.service.refresh()
 
     def changed(self, points: int) -> None:
         """Count points written into the live version; once there are `qdrant.optimize_after`, start
@@ -134,7 +147,8 @@ class Writer:
         with self.lock:
             self.changed_since_optimize += points
             due = self.changed_since_optimize >= self.service.settings.qdrant.optimize_after
-            if not due or self._copying is not None or self._closed or time.monotonic() < self._retry_at:
+            busy = self._copying is not None or self._reindexing or self._closed
+            if not due or busy or time.monotonic() < self._retry_at:
                 return
             self._copying = threading.Thread(target=self._optimized_copy, name="optimized-copy", daemon=True)
             self._copying.start()
@@ -142,6 +156,9 @@ class Writer:
     def _optimized_copy(self) -> None:
         try:
             self._replace_by_optimized_copy()
+        except _Dropped as exc:  # nothing went wrong: the next write past `optimize_after` starts another
+            log.info("optimized copy dropped: %s", exc)
+            self.copies.labels("dropped").inc()
         except Exception as exc:  # a bug too: the writes it followed are in the live version all the same
             with self.lock:
                 self._retry_at = time.monotonic() + self._backoff
@@ -175,8 +192,8 @@ class Writer:
                 published = False
                 try:
                     with caught_up(changes, copy_points(live.index, index), lambda: self.lock) as applied:
-                        if self.service.state.live is not live:
-                            raise VisrecError("the live version changed while it was copied")
+                        if self.service.state.live is not live or self._reindexing:
+                            raise _Dropped("the live version changed, or a reindex watches it")
                         copy.make_current()
                         current = True
                         published = self.service.replace(live, index)
@@ -210,8 +227,30 @@ class Writer:
             return run_rollback(self.service.settings, force=job.force, held=held)
 
     def _reindex(self, job: ReindexJob, progress: Progress) -> dict[str, Any]:
-        with self.service.state.holding() as held:
-            return run_reindex(job, self.service.settings, progress, held=held, model=self._model(job.model))
+        """Build the next version while writes go on into the live one; they are caught up with before
+        the switch, which is served at once, with them held (`versions.Beside`). No optimized copy
+        replaces the live handle meanwhile: the reindex watches that handle's writes."""
+        with self.lock:
+            self._reindexing = True
+        try:
+            with self.service.state.holding() as held:
+                live = self.service.state.live
+                beside = (
+                    Beside(live.index, lambda: self.lock, self.service.refresh, self.version)
+                    if live
+                    else None
+                )
+                return run_reindex(
+                    job,
+                    self.service.settings,
+                    progress,
+                    held=held,
+                    model=self._model(job.model),
+                    beside=beside,
+                )
+        finally:
+            with self.lock:
+                self._reindexing = False
 
 
 @dataclass
@@ -233,7 +272,8 @@ class ProductWrites:
 
     Writes are jobs, not request threads: requests queue their rows, and one thread takes every request
     waiting (one row per product id a round, at most `api.max_batch_rows` rows) into one sync, so the
-    photos of concurrent writes share the embedder's batches. At most `api.max_pending_writes` requests
+    photos of concurrent writes share the embedder's batches. Their photos are fetched and embedded
+    before the round takes the writes lock (`ingest.embed_ahead`): a PATCH never waits for a PUT's photo. At most `api.max_pending_writes` requests
     wait; more raise `WritesBusy` (503). A request that gives up (its deadline) leaves its rows to be
     written all the same: a write is never left half done, and a retry is idempotent."""
 

@@ -17,6 +17,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -26,11 +27,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.faults.helpers import run_visrec
+from tests.faults.helpers import run_visrec, settings_env
 from tests.faults.served import Served, serve, synced_store
 from tests.faults.test_api_writes import photos
 from tests.fetch_servers import Server
 from tests.fetch_servers import serve as serve_images
+from tests.helpers import draw_product
 from visrec.artefact import Manifest
 from visrec.config import Settings
 from visrec.index.edge import GENERATION, current_folder
@@ -309,3 +311,77 @@ def _copies(http: httpx.Client, outcome: str) -> float:
         if line.startswith(f'visrec_optimized_copies_total{{outcome="{outcome}"}}'):
             return float(line.split()[-1])
     return 0.0
+
+
+JOB_PRODUCTS = 48  # more catalogue products, so that the job embeds for a while
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("job", ["sync", "reindex"])
+def test_writes_go_on_beside_a_handed_over_job(
+    job: str, tmp_path: Path, artefact: tuple[Path, Manifest], host: Server
+) -> None:
+    """HTTP writes drawn at random (seeded) while a handed-over sync or reindex runs, with a swap after
+    every write: each answers without waiting for the job, and once the job is done each acknowledged
+    write to a product written over HTTP holds, exactly; the catalogue's products are all there."""
+    settings = synced_store(tmp_path, artefact[0], n=CATALOGUE)
+    catalogue = tmp_path / "catalogue.csv"
+    extra = [f"q{i},images/q{i}.png,circle,red,{i}" for i in range(JOB_PRODUCTS)]
+    for i in range(JOB_PRODUCTS):
+        draw_product(tmp_path / "images" / f"q{i}.png", "circle", "red", variant=300 + i)
+    catalogue.write_text(catalogue.read_text() + "\n".join(extra) + "\n")
+    env = {
+        "VISREC_QDRANT__OPTIMIZE_AFTER": "1",
+        "VISREC_INGEST__ALLOWED_HOSTS": '["127.0.0.1"]',
+        "VISREC_API__WRITE_KEY": WRITE,
+    }
+    pick = random.Random(f"{job}-{SEEDS[0]}")
+    expected: dict[str, float | None] = {}  # products written over HTTP: what was acknowledged last
+    seconds: list[float] = []
+    args = ["sync", str(catalogue), "--json"]
+    if job == "reindex":
+        args = ["reindex", str(catalogue), "--model", str(settings.artefact), "--force", "--json"]
+    with (
+        serve(settings, tmp_path / "serve.log", env=env) as served,
+        httpx.Client(base_url=served.url, timeout=120, headers={"X-API-Key": WRITE}) as http,
+    ):
+        command = subprocess.Popen(
+            [sys.executable, "-m", "visrec", *args],
+            env=settings_env(settings),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        n = 0
+        while command.poll() is None or n < 4:
+            n += 1
+            product, price = f"a{pick.randrange(4)}", float(pick.randint(1, 500))
+            kind = pick.choice(["put", "put", "patch", "delete"])
+            started = time.monotonic()
+            if kind == "put":
+                row = {"image": host.url(f"/{400 + n}.png"), "category": "circle", "price": price}
+                answer = http.put(f"/products/{product}", json=row)
+            elif kind == "patch":
+                answer = http.patch(f"/products/{product}", json={"price": price})
+            else:
+                answer = http.delete(f"/products/{product}")
+            seconds.append(time.monotonic() - started)
+            if kind == "patch" and expected.get(product) is None:
+                assert answer.status_code == 404, answer.text
+                continue
+            assert answer.status_code == 200, (kind, answer.text, _log_tail(served))
+            expected[product] = None if kind == "delete" else price
+        out, err = command.communicate(timeout=300)
+        assert command.returncode == 0, err
+        for product, price in expected.items():
+            got = http.get(f"/products/{product}")
+            if price is None:
+                assert got.status_code == 404, (product, got.text)
+            else:
+                assert got.status_code == 200, (product, got.text, _log_tail(served))
+                assert got.json()["payload"]["price"] == price, (product, got.json())
+        listed = http.get("/products", params={"limit": 200}).json()["products"]
+        ids = {p["product_id"] for p in listed}
+        assert {f"q{i}" for i in range(JOB_PRODUCTS)} <= ids
+    print(f"\nFIGURE writes beside a {job}: {n} writes, slowest {max(seconds):.2f} s")
+    assert max(seconds) < 20, seconds  # a write waits for a unit of the job, never for all of it
