@@ -7,13 +7,17 @@ it stops nothing but this process; the caller opens the folder again once it exi
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
 import qdrant_edge as qe
 
+NICENESS = 10  # maintenance gives the CPU to the service's requests and writes first
+
 
 def main(folder: str) -> int:
+    os.nice(NICENESS)
     started = time.perf_counter()
     shard = qe.EdgeShard.load(folder, None)
     try:
