@@ -28,7 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,12 +229,17 @@ class Writer:
     def _reindex(self, job: ReindexJob, progress: Progress) -> dict[str, Any]:
         """Build the next version while writes go on into the live one; they are caught up with before
         the switch, which is served at once, with them held (`versions.Beside`). No optimized copy
-        replaces the live handle meanwhile: the reindex watches that handle's writes."""
+        replaces the live handle meanwhile: the reindex watches that handle's writes. Without a live
+        version served (the first, or one that cannot be opened) writes wait for the whole reindex: they
+        would create or open the very version it builds."""
         with self.lock:
             self._reindexing = True
+            live = self.service.state.live
         try:
-            with self.service.state.holding() as held:
-                live = self.service.state.live
+            with ExitStack() as stack:
+                if live is None:
+                    stack.enter_context(self.lock)
+                held = stack.enter_context(self.service.state.holding())
                 beside = (
                     Beside(live.index, lambda: self.lock, self.service.refresh, self.version)
                     if live
@@ -271,11 +276,12 @@ class ProductWrites:
     and a 2xx means the write is in the store and the next query sees it.
 
     Writes are jobs, not request threads: requests queue their rows, and one thread takes every request
-    waiting (one row per product id a round, at most `api.max_batch_rows` rows) into one sync, so the
-    photos of concurrent writes share the embedder's batches. Their photos are fetched and embedded
-    before the round takes the writes lock (`ingest.embed_ahead`): a PATCH never waits for a PUT's photo. At most `api.max_pending_writes` requests
-    wait; more raise `WritesBusy` (503). A request that gives up (its deadline) leaves its rows to be
-    written all the same: a write is never left half done, and a retry is idempotent."""
+    waiting (one row per product id a round, at most `api.max_batch_rows` rows) into one sync, so the photos
+    of concurrent writes share the embedder's batches. Their photos are fetched and embedded before the
+    round takes the writes lock (`ingest.embed_ahead`): a PATCH never waits for a PUT's photo. At most
+    `api.max_pending_writes` requests wait; more raise `WritesBusy` (503). A request that gives up (its
+    deadline) leaves its rows to be written all the same: a write is never left half done, and a retry is
+    idempotent."""
 
     def __init__(self, writer: Writer, registry: CollectorRegistry) -> None:
         self.writer = writer
