@@ -392,6 +392,9 @@ class ProductWrites:
         except VisrecError as exc:
             log.debug("photos not embedded ahead of the writer: %s", exc)
             return None
+        except Exception:  # a bug here must not fail the write: the sync under the writer does it all
+            log.warning("photos not embedded ahead of the writer", exc_info=True)
+            return None
 
     def _sync(self, catalogue: Catalogue, ahead: Ahead | None) -> SyncSummary:
         settings = self.service.settings
