@@ -119,6 +119,20 @@ class Service:
                 self._refreshing = False
                 self._checked = time.monotonic()
 
+    def serve_switched(self) -> None:
+        """Serve the version the store names now (a job has just switched it), at once: called with
+        writes held, so that no write goes to the version it left. A request's refresh under way cannot
+        make this a no-op (it publishes the same handle, or nothing). Raises `IndexUnavailable` if the
+        named version is not what is served afterwards."""
+        current = self.state.live
+        fresh = self._open_live(current)
+        if fresh is not current and not self.state.publish(fresh, current):
+            self.state.release(fresh.index)  # a request's refresh published it first
+        store = self.store()
+        live = self.state.live
+        if live is None or live.index.place != store.place(store.live()):
+            raise IndexUnavailable(f"{store.live()} is not served after the switch")
+
     def replace(self, old: Live, index: VectorIndex) -> bool:
         """Serve `old`'s collection from `index` (an optimized copy, held by the caller, its place named
         by the collection's pointer now) in place of `old`; False if `old` was no longer live."""

@@ -77,7 +77,7 @@ class Beside:
 
     live: VectorIndex  # the handle the service writes into
     writes_held: Callable[[], AbstractContextManager[object]]
-    switched: Callable[[], None]  # serve the switched version: called with the writes still held
+    switched: Callable[[], None]  # serve the switched version, or raise: called with writes still held
     version: Callable[[str], AbstractContextManager[VectorIndex]]  # the service's handle on a version
 
 
@@ -179,7 +179,11 @@ def _reindex(
             meanwhile = written_meanwhile(beside.live, index, model, options)
             with caught_up(changes, meanwhile, beside.writes_held):
                 store.switch(target)
-                beside.switched()
+                try:
+                    beside.switched()
+                except BaseException:  # not served: the writes that follow would go to the old version
+                    store.switch(live)
+                    raise
     log.info("%s is live (was %s)", target, live)
     return ReindexSummary(previous=live, live=target, points=points, sync=summary, gate=result)
 

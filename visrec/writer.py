@@ -241,7 +241,7 @@ class Writer:
                     stack.enter_context(self.lock)
                 held = stack.enter_context(self.service.state.holding())
                 beside = (
-                    Beside(live.index, lambda: self.lock, self.service.refresh, self.version)
+                    Beside(live.index, lambda: self.lock, self.service.serve_switched, self.version)
                     if live
                     else None
                 )

@@ -270,6 +270,32 @@ def test_concurrent_writes_share_the_embedder_batches(served: Served, host: Serv
         assert 'visrec_writes_total{outcome="added",route="put"}' in reader.get("/metrics").text
 
 
+def test_a_patch_does_not_wait_for_a_puts_photo(served: Served) -> None:
+    """A PUT whose photo takes 3 s to come: a PATCH sent meanwhile answers at once (a write's photos are
+    fetched and embedded before it takes the writer), and the PUT is written when its photo is in."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def slow(handler: Handler) -> None:
+        time.sleep(3)
+        photos(handler)
+
+    with (
+        serve_images(slow) as slow_host,
+        client(served, WRITE) as putter,
+        client(served, WRITE) as patcher,
+        ThreadPoolExecutor(1) as pool,
+    ):
+        put = pool.submit(putter.put, "/products/slow1", json={"image": slow_host.url("/77.png")})
+        while not slow_host.hits:  # the PUT is fetching its photo
+            time.sleep(0.01)
+        started = time.monotonic()
+        patched = patcher.patch("/products/p1", json={"price": 42})
+        took = time.monotonic() - started
+        assert patched.status_code == 200, patched.text
+        assert not put.done() and took < 2, took  # it did not wait for the photo
+        assert put.result().json()["outcome"] == "added"
+
+
 def test_a_path_names_one_product_on_every_method(served: Served, host: Server) -> None:
     """The review's paths over real HTTP: a read route's suffix is never part of a written id (PUT
     /products/x/similar was a write of "x/similar"), `/products/batch` is the product "batch" on every
