@@ -294,14 +294,3 @@ def _inverted(low: float | None, high: float | None) -> bool:
 
 def _between(low: float | None, high: float | None) -> str:
     return f"{'' if low is None else f'{low:g}'}..{'' if high is None else f'{high:g}'}"
-
-
-def parse_equals(pairs: list[str]) -> dict[str, str]:
-    """`["brand=acme", …]` → `{"brand": "acme"}`; raises `InvalidFilter` for a pair without '='."""
-    out: dict[str, str] = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise InvalidFilter(f"expected FIELD=VALUE, got {pair!r}")
-        out[key.strip()] = value.strip()
-    return out
