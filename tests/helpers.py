@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import socket
 import threading
 import time
@@ -74,6 +75,35 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
         writer = csv.DictWriter(f, columns)
         writer.writeheader()
         writer.writerows(rows)
+    return path
+
+
+def write_shop(root: Path, fmt: str = "csv") -> Path:
+    """A shop's catalogue of 12 products (s0…s11) with photos under root/images: categories shirt, jeans
+    and shoe; the shop's own colours (navy: not a palette name); and columns of its own, `brand` (acme,
+    zeta), `in_stock` and `size`. As CSV every extra column is text ("true", "40"); as JSON lines
+    `in_stock` and `size` are a JSON boolean and number, but for s0, whose `in_stock` is the text "true"."""
+    rows: list[dict[str, Any]] = []
+    for i in range(12):
+        drawn = list(COLOURS)[i % 3]
+        draw_product(root / "images" / f"s{i}.png", SHAPES[i % 3], drawn, variant=i)
+        in_stock, size = i % 4 != 3, 38 + 2 * (i % 3)
+        rows.append(
+            {
+                "id": f"s{i}",
+                "image": f"images/s{i}.png",
+                "category": ["shirt", "jeans", "shoe"][i % 3],
+                "colour": {"red": "red", "green": "green", "blue": "navy"}[drawn],
+                "price": 10 + 5 * i,
+                "brand": "acme" if i < 6 else "zeta",
+                "in_stock": ("true" if i == 0 else in_stock) if fmt == "jsonl" else str(in_stock).lower(),
+                "size": size if fmt == "jsonl" else str(size),
+            }
+        )
+    if fmt == "csv":
+        return write_csv(root / "shop.csv", rows)
+    path = root / "shop.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 

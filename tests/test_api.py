@@ -18,10 +18,13 @@ from hypothesis import strategies as st
 from PIL import Image
 from pydantic import SecretStr
 
-from tests.helpers import MakeCatalogue, run_reindex, run_sync
+from tests.helpers import MakeCatalogue, run_reindex, run_sync, small_settings, write_shop
 from visrec import query
 from visrec.api import create_app
+from visrec.artefact import Manifest
 from visrec.config import ApiSettings, Settings
+from visrec.errors import NoMatch
+from visrec.filters import Filters, Where
 
 
 @pytest.fixture
@@ -263,6 +266,10 @@ def test_callers_filter_only_on_fields_they_are_shown(synced: Settings) -> None:
             ("post", "/search/image", {"params": {"colour": "red"}, "files": photo}),
             ("post", "/recommend", {"json": {"positive": ["p1"], "price_max": 20}}),
             ("post", "/recommend", {"json": {"positive": ["p1"], "max_per": ["colour=1"]}}),
+            ("get", "/products", {"params": {"where": "colour=red"}}),
+            ("get", "/products/p1/similar", {"params": {"where": "price=1..50"}}),
+            ("post", "/recommend", {"json": {"positive": ["p1"], "where": ["title=red circle 0"]}}),
+            ("get", "/products", {"params": {"where": "image=x"}}),  # never shown, whatever the setting
         ]
         for method, path, kwargs in cases:
             response = getattr(client, method)(path, **kwargs)
@@ -464,11 +471,15 @@ def test_the_contract_says_what_is_refused(client: TestClient) -> None:
     above price_max: JSON Schema cannot order two parameters) matches nothing, on every route that
     filters; max_per's FIELD=N is a pattern in the schema; a 405 says which methods the route takes."""
     empty = {"price_min": 30, "price_max": 10}
-    assert client.get("/products/p1/similar", params=empty).json() == {"results": []}
-    assert client.get("/products", params=empty).json() == {"products": [], "next": None}
-    assert client.post("/recommend", json={"positive": ["p1"], **empty}).json() == {"results": []}
+    note = "price 30..10 takes nothing: its low end is above its high end"
+    assert client.get("/products/p1/similar", params=empty).json() == {"results": [], "note": note}
+    assert client.get("/products", params=empty).json() == {"products": [], "next": None, "note": note}
+    assert client.post("/recommend", json={"positive": ["p1"], **empty}).json() == {
+        "results": [],
+        "note": note,
+    }
     photo = {"image": ("p.png", _encoded("RGB", "PNG"), "image/png")}
-    assert client.post("/search/image", params=empty, files=photo).json() == {"results": []}
+    assert client.post("/search/image", params=empty, files=photo).json() == {"results": [], "note": note}
     schema = client.get("/openapi.json").json()
     similar = schema["paths"]["/products/{product_id}/similar"]["get"]["parameters"]
     max_per = next(p for p in similar if p["name"] == "max_per")["schema"]
@@ -506,3 +517,193 @@ def test_max_per_pattern_in_the_schema_is_the_rule(cap: str) -> None:
     except ValueError:
         accepted = False
     assert valid == accepted, repr(cap)
+
+
+# --- filters on any shown field, and no silent empty answer (a shop's catalogue) ---------------------------
+
+WHERE_CASES = [
+    ["in_stock=true"],
+    ["in_stock=false", "brand=acme"],
+    ["size=40"],
+    ["price=20..40"],
+    ["price=..30", "in_stock=true"],
+    ["colour=navy"],
+    ["brand=acmee"],  # no such value: an error on both
+    ["brnd=acme"],  # no such field
+    ["size=38..40"],  # a range on the CSV's text
+]
+
+
+@pytest.fixture(scope="module")
+def shop(
+    tmp_path_factory: pytest.TempPathFactory, artefact: tuple[Path, Manifest]
+) -> Iterator[tuple[TestClient, list[Any]]]:
+    """The API on a shop's 12 products (CSV: its own columns as text), and what the real CLI answered,
+    before the service took the store, for each of WHERE_CASES: its JSON hits, or (exit code, error)."""
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+
+    root = tmp_path_factory.mktemp("shop")
+    settings = small_settings(root, artefact=artefact[0])
+    run_sync(write_shop(root), settings)
+    env = {
+        "VISREC_ARTEFACT": str(settings.artefact),
+        "VISREC_QDRANT__PATH": str(settings.qdrant.path),
+        "VISREC_EMBED__DEVICE": "cpu",
+    }
+    cli: list[Any] = []
+    for clauses in WHERE_CASES:
+        args = ["similar", "s1", "-k", "12", "--json", *[a for c in clauses for a in ("--where", c)]]
+        result = CliRunner().invoke(app, args, env=env)
+        cli.append(json.loads(result.stdout) if result.exit_code == 0 else (result.exit_code, result.stderr))
+    with TestClient(create_app(settings, torch.device("cpu"))) as client:
+        yield client, cli
+
+
+def test_where_over_http_is_the_clis_where(shop: tuple[TestClient, list[Any]]) -> None:
+    """`where=` on the HTTP routes answers what `visrec similar --where` answered on the same store: the
+    same products at the same distances, or the same mistake (422 / exit 2)."""
+    client, cli = shop
+    for clauses, by_cli in zip(WHERE_CASES, cli, strict=True):
+        response = client.get("/products/s1/similar", params={"k": 12, "where": clauses})
+        if isinstance(by_cli, tuple):
+            code, said = by_cli
+            assert code == 2 and response.status_code == 422 and response.json()["error"] == "NoMatch", (
+                clauses
+            )
+            assert response.json()["detail"].split("; fields")[0] in " ".join(said.split()), clauses
+            continue
+        assert response.status_code == 200, (clauses, response.text)
+        got = [(h["product_id"], round(h["distance"], 4)) for h in response.json()["results"]]
+        assert got == [(h["product_id"], round(h["distance"], 4)) for h in by_cli] and got, clauses
+        body = {"positive": ["s1"], "k": 12, "where": clauses}
+        recommended = client.post("/recommend", json=body).json()["results"]
+        assert {h["product_id"] for h in recommended} == {h for h, _ in got}, clauses
+
+
+def test_http_filter_mistakes_name_what_was_meant(shop: tuple[TestClient, list[Any]]) -> None:
+    """Every mistake, its status and its message: an unknown parameter or body field names the one it
+    misspells or the `where` meant; a condition no product meets names the values or fields there are;
+    conditions that only together match nothing are an empty answer saying so."""
+    client, _ = shop
+    photo = {"image": ("p.png", _encoded("RGB", "PNG"), "image/png")}
+    cases: list[tuple[str, str, dict[str, Any], str]] = [
+        ("get", "/products/s1/similar", {"params": {"categroy": "shirt"}}, "did you mean 'category'?"),
+        ("get", "/products/s1/similar", {"params": {"color": "red"}}, "did you mean 'colour'?"),
+        ("get", "/products/s1/similar", {"params": {"in_stock": "true"}}, "send where=in_stock=true"),
+        ("get", "/products", {"params": {"brand": "acme"}}, "send where=brand=acme"),
+        ("post", "/search/image", {"params": {"colour_wieght": "1"}, "files": photo}, "'colour_weight'"),
+        ("get", "/products/s1", {"params": {"k": "3"}}, "unknown parameter 'k'; known: none"),
+        ("post", "/recommend", {"json": {"positive": ["s1"], "categroy": ["shirt"]}}, "'category'?"),
+        (
+            "post",
+            "/recommend",
+            {"json": {"positive": ["s1"], "in_stock": True}},
+            '"where": ["in_stock=true"]',
+        ),
+        (
+            "get",
+            "/products/s1/similar",
+            {"params": {"category": "Shirt"}},
+            "(did you mean 'shirt'?); category",
+        ),
+        ("get", "/products", {"params": {"colour": "rde"}}, "(did you mean 'red'?); colour has green (4)"),
+        (
+            "get",
+            "/products",
+            {"params": {"where": "brnd=acme"}},
+            "no field 'brnd' is known (did you mean 'brand'",
+        ),
+        ("post", "/search/image", {"params": {"where": "brand=acmee"}, "files": photo}, "brand has acme (6)"),
+        ("post", "/recommend", {"json": {"positive": ["s1"], "where": ["size=1..2"]}}, "size holds text"),
+        ("get", "/products", {"params": {"where": "brand"}}, "where takes FIELD=VALUE"),
+        ("get", "/products", {"params": {"where": [f"f{i}=1" for i in range(11)]}}, "at most 10"),
+    ]
+    for method, path, kwargs, said in cases:
+        response = getattr(client, method)(path, **kwargs)
+        assert response.status_code == 422, (path, kwargs, response.text)
+        detail = response.json()["detail"]
+        told = detail if isinstance(detail, str) else " ".join(problem["msg"] for problem in detail)
+        assert said in told, (path, kwargs, told)
+        assert "Traceback" not in response.text and response.json()["request_id"]
+    fields = client.get("/products", params={"where": "brnd=acme"}).json()["detail"]
+    assert "product_id" not in fields and "source" not in fields  # fields callers are not shown: unnamed
+    together = client.get("/products/s1/similar", params={"category": "shirt", "colour": "navy"})
+    assert together.status_code == 200
+    assert together.json() == {
+        "results": [],
+        "note": "each filter matches some product, but no product meets them all together",
+    }
+    page = client.get("/products", params={"where": ["brand=zeta", "price=..30"]}).json()
+    assert page["products"] == [] and "all together" in page["note"]
+    assert client.get("/products", params={"where": "brand=zeta"}).json()["note"] is None
+    # The probes answer whatever query a load balancer adds; the gallery page's own URL is no API call.
+    assert client.get("/healthz", params={"ts": "1"}).status_code == 200
+    assert client.get("/", params={"product": "s1", "category": "shirt"}).status_code == 200
+
+
+ROUTES = ["/products/s1/similar", "/products", "/search/image", "/products/s1"]
+
+
+@hypothesis_settings(max_examples=int(os.environ.get("VISREC_QUERY_EXAMPLES", "60")), deadline=None)
+@given(
+    route=st.sampled_from(ROUTES),
+    name=st.text(st.characters(exclude_categories=["Cs"]), min_size=1, max_size=12),
+    value=st.text(st.characters(exclude_categories=["Cs"]), max_size=8),
+)
+def test_any_unknown_query_parameter_is_a_422_naming_it(
+    shop: tuple[TestClient, list[Any]], route: str, name: str, value: str
+) -> None:
+    """Whatever its name or value, a query parameter the route does not publish is refused, named."""
+    from visrec.api.errors import scrub
+
+    client, _ = shop
+    known = {
+        p["name"]
+        for p in client.get("/openapi.json")
+        .json()["paths"][route.replace("s1", "{product_id}")]["get" if route != "/search/image" else "post"]
+        .get("parameters", [])
+    }
+    if name in known:
+        return
+    photo = {"files": {"image": ("p.png", _encoded("RGB", "PNG"), "image/png")}}
+    method = "post" if route == "/search/image" else "get"
+    response = getattr(client, method)(route, params={name: value}, **(photo if method == "post" else {}))
+    assert response.status_code == 422, response.text
+    problem = response.json()["detail"][0]
+    # Named as sent (what looks like a path or a URL blanked, as in every answer: `scrub`).
+    assert problem["loc"] == scrub(["query", name]) and problem["msg"].startswith("unknown parameter ")
+
+
+_SHOWN = ["category", "colour", "price", "brand", "in_stock", "size", "title", "nope"]
+_VALUES = ["shirt", "navy", "acme", "Acme", "zeta", "true", "false", "40", "38", "25", "20..40", "..30", "x"]
+
+
+@hypothesis_settings(max_examples=int(os.environ.get("VISREC_QUERY_EXAMPLES", "60")), deadline=None)
+@given(
+    st.lists(
+        st.builds("{}={}".format, st.sampled_from(_SHOWN), st.sampled_from(_VALUES)), min_size=1, max_size=3
+    )
+)
+def test_any_where_on_a_shown_field_filters_exactly_as_the_cli(
+    shop: tuple[TestClient, list[Any]], clauses: list[str]
+) -> None:
+    """Any `where` on a shown field: the HTTP answer is the CLI's (`Filters.parse` then the query, as
+    `visrec similar --where` runs them) on the same live index, and exactly the products the rule keeps
+    (`Where.matches`); a condition no product meets is a 422 there and `NoMatch` here."""
+    client, _ = shop
+    response = client.get("/products/s1/similar", params={"k": 12, "where": clauses})
+    with client.app.state.service.reading() as live:  # type: ignore[attr-defined]
+        try:
+            hits = query.similar_to_product(live.index, "s1", 12, Filters.parse(where=clauses))
+        except NoMatch:
+            assert response.status_code == 422 and response.json()["error"] == "NoMatch", response.text
+            return
+        payloads = {pid: payload for pid, payload in live.index.browse(Filters(), 100)[0] if pid != "s1"}
+    assert response.status_code == 200, response.text
+    assert [h["product_id"] for h in response.json()["results"]] == [h.product_id for h in hits]
+    wheres = [Where.parse(c) for c in clauses]
+    keep = {p for p, v in payloads.items() if all(w.field in v and w.matches(v[w.field]) for w in wheres)}
+    assert {h.product_id for h in hits} == keep
+    assert (response.json()["note"] is None) == bool(keep)

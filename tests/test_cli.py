@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from tests.helpers import MakeCatalogue
+from tests.helpers import MakeCatalogue, write_shop
 from visrec.cli import app
 from visrec.config import Settings
 
@@ -204,3 +204,37 @@ def test_a_malformed_setting_names_its_variable_and_form(
     result = CliRunner().invoke(app, ["status"])
     assert result.exit_code == 1 and said in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_filter_mistakes_are_one_line_naming_what_there_is(env: Settings, tmp_path: Path) -> None:
+    """On a shop's catalogue: a condition no product meets exits 2 naming the values or fields there are
+    (the engine's facet counts); conditions that only together match nothing answer [] (exit 0) and say
+    so on stderr; `--where` takes a range on a number."""
+    assert runner.invoke(app, ["sync", str(write_shop(tmp_path))]).exit_code == 0
+    for args, message in [
+        (
+            ["--category", "Shirt"],
+            "no product has category 'Shirt' (did you mean 'shirt'?); category has jeans",
+        ),
+        (
+            ["--colour", "rde"],
+            "no product has colour 'rde' (did you mean 'red'?); colour has green (4), navy",
+        ),
+        (
+            ["--where", "brnd=acme"],
+            "no field 'brnd' is known (did you mean 'brand'?); fields: brand, category",
+        ),
+        (["--where", "size=40..42"], "a range matches numbers only, and size holds text; size has 38 (4)"),
+    ]:
+        result = runner.invoke(app, ["similar", "s1", *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.output
+    together = runner.invoke(app, ["similar", "s1", "--category", "shirt", "--colour", "navy", "--json"])
+    assert together.exit_code == 0 and json.loads(together.stdout) == []
+    assert "no product meets them all together" in together.stderr
+    ranged = runner.invoke(
+        app, ["similar", "s1", "--where", "price=20..30", "--where", "in_stock=true", "--json"]
+    )
+    assert ranged.exit_code == 0, ranged.output
+    assert {h["payload"]["price"] for h in json.loads(ranged.stdout)} == {20.0, 30.0}  # s2, s4; s3: none

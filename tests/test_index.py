@@ -18,10 +18,15 @@ from typing import Any
 import numpy as np
 import pytest
 import qdrant_edge as qe
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from tests.helpers import stored
 from visrec.config import QdrantSettings
 from visrec.errors import CollectionMissing, IndexUnavailable, InvalidFilter, PointRejected, VisrecError
+from visrec.filters import Where
 from visrec.index import Filters, IndexPoint, VectorIndex, open_index, open_store, point_id
+from visrec.index.base import field_of
 from visrec.index.edge import SCHEMA_TYPES, EdgeIndex
 from visrec.payload import INDEXED
 
@@ -202,7 +207,7 @@ def test_optimize_builds_the_graph_and_search_agrees_with_exact(tmp_path: Path) 
     rng = np.random.default_rng(1)
     centres = rng.normal(size=(30, 1000)).astype(np.float32)
     vectors = centres[np.arange(3000) % 30] + 0.1 * rng.normal(size=(3000, 1000)).astype(np.float32)
-    points = [IndexPoint(f"p{i}", v, {"product_id": f"p{i}"}) for i, v in enumerate(vectors)]
+    points = [IndexPoint(f"p{i}", v, {"product_id": f"p{i}", **_extra(i)}) for i, v in enumerate(vectors)]
     with open_index(QdrantSettings(path=tmp_path / "q", collection="big")) as index:
         assert isinstance(index, EdgeIndex)
         index.create(1000)
@@ -219,6 +224,28 @@ def test_optimize_builds_the_graph_and_search_agrees_with_exact(tmp_path: Path) 
             for v in vectors[:20]
         ]
         assert sum(found) >= 0.95 * 200, found
+        # Filters on a shop's own columns (indexed when the first write carried them, so before the graph
+        # was built) agree with exact search after optimize(), as on category: a selective one (97
+        # points), one on booleans, one on a field holding text and booleans (searched by a full scan).
+        for clause in ("brand=rare", "in_stock=false", "flag=true"):
+            filters = Filters.parse(where=[clause])
+            for v in vectors[:5]:
+                exact = [h.product_id for h in index.search(v, 10, filters, exact=True)]
+                assert [h.product_id for h in index.search(v, 10, filters)] == exact, clause
+                assert all(
+                    Where.parse(clause).matches(p.payload[clause.split("=")[0]])
+                    for p in points
+                    if p.product_id in exact
+                )
+
+
+def _extra(i: int) -> dict[str, Any]:
+    """A shop's own columns: a rare brand, booleans, and a field holding text and booleans."""
+    return {
+        "brand": "rare" if i % 31 == 0 else "common",
+        "in_stock": i % 7 != 0,
+        "flag": "true" if i < 100 else i % 2 == 0,
+    }
 
 
 def test_busy_embedded_store_is_a_clear_error(tmp_path: Path) -> None:
@@ -510,3 +537,166 @@ def test_server_backend_rejects_a_point_the_client_cannot_send() -> None:
     with pytest.raises(PointRejected, match="point rejected by the store: .*surrogates not allowed"):
         conn.call(conn.client.upsert, "c", points=[point], wait=True, rejecting="point")
     conn.close()
+
+
+def _shop_points() -> list[IndexPoint]:
+    """Products whose own columns hold values of every kind, as catalogues and writes bring them: text
+    (a CSV), JSON booleans and numbers, lists, nulls, and a field holding several kinds."""
+    rng = np.random.default_rng(3)
+    in_stock: list[Any] = ["true", "false", True, False, 1, None, "True"]
+    size: list[Any] = ["38", "40", 40, 40.0, [38, 40], "x", 42.5]
+    brand: list[Any] = ["acme", "Acme", "zeta", ["acme", "zeta"], "acme "]
+    points = []
+    for i in range(28):
+        payload: dict[str, Any] = {"product_id": f"s{i}", "category": ["shirt", "jeans"][i % 2], "price": i}
+        payload |= {"in_stock": in_stock[i % 7], "size": size[(i // 2) % 7], "brand": brand[i % 5]}
+        if i % 9 == 0:
+            del payload["size"]
+        points.append(IndexPoint(f"s{i}", rng.normal(size=DIM).astype(np.float32), payload))
+    return points
+
+
+_CLAUSES = st.builds(
+    "{}={}".format,
+    st.sampled_from(["in_stock", "size", "brand", "price", "category", "nothing"]),
+    st.sampled_from(
+        [
+            "true",
+            "false",
+            "True",
+            "1",
+            "40",
+            "40.0",
+            "38..40",
+            "..39",
+            "40..",
+            "42.5",
+            "acme",
+            "Acme",
+            "x",
+            "shirt",
+        ]
+    ),
+)
+
+
+def test_where_matches_the_rule_on_both_backends(tmp_path: Path) -> None:
+    """Any `where` (one or two conditions) on fields holding text, booleans, numbers, lists and several
+    kinds at once: count, browse and exact search find exactly the products `Where.matches` says, on the
+    embedded engine and on qdrant-client's local mode. (Local mode ignores payload indexes: that a
+    server's search through them is as exact is what `test_server_indexes_new_columns` checks there.)"""
+    points = _shop_points()
+    query = points[0].vectors
+    with (
+        open_index(QdrantSettings(path=tmp_path / "q", collection="w")) as edge,
+        open_index(QdrantSettings(url=":memory:", collection="w")) as local,
+    ):
+        for index in (edge, local):
+            index.create(DIM)
+            index.upsert(points[:10])
+            index.upsert(points[10:])  # kinds first seen in a later write are recorded too
+
+        @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+        @given(st.lists(_CLAUSES, min_size=1, max_size=2))
+        def check(clauses: list[str]) -> None:
+            filters = Filters.parse(where=clauses)
+            wheres = [Where.parse(c) for c in clauses]
+            keep = [
+                p
+                for p in points
+                if all(w.field in p.payload and w.matches(p.payload[w.field]) for w in wheres)
+            ]
+            expected = _exact(points, query, keep)
+            for index in (edge, local):
+                assert index.count(filters) == len(keep), (clauses, index)
+                assert sorted(str(p["product_id"]) for p in index.all_payloads(filters)) == sorted(expected)
+                assert [h.product_id for h in index.search(query, 30, filters)] == expected, (clauses, index)
+
+        check()
+
+
+@pytest.mark.parametrize("backend", ["embedded", "server-local"])
+def test_new_columns_get_payload_indexes_and_their_kinds_are_recorded(tmp_path: Path, backend: str) -> None:
+    """A write that first carries a field callers may see indexes it (its first value's kind: text →
+    keyword, boolean → bool, number → float) and records the kinds each field holds in the collection's
+    metadata, which outlives the handle; a payload rewrite does the same; sync bookkeeping and server
+    paths are never indexed. The engine's facet counts values of text and boolean fields."""
+    settings = QdrantSettings(path=tmp_path / "q", url=":memory:" if backend == "server-local" else None)
+    points = _shop_points()
+    index = open_index(settings)
+    try:
+        index.create(DIM)
+        index.upsert(points)
+        # Columns named like paths are one field each; a name no engine can address is kept, unindexed.
+        odd = {"season": "winter", "in stock": "yes", "size.eu": 40, "a/b": True, 'say "hi"': "x"}
+        index.overwrite_payloads({"s1": {**points[1].payload, **odd}})
+        kinds = index.field_kinds()
+        assert 'say "hi"' not in kinds and stored(index, "s1")[1]['say "hi"'] == "x"
+        for clause in ("in stock=yes", "size.eu=40", "a/b=true", "size.eu=39..41"):
+            assert index.count(Filters.parse(where=[clause])) == 1, clause
+            assert [
+                h.product_id for h in index.search(points[1].vectors, 3, Filters.parse(where=[clause]))
+            ] == ["s1"]
+        assert index.facet("in stock", 10) == [("yes", 1)]
+        assert kinds["brand"] == {"text"} and kinds["season"] == {"text"} and kinds["price"] == {"number"}
+        assert kinds["in_stock"] == {"text", "bool", "number"} and kinds["size"] == {"text", "number"}
+        assert dict(index.facet("brand", 10) or []) == {"acme": 11, "zeta": 11, "Acme": 6, "acme ": 5}
+        assert index.facet("season", 10) == [("winter", 1)]
+        assert index.facet("price", 10) is None and index.facet("size", 10) is None  # numbers: no counts
+        if isinstance(index, EdgeIndex):
+            schema = {name: info.data_type for name, info in index.shard.info().payload_schema.items()}
+            assert schema["brand"] == schema["season"] == qe.PayloadSchemaType.Keyword
+            assert schema["in_stock"] == qe.PayloadSchemaType.Keyword  # its first value's kind: "true"
+            assert schema["size"] == qe.PayloadSchemaType.Keyword
+            assert not {"image", "images", "content_hash", "photo_files"} & set(schema)
+            named = {field_of(key): kind for key, kind in schema.items()}
+            assert (
+                named["in stock"] == qe.PayloadSchemaType.Keyword
+                and named["a/b"] == qe.PayloadSchemaType.Bool
+            )
+            assert named["size.eu"] == qe.PayloadSchemaType.Float
+            index.close()
+            index = open_index(settings)
+            assert isinstance(index, EdgeIndex)
+            assert index.field_kinds() == kinds  # recorded with the collection
+            bools = [IndexPoint("b", points[0].vectors, {"product_id": "b", "gift": True})]
+            index.upsert(bools)
+            assert index.shard.info().payload_schema["gift"].data_type == qe.PayloadSchemaType.Bool
+            assert index.facet("gift", 10) == [(True, 1)]
+    finally:
+        index.close()
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(
+    not os.environ.get("VISREC_QDRANT__URL"),
+    reason="qdrant-client's local mode keeps no payload indexes and searches every point: what a server "
+    "does with them needs a Qdrant server at VISREC_QDRANT__URL",
+)
+def test_server_indexes_new_columns() -> None:
+    """On a server: a shop's own columns get payload indexes of their kind at the first write, its facet
+    counts them, and filtered searches on them agree with exact search."""
+    settings = QdrantSettings(
+        url=os.environ["VISREC_QDRANT__URL"], collection=f"cols_{uuid.uuid4().hex[:12]}"
+    )
+    from qdrant_client import models as qm
+
+    from visrec.index.server import ServerStore
+
+    store = open_store(settings)
+    assert isinstance(store, ServerStore)
+    try:
+        index = store.open(store.version(1))
+        index.create(DIM)
+        points = _shop_points()
+        index.upsert(points)
+        schema = store.conn.client.get_collection(index.collection).payload_schema
+        assert schema["brand"].data_type == qm.PayloadSchemaType.KEYWORD
+        assert dict(index.facet("brand", 10) or []) == {"acme": 11, "zeta": 11, "Acme": 6, "acme ": 5}
+        for clause in ("brand=acme", "in_stock=true", "size=40", "size=38..40"):
+            filters = Filters.parse(where=[clause])
+            exact = [h.product_id for h in index.search(points[0].vectors, 10, filters, exact=True)]
+            assert [h.product_id for h in index.search(points[0].vectors, 10, filters)] == exact, clause
+    finally:
+        store.conn.client.delete_collection(store.version(1))
+        store.close()

@@ -30,7 +30,7 @@ from visrec.cli_output import (
 )
 from visrec.config import Settings, load_settings
 from visrec.errors import VisrecError
-from visrec.filters import Filters, parse_equals
+from visrec.filters import Filters
 from visrec.index import open_index, open_store
 from visrec.jobs import Job, ReindexJob, RollbackJob, SyncJob
 from visrec.manifest import artefact_for
@@ -270,7 +270,13 @@ def similar(
     colour: Annotated[list[str] | None, typer.Option(help="Any of these colours (repeat).")] = None,
     price_min: Annotated[float | None, typer.Option(help="Lowest price.")] = None,
     price_max: Annotated[float | None, typer.Option(help="Highest price.")] = None,
-    where: Annotated[list[str] | None, typer.Option(help="FIELD=VALUE payload equality (repeat).")] = None,
+    where: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="FIELD=VALUE (repeat): that text, or for true, false or a number also that boolean or "
+            "number; FIELD=LOW..HIGH: a range of numbers (docs/filters.md)."
+        ),
+    ] = None,
     colour_weight: Annotated[float, typer.Option(help="0-1: prefer the query's own colour.")] = 0.0,
     diversity: Annotated[
         float, typer.Option(help="0-1: prefer products unlike those already chosen (MMR).")
@@ -295,7 +301,7 @@ def similar(
         colour=colour or [],
         price_min=price_min,
         price_max=price_max,
-        equals=parse_equals(where or []),
+        where=where or [],
     )
     rules = query.Rules.parse(diversity=diversity, max_per=max_per or [])
     with open_index(settings.qdrant) as index:
@@ -311,6 +317,9 @@ def similar(
             hits = query.similar_to_image(index, embedder, data, limits, k, filters, colour_weight, rules)
         else:
             hits = query.similar_to_product(index, str(product_id), k, filters, colour_weight, rules)
+        note = None if hits else query.why_empty(index, filters, [] if product_id is None else [product_id])
+    if note:
+        err.print(f"[yellow]note:[/yellow] nothing found: {note}", highlight=False, soft_wrap=True)
     emit(as_json, [hit_dict(h) for h in hits], hits_table(hits))
 
 

@@ -1,5 +1,10 @@
 """One exception hierarchy. The CLI maps each to a one-line message and an exit code."""
 
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
 
 class VisrecError(Exception):
     """Base of every error visrec raises on purpose; the message is meant for the user."""
@@ -59,6 +64,11 @@ class InvalidFilter(InvalidQuery):
     """A metadata filter is malformed (e.g. price_min above price_max)."""
 
 
+class NoMatch(InvalidFilter):
+    """One condition of a filter matches no product at all (a misspelt value or field): the message
+    names what there is."""
+
+
 class NotFound(InvalidQuery):
     """The product asked for is not in the index."""
 
@@ -75,3 +85,11 @@ class WriteForbidden(VisrecError):
 
 class WritesBusy(IndexUnavailable):
     """Too many writes are waiting for the service's writer: retry later."""
+
+
+def closest(name: str, known: Iterable[str]) -> str | None:
+    """The one of `known` that `name` most likely misspells (case aside), or None: for messages that
+    say "did you mean …"."""
+    by_folded = {str(k).casefold(): str(k) for k in known}
+    found = difflib.get_close_matches(name.casefold(), list(by_folded), n=1, cutoff=0.6)
+    return by_folded[found[0]] if found else None

@@ -10,11 +10,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-IndexType = Literal["keyword", "float"]
+IndexType = Literal["keyword", "float", "bool"]
+# What a stored value is, for filtering: the kinds a `where` value can match (`visrec.filters.Where`).
+Kind = Literal["text", "bool", "number"]
+INDEX_OF: dict[Kind, IndexType] = {"text": "keyword", "bool": "bool", "number": "float"}
+# The engines address a field by a JSON path, and a name holding one of these cannot be written as one:
+# such a field is stored and shown, but neither indexed nor filtered on.
+UNADDRESSABLE = '"\\'
+
+
+def addressable(name: str) -> bool:
+    """Whether the engines can address the field `name` (a lone surrogate: no engine takes the point)."""
+    return name == name.encode("utf-8", "replace").decode() and not any(c in name for c in UNADDRESSABLE)
+
+
 # callers: other services over HTTP (and operators); operators: the CLI only; nobody: bookkeeping.
 Audience = Literal["callers", "operators", "nobody"]
 
@@ -29,7 +43,9 @@ class PayloadField:
 
 
 FIELDS = (
-    # From the catalogue (its other columns are stored as they come, seen by callers, not indexed).
+    # From the catalogue (its other columns are stored as they come and seen by callers). Every field
+    # callers may see that has no index here (those columns among them) gets one of its values' kind
+    # when a write first carries it (`VectorIndex.upsert`): filtering on any of them stays exact.
     # Server paths or URLs: never shown over HTTP (callers get a photo by its position, `matched_image`).
     PayloadField("image", None, "operators", computed=False),  # the first photo
     PayloadField("images", None, "operators", computed=False),  # every photo embedded, in vector order
@@ -55,6 +71,7 @@ FIELDS = (
 )
 
 INDEXED: tuple[tuple[str, IndexType], ...] = tuple((f.name, f.index) for f in FIELDS if f.index)
+KIND_OF_INDEX: dict[IndexType, Kind] = {index: kind for kind, index in INDEX_OF.items()}
 RESERVED = frozenset(f.name for f in FIELDS if f.computed)
 HIDDEN_FROM_CALLERS = frozenset(f.name for f in FIELDS if f.seen_by != "callers")
 HIDDEN_FROM_OPERATORS = frozenset(f.name for f in FIELDS if f.seen_by == "nobody")
@@ -164,6 +181,22 @@ def as_row(payload: Mapping[str, Any]) -> dict[str, Any]:
 def photos(payload: Mapping[str, Any]) -> list[str]:
     """A point's photos in the order of its vectors (points written before `images` have one)."""
     return list(payload.get("images") or [payload.get("image", "")])
+
+
+def kinds_of(value: Any) -> list[Kind]:
+    """The kinds of a stored value (a list's: its items'), in the order they appear; none for null, an
+    object, or a number that is not finite."""
+    if isinstance(value, bool):
+        return ["bool"]
+    if isinstance(value, str):
+        return ["text"]
+    if isinstance(value, int | float):
+        return ["number"] if math.isfinite(value) else []
+    if isinstance(value, list):
+        return list(
+            dict.fromkeys(kind for item in value if not isinstance(item, list) for kind in kinds_of(item))
+        )
+    return []
 
 
 def for_operators(payload: Mapping[str, Any]) -> dict[str, Any]:

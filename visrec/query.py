@@ -7,7 +7,10 @@ one query may cost, whatever its k, rules and the query product's photos: the ne
 fetch in all and the pool the rules choose among (docs/reliability.md measures the worst case).
 
 Every entry validates its input and raises `InvalidQuery`/`InvalidFilter`/`NotFound` with a reason;
-the CLI and the HTTP API only parse arguments and call these.
+the CLI and the HTTP API only parse arguments and call these. No answer is silently empty: a condition
+that alone matches no product (a misspelt category, colour, field or value) is `NoMatch`, naming what
+there is (the engine's facet counts); conditions that each match but together match nothing give an
+empty answer, and `why_empty` says which case it is.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -25,16 +28,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSche
 from visrec.colour import extract_colours
 from visrec.config import ApiSettings
 from visrec.embed import Embedder
-from visrec.errors import InvalidQuery, NotFound
+from visrec.errors import InvalidQuery, NoMatch, NotFound, closest
+from visrec.filters import Part
 from visrec.images import ImageLimits, decode_image
 from visrec.index import Filters, Hit, VectorIndex
-from visrec.payload import HIDDEN_FROM_CALLERS
+from visrec.payload import HIDDEN_FROM_CALLERS, HIDDEN_FROM_OPERATORS
 
 MAX_K = 1000
 RERANK_POOL = 5  # a colour re-rank chooses k among k x this many visual neighbours
 RULES_POOL = 10  # diversity and caps choose k among k x this many neighbours (at least POOL_MIN) …
 POOL_MIN = 50  # … and, when caps leave fewer than k, among as many as `Bounds` allow
 MAX_CAPS = 5
+FACET_SHOWN = 10  # values a NoMatch message lists, the most frequent first
 _API = ApiSettings()
 # A cap, FIELD=N, as the schema states it: the same rule `Rules` checks (a field callers may see, at most
 # N = MAX_K): a request the schema allows is never refused for its caps.
@@ -126,6 +131,94 @@ class Rules(BaseModel):
 
 
 NEAREST = Rules()
+Shown = Callable[[str], bool]  # which payload fields the asker may see: messages name no other
+
+
+def to_operators(field: str) -> bool:
+    """The CLI's audience: every field but sync's bookkeeping."""
+    return field not in HIDDEN_FROM_OPERATORS
+
+
+def check_matches(
+    index: VectorIndex, filters: Filters, found: Sequence[dict[str, Any]], shown: Shown = to_operators
+) -> None:
+    """Raise `NoMatch` for the first condition of `filters` that alone matches no product. `found` are
+    payloads the filters let through (an answer's): a condition one of them meets needs no count, so an
+    answer that is not empty costs a count only for the any-of values none of its products hold. A range
+    that takes no number is no mistake (nothing costs that little): a range on a field that holds no
+    number is."""
+    for part in filters.parts():
+        if any(part.met_by(payload.get(part.field)) for payload in found) or index.count(part.alone):
+            continue
+        if part.value is None and index.count(Filters(numbers_in=[part.field])):
+            continue
+        raise NoMatch(_no_match(index, part, shown))
+
+
+def _no_match(index: VectorIndex, part: Part, shown: Shown) -> str:
+    """What there is instead of `part`: the field's values (the engine's facet counts), or the fields
+    there are."""
+    kinds = index.field_kinds()
+    said = f"no product has {part.said}"
+    if part.field not in kinds:
+        fields = sorted(f for f in kinds if shown(f))
+        guess = closest(part.field, fields)
+        hint = f" (did you mean {guess!r}?)" if guess else ""
+        return f"{said}: no field {part.field!r} is known{hint}; fields: {', '.join(fields)}"
+    held = kinds[part.field]
+    if part.value is None:  # a range
+        if held <= {"number"}:
+            return f"{said}: no product has a number in {part.field}"
+        listed = _listed(index, part)
+        return f"{said}: a range matches numbers only, and {part.field} holds {_kinds(held)}{listed}"
+    if held == {"number"}:
+        return f"{said} ({part.field} holds numbers: a range is {part.field}=LOW..HIGH)"
+    return f"{said}{_listed(index, part)}"
+
+
+def _kinds(held: frozenset[str]) -> str:
+    return " and ".join({"text": "text", "bool": "booleans", "number": "numbers"}[k] for k in sorted(held))
+
+
+def _listed(index: VectorIndex, part: Part) -> str:
+    """The field's most frequent values and their counts, and the one `part` may misspell."""
+    values = index.facet(part.field, FACET_SHOWN + 1)
+    if values is None:  # several kinds: no one index counts them
+        return f" ({part.field} holds {_kinds(index.field_kinds()[part.field])})"
+    if not values:
+        return f"; no product has a {part.field} now"
+    shown = [json.dumps(v) if isinstance(v, bool) else v for v, _ in values]
+    listed = ", ".join(f"{v} ({n})" for v, (_, n) in zip(shown[:FACET_SHOWN], values, strict=False))
+    more = ", …" if len(values) > FACET_SHOWN else ""
+    guess = closest(part.value, shown) if part.value is not None else None
+    hint = f" (did you mean {guess!r}?)" if guess is not None and guess != part.value else ""
+    return f"{hint}; {part.field} has {listed}{more}"
+
+
+def why_empty(index: VectorIndex, filters: Filters, exclude: Sequence[str] = ()) -> str | None:
+    """Why an answer under `filters` (without the `exclude` products) is empty; None without filters.
+    Call it after `check_matches` passed: each condition alone matches some product."""
+    parts = filters.parts()
+    if not parts:
+        return None
+    for part in parts:
+        if part.inverted:
+            return f"{part.said} takes nothing: its low end is above its high end"
+        if part.value is None and not index.count(part.alone):
+            return f"no product has {part.said}"
+    if exclude and index.count(filters):
+        return "only the products asked about meet these filters"
+    return "each filter matches some product, but no product meets them all together"
+
+
+def browse(
+    index: VectorIndex, filters: Filters, limit: int, after: str | None = None, shown: Shown = to_operators
+) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
+    """A page of (product id, payload) meeting `filters` and the next page's cursor
+    (`VectorIndex.browse`); raises `NoMatch` for a condition no product meets."""
+    page, next_page = index.browse(filters, limit, after)
+    check_matches(index, filters, [payload for _, payload in page], shown)
+    return page, next_page
 
 
 def indexed(index: VectorIndex, product_id: str) -> tuple[np.ndarray, dict[str, Any]]:
@@ -170,14 +263,31 @@ def _neighbours(
     rules: Rules = NEAREST,
     colour: tuple[Sequence[float], float] | None = None,
     bounds: Bounds = BOUNDS,
+    shown: Shown = to_operators,
 ) -> list[Hit]:
     """The k products the query asks for: the nearest, or, with a colour (target Lab, weight) or
-    active `rules`, those chosen among an over-fetched pool, within `bounds`."""
+    active `rules`, those chosen among an over-fetched pool, within `bounds`. Raises `NoMatch` for a
+    condition no product meets."""
     _check_k(k)
     vectors = np.atleast_2d(np.asarray(vectors, dtype=np.float32))
     if vectors.ndim != 2 or not np.isfinite(vectors).all():
         raise InvalidQuery("the query vector must be one-dimensional and finite")
     filters = filters or Filters()
+    hits = _chosen(index, vectors, k, filters, exclude, rules, colour, bounds)
+    check_matches(index, filters, [hit.payload for hit in hits], shown)
+    return hits
+
+
+def _chosen(
+    index: VectorIndex,
+    vectors: np.ndarray,
+    k: int,
+    filters: Filters,
+    exclude: Sequence[str],
+    rules: Rules,
+    colour: tuple[Sequence[float], float] | None,
+    bounds: Bounds,
+) -> list[Hit]:
     if colour is not None and not 0 <= colour[1] <= 1:
         raise InvalidQuery(f"colour_weight must be between 0 and 1, got {colour[1]}")
     if not rules.active and not (colour and colour[1]):
@@ -279,12 +389,13 @@ def similar_to_vector(
     exclude: Sequence[str] = (),
     rules: Rules = NEAREST,
     bounds: Bounds = BOUNDS,
+    shown: Shown = to_operators,
 ) -> list[Hit]:
     """The k products nearest to `vector` (Euclidean, to their nearest photo) that meet `filters`."""
     vector = np.asarray(vector, dtype=np.float32)
     if vector.ndim != 1 or not np.isfinite(vector).all():
         raise InvalidQuery("the query vector must be one-dimensional and finite")
-    return _neighbours(index, vector, k, filters, exclude, rules, bounds=bounds)
+    return _neighbours(index, vector, k, filters, exclude, rules, bounds=bounds, shown=shown)
 
 
 def rerank_by_colour(hits: list[Hit], target_lab: Sequence[float], weight: float, k: int) -> list[Hit]:
@@ -317,6 +428,7 @@ def similar_to_product(
     colour_weight: float = 0.0,
     rules: Rules = NEAREST,
     bounds: Bounds = BOUNDS,
+    shown: Shown = to_operators,
 ) -> list[Hit]:
     """The k products most like `product_id`, itself excluded, by the nearest pair of photos (all of its
     photos are queries); raises `NotFound` if it is not indexed.
@@ -327,7 +439,7 @@ def similar_to_product(
     if colour_weight and "colour_lab" not in payload:
         raise InvalidQuery(f"product {product_id!r} has no extracted colour: run `visrec sync` again")
     colour = (payload["colour_lab"], colour_weight) if colour_weight else None
-    return _neighbours(index, vectors, k, filters, [product_id], rules, colour, bounds)
+    return _neighbours(index, vectors, k, filters, [product_id], rules, colour, bounds, shown)
 
 
 def recommend(
@@ -338,6 +450,7 @@ def recommend(
     filters: Filters | None = None,
     rules: Rules = NEAREST,
     bounds: Bounds = BOUNDS,
+    shown: Shown = to_operators,
 ) -> list[Hit]:
     """Products like the `positive` ones and unlike the `negative` ones (e.g. a basket, skipped items).
 
@@ -355,7 +468,7 @@ def recommend(
     target = mean_of(positive)
     if negative:
         target = 2 * target - mean_of(negative)
-    return similar_to_vector(index, target, k, filters, [*positive, *negative], rules, bounds)
+    return similar_to_vector(index, target, k, filters, [*positive, *negative], rules, bounds, shown)
 
 
 def similar_to_image(
@@ -368,6 +481,7 @@ def similar_to_image(
     colour_weight: float = 0.0,
     rules: Rules = NEAREST,
     bounds: Bounds = BOUNDS,
+    shown: Shown = to_operators,
 ) -> list[Hit]:
     """The k products most like a photo (with `colour_weight` > 0, preferring its colour); raises
     `ImageError` if it cannot be decoded. A JPEG is decoded at a reduced scale that still covers the
@@ -376,4 +490,4 @@ def similar_to_image(
     image = decode_image(image_bytes, limits, name="query image", draft=draft)
     vector = embedder.embed_image(image)
     colour = (extract_colours(image).lab, colour_weight) if colour_weight else None
-    return _neighbours(index, vector, k, filters, (), rules, colour, bounds)
+    return _neighbours(index, vector, k, filters, (), rules, colour, bounds, shown)

@@ -89,15 +89,28 @@ class Fuzzer:
     def params(self) -> dict[str, Any]:
         r = self.rng
         names = ["k", "category", "colour", "price_min", "price_max", "colour_weight", "limit", "after", "zz"]
+        names += ["where", "in_stock"]
         params: dict[str, Any] = {}
         for name in r.sample(names, r.randrange(len(names))):
             if name in {"category", "colour"}:
                 params[name] = [self.text() for _ in range(r.randrange(1, 4))]
+            elif name == "where":
+                params[name] = [self.where() for _ in range(r.randrange(1, 4))]
             elif name == "after":
                 params[name] = r.choice([self.text(), "6f1c2a56-3d7e-5b8a-9c41-2e0f7d8b9a10"])
             else:
                 params[name] = r.choice([self.number(), self.text()])
         return params
+
+    def where(self) -> str:
+        """A `where` condition: on a field products have or not, hidden or shown; a value, a range,
+        a boolean or a number; or no condition at all."""
+        r = self.rng
+        field = r.choice(["category", "colour", "price", "title", "image", "content_hash", "nope", "", " "])
+        value = r.choice(
+            [self.text(), self.number(), "true", f"{self.number()}..{self.number()}", "..", "1.."]
+        )
+        return r.choice([f"{field}={value}", f"{field}{value}", value, "=" * r.randrange(3)])
 
     def upload(self) -> dict[str, Any]:
         r = self.rng
@@ -133,8 +146,10 @@ class Fuzzer:
             "positive": [self.text() for _ in range(r.choice([0, 1, 2, 101]))],
             "negative": [self.text() for _ in range(r.randrange(3))],
         }
-        for name in r.sample(["k", "category", "colour", "price_min", "price_max"], r.randrange(4)):
-            body[name] = r.choice([self.number(), self.text(), None, [], {}, 10**30])
+        for name in r.sample(
+            ["k", "category", "colour", "price_min", "price_max", "where", "zz"], r.randrange(5)
+        ):
+            body[name] = r.choice([self.number(), self.text(), None, [], {}, 10**30, [self.where()]])
         kind = r.randrange(5)
         if kind == 0:  # NaN and Infinity as bare JSON tokens, which Python's json accepts
             raw = json.dumps(body).replace('"nan"', "NaN").replace('"inf"', "Infinity")
@@ -185,9 +200,11 @@ def png_header(width: int, height: int) -> bytes:
 def test_fuzzed_requests_never_get_a_5xx(client: TestClient) -> None:
     """Fault: VISREC_FAULTS_FUZZ_REQUESTS seeded random requests (500 by default) across every route:
     random ids (Unicode, very long, path-like), filter values (bad numbers, inverted ranges, NaN, inf,
-    huge and negative k), query strings, JSON bodies, uploads (random bytes, truncated PNG, a bomb's
-    header, over the size and pixel limits, wrong content types), lying Content-Length headers.
-    visrec: validation answers 4xx (404 unknown product, 405, 413 too large, 422 malformed).
+    huge and negative k, `where` conditions on any field), query strings (unknown parameters too), JSON
+    bodies, uploads (random bytes, truncated PNG, a bomb's header, over the size and pixel limits, wrong
+    content types), lying Content-Length headers.
+    visrec: validation answers 4xx (404 unknown product, 405, 413 too large, 422 malformed, unknown
+    parameters, or a filter no product meets).
     Checked: no 5xx at all, and /healthz and /readyz still answer 200 afterwards."""
     fuzzer = Fuzzer(random.Random(SEED))
     statuses: Counter[int] = Counter()

@@ -373,13 +373,13 @@ def test_writes_go_on_beside_a_handed_over_job(
             expected[product] = None if kind == "delete" else price
         out, err = command.communicate(timeout=300)
         assert command.returncode == 0, err
-        for product, price in expected.items():
+        for product, acknowledged in expected.items():
             got = http.get(f"/products/{product}")
-            if price is None:
+            if acknowledged is None:
                 assert got.status_code == 404, (product, got.text)
             else:
                 assert got.status_code == 200, (product, got.text, _log_tail(served))
-                assert got.json()["payload"]["price"] == price, (product, got.json())
+                assert got.json()["payload"]["price"] == acknowledged, (product, got.json())
         listed = http.get("/products", params={"limit": 200}).json()["products"]
         ids = {p["product_id"] for p in listed}
         assert {f"q{i}" for i in range(JOB_PRODUCTS)} <= ids

@@ -15,11 +15,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
 
 from visrec import __version__
 from visrec.api import ops, products, search, writes
+from visrec.api.deps import known_parameters
 from visrec.api.errors import add_handlers
 from visrec.api.exposure import ExposureRefused, check_exposure
 from visrec.api.ops import OPEN_PATHS
@@ -40,10 +41,12 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
         version=__version__,
         lifespan=_lifespan,
         description="Visually similar products, filtered by metadata.",
+        dependencies=[Depends(known_parameters)],
     )
     # On the app, not in modules: each app (several in a test process) has its own service and metrics.
     app.state.service = Service(settings, device)
     app.state.metrics = CollectorRegistry()
+    app.state.query_parameters = {}  # (path, method) → the query parameters it takes (`known_parameters`)
     api = settings.api
     app.state.slots = Slots(api.max_heavy_requests, api.queue_depth, api.queue_wait_s)
     app.add_middleware(

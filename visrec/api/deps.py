@@ -9,13 +9,16 @@ from collections.abc import Callable
 from typing import Annotated, TypeVar
 from urllib.parse import unquote
 
-from fastapi import Depends, HTTPException, Path, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Path, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from prometheus_client import CollectorRegistry
 
 from visrec import query
-from visrec.api.models import CallerQuery
+from visrec.api.models import CallerQuery, unknown_input
 from visrec.errors import InvalidQuery
 from visrec.filters import Filters
+from visrec.payload import HIDDEN_FROM_CALLERS
 from visrec.service import Service
 from visrec.slots import BUSY, Slots
 
@@ -65,12 +68,19 @@ def _hidden(field: str, service: Service) -> bool:
     return public is not None and field not in public
 
 
+def shown_to_callers(service: Service) -> query.Shown:
+    """The fields callers are shown: what a message may name."""
+    return lambda field: field not in HIDDEN_FROM_CALLERS and not _hidden(field, service)
+
+
 def check_filters(filters: Filters, service: Service, colour_weight: float = 0.0) -> Filters:
     """Filters (and the colour re-rank) only on fields callers are shown: filtering on a field they
     cannot see would let them probe its values, one query at a time. Raises `InvalidQuery`."""
     used = [field for field in ("category", "colour") if getattr(filters, field)]
     used += ["price"] if filters.price_min is not None or filters.price_max is not None else []
-    hidden = [field for field in used if _hidden(field, service)]
+    used += [where.field for where in filters.clauses]
+    shown = shown_to_callers(service)
+    hidden = [field for field in used if not shown(field)]
     if hidden:
         raise InvalidQuery(f"cannot filter on {hidden[0]!r}: not a field this service shows")
     if colour_weight and all(_hidden(field, service) for field in COLOUR_SHOWN):
@@ -85,6 +95,43 @@ def check_caps(rules: query.Rules, service: Service) -> query.Rules:
     if hidden:
         raise InvalidQuery(f"max_per cannot cap {hidden[0]!r}: not a field this service shows")
     return rules
+
+
+# The probes answer whatever query they carry: a load balancer may add a cache-buster.
+LENIENT = frozenset({"/healthz", "/readyz"})
+
+
+async def known_parameters(request: Request) -> None:
+    """Refuse (422) a query parameter the route does not take, naming the one it likely misspells (or,
+    on a route that filters, the `where` condition meant): ignored, `?categroy=shirt` answered
+    unfiltered. The routes are those of the published schema (the gallery page's own URL is not one)."""
+    route = request.scope.get("route")
+    if not isinstance(route, APIRoute) or not route.include_in_schema or route.path in LENIENT:
+        return
+    known = _query_parameters(request.app, route, request.method)
+    unknown = [name for name in dict.fromkeys(request.query_params.keys()) if name not in known]
+    if unknown:
+        raise RequestValidationError(
+            [
+                {
+                    "type": "extra_forbidden",
+                    "loc": ("query", name),
+                    "msg": unknown_input(name, request.query_params[name], known),
+                    "input": request.query_params[name],
+                }
+                for name in unknown
+            ]
+        )
+
+
+def _query_parameters(app: FastAPI, route: APIRoute, method: str) -> frozenset[str]:
+    """The query parameters the schema publishes for `route` (worked out once per route and method)."""
+    cache: dict[tuple[str, str], frozenset[str]] = app.state.query_parameters
+    key = (route.path_format, "get" if method == "HEAD" else method.lower())
+    if key not in cache:
+        operation = app.openapi()["paths"].get(key[0], {}).get(key[1], {})
+        cache[key] = frozenset(p["name"] for p in operation.get("parameters", []) if p["in"] == "query")
+    return cache[key]
 
 
 def get_rules(chosen: Annotated[query.Rules, Query()], request: Request) -> query.Rules:

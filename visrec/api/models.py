@@ -4,15 +4,19 @@ payload is cut down to what callers may see."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from collections.abc import Set as AbstractSet
 from typing import Annotated, Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.config import JsonDict
+from pydantic_core import PydanticCustomError
 
 from visrec import query
 from visrec.catalogue import MAX_PHOTOS, SCALARS, WHITESPACE, written_fields_problem
 from visrec.config import Settings
+from visrec.errors import closest
 from visrec.filters import CallerFilters
 from visrec.index import Hit
 from visrec.payload import RESERVED, for_callers, photos
@@ -110,8 +114,16 @@ class HitOut(BaseModel):
     payload: dict[str, Any]
 
 
+EMPTY = (
+    "why the answer is empty, when filters left nothing (each filter alone matches some product, so "
+    "they match nothing together, or only the products asked about; or a range takes no value); "
+    "else null. A filter that alone matches no product is a 422 naming what there is"
+)
+
+
 class Results(BaseModel):
     results: list[HitOut]
+    note: str | None = Field(default=None, description=EMPTY)
 
 
 class Product(BaseModel):
@@ -123,6 +135,21 @@ class Product(BaseModel):
 class Page(BaseModel):
     products: list[Product]
     next: str | None = Field(description="pass as `after` for the next page; null at the end")
+    note: str | None = Field(default=None, description=EMPTY + " (on a first page)")
+
+
+def unknown_input(name: str, value: Any, known: Iterable[str], *, body: bool = False) -> str:
+    """Why a query parameter or body field `name` is refused, with what was likely meant: the known
+    name it misspells, else, where the route filters, the `where` condition on a product field."""
+    known = set(known)
+    said = f"unknown {'field' if body else 'parameter'} {name!r}"
+    if guess := closest(name, known):
+        return f"{said}: did you mean {guess!r}?"
+    if "where" in known:
+        clause = f"{name}={value if isinstance(value, str) else json.dumps(value)}"
+        form = f'"where": [{json.dumps(clause)}]' if body else f"where={clause}"
+        return f"{said}: to filter on a product field, send {form}"
+    return f"{said}; known: {', '.join(sorted(known)) or 'none'}"
 
 
 class CallerQuery(CallerFilters):
@@ -143,11 +170,24 @@ class CallerQuery(CallerFilters):
 
 
 class RecommendRequest(CallerQuery, query.Rules):
-    """The examples and `k`, and the filters and result rules as on every search route."""
+    """The examples and `k`, and the filters and result rules as on every search route; no other field
+    (a misspelt one would otherwise be ignored, the answer silently unfiltered)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     positive: list[str] = Field(min_length=1, max_length=100, description="e.g. the basket")
     negative: list[str] = Field(default=[], max_length=100, description="e.g. items skipped")
     k: int = Field(default=10, ge=1, le=query.MAX_K)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _known_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            unknown = [str(name) for name in data if name not in cls.model_fields]
+            if unknown:
+                said = [unknown_input(n, data[n], cls.model_fields, body=True) for n in unknown]
+                raise PydanticCustomError("extra_forbidden", "{said}", {"said": "; ".join(said)})
+        return data
 
 
 def shown(payload: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -159,13 +199,14 @@ def product_out(product_id: str, payload: dict[str, Any], settings: Settings) ->
     return Product(product_id=product_id, photos=len(photos(payload)), payload=shown(payload, settings))
 
 
-def results(hits: list[Hit], settings: Settings) -> Results:
+def results(hits: list[Hit], settings: Settings, note: str | None = None) -> Results:
     """The answer of every search route."""
     return Results(
         results=[
             HitOut(**h.to_dict(lambda payload: shown(payload, settings)), photos=len(photos(h.payload)))
             for h in hits
-        ]
+        ],
+        note=note,
     )
 
 

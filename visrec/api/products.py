@@ -27,6 +27,7 @@ from visrec.api.deps import (
     ServiceDep,
     check_filters,
     heavy,
+    shown_to_callers,
 )
 from visrec.api.errors import hidden
 from visrec.api.models import Page, Product, Results, errors, product_out, results
@@ -48,11 +49,14 @@ def products(
 ) -> Page:
     """Browse the indexed products, filtered, a page at a time."""
     # Cursors are point ids (UUIDs): anything else is a 422 here, not a store error (500).
+    cursor = None if after is None else str(after)
     with service.reading() as live:
-        items, next_page = live.index.browse(filters, limit, None if after is None else str(after))
+        items, next_page = query.browse(live.index, filters, limit, cursor, shown_to_callers(service))
+        note = None if items or cursor else query.why_empty(live.index, filters)
     return Page(
         products=[product_out(i, p, service.settings) for i, p in items],
         next=next_page,
+        note=note,
     )
 
 
@@ -135,10 +139,15 @@ async def similar(
     bounds = query.Bounds.from_settings(service.settings.api)
     check_filters(filters, service, colour_weight)
 
+    shown = shown_to_callers(service)
+
     def work() -> Results:
         with service.reading() as live:
-            hits = query.similar_to_product(live.index, product_id, k, filters, colour_weight, rules, bounds)
-        return results(hits, service.settings)
+            hits = query.similar_to_product(
+                live.index, product_id, k, filters, colour_weight, rules, bounds, shown
+            )
+            note = None if hits else query.why_empty(live.index, filters, [product_id])
+        return results(hits, service.settings, note)
 
     return await heavy(request, work)
 

@@ -7,7 +7,17 @@ from typing import Annotated
 from fastapi import APIRouter, File, HTTPException, Request, UploadFile
 
 from visrec import query
-from visrec.api.deps import ColourWeight, FilterDep, K, RulesDep, ServiceDep, check_caps, check_filters, heavy
+from visrec.api.deps import (
+    ColourWeight,
+    FilterDep,
+    K,
+    RulesDep,
+    ServiceDep,
+    check_caps,
+    check_filters,
+    heavy,
+    shown_to_callers,
+)
 from visrec.api.errors import UploadRejected
 from visrec.api.models import RecommendRequest, Results, errors, results
 from visrec.errors import ImageError
@@ -31,6 +41,7 @@ async def search_image(
     limit = service.settings.api.max_upload_bytes
     bounds = query.Bounds.from_settings(service.settings.api)
     check_filters(filters, service, colour_weight)
+    shown = shown_to_callers(service)
 
     def work() -> Results:
         data = image.file.read(limit + 1)
@@ -40,11 +51,21 @@ async def search_image(
         with service.reading() as live:
             try:
                 hits = query.similar_to_image(
-                    live.index, live.model(), data, service.limits, k, filters, colour_weight, rules, bounds
+                    live.index,
+                    live.model(),
+                    data,
+                    service.limits,
+                    k,
+                    filters,
+                    colour_weight,
+                    rules,
+                    bounds,
+                    shown,
                 )
             except ImageError as exc:  # decoding the caller's own bytes: the message may be shown
                 raise UploadRejected(str(exc)) from exc
-        return results(hits, service.settings)
+            note = None if hits else query.why_empty(live.index, filters)
+        return results(hits, service.settings, note)
 
     return await heavy(request, work)
 
@@ -55,10 +76,14 @@ async def recommend(body: RecommendRequest, request: Request, service: ServiceDe
     rules = check_caps(query.Rules.of(body), service)
     filters = check_filters(Filters.of(body), service)
     bounds = query.Bounds.from_settings(service.settings.api)
+    shown = shown_to_callers(service)
 
     def work() -> Results:
         with service.reading() as live:
-            hits = query.recommend(live.index, body.positive, body.negative, body.k, filters, rules, bounds)
-        return results(hits, service.settings)
+            hits = query.recommend(
+                live.index, body.positive, body.negative, body.k, filters, rules, bounds, shown
+            )
+            note = None if hits else query.why_empty(live.index, filters, [*body.positive, *body.negative])
+        return results(hits, service.settings, note)
 
     return await heavy(request, work)

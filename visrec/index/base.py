@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -17,13 +18,39 @@ import numpy as np
 
 from visrec.errors import PointRejected, VisrecError
 from visrec.filters import Filters
-from visrec.payload import INDEXED, SYNC_FIELDS, IndexType, photos
+from visrec.payload import (
+    HIDDEN_FROM_CALLERS,
+    INDEX_OF,
+    INDEXED,
+    KIND_OF_INDEX,
+    SYNC_FIELDS,
+    IndexType,
+    Kind,
+    addressable,
+    kinds_of,
+    photos,
+)
 
 # Fixed namespace: the same product id gives the same point id on every machine, forever.
 POINT_NAMESPACE = uuid.UUID("6f1c2a56-3d7e-5b8a-9c41-2e0f7d8b9a10")
 SCROLL_PAGE = 1000
+# The collection's metadata key recording, for each field callers may see, the kinds of value written to
+# it (JSON: field → ["text", "bool", …]): which readings of a `where` value can match, and which fields
+# hold values of several kinds (filtered by a full scan: one payload index serves one kind).
+FIELD_KINDS = "field_kinds"
 
 log = logging.getLogger(__name__)
+
+
+def payload_key(field: str) -> str:
+    """A payload field as the engines address it: a JSON path, the name quoted (a name with a space, a
+    dot or a slash is one field, not a path into an object). `payload.addressable` names only."""
+    return f'"{field}"'
+
+
+def field_of(key: str) -> str:
+    """The field a payload index's key names (the engines list plain names bare, others quoted)."""
+    return key[1:-1] if len(key) > 1 and key[0] == key[-1] == '"' else key
 
 
 def point_id(product_id: str) -> str:
@@ -174,6 +201,10 @@ class VectorIndex(_Closing):
     multivector: bool = True  # False: a collection from before several photos per product
     owned_store: Store | None = None  # closed with this index (`Store.open(..., owner=True)`)
     _change_logs: tuple[ChangeLog, ...] = ()  # watching this handle's writes (`watch`)
+    # What this handle's writes know is indexed and recorded (loaded at the first write), so that a write
+    # of fields seen before costs no store call.
+    _indexed: dict[str, IndexType] | None = None
+    _recorded: dict[str, set[Kind]] | None = None
     SCHEMA_TYPES: ClassVar[Mapping[IndexType, object]]  # visrec's payload index types, in the engine's terms
 
     @abstractmethod
@@ -204,7 +235,7 @@ class VectorIndex(_Closing):
     def _ensure_payload_indexes(self) -> list[str]:
         """Create whichever payload index (`visrec.payload.INDEXED`) the collection lacks; returns the
         fields indexed now (one schema read when none is missing)."""
-        have = self._payload_schema()
+        have = {field_of(key): engine for key, engine in self._payload_schema().items()}
         missing = [(name, kind) for name, kind in INDEXED if have.get(name) != self.SCHEMA_TYPES[kind]]
         for name, kind in missing:
             self._create_payload_index(name, kind)
@@ -218,10 +249,72 @@ class VectorIndex(_Closing):
 
     @abstractmethod
     def _payload_schema(self) -> dict[str, object]:
-        """The collection's payload indexes: field → the engine's type."""
+        """The collection's payload indexes: key (`payload_key`, or a plain name bare) → the engine's
+        type."""
 
     @abstractmethod
     def _create_payload_index(self, name: str, kind: IndexType) -> None: ...
+
+    def field_kinds(self) -> dict[str, frozenset[Kind]]:
+        """field → the kinds of value written to it: the declared indexes' and what writes recorded
+        (read from the store each time: another process may have written since)."""
+        kinds = {name: {KIND_OF_INDEX[index]} for name, index in INDEXED}
+        for name, recorded in _decoded(self.metadata().get(FIELD_KINDS)).items():
+            kinds.setdefault(name, set()).update(recorded)
+        return {name: frozenset(found) for name, found in kinds.items()}
+
+    def _index_new_fields(self, payloads: Iterable[Mapping[str, Any]]) -> None:
+        """Before a write: a payload index for each field callers may see that has none (of its first
+        value's kind), and the kinds of value each field holds recorded in the collection's metadata."""
+        seen: dict[str, dict[Kind, None]] = {}
+        for payload in payloads:
+            for name, value in payload.items():
+                if name not in HIDDEN_FROM_CALLERS and addressable(name):
+                    seen.setdefault(name, {}).update(dict.fromkeys(kinds_of(value)))
+        if self._recorded is None:
+            self._recorded = {name: set(kinds) for name, kinds in self.field_kinds().items()}
+        new = {
+            name: [k for k in kinds if k not in self._recorded.get(name, ())] for name, kinds in seen.items()
+        }
+        new = {name: kinds for name, kinds in new.items() if kinds}
+        if not new:
+            return
+        if self._indexed is None:
+            by_type = {engine: kind for kind, engine in self.SCHEMA_TYPES.items()}
+            schema = self._payload_schema().items()
+            self._indexed = {field_of(key): by_type[t] for key, t in schema if t in by_type}
+        for name, kinds in new.items():
+            if name not in self._indexed:
+                self._create_payload_index(name, INDEX_OF[kinds[0]])
+                self._indexed[name] = INDEX_OF[kinds[0]]
+                log.info("%s: payload index on %s (%s)", self.collection, name, INDEX_OF[kinds[0]])
+        metadata = self.metadata()  # as it is now: merged, not replaced
+        recorded = _decoded(metadata.get(FIELD_KINDS))
+        for name, kinds in new.items():
+            recorded.setdefault(name, set()).update(kinds)
+            self._recorded.setdefault(name, set()).update(kinds)
+        encoded = {name: sorted(kinds) for name, kinds in sorted(recorded.items())}
+        self._write_metadata({**metadata, FIELD_KINDS: json.dumps(encoded)})
+
+    def _resolved(self, filters: Filters) -> Filters:
+        """`filters` with the kinds each `where` field holds (`Filters.where_kinds`)."""
+        if not filters.where:
+            return filters
+        kinds = self.field_kinds()
+        fields = {where.field for where in filters.clauses}
+        return filters.model_copy(update={"where_kinds": {f: kinds[f] for f in fields if f in kinds}})
+
+    def facet(self, field: str, limit: int) -> list[tuple[str | bool, int]] | None:
+        """The `limit` most frequent values of a text or boolean field and how many products hold each,
+        as the engine counts them from its payload index; None for a field of numbers, of several
+        kinds, or none recorded (no index to count from)."""
+        kinds = self.field_kinds().get(field, frozenset())
+        if len(kinds) != 1 or "number" in kinds:
+            return None
+        return self._facet(field, limit)
+
+    @abstractmethod
+    def _facet(self, field: str, limit: int) -> list[tuple[str | bool, int]]: ...
 
     # Every write goes through these three, which tell the change logs watching this handle. Noted after
     # the write, failed or not: a catch-up that read a product because the log named it must have seen
@@ -229,6 +322,8 @@ class VectorIndex(_Closing):
     def upsert(self, points: Sequence[IndexPoint]) -> None:
         """Insert or replace points (idempotent: ids derive from product ids)."""
         try:
+            if points:
+                self._index_new_fields(p.payload for p in points)
             self._upsert(points)
         finally:
             self._noting(p.product_id for p in points)
@@ -245,6 +340,8 @@ class VectorIndex(_Closing):
         """Replace the payloads of indexed products (product id → payload), vectors untouched; needs no
         optimize() and is visible to the next query."""
         try:
+            if payloads:
+                self._index_new_fields(payloads.values())
             self._overwrite_payloads(payloads)
         finally:
             self._noting(payloads)
@@ -313,6 +410,7 @@ class VectorIndex(_Closing):
     def all_payloads(self, filters: Filters, fields: list[str] | bool = True) -> Iterator[dict[str, Any]]:
         """The payloads (`fields` of them; True: all) of every point meeting `filters`, page by page."""
         offset: str | None = None
+        filters = self._resolved(filters)
         while True:
             page, offset = self._scroll(filters, SCROLL_PAGE, offset, fields)
             yield from page
@@ -324,7 +422,7 @@ class VectorIndex(_Closing):
     ) -> tuple[list[tuple[str, dict[str, Any]]], str | None]:
         """A page of (product id, payload) meeting `filters`, in point-id order, and the cursor of the next
         page (None at the end). `after` is the cursor a previous page returned."""
-        page, next_page = self._scroll(filters, limit, after, True)
+        page, next_page = self._scroll(self._resolved(filters), limit, after, True)
         return [(str(payload["product_id"]), payload) for payload in page], next_page
 
     @abstractmethod
@@ -388,8 +486,10 @@ class VectorIndex(_Closing):
         without the `exclude` product ids; each hit says which photo matched. `exact` skips the HNSW
         graph (a full scan): the ground truth for measuring recall. Which photo matched is worked out
         for the hits whose payload lists several (`images`, as sync writes it): only their vectors
-        are read back."""
-        hits = self._search(vector, k, filters, exclude, exact)
+        are read back. A `where` field no single payload index covers is searched exactly (a full scan),
+        where the graph alone could miss hits the filter keeps."""
+        filters = self._resolved(filters)
+        hits = self._search(vector, k, filters, exclude, exact or filters.needs_scan())
         several = [h.product_id for h in hits if len(photos(h.payload)) > 1]
         if not several:
             return hits
@@ -408,9 +508,12 @@ class VectorIndex(_Closing):
     ) -> list[Hit]:
         """The engine's k nearest points, as hits (their `matched` left at 0)."""
 
-    @abstractmethod
     def count(self, filters: Filters | None = None) -> int:
-        """Number of points, optionally meeting `filters`."""
+        """Number of points, optionally meeting `filters` (exact)."""
+        return self._count(self._resolved(filters or Filters()))
+
+    @abstractmethod
+    def _count(self, filters: Filters) -> int: ...
 
     @abstractmethod
     def optimize(self, *, apart: bool = False) -> None:
@@ -428,6 +531,22 @@ class VectorIndex(_Closing):
 
     @abstractmethod
     def _close(self) -> None: ...
+
+
+def _decoded(recorded: str | None) -> dict[str, set[Kind]]:
+    """The field kinds recorded in a collection's metadata (`FIELD_KINDS`); {} where none are."""
+    try:
+        found = json.loads(recorded or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(found, dict):
+        return {}
+    kinds: set[Kind] = {"text", "bool", "number"}
+    return {
+        str(name): {k for k in listed if k in kinds}
+        for name, listed in found.items()
+        if isinstance(listed, list)
+    }
 
 
 _WATCHING = threading.Lock()  # adding or removing a change log (rare); noting reads a snapshot

@@ -30,9 +30,9 @@ from visrec.errors import (
     PointRejected,
     VisrecError,
 )
-from visrec.filters import AnyOf, Condition, Equals, Filters, Range
+from visrec.filters import AnyOf, Condition, Equals, Filters, OneOf, Range
 from visrec.fs import allocated_bytes, copy_tree_sparse, write_atomically
-from visrec.index.base import Hit, IndexCopy, IndexPoint, Store, VectorIndex, point_id
+from visrec.index.base import Hit, IndexCopy, IndexPoint, Store, VectorIndex, payload_key, point_id
 from visrec.payload import IndexType
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,7 @@ _R = TypeVar("_R")
 SCHEMA_TYPES: dict[IndexType, qe.PayloadSchemaType] = {
     "keyword": qe.PayloadSchemaType.Keyword,
     "float": qe.PayloadSchemaType.Float,
+    "bool": qe.PayloadSchemaType.Bool,
 }
 LOCK_POLL_S = 0.1
 # How the engine words a full disk (ENOSPC) or a file over RLIMIT_FSIZE (EFBIG), in its messages.
@@ -313,7 +314,7 @@ class EdgeIndex(VectorIndex):
 
     def _create_payload_index(self, name: str, kind: IndexType) -> None:
         with self._engine("creating payload indexes"):
-            self.shard.update(qe.UpdateOperation.create_field_index(name, SCHEMA_TYPES[kind]))
+            self.shard.update(qe.UpdateOperation.create_field_index(payload_key(name), SCHEMA_TYPES[kind]))
 
     @property
     def shard(self) -> qe.EdgeShard:
@@ -441,10 +442,15 @@ class EdgeIndex(VectorIndex):
             found = self.shard.query(request)
         return [Hit.of(p.payload, p.score) for p in found]
 
-    def count(self, filters: Filters | None = None) -> int:
-        request = self._request(lambda f: qe.CountRequest(exact=True, filter=f), filters or Filters(), ())
+    def _count(self, filters: Filters) -> int:
+        request = self._request(lambda f: qe.CountRequest(exact=True, filter=f), filters, ())
         with self._engine("count"):
             return int(self.shard.count(request))
+
+    def _facet(self, field: str, limit: int) -> list[tuple[str | bool, int]]:
+        with self._engine("facet"):
+            found = self.shard.facet(qe.FacetRequest(key=payload_key(field), limit=limit, exact=True))
+        return [(hit.value, int(hit.count)) for hit in found.hits if isinstance(hit.value, str | bool)]
 
     def _request(
         self, build: Callable[[qe.Filter | None], _R], filters: Filters, exclude: Sequence[str]
@@ -557,13 +563,29 @@ def _edge_filter(filters: Filters, exclude: Sequence[str]) -> qe.Filter | None:
     return qe.Filter(must=must, must_not=must_not) if must or must_not else None
 
 
-def _condition(condition: Condition) -> qe.FieldCondition:
+def _condition(condition: Condition) -> qe.FieldCondition | qe.Filter:
     match condition:
         case AnyOf(field, values):
-            return qe.FieldCondition(key=field, match=qe.MatchAny(any=list(values)))
+            return qe.FieldCondition(key=payload_key(field), match=qe.MatchAny(any=list(values)))
         case Range(field, gte, lte):
-            return qe.FieldCondition(key=field, range=qe.RangeFloat(gte=gte, lte=lte))
+            return qe.FieldCondition(key=payload_key(field), range=qe.RangeFloat(gte=gte, lte=lte))
         case Equals(field, value):
-            return qe.FieldCondition(key=field, match=qe.MatchValue(value))
+            return qe.FieldCondition(key=payload_key(field), match=_match(value))
+        case OneOf(field, values):
+            each = [_one(field, value) for value in values]
+            return each[0] if len(each) == 1 else qe.Filter(should=list(each))
         case _:
             assert_never(condition)
+
+
+def _one(field: str, value: str | bool | float) -> qe.FieldCondition:
+    """A number matches as a point range: integers and floats alike (a match would take one kind)."""
+    if isinstance(value, str | bool):
+        return qe.FieldCondition(key=payload_key(field), match=_match(value))
+    return qe.FieldCondition(key=payload_key(field), range=qe.RangeFloat(gte=value, lte=value))
+
+
+def _match(value: str | int | bool) -> qe.MatchValue:
+    """The binding reads a Python bool as the integer 1 or 0 (bool is an int): `true` then matched the
+    number 1, never a stored true. numpy's bool is no int, and it reads as a boolean."""
+    return qe.MatchValue(np.bool_(value) if isinstance(value, bool) else value)  # type: ignore[arg-type]

@@ -20,8 +20,8 @@ from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_
 
 from visrec.config import QdrantSettings
 from visrec.errors import CollectionMissing, IndexUnavailable, PointRejected, VisrecError
-from visrec.filters import AnyOf, Condition, Equals, Filters, Range
-from visrec.index.base import Hit, IndexPoint, Store, VectorIndex, point_id
+from visrec.filters import AnyOf, Condition, Equals, Filters, OneOf, Range
+from visrec.index.base import Hit, IndexPoint, Store, VectorIndex, payload_key, point_id
 from visrec.payload import INDEXED, IndexType
 
 log = logging.getLogger(__name__)
@@ -29,6 +29,7 @@ T = TypeVar("T")
 SCHEMA_TYPES: dict[IndexType, qm.PayloadSchemaType] = {
     "keyword": qm.PayloadSchemaType.KEYWORD,
     "float": qm.PayloadSchemaType.FLOAT,
+    "bool": qm.PayloadSchemaType.BOOL,
 }
 
 
@@ -231,7 +232,14 @@ class ServerIndex(VectorIndex):
         return {name: index.data_type for name, index in have.items()}
 
     def _create_payload_index(self, name: str, kind: IndexType) -> None:
-        self._call(self.client.create_payload_index, self.collection, name, field_schema=SCHEMA_TYPES[kind])
+        if self.conn.local:  # it keeps none (and warns)
+            return
+        self._call(
+            self.client.create_payload_index,
+            self.collection,
+            payload_key(name),
+            field_schema=SCHEMA_TYPES[kind],
+        )
 
     def _upsert(self, points: Sequence[IndexPoint]) -> None:
         self._require()
@@ -320,15 +328,18 @@ class ServerIndex(VectorIndex):
         )
         return [Hit.of(p.payload, p.score) for p in response.points]
 
-    def count(self, filters: Filters | None = None) -> int:
+    def _count(self, filters: Filters) -> int:
         self._require()
         result = self._call(
-            self.client.count,
-            self.collection,
-            count_filter=_server_filter(filters or Filters(), ()),
-            exact=True,
+            self.client.count, self.collection, count_filter=_server_filter(filters, ()), exact=True
         )
         return int(result.count)
+
+    def _facet(self, field: str, limit: int) -> list[tuple[str | bool, int]]:
+        # Local mode counts every value of the field, whatever its kind; a server, those its index holds.
+        self._require()
+        found = self._call(self.client.facet, self.collection, payload_key(field), limit=limit, exact=True)
+        return [(hit.value, int(hit.count)) for hit in found.hits if isinstance(hit.value, str | bool)]
 
     def optimize(self, *, apart: bool = False) -> None:
         """The server optimizes in the background by itself."""
@@ -356,13 +367,23 @@ def _server_filter(filters: Filters, exclude: Sequence[str]) -> qm.Filter | None
     return qm.Filter(must=must, must_not=must_not) if must or must_not else None
 
 
-def _condition(condition: Condition) -> qm.FieldCondition:
+def _condition(condition: Condition) -> qm.FieldCondition | qm.Filter:
     match condition:
         case AnyOf(field, values):
-            return qm.FieldCondition(key=field, match=qm.MatchAny(any=list(values)))
+            return qm.FieldCondition(key=payload_key(field), match=qm.MatchAny(any=list(values)))
         case Range(field, gte, lte):
-            return qm.FieldCondition(key=field, range=qm.Range(gte=gte, lte=lte))
+            return qm.FieldCondition(key=payload_key(field), range=qm.Range(gte=gte, lte=lte))
         case Equals(field, value):
-            return qm.FieldCondition(key=field, match=qm.MatchValue(value=value))
+            return qm.FieldCondition(key=payload_key(field), match=qm.MatchValue(value=value))
+        case OneOf(field, values):
+            each: list[qm.Condition] = [_one(field, value) for value in values]
+            return qm.Filter(should=each) if len(each) > 1 else _one(field, values[0])
         case _:
             assert_never(condition)
+
+
+def _one(field: str, value: str | bool | float) -> qm.FieldCondition:
+    """A number matches as a point range: integers and floats alike (a match would take one kind)."""
+    if isinstance(value, str | bool):
+        return qm.FieldCondition(key=payload_key(field), match=qm.MatchValue(value=value))
+    return qm.FieldCondition(key=payload_key(field), range=qm.Range(gte=value, lte=value))
