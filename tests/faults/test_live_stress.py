@@ -231,6 +231,7 @@ def test_a_write_during_a_copy_reaches_the_copy(tmp_path: Path, artefact: tuple[
                 time.sleep(0.01)
             for i in range(CATALOGUE):  # after the copy was taken: while the child optimizes it
                 writes.patch(f"p{i}", {"price": 100 + i})
+            writes.patch("p2", {"brand": "acme"})  # a field's first write: its index is the folder's
             writes.delete("p0")
             copying.join(120)
             assert before.index.place == str(settings.qdrant.path / "products__v1")  # held: still open
@@ -239,6 +240,7 @@ def test_a_write_during_a_copy_reaches_the_copy(tmp_path: Path, artefact: tuple[
             assert after.index.place == str(current_folder(settings.qdrant.path, "products__v1"))
             payloads = after.index.payloads([f"p{i}" for i in range(CATALOGUE)])
             prices = {p: v["price"] for p, v in payloads.items()}
+            assert after.index.facet("brand", 10) == [("acme", 1)]  # counted from the copy's own index
         assert prices == {f"p{i}": 100 + i for i in range(1, CATALOGUE)}
         assert not (settings.qdrant.path / "products__v1").exists()  # closed with its last reader
     finally:

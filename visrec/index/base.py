@@ -233,10 +233,17 @@ class VectorIndex(_Closing):
     def _write_metadata(self, metadata: dict[str, str]) -> None: ...
 
     def _ensure_payload_indexes(self) -> list[str]:
-        """Create whichever payload index (`visrec.payload.INDEXED`) the collection lacks; returns the
-        fields indexed now (one schema read when none is missing)."""
+        """Create whichever payload index the collection lacks: `visrec.payload.INDEXED`'s, and one for
+        each field of one kind that writes recorded (a folder copied before that field's first write
+        lacks it); returns the fields indexed now (one schema read when none is missing)."""
         have = {field_of(key): engine for key, engine in self._payload_schema().items()}
         missing = [(name, kind) for name, kind in INDEXED if have.get(name) != self.SCHEMA_TYPES[kind]]
+        recorded = _decoded(self.metadata().get(FIELD_KINDS)) if self.exists() else {}
+        missing += [
+            (name, INDEX_OF[next(iter(kinds))])
+            for name, kinds in recorded.items()
+            if len(kinds) == 1 and name not in have and addressable(name)
+        ]
         for name, kind in missing:
             self._create_payload_index(name, kind)
         return [name for name, _ in missing]
@@ -264,30 +271,34 @@ class VectorIndex(_Closing):
         return {name: frozenset(found) for name, found in kinds.items()}
 
     def _index_new_fields(self, payloads: Iterable[Mapping[str, Any]]) -> None:
-        """Before a write: a payload index for each field callers may see that has none (of its first
-        value's kind), and the kinds of value each field holds recorded in the collection's metadata."""
+        """Before a write: a payload index for each field callers may see that this handle's folder has
+        none for (of its first value's kind), and the kinds of value each field holds recorded in the
+        collection's metadata. The metadata is the collection's, shared by its optimized copies; the
+        indexes are the folder's: a copy taken before a field's first write gets its index when the
+        catch-up writes that field into it."""
         seen: dict[str, dict[Kind, None]] = {}
         for payload in payloads:
             for name, value in payload.items():
                 if name not in HIDDEN_FROM_CALLERS and addressable(name):
                     seen.setdefault(name, {}).update(dict.fromkeys(kinds_of(value)))
-        if self._recorded is None:
-            self._recorded = {name: set(kinds) for name, kinds in self.field_kinds().items()}
-        new = {
-            name: [k for k in kinds if k not in self._recorded.get(name, ())] for name, kinds in seen.items()
-        }
-        new = {name: kinds for name, kinds in new.items() if kinds}
-        if not new:
-            return
         if self._indexed is None:
             by_type = {engine: kind for kind, engine in self.SCHEMA_TYPES.items()}
             schema = self._payload_schema().items()
             self._indexed = {field_of(key): by_type[t] for key, t in schema if t in by_type}
-        for name, kinds in new.items():
-            if name not in self._indexed:
-                self._create_payload_index(name, INDEX_OF[kinds[0]])
-                self._indexed[name] = INDEX_OF[kinds[0]]
-                log.info("%s: payload index on %s (%s)", self.collection, name, INDEX_OF[kinds[0]])
+        for name, found in seen.items():
+            if name not in self._indexed and found:
+                first = next(iter(found))
+                self._create_payload_index(name, INDEX_OF[first])
+                self._indexed[name] = INDEX_OF[first]
+                log.info("%s: payload index on %s (%s)", self.collection, name, INDEX_OF[first])
+        if self._recorded is None:
+            self._recorded = {name: set(kinds) for name, kinds in self.field_kinds().items()}
+        unrecorded = {
+            name: [k for k in kinds if k not in self._recorded.get(name, ())] for name, kinds in seen.items()
+        }
+        new = {name: kinds for name, kinds in unrecorded.items() if kinds}
+        if not new:
+            return
         metadata = self.metadata()  # as it is now: merged, not replaced
         recorded = _decoded(metadata.get(FIELD_KINDS))
         for name, kinds in new.items():
