@@ -43,9 +43,9 @@ class PayloadField:
 
 
 FIELDS = (
-    # From the catalogue (its other columns are stored as they come and seen by callers). Every field
-    # callers may see that has no index here (those columns among them) gets one of its values' kind
-    # when a write first carries it (`VectorIndex.upsert`): filtering on any of them stays exact.
+    # From the catalogue (its other columns are stored as they come and seen by callers). Every such
+    # column gets an index of its values' kind when a write first carries it (`VectorIndex.upsert`):
+    # filtering on any of them stays exact.
     # Server paths or URLs: never shown over HTTP (callers get a photo by its position, `matched_image`).
     PayloadField("image", None, "operators", computed=False),  # the first photo
     PayloadField("images", None, "operators", computed=False),  # every photo embedded, in vector order
@@ -62,9 +62,10 @@ FIELDS = (
     PayloadField("source", "keyword", "operators", computed=True),
     PayloadField("content_hash", None, "nobody", computed=True),  # both in one: points from before the split
     PayloadField("model_version", "keyword", "callers", computed=True),
-    # The colour sync extracts from the photo (visrec.colour).
-    PayloadField("colour_extracted", None, "callers", computed=True, from_photo=True),
-    PayloadField("colours", None, "callers", computed=True, from_photo=True),
+    # The colour sync extracts from the photo (visrec.colour). Computed fields get the indexes declared
+    # here and no other: an RGB triple is no filter, and each index costs the engine files of its own.
+    PayloadField("colour_extracted", "keyword", "callers", computed=True, from_photo=True),
+    PayloadField("colours", "keyword", "callers", computed=True, from_photo=True),
     PayloadField("colour_rgb", None, "callers", computed=True, from_photo=True),
     PayloadField("colour_lab", None, "operators", computed=True, from_photo=True),
     PayloadField("colour_histogram", None, "operators", computed=True, from_photo=True),

@@ -23,6 +23,7 @@ from visrec.payload import (
     INDEX_OF,
     INDEXED,
     KIND_OF_INDEX,
+    RESERVED,
     SYNC_FIELDS,
     IndexType,
     Kind,
@@ -271,7 +272,7 @@ class VectorIndex(_Closing):
         return {name: frozenset(found) for name, found in kinds.items()}
 
     def _index_new_fields(self, payloads: Iterable[Mapping[str, Any]]) -> None:
-        """Before a write: a payload index for each field callers may see that this handle's folder has
+        """Before a write: a payload index for each catalogue field callers may see that this folder has
         none for (of its first value's kind), and the kinds of value each field holds recorded in the
         collection's metadata. The metadata is the collection's, shared by its optimized copies; the
         indexes are the folder's: a copy taken before a field's first write gets its index when the
@@ -279,7 +280,7 @@ class VectorIndex(_Closing):
         seen: dict[str, dict[Kind, None]] = {}
         for payload in payloads:
             for name, value in payload.items():
-                if name not in HIDDEN_FROM_CALLERS and addressable(name):
+                if name not in HIDDEN_FROM_CALLERS and name not in RESERVED and addressable(name):
                     seen.setdefault(name, {}).update(dict.fromkeys(kinds_of(value)))
         if self._indexed is None:
             by_type = {engine: kind for kind, engine in self.SCHEMA_TYPES.items()}
