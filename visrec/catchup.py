@@ -43,10 +43,15 @@ def copy_points(source: VectorIndex, target: VectorIndex) -> Apply:
 
 @contextmanager
 def caught_up(
-    changes: ChangeLog, apply: Apply, writes_held: Callable[[], AbstractContextManager[object]]
+    changes: ChangeLog,
+    apply: Apply,
+    writes_held: Callable[[], AbstractContextManager[object]],
+    prepare: Apply | None = None,
 ) -> Iterator[int]:
     """Apply what `changes` logged until little is left, then, with the writes held, the rest; the
-    block runs inside that hold (make the copy live there). Yields the number of products applied."""
+    block runs inside that hold (make the copy live there). Yields the number of products applied.
+    `prepare`: the slow part of applying those products (a new model's embedding of their photos), done
+    for what is left just before the writes are held, so that the last round, with them held, is short."""
     applied = 0
     for _ in range(MAX_ROUNDS):
         ids = changes.take()
@@ -54,6 +59,8 @@ def caught_up(
         applied += len(ids)
         if len(ids) <= SETTLED:
             break
+    if prepare:
+        prepare(changes.peek())
     with writes_held():
         ids = changes.take()
         apply(ids)

@@ -14,7 +14,7 @@ import itertools
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -393,9 +393,13 @@ def _embed_and_write(
             _isolating(index.upsert, lambda p: p.product_id, rejected)(points)
         log.info("upserted %d points", len(points))  # logged once durable in the index
 
-    ready = ahead.batch(photos.refs, version) if ahead else None
+    if ahead and ahead.model_version == version:  # the rest of the photos embedded here, then all at once
+        ahead.add(catalogue, model, options, photos.refs)
+        batches: Iterable[EmbeddedBatch] = [ahead.batch(photos.refs)]
+    else:
+        batches = _embedded(catalogue, model, options, photos.refs)
     with BackgroundWriter(write) as writer:
-        for batch in [ready] if ready else _embedded(catalogue, model, options, photos.refs):
+        for batch in batches:
             points = []
             for n, got in photos.add(batch):
                 product_id = todo[n].product.id
@@ -425,18 +429,24 @@ def _embedded(
 class Ahead:
     """Photos embedded before a write takes the service's writer, by one model: each ref's vector and
     colour fields, or why it failed. The writer is then held to decide and write, not to fetch and
-    embed (`visrec.writer.ProductWrites`)."""
+    embed (`visrec.writer.ProductWrites`; a reindex's catch-up, `versions.WrittenMeanwhile`)."""
 
     model_version: str
-    vectors: dict[str, tuple[np.ndarray, dict[str, Any]]]
-    failed: dict[str, str]
+    vectors: dict[str, tuple[np.ndarray, dict[str, Any]]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)
 
-    def batch(self, refs: list[str], model_version: str) -> EmbeddedBatch | None:
-        """`refs` as one embedded batch; None unless every one was embedded (or failed) by that model."""
-        if model_version != self.model_version or not all(
-            r in self.vectors or r in self.failed for r in refs
-        ):
-            return None
+    def add(
+        self, catalogue: Catalogue, model: ModelHandle, options: SyncOptions, refs: Sequence[str]
+    ) -> None:
+        """Embed those of the catalogue's photos `refs` not embedded (or failed) yet."""
+        todo = list(dict.fromkeys(r for r in refs if r not in self.vectors and r not in self.failed))
+        for batch in _embedded(catalogue, model, options, todo) if todo else []:
+            for i, vector, extra in zip(batch.indices, batch.vectors, batch.extras, strict=True):
+                self.vectors[todo[i]] = (vector, extra)
+            self.failed.update((todo[i], error) for i, error in batch.failures)
+
+    def batch(self, refs: list[str]) -> EmbeddedBatch:
+        """`refs`, every one embedded (or failed), as one embedded batch."""
         from visrec.embed import EmbeddedBatch
 
         done = [i for i, ref in enumerate(refs) if ref in self.vectors]
@@ -456,12 +466,10 @@ def embed_ahead(catalogue: Catalogue, index: VectorIndex, model: ModelHandle, op
     version = model.manifest.model_version
     records = index.sync_records([p.id for p in catalogue.products])
     plan = plan_sync(catalogue, records, version, options.shard, source=options.source, deletes=False)
-    refs = list(dict.fromkeys(ref for d in plan.to_embed for ref in catalogue.photo_refs(d.product)))
-    ahead = Ahead(version, {}, {})
-    for batch in _embedded(catalogue, model, options, refs) if refs else []:
-        for i, vector, extra in zip(batch.indices, batch.vectors, batch.extras, strict=True):
-            ahead.vectors[refs[i]] = (vector, extra)
-        ahead.failed.update((refs[i], error) for i, error in batch.failures)
+    ahead = Ahead(version)
+    ahead.add(
+        catalogue, model, options, [ref for d in plan.to_embed for ref in catalogue.photo_refs(d.product)]
+    )
     return ahead
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from visrec import evaluation, payload
 from visrec.catalogue import Catalogue, rows_from_service
-from visrec.catchup import Apply, caught_up
+from visrec.catchup import caught_up
 from visrec.config import GateSettings
 from visrec.errors import IndexUnavailable, ModelError, QualityRefused, VisrecError, WritesWouldBeLost
 from visrec.evaluation import Quality
@@ -23,7 +23,7 @@ from visrec.filters import Filters
 from visrec.handle import ModelHandle
 from visrec.index import Store, VectorIndex
 from visrec.index.base import ChangeLog
-from visrec.ingest import ProgressFn, SyncOptions, SyncSummary, sync
+from visrec.ingest import Ahead, ProgressFn, SyncOptions, SyncSummary, sync
 from visrec.manifest import Manifest, read_manifest
 
 log = logging.getLogger(__name__)
@@ -176,8 +176,8 @@ def _reindex(
         if beside is None or changes is None:
             store.switch(target)
         else:
-            meanwhile = written_meanwhile(beside.live, index, model, options)
-            with caught_up(changes, meanwhile, beside.writes_held):
+            meanwhile = WrittenMeanwhile(beside.live, index, model, options)
+            with caught_up(changes, meanwhile, beside.writes_held, meanwhile.prepare):
                 store.switch(target)
                 try:
                     beside.switched()
@@ -208,33 +208,43 @@ def written_over_http(
     return rows_from_service(rows, options.ingest, origin=f"{live} (products written over HTTP)")
 
 
-def written_meanwhile(
-    live: VectorIndex, target: VectorIndex, model: ModelHandle, options: SyncOptions
-) -> Apply:
-    """Catch-up for a version built beside the live one (`visrec.catchup`): these products as the live
-    version holds them now. Those gone are deleted; those written over HTTP are written again (photos
-    fetched and embedded by the new model where they changed); a catalogue product's fields patched over
-    HTTP are carried over (its vectors are its catalogue photos', which the build embedded)."""
+class WrittenMeanwhile:
+    """Catch-up for a version built beside the live one (`visrec.catchup`): products as the live version
+    holds them now. Those gone are deleted; those written over HTTP are written again (photos fetched
+    and embedded by the new model where they changed, `prepare`d before the writes are held); a
+    catalogue product's fields patched over HTTP are carried over (its vectors are its catalogue photos',
+    which the build embedded)."""
 
-    def apply(product_ids: set[str]) -> None:
-        now = live.payloads(sorted(product_ids))
-        target.delete(product_ids - set(now))
-        api = [payload.as_row(p) for p in now.values() if p.get("source") == "api"]
-        if api:
-            _sync_rows(
-                rows_from_service(api, options.ingest, origin="written meanwhile"), target, model, options
-            )
+    def __init__(
+        self, live: VectorIndex, target: VectorIndex, model: ModelHandle, options: SyncOptions
+    ) -> None:
+        self.live, self.target, self.model, self.options = live, target, model, options
+        self.ahead = Ahead(model.manifest.model_version)  # the new model's vectors of their photos
+
+    def _written(self, now: Mapping[str, Mapping[str, Any]]) -> Catalogue:
+        rows = [payload.as_row(p) for p in now.values() if p.get("source") == "api"]
+        return rows_from_service(rows, self.options.ingest, origin="written meanwhile")
+
+    def prepare(self, product_ids: set[str]) -> None:
+        written = self._written(self.live.payloads(sorted(product_ids)))
+        refs = [ref for p in written.products for ref in written.photo_refs(p)]
+        self.ahead.add(written, self.model, self.options, refs)
+
+    def __call__(self, product_ids: set[str]) -> None:
+        now = self.live.payloads(sorted(product_ids))
+        self.target.delete(product_ids - set(now))
+        written = self._written(now)
+        if written.products:
+            _sync_rows(written, self.target, self.model, self.options, ahead=self.ahead)
         theirs = {i: p for i, p in now.items() if p.get("source") != "api"}
-        built = target.payloads(sorted(theirs))
-        target.overwrite_payloads(
+        built = self.target.payloads(sorted(theirs))
+        self.target.overwrite_payloads(
             {
                 i: payload.patched(built[i], payload.catalogue_fields(p))
                 for i, p in theirs.items()
                 if i in built
             }
         )
-
-    return apply
 
 
 def _sync_written(
@@ -260,6 +270,7 @@ def _sync_rows(
     model: ModelHandle,
     options: SyncOptions,
     progress: ProgressFn | None = None,
+    ahead: Ahead | None = None,
 ) -> SyncSummary:
     """Products written over HTTP, written into a version being built by its model."""
     report = options.failure_report
@@ -275,6 +286,7 @@ def _sync_rows(
         ),
         progress=progress,
         new_model=True,
+        ahead=ahead,
     )
 
 

@@ -135,6 +135,11 @@ class ChangeLog:
         with self._lock:
             self._ids.update(product_ids)
 
+    def peek(self) -> set[str]:
+        """The ids written since the last take (kept)."""
+        with self._lock:
+            return set(self._ids)
+
     def take(self) -> set[str]:
         """The ids written since the last take (and forgets them)."""
         with self._lock:
