@@ -79,6 +79,9 @@ class Beside:
     writes_held: Callable[[], AbstractContextManager[object]]
     switched: Callable[[], None]  # serve the switched version, or raise: called with writes still held
     version: Callable[[str], AbstractContextManager[VectorIndex]]  # the service's handle on a version
+    # The new model's vectors of photos written meanwhile: the service's writes add theirs before they
+    # are made, so that the last catch-up round, with writes held, embeds nothing.
+    ahead: Ahead
 
 
 def reindex(
@@ -176,7 +179,9 @@ def _reindex(
         if beside is None or changes is None:
             store.switch(target)
         else:
-            meanwhile = WrittenMeanwhile(beside.live, index, model, options)
+            meanwhile = WrittenMeanwhile(
+                beside.live, index, model, replace(options, optimize=False), beside.ahead
+            )
             with caught_up(changes, meanwhile, beside.writes_held, meanwhile.prepare):
                 store.switch(target)
                 try:
@@ -211,15 +216,16 @@ def written_over_http(
 class WrittenMeanwhile:
     """Catch-up for a version built beside the live one (`visrec.catchup`): products as the live version
     holds them now. Those gone are deleted; those written over HTTP are written again (photos fetched
-    and embedded by the new model where they changed, `prepare`d before the writes are held); a
+    and embedded by the new model where they changed: by the writes themselves, into `ahead`, or
+    `prepare`d before the writes are held; not optimized: the service's next copy does that); a
     catalogue product's fields patched over HTTP are carried over (its vectors are its catalogue photos',
     which the build embedded)."""
 
     def __init__(
-        self, live: VectorIndex, target: VectorIndex, model: ModelHandle, options: SyncOptions
+        self, live: VectorIndex, target: VectorIndex, model: ModelHandle, options: SyncOptions, ahead: Ahead
     ) -> None:
         self.live, self.target, self.model, self.options = live, target, model, options
-        self.ahead = Ahead(model.manifest.model_version)  # the new model's vectors of their photos
+        self.ahead = ahead  # the new model's vectors of their photos
 
     def _written(self, now: Mapping[str, Mapping[str, Any]]) -> Catalogue:
         rows = [payload.as_row(p) for p in now.values() if p.get("source") == "api"]

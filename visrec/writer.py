@@ -69,6 +69,8 @@ class Writer:
         self._backoff = FIRST_BACKOFF_S
         self._closed = False
         self._reindexing = False  # under `lock`: no copy may replace the live handle a reindex watches
+        # A reindex's new model, and its vectors of the photos written meanwhile (`versions.Beside`).
+        self.building: tuple[ModelHandle, Ahead] | None = None
         self.copies = Counter(
             "visrec_optimized_copies",
             "optimized copies of the live version, by outcome (made; dropped: the live version changed or a "
@@ -232,6 +234,7 @@ class Writer:
         replaces the live handle meanwhile: the reindex watches that handle's writes. Without a live
         version served (the first, or one that cannot be opened) writes wait for the whole reindex: they
         would create or open the very version it builds."""
+        model = self._model(job.model)
         with self.lock:
             self._reindexing = True
             live = self.service.state.live
@@ -240,22 +243,20 @@ class Writer:
                 if live is None:
                     stack.enter_context(self.lock)
                 held = stack.enter_context(self.service.state.holding())
-                beside = (
-                    Beside(live.index, lambda: self.lock, self.service.serve_switched, self.version)
-                    if live
-                    else None
-                )
+                beside = None
+                if live:
+                    ahead = Ahead(model.manifest.model_version)
+                    beside = Beside(
+                        live.index, lambda: self.lock, self.service.serve_switched, self.version, ahead
+                    )
+                    self.building = (model, ahead)
                 return run_reindex(
-                    job,
-                    self.service.settings,
-                    progress,
-                    held=held,
-                    model=self._model(job.model),
-                    beside=beside,
+                    job, self.service.settings, progress, held=held, model=model, beside=beside
                 )
         finally:
             with self.lock:
                 self._reindexing = False
+                self.building = None
 
 
 @dataclass
@@ -384,6 +385,10 @@ class ProductWrites:
         """The rows' new photos, embedded by the live model; None where that cannot be done now (the
         sync under the writer then does it, and reports why it failed)."""
         try:
+            if building := self.writer.building:  # the version a reindex builds needs them too
+                new_model, new_vectors = building
+                refs = [ref for p in catalogue.products for ref in catalogue.photo_refs(p)]
+                new_vectors.add(catalogue, new_model, self._options(), refs)
             with self.service.reading() as live:
                 model = ModelHandle(
                     live.model().artefact_dir, self.service.settings.embed, loaded=live.model()
