@@ -30,7 +30,7 @@ import pytest
 from tests.faults.helpers import run_visrec, settings_env
 from tests.faults.served import Served, serve, synced_store
 from tests.faults.test_api_writes import photos
-from tests.fetch_servers import Server
+from tests.fetch_servers import Handler, Server
 from tests.fetch_servers import serve as serve_images
 from tests.helpers import draw_product
 from visrec.artefact import Manifest
@@ -387,3 +387,68 @@ def test_writes_go_on_beside_a_handed_over_job(
         assert {f"q{i}" for i in range(JOB_PRODUCTS)} <= ids
     print(f"\nFIGURE writes beside a {job}: {n} writes, slowest {max(seconds):.2f} s")
     assert max(seconds) < 20, seconds  # a write waits for a unit of the job, never for all of it
+
+
+def test_a_patch_beside_a_reindex_never_waits_for_photos(
+    tmp_path: Path, artefact: tuple[Path, Manifest]
+) -> None:
+    """Products written over HTTP, PUT again and again with new photos while a handed-over reindex builds;
+    a photo comes at once the first time it is asked for and in 4 s after that (the catch-up's fetch for
+    the new model). Their photos are embedded by the new model before each write is made, so the last
+    catch-up round, with writes held, embeds nothing, and a PATCH sent all along never waits for a
+    photo (before: 30 s, then a 503)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    fetched: Counter[str] = Counter()
+
+    def slow(handler: Handler) -> None:  # a photo comes at once the first time, in 4 s after that
+        fetched[handler.path] += 1
+        if fetched[handler.path] > 1 and handler.path.startswith("/slow"):
+            time.sleep(4)
+        handler.path = handler.path.removeprefix("/slow")
+        photos(handler)
+
+    settings = synced_store(tmp_path, artefact[0], n=CATALOGUE)
+    env = {"VISREC_INGEST__ALLOWED_HOSTS": '["127.0.0.1"]', "VISREC_API__WRITE_KEY": WRITE}
+    catalogue = tmp_path / "catalogue.csv"
+    for i in range(JOB_PRODUCTS):  # a build long enough for several rounds of PUTs
+        draw_product(tmp_path / "images" / f"q{i}.png", "circle", "red", variant=300 + i)
+    extra = [f"q{i},images/q{i}.png,circle,red,{i}" for i in range(JOB_PRODUCTS)]
+    catalogue.write_text(catalogue.read_text() + "\n".join(extra) + "\n")
+    patches: list[float] = []
+    with (
+        serve_images(slow) as host,
+        serve(settings, tmp_path / "serve.log", env=env) as served,
+        httpx.Client(base_url=served.url, timeout=120, headers={"X-API-Key": WRITE}) as http,
+        ThreadPoolExecutor(4) as pool,
+    ):
+        rows = [{"id": f"h{i}", "image": host.url(f"/{500 + i}.png"), "price": 1.0} for i in range(8)]
+        assert http.post("/products/batch", json=rows).status_code == 200
+        command = subprocess.Popen(
+            [sys.executable, "-m", "visrec", "reindex", str(catalogue), "--model", str(settings.artefact)]
+            + ["--force"],
+            env=settings_env(settings),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+        def put(n: int) -> None:
+            with httpx.Client(base_url=served.url, timeout=120, headers={"X-API-Key": WRITE}) as putter:
+                while command.poll() is None:
+                    n += 4
+                    row = {"image": host.url(f"/slow{600 + n}.png"), "price": float(n)}
+                    assert putter.put(f"/products/h{n % 8}", json=row).status_code == 200
+
+        putting = [pool.submit(put, k) for k in range(4)]
+        while command.poll() is None:
+            started = time.monotonic()
+            answer = http.patch("/products/p1", json={"price": 42.0})
+            patches.append(time.monotonic() - started)
+            assert answer.status_code == 200, answer.text
+            time.sleep(0.1)
+        assert command.wait() == 0, command.stderr.read() if command.stderr else ""
+        for future in putting:
+            future.result()
+    print(f"\nFIGURE PATCH beside a reindex: {len(patches)}, slowest {max(patches):.2f} s")
+    assert max(patches) < 2.5, max(patches)
