@@ -5,7 +5,8 @@ Two locks, always taken in this order: `jobs` runs one handed-over job at a time
 unit of writes at a time, and only to decide and write: an HTTP write (its photos are fetched and
 embedded before, `ingest.embed_ahead`), one unit of a sync's (`Writer.writing`: the plan with its
 deletes and payload rewrites, then each batch of upserts: other writes go on while its photos embed), a
-reindex or a rollback (held for their whole run), the optimized copy's two short steps below.
+reindex's last catch-up round and switch (`versions.Beside`; its whole run when no version is served
+yet), a rollback, the optimized copy's two short steps below.
 
 A sync writes into the live version through the handle the requests use (qdrant-edge takes reads and
 writes on one handle from several threads); its model is the live pair's when it is the same artefact (no
