@@ -13,8 +13,8 @@ real `visrec serve` on loopback:
 2. idle, one at a time after warm-up requests: similar-by-id (GET /products/{id}/similar?k=10, random
    products, `--readers` clients, `--idle-requests` in all), PATCH (a new price, `--idle-patches`) and
    PUT (a new product with one new photo from a loopback image host, `--idle-puts`); then, for
-   `--busy-s`, the window's load below with no copy under way (what the load costs by itself: a PUT
-   embeds its photo holding the writer, so a PATCH may wait for it);
+   `--busy-s`, the window's load below with no copy under way (what the load costs by itself: a PUT's
+   embedding takes CPU the other requests need);
 3. PATCHes until `--optimize-after` points have changed: the last one (the crossing write) starts the
    copy. From it until /metrics counts `visrec_optimized_copies_total{outcome="made"}` once more (the
    window), concurrently: `--patchers` clients PATCHing random products, `--putters` clients PUTting new
