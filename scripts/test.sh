@@ -4,11 +4,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS=test scripts/setup.sh
-# The gallery's browser test drives Debian's Chromium; install it where we can (as root), else that
-# test is skipped and says why.
-if ! command -v chromedriver >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
-    >/dev/null || echo "could not install chromium: the browser test will be skipped" >&2
+# Debian's packages for the tools some tests run: Chromium and its driver (the gallery's browser test),
+# openssl (a certificate for the fetcher's TLS test). Installed where we can (as root, with apt), else
+# those tests are skipped and say why. Not installed here: kubectl (not in Debian; PyPI has only
+# unofficial repackagings of the binary) and Docker's compose plugin; their tests skip without them.
+need=()
+command -v chromedriver >/dev/null || need+=(chromium chromium-driver)
+command -v openssl >/dev/null || need+=(openssl)
+if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"; } \
+    >/dev/null || echo "could not install ${need[*]}: the tests that run them will be skipped" >&2
 fi
 .venv/bin/ruff check --quiet visrec tests scripts benchmarks
 .venv/bin/mypy visrec tests benchmarks

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jsonschema_rs
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -509,7 +510,6 @@ def test_the_contract_says_what_is_refused(client: TestClient) -> None:
 def test_max_per_pattern_in_the_schema_is_the_rule(cap: str) -> None:
     """The schema's pattern for one cap, read as JSON Schema reads it (ECMAScript regular expressions,
     by the validator Schemathesis uses), accepts exactly the caps `Rules` accepts."""
-    jsonschema_rs = pytest.importorskip("jsonschema_rs")
     valid = jsonschema_rs.validator_for({"type": "string", "pattern": query.CAP_PATTERN}).is_valid(cap)
     try:
         query.Rules(max_per=[cap])

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote, unquote
 
+import jsonschema_rs
 import pytest
 import torch
 from fastapi.routing import iter_route_contexts
@@ -283,7 +284,6 @@ BODY = st.dictionaries(KEYS, VALUE | st.dictionaries(KEYS, VALUE, max_size=2), m
 @pytest.fixture
 def patcher(synced: Settings) -> Iterator[tuple[TestClient, Any]]:
     """A write client and the schema's validator (the one Schemathesis uses) for PATCH's body."""
-    jsonschema_rs = pytest.importorskip("jsonschema_rs")
     with app_client(synced, write_key=SecretStr(WRITE)) as client:
         client.headers["X-API-Key"] = WRITE
         schema = client.get("/openapi.json").json()["components"]["schemas"]["ProductPatch"]

@@ -110,7 +110,11 @@ def test_kustomization_lists_every_manifest() -> None:
                 assert name in image_names or QDRANT_IMAGE.match(container["image"]), container["image"]
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl here")
+@pytest.mark.skipif(
+    shutil.which("kubectl") is None,
+    reason="needs kubectl to build deploy/ with kustomize; scripts/test.sh does not install it (not in "
+    "Debian): the manifests are still checked one by one above",
+)
 def test_kustomize_builds() -> None:
     result = subprocess.run(["kubectl", "kustomize", str(DEPLOY)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

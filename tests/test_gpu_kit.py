@@ -35,12 +35,8 @@ RESULTS = [
     "throughput.jsonl",
     "throughput.md",
 ]
-needs_imgsim = pytest.mark.skipif(
-    importlib.util.find_spec("imgsim") is None, reason="needs imgsim (the packaged ResNet50 weights)"
-)
 
 
-@needs_imgsim
 def test_packed_weights_restore_to_the_same_embeddings_within_the_tolerance(tmp_path: Path) -> None:
     """The real imgsim ResNet50 through the pack (10-bit, per output channel) and back to fp32: the
     embeddings of sample photos stay within gpu_kit.TOLERANCE of the original weights' (0.5 %)."""

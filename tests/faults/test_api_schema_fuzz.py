@@ -23,21 +23,16 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+import jsonschema_rs
 import pytest
 import requests
+import schemathesis
 from hypothesis import HealthCheck, Phase, given, seed, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
-
-from tests.faults.helpers import SEED, figure
-from tests.faults.served import Served, leaks, serve, synced_store
-from visrec.artefact import Manifest
-
-schemathesis = pytest.importorskip("schemathesis")
-import jsonschema_rs  # noqa: E402 - installed with schemathesis
-from schemathesis import GenerationMode  # noqa: E402
-from schemathesis.core.failures import AcceptedNegativeData, Failure, FailureGroup  # noqa: E402
-from schemathesis.specs.openapi.checks import (  # noqa: E402
+from schemathesis import GenerationMode
+from schemathesis.core.failures import AcceptedNegativeData, Failure, FailureGroup
+from schemathesis.specs.openapi.checks import (
     content_type_conformance,
     negative_data_rejection,
     positive_data_acceptance,
@@ -45,6 +40,10 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     response_schema_conformance,
     status_code_conformance,
 )
+
+from tests.faults.helpers import SEED, figure
+from tests.faults.served import Served, leaks, serve, synced_store
+from visrec.artefact import Manifest
 
 EXAMPLES = int(os.environ.get("VISREC_FAULTS_SCHEMA_EXAMPLES", "25"))
 KEY = "fuzz-key"

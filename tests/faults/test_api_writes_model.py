@@ -1,7 +1,8 @@
 """A Hypothesis state machine over the write routes of a real `visrec serve`: random PUT, PATCH,
 DELETE, batch and file-sync steps against a model of the catalogue. After every step each product's
-answer equals the model (present or not, photo count, fields, source), and photos are fetched (so
-embedded) only when a product's photo list changed. The server and its store live for the module, so
+answer equals the model (present or not, photo count, fields), each product's owner as the store records
+it (`source`: "catalogue" or "api", which no answer shows) equals the model's, and photos are fetched
+(so embedded) only when a product's photo list changed. The server and its store live for the module, so
 the model does too. Examples: VISREC_FAULTS_WRITE_EXAMPLES (CI: 3), steps each: …_WRITE_STEPS (6)."""
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,7 +20,13 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    rule,
+    run_state_machine_as_test,
+)
 from PIL import Image
 
 from tests.faults.helpers import run_visrec
@@ -27,12 +36,15 @@ from tests.fetch_servers import serve as serve_images
 from tests.helpers import COLOURS, SHAPES, draw_product, write_csv
 from visrec.artefact import Manifest
 from visrec.config import Settings
+from visrec.filters import Filters
+from visrec.index import open_index
 
 EXAMPLES = int(os.environ.get("VISREC_FAULTS_WRITE_EXAMPLES", "3"))
 STEPS = int(os.environ.get("VISREC_FAULTS_WRITE_STEPS", "6"))
 WRITE = "model-write-key"
 IDS = st.sampled_from([f"m{i}" for i in range(5)])
 PHOTOS = st.lists(st.integers(0, 6), min_size=1, max_size=3, unique=True)
+TITLES = st.one_of(st.none(), st.text("ab ", max_size=5))
 
 
 def photo(handler: Handler) -> None:
@@ -74,6 +86,14 @@ class Writes(RuleBasedStateMachine):
     def expect(self, pid: str, photos: list[int], fields: dict[str, Any], source: str) -> None:
         self.model[pid] = {"photos": len(photos), "urls": photos, "fields": fields, "source": source}
 
+    @initialize(pid=IDS, photos=PHOTOS, price=st.integers(0, 99), title=TITLES)
+    def put_and_patch(self, pid: str, photos: list[int], price: int, title: str | None) -> None:
+        """Every example first writes a product and patches it: Hypothesis leaves random rules out of
+        each example (swarm testing), and the 18 steps CI runs would otherwise never PATCH a product the
+        API owns (whose owner a PATCH must keep)."""
+        self.put(pid, photos, price)
+        self.patch(pid, price + 1, title)
+
     @rule(pid=IDS, photos=PHOTOS, price=st.integers(0, 99))
     def put(self, pid: str, photos: list[int], price: int) -> None:
         before = self.model.get(pid)
@@ -91,7 +111,7 @@ class Writes(RuleBasedStateMachine):
             assert outcome == "updated"
         self.expect(pid, photos, {"price": price}, "api")
 
-    @rule(pid=IDS, price=st.integers(0, 99), title=st.one_of(st.none(), st.text("ab ", max_size=5)))
+    @rule(pid=IDS, price=st.integers(0, 99), title=TITLES)
     def patch(self, pid: str, price: int, title: str | None) -> None:
         answer = self.client.patch(f"/products/{pid}", json={"price": price, "title": title})
         if pid not in self.model:
@@ -153,6 +173,22 @@ class Writes(RuleBasedStateMachine):
             if entry["fields"] is not None:
                 shown = {k: v for k, v in got["payload"].items() if k in ("price", "title")}
                 assert shown == entry["fields"], (pid, shown, entry)
+
+    @invariant()
+    def sources_equal_the_model(self) -> None:
+        """Who owns each product, as the store records it: no answer shows `source`, and the embedded
+        store is the running service's, so this reads a copy of its folder (a backup taken between steps,
+        when no write is in flight: every answered write is in it)."""
+        store: Settings = self.world["store"]
+        with tempfile.TemporaryDirectory(dir=self.world["root"]) as scratch:
+            copy = Path(scratch) / "store"
+            shutil.copytree(store.qdrant.path, copy)
+            with open_index(store.qdrant.model_copy(update={"path": copy})) as index:
+                recorded = {
+                    str(p["product_id"]): p.get("source")
+                    for p in index.all_payloads(Filters(), ["product_id", "source"])
+                }
+        assert recorded == {pid: entry["source"] for pid, entry in self.model.items()}
 
     def teardown(self) -> None:
         self.client.close()
