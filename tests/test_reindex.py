@@ -66,7 +66,7 @@ def test_reindex_switches_and_rollback_goes_back(
     with open_index(settings.qdrant) as index:
         assert index.metadata()["model_version"] == new
 
-    assert rollback(open_store(settings.qdrant)) == ("products__v2", "products__v1")
+    assert rollback(open_store(settings.qdrant))[:2] == ("products__v2", "products__v1")
     assert model_versions(settings) == {old}  # the old version was kept whole
     with pytest.raises(VisrecError, match="no version .* older"):
         rollback(open_store(settings.qdrant))
@@ -118,7 +118,7 @@ def test_server_backend_switches_a_real_qdrant_alias(
     client = store.conn.client
     assert [(a.alias_name, a.collection_name) for a in client.get_aliases().aliases] == [("shop", "shop__v2")]
     assert client.count("shop").count == 6
-    assert rollback(store) == ("shop__v2", "shop__v1")
+    assert rollback(store)[:2] == ("shop__v2", "shop__v1")
     assert [a.collection_name for a in client.get_aliases().aliases] == ["shop__v1"]
     store.close()
 
@@ -223,6 +223,8 @@ def test_cli_reindex_and_rollback(
     assert "'gone', 'p0', 'p5'" in refused.output and "--force" in refused.output
     back = runner.invoke(cli_app, ["rollback", "--force", "--json"])
     assert back.exit_code == 0 and '"live": "products__v1"' in back.output
+    answer = json.loads(back.output[back.output.index('{\n  "') :])  # after the warning it logs
+    assert answer["dropped"] == ["gone", "p0", "p5"]  # a forced rollback says what it lost
     refused = runner.invoke(cli_app, ["rollback"])
     assert refused.exit_code == 1 and "no version" in refused.output
     words = " ".join(runner.invoke(cli_app, ["rollback", "--help"]).output.replace("│", " ").split())
@@ -328,7 +330,7 @@ def test_a_model_that_learnt_nothing_is_refused_unless_forced(
     )
     assert lenient.exit_code == 0, lenient.output
     assert json.loads(lenient.stdout)["quality_gate"]["verdict"] == "passed"
-    assert rollback(open_store(settings.qdrant)) == ("products__v2", "products__v1")
+    assert rollback(open_store(settings.qdrant))[:2] == ("products__v2", "products__v1")
     forced = runner.invoke(
         cli_app, ["reindex", str(catalogue), "--model", str(random_model), "--force", "--json"]
     )

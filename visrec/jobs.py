@@ -151,8 +151,8 @@ def run_rollback(
 ) -> dict[str, Any]:
     """`visrec rollback`; `held`: versions this process has open (the service's live one)."""
     with open_store(settings.qdrant) as store:
-        previous, live = rollback(store, force=force, held=held)
-    return {"previous": previous, "live": live}
+        done = rollback(store, force=force, held=held)
+    return {"previous": done.previous, "live": done.live, "dropped": done.dropped}
 
 
 def run_here(

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from visrec import evaluation, payload
 from visrec.catalogue import Catalogue, rows_from_service
@@ -419,29 +419,38 @@ def _untrained(live_metadata: dict[str, str], new: Manifest) -> set[str] | None:
     return live_heldout & new_heldout
 
 
+class RolledBack(NamedTuple):
+    previous: str  # the version that was live
+    live: str  # the version live now
+    dropped: list[str]  # products that differed (written since the switch): lost by a forced rollback
+
+
 def rollback(
     store: Store, *, force: bool = False, held: Mapping[str, VectorIndex] | None = None
-) -> tuple[str, str]:
-    """Make the version below the live one live again; returns (was live, live now). Unless `force`,
-    raises `WritesWouldBeLost` if a product was written (added, changed or deleted, by a sync or over
-    HTTP) in the live version since the older one was built: the older one would not have it.
+) -> RolledBack:
+    """Make the version below the live one live again. Unless `force`, raises `WritesWouldBeLost` if a
+    product was written (added, changed or deleted, by a sync or over HTTP) in the live version since
+    the older one was built: the older one would not have it; with `force`, says which it dropped.
     `held`: versions this process has open (a service's live one)."""
     live = store.live()
     older = [v for v in store.versions() if store.generation(v) < store.generation(live)]
     if not older:
         raise VisrecError(f"no version of {store.name!r} older than {live} to roll back to")
     target = older[-1]
-    if not force:
-        differ = _written_since(store, live, target, held or {})
-        if differ:
-            raise WritesWouldBeLost(
-                f"not rolled back: {len(differ)} products differ between {live} and {target} "
-                f"({_some(differ)}): written since the switch (or set back to the catalogue's rows by "
-                f"the reindex), {target} would serve them as they were; rerun with --force to roll back "
-                "anyway (or reindex the catalogue with the older model instead)"
-            )
+    differ = _written_since(store, live, target, held or {})
+    if differ and not force:
+        raise WritesWouldBeLost(
+            f"not rolled back: {len(differ)} products differ between {live} and {target} "
+            f"({_some(differ)}): written since the switch (or set back to the catalogue's rows by "
+            f"the reindex), {target} would serve them as they were; rerun with --force to roll back "
+            "anyway (or reindex the catalogue with the older model instead)"
+        )
     store.switch(target)
-    return live, target
+    if differ:
+        log.warning(
+            "rolled back with --force: %d products as %s had them (%s)", len(differ), target, _some(differ)
+        )
+    return RolledBack(live, target, sorted(differ))
 
 
 def _written_since(store: Store, live: str, older: str, held: Mapping[str, VectorIndex]) -> set[str]:

@@ -226,8 +226,16 @@ class Writer:
             self._closed = True
 
     def _rollback(self, job: RollbackJob) -> dict[str, Any]:
+        """Roll back and serve the restored version before writes go on (the caller holds them): a write
+        let through first would go to the version rolled back from. Undone if it cannot be served."""
         with self.service.state.holding() as held:
-            return run_rollback(self.service.settings, force=job.force, held=held)
+            result = run_rollback(self.service.settings, force=job.force, held=held)
+        try:
+            self.service.serve_switched()
+        except BaseException:
+            self.service.store().switch(result["previous"])
+            raise
+        return result
 
     def _reindex(self, job: ReindexJob, progress: Progress) -> dict[str, Any]:
         """Build the next version while writes go on into the live one; they are caught up with before
