@@ -330,3 +330,35 @@ def beyond_64_bits(value: Any) -> bool:
     if isinstance(value, list):
         return any(map(beyond_64_bits, value))
     return isinstance(value, int | float) and not isinstance(value, bool) and not -(2**63) <= value < 2**63
+
+
+def test_writes_of_needs_the_write_key_itself() -> None:
+    """The write routes' own check (`writes_of`), whatever the guard let through: the write key, whole
+    and as bytes, or 403; none configured: writes are off."""
+    from types import SimpleNamespace
+
+    from fastapi import Request
+
+    from visrec.api.writes import writes_of
+    from visrec.errors import WriteForbidden
+
+    writes = object()
+
+    def request(write_key: str | None, sent: bytes | None) -> Request:
+        api = SimpleNamespace(write_key=None if write_key is None else SecretStr(write_key))
+        service = SimpleNamespace(settings=SimpleNamespace(api=api))
+        app = SimpleNamespace(state=SimpleNamespace(service=service, writes=writes))
+        headers = [] if sent is None else [(b"x-api-key", sent)]
+        return Request({"type": "http", "headers": headers, "app": app})
+
+    assert writes_of(request(WRITE, WRITE.encode())) is writes
+    for sent in (None, b"", b"wrong", WRITE.encode() + b"x", WRITE.encode()[:-1]):
+        with pytest.raises(WriteForbidden, match=r"^this route needs the write key in X-API-Key$"):
+            writes_of(request(WRITE, sent))
+    with pytest.raises(WriteForbidden):  # no header is no key, not some stand-in value
+        writes_of(request("XXXX", None))
+    for sent in (None, b"", b"anything"):
+        with pytest.raises(
+            WriteForbidden, match=r"^writes are off on this service: it has no VISREC_API__WRITE_KEY$"
+        ):
+            writes_of(request(None, sent))

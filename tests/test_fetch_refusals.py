@@ -72,3 +72,35 @@ def test_the_connection_guard_is_installed() -> None:
 def test_credentials_in_urls_are_refused_and_not_echoed(fetcher: Callable[..., Fetcher]) -> None:
     message = fails(fetcher(allowed_hosts=LOOPBACK), "http://shop:hunter2@127.0.0.1/x.jpg")
     assert "user:password@" in message and "hunter2" not in message and "***@127.0.0.1" in message
+
+
+@pytest.mark.parametrize("status", [204, 299, 300, 304, 399])
+def test_only_a_2xx_is_a_body(fetcher: Callable[..., Fetcher], status: int) -> None:
+    """A 3xx without a Location is no redirect and no photo: refused with its status, body unread."""
+    f = fetcher(allowed_hosts=LOOPBACK)
+    with serve(lambda h: h.reply(status, b"" if status in (204, 304) else b"not a photo")) as server:
+        if status < 300:
+            assert f.fetch(server.url(), 100) == (b"" if status == 204 else b"not a photo")
+        else:
+            assert fails(f, server.url()) == f"{server.url()}: HTTP {status}"
+
+
+def test_a_url_that_is_no_text_is_refused_by_its_repr(fetcher: Callable[..., Fetcher]) -> None:
+    f = fetcher()
+    assert fails(f, 1234) == "1234: refused: not a text URL"  # type: ignore[arg-type]
+
+
+def test_an_unexpected_failure_is_an_image_error_naming_it(
+    fetcher: Callable[..., Fetcher], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever goes wrong inside a fetch reaches the caller as an ImageError naming the URL (its
+    credentials hidden) and the failure, never as another exception."""
+    f = fetcher()
+
+    def broken(*args: object) -> bytes:
+        raise RuntimeError("a bug\nwith a line feed")
+
+    monkeypatch.setattr(Fetcher, "_follow", broken)
+    assert fails(f, "https://example.com/x.jpg") == (
+        "https://example.com/x.jpg: unexpected error: RuntimeError: a bug\\nwith a line feed"
+    )

@@ -420,3 +420,45 @@ def test_checksum_finds_the_one_change_the_quick_check_misses(
     assert (missed.updated, missed.unchanged, missed.photo_bytes_read) == (0, 3, 0)
     found = run_sync(catalogue, settings, checksum=True)
     assert (found.updated, found.unchanged) == (1, 2) and found.photo_bytes_read >= 3 * size - 16
+
+
+@pytest.mark.parametrize(
+    ("removed", "indexed", "max_delete", "refused"),
+    [
+        (2, 10, 0.2, False),  # exactly the share allowed
+        (3, 10, 0.2, True),
+        (1, 10, 0.0, True),  # --max-delete 0: no delete at all
+        (0, 10, 0.0, False),
+        (0, 0, 0.0, False),  # an empty index: nothing to delete, nothing refused
+        (10, 10, 1.0, False),
+    ],
+)
+def test_the_delete_guard_refuses_more_than_its_share(
+    tmp_path: Path, removed: int, indexed: int, max_delete: float, refused: bool
+) -> None:
+    """`_check_deletes` alone (the syncs above drive it through a store): a plan deleting more than
+    `max_delete` of the indexed products is refused with the counts and the way out, and the rows that
+    failed are reported; at or under the share it passes and writes nothing."""
+    from visrec.catalogue import Catalogue
+    from visrec.config import IngestSettings
+    from visrec.ingest import SyncOptions, _check_deletes
+    from visrec.plan import SyncPlan
+
+    catalogue = Catalogue(tmp_path / "shop.csv")
+    plan = SyncPlan(removed=[f"p{i}" for i in range(removed)])
+    report = tmp_path / "failures.jsonl"
+    failures = [{"kind": "row", "line": 3, "product_id": "x", "error": "bad"}]
+    options = SyncOptions(IngestSettings(), report, max_delete)
+    if not refused:
+        _check_deletes(catalogue, plan, indexed, options, failures)
+        assert not report.exists()
+        return
+    with pytest.raises(CatalogueError) as raised:
+        _check_deletes(catalogue, plan, indexed, options, failures)
+    share = f"{removed / indexed:.0%}"
+    assert str(raised.value) == (
+        f"{catalogue.path}: this sync would delete {removed} of the {indexed} indexed products ({share}), "
+        f"more than --max-delete {max_delete:g} allows; nothing was changed. If the catalogue really "
+        "dropped them, rerun with --max-delete 1"
+    )
+    assert [json.loads(line) for line in report.read_text().splitlines()] == failures

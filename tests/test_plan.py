@@ -87,3 +87,69 @@ def test_legacy_hash_is_the_one_points_carried_before_the_split(tmp_path: Path) 
         json.dumps(catalogue.products[0].metadata(), sort_keys=True, default=str).encode() + b"one"
     ).hexdigest()
     assert digest == f"2:{expected}"
+
+
+def test_legacy_hash_of_every_kind_of_photo(tmp_path: Path) -> None:
+    """Version 2's rule for each photo in order: a remote one's URL, a local one's bytes (read in chunks:
+    a photo larger than one), an unreadable one a fixed marker; the metadata as sorted JSON. Points carry
+    this hash: a change of rule re-embeds every product they hold."""
+    import hashlib
+    import json
+
+    (tmp_path / "c.csv").write_text("id,image,zeta,alpha\na,a.png,z,a\n")
+    (tmp_path / "a.png").write_bytes(b"one")
+    big = os.urandom(3 << 20)
+    (tmp_path / "big.png").write_bytes(big)
+    catalogue = read_catalogue(tmp_path / "c.csv")
+    product = catalogue.products[0]
+    url = "https://example.com/a.jpg"
+    refs = (url, str(tmp_path / "gone.png"), str(tmp_path / "big.png"), str(tmp_path / "a.png"))
+    catalogue.photos[product.id] = refs
+    metadata = product.metadata()
+    assert list(metadata) != sorted(metadata)  # the JSON's order is the sort's, not the row's
+    expected = hashlib.sha256(
+        json.dumps(metadata, sort_keys=True).encode() + url.encode() + b"\0unreadable" + big + b"one"
+    ).hexdigest()
+    assert plan.legacy_content_hash(catalogue, product) == f"2:{expected}"
+
+
+def test_photo_files_records_each_local_photo_in_order(tmp_path: Path) -> None:
+    """Remote photos are skipped, an unreadable one recorded as such, and every photo after either is
+    still recorded; the bytes read add up over the photos (a large one read in chunks)."""
+    big = os.urandom(3 << 20)
+    (tmp_path / "big.png").write_bytes(big)
+    (tmp_path / "a.png").write_bytes(b"one")
+    local = [str(tmp_path / "big.png"), str(tmp_path / "a.png")]
+    refs = ["https://example.com/a.jpg", str(tmp_path / "gone.png"), *local]
+    files, read = plan.photo_files(refs, [])
+    assert [f[0] for f in files] == refs[1:] and read == len(big) + 3
+    assert files[0] == [refs[1], -1, -1, -1, -1, "unreadable"]
+    import hashlib
+
+    assert files[1][5] == hashlib.sha256(big).hexdigest() and files[1][1] == len(big)
+    # The first photo unchanged (not read), the second rewritten: the second is still read and recorded.
+    (tmp_path / "a.png").write_bytes(b"three")
+    again, read = plan.photo_files(local, files[1:])
+    assert again[0] == files[1] and again[1][5] == hashlib.sha256(b"three").hexdigest() and read == 5
+
+
+def test_a_malformed_recorded_entry_is_no_quick_check(tmp_path: Path) -> None:
+    """A recorded entry that is not [ref, size, mtime, inode, device, sha256] (a point written by
+    another version, or damaged) is ignored: the photo is read and hashed again."""
+    (tmp_path / "a.png").write_bytes(b"one")
+    ref = str(tmp_path / "a.png")
+    files, _ = plan.photo_files([ref], [])
+    for damaged in ([files[0][:5]], [tuple(files[0])], [files[0] + ["extra"]]):
+        again, read = plan.photo_files([ref], damaged)  # type: ignore[arg-type]
+        assert again == files and read == 3
+
+
+def test_bookkeeping_records_what_decided_the_point(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"one")
+    catalogue = read_catalogue(_catalogue(tmp_path, "a,a.png,1\n"))
+    product, refs = catalogue.products[0], catalogue.photo_refs(catalogue.products[0])
+    files, _ = plan.photo_files(refs, [])
+    record = plan.bookkeeping(product, refs, files, "model-1")
+    assert (record.photo_files, record.model_version, record.source) == (files, "model-1", "catalogue")
+    assert record.metadata_hash == plan.metadata_hash(product)
+    assert plan.bookkeeping(product, refs, files, "model-1", source="api").source == "api"

@@ -287,3 +287,108 @@ def test_ipv6_policy_is_the_registry(address: ipaddress.IPv6Address) -> None:
             address in ipaddress.ip_network(block) for block in IANA_V6_NOT_PUBLIC_IN_2000
         )
     assert urls.is_public(address) == expected, address
+
+
+@pytest.mark.parametrize(
+    ("host", "address"),
+    [
+        ("0X7F000001", "127.0.0.1"),  # the hex prefix and digits in either case
+        ("0x7F.1", "127.0.0.1"),
+        ("0x", "0.0.0.0"),  # a bare prefix is 0, as browsers' URL parsing reads it (glibc refuses it)
+        ("0x.0x.0x.0x", "0.0.0.0"),
+        ("1.2.3.255", "1.2.3.255"),
+        ("1.2.65535", "1.2.255.255"),
+        ("1.16777215", "1.255.255.255"),
+        ("255.255.255.255", "255.255.255.255"),
+    ],
+)
+def test_numeric_hosts_read_as_resolvers_read_them(host: str, address: str) -> None:
+    assert urls._numeric_ipv4(host) == ipaddress.IPv4Address(address)
+    if not host.startswith("0x."):  # what a resolver would reach
+        assert host == "0x" or socket.inet_aton(host) == ipaddress.IPv4Address(address).packed
+
+
+@pytest.mark.parametrize(
+    "host", ["1.2.3.256", "1.2.65536", "1.16777216", "0.256.1", "1.2.999.4", "256.1.1.1", "1.2.3.4.0", "0x1g"]
+)
+def test_numeric_hosts_out_of_range_are_refused(host: str) -> None:
+    """Each label but the last is one byte; the last fills the bytes left; at most four labels. A host
+    whose last label is numeric and breaks these is no host at all (as in browsers): refused, by httpx's
+    parser (a dotted quad) or by ours (the other forms, which httpx takes for names)."""
+    reason = check_url(f"http://{host}/x.jpg", FetchPolicy())
+    if host == "0x1g":  # the last label is no number: a host name
+        assert reason is None and urls._numeric_ipv4(host) is None
+        return
+    assert reason is not None and ("neither a valid name" in reason or "Invalid IPv4" in reason), reason
+    with pytest.raises(ValueError):
+        urls._numeric_ipv4(host)
+    with pytest.raises(OSError):
+        socket.inet_aton(host)
+
+
+def test_reasons_are_exact_at_their_edges() -> None:
+    assert check_url(123, FetchPolicy()) == "not a text URL"  # type: ignore[arg-type]
+    base = "http://example.com/"
+    longest = base + "a" * (8192 - len(base))
+    assert check_url(longest, FetchPolicy()) is None
+    assert check_url(longest + "a", FetchPolicy()) == "longer than 8192 characters"
+    with pytest.raises(httpx.InvalidURL) as invalid:
+        httpx.URL("http://[::1")
+    assert check_url("http://[::1", FetchPolicy()) == f"not a valid URL ({invalid.value})"
+
+
+PORTS = "see VISREC_INGEST__ALLOWED_PORTS, or list the host in VISREC_INGEST__ALLOWED_HOSTS"
+
+
+@pytest.mark.parametrize(
+    ("url", "policy", "reason"),
+    [
+        ("//example.com/x.jpg", FetchPolicy(), "no http:// or https://"),
+        ("http:///x.jpg", FetchPolicy(), "no host name"),
+        (
+            "http://u:p@example.com/",
+            FetchPolicy(),
+            "user:password@ in an image URL is refused (it would be logged); use a signed URL",
+        ),
+        ("http://[fe80::1%25eth0]/", FetchPolicy(), "IPv6 zone identifiers (%) are refused"),
+        ("http://example.com:1/", FetchPolicy(), f"port 1 is not allowed (allowed: 80, 443; {PORTS})"),
+        (
+            "http://example.com:65535/",
+            FetchPolicy(),
+            f"port 65535 is not allowed (allowed: 80, 443; {PORTS})",
+        ),
+        ("http://example.com:65536/", FetchPolicy(), "port 65536 is out of range"),
+        (
+            "http://example.com:8080/",
+            FetchPolicy(allowed_ports=()),
+            f"port 8080 is not allowed (allowed: none; {PORTS})",
+        ),
+        # No port: the scheme's own, checked like any other.
+        (
+            "https://example.com/",
+            FetchPolicy(allowed_ports=(80,)),
+            f"port 443 is not allowed (allowed: 80; {PORTS})",
+        ),
+        ("http://example.com/", FetchPolicy(allowed_ports=(80,)), None),
+        (
+            "http://example.com/",
+            FetchPolicy(allowed_ports=(443,)),
+            f"port 80 is not allowed (allowed: 443; {PORTS})",
+        ),
+        ("https://example.com/", FetchPolicy(allowed_ports=(443,)), None),
+        ("http://example.com:1/", FetchPolicy(allowed_ports=(1, 65535)), None),
+        ("http://example.com:65535/", FetchPolicy(allowed_ports=(1, 65535)), None),
+    ],
+)
+def test_reasons_word_for_word(url: str, policy: FetchPolicy, reason: str | None) -> None:
+    """What a failure report says is what the operator reads: each reason whole, ports at their edges."""
+    assert check_url(url, policy) == reason
+
+
+def test_a_host_name_is_at_most_253_characters() -> None:
+    longest = ".".join(["a" * 63, "b" * 63, "c" * 63, "d" * 61])
+    assert len(longest) == 253
+    assert check_url(f"http://{longest}/x.jpg", FetchPolicy()) is None
+    assert check_url(f"http://{longest}./x.jpg", FetchPolicy()) is None  # the root's dot is no character
+    reason = check_url(f"http://{longest}d/x.jpg", FetchPolicy())
+    assert reason is not None and "is not valid (labels of 1-63" in reason
