@@ -121,7 +121,8 @@ def test_sync_reindex_and_rollback_hand_over_to_the_running_service(
         assert json.loads(reindexed.stdout)["live"].endswith("__v2")
         rolled = visrec(settings, "rollback", "--json")
         assert rolled.returncode == 0, rolled.stderr
-        assert json.loads(rolled.stdout) == {"previous": "products__v2", "live": "products__v1", "dropped": []}
+        answer = json.loads(rolled.stdout)
+        assert answer == {"previous": "products__v2", "live": "products__v1", "dropped": []}
         refused = visrec(settings, "sync", str(tmp_path / "missing.csv"))
         assert refused.returncode == 2 and "catalogue not found" in refused.stderr  # the same exit codes
         time.sleep(0.5)
