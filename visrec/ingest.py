@@ -425,8 +425,8 @@ def _embedded(
     return model.embedder().embed_refs(refs, limits, annotate=_colour_fields)
 
 
-@dataclass(frozen=True)
-class Ahead:
+@dataclass
+class Ahead:  # filled as photos are embedded (`add`): not frozen
     """Photos embedded before a write takes the service's writer, by one model: each ref's vector and
     colour fields, or why it failed. The writer is then held to decide and write, not to fetch and
     embed (`visrec.writer.ProductWrites`; a reindex's catch-up, `versions.WrittenMeanwhile`)."""
