@@ -7,8 +7,10 @@ Hooked into httpx through its connection pool's network backend (`GuardedTranspo
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterable
@@ -141,19 +143,26 @@ class DeadlineStream(httpcore.NetworkStream):
         return self._inner.get_extra_info(info)
 
 
+@functools.cache
+def shared_ssl_context() -> ssl.SSLContext:
+    """One verifying TLS context per process: making one loads the CA bundle (25-50 ms), which every
+    photo fetch's new client paid twice; a context is safe to share between threads and connections."""
+    return httpx.create_ssl_context(trust_env=False)
+
+
 class GuardedTransport(httpx.HTTPTransport):
     """httpx's transport with its connection pool rebuilt on the guarded network backend."""
 
     def __init__(self, backend: GuardedBackend, limits: httpx.Limits | None = None) -> None:
         limits = limits or httpx.Limits()
-        super().__init__(trust_env=False, limits=limits)
+        super().__init__(verify=shared_ssl_context(), trust_env=False, limits=limits)
         # httpx has no public hook for the network backend; it keeps the pool in `_pool` (0.28). Fail
         # closed if that changes: an unguarded pool would fetch internal addresses.
         if type(getattr(self, "_pool", None)) is not httpcore.ConnectionPool:
             raise RuntimeError("httpx.HTTPTransport has no `_pool` ConnectionPool: cannot guard connections")
         self._pool.close()
         self._pool = httpcore.ConnectionPool(
-            ssl_context=httpx.create_ssl_context(trust_env=False),
+            ssl_context=shared_ssl_context(),
             max_connections=limits.max_connections,
             max_keepalive_connections=limits.max_keepalive_connections,
             keepalive_expiry=limits.keepalive_expiry,
