@@ -452,3 +452,46 @@ def test_a_patch_beside_a_reindex_never_waits_for_photos(
             future.result()
     print(f"\nFIGURE PATCH beside a reindex: {len(patches)}, slowest {max(patches):.2f} s")
     assert max(patches) < 2.5, max(patches)
+
+
+def test_a_plain_rollback_keeps_what_a_reindex_carried(
+    tmp_path: Path, artefact: tuple[Path, Manifest], image_host: str
+) -> None:
+    """Products PUT and then PATCHed over HTTP are carried by a reindex with the same fields: the new
+    version records them as rows written again, the old one as patched, so their metadata hashes differ
+    while nothing a reader sees does. A plain rollback must go through (it refused, naming them); one
+    more PATCH after the switch makes it refuse, naming only that product."""
+    import torch
+    from prometheus_client import CollectorRegistry
+
+    from visrec.errors import WritesWouldBeLost
+    from visrec.jobs import ReindexJob, RollbackJob
+    from visrec.service import Service
+    from visrec.writer import ProductWrites, Writer
+
+    settings = synced_store(tmp_path, artefact[0], n=CATALOGUE)
+    ingest = settings.ingest.model_copy(update={"allowed_hosts": ["127.0.0.1"]})
+    settings = settings.model_copy(update={"ingest": ingest})
+    service = Service(settings, torch.device("cpu"))
+    service.start()
+    writer = Writer(service)
+    writes = ProductWrites(writer, CollectorRegistry())
+    catalogue = tmp_path / "catalogue.csv"
+    try:
+        rows = [
+            {"id": f"h{i}", "images": [f"{image_host}/ok.png"], "category": "web", "price": i} for i in (1, 2)
+        ]
+        assert writes.rows(rows) == ["added", "added"]
+        writes.patch("h1", {"price": 10})
+        writes.patch("p1", {"price": 99})  # a catalogue product: the reindex sets it back to its row
+        job = ReindexJob(catalogue=catalogue, model=settings.artefact, max_quality_drop=1)
+        writer.run(job, lambda *_: None)
+        with pytest.raises(WritesWouldBeLost, match=r"1 products differ .*\('p1'\)"):
+            writer.run(RollbackJob(), lambda *_: None)
+        writes.patch("p1", {"price": 99})  # as it was in the older version: nothing differs
+        assert writer.run(RollbackJob(), lambda *_: None)["dropped"] == []
+        with service.reading() as live:
+            payloads = live.index.payloads(["h1", "h2", "p1"])
+        assert {p: v["price"] for p, v in payloads.items()} == {"h1": 10, "h2": 2, "p1": 99}
+    finally:
+        service.close()
