@@ -424,14 +424,7 @@ def serve(
     ] = False,
 ) -> None:
     """Serve the HTTP API (OpenAPI docs at /docs)."""
-    import uvicorn
-
-    from visrec.api import check_exposure, create_app
+    from visrec.api import run
 
     settings = _settings(**{"api.host": host, "api.port": port, "api.insecure": insecure or None})
-    check_exposure(settings.api)
-    app_ = create_app(settings, _device(settings))
-    api = settings.api
-    uvicorn.run(
-        app_, host=api.host, port=api.port, log_level="warning", limit_concurrency=api.max_connections
-    )
+    run(settings, _device(settings))

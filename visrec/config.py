@@ -140,6 +140,11 @@ class ApiSettings(BaseModel):
     # are off. Distinct from api_key: a read key cannot write.
     write_key: SecretStr | None = None
     max_pending_writes: int = Field(default=4, ge=1)  # writes waiting for the writer; more answer 503
+    # torch's threads in the service's process (request photos, handed-over jobs): half the usable cores,
+    # so that they do not wait for cores that request threads and decoding workers hold (OpenMP threads
+    # outnumbering free cores wait on each other: a photo's embedding took 2.7x as long with 2 threads
+    # as with 1 on 2 busy cores; docs/scale.md).
+    torch_threads: int = Field(default_factory=lambda: max(1, _usable_cores() // 2), ge=1, le=256)
     max_batch_rows: int = Field(default=1000, ge=1)
     insecure: bool = False  # allow serving beyond loopback without a key (said loudly in the log)
     max_upload_bytes: int = Field(default=10_000_000, ge=1)

@@ -31,7 +31,18 @@ from visrec.service import Service
 from visrec.slots import Slots
 from visrec.writer import ProductWrites, Writer
 
-__all__ = ["OPEN_PATHS", "ExposureRefused", "check_exposure", "create_app"]
+__all__ = ["OPEN_PATHS", "ExposureRefused", "check_exposure", "create_app", "run"]
+
+
+def run(settings: Settings, device: torch.device) -> None:
+    """This process as the service (`visrec serve`), until it is stopped."""
+    import uvicorn
+
+    api = settings.api
+    check_exposure(api)
+    torch.set_num_threads(api.torch_threads)
+    app = create_app(settings, device)
+    uvicorn.run(app, host=api.host, port=api.port, log_level="warning", limit_concurrency=api.max_connections)
 
 
 def create_app(settings: Settings, device: torch.device) -> FastAPI:
