@@ -273,3 +273,33 @@ def test_unreadable_file_is_a_catalogue_error(tmp_path: Path) -> None:
     (tmp_path / "c.csv").mkdir()
     with pytest.raises(CatalogueError):
         read_catalogue(tmp_path / "c.csv")
+
+
+@pytest.mark.parametrize(("delimiter", "name"), [(",", "comma"), (";", "semicolon"), ("\t", "tab")])
+def test_a_catalogue_as_spreadsheets_export_it(tmp_path: Path, delimiter: str, name: str) -> None:
+    """Semicolons and decimal commas (Excel in much of Europe), tabs, currency signs: every row is read,
+    the delimiter is said, and a price that could mean two numbers refuses its row with both ways."""
+    prices = {"a": ("19,99", 19.99), "b": ("€25", 25.0), "c": ("1.234,50 EUR", 1234.5), "d": ("$7", 7.0)}
+    rows = [delimiter.join(["id", "image", "category", "price", "title"])]
+    for pid, (written, _) in prices.items():
+        cells = [pid, f"img/{pid}.png", "shirt", written, f"{pid}, {pid}; {pid}"]
+        rows.append(delimiter.join(f'"{c}"' if delimiter in c else c for c in cells))
+    rows.append(
+        delimiter.join(["e", "img/e.png", "shirt", "1,234", "e"])
+        if delimiter != ","
+        else 'e,img/e.png,shirt,"1,234",e'
+    )
+    (tmp_path / "c.csv").write_text("\n".join(rows) + "\n")
+    catalogue = read_catalogue(tmp_path / "c.csv")
+    assert catalogue.delimiter == name
+    assert {p.id: p.price for p in catalogue.products} == {pid: value for pid, (_, value) in prices.items()}
+    assert {p.id: p.title for p in catalogue.products}["a"] == "a, a; a"
+    [error] = catalogue.errors
+    assert (error.line, error.product_id) == (6, "e")
+    assert "ambiguous" in error.message and "1.234 or 1234" in error.message
+
+
+def test_a_header_no_delimiter_fits_says_what_was_tried(tmp_path: Path) -> None:
+    (tmp_path / "c.csv").write_text("id|image|category\na|x.png|b\n")
+    with pytest.raises(CatalogueError, match=r"missing column.*split at each of comma, semicolon, tab"):
+        read_catalogue(tmp_path / "c.csv")

@@ -238,3 +238,27 @@ def test_filter_mistakes_are_one_line_naming_what_there_is(env: Settings, tmp_pa
     )
     assert ranged.exit_code == 0, ranged.output
     assert {h["payload"]["price"] for h in json.loads(ranged.stdout)} == {20.0, 30.0}  # s2, s4; s3: none
+
+
+def test_sync_shows_its_first_failures_and_the_delimiter(
+    make_catalogue: MakeCatalogue, env: Settings
+) -> None:
+    """A semicolon catalogue with decimal commas syncs fully; the rows it cannot read are shown with their
+    line and reason under the summary (not only counted), and where the whole report is."""
+    catalogue = make_catalogue(8)
+    lines = catalogue.read_text().splitlines()
+    rows = [line.replace(",", ";") for line in lines]  # the drawn rows hold no commas of their own
+    rows = [row.replace(".5", ",5") for row in rows]  # decimal commas: 10.5 → 10,5
+    rows[3] = rows[3].replace("12,5", "12 Euro")  # line 4: p2's price cannot be read
+    rows.append("p9;images/p9.png;circle;red;9;missing photo")  # line 10: a photo that is not there
+    catalogue.write_text("\n".join(rows) + "\n")
+    result = runner.invoke(app, ["sync", str(catalogue)])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())  # rich wraps long lines
+    assert "delimiter │ semicolon" in text and "invalid_rows │ 1" in text and "failed │ 1" in text
+    assert "failures (the first 2; all of them are in" in text
+    assert "line 4 'p2': price: '12 Euro' is not a price" in text
+    assert "line 10 'p9':" in text and "file not found" in text
+    result = runner.invoke(app, ["similar", "p0", "--json"])
+    prices = {h["product_id"]: h["payload"]["price"] for h in json.loads(result.stdout)}
+    assert prices["p1"] == 11.5  # 11,5 read as 11.5

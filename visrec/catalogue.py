@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from visrec import payload
 from visrec.config import IngestSettings
 from visrec.errors import CatalogueError
+from visrec.numbers import read_price
 from visrec.textfile import Lines, RowTooLong, csv_field_limit, not_decodable, open_text
 from visrec.urls import FetchPolicy, check_url, is_url
 
@@ -60,6 +61,12 @@ class Product(BaseModel):
     @classmethod
     def _blank_is_missing(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("price", mode="before")
+    @classmethod
+    def _price_as_written(cls, value: Any) -> Any:
+        """`19,99`, `€25`, `1.234,50 EUR` (`visrec.numbers`): read where they mean one number."""
+        return read_price(value) if isinstance(value, str) and value.strip() else value
 
     @field_validator("images", mode="before")
     @classmethod
@@ -111,6 +118,7 @@ class Catalogue:
     lines: dict[str, int] = field(default_factory=dict)  # product id → its (first) line in the file
     photos: dict[str, tuple[str, ...]] = field(default_factory=dict)  # product id → its usable photo refs
     photo_errors: list[RowError] = field(default_factory=list)  # photos dropped from a product kept
+    delimiter: str | None = None  # a CSV's, as detected from its header
 
     @property
     def base_dir(self) -> Path:
@@ -164,7 +172,7 @@ def read_catalogue(path: Path, settings: IngestSettings | None = None) -> Catalo
     rows = _RowChecker(catalogue, FetchPolicy.from_settings(settings))
     try:
         with open_text(path) as text, csv_field_limit(settings.max_row_chars):
-            for line, row in reader(Lines(text, settings.max_row_chars), path):
+            for line, row in reader(Lines(text, settings.max_row_chars), catalogue):
                 rows.add(line, row)
     except UnicodeError as exc:
         raise CatalogueError(not_decodable(path, exc)) from None
@@ -353,19 +361,28 @@ def _reserved(path: Path, column: str, line: int) -> str:
     )
 
 
-def _csv_rows(lines: Lines, path: Path) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
-    # strict: a stray quote is an error, not a field that swallows the rows after it (which would vanish).
-    reader = csv.reader(lines, strict=True)
+DELIMITERS = {",": "comma", ";": "semicolon", "\t": "tab"}  # as spreadsheets in many countries export
+
+
+def _csv_rows(lines: Lines, catalogue: Catalogue) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+    path = catalogue.path
     try:
-        header = next(reader, [])
-    except (csv.Error, RowTooLong) as exc:
+        first = next(lines, "")
+    except RowTooLong as exc:
         raise CatalogueError(f"{path}: the header line cannot be read: {exc}") from None
-    columns = [name.strip() for name in header]
-    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
-    if not any(c in columns for c in PHOTO_COLUMNS):
-        missing.append(" or ".join(PHOTO_COLUMNS))
-    if missing:
-        raise CatalogueError(f"{path}: missing column(s) {missing}; found {columns}")
+    # The delimiter is the one whose header has the columns visrec needs (the first, in DELIMITERS' order).
+    headers = {d: _header(first, d) for d in DELIMITERS}
+    missing = {d: _missing(columns) for d, columns in headers.items()}
+    delimiter = next((d for d in DELIMITERS if not missing[d]), ",")
+    if missing[delimiter]:
+        raise CatalogueError(
+            f"{path}: missing column(s) {missing[delimiter]}; found {headers[delimiter]} (the header was "
+            f"split at each of {', '.join(DELIMITERS.values())}: none gives these columns)"
+        )
+    catalogue.delimiter = DELIMITERS[delimiter]
+    columns = headers[delimiter]
+    # strict: a stray quote is an error, not a field that swallows the rows after it (which would vanish).
+    reader = csv.reader(lines, delimiter=delimiter, strict=True)
     repeated = sorted({c for c in columns if c and columns.count(c) > 1})
     if repeated:
         raise CatalogueError(f"{path}: column(s) {repeated} appear more than once")
@@ -391,7 +408,22 @@ def _csv_rows(lines: Lines, path: Path) -> Iterator[tuple[int, dict[str, Any] | 
         yield start, {c: v for c, v in zip(columns, cells, strict=True) if c and (v or c in REQUIRED_COLUMNS)}
 
 
-def _jsonl_rows(lines: Lines, path: Path) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
+def _header(line: str, delimiter: str) -> list[str]:
+    """The column names of a header line split at `delimiter` (none where it is not valid CSV)."""
+    try:
+        return [name.strip() for name in next(csv.reader([line], delimiter=delimiter, strict=True), [])]
+    except csv.Error:
+        return []
+
+
+def _missing(columns: list[str]) -> list[str]:
+    missing = [c for c in REQUIRED_COLUMNS if c not in columns]
+    if not any(c in columns for c in PHOTO_COLUMNS):
+        missing.append(" or ".join(PHOTO_COLUMNS))
+    return missing
+
+
+def _jsonl_rows(lines: Lines, catalogue: Catalogue) -> Iterator[tuple[int, dict[str, Any] | RowError]]:
     while True:
         try:
             text = next(lines)

@@ -26,6 +26,7 @@ from visrec.cli_output import (
     reindex_table,
     report_table,
     status_table,
+    sync_table,
     trained_table,
 )
 from visrec.config import Settings, load_settings
@@ -204,7 +205,7 @@ def sync(
         checksum=checksum,
     )
     data = _run(job, settings, not as_json)
-    emit(as_json, data, key_value_table("sync", data))
+    emit(as_json, data, sync_table("sync", data))
 
 
 @app.command()

@@ -10,9 +10,10 @@ from contextlib import contextmanager
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from visrec.index import Hit
 from visrec.payload import for_operators, photos
@@ -26,7 +27,7 @@ out = Console()
 err = Console(stderr=True)
 
 
-def emit(as_json: bool, data: Any, table: Table | str) -> None:
+def emit(as_json: bool, data: Any, table: RenderableType) -> None:
     if as_json:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     else:
@@ -42,6 +43,20 @@ def key_value_table(title: str, data: dict[str, Any]) -> Table:
     for key, value in data.items():
         table.add_row(key, json.dumps(value, default=str) if isinstance(value, dict) else str(value))
     return table
+
+
+def sync_table(title: str, summary: dict[str, Any]) -> RenderableType:
+    """A sync's summary (`SyncSummary.to_dict`), then its first failures and where all of them are."""
+    failures = summary.get("first_failures") or []
+    table = key_value_table(title, {k: v for k, v in summary.items() if k != "first_failures"})
+    if not failures:
+        return table
+    lines = [f"failures (the first {len(failures)}; all of them are in {summary.get('failure_report')}):"]
+    for f in failures:
+        where = f"line {f['line']}" if f.get("line") is not None else "row"
+        who = f" {f['product_id']!r}" if f.get("product_id") is not None else ""
+        lines.append(f"  {where}{who}: {f['error']}")
+    return Group(table, Text("\n".join(lines)))
 
 
 def quality_line(figures: dict[str, Any] | None) -> str:
@@ -119,7 +134,9 @@ def status_table(data: dict[str, Any]) -> Table:
 def reindex_table(summary: dict[str, Any]) -> Table:
     """`visrec reindex`: the summary (`ReindexSummary.to_dict`), and the quality gate's verdict with both
     versions' figures."""
-    table = key_value_table("reindex", {k: v for k, v in summary.items() if k != "quality_gate"})
+    table = key_value_table(
+        "reindex", {k: v for k, v in summary.items() if k not in ("quality_gate", "first_failures")}
+    )
     gate = summary.get("quality_gate")
     if gate is not None:
         table.add_row("quality gate", f"{gate['verdict']}: {gate['note']} ({gate['seconds']:.1f} s)")

@@ -124,6 +124,9 @@ class SyncOptions:
         return ImageLimits.from_settings(self.ingest)
 
 
+FIRST_FAILURES = 5  # failures a summary shows (all of them are in the failure report)
+
+
 @dataclass
 class SyncSummary:
     added: int = 0
@@ -142,12 +145,16 @@ class SyncSummary:
     model_version: str = ""
     shard: str = "0/1"
     failure_report: str = ""
+    delimiter: str | None = None  # a CSV catalogue's (comma, semicolon, tab), as detected
+    first_failures: list[dict[str, Any]] = field(default_factory=list)  # the report's first lines
     # product id → "added", "updated", "metadata_updated", "unchanged" or why it failed (rows written over
     # HTTP answer per row); not part of the printed summary
     outcomes: dict[str, str] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "outcomes"}
+        return {
+            k: v for k, v in asdict(self).items() if k != "outcomes" and not (k == "delimiter" and v is None)
+        }
 
 
 def sync(
@@ -306,6 +313,8 @@ def _summary(
         model_version=manifest.model_version,
         shard=str(shard),
         failure_report=str(failure_report),
+        delimiter=catalogue.delimiter,
+        first_failures=failures[:FIRST_FAILURES],
         outcomes=outcomes,
     )
 
