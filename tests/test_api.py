@@ -181,7 +181,17 @@ def test_api_key_guards_all_but_health(synced: Settings) -> None:
     settings = synced.model_copy(update={"api": ApiSettings(api_key=SecretStr("s3cret"))})
     with TestClient(create_app(settings, torch.device("cpu"))) as client:
         assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
-        for path in ("/products/p1", "/products/p1/similar", "/metrics", "/docs"):
+        for path in ("/docs", "/openapi.json"):  # no data: open, and the schema declares the key
+            assert client.get(path).status_code == 200, path
+        schema = client.get("/openapi.json").json()
+        assert schema["components"]["securitySchemes"]["APIKey"] == {
+            "type": "apiKey",
+            "in": "header",
+            "name": "X-API-Key",
+        }
+        assert schema["paths"]["/products/{product_id}/similar"]["get"]["security"] == [{"APIKey": []}]
+        assert "security" not in schema["paths"]["/healthz"]["get"]
+        for path in ("/products/p1", "/products/p1/similar", "/metrics"):
             assert client.get(path).status_code == 401, path
             assert client.get(path, headers={"X-API-Key": "wrong"}).status_code == 401, path
         assert client.get("/products/p1/similar", headers={"X-API-Key": "s3cret"}).status_code == 200
@@ -331,7 +341,7 @@ def test_an_empty_api_key_is_a_configuration_error(monkeypatch: pytest.MonkeyPat
 
     monkeypatch.setenv("VISREC_API__API_KEY", "")
     result = CliRunner().invoke(app, ["serve"])
-    assert result.exit_code == 1 and "VISREC_API__API_KEY" in result.stderr
+    assert result.exit_code == 2 and "VISREC_API__API_KEY" in result.stderr
     assert "Traceback" not in result.output
 
 

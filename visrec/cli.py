@@ -30,7 +30,7 @@ from visrec.cli_output import (
     trained_table,
 )
 from visrec.config import Settings, load_settings
-from visrec.errors import VisrecError
+from visrec.errors import InvalidQuery, InvalidSetting, VisrecError
 from visrec.filters import Filters
 from visrec.index import open_index, open_store
 from visrec.jobs import Job, ReindexJob, RollbackJob, SyncJob
@@ -99,7 +99,7 @@ def _settings(**overrides: Any) -> Settings:
     try:
         return load_settings(**nested)
     except ValueError as exc:
-        raise VisrecError(f"invalid setting: {exc}") from None
+        raise InvalidSetting(f"invalid setting: {exc}") from None
 
 
 def _device(settings: Settings) -> torch.device:
@@ -295,7 +295,7 @@ def similar(
     from visrec import query
 
     if (product_id is None) == (image is None):
-        raise VisrecError("give either a PRODUCT_ID or --image PATH")
+        raise InvalidQuery("give either a PRODUCT_ID or --image PATH")
     settings = _settings(artefact=model)
     filters = Filters.parse(
         category=category or [],
@@ -311,7 +311,7 @@ def similar(
             try:
                 data = image.read_bytes()
             except OSError as exc:
-                raise VisrecError(f"cannot read {image}: {exc.strerror or exc}") from exc
+                raise InvalidQuery(f"cannot read {image}: {exc.strerror or exc}") from exc
             from visrec.images import ImageLimits
 
             limits = ImageLimits.from_settings(settings.ingest)
@@ -428,4 +428,4 @@ def serve(
     from visrec.api import run
 
     settings = _settings(**{"api.host": host, "api.port": port, "api.insecure": insecure or None})
-    run(settings, _device(settings))
+    run(settings, _device(settings), lambda lines: err.print(lines, highlight=False, soft_wrap=True))

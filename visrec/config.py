@@ -6,13 +6,19 @@ Environment variables use the `VISREC_` prefix and `__` for nesting, e.g. `VISRE
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import logging
 import os
+import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+log = logging.getLogger(__name__)
 
 # What the classifier on the embedding is trained with (visrec.model builds the head each one needs):
 # "softmax", the paper's head (embedding → 256 → 64 → N, cross-entropy); "normalized-softmax" (Zhai &
@@ -303,6 +309,8 @@ def load_settings(**overrides: object) -> Settings:
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
+    for problem in unknown_variables(os.environ, _dotenv(Path(".env"))):
+        log.warning("%s", problem)
     try:
         return Settings(**overrides)  # type: ignore[arg-type]
     except SettingsError:
@@ -355,3 +363,49 @@ def _not_json(environ: os._Environ[str] | dict[str, str]) -> str:
         except ValueError:
             bad.append(f"{name}={value!r} is not JSON{form}")
     return "; ".join(bad) or "a VISREC_ variable holding a list or a mapping is not JSON"
+
+
+# VISREC_ variables that are not settings: the test suite's knobs, and what docker-compose.yml reads from
+# the .env beside it (which visrec reads too, run in that folder). In the environment itself,
+# VISREC_API_KEY is the one-underscore slip of VISREC_API__API_KEY: a service running open.
+TEST_KNOBS = re.compile(r"VISREC_(FAULTS_\w+|STRESS_\w+|\w+_EXAMPLES)")
+COMPOSE_VARIABLES = frozenset({"VISREC_API_KEY", "VISREC_COLLECTION"})
+
+
+def setting_variables() -> list[str]:
+    """Every variable a setting is read from: `VISREC_GROUP__NAME`, and a group or top-level one's own."""
+    names = []
+    for group, field in Settings.model_fields.items():
+        names.append(f"VISREC_{group.upper()}")
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            names += [f"VISREC_{group.upper()}__{name.upper()}" for name in field.annotation.model_fields]
+    return names
+
+
+def unknown_variables(environ: Mapping[str, str], dotenv: Mapping[str, str | None]) -> list[str]:
+    """A line for each VISREC_ variable (in the environment or the .env file) that no setting reads:
+    it is ignored, so a typo would silently leave its default in force."""
+    known = setting_variables()
+    problems = []
+    for where, names in (("the environment", environ), (".env", dotenv)):
+        for name in sorted(n for n in names if n.upper().startswith("VISREC_")):
+            upper = name.upper()
+            if (
+                upper in known
+                or TEST_KNOBS.fullmatch(upper)
+                or (where == ".env" and upper in COMPOSE_VARIABLES)
+            ):
+                continue
+            nearest = difflib.get_close_matches(upper, known, 1, 0.75)
+            hint = f"did you mean {nearest[0]}?" if nearest else "see docs/configuration.md"
+            problems.append(f"{name} (in {where}) is not a visrec setting and is ignored: {hint}")
+    return problems
+
+
+def _dotenv(path: Path) -> dict[str, str | None]:
+    """The variables of the .env file that Settings reads (none when there is none)."""
+    if not path.is_file():
+        return {}
+    from dotenv import dotenv_values
+
+    return dotenv_values(path)

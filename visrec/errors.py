@@ -12,6 +12,12 @@ class VisrecError(Exception):
     exit_code = 1
 
 
+class InvalidSetting(VisrecError):
+    """A setting (a VISREC_ variable, a flag) cannot be used as given: a bad value, a port in use."""
+
+    exit_code = 2
+
+
 class CatalogueError(VisrecError):
     """The catalogue file as a whole cannot be used (missing, unknown format, missing columns)."""
 

@@ -20,8 +20,9 @@ from visrec.config import ApiSettings, Settings
 from visrec.index import open_index
 from visrec.index.base import IndexPoint
 
-# The probes, and the gallery page: static HTML with no data in it, whose script sends the key it asks for.
-OPEN = {"/healthz", "/readyz", "/"}
+# The probes, the gallery page (static HTML with no data in it, whose script sends the key it asks for),
+# and the API's docs and schema (no data; the docs page's Authorize sends the key).
+OPEN = {"/healthz", "/readyz", "/", "/docs", "/openapi.json", "/redoc"}
 
 
 def test_every_route_but_health_and_the_static_page_needs_the_api_key(

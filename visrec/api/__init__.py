@@ -11,8 +11,10 @@ metrics); `errors` maps failures to answers. This module only wires the app; the
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import torch
 from fastapi import Depends, FastAPI
@@ -25,6 +27,7 @@ from visrec.api.errors import add_handlers
 from visrec.api.exposure import ExposureRefused, check_exposure
 from visrec.api.ops import OPEN_PATHS
 from visrec.config import Settings
+from visrec.errors import InvalidSetting
 from visrec.guard import Guard, GuardSettings
 from visrec.owner import OwnerChannel
 from visrec.service import Service
@@ -34,19 +37,70 @@ from visrec.writer import ProductWrites, Writer
 __all__ = ["OPEN_PATHS", "ExposureRefused", "check_exposure", "create_app", "run"]
 
 
-def run(settings: Settings, device: torch.device) -> None:
-    """This process as the service (`visrec serve`), until it is stopped."""
+def run(settings: Settings, device: torch.device, announce: Callable[[str], None]) -> None:
+    """This process as the service (`visrec serve`), until it is stopped; `announce` is given, once it
+    answers, where it listens and what it lets through. Raises `ExposureRefused`, or `InvalidSetting`
+    when the address cannot be listened on (a port in use)."""
     import uvicorn
 
     api = settings.api
     check_exposure(api)
+    listening = _listen(api.host, api.port)
     torch.set_num_threads(api.torch_threads)
-    app = create_app(settings, device)
-    uvicorn.run(app, host=api.host, port=api.port, log_level="warning", limit_concurrency=api.max_connections)
+    host, port = listening.getsockname()[:2]
+    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    app = create_app(settings, device, on_ready=lambda: announce(serving(settings, url)))
+    config = uvicorn.Config(app, log_level="warning", limit_concurrency=api.max_connections)
+    uvicorn.Server(config).run(sockets=[listening])
 
 
-def create_app(settings: Settings, device: torch.device) -> FastAPI:
-    """The FastAPI application; the model and index open when it starts."""
+def _listen(host: str, port: int) -> socket.socket:
+    """A socket bound to `host`:`port`, before anything starts: a port in use is a clear error, not a
+    server log line after the model has loaded."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        listening = socket.socket(family, kind, proto)
+        listening.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listening.bind(address)
+    except OSError as exc:
+        raise InvalidSetting(
+            f"cannot listen on {host}:{port}: {exc.strerror or exc} (choose another with --port or "
+            "VISREC_API__PORT)"
+        ) from None
+    return listening
+
+
+def serving(settings: Settings, url: str) -> str:
+    """What `visrec serve` says once it answers: where, and what it lets through."""
+    api, qdrant = settings.api, settings.qdrant
+    reads = (
+        "need the key in X-API-Key"
+        if api.api_key
+        else "open to anyone who can reach this address (VISREC_API__API_KEY sets a key)"
+    )
+    writes = (
+        "need the write key in X-API-Key" if api.write_key else "off (VISREC_API__WRITE_KEY turns them on)"
+    )
+    store = (
+        f"the Qdrant server {qdrant.url}"
+        if qdrant.url
+        else f"{qdrant.path.absolute()} (owned by this service: visrec sync, reindex and rollback hand "
+        "their jobs to it)"
+    )
+    return "\n".join(
+        [
+            f"visrec serves {url} (the API's docs: {url}/docs)",
+            f"  reads: {reads}",
+            f"  writes: {writes}",
+            f"  store: {store}, collection {qdrant.collection!r}",
+        ]
+    )
+
+
+def create_app(
+    settings: Settings, device: torch.device, on_ready: Callable[[], None] | None = None
+) -> FastAPI:
+    """The FastAPI application; the model and index open when it starts, then `on_ready` is called."""
     app = FastAPI(
         title="visrec",
         version=__version__,
@@ -58,6 +112,7 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
     app.state.service = Service(settings, device)
     app.state.metrics = CollectorRegistry()
     app.state.query_parameters = {}  # (path, method) → the query parameters it takes (`known_parameters`)
+    app.state.on_ready = on_ready
     api = settings.api
     app.state.slots = Slots(api.max_heavy_requests, api.queue_depth, api.queue_wait_s)
     app.add_middleware(
@@ -66,7 +121,27 @@ def create_app(settings: Settings, device: torch.device) -> FastAPI:
     add_handlers(app)
     for router in (ops.router, writes.router, products.router, search.router):  # the schema's order
         app.include_router(router)
+    _declare_the_key(app)
     return app
+
+
+def _declare_the_key(app: FastAPI) -> None:
+    """The schema names the X-API-Key scheme on every route but the open ones (the guard checks the key,
+    not a dependency FastAPI could see), so that the docs page's Authorize button sends it."""
+    plain = app.openapi
+
+    def with_the_key() -> dict[str, Any]:
+        schema = plain()  # made once, then cached by FastAPI: this adds to it once
+        schemes = schema.setdefault("components", {}).setdefault("securitySchemes", {})
+        if "APIKey" not in schemes:
+            schemes["APIKey"] = {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+            for path, operations in schema.get("paths", {}).items():
+                if path not in OPEN_PATHS:
+                    for operation in operations.values():
+                        operation["security"] = [{"APIKey": []}]
+        return schema
+
+    app.openapi = with_the_key  # type: ignore[method-assign]
 
 
 @asynccontextmanager
@@ -85,6 +160,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # /healthz included, for ~0.3 s on a busy 2-core pod (measured under the saturation test).
     gc.collect()
     gc.freeze()
+    if app.state.on_ready is not None:
+        app.state.on_ready()
     yield
     gc.unfreeze()  # collectable again (an app made and dropped in a test process)
     if owner is not None:

@@ -19,9 +19,9 @@ from visrec.evaluation import recorded
 
 log = logging.getLogger(__name__)
 GALLERY = Path(__file__).parent.parent / "static" / "gallery.html"
-# No API key for the probes (they must work without secrets) nor for the gallery's page shell, which
-# holds no data: its scripts send the key with every call.
-OPEN_PATHS = {"/healthz", "/readyz", "/"}
+# No API key for the probes (they must work without secrets), nor for what holds no data: the gallery's
+# page shell and the API's docs and schema (their scripts, and the docs page's Authorize, send the key).
+OPEN_PATHS = {"/healthz", "/readyz", "/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 
 router = APIRouter()
 
