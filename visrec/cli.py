@@ -44,6 +44,7 @@ if TYPE_CHECKING:  # torch: imported by the commands that embed, not by every co
 
 app = typer.Typer(
     help="Visually similar products, filtered by metadata.",
+    epilog="Docs: README.md, then docs/cli.md, http-api.md, catalogue.md, configuration.md, operations.md.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
