@@ -33,7 +33,7 @@ from tests.faults.helpers import figure
 from tests.faults.served import Served, red_photo, serve, synced_store
 from visrec.artefact import Manifest
 from visrec.index import open_index
-from visrec.index.base import IndexPoint
+from visrec.index.points import IndexPoint
 from visrec.query import MAX_CAPS, MAX_K
 
 KEY = "work-key"

@@ -32,7 +32,9 @@ from visrec.errors import (
 )
 from visrec.filters import AnyOf, Condition, Equals, Filters, OneOf, Range
 from visrec.fs import allocated_bytes, copy_tree_sparse, write_atomically
-from visrec.index.base import Hit, IndexCopy, IndexPoint, Store, VectorIndex, payload_key, point_id
+from visrec.index.base import IndexCopy, VectorIndex
+from visrec.index.points import Hit, IndexPoint, payload_key, point_id
+from visrec.index.store import Store
 from visrec.payload import IndexType
 
 log = logging.getLogger(__name__)
