@@ -30,7 +30,7 @@ def open_store(settings: QdrantSettings) -> Store:
         from visrec.index.server import ServerStore
 
         return ServerStore(settings)
-    from visrec.index.edge import EdgeStore
+    from visrec.index.edge_store import EdgeStore
 
     return EdgeStore(settings)
 
