@@ -39,7 +39,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from visrec.index.base import IndexPoint, VectorIndex
+from visrec.index.base import VectorIndex
+from visrec.index.points import IndexPoint
 
 if TYPE_CHECKING:
     from visrec.embed import Embedder

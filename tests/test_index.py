@@ -26,8 +26,8 @@ from visrec.config import QdrantSettings
 from visrec.errors import CollectionMissing, IndexUnavailable, InvalidFilter, PointRejected, VisrecError
 from visrec.filters import Where
 from visrec.index import Filters, IndexPoint, VectorIndex, open_index, open_store, point_id
-from visrec.index.base import field_of
 from visrec.index.edge import SCHEMA_TYPES, EdgeIndex
+from visrec.index.points import field_of
 from visrec.payload import INDEXED
 
 DIM = 8

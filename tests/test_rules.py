@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from visrec.config import QdrantSettings
 from visrec.errors import InvalidQuery
 from visrec.index import Filters, IndexPoint, VectorIndex, open_index
-from visrec.query import Rules, similar_to_vector
+from visrec.query import similar_to_vector
+from visrec.rules import Rules
 
 DIM = 16
 BRANDS = ("acme", "bolt", "cora", "dune")

@@ -23,7 +23,7 @@ from visrec.config import DuplicateSettings
 from visrec.errors import InvalidQuery
 from visrec.filters import Filters
 from visrec.index import VectorIndex
-from visrec.query import MAX_K
+from visrec.rules import MAX_K
 
 PAGE = 1000  # products fetched per browse call
 NORM_SAMPLE = 500  # products whose vectors' lengths set the scale of a relative distance

@@ -40,7 +40,7 @@ from tests.helpers import small_settings
 from visrec.artefact import Manifest
 from visrec.config import QdrantSettings, Settings
 from visrec.index import open_index
-from visrec.index.base import IndexPoint
+from visrec.index.points import IndexPoint
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import visrec.cli
-import visrec.index.edge  # noqa: F401 - imported before forking, as the CLI would on first use
+import visrec.index.edge_store  # noqa: F401 - imported before forking, as the CLI would on first use (with edge)
 import visrec.index.server  # noqa: F401
 import visrec.ingest  # noqa: F401
 

@@ -37,7 +37,7 @@ from tests.faults.helpers import SEED, figure
 from tests.faults.served import Served, red_photo, serve, synced_store
 from visrec.artefact import Manifest
 from visrec.index import open_index
-from visrec.index.base import IndexPoint
+from visrec.index.points import IndexPoint
 
 EXAMPLES = int(os.environ.get("VISREC_FAULTS_LEAK_EXAMPLES", "30"))
 KEY = "leak-key"

@@ -33,8 +33,8 @@ from tests.faults.helpers import figure
 from tests.faults.served import Served, red_photo, serve, synced_store
 from visrec.artefact import Manifest
 from visrec.index import open_index
-from visrec.index.base import IndexPoint
-from visrec.query import MAX_CAPS, MAX_K
+from visrec.index.points import IndexPoint
+from visrec.rules import MAX_CAPS, MAX_K
 
 KEY = "work-key"
 SLOTS, QUEUE, QUEUE_WAIT_S, DEADLINE_S = 2, 2, 1.0, 1.5

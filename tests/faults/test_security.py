@@ -18,7 +18,7 @@ from tests.helpers import MakeCatalogue, run_sync
 from visrec.api import create_app
 from visrec.config import ApiSettings, Settings
 from visrec.index import open_index
-from visrec.index.base import IndexPoint
+from visrec.index.points import IndexPoint
 
 # The probes, the gallery page (static HTML with no data in it, whose script sends the key it asks for),
 # and the API's docs and schema (no data; the docs page's Authorize sends the key).

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from visrec.config import QdrantSettings
 from visrec.filters import Filters
-from visrec.index.base import Hit, IndexPoint, Store, SyncRecord, VectorIndex, point_id
+from visrec.index.base import VectorIndex
+from visrec.index.points import Hit, IndexPoint, SyncRecord, point_id
+from visrec.index.store import Store
 
 __all__ = [
     "Filters",
@@ -28,7 +30,7 @@ def open_store(settings: QdrantSettings) -> Store:
         from visrec.index.server import ServerStore
 
         return ServerStore(settings)
-    from visrec.index.edge import EdgeStore
+    from visrec.index.edge_store import EdgeStore
 
     return EdgeStore(settings)
 

@@ -1,125 +1,25 @@
-"""The vector-store interface the rest of visrec sees; backends translate it to Qdrant's APIs."""
+"""The interface of one collection the rest of visrec sees (`VectorIndex`), with the change logs that watch
+its writes and the copies it is optimized in; backends translate it to Qdrant's APIs."""
 
 from __future__ import annotations
 
-import json
-import logging
-import re
 import threading
-import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any, ClassVar, Self
+from typing import Any, Self
 
 import numpy as np
 
-from visrec.errors import PointRejected, VisrecError
+from visrec.errors import PointRejected
 from visrec.filters import Filters
-from visrec.payload import (
-    HIDDEN_FROM_CALLERS,
-    INDEX_OF,
-    INDEXED,
-    KIND_OF_INDEX,
-    RESERVED,
-    SYNC_FIELDS,
-    IndexType,
-    Kind,
-    addressable,
-    kinds_of,
-    photos,
-)
+from visrec.index.fields import PayloadFields
+from visrec.index.points import Hit, IndexPoint, SyncRecord, point_id
+from visrec.payload import SYNC_FIELDS, photos
 
-# Fixed namespace: the same product id gives the same point id on every machine, forever.
-POINT_NAMESPACE = uuid.UUID("6f1c2a56-3d7e-5b8a-9c41-2e0f7d8b9a10")
 SCROLL_PAGE = 1000
-# The collection's metadata key recording, for each field callers may see, the kinds of value written to
-# it (JSON: field → ["text", "bool", …]): which readings of a `where` value can match, and which fields
-# hold values of several kinds (filtered by a full scan: one payload index serves one kind).
-FIELD_KINDS = "field_kinds"
-
-log = logging.getLogger(__name__)
-
-
-def payload_key(field: str) -> str:
-    """A payload field as the engines address it: a JSON path, the name quoted (a name with a space, a
-    dot or a slash is one field, not a path into an object). `payload.addressable` names only."""
-    return f'"{field}"'
-
-
-def field_of(key: str) -> str:
-    """The field a payload index's key names (the engines list plain names bare, others quoted)."""
-    return key[1:-1] if len(key) > 1 and key[0] == key[-1] == '"' else key
-
-
-def point_id(product_id: str) -> str:
-    """The point id of a product: UUIDv5, so a rerun upserts the same point instead of a duplicate."""
-    return str(uuid.uuid5(POINT_NAMESPACE, product_id))
-
-
-@dataclass(frozen=True)
-class IndexPoint:
-    """A product: one vector per photo (rows in the order of `payload["images"]`; a 1-D vector is one
-    photo) and its payload."""
-
-    product_id: str
-    vectors: np.ndarray
-    payload: dict[str, Any]
-
-    @property
-    def photo_vectors(self) -> np.ndarray:
-        """(photos, dim) float32."""
-        return np.atleast_2d(np.asarray(self.vectors, dtype=np.float32))
-
-
-@dataclass(frozen=True)
-class Hit:
-    product_id: str
-    distance: float  # Euclidean, from the query to the product's nearest photo
-    payload: dict[str, Any]
-    matched: int = 0  # which of the product's photos (`payload.photos`) is the nearest
-
-    @classmethod
-    def of(cls, payload: dict[str, Any] | None, distance: float) -> Hit:
-        payload = dict(payload or {})
-        return cls(str(payload["product_id"]), float(distance), payload)
-
-    def to_dict(self, shown: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
-        """The hit as the CLI and the API give it, its payload as `shown` lets it through
-        (`visrec.payload.for_operators` or `for_callers`)."""
-        return {
-            "product_id": self.product_id,
-            "distance": self.distance,
-            "matched_image": self.matched,
-            "payload": shown(self.payload),
-        }
-
-
-@dataclass(frozen=True)
-class SyncRecord:
-    """What the index remembers of a product to decide what to redo: its vectors, its payload, nothing
-    (`visrec.plan`). Points from before that split carry one `content_hash` of both."""
-
-    vectors_hash: str | None
-    metadata_hash: str | None
-    photo_files: list[list[Any]]
-    model_version: str | None
-    content_hash: str | None = None
-    source: str = "catalogue"  # points from before sources were recorded came from catalogues
-
-    @classmethod
-    def from_payload(cls, payload: dict[str, Any]) -> SyncRecord:
-        files = payload.get("photo_files")
-        return cls(
-            payload.get("vectors_hash"),
-            payload.get("metadata_hash"),
-            files if isinstance(files, list) else [],
-            payload.get("model_version"),
-            payload.get("content_hash"),
-            str(payload.get("source") or "catalogue"),
-        )
 
 
 class ChangeLog:
@@ -174,7 +74,7 @@ class IndexCopy(ABC):
         """Remove the copy (never made current)."""
 
 
-class _Closing(ABC):
+class Closing(ABC):
     """Closes itself at the end of a `with` block."""
 
     @abstractmethod
@@ -189,7 +89,7 @@ class _Closing(ABC):
         self.close()
 
 
-class VectorIndex(_Closing):
+class VectorIndex(PayloadFields, Closing):
     """One collection of product embeddings (Euclidean), keyed by product id.
 
     A product is one point holding a vector per photo (a Qdrant multivector compared by MaxSim): a query
@@ -199,23 +99,14 @@ class VectorIndex(_Closing):
     working, and take one-photo products only until a reindex.
 
     Backends implement the underscored primitives; what is the same whatever the engine (creating with
-    metadata, repairing payload indexes, paging through points, which photo matched, closing an owned
-    store) lives here.
+    metadata, paging through points, which photo matched, closing an owned store) lives here, and what
+    it does with payload fields in `PayloadFields`.
     """
 
     collection: str  # the physical collection's name
     multivector: bool = True  # False: a collection from before several photos per product
-    owned_store: Store | None = None  # closed with this index (`Store.open(..., owner=True)`)
+    owned_store: Closing | None = None  # its store, closed with it (`Store.open(..., owner=True)`)
     _change_logs: tuple[ChangeLog, ...] = ()  # watching this handle's writes (`watch`)
-    # What this handle's writes know is indexed and recorded (loaded at the first write), so that a write
-    # of fields seen before costs no store call.
-    _indexed: dict[str, IndexType] | None = None
-    _recorded: dict[str, set[Kind]] | None = None
-    SCHEMA_TYPES: ClassVar[Mapping[IndexType, object]]  # visrec's payload index types, in the engine's terms
-
-    @abstractmethod
-    def exists(self) -> bool:
-        """Whether the collection exists."""
 
     def create(self, dim: int, metadata: dict[str, str] | None = None) -> None:
         """Create the collection (Euclidean, `dim`) with payload indexes; no-op if it exists with `dim`.
@@ -230,108 +121,6 @@ class VectorIndex(_Closing):
     @abstractmethod
     def _create(self, dim: int) -> None:
         """Create the collection and its payload indexes, or check an existing one holds `dim` vectors."""
-
-    @abstractmethod
-    def metadata(self) -> dict[str, str]:
-        """What `create` recorded: `model_version` and `artefact` of the model that made the vectors."""
-
-    @abstractmethod
-    def _write_metadata(self, metadata: dict[str, str]) -> None: ...
-
-    def _ensure_payload_indexes(self) -> list[str]:
-        """Create whichever payload index the collection lacks: `visrec.payload.INDEXED`'s, and one for
-        each field of one kind that writes recorded (a folder copied before that field's first write
-        lacks it); returns the fields indexed now (one schema read when none is missing)."""
-        have = {field_of(key): engine for key, engine in self._payload_schema().items()}
-        missing = [(name, kind) for name, kind in INDEXED if have.get(name) != self.SCHEMA_TYPES[kind]]
-        recorded = _decoded(self.metadata().get(FIELD_KINDS)) if self.exists() else {}
-        missing += [
-            (name, INDEX_OF[next(iter(kinds))])
-            for name, kinds in recorded.items()
-            if len(kinds) == 1 and name not in have and addressable(name)
-        ]
-        for name, kind in missing:
-            self._create_payload_index(name, kind)
-        return [name for name, _ in missing]
-
-    def _repair_payload_indexes(self) -> None:
-        """On opening: a crash between creating the collection and its payload indexes would otherwise
-        leave filtered queries slow (and, on the embedded engine, inexact after optimize()) for good."""
-        if created := self._ensure_payload_indexes():
-            log.warning("%s lacked payload indexes (a sync cut short?): created %s", self.collection, created)
-
-    @abstractmethod
-    def _payload_schema(self) -> dict[str, object]:
-        """The collection's payload indexes: key (`payload_key`, or a plain name bare) → the engine's
-        type."""
-
-    @abstractmethod
-    def _create_payload_index(self, name: str, kind: IndexType) -> None: ...
-
-    def field_kinds(self) -> dict[str, frozenset[Kind]]:
-        """field → the kinds of value written to it: the declared indexes' and what writes recorded
-        (read from the store each time: another process may have written since)."""
-        kinds = {name: {KIND_OF_INDEX[index]} for name, index in INDEXED}
-        for name, recorded in _decoded(self.metadata().get(FIELD_KINDS)).items():
-            kinds.setdefault(name, set()).update(recorded)
-        return {name: frozenset(found) for name, found in kinds.items()}
-
-    def _index_new_fields(self, payloads: Iterable[Mapping[str, Any]]) -> None:
-        """Before a write: a payload index for each catalogue field callers may see that this folder has
-        none for (of its first value's kind), and the kinds of value each field holds recorded in the
-        collection's metadata. The metadata is the collection's, shared by its optimized copies; the
-        indexes are the folder's: a copy taken before a field's first write gets its index when the
-        catch-up writes that field into it."""
-        seen: dict[str, dict[Kind, None]] = {}
-        for payload in payloads:
-            for name, value in payload.items():
-                if name not in HIDDEN_FROM_CALLERS and name not in RESERVED and addressable(name):
-                    seen.setdefault(name, {}).update(dict.fromkeys(kinds_of(value)))
-        if self._indexed is None:
-            by_type = {engine: kind for kind, engine in self.SCHEMA_TYPES.items()}
-            schema = self._payload_schema().items()
-            self._indexed = {field_of(key): by_type[t] for key, t in schema if t in by_type}
-        for name, found in seen.items():
-            if name not in self._indexed and found:
-                first = next(iter(found))
-                self._create_payload_index(name, INDEX_OF[first])
-                self._indexed[name] = INDEX_OF[first]
-                log.info("%s: payload index on %s (%s)", self.collection, name, INDEX_OF[first])
-        if self._recorded is None:
-            self._recorded = {name: set(kinds) for name, kinds in self.field_kinds().items()}
-        unrecorded = {
-            name: [k for k in kinds if k not in self._recorded.get(name, ())] for name, kinds in seen.items()
-        }
-        new = {name: kinds for name, kinds in unrecorded.items() if kinds}
-        if not new:
-            return
-        metadata = self.metadata()  # as it is now: merged, not replaced
-        recorded = _decoded(metadata.get(FIELD_KINDS))
-        for name, kinds in new.items():
-            recorded.setdefault(name, set()).update(kinds)
-            self._recorded.setdefault(name, set()).update(kinds)
-        encoded = {name: sorted(kinds) for name, kinds in sorted(recorded.items())}
-        self._write_metadata({**metadata, FIELD_KINDS: json.dumps(encoded)})
-
-    def _resolved(self, filters: Filters) -> Filters:
-        """`filters` with the kinds each `where` field holds (`Filters.where_kinds`)."""
-        if not filters.where:
-            return filters
-        kinds = self.field_kinds()
-        fields = {where.field for where in filters.clauses}
-        return filters.model_copy(update={"where_kinds": {f: kinds[f] for f in fields if f in kinds}})
-
-    def facet(self, field: str, limit: int) -> list[tuple[str | bool, int]] | None:
-        """The `limit` most frequent values of a text or boolean field and how many products hold each,
-        as the engine counts them from its payload index; None for a field of numbers, of several
-        kinds, or none recorded (no index to count from)."""
-        kinds = self.field_kinds().get(field, frozenset())
-        if len(kinds) != 1 or "number" in kinds:
-            return None
-        return self._facet(field, limit)
-
-    @abstractmethod
-    def _facet(self, field: str, limit: int) -> list[tuple[str | bool, int]]: ...
 
     # Every write goes through these three, which tell the change logs watching this handle. Noted after
     # the write, failed or not: a catch-up that read a product because the log named it must have seen
@@ -550,94 +339,4 @@ class VectorIndex(_Closing):
     def _close(self) -> None: ...
 
 
-def _decoded(recorded: str | None) -> dict[str, set[Kind]]:
-    """The field kinds recorded in a collection's metadata (`FIELD_KINDS`); {} where none are."""
-    try:
-        found = json.loads(recorded or "{}")
-    except ValueError:
-        return {}
-    if not isinstance(found, dict):
-        return {}
-    kinds: set[Kind] = {"text", "bool", "number"}
-    return {
-        str(name): {k for k in listed if k in kinds}
-        for name, listed in found.items()
-        if isinstance(listed, list)
-    }
-
-
 _WATCHING = threading.Lock()  # adding or removing a change log (rare); noting reads a snapshot
-
-
-class Store(_Closing):
-    """The versions of one collection and the alias that says which one is live.
-
-    Version n of collection `name` is the physical collection `name__vn`. A new model is synced into a
-    new version, which goes live by switching the alias in one atomic step; older versions stay for
-    rollback. With no alias yet, version 1 is live (a first sync needs no switch).
-    """
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    @abstractmethod
-    def _collections(self) -> list[str]:
-        """Every physical collection in the store (any name)."""
-
-    @abstractmethod
-    def _alias_target(self) -> str | None:
-        """The collection the alias points at, or None before the first switch."""
-
-    @abstractmethod
-    def _point_alias(self, collection: str) -> None:
-        """Point the alias at `collection` atomically: readers see the old target or the new, never none."""
-
-    def open(self, collection: str, *, owner: bool = False) -> VectorIndex:
-        """An index on `collection` (it may not exist yet). With `owner`, closing the index closes the
-        store too."""
-        index = self._open(collection)
-        if owner:
-            index.owned_store = self
-        return index
-
-    @abstractmethod
-    def _open(self, collection: str) -> VectorIndex: ...
-
-    @abstractmethod
-    def close(self) -> None:
-        """Release the store's connection (if it has one)."""
-
-    def version(self, n: int) -> str:
-        return f"{self.name}__v{n}"
-
-    def versions(self) -> list[str]:
-        """The collection's versions, oldest first."""
-        pattern = re.compile(rf"{re.escape(self.name)}__v([0-9]+)")
-        found = [(int(m.group(1)), c) for c in self._collections() if (m := pattern.fullmatch(c))]
-        return [c for _, c in sorted(found)]
-
-    def live(self) -> str:
-        """The version queries use: the alias target, else version 1."""
-        return self._alias_target() or self.version(1)
-
-    def generation(self, collection: str) -> int:
-        return int(collection.rsplit("__v", 1)[1])
-
-    def place(self, collection: str) -> str:
-        """What a handle on `collection` opened now would hold (`VectorIndex.place`)."""
-        return collection
-
-    def unnamed(self) -> set[str]:
-        """The places of this collection's versions that nothing names any longer (an embedded folder
-        a copy replaced, a copy a crash left before it was made current): removable once no handle
-        holds them. None on a server."""
-        return set()
-
-    def remove(self, places: Iterable[str]) -> None:
-        """Remove these places (`unnamed` ones only)."""
-
-    def switch(self, collection: str) -> None:
-        """Make `collection` (an existing version) live."""
-        if collection not in self.versions():
-            raise VisrecError(f"{collection!r} is not a version of {self.name!r}: {self.versions()}")
-        self._point_alias(collection)

@@ -1,8 +1,6 @@
-"""Embedded backend: the Qdrant engine in-process (qdrant-edge), one shard folder per collection.
-
-qdrant-edge raises bare `Exception`s with a message; every call into it goes through `engine_errors`,
-the one place they become visrec errors.
-"""
+"""Embedded backend: one collection of the Qdrant engine in-process (qdrant-edge), a shard folder per
+collection (`EdgeIndex`), and the optimized copies of that folder (`EdgeCopy`). The store of its versions
+is `edge_store`; every call into the engine goes through `edge_errors.engine_errors`."""
 
 from __future__ import annotations
 
@@ -13,26 +11,22 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
 from pathlib import Path
-from typing import Any, TypeVar, assert_never
+from typing import Any, TypeVar
 
 import numpy as np
 import qdrant_edge as qe
 
 from visrec.config import QdrantSettings
-from visrec.errors import (
-    CollectionMissing,
-    DiskFull,
-    IndexUnavailable,
-    InvalidFilter,
-    PointRejected,
-    VisrecError,
-)
-from visrec.filters import AnyOf, Condition, Equals, Filters, OneOf, Range
+from visrec.errors import CollectionMissing, DiskFull, IndexUnavailable, InvalidFilter, VisrecError
+from visrec.filters import Filters
 from visrec.fs import allocated_bytes, copy_tree_sparse, write_atomically
-from visrec.index.base import Hit, IndexCopy, IndexPoint, Store, VectorIndex, payload_key, point_id
+from visrec.index.base import IndexCopy, VectorIndex
+from visrec.index.edge_errors import StoreBusy, engine_errors
+from visrec.index.edge_filter import edge_filter
+from visrec.index.points import Hit, IndexPoint, payload_key, point_id
 from visrec.payload import IndexType
 
 log = logging.getLogger(__name__)
@@ -44,15 +38,6 @@ SCHEMA_TYPES: dict[IndexType, qe.PayloadSchemaType] = {
     "bool": qe.PayloadSchemaType.Bool,
 }
 LOCK_POLL_S = 0.1
-# How the engine words a full disk (ENOSPC) or a file over RLIMIT_FSIZE (EFBIG), in its messages.
-_DISK_FULL = (
-    "No space left on device",
-    "os error 28",
-    "StorageFull",
-    "File too large",
-    "os error 27",
-    "FileTooLarge",
-)
 _NEVER_CREATED = "no segments were loaded"  # a folder a crashed or failed create() left: it holds nothing
 GENERATION = ".g"  # `products__v1.g3`: the third optimized copy of version 1 (collection names have no dot)
 COPY_HEADROOM = 1.1  # a copy may grow while it is optimized; refused unless the disk holds 110 % of it
@@ -71,120 +56,6 @@ def current_folder(root: Path, collection: str) -> Path:
     except FileNotFoundError:
         return root / collection
     return root / name if name else root / collection
-
-
-class StoreBusy(IndexUnavailable):
-    """Another process (or another index in this one) holds the store's WAL lock."""
-
-
-@contextmanager
-def engine_errors(
-    store: Path,
-    doing: str,
-    *,
-    rejecting: str | None = None,
-    culprit: Callable[[], str] | None = None,
-    rejected: type[VisrecError] = PointRejected,
-) -> Iterator[None]:
-    """Translate whatever qdrant-edge raises inside the block. The rule:
-
-    - visrec errors pass unchanged; so do KeyboardInterrupt and SystemExit (not `Exception`s).
-    - With `rejecting` (the block turns caller data, a "point" or a "filter", into the binding's types),
-      a TypeError or ValueError is the data's fault, not the store's (NaN or ±inf in a payload, a string
-      with lone surrogates, an int beyond 64 bits): `rejected`, "point rejected by the store: <culprit>:
-      <reason>", so that the caller can isolate that one point. `culprit()` runs only on failure.
-    - Anything else is a store problem: `IndexUnavailable` naming the store and the cause, on one line
-      (`StoreBusy` when another process holds it; a full disk or the file size limit said as such).
-    """
-    try:
-        yield
-    except VisrecError:
-        raise
-    except Exception as exc:
-        if rejecting is not None and isinstance(exc, TypeError | ValueError):
-            who = f"{culprit()}: " if culprit else ""
-            raise rejected(f"{rejecting} rejected by the store: {who}{_gist(exc)}") from exc
-        message = str(exc)
-        if "WouldBlock" in message:
-            raise StoreBusy(
-                f"embedded store {store} is in use by another process; wait for it to finish "
-                "(or point VISREC_QDRANT__PATH elsewhere)"
-            ) from exc
-        cause = _gist(exc)
-        if any(sign in message for sign in _DISK_FULL):
-            cause = f"the disk is full or the file size limit was reached ({cause})"
-        raise IndexUnavailable(f"embedded store {store}: {doing} failed: {cause}") from exc
-
-
-def _gist(exc: BaseException) -> str:
-    """An engine message on one line. The binding's conversion errors list every variant it tried, a line
-    each, mostly type mismatches; a deeper reason (e.g. UnicodeEncodeError: surrogates not allowed) is
-    the one worth showing."""
-    lines = str(exc).strip().splitlines() or [type(exc).__name__]
-    for line in lines[1:]:
-        reason = line.rsplit("caused by ", 1)[-1]
-        if "caused by " in line and "Error: " in reason and not reason.startswith("TypeError"):
-            return reason
-    return lines[0]
-
-
-class EdgeStore(Store):
-    """Versions as folders `root/<name>__v<n>/`; the alias is the file `root/<name>.alias`, replaced
-    by an atomic rename."""
-
-    def __init__(self, settings: QdrantSettings) -> None:
-        super().__init__(settings.collection)
-        self.settings = settings
-        self.root = settings.path
-        self.alias_file = self.root / f"{self.name}.alias"
-
-    def _collections(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted({p.name.split(GENERATION)[0] for p in self.root.iterdir() if p.is_dir()})
-
-    def _alias_target(self) -> str | None:
-        try:
-            return self.alias_file.read_text().strip() or None
-        except FileNotFoundError:
-            return None
-
-    def _point_alias(self, collection: str) -> None:
-        write_atomically(self.alias_file, collection)
-
-    def _open(self, collection: str) -> EdgeIndex:
-        return EdgeIndex(self.root, collection, self.settings)
-
-    def close(self) -> None:
-        """Nothing to release: each index holds its own folder."""
-
-    def place(self, collection: str) -> str:
-        return str(current_folder(self.root, collection))
-
-    def _folders(self) -> dict[str, list[Path]]:
-        """Each version's folders: the first (`products__v1`) and its copies (`products__v1.g3`)."""
-        found: dict[str, list[Path]] = {version: [] for version in self.versions()}
-        for path in self.root.iterdir() if self.root.is_dir() else []:
-            version = path.name.split(GENERATION)[0]
-            if version in found and path.is_dir() and not path.is_symlink():
-                found[version].append(path)
-        return found
-
-    def unnamed(self) -> set[str]:
-        """Each version is the folder its pointer names (its first folder without a pointer). A pointer
-        that names no folder keeps every folder of that version: the store is damaged, and which
-        folder holds the data is not guessed."""
-        unnamed: set[str] = set()
-        for version, folders in self._folders().items():
-            named = current_folder(self.root, version)
-            if named.is_dir():
-                unnamed.update(str(f) for f in folders if f != named)
-        return unnamed
-
-    def remove(self, places: Iterable[str]) -> None:
-        for place in places:
-            log.info("removing %s: nothing names it any longer", place)
-            shutil.rmtree(place, ignore_errors=True)
 
 
 class EdgeIndex(VectorIndex):
@@ -460,7 +331,7 @@ class EdgeIndex(VectorIndex):
         with engine_errors(
             self.path, "query", rejecting="filter", culprit=lambda: repr(filters), rejected=InvalidFilter
         ):
-            return build(_edge_filter(filters, exclude))
+            return build(edge_filter(filters, exclude))
 
     def optimize(self, *, apart: bool = False) -> None:
         if not apart:
@@ -555,37 +426,3 @@ def _culprit(p: IndexPoint) -> str:
         except (TypeError, ValueError):
             return f"product {p.product_id!r}, field {key!r}"
     return f"product {p.product_id!r}"
-
-
-def _edge_filter(filters: Filters, exclude: Sequence[str]) -> qe.Filter | None:
-    must: list[Any] = [_condition(c) for c in filters.conditions()]
-    must_not: list[Any] = [qe.HasIdCondition({point_id(p) for p in exclude})] if exclude else []
-    return qe.Filter(must=must, must_not=must_not) if must or must_not else None
-
-
-def _condition(condition: Condition) -> qe.FieldCondition | qe.Filter:
-    match condition:
-        case AnyOf(field, values):
-            return qe.FieldCondition(key=payload_key(field), match=qe.MatchAny(any=list(values)))
-        case Range(field, gte, lte):
-            return qe.FieldCondition(key=payload_key(field), range=qe.RangeFloat(gte=gte, lte=lte))
-        case Equals(field, value):
-            return qe.FieldCondition(key=payload_key(field), match=_match(value))
-        case OneOf(field, values):
-            each = [_one(field, value) for value in values]
-            return each[0] if len(each) == 1 else qe.Filter(should=list(each))
-        case _:
-            assert_never(condition)
-
-
-def _one(field: str, value: str | bool | float) -> qe.FieldCondition:
-    """A number matches as a point range: integers and floats alike (a match would take one kind)."""
-    if isinstance(value, str | bool):
-        return qe.FieldCondition(key=payload_key(field), match=_match(value))
-    return qe.FieldCondition(key=payload_key(field), range=qe.RangeFloat(gte=value, lte=value))
-
-
-def _match(value: str | int | bool) -> qe.MatchValue:
-    """The binding reads a Python bool as the integer 1 or 0 (bool is an int): `true` then matched the
-    number 1, never a stored true. numpy's bool is no int, and it reads as a boolean."""
-    return qe.MatchValue(np.bool_(value) if isinstance(value, bool) else value)  # type: ignore[arg-type]

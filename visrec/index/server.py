@@ -21,7 +21,9 @@ from tenacity import Retrying, before_sleep_log, retry_if_exception, stop_after_
 from visrec.config import QdrantSettings
 from visrec.errors import CollectionMissing, IndexUnavailable, PointRejected, VisrecError
 from visrec.filters import AnyOf, Condition, Equals, Filters, OneOf, Range
-from visrec.index.base import Hit, IndexPoint, Store, VectorIndex, payload_key, point_id
+from visrec.index.base import VectorIndex
+from visrec.index.points import Hit, IndexPoint, payload_key, point_id
+from visrec.index.store import Store
 from visrec.payload import INDEXED, IndexType
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,164 @@
+"""Result rules: which of an over-fetched set of neighbours a query answers. Diversity (maximal marginal
+relevance) and caps per field value (at most N per brand); what they choose stays sorted by distance."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from typing import Annotated, Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, WithJsonSchema, field_validator
+
+from visrec.errors import InvalidQuery
+from visrec.index import Hit, VectorIndex
+from visrec.payload import HIDDEN_FROM_CALLERS
+
+MAX_K = 1000
+MAX_CAPS = 5
+# A cap, FIELD=N, as the schema states it: the same rule `Rules` checks (a field callers may see, at most
+# N = MAX_K): a request the schema allows is never refused for its caps.
+_HIDDEN = "|".join(sorted(HIDDEN_FROM_CALLERS))
+# Only characters every regular-expression dialect reads alike (JSON Schema's is ECMAScript's, whose \s
+# is not Python's).
+CAP_PATTERN = (
+    rf"^[ \t]*(?!(?:{_HIDDEN})[ \t]*=)[^= \t\r\n\f\v][^=]*="
+    r"[ \t]*0*(?:[1-9][0-9]{0,2}|1000)[ \t]*$"  # N from 1 to MAX_K
+)
+_CAP = re.compile(r"[ \t]*([^= \t\r\n\f\v][^=]*?)[ \t]*=[ \t]*([0-9]+)[ \t]*")  # whole: fullmatch
+
+
+class Rules(BaseModel):
+    """How results are chosen among the nearest products. The defaults choose the nearest k."""
+
+    model_config = ConfigDict(frozen=True)
+
+    diversity: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="0: nearest first; up to 1: prefer products unlike those already chosen (MMR)",
+    )
+    # The pattern is for the schema; `_caps_parse` checks the same rule and says what is wrong.
+    max_per: list[Annotated[str, WithJsonSchema({"type": "string", "pattern": CAP_PATTERN})]] = Field(
+        default=[],
+        max_length=MAX_CAPS,
+        description=f"FIELD=N: at most N results with the same value of FIELD (e.g. brand=2); N from 1 to "
+        f"{MAX_K}; FIELD a payload field callers are shown (api.public_fields, when set, narrows them)",
+    )
+
+    @field_validator("max_per")
+    @classmethod
+    def _caps_parse(cls, caps: list[str]) -> list[str]:
+        for cap in caps:
+            found = _CAP.fullmatch(cap)
+            if not found or not 1 <= int(found.group(2)) <= MAX_K:
+                raise ValueError(f"takes FIELD=N with 1 <= N <= {MAX_K}, got {cap!r}")
+            if found.group(1) in HIDDEN_FROM_CALLERS:
+                raise ValueError(f"cannot cap {found.group(1)!r}: not a product field")
+        return caps
+
+    @property
+    def caps(self) -> dict[str, int]:
+        return {m.group(1): int(m.group(2)) for cap in self.max_per if (m := _CAP.fullmatch(cap))}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.diversity or self.max_per)
+
+    @classmethod
+    def of(cls, chosen: BaseModel) -> Rules:
+        """The rules a caller chose in a larger, already validated model (the recommend body)."""
+        return cls.model_construct(**{name: getattr(chosen, name) for name in Rules.model_fields})
+
+    @classmethod
+    def parse(cls, **fields: Any) -> Rules:
+        """Validated rules; raises `InvalidQuery` with the reason."""
+        try:
+            return cls(**fields)
+        except ValidationError as exc:
+            raise InvalidQuery(
+                "; ".join(
+                    f"{e['loc'][0] if e['loc'] else 'rules'}: {e['msg'].removeprefix('Value error, ')}"
+                    for e in exc.errors()
+                )
+            ) from exc
+
+
+NEAREST = Rules()
+
+
+def choose(index: VectorIndex, pool: list[Hit], query: np.ndarray, k: int, rules: Rules) -> list[Hit]:
+    """Up to k hits of `pool` that keep `rules`, in the pool's order (by distance, or the colour
+    re-rank's).
+
+    Caps skip a hit whose field value already has its N (a hit without the field is never capped).
+    Diversity picks, each time, the hit maximising (1 - d) * relevance + d * novelty, where relevance
+    is minus its distance to the query and novelty its distance to the nearest hit chosen so far
+    (between the photos that matched), both over the pool's largest distance to the query (maximal
+    marginal relevance, Carbonell & Goldstein 1998; d = `rules.diversity`, 0 keeps the preference
+    order). The distances between the pool's matched photos are one matrix product, and each pick is
+    a few array operations: O(pool² · dim + k · pool) in all, not a Python loop over k × pool.
+    """
+    caps = rules.caps
+    keys = [_cap_keys(hit, caps) for hit in pool]
+    holders: dict[tuple[str, str], list[int]] = {}
+    for i, hit_keys in enumerate(keys):
+        for key in hit_keys:
+            holders.setdefault(key, []).append(i)
+    counts: Counter[tuple[str, str]] = Counter()
+    available = np.ones(len(pool), dtype=bool)
+    d = rules.diversity
+    if d:
+        distance = np.array([hit.distance for hit in pool], dtype=np.float64)
+        scale = float(distance.max(initial=0.0)) or 1.0
+        between = _matched_distances(index, pool)
+        novelty = np.full(len(pool), np.inf)
+    chosen: list[int] = []
+    while len(chosen) < k:
+        candidates = np.flatnonzero(available)
+        if not candidates.size:
+            break
+        pick = int(candidates[0])
+        if d and chosen:
+            score = -(1 - d) * distance[candidates] / scale + d * novelty[candidates] / scale
+            pick = int(candidates[int(np.argmax(score))])
+        chosen.append(pick)
+        available[pick] = False
+        for key in keys[pick]:
+            counts[key] += 1
+            if counts[key] >= caps[key[0]]:
+                available[holders[key]] = False
+        if d:
+            novelty = np.minimum(novelty, between[pick])
+    return [pool[i] for i in sorted(chosen)]
+
+
+def _matched_distances(index: VectorIndex, pool: list[Hit]) -> np.ndarray:
+    """Euclidean distances between the pool's hits, each by the photo that matched (pool × pool). A hit
+    whose vectors are gone (deleted meanwhile) is at distance 0 from all: diversity never prefers it."""
+    photos = index.vectors([hit.product_id for hit in pool])
+    found = [hit.product_id in photos for hit in pool]
+    dim = next((v.shape[-1] for v in photos.values()), 1)
+    matched = np.zeros((len(pool), dim), dtype=np.float32)
+    for i, hit in enumerate(pool):
+        if found[i]:
+            vectors = np.atleast_2d(photos[hit.product_id])
+            matched[i] = vectors[min(hit.matched, len(vectors) - 1)]
+    squared = (matched * matched).sum(1)
+    between = np.sqrt(np.maximum(squared[:, None] + squared[None, :] - 2 * (matched @ matched.T), 0.0))
+    missing = ~np.array(found, dtype=bool)
+    between[missing, :] = 0.0
+    between[:, missing] = 0.0
+    return between
+
+
+def _cap_keys(hit: Hit, caps: dict[str, int]) -> list[tuple[str, str]]:
+    """The (field, value) pairs of `hit` that caps count; lists and objects compare by their JSON."""
+    return [
+        (field, json.dumps(hit.payload[field], sort_keys=True, default=str))
+        for field in caps
+        if hit.payload.get(field) is not None
+    ]
