@@ -96,9 +96,9 @@ def test_train_with_normalized_softmax(make_catalogue: MakeCatalogue, env: Setti
     assert trained["embedding_dim"] == 1000
 
     result = runner.invoke(app, [*args, "--loss", "arcface"])
-    assert result.exit_code == 1 and "invalid setting: VISREC_TRAIN__LOSS" in result.stderr
+    assert result.exit_code == 2 and "invalid setting: VISREC_TRAIN__LOSS" in result.stderr
     result = runner.invoke(app, [*args, "--temperature", "0.1"])  # without --loss: the paper's softmax
-    assert result.exit_code == 1 and "temperature applies to loss 'normalized-softmax' only" in result.stderr
+    assert result.exit_code == 2 and "temperature applies to loss 'normalized-softmax' only" in result.stderr
     assert "Traceback" not in result.output
 
 
@@ -106,11 +106,11 @@ def test_train_with_normalized_softmax(make_catalogue: MakeCatalogue, env: Setti
     ("args", "message", "code"),
     [
         (["similar", "nope"], "collection", 4),  # nothing synced yet
-        (["similar"], "either a PRODUCT_ID or --image", 1),
+        (["similar"], "either a PRODUCT_ID or --image", 2),
         (["similar", "p1", "--price-min", "9", "--price-max", "1"], "above price_max", 2),
         (["similar", "p1", "--where", "brand"], "FIELD=VALUE", 2),
         (["sync", "missing.csv"], "catalogue not found", 2),
-        (["sync", "missing.csv", "--shard", "3/3"], "i/N", 1),
+        (["sync", "missing.csv", "--shard", "3/3"], "i/N", 2),
         (["train", "missing.csv"], "catalogue not found", 2),
     ],
 )
@@ -133,7 +133,7 @@ def test_flags_merge_over_environment_and_bad_settings_are_one_line(
     assert (merged.train.image_size, merged.train.epochs_frozen, merged.train.backbone) == (48, 7, "resnet50")
     monkeypatch.setenv("VISREC_EMBED__BATCH_SIZE", "0")
     result = runner.invoke(app, ["status"])
-    assert result.exit_code == 1 and "invalid setting: VISREC_EMBED__BATCH_SIZE" in result.stderr
+    assert result.exit_code == 2 and "invalid setting: VISREC_EMBED__BATCH_SIZE" in result.stderr
     assert "Traceback" not in result.output
 
 
@@ -202,7 +202,7 @@ def test_a_malformed_setting_names_its_variable_and_form(
 ) -> None:
     monkeypatch.setenv(variable, value)
     result = CliRunner().invoke(app, ["status"])
-    assert result.exit_code == 1 and said in result.stderr, result.stderr
+    assert result.exit_code == 2 and said in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
 

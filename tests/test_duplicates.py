@@ -121,7 +121,7 @@ def test_bad_input_is_one_line_and_an_exit_code(
 def test_a_bad_configured_share_is_one_line(env: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("VISREC_DUPLICATES__MAX_RELATIVE", "-0.1")
     result = runner.invoke(app, ["duplicates"])
-    assert result.exit_code == 1 and "invalid setting: VISREC_DUPLICATES__MAX_RELATIVE" in result.stderr
+    assert result.exit_code == 2 and "invalid setting: VISREC_DUPLICATES__MAX_RELATIVE" in result.stderr
 
 
 def test_a_photo_reused_as_a_second_photo_is_found(

@@ -130,5 +130,5 @@ def test_bad_settings_are_clear(settings: Settings, monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("VISREC_QDRANT__PATH", str(settings.qdrant.path))
     monkeypatch.setenv("VISREC_QDRANT__QUANTIZATION", "int4")
     result = CliRunner().invoke(app, ["status", "--json"])
-    assert result.exit_code == 1 and "invalid setting: VISREC_QDRANT__QUANTIZATION" in result.stderr
+    assert result.exit_code == 2 and "invalid setting: VISREC_QDRANT__QUANTIZATION" in result.stderr
     assert "Traceback" not in result.output

@@ -218,7 +218,7 @@ def test_cli_reindex_and_rollback(
     synced = runner.invoke(cli_app, ["sync", str(catalogue.parent / "edited.csv"), "--max-delete", "1"])
     assert synced.exit_code == 0, synced.output
     refused = runner.invoke(cli_app, ["rollback"])
-    assert refused.exit_code == 1, refused.output
+    assert refused.exit_code == 2, refused.output
     assert "not rolled back: 3 products differ between products__v2 and products__v1" in refused.output
     assert "'gone', 'p0', 'p5'" in refused.output and "--force" in refused.output
     back = runner.invoke(cli_app, ["rollback", "--force", "--json"])
@@ -226,7 +226,7 @@ def test_cli_reindex_and_rollback(
     answer = json.loads(back.output[back.output.index('{\n  "') :])  # after the warning it logs
     assert answer["dropped"] == ["gone", "p0", "p5"]  # a forced rollback says what it lost
     refused = runner.invoke(cli_app, ["rollback"])
-    assert refused.exit_code == 1 and "no version" in refused.output
+    assert refused.exit_code == 2 and "no version" in refused.output
     words = " ".join(runner.invoke(cli_app, ["rollback", "--help"]).output.replace("│", " ").split())
     assert "--force --no-force <bool> Roll back even if products written since the switch" in words
 

@@ -17,9 +17,9 @@ from rich.logging import RichHandler
 
 from visrec.catalogue import read_catalogue
 from visrec.cli_output import (
+    duplicates_table,
     emit,
     err,
-    hit_dict,
     hits_table,
     key_value_table,
     progress_bars,
@@ -32,9 +32,7 @@ from visrec.cli_output import (
 from visrec.config import Settings, load_settings
 from visrec.errors import InvalidQuery, InvalidSetting, VisrecError
 from visrec.filters import Filters
-from visrec.index import open_index, open_store
 from visrec.jobs import Job, ReindexJob, RollbackJob, SyncJob
-from visrec.manifest import artefact_for
 from visrec.plan import Shard
 
 if TYPE_CHECKING:  # torch: imported by the commands that embed, not by every command
@@ -116,16 +114,20 @@ def _embedder(settings: Settings, artefact: Path | None = None) -> Embedder:
 
 
 def _run(job: Job, settings: Settings, show_progress: bool) -> dict[str, Any]:
-    """Run a writing command: handed to the service that owns the embedded store when one runs
-    (`visrec.owner`), else here. Either way the same stages, progress, result and exit codes."""
-    from visrec.jobs import run_here
+    """Run a command that uses the store: handed to the service that owns the embedded store when one
+    runs (`visrec.owner`: a writing command through its writer, a reading one beside it), else here.
+    Either way the same stages, progress, result and exit codes."""
+    from visrec.jobs import READS, run_here
     from visrec.owner import find_owner, hand_over
+    from visrec.reads import read_here
 
     owner = find_owner(settings.qdrant)
     with progress_bars(show_progress) as progress:
         if owner is not None:
             log.info("the store is owned by a running service: handing the %s over to it", job.command)
             return hand_over(owner, job, progress, settings.qdrant)
+        if isinstance(job, READS):
+            return read_here(job, settings, progress)
         return run_here(job, settings, progress)
 
 
@@ -294,47 +296,50 @@ def similar(
     """Products most similar to a product id (any of its photos) or a photo, under metadata filters;
     one result per product, with the photo that matched."""
     from visrec import query
+    from visrec.jobs import SimilarJob
 
     if (product_id is None) == (image is None):
         raise InvalidQuery("give either a PRODUCT_ID or --image PATH")
     settings = _settings(artefact=model)
-    filters = Filters.parse(
-        category=category or [],
-        colour=colour or [],
-        price_min=price_min,
-        price_max=price_max,
-        where=where or [],
+    options: dict[str, Any] = {
+        "category": category or [],
+        "colour": colour or [],
+        "price_min": price_min,
+        "price_max": price_max,
+        "where": where or [],
+    }
+    Filters.parse(**options)  # checked here: a mistake is said before the store is asked
+    query.Rules.parse(diversity=diversity, max_per=max_per or [])
+    photo = None
+    if image is not None:
+        try:
+            photo = image.read_bytes()
+        except OSError as exc:
+            raise InvalidQuery(f"cannot read {image}: {exc.strerror or exc}") from exc
+    job = SimilarJob(
+        product_id=product_id,
+        image=photo,
+        k=k,
+        colour_weight=colour_weight,
+        diversity=diversity,
+        max_per=max_per or [],
+        **options,
     )
-    rules = query.Rules.parse(diversity=diversity, max_per=max_per or [])
-    with open_index(settings.qdrant) as index:
-        if image is not None:
-            embedder = _embedder(settings, artefact_for(index.metadata(), settings.artefact))
-            try:
-                data = image.read_bytes()
-            except OSError as exc:
-                raise InvalidQuery(f"cannot read {image}: {exc.strerror or exc}") from exc
-            from visrec.images import ImageLimits
-
-            limits = ImageLimits.from_settings(settings.ingest)
-            hits = query.similar_to_image(index, embedder, data, limits, k, filters, colour_weight, rules)
-        else:
-            hits = query.similar_to_product(index, str(product_id), k, filters, colour_weight, rules)
-        note = None if hits else query.why_empty(index, filters, [] if product_id is None else [product_id])
-    if note:
-        err.print(f"[yellow]note:[/yellow] nothing found: {note}", highlight=False, soft_wrap=True)
-    emit(as_json, [hit_dict(h) for h in hits], hits_table(hits))
+    data = _run(job, settings, False)
+    if data["note"]:
+        err.print(f"[yellow]note:[/yellow] nothing found: {data['note']}", highlight=False, soft_wrap=True)
+    emit(as_json, data["hits"], hits_table(data["hits"]))
 
 
 @app.command()
 @user_errors
 def status(as_json: JsonFlag = False) -> None:
     """What is indexed, where, and which model made it."""
+    from visrec.jobs import StatusJob
     from visrec.manifest import read_manifest
-    from visrec.versions import describe
 
     settings = _settings()
-    with open_store(settings.qdrant) as store:
-        indexed = describe(store)
+    indexed = _run(StatusJob(), settings, False)
     try:
         manifest = read_manifest(settings.artefact)
         model_info: dict[str, Any] = {"model_version": manifest.model_version, "metrics": manifest.metrics}
@@ -362,18 +367,11 @@ def report(
     as_json: JsonFlag = False,
 ) -> None:
     """Write an HTML page of query products and their nearest neighbours (the paper's Fig. 2)."""
-    from visrec.report import pick_queries, run_queries, write_html
+    from visrec.jobs import ReportJob
 
-    settings = _settings()
-    with open_index(settings.qdrant) as index:
-        rows = run_queries(index, pick_queries(index, queries, seed), k, same_category)
-    version = str(rows[0].query.get("model_version", "")) if rows else ""
-    path = write_html(rows, out_file, "visrec: products and their nearest neighbours", version)
-    data = {
-        "report": str(path.resolve()),
-        "rows": [{"query": r.query_id, "hits": [hit_dict(h) for h in r.hits]} for r in rows],
-    }
-    emit(as_json, data, report_table(rows, path))
+    job = ReportJob(out=out_file.absolute(), queries=queries, k=k, same_category=same_category, seed=seed)
+    data = _run(job, _settings(), False)
+    emit(as_json, data, report_table(data))
 
 
 @app.command()
@@ -395,25 +393,21 @@ def duplicates(
     as_json: JsonFlag = False,
 ) -> None:
     """Groups of distinct products whose photos are near-identical (a photo re-used, re-encoded, resized)."""
-    from visrec.cli_output import duplicates_dict, duplicates_table
-    from visrec.duplicates import check_options, scan_with
-    from visrec.report import write_duplicates_html
+    from visrec.duplicates import check_options
+    from visrec.jobs import DuplicatesJob
 
     settings = _settings()
-    chosen = settings.duplicates.model_copy(
-        update={
-            "max_distance": settings.duplicates.max_distance if max_distance is None else max_distance,
-            "neighbours": settings.duplicates.neighbours if neighbours is None else neighbours,
-        }
+    check_options(  # before the store is asked
+        (settings.duplicates.max_distance if max_distance is None else max_distance) or 0.0,
+        settings.duplicates.neighbours if neighbours is None else neighbours,
     )
-    check_options(chosen.max_distance or 0.0, chosen.neighbours)  # before opening the store
-    with open_index(settings.qdrant) as index, progress_bars(not as_json) as progress:
-        scan, scale = scan_with(index, chosen, lambda done, total: progress("scan", done, total))
-        model_version = index.metadata().get("model_version", "")
-    data = {**duplicates_dict(scan), **scale}
-    if out_file is not None:
-        data["report"] = str(write_duplicates_html(scan, out_file, model_version).resolve())
-    emit(as_json, data, duplicates_table(scan, data.get("report")))
+    job = DuplicatesJob(
+        max_distance=max_distance,
+        neighbours=neighbours,
+        out=None if out_file is None else out_file.absolute(),
+    )
+    data = _run(job, settings, not as_json)
+    emit(as_json, data, duplicates_table(data))
 
 
 @app.command()

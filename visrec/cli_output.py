@@ -15,13 +15,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from visrec.index import Hit
-from visrec.payload import for_operators, photos
+from visrec.payload import photos
 
 if TYPE_CHECKING:  # the report and query modules (PIL, torch) load only for the commands that use them
-    from visrec.duplicates import DuplicateScan
     from visrec.manifest import Manifest
-    from visrec.report import ReportRow
 
 out = Console()
 err = Console(stderr=True)
@@ -32,10 +29,6 @@ def emit(as_json: bool, data: Any, table: RenderableType) -> None:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
     else:
         out.print(table)
-
-
-def hit_dict(hit: Hit) -> dict[str, Any]:
-    return hit.to_dict(for_operators)
 
 
 def key_value_table(title: str, data: dict[str, Any]) -> Table:
@@ -71,54 +64,58 @@ def quality_line(figures: dict[str, Any] | None) -> str:
     )
 
 
-def hits_table(hits: list[Hit]) -> Table:
-    fields = [f for f in ("category", "colour", "price", "title") if any(f in h.payload for h in hits)]
-    several = any(len(photos(h.payload)) > 1 for h in hits)  # a column for the matched photo then
+def hits_table(hits: list[dict[str, Any]]) -> Table:
+    """Hits as `Hit.to_dict` gives them (`visrec similar --json`)."""
+    payloads = [h["payload"] for h in hits]
+    fields = [f for f in ("category", "colour", "price", "title") if any(f in p for p in payloads)]
+    several = any(len(photos(p)) > 1 for p in payloads)  # a column for the matched photo then
     table = Table("#", "product", "distance", *(["matched photo"] if several else []), *fields)
     for rank, hit in enumerate(hits, 1):
-        refs = photos(hit.payload)
-        name = PurePath(refs[hit.matched]).name if hit.matched < len(refs) else "?"
-        matched = [f"{hit.matched}: {name}"] if several else []
+        refs, matched_at = photos(hit["payload"]), hit["matched_image"]
+        name = PurePath(refs[matched_at]).name if matched_at < len(refs) else "?"
+        matched = [f"{matched_at}: {name}"] if several else []
         table.add_row(
             str(rank),
-            hit.product_id,
-            f"{hit.distance:.3f}",
+            hit["product_id"],
+            f"{hit['distance']:.3f}",
             *matched,
-            *(str(hit.payload.get(f, "")) for f in fields),
+            *(str(hit["payload"].get(f, "")) for f in fields),
         )
     return table
 
 
-def duplicates_dict(scan: DuplicateScan) -> dict[str, Any]:
-    return scan.to_dict(for_operators)
-
-
-def duplicates_table(scan: DuplicateScan, report: str | None = None) -> Table:
-    """One row per product of each group: the group's number and closest link on its first row."""
-    fields = [f for f in ("category", "title") if any(f in p for g in scan.groups for _, p in g.products)]
+def duplicates_table(scan: dict[str, Any]) -> Table:
+    """`visrec duplicates` (its `--json`): one row per product of each group, the group's number and
+    closest link on its first row."""
+    groups = scan["groups"]
+    payloads = [p["payload"] for g in groups for p in g["products"]]
+    fields = [f for f in ("category", "title") if any(f in payload for payload in payloads)]
+    report = scan.get("report")
     where = f" → {report}" if report else ""
+    saturated = scan["saturated"]
     table = Table(
         "group",
         "product",
         "closest (distance)",
         *fields,
-        title=f"{len(scan.groups)} duplicate groups among {scan.products} products{where}",
-        caption=f"max distance {scan.max_distance:g}, {scan.neighbours} neighbours per photo"
-        + (f"; {len(scan.saturated)} products had all neighbours within it" if scan.saturated else ""),
+        title=f"{len(groups)} duplicate groups among {scan['products_scanned']} products{where}",
+        caption=f"max distance {scan['max_distance']:g}, {scan['neighbours']} neighbours per photo"
+        + (f"; {len(saturated)} products had all neighbours within it" if saturated else ""),
     )
-    for number, group in enumerate(scan.groups, 1):
-        for row, (product_id, payload) in enumerate(group.products):
+    for number, group in enumerate(groups, 1):
+        for row, product in enumerate(group["products"]):
+            product_id = product["product_id"]
             nearest = min(
-                (link for link in group.links if product_id in (link.a, link.b)),
-                key=lambda link: link.distance,
+                (link for link in group["links"] if product_id in (link["a"], link["b"])),
+                key=lambda link: link["distance"],
             )
-            other = nearest.b if nearest.a == product_id else nearest.a
+            other = nearest["b"] if nearest["a"] == product_id else nearest["a"]
             table.add_row(
                 str(number) if row == 0 else "",
                 product_id,
-                f"{other} ({nearest.distance:.3f})",
-                *(str(payload.get(f, "")) for f in fields),
-                end_section=row == len(group.products) - 1,
+                f"{other} ({nearest['distance']:.3f})",
+                *(str(product["payload"].get(f, "")) for f in fields),
+                end_section=row == len(group["products"]) - 1,
             )
     return table
 
@@ -165,24 +162,27 @@ def trained_table(manifest: Manifest, artefact: Path) -> Table:
     return table
 
 
-def report_table(rows: list[ReportRow], path: Path) -> Table:
-    """`visrec report`'s summary: each query product, its filter and its nearest neighbour."""
+def report_table(report: dict[str, Any]) -> Table:
+    """`visrec report`'s summary (from its `--json`): each query product, its filter and its nearest
+    neighbour."""
     table = Table(
         "query",
         "category",
         "filter",
         "nearest (distance)",
         "same category",
-        title=f"report → {path.resolve()}",
+        title=f"report → {report['report']}",
     )
-    for row in rows:
-        nearest = row.hits[0] if row.hits else None
+    for row in report["rows"]:
+        hits = row["hits"]
+        nearest = hits[0] if hits else None
+        same = sum(h["payload"].get("category") == row["category"] for h in hits)
         table.add_row(
-            row.query_id,
-            str(row.query.get("category")),
-            ",".join(row.filters.category) or "-",
-            f"{nearest.payload.get('category')} ({nearest.distance:.1f})" if nearest else "-",
-            f"{row.same_category}/{len(row.hits)}",
+            row["query"],
+            str(row["category"]),
+            ",".join(row["filter"]) or "-",
+            f"{nearest['payload'].get('category')} ({nearest['distance']:.1f})" if nearest else "-",
+            f"{same}/{len(hits)}",
         )
     return table
 

@@ -25,7 +25,9 @@ class CatalogueError(VisrecError):
 
 
 class ImageError(VisrecError):
-    """One image cannot be read or decoded; ingestion records it and goes on."""
+    """One image cannot be read or decoded; ingestion records it and goes on (a query photo: exit 2)."""
+
+    exit_code = 2
 
 
 class ModelError(VisrecError):
@@ -40,7 +42,14 @@ class QualityRefused(VisrecError):
     exit_code = 3
 
 
-class WritesWouldBeLost(VisrecError):
+class Refused(VisrecError):
+    """A command the store's state does not allow as asked: nothing older to roll back to, a new version
+    that lacks products; it says how to go on. Nothing was changed."""
+
+    exit_code = 2
+
+
+class WritesWouldBeLost(Refused):
     """A version change would drop products written since the version it restores (unless forced)."""
 
 

@@ -1,7 +1,9 @@
-"""The writing commands (`sync`, `reindex`, `rollback`) as jobs: what the CLI asked, as data that runs in
-this process or travels to the service that owns the store (`visrec.owner`), and runs there through the
-same stages (`ingest.sync`, `versions.reindex`, `versions.rollback`). A job's result is the dict the CLI
-prints (`--json`), wherever it ran.
+"""The commands that use the store as jobs: what the CLI asked, as data that runs in this process or
+travels to the service that owns the store (`visrec.owner`), and runs there through the same stages. The
+writing commands (`sync`, `reindex`, `rollback`) run here or in the service's writer (`ingest.sync`,
+`versions.reindex`, `versions.rollback`); the reading ones (`status`, `similar`, `report`, `duplicates`)
+in `visrec.reads`, beside any writes. A job's result is the dict the CLI prints (`--json`), wherever it
+ran.
 
 A job carries the command's flags, already checked by the CLI; the process that runs it adds its own
 settings (a handed-over job runs with the service's `VISREC_INGEST__*`, image roots included).
@@ -54,10 +56,55 @@ class RollbackJob(_Job):
     force: bool = False
 
 
-Job = Annotated[SyncJob | ReindexJob | RollbackJob, Field(discriminator="command")]
+class StatusJob(_Job):
+    """`visrec status`'s look at the store (the versions, their points and quality)."""
+
+    command: Literal["status"] = "status"
 
 
-PROTOCOL = 1  # the owner channel's version: raise it when a request or an answer changes meaning
+class SimilarJob(_Job):
+    """`visrec similar`: the CLI's options as given (checked there, parsed again where it runs)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+    command: Literal["similar"] = "similar"
+    product_id: str | None = None
+    image: bytes | None = None  # the photo's bytes (base64 on the wire): read by the command's user
+    k: int = 10
+    category: list[str] = []
+    colour: list[str] = []
+    price_min: float | None = None
+    price_max: float | None = None
+    where: list[str] = []
+    colour_weight: float = 0.0
+    diversity: float = 0.0
+    max_per: list[str] = []
+
+
+class ReportJob(_Job):
+    command: Literal["report"] = "report"
+    out: Path  # absolute
+    queries: int = 6
+    k: int = 8
+    same_category: bool = False
+    seed: int = 0
+
+
+class DuplicatesJob(_Job):
+    command: Literal["duplicates"] = "duplicates"
+    max_distance: float | None = None
+    neighbours: int | None = None
+    out: Path | None = None  # absolute
+
+
+WriteJob = SyncJob | ReindexJob | RollbackJob  # the writer runs these, one at a time
+READS = (StatusJob, SimilarJob, ReportJob, DuplicatesJob)  # these read the live version, beside writes
+Job = Annotated[
+    SyncJob | ReindexJob | RollbackJob | StatusJob | SimilarJob | ReportJob | DuplicatesJob,
+    Field(discriminator="command"),
+]
+
+
+PROTOCOL = 2  # the owner channel's version: raise it when a request or an answer changes meaning
 
 
 class StoreId(BaseModel):
@@ -155,9 +202,7 @@ def run_rollback(
     return {"previous": done.previous, "live": done.live, "dropped": done.dropped}
 
 
-def run_here(
-    job: SyncJob | ReindexJob | RollbackJob, settings: Settings, progress: Progress | None
-) -> dict[str, Any]:
+def run_here(job: WriteJob, settings: Settings, progress: Progress | None) -> dict[str, Any]:
     """Run `job` in this process, which opens the store itself (no service owns it)."""
     match job:
         case SyncJob():

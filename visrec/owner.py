@@ -46,7 +46,7 @@ from visrec.jobs import PROTOCOL, Job, JobRequest, Progress, StoreId
 
 log = logging.getLogger(__name__)
 
-MAX_REQUEST_BYTES = 64 * 1024
+MAX_REQUEST_BYTES = 64 * 1024  # and a query photo's base64 (`OwnerChannel`)
 # The command's idle timeout (`qdrant.owner_idle_timeout_s`, at least 5 s) is many of these: a job in a
 # silent stage (a model loading, a quality gate, waiting for the writer) is never taken for a hung one.
 HEARTBEAT_S = 2.0
@@ -101,9 +101,11 @@ class OwnerChannel:
     """The service's end: accepts jobs from this user's processes for the store it owns and runs them
     through `handle` (which runs one at a time, in the service's writer)."""
 
-    def __init__(self, settings: QdrantSettings, handle: Handler) -> None:
+    def __init__(self, settings: QdrantSettings, handle: Handler, max_photo_bytes: int = 0) -> None:
         self.marker = marker(settings)
         self.handle = handle
+        # A request is one line: a `similar --image` carries its photo, base64.
+        self.max_request_bytes = MAX_REQUEST_BYTES + -(-max_photo_bytes // 3) * 4
         settings.path.mkdir(parents=True, exist_ok=True)
         # Held open while the service runs: the folder's inode cannot be reused by another folder, and a
         # folder removed under the service is seen (no links left).
@@ -155,7 +157,7 @@ class OwnerChannel:
                 conn.close()
                 return
             conn.settimeout(REQUEST_TIMEOUT_S)
-            line = conn.makefile("rb").readline(MAX_REQUEST_BYTES)
+            line = conn.makefile("rb").readline(self.max_request_bytes)
         except OSError:
             conn.close()
             return
@@ -184,9 +186,11 @@ class OwnerChannel:
 
     def _request(self, line: bytes) -> JobRequest:
         """The request in `line`, if this service runs it: its protocol, for the store it owns."""
-        if len(line) >= MAX_REQUEST_BYTES and not line.endswith(b"\n"):
+        if len(line) >= self.max_request_bytes and not line.endswith(b"\n"):
             raise _Refused(
-                f"not a job this service takes: a request is one line of at most {MAX_REQUEST_BYTES} bytes", 2
+                f"not a job this service takes: a request is one line of at most {self.max_request_bytes} "
+                "bytes",
+                2,
             )
         try:
             raw = json.loads(line)
@@ -202,7 +206,7 @@ class OwnerChannel:
                 4,
             )
         try:
-            request = JobRequest.model_validate(raw)
+            request = JobRequest.model_validate_json(line)  # JSON's own rules: bytes as base64
         except ValidationError as exc:
             raise _Refused(f"not a job this service takes: {explain(exc)}", 2) from None
         self._check_store(request.store)

@@ -22,7 +22,7 @@ from typing import Any
 
 from visrec import payload
 from visrec.catalogue import Catalogue, Product
-from visrec.errors import VisrecError
+from visrec.errors import InvalidSetting
 from visrec.index import SyncRecord
 from visrec.payload import Bookkeeping
 from visrec.urls import is_url
@@ -44,12 +44,12 @@ class Shard:
 
     @classmethod
     def parse(cls, text: str) -> Shard:
-        """'i/N' with 0 <= i < N; raises `VisrecError` otherwise."""
+        """'i/N' with 0 <= i < N; raises `InvalidSetting` otherwise."""
         index, sep, count = text.partition("/")
         if not (sep and index.strip().isdigit() and count.strip().isdigit()) or not 0 <= int(index) < int(
             count
         ):
-            raise VisrecError(f"--shard takes i/N with 0 <= i < N (e.g. 0/4), got {text!r}")
+            raise InvalidSetting(f"--shard takes i/N with 0 <= i < N (e.g. 0/4), got {text!r}")
         return cls(int(index), int(count))
 
     def __str__(self) -> str:

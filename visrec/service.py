@@ -15,6 +15,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,7 +26,10 @@ from visrec.errors import CollectionMissing, IndexUnavailable, ModelError, Visre
 from visrec.fetch import Fetcher
 from visrec.images import ImageLimits
 from visrec.index import Store, VectorIndex, open_store
+from visrec.jobs import Progress, StatusJob
 from visrec.live import Live, LiveState
+from visrec.reads import ReadJob, run_read
+from visrec.versions import describe
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,15 @@ class Service:
         if pair is None:
             raise self._problem or IndexUnavailable("the index is being opened")
         return pair
+
+    def read(self, job: ReadJob, progress: Progress) -> dict[str, Any]:
+        """A reading command handed over (`visrec.reads`): on the live version, held for the job (a
+        swap meanwhile retires it after), beside writes; never through the writer."""
+        if isinstance(job, StatusJob):
+            with self.state.holding() as held:
+                return describe(self.store(), held)
+        with self.reading() as live:
+            return run_read(job, live.index, self.settings, live.model, progress)
 
     def store(self) -> Store:
         if self._store is None:

@@ -17,7 +17,14 @@ from visrec import evaluation, payload
 from visrec.catalogue import Catalogue, rows_from_service
 from visrec.catchup import caught_up
 from visrec.config import GateSettings
-from visrec.errors import IndexUnavailable, ModelError, QualityRefused, VisrecError, WritesWouldBeLost
+from visrec.errors import (
+    IndexUnavailable,
+    ModelError,
+    QualityRefused,
+    Refused,
+    VisrecError,
+    WritesWouldBeLost,
+)
 from visrec.evaluation import Quality
 from visrec.filters import Filters
 from visrec.handle import ModelHandle
@@ -155,7 +162,7 @@ def _reindex(
         missing, failed = _incomplete(index, catalogue, written, summary, api)
         if missing or (failed and not accept_failures):
             lacking = f", {len(missing)} products lacking ({_some(missing)})" if missing else ""
-            raise VisrecError(
+            raise Refused(
                 f"{target} not made live: it holds {points} points for {len(catalogue.products)} valid "
                 f"products and {len(written.products)} written over HTTP, {failed} images "
                 f"failed{lacking} "
@@ -435,7 +442,7 @@ def rollback(
     live = store.live()
     older = [v for v in store.versions() if store.generation(v) < store.generation(live)]
     if not older:
-        raise VisrecError(f"no version of {store.name!r} older than {live} to roll back to")
+        raise Refused(f"no version of {store.name!r} older than {live} to roll back to")
     target = older[-1]
     differ = _written_since(store, live, target, held or {})
     if differ and not force:
@@ -473,22 +480,24 @@ def _written_since(store: Store, live: str, older: str, held: Mapping[str, Vecto
     return differ
 
 
-def describe(store: Store) -> dict[str, Any]:
+def describe(store: Store, held: Mapping[str, VectorIndex] | None = None) -> dict[str, Any]:
     """What is indexed: the live version, every version, its points and the model versions that made
     them, how the live one stores vectors, and each version's quality figures (as the reindex gate
     recorded them; None where none were). Two counts when every point is the collection's own model
-    (the rule: sync refuses to mix models); only otherwise a page-wise read of that payload field."""
+    (the rule: sync refuses to mix models); only otherwise a page-wise read of that payload field.
+    `held`: versions this process has open (a service's)."""
+    held = held or {}
     live = store.live()
     quality: dict[str, dict[str, Any] | None] = {}
     for version in store.versions():
         if version == live:
             continue
         try:
-            with store.open(version) as other:
+            with _opened(store, version, held) as other:
                 quality[version] = evaluation.recorded(other.metadata()) if other.exists() else None
         except IndexUnavailable as exc:  # being built by a reindex: not a reason to fail the status
             quality[version] = {"problem": str(exc)}
-    with store.open(live) as index:
+    with _opened(store, live, held) as index:
         points = index.count() if index.exists() else 0
         by_model: dict[str, int] = {}
         if points:

@@ -44,7 +44,16 @@ from visrec.errors import CollectionMissing, InvalidQuery, NotFound, VisrecError
 from visrec.handle import ModelHandle
 from visrec.index import VectorIndex
 from visrec.ingest import Ahead, SyncOptions, SyncSummary, embed_ahead, sync
-from visrec.jobs import Job, Progress, ReindexJob, RollbackJob, SyncJob, run_reindex, run_rollback, run_sync
+from visrec.jobs import (
+    Progress,
+    ReindexJob,
+    RollbackJob,
+    SyncJob,
+    WriteJob,
+    run_reindex,
+    run_rollback,
+    run_sync,
+)
 from visrec.service import Service
 from visrec.versions import Beside
 
@@ -80,7 +89,7 @@ class Writer:
             registry=registry,
         )
 
-    def run(self, job: Job, progress: Progress) -> dict[str, Any]:
+    def run(self, job: WriteJob, progress: Progress) -> dict[str, Any]:
         with self.jobs:
             log.info("running a handed-over %s", job.command)
             try:

@@ -29,6 +29,7 @@ from visrec.api.ops import OPEN_PATHS
 from visrec.config import Settings
 from visrec.errors import InvalidSetting
 from visrec.guard import Guard, GuardSettings
+from visrec.jobs import READS, Job, Progress
 from visrec.owner import OwnerChannel
 from visrec.service import Service
 from visrec.slots import Slots
@@ -152,7 +153,13 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     qdrant = service.settings.qdrant
     writer = Writer(service, app.state.metrics)
     app.state.writes = ProductWrites(writer, app.state.metrics)
-    owner = None if qdrant.url else OwnerChannel(qdrant, writer.run)
+
+    def run_job(job: Job, progress: Progress) -> dict[str, Any]:
+        """A handed-over command: a reading one beside the writer, a writing one through it."""
+        return service.read(job, progress) if isinstance(job, READS) else writer.run(job, progress)
+
+    photo_bytes = service.settings.ingest.max_image_bytes
+    owner = None if qdrant.url else OwnerChannel(qdrant, run_job, max_photo_bytes=photo_bytes)
     if owner is not None:
         owner.start()
     # What start-up made (torch, the model, every module: ~400k objects) lives as long as the process:
