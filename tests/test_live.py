@@ -33,8 +33,9 @@ from visrec.errors import NotFound, VisrecError, WritesWouldBeLost
 from visrec.index import open_store
 from visrec.index.edge import GENERATION, current_folder
 from visrec.jobs import ReindexJob, RollbackJob
+from visrec.product_writes import ProductWrites
 from visrec.service import Service
-from visrec.writer import ProductWrites, Writer
+from visrec.writer import Writer
 
 EXAMPLES = int(os.environ.get("VISREC_LIVE_EXAMPLES", "6"))
 PRODUCTS = [f"p{i}" for i in range(6)]

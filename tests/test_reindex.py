@@ -435,8 +435,9 @@ def test_rollback_refuses_when_a_product_was_patched_again_since_the_switch(
     from prometheus_client import CollectorRegistry
 
     from visrec.errors import WritesWouldBeLost
+    from visrec.product_writes import ProductWrites
     from visrec.service import Service
-    from visrec.writer import ProductWrites, Writer
+    from visrec.writer import Writer
 
     catalogue = make_catalogue(6)
     run_sync(catalogue, settings)

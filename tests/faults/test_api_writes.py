@@ -296,6 +296,48 @@ def test_a_patch_does_not_wait_for_a_puts_photo(served: Served) -> None:
         assert put.result().json()["outcome"] == "added"
 
 
+def test_a_products_writes_take_effect_in_the_order_they_arrived(served: Served) -> None:
+    """Outside review: a PUT whose photo takes 3 s (its request given up: 503, "will be applied"), then a
+    PATCH of the same product answered 200, then the PUT landed over it: the PATCH was lost. Each
+    product's writes now take effect in arrival order: the PATCH waits for the PUT, a DELETE after a
+    slow PUT leaves the product deleted; another product's PATCH does not wait."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def slow(handler: Handler) -> None:
+        time.sleep(3)
+        photos(handler)
+
+    with (
+        serve_images(slow) as slow_host,
+        client(served, WRITE) as putter,
+        client(served, WRITE) as patcher,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        for product, then in (("order1", "patch"), ("order2", "delete")):
+            assert putter.put(f"/products/{product}", json={"image": slow_host.url("/5.png"), "price": 1})
+            slow_host.hits.clear()
+            put = pool.submit(
+                putter.put, f"/products/{product}", json={"image": slow_host.url("/6.png"), "price": 5}
+            )
+            while not slow_host.hits:  # the PUT is fetching its new photo
+                time.sleep(0.01)
+            started = time.monotonic()
+            other = patcher.patch("/products/p2", json={"price": 7})
+            assert other.status_code == 200 and time.monotonic() - started < 2  # not its product: no wait
+            if then == "patch":
+                answer = patcher.patch(f"/products/{product}", json={"price": 6})
+            else:
+                answer = patcher.delete(f"/products/{product}")
+            assert answer.status_code == 200, answer.text
+            assert time.monotonic() - started > 1.5  # it waited for the earlier PUT of its product
+            assert put.result(30).status_code == 200
+            final = patcher.get(f"/products/{product}")
+            if then == "patch":
+                assert final.json()["payload"]["price"] == 6
+            else:
+                assert final.status_code == 404
+
+
 def test_a_path_names_one_product_on_every_method(served: Served, host: Server) -> None:
     """The review's paths over real HTTP: a read route's suffix is never part of a written id (PUT
     /products/x/similar was a write of "x/similar"), `/products/batch` is the product "batch" on every

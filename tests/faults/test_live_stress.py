@@ -215,8 +215,9 @@ def test_a_write_during_a_copy_reaches_the_copy(tmp_path: Path, artefact: tuple[
     import torch
     from prometheus_client import CollectorRegistry
 
+    from visrec.product_writes import ProductWrites
     from visrec.service import Service
-    from visrec.writer import ProductWrites, Writer
+    from visrec.writer import Writer
 
     settings = synced_store(tmp_path, artefact[0], n=CATALOGUE)
     service = Service(settings, torch.device("cpu"))
@@ -466,8 +467,9 @@ def test_a_plain_rollback_keeps_what_a_reindex_carried(
 
     from visrec.errors import WritesWouldBeLost
     from visrec.jobs import ReindexJob, RollbackJob
+    from visrec.product_writes import ProductWrites
     from visrec.service import Service
-    from visrec.writer import ProductWrites, Writer
+    from visrec.writer import Writer
 
     settings = synced_store(tmp_path, artefact[0], n=CATALOGUE)
     ingest = settings.ingest.model_copy(update={"allowed_hosts": ["127.0.0.1"]})

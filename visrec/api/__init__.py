@@ -31,9 +31,10 @@ from visrec.errors import InvalidSetting
 from visrec.guard import Guard, GuardSettings
 from visrec.jobs import READS, Job, Progress
 from visrec.owner import OwnerChannel
+from visrec.product_writes import ProductWrites
 from visrec.service import Service
 from visrec.slots import Slots
-from visrec.writer import ProductWrites, Writer
+from visrec.writer import Writer
 
 __all__ = ["OPEN_PATHS", "ExposureRefused", "check_exposure", "create_app", "run"]
 

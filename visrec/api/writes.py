@@ -27,7 +27,7 @@ from starlette.convertors import PathConvertor, register_url_convertor
 from visrec.api.deps import ProductId, ServiceDep, service_of
 from visrec.api.models import BatchOut, Product, ProductPatch, ProductRow, WriteOut, errors, product_out
 from visrec.errors import InvalidQuery, WriteForbidden
-from visrec.writer import ProductWrites
+from visrec.product_writes import ProductWrites
 
 router = APIRouter()
 WRITE_ERRORS = errors(400, 401, 403, 404, 413, 422, 503)

@@ -1,0 +1,276 @@
+"""Products written by other services (the HTTP write routes): rows, PATCHes and DELETEs through the
+service's writer (`visrec.writer`), each product's writes taking effect in the order they arrived."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter
+from pydantic import ValidationError
+
+from visrec import payload
+from visrec.catalogue import Catalogue, Product, explain, rows_from_service, value_problem
+from visrec.errors import CollectionMissing, InvalidQuery, NotFound, VisrecError, WritesBusy
+from visrec.handle import ModelHandle
+from visrec.ingest import Ahead, SyncOptions, SyncSummary, embed_ahead, sync
+from visrec.writer import Writer
+
+log = logging.getLogger(__name__)
+
+
+class _Order:
+    """Per product, writes take effect in the order they arrived: a PATCH or DELETE sent after a PUT of
+    the same product (even one whose request timed out with "will be applied", still fetching its
+    photos) waits for it, and a PUT waits for an earlier PATCH or DELETE; writes of other products do
+    not wait. Every write waits only for writes that arrived before it, so none waits for itself."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._numbers = itertools.count()
+        self._unwritten: dict[str, set[int]] = {}  # product id → arrival numbers of writes not done
+
+    def arrive(self, ids: Iterable[str]) -> int:
+        with self._changed:
+            number = next(self._numbers)
+            for product_id in ids:
+                self._unwritten.setdefault(product_id, set()).add(number)
+            return number
+
+    def wait_turn(self, ids: Iterable[str], number: int) -> None:
+        """Until every write of `ids` that arrived before `number` is done."""
+        with self._changed:
+            self._changed.wait_for(lambda: all(min(self._unwritten.get(i, {number})) >= number for i in ids))
+
+    def leave(self, ids: Iterable[str], number: int) -> None:
+        with self._changed:
+            for product_id in ids:
+                numbers = self._unwritten.get(product_id, set())
+                numbers.discard(number)
+                if not numbers:
+                    self._unwritten.pop(product_id, None)
+            self._changed.notify_all()
+
+
+@dataclass
+class _Rows:
+    """One request's rows, waiting for the writer, and what became of them."""
+
+    rows: list[Any]
+    ids: set[str]
+    arrived: int  # its number in `_Order`
+    done: threading.Event = field(default_factory=threading.Event)
+    outcomes: list[str] = field(default_factory=list)
+    error: BaseException | None = None
+
+
+class ProductWrites:
+    """Products written by other services (the HTTP write routes), through the service's writer: rows
+    pass the catalogue's checks (`catalogue.rows_from_service`: photos as URLs only) and the one sync
+    engine (`ingest.sync` with `source="api"`, no deletes), so a photo is embedded only when it changed,
+    and a 2xx means the write is in the store and the next query sees it.
+
+    Writes are jobs, not request threads: requests queue their rows, and one thread takes every request
+    waiting (one row per product id a round, at most `api.max_batch_rows` rows) into one sync, so the photos
+    of concurrent writes share the embedder's batches. Their photos are fetched and embedded before the
+    round takes the writes lock (`ingest.embed_ahead`): a PATCH never waits for a PUT's photo. At most
+    `api.max_pending_writes` requests wait; more raise `WritesBusy` (503). A request that gives up (its
+    deadline) leaves its rows to be written all the same: a write is never left half done, and a retry is
+    idempotent. Each product's writes take effect in the order they arrived (`_Order`)."""
+
+    def __init__(self, writer: Writer, registry: CollectorRegistry) -> None:
+        self.writer = writer
+        self.service = writer.service
+        self.outcomes = Counter(
+            "visrec_writes",
+            "products written over HTTP, by route and outcome",
+            ["route", "outcome"],
+            registry=registry,
+        )
+        self.rounds = Counter(
+            "visrec_write_rounds", "syncs that wrote the rows of waiting requests", registry=registry
+        )
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._order = _Order()
+        self._waiting: list[_Rows] = []
+        self._arrived = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    @contextmanager
+    def _turn(self, product_id: str) -> Iterator[None]:
+        """The writer, for one product's PATCH or DELETE, after that product's earlier writes."""
+        with self._pending_lock:
+            if self._pending >= self.service.settings.api.max_pending_writes:
+                raise WritesBusy("too many writes are waiting for the writer")
+            self._pending += 1
+        arrived = self._order.arrive([product_id])
+        try:
+            self._order.wait_turn([product_id], arrived)
+            with self.writer.lock:
+                yield
+        finally:
+            self._order.leave([product_id], arrived)
+            with self._pending_lock:
+                self._pending -= 1
+
+    def rows(self, rows: list[Any]) -> list[str]:
+        """Create or replace products from rows; one outcome per row, in order: "added", "updated"
+        (photos changed: embedded), "metadata_updated", "unchanged", or "error: why"."""
+        ids = {str(row.get("id")) for row in rows if isinstance(row, dict)}
+        with self._arrived:
+            if len(self._waiting) >= self.service.settings.api.max_pending_writes:
+                raise WritesBusy("too many writes are waiting for the writer")
+            request = _Rows(rows, ids, self._order.arrive(ids))
+            self._waiting.append(request)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write_rounds, name="product-writes", daemon=True)
+                self._thread.start()
+            self._arrived.notify()
+        request.done.wait()
+        if request.error is not None:
+            raise request.error
+        return request.outcomes
+
+    def _write_rounds(self) -> None:
+        limit = self.service.settings.api.max_batch_rows
+        while True:
+            with self._arrived:
+                while not self._waiting:
+                    self._arrived.wait()
+                taken: list[_Rows] = []
+                ids: set[str] = set()
+                # In arrival order, up to the first that cannot join (a product already in the round, or
+                # too many rows): a request never waits (`_Order`) for one queued behind it.
+                for request in list(self._waiting):
+                    rows = sum(len(r.rows) for r in taken)
+                    if taken and (request.ids & ids or rows + len(request.rows) > limit):
+                        break
+                    taken.append(request)
+                    ids |= request.ids
+                    self._waiting.remove(request)
+            try:
+                for request in taken:
+                    self._order.wait_turn(request.ids, request.arrived)
+                self.rounds.inc()
+                outcomes = self._write([row for request in taken for row in request.rows])
+                for request in taken:
+                    request.outcomes, outcomes = outcomes[: len(request.rows)], outcomes[len(request.rows) :]
+            except BaseException as exc:  # every request of the round is told
+                for request in taken:
+                    request.error = exc
+            finally:
+                for request in taken:
+                    self._order.leave(request.ids, request.arrived)
+                    request.done.set()
+
+    def _write(self, rows: list[Any]) -> list[str]:
+        catalogue = rows_from_service(rows, self.service.settings.ingest)
+        outcomes = {e.line: f"error: {e.message}" for e in catalogue.errors}
+        if catalogue.products:
+            ahead = self._embedded_ahead(catalogue)  # fetched and embedded with the writer free
+            with self.writer.lock:
+                summary = self._sync(catalogue, ahead)
+            for product in catalogue.products:
+                outcomes[catalogue.lines[product.id]] = summary.outcomes.get(product.id, "unchanged")
+        return [outcomes[n] for n in range(1, len(rows) + 1)]
+
+    def _options(self) -> SyncOptions:
+        settings = self.service.settings
+        report = settings.ingest.failure_report
+        return SyncOptions(
+            settings.ingest,
+            report.with_name(f"{report.stem}.api{report.suffix}"),  # the file syncs' report stays theirs
+            max_delete=1.0,
+            optimize=False,
+            source="api",
+            deletes=False,
+        )
+
+    def _embedded_ahead(self, catalogue: Catalogue) -> Ahead | None:
+        """The rows' new photos, embedded by the live model; None where that cannot be done now (the
+        sync under the writer then does it, and reports why it failed)."""
+        try:
+            if building := self.writer.building:  # the version a reindex builds needs them too
+                new_model, new_vectors = building
+                refs = [ref for p in catalogue.products for ref in catalogue.photo_refs(p)]
+                new_vectors.add(catalogue, new_model, self._options(), refs)
+            with self.service.reading() as live:
+                model = ModelHandle(
+                    live.model().artefact_dir, self.service.settings.embed, loaded=live.model()
+                )
+                return embed_ahead(catalogue, live.index, model, self._options())
+        except VisrecError as exc:
+            log.debug("photos not embedded ahead of the writer: %s", exc)
+            return None
+        except Exception:  # a bug here must not fail the write: the sync under the writer does it all
+            log.warning("photos not embedded ahead of the writer", exc_info=True)
+            return None
+
+    def _sync(self, catalogue: Catalogue, ahead: Ahead | None) -> SyncSummary:
+        settings = self.service.settings
+        options = self._options()
+        try:
+            with self.service.reading() as live:
+                model = ModelHandle(live.model().artefact_dir, settings.embed, loaded=live.model())
+                summary = sync(catalogue, live.index, model, options, ahead=ahead)
+        except CollectionMissing:  # the first products of an empty store: create it with the model
+            with self.writer.first_version() as index:
+                return sync(catalogue, index, ModelHandle(settings.artefact, settings.embed), options)
+        self.writer.changed(summary.added + summary.updated + summary.metadata_updated)
+        return summary
+
+    def patch(self, product_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+        """Merge `fields` into a product's catalogue fields (JSON merge patch: null removes a field);
+        never embeds. Raises `NotFound`, `InvalidQuery` for a field it may not write."""
+        problem = patch_problem(fields)
+        if problem:
+            raise InvalidQuery(problem)
+        with self._turn(product_id), self.service.reading() as live:
+            index = live.index
+            old = index.payloads([product_id]).get(product_id)
+            if old is None:
+                raise NotFound(f"no product {product_id!r}")
+            metadata = payload.catalogue_fields(old)
+            for key, value in fields.items():
+                if value is None:
+                    metadata.pop(key, None)
+                else:
+                    metadata[key] = value
+            try:  # as a catalogue row would be: blanks are missing, text is stripped
+                patched = Product.model_validate(
+                    {**metadata, "id": product_id, "images": payload.photos(old)}
+                )
+            except ValidationError as exc:
+                raise InvalidQuery(f"the patched product is not valid: {explain(exc)}") from None
+            metadata = {k: v for k, v in patched.metadata().items() if k not in ("image", "images")}
+            new = payload.patched(old, metadata)
+            index.overwrite_payloads({product_id: new})
+            self.writer.changed(1)
+            return new
+
+    def delete(self, product_id: str) -> bool:
+        """Delete a product; whether it was indexed (a repeated DELETE is not an error)."""
+        with self._turn(product_id), self.service.reading() as live:
+            existed = bool(live.index.payloads([product_id]))
+            live.index.delete([product_id])
+            self.writer.changed(1)
+            return existed
+
+
+def patch_problem(fields: dict[str, Any]) -> str | None:
+    """Why a PATCH may not write `fields` (None: it may): photos, the id and computed fields are not its
+    to change, and values must fit the index as a catalogue's must."""
+    for key in fields:
+        if key in ("id", "image", "images"):
+            return f"{key!r} cannot be patched: PUT the whole product to change its photos"
+        if not key.strip():
+            return "a field needs a name"
+        if key in payload.RESERVED:
+            return f"{key!r} is a field visrec computes itself"
+    return value_problem(fields)
