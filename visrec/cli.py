@@ -406,7 +406,8 @@ def duplicates(
             "neighbours": settings.duplicates.neighbours if neighbours is None else neighbours,
         }
     )
-    check_options(chosen.max_distance or 0.0, chosen.neighbours)  # before opening the store
+    # before opening the store
+    check_options(chosen.max_distance or 0.0, chosen.neighbours, chosen.max_colour_delta_e)
     with open_index(settings.qdrant) as index, progress_bars(not as_json) as progress:
         scan, scale = scan_with(index, chosen, lambda done, total: progress("scan", done, total))
         model_version = index.metadata().get("model_version", "")

@@ -104,6 +104,8 @@ def duplicates_table(scan: DuplicateScan, report: str | None = None) -> Table:
         *fields,
         title=f"{len(scan.groups)} duplicate groups among {scan.products} products{where}",
         caption=f"max distance {scan.max_distance:g}, {scan.neighbours} neighbours per photo"
+        + (f", max colour Delta E {scan.max_colour_delta_e:g}" if scan.max_colour_delta_e is not None else "")
+        + (f"; {scan.colour_rejected} pairs within it differ in colour" if scan.colour_rejected else "")
         + (f"; {len(scan.saturated)} products had all neighbours within it" if scan.saturated else ""),
     )
     for number, group in enumerate(scan.groups, 1):
