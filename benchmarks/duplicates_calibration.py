@@ -369,6 +369,25 @@ def _colour_report(
             f"{(within & agree).mean():.3f} | " + " | ".join(f"{v:.3f}" for v in shares) + " |"
         )
         out["pairs"][name] = {"duplicate": duplicate, "distance": distance.tolist(), "delta_e": de.tolist()}
+    # The suggested Delta E: the largest candidate at which no kind of colour variant agrees more often
+    # than --max-false (as the distance's choice allows false links); then what it keeps and rejects.
+    variants = [np.array(v["delta_e"]) for v in out["pairs"].values() if not v["duplicate"]]
+    fits = [
+        c for c in DELTA_E_CANDIDATES if all(float((de <= c).mean()) <= args.max_false for de in variants)
+    ]
+    suggested = max(fits) if fits else DELTA_E_CANDIDATES[0]
+    copies = [v for v in out["pairs"].values() if v["duplicate"]]
+    within = np.concatenate([np.array(v["distance"]) <= t for v in copies])
+    agree = np.concatenate([np.array(v["delta_e"]) <= suggested for v in copies])
+    rejected = float(np.mean(np.concatenate(variants) > suggested))
+    out["suggested_delta_e"] = suggested
+    lines += [
+        "",
+        f"suggested Delta E: {suggested:g}, the largest candidate at which no kind of colour variant agrees "
+        f"more often than {args.max_false}. There: copies linked at the distance {int(within.sum())} of "
+        f"{within.size} before, {int((within & agree).sum())} after; copies whose colours agree "
+        f"{agree.mean():.3f}; colour variants rejected {rejected:.3f}",
+    ]
     return lines, out
 
 
