@@ -7,6 +7,15 @@ nearest OTHER product of its own category among the products (the hardest honest
 pixel copies inside the dataset excluded and counted.
 All images go through visrec's own decoding and the exported model (`Embedder.embed_refs`).
 
+Colour (`visrec duplicates`' colour check, `visrec.duplicates.colours_agree`): every image's colour is
+extracted as sync does (`visrec.colour`, on visrec's decoding), and pairs are judged by the vector distance
+and by their colours. Duplicates that keep colour: the copies above, and copies of a tinted photo
+(Fashion-MNIST is greyscale: the photo coloured as a shop's red product). Colour variants, which must not
+be linked: the same photo tinted another colour (grey → red, red → orange/yellow/pink/blue, yellow →
+pink), i.e. one shape in several colours. For each Delta E candidate: the share of duplicates whose colours
+agree and of variants whose colours differ, and, at the chosen vector distance, how many of each are linked
+without the colour check (before) and with it (after, at --colour-delta-e or the configured default).
+
 For each candidate threshold: recall per kind of copy and overall, the false-link rate (share of products
 whose nearest same-category product lies within it) and precision at one planted copy per product
 (recall / (recall + false-link rate)). The chosen threshold: the largest candidate with a false-link rate
@@ -20,6 +29,7 @@ length of an embedding.
 
 from __future__ import annotations
 
+import functools
 import io
 import sys
 import time
@@ -28,10 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
+from visrec.colour import extract_colours
 from visrec.config import EmbedSettings, Settings
+from visrec.duplicates import colour_distance, colours_agree, photo_lab
 from visrec.embed import Embedder, resolve_device
+from visrec.images import ImageLimits, load_image
 
 from common import add_data_options, embed_all, embed_cached, new_parser, prepare_split, write_results
 
@@ -69,6 +82,52 @@ COPIES: dict[str, Callable[[Image.Image], Image.Image | bytes]] = {
 }
 
 
+# A shop's coloured product photo: the greyscale photo's light product on its black backdrop, coloured.
+TINTS = {
+    "red": (200, 30, 30),
+    "orange": (235, 120, 30),
+    "yellow": (230, 200, 40),
+    "pink": (240, 130, 170),
+    "blue": (40, 70, 200),
+}
+
+
+def _tinted(image: Image.Image, colour: str) -> Image.Image:
+    return ImageOps.colorize(image.convert("L"), black=(0, 0, 0), white=TINTS[colour])
+
+
+# Images made from each original for the colour pairs: name → how (the original itself is "grey").
+TINTED: dict[str, Callable[[Image.Image], Image.Image | bytes]] = {
+    **{colour: functools.partial(_tinted, colour=colour) for colour in TINTS},
+    "red, jpeg q70": lambda im: _jpeg(_tinted(im, "red"), 70),
+    "red, jpeg q40": lambda im: _jpeg(_tinted(im, "red"), 40),
+    "red, upscaled 2x + jpeg q75": lambda im: _jpeg(_resized(_tinted(im, "red"), 56, back=False), 75),
+    "red, down 0.7x, up": lambda im: _resized(_tinted(im, "red"), 20),
+    "red, crop 1 px each side": lambda im: _crop(_tinted(im, "red"), 1, 1, 1, 1),
+}
+# Colour pairs: (first image, second image, whether they are one photo). Copies of the grey photo (COPIES)
+# are duplicates too and are added from the positives.
+COLOUR_PAIRS: list[tuple[str, str, bool]] = [
+    ("red", "red, jpeg q70", True),
+    ("red", "red, jpeg q40", True),
+    ("red", "red, upscaled 2x + jpeg q75", True),
+    ("red", "red, down 0.7x, up", True),
+    ("red", "red, crop 1 px each side", True),
+    ("grey", "red", False),
+    ("red", "orange", False),
+    ("red", "yellow", False),
+    ("red", "pink", False),
+    ("red", "blue", False),
+    ("yellow", "pink", False),
+]
+DELTA_E_CANDIDATES = (3.0, 5.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0, 40.0)
+
+
+def _colour(ref: str) -> dict[str, Any]:
+    """The colour fields sync would store for this photo, through visrec's decoding."""
+    return extract_colours(load_image(ref, ImageLimits())).payload()
+
+
 def nearest_other(vectors: np.ndarray, queries: np.ndarray, skip: list[set[int]]) -> np.ndarray:
     """For each query row, the distance to the nearest vector not in its `skip` set (exact, numpy)."""
     sq = (vectors**2).sum(1)
@@ -92,6 +151,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--colour-delta-e",
+        type=float,
+        default=None,
+        help="colour rule's threshold for the before/after table [VISREC_DUPLICATES__MAX_COLOUR_DELTA_E]",
+    )
     args = p.parse_args()
 
     artefact = args.model or Settings().artefact
@@ -207,6 +272,8 @@ def main() -> None:
         f"chosen: {chosen['share_of_norm']:g} x the median norm (= distance {chosen['threshold']:.2f} for "
         f"this model): the largest candidate with a false-link rate <= {args.max_false}",
     ]
+    colour_lines, colour_data = _colour_report(args, embedder, split.refs, gallery, picks, positives, chosen)
+    lines += colour_lines
     text = "\n".join(lines)
     print(text)
     write_results(
@@ -220,9 +287,108 @@ def main() -> None:
             "negatives": negatives.tolist(),
             "rows": rows_out,
             "chosen": chosen,
+            "colour": colour_data,
         },
         text,
     )
+
+
+def _colour_report(
+    args: Any,
+    embedder: Embedder,
+    refs: list[str],
+    gallery: np.ndarray,
+    picks: np.ndarray,
+    positives: np.ndarray,
+    chosen: dict[str, Any],
+) -> tuple[list[str], dict[str, Any]]:
+    """The colour pairs: tinted images made and embedded (cached), every image's colour extracted, and the
+    tables of how the colour check treats duplicates and colour variants."""
+    folder = args.cache / "duplicates-tinted"
+    made: dict[str, list[str]] = {}
+    for number, (name, make) in enumerate(TINTED.items()):
+        (folder / str(number)).mkdir(parents=True, exist_ok=True)
+        made[name] = []
+        for i in picks:
+            image = make(Image.open(refs[i]))
+            path = folder / str(number) / f"{i}.{'jpg' if isinstance(image, bytes) else 'png'}"
+            if isinstance(image, bytes):
+                path.write_bytes(image)
+            else:
+                image.save(path)
+            made[name].append(str(path))
+    flat_refs = [ref for name in TINTED for ref in made[name]]
+    cache_name = f"duplicates-tinted-{len(picks)}-{len(gallery)}"
+    tinted = embed_cached(embedder, flat_refs, args.cache, cache_name).reshape(len(TINTED), len(picks), -1)
+    vectors = {"grey": gallery[picks], **{name: tinted[n] for n, name in enumerate(TINTED)}}
+    started = time.perf_counter()
+    colours = {name: [_colour(ref) for ref in made[name]] for name in TINTED}
+    colours["grey"] = [_colour(refs[i]) for i in picks]
+    copy_folder = args.cache / "duplicates-copies"
+    for number, kind in enumerate(COPIES):
+        files = [copy_folder / str(number) / f"{i}.{ext}" for i in picks for ext in ("jpg", "png")]
+        colours[kind] = [_colour(str(f)) for f in files if f.is_file()]
+    took = time.perf_counter() - started
+    print(f"colours of {sum(map(len, colours.values()))} images extracted ({took:.0f} s)", file=sys.stderr)
+
+    # Each pair kind: (name, duplicate?, vector distances, the two photos' colour fields)
+    Colours = list[tuple[dict[str, Any], dict[str, Any]]]
+    pairs: list[tuple[str, bool, np.ndarray, Colours]] = []
+    for number, kind in enumerate(COPIES):
+        both = list(zip(colours["grey"], colours[kind], strict=True))
+        pairs.append((f"grey: {kind}", True, positives[number], both))
+    for a, b, duplicate in COLOUR_PAIRS:
+        distance = np.linalg.norm(vectors[a] - vectors[b], axis=1)
+        both = list(zip(colours[a], colours[b], strict=True))
+        pairs.append((b if duplicate else f"{a} → {b}", duplicate, distance, both))
+
+    limit = (
+        args.colour_delta_e if args.colour_delta_e is not None else Settings().duplicates.max_colour_delta_e
+    )
+    t = chosen["threshold"]
+    lines = [
+        "",
+        "Colour: Delta E (CIE76) between the two photos' dominant colours, and at the chosen distance "
+        f"{t:.2f} the share linked without the colour check (before) and with it at Delta E {limit} (after)",
+        "",
+        "| pair | one photo? | median ΔE | p95 ΔE | max ΔE | within distance (before) | linked (after) | "
+        + " | ".join(f"ΔE ≤ {c:g}" for c in DELTA_E_CANDIDATES)
+        + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(DELTA_E_CANDIDATES),
+    ]
+    out: dict[str, Any] = {"max_colour_delta_e": limit, "pairs": {}}
+    for name, duplicate, distance, both in pairs:
+        labs = [(photo_lab(x, 0), photo_lab(y, 0)) for x, y in both]
+        de = np.array([colour_distance(x, y) if x and y else np.nan for x, y in labs])
+        within = distance <= t
+        agree = np.array([colours_agree(x, 0, y, 0, limit) for x, y in both])  # the rule itself decides
+        shares = [float((de <= c).mean()) for c in DELTA_E_CANDIDATES]
+        lines.append(
+            f"| {name} | {'yes' if duplicate else 'no: colour variant'} | {np.median(de):.1f} | "
+            f"{np.quantile(de, 0.95):.1f} | {de.max():.1f} | {within.mean():.3f} | "
+            f"{(within & agree).mean():.3f} | " + " | ".join(f"{v:.3f}" for v in shares) + " |"
+        )
+        out["pairs"][name] = {"duplicate": duplicate, "distance": distance.tolist(), "delta_e": de.tolist()}
+    # The suggested Delta E: the largest candidate at which no kind of colour variant agrees more often
+    # than --max-false (as the distance's choice allows false links); then what it keeps and rejects.
+    variants = [np.array(v["delta_e"]) for v in out["pairs"].values() if not v["duplicate"]]
+    fits = [
+        c for c in DELTA_E_CANDIDATES if all(float((de <= c).mean()) <= args.max_false for de in variants)
+    ]
+    suggested = max(fits) if fits else DELTA_E_CANDIDATES[0]
+    copies = [v for v in out["pairs"].values() if v["duplicate"]]
+    within = np.concatenate([np.array(v["distance"]) <= t for v in copies])
+    agree = np.concatenate([np.array(v["delta_e"]) <= suggested for v in copies])
+    rejected = float(np.mean(np.concatenate(variants) > suggested))
+    out["suggested_delta_e"] = suggested
+    lines += [
+        "",
+        f"suggested Delta E: {suggested:g}, the largest candidate at which no kind of colour variant agrees "
+        f"more often than {args.max_false}. There: copies linked at the distance {int(within.sum())} of "
+        f"{within.size} before, {int((within & agree).sum())} after; copies whose colours agree "
+        f"{agree.mean():.3f}; colour variants rejected {rejected:.3f}",
+    ]
+    return lines, out
 
 
 if __name__ == "__main__":

@@ -400,6 +400,7 @@ def duplicates(
     check_options(  # before the store is asked
         (settings.duplicates.max_distance if max_distance is None else max_distance) or 0.0,
         settings.duplicates.neighbours if neighbours is None else neighbours,
+        settings.duplicates.max_colour_delta_e,
     )
     job = DuplicatesJob(
         max_distance=max_distance,

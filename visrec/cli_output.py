@@ -92,7 +92,11 @@ def duplicates_table(scan: dict[str, Any]) -> Table:
     fields = [f for f in ("category", "title") if any(f in payload for payload in payloads)]
     report = scan.get("report")
     where = f" → {report}" if report else ""
-    saturated = scan["saturated"]
+    saturated, colour, rejected = (
+        scan["saturated"],
+        scan.get("max_colour_delta_e"),
+        scan.get("colour_rejected"),
+    )
     table = Table(
         "group",
         "product",
@@ -100,6 +104,16 @@ def duplicates_table(scan: dict[str, Any]) -> Table:
         *fields,
         title=f"{len(groups)} duplicate groups among {scan['products_scanned']} products{where}",
         caption=f"max distance {scan['max_distance']:g}, {scan['neighbours']} neighbours per photo"
+        + (
+            f", max colour Delta E {colour:g}"
+            if (colour := scan.get("max_colour_delta_e")) is not None
+            else ""
+        )
+        + (
+            f"; {rejected} pairs within it differ in colour"
+            if (rejected := scan.get("colour_rejected"))
+            else ""
+        )
         + (f"; {len(saturated)} products had all neighbours within it" if saturated else ""),
     )
     for number, group in enumerate(groups, 1):

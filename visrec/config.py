@@ -274,6 +274,12 @@ class DuplicateSettings(BaseModel):
     # An absolute Euclidean distance instead (the CLI's --max-distance); None: max_relative x median norm.
     max_distance: float | None = Field(default=None, ge=0)
     neighbours: int = Field(default=10, ge=1, le=1000)  # nearest other products searched per photo
+    # Two photos within the distance are one photo only if their product colours also agree: CIE76 Delta E
+    # between their dominant colours (`colour_lab`) at most this (the embedding barely sees colour, so a
+    # red and a pink shoe of one shape lie as close as a re-encode); 1000 turns the check off (no two
+    # colours lie that far apart). Photos without colour data (older payloads, a product's second photo)
+    # are linked on distance alone. Calibrated on real photos and their recolours (docs/duplicates.md).
+    max_colour_delta_e: float = Field(default=12.0, ge=0, allow_inf_nan=False)
 
 
 class GateSettings(BaseModel):

@@ -8,12 +8,20 @@ other products, the ones within `max_distance` are linked, and linked products a
 
 A group is transitive: if A is within the distance of B and B of C, A, B and C form one group even when A
 and C are farther apart; each group lists the links that joined it, with their distances.
+
+Colour (`colours_agree`, the one place for the rule): the embedding is trained on categories and barely
+sees colour, so a red and a pink shoe of one shape lie as close as a re-encode of one photo. A pair within
+the distance is linked only if the two photos' dominant colours (CIE Lab, `colour_lab`, extracted by sync)
+also lie within `max_colour_delta_e` (CIE76 Delta E). Sync extracts colour from a product's first photo
+only, so a pair is checked when both matched photos are first photos holding colour data; any other pair
+(a product's second photo, a point written before colour extraction) is linked on distance alone, as
+before the check existed.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +37,39 @@ PAGE = 1000  # products fetched per browse call
 NORM_SAMPLE = 500  # products whose vectors' lengths set the scale of a relative distance
 
 Progress = Callable[[int, int], None]
+
+
+def photo_lab(payload: dict[str, Any], photo: int) -> tuple[float, float, float] | None:
+    """The CIE Lab colour of the product's photo number `photo` where the payload holds it: sync extracts
+    `colour_lab` from the first photo only. None for another photo or a payload without (or with a bad)
+    colour."""
+    lab = payload.get("colour_lab")
+    if photo != 0 or not isinstance(lab, list | tuple) or len(lab) != 3:
+        return None
+    try:
+        values = tuple(float(v) for v in lab)
+    except (TypeError, ValueError):
+        return None
+    return (values[0], values[1], values[2]) if all(math.isfinite(v) for v in values) else None
+
+
+def colour_distance(a: Sequence[float], b: Sequence[float]) -> float:
+    """CIE76 Delta E between two Lab colours (as `visrec.colour` reports them)."""
+    return math.dist(a, b)
+
+
+def colours_agree(
+    a: dict[str, Any], a_photo: int, b: dict[str, Any], b_photo: int, max_delta_e: float | None
+) -> bool:
+    """Whether photo `a_photo` of the product with payload `a` and photo `b_photo` of `b` agree in colour:
+    their dominant colours within `max_delta_e` (CIE76). True when the rule is off (None) or either photo's
+    colour is unknown (`photo_lab`): then the vector distance alone decides, as before colour was checked."""
+    if max_delta_e is None:
+        return True
+    lab_a, lab_b = photo_lab(a, a_photo), photo_lab(b, b_photo)
+    if lab_a is None or lab_b is None:
+        return True
+    return colour_distance(lab_a, lab_b) <= max_delta_e
 
 
 @dataclass(frozen=True)
@@ -72,17 +113,23 @@ class DuplicateScan:
 
     max_distance: float
     neighbours: int
+    max_colour_delta_e: float | None = None
     products: int = 0  # products scanned
     photos: int = 0  # searches made (one per photo)
     groups: list[DuplicateGroup] = field(default_factory=list)
     # Products whose every one of `neighbours` hits lay within the distance: more may be there unseen
     # (they are still grouped through their neighbours' own searches; raise `neighbours` to be sure).
     saturated: list[str] = field(default_factory=list)
+    # Pairs of products within the distance left unlinked because their photos' colours differ
+    # (`colours_agree`): colour variants.
+    colour_rejected: int = 0
 
     def to_dict(self, shown: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Any]:
         return {
             "max_distance": self.max_distance,
             "neighbours": self.neighbours,
+            "max_colour_delta_e": self.max_colour_delta_e,
+            "colour_rejected": self.colour_rejected,
             "products_scanned": self.products,
             "photos_searched": self.photos,
             "groups": [group.to_dict(shown) for group in self.groups],
@@ -108,10 +155,13 @@ class _UnionFind:
             self.parent[max(ra, rb)] = min(ra, rb)
 
 
-def check_options(max_distance: float, neighbours: int) -> None:
-    """Raises `InvalidQuery` for a negative or non-finite distance or neighbours outside 1..MAX_K."""
+def check_options(max_distance: float, neighbours: int, max_colour_delta_e: float | None = None) -> None:
+    """Raises `InvalidQuery` for a negative or non-finite distance or colour difference, or neighbours
+    outside 1..MAX_K."""
     if not math.isfinite(max_distance) or max_distance < 0:
         raise InvalidQuery(f"max distance must be a finite number ≥ 0, got {max_distance}")
+    if max_colour_delta_e is not None and not (math.isfinite(max_colour_delta_e) and max_colour_delta_e >= 0):
+        raise InvalidQuery(f"max colour Delta E must be a finite number ≥ 0, got {max_colour_delta_e}")
     if not 1 <= neighbours <= MAX_K:
         raise InvalidQuery(f"neighbours must be between 1 and {MAX_K}, got {neighbours}")
 
@@ -139,11 +189,12 @@ def scan_with(
     """`find_duplicates` at the settings' distance: `max_distance` when set, else `max_relative` x the
     median vector length, returned with that scale ({} for an absolute distance). `find_duplicates` checks
     the options."""
+    colour = settings.max_colour_delta_e
     if settings.max_distance is not None:
-        return find_duplicates(index, settings.max_distance, settings.neighbours, progress), {}
+        return find_duplicates(index, settings.max_distance, settings.neighbours, progress, colour), {}
     distance, norm = relative_distance(index, settings.max_relative)
     scale = {"max_relative": settings.max_relative, "median_norm": norm}
-    return find_duplicates(index, distance, settings.neighbours, progress), scale
+    return find_duplicates(index, distance, settings.neighbours, progress, colour), scale
 
 
 def find_duplicates(
@@ -151,17 +202,21 @@ def find_duplicates(
     max_distance: float,
     neighbours: int = 10,
     progress: Progress | None = None,
+    max_colour_delta_e: float | None = None,
 ) -> DuplicateScan:
     """Groups of distinct products with a photo within `max_distance` (Euclidean) of another's, nearest
-    group first; each product's photos are searched for their `neighbours` nearest other products.
+    group first; each product's photos are searched for their `neighbours` nearest other products. With
+    `max_colour_delta_e`, a pair within the distance is linked only if its photos' colours agree
+    (`colours_agree`; None: distance alone).
 
     Each page of products is read with one call for its vectors (a row per photo). Raises
     `InvalidQuery` for bad options.
     """
-    check_options(max_distance, neighbours)
-    scan = DuplicateScan(max_distance, neighbours)
+    check_options(max_distance, neighbours, max_colour_delta_e)
+    scan = DuplicateScan(max_distance, neighbours, max_colour_delta_e)
     total = index.count()
     best: dict[tuple[str, str], Link] = {}
+    rejected: set[tuple[str, str]] = set()  # pairs within the distance whose photos' colours differ
     payloads: dict[str, dict[str, Any]] = {}
     after: str | None = None
     while True:
@@ -172,13 +227,16 @@ def find_duplicates(
                 continue
             scan.products += 1
             linked = False
-            for vector in found[product_id]:
+            for photo, vector in enumerate(found[product_id]):
                 scan.photos += 1
                 hits = index.search(vector, neighbours, Filters(), exclude=[product_id])
                 near = [hit for hit in hits if hit.distance <= max_distance and hit.product_id != product_id]
                 if near and len(near) == len(hits) == neighbours:
                     scan.saturated.append(product_id)
                 for hit in near:
+                    if not colours_agree(payload, photo, hit.payload, hit.matched, max_colour_delta_e):
+                        rejected.add((min(product_id, hit.product_id), max(product_id, hit.product_id)))
+                        continue
                     linked = True
                     payloads.setdefault(hit.product_id, hit.payload)
                     a, b = sorted((product_id, hit.product_id))
@@ -190,6 +248,7 @@ def find_duplicates(
                 progress(scan.products, total)
         if after is None:
             break
+    scan.colour_rejected = len(rejected - best.keys())  # not linked through another pair of photos either
     scan.groups = _groups(best.values(), payloads)
     scan.saturated = sorted(set(scan.saturated))
     return scan

@@ -118,7 +118,7 @@ def _duplicates(
             "neighbours": defaults.neighbours if job.neighbours is None else job.neighbours,
         }
     )
-    check_options(chosen.max_distance or 0.0, chosen.neighbours)
+    check_options(chosen.max_distance or 0.0, chosen.neighbours, chosen.max_colour_delta_e)
 
     def scanned(done: int, total: int) -> None:
         if progress is not None:
