@@ -7,7 +7,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from tests.helpers import MakeCatalogue, cpu_embedder, draw_product, run_sync, s
 from visrec.background import BackgroundWriter
 from visrec.config import Settings
 from visrec.errors import CatalogueError, IndexUnavailable, VisrecError
-from visrec.index import IndexPoint, open_index
+from visrec.index import IndexPoint, VectorIndex, open_index
 from visrec.index.edge import EdgeIndex
 from visrec.ingest import PAYLOAD_VERSION, Shard, SyncSummary
 
@@ -462,3 +462,44 @@ def test_the_delete_guard_refuses_more_than_its_share(
         "dropped them, rerun with --max-delete 1"
     )
     assert [json.loads(line) for line in report.read_text().splitlines()] == failures
+
+
+def test_payload_rewrites_are_units_and_a_write_between_them_stands(
+    make_catalogue: MakeCatalogue, settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Beside a service's other writes (a `Writing`), a price-only sync rewrites payloads a page per unit
+    (an outside review saw a PATCH wait 8 s for all 20,000 at once); a product written between the plan
+    and its page (here, a PATCH between units) is left as that write made it, not set back."""
+    from contextlib import contextmanager
+
+    from visrec import ingest, payload
+    from visrec.catalogue import read_catalogue
+    from visrec.handle import ModelHandle
+    from visrec.ingest import SyncOptions, sync
+
+    catalogue = make_catalogue(6)
+    run_sync(catalogue, settings)
+    catalogue.write_text(catalogue.read_text().replace(".5,", ".75,"))  # every price changes
+    monkeypatch.setattr(ingest, "REWRITE_PAGE", 2)
+    units = 0
+    with open_index(settings.qdrant) as index:
+
+        @contextmanager
+        def writing() -> Iterator[VectorIndex]:
+            nonlocal units
+            units += 1
+            if units == 3:  # the plan, the first page, then another writer's PATCH of a later page's p5
+                old = index.payloads(["p5"])["p5"]
+                index.overwrite_payloads(
+                    {"p5": payload.patched(old, {**payload.catalogue_fields(old), "price": 1})}
+                )
+            yield index
+
+        options = SyncOptions.from_settings(settings)
+        summary = sync(
+            read_catalogue(catalogue), writing, ModelHandle(settings.artefact, settings.embed), options
+        )
+        prices = {p: v["price"] for p, v in index.payloads([f"p{i}" for i in range(6)]).items()}
+    assert units >= 4  # the plan, then 3 pages of 2
+    assert summary.metadata_updated == 6
+    assert prices == {**{f"p{i}": 10 + i + 0.75 for i in range(5)}, "p5": 1}

@@ -31,7 +31,7 @@ from visrec.config import IngestSettings, Settings
 from visrec.errors import CatalogueError, ModelError, PointRejected, VisrecError
 from visrec.fs import write_atomically
 from visrec.handle import ModelHandle
-from visrec.index import IndexPoint, VectorIndex
+from visrec.index import IndexPoint, SyncRecord, VectorIndex
 from visrec.plan import PARTIAL, PAYLOAD_VERSION, Desired, Shard, SyncPlan, plan_sync
 
 if TYPE_CHECKING:  # torch: imported only once a photo needs embedding
@@ -190,9 +190,10 @@ def sync(
         )
     writing: Writing = (lambda: nullcontext(index)) if isinstance(index, VectorIndex) else index
     with writing() as written:
-        plan, failures = _plan_and_delete(catalogue, written, model, options, new_model)
-        rejected: dict[str, str] = {}  # product id → why the store refused its point
-        _rewrite_payloads(written, plan, rejected)
+        plan, failures, planned = _plan_and_delete(catalogue, written, model, options, new_model)
+    rejected: dict[str, str] = {}  # product id → why the store refused its point
+    beside_others = not isinstance(index, VectorIndex)  # a service's writer: other writes come between
+    _rewrite_payloads(writing, plan, planned if beside_others else None, rejected)
     embedded = _embed_and_write(
         catalogue, writing, model, options, plan.to_embed, failures, rejected, progress, ahead
     )
@@ -211,9 +212,10 @@ def sync(
 
 def _plan_and_delete(
     catalogue: Catalogue, index: VectorIndex, model: ModelHandle, options: SyncOptions, new_model: bool
-) -> tuple[SyncPlan, list[dict[str, Any]]]:
-    """Plan the sync against what `index` holds and carry out its deletes; returns the plan and the
-    failures so far (rows, photos). Raises as `sync` says, before anything is written."""
+) -> tuple[SyncPlan, list[dict[str, Any]], dict[str, SyncRecord]]:
+    """Plan the sync against what `index` holds and carry out its deletes; returns the plan, the
+    failures so far (rows, photos) and the records the plan read. Raises as `sync` says, before anything
+    is written."""
     manifest, shard = model.manifest, options.shard
     recorded = index.metadata() if index.exists() else {}
     built_by = recorded.get("model_version")
@@ -258,7 +260,7 @@ def _plan_and_delete(
 
     failures += _reported("photo", catalogue.photo_errors)
     index.delete(plan.removed)
-    return plan, failures
+    return plan, failures, indexed
 
 
 def _summary(
@@ -338,25 +340,36 @@ def _isolating(
     return isolating
 
 
-def _rewrite_payloads(index: VectorIndex, plan: SyncPlan, rejected: dict[str, str]) -> None:
+def _rewrite_payloads(
+    writing: Writing, plan: SyncPlan, planned: dict[str, SyncRecord] | None, rejected: dict[str, str]
+) -> None:
     """Rewrite in place the payloads of the products whose vectors stand (metadata changed, records
-    refreshed): what came from the photos is kept, nothing is embedded and no optimize() is needed."""
-    todo = plan.to_rewrite
-    write = _isolating(
-        lambda items: index.overwrite_payloads(dict(items)), lambda item: str(item[0]), rejected
-    )
+    refreshed): what came from the photos is kept, nothing is embedded and no optimize() is needed. A
+    page at a time, each a unit of its own beside other writes (`planned`: the records the plan read;
+    None when nothing else writes): a product written since the plan (its record changed) is left as
+    that write made it, as if it came after the sync."""
+    todo, overtaken = plan.to_rewrite, 0
     for start in range(0, len(todo), REWRITE_PAGE):
-        page = todo[start : start + REWRITE_PAGE]
-        old = index.payloads([d.product.id for d in page])
-        write(
-            [
-                (d.product.id, payload.rebuild(old[d.product.id], d.product.metadata(), d.bookkeeping))
-                for d in page
-                if d.product.id in old
-            ]
-        )
+        with writing() as index:
+            page = todo[start : start + REWRITE_PAGE]
+            if planned is not None:
+                now = index.sync_records([d.product.id for d in page])
+                kept = [d for d in page if now.get(d.product.id) == planned.get(d.product.id)]
+                overtaken += len(page) - len(kept)
+                page = kept
+            old = index.payloads([d.product.id for d in page])
+            write = _isolating(
+                lambda items: index.overwrite_payloads(dict(items)), lambda item: str(item[0]), rejected
+            )
+            write(
+                [
+                    (d.product.id, payload.rebuild(old[d.product.id], d.product.metadata(), d.bookkeeping))
+                    for d in page
+                    if d.product.id in old
+                ]
+            )
     if todo:
-        log.info("rewrote %d payloads in place", len(todo))
+        log.info("rewrote %d payloads in place (%d written meanwhile, left as written)", len(todo), overtaken)
 
 
 def _embed_and_write(
