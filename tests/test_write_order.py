@@ -75,3 +75,70 @@ def test_another_products_write_does_not_wait() -> None:
     order.leave(["a"], slow)
     waiting.join(2)
     assert not waiting.is_alive()
+
+
+def _busy(seconds: float) -> None:
+    """Work that holds the GIL, as a unit's Python does (reading records, building payloads)."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        sum(range(200))
+
+
+def test_the_writer_lock_gives_a_waiting_write_the_next_turn() -> None:
+    """A job taking the writer unit after unit (released and taken again at once) cannot starve a write
+    waiting for it: Python's own locks let the releasing thread take them again first (a PATCH waited
+    2-7 s through a sync's short units). Reentrant, as the writer's lock is."""
+    from visrec.writer import FairLock
+
+    lock = FairLock()
+    stop = threading.Event()
+    units = 0
+
+    def job() -> None:
+        nonlocal units
+        while not stop.is_set():
+            with lock, lock:  # reentrant
+                units += 1
+                _busy(0.002)  # a unit's work
+
+    worker = threading.Thread(target=job)
+    worker.start()
+    try:
+        while units < 5:
+            time.sleep(0.001)
+        waits = []
+        for _ in range(20):
+            started = time.monotonic()
+            with lock:
+                waits.append(time.monotonic() - started)
+            time.sleep(0.002)
+        assert max(waits) < 0.1, max(waits)  # a unit or two, not the job
+    finally:
+        stop.set()
+        worker.join(5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(holders=st.lists(st.integers(0, 3), min_size=2, max_size=8))
+def test_the_writer_lock_is_granted_in_the_order_asked(holders: list[int]) -> None:
+    from visrec.writer import FairLock
+
+    lock = FairLock()
+    granted: list[int] = []
+    threads = []
+    with lock:  # everyone queues behind this
+        for n, work in enumerate(holders):
+
+            def take(n: int = n, work: int = work) -> None:
+                with lock:
+                    granted.append(n)
+                    time.sleep(work / 1000)
+
+            threads.append(threading.Thread(target=take))
+            threads[-1].start()
+            deadline = time.monotonic() + 2
+            while lock.asked <= n + 1 and time.monotonic() < deadline:  # it queued
+                time.sleep(0.001)
+    for thread in threads:
+        thread.join(5)
+    assert granted == list(range(len(holders)))

@@ -189,10 +189,9 @@ def sync(
             f"{catalogue.path}: no valid product (of {len(catalogue.errors)} rows); nothing synced"
         )
     writing: Writing = (lambda: nullcontext(index)) if isinstance(index, VectorIndex) else index
-    with writing() as written:
-        plan, failures, planned = _plan_and_delete(catalogue, written, model, options, new_model)
-    rejected: dict[str, str] = {}  # product id → why the store refused its point
     beside_others = not isinstance(index, VectorIndex)  # a service's writer: other writes come between
+    plan, failures, planned = _plan_and_delete(catalogue, writing, model, options, new_model, beside_others)
+    rejected: dict[str, str] = {}  # product id → why the store refused its point
     _rewrite_payloads(writing, plan, planned if beside_others else None, rejected)
     embedded = _embed_and_write(
         catalogue, writing, model, options, plan.to_embed, failures, rejected, progress, ahead
@@ -211,30 +210,40 @@ def sync(
 
 
 def _plan_and_delete(
-    catalogue: Catalogue, index: VectorIndex, model: ModelHandle, options: SyncOptions, new_model: bool
+    catalogue: Catalogue,
+    writing: Writing,
+    model: ModelHandle,
+    options: SyncOptions,
+    new_model: bool,
+    beside_others: bool,
 ) -> tuple[SyncPlan, list[dict[str, Any]], dict[str, SyncRecord]]:
-    """Plan the sync against what `index` holds and carry out its deletes; returns the plan, the
+    """Plan the sync against what the index holds and carry out its deletes; returns the plan, the
     failures so far (rows, photos) and the records the plan read. Raises as `sync` says, before anything
-    is written."""
+    is written. Beside other writes, the records are read a page per unit and the plan is made with the
+    writer free; a product written since its record was read is not deleted (nor rewritten: see
+    `_rewrite_payloads`)."""
     manifest, shard = model.manifest, options.shard
-    recorded = index.metadata() if index.exists() else {}
-    built_by = recorded.get("model_version")
-    if built_by and built_by != manifest.model_version and not new_model:
-        raise ModelError(
-            f"{index.collection} was built by model {built_by}, not {manifest.model_version} "
-            f"({model.artefact_dir}): sync with that model, or change models with "
-            "`visrec reindex CATALOGUE --model NEW`"
+    with writing() as index:
+        recorded = index.metadata() if index.exists() else {}
+        built_by = recorded.get("model_version")
+        if built_by and built_by != manifest.model_version and not new_model:
+            raise ModelError(
+                f"{index.collection} was built by model {built_by}, not {manifest.model_version} "
+                f"({model.artefact_dir}): sync with that model, or change models with "
+                "`visrec reindex CATALOGUE --model NEW`"
+            )
+        index.create(  # what else is recorded (the reindex gate's figures) stays, on every backend
+            manifest.embedding_dim,
+            {
+                **recorded,
+                "model_version": manifest.model_version,
+                "artefact": str(model.artefact_dir.resolve()),
+            },
         )
-    index.create(  # what else is recorded (the reindex gate's figures) stays, on every backend
-        manifest.embedding_dim,
-        {
-            **recorded,
-            "model_version": manifest.model_version,
-            "artefact": str(model.artefact_dir.resolve()),
-        },
-    )
-    # Rows alone (no deletes) need only their own products' records.
-    indexed = index.sync_records(None if options.deletes else [p.id for p in catalogue.products])
+        if not options.deletes:  # rows alone (no deletes) need only their own products' records
+            indexed = index.sync_records([p.id for p in catalogue.products])
+    if options.deletes:
+        indexed = _all_records(writing)
     plan = plan_sync(
         catalogue,
         indexed,
@@ -259,8 +268,24 @@ def _plan_and_delete(
     _check_deletes(catalogue, plan, owned, options, failures)
 
     failures += _reported("photo", catalogue.photo_errors)
-    index.delete(plan.removed)
+    with writing() as index:
+        if beside_others and plan.removed:
+            now = index.sync_records(plan.removed)
+            plan.removed = [p for p in plan.removed if p not in now or now[p] == indexed.get(p)]
+        index.delete(plan.removed)
     return plan, failures, indexed
+
+
+def _all_records(writing: Writing) -> dict[str, SyncRecord]:
+    """Every product's record, a page per unit of the writer (each a short hold of it)."""
+    records: dict[str, SyncRecord] = {}
+    after: str | None = None
+    while True:
+        with writing() as index:
+            page, after = index.sync_records_page(after)
+        records |= page
+        if after is None:
+            return records
 
 
 def _summary(

@@ -190,6 +190,10 @@ class VectorIndex(PayloadFields, Closing):
         optimize that stops nothing; None for a backend that optimizes on its own (a server)."""
         return None
 
+    def flush(self) -> None:
+        """Write what is buffered to disk, beside writes (before a `copy`: the flush it does with writes
+        held then finds little left). A no-op where storage is not this process's."""
+
     def payloads(self, product_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """product id → payload, for the ids that are indexed (no vectors read)."""
         return {
@@ -212,6 +216,11 @@ class VectorIndex(PayloadFields, Closing):
             payload["product_id"]: SyncRecord.from_payload(payload)
             for payload in self.all_payloads(Filters(), list(SYNC_FIELDS))
         }
+
+    def sync_records_page(self, after: str | None = None) -> tuple[dict[str, SyncRecord], str | None]:
+        """A page of `sync_records` in point-id order, and the cursor of the next page (None: the last)."""
+        page, next_page = self._scroll(self._resolved(Filters()), SCROLL_PAGE, after, list(SYNC_FIELDS))
+        return {p["product_id"]: SyncRecord.from_payload(p) for p in page}, next_page
 
     def all_payloads(self, filters: Filters, fields: list[str] | bool = True) -> Iterator[dict[str, Any]]:
         """The payloads (`fields` of them; True: all) of every point meeting `filters`, page by page."""

@@ -344,11 +344,14 @@ class EdgeIndex(VectorIndex):
         finally:
             self._shard = self._load()
 
+    def flush(self) -> None:
+        with self._engine("flush"):
+            self.shard.flush()
+
     def copy(self) -> EdgeCopy:
         """Flush, then copy this collection's folder (sparse) to its next generation, if the disk has
         room for it. Raises `IndexUnavailable` (nothing left behind) if it cannot."""
-        with self._engine("flush"):
-            self.shard.flush()
+        self.flush()
         target = _next_copy(self.root, self.collection)
         needed = int(allocated_bytes(self.path) * COPY_HEADROOM) + COPY_SPARE_BYTES
         free = shutil.disk_usage(self.root).free
