@@ -270,17 +270,19 @@ def test_concurrent_writes_share_the_embedder_batches(served: Served, host: Serv
         assert 'visrec_writes_total{outcome="added",route="put"}' in reader.get("/metrics").text
 
 
+def _slow_photo(handler: Handler) -> None:
+    """A photo that takes 3 s to come."""
+    time.sleep(3)
+    photos(handler)
+
+
 def test_a_patch_does_not_wait_for_a_puts_photo(served: Served) -> None:
     """A PUT whose photo takes 3 s to come: a PATCH sent meanwhile answers at once (a write's photos are
     fetched and embedded before it takes the writer), and the PUT is written when its photo is in."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def slow(handler: Handler) -> None:
-        time.sleep(3)
-        photos(handler)
-
     with (
-        serve_images(slow) as slow_host,
+        serve_images(_slow_photo) as slow_host,
         client(served, WRITE) as putter,
         client(served, WRITE) as patcher,
         ThreadPoolExecutor(1) as pool,
@@ -303,12 +305,8 @@ def test_a_products_writes_take_effect_in_the_order_they_arrived(served: Served)
     slow PUT leaves the product deleted; another product's PATCH does not wait."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def slow(handler: Handler) -> None:
-        time.sleep(3)
-        photos(handler)
-
     with (
-        serve_images(slow) as slow_host,
+        serve_images(_slow_photo) as slow_host,
         client(served, WRITE) as putter,
         client(served, WRITE) as patcher,
         ThreadPoolExecutor(2) as pool,
@@ -432,7 +430,7 @@ def test_a_write_that_times_out_says_it_will_still_be_applied(
         "VISREC_API__QUEUE_WAIT_S": "0.5",
     }
     with (
-        serve_images(slow) as slow_host,
+        serve_images(_slow_photo) as slow_host,
         serve(settings, tmp_path / "serve.log", env=env) as served,
         client(served, WRITE) as writer,
     ):
