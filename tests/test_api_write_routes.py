@@ -291,7 +291,7 @@ def patcher(synced: Settings) -> Iterator[tuple[TestClient, Any]]:
 
 
 def test_a_fields_name_is_more_than_what_strip_drops() -> None:
-    from visrec.catalogue import WHITESPACE
+    from visrec.values import WHITESPACE
 
     assert set(WHITESPACE) == {chr(c) for c in range(0x110000) if chr(c).isspace()}
 

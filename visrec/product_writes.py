@@ -15,10 +15,11 @@ from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 
 from visrec import payload
-from visrec.catalogue import Catalogue, Product, explain, rows_from_service, value_problem
+from visrec.catalogue import Catalogue, Product, explain, rows_from_service
 from visrec.errors import CollectionMissing, InvalidQuery, NotFound, VisrecError, WritesBusy
 from visrec.handle import ModelHandle
 from visrec.ingest import Ahead, SyncOptions, SyncSummary, embed_ahead, sync
+from visrec.values import value_problem
 from visrec.writer import Writer
 
 log = logging.getLogger(__name__)

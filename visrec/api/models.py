@@ -14,12 +14,13 @@ from pydantic.config import JsonDict
 from pydantic_core import PydanticCustomError
 
 from visrec import query
-from visrec.catalogue import MAX_PHOTOS, SCALARS, WHITESPACE, written_fields_problem
+from visrec.catalogue import MAX_PHOTOS, written_fields_problem
 from visrec.config import Settings
 from visrec.errors import closest
 from visrec.filters import CallerFilters
 from visrec.index import Hit
 from visrec.payload import RESERVED, for_callers, photos
+from visrec.values import SCALARS, WHITESPACE
 
 
 class ErrorOut(BaseModel):
