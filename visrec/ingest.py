@@ -11,12 +11,11 @@ needs embedding. The same function serves `visrec sync` and a sync handed to a r
 from __future__ import annotations
 
 import itertools
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,14 +24,14 @@ from PIL import Image
 
 from visrec import payload
 from visrec.background import BackgroundWriter
-from visrec.catalogue import Catalogue, RowError
+from visrec.catalogue import Catalogue
 from visrec.colour import extract_colours
 from visrec.config import IngestSettings, Settings
-from visrec.errors import CatalogueError, ModelError, PointRejected, VisrecError
-from visrec.fs import write_atomically
+from visrec.errors import CatalogueError, ModelError, PointRejected
 from visrec.handle import ModelHandle
 from visrec.index import IndexPoint, SyncRecord, VectorIndex
 from visrec.plan import PARTIAL, PAYLOAD_VERSION, Desired, Shard, SyncPlan, plan_sync
+from visrec.sync_summary import SyncSummary, failure, reported, summarize, write_report
 
 if TYPE_CHECKING:  # torch: imported only once a photo needs embedding
     from visrec.embed import EmbeddedBatch
@@ -124,39 +123,6 @@ class SyncOptions:
         return ImageLimits.from_settings(self.ingest)
 
 
-FIRST_FAILURES = 5  # failures a summary shows (all of them are in the failure report)
-
-
-@dataclass
-class SyncSummary:
-    added: int = 0
-    updated: int = 0  # products whose photos (or model) changed: embedded again
-    metadata_updated: int = 0  # products whose other fields alone changed: payload rewritten, no embedding
-    deleted: int = 0
-    unchanged: int = 0
-    failed: int = 0  # products none of whose photos could be read or decoded, or the store refused
-    photos_skipped: int = 0  # photos refused or unreadable, of products indexed with their other photos
-    invalid_rows: int = 0  # catalogue rows skipped
-    deletes_held_back: int = 0  # products absent from the catalogue, kept because some row was unreadable
-    seconds: float = 0.0  # the whole sync, the closing optimize() included
-    optimize_seconds: float = 0.0  # of which the closing optimize(): an index cost, not an embedding one
-    images_per_second: float = 0.0
-    photo_bytes_read: int = 0  # local photo bytes read to hash them (those whose size or time changed)
-    model_version: str = ""
-    shard: str = "0/1"
-    failure_report: str = ""
-    delimiter: str | None = None  # a CSV catalogue's (comma, semicolon, tab), as detected
-    first_failures: list[dict[str, Any]] = field(default_factory=list)  # the report's first lines
-    # product id → "added", "updated", "metadata_updated", "unchanged" or why it failed (rows written over
-    # HTTP answer per row); not part of the printed summary
-    outcomes: dict[str, str] = field(default_factory=dict, repr=False)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            k: v for k, v in asdict(self).items() if k != "outcomes" and not (k == "delimiter" and v is None)
-        }
-
-
 def sync(
     catalogue: Catalogue,
     index: VectorIndex | Writing,
@@ -206,7 +172,18 @@ def sync(
             written.optimize(apart=options.optimize_apart)
         optimize_seconds = time.perf_counter() - optimizing
         log.info("index optimized in %.1f s", optimize_seconds)
-    return _summary(catalogue, plan, embedded, failures, rejected, options, started, optimize_seconds, model)
+    return summarize(
+        catalogue,
+        plan,
+        embedded,
+        failures,
+        rejected,
+        options.shard,
+        options.failure_report,
+        started,
+        optimize_seconds,
+        model,
+    )
 
 
 def _plan_and_delete(
@@ -263,11 +240,11 @@ def _plan_and_delete(
         plan.unchanged + len(plan.refresh),
         plan.photo_bytes_hashed,
     )
-    failures = _reported("row", catalogue.errors)
+    failures = reported("row", catalogue.errors)
     owned = sum(p in shard and r.source == options.source for p, r in indexed.items())
     _check_deletes(catalogue, plan, owned, options, failures)
 
-    failures += _reported("photo", catalogue.photo_errors)
+    failures += reported("photo", catalogue.photo_errors)
     with writing() as index:
         if beside_others and plan.removed:
             now = index.sync_records(plan.removed)
@@ -286,64 +263,6 @@ def _all_records(writing: Writing) -> dict[str, SyncRecord]:
         records |= page
         if after is None:
             return records
-
-
-def _summary(
-    catalogue: Catalogue,
-    plan: SyncPlan,
-    embedded: set[int],
-    failures: list[dict[str, Any]],
-    rejected: dict[str, str],
-    options: SyncOptions,
-    started: float,
-    optimize_seconds: float,
-    model: ModelHandle,
-) -> SyncSummary:
-    """What a sync did, per product and in all; writes the failure report."""
-    shard, failure_report, manifest = options.shard, options.failure_report, model.manifest
-    failures += [_failure("store", catalogue, product_id, error) for product_id, error in rejected.items()]
-    embedded = {i for i in embedded if plan.to_embed[i].product.id not in rejected}
-    _write_report(failure_report, failures)
-    if plan.held_back:
-        log.warning(
-            "%d deletes held back: %d rows could not be read or had no id (see %s)",
-            len(plan.held_back),
-            len(catalogue.unidentified),
-            failure_report,
-        )
-    seconds = time.perf_counter() - started
-    added = sum(i < len(plan.added) for i in embedded)  # `to_embed` lists the new products first
-    outcomes = {d.product.id: "unchanged" for d in plan.refresh}
-    outcomes |= {d.product.id: "metadata_updated" for d in plan.repayload}
-    outcomes |= {
-        d.product.id: "added" if i < len(plan.added) else "updated" for i, d in enumerate(plan.to_embed)
-    }
-    for f in failures:
-        if f["product_id"] is not None and f["kind"] != "photo":
-            why = f"no photo could be read: {f['error']}" if f["kind"] == "image" else f["error"]
-            outcomes[f["product_id"]] = f"error: {why}"
-    outcomes |= {product_id: f"error: {error}" for product_id, error in rejected.items()}
-    return SyncSummary(
-        added=added,
-        updated=len(embedded) - added,
-        metadata_updated=sum(d.product.id not in rejected for d in plan.repayload),
-        deleted=len(plan.removed),
-        unchanged=plan.unchanged + sum(d.product.id not in rejected for d in plan.refresh),
-        failed=len(plan.to_embed) - len(embedded),
-        photos_skipped=sum(f["kind"] == "photo" for f in failures),
-        invalid_rows=len(catalogue.errors),
-        deletes_held_back=len(plan.held_back),
-        seconds=round(seconds, 3),
-        optimize_seconds=round(optimize_seconds, 3),
-        images_per_second=round(len(embedded) / seconds, 1) if seconds else 0.0,
-        photo_bytes_read=plan.photo_bytes_hashed,
-        model_version=manifest.model_version,
-        shard=str(shard),
-        failure_report=str(failure_report),
-        delimiter=catalogue.delimiter,
-        first_failures=failures[:FIRST_FAILURES],
-        outcomes=outcomes,
-    )
 
 
 def _isolating(
@@ -451,7 +370,7 @@ def _embed_and_write(
             for n, got in photos.add(batch):
                 product_id = todo[n].product.id
                 kind = "photo" if got.vectors else "image"  # "photo": the product is indexed without it
-                failures += [_failure(kind, catalogue, product_id, error) for error in got.errors]
+                failures += [failure(kind, catalogue, product_id, error) for error in got.errors]
                 if got.vectors:
                     points.append(point(n, got))
                     embedded.add(n)
@@ -529,7 +448,7 @@ def _check_deletes(
     max_delete = options.max_delete
     if len(plan.removed) <= max_delete * indexed:
         return
-    _write_report(options.failure_report, failures)
+    write_report(options.failure_report, failures)
     raise CatalogueError(
         f"{catalogue.path}: this sync would delete {len(plan.removed)} of the {indexed} indexed products "
         f"({len(plan.removed) / indexed:.0%}), more than --max-delete {max_delete:g} allows; nothing was "
@@ -537,25 +456,7 @@ def _check_deletes(
     )
 
 
-def _reported(kind: str, errors: list[RowError]) -> list[dict[str, Any]]:
-    """Lines of the failure report for what reading the catalogue skipped (rows, or photos of kept rows)."""
-    return [{"kind": kind, "line": e.line, "product_id": e.product_id, "error": e.message} for e in errors]
-
-
-def _failure(kind: str, catalogue: Catalogue, product_id: str, error: str) -> dict[str, Any]:
-    """A line of the failure report for one product."""
-    return {"kind": kind, "line": catalogue.lines.get(product_id), "product_id": product_id, "error": error}
-
-
 def _colour_fields(image: Image.Image) -> dict[str, Any]:
     """Colour extracted from the photo (runs in the loader workers, on the already decoded image)."""
     fields = extract_colours(image).payload()
     return {**fields, "colour_extracted": fields["colour"]}
-
-
-def _write_report(path: Path, failures: list[dict[str, Any]]) -> None:
-    """The run's failures, one JSON object a line; replaced atomically each run (empty when none)."""
-    try:
-        write_atomically(path, "".join(json.dumps(f) + "\n" for f in failures))
-    except OSError as exc:
-        raise VisrecError(f"cannot write the failure report {path}: {exc.strerror or exc}") from exc
