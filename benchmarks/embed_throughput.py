@@ -23,6 +23,7 @@ the run's figures as one JSON line; `--images-dir` keeps the JPEGs for the next 
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import tempfile
@@ -134,9 +135,13 @@ def main() -> None:
     parser.add_argument("--results", type=Path, help="append this run's figures to a JSON-lines file")
     parser.add_argument("--images-dir", type=Path, help="where the JPEGs go, reused by a later run")
     args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="visrec-bench-") as scratch:  # the random model, JPEGs, store
+        run(args, Path(scratch))
 
+
+def run(args: argparse.Namespace, root: Path) -> None:
+    """Every measurement of one run; its scratch files (random model, JPEGs, store) go under `root`."""
     device = resolve_device(args.device)
-    root = Path(tempfile.mkdtemp(prefix="visrec-bench-"))
     jpegs = args.images_dir / f"jpegs-{args.count}-{args.jpeg_size}" if args.images_dir else root / "data"
     catalogue_path = make_jpegs(jpegs, args.count, args.jpeg_size)
     catalogue = read_catalogue(catalogue_path)

@@ -132,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     c.add_argument("--kit", type=Path, required=True)
     c.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     c.add_argument("--json", type=Path, required=True)
+    c.add_argument("--min-free-gib", type=float, default=2.0, help="temp space the run needs")
     c = sub.add_parser("throughput-table", help="markdown rows of embed_throughput --results lines")
     c.add_argument("results", type=Path)
     c = sub.add_parser("summary", help="summary.md of a run's results folder")
@@ -185,7 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif args.command == "emulate-site":
         print(f"{args.out}: {emulate_site(args.out)} distributions the GPU machine has (or the kit carries)")
     elif args.command == "preflight":
-        problems, warnings, env = preflight(args.kit, args.device, need_weights=True)
+        problems, warnings, env = preflight(
+            args.kit, args.device, need_weights=True, min_free_gib=args.min_free_gib
+        )
         env |= {"problems": problems, "warnings": warnings}
         args.json.write_text(json.dumps(env, indent=2, default=str) + "\n")
         for line in warnings:

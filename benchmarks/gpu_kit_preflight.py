@@ -69,9 +69,12 @@ def _metadata_name(info: Path) -> str | None:
 # --- preflight ----------------------------------------------------------------------------------------
 
 
-def preflight(kit: Path, device: str, need_weights: bool) -> tuple[list[str], list[str], dict[str, Any]]:
+def preflight(
+    kit: Path, device: str, need_weights: bool, min_free_gib: float = 2.0
+) -> tuple[list[str], list[str], dict[str, Any]]:
     """(problems, warnings, environment): every check the run depends on, in seconds. A problem stops
-    the run before it starts; a warning drops one variant (say, nvJPEG)."""
+    the run before it starts; a warning drops one variant (say, nvJPEG). `min_free_gib`: the temp space
+    the run needs (the full run writes ~1.5 GiB; a dry run's tiny sizes far less)."""
     problems: list[str] = []
     warnings: list[str] = []
     env: dict[str, Any] = {
@@ -100,8 +103,8 @@ def preflight(kit: Path, device: str, need_weights: bool) -> tuple[list[str], li
     env["versions"] = versions
     free = shutil.disk_usage(os.environ.get("TMPDIR", "/tmp")).free / 2**30
     env["tmp_free_gib"] = round(free, 1)
-    if free < 2:
-        problems.append(f"{free:.1f} GiB free in the temp folder: the run writes ~1.5 GiB")
+    if free < min_free_gib:
+        problems.append(f"{free:.1f} GiB free in the temp folder: the run needs {min_free_gib:g} GiB")
     env["workers"] = loader_workers(os.cpu_count() or 1, warnings, env)
     if "torch" not in versions:
         return problems, warnings, env

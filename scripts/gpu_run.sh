@@ -101,8 +101,10 @@ main() {
   export PYTHONUNBUFFERED=1
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm \
     --format=csv,noheader
+  # The full run writes ~1.5 GiB of temp files; a dry run's tiny sizes about 0.2 GiB.
+  min_free=2; [ "$dry" = 1 ] && min_free=0.5
   step preflight "${py[@]}" benchmarks/gpu_kit.py preflight --kit "$kit" --device "$device" \
-    --json "$results/environment.json" || stop "preflight failed: nothing was run (the lines above say why)"
+    --min-free-gib "$min_free" --json "$results/environment.json" || stop "preflight failed: nothing was run (the lines above say why)"
 
   # The loader workers preflight chose (the cores less two, at most 14, as /dev/shm allows).
   workers=$("${base[@]}" -c 'import json, sys; print(json.load(open(sys.argv[1]))["workers"])' \

@@ -168,13 +168,21 @@ def test_a_missing_piece_stops_the_run_at_once_with_one_line(tmp_path: Path) -> 
 
 def test_preflight_names_each_missing_file_of_the_kit(tmp_path: Path) -> None:
     kit = _fake_kit(tmp_path)
-    problems, _, env = gpu_kit.preflight(kit, "cpu", need_weights=True)
+    problems, _, env = gpu_kit.preflight(kit, "cpu", need_weights=True, min_free_gib=0)
     assert sorted(problems) == sorted(
         [f"{kit / gpu_kit.DATA_DIR / name}.xz: missing (Fashion-MNIST)" for name in gpu_kit.IDX_FILES]
         + [f"{kit / gpu_kit.WEIGHTS_FILE}: missing (the packed ResNet50 weights)"]
     )
     assert {"torch", "pydantic", "pydantic_settings"} <= set(env["versions"])
     assert 1 <= env["workers"] <= 14  # loader workers: the cores less two, as /dev/shm allows
+
+
+def test_preflight_stops_a_run_the_temp_folder_cannot_hold(tmp_path: Path) -> None:
+    kit = _fake_kit(tmp_path)
+    problems, _, env = gpu_kit.preflight(kit, "cpu", need_weights=False, min_free_gib=1e9)
+    assert [p for p in problems if "free in the temp folder" in p] == [
+        f"{env['tmp_free_gib']:.1f} GiB free in the temp folder: the run needs 1e+09 GiB"
+    ]
 
 
 @pytest.mark.slow  # ~2.5 min on 2 cores: eight Python processes, each importing torch
