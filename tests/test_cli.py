@@ -85,6 +85,19 @@ def test_train_sync_similar_status_report(
     assert page.count('class="row"') == 3 and page.count("data:image/png;base64") == 15
     assert "report" in result.stdout
 
+    # A page that cannot be written there: one line, exit 2, before the work; nothing else written.
+    (tmp_path / "a-file").write_text("x")
+    for where, says in [
+        (tmp_path, "is a folder: name the page's file"),
+        (tmp_path / "a-file" / "r.html", "is a file, not a folder"),
+    ]:
+        for command in (["report", "--queries", "1"], ["duplicates"]):
+            result = runner.invoke(app, [*command, "--out", str(where)])
+            assert result.exit_code == 2 and says in result.stderr, result.output
+            assert "unexpected" not in result.output and "Traceback" not in result.output
+    result = runner.invoke(app, ["report", "--queries", "1", "--out", str(tmp_path / "new" / "r.html")])
+    assert result.exit_code == 0 and (tmp_path / "new" / "r.html").is_file(), result.output
+
 
 def test_train_with_normalized_softmax(make_catalogue: MakeCatalogue, env: Settings, tmp_path: Path) -> None:
     quick = ["--backbone", "resnet18", "--weights", "random", "--image-size", "32", "--epochs-frozen", "2"]

@@ -296,6 +296,7 @@ def similar(
     """Products most similar to a product id (any of its photos) or a photo, under metadata filters;
     one result per product, with the photo that matched."""
     from visrec import query
+    from visrec.images import ImageLimits, read_local_image
     from visrec.jobs import SimilarJob
 
     if (product_id is None) == (image is None):
@@ -310,12 +311,9 @@ def similar(
     }
     Filters.parse(**options)  # checked here: a mistake is said before the store is asked
     query.Rules.parse(diversity=diversity, max_per=max_per or [])
-    photo = None
-    if image is not None:
-        try:
-            photo = image.read_bytes()
-        except OSError as exc:
-            raise InvalidQuery(f"cannot read {image}: {exc.strerror or exc}") from exc
+    # Read here under the query photo's limits: a service beside takes no bigger one (ImageError, exit 2).
+    limits = ImageLimits(settings.ingest.max_image_pixels, settings.ingest.max_image_bytes)  # links allowed
+    photo = None if image is None else read_local_image(str(image), limits)
     job = SimilarJob(
         product_id=product_id,
         image=photo,

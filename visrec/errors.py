@@ -53,6 +53,13 @@ class WritesWouldBeLost(Refused):
     """A version change would drop products written since the version it restores (unless forced)."""
 
 
+class OutputUnwritable(VisrecError):
+    """A file the user asked for (a report page) cannot be written there: a folder, no such folder, no
+    permission, a full disk. Nothing else was changed."""
+
+    exit_code = 2
+
+
 class IndexUnavailable(VisrecError):
     """The vector store cannot be reached or opened (server down, embedded store in use)."""
 

@@ -86,6 +86,11 @@ def read_image_bytes(ref: str, limits: ImageLimits, fetcher: Fetcher | None = No
             finally:
                 one_off.close()
         return fetcher.fetch(ref, limits.max_bytes)
+    return read_local_image(ref, limits)
+
+
+def read_local_image(ref: str, limits: ImageLimits) -> bytes:
+    """The raw bytes of a local image file, at most `limits.max_bytes`. Raises `ImageError`."""
     with open_local(ref, limits.allowed_roots) as file:
         size = os.fstat(file.fileno()).st_size
         if size > limits.max_bytes:

@@ -105,6 +105,7 @@ class OwnerChannel:
         self.marker = marker(settings)
         self.handle = handle
         # A request is one line: a `similar --image` carries its photo, base64.
+        self.max_photo_bytes = max_photo_bytes
         self.max_request_bytes = MAX_REQUEST_BYTES + -(-max_photo_bytes // 3) * 4
         settings.path.mkdir(parents=True, exist_ok=True)
         # Held open while the service runs: the folder's inode cannot be reused by another folder, and a
@@ -157,7 +158,10 @@ class OwnerChannel:
                 conn.close()
                 return
             conn.settimeout(REQUEST_TIMEOUT_S)
-            line = conn.makefile("rb").readline(self.max_request_bytes)
+            reader = conn.makefile("rb")
+            line = reader.readline(self.max_request_bytes)
+            if len(line) >= self.max_request_bytes and not line.endswith(b"\n"):
+                _discard_line(reader)  # the command is still sending: it reads the refusal once it is done
         except OSError:
             conn.close()
             return
@@ -188,8 +192,8 @@ class OwnerChannel:
         """The request in `line`, if this service runs it: its protocol, for the store it owns."""
         if len(line) >= self.max_request_bytes and not line.endswith(b"\n"):
             raise _Refused(
-                f"not a job this service takes: a request is one line of at most {self.max_request_bytes} "
-                "bytes",
+                f"refused by the service: the request is over {self.max_request_bytes} bytes (a query photo "
+                f"may have {self.max_photo_bytes} bytes: the service's VISREC_INGEST__MAX_IMAGE_BYTES)",
                 2,
             )
         try:
@@ -369,6 +373,16 @@ def find_owner(settings: QdrantSettings) -> Owner | None:
     return Owner(path, here)
 
 
+def _discard_line(reader: Any, most: int = 256 * 2**20) -> None:
+    """Read and drop the rest of a request line too long to take (at most `most` bytes, within the
+    connection's timeout), so that the command gets to read the answer that says so."""
+    while most > 0:
+        chunk = reader.readline(min(most, 2**20))
+        if not chunk or chunk.endswith(b"\n"):
+            return
+        most -= len(chunk)
+
+
 def hand_over(owner: Owner, job: Job, progress: Progress | None, settings: QdrantSettings) -> dict[str, Any]:
     """Run `job` in the service `owner`; returns its result, raises what it raised (same message, same
     exit code). A service that dies or hangs meanwhile: `IndexUnavailable` (nothing done is lost)."""
@@ -380,7 +394,9 @@ def hand_over(owner: Owner, job: Job, progress: Progress | None, settings: Qdran
         conn.settimeout(settings.owner_idle_timeout_s)
         request = JobRequest(protocol=PROTOCOL, store=owner.store, job=job)
         try:
-            conn.sendall(request.model_dump_json().encode() + b"\n")
+            # The service may stop reading a request it refuses: its answer says why, read below.
+            with contextlib.suppress(OSError):
+                conn.sendall(request.model_dump_json().encode() + b"\n")
             for line in conn.makefile("rb"):
                 if (result := _take(line, progress)) is not None:
                     return result

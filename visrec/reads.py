@@ -86,8 +86,9 @@ def _similar(
 
 
 def _report(job: ReportJob, index: VectorIndex) -> dict[str, Any]:
-    from visrec.report import pick_queries, run_queries, write_html
+    from visrec.report import check_writable, pick_queries, run_queries, write_html
 
+    check_writable(job.out)
     rows = run_queries(index, pick_queries(index, job.queries, job.seed), job.k, job.same_category)
     version = str(rows[0].query.get("model_version", "")) if rows else ""
     path = write_html(rows, job.out, "visrec: products and their nearest neighbours", version)
@@ -109,8 +110,10 @@ def _duplicates(
     job: DuplicatesJob, index: VectorIndex, settings: Settings, progress: Progress | None
 ) -> dict[str, Any]:
     from visrec.duplicates import check_options, scan_with
-    from visrec.report import write_duplicates_html
+    from visrec.report import check_writable, write_duplicates_html
 
+    if job.out is not None:
+        check_writable(job.out)
     defaults = settings.duplicates
     chosen = defaults.model_copy(
         update={

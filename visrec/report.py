@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+import os
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ from typing import Any
 from PIL import Image
 
 from visrec.duplicates import DuplicateGroup, DuplicateScan
-from visrec.errors import ImageError
+from visrec.errors import ImageError, OutputUnwritable
 from visrec.fs import write_atomically
 from visrec.images import ImageLimits, load_image
 from visrec.index import Filters, Hit, VectorIndex
@@ -75,6 +76,21 @@ def run_queries(index: VectorIndex, product_ids: list[str], k: int, same_categor
     return rows
 
 
+def check_writable(out: Path) -> None:
+    """Refuse a page path that cannot be written (a folder, a file where a folder should be, a read-only
+    folder) before the work is done; missing folders are made. The write itself can still fail (a full
+    disk) and says so the same way."""
+    if out.is_dir():
+        raise OutputUnwritable(f"{out} is a folder: name the page's file, e.g. {out / 'report.html'}")
+    existing = out.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputUnwritable(f"cannot write {out}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputUnwritable(f"cannot write {out}: no permission to write in {existing}")
+
+
 def write_html(rows: list[ReportRow], out: Path, title: str, model_version: str) -> Path:
     """Write the report; returns its path."""
     return _write_page(out, title, model_version, "\n".join(_row_html(row) for row in rows))
@@ -93,6 +109,15 @@ def write_duplicates_html(scan: DuplicateScan, out: Path, model_version: str) ->
 
 def _write_page(out: Path, title: str, model_version: str, body: str) -> Path:
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    check_writable(out)
+    try:
+        _write_html(out, title, model_version, when, body)
+    except OSError as exc:
+        raise OutputUnwritable(f"cannot write {out}: {exc.strerror or exc}") from exc
+    return out
+
+
+def _write_html(out: Path, title: str, model_version: str, when: str, body: str) -> None:
     write_atomically(
         out,
         f"""<!doctype html>
@@ -115,7 +140,6 @@ figure.query {{ padding-right: 10px; border-right: 3px solid #2a6; }}
 </body></html>
 """,
     )
-    return out
 
 
 def _group_html(number: int, group: DuplicateGroup) -> str:

@@ -32,6 +32,7 @@ MISTAKES: list[list[str]] = [
     ["similar", "p1", "--category", "hexagon"],  # no product has it: 2, naming those there are
     ["similar", "p1", "--where", "price=1..2", "--category", "circle"],  # each matches, not together: a note
     ["similar", "--image", "{out}/not-a-photo.png"],  # not an image: 2
+    ["similar", "--image", "{out}/huge.png"],  # over the photo limit (50 MB): 2, said before handing over
     ["duplicates", "--neighbours", "0"],  # refused before the store is asked: 2
 ]
 
@@ -65,7 +66,8 @@ def test_a_read_beside_the_service_answers_as_alone(
         assert _comparable(args, stdout_beside) == _comparable(args, stdout), args
     else:
         assert code in (0, 2), (args, stderr)
-        assert stderr_beside.strip() == stderr.strip(), args
+        # (a file named in the message lies in each run's own folder)
+        assert stderr_beside.strip() == stderr.strip().replace("out-alone", "out-beside"), args
         assert "Traceback" not in stderr_beside
 
 
@@ -81,6 +83,8 @@ def live_reads(
     (root / "out-beside").mkdir()
     for out in ("out-alone", "out-beside"):
         (root / out / "not-a-photo.png").write_bytes(b"plain text, not a photo")
+        with (root / out / "huge.png").open("wb") as huge:
+            huge.truncate(Settings().ingest.max_image_bytes + 1)  # sparse: nothing written, nothing read
     alone = [_run(settings, args, root / "out-alone", photo) for args in COMMANDS + MISTAKES]
     with serve(settings, root / "serve.log"):
         beside = [_run(settings, args, root / "out-beside", photo) for args in COMMANDS + MISTAKES]
@@ -88,6 +92,28 @@ def live_reads(
     reports = sorted(p.name for p in (root / "out-beside").glob("*.html"))
     assert reports == ["dups.html", "report.html"]  # written by the service, where the command said
     return {"alone": alone, "beside": beside}
+
+
+def test_a_request_the_service_refuses_says_so(tmp_path: Path, artefact: tuple[Path, Manifest]) -> None:
+    """A query photo over the service's own limit (its settings may be smaller than the command's): the
+    service reads the whole request and answers why, exit 2; the command is not told the service hung."""
+    from visrec.api import create_app
+    from visrec.jobs import SimilarJob
+    from visrec.owner import HandedOverError, find_owner, hand_over
+
+    settings = synced_store(tmp_path, artefact[0], n=3)
+    ingest = settings.ingest.model_copy(update={"max_image_bytes": 1000})
+    small = settings.model_copy(update={"ingest": ingest})
+    with TestClient(create_app(small, torch.device("cpu"))):
+        owner = find_owner(settings.qdrant)
+        assert owner is not None
+        for size in (10**5, 4 * 10**6):  # within and far beyond the socket's buffers
+            with pytest.raises(HandedOverError) as refused:
+                hand_over(owner, SimilarJob(image=b"x" * size, k=3), None, settings.qdrant)
+            assert refused.value.exit_code == 2
+            assert "refused by the service: the request is over" in str(refused.value)
+            assert "VISREC_INGEST__MAX_IMAGE_BYTES" in str(refused.value)
+        assert hand_over(owner, SimilarJob(product_id="p1", k=2), None, settings.qdrant)["hits"]
 
 
 def test_reads_do_not_wait_for_the_writer(tmp_path: Path, artefact: tuple[Path, Manifest]) -> None:
