@@ -25,7 +25,7 @@ WRITES = st.lists(
 def test_each_products_writes_take_effect_in_arrival_order(
     writes: list[tuple[frozenset[str], int]], seed: int
 ) -> None:
-    order = _Order()
+    order = _Order(threading.Condition())
     effects: dict[str, list[int]] = {}
     lock = threading.Lock()
     arrived = [order.arrive(ids) for ids, _ in writes]  # in this order, as requests come in
@@ -56,7 +56,7 @@ def test_each_products_writes_take_effect_in_arrival_order(
 
 
 def test_another_products_write_does_not_wait() -> None:
-    order = _Order()
+    order = _Order(threading.Condition())
     slow = order.arrive(["a"])
     other = order.arrive(["b"])
     later_a = order.arrive(["a"])

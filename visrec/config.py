@@ -145,7 +145,9 @@ class ApiSettings(BaseModel):
     # Needed by the write routes (PUT/PATCH/DELETE /products/{id}, POST /products/batch); unset: writes
     # are off. Distinct from api_key: a read key cannot write.
     write_key: SecretStr | None = None
-    max_pending_writes: int = Field(default=4, ge=1)  # writes waiting for the writer; more answer 503
+    # PUT/batch requests fetching photos or waiting for the writer, and PATCH/DELETEs waiting: each at
+    # most this many; more answer 503 (`visrec.product_writes`).
+    max_pending_writes: int = Field(default=4, ge=1)
     # torch's threads in the service's process (request photos, handed-over jobs): half the usable cores,
     # so that they do not wait for cores that request threads and decoding workers hold (OpenMP threads
     # outnumbering free cores wait on each other: a photo's embedding took 2.7x as long with 2 threads

@@ -34,6 +34,7 @@ from urllib.parse import unquote
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from visrec.admission import Admission
 from visrec.slots import BUSY, Slots
 
 Scope = MutableMapping[str, Any]
@@ -146,6 +147,9 @@ class Guard:
         request_id = _request_id(scope)
         scope.setdefault("state", {})["request_id"] = request_id
         exchange = _Exchange(send, request_id, body_pending=_has_body(scope))
+        admission = None
+        if self.settings.is_write(scope["method"], scope["path"]):
+            admission = scope["state"]["write_admission"] = Admission()  # taken by the write, if in time
         try:
             self._admit(scope)
             self._rate_limit(scope)
@@ -160,7 +164,9 @@ class Guard:
         except TimeoutError:
             limit = self.settings.request_timeout_s
             late = f"the request took longer than {limit:g} s"
-            if self.settings.is_write(scope["method"], scope["path"]):  # a write goes on once accepted
+            if admission is not None and admission.give_up():
+                late += "; nothing of the write was done: retry it"
+            elif admission is not None:  # a write taken goes on to the end
                 late += (
                     "; the write goes on and will be applied unless the service stops first: read the "
                     "product to see it, or retry (writes are idempotent)"

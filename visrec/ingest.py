@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -395,34 +396,46 @@ def _embedded(
 class Ahead:  # filled as photos are embedded (`add`): not frozen
     """Photos embedded before a write takes the service's writer, by one model: each ref's vector and
     colour fields, or why it failed. The writer is then held to decide and write, not to fetch and
-    embed (`visrec.writer.ProductWrites`; a reindex's catch-up, `versions.WrittenMeanwhile`)."""
+    embed (`visrec.product_writes`; a reindex's catch-up, `versions.WrittenMeanwhile`). Requests add to
+    one concurrently (a reindex's): its maps change under `_lock`, the embedding runs outside it."""
 
     model_version: str
     vectors: dict[str, tuple[np.ndarray, dict[str, Any]]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(
         self, catalogue: Catalogue, model: ModelHandle, options: SyncOptions, refs: Sequence[str]
     ) -> None:
         """Embed those of the catalogue's photos `refs` not embedded (or failed) yet."""
-        todo = list(dict.fromkeys(r for r in refs if r not in self.vectors and r not in self.failed))
+        with self._lock:
+            todo = list(dict.fromkeys(r for r in refs if r not in self.vectors and r not in self.failed))
         for batch in _embedded(catalogue, model, options, todo) if todo else []:
-            for i, vector, extra in zip(batch.indices, batch.vectors, batch.extras, strict=True):
-                self.vectors[todo[i]] = (vector, extra)
-            self.failed.update((todo[i], error) for i, error in batch.failures)
+            with self._lock:
+                for i, vector, extra in zip(batch.indices, batch.vectors, batch.extras, strict=True):
+                    self.vectors[todo[i]] = (vector, extra)
+                self.failed.update((todo[i], error) for i, error in batch.failures)
+
+    def merge(self, other: Ahead) -> None:
+        """Take what `other` embedded, if by the same model (another model's vectors are no use here)."""
+        if other.model_version == self.model_version:
+            with self._lock, other._lock:
+                self.vectors.update(other.vectors)
+                self.failed.update(other.failed)
 
     def batch(self, refs: list[str]) -> EmbeddedBatch:
         """`refs`, every one embedded (or failed), as one embedded batch."""
         from visrec.embed import EmbeddedBatch
 
-        done = [i for i, ref in enumerate(refs) if ref in self.vectors]
-        vectors = [self.vectors[refs[i]][0] for i in done]
-        return EmbeddedBatch(
-            done,
-            np.stack(vectors) if vectors else np.empty((0, 0), np.float32),
-            [(i, self.failed[ref]) for i, ref in enumerate(refs) if ref not in self.vectors],
-            [self.vectors[refs[i]][1] for i in done],
-        )
+        with self._lock:
+            done = [i for i, ref in enumerate(refs) if ref in self.vectors]
+            vectors = [self.vectors[refs[i]][0] for i in done]
+            return EmbeddedBatch(
+                done,
+                np.stack(vectors) if vectors else np.empty((0, 0), np.float32),
+                [(i, self.failed[ref]) for i, ref in enumerate(refs) if ref not in self.vectors],
+                [self.vectors[refs[i]][1] for i in done],
+            )
 
 
 def embed_ahead(catalogue: Catalogue, index: VectorIndex, model: ModelHandle, options: SyncOptions) -> Ahead:

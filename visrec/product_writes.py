@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, Counter
 from pydantic import ValidationError
 
 from visrec import payload
+from visrec.admission import Admission
 from visrec.catalogue import Catalogue, Product, explain, rows_from_service
 from visrec.errors import CollectionMissing, InvalidQuery, NotFound, VisrecError, WritesBusy
 from visrec.handle import ModelHandle
@@ -25,14 +26,19 @@ from visrec.writer import Writer
 log = logging.getLogger(__name__)
 
 
+class TooLate(WritesBusy):
+    """The request's deadline passed before its write was taken: nothing of it was done."""
+
+
 class _Order:
     """Per product, writes take effect in the order they arrived: a PATCH or DELETE sent after a PUT of
     the same product (even one whose request timed out with "will be applied", still fetching its
     photos) waits for it, and a PUT waits for an earlier PATCH or DELETE; writes of other products do
-    not wait. Every write waits only for writes that arrived before it, so none waits for itself."""
+    not wait. Every write waits only for writes that arrived before it, so none waits for itself. Shares
+    its condition with `ProductWrites`, whose round thread waits for the next write whose turn it is."""
 
-    def __init__(self) -> None:
-        self._changed = threading.Condition()
+    def __init__(self, changed: threading.Condition) -> None:
+        self._changed = changed
         self._numbers = itertools.count()
         self._unwritten: dict[str, set[int]] = {}  # product id → arrival numbers of writes not done
 
@@ -43,10 +49,13 @@ class _Order:
                 self._unwritten.setdefault(product_id, set()).add(number)
             return number
 
+    def is_turn(self, ids: Iterable[str], number: int) -> bool:
+        """Whether every write of `ids` that arrived before `number` is done (call holding the condition)."""
+        return all(min(self._unwritten.get(i, {number})) >= number for i in ids)
+
     def wait_turn(self, ids: Iterable[str], number: int) -> None:
-        """Until every write of `ids` that arrived before `number` is done."""
         with self._changed:
-            self._changed.wait_for(lambda: all(min(self._unwritten.get(i, {number})) >= number for i in ids))
+            self._changed.wait_for(lambda: self.is_turn(ids, number))
 
     def leave(self, ids: Iterable[str], number: int) -> None:
         with self._changed:
@@ -59,12 +68,22 @@ class _Order:
 
 
 @dataclass
+class _Ticket:
+    """A write taken: its number in `_Order`, and whether it still counts as waiting for the writer."""
+
+    arrived: int
+    kind: str  # "rows" (PUT, batch) or "turns" (PATCH, DELETE): each has max_pending_writes waiting
+    waiting: bool = True
+
+
+@dataclass
 class _Rows:
-    """One request's rows, waiting for the writer, and what became of them."""
+    """One request's rows, their photos embedded, waiting for the writer, and what became of them."""
 
     rows: list[Any]
     ids: set[str]
-    arrived: int  # its number in `_Order`
+    ticket: _Ticket
+    ahead: Ahead | None = None
     done: threading.Event = field(default_factory=threading.Event)
     outcomes: list[str] = field(default_factory=list)
     error: BaseException | None = None
@@ -76,13 +95,13 @@ class ProductWrites:
     engine (`ingest.sync` with `source="api"`, no deletes), so a photo is embedded only when it changed,
     and a 2xx means the write is in the store and the next query sees it.
 
-    Writes are jobs, not request threads: requests queue their rows, and one thread takes every request
-    waiting (one row per product id a round, at most `api.max_batch_rows` rows) into one sync, so the photos
-    of concurrent writes share the embedder's batches. Their photos are fetched and embedded before the
-    round takes the writes lock (`ingest.embed_ahead`): a PATCH never waits for a PUT's photo. At most
-    `api.max_pending_writes` requests wait; more raise `WritesBusy` (503). A request that gives up (its
-    deadline) leaves its rows to be written all the same: a write is never left half done, and a retry is
-    idempotent. Each product's writes take effect in the order they arrived (`_Order`)."""
+    Each request fetches and embeds its rows' new photos in its own thread (`ingest.embed_ahead`), beside
+    other requests: a slow photo host delays only the writes that wait for it. Then it queues its rows,
+    and one thread takes every request whose turn it is (`_Order`; at most `api.max_batch_rows` rows) into
+    one sync under the writer, which then decides and writes, never fetches: a PATCH never waits for a
+    PUT's photo. At most `api.max_pending_writes` writes are in progress (fetching photos or waiting for
+    the writer); more raise `WritesBusy` (503), nothing of them done. A write once taken (`Admission`)
+    goes on even if its request gives up (its deadline): never half done, and a retry is idempotent."""
 
     def __init__(self, writer: Writer, registry: CollectorRegistry) -> None:
         self.writer = writer
@@ -96,70 +115,92 @@ class ProductWrites:
         self.rounds = Counter(
             "visrec_write_rounds", "syncs that wrote the rows of waiting requests", registry=registry
         )
-        self._pending = 0
-        self._pending_lock = threading.Lock()
-        self._order = _Order()
+        self._changed = threading.Condition()  # of `_waiting_for`, `_waiting` and `_order`
+        self._waiting_for = {"rows": 0, "turns": 0}
+        self._order = _Order(self._changed)
         self._waiting: list[_Rows] = []
-        self._arrived = threading.Condition()
         self._thread: threading.Thread | None = None
 
     @contextmanager
-    def _turn(self, product_id: str) -> Iterator[None]:
-        """The writer, for one product's PATCH or DELETE, after that product's earlier writes."""
-        with self._pending_lock:
-            if self._pending >= self.service.settings.api.max_pending_writes:
-                raise WritesBusy("too many writes are waiting for the writer")
-            self._pending += 1
-        arrived = self._order.arrive([product_id])
+    def _arrival(self, ids: set[str], admission: Admission | None, kind: str) -> Iterator[_Ticket]:
+        """A write taken, numbered in arrival order and counted as waiting for the writer (until it is
+        done, or taken into a round: `_count_out`); raises `WritesBusy` when too many of its kind wait,
+        `TooLate` when its request gave up before the write was taken. Nothing of either was done."""
+        with self._changed:
+            if self._waiting_for[kind] >= self.service.settings.api.max_pending_writes:
+                raise WritesBusy("too many writes are waiting for the writer; nothing of this one was done")
+            if admission is not None and not admission.take():
+                raise TooLate("the request gave up before its write began; nothing of it was done")
+            self._waiting_for[kind] += 1
+            ticket = _Ticket(self._order.arrive(ids), kind)
         try:
-            self._order.wait_turn([product_id], arrived)
+            yield ticket
+        finally:
+            self._order.leave(ids, ticket.arrived)
+            with self._changed:
+                self._count_out(ticket)
+
+    def _count_out(self, ticket: _Ticket) -> None:
+        """No longer waiting for the writer (call holding `_changed`); once."""
+        if ticket.waiting:
+            ticket.waiting = False
+            self._waiting_for[ticket.kind] -= 1
+
+    @contextmanager
+    def _turn(self, product_id: str, admission: Admission | None) -> Iterator[None]:
+        """The writer, for one product's PATCH or DELETE, after that product's earlier writes."""
+        with self._arrival({product_id}, admission, "turns") as ticket:
+            self._order.wait_turn([product_id], ticket.arrived)
             with self.writer.lock:
                 yield
-        finally:
-            self._order.leave([product_id], arrived)
-            with self._pending_lock:
-                self._pending -= 1
 
-    def rows(self, rows: list[Any]) -> list[str]:
+    def rows(self, rows: list[Any], admission: Admission | None = None) -> list[str]:
         """Create or replace products from rows; one outcome per row, in order: "added", "updated"
         (photos changed: embedded), "metadata_updated", "unchanged", or "error: why"."""
         ids = {str(row.get("id")) for row in rows if isinstance(row, dict)}
-        with self._arrived:
-            if len(self._waiting) >= self.service.settings.api.max_pending_writes:
-                raise WritesBusy("too many writes are waiting for the writer")
-            request = _Rows(rows, ids, self._order.arrive(ids))
-            self._waiting.append(request)
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._write_rounds, name="product-writes", daemon=True)
-                self._thread.start()
-            self._arrived.notify()
-        request.done.wait()
+        with self._arrival(ids, admission, "rows") as ticket:
+            request = _Rows(rows, ids, ticket)
+            catalogue = rows_from_service(rows, self.service.settings.ingest)
+            if catalogue.products:
+                request.ahead = self._embedded_ahead(catalogue)  # in this thread, the writer free
+            with self._changed:
+                self._waiting.append(request)
+                if self._thread is None:
+                    self._thread = threading.Thread(
+                        target=self._write_rounds, name="product-writes", daemon=True
+                    )
+                    self._thread.start()
+                self._changed.notify_all()
+            request.done.wait()
         if request.error is not None:
             raise request.error
         return request.outcomes
 
+    def _next_round(self) -> list[_Rows]:
+        """The waiting requests whose turn it is, in arrival order, up to `max_batch_rows` rows (call
+        holding `_changed`); none when no waiting request's turn has come."""
+        taken: list[_Rows] = []
+        rows = 0
+        for request in self._waiting:
+            if not self._order.is_turn(request.ids, request.ticket.arrived):
+                continue  # an earlier write of its products is not done (fetching, or in this round)
+            if taken and rows + len(request.rows) > self.service.settings.api.max_batch_rows:
+                break
+            taken.append(request)
+            rows += len(request.rows)
+        for request in taken:
+            self._waiting.remove(request)
+            self._count_out(request.ticket)  # written now: room for another to wait
+        return taken
+
     def _write_rounds(self) -> None:
-        limit = self.service.settings.api.max_batch_rows
         while True:
-            with self._arrived:
-                while not self._waiting:
-                    self._arrived.wait()
-                taken: list[_Rows] = []
-                ids: set[str] = set()
-                # In arrival order, up to the first that cannot join (a product already in the round, or
-                # too many rows): a request never waits (`_Order`) for one queued behind it.
-                for request in list(self._waiting):
-                    rows = sum(len(r.rows) for r in taken)
-                    if taken and (request.ids & ids or rows + len(request.rows) > limit):
-                        break
-                    taken.append(request)
-                    ids |= request.ids
-                    self._waiting.remove(request)
+            with self._changed:
+                while not (taken := self._next_round()):
+                    self._changed.wait()
             try:
-                for request in taken:
-                    self._order.wait_turn(request.ids, request.arrived)
                 self.rounds.inc()
-                outcomes = self._write([row for request in taken for row in request.rows])
+                outcomes = self._write(taken)
                 for request in taken:
                     request.outcomes, outcomes = outcomes[: len(request.rows)], outcomes[len(request.rows) :]
             except BaseException as exc:  # every request of the round is told
@@ -167,14 +208,18 @@ class ProductWrites:
                     request.error = exc
             finally:
                 for request in taken:
-                    self._order.leave(request.ids, request.arrived)
                     request.done.set()
 
-    def _write(self, rows: list[Any]) -> list[str]:
+    def _write(self, taken: list[_Rows]) -> list[str]:
+        rows = [row for request in taken for row in request.rows]
         catalogue = rows_from_service(rows, self.service.settings.ingest)
         outcomes = {e.line: f"error: {e.message}" for e in catalogue.errors}
         if catalogue.products:
-            ahead = self._embedded_ahead(catalogue)  # fetched and embedded with the writer free
+            ahead: Ahead | None = None
+            for embedded in (r.ahead for r in taken if r.ahead is not None):
+                if ahead is None:
+                    ahead = Ahead(embedded.model_version)
+                ahead.merge(embedded)
             with self.writer.lock:
                 summary = self._sync(catalogue, ahead)
             for product in catalogue.products:
@@ -226,13 +271,15 @@ class ProductWrites:
         self.writer.changed(summary.added + summary.updated + summary.metadata_updated)
         return summary
 
-    def patch(self, product_id: str, fields: dict[str, Any]) -> dict[str, Any]:
+    def patch(
+        self, product_id: str, fields: dict[str, Any], admission: Admission | None = None
+    ) -> dict[str, Any]:
         """Merge `fields` into a product's catalogue fields (JSON merge patch: null removes a field);
         never embeds. Raises `NotFound`, `InvalidQuery` for a field it may not write."""
         problem = patch_problem(fields)
         if problem:
             raise InvalidQuery(problem)
-        with self._turn(product_id), self.service.reading() as live:
+        with self._turn(product_id, admission), self.service.reading() as live:
             index = live.index
             old = index.payloads([product_id]).get(product_id)
             if old is None:
@@ -255,9 +302,9 @@ class ProductWrites:
             self.writer.changed(1)
             return new
 
-    def delete(self, product_id: str) -> bool:
+    def delete(self, product_id: str, admission: Admission | None = None) -> bool:
         """Delete a product; whether it was indexed (a repeated DELETE is not an error)."""
-        with self._turn(product_id), self.service.reading() as live:
+        with self._turn(product_id, admission), self.service.reading() as live:
             existed = bool(live.index.payloads([product_id]))
             live.index.delete([product_id])
             self.writer.changed(1)

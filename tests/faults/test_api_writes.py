@@ -4,10 +4,12 @@ changed, read-your-writes, per-row batch answers, and sources (a file sync delet
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import re
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -240,9 +242,9 @@ def test_kill_during_writes_keeps_every_answered_row(
 
 
 def test_concurrent_writes_share_the_embedder_batches(served: Served, host: Server) -> None:
-    """Requests that arrive while a write runs are written together in the next round (one sync, their
-    photos in shared batches), each with its own answer; beyond `max_pending_writes` (4) waiting, a write
-    is answered 503 with Retry-After, and sent again it is written. Writes are counted by outcome."""
+    """Requests that arrive while a write runs are written together in the next round (one sync under
+    the writer), each with its own answer; beyond `max_pending_writes` (4) waiting, a write is answered
+    503 with Retry-After, and sent again it is written. Writes are counted by outcome."""
     from concurrent.futures import ThreadPoolExecutor
 
     def rounds() -> float:
@@ -263,7 +265,7 @@ def test_concurrent_writes_share_the_embedder_batches(served: Served, host: Serv
         assert all(a.status_code == 503 and a.headers.get("retry-after") for a in busy), [
             a.text for a in busy
         ]
-        assert len(added) >= 5 and rounds() - before < len(added)  # 4 waited, 1 was being written
+        assert len(added) >= 4 and rounds() - before < len(added)  # 4 fetched their photos at once
         for n in set(range(8)) - set(added):  # the retry
             assert put(n).json()["outcome"] == "added"
     with client(served, READ) as reader:
@@ -276,9 +278,10 @@ def _slow_photo(handler: Handler) -> None:
     photos(handler)
 
 
-def test_a_patch_does_not_wait_for_a_puts_photo(served: Served) -> None:
+def test_a_patch_does_not_wait_for_a_puts_photo(served: Served, host: Server) -> None:
     """A PUT whose photo takes 3 s to come: a PATCH sent meanwhile answers at once (a write's photos are
-    fetched and embedded before it takes the writer), and the PUT is written when its photo is in."""
+    fetched and embedded before it takes the writer), and so does another product's PUT (each request
+    fetches its own photos: outside review), and the PUT is written when its photo is in."""
     from concurrent.futures import ThreadPoolExecutor
 
     with (
@@ -295,6 +298,11 @@ def test_a_patch_does_not_wait_for_a_puts_photo(served: Served) -> None:
         took = time.monotonic() - started
         assert patched.status_code == 200, patched.text
         assert not put.done() and took < 2, took  # it did not wait for the photo
+        started = time.monotonic()
+        other = patcher.put("/products/quick1", json={"image": host.url("/78.png")})
+        took = time.monotonic() - started
+        assert other.status_code == 200 and other.json()["outcome"] == "added", other.text
+        assert not put.done() and took < 2, took
         assert put.result().json()["outcome"] == "added"
 
 
@@ -416,12 +424,9 @@ def test_a_write_that_times_out_says_it_will_still_be_applied(
     tmp_path: Path, artefact: tuple[Path, Manifest]
 ) -> None:
     """A PUT whose photo arrives after the request's deadline: the 503 says the write goes on, and it
-    is applied (a caller that retries or reads sees it)."""
-
-    def slow(handler: Handler) -> None:
-        time.sleep(2.5)
-        photos(handler)
-
+    is applied (a caller that retries or reads sees it). A PUT whose body is still coming at the deadline
+    was never taken: its 503 says nothing was done, and nothing is (outside review: it said "will be
+    applied")."""
     settings = synced_store(tmp_path, artefact[0], n=3)
     env = {
         "VISREC_INGEST__ALLOWED_HOSTS": '["127.0.0.1"]',
@@ -441,3 +446,19 @@ def test_a_write_that_times_out_says_it_will_still_be_applied(
         while writer.get("/products/late").status_code == 404 and time.monotonic() < deadline:
             time.sleep(0.2)
         assert writer.get("/products/late").json()["payload"]["price"] == 3
+
+        body = json.dumps({"image": slow_host.url("/4.png"), "price": 4}).encode()
+        with socket.create_connection((served.host, served.port), timeout=10) as raw:
+            raw.sendall(
+                f"PUT /products/slow-body HTTP/1.1\r\nHost: x\r\nX-API-Key: {WRITE}\r\nContent-Type: "
+                f"application/json\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body[:10]
+            )
+            time.sleep(1.5)  # past the deadline, the body not all in
+            with contextlib.suppress(OSError):
+                raw.sendall(body[10:])
+            answer_bytes = b"".join(iter(lambda: raw.recv(65536), b""))
+        assert answer_bytes.startswith(b"HTTP/1.1 503"), answer_bytes
+        assert b"nothing of the write was done" in answer_bytes and b"will be applied" not in answer_bytes
+        time.sleep(3.5)  # a photo fetch would have ended by now
+        assert writer.get("/products/slow-body").status_code == 404

@@ -24,6 +24,7 @@ from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import PathConvertor, register_url_convertor
 
+from visrec.admission import Admission
 from visrec.api.deps import ProductId, ServiceDep, service_of
 from visrec.api.models import BatchOut, Product, ProductPatch, ProductRow, WriteOut, errors, product_out
 from visrec.errors import InvalidQuery, WriteForbidden
@@ -71,6 +72,15 @@ def writes_of(request: Request) -> ProductWrites:
 WritesDep = Annotated[ProductWrites, Depends(writes_of)]
 
 
+def admission_of(request: Request) -> Admission | None:
+    """The request's admission, which the guard's deadline shares (None outside the guard: tests)."""
+    admission: Admission | None = getattr(request.state, "write_admission", None)
+    return admission
+
+
+AdmissionDep = Annotated[Admission | None, Depends(admission_of)]
+
+
 def _counted(writes: ProductWrites, route: str, outcome: str) -> str:
     writes.outcomes.labels(route, outcome.split(":")[0]).inc()
     return outcome
@@ -83,7 +93,9 @@ def _outcome(product_id: str, outcome: str) -> WriteOut:
 
 
 @router.put(PRODUCT_PATH, response_model=WriteOut, responses=WRITE_ERRORS)
-def put_product(product_id: ProductId, row: ProductRow, writes: WritesDep) -> WriteOut:
+def put_product(
+    product_id: ProductId, row: ProductRow, writes: WritesDep, admission: AdmissionDep
+) -> WriteOut:
     """Create or replace a product, as a catalogue row says it; its photos are embedded only when they
     changed (the same PUT again answers `unchanged`)."""
     body = row.model_dump(exclude_none=True)
@@ -91,7 +103,7 @@ def put_product(product_id: ProductId, row: ProductRow, writes: WritesDep) -> Wr
         raise InvalidQuery("the id starts or ends with whitespace: write it without")
     if body.get("id", product_id) != product_id:
         raise InvalidQuery("the body's id differs from the path's")
-    [outcome] = writes.rows([{**body, "id": product_id}])
+    [outcome] = writes.rows([{**body, "id": product_id}], admission)
     return _outcome(product_id, _counted(writes, "put", outcome))
 
 
@@ -101,17 +113,18 @@ def patch_product(
     fields: ProductPatch,
     writes: WritesDep,
     service: ServiceDep,
+    admission: AdmissionDep,
 ) -> Product:
     """Change a product's fields (never its photos): nothing is embedded. 404 for an unknown product."""
-    patched = writes.patch(product_id, fields.model_dump(exclude_unset=True))
+    patched = writes.patch(product_id, fields.model_dump(exclude_unset=True), admission)
     _counted(writes, "patch", "metadata_updated")
     return product_out(product_id, patched, service.settings)
 
 
 @router.delete(PRODUCT_PATH, response_model=WriteOut, responses=WRITE_ERRORS)
-def delete_product(product_id: ProductId, writes: WritesDep) -> WriteOut:
+def delete_product(product_id: ProductId, writes: WritesDep, admission: AdmissionDep) -> WriteOut:
     """Remove a product (`absent` if it was not indexed: a repeated DELETE is not an error)."""
-    outcome = _counted(writes, "delete", "deleted" if writes.delete(product_id) else "absent")
+    outcome = _counted(writes, "delete", "deleted" if writes.delete(product_id, admission) else "absent")
     return WriteOut(product_id=product_id, outcome=outcome)
 
 
@@ -142,7 +155,8 @@ async def batch(request: Request, writes: WritesDep) -> BatchOut:
     limit = service_of(request).settings.api.max_batch_rows
     if len(rows) > limit:
         raise InvalidQuery(f"{len(rows)} rows: at most {limit} a batch")
-    outcomes = [_counted(writes, "batch", o) for o in await run_in_threadpool(writes.rows, rows)]
+    written = await run_in_threadpool(writes.rows, rows, admission_of(request))
+    outcomes = [_counted(writes, "batch", o) for o in written]
     ids = [str(row.get("id")) if isinstance(row, dict) else "" for row in rows]
     return BatchOut(results=[WriteOut(product_id=i, outcome=o) for i, o in zip(ids, outcomes, strict=True)])
 
