@@ -362,3 +362,58 @@ def test_writes_of_needs_the_write_key_itself() -> None:
             WriteForbidden, match=r"^writes are off on this service: it has no VISREC_API__WRITE_KEY$"
         ):
             writes_of(request(None, sent))
+
+
+# --- the answer rule: PUT and a batch row give the same reason, naming no URL and no path ---------------
+
+REFUSED_PHOTO = st.sampled_from(
+    [
+        "/etc/passwd",
+        "images/p1.png",
+        "C:\\photos\\a.png",
+        "file:///etc/passwd",
+        "ftp://127.0.0.1/a.png",
+        "http://10.0.0.1/secret/a.png",
+        "http://169.254.169.254/latest/meta-data",
+        "http://user:pw@127.0.0.1/a.png",
+        "http://127.0.0.1:9/private/a.png",  # loopback: not an allowed host here
+    ]
+)
+ROW_FIELDS = st.fixed_dictionaries(
+    {},
+    optional={
+        "price": st.sampled_from([1.5, "abc", "€25", "19,99", -1]),
+        "category": st.sampled_from(["shirt", "", "  "]),
+        "title": st.text(max_size=5),
+    },
+)
+_A_URL_OR_PATH = ("://", "/etc/", "/private/", "/secret/", "\\photos\\", "images/p1")
+
+
+@SLOW
+@given(photos=st.lists(REFUSED_PHOTO, min_size=1, max_size=3), fields=ROW_FIELDS, many=st.booleans())
+def test_put_and_a_batch_row_give_the_same_reason(
+    writer: TestClient, photos: list[str], fields: dict[str, Any], many: bool
+) -> None:
+    row = {**fields, **({"images": photos} if many else {"image": photos[0]})}
+    put = writer.put("/products/r1", json=row)
+    [answered] = writer.post("/products/batch", json=[{**row, "id": "r1"}]).json()["results"]
+    assert put.status_code == 422 and answered["outcome"].startswith("error: "), (put.text, answered)
+    reason = answered["outcome"].removeprefix("error: ")
+    assert put.json()["detail"] == reason
+    assert not any(part in reason for part in _A_URL_OR_PATH), reason
+    plain_path = photos[0] in ("/etc/passwd", "images/p1.png", "C:\\photos\\a.png") and not many
+    if plain_path and fields.get("price", 1.5) == 1.5:
+        assert "photos must be http(s) URLs over HTTP" in reason
+
+
+def test_a_patch_says_why_a_value_is_refused_as_a_row_would(patcher: tuple[TestClient, Any]) -> None:
+    client, _ = patcher
+    for value in ("abc", "€", -1):
+        patched = client.patch("/products/p1", json={"price": value})
+        [row] = client.post(
+            "/products/batch", json=[{"id": "p9", "image": "http://10.0.0.1/a.png", "price": value}]
+        ).json()["results"]
+        assert patched.status_code == 422, patched.text
+        said = patched.json()["detail"].removeprefix("the patched product is not valid: ")
+        assert said == row["outcome"].removeprefix("error: "), (patched.text, row)

@@ -254,7 +254,7 @@ class _RowChecker:
                     usable.append(photo)
                 continue
             if self.over_http:
-                refused.append("a photo written over HTTP must be an http(s) URL, not a file path")
+                refused.append("photos must be http(s) URLs over HTTP, not a file path")
                 continue
             try:
                 ref = self.catalogue.resolve(photo)

@@ -313,7 +313,23 @@ class ProductWrites:
 
 def patch_problem(fields: dict[str, Any]) -> str | None:
     """Why a PATCH may not write `fields` (None: it may): photos, the id and computed fields are not its
-    to change, and values must fit the index as a catalogue's must."""
+    to change, and values must fit the index, and read, as a catalogue row's must (a price as a price)."""
+    problem = _key_problem(fields) or value_problem(fields)
+    if problem:
+        return problem
+    try:  # the values set, as a row's would be read (any photo: a PATCH keeps the product's own)
+        Product.model_validate(
+            {**{k: v for k, v in fields.items() if v is not None}, "id": "p", "images": [_ANY_PHOTO]}
+        )
+    except ValidationError as exc:
+        return f"the patched product is not valid: {explain(exc)}"
+    return None
+
+
+_ANY_PHOTO = "https://photo.invalid/p.png"
+
+
+def _key_problem(fields: dict[str, Any]) -> str | None:
     for key in fields:
         if key in ("id", "image", "images"):
             return f"{key!r} cannot be patched: PUT the whole product to change its photos"
@@ -321,4 +337,4 @@ def patch_problem(fields: dict[str, Any]) -> str | None:
             return "a field needs a name"
         if key in payload.RESERVED:
             return f"{key!r} is a field visrec computes itself"
-    return value_problem(fields)
+    return None

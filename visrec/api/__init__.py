@@ -120,7 +120,7 @@ def create_app(
     app.add_middleware(
         Guard, settings=_guard_settings(settings), registry=app.state.metrics, slots=app.state.slots
     )
-    add_handlers(app)
+    add_handlers(app, writes.write_reason)
     for router in (ops.router, writes.router, products.router, search.router):  # the schema's order
         app.include_router(router)
     _declare_the_key(app)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -114,10 +114,21 @@ def answer(
     return JSONResponse(body, status, headers=headers or None)
 
 
-async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
-    # FastAPI's own handler echoes the bad input, and a NaN from a JSON body cannot be written back
-    # as JSON: the 422 became a 500.
-    return answer(request, 422, _finite_json(jsonable_encoder(exc.errors())))
+# Why a write's body is refused, in the words a batch row gets (`visrec.api.writes.write_reason`);
+# None where the catalogue's checks take the body and only the route's stricter model refuses it.
+WriteReason = Callable[[Request, Any], str | None]
+
+
+def invalid_request_with(write_reason: WriteReason) -> Callable[..., Awaitable[JSONResponse]]:
+    async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        reason = write_reason(request, exc.body)
+        if reason is not None:
+            return answer(request, 422, reason)
+        # FastAPI's own handler echoes the bad input, and a NaN from a JSON body cannot be written back
+        # as JSON: the 422 became a 500.
+        return answer(request, 422, _finite_json(jsonable_encoder(exc.errors())))
+
+    return invalid_request
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -151,9 +162,9 @@ async def visrec_error(request: Request, exc: VisrecError) -> JSONResponse:
     return answer(request, status, detail, error=kind.__name__)
 
 
-def add_handlers(app: FastAPI) -> None:
+def add_handlers(app: FastAPI, write_reason: WriteReason) -> None:
     """Answer every failure of `app` as above (FastAPI's own handlers would echo input and internals)."""
-    app.exception_handler(RequestValidationError)(invalid_request)
+    app.exception_handler(RequestValidationError)(invalid_request_with(write_reason))
     app.exception_handler(StarletteHTTPException)(http_error)
     app.exception_handler(VisrecError)(visrec_error)
     # Anything else is a bug: `visrec.guard` answers it (500, with the request id) and logs it.

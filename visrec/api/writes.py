@@ -26,9 +26,11 @@ from starlette.convertors import PathConvertor, register_url_convertor
 
 from visrec.admission import Admission
 from visrec.api.deps import ProductId, ServiceDep, service_of
+from visrec.api.errors import scrub
 from visrec.api.models import BatchOut, Product, ProductPatch, ProductRow, WriteOut, errors, product_out
+from visrec.catalogue import rows_from_service
 from visrec.errors import InvalidQuery, WriteForbidden
-from visrec.product_writes import ProductWrites
+from visrec.product_writes import ProductWrites, patch_problem
 
 router = APIRouter()
 WRITE_ERRORS = errors(400, 401, 403, 404, 413, 422, 503)
@@ -79,6 +81,21 @@ def admission_of(request: Request) -> Admission | None:
 
 
 AdmissionDep = Annotated[Admission | None, Depends(admission_of)]
+
+
+def write_reason(request: Request, body: Any) -> str | None:
+    """Why a PUT or PATCH body that its model refused is refused, in the words a batch row would get
+    (the catalogue's checks, one place for each rule); None where those take it (the route's model is
+    stricter: a price as text) or for other routes."""
+    product_id = request.path_params.get("product_id")
+    if not isinstance(body, dict) or not isinstance(product_id, str):
+        return None
+    if request.method == "PUT" and is_write("PUT", request.url.path):
+        checked = rows_from_service([{**body, "id": product_id}], service_of(request).settings.ingest)
+        return checked.errors[0].message if checked.errors else None
+    if request.method == "PATCH" and is_write("PATCH", request.url.path):
+        return patch_problem(body)
+    return None
 
 
 def _counted(writes: ProductWrites, route: str, outcome: str) -> str:
@@ -156,7 +173,7 @@ async def batch(request: Request, writes: WritesDep) -> BatchOut:
     if len(rows) > limit:
         raise InvalidQuery(f"{len(rows)} rows: at most {limit} a batch")
     written = await run_in_threadpool(writes.rows, rows, admission_of(request))
-    outcomes = [_counted(writes, "batch", o) for o in written]
+    outcomes = [scrub(_counted(writes, "batch", o)) for o in written]  # a reason names no URL, no path
     ids = [str(row.get("id")) if isinstance(row, dict) else "" for row in rows]
     return BatchOut(results=[WriteOut(product_id=i, outcome=o) for i, o in zip(ids, outcomes, strict=True)])
 
