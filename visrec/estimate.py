@@ -22,10 +22,11 @@ from visrec.images import AugmentedImages, ImageDataset, collate_images
 from visrec.model import VisrecNet
 from visrec.phases import Run, freeze_batchnorm
 
-# Images timed on a CPU: enough to average a batch's overheads, few enough that the probe (two training
-# steps and a forward pass) costs a small share of a run that is worth estimating. On an accelerator a
-# whole batch is timed: a small one would leave it idle and overstate the time an image takes.
-CPU_PROBE_IMAGES = 16
+# Images timed on a CPU (a CPU's time per image hardly depends on the batch): few, as the probe costs
+# their training step (at 224 px, ResNet50 took ~1.5 s an image on a loaded 2-core machine). On an
+# accelerator a whole batch is timed: a small one would leave it idle and overstate an image's time.
+CPU_PROBE_IMAGES = 8
+WARM_UP_IMAGES = 2
 LONG_S = 120.0  # beyond this, the quick settings are suggested
 # The demo's quick settings (scripts/demo.sh): 64 px inputs, phase 1 on cached features, one phase-2 epoch.
 QUICK = {"image_size": 64, "epochs_frozen": 10, "epochs_finetune": 1}
@@ -131,32 +132,36 @@ def _overlapped(compute: float, decode: float, workers: int) -> float:
 
 
 def _compute_seconds(model: VisrecNet, pixels: torch.Tensor, lr: float) -> tuple[float, float, float]:
-    """Seconds on `pixels` of a forward pass without gradients, of a training step's forward, loss and
-    backward, and of its Adam step (over every weight: on small inputs it costs as much as the rest).
-    On a copy of the model, so that the one training starts from is left exactly as it was; the first
-    step, which sets up kernels and memory, is not timed."""
+    """Seconds on `pixels` of a forward pass, of a training step's forward, loss and backward, and of
+    its Adam step (over every weight: on small inputs it costs as much as the rest). On a copy of the
+    model, so that the one training starts from is left exactly as it was. A step on a couple of images
+    first sets up kernels, memory and Adam's state, untimed; the timed step's forward stands for an
+    inference pass (a little slower: autograd keeps what backward needs), which saves the probe one."""
     probe = copy.deepcopy(model)
     optimiser = torch.optim.Adam(probe.parameters(), lr=lr)
-    targets = torch.zeros(len(pixels), dtype=torch.long, device=pixels.device)
     probe.train()
     freeze_batchnorm(probe)  # as phase 2 trains: BatchNorm keeps its statistics
-    for _ in range(2):
-        started = time.perf_counter()
-        logits = probe(pixels)
-        nn.functional.cross_entropy(logits, targets.clamp(max=logits.shape[1] - 1)).backward()
-        _sync(pixels.device)
-        stepping = time.perf_counter()
-        optimiser.step()
-        optimiser.zero_grad(set_to_none=True)
-        _sync(pixels.device)
-        train, step = stepping - started, time.perf_counter() - stepping
-    probe.eval()
-    with torch.inference_mode():
-        started = time.perf_counter()
-        probe(pixels)
-        _sync(pixels.device)
-        infer = time.perf_counter() - started
-    return infer, train, step
+    _train_step(probe, optimiser, pixels[:WARM_UP_IMAGES])
+    forward, backward, step = _train_step(probe, optimiser, pixels)
+    return forward, forward + backward, step
+
+
+def _train_step(
+    model: nn.Module, optimiser: torch.optim.Optimizer, pixels: torch.Tensor
+) -> tuple[float, float, float]:
+    """One training step on `pixels`: the seconds of its forward (and loss), backward, and Adam step."""
+    targets = torch.zeros(len(pixels), dtype=torch.long, device=pixels.device)  # class 0: any will do
+    started = time.perf_counter()
+    loss = nn.functional.cross_entropy(model(pixels), targets)
+    _sync(pixels.device)
+    forward = time.perf_counter()
+    loss.backward()
+    _sync(pixels.device)
+    backward = time.perf_counter()
+    optimiser.step()
+    optimiser.zero_grad(set_to_none=True)
+    _sync(pixels.device)
+    return forward - started, backward - forward, time.perf_counter() - backward
 
 
 def _sync(device: torch.device) -> None:
