@@ -22,11 +22,12 @@ from visrec.images import AugmentedImages, ImageDataset, collate_images
 from visrec.model import VisrecNet
 from visrec.phases import Run, freeze_batchnorm
 
-# Images timed on a CPU (a CPU's time per image hardly depends on the batch): few, as the probe costs
-# their training step (at 224 px, ResNet50 took ~1.5 s an image on a loaded 2-core machine). On an
-# accelerator a whole batch is timed: a small one would leave it idle and overstate an image's time.
+# Images timed on a CPU: few, as the probe costs their training step, but not so few that a batch's
+# fixed costs dominate. At 224 px on a loaded 2-core machine (ResNet50, 48 products, 2 + 1 epochs), 8
+# images estimated 153 s for stages that took 124 s (the probe ~45 s); 4 estimated 257 s for 164 s (the
+# probe ~33 s). On an accelerator a whole batch is timed: a small one would leave it idle.
 CPU_PROBE_IMAGES = 8
-WARM_UP_IMAGES = 2
+WARM_UP_IMAGES = 1
 LONG_S = 120.0  # beyond this, the quick settings are suggested
 # The demo's quick settings (scripts/demo.sh): 64 px inputs, phase 1 on cached features, one phase-2 epoch.
 QUICK = {"image_size": 64, "epochs_frozen": 10, "epochs_finetune": 1}
@@ -134,8 +135,8 @@ def _overlapped(compute: float, decode: float, workers: int) -> float:
 def _compute_seconds(model: VisrecNet, pixels: torch.Tensor, lr: float) -> tuple[float, float, float]:
     """Seconds on `pixels` of a forward pass, of a training step's forward, loss and backward, and of
     its Adam step (over every weight: on small inputs it costs as much as the rest). On a copy of the
-    model, so that the one training starts from is left exactly as it was. A step on a couple of images
-    first sets up kernels, memory and Adam's state, untimed; the timed step's forward stands for an
+    model, so that the one training starts from is left exactly as it was. A step on one image first
+    sets up kernels, memory and Adam's state, untimed; the timed step's forward stands for an
     inference pass (a little slower: autograd keeps what backward needs), which saves the probe one."""
     probe = copy.deepcopy(model)
     optimiser = torch.optim.Adam(probe.parameters(), lr=lr)
