@@ -104,7 +104,8 @@ def test_train_with_normalized_softmax(make_catalogue: MakeCatalogue, env: Setti
     args = ["train", str(make_catalogue(18)), "--out", str(tmp_path / "m"), *quick, "--epochs-finetune", "0"]
     result = runner.invoke(app, [*args, "--loss", "normalized-softmax", "--temperature", "0.1", "--json"])
     assert result.exit_code == 0, result.output
-    trained = json.loads(result.stdout)
+    trained = json.loads(result.stdout)  # the time estimate goes to stderr, before the bars
+    assert result.stderr.startswith("estimated training time: about ") and "an estimate" in result.stderr
     assert trained["loss"] == "normalized-softmax" and trained["training"]["temperature"] == 0.1
     assert trained["embedding_dim"] == 1000
 

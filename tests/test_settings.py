@@ -75,6 +75,7 @@ def test_an_unknown_variable_reaches_the_user(monkeypatch: pytest.MonkeyPatch, t
         ("VISREC_API__PORT", "99999", "VISREC_API__PORT"),
         ("VISREC_EMBED__BATCH_SIZE", "zero", "VISREC_EMBED__BATCH_SIZE"),
         ("VISREC_INGEST__IMAGE_ROOTS", "/data", "JSON"),
+        ("VISREC_API__CURRENCY", "euro", "ISO 4217"),
     ],
 )
 def test_a_bad_value_is_one_line_and_exit_2(

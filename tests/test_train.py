@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -15,8 +16,10 @@ from visrec.catalogue import read_catalogue
 from visrec.config import Settings, TrainSettings
 from visrec.embed import Embedder
 from visrec.errors import CatalogueError
+from visrec.estimate import Estimate, estimate
 from visrec.images import ImageLimits, to_tensor
-from visrec.model import CosineClassifier
+from visrec.model import CosineClassifier, build_model
+from visrec.phases import Run
 from visrec.splits import split_data, split_holdout
 from visrec.train import export, train
 
@@ -117,7 +120,7 @@ def test_an_interrupted_run_resumes_to_the_same_model(make_catalogue: MakeCatalo
     assert len(straight.validation["frozen"]) == 3 and len(straight.validation["finetune"]) == 2
 
     def stop_in_epoch_2(stage: str, done: int, total: int) -> None:
-        if stage == "finetune 2/2":
+        if stage == "finetune" and done > total // 2:  # the phase's steps: its second epoch's first
             raise Interrupted
 
     resumable = _with(settings, work_dir=tmp_path / "resumed")
@@ -144,16 +147,17 @@ def test_a_deadline_stops_training_cleanly_and_still_evaluates(
     assert not (tmp_path / "work" / "frozen.pt").exists()  # a cut phase 1 is not resumed as if whole
 
     deadline = time.monotonic() + 5
-    steps: list[str] = []
+    steps: list[tuple[int, int]] = []
 
     def reach_the_deadline(stage: str, done: int, total: int) -> None:
-        if stage.startswith("finetune"):
-            steps.append(stage)
+        if stage == "finetune":
+            steps.append((done, total))
             time.sleep(max(0.0, deadline - time.monotonic()))
 
     settings = _with(settings, epochs_frozen=0, batch_size=4, work_dir=None)
     cut = train(catalogue, settings, torch.device("cpu"), reach_the_deadline, stop_at=deadline)
-    assert steps == ["finetune 1/2"]  # one step of the first epoch; the second epoch never starts
+    # One step of the first epoch, of the whole phase's; the second epoch never starts.
+    assert steps == [(1, 2 * math.ceil(cut.metrics["train_images"] / 4))]
     assert len(cut.losses["finetune"]) == 1 and len(cut.validation["finetune"]) == 1
     assert cut.metrics["stopped_at_deadline"] == 1 and cut.heldout is not None
 
@@ -222,3 +226,73 @@ def test_loss_settings_are_checked() -> None:
         TrainSettings(loss="normalized-softmax", temperature=5)
     dumped = TrainSettings().model_dump()  # a dumped softmax setting (default temperature) validates again
     assert TrainSettings.model_validate(dumped) == TrainSettings()
+
+
+def test_the_estimate_is_said_before_training_and_progress_spans_each_phase(
+    make_catalogue: MakeCatalogue, tmp_path: Path
+) -> None:
+    """`announce` gets the time estimate before any work (timed here on the real model and images,
+    extrapolated over the stages); phase 2's progress counts its steps over every epoch."""
+    catalogue = read_catalogue(make_catalogue(30))
+    settings = _with(small_settings(tmp_path), validation=0.2, epochs_frozen=1, epochs_finetune=2)
+    settings = _with(settings, batch_size=8, finetune_images=12)  # phase 2: 2 batches an epoch
+    estimates: list[Estimate] = []
+    events: list[tuple[str, int, int]] = []
+
+    def progress(stage: str, done: int, total: int) -> None:
+        assert len(estimates) == 1  # said before any work
+        events.append((stage, done, total))
+
+    trained = train(catalogue, settings, torch.device("cpu"), progress, announce=estimates.append)
+    guess = estimates[0]
+    assert guess.probe_images == 8 and guess.device == "cpu"  # one batch, on this device
+    infer, step = guess.seconds_per_image["infer"], guess.seconds_per_image["train"]
+    assert 0 < infer < step and guess.seconds_per_step > 0  # backward costs more than forward alone
+    fit, val = trained.metrics["train_images"], trained.metrics["validation_images"]
+    held = trained.metrics["heldout_images"]
+    assert guess.stages == {
+        "features": pytest.approx((fit + val) * infer),
+        "finetune": pytest.approx(2 * (12 * step + 2 * guess.seconds_per_step)),  # 2 epochs of 2 batches
+        "validation": pytest.approx(2 * val * infer),
+        "evaluate": pytest.approx(held * infer),
+    }
+    assert guess.seconds == pytest.approx(sum(guess.stages.values())) and not guess.long
+    assert guess.message().startswith("estimated training time: about ") and "an estimate" in guess.message()
+
+    steps = [(done, total) for stage, done, total in events if stage == "finetune"]
+    assert steps == [(1, 4), (2, 4), (3, 4), (4, 4)]  # one count over both epochs, never reset
+
+
+def test_measuring_the_estimate_changes_nothing_training_computes(
+    make_catalogue: MakeCatalogue, tmp_path: Path
+) -> None:
+    """The probe trains a copy: the model's weights, gradients and mode, and the random state training
+    draws from (augmentation, shuffles), are as they were."""
+    settings = _with(small_settings(tmp_path), batch_size=8)
+    classes, fit, val, held = split_data(read_catalogue(make_catalogue(12)), settings.train)
+    model = build_model("resnet18", len(classes), "softmax", settings.train.temperature)
+    weights = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    random_state = torch.get_rng_state()
+    run = Run(settings.train, settings, torch.device("cpu"), None, fit, val)
+    guess = estimate(run, model, len(held.refs))
+    assert guess is not None and guess.seconds > 0
+    assert torch.equal(torch.get_rng_state(), random_state) and model.training
+    assert all(torch.equal(tensor, weights[name]) for name, tensor in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_long_estimate_names_the_demos_quick_settings() -> None:
+    def estimate(seconds: float, cfg: TrainSettings) -> Estimate:
+        return Estimate({"finetune": seconds}, 16, {"infer": 0.1, "train": 0.3}, 0.1, "cpu", cfg)
+
+    assert estimate(60, TrainSettings()).message().count("\n") == 0  # a minute: no advice
+    long = estimate(227, TrainSettings()).message()  # the paper's recipe: 224 px, 10 + 10 epochs
+    assert "about 3 min 47 s on cpu" in long
+    assert "--image-size 64 --epochs-frozen 10 --epochs-finetune 1" in long  # as scripts/demo.sh
+    variables = "VISREC_TRAIN__IMAGE_SIZE=64 VISREC_TRAIN__EPOCHS_FROZEN=10 VISREC_TRAIN__EPOCHS_FINETUNE=1"
+    assert variables in long
+    demo = (Path(__file__).parents[1] / "scripts" / "demo.sh").read_text()
+    assert 'train "$catalogue" --image-size 64 --epochs-frozen 10 --epochs-finetune 1\n' in demo
+    quick = TrainSettings(image_size=64, epochs_frozen=10, epochs_finetune=1)
+    assert "already the demo's quick settings" in estimate(4000, quick).message()
+    assert "about 1 h 6 min" in estimate(4000, quick).message()

@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # torch: imported by the commands that embed, not by every co
     import torch
 
     from visrec.embed import Embedder
+    from visrec.estimate import Estimate
 
 app = typer.Typer(
     help="Visually similar products, filtered by metadata.",
@@ -171,8 +172,13 @@ def train(
         },
     )
     device = _device(settings)
+    products = read_catalogue(catalogue, settings.ingest)
+
+    def announce(guess: Estimate) -> None:  # on stderr, with --json too: stdout stays the JSON
+        err.print(guess.message(), highlight=False, markup=False, soft_wrap=True)
+
     with progress_bars(not as_json) as progress:
-        result = fit(read_catalogue(catalogue, settings.ingest), settings, device, progress)
+        result = fit(products, settings, device, progress, announce=announce)
     manifest = export(result, settings)
     data = {"artefact": str(settings.artefact), **manifest.model_dump(mode="json")}
     emit(as_json, data, trained_table(manifest, settings.artefact))

@@ -192,6 +192,9 @@ class ApiSettings(BaseModel):
     alias_check_s: float = Field(default=1.0, ge=0)
     # Payload fields callers see; None: the catalogue's own columns and the public colour fields.
     public_fields: list[str] | None = None
+    # The currency the gallery page shows prices in (a catalogue's `price` is a bare number); None: the
+    # number alone. An ISO 4217 code, which browsers format (Intl.NumberFormat) in the reader's locale.
+    currency: str | None = None
 
     @model_validator(mode="after")
     def _queue_within_deadline(self) -> ApiSettings:
@@ -205,6 +208,15 @@ class ApiSettings(BaseModel):
         if value is not None and not value.get_secret_value().strip():
             raise ValueError("is empty: set a key, or unset the variable to run without one")
         return value
+
+    @field_validator("currency")
+    @classmethod
+    def _currency_code(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not re.fullmatch(r"[A-Za-z]{3}", value.strip()):
+            raise ValueError(f"must be a three-letter ISO 4217 code such as EUR, USD or GBP, not {value!r}")
+        return value.strip().upper()
 
     @model_validator(mode="after")
     def _write_key_is_its_own(self) -> ApiSettings:

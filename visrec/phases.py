@@ -263,7 +263,8 @@ def finetune_phase(run: Run, result: TrainResult) -> None:
     model, cfg = result.model, run.cfg
     dataset = AugmentedImages(run.fit.refs, run.pre, run.limits, cfg.hflip, cfg.crop_scale)
     per_epoch = min(cfg.finetune_images or len(dataset), len(dataset))
-    steps = math.ceil(per_epoch / cfg.batch_size) * cfg.epochs_finetune
+    batches = math.ceil(per_epoch / cfg.batch_size)  # a phase-2 epoch's steps
+    steps = batches * cfg.epochs_finetune
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr_finetune)
     # Cosine to 1 % of the starting rate over all of phase 2's steps: late steps refine, not wander.
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -306,7 +307,7 @@ def finetune_phase(run: Run, result: TrainResult) -> None:
         )
         started = time.perf_counter()
         loss, seen, cut = _finetune_epoch(
-            model, loader, targets, optimiser, scheduler, run, f"finetune {epoch}/{cfg.epochs_finetune}"
+            model, loader, targets, optimiser, scheduler, run, ((epoch - 1) * batches, steps)
         )
         losses.append(loss)
         images, seconds = images + seen, seconds + time.perf_counter() - started
@@ -357,11 +358,13 @@ def _finetune_epoch(
     optimiser: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     run: Run,
-    stage: str,
+    steps: tuple[int, int],
 ) -> tuple[float, int, bool]:
-    """One pass of phase 2: (mean loss, images seen, whether `run.stop_at` cut it short)."""
+    """One pass of phase 2: (mean loss, images seen, whether `run.stop_at` cut it short). `steps`: the
+    phase's steps before this epoch, and in all; progress counts the whole phase's steps (a bar per
+    epoch said nothing of how much of the phase was left)."""
     model.train()
-    _freeze_batchnorm(model)
+    freeze_batchnorm(model)
     total, seen = 0.0, 0
     for step, batch in enumerate(loader, 1):
         if batch.indices:
@@ -373,7 +376,7 @@ def _finetune_epoch(
             scheduler.step()
             total, seen = total + loss.item() * len(y), seen + len(y)
         if run.progress:
-            run.progress(stage, step, len(loader))
+            run.progress("finetune", steps[0] + step, steps[1])
         if run.out_of_time() and step < len(loader):
             model.eval()
             return total / max(seen, 1), seen, True
@@ -398,7 +401,7 @@ def embed_and_classify(model: VisrecNet) -> Callable[[torch.Tensor], torch.Tenso
     return both
 
 
-def _freeze_batchnorm(model: nn.Module) -> None:
+def freeze_batchnorm(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.modules.batchnorm._BatchNorm):
             module.eval()

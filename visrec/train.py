@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import torch
 
 from visrec.artefact import HELDOUT_PRODUCTS, Manifest, save_artefact
 from visrec.catalogue import Catalogue
 from visrec.config import Settings
+from visrec.estimate import Estimate, estimate
 from visrec.features import StageProgress, infer
 from visrec.images import Preprocess
 from visrec.metrics import topk_accuracy
@@ -40,6 +42,7 @@ def train(
     *,
     test: Catalogue | None = None,
     stop_at: float | None = None,
+    announce: Callable[[Estimate], None] | None = None,
 ) -> TrainResult:
     """Fine-tune on the catalogue's categorised products; returns the model and its held-out metrics.
 
@@ -47,8 +50,9 @@ def train(
     trains. `stop_at`, a `time.monotonic()` instant, ends training early and cleanly: no phase-1 epoch
     and no phase-2 step starts after it (an epoch cut short is validated and may still be the best); the
     held-out evaluation runs all the same, so a caller with a deadline reserves its time.
-    `metrics["stopped_at_deadline"]` is 1 when training was cut. Raises `CatalogueError` (see
-    `split_data`) or `ModelError` (weights).
+    `metrics["stopped_at_deadline"]` is 1 when training was cut. `announce`, if given, is handed the
+    run's time estimate (`visrec.estimate`) before training starts: measuring it costs a few batches.
+    Raises `CatalogueError` (see `split_data`) or `ModelError` (weights).
     """
     cfg = settings.train
     torch.manual_seed(cfg.seed)
@@ -61,6 +65,8 @@ def train(
     result.heldout_products = sorted(set(held_out.ids) - set(fit.ids) - set(val.ids))
     metrics = result.metrics
     metrics.update(train_images=len(fit.refs), validation_images=len(val.refs))
+    if announce is not None and (guess := estimate(run, model, len(held_out.refs))) is not None:
+        announce(guess)
     if cfg.epochs_frozen:
         frozen_phase(run, result)
     if cfg.epochs_finetune:

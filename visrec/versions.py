@@ -7,10 +7,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, ExitStack, contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from visrec import evaluation, payload
@@ -19,43 +18,19 @@ from visrec.catchup import caught_up
 from visrec.config import GateSettings
 from visrec.errors import (
     IndexUnavailable,
-    ModelError,
     QualityRefused,
     Refused,
     VisrecError,
     WritesWouldBeLost,
 )
-from visrec.evaluation import Quality
 from visrec.filters import Filters
+from visrec.gate import GateResult, quality_gate
 from visrec.handle import ModelHandle
 from visrec.index import Store, VectorIndex
 from visrec.index.base import ChangeLog
 from visrec.ingest import Ahead, ProgressFn, SyncOptions, SyncSummary, sync
-from visrec.manifest import Manifest, read_manifest
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class GateResult:
-    """What the quality gate found: both versions' figures on the same queries, or why there were none."""
-
-    verdict: str  # "passed", "forced", "refused", or "nothing to compare"
-    note: str  # the query set, or why nothing was compared
-    max_drop: float
-    live: Quality | None = None
-    new: Quality | None = None
-    seconds: float = 0.0  # the whole gate: reading both versions, the queries, recording the figures
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "verdict": self.verdict,
-            "note": self.note,
-            "max_quality_drop": self.max_drop,
-            "live": self.live.to_dict() if self.live else None,
-            "new": self.new.to_dict() if self.new else None,
-            "seconds": round(self.seconds, 2),
-        }
 
 
 @dataclass
@@ -155,7 +130,7 @@ def _reindex(
     written = written_over_http(store, compare, options, held or {})
     # Not live: it may be rebuilt with another model in place (through the handle `held` has, if any);
     # beside a service, through the handle the service serves once it is switched to.
-    with beside.version(target) if beside else _opened(store, target, held or {}) as index:
+    with beside.version(target) if beside else store.opened(target, held or {}) as index:
         summary = sync(catalogue, index, model, options, progress=progress, new_model=True)
         api = _sync_written(written, index, model, options, progress)
         points = index.count()
@@ -209,7 +184,7 @@ def written_over_http(
     rows: list[dict[str, Any]] = []
     if live is not None:
         try:
-            with _opened(store, live, held) as index:
+            with store.opened(live, held) as index:
                 if index.exists():
                     rows = [payload.as_row(p) for p in index.all_payloads(Filters(equals={"source": "api"}))]
         except IndexUnavailable as exc:
@@ -320,112 +295,6 @@ def _some(ids: set[str], shown: int = 5) -> str:
     return listed + (f" and {len(ids) - shown} more" if len(ids) > shown else "") if ids else "none"
 
 
-def quality_gate(
-    store: Store,
-    live: str | None,
-    new: VectorIndex,
-    manifest: Manifest,
-    gate: GateSettings,
-    force: bool = False,
-    held: Mapping[str, VectorIndex] | None = None,
-) -> GateResult:
-    """Measure the `new` version (built by `manifest`'s model) against the `live` one (None: there is
-    none yet) on the same query products, record each one's figures in its metadata, and say whether the
-    new one may go live. Raises `IndexUnavailable` if the live version cannot be opened, unless `force`."""
-    dim = manifest.embedding_dim
-    new_categories = evaluation.categories(new)
-    if live is None:
-        return _measure_alone(
-            new, manifest, new_categories, gate, "the first version: nothing to compare with"
-        )
-    stack = ExitStack()
-    try:
-        current = stack.enter_context(_opened(store, live, held or {}))
-    except IndexUnavailable as exc:
-        if not force:
-            raise IndexUnavailable(
-                f"{new.collection} is built but not live: the quality gate cannot read the live {live} "
-                f"({exc}). Rerun when it is free (nothing is re-embedded), or pass --force to switch "
-                "without comparing"
-            ) from exc
-        return _measure_alone(new, manifest, new_categories, gate, f"--force, and the live {live} is in use")
-    with stack:
-        if not current.exists():
-            return _measure_alone(new, manifest, new_categories, gate, f"the live {live} is empty")
-        live_categories = evaluation.categories(current)
-        live_metadata = current.metadata()
-        queries = evaluation.choose_queries(
-            live_categories,
-            new_categories,
-            _untrained(live_metadata, manifest),
-            gate.queries,
-            gate.seed,
-        )
-        if not queries.products:
-            return GateResult(
-                "nothing to compare", "no product has a category in both versions", gate.max_quality_drop
-            )
-        live_model = live_metadata.get("model_version", "unknown")
-        before = evaluation.measure(current, live_model, queries, live_categories)
-        after = evaluation.measure(new, manifest.model_version, queries, new_categories)
-        evaluation.record(current, dim, before)
-        evaluation.record(new, dim, after, compared_with=before)
-    worse = evaluation.worse_by(after, before)
-    verdict = "passed" if worse <= gate.max_quality_drop else "forced" if force else "refused"
-    log.info(
-        "quality gate %s: live %s, new %s (%s, %.1f s)",
-        verdict,
-        before.line(),
-        after.line(),
-        queries.describe(),
-        before.seconds + after.seconds,
-    )
-    return GateResult(verdict, queries.describe(), gate.max_quality_drop, before, after)
-
-
-@contextmanager
-def _opened(store: Store, collection: str, held: Mapping[str, VectorIndex]) -> Iterator[VectorIndex]:
-    """`collection` through the handle this process already holds (left open), else opened and closed."""
-    if collection in held:
-        yield held[collection]
-        return
-    with store.open(collection) as index:
-        yield index
-
-
-def _measure_alone(
-    index: VectorIndex, manifest: Manifest, categories: dict[str, str], gate: GateSettings, why: str
-) -> GateResult:
-    """The new version's figures alone (recorded for `status`), when there is nothing to compare with."""
-    queries = evaluation.choose_queries(
-        categories, categories, evaluation.heldout_products(manifest), gate.queries, gate.seed
-    )
-    if not queries.products:
-        return GateResult("nothing to compare", f"{why}; no product has a category", gate.max_quality_drop)
-    quality = evaluation.measure(index, manifest.model_version, queries, categories)
-    evaluation.record(index, manifest.embedding_dim, quality)
-    return GateResult(
-        "nothing to compare", f"{why} ({queries.describe()})", gate.max_quality_drop, new=quality
-    )
-
-
-def _untrained(live_metadata: dict[str, str], new: Manifest) -> set[str] | None:
-    """The products neither the live version's model nor the new one was trained on, when both manifests
-    list their held-out products (and the live one's artefact is readable here); else None."""
-    if "artefact" not in live_metadata:
-        return None
-    try:
-        live_manifest = read_manifest(Path(live_metadata["artefact"]))
-    except ModelError:
-        return None
-    if live_manifest.model_version != live_metadata.get("model_version"):
-        return None
-    live_heldout, new_heldout = evaluation.heldout_products(live_manifest), evaluation.heldout_products(new)
-    if live_heldout is None or new_heldout is None:
-        return None
-    return live_heldout & new_heldout
-
-
 class RolledBack(NamedTuple):
     previous: str  # the version that was live
     live: str  # the version live now
@@ -463,18 +332,18 @@ def rollback(
 def _written_since(store: Store, live: str, older: str, held: Mapping[str, VectorIndex]) -> set[str]:
     """The products whose photos, fields or owner (a catalogue, or HTTP: which later syncs may delete it)
     differ between two versions, or that one of them lacks."""
-    with _opened(store, live, held) as index:
+    with store.opened(live, held) as index:
         now = {p: (r.vectors_hash, r.metadata_hash, r.source) for p, r in index.sync_records().items()}
-    with _opened(store, older, held) as index:
+    with store.opened(older, held) as index:
         before = {p: (r.vectors_hash, r.metadata_hash, r.source) for p, r in index.sync_records().items()}
     differ = {p for p in now.keys() | before.keys() if now.get(p) != before.get(p)}
     # Equal photos and owner, unequal metadata hashes: the hash also says how the fields were written (a
     # PATCH records `patched:`, a reindex rewrites the row), so compare the fields themselves.
     recheck = sorted(p for p in differ if p in now and p in before and now[p][::2] == before[p][::2])
     if recheck:
-        with _opened(store, live, held) as index:
+        with store.opened(live, held) as index:
             fields_now = {p: payload.catalogue_fields(v) for p, v in index.payloads(recheck).items()}
-        with _opened(store, older, held) as index:
+        with store.opened(older, held) as index:
             fields_before = {p: payload.catalogue_fields(v) for p, v in index.payloads(recheck).items()}
         differ -= {p for p in recheck if p in fields_now and fields_now[p] == fields_before.get(p)}
     return differ
@@ -493,11 +362,11 @@ def describe(store: Store, held: Mapping[str, VectorIndex] | None = None) -> dic
         if version == live:
             continue
         try:
-            with _opened(store, version, held) as other:
+            with store.opened(version, held) as other:
                 quality[version] = evaluation.recorded(other.metadata()) if other.exists() else None
         except IndexUnavailable as exc:  # being built by a reindex: not a reason to fail the status
             quality[version] = {"problem": str(exc)}
-    with _opened(store, live, held) as index:
+    with store.opened(live, held) as index:
         points = index.count() if index.exists() else 0
         by_model: dict[str, int] = {}
         if points:

@@ -5,7 +5,8 @@ or a rollback without a failed request); routes are plain `def`s, so FastAPI run
 (embedding, search) in its thread pool, off the event loop; `/healthz` answers from the loop itself.
 Every request first passes `visrec.guard` (key, body limits as bytes arrive, load shedding, deadlines,
 metrics); `errors` maps failures to answers. This module only wires the app; the routes are in `ops`
-(probes, metrics, gallery), `products` and `search`, what they share in `deps`, the schema in `models`.
+(probes, metrics), `gallery` (the web page), `products`, `search` and `writes`, what they share in
+`deps`, the schema in `models`.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
 
 from visrec import __version__
-from visrec.api import ops, products, search, writes
+from visrec.api import gallery, ops, products, search, writes
 from visrec.api.deps import known_parameters
 from visrec.api.errors import add_handlers
 from visrec.api.exposure import ExposureRefused, check_exposure
@@ -121,7 +122,8 @@ def create_app(
         Guard, settings=_guard_settings(settings), registry=app.state.metrics, slots=app.state.slots
     )
     add_handlers(app, writes.write_reason)
-    for router in (ops.router, writes.router, products.router, search.router):  # the schema's order
+    # In the schema's order.
+    for router in (ops.router, gallery.router, writes.router, products.router, search.router):
         app.include_router(router)
     _declare_the_key(app)
     return app

@@ -1,14 +1,12 @@
-"""The routes for operators and people rather than client services: liveness, readiness, metrics, and
-the web gallery's page."""
+"""The routes for operators rather than client services: liveness, readiness, metrics; and which paths
+need no key (the gallery's page, in `gallery`, is one)."""
 
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
 from fastapi import APIRouter, Response
-from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from visrec.api.deps import MetricsDep, ServiceDep
@@ -18,7 +16,6 @@ from visrec.errors import VisrecError
 from visrec.evaluation import recorded
 
 log = logging.getLogger(__name__)
-GALLERY = Path(__file__).parent.parent / "static" / "gallery.html"
 # No API key for the probes (they must work without secrets), nor for what holds no data: the gallery's
 # page shell and the API's docs and schema (their scripts, and the docs page's Authorize, send the key).
 OPEN_PATHS = {"/healthz", "/readyz", "/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
@@ -70,9 +67,3 @@ def readyz(response: Response, service: ServiceDep) -> dict[str, Any]:
         "quality": quality,
         "problems": problems,
     }
-
-
-@router.get("/", include_in_schema=False)
-def gallery() -> FileResponse:
-    """The web gallery: pick a product or upload a photo, set filters, see its neighbours."""
-    return FileResponse(GALLERY, media_type="text/html")

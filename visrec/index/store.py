@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import re
 from abc import abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 from visrec.errors import VisrecError
 from visrec.index.base import Closing, VectorIndex
@@ -41,6 +42,16 @@ class Store(Closing):
         if owner:
             index.owned_store = self
         return index
+
+    @contextmanager
+    def opened(self, collection: str, held: Mapping[str, VectorIndex]) -> Iterator[VectorIndex]:
+        """`collection` through the handle this process already holds (left open), else opened and
+        closed."""
+        if collection in held:
+            yield held[collection]
+            return
+        with self.open(collection) as index:
+            yield index
 
     @abstractmethod
     def _open(self, collection: str) -> VectorIndex: ...
