@@ -3,7 +3,7 @@
 # functions below, one change at a time, and runs against each mutant the fast tests that reach it
 # ([tool.mutmut] in pyproject.toml lists them). A mutant the tests do not kill is a change to the code that
 # no test notices: kill it with a test, or record why it is equivalent. Not in CI. The whole scope (967
-# mutants) takes about 13 minutes on a shared 2-core machine (38 before the pytest options and
+# mutants) takes 13-18 minutes on a shared 2-core machine, by its load (38 before the pytest options and
 # tests/mutation_plugin.py that [tool.mutmut] names: a mutant's pytest session cost 3 s before its first
 # test, and the address policy's mutants ran every fetch test); pass globs to run a part.
 # Starts from scratch each run (mutmut's cache can keep stale test mappings).
