@@ -3,16 +3,17 @@
 # functions below, one change at a time, and runs against each mutant the fast tests that reach it
 # ([tool.mutmut] in pyproject.toml lists them). A mutant the tests do not kill is a change to the code that
 # no test notices: kill it with a test, or record why it is equivalent. Not in CI. The whole scope (967
-# mutants) took 38 minutes on a shared 2-core machine: 25 for all but the address policy's `_check_url`,
-# `check_url` and `is_public` (every fetch test reaches those), 13 for those 128; pass globs to run a part.
+# mutants) takes 13-18 minutes on a shared 2-core machine, by its load (38 before the pytest options and
+# tests/mutation_plugin.py that [tool.mutmut] names: a mutant's pytest session cost 3 s before its first
+# test, and the address policy's mutants ran every fetch test); pass globs to run a part.
 # Starts from scratch each run (mutmut's cache can keep stale test mappings).
 #
 #   scripts/mutation.sh                      # the whole scope below
 #   scripts/mutation.sh 'visrec.guard.*'     # mutant-name globs of your own
 #   VENV=/path/to/venv scripts/mutation.sh   # an existing environment with mutmut (skips set-up)
 #
-# Results: `mutants/` (browse them with `mutmut browse`, show one with `mutmut show NAME`), and
-# mutants/summary.txt: each mutant's status, then the counts.
+# Results: `mutants/` (browse them with `mutmut browse`, show one with `mutmut show NAME`),
+# mutants/summary.txt: each mutant's status, then the counts; mutants/durations.txt: each mutant's time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${VENV:-}" ]; then
@@ -59,5 +60,14 @@ for name, status in sorted(rows):
 counts = collections.Counter(s for _, s in rows)
 print(f"in scope: {len(rows)}; " + ", ".join(f"{s}: {n}" for s, n in counts.most_common()))
 EOF
+# What each mutant cost a worker, slowest first (the fork server's log: log_to_file in pyproject.toml).
+python3 - <<'EOF' >mutants/durations.txt
+import re
+status = {"0": "survived", "1": "killed"}  # else mutmut's exit code (-24: timeout)
+log = open("mutants/mutmut-debug.log", errors="replace").read()
+found = re.findall(r"Completed (\S+): exit=(-?\d+) \(([\d.]+)s\)", log)
+for name, code, seconds in sorted(found, key=lambda f: -float(f[2])):
+    print(f"{float(seconds):6.1f} s  {status.get(code, 'exit ' + code):8}  {name}")
+EOF
 tail -1 mutants/summary.txt
-echo "took $(($(date +%s) - started)) s; survivors: grep -v killed mutants/summary.txt"
+echo "took $(($(date +%s) - started)) s; survivors: grep -v killed mutants/summary.txt; slowest: head mutants/durations.txt"

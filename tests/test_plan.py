@@ -4,7 +4,11 @@ that spares reading unchanged local photos."""
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from visrec import plan
 from visrec.catalogue import read_catalogue
@@ -60,8 +64,23 @@ def test_the_one_change_the_quick_check_misses_needs_checksum(tmp_path: Path) ->
 
 
 def test_a_fifo_is_never_read(tmp_path: Path) -> None:
-    os.mkfifo(tmp_path / "a.png")
-    files, read = plan.photo_files([str(tmp_path / "a.png")], [])
+    """A FIFO (or a device) would block a read forever: it hashes as unreadable, never opened. Run aside,
+    so that code opening it fails here at once instead of hanging the run (as a mutant did, until
+    mutmut's timeout)."""
+    fifo = tmp_path / "a.png"
+    os.mkfifo(fifo)
+    result: list[tuple[list[list[Any]], int]] = []
+    worker = threading.Thread(target=lambda: result.append(plan.photo_files([str(fifo)], [])), daemon=True)
+    worker.start()
+    while worker.is_alive():
+        try:  # opens only while a reader has the FIFO open (or waits in open); closing at once frees it
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:  # ENXIO: no reader
+            worker.join(0.01)
+            continue
+        worker.join(10)
+        pytest.fail("photo_files opened the FIFO")
+    files, read = result[0]
     assert files[0][5] == "unreadable" and read == 0
 
 
