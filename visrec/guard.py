@@ -168,8 +168,9 @@ class Guard:
                 late += "; nothing of the write was done: retry it"
             elif admission is not None:  # a write taken goes on to the end
                 late += (
-                    "; the write goes on and will be applied unless the service stops first: read the "
-                    "product to see it, or retry (writes are idempotent)"
+                    "; the write goes on and will be applied unless it fails (a photo that cannot be read) "
+                    "or the service stops first: read the product to see it, or retry (writes are "
+                    "idempotent; a retry says why it fails)"
                 )
             exchange.refuse(_Refused(503, late))
         except Exception:  # a bug: answered here too, with the request id, counted, its cause logged

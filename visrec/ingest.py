@@ -139,8 +139,9 @@ def sync(
     `index` is the index, or a service's `Writing`: then the sync writes in units, each holding the writer
     on the live version of its moment: one for the plan with its deletes and payload rewrites (the plan
     holds only while nothing else writes), then one per batch of upserts. Other writes go on between them,
-    while photos embed: an upsert writes what the catalogue and the photos say and reads nothing, so a
-    write that came between is as if made before the sync. `ahead`: photos embedded before (`embed_ahead`).
+    while photos embed: a product written since the plan read its record (deleted, rewritten or upserted
+    by another write) is left as that write made it, as if it came after the sync. `ahead`: photos
+    embedded before (`embed_ahead`).
 
     Bad rows, bad images and points the store refuses are written to the failure report (JSON lines,
     with the product id, the catalogue line and the reason) and skipped. Raises `CatalogueError` for a
@@ -161,7 +162,15 @@ def sync(
     rejected: dict[str, str] = {}  # product id → why the store refused its point
     _rewrite_payloads(writing, plan, planned if beside_others else None, rejected)
     embedded = _embed_and_write(
-        catalogue, writing, model, options, plan.to_embed, failures, rejected, progress, ahead
+        catalogue,
+        writing,
+        model,
+        options,
+        plan.to_embed,
+        (failures, rejected),
+        progress,
+        ahead,
+        planned if beside_others else None,
     )
 
     optimize_seconds = 0.0
@@ -323,18 +332,22 @@ def _embed_and_write(
     model: ModelHandle,
     options: SyncOptions,
     todo: list[Desired],
-    failures: list[dict[str, Any]],
-    rejected: dict[str, str],
+    reports: tuple[list[dict[str, Any]], dict[str, str]],
     progress: ProgressFn | None,
     ahead: Ahead | None,
+    planned: dict[str, SyncRecord] | None,
 ) -> set[int]:
     """Embed the photos of `todo` and upsert each product once its photos are in (index writes overlap
     with embedding); returns the positions in `todo` that were written. The model loads here, and only
-    if there is a photo to embed."""
+    if there is a photo to embed. `planned`: the records the plan read, when other writes come between
+    the units (None when nothing else writes): a product written since (its record changed: a PUT, a
+    PATCH, a DELETE) is left as that write made it, as if it came after the sync."""
+    failures, rejected = reports
     photos = _PhotoGathering([catalogue.photo_refs(d.product) for d in todo])
     if not photos.refs:
         return set()
     embedded: set[int] = set()
+    overtaken: set[str] = set()
     done = 0
     version = model.manifest.model_version
 
@@ -357,6 +370,11 @@ def _embed_and_write(
 
     def write(points: list[IndexPoint]) -> None:
         with writing() as index:
+            if planned is not None:
+                now = index.sync_records([p.product_id for p in points])
+                changed = {p.product_id for p in points if now.get(p.product_id) != planned.get(p.product_id)}
+                overtaken.update(changed)
+                points = [p for p in points if p.product_id not in changed]
             _isolating(index.upsert, lambda p: p.product_id, rejected)(points)
         log.info("upserted %d points", len(points))  # logged once durable in the index
 
@@ -379,7 +397,9 @@ def _embed_and_write(
             done += len(batch.indices) + len(batch.failures)
             if progress:
                 progress(done, len(photos.refs))
-    return embedded
+    if overtaken:
+        log.info("%d products written meanwhile, left as written", len(overtaken))
+    return {n for n in embedded if todo[n].product.id not in overtaken}
 
 
 def _embedded(

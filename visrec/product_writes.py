@@ -95,11 +95,11 @@ class ProductWrites:
     engine (`ingest.sync` with `source="api"`, no deletes), so a photo is embedded only when it changed,
     and a 2xx means the write is in the store and the next query sees it.
 
-    Each request fetches and embeds its rows' new photos in its own thread (`ingest.embed_ahead`), beside
-    other requests: a slow photo host delays only the writes that wait for it. Then it queues its rows,
-    and one thread takes every request whose turn it is (`_Order`; at most `api.max_batch_rows` rows) into
-    one sync under the writer, which then decides and writes, never fetches: a PATCH never waits for a
-    PUT's photo. At most `api.max_pending_writes` writes are in progress (fetching photos or waiting for
+    Each request, once the earlier writes of its products are done (`_Order`), fetches and embeds its
+    rows' new photos in its own thread (`ingest.embed_ahead`), beside other requests: a slow photo host
+    delays only the writes that wait for it. Then it queues its rows, and one thread takes every request
+    waiting (at most `api.max_batch_rows` rows) into one sync under the writer, which then decides and
+    writes (it fetches only what changed since, e.g. the model): a PATCH never waits for a PUT's photo. At most `api.max_pending_writes` writes are in progress (fetching photos or waiting for
     the writer); more raise `WritesBusy` (503), nothing of them done. A write once taken (`Admission`)
     goes on even if its request gives up (its deadline): never half done, and a retry is idempotent."""
 
@@ -157,12 +157,16 @@ class ProductWrites:
     def rows(self, rows: list[Any], admission: Admission | None = None) -> list[str]:
         """Create or replace products from rows; one outcome per row, in order: "added", "updated"
         (photos changed: embedded), "metadata_updated", "unchanged", or "error: why"."""
-        ids = {str(row.get("id")) for row in rows if isinstance(row, dict)}
+        catalogue = rows_from_service(rows, self.service.settings.ingest)
+        ids = {product.id for product in catalogue.products}  # as the catalogue reads them (stripped)
         with self._arrival(ids, admission, "rows") as ticket:
             request = _Rows(rows, ids, ticket)
-            catalogue = rows_from_service(rows, self.service.settings.ingest)
             if catalogue.products:
-                request.ahead = self._embedded_ahead(catalogue)  # in this thread, the writer free
+                # After the earlier writes of its products (their photos are then what this one
+                # replaces: none is left for the round to fetch under the writer), in this thread,
+                # beside other products' writes.
+                self._order.wait_turn(ids, ticket.arrived)
+                request.ahead = self._embedded_ahead(catalogue)
             with self._changed:
                 self._waiting.append(request)
                 if self._thread is None:
