@@ -7,6 +7,7 @@ in unusual or hostile forms, and the check that an index holds exactly what a cl
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import http.server
 import io
@@ -16,6 +17,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import zlib
 from pathlib import Path
@@ -39,15 +41,73 @@ def figure(name: str, value: object) -> None:
     print(f"\nFIGURE {name}: {json.dumps(value, sort_keys=True, default=str)}")
 
 
+REPO = Path(__file__).parents[2]
+
+
+class ForkServer:
+    """tests/faults/forkserver.py in a subprocess: runs `visrec` commands as forked, killable children."""
+
+    def __init__(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VISREC_")}  # each child gets its own
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.faults.forkserver"],
+            cwd=REPO,
+            env={**env, "COLUMNS": "200"},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(
+        self, argv: list[str], env: dict[str, str], logs: Path, kill: dict[str, float] | None, cwd: str = ""
+    ) -> Any:
+        """Run `visrec ARGV`, killed as `kill` says; returns how it ended (see forkserver.py)."""
+        assert self.process.stdin and self.process.stdout
+        request = {"argv": argv, "env": env, "stdout": f"{logs}.out", "stderr": f"{logs}.err", "kill": kill}
+        self.process.stdin.write(json.dumps(request | ({"cwd": cwd} if cwd else {})) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        assert line, "the fork server died"
+        return json.loads(line)
+
+    def close(self) -> None:
+        assert self.process.stdin
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+_shared: list[ForkServer] = []  # the one `run_visrec` forks from, started on first use
+_shared_lock = threading.Lock()
+
+
 def run_visrec(settings: Settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """`visrec ARGS` in a process of its own, with exactly `settings`; its output captured as text."""
-    return subprocess.run(
-        [sys.executable, "-m", "visrec", *args],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """`visrec ARGS` in a process of its own, with exactly `settings`; its output captured as text.
+
+    The process is forked from a shared fork server (forkserver.py) that has imported visrec and torch,
+    which saves each command the interpreter's and torch's start (seconds) and changes nothing else:
+    a real process running the real CLI. A call while another runs (from another thread) starts
+    `python -m visrec` instead. Past `timeout` the command is killed and TimeoutExpired raised, as by
+    subprocess.run."""
+    argv = [sys.executable, "-m", "visrec", *args]
+    if not _shared_lock.acquire(blocking=False):
+        return subprocess.run(
+            argv, env=settings_env(settings), capture_output=True, text=True, timeout=timeout
+        )
+    try:
+        if not _shared or _shared[0].process.poll() is not None:
+            _shared[:] = [ForkServer()]
+            atexit.register(_shared[0].close)
+        with tempfile.TemporaryDirectory(prefix="visrec-run-") as folder:
+            logs = Path(folder) / "run"
+            ended = _shared[0].run(
+                list(args), settings_env(settings), logs, {"timeout_s": timeout}, os.getcwd()
+            )
+            stdout, stderr = (Path(f"{logs}.{end}").read_text(errors="replace") for end in ("out", "err"))
+    finally:
+        _shared_lock.release()
+    if ended["killed"]:
+        raise subprocess.TimeoutExpired(argv, timeout, stdout, stderr)
+    return subprocess.CompletedProcess(argv, ended["status"], stdout, stderr)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:
