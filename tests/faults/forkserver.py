@@ -11,7 +11,10 @@ is fork-safe before its first op).
 Protocol, one JSON object a line: the test writes
   {"argv": [...], "env": {...}, "stdout": PATH, "stderr": PATH, "cwd": PATH (optional),
    "kill": null | {"after_upserts": N, "delay_s": D} | {"after_s": T} | {"timeout_s": T}}
-and reads back {"status": exit code or -signal, "killed": bool, "seconds": float}.
+and reads back {"status": exit code or -signal, "killed": bool, "seconds": float}. A child that runs
+beside the loop (`visrec serve`): {"spawn": {"argv", "env", "stdout", "stderr", "cwd"}} answers {"pid": N}
+at once; then {"signal": N, "number": SIG} sends it a signal and {"wait": N, "timeout_s": T} answers
+{"status": exit code, -signal, or null while it runs} (tests/faults/helpers.py: `Forked`).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import os
 import select
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -50,8 +54,11 @@ def run_child(request: dict[str, Any]) -> int:
         if request.get("cwd"):
             os.chdir(request["cwd"])
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)  # not the request pipe
-        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-            os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), fd)
+        os.dup2(os.open(request["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 1)
+        if request["stderr"] == request["stdout"]:  # one log for both, as one open file
+            os.dup2(1, 2)
+        else:
+            os.dup2(os.open(request["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
         try:
             visrec.cli.app(request["argv"], prog_name="visrec")
         except SystemExit as exc:
@@ -63,7 +70,8 @@ def run_child(request: dict[str, Any]) -> int:
     except BaseException:
         traceback.print_exc()
         return 1  # as the interpreter exits on an uncaught exception
-    finally:
+    finally:  # as the interpreter ends: wait for the threads that are not daemons, then exit handlers
+        threading._shutdown()  # type: ignore[attr-defined]
         atexit._run_exitfuncs()
         sys.stdout.flush()
         sys.stderr.flush()
@@ -119,14 +127,37 @@ def _pidfd(pid: int) -> Iterator[int]:
         os.close(fd)
 
 
+def fork(request: dict[str, Any]) -> int:
+    sys.stdout.flush()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(run_child(request))
+    return pid
+
+
 def main() -> None:
+    spawned: dict[int, int | None] = {}  # children running beside the loop: pid → exit status once reaped
     for line in sys.stdin:
         request = json.loads(line)
-        sys.stdout.flush()
-        pid = os.fork()
-        if pid == 0:
-            os._exit(run_child(request))
-        print(json.dumps(supervise(pid, request)), flush=True)
+        if "spawn" in request:  # start it and answer at once; `signal` and `wait` act on it later
+            pid = fork(request["spawn"])
+            spawned[pid] = None
+            answer: dict[str, Any] = {"pid": pid}
+        elif "signal" in request:
+            pid = request["signal"]
+            if spawned[pid] is None:  # not yet reaped: still our child, whatever it is doing
+                os.kill(pid, request["number"])
+            answer = {}
+        elif "wait" in request:  # {"wait": pid, "timeout_s": T}: its status, or null if it runs on
+            pid = request["wait"]
+            if spawned[pid] is None:
+                with _pidfd(pid) as fd:
+                    if select.select([fd], [], [], request["timeout_s"])[0]:
+                        spawned[pid] = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+            answer = {"status": spawned[pid]}
+        else:
+            answer = supervise(fork(request), request)
+        print(json.dumps(answer), flush=True)
 
 
 if __name__ == "__main__":
