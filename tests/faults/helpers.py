@@ -90,6 +90,13 @@ def _shared_server() -> ForkServer:
     return _shared[0]
 
 
+def fork_run(argv: list[str], env: dict[str, str], logs: Path, kill: dict[str, float] | None) -> Any:
+    """`visrec ARGV` forked from the shared fork server, stdout and stderr to `logs`.out and .err, killed
+    as `kill` says (forkserver.py); returns how it ended."""
+    with _shared_lock:
+        return _shared_server().run(argv, env, logs, kill, os.getcwd())
+
+
 def run_visrec(settings: Settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """`visrec ARGS` in a process of its own, with exactly `settings`; its output captured as text.
 
