@@ -14,7 +14,15 @@ from typing import Any
 import pytest
 import torch
 
-from tests.helpers import COLOURS, SHAPES, MakeCatalogue, draw_product, small_settings, write_csv
+from tests.helpers import (
+    COLOURS,
+    SHAPES,
+    MakeCatalogue,
+    draw_product,
+    small_settings,
+    write_catalogue,
+    write_csv,
+)
 from visrec.artefact import Manifest
 from visrec.catalogue import read_catalogue
 from visrec.config import Settings
@@ -29,21 +37,7 @@ def make_catalogue(tmp_path: Path) -> MakeCatalogue:
     """Build a CSV catalogue of `n` drawn products: category = shape, with colour and price."""
 
     def make(n: int = 24, name: str = "catalogue.csv", start: int = 0) -> Path:
-        rows = []
-        for i in range(start, start + n):
-            shape, colour = SHAPES[i % 3], list(COLOURS)[(i // 3) % 3]
-            draw_product(tmp_path / "images" / f"p{i}.png", shape, colour, variant=i)
-            rows.append(
-                {
-                    "id": f"p{i}",
-                    "image": f"images/p{i}.png",
-                    "category": shape,
-                    "colour": colour,
-                    "price": f"{10 + i}.5",
-                    "title": f"{colour} {shape} {i}",
-                }
-            )
-        return write_csv(tmp_path / name, rows)
+        return write_catalogue(tmp_path, n, name, start)
 
     return make
 

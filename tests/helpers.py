@@ -78,6 +78,26 @@ def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+def write_catalogue(root: Path, n: int = 24, name: str = "catalogue.csv", start: int = 0) -> Path:
+    """A CSV catalogue of `n` drawn products (ids `p{start}` on) as `name` in `root`, with their photos
+    under images/: category = shape, with colour and price (the `make_catalogue` fixture)."""
+    rows = []
+    for i in range(start, start + n):
+        shape, colour = SHAPES[i % 3], list(COLOURS)[(i // 3) % 3]
+        draw_product(root / "images" / f"p{i}.png", shape, colour, variant=i)
+        rows.append(
+            {
+                "id": f"p{i}",
+                "image": f"images/p{i}.png",
+                "category": shape,
+                "colour": colour,
+                "price": f"{10 + i}.5",
+                "title": f"{colour} {shape} {i}",
+            }
+        )
+    return write_csv(root / name, rows)
+
+
 def write_shop(root: Path, fmt: str = "csv") -> Path:
     """A shop's catalogue of 12 products (s0…s11) with photos under root/images: categories shirt, jeans
     and shoe; the shop's own colours (navy: not a palette name); and columns of its own, `brand` (acme,

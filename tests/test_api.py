@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from pydantic import SecretStr
 
-from tests.helpers import MakeCatalogue, run_reindex, run_sync, small_settings, write_shop
+from tests.helpers import MakeCatalogue, run_reindex, run_sync, small_settings, write_catalogue, write_shop
 from visrec import query
 from visrec.api import create_app
 from visrec.artefact import Manifest
@@ -34,9 +34,19 @@ def synced(make_catalogue: MakeCatalogue, settings: Settings) -> Settings:
     return settings
 
 
-@pytest.fixture
-def client(synced: Settings) -> Iterator[TestClient]:
-    with TestClient(create_app(synced, torch.device("cpu"))) as test_client:
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder of `client`'s store and photos."""
+    return tmp_path_factory.mktemp("api")
+
+
+@pytest.fixture(scope="module")
+def client(root: Path, artefact: tuple[Path, Manifest]) -> Iterator[TestClient]:
+    """The API on a store synced from 27 drawn products (3 shapes x 3 colours, prices 10.5 … 36.5): one
+    for the module's tests that only read (a test that writes, or counts requests, makes its own)."""
+    settings = small_settings(root, artefact=artefact[0])
+    run_sync(write_catalogue(root, 27), settings)
+    with TestClient(create_app(settings, torch.device("cpu"))) as test_client:
         yield test_client
 
 
@@ -89,9 +99,9 @@ def test_similar_with_filters(client: TestClient) -> None:
     assert distances == sorted(distances)
 
 
-def test_product_and_image_search(client: TestClient, tmp_path: Path) -> None:
+def test_product_and_image_search(client: TestClient, root: Path) -> None:
     assert client.get("/products/p7").json()["payload"]["category"] == "square"
-    photo = (tmp_path / "images" / "p7.png").read_bytes()
+    photo = (root / "images" / "p7.png").read_bytes()
     response = client.post(
         "/search/image", files={"image": ("p.png", photo, "image/png")}, params={"k": 3, "category": "square"}
     )
@@ -205,10 +215,11 @@ def test_not_ready_without_a_collection_then_503(settings: Settings) -> None:
         assert response.status_code == 503 and "visrec sync" in response.json()["detail"]
 
 
-def test_metrics_count_requests(client: TestClient) -> None:
-    client.get("/products/p1/similar")
-    client.get("/products/nope/similar")
-    text = client.get("/metrics").text
+def test_metrics_count_requests(synced: Settings) -> None:
+    with TestClient(create_app(synced, torch.device("cpu"))) as client:  # its own: counted from zero
+        client.get("/products/p1/similar")
+        client.get("/products/nope/similar")
+        text = client.get("/metrics").text
     assert (
         'visrec_requests_total{method="GET",route="/products/{product_id}/similar",status="200"} 1.0' in text
     )
@@ -228,9 +239,9 @@ def test_browse_products_page_by_page(client: TestClient) -> None:
     assert sorted(ids) == sorted(f"p{i}" for i in range(0, 27, 3)) and rest["next"] is None
 
 
-def test_product_image_and_gallery_page(client: TestClient, tmp_path: Path) -> None:
+def test_product_image_and_gallery_page(client: TestClient, root: Path) -> None:
     image = client.get("/products/p2/image")
-    assert image.status_code == 200 and image.content == (tmp_path / "images" / "p2.png").read_bytes()
+    assert image.status_code == 200 and image.content == (root / "images" / "p2.png").read_bytes()
     assert client.get("/products/nope/image").status_code == 404
     page = client.get("/")
     assert page.status_code == 200 and "visrec" in page.text and "/similar" in page.text
@@ -243,14 +254,14 @@ def test_colour_weight_parameter(client: TestClient) -> None:
     assert client.get("/products/p4/similar", params={"colour_weight": 1.5}).status_code == 422
 
 
-def test_callers_never_see_server_paths_or_internal_fields(client: TestClient, tmp_path: Path) -> None:
+def test_callers_never_see_server_paths_or_internal_fields(client: TestClient, root: Path) -> None:
     for response in (
         client.get("/products/p1"),
         client.get("/products/p1/similar", params={"k": 5}),
         client.get("/products", params={"limit": 5}),
     ):
         assert response.status_code == 200
-        assert str(tmp_path) not in response.text and "content_hash" not in response.text
+        assert str(root) not in response.text and "content_hash" not in response.text
         assert "colour_lab" not in response.text and '"image"' not in response.text
     payload = client.get("/products/p1").json()["payload"]
     assert {"category", "colour", "price", "title", "colour_rgb"} <= set(payload)

@@ -3,9 +3,6 @@ from __future__ import annotations
 import csv
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -13,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.faults.helpers import fork_run
 from tests.helpers import MakeCatalogue, cpu_embedder, draw_product, run_sync, stored
 from visrec.background import BackgroundWriter
 from visrec.config import Settings
@@ -267,23 +265,17 @@ def test_killed_sync_is_finished_by_a_rerun(
         "VISREC_INGEST__FAILURE_REPORT": str(tmp_path / "f.jsonl"),
         "COLUMNS": "200",
     }
-    command = [sys.executable, "-m", "visrec", "-v", "sync", str(catalogue), "--json"]
-    victim = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    assert victim.stderr is not None
-    upserts = 0
-    for line in victim.stderr:
-        upserts += "upserted" in line
-        if upserts == 3:
-            victim.send_signal(signal.SIGKILL)
-            break
-    victim.wait()
-    assert victim.returncode == -signal.SIGKILL
+    argv = ["-v", "sync", str(catalogue), "--json"]
+    # Real processes, forked from the fork server that has imported visrec and torch (their start saved).
+    victim = fork_run(argv, env, tmp_path / "victim", {"after_upserts": 3, "delay_s": 0})
+    assert victim["killed"], (tmp_path / "victim.err").read_text()
     with open_index(settings.qdrant) as index:
         partial = index.count()
     assert 12 <= partial < 120  # killed mid-run, with work done
 
-    rerun = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
-    summary = json.loads(rerun.stdout)
+    rerun = fork_run(argv, env, tmp_path / "rerun", None)
+    assert rerun["status"] == 0, (tmp_path / "rerun.err").read_text()
+    summary = json.loads((tmp_path / "rerun.out").read_text())
     assert summary["added"] == 120 - partial and summary["unchanged"] == partial
     with open_index(settings.qdrant) as index:
         records = index.sync_records()

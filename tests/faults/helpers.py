@@ -7,16 +7,20 @@ in unusual or hostile forms, and the check that an index holds exactly what a cl
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import http.server
 import io
 import json
 import os
+import signal
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any, Literal
@@ -39,15 +43,137 @@ def figure(name: str, value: object) -> None:
     print(f"\nFIGURE {name}: {json.dumps(value, sort_keys=True, default=str)}")
 
 
+REPO = Path(__file__).parents[2]
+
+
+class ForkServer:
+    """tests/faults/forkserver.py in a subprocess: runs `visrec` commands as forked, killable children."""
+
+    def __init__(self) -> None:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VISREC_")}  # each child gets its own
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "tests.faults.forkserver"],
+            cwd=REPO,
+            env={**env, "COLUMNS": "200"},
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+
+    def run(
+        self, argv: list[str], env: dict[str, str], logs: Path, kill: dict[str, float] | None, cwd: str = ""
+    ) -> Any:
+        """Run `visrec ARGV`, killed as `kill` says; returns how it ended (see forkserver.py)."""
+        assert self.process.stdin and self.process.stdout
+        request = {"argv": argv, "env": env, "stdout": f"{logs}.out", "stderr": f"{logs}.err", "kill": kill}
+        self.process.stdin.write(json.dumps(request | ({"cwd": cwd} if cwd else {})) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        assert line, "the fork server died"
+        return json.loads(line)
+
+    def close(self) -> None:
+        assert self.process.stdin
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
+
+
+_shared: list[ForkServer] = []  # the one `run_visrec` and `spawn_visrec` fork from, started on first use
+_shared_lock = threading.Lock()
+
+
+def _shared_server() -> ForkServer:
+    """The shared fork server (the caller holds `_shared_lock`); a new one if it is not running."""
+    if not _shared or _shared[0].process.poll() is not None:
+        _shared[:] = [ForkServer()]
+        atexit.register(_shared[0].close)
+    return _shared[0]
+
+
+def fork_run(argv: list[str], env: dict[str, str], logs: Path, kill: dict[str, float] | None) -> Any:
+    """`visrec ARGV` forked from the shared fork server, stdout and stderr to `logs`.out and .err, killed
+    as `kill` says (forkserver.py); returns how it ended."""
+    with _shared_lock:
+        return _shared_server().run(argv, env, logs, kill, os.getcwd())
+
+
 def run_visrec(settings: Settings, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    """`visrec ARGS` in a process of its own, with exactly `settings`; its output captured as text."""
-    return subprocess.run(
-        [sys.executable, "-m", "visrec", *args],
-        env=settings_env(settings),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    """`visrec ARGS` in a process of its own, with exactly `settings`; its output captured as text.
+
+    The process is forked from a shared fork server (forkserver.py) that has imported visrec and torch,
+    which saves each command the interpreter's and torch's start (seconds) and changes nothing else:
+    a real process running the real CLI. A call while another runs (from another thread) starts
+    `python -m visrec` instead. Past `timeout` the command is killed and TimeoutExpired raised, as by
+    subprocess.run."""
+    argv = [sys.executable, "-m", "visrec", *args]
+    if not _shared_lock.acquire(blocking=False):
+        return subprocess.run(
+            argv, env=settings_env(settings), capture_output=True, text=True, timeout=timeout
+        )
+    try:
+        with tempfile.TemporaryDirectory(prefix="visrec-run-") as folder:
+            logs = Path(folder) / "run"
+            ended = _shared_server().run(
+                list(args), settings_env(settings), logs, {"timeout_s": timeout}, os.getcwd()
+            )
+            stdout, stderr = (Path(f"{logs}.{end}").read_text(errors="replace") for end in ("out", "err"))
+    finally:
+        _shared_lock.release()
+    if ended["killed"]:
+        raise subprocess.TimeoutExpired(argv, timeout, stdout, stderr)
+    return subprocess.CompletedProcess(argv, ended["status"], stdout, stderr)
+
+
+class Forked:
+    """A `visrec` process forked from the shared fork server and running beside it (`spawn_visrec`), with
+    the part of subprocess.Popen's interface the tests use: pid, poll, wait, send_signal, terminate,
+    kill, returncode. The fork server is its parent: it signals it only while it has not reaped it."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path, cwd: Path) -> None:
+        self.args, self.returncode = args, None
+        spawn = {"argv": args, "env": env, "stdout": str(log), "stderr": str(log), "cwd": str(cwd)}
+        self.pid: int = self._ask({"spawn": spawn})["pid"]
+
+    def _ask(self, request: dict[str, Any]) -> Any:
+        with _shared_lock:
+            server = _shared_server()
+            assert server.process.stdin and server.process.stdout
+            server.process.stdin.write(json.dumps(request) + "\n")
+            server.process.stdin.flush()
+            line = server.process.stdout.readline()
+        assert line, "the fork server died"
+        return json.loads(line)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._ask({"wait": self.pid, "timeout_s": 0})["status"]
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.returncode is None:
+            left = 60.0 if deadline is None else max(0.0, min(60.0, deadline - time.monotonic()))
+            self.returncode = self._ask({"wait": self.pid, "timeout_s": left})["status"]
+            if self.returncode is None and deadline is not None and time.monotonic() >= deadline:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0)
+        return self.returncode
+
+    def send_signal(self, number: int) -> None:
+        if self.returncode is None:
+            self._ask({"signal": self.pid, "number": int(number)})
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def spawn_visrec(env: dict[str, str], log: Path, cwd: Path, *args: str) -> Forked:
+    """`visrec ARGS` forked from the shared fork server, running beside the test (stdout and stderr to
+    `log`, in `cwd`), as `subprocess.Popen([python, "-m", "visrec", *args])` would start it, seconds
+    sooner."""
+    return Forked(list(args), env, log, cwd)
 
 
 def settings_env(settings: Settings) -> dict[str, str]:

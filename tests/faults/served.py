@@ -26,7 +26,7 @@ from typing import Any
 import httpx
 from PIL import Image
 
-from tests.faults.helpers import settings_env
+from tests.faults.helpers import Forked, settings_env, spawn_visrec
 from tests.helpers import COLOURS, SHAPES, draw_product, run_sync, small_settings, write_csv
 from visrec.config import Settings
 
@@ -61,7 +61,7 @@ def synced_store(root: Path, artefact: Path, n: int = PRODUCTS) -> Settings:
 class Served:
     """A running `visrec serve`."""
 
-    process: subprocess.Popen[bytes]
+    process: Forked
     port: int
     log: Path
     key: str | None = None
@@ -113,10 +113,9 @@ def serve(
     environ |= {f"VISREC_API__{name.upper()}": str(value) for name, value in api.items()} | (env or {})
     if key:
         environ["VISREC_API__API_KEY"] = key
-    with log.open("wb") as out:  # the working directory: no stray .env is read
-        process = subprocess.Popen(
-            [sys.executable, "-m", "visrec", "serve"], cwd=log.parent, env=environ, stdout=out, stderr=out
-        )
+    # A real `visrec serve` process, forked from the fork server that has imported visrec and torch (the
+    # Python and torch start saved: seconds). The working directory is the log's: no stray .env is read.
+    process = spawn_visrec(environ, log, log.parent, "serve")
     served = Served(process, port, log, key, paths=_server_paths(settings))
     try:
         _wait_up(served, ready)

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 import re
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,44 +13,14 @@ from typing import Any
 
 import pytest
 
-from tests.faults.helpers import SEED, check_index_matches_catalogue, figure, settings_env
+from tests.faults.helpers import SEED, ForkServer, check_index_matches_catalogue, figure, settings_env
 from tests.helpers import MakeCatalogue, write_csv
 from visrec.config import Settings
 from visrec.errors import IndexUnavailable
 from visrec.index import open_index
 
 CYCLES = int(os.environ.get("VISREC_FAULTS_KILL_CYCLES", "5"))
-REPO = Path(__file__).parents[2]
 BATCH = 2  # images per upsert: many small durable steps to kill between
-
-
-class ForkServer:
-    """tests/faults/forkserver.py in a subprocess: runs `visrec` commands as forked, killable children."""
-
-    def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tests.faults.forkserver"],
-            cwd=REPO,
-            env={**os.environ, "COLUMNS": "200"},
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-
-    def run(self, argv: list[str], env: dict[str, str], logs: Path, kill: dict[str, float] | None) -> Any:
-        """Run `visrec ARGV`, killed as `kill` says; returns how it ended (see forkserver.py)."""
-        assert self.process.stdin and self.process.stdout
-        request = {"argv": argv, "env": env, "stdout": f"{logs}.out", "stderr": f"{logs}.err", "kill": kill}
-        self.process.stdin.write(json.dumps(request) + "\n")
-        self.process.stdin.flush()
-        line = self.process.stdout.readline()
-        assert line, "the fork server died"
-        return json.loads(line)
-
-    def close(self) -> None:
-        assert self.process.stdin
-        self.process.stdin.close()
-        self.process.wait(timeout=30)
 
 
 @pytest.fixture
