@@ -99,8 +99,9 @@ class ProductWrites:
     rows' new photos in its own thread (`ingest.embed_ahead`), beside other requests: a slow photo host
     delays only the writes that wait for it. Then it queues its rows, and one thread takes every request
     waiting (at most `api.max_batch_rows` rows) into one sync under the writer, which then decides and
-    writes (it fetches only what changed since, e.g. the model): a PATCH never waits for a PUT's photo. At most `api.max_pending_writes` writes are in progress (fetching photos or waiting for
-    the writer); more raise `WritesBusy` (503), nothing of them done. A write once taken (`Admission`)
+    writes (it fetches only what changed since, e.g. the model): a PATCH never waits for a PUT's photo.
+    At most `api.max_pending_writes` writes are in progress (fetching photos or waiting for the writer);
+    more raise `WritesBusy` (503), nothing of them done. A write once taken (`Admission`)
     goes on even if its request gives up (its deadline): never half done, and a retry is idempotent."""
 
     def __init__(self, writer: Writer, registry: CollectorRegistry) -> None:
