@@ -256,8 +256,16 @@ def test_a_request_past_its_deadline_is_answered_503() -> None:
 
     late = call(guard(slow, request_timeout_s=0.1))
     assert late.status == 503 and late.detail == "the request took longer than 0.1 s"
+    # A write whose route never took it (its body still coming, say): nothing of it was done.
     write = call(guard(slow, request_timeout_s=0.1), "/products/p1", method="PUT")
-    assert write.status == 503 and "the write goes on" in write.detail
+    assert write.status == 503 and write.detail.endswith("nothing of the write was done: retry it")
+
+    async def taken(scope: Scope, receive: Receive, send: Send) -> None:
+        assert scope["state"]["write_admission"].take()  # as the write routes do before writing
+        await asyncio.sleep(5)
+
+    write = call(guard(taken, request_timeout_s=0.1), "/products/p1", method="PUT")
+    assert write.status == 503 and "the write goes on and will be applied unless it fails" in write.detail
 
 
 def test_an_app_failure_is_a_500_with_the_request_id() -> None:

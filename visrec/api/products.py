@@ -38,6 +38,7 @@ from visrec.payload import photos
 from visrec.urls import is_url
 
 router = APIRouter()
+CURSOR = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
 @router.get("/products", response_model=Page, responses=errors(401, 422, 503))
@@ -45,11 +46,12 @@ def products(
     service: ServiceDep,
     filters: FilterDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 24,
-    after: Annotated[uuid.UUID | None, Query(description="the `next` of the previous page")] = None,
+    after: Annotated[str | None, Query(pattern=CURSOR, description="the `next` of the previous page")] = None,
 ) -> Page:
     """Browse the indexed products, filtered, a page at a time."""
-    # Cursors are point ids (UUIDs): anything else is a 422 here, not a store error (500).
-    cursor = None if after is None else str(after)
+    # Cursors are point ids (UUIDs, as `next` writes them): anything else is a 422 here, not a store error
+    # (500). A pattern, not pydantic's UUID, which also takes forms the schema's `uuid` format refuses.
+    cursor = None if after is None else str(uuid.UUID(after))
     with service.reading() as live:
         items, next_page = query.browse(live.index, filters, limit, cursor, shown_to_callers(service))
         note = None if items or cursor else query.why_empty(live.index, filters)
