@@ -104,7 +104,7 @@ def summarize(
         photo_bytes_read=plan.photo_bytes_hashed,
         model_version=manifest.model_version,
         shard=str(shard),
-        failure_report=str(failure_report),
+        failure_report=str(failure_report.absolute()),  # a service writes it from its own folder
         delimiter=catalogue.delimiter,
         first_failures=failures[:FIRST_FAILURES],
         outcomes=outcomes,
