@@ -382,7 +382,7 @@ REFUSED_PHOTO = st.sampled_from(
 ROW_FIELDS = st.fixed_dictionaries(
     {},
     optional={
-        "price": st.sampled_from([1.5, "abc", "€25", "19,99", -1]),
+        "price": st.sampled_from([1.5, "abc", "€25", "19,99", "25 EUR", -1, True, False, 0]),
         "category": st.sampled_from(["shirt", "", "  "]),
         "title": st.text(max_size=5),
     },
@@ -409,7 +409,7 @@ def test_put_and_a_batch_row_give_the_same_reason(
 
 def test_a_patch_says_why_a_value_is_refused_as_a_row_would(patcher: tuple[TestClient, Any]) -> None:
     client, _ = patcher
-    for value in ("abc", "€", -1):
+    for value in ("abc", "€", -1, "19,99", "€ 19,99", "25 EUR", "5", True):
         patched = client.patch("/products/p1", json={"price": value})
         [row] = client.post(
             "/products/batch", json=[{"id": "p9", "image": "http://10.0.0.1/a.png", "price": value}]

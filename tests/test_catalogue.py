@@ -222,6 +222,7 @@ def test_blank_rows_and_an_unnamed_trailing_column_are_ignored(tmp_path: Path) -
         ('{"id": "a", "image": "http://[::1"}', "image URL refused", True),
         ('{"id": "a", "image": "ftp://example.com/a.png"}', "image URL refused", True),
         ('{"id": "a", "image": "http://127.0.0.1/a.png"}', "image URL refused", True),
+        ('{"id": "a", "image": "a.png", "price": true}', "a price is a number, not true or false", True),
     ],
 )
 def test_jsonl_values_the_index_cannot_hold_are_row_errors(

@@ -64,6 +64,8 @@ class Product(BaseModel):
     @classmethod
     def _price_as_written(cls, value: Any) -> Any:
         """`19,99`, `€25`, `1.234,50 EUR` (`visrec.numbers`): read where they mean one number."""
+        if isinstance(value, bool):  # pydantic would read true as 1.0
+            raise ValueError("a price is a number, not true or false")
         return read_price(value) if isinstance(value, str) and value.strip() else value
 
     @field_validator("images", mode="before")
@@ -232,9 +234,11 @@ class _RowChecker:
         if not photos:
             return RowError(line, "; ".join(refused), product_id)
         if product.id in catalogue.lines:
-            return RowError(
-                line, f"duplicate id {product.id!r} (first on line {catalogue.lines[product.id]})", product_id
+            first = catalogue.lines[product.id]
+            where = (
+                f"row {first} has it: this row is not written" if self.over_http else f"first on line {first}"
             )
+            return RowError(line, f"duplicate id {product.id!r} ({where})", product_id)
         catalogue.photo_errors += [RowError(line, reason, product_id) for reason in refused]
         catalogue.lines[product.id] = line
         catalogue.photos[product.id] = photos
@@ -292,6 +296,11 @@ def written_fields_problem(fields: dict[str, Any]) -> str | None:
     for key, value in fields.items():
         if not key.strip():
             return "a field needs a name"
+        if key == "price" and not (
+            value is None or (isinstance(value, int | float) and not isinstance(value, bool))
+        ):
+            # A file's text is read (`visrec.numbers`); another service sends the number itself.
+            return "field 'price': over HTTP a price is a JSON number (e.g. 19.99), not text or true/false"
         problem = None if key in Product.model_fields else written_value_problem(value)
         if problem:
             return f"field {key!r}: {problem}"

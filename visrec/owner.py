@@ -21,6 +21,7 @@ nobody listens on: commands then open the store themselves.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -90,6 +91,41 @@ def marker(settings: QdrantSettings) -> Path:
     return settings.path / f"{settings.collection}.owner.json"
 
 
+class StoreClaim:
+    """This process's claim to be the one service of an embedded store: an exclusive lock on
+    `<store>/<collection>.owner.lock`, held while it runs and let go by the kernel however it ends (a
+    kill -9 included). Taken before anything else starts, so a second `visrec serve` on the same store
+    stops at once (exit 4) and never writes, or later removes, the first one's marker. The lock is on
+    the file's inode: a copied store folder is not claimed by its original's service."""
+
+    def __init__(self, settings: QdrantSettings) -> None:
+        settings.path.mkdir(parents=True, exist_ok=True)
+        path = settings.path / f"{settings.collection}.owner.lock"
+        self._fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise IndexUnavailable(
+                f"the store {settings.path.absolute()} is owned by another running `visrec serve`"
+                f"{_pid_of(settings)}: stop that one first, or give this one another store "
+                "(VISREC_QDRANT__PATH)"
+            ) from None
+
+    def release(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+
+
+def _pid_of(settings: QdrantSettings) -> str:
+    """' (pid N)' from the store's owner marker, when it says."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        pid = json.loads(marker(settings).read_text()).get("pid")
+        if isinstance(pid, int):
+            return f" (pid {pid})"
+    return ""
+
+
 def store_id(settings: QdrantSettings) -> StoreId:
     """The store folder as this process sees it now (raises OSError if it does not exist)."""
     path = settings.path.resolve()
@@ -101,7 +137,10 @@ class OwnerChannel:
     """The service's end: accepts jobs from this user's processes for the store it owns and runs them
     through `handle` (which runs one at a time, in the service's writer)."""
 
-    def __init__(self, settings: QdrantSettings, handle: Handler, max_photo_bytes: int = 0) -> None:
+    def __init__(
+        self, settings: QdrantSettings, claim: StoreClaim, handle: Handler, max_photo_bytes: int = 0
+    ) -> None:
+        self.claim = claim  # released when the channel closes
         self.marker = marker(settings)
         self.handle = handle
         # A request is one line: a `similar --image` carries its photo, base64.
@@ -142,6 +181,7 @@ class OwnerChannel:
         shutil.rmtree(self._folder, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.close(self._store_fd)
+        self.claim.release()
 
     def _serve(self) -> None:
         while True:

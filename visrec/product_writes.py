@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from visrec import payload
 from visrec.admission import Admission
-from visrec.catalogue import Catalogue, Product, explain, rows_from_service
+from visrec.catalogue import Catalogue, Product, explain, rows_from_service, written_fields_problem
 from visrec.errors import CollectionMissing, InvalidQuery, NotFound, VisrecError, WritesBusy
 from visrec.handle import ModelHandle
 from visrec.ingest import Ahead, SyncOptions, SyncSummary, embed_ahead, sync
@@ -319,7 +319,7 @@ class ProductWrites:
 def patch_problem(fields: dict[str, Any]) -> str | None:
     """Why a PATCH may not write `fields` (None: it may): photos, the id and computed fields are not its
     to change, and values must fit the index, and read, as a catalogue row's must (a price as a price)."""
-    problem = _key_problem(fields) or value_problem(fields)
+    problem = _key_problem(fields) or written_fields_problem(fields) or value_problem(fields)
     if problem:
         return problem
     try:  # the values set, as a row's would be read (any photo: a PATCH keeps the product's own)

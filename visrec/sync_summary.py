@@ -84,7 +84,12 @@ def summarize(
         d.product.id: "added" if i < len(plan.added) else "updated" for i, d in enumerate(plan.to_embed)
     }
     for f in failures:
-        if f["product_id"] is not None and f["kind"] != "photo":
+        # (a duplicate id's later row fails alone: the product is its first row's)
+        if (
+            f["product_id"] is not None
+            and f["kind"] != "photo"
+            and f["line"] == catalogue.lines.get(f["product_id"], f["line"])
+        ):
             why = f"no photo could be read: {f['error']}" if f["kind"] == "image" else f["error"]
             outcomes[f["product_id"]] = f"error: {why}"
     outcomes |= {product_id: f"error: {error}" for product_id, error in rejected.items()}

@@ -164,6 +164,21 @@ def test_batch_answers_each_row(served: Served, host: Server) -> None:
         assert writer.get("/products/b5").json()["payload"]["price"] == 3
 
 
+def test_a_batch_with_an_id_twice_says_what_it_wrote(served: Served, host: Server) -> None:
+    """The first row of an id is written and answered as written; a later row with that id is refused,
+    naming the row that was (outside trial: both answered errors while the first was stored)."""
+    rows = [
+        {"id": "twice", "image": host.url("/14.png"), "price": 1},
+        {"id": "other", "image": host.url("/15.png")},
+        {"id": " twice ", "image": host.url("/16.png"), "price": 2},
+    ]
+    with client(served, WRITE) as writer:
+        results = writer.post("/products/batch", json=rows).json()["results"]
+        assert [r["outcome"] for r in results[:2]] == ["added", "added"], results
+        assert results[2]["outcome"] == "error: duplicate id 'twice' (row 1 has it: this row is not written)"
+        assert writer.get("/products/twice").json()["payload"]["price"] == 1
+
+
 def test_a_file_sync_deletes_only_its_own_products(served: Served, store: Settings, host: Server) -> None:
     with client(served, WRITE) as writer:
         assert writer.put("/products/api1", json={"image": host.url("/21.png")}).json()["outcome"] == "added"

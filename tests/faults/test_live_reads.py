@@ -5,16 +5,19 @@ as they do with no service: the same JSON, the same messages and exit codes for 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from tests.faults.helpers import run_visrec
-from tests.faults.served import serve, synced_store
+from tests.faults.helpers import run_visrec, settings_env
+from tests.faults.served import free_port, serve, synced_store
 from visrec.artefact import Manifest
 from visrec.config import Settings
 
@@ -86,12 +89,36 @@ def live_reads(
         with (root / out / "huge.png").open("wb") as huge:
             huge.truncate(Settings().ingest.max_image_bytes + 1)  # sparse: nothing written, nothing read
     alone = [_run(settings, args, root / "out-alone", photo) for args in COMMANDS + MISTAKES]
-    with serve(settings, root / "serve.log"):
+    with serve(settings, root / "serve.log") as served:
         beside = [_run(settings, args, root / "out-beside", photo) for args in COMMANDS + MISTAKES]
         assert "handing the" not in "".join(e for _, _, e in beside)  # (logged at -v only)
+        marker = (settings.qdrant.path / f"{settings.qdrant.collection}.owner.json").read_text()
+        second = subprocess.run(
+            [sys.executable, "-m", "visrec", "serve", "--port", str(free_port())],
+            env=settings_env(settings),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        after = {
+            "marker": (settings.qdrant.path / f"{settings.qdrant.collection}.owner.json").read_text(),
+            "status": run_visrec(settings, "status", "--json").returncode,
+            "ready": httpx.get(f"{served.url}/readyz").status_code,
+        }
     reports = sorted(p.name for p in (root / "out-beside").glob("*.html"))
     assert reports == ["dups.html", "report.html"]  # written by the service, where the command said
-    return {"alone": alone, "beside": beside}
+    return {"alone": alone, "beside": beside, "second": second, "marker": marker, "after": after}
+
+
+def test_a_second_service_on_an_owned_store_stops_at_once(live_reads: dict[str, object]) -> None:
+    """A second `visrec serve` on a store a running one owns: exit 4 at start, saying which owns it; the
+    first one's marker untouched, its commands and readiness as before."""
+    second = live_reads["second"]
+    assert isinstance(second, subprocess.CompletedProcess)
+    assert second.returncode == 4, second.stderr
+    assert "is owned by another running `visrec serve` (pid " in second.stderr
+    assert "Traceback" not in second.stderr and "listening" not in second.stderr
+    assert live_reads["after"] == {"marker": live_reads["marker"], "status": 0, "ready": 200}
 
 
 def test_a_request_the_service_refuses_says_so(tmp_path: Path, artefact: tuple[Path, Manifest]) -> None:

@@ -34,7 +34,7 @@ from visrec.config import QdrantSettings, Settings
 from visrec.errors import IndexUnavailable
 from visrec.index import open_index
 from visrec.jobs import PROTOCOL, Job, JobRequest, Progress, RollbackJob, StoreId
-from visrec.owner import HandedOverError, Owner, OwnerChannel, find_owner, hand_over, marker, store_id
+from visrec.owner import HandedOverError, Owner, OwnerChannel, StoreClaim, find_owner, hand_over, marker, store_id
 
 NOBODY = 65534
 IDLE_S = 5.0  # the shortest idle timeout the settings take
@@ -59,7 +59,8 @@ class Recorder:
 @contextlib.contextmanager
 def channel(root: Path, collection: str = "products") -> Iterator[tuple[OwnerChannel, Recorder]]:
     recorder = Recorder()
-    owner = OwnerChannel(qdrant(root, collection), recorder)
+    settings = qdrant(root, collection)
+    owner = OwnerChannel(settings, StoreClaim(settings), recorder)
     owner.start()
     try:
         yield owner, recorder

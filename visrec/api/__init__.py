@@ -31,7 +31,7 @@ from visrec.config import Settings
 from visrec.errors import InvalidSetting
 from visrec.guard import Guard, GuardSettings
 from visrec.jobs import READS, Job, Progress
-from visrec.owner import OwnerChannel
+from visrec.owner import OwnerChannel, StoreClaim
 from visrec.product_writes import ProductWrites
 from visrec.service import Service
 from visrec.slots import Slots
@@ -48,11 +48,13 @@ def run(settings: Settings, device: torch.device, announce: Callable[[str], None
 
     api = settings.api
     check_exposure(api)
+    # The embedded store is claimed first: a second service on it stops here, having touched nothing.
+    claim = None if settings.qdrant.url else StoreClaim(settings.qdrant)
     listening = _listen(api.host, api.port)
     torch.set_num_threads(api.torch_threads)
     host, port = listening.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    app = create_app(settings, device, on_ready=lambda: announce(serving(settings, url)))
+    app = create_app(settings, device, on_ready=lambda: announce(serving(settings, url)), claim=claim)
     config = uvicorn.Config(app, log_level="warning", limit_concurrency=api.max_connections)
     uvicorn.Server(config).run(sockets=[listening])
 
@@ -101,9 +103,13 @@ def serving(settings: Settings, url: str) -> str:
 
 
 def create_app(
-    settings: Settings, device: torch.device, on_ready: Callable[[], None] | None = None
+    settings: Settings,
+    device: torch.device,
+    on_ready: Callable[[], None] | None = None,
+    claim: StoreClaim | None = None,
 ) -> FastAPI:
-    """The FastAPI application; the model and index open when it starts, then `on_ready` is called."""
+    """The FastAPI application; the model and index open when it starts, then `on_ready` is called.
+    `claim`: the embedded store, already claimed for it (else it claims the store when it starts)."""
     app = FastAPI(
         title="visrec",
         version=__version__,
@@ -116,6 +122,7 @@ def create_app(
     app.state.metrics = CollectorRegistry()
     app.state.query_parameters = {}  # (path, method) → the query parameters it takes (`known_parameters`)
     app.state.on_ready = on_ready
+    app.state.claim = claim
     api = settings.api
     app.state.slots = Slots(api.max_heavy_requests, api.queue_depth, api.queue_wait_s)
     app.add_middleware(
@@ -151,9 +158,10 @@ def _declare_the_key(app: FastAPI) -> None:
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     service: Service = app.state.service
-    service.start()
     # On the embedded store this service is the one writer: writing commands hand their jobs over.
     qdrant = service.settings.qdrant
+    claim = None if qdrant.url else app.state.claim or StoreClaim(qdrant)  # before the store is opened
+    service.start()
     writer = Writer(service, app.state.metrics)
     app.state.writes = ProductWrites(writer, app.state.metrics)
 
@@ -162,7 +170,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         return service.read(job, progress) if isinstance(job, READS) else writer.run(job, progress)
 
     photo_bytes = service.settings.ingest.max_image_bytes
-    owner = None if qdrant.url else OwnerChannel(qdrant, run_job, max_photo_bytes=photo_bytes)
+    owner = None if claim is None else OwnerChannel(qdrant, claim, run_job, max_photo_bytes=photo_bytes)
     if owner is not None:
         owner.start()
     # What start-up made (torch, the model, every module: ~400k objects) lives as long as the process:
