@@ -276,8 +276,19 @@ def test_unreadable_file_is_a_catalogue_error(tmp_path: Path) -> None:
         read_catalogue(tmp_path / "c.csv")
 
 
-@pytest.mark.parametrize(("delimiter", "name"), [(",", "comma"), (";", "semicolon"), ("\t", "tab")])
-def test_a_catalogue_as_spreadsheets_export_it(tmp_path: Path, delimiter: str, name: str) -> None:
+@pytest.mark.parametrize(
+    ("delimiter", "name", "suffix"),
+    [
+        (",", "comma", ".csv"),
+        (";", "semicolon", ".csv"),
+        ("\t", "tab", ".csv"),
+        ("\t", "tab", ".tsv"),
+        ("\t", "tab", ".txt"),
+    ],
+)
+def test_a_catalogue_as_spreadsheets_export_it(
+    tmp_path: Path, delimiter: str, name: str, suffix: str
+) -> None:
     """Semicolons and decimal commas (Excel in much of Europe), tabs, currency signs: every row is read,
     the delimiter is said, and a price that could mean two numbers refuses its row with both ways."""
     prices = {"a": ("19,99", 19.99), "b": ("€25", 25.0), "c": ("1.234,50 EUR", 1234.5), "d": ("$7", 7.0)}
@@ -290,8 +301,8 @@ def test_a_catalogue_as_spreadsheets_export_it(tmp_path: Path, delimiter: str, n
         if delimiter != ","
         else 'e,img/e.png,shirt,"1,234",e'
     )
-    (tmp_path / "c.csv").write_text("\n".join(rows) + "\n")
-    catalogue = read_catalogue(tmp_path / "c.csv")
+    (tmp_path / f"c{suffix}").write_text("\n".join(rows) + "\n")
+    catalogue = read_catalogue(tmp_path / f"c{suffix}")
     assert catalogue.delimiter == name
     assert {p.id: p.price for p in catalogue.products} == {pid: value for pid, (_, value) in prices.items()}
     assert {p.id: p.title for p in catalogue.products}["a"] == "a, a; a"

@@ -94,6 +94,8 @@ def test_train_sync_similar_status_report(
         for command in (["report", "--queries", "1"], ["duplicates"]):
             result = runner.invoke(app, [*command, "--out", str(where)])
             assert result.exit_code == 2 and says in result.stderr, result.output
+            if where == tmp_path:  # the example names the command's own page
+                assert f"{command[0]}.html" in result.stderr.replace("\n", ""), result.stderr
             assert "unexpected" not in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["report", "--queries", "1", "--out", str(tmp_path / "new" / "r.html")])
     assert result.exit_code == 0 and (tmp_path / "new" / "r.html").is_file(), result.output

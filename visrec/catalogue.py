@@ -153,7 +153,7 @@ class Catalogue:
 
 
 def read_catalogue(path: Path, settings: IngestSettings | None = None) -> Catalogue:
-    """Read and validate a `.csv` or `.jsonl` catalogue whose local images lie in its own folder or under
+    """Read and validate a `.csv` (`.tsv`, `.txt`) or `.jsonl` catalogue whose local images lie in its own folder or under
     one of `settings.image_roots`, and whose image URLs `settings` allows.
 
     Returns the valid products in file order and the skipped rows. Raises `CatalogueError` when the
@@ -162,10 +162,17 @@ def read_catalogue(path: Path, settings: IngestSettings | None = None) -> Catalo
     settings = settings or IngestSettings()
     if not path.is_file():
         raise CatalogueError(f"catalogue not found: {path}")
-    readers = {".csv": _csv_rows, ".jsonl": _jsonl_rows, ".ndjson": _jsonl_rows}
+    # (a spreadsheet's "text" export is tab-separated .tsv or .txt: the delimiter is found from the header)
+    readers = {
+        ".csv": _csv_rows,
+        ".tsv": _csv_rows,
+        ".txt": _csv_rows,
+        ".jsonl": _jsonl_rows,
+        ".ndjson": _jsonl_rows,
+    }
     reader = readers.get(path.suffix.lower())
     if reader is None:
-        raise CatalogueError(f"unknown catalogue format {path.suffix!r}: use .csv or .jsonl")
+        raise CatalogueError(f"unknown catalogue format {path.suffix!r}: use .csv (or .tsv, .txt) or .jsonl")
 
     roots = tuple(root.resolve() for root in settings.image_roots)
     catalogue = Catalogue(path=path.resolve(), image_roots=roots)

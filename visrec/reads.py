@@ -113,7 +113,7 @@ def _duplicates(
     from visrec.report import check_writable, write_duplicates_html
 
     if job.out is not None:
-        check_writable(job.out)
+        check_writable(job.out, page="duplicates.html")
     defaults = settings.duplicates
     chosen = defaults.model_copy(
         update={

@@ -76,12 +76,12 @@ def run_queries(index: VectorIndex, product_ids: list[str], k: int, same_categor
     return rows
 
 
-def check_writable(out: Path) -> None:
+def check_writable(out: Path, page: str = "report.html") -> None:
     """Refuse a page path that cannot be written (a folder, a file where a folder should be, a read-only
     folder) before the work is done; missing folders are made. The write itself can still fail (a full
     disk) and says so the same way."""
     if out.is_dir():
-        raise OutputUnwritable(f"{out} is a folder: name the page's file, e.g. {out / 'report.html'}")
+        raise OutputUnwritable(f"{out} is a folder: name the page's file, e.g. {out / page}")
     existing = out.parent
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
@@ -109,7 +109,6 @@ def write_duplicates_html(scan: DuplicateScan, out: Path, model_version: str) ->
 
 def _write_page(out: Path, title: str, model_version: str, body: str) -> Path:
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    check_writable(out)
     try:
         _write_html(out, title, model_version, when, body)
     except OSError as exc:

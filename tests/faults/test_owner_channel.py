@@ -34,7 +34,16 @@ from visrec.config import QdrantSettings, Settings
 from visrec.errors import IndexUnavailable
 from visrec.index import open_index
 from visrec.jobs import PROTOCOL, Job, JobRequest, Progress, RollbackJob, StoreId
-from visrec.owner import HandedOverError, Owner, OwnerChannel, StoreClaim, find_owner, hand_over, marker, store_id
+from visrec.owner import (
+    HandedOverError,
+    Owner,
+    OwnerChannel,
+    StoreClaim,
+    find_owner,
+    hand_over,
+    marker,
+    store_id,
+)
 
 NOBODY = 65534
 IDLE_S = 5.0  # the shortest idle timeout the settings take
