@@ -14,7 +14,7 @@ from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
 from visrec.config import QdrantSettings
-from visrec.errors import InvalidQuery
+from visrec.errors import InvalidQuery, NoMatch
 from visrec.index import Filters, IndexPoint, VectorIndex, open_index
 from visrec.query import similar_to_vector
 from visrec.rules import Rules
@@ -78,6 +78,15 @@ def test_caps_hold_and_look_further_when_needed(index: VectorIndex) -> None:
     # 4 brands x 2 = 8 at most, whatever k asks: fewer results, never a broken cap.
     most = similar_to_vector(index, query, 20, rules=Rules(max_per=["brand = 2"]))
     assert len(most) == 8 and max(Counter(h.payload["brand"] for h in most).values()) == 2
+
+
+def test_a_cap_on_a_field_no_product_has_is_a_mistake(index: VectorIndex) -> None:
+    """A misspelt field would cap nothing, silently (outside trial): refused, naming the fields there are."""
+    query = _clustered()[0].photo_vectors[0]
+    with pytest.raises(
+        NoMatch, match="cannot cap by brnd: no field 'brnd' is known \\(did you mean 'brand'\\?\\)"
+    ):
+        similar_to_vector(index, query, 4, rules=Rules(max_per=["brnd=1"]))
 
 
 @hypothesis_settings(

@@ -153,8 +153,8 @@ class Catalogue:
 
 
 def read_catalogue(path: Path, settings: IngestSettings | None = None) -> Catalogue:
-    """Read and validate a `.csv` (`.tsv`, `.txt`) or `.jsonl` catalogue whose local images lie in its own folder or under
-    one of `settings.image_roots`, and whose image URLs `settings` allows.
+    """Read and validate a `.csv` (`.tsv`, `.txt`) or `.jsonl` catalogue whose local images lie in its own
+    folder or under one of `settings.image_roots`, and whose image URLs `settings` allows.
 
     Returns the valid products in file order and the skipped rows. Raises `CatalogueError` when the
     file cannot be used as a whole (see the module's docstring).

@@ -5,7 +5,7 @@ match but together match nothing give an empty answer, and `why_empty` says whic
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from visrec.errors import NoMatch, closest
@@ -44,10 +44,7 @@ def _no_match(index: VectorIndex, part: Part, shown: Shown) -> str:
     kinds = index.field_kinds()
     said = f"no product has {part.said}"
     if part.field not in kinds:
-        fields = sorted(f for f in kinds if shown(f))
-        guess = closest(part.field, fields)
-        hint = f" (did you mean {guess!r}?)" if guess else ""
-        return f"{said}: no field {part.field!r} is known{hint}; fields: {', '.join(fields)}"
+        return f"{said}: {_unknown_field(part.field, kinds, shown)}"
     held = kinds[part.field]
     if part.value is None:  # a range
         if held <= {"number"}:
@@ -57,6 +54,26 @@ def _no_match(index: VectorIndex, part: Part, shown: Shown) -> str:
     if held == {"number"}:
         return f"{said} ({part.field} holds numbers: a range is {part.field}=LOW..HIGH)"
     return f"{said}{_listed(index, part)}"
+
+
+def check_caps(
+    index: VectorIndex, fields: Iterable[str], found: Sequence[dict[str, Any]], shown: Shown = to_operators
+) -> None:
+    """Raise `NoMatch` for a cap (`--max-per FIELD=N`) on a field no product has: it would cap nothing,
+    silently (a misspelt field). `found`: payloads of the answer, which settle most fields at no cost."""
+    for field in fields:
+        if any(field in payload for payload in found):
+            continue
+        kinds = index.field_kinds()
+        if field not in kinds:
+            raise NoMatch(f"cannot cap by {field}: {_unknown_field(field, kinds, shown)}")
+
+
+def _unknown_field(field: str, kinds: Mapping[str, object], shown: Shown) -> str:
+    fields = sorted(f for f in kinds if shown(f))
+    guess = closest(field, fields)
+    hint = f" (did you mean {guess!r}?)" if guess else ""
+    return f"no field {field!r} is known{hint}; fields: {', '.join(fields)}"
 
 
 def _kinds(held: frozenset[str]) -> str:

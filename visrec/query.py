@@ -24,7 +24,7 @@ from visrec.embed import Embedder
 from visrec.errors import InvalidQuery, NotFound
 from visrec.images import ImageLimits, decode_image
 from visrec.index import Filters, Hit, VectorIndex
-from visrec.matches import Shown, check_matches, to_operators
+from visrec.matches import Shown, check_caps, check_matches, to_operators
 from visrec.matches import why_empty as why_empty  # named here too: callers say `query.why_empty`
 from visrec.rules import CAP_PATTERN as CAP_PATTERN  # likewise `query.CAP_PATTERN`, `query.MAX_CAPS`
 from visrec.rules import MAX_CAPS as MAX_CAPS
@@ -119,6 +119,7 @@ def _neighbours(
     filters = filters or Filters()
     hits = _chosen(index, vectors, k, filters, exclude, rules, colour, bounds)
     check_matches(index, filters, [hit.payload for hit in hits], shown)
+    check_caps(index, rules.caps, [hit.payload for hit in hits], shown)
     return hits
 
 
