@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,15 @@ def test_api_key_guards_all_but_health(synced: Settings) -> None:
         assert client.get("/healthz").status_code == 200 and client.get("/readyz").status_code == 200
         for path in ("/docs", "/openapi.json"):  # no data: open, and the schema declares the key
             assert client.get(path).status_code == 200, path
+        # The docs pages load their scripts from this service, never from a CDN (blank offline).
+        for page in ("/docs", "/redoc"):
+            html = client.get(page).text
+            scripts = re.findall(r'(?:src|href)="([^"]+)"', html)
+            assert scripts and all(s.startswith("/docs/static/") for s in scripts), (page, scripts)
+            for script in scripts:
+                served = client.get(script)
+                assert served.status_code == 200 and len(served.content) > 1000, script
+        assert client.get("/docs/static/..%2F__init__.py").status_code in (401, 404)
         schema = client.get("/openapi.json").json()
         assert schema["components"]["securitySchemes"]["APIKey"] == {
             "type": "apiKey",

@@ -22,7 +22,7 @@ from fastapi import Depends, FastAPI
 from prometheus_client import CollectorRegistry
 
 from visrec import __version__
-from visrec.api import gallery, ops, products, search, writes
+from visrec.api import docs, gallery, ops, products, search, writes
 from visrec.api.deps import known_parameters
 from visrec.api.errors import add_handlers
 from visrec.api.exposure import ExposureRefused, check_exposure
@@ -114,6 +114,8 @@ def create_app(
         title="visrec",
         version=__version__,
         lifespan=_lifespan,
+        docs_url=None,  # served by `docs`, with their scripts: not from a CDN
+        redoc_url=None,
         description="Visually similar products, filtered by metadata.",
         dependencies=[Depends(known_parameters)],
     )
@@ -130,7 +132,7 @@ def create_app(
     )
     add_handlers(app, writes.write_reason)
     # In the schema's order.
-    for router in (ops.router, gallery.router, writes.router, products.router, search.router):
+    for router in (ops.router, docs.router, gallery.router, writes.router, products.router, search.router):
         app.include_router(router)
     _declare_the_key(app)
     return app
