@@ -702,7 +702,9 @@ def test_any_unknown_query_parameter_is_a_422_naming_it(
     method = "post" if route == "/search/image" else "get"
     response = getattr(client, method)(route, params={name: value}, **(photo if method == "post" else {}))
     assert response.status_code == 422, response.text
-    problem = response.json()["detail"][0]
+    problem = response.json()["problems"][0]
+    detail = response.json()["detail"]  # one sentence, naming it (scrubbed as a whole)
+    assert detail.startswith("query parameter ") and ": unknown parameter " in detail, detail
     # Named as sent (what looks like a path or a URL blanked, as in every answer: `scrub`).
     assert problem["loc"] == scrub(["query", name]) and problem["msg"].startswith("unknown parameter ")
 

@@ -126,9 +126,25 @@ def invalid_request_with(write_reason: WriteReason) -> Callable[..., Awaitable[J
             return answer(request, 422, reason)
         # FastAPI's own handler echoes the bad input, and a NaN from a JSON body cannot be written back
         # as JSON: the 422 became a 500.
-        return answer(request, 422, _finite_json(jsonable_encoder(exc.errors())))
+        problems = scrub(_finite_json(jsonable_encoder(exc.errors())))
+        return answer(request, 422, _sentence(problems), problems=problems)
 
     return invalid_request
+
+
+_PLACES = {"query": "query parameter", "path": "path parameter", "header": "header", "body": "body"}
+
+
+def _sentence(problems: list[dict[str, Any]]) -> str:
+    """Validation problems as one sentence: every error body's `detail` is text (a caller shows it as it
+    is); the list, each problem with its `loc`, stays beside it as `problems`."""
+    said = []
+    for problem in problems:
+        loc = [str(part) for part in problem.get("loc", [])]
+        place = _PLACES.get(loc[0], loc[0]) if loc else "request"
+        where = f"{place} {'.'.join(loc[1:])!r}" if len(loc) > 1 else place
+        said.append(f"{where}: {problem.get('msg', 'invalid')}")
+    return "; ".join(said) or "the request does not match the API's schema"
 
 
 async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:

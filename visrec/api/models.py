@@ -26,9 +26,11 @@ from visrec.values import SCALARS, WHITESPACE
 class ErrorOut(BaseModel):
     """The body of every error answer, the guard's own (401, 408, 413, busy 503) included."""
 
-    detail: str | list[dict[str, Any]] = Field(
-        description="What is wrong, as a sentence; for a request that does not match this schema (a 422 "
-        "from validation), the list of problems found, each with `type`, `loc` and `msg`"
+    detail: str = Field(description="What is wrong, as a sentence")
+    problems: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="for a request that does not match this schema (a 422 from validation): each problem "
+        "found, with `type`, `loc` (where: `query`, `path`, `body`, then the name) and `msg`",
     )
     error: str | None = Field(
         default=None, description="visrec's kind of error, when visrec raised it (NotFound, ImageError, …)"
