@@ -322,9 +322,11 @@ def client_for(served: Served, **kwargs: Any) -> httpx.Client:
 
 
 def error_body(response: httpx.Response | Any, served: Served) -> dict[str, Any]:
-    """The JSON error body, checked: {detail, error?, request_id} and nothing of the server's."""
+    """The JSON error body, checked: {detail (a sentence), error?, problems?, request_id} and nothing of the
+    server's."""
     body = response.json() if isinstance(response, httpx.Response) else json.loads(response.body)
-    assert set(body) <= {"detail", "error", "request_id"} and "detail" in body and body["request_id"], body
+    assert set(body) <= {"detail", "error", "problems", "request_id"} and body["request_id"], body
+    assert isinstance(body["detail"], str), body
     content = response.content if isinstance(response, httpx.Response) else response.body
     assert not leaks(content, served), (leaks(content, served), body)
     return body
