@@ -356,7 +356,7 @@ def brute_force_reach(index: VectorIndex, previous_state: Path, k: int) -> tuple
         if any(n[0] in moved | gone for n in record["n"]):
             reach.add(p)
             continue
-        radius = record["n"][-1][1] if len(record["n"]) >= k else np.inf
+        radius = np.inf if record["r"] is None else record["r"]  # how far its kept neighbours reach
         for c in moved:
             if payloads[c]["category"] == payloads[p]["category"]:
                 between = np.linalg.norm(vectors[p][:, None, :] - vectors[c][None, :, :], axis=2).min()

@@ -214,12 +214,14 @@ def _writer(fmt: Format, raw: IO[bytes], scored: bool) -> FeedWriter:
 
 
 def state_record(listed: Listed) -> dict[str, Any]:
-    """A product's line in the state: what says its vectors changed, its `same` values, its list."""
+    """A product's line in the state: what says its vectors changed, its `same` values, its nearest
+    (beyond the list: `Listed.kept`) and how far they are complete."""
     return {
         "id": listed.product_id,
         "fp": listed.fingerprint,
         "key": None if listed.key is None else list(listed.key),
-        "n": [[h.product_id, h.distance, h.matched] for h in listed.hits],
+        "n": [[h.product_id, h.distance, h.matched] for h in listed.kept],
+        "r": listed.within,
     }
 
 

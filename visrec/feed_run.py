@@ -35,6 +35,7 @@ from visrec.index import Hit, SearchRequest, VectorIndex
 from visrec.index.points import payload_key
 from visrec.neighbours import (
     BATCH,
+    RESERVE,
     FeedRules,
     Listed,
     batches,
@@ -44,6 +45,7 @@ from visrec.neighbours import (
     same_key,
     with_same,
 )
+from visrec.rules import MAX_K
 
 Progress = Callable[[str, int, int], None]
 REACH_START = 4  # a moved product's first search around it fetches this many times k
@@ -123,8 +125,8 @@ class _Old:
 
     fingerprint: str
     key: tuple[Any, ...] | None
-    neighbours: tuple[str, ...]
-    radius: float | None  # None: short of k (anything in its class may enter); -1: nothing can
+    neighbours: tuple[str, ...]  # the products it kept (`Listed.kept`)
+    radius: float | None  # what it kept is complete this far (None: all of its class; -1: no class)
 
 
 def refuse_untracked(rules: FeedRules) -> None:
@@ -166,12 +168,6 @@ def _said(options: Any) -> str:
     return ", ".join(parts)
 
 
-def _radius(record: dict[str, Any], k: int) -> float | None:
-    if record["key"] is None:
-        return -1.0
-    return float(record["n"][-1][1]) if len(record["n"]) >= k else None
-
-
 def _now(
     index: VectorIndex, rules: FeedRules, progress: Progress | None
 ) -> dict[str, tuple[str, tuple[Any, ...] | None]]:
@@ -197,6 +193,9 @@ def _now(
     return now
 
 
+Entered = dict[str, list[tuple[str, float, int]]]  # list → (moved product, its distance, its photo)
+
+
 def _delta(
     index: VectorIndex,
     rules: FeedRules,
@@ -208,69 +207,103 @@ def _delta(
     _check_comparable(previous, index, rules)
     old: dict[str, _Old] = {}
     for record, _ in previous.records():
-        neighbours = tuple(n[0] for n in record["n"])
         key = None if record["key"] is None else tuple(record["key"])
-        old[record["id"]] = _Old(record["fp"], key, neighbours, _radius(record, rules.k))
+        old[record["id"]] = _Old(record["fp"], key, tuple(n[0] for n in record["n"]), record["r"])
     now = _now(index, rules, progress)
     gone = old.keys() - now.keys()
     moved = {
         p for p, (fp, key) in now.items() if p not in old or old[p].fingerprint != fp or old[p].key != key
     }
-    touched = gone | moved
-    recompute = set(moved)
-    recompute.update(
-        p for p, record in old.items() if p not in gone and any(n in touched for n in record.neighbours)
-    )
-    reached = _reached(index, rules, sorted(moved), now, old, progress)
-    recompute |= reached - gone
+    # A neighbour deleted while the previous feed ran is in lists but had no line of its own.
+    vanished = set().union(*(record.neighbours for record in old.values())) - now.keys()
+    touched = gone | moved | vanished
+    entered = _reached(index, rules, sorted(moved), now, old, progress)
+    # Every other list: none of its kept products changed and nothing new came within its reach.
+    mend = {
+        p
+        for p, record in old.items()
+        if p not in touched and (p in entered or touched.intersection(record.neighbours))
+    }
+    compared = mend | (moved & old.keys())  # their lists as the previous feed held them
+    kept = {record["id"]: record["n"] for record, _ in previous.records() if record["id"] in compared}
     lists: dict[str, Listed] = {}
-    ordered = sorted(recompute)
+    search = set(moved)
+    for product_id in sorted(mend):
+        mended = _mended(product_id, kept[product_id], entered.get(product_id, []), touched, old, now, rules)
+        if mended is None:
+            search.add(product_id)
+        else:
+            lists[product_id] = mended
+    ordered = sorted(search)
     for start in range(0, len(ordered), BATCH):
         ids = ordered[start : start + BATCH]
         payloads = index.payloads(ids)
         for listed in lists_for(index, [(p, payloads[p]) for p in ids if p in payloads], rules):
             lists[listed.product_id] = listed
         _tell(progress, "neighbours", min(start + BATCH, len(ordered)), len(ordered))
-    gone |= {p for p in recompute if p in old and p not in lists}  # deleted since it was read
+    gone |= {p for p in search if p in old and p not in lists}  # deleted since it was read
 
     def produce(writer: FeedWriter, state: StateWriter) -> None:
-        for product_id in ordered:
-            listed = lists.get(product_id)
-            if listed is not None and (
-                product_id not in old or not _same_list(listed.hits, previous_lists.get(product_id))
-            ):
+        for product_id in sorted(lists):
+            listed = lists[product_id]
+            if not _same_list(listed.hits, kept.get(product_id), rules.k):
                 writer.write_list(product_id, listed.hits)
         for product_id in sorted(gone):
             writer.write_deleted(product_id)
         for record, line in previous.records():
-            product_id = record["id"]
-            if product_id in gone:
+            if record["id"] in gone:
                 continue
-            if product_id in lists:
-                state.record(lists.pop(product_id))
+            if record["id"] in lists:
+                state.record(lists.pop(record["id"]))
             else:
                 state.copy(line)
         for listed in lists.values():  # new to the feed
             state.record(listed)
 
-    previous_lists = {
-        record["id"]: record["n"] for record, _ in previous.records() if record["id"] in recompute
-    }
     written: Written = write_feed(out, fmt, False, _header(index, rules), produce)
     return {
         "products": written.state_products,
         "moved": len(moved),
         "searched_around": len([p for p in moved if now[p][1] is not None]),
         "queried": len(ordered),
+        "mended": len(mend) - len(search - moved),
         "lists_written": written.lists,
         "deleted": written.deleted,
         "uncoloured": 0,
     }
 
 
-def _same_list(hits: list[Hit], before: list[list[Any]] | None) -> bool:
+def _mended(
+    product_id: str,
+    kept: list[list[Any]],
+    entered: list[tuple[str, float, int]],
+    touched: set[str],
+    old: dict[str, _Old],
+    now: dict[str, tuple[str, tuple[Any, ...] | None]],
+    rules: FeedRules,
+) -> Listed | None:
+    """A list mended without a search: its kept products that did not change and the moved ones that
+    came within its reach, while at least k of them (or all of its class) remain; None otherwise."""
+    within = old[product_id].radius
+    candidates = [(n[0], float(n[1]), int(n[2])) for n in kept if n[0] not in touched]
+    candidates += entered
+    candidates.sort(key=lambda c: (c[1], c[0]))
+    if within is not None and len(candidates) < rules.k:
+        return None  # too few left: only a search knows what lies beyond its reach
+    depth = min(MAX_K, RESERVE * rules.k)
+    if len(candidates) > depth:
+        candidates, within = candidates[:depth], candidates[depth - 1][1]
+    hits = [Hit(n, d, {}, m) for n, d, m in candidates]
+    fingerprint, key = now[product_id]
+    return Listed(product_id, hits[: rules.k], fingerprint, key, hits, within)
+
+
+def _same_list(hits: list[Hit], before: list[list[Any]] | None, k: int) -> bool:
     """Whether a list is the one the previous feed held (ids, photos, distances to float32 precision)."""
-    if before is None or len(before) != len(hits):
+    if before is None:
+        return False
+    before = before[:k]
+    if len(before) != len(hits):
         return False
     return all(
         h.product_id == b[0]
@@ -287,16 +320,17 @@ def _reached(
     now: dict[str, tuple[str, tuple[Any, ...] | None]],
     old: dict[str, _Old],
     progress: Progress | None,
-) -> set[str]:
-    """The previous lists a moved product may now enter: its surroundings within its class, searched
-    until past the class's farthest k-th distance (all of it where a list there is short of k)."""
+) -> Entered:
+    """The previous lists each moved product now comes within reach of, with its distance and photo:
+    its surroundings within its class, searched until past the class's farthest reach (all of the class
+    where a list there holds all of it)."""
     farthest: dict[tuple[Any, ...], float] = {}
     for record in old.values():
         if record.key is not None and record.radius != -1.0:
             reach = math.inf if record.radius is None else record.radius
             farthest[record.key] = max(farthest.get(record.key, -math.inf), reach)
     pending = [(p, REACH_START * rules.k) for p in moved if now[p][1] in farthest]
-    found: set[str] = set()
+    entered: Entered = {}
     searched, products = 0, index.count()
     while pending:
         batch, pending = pending[:BATCH], pending[BATCH:]
@@ -316,12 +350,20 @@ def _reached(
         for product_id, limit, count in plans:
             searches = [next(results) for _ in range(count)]
             reach = farthest[now[product_id][1]]  # type: ignore[index]
-            for hit in query.merge_nearest(searches, limit * count):
-                listed = old.get(hit.product_id)
-                if listed is not None and (listed.radius is None or hit.distance <= listed.radius):
-                    found.add(hit.product_id)
+            nearest: dict[str, tuple[float, int]] = {}  # list → (distance, which photo of the moved one)
+            for photo, hits in enumerate(searches):
+                for hit in hits:
+                    if hit.product_id not in nearest or hit.distance < nearest[hit.product_id][0]:
+                        nearest[hit.product_id] = (hit.distance, photo)
+            for listed_id, (distance, photo) in nearest.items():
+                listing = old.get(listed_id)
+                if listing is not None and (listing.radius is None or distance <= listing.radius):
+                    entered.setdefault(listed_id, []).append((product_id, distance, photo))
             if any(len(s) == limit and s[-1].distance <= reach for s in searches) and limit < products:
                 pending.append((product_id, limit * 4))  # more of the class may lie within reach
+                for listed_id in nearest:  # searched again, deeper: counted then
+                    found = entered.get(listed_id, [])
+                    entered[listed_id] = [e for e in found if e[0] != product_id]
         searched += len(plans)
         _tell(progress, "nearby", searched, searched + len(pending))
-    return found
+    return {p: e for p, e in entered.items() if e}

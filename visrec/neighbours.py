@@ -32,6 +32,9 @@ from visrec.payload import HIDDEN_FROM_OPERATORS, addressable
 from visrec.rules import MAX_K, Rules
 
 BATCH = 256  # products whose searches go to the engine in one call
+# A nearest-first list is searched RESERVE x k deep and that many kept in the state: a delta then mends a
+# list whose neighbours moved away from those left, without a search, while k of them remain.
+RESERVE = 2
 MAX_SAME = 5  # --same fields
 # What a search hands back of each neighbour: its id, its photos (which one matched) and what the rules read.
 HIT_FIELDS = ("product_id", "image", "images")
@@ -151,20 +154,18 @@ def fingerprint(payload: dict[str, Any], vectors: np.ndarray | None) -> str:
 
 @dataclass(frozen=True)
 class Listed:
-    """One product's list, and what a later delta needs of it."""
+    """One product's list, and what a later delta needs of it: `kept`, its nearest products beyond the
+    list too (`RESERVE` x k, nearest-first lists only), complete up to `within`: every product of its
+    class at most that far is in `kept` (None: all of the class is; -1: it has no class, nothing can
+    enter)."""
 
     product_id: str
     hits: list[Hit]
     fingerprint: str
     key: tuple[SameValue, ...] | None  # its `same` values (None: it has none, its list is empty)
+    kept: list[Hit]
+    within: float | None
     uncoloured: bool = False  # a colour re-rank was asked, and the product has no colour: not re-ranked
-
-    def radius(self, k: int) -> float | None:
-        """How close a product must come to enter this list: the k-th neighbour's distance; None when
-        the list is short (anything in its class may enter); -1 when nothing can (no class)."""
-        if self.key is None:
-            return -1.0
-        return self.hits[-1].distance if len(self.hits) >= k else None
 
 
 def lists_for(
@@ -188,7 +189,7 @@ def lists_for(
             plans.append((product_id, payload, rows, None, 0))
             continue
         filters = with_same(feed.filters, feed.same, key)
-        size, _ = query.pool_sizes(feed.k, len(rows), feed.rules, _weight(feed, payload), bounds)
+        size = _depth(feed, len(rows), _weight(feed, payload), bounds)
         searched = query.query_rows(rows, size, bounds)
         plans.append((product_id, payload, rows, filters, len(searched)))
         requests += [SearchRequest(row, size, filters, [product_id], fields) for row in searched]
@@ -196,14 +197,24 @@ def lists_for(
     listed = []
     for product_id, payload, rows, among, searches in plans:
         key = same_key(payload, feed.same)
-        hits = (
-            []
-            if among is None
-            else _choose(index, feed, payload, rows, among, [next(found) for _ in range(searches)], bounds)
-        )
         uncoloured = bool(feed.colour_weight) and "colour_lab" not in payload
-        listed.append(Listed(product_id, hits, fingerprint(payload, rows), key, uncoloured))
+        if among is None:
+            listed.append(Listed(product_id, [], fingerprint(payload, rows), key, [], -1.0, uncoloured))
+            continue
+        depth = _depth(feed, len(rows), _weight(feed, payload), bounds)
+        pool = query.merge_nearest([next(found) for _ in range(searches)], depth)
+        hits = _choose(index, feed, payload, rows, among, pool, bounds)
+        within = pool[-1].distance if len(pool) >= depth else None
+        listed.append(Listed(product_id, hits, fingerprint(payload, rows), key, pool, within, uncoloured))
     return listed
+
+
+def _depth(feed: FeedRules, photos: int, weight: float, bounds: query.Bounds) -> int:
+    """How many neighbours a product's searches fetch: the rules' pool, or a nearest-first list's
+    reserve."""
+    if feed.rules.active or weight:
+        return query.pool_sizes(feed.k, photos, feed.rules, weight, bounds)[0]
+    return min(MAX_K, RESERVE * feed.k)
 
 
 def _weight(feed: FeedRules, payload: dict[str, Any]) -> float:
@@ -218,14 +229,12 @@ def _choose(
     payload: dict[str, Any],
     rows: np.ndarray,
     filters: Filters,
-    searches: list[list[Hit]],
+    pool: list[Hit],
     bounds: query.Bounds,
 ) -> list[Hit]:
     weight = _weight(feed, payload)
-    size, _ = query.pool_sizes(feed.k, len(rows), feed.rules, weight, bounds)
-    pool = query.merge_nearest(searches, size)
     if not feed.rules.active and not weight:
-        return pool
+        return pool[: feed.k]
     colour = (payload["colour_lab"], weight) if weight else None
     exclude = [str(payload["product_id"])]
     return query.chosen(
