@@ -28,6 +28,7 @@ import numpy as np
 
 from visrec.config import QdrantSettings
 from visrec.feed_run import make_feed
+from visrec.fs import copy_tree_sparse
 from visrec.index import IndexPoint, VectorIndex
 from visrec.index.edge import EdgeIndex
 from visrec.neighbours import FeedRules
@@ -60,31 +61,33 @@ def point(i: int, vector: np.ndarray, label: int, price: float, version: int = 0
 
 
 def made_store(args: Any) -> tuple[EdgeIndex, np.ndarray, np.ndarray, dict[str, float]]:
+    """The store, made and optimized once in `--store/made`; each run changes a sparse copy of it
+    (`--store/run`: a payload rewrite moves a point out of the optimized segments, so a store a run
+    changed is no longer the one a sync leaves)."""
     rng = np.random.default_rng(args.seed)
     vectors, labels = clustered(args.size, args.categories, rng)
+    made, run = args.store / "made", args.store / "run"
     marker = args.store / "made.json"
     timing: dict[str, float] = {}
-    if marker.is_file() and json.loads(marker.read_text()).get("size") == args.size:
-        index = EdgeIndex(args.store, "bench", QdrantSettings(path=args.store))
-        changed = _changed(args.size, args.seed)  # as they were made, before the last run changed them
-        for start in range(0, len(changed), 1000):
-            batch = changed[start : start + 1000]
-            index.upsert([point(int(i), vectors[i], int(labels[i]), 10.0 + i % 90) for i in batch])
-        return index, vectors, labels, json.loads(marker.read_text())["timing"]
-    shutil.rmtree(args.store, ignore_errors=True)
-    index = EdgeIndex(args.store, "bench", QdrantSettings(path=args.store))
-    index.create(DIM, {"model_version": "bench"})
-    started = time.perf_counter()
-    for start in range(0, args.size, 1000):
-        end = min(start + 1000, args.size)
-        index.upsert([point(i, vectors[i], int(labels[i]), 10.0 + i % 90) for i in range(start, end)])
-    timing["upsert_s"] = round(time.perf_counter() - started, 1)
-    started = time.perf_counter()
-    index.optimize()
-    timing["optimize_s"] = round(time.perf_counter() - started, 1)
-    marker.write_text(json.dumps({"size": args.size, "timing": timing}))
-    print(f"store made: {timing}", file=sys.stderr)
-    return index, vectors, labels, timing
+    if not (marker.is_file() and json.loads(marker.read_text()).get("size") == args.size):
+        shutil.rmtree(args.store, ignore_errors=True)
+        index = EdgeIndex(made, "bench", QdrantSettings(path=made))
+        index.create(DIM, {"model_version": "bench"})
+        started = time.perf_counter()
+        for start in range(0, args.size, 1000):
+            end = min(start + 1000, args.size)
+            index.upsert([point(i, vectors[i], int(labels[i]), 10.0 + i % 90) for i in range(start, end)])
+        timing["upsert_s"] = round(time.perf_counter() - started, 1)
+        started = time.perf_counter()
+        index.optimize()
+        timing["optimize_s"] = round(time.perf_counter() - started, 1)
+        index.close()
+        marker.write_text(json.dumps({"size": args.size, "timing": timing}))
+        print(f"store made: {timing}", file=sys.stderr)
+    shutil.rmtree(run, ignore_errors=True)
+    copy_tree_sparse(made, run)
+    index = EdgeIndex(run, "bench", QdrantSettings(path=run))
+    return index, vectors, labels, json.loads(marker.read_text())["timing"]
 
 
 def recall(feed: Path, vectors: np.ndarray, labels: np.ndarray, sample: int, k: int, seed: int) -> float:
@@ -109,16 +112,11 @@ def recall(feed: Path, vectors: np.ndarray, labels: np.ndarray, sample: int, k: 
     return found / (k * len(lists))
 
 
-def _changed(size: int, seed: int) -> np.ndarray:
-    """The products whose photos change: 1 %, seeded."""
-    return np.random.default_rng(seed + 2).choice(size, size // 100, replace=False)
-
-
 def change_photos(index: VectorIndex, vectors: np.ndarray, labels: np.ndarray, seed: int) -> int:
     """New photos for 1 % of the products: each moves near another product of its category (or stays
     near its own place, moved by noise)."""
     rng = np.random.default_rng(seed + 3)
-    chosen = _changed(len(vectors), seed)
+    chosen = rng.choice(len(vectors), len(vectors) // 100, replace=False)
     others = rng.choice(len(vectors), len(chosen))
     for start in range(0, len(chosen), 1000):
         batch = []

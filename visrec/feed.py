@@ -18,7 +18,7 @@ import hashlib
 import io
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -240,10 +240,9 @@ class StateWriter:
         self._line(state_record(listed))
         self.products += 1
 
-    def copy(self, line: bytes) -> None:
-        """A record kept as it was (a delta's unchanged product)."""
-        self._raw.write(line if line.endswith(b"\n") else line + b"\n")
-        self.products += 1
+    def write_raw(self, data: bytes) -> None:
+        """Lines copied as they were (a delta's unchanged records: `StateFile.copy_span`)."""
+        self._raw.write(data)
 
     def finish(self, feed_sha256: str) -> None:
         self._line({"end": True, "products": self.products, "feed_sha256": feed_sha256})
@@ -329,15 +328,36 @@ class StateFile:
     header: dict[str, Any]
     trailer: dict[str, Any]
 
-    def records(self) -> Iterator[tuple[dict[str, Any], bytes]]:
-        """Each product's record, and its line as written (to copy it unchanged)."""
+    def records(self) -> Iterator[tuple[dict[str, Any], int, int]]:
+        """Each product's record, and where its line lies in the file (offset, length)."""
         with self.path.open("rb") as f:
-            next(f)  # the header
+            offset = len(f.readline())  # the header
             for line in f:
                 record = json.loads(line)
                 if "end" in record:
                     return
-                yield record, line
+                yield record, offset, len(line)
+                offset += len(line)
+
+    def read_at(self, spans: Iterable[tuple[int, int]]) -> Iterator[dict[str, Any]]:
+        """The records at these (offset, length) spans."""
+        with self.path.open("rb") as f:
+            for offset, length in spans:
+                f.seek(offset)
+                yield json.loads(f.read(length))
+
+    def copy_span(self, state: StateWriter, start: int, end: int, products: int) -> None:
+        """Copy the lines from `start` to `end` (`products` records, kept as they were) into `state`."""
+        with self.path.open("rb") as f:
+            f.seek(start)
+            left = end - start
+            while left > 0:
+                chunk = f.read(min(left, 1 << 20))
+                if not chunk:
+                    raise OSError(f"{self.path} shrank while it was read")
+                state.write_raw(chunk)
+                left -= len(chunk)
+        state.products += products
 
 
 def read_state(feed: Path) -> StateFile:

@@ -206,9 +206,11 @@ def _delta(
 ) -> dict[str, Any]:
     _check_comparable(previous, index, rules)
     old: dict[str, _Old] = {}
-    for record, _ in previous.records():
+    spans: dict[str, tuple[int, int]] = {}  # where each record lies in the previous state
+    for record, offset, length in previous.records():
         key = None if record["key"] is None else tuple(record["key"])
         old[record["id"]] = _Old(record["fp"], key, tuple(n[0] for n in record["n"]), record["r"])
+        spans[record["id"]] = (offset, length)
     now = _now(index, rules, progress)
     gone = old.keys() - now.keys()
     moved = {
@@ -225,7 +227,7 @@ def _delta(
         if p not in touched and (p in entered or touched.intersection(record.neighbours))
     }
     compared = mend | (moved & old.keys())  # their lists as the previous feed held them
-    kept = {record["id"]: record["n"] for record, _ in previous.records() if record["id"] in compared}
+    kept = {r["id"]: r["n"] for r in previous.read_at(sorted(spans[p] for p in compared))}
     lists: dict[str, Listed] = {}
     search = set(moved)
     for product_id in sorted(mend):
@@ -250,13 +252,20 @@ def _delta(
                 writer.write_list(product_id, listed.hits)
         for product_id in sorted(gone):
             writer.write_deleted(product_id)
-        for record, line in previous.records():
-            if record["id"] in gone:
+        run_start, run_end, run = 0, 0, 0  # a run of unchanged records, copied as bytes
+        for product_id, (offset, length) in spans.items():
+            if product_id not in gone and product_id not in lists:
+                if not run:
+                    run_start = offset
+                run_end, run = offset + length, run + 1
                 continue
-            if record["id"] in lists:
-                state.record(lists.pop(record["id"]))
-            else:
-                state.copy(line)
+            if run:
+                previous.copy_span(state, run_start, run_end, run)
+                run = 0
+            if product_id in lists:
+                state.record(lists.pop(product_id))
+        if run:
+            previous.copy_span(state, run_start, run_end, run)
         for listed in lists.values():  # new to the feed
             state.record(listed)
 
