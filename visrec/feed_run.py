@@ -108,12 +108,8 @@ def _full(
                 counts["products"] += 1
                 counts["uncoloured"] += listed.uncoloured
             counts["queried"] += len(batch)
-            _tell(
-                progress,
-                "neighbours",
-                min(counts["queried"], max(total, counts["queried"])),
-                max(total, counts["queried"]),
-            )
+            done = counts["queried"]
+            _tell(progress, "neighbours", done, max(total, done))  # products written meanwhile count too
 
     written = write_feed(out, fmt, rules.ranks_by_more_than_distance, _header(index, rules), produce)
     return {**counts, "lists_written": written.lists, "deleted": 0}
