@@ -278,3 +278,11 @@ def test_sync_shows_its_first_failures_and_the_delimiter(
     result = runner.invoke(app, ["similar", "p0", "--json"])
     prices = {h["product_id"]: h["payload"]["price"] for h in json.loads(result.stdout)}
     assert prices["p1"] == 11.5  # 11,5 read as 11.5
+
+
+def test_an_error_message_is_printed_as_it_is(env: Settings, tmp_path: Path) -> None:
+    """Brackets in a message (a path, `pip install 'visrec[parquet]'`) are text, not terminal markup."""
+    missing = tmp_path / "[red]shop[/red]" / "cat[1].csv"
+    result = runner.invoke(app, ["sync", str(missing)])
+    assert result.exit_code == 2, result.output
+    assert f"catalogue not found: {missing}" in result.stderr.replace("\n", ""), result.stderr

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ParamSpec, TypeVar
 
 import typer
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from visrec.catalogue import read_catalogue
 from visrec.cli_output import (
@@ -69,7 +70,8 @@ def user_errors(command: Callable[P, R]) -> Callable[P, R]:
             if not known:
                 log.info("unexpected error", exc_info=True)
             message = str(exc) if known else f"unexpected {type(exc).__name__}: {exc} (-v shows where)"
-            err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+            # (escaped: a message's own brackets, `visrec[parquet]` or a filter's `[a, b]`, are text)
+            err.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
             raise typer.Exit(exc.exit_code if isinstance(exc, VisrecError) else 1) from None
 
     return wrapper
@@ -429,3 +431,72 @@ def serve(
 
     settings = _settings(**{"api.host": host, "api.port": port, "api.insecure": insecure or None})
     run(settings, _device(settings), lambda lines: err.print(lines, highlight=False, soft_wrap=True))
+
+
+@app.command()
+@user_errors
+def neighbours(
+    out_file: Annotated[
+        Path,
+        typer.Option("--out", help="Feed file to write (replaced whole; a stopped run leaves the last)."),
+    ],
+    since: Annotated[
+        Path | None,
+        typer.Option(help="A previous feed: write only what changed since it (a delta; docs/neighbours.md)."),
+    ] = None,
+    output_format: Annotated[
+        str | None, typer.Option("--format", help="jsonl, csv or parquet [the --out suffix; else jsonl].")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", help="Neighbours per product.")] = 20,
+    same: Annotated[
+        list[str] | None,
+        typer.Option(help="FIELD: a neighbour holds the product's own value of it (repeat)."),
+    ] = None,
+    category: Annotated[list[str] | None, typer.Option(help="Any of these categories (repeat).")] = None,
+    colour: Annotated[list[str] | None, typer.Option(help="Any of these colours (repeat).")] = None,
+    price_min: Annotated[float | None, typer.Option(help="Lowest price.")] = None,
+    price_max: Annotated[float | None, typer.Option(help="Highest price.")] = None,
+    where: Annotated[
+        list[str] | None, typer.Option(help="FIELD=VALUE or FIELD=LOW..HIGH (repeat; docs/filters.md).")
+    ] = None,
+    colour_weight: Annotated[float, typer.Option(help="0-1: prefer each product's own colour.")] = 0.0,
+    diversity: Annotated[
+        float, typer.Option(help="0-1: prefer products unlike those already chosen (MMR).")
+    ] = 0.0,
+    max_per: Annotated[
+        list[str] | None, typer.Option(help="FIELD=N: at most N neighbours per value of FIELD (repeat).")
+    ] = None,
+    exact: Annotated[
+        bool, typer.Option(help="Search every point (no HNSW graph): exact lists, slowly; for checks.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Every product's nearest products, as `visrec similar ID` chooses them (filters choose the products
+    listed and their neighbours), written to a file: JSON lines, CSV or Parquet. With --since, only
+    the lists that changed since a previous feed, and the products gone from it."""
+    from visrec.cli_output import neighbours_table
+    from visrec.feed import check_writable, format_of
+    from visrec.jobs import NeighboursJob
+    from visrec.reads import feed_rules
+
+    out = out_file.absolute()
+    job = NeighboursJob(
+        out=out,
+        format=format_of(out, output_format),
+        since=None if since is None else since.absolute(),
+        k=k,
+        category=category or [],
+        colour=colour or [],
+        price_min=price_min,
+        price_max=price_max,
+        where=where or [],
+        colour_weight=colour_weight,
+        diversity=diversity,
+        max_per=max_per or [],
+        same=same or [],
+        exact=exact,
+    )
+    feed_rules(job)  # checked here: a mistake is said before the store is asked
+    check_writable(out)
+    data = _run(job, _settings(), not as_json)
+    emit(as_json, data, neighbours_table(data))

@@ -231,3 +231,9 @@ def progress_bars(enabled: bool) -> Iterator[Callable[[str, int, int], None]]:
             bar.update(tasks[stage], completed=done, total=total)
 
         yield update
+
+
+def neighbours_table(feed: dict[str, Any]) -> Table:
+    """`visrec neighbours`' summary (its `--json`)."""
+    table = key_value_table(f"neighbours ({feed['kind']}) → {feed['feed']}", feed)
+    return table

@@ -1,9 +1,9 @@
 """The commands that use the store as jobs: what the CLI asked, as data that runs in this process or
 travels to the service that owns the store (`visrec.owner`), and runs there through the same stages. The
 writing commands (`sync`, `reindex`, `rollback`) run here or in the service's writer (`ingest.sync`,
-`versions.reindex`, `versions.rollback`); the reading ones (`status`, `similar`, `report`, `duplicates`)
-in `visrec.reads`, beside any writes. A job's result is the dict the CLI prints (`--json`), wherever it
-ran.
+`versions.reindex`, `versions.rollback`); the reading ones (`status`, `similar`, `report`, `duplicates`,
+`neighbours`) in `visrec.reads`, beside any writes. A job's result is the dict the CLI prints (`--json`),
+wherever it ran.
 
 A job carries the command's flags, already checked by the CLI; the process that runs it adds its own
 settings (a handed-over job runs with the service's `VISREC_INGEST__*`, image roots included).
@@ -96,10 +96,31 @@ class DuplicatesJob(_Job):
     out: Path | None = None  # absolute
 
 
+class NeighboursJob(_Job):
+    """`visrec neighbours`: every product's list, written to `out` (a delta on `since`'s state)."""
+
+    command: Literal["neighbours"] = "neighbours"
+    out: Path  # absolute
+    format: Literal["jsonl", "csv", "parquet"] = "jsonl"
+    since: Path | None = None  # absolute
+    k: int = 20
+    category: list[str] = []
+    colour: list[str] = []
+    price_min: float | None = None
+    price_max: float | None = None
+    where: list[str] = []
+    colour_weight: float = 0.0
+    diversity: float = 0.0
+    max_per: list[str] = []
+    same: list[str] = []
+    exact: bool = False
+
+
 WriteJob = SyncJob | ReindexJob | RollbackJob  # the writer runs these, one at a time
-READS = (StatusJob, SimilarJob, ReportJob, DuplicatesJob)  # these read the live version, beside writes
+# These read the live version, beside writes.
+READS = (StatusJob, SimilarJob, ReportJob, DuplicatesJob, NeighboursJob)
 Job = Annotated[
-    SyncJob | ReindexJob | RollbackJob | StatusJob | SimilarJob | ReportJob | DuplicatesJob,
+    SyncJob | ReindexJob | RollbackJob | StatusJob | SimilarJob | ReportJob | DuplicatesJob | NeighboursJob,
     Field(discriminator="command"),
 ]
 

@@ -13,7 +13,7 @@ the CLI and the HTTP API only parse arguments and call these. A condition no pro
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -85,17 +85,30 @@ def nearest(
     filters: Filters,
     exclude: Sequence[str] = (),
     bounds: Bounds = BOUNDS,
+    exact: bool = False,
 ) -> list[Hit]:
     """The k products nearest to any of `vectors` (one row per query photo), each ranked by its
-    nearest pair of photos: one search per row, merged. Exact whenever each search is. At most
-    `bounds.max_neighbours` neighbours in all: the first rows that fit (at least one)."""
+    nearest pair of photos: one search per row, merged. Exact whenever each search is (`exact`: a full
+    scan). At most `bounds.max_neighbours` neighbours in all: the first rows that fit (at least one)."""
+    rows = query_rows(vectors, k, bounds)
+    return merge_nearest([index.search(vector, k, filters, exclude, exact) for vector in rows], k)
+
+
+def query_rows(vectors: np.ndarray, k: int, bounds: Bounds = BOUNDS) -> np.ndarray:
+    """The photos of a query that `nearest` searches with for k neighbours: the first that fit the
+    bounds (at least one)."""
+    return np.atleast_2d(vectors)[: max(1, bounds.max_neighbours // k)]
+
+
+def merge_nearest(searches: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
+    """The k nearest distinct products of several searches (one per query photo), each at its nearest
+    photo; ties broken by product id."""
     merged: dict[str, Hit] = {}
-    rows = np.atleast_2d(vectors)
-    for vector in rows[: max(1, bounds.max_neighbours // k)]:
-        for hit in index.search(vector, k, filters, exclude):
+    for hits in searches:
+        for hit in hits:
             if hit.product_id not in merged or hit.distance < merged[hit.product_id].distance:
                 merged[hit.product_id] = hit
-    return sorted(merged.values(), key=lambda h: h.distance)[:k]
+    return sorted(merged.values(), key=lambda h: (h.distance, h.product_id))[:k]
 
 
 def _neighbours(
@@ -117,13 +130,27 @@ def _neighbours(
     if vectors.ndim != 2 or not np.isfinite(vectors).all():
         raise InvalidQuery("the query vector must be one-dimensional and finite")
     filters = filters or Filters()
-    hits = _chosen(index, vectors, k, filters, exclude, rules, colour, bounds)
+    hits = chosen(index, vectors, k, filters, exclude, rules, colour, bounds)
     check_matches(index, filters, [hit.payload for hit in hits], shown)
     check_caps(index, rules.caps, [hit.payload for hit in hits], shown)
     return hits
 
 
-def _chosen(
+def pool_sizes(
+    k: int, photos: int, rules: Rules, colour_weight: float, bounds: Bounds = BOUNDS
+) -> tuple[int, int]:
+    """(the pool a query first chooses among, the furthest it may look when caps leave too few): k and k
+    for plain nearest-first."""
+    if not rules.active and not colour_weight:
+        return k, k
+    wanted = min(MAX_K, k * RERANK_POOL) if not rules.active else max(POOL_MIN, k * RULES_POOL)
+    # Every search of a query photo fetches the whole pool: a pool the photos' searches cannot afford
+    # shrinks towards k first.
+    limit = max(k, bounds.max_neighbours // photos)
+    return min(wanted, limit), limit
+
+
+def chosen(
     index: VectorIndex,
     vectors: np.ndarray,
     k: int,
@@ -131,25 +158,26 @@ def _chosen(
     exclude: Sequence[str],
     rules: Rules,
     colour: tuple[Sequence[float], float] | None,
-    bounds: Bounds,
+    bounds: Bounds = BOUNDS,
+    *,
+    pool: list[Hit] | None = None,
+    exact: bool = False,
 ) -> list[Hit]:
+    """The k hits the rules and the colour re-rank choose (no filter check: `_neighbours` does it).
+    `pool`: the first pool already searched (`nearest` at `pool_sizes`' first size), as a batch of
+    queries does; searched here otherwise."""
     if colour is not None and not 0 <= colour[1] <= 1:
         raise InvalidQuery(f"colour_weight must be between 0 and 1, got {colour[1]}")
-    if not rules.active and not (colour and colour[1]):
-        return nearest(index, vectors, k, filters, exclude, bounds)
-    wanted = min(MAX_K, k * RERANK_POOL) if not rules.active else max(POOL_MIN, k * RULES_POOL)
-    # Every search of a query photo fetches the whole pool: a pool the photos' searches cannot afford
-    # shrinks towards k first.
-    limit = max(k, bounds.max_neighbours // len(vectors))
-    pool_size = min(wanted, limit)
+    pool_size, limit = pool_sizes(k, len(vectors), rules, colour[1] if colour else 0.0, bounds)
     while True:
-        pool = nearest(index, vectors, pool_size, filters, exclude, bounds)
+        if pool is None:
+            pool = nearest(index, vectors, pool_size, filters, exclude, bounds, exact)
         if colour and colour[1]:
             pool = rerank_by_colour(pool, colour[0], colour[1], len(pool))
-        chosen = choose(index, pool, vectors, k, rules) if rules.active else pool[:k]
-        if len(chosen) == k or len(pool) < pool_size or pool_size >= limit:
-            return chosen
-        pool_size = limit  # caps left too few: look further, once, as far as the bounds allow
+        picked = choose(index, pool, vectors, k, rules) if rules.active else pool[:k]
+        if len(picked) == k or len(pool) < pool_size or pool_size >= limit:
+            return picked
+        pool, pool_size = None, limit  # caps left too few: look further, once, as far as the bounds allow
 
 
 def similar_to_vector(
@@ -174,7 +202,7 @@ def rerank_by_colour(hits: list[Hit], target_lab: Sequence[float], weight: float
 
     score = (1 - weight) * distance / max distance + weight * min(ΔE76(colour_lab, target) / 100, 1).
     weight 0 keeps the visual order; 1 sorts by colour alone. A hit without a colour ranks as the most
-    different colour. Distances in the result stay the visual ones.
+    different colour. Distances in the result stay the visual ones; each hit's `score` is its blend.
     """
     if not 0 <= weight <= 1:
         raise InvalidQuery(f"colour_weight must be between 0 and 1, got {weight}")
@@ -188,7 +216,8 @@ def rerank_by_colour(hits: list[Hit], target_lab: Sequence[float], weight: float
         colour = 1.0 if lab is None else min(float(np.linalg.norm(np.asarray(lab) - target)) / 100, 1.0)
         return (1 - weight) * hit.distance / scale + weight * colour
 
-    return sorted(hits, key=score)[:k]
+    scored = [replace(hit, score=score(hit)) for hit in hits]
+    return sorted(scored, key=lambda hit: hit.score or 0.0)[:k]
 
 
 def similar_to_product(

@@ -1,9 +1,10 @@
-"""The reading commands (`status`, `similar`, `report`, `duplicates`) as jobs: run on an index this process
-opened, or in the service that owns the embedded store (handed over like the writing commands, run on
-its live version beside writes, never by its writer). Either way the same stages and the same result:
-the dict `--json` prints, from which the CLI also draws its tables (`visrec.cli_output`). A report's or
-a duplicates page's HTML is written where the job runs, at the absolute path the command gave (the
-service runs as the command's user: the owner channel checks).
+"""The reading commands (`status`, `similar`, `report`, `duplicates`, `neighbours`) as jobs: run on an
+index this process opened, or in the service that owns the embedded store (handed over like the writing
+commands, run on its live version beside writes, never by its writer). Either way the same stages and
+the same result: the dict `--json` prints, from which the CLI also draws its tables (`visrec.cli_output`).
+A report's or a duplicates page's HTML, and a neighbours feed, are written where the job runs, at the
+absolute path the command gave (the service runs as the command's user: the owner channel checks); a
+feed reads the one live version it started on from start to end (the service holds it for the job).
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ from visrec.config import Settings
 from visrec.filters import Filters
 from visrec.images import ImageLimits
 from visrec.index import VectorIndex, open_index, open_store
-from visrec.jobs import DuplicatesJob, Progress, ReportJob, SimilarJob, StatusJob
+from visrec.jobs import DuplicatesJob, NeighboursJob, Progress, ReportJob, SimilarJob, StatusJob
 from visrec.manifest import artefact_for
+from visrec.neighbours import FeedRules
 from visrec.payload import for_operators
 
 if TYPE_CHECKING:  # torch loads only for a query photo
     from visrec.embed import Embedder
 
-ReadJob = StatusJob | SimilarJob | ReportJob | DuplicatesJob
+ReadJob = StatusJob | SimilarJob | ReportJob | DuplicatesJob | NeighboursJob
 
 
 def read_here(job: ReadJob, settings: Settings, progress: Progress | None) -> dict[str, Any]:
@@ -38,7 +40,7 @@ def read_here(job: ReadJob, settings: Settings, progress: Progress | None) -> di
 
 
 def run_read(
-    job: SimilarJob | ReportJob | DuplicatesJob,
+    job: SimilarJob | ReportJob | DuplicatesJob | NeighboursJob,
     index: VectorIndex,
     settings: Settings,
     model: Callable[[], Embedder],
@@ -53,6 +55,8 @@ def run_read(
             return _report(job, index)
         case DuplicatesJob():
             return _duplicates(job, index, settings, progress)
+        case NeighboursJob():
+            return _neighbours(job, index, progress)
 
 
 def _model_of(index: VectorIndex, settings: Settings) -> Embedder:
@@ -133,3 +137,28 @@ def _duplicates(
         model_version = index.metadata().get("model_version", "")
         data["report"] = str(write_duplicates_html(scan, job.out, model_version).resolve())
     return data
+
+
+def feed_rules(job: NeighboursJob) -> FeedRules:
+    """The job's options as the stage takes them; raises `InvalidQuery`/`InvalidFilter` with the reason."""
+    filters = Filters.parse(
+        category=job.category,
+        colour=job.colour,
+        price_min=job.price_min,
+        price_max=job.price_max,
+        where=job.where,
+    )
+    rules = query.Rules.parse(diversity=job.diversity, max_per=job.max_per)
+    chosen = FeedRules(job.k, filters, rules, job.colour_weight, tuple(dict.fromkeys(job.same)), job.exact)
+    chosen.check()
+    return chosen
+
+
+def _neighbours(job: NeighboursJob, index: VectorIndex, progress: Progress | None) -> dict[str, Any]:
+    from visrec.feed import check_writable, format_of
+    from visrec.feed_run import make_feed
+
+    rules = feed_rules(job)
+    fmt = format_of(job.out, job.format)  # pyarrow where the job runs, for Parquet
+    check_writable(job.out)
+    return make_feed(index, rules, job.out, fmt, job.since, progress)

@@ -29,6 +29,19 @@ COMMANDS: list[list[str]] = [
     ["report", "--out", "{out}/report.html", "--queries", "3", "-k", "3", "--json"],
     ["duplicates", "--json"],
     ["duplicates", "--max-distance", "1000", "--out", "{out}/dups.html", "--json"],
+    ["neighbours", "--out", "{out}/feed.jsonl", "-k", "3", "--same", "category", "--json"],
+    [
+        "neighbours",
+        "--since",
+        "{out}/feed.jsonl",
+        "--out",
+        "{out}/delta.csv",
+        "-k",
+        "3",
+        "--same",
+        "category",
+        "--json",
+    ],
 ]
 MISTAKES: list[list[str]] = [
     ["similar", "nope"],  # not indexed: 2
@@ -37,6 +50,15 @@ MISTAKES: list[list[str]] = [
     ["similar", "--image", "{out}/not-a-photo.png"],  # not an image: 2
     ["similar", "--image", "{out}/huge.png"],  # over the photo limit (50 MB): 2, said before handing over
     ["duplicates", "--neighbours", "0"],  # refused before the store is asked: 2
+    [
+        "neighbours",
+        "--out",
+        "{out}/other.jsonl",
+        "--since",
+        "{out}/feed.jsonl",
+        "-k",
+        "5",
+    ],  # other options: 2
 ]
 
 
@@ -51,6 +73,9 @@ def _comparable(args: list[str], stdout: str) -> object:
     data = json.loads(stdout)
     if args[0] in ("report", "duplicates") and isinstance(data, dict):
         data.pop("report", None)
+    if args[0] == "neighbours" and isinstance(data, dict):  # its files' paths, its time
+        for key in ("feed", "state", "since", "seconds"):
+            data.pop(key, None)
     return data
 
 
@@ -107,6 +132,8 @@ def live_reads(
         }
     reports = sorted(p.name for p in (root / "out-beside").glob("*.html"))
     assert reports == ["dups.html", "report.html"]  # written by the service, where the command said
+    for feed in ("feed.jsonl", "delta.csv"):  # the same lists, whoever made them
+        assert (root / "out-beside" / feed).read_text() == (root / "out-alone" / feed).read_text()
     return {"alone": alone, "beside": beside, "second": second, "marker": marker, "after": after}
 
 

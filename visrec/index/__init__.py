@@ -5,13 +5,14 @@ from __future__ import annotations
 from visrec.config import QdrantSettings
 from visrec.filters import Filters
 from visrec.index.base import VectorIndex
-from visrec.index.points import Hit, IndexPoint, SyncRecord, point_id
+from visrec.index.points import Hit, IndexPoint, SearchRequest, SyncRecord, point_id
 from visrec.index.store import Store
 
 __all__ = [
     "Filters",
     "Hit",
     "IndexPoint",
+    "SearchRequest",
     "Store",
     "SyncRecord",
     "VectorIndex",

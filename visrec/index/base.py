@@ -16,7 +16,7 @@ import numpy as np
 from visrec.errors import PointRejected
 from visrec.filters import Filters
 from visrec.index.fields import PayloadFields
-from visrec.index.points import Hit, IndexPoint, SyncRecord, point_id
+from visrec.index.points import Hit, IndexPoint, SearchRequest, SyncRecord, point_id
 from visrec.payload import SYNC_FIELDS, photos
 
 SCROLL_PAGE = 1000
@@ -305,16 +305,43 @@ class VectorIndex(PayloadFields, Closing):
         where the graph alone could miss hits the filter keeps."""
         filters = self._resolved(filters)
         hits = self._search(vector, k, filters, exclude, exact or filters.needs_scan())
-        several = [h.product_id for h in hits if len(photos(h.payload)) > 1]
-        if not several:
-            return hits
-        found = self.vectors(several)
-        query = np.asarray(vector, dtype=np.float32)
+        return self._with_matched([vector], [hits])[0]
+
+    def search_batch(self, requests: Sequence[SearchRequest], exact: bool = False) -> list[list[Hit]]:
+        """`search` for each request, in one call to the engine (qdrant-edge's `query_batch`, a server's
+        `query_batch_points`): what a feed of every product's neighbours costs is the engine's work, not
+        a round trip and a Python call a query. Hits carry the request's `fields` of their payload only
+        (all with None), which must hold `product_id` (and `images`, for which photo matched)."""
+        resolved = [
+            SearchRequest(r.vector, r.k, self._resolved(r.filters), r.exclude, r.fields) for r in requests
+        ]
+        scans = [exact or r.filters.needs_scan() for r in resolved]
+        found = self._search_batch(resolved, scans) if resolved else []
+        return self._with_matched([r.vector for r in resolved], found)
+
+    def _search_batch(self, requests: Sequence[SearchRequest], exact: Sequence[bool]) -> list[list[Hit]]:
+        """The engine's hits for each request (their `matched` left at 0); by default one `_search` each
+        (full payloads)."""
         return [
-            replace(h, matched=int(np.argmin(np.linalg.norm(found[h.product_id] - query, axis=1))))
-            if h.product_id in found
-            else h
-            for h in hits
+            self._search(r.vector, r.k, r.filters, r.exclude, scan)
+            for r, scan in zip(requests, exact, strict=True)
+        ]
+
+    def _with_matched(self, queries: Sequence[np.ndarray], found: list[list[Hit]]) -> list[list[Hit]]:
+        """Each query's hits with the photo that matched it, for the hits whose payload lists several
+        photos: their vectors are read back once, whichever queries found them."""
+        several = {h.product_id for hits in found for h in hits if len(photos(h.payload)) > 1}
+        if not several:
+            return found
+        vectors = self.vectors(sorted(several))
+        return [
+            [
+                replace(h, matched=int(np.argmin(np.linalg.norm(vectors[h.product_id] - q, axis=1))))
+                if h.product_id in vectors
+                else h
+                for h in hits
+            ]
+            for q, hits in zip((np.asarray(q, dtype=np.float32) for q in queries), found, strict=True)
         ]
 
     @abstractmethod

@@ -26,7 +26,7 @@ from visrec.fs import allocated_bytes, copy_tree_sparse, write_atomically
 from visrec.index.base import IndexCopy, VectorIndex
 from visrec.index.edge_errors import StoreBusy, engine_errors
 from visrec.index.edge_filter import edge_filter
-from visrec.index.points import Hit, IndexPoint, payload_key, point_id
+from visrec.index.points import Hit, IndexPoint, SearchRequest, payload_key, point_id
 from visrec.payload import IndexType
 
 log = logging.getLogger(__name__)
@@ -292,12 +292,24 @@ class EdgeIndex(VectorIndex):
     def _search(
         self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str], exact: bool
     ) -> list[Hit]:
-        request = self._request(
+        request = self._query(SearchRequest(vector, k, filters, exclude), exact)
+        with self._engine("query"):
+            found = self.shard.query(request)
+        return [Hit.of(p.payload, p.score) for p in found]
+
+    def _search_batch(self, requests: Sequence[SearchRequest], exact: Sequence[bool]) -> list[list[Hit]]:
+        batch = qe.QueryBatchRequest([self._query(r, scan) for r, scan in zip(requests, exact, strict=True)])
+        with self._engine("query"):
+            found = self.shard.query_batch(batch)
+        return [[Hit.of(p.payload, p.score) for p in points] for points in found]
+
+    def _query(self, search: SearchRequest, exact: bool) -> qe.QueryRequest:
+        return self._request(
             lambda f: qe.QueryRequest(
-                limit=k,
-                query=qe.Query.Nearest(self._query_vector(vector)),
+                limit=search.k,
+                query=qe.Query.Nearest(self._query_vector(search.vector)),
                 filter=f,
-                with_payload=True,
+                with_payload=True if search.fields is None else [payload_key(f) for f in search.fields],
                 params=qe.SearchParams(
                     hnsw_ef=self.settings.hnsw_ef,
                     exact=exact,
@@ -306,12 +318,9 @@ class EdgeIndex(VectorIndex):
                     ),
                 ),
             ),
-            filters,
-            exclude,
+            search.filters,
+            search.exclude,
         )
-        with self._engine("query"):
-            found = self.shard.query(request)
-        return [Hit.of(p.payload, p.score) for p in found]
 
     def _count(self, filters: Filters) -> int:
         request = self._request(lambda f: qe.CountRequest(exact=True, filter=f), filters, ())

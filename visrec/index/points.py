@@ -4,11 +4,13 @@ of a product for sync, and the point ids and payload keys the engines address th
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+from visrec.filters import Filters
 
 # Fixed namespace: the same product id gives the same point id on every machine, forever.
 POINT_NAMESPACE = uuid.UUID("6f1c2a56-3d7e-5b8a-9c41-2e0f7d8b9a10")
@@ -51,6 +53,7 @@ class Hit:
     distance: float  # Euclidean, from the query to the product's nearest photo
     payload: dict[str, Any]
     matched: int = 0  # which of the product's photos (`payload.photos`) is the nearest
+    score: float | None = None  # what a rule ranked it by, where that is more than the distance
 
     @classmethod
     def of(cls, payload: dict[str, Any] | None, distance: float) -> Hit:
@@ -66,6 +69,18 @@ class Hit:
             "matched_image": self.matched,
             "payload": shown(self.payload),
         }
+
+
+@dataclass(frozen=True)
+class SearchRequest:
+    """One search of a batch (`VectorIndex.search_batch`): the k products nearest to `vector` meeting
+    `filters`, without `exclude`; hits carry `fields` of their payload (None: all of it)."""
+
+    vector: np.ndarray
+    k: int
+    filters: Filters
+    exclude: Sequence[str] = ()
+    fields: Sequence[str] | None = None
 
 
 @dataclass(frozen=True)

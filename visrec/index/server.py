@@ -22,7 +22,7 @@ from visrec.config import QdrantSettings
 from visrec.errors import CollectionMissing, IndexUnavailable, PointRejected, VisrecError
 from visrec.filters import AnyOf, Condition, Equals, Filters, OneOf, Range
 from visrec.index.base import VectorIndex
-from visrec.index.points import Hit, IndexPoint, payload_key, point_id
+from visrec.index.points import Hit, IndexPoint, SearchRequest, payload_key, point_id
 from visrec.index.store import Store
 from visrec.payload import INDEXED, IndexType
 
@@ -317,18 +317,36 @@ class ServerIndex(VectorIndex):
             query_filter=_server_filter(filters, exclude),
             limit=k,
             with_payload=True,
-            # Local mode always searches exactly (and warns about search params).
-            search_params=None
-            if self.conn.local
-            else qm.SearchParams(
-                hnsw_ef=self.settings.hnsw_ef,
-                exact=exact,
-                quantization=qm.QuantizationSearchParams(
-                    ignore=exact, rescore=self.settings.rescore, oversampling=self.settings.oversampling
-                ),
-            ),
+            search_params=self._params(exact),
         )
         return [Hit.of(p.payload, p.score) for p in response.points]
+
+    def _search_batch(self, requests: Sequence[SearchRequest], exact: Sequence[bool]) -> list[list[Hit]]:
+        self._require()
+        batch = [self._query(r, scan) for r, scan in zip(requests, exact, strict=True)]
+        found = self._call(self.client.query_batch_points, self.collection, requests=batch)
+        return [[Hit.of(p.payload, p.score) for p in response.points] for response in found]
+
+    def _query(self, search: SearchRequest, exact: bool) -> qm.QueryRequest:
+        return qm.QueryRequest(
+            query=self._query_vector(search.vector),
+            filter=_server_filter(search.filters, search.exclude),
+            limit=search.k,
+            with_payload=True if search.fields is None else [payload_key(f) for f in search.fields],
+            params=self._params(exact),
+        )
+
+    def _params(self, exact: bool) -> qm.SearchParams | None:
+        """Local mode always searches exactly (and warns about search params)."""
+        if self.conn.local:
+            return None
+        return qm.SearchParams(
+            hnsw_ef=self.settings.hnsw_ef,
+            exact=exact,
+            quantization=qm.QuantizationSearchParams(
+                ignore=exact, rescore=self.settings.rescore, oversampling=self.settings.oversampling
+            ),
+        )
 
     def _count(self, filters: Filters) -> int:
         self._require()

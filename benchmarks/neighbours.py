@@ -1,0 +1,195 @@
+"""`visrec neighbours` at --size products (default 100,000), k=20, `--same category`, on the embedded store.
+
+The store is made as the other scale benchmarks make theirs: points written directly, here clustered
+random 1000-d vectors (--categories categories, each a few looks around its centre, each product a look
+plus noise), with a category, a price and a vectors hash as sync records them; then `optimize()`, as
+a sync ends. The store is kept in --store and reused by the next run with the same size (its making is
+timed once). Then, through `visrec.feed_run.make_feed`:
+
+1. a full feed (timed), and its recall@k against exact brute force (numpy, within each category) on
+   --sample products;
+2. 1 % of the products get new photos (new vectors, a new vectors hash), then a delta on the full feed:
+   its time as a share of the full feed's;
+3. every price changes (no rule reads price), then a delta on the last: its time and its size (empty).
+
+    nice -n 10 .venv/bin/python benchmarks/neighbours.py --store /tmp/nbbench
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visrec.config import QdrantSettings
+from visrec.feed_run import make_feed
+from visrec.fs import copy_tree_sparse
+from visrec.index import IndexPoint, VectorIndex
+from visrec.index.edge import EdgeIndex
+from visrec.neighbours import FeedRules
+
+from common import new_parser, write_results
+
+DIM = 1000
+
+
+def clustered(n: int, categories: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(vectors, category of each): each category a centre, 20 looks around it, each product a look
+    plus noise, at the spread of a trained model's embeddings (norms ~ 30)."""
+    centres = rng.standard_normal((categories, DIM)).astype(np.float32) * 0.6
+    looks = centres[:, None, :] + rng.standard_normal((categories, 20, DIM)).astype(np.float32) * 0.35
+    labels = rng.integers(0, categories, n)
+    look = rng.integers(0, 20, n)
+    vectors = looks[labels, look] + rng.standard_normal((n, DIM)).astype(np.float32) * 0.25
+    return vectors.astype(np.float32), labels
+
+
+def point(i: int, vector: np.ndarray, label: int, price: float, version: int = 0) -> IndexPoint:
+    payload = {
+        "product_id": f"b{i:06d}",
+        "category": f"cat-{label}",
+        "price": price,
+        "vectors_hash": f"photo-{i}-{version}",
+        "model_version": "bench",
+    }
+    return IndexPoint(f"b{i:06d}", vector, payload)
+
+
+def made_store(args: Any) -> tuple[EdgeIndex, np.ndarray, np.ndarray, dict[str, float]]:
+    """The store, made and optimized once in `--store/made`; each run changes a sparse copy of it
+    (`--store/run`: a payload rewrite moves a point out of the optimized segments, so a store a run
+    changed is no longer the one a sync leaves)."""
+    rng = np.random.default_rng(args.seed)
+    vectors, labels = clustered(args.size, args.categories, rng)
+    made, run = args.store / "made", args.store / "run"
+    marker = args.store / "made.json"
+    timing: dict[str, float] = {}
+    if not (marker.is_file() and json.loads(marker.read_text()).get("size") == args.size):
+        shutil.rmtree(args.store, ignore_errors=True)
+        index = EdgeIndex(made, "bench", QdrantSettings(path=made))
+        index.create(DIM, {"model_version": "bench"})
+        started = time.perf_counter()
+        for start in range(0, args.size, 1000):
+            end = min(start + 1000, args.size)
+            index.upsert([point(i, vectors[i], int(labels[i]), 10.0 + i % 90) for i in range(start, end)])
+        timing["upsert_s"] = round(time.perf_counter() - started, 1)
+        started = time.perf_counter()
+        index.optimize()
+        timing["optimize_s"] = round(time.perf_counter() - started, 1)
+        index.close()
+        marker.write_text(json.dumps({"size": args.size, "timing": timing}))
+        print(f"store made: {timing}", file=sys.stderr)
+    shutil.rmtree(run, ignore_errors=True)
+    copy_tree_sparse(made, run)
+    index = EdgeIndex(run, "bench", QdrantSettings(path=run))
+    return index, vectors, labels, json.loads(marker.read_text())["timing"]
+
+
+def recall(feed: Path, vectors: np.ndarray, labels: np.ndarray, sample: int, k: int, seed: int) -> float:
+    """recall@k of the feed's lists against exact brute force within each product's category."""
+    rng = np.random.default_rng(seed + 1)
+    chosen = set(rng.choice(len(vectors), sample, replace=False).tolist())
+    lists: dict[int, list[str]] = {}
+    with feed.open() as f:
+        for line in f:
+            entry = json.loads(line)
+            i = int(entry["product_id"][1:])
+            if i in chosen:
+                lists[i] = [n["product_id"] for n in entry["neighbours"]]
+    squared = (vectors.astype(np.float64) ** 2).sum(1)
+    found = 0
+    for i, got in lists.items():
+        same = np.flatnonzero(labels == labels[i])
+        same = same[same != i]
+        d = squared[same] - 2 * vectors[same].astype(np.float64) @ vectors[i].astype(np.float64)
+        truth = {f"b{j:06d}" for j in same[np.argsort(d, kind="stable")[:k]]}
+        found += len(truth & set(got))
+    return found / (k * len(lists))
+
+
+def change_photos(index: VectorIndex, vectors: np.ndarray, labels: np.ndarray, seed: int) -> int:
+    """New photos for 1 % of the products: each moves near another product of its category (or stays
+    near its own place, moved by noise)."""
+    rng = np.random.default_rng(seed + 3)
+    chosen = rng.choice(len(vectors), len(vectors) // 100, replace=False)
+    others = rng.choice(len(vectors), len(chosen))
+    for start in range(0, len(chosen), 1000):
+        batch = []
+        for i, j in zip(chosen[start : start + 1000], others[start : start + 1000], strict=True):
+            same = labels[j] == labels[i]
+            moved = (vectors[j] if same else vectors[i]) + rng.standard_normal(DIM).astype(np.float32) * 0.25
+            batch.append(point(int(i), moved.astype(np.float32), int(labels[i]), 10.0 + i % 90, version=1))
+        index.upsert(batch)
+    return len(chosen)
+
+
+def change_prices(index: VectorIndex, size: int) -> None:
+    """Every product's price changes (a payload rewrite, vectors untouched, as a sync of prices does)."""
+    for start in range(0, size, 1000):
+        ids = [f"b{i:06d}" for i in range(start, min(start + 1000, size))]
+        payloads = index.payloads(ids)
+        index.overwrite_payloads({p: {**payloads[p], "price": payloads[p]["price"] + 1} for p in ids})
+
+
+def main() -> None:
+    p = new_parser(__doc__)
+    p.add_argument("--store", type=Path, default=Path("/tmp/visrec-neighbours-bench"))
+    p.add_argument("--out", type=Path, default=Path(".visrec/neighbours"))
+    p.add_argument("--size", type=int, default=100_000)
+    p.add_argument("--categories", type=int, default=10)
+    p.add_argument("--k", type=int, default=20)
+    p.add_argument("--sample", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    index, vectors, labels, timing = made_store(args)
+    rules = FeedRules(k=args.k, same=("category",))
+    feeds = args.out / "feeds"
+    feeds.mkdir(parents=True, exist_ok=True)
+    row: dict[str, Any] = {"n": args.size, "k": args.k, "same": "category", **timing}
+    full = make_feed(index, rules, feeds / "full.jsonl", "jsonl")
+    row["full_s"] = full["seconds"]
+    print(f"full feed: {full}", file=sys.stderr)
+    row["recall"] = round(recall(feeds / "full.jsonl", vectors, labels, args.sample, args.k, args.seed), 4)
+    row["photos_changed"] = change_photos(index, vectors, labels, args.seed)
+    delta = make_feed(index, rules, feeds / "delta-photos.jsonl", "jsonl", since=feeds / "full.jsonl")
+    print(f"delta after 1 % photos: {delta}", file=sys.stderr)
+    row["photos_delta"] = {k: delta[k] for k in ("seconds", "moved", "queried", "lists_written", "deleted")}
+    started = time.perf_counter()
+    change_prices(index, args.size)
+    row["price_rewrite_s"] = round(time.perf_counter() - started, 1)
+    prices = make_feed(
+        index, rules, feeds / "delta-prices.jsonl", "jsonl", since=feeds / "delta-photos.jsonl"
+    )
+    print(f"delta after every price: {prices}", file=sys.stderr)
+    row["prices_delta"] = {k: prices[k] for k in ("seconds", "moved", "queried", "lists_written", "deleted")}
+    index.close()
+    share = row["photos_delta"]["seconds"] / row["full_s"]
+    price_share = row["prices_delta"]["seconds"] / row["full_s"]
+    lines = [
+        f"{args.size} products, {args.categories} categories, k={args.k}, --same category; "
+        f"store: upsert {timing.get('upsert_s')} s, optimize {timing.get('optimize_s')} s",
+        "",
+        "| run | seconds | share of the full feed | queried | lists written | target |",
+        "|---|---|---|---|---|---|",
+        f"| full feed | {row['full_s']} | 1 | {full['queried']} | {full['lists_written']} | ≤ 120 s |",
+        f"| delta, 1 % photos changed | {row['photos_delta']['seconds']} | {share:.1%} | "
+        f"{row['photos_delta']['queried']} | {row['photos_delta']['lists_written']} | ≤ 25 % |",
+        f"| delta, every price changed | {row['prices_delta']['seconds']} | {price_share:.1%} | "
+        f"{row['prices_delta']['queried']} | {row['prices_delta']['lists_written']} | ≤ 5 %, empty |",
+        "",
+        f"recall@{args.k} against exact brute force on {args.sample} products: {row['recall']} "
+        "(target ≥ 0.99)",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    write_results(args.out, "neighbours", row, text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,393 @@
+"""The neighbours feed on disk: its three formats, and the state kept beside it for the next delta.
+
+A feed is JSON lines (`{"product_id": "A", "neighbours": [{"product_id": "B", "distance": 1.23,
+"matched_image": 0}, ...]}`, a delta's gone products as `{"product_id": "A", "deleted": true}`), or CSV
+or Parquet with one row per (product, rank, neighbour): an empty list is one row without a neighbour,
+a gone product one row with `deleted` true. Its state, `FEED.state` beside it, is JSON lines too: a
+header (the options, the collection version and model that made the lists), one line per product
+listed (what says its vectors changed, its `same` values, its list) and a trailer with the feed's
+sha256. Both files are replaced atomically (`fs.replacing`), the state first: a run killed before the
+end leaves the last good feed and its state; one killed between the two renames leaves a state whose
+trailer does not match the feed, and a delta on it refuses.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any, Literal
+
+from visrec.errors import InvalidSetting, OutputUnwritable, Refused
+from visrec.fs import replacing
+from visrec.index import Hit
+from visrec.neighbours import Listed
+
+Format = Literal["jsonl", "csv", "parquet"]
+FORMATS: tuple[Format, ...] = ("jsonl", "csv", "parquet")
+STATE_KIND = "visrec neighbours state"
+STATE_VERSION = 1
+COLUMNS = ("product_id", "rank", "neighbour_id", "distance", "matched_image", "score", "deleted")
+PARQUET_ROWS = 65_536  # rows a Parquet row group holds: memory stays a row group's
+
+
+def format_of(out: Path, chosen: str | None) -> Format:
+    """The format asked (`--format`), else the one the file's suffix names, else JSON lines; raises
+    `InvalidSetting` for another, and for Parquet without pyarrow (the `parquet` extra)."""
+    name = chosen or {".csv": "csv", ".parquet": "parquet"}.get(out.suffix.lower(), "jsonl")
+    if name not in FORMATS:
+        raise InvalidSetting(f"--format takes {', '.join(FORMATS)}, got {name!r}")
+    if name == "parquet":
+        try:
+            import pyarrow  # noqa: F401
+        except ImportError:
+            raise InvalidSetting(
+                # No brackets: the CLI prints errors as rich markup, which would take `[parquet]` for a tag.
+                "--format parquet needs pyarrow, not installed here: install visrec's `parquet` extra "
+                "(pip install 'pyarrow>=15'), or write JSON lines or CSV"
+            ) from None
+    return name
+
+
+def state_path(feed: Path) -> Path:
+    """Where a feed's state lives: beside it, `FEED.state`."""
+    return feed.with_name(feed.name + ".state")
+
+
+def neighbour_dict(hit: Hit, scored: bool) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "product_id": hit.product_id,
+        "distance": hit.distance,
+        "matched_image": hit.matched,
+    }
+    if scored and hit.score is not None:
+        entry["score"] = hit.score
+    return entry
+
+
+class _Hashing(io.RawIOBase):
+    """A binary file that hashes what is written through it (the feed's sha256, for its state)."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self.sha256 = hashlib.sha256()
+        self._written = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        self._raw.write(view)
+        self.sha256.update(view)
+        self._written += len(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self._written
+
+    def flush(self) -> None:
+        self._raw.flush()
+
+    def close(self) -> None:  # the underlying file is `fs.replacing`'s to close
+        self.flush()
+        super().close()
+
+
+class FeedWriter(ABC):
+    """Writes lists and deletions in one format."""
+
+    def __init__(self, scored: bool) -> None:
+        self.scored = scored
+
+    @abstractmethod
+    def write_list(self, product_id: str, hits: list[Hit]) -> None: ...
+
+    @abstractmethod
+    def write_deleted(self, product_id: str) -> None: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
+    def rows(self, product_id: str, hits: list[Hit]) -> Iterator[tuple[Any, ...]]:
+        """The CSV and Parquet rows of a list (one without a neighbour for an empty list)."""
+        if not hits:
+            yield (product_id, None, None, None, None, None, False)
+        for rank, hit in enumerate(hits, 1):
+            score = hit.score if self.scored else None
+            yield (product_id, rank, hit.product_id, hit.distance, hit.matched, score, False)
+
+
+class JsonLinesWriter(FeedWriter):
+    def __init__(self, raw: IO[bytes], scored: bool) -> None:
+        super().__init__(scored)
+        self._text = io.TextIOWrapper(raw, encoding="utf-8", newline="\n")
+
+    def write_list(self, product_id: str, hits: list[Hit]) -> None:
+        line = {"product_id": product_id, "neighbours": [neighbour_dict(h, self.scored) for h in hits]}
+        self._text.write(json.dumps(line, ensure_ascii=False) + "\n")
+
+    def write_deleted(self, product_id: str) -> None:
+        self._text.write(json.dumps({"product_id": product_id, "deleted": True}, ensure_ascii=False) + "\n")
+
+    def close(self) -> None:
+        self._text.flush()
+        self._text.detach()
+
+
+class CsvWriter(FeedWriter):
+    def __init__(self, raw: IO[bytes], scored: bool) -> None:
+        super().__init__(scored)
+        self._text = io.TextIOWrapper(raw, encoding="utf-8", newline="")
+        self._csv = csv.writer(self._text)
+        self._csv.writerow(COLUMNS)
+
+    def write_list(self, product_id: str, hits: list[Hit]) -> None:
+        self._csv.writerows(self._cells(row) for row in self.rows(product_id, hits))
+
+    def write_deleted(self, product_id: str) -> None:
+        self._csv.writerow(self._cells((product_id, None, None, None, None, None, True)))
+
+    @staticmethod
+    def _cells(row: tuple[Any, ...]) -> list[Any]:
+        *values, deleted = row
+        return [*("" if v is None else v for v in values), "true" if deleted else "false"]
+
+    def close(self) -> None:
+        self._text.flush()
+        self._text.detach()
+
+
+class ParquetWriter(FeedWriter):
+    def __init__(self, raw: IO[bytes], scored: bool) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        super().__init__(scored)
+        self._pa = pa
+        self._schema = pa.schema(
+            [
+                ("product_id", pa.string()),
+                ("rank", pa.int32()),
+                ("neighbour_id", pa.string()),
+                ("distance", pa.float64()),
+                ("matched_image", pa.int32()),
+                ("score", pa.float64()),
+                ("deleted", pa.bool_()),
+            ]
+        )
+        self._writer = pq.ParquetWriter(raw, self._schema)
+        self._pending: list[tuple[Any, ...]] = []
+
+    def write_list(self, product_id: str, hits: list[Hit]) -> None:
+        self._pending += self.rows(product_id, hits)
+        if len(self._pending) >= PARQUET_ROWS:
+            self._flush()
+
+    def write_deleted(self, product_id: str) -> None:
+        self._pending.append((product_id, None, None, None, None, None, True))
+
+    def _flush(self) -> None:
+        if self._pending:
+            columns = list(zip(*self._pending, strict=True))
+            self._writer.write_table(self._pa.Table.from_arrays(list(columns), schema=self._schema))
+            self._pending = []
+
+    def close(self) -> None:
+        self._flush()
+        self._writer.close()
+
+
+def _writer(fmt: Format, raw: IO[bytes], scored: bool) -> FeedWriter:
+    if fmt == "csv":
+        return CsvWriter(raw, scored)
+    if fmt == "parquet":
+        return ParquetWriter(raw, scored)
+    return JsonLinesWriter(raw, scored)
+
+
+def state_record(listed: Listed) -> dict[str, Any]:
+    """A product's line in the state: what says its vectors changed, its `same` values, its nearest
+    (beyond the list: `Listed.kept`) and how far they are complete."""
+    return {
+        "id": listed.product_id,
+        "fp": listed.fingerprint,
+        "key": None if listed.key is None else list(listed.key),
+        "n": [[h.product_id, h.distance, h.matched] for h in listed.kept],
+        "r": listed.within,
+    }
+
+
+class StateWriter:
+    """The state's lines: the header, a record per product, the trailer (`finish`)."""
+
+    def __init__(self, raw: IO[bytes], header: dict[str, Any]) -> None:
+        self._raw = raw
+        self.products = 0
+        self._line({"kind": STATE_KIND, "version": STATE_VERSION, **header})
+
+    def _line(self, data: dict[str, Any]) -> None:
+        self._raw.write(json.dumps(data, ensure_ascii=False).encode() + b"\n")
+
+    def record(self, listed: Listed) -> None:
+        self._line(state_record(listed))
+        self.products += 1
+
+    def write_raw(self, data: bytes) -> None:
+        """Lines copied as they were (a delta's unchanged records: `StateFile.copy_span`)."""
+        self._raw.write(data)
+
+    def finish(self, feed_sha256: str) -> None:
+        self._line({"end": True, "products": self.products, "feed_sha256": feed_sha256})
+
+
+@dataclass
+class Written:
+    """What writing a feed produced: its lists and deletions, its state's products."""
+
+    lists: int = 0
+    deleted: int = 0
+    state_products: int = 0
+
+
+Produce = Callable[[FeedWriter, StateWriter], None]
+
+
+def check_writable(out: Path) -> None:
+    """Refuse a feed path that cannot be written (a folder, a read-only folder) before any work."""
+    from visrec.report import check_writable as page_writable  # the one rule for a file asked for
+
+    page_writable(out)
+    if out.name.endswith(".state"):
+        raise OutputUnwritable(f"{out}: a name ending in .state is a feed's state; name the feed itself")
+
+
+def write_feed(out: Path, fmt: Format, scored: bool, header: dict[str, Any], produce: Produce) -> Written:
+    """Write the feed at `out` and its state beside it: `produce` writes both through the writers.
+    Either both are replaced (the state first) or neither; raises `OutputUnwritable` for a file
+    that cannot be written."""
+    written = Written()
+    try:
+        with ExitStack() as stack:
+            raw_feed = stack.enter_context(replacing(out))
+            hashing = _Hashing(raw_feed)
+            writer = _writer(fmt, hashing, scored)  # type: ignore[arg-type]
+            counting = _Counting(writer, written)
+            with replacing(state_path(out)) as raw_state:
+                header = {**header, "feed": out.name, "format": fmt, "made_at": datetime.now(UTC).isoformat()}
+                state = StateWriter(raw_state, header)
+                produce(counting, state)
+                writer.close()
+                hashing.flush()
+                state.finish(hashing.sha256.hexdigest())
+                written.state_products = state.products
+    except OSError as exc:
+        raise OutputUnwritable(f"cannot write {out}: {exc.strerror or exc}") from exc
+    return written
+
+
+class _Counting(FeedWriter):
+    """A writer that counts what goes through it."""
+
+    def __init__(self, inner: FeedWriter, written: Written) -> None:
+        super().__init__(inner.scored)
+        self._inner, self._written = inner, written
+
+    def write_list(self, product_id: str, hits: list[Hit]) -> None:
+        self._inner.write_list(product_id, hits)
+        self._written.lists += 1
+
+    def write_deleted(self, product_id: str) -> None:
+        self._inner.write_deleted(product_id)
+        self._written.deleted += 1
+
+    def close(self) -> None:
+        self._inner.close()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class StateFile:
+    """A previous feed's state: its header and trailer (records are read by `records`)."""
+
+    path: Path
+    header: dict[str, Any]
+    trailer: dict[str, Any]
+
+    def records(self) -> Iterator[tuple[dict[str, Any], int, int]]:
+        """Each product's record, and where its line lies in the file (offset, length)."""
+        with self.path.open("rb") as f:
+            offset = len(f.readline())  # the header
+            for line in f:
+                record = json.loads(line)
+                if "end" in record:
+                    return
+                yield record, offset, len(line)
+                offset += len(line)
+
+    def read_at(self, spans: Iterable[tuple[int, int]]) -> Iterator[dict[str, Any]]:
+        """The records at these (offset, length) spans."""
+        with self.path.open("rb") as f:
+            for offset, length in spans:
+                f.seek(offset)
+                yield json.loads(f.read(length))
+
+    def copy_span(self, state: StateWriter, start: int, end: int, products: int) -> None:
+        """Copy the lines from `start` to `end` (`products` records, kept as they were) into `state`."""
+        with self.path.open("rb") as f:
+            f.seek(start)
+            left = end - start
+            while left > 0:
+                chunk = f.read(min(left, 1 << 20))
+                if not chunk:
+                    raise OSError(f"{self.path} shrank while it was read")
+                state.write_raw(chunk)
+                left -= len(chunk)
+        state.products += products
+
+
+def read_state(feed: Path) -> StateFile:
+    """The state of the feed at `feed` (a link is followed: the state is beside the file it names).
+    Raises `Refused` (make a full feed) for a missing, unfinished or foreign state, or a feed that is
+    not the one it describes."""
+    target = feed.resolve()
+    path = state_path(target)
+    fresh = "make a full feed (without --since)"
+    if not path.is_file():
+        raise Refused(f"{feed} has no state beside it ({path.name}: kept by `visrec neighbours`): {fresh}")
+    try:
+        with path.open("rb") as f:
+            header = json.loads(f.readline())
+            trailer: dict[str, Any] = {}
+            for line in f:
+                trailer = json.loads(line)
+    except (OSError, ValueError) as exc:
+        raise Refused(f"the state of {feed} cannot be read ({exc}): {fresh}") from None
+    if (
+        not isinstance(header, dict)
+        or header.get("kind") != STATE_KIND
+        or header.get("version") != STATE_VERSION
+    ):
+        raise Refused(f"{path} is not a neighbours state this visrec reads: {fresh}")
+    if not isinstance(trailer, dict) or not trailer.get("end"):
+        raise Refused(f"the state of {feed} is unfinished (a run cut short): {fresh}")
+    if target.is_file() and file_sha256(target) != trailer.get("feed_sha256"):
+        raise Refused(
+            f"{feed} is not the feed its state describes (changed since, or a run was stopped between "
+            f"writing the two): {fresh}"
+        )
+    return StateFile(path, header, trailer)

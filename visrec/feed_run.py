@@ -1,0 +1,374 @@
+"""Making a neighbours feed: a full one, or a delta on a previous feed's state that costs what changed.
+
+A full feed lists every product the filters choose (`neighbours.lists_for`, a batch at a time) and
+keeps each list beside it (`feed.StateWriter`). A delta (`--since PREVIOUS`) reads that state and the
+store's bookkeeping now (no vectors), and recomputes only the lists a change can reach:
+
+- a product new to the feed, gone from it, whose vectors changed (its vectors hash) or whose `same`
+  values changed is *moved*; its own list is recomputed (a gone one is written as deleted);
+- a list holding a moved or gone product is recomputed;
+- a list a moved product may now enter: the moved product's surroundings are searched within its class
+  (the filters, and its `same` values), further and further until past the farthest k-th distance of
+  that class's lists; each list found whose own k-th distance is not below the moved product's
+  distance to it (or that is short of k) is recomputed.
+
+Every other list cannot have changed: its k neighbours are unchanged and nothing new came closer than
+its k-th. A change of a field no rule reads (a price, with no price filter) moves nothing. The delta
+holds the lines of the lists that differ now, `deleted` lines for products gone, and the full state
+beside it (previous feed + delta == a full feed now). Only nearest-first lists are tracked: a delta
+refuses `--diversity`, `--max-per` and `--colour-weight`, whose pools a change reaches further.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from visrec import query
+from visrec.errors import Refused
+from visrec.feed import FeedWriter, Format, StateFile, StateWriter, Written, read_state, write_feed
+from visrec.index import Hit, SearchRequest, VectorIndex
+from visrec.index.points import payload_key
+from visrec.neighbours import (
+    BATCH,
+    RESERVE,
+    FeedRules,
+    Listed,
+    batches,
+    check_against,
+    fingerprint,
+    lists_for,
+    same_key,
+    with_same,
+)
+from visrec.rules import MAX_K
+
+Progress = Callable[[str, int, int], None]
+REACH_START = 4  # a moved product's first search around it fetches this many times k
+
+
+def _tell(progress: Progress | None, stage: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(stage, done, total)
+
+
+def _header(index: VectorIndex, rules: FeedRules) -> dict[str, Any]:
+    return {
+        "options": rules.describe(),
+        "collection": index.collection,
+        "model_version": index.metadata().get("model_version", ""),
+    }
+
+
+def make_feed(
+    index: VectorIndex,
+    rules: FeedRules,
+    out: Path,
+    fmt: Format,
+    since: Path | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """The feed at `out` (a delta on `since`'s state when given) and its summary."""
+    started = time.monotonic()
+    check_against(index, rules)
+    if since is None:
+        summary = _full(index, rules, out, fmt, progress)
+    else:
+        refuse_untracked(rules)
+        summary = _delta(index, rules, read_state(since), out, fmt, progress)
+    return {
+        "feed": str(out),
+        "state": str(out.with_name(out.name + ".state")),
+        "format": fmt,
+        "kind": "full" if since is None else "delta",
+        "since": None if since is None else str(since),
+        "k": rules.k,
+        "same": list(rules.same),
+        **summary,
+        "seconds": round(time.monotonic() - started, 2),
+    }
+
+
+def _full(
+    index: VectorIndex, rules: FeedRules, out: Path, fmt: Format, progress: Progress | None
+) -> dict[str, Any]:
+    total = index.count(rules.filters)
+    counts = {"products": 0, "queried": 0, "uncoloured": 0}
+
+    def produce(writer: FeedWriter, state: StateWriter) -> None:
+        _tell(progress, "neighbours", 0, total)
+        for batch in batches(index, rules):
+            for listed in lists_for(index, batch, rules):
+                writer.write_list(listed.product_id, listed.hits)
+                state.record(listed)
+                counts["products"] += 1
+                counts["uncoloured"] += listed.uncoloured
+            counts["queried"] += len(batch)
+            done = counts["queried"]
+            _tell(progress, "neighbours", done, max(total, done))  # products written meanwhile count too
+
+    written = write_feed(out, fmt, rules.ranks_by_more_than_distance, _header(index, rules), produce)
+    return {**counts, "lists_written": written.lists, "deleted": 0}
+
+
+@dataclass(frozen=True)
+class _Old:
+    """What a delta keeps of a previous list: what says its product changed, and its reach."""
+
+    fingerprint: str
+    key: tuple[Any, ...] | None
+    neighbours: tuple[str, ...]  # the products it kept (`Listed.kept`)
+    radius: float | None  # what it kept is complete this far (None: all of its class; -1: no class)
+
+
+def refuse_untracked(rules: FeedRules) -> None:
+    """Raise `Refused` for rules a delta does not track: diversity, caps and the colour re-rank choose
+    among pools that a change reaches further than the k-th neighbour."""
+    if rules.rules.active or rules.colour_weight:
+        raise Refused(
+            "--since tracks nearest-first lists only (with filters and --same): --diversity, --max-per and "
+            "--colour-weight choose among pools a change reaches further than the k-th neighbour; make a "
+            "full feed (without --since)"
+        )
+
+
+def _check_comparable(previous: StateFile, index: VectorIndex, rules: FeedRules) -> None:
+    fresh = "make a full feed (without --since)"
+    header = previous.header
+    if header.get("options") != rules.describe():
+        raise Refused(
+            f"the previous feed was made with other options ({_said(header.get('options'))}) than these "
+            f"({_said(rules.describe())}): {fresh}"
+        )
+    now = _header(index, rules)
+    if (header.get("collection"), header.get("model_version")) != (now["collection"], now["model_version"]):
+        raise Refused(
+            f"the previous feed was made from {header.get('collection')} "
+            f"(model {header.get('model_version')}); "
+            f"the live version is {now['collection']} (model {now['model_version']}): a reindex or rollback "
+            f"since: {fresh}"
+        )
+
+
+def _said(options: Any) -> str:
+    if not isinstance(options, dict):
+        return "unknown"
+    filters = {k: v for k, v in (options.get("filters") or {}).items() if v not in (None, [], {})}
+    parts = [f"k {options.get('k')}", f"same {options.get('same') or '-'}"]
+    parts += [f"{k} {v}" for k, v in filters.items()]
+    parts += [f"{k} {options[k]}" for k in ("diversity", "max_per", "colour_weight") if options.get(k)]
+    return ", ".join(parts)
+
+
+def _now(
+    index: VectorIndex, rules: FeedRules, progress: Progress | None
+) -> dict[str, tuple[str, tuple[Any, ...] | None]]:
+    """Each product listed now: what says its vectors changed, and its `same` values; read from the
+    payloads (vectors only for points without a vectors hash)."""
+    fields = [payload_key(name) for name in ("product_id", "vectors_hash", "model_version", *rules.same)]
+    now: dict[str, tuple[str, tuple[Any, ...] | None]] = {}
+    unhashed: list[str] = []
+    total = index.count(rules.filters)
+    for payload in index.all_payloads(rules.filters, fields):
+        product_id = str(payload["product_id"])
+        key = same_key(payload, rules.same)
+        now[product_id] = (fingerprint(payload, None), key)
+        if not payload.get("vectors_hash"):
+            unhashed.append(product_id)
+        if len(now) % 10_000 == 0:
+            _tell(progress, "changes", len(now), max(total, len(now)))
+    for start in range(0, len(unhashed), BATCH):
+        found = index.vectors(unhashed[start : start + BATCH])
+        for product_id, vectors in found.items():
+            now[product_id] = (fingerprint({}, vectors), now[product_id][1])
+    _tell(progress, "changes", len(now), len(now))
+    return now
+
+
+Entered = dict[str, list[tuple[str, float, int]]]  # list → (moved product, its distance, its photo)
+
+
+def _delta(
+    index: VectorIndex,
+    rules: FeedRules,
+    previous: StateFile,
+    out: Path,
+    fmt: Format,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    _check_comparable(previous, index, rules)
+    old: dict[str, _Old] = {}
+    spans: dict[str, tuple[int, int]] = {}  # where each record lies in the previous state
+    for record, offset, length in previous.records():
+        key = None if record["key"] is None else tuple(record["key"])
+        old[record["id"]] = _Old(record["fp"], key, tuple(n[0] for n in record["n"]), record["r"])
+        spans[record["id"]] = (offset, length)
+    now = _now(index, rules, progress)
+    gone = old.keys() - now.keys()
+    moved = {
+        p for p, (fp, key) in now.items() if p not in old or old[p].fingerprint != fp or old[p].key != key
+    }
+    # A neighbour deleted while the previous feed ran is in lists but had no line of its own.
+    vanished = set().union(*(record.neighbours for record in old.values())) - now.keys()
+    touched = gone | moved | vanished
+    entered = _reached(index, rules, sorted(moved), now, old, progress)
+    # Every other list: none of its kept products changed and nothing new came within its reach.
+    mend = {
+        p
+        for p, record in old.items()
+        if p not in touched and (p in entered or touched.intersection(record.neighbours))
+    }
+    compared = mend | (moved & old.keys())  # their lists as the previous feed held them
+    kept = {r["id"]: r["n"] for r in previous.read_at(sorted(spans[p] for p in compared))}
+    lists: dict[str, Listed] = {}
+    search = set(moved)
+    for product_id in sorted(mend):
+        mended = _mended(product_id, kept[product_id], entered.get(product_id, []), touched, old, now, rules)
+        if mended is None:
+            search.add(product_id)
+        else:
+            lists[product_id] = mended
+    ordered = sorted(search)
+    for start in range(0, len(ordered), BATCH):
+        ids = ordered[start : start + BATCH]
+        payloads = index.payloads(ids)
+        for listed in lists_for(index, [(p, payloads[p]) for p in ids if p in payloads], rules):
+            lists[listed.product_id] = listed
+        _tell(progress, "neighbours", min(start + BATCH, len(ordered)), len(ordered))
+    gone |= {p for p in search if p in old and p not in lists}  # deleted since it was read
+
+    def produce(writer: FeedWriter, state: StateWriter) -> None:
+        for product_id in sorted(lists):
+            listed = lists[product_id]
+            if not _same_list(listed.hits, kept.get(product_id), rules.k):
+                writer.write_list(product_id, listed.hits)
+        for product_id in sorted(gone):
+            writer.write_deleted(product_id)
+        run_start, run_end, run = 0, 0, 0  # a run of unchanged records, copied as bytes
+        for product_id, (offset, length) in spans.items():
+            if product_id not in gone and product_id not in lists:
+                if not run:
+                    run_start = offset
+                run_end, run = offset + length, run + 1
+                continue
+            if run:
+                previous.copy_span(state, run_start, run_end, run)
+                run = 0
+            if product_id in lists:
+                state.record(lists.pop(product_id))
+        if run:
+            previous.copy_span(state, run_start, run_end, run)
+        for listed in lists.values():  # new to the feed
+            state.record(listed)
+
+    written: Written = write_feed(out, fmt, False, _header(index, rules), produce)
+    return {
+        "products": written.state_products,
+        "moved": len(moved),
+        "searched_around": len([p for p in moved if now[p][1] is not None]),
+        "queried": len(ordered),
+        "mended": len(mend) - len(search - moved),
+        "lists_written": written.lists,
+        "deleted": written.deleted,
+        "uncoloured": 0,
+    }
+
+
+def _mended(
+    product_id: str,
+    kept: list[list[Any]],
+    entered: list[tuple[str, float, int]],
+    touched: set[str],
+    old: dict[str, _Old],
+    now: dict[str, tuple[str, tuple[Any, ...] | None]],
+    rules: FeedRules,
+) -> Listed | None:
+    """A list mended without a search: its kept products that did not change and the moved ones that
+    came within its reach, while at least k of them (or all of its class) remain; None otherwise."""
+    within = old[product_id].radius
+    candidates = [(n[0], float(n[1]), int(n[2])) for n in kept if n[0] not in touched]
+    candidates += entered
+    candidates.sort(key=lambda c: (c[1], c[0]))
+    if within is not None and len(candidates) < rules.k:
+        return None  # too few left: only a search knows what lies beyond its reach
+    depth = min(MAX_K, RESERVE * rules.k)
+    if len(candidates) > depth:
+        candidates, within = candidates[:depth], candidates[depth - 1][1]
+    hits = [Hit(n, d, {}, m) for n, d, m in candidates]
+    fingerprint, key = now[product_id]
+    return Listed(product_id, hits[: rules.k], fingerprint, key, hits, within)
+
+
+def _same_list(hits: list[Hit], before: list[list[Any]] | None, k: int) -> bool:
+    """Whether a list is the one the previous feed held (ids, photos, distances to float32 precision)."""
+    if before is None:
+        return False
+    before = before[:k]
+    if len(before) != len(hits):
+        return False
+    return all(
+        h.product_id == b[0]
+        and h.matched == b[2]
+        and math.isclose(h.distance, b[1], rel_tol=1e-6, abs_tol=1e-6)
+        for h, b in zip(hits, before, strict=True)
+    )
+
+
+def _reached(
+    index: VectorIndex,
+    rules: FeedRules,
+    moved: Sequence[str],
+    now: dict[str, tuple[str, tuple[Any, ...] | None]],
+    old: dict[str, _Old],
+    progress: Progress | None,
+) -> Entered:
+    """The previous lists each moved product now comes within reach of, with its distance and photo:
+    its surroundings within its class, searched until past the class's farthest reach (all of the class
+    where a list there holds all of it)."""
+    farthest: dict[tuple[Any, ...], float] = {}
+    for record in old.values():
+        if record.key is not None and record.radius != -1.0:
+            reach = math.inf if record.radius is None else record.radius
+            farthest[record.key] = max(farthest.get(record.key, -math.inf), reach)
+    pending = [(p, REACH_START * rules.k) for p in moved if now[p][1] in farthest]
+    entered: Entered = {}
+    searched, products = 0, index.count()
+    while pending:
+        batch, pending = pending[:BATCH], pending[BATCH:]
+        vectors = index.vectors([p for p, _ in batch])
+        requests: list[SearchRequest] = []
+        plans: list[tuple[str, int, int]] = []
+        for product_id, limit in batch:
+            if product_id not in vectors:
+                continue
+            key = now[product_id][1]
+            assert key is not None
+            rows = query.query_rows(vectors[product_id], limit)
+            filters = with_same(rules.filters, rules.same, key)
+            requests += [SearchRequest(row, limit, filters, [product_id], ["product_id"]) for row in rows]
+            plans.append((product_id, limit, len(rows)))
+        results = iter(index.search_batch(requests, exact=rules.exact))
+        for product_id, limit, count in plans:
+            searches = [next(results) for _ in range(count)]
+            reach = farthest[now[product_id][1]]  # type: ignore[index]
+            nearest: dict[str, tuple[float, int]] = {}  # list → (distance, which photo of the moved one)
+            for photo, hits in enumerate(searches):
+                for hit in hits:
+                    if hit.product_id not in nearest or hit.distance < nearest[hit.product_id][0]:
+                        nearest[hit.product_id] = (hit.distance, photo)
+            for listed_id, (distance, photo) in nearest.items():
+                listing = old.get(listed_id)
+                if listing is not None and (listing.radius is None or distance <= listing.radius):
+                    entered.setdefault(listed_id, []).append((product_id, distance, photo))
+            if any(len(s) == limit and s[-1].distance <= reach for s in searches) and limit < products:
+                pending.append((product_id, limit * 4))  # more of the class may lie within reach
+                for listed_id in nearest:  # searched again, deeper: counted then
+                    found = entered.get(listed_id, [])
+                    entered[listed_id] = [e for e in found if e[0] != product_id]
+        searched += len(plans)
+        _tell(progress, "nearby", searched, searched + len(pending))
+    return {p: e for p, e in entered.items() if e}

@@ -1,0 +1,257 @@
+"""Every product's neighbours (`visrec neighbours`): the lists `visrec similar ID` gives, for a whole
+catalogue, computed a batch of products at a time.
+
+A product's list is `query.similar_to_product`'s under the same filters and rules (itself excluded,
+nearest photo first, ties by product id), plus `same` fields: a neighbour must hold the product's own
+value of each (a product without one, or with a list or an object there, gets an empty list). Filters
+choose the products listed as well as their neighbours. A batch's searches (one per product photo) go
+to the engine in one call (`VectorIndex.search_batch`); the rules then choose per product, as a single
+query does (`query.chosen`). Memory is a batch's vectors and pools, whatever the catalogue's size.
+
+`visrec.feed` writes the lists and keeps what a later delta needs; `visrec.feed_delta` works out which
+lists a change can reach.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from visrec import query
+from visrec.errors import InvalidQuery, NoMatch, closest
+from visrec.filters import Filters
+from visrec.index import Hit, SearchRequest, VectorIndex
+from visrec.index.points import payload_key
+from visrec.matches import check_matches
+from visrec.payload import HIDDEN_FROM_OPERATORS, addressable
+from visrec.rules import MAX_K, Rules
+
+BATCH = 256  # products whose searches go to the engine in one call
+# A nearest-first list is searched RESERVE x k deep and that many kept in the state: a delta then mends a
+# list whose neighbours moved away from those left, without a search, while k of them remain.
+RESERVE = 2
+MAX_SAME = 5  # --same fields
+# What a search hands back of each neighbour: its id, its photos (which one matched) and what the rules read.
+HIT_FIELDS = ("product_id", "image", "images")
+
+SameValue = str | bool | int | float
+
+
+@dataclass(frozen=True)
+class FeedRules:
+    """What decides each product's list (the options of `visrec neighbours`, checked by `check`)."""
+
+    k: int = 20
+    filters: Filters = field(default_factory=Filters)
+    rules: Rules = query.NEAREST
+    colour_weight: float = 0.0
+    same: tuple[str, ...] = ()
+    exact: bool = False  # a full scan per search: the ground truth, for checks (slow)
+
+    def check(self) -> None:
+        """Raises `InvalidQuery` for a k out of range, a bad colour weight or a `same` field no engine
+        can address."""
+        if not 1 <= self.k <= MAX_K:
+            raise InvalidQuery(f"k must be between 1 and {MAX_K}, got {self.k}")
+        if not 0 <= self.colour_weight <= 1 or math.isnan(self.colour_weight):
+            raise InvalidQuery(f"colour_weight must be between 0 and 1, got {self.colour_weight}")
+        if len(self.same) > MAX_SAME:
+            raise InvalidQuery(f"at most {MAX_SAME} --same fields, got {len(self.same)}")
+        for name in self.same:
+            if not name or "=" in name or not addressable(name) or name in HIDDEN_FROM_OPERATORS:
+                raise InvalidQuery(f"--same takes a product field, got {name!r}")
+
+    def describe(self) -> dict[str, Any]:
+        """The options as data: what a previous feed must have been made with for a delta on it."""
+        return {
+            "k": self.k,
+            "filters": self.filters.model_dump(include=set(Filters.model_fields) - {"where_kinds"}),
+            "diversity": self.rules.diversity,
+            "max_per": sorted(self.rules.max_per),
+            "colour_weight": self.colour_weight,
+            "same": sorted(self.same),
+        }
+
+    @property
+    def ranks_by_more_than_distance(self) -> bool:
+        return bool(self.colour_weight)
+
+    def hit_fields(self) -> list[str]:
+        """The payload fields a neighbour's hit must carry: its id, its photos and what the rules read."""
+        read = [*self.rules.caps, *(["colour_lab"] if self.colour_weight else [])]
+        return list(dict.fromkeys([*HIT_FIELDS, *read]))
+
+    def listed_fields(self) -> list[str]:
+        """The payload fields read of each product listed."""
+        return list(
+            dict.fromkeys(
+                [
+                    *HIT_FIELDS,
+                    "vectors_hash",
+                    "model_version",
+                    *self.same,
+                    *(["colour_lab"] * bool(self.colour_weight)),
+                ]
+            )
+        )
+
+
+def check_against(index: VectorIndex, feed: FeedRules) -> None:
+    """Raise `NoMatch` for a filter that no product meets alone (`matches.check_matches`) or a `same`
+    field no product holds, before any list is computed."""
+    feed.check()
+    check_matches(index, feed.filters, [])
+    known = index.field_kinds()
+    for name in feed.same:
+        if name not in known and not index.count(Filters(numbers_in=[name])):
+            guess = closest(name, [f for f in known if f not in HIDDEN_FROM_OPERATORS])
+            hint = f" (did you mean {guess!r}?)" if guess else ""
+            raise NoMatch(f"no product has a field {name!r} for --same{hint}")
+
+
+def same_key(payload: dict[str, Any], same: Sequence[str]) -> tuple[SameValue, ...] | None:
+    """The product's values of the `same` fields, or None if it lacks one (or holds a list, an object
+    or a number that is not finite there): then it gets an empty list. () without `same` fields."""
+    values: list[SameValue] = []
+    for name in same:
+        value = payload.get(name)
+        if isinstance(value, str | bool) or (isinstance(value, int | float) and math.isfinite(value)):
+            values.append(value)
+        else:
+            return None
+    return tuple(values)
+
+
+def with_same(filters: Filters, same: Sequence[str], key: Sequence[SameValue]) -> Filters:
+    """`filters` and: each `same` field holds the value in `key` (text and booleans matched exactly, a
+    number as a number, integer or not)."""
+    if not same:
+        return filters
+    equals = dict(filters.equals)
+    where = list(filters.where)
+    for name, value in zip(same, key, strict=True):
+        if isinstance(value, str | bool):
+            equals[name] = value
+        else:
+            where.append(f"{name}={value!r}..{value!r}")
+    return filters.model_copy(update={"equals": equals, "where": where})
+
+
+def fingerprint(payload: dict[str, Any], vectors: np.ndarray | None) -> str:
+    """What says a product's vectors changed: the vectors hash sync records (its photos and payload
+    version, under the model that embedded them), else a hash of the vectors themselves."""
+    recorded = payload.get("vectors_hash")
+    if recorded:
+        return f"{payload.get('model_version', '')}:{recorded}"
+    data = b"" if vectors is None else np.ascontiguousarray(vectors, dtype=np.float32).tobytes()
+    return "vectors:" + hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True)
+class Listed:
+    """One product's list, and what a later delta needs of it: `kept`, its nearest products beyond the
+    list too (`RESERVE` x k, nearest-first lists only), complete up to `within`: every product of its
+    class at most that far is in `kept` (None: all of the class is; -1: it has no class, nothing can
+    enter)."""
+
+    product_id: str
+    hits: list[Hit]
+    fingerprint: str
+    key: tuple[SameValue, ...] | None  # its `same` values (None: it has none, its list is empty)
+    kept: list[Hit]
+    within: float | None
+    uncoloured: bool = False  # a colour re-rank was asked, and the product has no colour: not re-ranked
+
+
+def lists_for(
+    index: VectorIndex,
+    products: Sequence[tuple[str, dict[str, Any]]],
+    feed: FeedRules,
+    bounds: query.Bounds = query.BOUNDS,
+) -> list[Listed]:
+    """The lists of `products` ((id, payload) pairs; the indexed ones: one gone meanwhile is left out):
+    every search of the batch in one engine call, then each product's rules."""
+    vectors = index.vectors([product_id for product_id, _ in products])
+    plans: list[tuple[str, dict[str, Any], np.ndarray, Filters | None, int]] = []
+    requests: list[SearchRequest] = []
+    fields = feed.hit_fields()
+    for product_id, payload in products:
+        if product_id not in vectors:
+            continue
+        rows = np.atleast_2d(vectors[product_id])
+        key = same_key(payload, feed.same)
+        if key is None:
+            plans.append((product_id, payload, rows, None, 0))
+            continue
+        filters = with_same(feed.filters, feed.same, key)
+        size = _depth(feed, len(rows), _weight(feed, payload), bounds)
+        searched = query.query_rows(rows, size, bounds)
+        plans.append((product_id, payload, rows, filters, len(searched)))
+        requests += [SearchRequest(row, size, filters, [product_id], fields) for row in searched]
+    found = iter(index.search_batch(requests, exact=feed.exact))
+    listed = []
+    for product_id, payload, rows, among, searches in plans:
+        key = same_key(payload, feed.same)
+        uncoloured = bool(feed.colour_weight) and "colour_lab" not in payload
+        if among is None:
+            listed.append(Listed(product_id, [], fingerprint(payload, rows), key, [], -1.0, uncoloured))
+            continue
+        depth = _depth(feed, len(rows), _weight(feed, payload), bounds)
+        pool = query.merge_nearest([next(found) for _ in range(searches)], depth)
+        hits = _choose(index, feed, payload, rows, among, pool, bounds)
+        within = pool[-1].distance if len(pool) >= depth else None
+        listed.append(Listed(product_id, hits, fingerprint(payload, rows), key, pool, within, uncoloured))
+    return listed
+
+
+def _depth(feed: FeedRules, photos: int, weight: float, bounds: query.Bounds) -> int:
+    """How many neighbours a product's searches fetch: the rules' pool, or a nearest-first list's
+    reserve."""
+    if feed.rules.active or weight:
+        return query.pool_sizes(feed.k, photos, feed.rules, weight, bounds)[0]
+    return min(MAX_K, RESERVE * feed.k)
+
+
+def _weight(feed: FeedRules, payload: dict[str, Any]) -> float:
+    """The colour re-rank's weight for this product: none for one without an extracted colour (`similar`
+    refuses it; a feed lists it by the visual order alone, and counts it)."""
+    return feed.colour_weight if "colour_lab" in payload else 0.0
+
+
+def _choose(
+    index: VectorIndex,
+    feed: FeedRules,
+    payload: dict[str, Any],
+    rows: np.ndarray,
+    filters: Filters,
+    pool: list[Hit],
+    bounds: query.Bounds,
+) -> list[Hit]:
+    weight = _weight(feed, payload)
+    if not feed.rules.active and not weight:
+        return pool[: feed.k]
+    colour = (payload["colour_lab"], weight) if weight else None
+    exclude = [str(payload["product_id"])]
+    return query.chosen(
+        index, rows, feed.k, filters, exclude, feed.rules, colour, bounds, pool=pool, exact=feed.exact
+    )
+
+
+def batches(
+    index: VectorIndex, feed: FeedRules, size: int = BATCH
+) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+    """The products the filters choose, (id, payload) a batch at a time, in point-id order."""
+    batch: list[tuple[str, dict[str, Any]]] = []
+    fields = [payload_key(name) for name in feed.listed_fields()]  # quoted: a field may hold a space
+    for payload in index.all_payloads(feed.filters, fields):
+        batch.append((str(payload["product_id"]), payload))
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
