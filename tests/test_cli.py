@@ -286,3 +286,20 @@ def test_an_error_message_is_printed_as_it_is(env: Settings, tmp_path: Path) -> 
     result = runner.invoke(app, ["sync", str(missing)])
     assert result.exit_code == 2, result.output
     assert f"catalogue not found: {missing}" in result.stderr.replace("\n", ""), result.stderr
+
+
+def test_a_file_where_a_folder_is_wanted_is_said_before_the_work(
+    make_catalogue: MakeCatalogue, env: Settings, tmp_path: Path
+) -> None:
+    """`train --out FILE` and a store path that is a file: exit 2, one line, before training starts
+    (outside trial: exit 1, "unexpected FileExistsError", after the training)."""
+    catalogue = make_catalogue(6)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out in (afile, afile / "model"):
+        result = runner.invoke(app, ["train", str(catalogue), "--out", str(out), "--weights", "random"])
+        assert result.exit_code == 2, result.output
+        assert "is a file, not a folder" in result.stderr and "unexpected" not in result.output
+        assert "estimate" not in result.stderr.lower()  # refused before the time estimate's probe
+    result = runner.invoke(app, ["status"], env={"VISREC_QDRANT__PATH": str(afile)})
+    assert result.exit_code == 2 and "VISREC_QDRANT__PATH" in result.stderr, result.output

@@ -157,10 +157,16 @@ def test_a_catalogue_with_no_valid_row_deletes_nothing(
     make_catalogue: MakeCatalogue, settings: Settings, tmp_path: Path
 ) -> None:
     run_sync(make_catalogue(3), settings)
+    report = settings.ingest.failure_report
+    report.write_text('{"from": "an earlier run"}\n')
     broken = tmp_path / "broken.csv"
-    broken.write_text("id,image,price\na,x.png,bad\n")
-    with pytest.raises(CatalogueError, match="no valid product"):
+    broken.write_text("id,image,price\n" + "".join(f"a{n},x.png,bad\n" for n in range(5)))
+    with pytest.raises(CatalogueError, match="no valid product") as refused:
         run_sync(broken, settings)
+    # Why, said at once, and the whole of it in this run's report (not an earlier run's).
+    assert "line 2: " in str(refused.value) and "'bad' is not a price" in str(refused.value)
+    assert f"all in {report.absolute()}" in str(refused.value)
+    assert [json.loads(line)["line"] for line in report.read_text().splitlines()] == [2, 3, 4, 5, 6]
     with open_index(settings.qdrant) as index:
         assert index.count() == 3
 

@@ -15,6 +15,21 @@ from pathlib import Path
 from typing import IO
 
 
+def folder_problem(folder: Path, writing: bool = True) -> str | None:
+    """Why `folder` cannot be made (missing parents too) and, `writing`, written in; None if it can.
+    Asked before long work whose result goes there: an hour of training must not end in "File exists"."""
+    if folder.exists() and not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if writing and not os.access(existing, os.W_OK | os.X_OK):
+        return f"no permission to write in {existing}"
+    return None
+
+
 @contextmanager
 def replacing(path: Path) -> Iterator[IO[bytes]]:
     """A binary file to write `path`'s new content to; it replaces `path` when the block ends without an

@@ -55,6 +55,7 @@ ProgressFn = Callable[[int, int], None]  # (images done, images to embed)
 # A service's writer: one unit of writes holds it, on the live version of that moment (`Writer.writing`).
 Writing = Callable[[], AbstractContextManager[VectorIndex]]
 REWRITE_PAGE = 256  # payloads read and rewritten at a time
+FIRST_REASONS = 3  # why rows were refused, said in the error when none could be synced
 
 
 @dataclass
@@ -152,9 +153,14 @@ def sync(
     mix two models' vectors while it is queried: `reindex` builds a new version instead).
     """
     started = time.perf_counter()
-    if not catalogue.products:
+    if not catalogue.products:  # the reasons are the user's only lead: the report, and the first ones here
+        failures = reported("row", catalogue.errors)
+        write_report(options.failure_report, failures)
+        first = "; ".join(f"line {f['line']}: {f['error']}" for f in failures[:FIRST_REASONS])
         raise CatalogueError(
             f"{catalogue.path}: no valid product (of {len(catalogue.errors)} rows); nothing synced"
+            + (f". {first}" if first else "")
+            + (f"; all in {options.failure_report.absolute()}" if len(failures) > FIRST_REASONS else "")
         )
     writing: Writing = (lambda: nullcontext(index)) if isinstance(index, VectorIndex) else index
     beside_others = not isinstance(index, VectorIndex)  # a service's writer: other writes come between

@@ -9,7 +9,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 import random
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -20,7 +19,7 @@ from PIL import Image
 
 from visrec.duplicates import DuplicateGroup, DuplicateScan
 from visrec.errors import ImageError, OutputUnwritable
-from visrec.fs import write_atomically
+from visrec.fs import folder_problem, write_atomically
 from visrec.images import ImageLimits, load_image
 from visrec.index import Filters, Hit, VectorIndex
 from visrec.payload import photos
@@ -82,13 +81,9 @@ def check_writable(out: Path, page: str = "report.html") -> None:
     disk) and says so the same way."""
     if out.is_dir():
         raise OutputUnwritable(f"{out} is a folder: name the page's file, e.g. {out / page}")
-    existing = out.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputUnwritable(f"cannot write {out}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputUnwritable(f"cannot write {out}: no permission to write in {existing}")
+    problem = folder_problem(out.parent)
+    if problem:
+        raise OutputUnwritable(f"cannot write {out}: {problem}")
 
 
 def write_html(rows: list[ReportRow], out: Path, title: str, model_version: str) -> Path:

@@ -23,8 +23,10 @@ import torch
 from visrec.artefact import HELDOUT_PRODUCTS, Manifest, save_artefact
 from visrec.catalogue import Catalogue
 from visrec.config import Settings
+from visrec.errors import OutputUnwritable
 from visrec.estimate import Estimate, estimate
 from visrec.features import StageProgress, infer
+from visrec.fs import folder_problem
 from visrec.images import Preprocess
 from visrec.metrics import topk_accuracy
 from visrec.model import EMBEDDING_DIM, build_model, load_pretrained
@@ -52,8 +54,14 @@ def train(
     held-out evaluation runs all the same, so a caller with a deadline reserves its time.
     `metrics["stopped_at_deadline"]` is 1 when training was cut. `announce`, if given, is handed the
     run's time estimate (`visrec.estimate`) before training starts: measuring it costs a few batches.
-    Raises `CatalogueError` (see `split_data`) or `ModelError` (weights).
+    Raises `CatalogueError` (see `split_data`), `ModelError` (weights) or `OutputUnwritable` (the
+    artefact's folder cannot be written: checked first).
     """
+    problem = folder_problem(settings.artefact)  # said now, not after the training it would lose
+    if problem:
+        raise OutputUnwritable(
+            f"cannot write the model to {settings.artefact}: {problem} (--out, VISREC_ARTEFACT)"
+        )
     cfg = settings.train
     torch.manual_seed(cfg.seed)
     classes, fit, val, held_out = split_data(catalogue, cfg, test)

@@ -9,7 +9,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from visrec.config import QdrantSettings
-from visrec.fs import write_atomically
+from visrec.errors import InvalidSetting
+from visrec.fs import folder_problem, write_atomically
 from visrec.index.edge import GENERATION, EdgeIndex, current_folder
 from visrec.index.store import Store
 
@@ -22,6 +23,11 @@ class EdgeStore(Store):
 
     def __init__(self, settings: QdrantSettings) -> None:
         super().__init__(settings.collection)
+        problem = folder_problem(
+            settings.path, writing=False
+        )  # (a read-only store is the engine's to refuse)
+        if problem:
+            raise InvalidSetting(f"VISREC_QDRANT__PATH: {problem}")
         self.settings = settings
         self.root = settings.path
         self.alias_file = self.root / f"{self.name}.alias"
