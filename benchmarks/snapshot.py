@@ -115,7 +115,8 @@ class Reads:
     """One client reading similar-by-id of random products until stopped; each latency in seconds."""
 
     def __init__(self, url: str, n: int) -> None:
-        self.url, self.n, self.seconds = url, n, []  # type: ignore[var-annotated]
+        self.url, self.n = url, n
+        self.seconds: list[float] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
