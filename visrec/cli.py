@@ -500,3 +500,47 @@ def neighbours(
     check_writable(out)
     data = _run(job, _settings(), not as_json)
     emit(as_json, data, neighbours_table(data))
+
+
+@app.command()
+@user_errors
+def snapshot(
+    folder: Annotated[Path, typer.Argument(help="Folder to write the snapshot into (made if missing).")],
+    keep: Annotated[
+        int | None, typer.Option(help="Then keep only the newest N snapshots of this collection in FOLDER.")
+    ] = None,
+    with_model: Annotated[
+        bool,
+        typer.Option(help="Carry the model's artefact too: restorable where that model is not deployed."),
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Write the live version into one self-contained archive (points, version record, the model that built
+    it, the cut it holds), with a checksum file beside it. With `visrec serve` running on the embedded
+    store, the service takes it: writes wait only while it copies the live version, reads never."""
+    from visrec.jobs import SnapshotJob
+
+    if keep is not None and keep < 1:
+        raise InvalidSetting(f"--keep {keep}: keep at least 1 snapshot")
+    job = SnapshotJob(out=folder.absolute(), keep=keep, with_model=with_model)
+    data = _run(job, _settings(), not as_json)
+    emit(as_json, data, key_value_table("snapshot", data))
+
+
+@app.command()
+@user_errors
+def restore(
+    snapshot: Annotated[Path, typer.Argument(help="A snapshot file (its .sha256 file beside it).")],
+    force: Annotated[
+        bool, typer.Option(help="Restore even if products written since the snapshot are dropped.")
+    ] = False,
+    as_json: JsonFlag = False,
+) -> None:
+    """Make a snapshot the live version: built beside the live one and switched to in one step
+    (`visrec rollback` undoes it). Refuses a damaged snapshot, a model that is not here, and, unless
+    --force, dropping products written since the snapshot. With `visrec serve` running, the service
+    does it."""
+    from visrec.jobs import RestoreJob
+
+    data = _run(RestoreJob(snapshot=snapshot.absolute(), force=force), _settings(), not as_json)
+    emit(as_json, data, key_value_table("restore", data))

@@ -18,12 +18,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from visrec.archive import Archive, now
 from visrec.catalogue import read_catalogue
 from visrec.config import Settings
+from visrec.errors import CollectionMissing
 from visrec.handle import ModelHandle
-from visrec.index import VectorIndex, open_index, open_store
+from visrec.index import VectorIndex, engine_version, open_index, open_store
 from visrec.ingest import SyncOptions, Writing, sync
 from visrec.plan import Shard
+from visrec.snapshot import CUT_ALONE, CUT_SCROLL, Cut, Serving, restore, take, version_record
 from visrec.versions import Beside, reindex, rollback
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -116,16 +119,44 @@ class NeighboursJob(_Job):
     exact: bool = False
 
 
+class SnapshotJob(_Job):
+    """`visrec snapshot`: the live version into an archive in `out` (`visrec.snapshot.take`)."""
+
+    command: Literal["snapshot"] = "snapshot"
+    out: Path  # the folder, absolute
+    keep: int | None = Field(default=None, ge=1)
+    with_model: bool = False
+
+
+class RestoreJob(_Job):
+    """`visrec restore`: the archive at `snapshot` made the live version (`visrec.snapshot.restore`)."""
+
+    command: Literal["restore"] = "restore"
+    snapshot: Path  # absolute
+    force: bool = False
+
+
 WriteJob = SyncJob | ReindexJob | RollbackJob  # the writer runs these, one at a time
 # These read the live version, beside writes.
 READS = (StatusJob, SimilarJob, ReportJob, DuplicatesJob, NeighboursJob)
 Job = Annotated[
-    SyncJob | ReindexJob | RollbackJob | StatusJob | SimilarJob | ReportJob | DuplicatesJob | NeighboursJob,
+    SyncJob
+    | ReindexJob
+    | RollbackJob
+    | StatusJob
+    | SimilarJob
+    | ReportJob
+    | DuplicatesJob
+    | NeighboursJob
+    | SnapshotJob
+    | RestoreJob,
     Field(discriminator="command"),
 ]
 
 
-PROTOCOL = 2  # the owner channel's version: raise it when a request or an answer changes meaning
+# The owner channel's version: raise it when a request or an answer changes meaning (3: neighbours,
+# snapshot and restore jobs).
+PROTOCOL = 3
 
 
 class StoreId(BaseModel):
@@ -223,7 +254,9 @@ def run_rollback(
     return {"previous": done.previous, "live": done.live, "dropped": done.dropped}
 
 
-def run_here(job: WriteJob, settings: Settings, progress: Progress | None) -> dict[str, Any]:
+def run_here(
+    job: WriteJob | SnapshotJob | RestoreJob, settings: Settings, progress: Progress | None
+) -> dict[str, Any]:
     """Run `job` in this process, which opens the store itself (no service owns it)."""
     match job:
         case SyncJob():
@@ -233,8 +266,70 @@ def run_here(job: WriteJob, settings: Settings, progress: Progress | None) -> di
             return run_reindex(job, settings, progress)
         case RollbackJob():
             return run_rollback(settings, force=job.force)
+        case SnapshotJob():
+            return run_snapshot_here(job, settings, progress)
+        case RestoreJob():
+            return run_restore(job, settings, progress)
 
 
 def _tell(progress: Progress | None, stage: str, done: int, total: int) -> None:
     if progress is not None:
         progress(stage, done, total)
+
+
+def run_snapshot(
+    job: SnapshotJob,
+    settings: Settings,
+    index: VectorIndex,
+    record: dict[str, Any],
+    cut: Cut,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """`visrec snapshot` of `index`, a version nobody writes to while it is read (or a server's: `cut`
+    says); `record`: its alias and version (`snapshot.version_record`)."""
+    return take(
+        index,
+        job.out,
+        record=record,
+        cut=cut,
+        engine=engine_version(settings.qdrant),
+        configured_model=settings.artefact,
+        with_model=job.with_model,
+        keep=job.keep,
+        progress=progress,
+    )
+
+
+def run_snapshot_here(job: SnapshotJob, settings: Settings, progress: Progress | None) -> dict[str, Any]:
+    """`visrec snapshot` in this process, which opens the store itself: on the embedded store no other
+    process can write meanwhile; on a server others may (`snapshot.CUT_SCROLL`)."""
+    with open_store(settings.qdrant) as store:
+        live = store.live()
+        with store.open(live) as index:
+            if not index.exists():
+                raise CollectionMissing(f"nothing to snapshot: {live} does not exist yet (run `visrec sync`)")
+            cut = Cut(now(), CUT_SCROLL if settings.qdrant.url else CUT_ALONE)
+            return run_snapshot(job, settings, index, version_record(store, live), cut, progress)
+
+
+def run_restore(
+    job: RestoreJob,
+    settings: Settings,
+    progress: Progress | None = None,
+    *,
+    held: Mapping[str, VectorIndex] | None = None,
+    serving: Serving | None = None,
+) -> dict[str, Any]:
+    """`visrec restore`; `held`: versions this process has open; `serving`: the service writing into the
+    live version meanwhile."""
+    archive = Archive.open(job.snapshot)
+    with open_store(settings.qdrant) as store:
+        return restore(
+            archive,
+            store,
+            settings.artefact,
+            force=job.force,
+            progress=progress,
+            held=held,
+            serving=serving,
+        )

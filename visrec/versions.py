@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
@@ -28,6 +28,7 @@ from visrec.gate import GateResult, quality_gate
 from visrec.handle import ModelHandle
 from visrec.index import Store, VectorIndex
 from visrec.index.base import ChangeLog
+from visrec.index.points import SyncRecord
 from visrec.ingest import Ahead, ProgressFn, SyncOptions, SyncSummary, sync
 
 log = logging.getLogger(__name__)
@@ -330,21 +331,42 @@ def rollback(
 
 
 def _written_since(store: Store, live: str, older: str, held: Mapping[str, VectorIndex]) -> set[str]:
+    """The products that differ between two versions (`differing`), or that one of them lacks."""
+    with store.opened(live, held) as index, store.opened(older, held) as other:
+        return differing(index, other)
+
+
+def differing(one: VectorIndex, other: VectorIndex, product_ids: Iterable[str] | None = None) -> set[str]:
     """The products whose photos, fields or owner (a catalogue, or HTTP: which later syncs may delete it)
-    differ between two versions, or that one of them lacks."""
-    with store.opened(live, held) as index:
-        now = {p: (r.vectors_hash, r.metadata_hash, r.source) for p, r in index.sync_records().items()}
-    with store.opened(older, held) as index:
-        before = {p: (r.vectors_hash, r.metadata_hash, r.source) for p, r in index.sync_records().items()}
+    differ between two open versions, or that one of them lacks; among `product_ids` only, if given."""
+    ids = None if product_ids is None else sorted(product_ids)
+    return _differing(one, other.sync_records(ids), other.payloads, ids)
+
+
+def differing_from(
+    one: VectorIndex,
+    records: Mapping[str, SyncRecord],
+    payloads: Callable[[list[str]], Mapping[str, dict[str, Any]]],
+) -> set[str]:
+    """`differing` between an open version and another one's records and payloads (a snapshot's)."""
+    return _differing(one, records, payloads, None)
+
+
+def _differing(
+    one: VectorIndex,
+    records: Mapping[str, SyncRecord],
+    payloads: Callable[[list[str]], Mapping[str, dict[str, Any]]],
+    ids: list[str] | None,
+) -> set[str]:
+    now = {p: (r.vectors_hash, r.metadata_hash, r.source) for p, r in one.sync_records(ids).items()}
+    before = {p: (r.vectors_hash, r.metadata_hash, r.source) for p, r in records.items()}
     differ = {p for p in now.keys() | before.keys() if now.get(p) != before.get(p)}
     # Equal photos and owner, unequal metadata hashes: the hash also says how the fields were written (a
     # PATCH records `patched:`, a reindex rewrites the row), so compare the fields themselves.
     recheck = sorted(p for p in differ if p in now and p in before and now[p][::2] == before[p][::2])
     if recheck:
-        with store.opened(live, held) as index:
-            fields_now = {p: payload.catalogue_fields(v) for p, v in index.payloads(recheck).items()}
-        with store.opened(older, held) as index:
-            fields_before = {p: payload.catalogue_fields(v) for p, v in index.payloads(recheck).items()}
+        fields_now = {p: payload.catalogue_fields(v) for p, v in one.payloads(recheck).items()}
+        fields_before = {p: payload.catalogue_fields(v) for p, v in payloads(recheck).items()}
         differ -= {p for p in recheck if p in fields_now and fields_now[p] == fields_before.get(p)}
     return differ
 

@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -43,14 +44,19 @@ from visrec.ingest import Ahead
 from visrec.jobs import (
     Progress,
     ReindexJob,
+    RestoreJob,
     RollbackJob,
+    SnapshotJob,
     SyncJob,
     WriteJob,
     run_reindex,
+    run_restore,
     run_rollback,
+    run_snapshot,
     run_sync,
 )
 from visrec.service import Service
+from visrec.snapshot import CUT_COPY, Cut, Serving, version_record
 from visrec.versions import Beside
 
 log = logging.getLogger(__name__)
@@ -123,7 +129,9 @@ class Writer:
             registry=registry,
         )
 
-    def run(self, job: WriteJob, progress: Progress) -> dict[str, Any]:
+    def run(self, job: WriteJob | SnapshotJob | RestoreJob, progress: Progress) -> dict[str, Any]:
+        if isinstance(job, SnapshotJob):  # holds writes for its copy alone, never a job's turn
+            return self.snapshot(job, progress)
         with self.jobs:
             log.info("running a handed-over %s", job.command)
             try:
@@ -135,6 +143,8 @@ class Writer:
                     case RollbackJob():
                         with self.lock:
                             return self._rollback(job)
+                    case RestoreJob():
+                        return self._restore(job, progress)
             finally:
                 self.service.refresh()
 
@@ -310,3 +320,49 @@ class Writer:
             with self.lock:
                 self._reindexing = False
                 self.building = None
+
+    def snapshot(self, job: SnapshotJob, progress: Progress) -> dict[str, Any]:
+        """`visrec snapshot` of the live version: writes are held only while it is copied (the last
+        flush and a sparse copy of its folder, as for an optimized copy); the copy is read into the
+        archive while requests and writes go on, then removed. Its cut: every write acknowledged before
+        the copy, none after. A copy left by a killed service is removed by the next start's sweep."""
+        store = self.service.store()
+        with self.service.reading() as live:
+            live.index.flush()  # most of it, beside writes: with them held, what came since
+            started = time.perf_counter()
+            with self.lock:
+                at = datetime.now(UTC)
+                copy = live.index.copy()
+                record = version_record(store, live.collection)
+            held_s = time.perf_counter() - started
+            if copy is None:  # a server: not handed over, so not reached; read the live one if it were
+                return run_snapshot(
+                    job, self.service.settings, live.index, record, Cut(at, CUT_COPY), progress
+                )
+            try:
+                with copy.open() as index:
+                    cut = Cut(at, CUT_COPY, held_s)
+                    return run_snapshot(job, self.service.settings, index, record, cut, progress)
+            finally:
+                copy.discard()
+
+    def _restore(self, job: RestoreJob, progress: Progress) -> dict[str, Any]:
+        """Build the snapshot's version beside the live one while writes go on into it; switch, and
+        serve, with them held (`snapshot.Serving`). Without a live version served (the first) writes wait
+        for the whole restore: they would create the very version it builds. No optimized copy replaces
+        the live handle meanwhile: the restore watches that handle's writes."""
+        with self.lock:
+            self._reindexing = True
+            live = self.service.state.live
+        try:
+            with ExitStack() as stack:
+                if live is None:
+                    stack.enter_context(self.lock)
+                held = stack.enter_context(self.service.state.holding())
+                serving = Serving(
+                    live.index if live else None, lambda: self.lock, self.service.serve_switched, self.version
+                )
+                return run_restore(job, self.service.settings, progress, held=held, serving=serving)
+        finally:
+            with self.lock:
+                self._reindexing = False

@@ -16,6 +16,7 @@ __all__ = [
     "Store",
     "SyncRecord",
     "VectorIndex",
+    "engine_version",
     "open_index",
     "open_store",
     "point_id",
@@ -43,3 +44,13 @@ def open_index(settings: QdrantSettings) -> VectorIndex:
     """
     store = open_store(settings)
     return store.open(store.live(), owner=True)
+
+
+def engine_version(settings: QdrantSettings) -> str:
+    """The engine that holds the collections, and its version: what a snapshot records."""
+    from importlib.metadata import version
+
+    if settings.url:
+        where = "local mode" if settings.url == ":memory:" else "a Qdrant server"
+        return f"qdrant-client {version('qdrant-client')} ({where})"
+    return f"qdrant-edge-py {version('qdrant-edge-py')} (embedded)"

@@ -1,0 +1,208 @@
+"""How long `visrec snapshot` and `visrec restore` take, and how big a snapshot is, at N products.
+
+A store of `--products` products written directly (random 1000-d vectors, one photo each, the payload a
+sync would write; as live_sync.py's `--scale` writes them; not optimized), beside a random-weight ResNet50
+artefact; then, as a user runs them, each a real `visrec` process:
+
+1. `visrec snapshot DIR` alone (no service: the command holds the store): seconds, archive bytes, and the
+   store folder's size on disk (allocated, as `du`) beside it;
+2. `visrec restore SNAPSHOT` onto an empty folder (another machine): seconds, optimize included
+   (`--no-restore` skips it);
+3. `visrec serve` on the store, and `visrec snapshot` handed over to it while one client reads
+   similar-by-id in a loop: how long writes were held (the flush and sparse copy), the snapshot's
+   seconds, and the reads' p50/p99/max while it ran against the same reads idle.
+
+    .venv/bin/python benchmarks/snapshot.py                          # 10,000 products
+    .venv/bin/python benchmarks/snapshot.py --products 100000 --no-restore   # the docs' figures
+    .venv/bin/python benchmarks/snapshot.py --products 20000                   # and a restore
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from embed_throughput import random_artefact
+
+from visrec.config import QdrantSettings
+from visrec.fs import allocated_bytes
+from visrec.index import IndexPoint, open_index
+from visrec.manifest import read_manifest
+
+from common import new_parser
+
+
+def main() -> None:
+    parser = new_parser(__doc__)
+    parser.add_argument("--products", type=int, default=10_000)
+    parser.add_argument("--keep", type=Path, help="work in this folder and keep it (default: a temp folder)")
+    parser.add_argument(
+        "--no-restore",
+        action="store_true",
+        help="skip (2): a restore ends with optimize(), which on random vectors takes far longer than on "
+        "real embeddings (the graph of random 1000-d points is hard to build)",
+    )
+    args = parser.parse_args()
+    root = args.keep or Path(tempfile.mkdtemp(prefix="visrec-snapshot-"))
+    try:
+        run(root, args.products, restore=not args.no_restore)
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def write_store(root: Path, n: int) -> dict[str, str]:
+    """The store, the artefact, and the environment of a `visrec` process that uses them."""
+    artefact = random_artefact(root / "model", 224)
+    version = read_manifest(artefact).model_version
+    started = time.perf_counter()
+    with open_index(QdrantSettings(path=root / "qdrant")) as index:
+        index.create(1000, {"model_version": version, "artefact": str(artefact)})
+        rng = np.random.default_rng(0)
+        for start in range(0, n, 1000):
+            index.upsert(
+                [
+                    IndexPoint(f"s{i}", rng.standard_normal((1, 1000), np.float32), payload(i, version))
+                    for i in range(start, min(n, start + 1000))
+                ]
+            )
+    # Not optimized: a snapshot reads the points, not the graph (and the graph of random vectors takes
+    # far longer to build than a real catalogue's).
+    print(f"{n} products written directly in {time.perf_counter() - started:.0f} s")
+    return {k: v for k, v in os.environ.items() if not k.startswith("VISREC_")} | {
+        "VISREC_ARTEFACT": str(artefact),
+        "VISREC_QDRANT__PATH": str(root / "qdrant"),
+        "VISREC_INGEST__FAILURE_REPORT": str(root / "failures.jsonl"),
+    }
+
+
+def payload(i: int, version: str) -> dict[str, Any]:
+    """What a sync writes for a product with one local photo (bookkeeping fields included)."""
+    return {
+        "product_id": f"s{i}",
+        "category": str(i % 10),
+        "price": 10.0 + i % 90,
+        "title": f"product {i}",
+        "images": [f"images/s{i}.png"],
+        "image": f"images/s{i}.png",
+        "model_version": version,
+        "vectors_hash": f"{i:064x}",
+        "metadata_hash": f"{i * 7:064x}",
+        "photo_files": [[f"/data/images/s{i}.png", 2100, 1764000000000000000, 1000 + i, 2049, f"{i:064x}"]],
+        "source": "catalogue",
+    }
+
+
+def visrec(env: dict[str, str], *args: str) -> tuple[dict[str, Any], float]:
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "visrec", *args, "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"visrec {' '.join(args)} failed: {done.stderr.strip()}")
+    return json.loads(done.stdout), time.perf_counter() - started
+
+
+class Reads:
+    """One client reading similar-by-id of random products until stopped; each latency in seconds."""
+
+    def __init__(self, url: str, n: int) -> None:
+        self.url, self.n = url, n
+        self.seconds: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        rng = np.random.default_rng(1)
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            while not self._stop.is_set():
+                started = time.perf_counter()
+                client.get(f"/products/s{rng.integers(self.n)}/similar", params={"k": 10}).raise_for_status()
+                self.seconds.append(time.perf_counter() - started)
+
+    def __enter__(self) -> Reads:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def figures(self) -> str:
+        ms = sorted(s * 1000 for s in self.seconds)
+        p99 = ms[min(len(ms) - 1, int(len(ms) * 0.99))]
+        return f"{len(ms)} reads, p50 {statistics.median(ms):.1f} ms, p99 {p99:.1f} ms, max {ms[-1]:.1f} ms"
+
+
+def run(root: Path, n: int, restore: bool = True) -> None:
+    env = write_store(root, n)
+    store_bytes = allocated_bytes(root / "qdrant")
+    taken, wall = visrec(env, "snapshot", str(root / "snaps"))
+    print(
+        f"(1) snapshot alone of {n}: {wall:.1f} s wall ({taken['seconds']:.1f} s in the command), "
+        f"{taken['bytes'] / 1e6:.0f} MB archive ({taken['bytes'] / n:.0f} B a product); the store folder "
+        f"{store_bytes / 1e6:.0f} MB on disk"
+    )
+    if restore:
+        other = env | {"VISREC_QDRANT__PATH": str(root / "other")}
+        restored, wall = visrec(other, "restore", taken["snapshot"])
+        seconds = restored["seconds"]
+        print(
+            f"(2) restore of {n} onto an empty folder: {wall:.1f} s wall ({seconds:.1f} s, optimize included)"
+        )
+        shutil.rmtree(root / "other")
+
+    port = 18000 + os.getpid() % 1000
+    serve_env = env | {"VISREC_API__PORT": str(port), "VISREC_API__HOST": "127.0.0.1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "visrec", "serve"], env=serve_env, stderr=subprocess.DEVNULL
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, server)
+        with Reads(url, n) as idle:
+            time.sleep(10)
+        with Reads(url, n) as busy:
+            handed, wall = visrec(env, "snapshot", str(root / "snaps"))
+        print(
+            f"(3) snapshot handed to a running service: {wall:.1f} s wall ({handed['seconds']:.1f} s in the "
+            f"service), writes held "
+            f"{handed['cut']['writes_held_s']:.2f} s; reads idle: {idle.figures()}; during the snapshot: "
+            f"{busy.figures()}"
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def wait_ready(url: str, server: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit("visrec serve exited")
+        try:
+            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise SystemExit("visrec serve did not get ready")
+
+
+if __name__ == "__main__":
+    main()
