@@ -71,6 +71,16 @@ def test_duplicate_id_keeps_the_first(tmp_path: Path) -> None:
     assert catalogue.errors[0].line == 4 and "first on line 2" in catalogue.errors[0].message
 
 
+def test_an_ids_first_row_is_its_product_even_when_refused(tmp_path: Path) -> None:
+    """A later row never stands in for a refused first one (what became of an id depended on which check
+    its first row failed: outside trial)."""
+    (tmp_path / "c.csv").write_text("id,image,price\na,1.png,cheap\na,2.png,3\nb, 3.png,\n")
+    catalogue = read_catalogue(tmp_path / "c.csv")
+    assert [p.id for p in catalogue.products] == ["b"]
+    assert [(e.line, e.product_id) for e in catalogue.errors] == [(2, "a"), (3, "a")]
+    assert "first on line 2" in catalogue.errors[1].message
+
+
 def test_bad_jsonl_rows(tmp_path: Path) -> None:
     path = tmp_path / "c.jsonl"
     path.write_text('{"id": "a", "image": "a.png"}\n{not json\n[1, 2]\n{"id": "c"}\n')

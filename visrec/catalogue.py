@@ -205,6 +205,7 @@ class _RowChecker:
 
     def __init__(self, catalogue: Catalogue, policy: FetchPolicy, over_http: bool = False) -> None:
         self.catalogue, self.policy, self.over_http = catalogue, policy, over_http
+        self.first_rows: dict[str, int] = {}  # product id → the line of its first row
 
     def add(self, line: int, row: dict[str, Any] | RowError) -> None:
         if isinstance(row, RowError):
@@ -224,10 +225,20 @@ class _RowChecker:
     def _check(self, line: int, row: dict[str, Any]) -> RowError | None:
         catalogue = self.catalogue
         row = {key.strip(): value for key, value in row.items() if isinstance(key, str) and key.strip()}
+        product_id = _usable_id(row)
+        # An id's first row is its product's, valid or not: a later one is a duplicate, whatever became
+        # of the first (taking the next valid one instead made the outcome depend on which check failed).
+        first = self.first_rows.setdefault(product_id, line) if product_id is not None else line
+        if first != line:
+            where = (
+                f"row {first} has it: this row is not written" if self.over_http else f"first on line {first}"
+            )
+            return RowError(line, f"duplicate id {product_id!r} ({where})", product_id)
         reserved = sorted(RESERVED_KEYS.intersection(row))
+        if reserved and self.over_http:  # that row alone, in the write routes' words
+            return RowError(line, reserved_field(reserved[0]), product_id)
         if reserved:
             raise CatalogueError(_reserved(catalogue.path, reserved[0], line))
-        product_id = _usable_id(row)
         if product_id is None:
             return RowError(line, f"no usable id (a non-empty text of at most {MAX_ID_LENGTH} characters)")
         problem = value_problem(row) or (written_fields_problem(row) if self.over_http else None)
@@ -240,12 +251,6 @@ class _RowChecker:
         photos, refused = self._photos(product)
         if not photos:
             return RowError(line, "; ".join(refused), product_id)
-        if product.id in catalogue.lines:
-            first = catalogue.lines[product.id]
-            where = (
-                f"row {first} has it: this row is not written" if self.over_http else f"first on line {first}"
-            )
-            return RowError(line, f"duplicate id {product.id!r} ({where})", product_id)
         catalogue.photo_errors += [RowError(line, reason, product_id) for reason in refused]
         catalogue.lines[product.id] = line
         catalogue.photos[product.id] = photos
@@ -312,6 +317,11 @@ def written_fields_problem(fields: dict[str, Any]) -> str | None:
         if problem:
             return f"field {key!r}: {problem}"
     return None
+
+
+def reserved_field(name: str) -> str:
+    """Why a product written over HTTP may not carry `name` (PUT, PATCH and batch rows alike)."""
+    return f"{name!r} is a field visrec computes itself; name yours otherwise, e.g. 'shop_{name}'"
 
 
 def _reserved(path: Path, column: str, line: int) -> str:

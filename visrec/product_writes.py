@@ -16,7 +16,14 @@ from pydantic import ValidationError
 
 from visrec import payload
 from visrec.admission import Admission
-from visrec.catalogue import Catalogue, Product, explain, rows_from_service, written_fields_problem
+from visrec.catalogue import (
+    Catalogue,
+    Product,
+    explain,
+    reserved_field,
+    rows_from_service,
+    written_fields_problem,
+)
 from visrec.errors import CollectionMissing, InvalidQuery, NotFound, VisrecError, WritesBusy
 from visrec.handle import ModelHandle
 from visrec.ingest import Ahead, SyncOptions, SyncSummary, embed_ahead, sync
@@ -326,8 +333,8 @@ def patch_problem(fields: dict[str, Any]) -> str | None:
         Product.model_validate(
             {**{k: v for k, v in fields.items() if v is not None}, "id": "p", "images": [_ANY_PHOTO]}
         )
-    except ValidationError as exc:
-        return f"the patched product is not valid: {explain(exc)}"
+    except ValidationError as exc:  # in a PUT's or a batch row's words
+        return explain(exc)
     return None
 
 
@@ -336,10 +343,12 @@ _ANY_PHOTO = "https://photo.invalid/p.png"
 
 def _key_problem(fields: dict[str, Any]) -> str | None:
     for key in fields:
-        if key in ("id", "image", "images"):
+        if key == "id":
+            return "'id' cannot be patched: a product's id is its path's (PUT it under the new id)"
+        if key in ("image", "images"):
             return f"{key!r} cannot be patched: PUT the whole product to change its photos"
         if not key.strip():
             return "a field needs a name"
         if key in payload.RESERVED:
-            return f"{key!r} is a field visrec computes itself"
+            return reserved_field(key)
     return None

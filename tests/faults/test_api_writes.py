@@ -177,6 +177,12 @@ def test_a_batch_with_an_id_twice_says_what_it_wrote(served: Served, host: Serve
         assert [r["outcome"] for r in results[:2]] == ["added", "added"], results
         assert results[2]["outcome"] == "error: duplicate id 'twice' (row 1 has it: this row is not written)"
         assert writer.get("/products/twice").json()["payload"]["price"] == 1
+        # The first row refused: a later one does not stand in for it.
+        rows = [{"id": "twice2", "image": host.url("/14.png"), "price": "x"}, {**rows[2], "id": "twice2"}]
+        results = writer.post("/products/batch", json=rows).json()["results"]
+        assert results[0]["outcome"].startswith("error: field 'price'"), results
+        assert results[1]["outcome"] == "error: duplicate id 'twice2' (row 1 has it: this row is not written)"
+        assert writer.get("/products/twice2").status_code == 404
 
 
 def test_a_file_sync_deletes_only_its_own_products(served: Served, store: Settings, host: Server) -> None:

@@ -122,8 +122,8 @@ WriteReason = Callable[[Request, Any], str | None]
 def invalid_request_with(write_reason: WriteReason) -> Callable[..., Awaitable[JSONResponse]]:
     async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
         reason = write_reason(request, exc.body)
-        if reason is not None:
-            return answer(request, 422, reason)
+        if reason is not None:  # as the same mistake in a batch row, or raised by visrec, is answered
+            return answer(request, 422, reason, error=InvalidQuery.__name__)
         # FastAPI's own handler echoes the bad input, and a NaN from a JSON body cannot be written back
         # as JSON: the 422 became a 500.
         problems = scrub(_finite_json(jsonable_encoder(exc.errors())))
