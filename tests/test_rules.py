@@ -148,3 +148,24 @@ def test_a_product_with_two_photos_is_one_hit(index: VectorIndex, tmp_path: Path
     hits = similar_to_vector(index, two.photo_vectors[1], 5)
     assert hits[0].product_id == two.product_id and hits[0].matched == 1
     assert len({h.product_id for h in hits}) == 5
+
+
+@pytest.mark.parametrize("url", [None, ":memory:"])
+def test_a_field_every_product_lost_is_said_so(tmp_path: Path, url: str | None) -> None:
+    """A field products held once and hold no more: a cap on it, or a filter, is refused saying so, never
+    "silk (0)" nor a cap that caps nothing (outside trial)."""
+    points = _clustered(2, 4)
+    settings = QdrantSettings(path=tmp_path / "q", url=url, collection="lost")
+    with open_index(settings) as index:
+        index.create(DIM)
+        first = points[0]
+        index.upsert(
+            [IndexPoint(first.product_id, first.vectors, {**first.payload, "fabric": "silk"}), *points[1:]]
+        )
+        index.upsert([first])  # its fabric removed
+        query = first.photo_vectors[0]
+        with pytest.raises(NoMatch, match="cannot cap by fabric: no product has a fabric now"):
+            similar_to_vector(index, query, 3, rules=Rules(max_per=["fabric=1"]))
+        with pytest.raises(NoMatch) as refused:
+            similar_to_vector(index, query, 3, filters=Filters.parse(where=["fabric=silk"]))
+        assert "(0)" not in str(refused.value), refused.value

@@ -67,6 +67,9 @@ def check_caps(
         kinds = index.field_kinds()
         if field not in kinds:
             raise NoMatch(f"cannot cap by {field}: {_unknown_field(field, kinds, shown)}")
+        values = index.facet(field, 1)  # (kinds are recorded for good: products may have lost the field)
+        if values is not None and not any(count for _, count in values):
+            raise NoMatch(f"cannot cap by {field}: no product has a {field} now")
 
 
 def _unknown_field(field: str, kinds: Mapping[str, object], shown: Shown) -> str:
@@ -85,6 +88,7 @@ def _listed(index: VectorIndex, part: Part) -> str:
     values = index.facet(part.field, FACET_SHOWN + 1)
     if values is None:  # several kinds: no one index counts them
         return f" ({part.field} holds {_kinds(index.field_kinds()[part.field])})"
+    values = [(value, count) for value, count in values if count]  # (the engine may list a gone value)
     if not values:
         return f"; no product has a {part.field} now"
     shown = [json.dumps(v) if isinstance(v, bool) else v for v, _ in values]
