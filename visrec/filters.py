@@ -27,7 +27,6 @@ from pydantic import (
     ValidationError,
     WithJsonSchema,
     field_validator,
-    model_validator,
 )
 
 from visrec.errors import InvalidFilter
@@ -207,12 +206,6 @@ class CallerFilters(BaseModel):
             except InvalidFilter as exc:
                 raise ValueError(str(exc)) from None
         return clauses
-
-    @model_validator(mode="after")
-    def _sane_range(self) -> CallerFilters:
-        if self.price_min is not None and self.price_max is not None and self.price_min > self.price_max:
-            raise ValueError(f"price_min {self.price_min} is above price_max {self.price_max}")
-        return self
 
     @property
     def clauses(self) -> list[Where]:

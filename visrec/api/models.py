@@ -156,9 +156,8 @@ def unknown_input(name: str, value: Any, known: Iterable[str], *, body: bool = F
 
 
 class CallerQuery(CallerFilters):
-    """The filters as callers send them: `CallerFilters`, but an empty price range (price_min above
-    price_max) is no error: it matches nothing. JSON Schema cannot say that one parameter must not
-    exceed another, so the schema allows such a request, and the service answers it."""
+    """The filters as callers send them. An empty price range (price_min above price_max) matches
+    nothing and the answer's note says so, as on the CLI (JSON Schema cannot order two parameters)."""
 
     price_min: float | None = Field(
         default=None, allow_inf_nan=False, description="at least; above price_max, nothing matches"
@@ -166,10 +165,6 @@ class CallerQuery(CallerFilters):
     price_max: float | None = Field(
         default=None, allow_inf_nan=False, description="at most; below price_min, nothing matches"
     )
-
-    @model_validator(mode="after")
-    def _sane_range(self) -> CallerQuery:  # replaces CallerFilters' check of the order (same name)
-        return self
 
 
 class RecommendRequest(CallerQuery, query.Rules):
