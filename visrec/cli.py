@@ -297,12 +297,17 @@ def similar(
         list[str] | None, typer.Option(help="FIELD=N: at most N results per value of FIELD (repeat).")
     ] = None,
     model: Annotated[
-        Path | None, typer.Option(help="Artefact folder, for --image [VISREC_ARTEFACT].")
+        Path | None,
+        typer.Option(
+            help="For --image: the index's model, where the artefact it recorded cannot be read here "
+            "[VISREC_ARTEFACT]."
+        ),
     ] = None,
     as_json: JsonFlag = False,
 ) -> None:
     """Products most similar to a product id (any of its photos) or a photo, under metadata filters;
-    one result per product, with the photo that matched."""
+    one result per product, with the photo that matched. A photo is embedded by the model that built
+    the index (the artefact it recorded, else --model if that is the same model)."""
     from visrec import query
     from visrec.images import ImageLimits, read_local_image
     from visrec.jobs import SimilarJob
@@ -310,6 +315,10 @@ def similar(
     if (product_id is None) == (image is None):
         raise InvalidQuery("give either a PRODUCT_ID or --image PATH")
     settings = _settings(artefact=model)
+    if model is not None:
+        from visrec.manifest import read_manifest
+
+        read_manifest(model)  # a --model given must be a model (ModelError, exit 3), used or not
     options: dict[str, Any] = {
         "category": category or [],
         "colour": colour or [],
