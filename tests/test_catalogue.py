@@ -325,3 +325,8 @@ def test_a_header_no_delimiter_fits_says_what_was_tried(tmp_path: Path) -> None:
     (tmp_path / "c.csv").write_text("id|image|category\na|x.png|b\n")
     with pytest.raises(CatalogueError, match=r"missing column.*split at each of comma, semicolon, tab"):
         read_catalogue(tmp_path / "c.csv")
+
+
+def test_a_folder_given_as_the_catalogue_says_so(tmp_path: Path) -> None:
+    with pytest.raises(CatalogueError, match="is a folder: name the catalogue file in it"):
+        read_catalogue(tmp_path)

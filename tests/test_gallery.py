@@ -214,6 +214,7 @@ def test_paging_and_search_reach_every_product_with_titles_and_prices(
     browser.find_element(By.NAME, "where").send_keys("colour=mauve")
     browser.find_element(By.ID, "browse").click()
     wait.until(lambda d: "mauve" in d.find_element(By.ID, "status").text)
+    assert page_ids() == []  # the earlier search's cards do not stay under the error (outside trial)
 
 
 def test_a_catalogues_markup_stays_text(keyed_server: str, browser: WebDriver) -> None:

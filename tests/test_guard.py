@@ -187,7 +187,7 @@ def test_a_declared_length_is_checked_before_the_body_is_read() -> None:
     ok = call(g, method="POST", headers=[(b"content-length", b"100")], chunks=[b"x" * 100])
     assert ok.status == 200 and ok.seen["body"] == 100
     big = call(g, method="POST", headers=[(b"content-length", b"101")], chunks=[b"x" * 101])
-    assert big.status == 413 and big.detail == "body larger than 100 bytes"
+    assert big.status == 413 and big.detail.startswith("body larger than 100 bytes (")
     assert big.headers[b"connection"] == b"close"
     for junk in (b"ten", b"-1", b"1e3", b" 5", b"9" * 19):
         answer = call(g, method="POST", headers=[(b"content-length", junk)])
@@ -205,7 +205,7 @@ def test_the_upload_route_has_its_own_limit() -> None:
     over = call(
         guard(), "/search/image", method="POST", headers=[(b"content-length", str(limit + 1).encode())]
     )
-    assert over.status == 413 and over.detail == f"body larger than {limit} bytes"
+    assert over.status == 413 and over.detail.startswith(f"body larger than {limit} bytes (")
     assert call(guard(), method="POST", chunks=[b"x" * 101]).status == 413
 
 
@@ -216,7 +216,7 @@ def test_a_body_is_counted_as_it_arrives() -> None:
     assert fits.status == 200 and fits.seen["body"] == 100
     assert b"connection" not in fits.headers  # the body was read to its end: the connection may go on
     over = call(guard(), method="POST", headers=chunked, chunks=[b"x" * 50, b"x" * 50, b"x"])
-    assert over.status == 413 and over.detail == "body larger than 100 bytes"
+    assert over.status == 413 and over.detail.startswith("body larger than 100 bytes (")
     assert over.headers[b"connection"] == b"close"
 
 

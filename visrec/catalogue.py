@@ -160,6 +160,8 @@ def read_catalogue(path: Path, settings: IngestSettings | None = None) -> Catalo
     file cannot be used as a whole (see the module's docstring).
     """
     settings = settings or IngestSettings()
+    if path.is_dir():
+        raise CatalogueError(f"{path} is a folder: name the catalogue file in it (.csv, .tsv or .jsonl)")
     if not path.is_file():
         raise CatalogueError(f"catalogue not found: {path}")
     # (a spreadsheet's "text" export is tab-separated .tsv or .txt: the delimiter is found from the header)

@@ -159,7 +159,8 @@ class ApiSettings(BaseModel):
     # 16 M pixels take a 12-MP phone photo; decoded they hold ~64 MB, so max_heavy_requests of them at
     # once stay far under a 4 GiB pod (40 M, the old default, took 160 MB and 0.6 s each).
     max_upload_pixels: int = Field(default=16_000_000, ge=1)
-    max_body_bytes: int = Field(default=64 * 1024, ge=1024)  # every route but the photo upload
+    # Every route but the photo upload: a batch of max_batch_rows rows of a few photo URLs each fits.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     body_timeout_s: float = Field(default=30.0, gt=0)  # to receive a whole body (slow uploads are cut)
     request_timeout_s: float = Field(default=30.0, gt=0)
     # Photo and similarity searches and photo fetches running at once (each holds a thread and CPU or a

@@ -204,7 +204,7 @@ class Guard:
             if not (declared.isdigit() and len(declared) < 19):
                 raise _Refused(400, "Content-Length is not a number of bytes")
             if int(declared) > self._limit(scope):
-                raise _Refused(413, f"body larger than {self._limit(scope)} bytes")
+                raise _Refused(413, self._too_large(scope))
 
     def _failed_authentication(self, scope: Scope, status: int | None, detail: str) -> None:
         """A token of the client's failed-authentication bucket: 429 when it has none left, else `status`
@@ -225,6 +225,10 @@ class Guard:
         if wait:
             detail = f"over {self.limiter.per_s:g} requests a second; retry shortly"
             raise _Refused(429, detail, math.ceil(wait))
+
+    def _too_large(self, scope: Scope) -> str:
+        setting = "MAX_UPLOAD_BYTES" if scope["path"] == self.settings.upload_path else "MAX_BODY_BYTES"
+        return f"body larger than {self._limit(scope)} bytes (the service's VISREC_API__{setting})"
 
     def _limit(self, scope: Scope) -> int:
         s = self.settings
@@ -251,7 +255,7 @@ class Guard:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    exchange.refusal = _Refused(413, f"body larger than {limit} bytes")
+                    exchange.refusal = _Refused(413, self._too_large(scope))
                     raise exchange.refusal
                 complete = not message.get("more_body", False)
                 exchange.body_pending = not complete

@@ -54,6 +54,7 @@ from tests.faults.served import (
     synced_store,
 )
 from visrec.artefact import Manifest
+from visrec.config import Settings
 
 SATURATION_S = float(os.environ.get("VISREC_FAULTS_SATURATION_S", "10"))
 SATURATION_CLIENTS = 40
@@ -91,15 +92,16 @@ def test_a_chunked_upload_is_cut_off_at_the_limit(guarded: Served) -> None:
     assert UPLOAD_CUTOFF - 64 * 1024 <= answer.sent <= UPLOAD_CUTOFF + 256 * 1024, answer.sent
 
 
-def test_a_chunked_json_body_over_64_kib_is_refused(guarded: Served) -> None:
-    """Fault: a /recommend body of 300 KB, chunked, and the same declared with Content-Length. visrec:
-    every route but the upload takes at most VISREC_API__MAX_BODY_BYTES (64 KiB). Checked: 413 both
-    times; with Content-Length before any of the body is read."""
-    body = json.dumps({"positive": ["p1"] * 50, "negative": ["x" * 1000] * 300}).encode()
+def test_a_chunked_json_body_over_the_limit_is_refused(guarded: Served) -> None:
+    """Fault: a /recommend body of 3x the limit, chunked, and the same declared with Content-Length.
+    visrec: every route but the upload takes at most VISREC_API__MAX_BODY_BYTES (1 MiB). Checked: 413
+    both times; with Content-Length before any of the body is read."""
+    limit = Settings().api.max_body_bytes
+    body = json.dumps({"positive": ["p1"] * 50, "negative": ["x" * 1000] * (3 * limit // 1000)}).encode()
     chunks = iter([body[i : i + 8192] for i in range(0, len(body), 8192)])
     answer = raw_request(guarded, "POST", "/recommend", {"Content-Type": "application/json"}, chunks)
     assert answer.status == 413, answer
-    assert 64 * 1024 <= answer.sent <= 64 * 1024 + 128 * 1024, answer.sent
+    assert limit <= answer.sent <= limit + 128 * 1024, answer.sent
     declared = raw_request(
         guarded, "POST", "/recommend", {"Content-Type": "application/json", "Content-Length": str(len(body))}
     )

@@ -22,7 +22,16 @@ from visrec.index.points import IndexPoint
 
 # The probes, the gallery page (static HTML with no data in it, whose script sends the key it asks for),
 # and the API's docs and schema (no data; the docs page's Authorize sends the key).
-OPEN = {"/healthz", "/readyz", "/", "/docs", "/docs/oauth2-redirect", "/openapi.json", "/redoc"}
+OPEN = {
+    "/healthz",
+    "/readyz",
+    "/",
+    "/docs",
+    "/docs/oauth2-redirect",
+    "/openapi.json",
+    "/redoc",
+    "/favicon.ico",
+}
 
 
 def test_every_route_but_health_and_the_static_page_needs_the_api_key(

@@ -48,9 +48,10 @@ def run(settings: Settings, device: torch.device, announce: Callable[[str], None
 
     api = settings.api
     check_exposure(api)
-    # The embedded store is claimed first: a second service on it stops here, having touched nothing.
-    claim = None if settings.qdrant.url else StoreClaim(settings.qdrant)
     listening = _listen(api.host, api.port)
+    # The embedded store is claimed before anything starts: a second service on it stops here, having
+    # touched nothing.
+    claim = None if settings.qdrant.url else StoreClaim(settings.qdrant)
     torch.set_num_threads(api.torch_threads)
     host, port = listening.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"

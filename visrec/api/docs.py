@@ -19,7 +19,7 @@ ASSETS = {  # the only files served: a name is looked up here, never joined to a
     "redoc.standalone.js": "text/javascript",
     "favicon.png": "image/png",
 }
-PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc"} | {f"{STATIC}/{name}" for name in ASSETS}
+PATHS = {"/docs", "/docs/oauth2-redirect", "/redoc", "/favicon.ico"} | {f"{STATIC}/{name}" for name in ASSETS}
 
 router = APIRouter(include_in_schema=False)
 
@@ -60,6 +60,11 @@ def redoc(request: Request) -> Response:
         redoc_favicon_url=f"{root}{STATIC}/favicon.png",
         with_google_fonts=False,
     )
+
+
+@router.get("/favicon.ico")
+def favicon() -> Response:  # browsers ask for it on every page, the gallery's too: no key, no 401 in the log
+    return asset("favicon.png")
 
 
 @router.get(STATIC + "/{name}")

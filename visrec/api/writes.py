@@ -174,7 +174,7 @@ async def batch(request: Request, writes: WritesDep) -> BatchOut:
         raise InvalidQuery(f"{len(rows)} rows: at most {limit} a batch")
     written = await run_in_threadpool(writes.rows, rows, admission_of(request))
     outcomes = [scrub(_counted(writes, "batch", o)) for o in written]  # a reason names no URL, no path
-    ids = [str(row.get("id")) if isinstance(row, dict) else "" for row in rows]
+    ids = [str(row["id"]) if isinstance(row, dict) and row.get("id") is not None else "" for row in rows]
     return BatchOut(results=[WriteOut(product_id=i, outcome=o) for i, o in zip(ids, outcomes, strict=True)])
 
 
