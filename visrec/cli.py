@@ -32,7 +32,6 @@ from visrec.cli_output import (
 )
 from visrec.config import Settings, load_settings
 from visrec.errors import InvalidQuery, InvalidSetting, VisrecError
-from visrec.filters import Filters
 from visrec.jobs import Job, ReindexJob, RollbackJob, SyncJob
 from visrec.plan import Shard
 
@@ -308,7 +307,6 @@ def similar(
     """Products most similar to a product id (any of its photos) or a photo, under metadata filters;
     one result per product, with the photo that matched. A photo is embedded by the model that built
     the index (the artefact it recorded, else --model if that is the same model)."""
-    from visrec import query
     from visrec.images import ImageLimits, read_local_image
     from visrec.jobs import SimilarJob
 
@@ -319,27 +317,23 @@ def similar(
         from visrec.manifest import read_manifest
 
         read_manifest(model)  # a --model given must be a model (ModelError, exit 3), used or not
-    options: dict[str, Any] = {
-        "category": category or [],
-        "colour": colour or [],
-        "price_min": price_min,
-        "price_max": price_max,
-        "where": where or [],
-    }
-    Filters.parse(**options)  # checked here: a mistake is said before the store is asked
-    query.Rules.parse(diversity=diversity, max_per=max_per or [])
-    # Read here under the query photo's limits: a service beside takes no bigger one (ImageError, exit 2).
-    limits = ImageLimits(settings.ingest.max_image_pixels, settings.ingest.max_image_bytes)  # links allowed
-    photo = None if image is None else read_local_image(str(image), limits)
-    job = SimilarJob(
+    chosen = SimilarJob(
         product_id=product_id,
-        image=photo,
         k=k,
+        category=category or [],
+        colour=colour or [],
+        price_min=price_min,
+        price_max=price_max,
+        where=where or [],
         colour_weight=colour_weight,
         diversity=diversity,
         max_per=max_per or [],
-        **options,
     )
+    chosen.filters(), chosen.rules()  # checked here: a mistake is said before the store is asked
+    # Read here under the query photo's limits: a service beside takes no bigger one (ImageError, exit 2).
+    limits = ImageLimits(settings.ingest.max_image_pixels, settings.ingest.max_image_bytes)  # links allowed
+    photo = None if image is None else read_local_image(str(image), limits)
+    job = chosen.model_copy(update={"image": photo})
     data = _run(job, settings, False)
     if data["note"]:
         err.print(f"[yellow]note:[/yellow] nothing found: {data['note']}", highlight=False, soft_wrap=True)

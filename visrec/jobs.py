@@ -22,10 +22,12 @@ from visrec.archive import Archive, now
 from visrec.catalogue import read_catalogue
 from visrec.config import Settings
 from visrec.errors import CollectionMissing
+from visrec.filters import Filters
 from visrec.handle import ModelHandle
 from visrec.index import VectorIndex, engine_version, open_index, open_store
 from visrec.ingest import SyncOptions, Writing, sync
 from visrec.plan import Shard
+from visrec.rules import Rules
 from visrec.snapshot import CUT_ALONE, CUT_SCROLL, Cut, Serving, restore, take, version_record
 from visrec.versions import Beside, reindex, rollback
 
@@ -65,14 +67,10 @@ class StatusJob(_Job):
     command: Literal["status"] = "status"
 
 
-class SimilarJob(_Job):
-    """`visrec similar`: the CLI's options as given (checked there, parsed again where it runs)."""
+class _Choosing(_Job):
+    """How `similar` and `neighbours` choose results: the filters and the rules, as the CLI's options
+    were given (checked there, parsed again where the job runs)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
-    command: Literal["similar"] = "similar"
-    product_id: str | None = None
-    image: bytes | None = None  # the photo's bytes (base64 on the wire): read by the command's user
-    k: int = 10
     category: list[str] = []
     colour: list[str] = []
     price_min: float | None = None
@@ -81,6 +79,30 @@ class SimilarJob(_Job):
     colour_weight: float = 0.0
     diversity: float = 0.0
     max_per: list[str] = []
+
+    def filters(self) -> Filters:
+        """Raises `InvalidFilter` with the reason."""
+        return Filters.parse(
+            category=self.category,
+            colour=self.colour,
+            price_min=self.price_min,
+            price_max=self.price_max,
+            where=self.where,
+        )
+
+    def rules(self) -> Rules:
+        """Raises `InvalidQuery` with the reason."""
+        return Rules.parse(diversity=self.diversity, max_per=self.max_per)
+
+
+class SimilarJob(_Choosing):
+    """`visrec similar`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+    command: Literal["similar"] = "similar"
+    product_id: str | None = None
+    image: bytes | None = None  # the photo's bytes (base64 on the wire): read by the command's user
+    k: int = 10
 
 
 class ReportJob(_Job):
@@ -99,7 +121,7 @@ class DuplicatesJob(_Job):
     out: Path | None = None  # absolute
 
 
-class NeighboursJob(_Job):
+class NeighboursJob(_Choosing):
     """`visrec neighbours`: every product's list, written to `out` (a delta on `since`'s state)."""
 
     command: Literal["neighbours"] = "neighbours"
@@ -107,14 +129,6 @@ class NeighboursJob(_Job):
     format: Literal["jsonl", "csv", "parquet"] = "jsonl"
     since: Path | None = None  # absolute
     k: int = 20
-    category: list[str] = []
-    colour: list[str] = []
-    price_min: float | None = None
-    price_max: float | None = None
-    where: list[str] = []
-    colour_weight: float = 0.0
-    diversity: float = 0.0
-    max_per: list[str] = []
     same: list[str] = []
     exact: bool = False
 

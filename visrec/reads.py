@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 from visrec import query
 from visrec.config import Settings
-from visrec.filters import Filters
 from visrec.images import ImageLimits
 from visrec.index import VectorIndex, open_index, open_store
 from visrec.jobs import DuplicatesJob, NeighboursJob, Progress, ReportJob, SimilarJob, StatusJob
@@ -70,14 +69,7 @@ def _model_of(index: VectorIndex, settings: Settings) -> Embedder:
 def _similar(
     job: SimilarJob, index: VectorIndex, settings: Settings, model: Callable[[], Embedder]
 ) -> dict[str, Any]:
-    filters = Filters.parse(
-        category=job.category,
-        colour=job.colour,
-        price_min=job.price_min,
-        price_max=job.price_max,
-        where=job.where,
-    )
-    rules = query.Rules.parse(diversity=job.diversity, max_per=job.max_per)
+    filters, rules = job.filters(), job.rules()
     k = job.k
     if job.image is not None:
         limits = ImageLimits.from_settings(settings.ingest)
@@ -141,15 +133,9 @@ def _duplicates(
 
 def feed_rules(job: NeighboursJob) -> FeedRules:
     """The job's options as the stage takes them; raises `InvalidQuery`/`InvalidFilter` with the reason."""
-    filters = Filters.parse(
-        category=job.category,
-        colour=job.colour,
-        price_min=job.price_min,
-        price_max=job.price_max,
-        where=job.where,
+    chosen = FeedRules(
+        job.k, job.filters(), job.rules(), job.colour_weight, tuple(dict.fromkeys(job.same)), job.exact
     )
-    rules = query.Rules.parse(diversity=job.diversity, max_per=job.max_per)
-    chosen = FeedRules(job.k, filters, rules, job.colour_weight, tuple(dict.fromkeys(job.same)), job.exact)
     chosen.check()
     return chosen
 
