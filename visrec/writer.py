@@ -55,6 +55,7 @@ from visrec.jobs import (
     run_snapshot,
     run_sync,
 )
+from visrec.live import Live
 from visrec.service import Service
 from visrec.snapshot import CUT_COPY, Cut, Serving, version_record
 from visrec.versions import Beside
@@ -291,13 +292,13 @@ class Writer:
             raise
         return result
 
-    def _reindex(self, job: ReindexJob, progress: Progress) -> dict[str, Any]:
-        """Build the next version while writes go on into the live one; they are caught up with before
-        the switch, which is served at once, with them held (`versions.Beside`). No optimized copy
-        replaces the live handle meanwhile: the reindex watches that handle's writes. Without a live
-        version served (the first, or one that cannot be opened) writes wait for the whole reindex: they
-        would create or open the very version it builds."""
-        model = self._model(job.model)
+    @contextmanager
+    def _building(self) -> Iterator[tuple[Live | None, dict[str, VectorIndex]]]:
+        """A new version built beside the live one (a reindex, a restore): yields the live pair (None
+        when none is served) and the handles held for the build. No optimized copy replaces the live
+        handle meanwhile: the build watches its writes. Without a live version served (the first, or
+        one that cannot be opened) writes wait for the whole build: they would create or open the very
+        version it builds."""
         with self.lock:
             self._reindexing = True
             live = self.service.state.live
@@ -305,21 +306,25 @@ class Writer:
             with ExitStack() as stack:
                 if live is None:
                     stack.enter_context(self.lock)
-                held = stack.enter_context(self.service.state.holding())
-                beside = None
-                if live:
-                    ahead = Ahead(model.manifest.model_version)
-                    beside = Beside(
-                        live.index, lambda: self.lock, self.service.serve_switched, self.version, ahead
-                    )
-                    self.building = (model, ahead)
-                return run_reindex(
-                    job, self.service.settings, progress, held=held, model=model, beside=beside
-                )
+                yield live, stack.enter_context(self.service.state.holding())
         finally:
             with self.lock:
                 self._reindexing = False
                 self.building = None
+
+    def _reindex(self, job: ReindexJob, progress: Progress) -> dict[str, Any]:
+        """Build the next version while writes go on into the live one; they are caught up with before
+        the switch, which is served at once, with them held (`versions.Beside`)."""
+        model = self._model(job.model)
+        with self._building() as (live, held):
+            beside = None
+            if live:
+                ahead = Ahead(model.manifest.model_version)
+                beside = Beside(
+                    live.index, lambda: self.lock, self.service.serve_switched, self.version, ahead
+                )
+                self.building = (model, ahead)
+            return run_reindex(job, self.service.settings, progress, held=held, model=model, beside=beside)
 
     def snapshot(self, job: SnapshotJob, progress: Progress) -> dict[str, Any]:
         """`visrec snapshot` of the live version: writes are held only while it is copied (the last
@@ -348,21 +353,9 @@ class Writer:
 
     def _restore(self, job: RestoreJob, progress: Progress) -> dict[str, Any]:
         """Build the snapshot's version beside the live one while writes go on into it; switch, and
-        serve, with them held (`snapshot.Serving`). Without a live version served (the first) writes wait
-        for the whole restore: they would create the very version it builds. No optimized copy replaces
-        the live handle meanwhile: the restore watches that handle's writes."""
-        with self.lock:
-            self._reindexing = True
-            live = self.service.state.live
-        try:
-            with ExitStack() as stack:
-                if live is None:
-                    stack.enter_context(self.lock)
-                held = stack.enter_context(self.service.state.holding())
-                serving = Serving(
-                    live.index if live else None, lambda: self.lock, self.service.serve_switched, self.version
-                )
-                return run_restore(job, self.service.settings, progress, held=held, serving=serving)
-        finally:
-            with self.lock:
-                self._reindexing = False
+        serve, with them held (`snapshot.Serving`)."""
+        with self._building() as (live, held):
+            serving = Serving(
+                live.index if live else None, lambda: self.lock, self.service.serve_switched, self.version
+            )
+            return run_restore(job, self.service.settings, progress, held=held, serving=serving)
