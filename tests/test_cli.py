@@ -99,6 +99,17 @@ def test_train_sync_similar_status_report(
             assert "unexpected" not in result.output and "Traceback" not in result.output
     result = runner.invoke(app, ["report", "--queries", "1", "--out", str(tmp_path / "new" / "r.html")])
     assert result.exit_code == 0 and (tmp_path / "new" / "r.html").is_file(), result.output
+    # A page replaces a page; never another file (a mistyped --out naming the catalogue: outside trial).
+    result = runner.invoke(app, ["report", "--queries", "1", "--out", str(tmp_path / "new" / "r.html")])
+    assert result.exit_code == 0, result.output
+    before = catalogue.read_bytes()
+    for command in (["report", "--queries", "1"], ["duplicates"], ["neighbours"]):
+        result = runner.invoke(app, [*command, "--out", str(catalogue)])
+        assert result.exit_code == 2 and "is not a file visrec wrote" in result.stderr, result.output
+    feed = tmp_path / "feed.jsonl"
+    for _ in range(2):  # a feed replaces the feed made before
+        assert runner.invoke(app, ["neighbours", "--out", str(feed)]).exit_code == 0
+    assert catalogue.read_bytes() == before
 
 
 def test_train_with_normalized_softmax(make_catalogue: MakeCatalogue, env: Settings, tmp_path: Path) -> None:

@@ -264,7 +264,9 @@ def check_writable(out: Path) -> None:
     """Refuse a feed path that cannot be written (a folder, a read-only folder) before any work."""
     from visrec.report import check_writable as page_writable  # the one rule for a file asked for
 
-    page_writable(out)
+    page_writable(
+        out, ours=lambda feed: state_path(feed).is_file()
+    )  # a feed made before: its state is beside it
     if out.name.endswith(".state"):
         raise OutputUnwritable(f"{out}: a name ending in .state is a feed's state; name the feed itself")
 

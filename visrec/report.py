@@ -10,6 +10,7 @@ import base64
 import html
 import io
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -75,12 +76,15 @@ def run_queries(index: VectorIndex, product_ids: list[str], k: int, same_categor
     return rows
 
 
-def check_writable(out: Path, page: str = "report.html") -> None:
+def check_writable(out: Path, page: str = "report.html", ours: Callable[[Path], bool] | None = None) -> None:
     """Refuse a page path that cannot be written (a folder, a file where a folder should be, a read-only
     folder) before the work is done; missing folders are made. The write itself can still fail (a full
     disk) and says so the same way."""
     if out.is_dir():
         raise OutputUnwritable(f"{out} is a folder: name the page's file, e.g. {out / page}")
+    # A mistyped --out must not replace a catalogue: only what visrec wrote there (`ours`: a page).
+    if out.is_file() and not (ours or _is_our_page)(out):
+        raise OutputUnwritable(f"{out} exists and is not a file visrec wrote: name another, or remove it")
     problem = folder_problem(out.parent)
     if problem:
         raise OutputUnwritable(f"cannot write {out}: {problem}")
@@ -109,6 +113,15 @@ def _write_page(out: Path, title: str, model_version: str, body: str) -> Path:
     except OSError as exc:
         raise OutputUnwritable(f"cannot write {out}: {exc.strerror or exc}") from exc
     return out
+
+
+def _is_our_page(path: Path) -> bool:
+    """Whether `path` is a page visrec wrote (its title is "visrec: …"), which a new one may replace."""
+    try:
+        with path.open("rb") as page:
+            return b"<title>visrec: " in page.read(4096)
+    except OSError:
+        return False
 
 
 def _write_html(out: Path, title: str, model_version: str, when: str, body: str) -> None:
