@@ -167,7 +167,7 @@ def test_batch_answers_each_row(served: Served, host: Server) -> None:
 def test_a_batch_with_an_id_twice_says_what_it_wrote(served: Served, host: Server) -> None:
     """The first row of an id is written and answered as written; a later row with that id is refused,
     naming the row that was (outside trial: both answered errors while the first was stored)."""
-    rows = [
+    rows: list[dict[str, object]] = [
         {"id": "twice", "image": host.url("/14.png"), "price": 1},
         {"id": "other", "image": host.url("/15.png")},
         {"id": " twice ", "image": host.url("/16.png"), "price": 2},
