@@ -108,7 +108,7 @@ def test_json_lines_answer_each_row_in_order(
     assert len(json_lines(body)) == len(rows)
     results = batch_lines(writer, body)
     assert [r["product_id"] for r in results] == [
-        str(row.get("id")) if isinstance(row, dict) else "" for row in rows
+        str(row["id"]) if isinstance(row, dict) and row.get("id") is not None else "" for row in rows
     ], results
     assert all(r["outcome"].startswith("error: ") for r in results)
 
