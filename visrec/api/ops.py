@@ -9,8 +9,8 @@ from typing import Any
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from visrec.api import docs
 from visrec.api.deps import MetricsDep, ServiceDep
+from visrec.api.docs import PATHS as DOCS_PATHS
 from visrec.api.errors import unavailable
 from visrec.api.models import RETRY_AFTER, Readiness, errors
 from visrec.errors import VisrecError
@@ -19,7 +19,7 @@ from visrec.evaluation import recorded
 log = logging.getLogger(__name__)
 # No API key for the probes (they must work without secrets), nor for what holds no data: the gallery's
 # page shell and the API's docs and schema (their scripts, and the docs page's Authorize, send the key).
-OPEN_PATHS = {"/healthz", "/readyz", "/", "/openapi.json"} | docs.PATHS
+OPEN_PATHS = {"/healthz", "/readyz", "/", "/openapi.json"} | DOCS_PATHS
 
 router = APIRouter()
 
