@@ -8,11 +8,15 @@ target, fsync the folder (the rename itself lives in the folder's metadata).
 from __future__ import annotations
 
 import os
+import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
+
+MATCH_CHUNK = 1 << 18  # bytes compared a read
 
 
 def folder_problem(folder: Path, writing: bool = True) -> str | None:
@@ -74,37 +78,125 @@ def allocated_bytes(folder: Path) -> int:
 
 
 def copy_tree_sparse(source: Path, target: Path) -> None:
-    """Copy a folder of plain files, keeping holes as holes: the engine preallocates its mmapped files
-    sparse (a collection occupying 836 KB has files totalling ~200 MB), and a plain copy writes the
-    zeros out. Only the data extents are copied (in the kernel: `copy_file_range`), then each file is
-    sized as its source and fsynced; links and other special files are refused."""
-    target.mkdir(parents=True)
+    """Copy a folder of plain files into `target` (made if missing, else empty), keeping holes as holes:
+    the engine preallocates its mmapped files sparse (a collection occupying 836 KB has files totalling
+    ~200 MB), and a plain copy writes the zeros out. Only the data extents are copied (in the kernel:
+    `copy_file_range`), then each file is sized as its source and fsynced; links and other special
+    files are refused. Meant to run while the source is written: a file that vanishes or shrinks
+    meanwhile is copied as far as it goes, and `match_tree` makes the copy exact afterwards."""
+    target.mkdir(parents=True, exist_ok=True)
     for entry in sorted(source.rglob("*")):
         destination = target / entry.relative_to(source)
-        if entry.is_symlink() or not (entry.is_dir() or entry.is_file()):
-            raise OSError(f"{entry} is not a plain file or folder")
-        if entry.is_dir():
-            destination.mkdir()
+        try:
+            if _is_folder(entry):
+                destination.mkdir(exist_ok=True)
+                continue
+            with open(entry, "rb") as src, open(destination, "xb") as dst:
+                _copy_extents(src.fileno(), dst.fileno(), os.fstat(src.fileno()).st_size)
+                os.fsync(dst.fileno())
+        except FileNotFoundError:  # gone since the listing (the engine replaced it): match_tree sees
             continue
-        with open(entry, "rb") as src, open(destination, "xb") as dst:
-            _copy_extents(src.fileno(), dst.fileno(), os.fstat(src.fileno()).st_size)
-            os.fsync(dst.fileno())
-    for folder in [target, *(p for p in target.rglob("*") if p.is_dir())]:
+    _sync_folders(target)
+
+
+def match_tree(source: Path, target: Path) -> int:
+    """Make `target`, an earlier copy of `source` (`copy_tree_sparse`), hold exactly `source`'s files
+    and bytes as they are now, writing only what differs: the copy is taken while the source is
+    written, then matched with its writes held, which costs reading both, not writing it all again.
+    Returns the bytes written."""
+    wanted = {entry.relative_to(source): entry for entry in source.rglob("*")}
+    for extra in sorted(
+        (p for p in target.rglob("*") if p.relative_to(target) not in wanted),
+        key=lambda p: len(p.parts),
+    ):
+        if extra.is_dir() and not extra.is_symlink():
+            shutil.rmtree(extra)
+        elif extra.exists() or extra.is_symlink():
+            extra.unlink()
+    written = 0
+    for relative, entry in sorted(wanted.items()):
+        destination = target / relative
+        if _is_folder(entry):
+            if not destination.is_dir():
+                destination.unlink(missing_ok=True)
+                destination.mkdir()
+            continue
+        if destination.is_dir():
+            shutil.rmtree(destination)
+        mode = "r+b" if destination.exists() else "x+b"
+        with open(entry, "rb") as src, open(destination, mode) as dst:
+            size = os.fstat(src.fileno()).st_size
+            resized = os.fstat(dst.fileno()).st_size != size
+            changed = _match_extents(src.fileno(), dst.fileno(), size)
+            if changed or resized or mode == "x+b":
+                os.fsync(dst.fileno())
+            written += changed
+    _sync_folders(target)
+    return written
+
+
+def _is_folder(entry: Path) -> bool:
+    """Whether `entry` is a folder (else a plain file); raises OSError for a link or a special file,
+    FileNotFoundError if it is gone."""
+    mode = entry.lstat().st_mode
+    if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+        raise OSError(f"{entry} is not a plain file or folder")
+    return stat.S_ISDIR(mode)
+
+
+def _sync_folders(root: Path) -> None:
+    for folder in [root, *(p for p in root.rglob("*") if p.is_dir())]:
         sync_folder(folder)
 
 
-def _copy_extents(src: int, dst: int, size: int) -> None:
-    offset = 0
-    while offset < size:
+def _data_extents(fd: int, start: int, end: int) -> Iterator[tuple[int, int]]:
+    """The (start, end) ranges of `fd` between `start` and `end` that hold data (not holes)."""
+    offset = start
+    while offset < end:
         try:
-            start = os.lseek(src, offset, os.SEEK_DATA)
+            begin = os.lseek(fd, offset, os.SEEK_DATA)
         except OSError:  # ENXIO: only a hole is left
-            break
-        end = os.lseek(src, start, os.SEEK_HOLE)
+            return
+        if begin >= end:
+            return
+        stop = min(os.lseek(fd, begin, os.SEEK_HOLE), end)
+        yield begin, stop
+        offset = stop
+
+
+def _copy_extents(src: int, dst: int, size: int) -> None:
+    for start, end in _data_extents(src, 0, size):
         while start < end:
             copied = os.copy_file_range(src, dst, end - start, start, start)
-            if copied == 0:
-                raise OSError(f"the source file shrank while it was copied (at byte {start})")
+            if copied == 0:  # the source shrank while it was copied: match_tree finishes it
+                break
             start += copied
-        offset = end
     os.ftruncate(dst, size)
+
+
+def _match_extents(src: int, dst: int, size: int) -> int:
+    """Rewrite the parts of `dst` that differ from `src` (whose size is `size`); the bytes written."""
+    written = 0
+    if os.fstat(dst).st_size != size:
+        os.ftruncate(dst, size)
+    offset = 0
+    for start, end in [*_data_extents(src, 0, size), (size, size)]:
+        for begin, stop in _data_extents(dst, offset, start):  # a hole in the source: zeros here
+            for at in range(begin, stop, MATCH_CHUNK):
+                length = min(MATCH_CHUNK, stop - at)
+                if any(os.pread(dst, length, at)):
+                    written += _write_at(dst, bytes(length), at)
+        for at in range(start, end, MATCH_CHUNK):
+            length = min(MATCH_CHUNK, end - at)
+            wanted = os.pread(src, length, at)
+            if wanted != os.pread(dst, length, at):
+                written += _write_at(dst, wanted, at)
+        offset = end
+    return written
+
+
+def _write_at(fd: int, data: bytes, at: int) -> int:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done:], at + done)
+    return done

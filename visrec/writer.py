@@ -16,9 +16,10 @@ so a switch or a rollback is served by the next request.
 
 optimize() holds the GIL (every request would wait while it runs), so the service never runs it in its
 own process: once `qdrant.optimize_after` points have changed, a maintenance thread replaces the live
-version by an optimized copy. Writes wait only while the copy is taken (flush and a sparse copy of the
-folder); the copy is optimized by a child process while they go on into the live version, then caught
-up with them (`visrec.catchup`: the last round with writes held, the switch inside it). A copy that
+version by an optimized copy. The copy is taken beside writes (a sparse copy of the folder); writes
+wait only while it is settled (the last flush, then rewriting what changed since: `fs.match_tree`). A
+child process optimizes it while they go on into the live version, then it is caught up with them
+(`visrec.catchup`: the last round with writes held, the switch inside it). A copy that
 fails changes nothing a write was told: it is logged, counted in /metrics and tried again later, each
 time later (up to `MAX_BACKOFF_S`).
 """
@@ -232,14 +233,16 @@ class Writer:
     def _replace_by_optimized_copy(self) -> None:
         started = time.perf_counter()
         with self.service.reading() as live:
-            live.index.flush()  # most of it, beside writes: with them held, what came since
-            with self.lock:  # writes wait for the last flush and the copy alone
-                if self.service.state.live is not live:  # a job switched versions meanwhile: next write
-                    return
-                copy = live.index.copy()
-                if copy is None:  # a server optimizes by itself
+            copy = live.index.copy()  # most of it, beside writes: with them held, what changed since
+            if copy is None:  # a server optimizes by itself
+                with self.lock:
                     self.changed_since_optimize = 0
+                return
+            with self.lock:  # writes wait for the last flush and the copy's settling alone
+                if self.service.state.live is not live:  # a job switched versions meanwhile: next write
+                    copy.discard()
                     return
+                copy.settle()
                 changes = live.index.watch()
                 counted, self.changed_since_optimize = self.changed_since_optimize, 0
             current = False
@@ -327,24 +330,26 @@ class Writer:
             return run_reindex(job, self.service.settings, progress, held=held, model=model, beside=beside)
 
     def snapshot(self, job: SnapshotJob, progress: Progress) -> dict[str, Any]:
-        """`visrec snapshot` of the live version: writes are held only while it is copied (the last
-        flush and a sparse copy of its folder, as for an optimized copy); the copy is read into the
+        """`visrec snapshot` of the live version: copied beside writes, which are held only while the
+        copy is settled (the last flush and what changed since, as for an optimized copy); it is read into the
         archive while requests and writes go on, then removed. Its cut: every write acknowledged before
         the copy, none after. A copy left by a killed service is removed by the next start's sweep."""
         store = self.service.store()
         with self.service.reading() as live:
-            live.index.flush()  # most of it, beside writes: with them held, what came since
-            started = time.perf_counter()
-            with self.lock:
-                at = datetime.now(UTC)
-                copy = live.index.copy()
-                record = version_record(store, live.collection)
-            held_s = time.perf_counter() - started
+            copy = live.index.copy()  # most of it, beside writes: with them held, what changed since
             if copy is None:  # a server: not handed over, so not reached; read the live one if it were
+                with self.lock:
+                    at, record = datetime.now(UTC), version_record(store, live.collection)
                 return run_snapshot(
                     job, self.service.settings, live.index, record, Cut(at, CUT_COPY), progress
                 )
             try:
+                started = time.perf_counter()
+                with self.lock:
+                    at = datetime.now(UTC)
+                    copy.settle()
+                    record = version_record(store, live.collection)
+                held_s = time.perf_counter() - started
                 with copy.open() as index:
                     cut = Cut(at, CUT_COPY, held_s)
                     return run_snapshot(job, self.service.settings, index, record, cut, progress)

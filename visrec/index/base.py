@@ -52,10 +52,17 @@ class ChangeLog:
 
 
 class IndexCopy(ABC):
-    """A copy of a collection's files, taken while its writes were held (`VectorIndex.copy`), to be
-    optimized apart and made the collection's storage once it has caught up with the live one."""
+    """A copy of a collection's files (`VectorIndex.copy`), taken beside its writes and settled with
+    them held, to be optimized apart and made the collection's storage once it has caught up with the
+    live one."""
 
     folder: Path
+
+    @abstractmethod
+    def settle(self) -> None:
+        """With the collection's writes held: make the copy exactly what the collection holds now,
+        rewriting only what changed since it was taken (its writes wait for this step alone). Raises
+        `IndexUnavailable`, the copy removed, if it cannot."""
 
     @abstractmethod
     def optimize(self) -> None:
@@ -186,8 +193,9 @@ class VectorIndex(PayloadFields, Closing):
         return self.collection
 
     def copy(self) -> IndexCopy | None:
-        """A copy of this collection's storage, taken now (the caller holds its writes meanwhile), for an
-        optimize that stops nothing; None for a backend that optimizes on its own (a server)."""
+        """A copy of this collection's storage, taken beside its writes (`IndexCopy.settle` then makes
+        it exact, with them held), for an optimize or a snapshot that stops nothing; None for a backend
+        that optimizes on its own (a server)."""
         return None
 
     def flush(self) -> None:

@@ -22,7 +22,7 @@ import qdrant_edge as qe
 from visrec.config import QdrantSettings
 from visrec.errors import CollectionMissing, DiskFull, IndexUnavailable, InvalidFilter, VisrecError
 from visrec.filters import Filters
-from visrec.fs import allocated_bytes, copy_tree_sparse, write_atomically
+from visrec.fs import allocated_bytes, copy_tree_sparse, match_tree, write_atomically
 from visrec.index.base import IndexCopy, VectorIndex
 from visrec.index.edge_errors import StoreBusy, engine_errors
 from visrec.index.edge_filter import edge_filter
@@ -359,9 +359,9 @@ class EdgeIndex(VectorIndex):
 
     def copy(self) -> EdgeCopy:
         """Flush, then copy this collection's folder (sparse) to its next generation, if the disk has
-        room for it. Raises `IndexUnavailable` (nothing left behind) if it cannot."""
+        room for it, beside writes: `EdgeCopy.settle`, with them held, makes it exact. Raises
+        `IndexUnavailable` (nothing left behind) if it cannot."""
         self.flush()
-        target = _next_copy(self.root, self.collection)
         needed = int(allocated_bytes(self.path) * COPY_HEADROOM) + COPY_SPARE_BYTES
         free = shutil.disk_usage(self.root).free
         if free < needed:
@@ -369,6 +369,7 @@ class EdgeIndex(VectorIndex):
                 f"embedded store {self.root}: not copied to optimize it: {free // 2**20} MiB free, "
                 f"{needed // 2**20} MiB needed"
             )
+        target = _next_copy(self.root, self.collection)
         try:
             copy_tree_sparse(self.path, target)
         except OSError as exc:
@@ -390,8 +391,18 @@ class EdgeCopy(IndexCopy):
     """A copy of an embedded collection's folder (`EdgeIndex.copy`)."""
 
     def __init__(self, index: EdgeIndex, folder: Path) -> None:
+        self.source = index
         self.root, self.collection, self.settings = index.root, index.collection, index.settings
         self.folder = folder
+
+    def settle(self) -> None:
+        try:
+            self.source.flush()
+            rewritten = match_tree(self.source.path, self.folder)
+        except OSError as exc:
+            self.discard()
+            raise IndexUnavailable(f"embedded store {self.source.path}: cannot copy it: {exc}") from exc
+        log.info("%s: copy settled, %d bytes rewritten", self.folder.name, rewritten)
 
     def optimize(self) -> None:
         _optimize_in_child(self.folder)
@@ -407,13 +418,20 @@ class EdgeCopy(IndexCopy):
 
 
 def _next_copy(root: Path, collection: str) -> Path:
-    """A folder for the next copy of `collection`, above every copy there is (one a crash left too)."""
-    taken = [
-        int(p.name.rpartition(GENERATION)[2])
-        for p in root.glob(f"{collection}{GENERATION}*")
-        if p.name.rpartition(GENERATION)[2].isdigit()
-    ]
-    return root / f"{collection}{GENERATION}{max(taken, default=0) + 1}"
+    """A new, empty folder for the next copy of `collection`, above every copy there is (one a crash
+    left too), made here: two copies taken at once (an optimized copy, a snapshot) never share one."""
+    while True:
+        taken = [
+            int(p.name.rpartition(GENERATION)[2])
+            for p in root.glob(f"{collection}{GENERATION}*")
+            if p.name.rpartition(GENERATION)[2].isdigit()
+        ]
+        folder = root / f"{collection}{GENERATION}{max(taken, default=0) + 1}"
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
 
 
 def _optimize_in_child(folder: Path) -> None:
