@@ -263,11 +263,11 @@ def test_the_reserved_keys_cover_every_field_sync_computes() -> None:
     from PIL import Image
 
     from visrec import payload as schema
+    from visrec.ahead import colour_fields
     from visrec.catalogue import Product
-    from visrec.ingest import _colour_fields
 
     product = Product(id="a", image="a.png")
-    extracted = _colour_fields(Image.new("RGB", (8, 8), "red"))
+    extracted = colour_fields(Image.new("RGB", (8, 8), "red"))
     record = schema.Bookkeeping("v", "m", [], "model")
     payload = schema.build("a", product.metadata(), ["/x/a.png"], bookkeeping=record, extracted=extracted)
     # `image` and `images` are catalogue columns that sync writes resolved.

@@ -123,7 +123,9 @@ def test_train_with_normalized_softmax(make_catalogue: MakeCatalogue, env: Setti
     assert trained["embedding_dim"] == 1000
 
     result = runner.invoke(app, [*args, "--loss", "arcface"])
-    assert result.exit_code == 2 and "invalid setting: VISREC_TRAIN__LOSS" in result.stderr
+    assert (
+        result.exit_code == 2 and "invalid setting: --loss: " in result.stderr
+    )  # the flag, not its variable
     result = runner.invoke(app, [*args, "--temperature", "0.1"])  # without --loss: the paper's softmax
     assert result.exit_code == 2 and "temperature applies to loss 'normalized-softmax' only" in result.stderr
     assert "Traceback" not in result.output
@@ -162,6 +164,10 @@ def test_flags_merge_over_environment_and_bad_settings_are_one_line(
     result = runner.invoke(app, ["status"])
     assert result.exit_code == 2 and "invalid setting: VISREC_EMBED__BATCH_SIZE" in result.stderr
     assert "Traceback" not in result.output
+    # A bad value is named where it was given: the flag, or the variable.
+    result = runner.invoke(app, ["train", "c.csv", "--image-size", "0", "--out", "m"])
+    assert result.exit_code == 2 and "--image-size: Input should be greater than" in result.stderr
+    assert "VISREC_EMBED__BATCH_SIZE" in result.stderr and "VISREC_TRAIN__IMAGE_SIZE" not in result.stderr
 
 
 def test_sync_without_a_model_says_to_train(

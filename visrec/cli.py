@@ -86,19 +86,23 @@ def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each
     )
 
 
-def _settings(**overrides: Any) -> Settings:
+def _settings(flags: dict[str, str] | None = None, /, **overrides: Any) -> Settings:
     """Settings from the environment and .env, with the flags that were given (not None) on top.
 
     Flags are named by dotted path ("train.image_size"); pydantic-settings merges them over the
-    environment group by group and validates the result.
+    environment group by group and validates the result. A bad value is named by its flag: the
+    setting's last part with dashes (`--image-size`), `--model` for the artefact, or as `flags` says.
     """
     nested: dict[str, Any] = {}
+    names: dict[str, str] = {}
     for dotted, value in overrides.items():
         if value is not None:
             group, _, name = dotted.rpartition(".")
             (nested.setdefault(group, {}) if group else nested)[name] = value
+            default = "--model" if dotted == "artefact" else "--" + name.replace("_", "-")
+            names[dotted] = (flags or {}).get(dotted, default)
     try:
-        return load_settings(**nested)
+        return load_settings(names, **nested)
     except ValueError as exc:
         raise InvalidSetting(f"invalid setting: {exc}") from None
 
@@ -160,6 +164,7 @@ def train(
     from visrec.train import train as fit
 
     settings = _settings(
+        {"artefact": "--out"},
         artefact=out_dir,
         **{
             "train.backbone": backbone,

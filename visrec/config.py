@@ -323,10 +323,11 @@ class Settings(BaseSettings):
     gate: GateSettings = GateSettings()
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(flags: Mapping[str, str] | None = None, **overrides: object) -> Settings:
     """Settings from the environment and .env with `overrides` (nested dicts, from the CLI's flags) on
     top. Raises `ValueError` naming each bad variable and the form it takes (a list or a mapping is
-    JSON: `VISREC_INGEST__IMAGE_ROOTS='["/data/images"]'`)."""
+    JSON: `VISREC_INGEST__IMAGE_ROOTS='["/data/images"]'`), or the flag that gave the bad value
+    (`flags`: dotted setting → flag, e.g. "train.image_size" → "--image-size")."""
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
@@ -341,7 +342,7 @@ def load_settings(**overrides: object) -> Settings:
         for error in exc.errors():
             loc = [str(part) for part in error["loc"] if isinstance(part, str)]
             variable = "VISREC_" + "__".join(part.upper() for part in loc) if loc else "a setting"
-            problems.append(f"{variable}: {error['msg']}{_form(loc)}")
+            problems.append(f"{(flags or {}).get('.'.join(loc), variable)}: {error['msg']}{_form(loc)}")
         raise ValueError("; ".join(problems)) from None
 
 

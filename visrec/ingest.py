@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -21,12 +20,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from PIL import Image
 
 from visrec import payload
+from visrec.ahead import Ahead, embed_photos
 from visrec.background import BackgroundWriter
 from visrec.catalogue import Catalogue
-from visrec.colour import extract_colours
 from visrec.config import IngestSettings, Settings
 from visrec.errors import CatalogueError, ModelError, PointRejected
 from visrec.handle import ModelHandle
@@ -40,7 +38,6 @@ if TYPE_CHECKING:  # torch: imported only once a photo needs embedding
 
 __all__ = [
     "PAYLOAD_VERSION",
-    "Ahead",
     "Shard",
     "SyncOptions",
     "SyncSummary",
@@ -385,10 +382,10 @@ def _embed_and_write(
         log.info("upserted %d points", len(points))  # logged once durable in the index
 
     if ahead and ahead.model_version == version:  # the rest of the photos embedded here, then all at once
-        ahead.add(catalogue, model, options, photos.refs)
+        ahead.add(catalogue, model, options.limits, photos.refs)
         batches: Iterable[EmbeddedBatch] = [ahead.batch(photos.refs)]
     else:
-        batches = _embedded(catalogue, model, options, photos.refs)
+        batches = embed_photos(catalogue, model, options.limits, photos.refs)
     with BackgroundWriter(write) as writer:
         for batch in batches:
             points = []
@@ -408,62 +405,6 @@ def _embed_and_write(
     return {n for n in embedded if todo[n].product.id not in overtaken}
 
 
-def _embedded(
-    catalogue: Catalogue, model: ModelHandle, options: SyncOptions, refs: list[str]
-) -> Iterator[EmbeddedBatch]:
-    """The catalogue's photos `refs`, embedded batch by batch in order. Photos are opened without links,
-    inside the folders the catalogue was allowed (checked at open: a photo swapped for a link after the
-    catalogue was read is refused)."""
-    limits = options.limits.within(catalogue.base_dir, *catalogue.image_roots)
-    return model.embedder().embed_refs(refs, limits, annotate=_colour_fields)
-
-
-@dataclass
-class Ahead:  # filled as photos are embedded (`add`): not frozen
-    """Photos embedded before a write takes the service's writer, by one model: each ref's vector and
-    colour fields, or why it failed. The writer is then held to decide and write, not to fetch and
-    embed (`visrec.product_writes`; a reindex's catch-up, `versions.WrittenMeanwhile`). Requests add to
-    one concurrently (a reindex's): its maps change under `_lock`, the embedding runs outside it."""
-
-    model_version: str
-    vectors: dict[str, tuple[np.ndarray, dict[str, Any]]] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
-
-    def add(
-        self, catalogue: Catalogue, model: ModelHandle, options: SyncOptions, refs: Sequence[str]
-    ) -> None:
-        """Embed those of the catalogue's photos `refs` not embedded (or failed) yet."""
-        with self._lock:
-            todo = list(dict.fromkeys(r for r in refs if r not in self.vectors and r not in self.failed))
-        for batch in _embedded(catalogue, model, options, todo) if todo else []:
-            with self._lock:
-                for i, vector, extra in zip(batch.indices, batch.vectors, batch.extras, strict=True):
-                    self.vectors[todo[i]] = (vector, extra)
-                self.failed.update((todo[i], error) for i, error in batch.failures)
-
-    def merge(self, other: Ahead) -> None:
-        """Take what `other` embedded, if by the same model (another model's vectors are no use here)."""
-        if other.model_version == self.model_version:
-            with self._lock, other._lock:
-                self.vectors.update(other.vectors)
-                self.failed.update(other.failed)
-
-    def batch(self, refs: list[str]) -> EmbeddedBatch:
-        """`refs`, every one embedded (or failed), as one embedded batch."""
-        from visrec.embed import EmbeddedBatch
-
-        with self._lock:
-            done = [i for i, ref in enumerate(refs) if ref in self.vectors]
-            vectors = [self.vectors[refs[i]][0] for i in done]
-            return EmbeddedBatch(
-                done,
-                np.stack(vectors) if vectors else np.empty((0, 0), np.float32),
-                [(i, self.failed[ref]) for i, ref in enumerate(refs) if ref not in self.vectors],
-                [self.vectors[refs[i]][1] for i in done],
-            )
-
-
 def embed_ahead(catalogue: Catalogue, index: VectorIndex, model: ModelHandle, options: SyncOptions) -> Ahead:
     """Embed the photos that a sync of the catalogue's rows (no deletes) would embed now, planned on their
     records read without the writer: the sync under the writer plans again and embeds whatever this
@@ -473,7 +414,10 @@ def embed_ahead(catalogue: Catalogue, index: VectorIndex, model: ModelHandle, op
     plan = plan_sync(catalogue, records, version, options.shard, source=options.source, deletes=False)
     ahead = Ahead(version)
     ahead.add(
-        catalogue, model, options, [ref for d in plan.to_embed for ref in catalogue.photo_refs(d.product)]
+        catalogue,
+        model,
+        options.limits,
+        [ref for d in plan.to_embed for ref in catalogue.photo_refs(d.product)],
     )
     return ahead
 
@@ -493,9 +437,3 @@ def _check_deletes(
         f"({len(plan.removed) / indexed:.0%}), more than --max-delete {max_delete:g} allows; nothing was "
         "changed. If the catalogue really dropped them, rerun with --max-delete 1"
     )
-
-
-def _colour_fields(image: Image.Image) -> dict[str, Any]:
-    """Colour extracted from the photo (runs in the loader workers, on the already decoded image)."""
-    fields = extract_colours(image).payload()
-    return {**fields, "colour_extracted": fields["colour"]}

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 
 from visrec import payload
 from visrec.admission import Admission
+from visrec.ahead import Ahead
 from visrec.catalogue import (
     Catalogue,
     Product,
@@ -26,7 +27,7 @@ from visrec.catalogue import (
 )
 from visrec.errors import CollectionMissing, InvalidQuery, NotFound, VisrecError, WritesBusy
 from visrec.handle import ModelHandle
-from visrec.ingest import Ahead, SyncOptions, SyncSummary, embed_ahead, sync
+from visrec.ingest import SyncOptions, SyncSummary, embed_ahead, sync
 from visrec.values import value_problem
 from visrec.writer import Writer
 
@@ -257,7 +258,7 @@ class ProductWrites:
             if building := self.writer.building:  # the version a reindex builds needs them too
                 new_model, new_vectors = building
                 refs = [ref for p in catalogue.products for ref in catalogue.photo_refs(p)]
-                new_vectors.add(catalogue, new_model, self._options(), refs)
+                new_vectors.add(catalogue, new_model, self._options().limits, refs)
             with self.service.reading() as live:
                 model = ModelHandle(
                     live.model().artefact_dir, self.service.settings.embed, loaded=live.model()

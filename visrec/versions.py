@@ -13,6 +13,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, NamedTuple
 
 from visrec import evaluation, payload
+from visrec.ahead import Ahead
 from visrec.catalogue import Catalogue, rows_from_service
 from visrec.catchup import caught_up
 from visrec.config import GateSettings
@@ -29,7 +30,7 @@ from visrec.handle import ModelHandle
 from visrec.index import Store, VectorIndex
 from visrec.index.base import ChangeLog
 from visrec.index.points import SyncRecord
-from visrec.ingest import Ahead, ProgressFn, SyncOptions, SyncSummary, sync
+from visrec.ingest import ProgressFn, SyncOptions, SyncSummary, sync
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ class WrittenMeanwhile:
     def prepare(self, product_ids: set[str]) -> None:
         written = self._written(self.live.payloads(sorted(product_ids)))
         refs = [ref for p in written.products for ref in written.photo_refs(p)]
-        self.ahead.add(written, self.model, self.options, refs)
+        self.ahead.add(written, self.model, self.options.limits, refs)
 
     def __call__(self, product_ids: set[str]) -> None:
         now = self.live.payloads(sorted(product_ids))

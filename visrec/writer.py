@@ -37,11 +37,11 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
 
+from visrec.ahead import Ahead
 from visrec.catchup import caught_up, copy_points
 from visrec.errors import CollectionMissing, VisrecError
 from visrec.handle import ModelHandle
 from visrec.index import VectorIndex
-from visrec.ingest import Ahead
 from visrec.jobs import (
     Progress,
     ReindexJob,

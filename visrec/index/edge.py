@@ -372,6 +372,8 @@ class EdgeIndex(VectorIndex):
         target = _next_copy(self.root, self.collection)
         try:
             copy_tree_sparse(self.path, target)
+            self.flush()
+            match_tree(self.path, target)  # what was written during the copy: the settle then finds less
         except OSError as exc:
             shutil.rmtree(target, ignore_errors=True)
             raise IndexUnavailable(f"embedded store {self.path}: cannot copy it to optimize: {exc}") from exc
