@@ -75,6 +75,14 @@ class EdgeStore(Store):
                 unnamed.update(str(f) for f in folders if f != named)
         return unnamed
 
+    def _drop(self, collection: str) -> None:
+        """Its folders, its pointer, its metadata (a crash midway leaves a version that the next restore
+        or reindex rebuilds)."""
+        for folder in self._folders().get(collection, []):
+            shutil.rmtree(folder, ignore_errors=True)
+        (self.root / f"{collection}.current").unlink(missing_ok=True)
+        (self.root / f"{collection}.json").unlink(missing_ok=True)
+
     def remove(self, places: Iterable[str]) -> None:
         for place in places:
             log.info("removing %s: nothing names it any longer", place)
