@@ -10,8 +10,9 @@ the collection's metadata, the model's manifest and checksum, visrec's and the e
 dimension, the counts and each member's sha256.
 
 The archive is written as a hidden `.NAME.partial` file (mode 0600) locked by its writer, renamed once
-complete; its checksum file `NAME.sha256` (`sha256sum -c` reads it) is written just before that rename.
-A writer killed midway leaves a partial nobody holds: the next snapshot into that folder removes it.
+complete; its checksum file `NAME.sha256` (`sha256sum -c` reads it) is written just after that rename.
+A writer killed midway leaves a partial, or a temporary checksum file, nobody holds: the next snapshot
+into that folder removes them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from visrec.errors import OutputUnwritable, Refused
-from visrec.fs import sync_folder, write_atomically
+from visrec.fs import sweep_temporaries, sync_folder, write_atomically
 from visrec.index.points import IndexPoint, SyncRecord
 
 FORMAT = "visrec-snapshot"
@@ -70,6 +71,11 @@ class Header(BaseModel):
     photos: int
     model: dict[str, Any] | None  # model_version, weights_sha256, manifest, included (files), or None
     members: dict[str, dict[str, Any]]  # name → sha256, bytes (and points, photos for a chunk)
+
+
+# `snapshot_name`'s names after the collection, and of any collection (regular expressions).
+_STAMP = rf"-[0-9]{{8}}T[0-9]{{12}}Z{re.escape(SUFFIX)}"
+SNAPSHOT_NAME = ".+" + _STAMP
 
 
 def snapshot_name(collection: str, when: datetime) -> str:
@@ -166,10 +172,12 @@ class ArchiveWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         digest, size = self._hashing.digest.hexdigest(), self._hashing.size
-        write_atomically(checksum_file(self.final), f"{digest}  {self.final.name}\n")
+        # The archive first, then its checksum file: a `.sha256` never names an archive that is not
+        # there (one killed between is an archive without its checksum, which a restore refuses).
         os.replace(self.partial, self.final)
         sync_folder(self.final.parent)
         self._file.close()  # the lock goes with it, once the partial is gone
+        write_atomically(checksum_file(self.final), f"{digest}  {self.final.name}\n")
         return self.final, size, digest
 
     def abort(self) -> None:
@@ -180,9 +188,11 @@ class ArchiveWriter:
 
 
 def sweep_partials(folder: Path) -> list[str]:
-    """Remove the partial snapshots in `folder` whose writer is gone (killed: nobody holds their lock);
-    a checksum file whose snapshot never appeared goes too. Returns what was removed."""
-    removed: list[str] = []
+    """Remove the partial snapshots in `folder` whose writer is gone (killed: nobody holds their lock),
+    with the temporary checksum files killed writers left (`fs.sweep_temporaries`: only those nobody
+    holds, so two snapshots into one folder never remove each other's); a checksum file whose snapshot
+    never appeared (earlier visrec versions wrote it first) goes too. Returns what was removed."""
+    removed = sweep_temporaries(folder, SNAPSHOT_NAME + re.escape(".sha256"))
     for partial in sorted(folder.glob(f".*{SUFFIX}.partial")):
         try:
             fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
@@ -209,7 +219,7 @@ def sweep_partials(folder: Path) -> list[str]:
 def keep_last(folder: Path, collection: str, keep: int) -> list[str]:
     """Remove all but the newest `keep` snapshots of `collection` in `folder` (each with its checksum
     file). Returns the names removed."""
-    pattern = re.compile(rf"{re.escape(collection)}-[0-9]{{8}}T[0-9]{{12}}Z{re.escape(SUFFIX)}")
+    pattern = re.compile(re.escape(collection) + _STAMP)
     found = sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name))
     removed: list[str] = []
     for old in found[: max(0, len(found) - keep)]:

@@ -92,6 +92,11 @@ class Store(Closing):
     def remove(self, places: Iterable[str]) -> None:
         """Remove these places (`unnamed` ones only)."""
 
+    def sweep_temporaries(self) -> list[str]:
+        """Remove the temporary files killed writers left beside the versions (`fs.sweep_temporaries`):
+        none on a server."""
+        return []
+
     def drop(self, collection: str) -> None:
         """Remove a version that is not live and that no handle holds: a build a restore refused before
         switching to it (`visrec.snapshot.restore`). Refuses the one the alias names."""
