@@ -10,8 +10,9 @@ the collection's metadata, the model's manifest and checksum, visrec's and the e
 dimension, the counts and each member's sha256.
 
 The archive is written as a hidden `.NAME.partial` file (mode 0600) locked by its writer, renamed once
-complete; its checksum file `NAME.sha256` (`sha256sum -c` reads it) is written just before that rename.
-A writer killed midway leaves a partial nobody holds: the next snapshot into that folder removes it.
+complete; its checksum file `NAME.sha256` (`sha256sum -c` reads it) is written just after that rename.
+A writer killed midway leaves a partial, or a temporary checksum file, nobody holds: the next snapshot
+into that folder removes them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from visrec.errors import OutputUnwritable, Refused
-from visrec.fs import sync_folder, write_atomically
+from visrec.fs import sweep_temporaries, sync_folder, write_atomically
 from visrec.index.points import IndexPoint, SyncRecord
 
 FORMAT = "visrec-snapshot"
@@ -70,6 +71,11 @@ class Header(BaseModel):
     photos: int
     model: dict[str, Any] | None  # model_version, weights_sha256, manifest, included (files), or None
     members: dict[str, dict[str, Any]]  # name → sha256, bytes (and points, photos for a chunk)
+
+
+# `snapshot_name`'s names after the collection, and of any collection (regular expressions).
+_STAMP = rf"-[0-9]{{8}}T[0-9]{{12}}Z{re.escape(SUFFIX)}"
+SNAPSHOT_NAME = ".+" + _STAMP
 
 
 def snapshot_name(collection: str, when: datetime) -> str:
@@ -166,10 +172,12 @@ class ArchiveWriter:
         self._file.flush()
         os.fsync(self._file.fileno())
         digest, size = self._hashing.digest.hexdigest(), self._hashing.size
-        write_atomically(checksum_file(self.final), f"{digest}  {self.final.name}\n")
+        # The archive first, then its checksum file: a `.sha256` never names an archive that is not
+        # there (one killed between is an archive without its checksum, which a restore refuses).
         os.replace(self.partial, self.final)
         sync_folder(self.final.parent)
         self._file.close()  # the lock goes with it, once the partial is gone
+        write_atomically(checksum_file(self.final), f"{digest}  {self.final.name}\n")
         return self.final, size, digest
 
     def abort(self) -> None:
@@ -180,9 +188,11 @@ class ArchiveWriter:
 
 
 def sweep_partials(folder: Path) -> list[str]:
-    """Remove the partial snapshots in `folder` whose writer is gone (killed: nobody holds their lock);
-    a checksum file whose snapshot never appeared goes too. Returns what was removed."""
-    removed: list[str] = []
+    """Remove the partial snapshots in `folder` whose writer is gone (killed: nobody holds their lock),
+    with the temporary checksum files killed writers left (`fs.sweep_temporaries`: only those nobody
+    holds, so two snapshots into one folder never remove each other's); a checksum file whose snapshot
+    never appeared (earlier visrec versions wrote it first) goes too. Returns what was removed."""
+    removed = sweep_temporaries(folder, SNAPSHOT_NAME + re.escape(".sha256"))
     for partial in sorted(folder.glob(f".*{SUFFIX}.partial")):
         try:
             fd = os.open(partial, os.O_RDONLY | os.O_CLOEXEC)
@@ -209,7 +219,7 @@ def sweep_partials(folder: Path) -> list[str]:
 def keep_last(folder: Path, collection: str, keep: int) -> list[str]:
     """Remove all but the newest `keep` snapshots of `collection` in `folder` (each with its checksum
     file). Returns the names removed."""
-    pattern = re.compile(rf"{re.escape(collection)}-[0-9]{{8}}T[0-9]{{12}}Z{re.escape(SUFFIX)}")
+    pattern = re.compile(re.escape(collection) + _STAMP)
     found = sorted(p for p in folder.iterdir() if pattern.fullmatch(p.name))
     removed: list[str] = []
     for old in found[: max(0, len(found) - keep)]:
@@ -270,34 +280,79 @@ class Archive:
             for name, facts in sorted(self.header.members.items()):
                 if not name.endswith(".jsonl"):
                     continue
-                lines = self._member(tar, name).decode().splitlines()
+                lines = self._text(tar, name)
                 raw = self._member(tar, name.removesuffix(".jsonl") + ".f32")
-                if dim is None or len(lines) != facts.get("points") or len(raw) != 4 * dim * facts["photos"]:
+                photos = facts.get("photos")
+                if (
+                    dim is None
+                    or dim < 1
+                    or len(lines) != facts.get("points")
+                    or type(photos) is not int
+                    or len(raw) != 4 * dim * photos
+                ):
                     raise SnapshotDamaged(f"{self.path}: {name} does not hold what the header counts")
                 vectors = np.frombuffer(raw, dtype="<f4").reshape(-1, dim)
                 points, row = [], 0
-                for line in lines:
-                    item = json.loads(line)
-                    photos = int(item["photos"])
-                    points.append(IndexPoint(str(item["id"]), vectors[row : row + photos], item["payload"]))
+                for n, line in enumerate(lines, 1):
+                    product_id, photos, payload = self._point(line, f"{name} line {n}")
+                    rows = vectors[row : row + photos]
+                    if len(rows) != photos or not np.isfinite(rows).all():
+                        what = "has a vector that is not finite" if len(rows) == photos else "lacks vectors"
+                        raise self._forged(f"{name} line {n}: product {product_id!r} {what}")
+                    points.append(IndexPoint(product_id, rows, payload))
                     row += photos
+                if row != len(vectors):
+                    raise self._forged(f"{name}: its products have {row} photos, its vectors {len(vectors)}")
                 yield points
 
-    def _lines(self) -> Iterator[dict[str, Any]]:
-        """Each product's line (id, photos, payload), without reading the vectors."""
+    def _point(self, line: str, where: str) -> tuple[str, int, dict[str, Any]]:
+        """One product's line (id, photos, payload), checked: a snapshot whose bytes match its checksums
+        may still have been written by something else than visrec (forged, or a buggy tool)."""
+        try:
+            item = json.loads(line)
+        except ValueError:
+            raise self._forged(f"{where} is not JSON") from None
+        if not isinstance(item, dict):
+            raise self._forged(f"{where} is not a product")
+        product_id, photos, payload = item.get("id"), item.get("photos"), item.get("payload")
+        if not isinstance(product_id, str) or not product_id.strip():
+            raise self._forged(f"{where}: the product id is {product_id!r}, not a non-empty text")
+        if not isinstance(payload, dict):
+            raise self._forged(f"{where}: product {product_id!r} has a payload that is not an object")
+        if payload.get("product_id") != product_id:
+            raise self._forged(f"{where}: product {product_id!r} has a payload naming another product")
+        if type(photos) is not int or photos < 1:
+            raise self._forged(f"{where}: product {product_id!r} has {photos!r} photos")
+        return product_id, photos, payload
+
+    def _forged(self, what: str) -> SnapshotDamaged:
+        return SnapshotDamaged(
+            f"not restored: {self.path} does not hold what a visrec snapshot holds ({what}); "
+            "nothing was changed (use another snapshot)"
+        )
+
+    def _lines(self) -> Iterator[tuple[str, dict[str, Any]]]:
+        """Each product's id and payload (checked as `chunks` checks them), without reading the vectors."""
         with tarfile.open(self.path, mode="r:") as tar:
             for name in sorted(n for n in self.header.members if n.endswith(".jsonl")):
-                for line in self._member(tar, name).decode().splitlines():
-                    yield json.loads(line)
+                for n, line in enumerate(self._text(tar, name), 1):
+                    product_id, _, payload = self._point(line, f"{name} line {n}")
+                    yield product_id, payload
 
     def records(self) -> dict[str, SyncRecord]:
         """product id → what a sync would compare of it (`SyncRecord`), as the snapshot holds it."""
-        return {str(item["id"]): SyncRecord.from_payload(item["payload"]) for item in self._lines()}
+        return {product_id: SyncRecord.from_payload(payload) for product_id, payload in self._lines()}
 
     def payloads(self, product_ids: list[str]) -> dict[str, dict[str, Any]]:
         """product id → payload, for these products (those the snapshot holds)."""
         wanted = set(product_ids)
-        return {str(i["id"]): i["payload"] for i in self._lines() if str(i["id"]) in wanted}
+        return {product_id: payload for product_id, payload in self._lines() if product_id in wanted}
+
+    def _text(self, tar: tarfile.TarFile, name: str) -> list[str]:
+        try:
+            return self._member(tar, name).decode().splitlines()
+        except UnicodeDecodeError:
+            raise self._forged(f"{name} is not UTF-8 text") from None
 
     def _member(self, tar: tarfile.TarFile, name: str) -> bytes:
         try:

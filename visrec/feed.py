@@ -17,6 +17,7 @@ import csv
 import hashlib
 import io
 import json
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import IO, Any, Literal
 
 from visrec.errors import InvalidSetting, OutputUnwritable, Refused
-from visrec.fs import replacing
+from visrec.fs import replacing, sweep_temporaries
 from visrec.index import Hit
 from visrec.neighbours import Listed
 
@@ -276,6 +277,8 @@ def write_feed(out: Path, fmt: Format, scored: bool, header: dict[str, Any], pro
     Either both are replaced (the state first) or neither; raises `OutputUnwritable` for a file
     that cannot be written."""
     written = Written()
+    # What an earlier run of this feed left when it was killed (and nobody holds): this feed's only.
+    sweep_temporaries(out.parent, re.escape(out.name) + r"(\.state)?")
     try:
         with ExitStack() as stack:
             raw_feed = stack.enter_context(replacing(out))

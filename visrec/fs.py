@@ -7,16 +7,21 @@ target, fsync the folder (the rename itself lives in the folder's metadata).
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
 import shutil
 import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
 
 MATCH_CHUNK = 1 << 18  # bytes compared a read
+TEMP_SUFFIX = ".tmp"
+TEMP_GRACE_S = 10.0  # a temporary file younger than this is never swept: see `sweep_temporaries`
 
 
 def folder_problem(folder: Path, writing: bool = True) -> str | None:
@@ -37,20 +42,60 @@ def folder_problem(folder: Path, writing: bool = True) -> str | None:
 @contextmanager
 def replacing(path: Path) -> Iterator[IO[bytes]]:
     """A binary file to write `path`'s new content to; it replaces `path` when the block ends without an
-    error, and is removed otherwise (the old content stays). Creates the parent folders."""
+    error, and is removed otherwise (the old content stays). Creates the parent folders.
+
+    The temporary file, `.NAME.XXXXXXXX.tmp` beside it, is locked (flock) until it is renamed: one a
+    killed writer left is unlocked, which is how `sweep_temporaries` knows it may go."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMP_SUFFIX, dir=path.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as f:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)  # with the lock still held: never a sweep between
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     sync_folder(path.parent)
+
+
+def sweep_temporaries(folder: Path, targets: str) -> list[str]:
+    """Remove the temporary files `replacing` left in `folder` for a file whose name fully matches the
+    regular expression `targets` (the names visrec writes there: nothing else is touched), once nobody
+    holds them: their writer was killed. One made in the last `TEMP_GRACE_S` stays (its writer may not
+    have locked it yet). Returns the names removed."""
+    pattern = re.compile(rf"\.(?P<target>.+)\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}")
+    wanted = re.compile(targets)
+    removed: list[str] = []
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return removed
+    for entry in sorted(entries):
+        found = pattern.fullmatch(entry.name)
+        if not found or not wanted.fullmatch(found["target"]):
+            continue
+        try:
+            fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or time.time() - info.st_mtime < TEMP_GRACE_S:
+                continue
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError: its writer is alive
+            entry.unlink()
+            removed.append(entry.name)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    if removed:
+        sync_folder(folder)
+    return removed
 
 
 def write_atomically(path: Path, data: str | bytes) -> None:

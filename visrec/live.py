@@ -161,6 +161,7 @@ class LiveState:
         with self._lock:
             removable = self._store().unnamed() - set(self._held)
         self._store().remove(removable)
+        self._store().sweep_temporaries()  # only files no live writer holds: safe beside anyone
 
     def models(self) -> list[Embedder]:
         """The models loaded: those of the pairs whose handles are held."""

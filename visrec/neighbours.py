@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -192,7 +192,8 @@ def lists_for(
         size = _depth(feed, len(rows), _weight(feed, payload), bounds)
         searched = query.query_rows(rows, size, bounds)
         plans.append((product_id, payload, rows, filters, len(searched)))
-        requests += [SearchRequest(row, size, filters, [product_id], fields) for row in searched]
+        fetched = query.fetch_depth(size)
+        requests += [SearchRequest(row, fetched, filters, [product_id], fields) for row in searched]
     found = iter(index.search_batch(requests, exact=feed.exact))
     listed = []
     for product_id, payload, rows, among, searches in plans:
@@ -202,11 +203,29 @@ def lists_for(
             listed.append(Listed(product_id, [], fingerprint(payload, rows), key, [], -1.0, uncoloured))
             continue
         depth = _depth(feed, len(rows), _weight(feed, payload), bounds)
-        pool = query.merge_nearest([next(found) for _ in range(searches)], depth)
+        again = _search_again(index, query.query_rows(rows, depth, bounds), among, product_id, fields, feed)
+        pool = query.cut_at_k([next(found) for _ in range(searches)], depth, again)
         hits = _choose(index, feed, payload, rows, among, pool, bounds)
         within = pool[-1].distance if len(pool) >= depth else None
         listed.append(Listed(product_id, hits, fingerprint(payload, rows), key, pool, within, uncoloured))
     return listed
+
+
+def _search_again(
+    index: VectorIndex,
+    rows: np.ndarray,
+    filters: Filters,
+    product_id: str,
+    fields: list[str],
+    feed: FeedRules,
+) -> Callable[[int, int], list[Hit]]:
+    """A product's search (by its row) again, n deep: where ties reach the cut (`query.cut_at_k`)."""
+
+    def search(row: int, n: int) -> list[Hit]:
+        request = SearchRequest(rows[row], n, filters, [product_id], fields)
+        return index.search_batch([request], exact=feed.exact)[0]
+
+    return search
 
 
 def _depth(feed: FeedRules, photos: int, weight: float, bounds: query.Bounds) -> int:

@@ -39,6 +39,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from visrec import handover_end
 from visrec.catalogue import explain
 from visrec.config import QdrantSettings
 from visrec.errors import IndexUnavailable, VisrecError
@@ -425,9 +426,12 @@ def _discard_line(reader: Any, most: int = 256 * 2**20) -> None:
 
 def hand_over(owner: Owner, job: Job, progress: Progress | None, settings: QdrantSettings) -> dict[str, Any]:
     """Run `job` in the service `owner`; returns its result, raises what it raised (same message, same
-    exit code). A service that dies or hangs meanwhile: `IndexUnavailable` (nothing done is lost)."""
+    exit code). A service that dies or hangs meanwhile: `IndexUnavailable`, saying which and what the
+    job left (`visrec.handover_end`)."""
+    was = handover_end.before(job, settings)
     try:
         conn = _connect(owner.socket, settings.owner_connect_timeout_s)
+        peer = handover_end.Peer.of(conn)
     except OSError as exc:
         raise IndexUnavailable(f"the service that owns the store stopped answering ({exc})") from exc
     with conn:
@@ -441,15 +445,15 @@ def hand_over(owner: Owner, job: Job, progress: Progress | None, settings: Qdran
                 if (result := _take(line, progress)) is not None:
                     return result
         except TimeoutError:
-            raise IndexUnavailable(
-                f"the service that owns the store sent nothing for {settings.owner_idle_timeout_s:g} s: "
-                f"the {job.command} was given up here; nothing done is lost (what the service wrote is in "
-                "the store); check the service (its log), restart it if it is stuck, then run the command "
-                "again"
-            ) from None
+            if peer.state() != "gone":
+                raise IndexUnavailable(
+                    handover_end.silent(job, peer, settings.owner_idle_timeout_s)
+                ) from None
         except OSError:
             pass  # the service went away: said below
-    raise IndexUnavailable(_ended(owner, job, settings))
+    if peer.ended():
+        raise IndexUnavailable(handover_end.ended(job, settings, was, peer))
+    raise IndexUnavailable(handover_end.closed(job, _listening(owner, settings)))
 
 
 def _take(line: bytes, progress: Progress | None) -> dict[str, Any] | None:
@@ -473,17 +477,10 @@ def _take(line: bytes, progress: Progress | None) -> dict[str, Any] | None:
     return None  # a heartbeat, or progress
 
 
-def _ended(owner: Owner, job: Job, settings: QdrantSettings) -> str:
-    """Why the answers ended before the result, as far as the command can tell."""
+def _listening(owner: Owner, settings: QdrantSettings) -> bool:
+    """Whether the service's socket still takes connections."""
     try:
         _connect(owner.socket, settings.owner_connect_timeout_s).close()
     except (OSError, VisrecError):
-        return (
-            f"the service that owns the store stopped during the {job.command}: nothing done is lost; run "
-            "the command again (with no service running, it opens the store itself and finishes the job)"
-        )
-    return (
-        f"the service closed the connection before the {job.command}'s result (this command did not read "
-        "its answers for a while: paused?); the job goes on in the service (its log has the result); "
-        "nothing done is lost; run the command again to be sure (it does only what is left)"
-    )
+        return False
+    return True

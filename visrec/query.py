@@ -12,7 +12,7 @@ the CLI and the HTTP API only parse arguments and call these. A condition no pro
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -33,6 +33,10 @@ from visrec.rules import MAX_K, NEAREST, Rules, choose
 RERANK_POOL = 5  # a colour re-rank chooses k among k x this many visual neighbours
 RULES_POOL = 10  # diversity and caps choose k among k x this many neighbours (at least POOL_MIN) …
 POOL_MIN = 50  # … and, when caps leave fewer than k, among as many as `Bounds` allow
+# Ties at the k-th place go by product id: each search fetches this many past k, and deeper while its last
+# hit still ties the k-th (`cut_at_k`), at most MAX_TIE_DEPTH (past that, many products share one photo).
+TIES_AHEAD = 4
+MAX_TIE_DEPTH = 10 * MAX_K
 _API = ApiSettings()
 
 
@@ -88,10 +92,15 @@ def nearest(
     exact: bool = False,
 ) -> list[Hit]:
     """The k products nearest to any of `vectors` (one row per query photo), each ranked by its
-    nearest pair of photos: one search per row, merged. Exact whenever each search is (`exact`: a full
-    scan). At most `bounds.max_neighbours` neighbours in all: the first rows that fit (at least one)."""
+    nearest pair of photos: one search per row, merged, ties at the k-th place taken by product id
+    (`cut_at_k`). Exact whenever each search is (`exact`: a full scan). At most `bounds.max_neighbours`
+    neighbours in all: the first rows that fit (at least one)."""
     rows = query_rows(vectors, k, bounds)
-    return merge_nearest([index.search(vector, k, filters, exclude, exact) for vector in rows], k)
+
+    def search(row: int, depth: int) -> list[Hit]:
+        return index.search(rows[row], depth, filters, exclude, exact)
+
+    return cut_at_k([search(row, fetch_depth(k)) for row in range(len(rows))], k, search)
 
 
 def query_rows(vectors: np.ndarray, k: int, bounds: Bounds = BOUNDS) -> np.ndarray:
@@ -102,13 +111,45 @@ def query_rows(vectors: np.ndarray, k: int, bounds: Bounds = BOUNDS) -> np.ndarr
 
 def merge_nearest(searches: Sequence[Sequence[Hit]], k: int) -> list[Hit]:
     """The k nearest distinct products of several searches (one per query photo), each at its nearest
-    photo; ties broken by product id."""
+    photo; ties broken by product id (among the hits given: `cut_at_k` makes sure they hold every tie)."""
     merged: dict[str, Hit] = {}
     for hits in searches:
         for hit in hits:
             if hit.product_id not in merged or hit.distance < merged[hit.product_id].distance:
                 merged[hit.product_id] = hit
     return sorted(merged.values(), key=lambda h: (h.distance, h.product_id))[:k]
+
+
+def fetch_depth(k: int) -> int:
+    """How deep each search for k neighbours first fetches: past k, to see the hits tied with the k-th."""
+    return k + TIES_AHEAD
+
+
+def cut_at_k(
+    searches: Sequence[Sequence[Hit]], k: int, search: Callable[[int, int], Sequence[Hit]]
+) -> list[Hit]:
+    """The one rule for the cut at k, `similar`'s and the feed's: the k nearest distinct products by
+    (distance, product id) of `searches` (one per query photo, each `fetch_depth(k)` deep). The engine
+    cuts arbitrarily among equal distances (products sharing a photo), so a search that filled its
+    depth with its last hit no further than the k-th may have left out a product tied with it: it is
+    searched again twice as deep (`search(i, depth)`: search i) until its last hit is further, it runs
+    out, or it reaches `MAX_TIE_DEPTH`."""
+    found = list(searches)
+    depths = [fetch_depth(k)] * len(found)
+    while True:
+        cut = merge_nearest(found, k)
+        if len(cut) < k:  # every search ran out: nothing was left out
+            return cut
+        deeper = [
+            i
+            for i, hits in enumerate(found)
+            if len(hits) >= depths[i] and depths[i] < MAX_TIE_DEPTH and hits[-1].distance <= cut[-1].distance
+        ]
+        if not deeper:
+            return cut
+        for i in deeper:
+            depths[i] = min(2 * depths[i], MAX_TIE_DEPTH)
+            found[i] = search(i, depths[i])
 
 
 def _neighbours(

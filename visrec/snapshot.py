@@ -41,7 +41,7 @@ from visrec.archive import (
     snapshot_name,
     sweep_partials,
 )
-from visrec.errors import ModelError, WritesWouldBeLost
+from visrec.errors import ModelError, VisrecError, WritesWouldBeLost
 from visrec.filters import Filters
 from visrec.index import IndexPoint, Store, VectorIndex
 from visrec.manifest import MANIFEST, Manifest, artefact_for, read_manifest, sha256_file
@@ -185,6 +185,7 @@ class Serving:
     writes_held: Callable[[], AbstractContextManager[object]]
     switched: Callable[[], None]  # serve the switched version, or raise: called with writes still held
     version: Callable[[str], AbstractContextManager[VectorIndex]]  # the service's handle on a version
+    holds: Callable[[str], bool] = lambda place: False  # whether it still holds a handle on a place
 
 
 def restore(
@@ -238,16 +239,23 @@ def restore(
         try:
             dropped = differing_from(live_index, archive.records(), archive.payloads) if live_index else set()
             _refuse_drops(dropped, force, live)
-            with serving.version(target) if serving else store.opened(target, held or {}) as index:
-                points = _build(archive, index, dim, metadata, progress)
-                if points:  # a service's handle is optimized apart: the GIL stays free for its requests
-                    index.optimize(apart=serving is not None)
-                with serving.writes_held() if serving else nullcontext():
-                    meanwhile = changes.take() if changes else set()
-                    if meanwhile and live_index is not None:
-                        dropped = (dropped - meanwhile) | differing(live_index, index, meanwhile)
-                        _refuse_drops(dropped, force, live)
-                    _switch(store, live, target, serving)
+            began = False
+            try:
+                with serving.version(target) if serving else store.opened(target, held or {}) as index:
+                    began = True
+                    points = _build(archive, index, dim, metadata, progress)
+                    if points:  # a service's handle is optimized apart: the GIL stays free for its requests
+                        index.optimize(apart=serving is not None)
+                    with serving.writes_held() if serving else nullcontext():
+                        meanwhile = changes.take() if changes else set()
+                        if meanwhile and live_index is not None:
+                            dropped = (dropped - meanwhile) | differing(live_index, index, meanwhile)
+                            _refuse_drops(dropped, force, live)
+                        _switch(store, live, target, serving)
+            except BaseException:
+                if began:
+                    _discard(store, target, held or {}, serving)
+                raise
         finally:
             if changes:
                 changes.close()
@@ -279,9 +287,23 @@ def _build(
     index.delete(sorted(before - written))
     if len(written) != archive.header.points:
         raise SnapshotDamaged(
-            f"{archive.path}: {len(written)} products, the header counts {archive.header.points}"
+            f"not restored: {archive.path} holds {len(written)} products, its header counts "
+            f"{archive.header.points}; nothing was changed (use another snapshot)"
         )
     return len(written)
+
+
+def _discard(store: Store, target: str, held: Mapping[str, VectorIndex], serving: Serving | None) -> None:
+    """Remove the version a refused restore built (or began to), once no handle holds it: never switched
+    to, it would stay listed in `visrec status` as if it were a version to roll forward to. One rebuilt in
+    place of an older one had its products replaced already."""
+    try:
+        if target in held or (serving is not None and serving.holds(store.place(target))):
+            log.warning("%s is still open here: not removed after the refused restore", target)
+            return
+        store.drop(target)
+    except (OSError, VisrecError) as exc:  # the refusal is what the user needs to read
+        log.warning("could not remove %s after the refused restore: %s", target, exc)
 
 
 def _refuse_drops(dropped: set[str], force: bool, live: str) -> None:

@@ -361,6 +361,10 @@ class Writer:
         serve, with them held (`snapshot.Serving`)."""
         with self._building() as (live, held):
             serving = Serving(
-                live.index if live else None, lambda: self.lock, self.service.serve_switched, self.version
+                live.index if live else None,
+                lambda: self.lock,
+                self.service.serve_switched,
+                self.version,
+                lambda place: place in self.service.state.places(),
             )
             return run_restore(job, self.service.settings, progress, held=held, serving=serving)

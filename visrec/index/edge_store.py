@@ -4,13 +4,14 @@ optimized copies that replace it), the alias a file beside them."""
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from visrec.config import QdrantSettings
 from visrec.errors import InvalidSetting
-from visrec.fs import folder_problem, write_atomically
+from visrec.fs import folder_problem, sweep_temporaries, write_atomically
 from visrec.index.edge import GENERATION, EdgeIndex, current_folder
 from visrec.index.store import Store
 
@@ -74,6 +75,23 @@ class EdgeStore(Store):
             if named.is_dir():
                 unnamed.update(str(f) for f in folders if f != named)
         return unnamed
+
+    def _drop(self, collection: str) -> None:
+        """Its folders, its pointer, its metadata (a crash midway leaves a version that the next restore
+        or reindex rebuilds)."""
+        for folder in self._folders().get(collection, []):
+            shutil.rmtree(folder, ignore_errors=True)
+        (self.root / f"{collection}.current").unlink(missing_ok=True)
+        (self.root / f"{collection}.json").unlink(missing_ok=True)
+
+    def sweep_temporaries(self) -> list[str]:
+        # Only the names visrec replaces in the root: the alias, each version's metadata and pointer, the
+        # owner marker (`fs.replacing`'s `.NAME.XXXXXXXX.tmp`).
+        name = re.escape(self.name)
+        swept = sweep_temporaries(self.root, rf"{name}(\.alias|\.owner\.json|__v[0-9]+\.(json|current))")
+        if swept:
+            log.info("removed what killed writers left in %s: %s", self.root, ", ".join(swept))
+        return swept
 
     def remove(self, places: Iterable[str]) -> None:
         for place in places:

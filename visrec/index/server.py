@@ -128,6 +128,9 @@ class ServerStore(Store):
     def _open(self, collection: str) -> ServerIndex:
         return ServerIndex(self.conn, collection, self.settings)
 
+    def _drop(self, collection: str) -> None:
+        self.conn.call(self.conn.client.delete_collection, collection)
+
     def close(self) -> None:
         self.conn.close()
 

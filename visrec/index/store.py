@@ -3,6 +3,7 @@ collections from (`visrec.index.open_store`)."""
 
 from __future__ import annotations
 
+import logging
 import re
 from abc import abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
@@ -10,6 +11,8 @@ from contextlib import contextmanager
 
 from visrec.errors import VisrecError
 from visrec.index.base import Closing, VectorIndex
+
+log = logging.getLogger(__name__)
 
 
 class Store(Closing):
@@ -88,6 +91,23 @@ class Store(Closing):
 
     def remove(self, places: Iterable[str]) -> None:
         """Remove these places (`unnamed` ones only)."""
+
+    def sweep_temporaries(self) -> list[str]:
+        """Remove the temporary files killed writers left beside the versions (`fs.sweep_temporaries`):
+        none on a server."""
+        return []
+
+    def drop(self, collection: str) -> None:
+        """Remove a version that is not live and that no handle holds: a build a restore refused before
+        switching to it (`visrec.snapshot.restore`). Refuses the one the alias names."""
+        if collection == self._alias_target():
+            raise VisrecError(f"{collection!r} is the live version of {self.name!r}: not removed")
+        if collection in self.versions():
+            log.info("removing %s: built, never switched to", collection)
+            self._drop(collection)
+
+    @abstractmethod
+    def _drop(self, collection: str) -> None: ...
 
     def switch(self, collection: str) -> None:
         """Make `collection` (an existing version) live."""
