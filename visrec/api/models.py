@@ -109,6 +109,10 @@ class HitOut(BaseModel):
     distance: float = Field(
         description="Euclidean distance on the embedding to the product's nearest photo; smaller is closer"
     )
+    score: float = Field(
+        description="what the answer is ranked by, smaller first: the distance, or with colour_weight, "
+        "boost or decay the score they give it (docs/queries.md)"
+    )
     matched_image: int = Field(
         description="which of the product's photos matched (0: the first): "
         "GET /products/{product_id}/images/{matched_image}"
