@@ -27,7 +27,7 @@ from visrec.errors import InvalidQuery, NoMatch, closest
 from visrec.filters import Filters
 from visrec.index import Hit, SearchRequest, VectorIndex
 from visrec.index.points import payload_key
-from visrec.matches import check_matches
+from visrec.matches import check_matches, check_scored
 from visrec.payload import HIDDEN_FROM_OPERATORS, addressable
 from visrec.rules import MAX_K, Rules
 
@@ -110,6 +110,7 @@ def check_against(index: VectorIndex, feed: FeedRules) -> None:
     field no product holds, before any list is computed."""
     feed.check()
     check_matches(index, feed.filters, [])
+    check_scored(index, feed.rules.boosts, feed.rules.decays)
     known = index.field_kinds()
     for name in feed.same:
         if name not in known and not index.count(Filters(numbers_in=[name])):
