@@ -320,3 +320,37 @@ def test_a_file_where_a_folder_is_wanted_is_said_before_the_work(
         assert "estimate" not in result.stderr.lower()  # refused before the time estimate's probe
     result = runner.invoke(app, ["status"], env={"VISREC_QDRANT__PATH": str(afile)})
     assert result.exit_code == 2 and "VISREC_QDRANT__PATH" in result.stderr, result.output
+
+
+def test_the_shops_rules_on_similar_and_neighbours(env: Settings, tmp_path: Path) -> None:
+    """--exclude, --boost and --decay, shared by `similar` and `neighbours`: mistakes exit 2 in one line
+    naming the option; a delta (--since) keeps --exclude and refuses --boost."""
+    assert runner.invoke(app, ["sync", str(write_shop(tmp_path))]).exit_code == 0
+    args = ["similar", "s1", "-k", "6", "--exclude", "s2", "--exclude", "s4", "--boost", "in_stock=100"]
+    result = runner.invoke(app, [*args, "--json"])
+    assert result.exit_code == 0, result.output
+    hits = json.loads(result.stdout)
+    assert len(hits) == 6 and not {h["product_id"] for h in hits} & {"s2", "s4"}
+    stock = [h["payload"]["in_stock"] for h in hits]
+    assert stock == sorted(stock, key=lambda s: s != "true") and all("score" in h for h in hits)
+    for bad, message in [
+        (["--boost", "in_stock=nan"], "boost: takes FIELD=WEIGHT"),
+        (["--boost", "brnd=1"], "cannot boost by brnd: no field 'brnd' is known (did you mean 'brand'?)"),
+        (["--decay", "size=soon"], "decay: takes FIELD=SCALE"),
+        (["--decay", "price=30d"], "cannot decay by price: it holds numbers"),
+    ]:
+        refused = runner.invoke(app, ["similar", "s1", *bad])
+        assert refused.exit_code == 2 and message in refused.stderr, refused.output
+        assert len(refused.stderr.strip().splitlines()) == 1 and "Traceback" not in refused.output
+    feed = tmp_path / "feed.jsonl"
+    made = runner.invoke(app, ["neighbours", "--out", str(feed), "-k", "3", "--exclude", "s2", "--json"])
+    assert made.exit_code == 0, made.output
+    lists = [json.loads(line) for line in feed.read_text().splitlines()]
+    assert lists and all("s2" not in json.dumps(row["neighbours"]) for row in lists)
+    delta = tmp_path / "delta.jsonl"
+    kept = ["neighbours", "--out", str(delta), "--since", str(feed), "-k", "3", "--exclude", "s2"]
+    assert runner.invoke(app, kept).exit_code == 0
+    boosted = runner.invoke(app, [*kept, "--boost", "in_stock=1"])
+    assert boosted.exit_code == 2 and "--boost" in boosted.stderr
+    full = runner.invoke(app, ["neighbours", "--out", str(delta), "-k", "3", "--boost", "in_stock=1"])
+    assert full.exit_code == 0, full.output

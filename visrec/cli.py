@@ -54,6 +54,73 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 JsonFlag = Annotated[bool, typer.Option("--json", help="Machine-readable output on stdout.")]
+# How `similar` and `neighbours` choose results: the same options, said once (`jobs._Choosing` parses them).
+CategoryOption = Annotated[list[str] | None, typer.Option(help="Any of these categories (repeat).")]
+ColourOption = Annotated[list[str] | None, typer.Option(help="Any of these colours (repeat).")]
+PriceMinOption = Annotated[float | None, typer.Option(help="Lowest price.")]
+PriceMaxOption = Annotated[float | None, typer.Option(help="Highest price.")]
+WhereOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="FIELD=VALUE (repeat): that text, or for true, false or a number also that boolean or "
+        "number; FIELD=LOW..HIGH: a range of numbers (docs/filters.md)."
+    ),
+]
+ColourWeightOption = Annotated[
+    float, typer.Option(help="0-1: prefer the colour of the product (or photo) asked about.")
+]
+DiversityOption = Annotated[
+    float, typer.Option(help="0-1: prefer products unlike those already chosen (MMR).")
+]
+MaxPerOption = Annotated[
+    list[str] | None, typer.Option(help="FIELD=N: at most N results per value of FIELD (repeat).")
+]
+ExcludeOption = Annotated[
+    list[str] | None, typer.Option("--exclude", help="ID: never return this product (repeat).")
+]
+BoostOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="FIELD=WEIGHT: prefer products by a numeric or boolean field (in_stock=1: an in-stock "
+        "product ranks as if half as far; repeat; docs/queries.md)."
+    ),
+]
+DecayOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="FIELD=SCALE: newer first by an ISO 8601 date field; SCALE older (e.g. 30d) ranks "
+        "as if twice as far."
+    ),
+]
+
+
+def _choosing(
+    category: list[str] | None,
+    colour: list[str] | None,
+    price_min: float | None,
+    price_max: float | None,
+    where: list[str] | None,
+    colour_weight: float,
+    diversity: float,
+    max_per: list[str] | None,
+    exclude: list[str] | None,
+    boost: list[str] | None,
+    decay: list[str] | None,
+) -> dict[str, Any]:
+    """The choosing options as a job's fields (`jobs._Choosing`)."""
+    return {
+        "category": category or [],
+        "colour": colour or [],
+        "price_min": price_min,
+        "price_max": price_max,
+        "where": where or [],
+        "colour_weight": colour_weight,
+        "diversity": diversity,
+        "max_per": max_per or [],
+        "exclude": exclude or [],
+        "boost": boost or [],
+        "decay": decay or [],
+    }
 
 
 def user_errors(command: Callable[P, R]) -> Callable[P, R]:
@@ -282,24 +349,17 @@ def similar(
     product_id: Annotated[str | None, typer.Argument(help="Find products like this one.")] = None,
     image: Annotated[Path | None, typer.Option(help="…or like this photo.")] = None,
     k: Annotated[int, typer.Option("-k", help="How many.")] = 10,
-    category: Annotated[list[str] | None, typer.Option(help="Any of these categories (repeat).")] = None,
-    colour: Annotated[list[str] | None, typer.Option(help="Any of these colours (repeat).")] = None,
-    price_min: Annotated[float | None, typer.Option(help="Lowest price.")] = None,
-    price_max: Annotated[float | None, typer.Option(help="Highest price.")] = None,
-    where: Annotated[
-        list[str] | None,
-        typer.Option(
-            help="FIELD=VALUE (repeat): that text, or for true, false or a number also that boolean or "
-            "number; FIELD=LOW..HIGH: a range of numbers (docs/filters.md)."
-        ),
-    ] = None,
-    colour_weight: Annotated[float, typer.Option(help="0-1: prefer the query's own colour.")] = 0.0,
-    diversity: Annotated[
-        float, typer.Option(help="0-1: prefer products unlike those already chosen (MMR).")
-    ] = 0.0,
-    max_per: Annotated[
-        list[str] | None, typer.Option(help="FIELD=N: at most N results per value of FIELD (repeat).")
-    ] = None,
+    category: CategoryOption = None,
+    colour: ColourOption = None,
+    price_min: PriceMinOption = None,
+    price_max: PriceMaxOption = None,
+    where: WhereOption = None,
+    colour_weight: ColourWeightOption = 0.0,
+    diversity: DiversityOption = 0.0,
+    max_per: MaxPerOption = None,
+    exclude: ExcludeOption = None,
+    boost: BoostOption = None,
+    decay: DecayOption = None,
     model: Annotated[
         Path | None,
         typer.Option(
@@ -325,14 +385,19 @@ def similar(
     chosen = SimilarJob(
         product_id=product_id,
         k=k,
-        category=category or [],
-        colour=colour or [],
-        price_min=price_min,
-        price_max=price_max,
-        where=where or [],
-        colour_weight=colour_weight,
-        diversity=diversity,
-        max_per=max_per or [],
+        **_choosing(
+            category,
+            colour,
+            price_min,
+            price_max,
+            where,
+            colour_weight,
+            diversity,
+            max_per,
+            exclude,
+            boost,
+            decay,
+        ),
     )
     chosen.filters(), chosen.rules()  # checked here: a mistake is said before the store is asked
     # Read here under the query photo's limits: a service beside takes no bigger one (ImageError, exit 2).
@@ -460,20 +525,17 @@ def neighbours(
         list[str] | None,
         typer.Option(help="FIELD: a neighbour holds the product's own value of it (repeat)."),
     ] = None,
-    category: Annotated[list[str] | None, typer.Option(help="Any of these categories (repeat).")] = None,
-    colour: Annotated[list[str] | None, typer.Option(help="Any of these colours (repeat).")] = None,
-    price_min: Annotated[float | None, typer.Option(help="Lowest price.")] = None,
-    price_max: Annotated[float | None, typer.Option(help="Highest price.")] = None,
-    where: Annotated[
-        list[str] | None, typer.Option(help="FIELD=VALUE or FIELD=LOW..HIGH (repeat; docs/filters.md).")
-    ] = None,
-    colour_weight: Annotated[float, typer.Option(help="0-1: prefer each product's own colour.")] = 0.0,
-    diversity: Annotated[
-        float, typer.Option(help="0-1: prefer products unlike those already chosen (MMR).")
-    ] = 0.0,
-    max_per: Annotated[
-        list[str] | None, typer.Option(help="FIELD=N: at most N neighbours per value of FIELD (repeat).")
-    ] = None,
+    category: CategoryOption = None,
+    colour: ColourOption = None,
+    price_min: PriceMinOption = None,
+    price_max: PriceMaxOption = None,
+    where: WhereOption = None,
+    colour_weight: ColourWeightOption = 0.0,
+    diversity: DiversityOption = 0.0,
+    max_per: MaxPerOption = None,
+    exclude: ExcludeOption = None,
+    boost: BoostOption = None,
+    decay: DecayOption = None,
     exact: Annotated[
         bool, typer.Option(help="Search every point (no HNSW graph): exact lists, slowly; for checks.")
     ] = False,
@@ -493,14 +555,19 @@ def neighbours(
         format=format_of(out, output_format),
         since=None if since is None else since.absolute(),
         k=k,
-        category=category or [],
-        colour=colour or [],
-        price_min=price_min,
-        price_max=price_max,
-        where=where or [],
-        colour_weight=colour_weight,
-        diversity=diversity,
-        max_per=max_per or [],
+        **_choosing(
+            category,
+            colour,
+            price_min,
+            price_max,
+            where,
+            colour_weight,
+            diversity,
+            max_per,
+            exclude,
+            boost,
+            decay,
+        ),
         same=same or [],
         exact=exact,
     )

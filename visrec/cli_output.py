@@ -76,7 +76,15 @@ def hits_table(hits: list[dict[str, Any]]) -> Table:
     payloads = [h["payload"] for h in hits]
     fields = [f for f in ("category", "colour", "price", "title") if any(f in p for p in payloads)]
     several = any(len(photos(p)) > 1 for p in payloads)  # a column for the matched photo then
-    table = Table("#", "product", "distance", *(["matched photo"] if several else []), *fields)
+    scored = any(h.get("score", h["distance"]) != h["distance"] for h in hits)  # a rule ranked by more
+    table = Table(
+        "#",
+        "product",
+        "distance",
+        *(["score"] if scored else []),
+        *(["matched photo"] if several else []),
+        *fields,
+    )
     for rank, hit in enumerate(hits, 1):
         refs, matched_at = photos(hit["payload"]), hit["matched_image"]
         name = PurePath(refs[matched_at]).name if matched_at < len(refs) else "?"
@@ -85,6 +93,7 @@ def hits_table(hits: list[dict[str, Any]]) -> Table:
             str(rank),
             hit["product_id"],
             f"{hit['distance']:.3f}",
+            *([f"{hit['score']:.4g}"] if scored else []),
             *matched,
             *(str(hit["payload"].get(f, "")) for f in fields),
         )

@@ -196,6 +196,23 @@ class ApiSettings(BaseModel):
     # The currency the gallery page shows prices in (a catalogue's `price` is a bare number); None: the
     # number alone. An ISO 4217 code, which browsers format (Intl.NumberFormat) in the reader's locale.
     currency: str | None = None
+    # Cache-Control of the answers of GET routes (each carries an ETag; If-None-Match is answered 304):
+    # no-cache, the default, lets a cache keep an answer but ask each time (a 304 costs no search);
+    # e.g. "max-age=60" serves it for a minute unasked.
+    cache_control: str = "no-cache"
+    # With a read key, answers are `private` (kept by a browser, not by a shared cache) and vary with
+    # X-API-Key; True says the shared cache in front (a CDN) keys its entries on X-API-Key, so `private`
+    # is left out.
+    cache_holds_key: bool = False
+
+    @field_validator("cache_control")
+    @classmethod
+    def _header_value(cls, value: str) -> str:
+        if not re.fullmatch(r"[ -~]{1,200}", value) or not value.strip():
+            raise ValueError(
+                f"must be a Cache-Control value of printable ASCII such as no-cache, not {value!r}"
+            )
+        return value.strip()
 
     @model_validator(mode="after")
     def _queue_within_deadline(self) -> ApiSettings:

@@ -16,7 +16,9 @@ Every other list cannot have changed: its k neighbours are unchanged and nothing
 its k-th. A change of a field no rule reads (a price, with no price filter) moves nothing. The delta
 holds the lines of the lists that differ now, `deleted` lines for products gone, and the full state
 beside it (previous feed + delta == a full feed now). Only nearest-first lists are tracked: a delta
-refuses `--diversity`, `--max-per` and `--colour-weight`, whose pools a change reaches further.
+refuses `--diversity`, `--max-per`, `--colour-weight`, `--boost` and `--decay`, whose pools a change
+reaches further (and a decay's order moves with the clock alone). `--exclude` is kept: its ids are
+left out of every search, the previous feed's as this one's (a delta needs the same list).
 """
 
 from __future__ import annotations
@@ -130,9 +132,9 @@ def refuse_untracked(rules: FeedRules) -> None:
     among pools that a change reaches further than the k-th neighbour."""
     if rules.rules.active or rules.colour_weight:
         raise Refused(
-            "--since tracks nearest-first lists only (with filters and --same): --diversity, --max-per and "
-            "--colour-weight choose among pools a change reaches further than the k-th neighbour; make a "
-            "full feed (without --since)"
+            "--since tracks nearest-first lists only (with filters, --same and --exclude): --diversity, "
+            "--max-per, --colour-weight, --boost and --decay choose among pools a change reaches further "
+            "than the k-th neighbour; make a full feed (without --since)"
         )
 
 
@@ -160,7 +162,8 @@ def _said(options: Any) -> str:
     filters = {k: v for k, v in (options.get("filters") or {}).items() if v not in (None, [], {})}
     parts = [f"k {options.get('k')}", f"same {options.get('same') or '-'}"]
     parts += [f"{k} {v}" for k, v in filters.items()]
-    parts += [f"{k} {options[k]}" for k in ("diversity", "max_per", "colour_weight") if options.get(k)]
+    shown = ("diversity", "max_per", "colour_weight", "exclude", "boost", "decay")
+    parts += [f"{k} {options[k]}" for k in shown if options.get(k)]
     return ", ".join(parts)
 
 

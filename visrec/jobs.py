@@ -79,6 +79,9 @@ class _Choosing(_Job):
     colour_weight: float = 0.0
     diversity: float = 0.0
     max_per: list[str] = []
+    exclude: list[str] = []
+    boost: list[str] = []
+    decay: list[str] = []
 
     def filters(self) -> Filters:
         """Raises `InvalidFilter` with the reason."""
@@ -92,7 +95,13 @@ class _Choosing(_Job):
 
     def rules(self) -> Rules:
         """Raises `InvalidQuery` with the reason."""
-        return Rules.parse(diversity=self.diversity, max_per=self.max_per)
+        return Rules.parse(
+            diversity=self.diversity,
+            max_per=self.max_per,
+            exclude=self.exclude,
+            boost=self.boost,
+            decay=self.decay,
+        )
 
 
 class SimilarJob(_Choosing):
@@ -169,8 +178,8 @@ Job = Annotated[
 
 
 # The owner channel's version: raise it when a request or an answer changes meaning (3: neighbours,
-# snapshot and restore jobs).
-PROTOCOL = 3
+# snapshot and restore jobs; 4: exclude, boost and decay, and every hit's score).
+PROTOCOL = 4
 
 
 class StoreId(BaseModel):

@@ -72,6 +72,25 @@ def check_caps(
             raise NoMatch(f"cannot cap by {field}: no product has a {field} now")
 
 
+def check_scored(
+    index: VectorIndex, boosts: Iterable[str], decays: Iterable[str], shown: Shown = to_operators
+) -> None:
+    """Raise `NoMatch` for a boost or a decay on a field no product was ever written with (a misspelt
+    field would weigh nothing, silently), or a decay on a field that holds no text (dates are ISO 8601
+    text). One look at the recorded field kinds, no search."""
+    fields = [("boost", field) for field in boosts] + [("decay", field) for field in decays]
+    if not fields:
+        return
+    kinds = index.field_kinds()
+    for rule, field in fields:
+        if field not in kinds or not shown(field):
+            raise NoMatch(f"cannot {rule} by {field}: {_unknown_field(field, kinds, shown)}")
+        if rule == "decay" and "text" not in kinds[field]:
+            raise NoMatch(
+                f"cannot decay by {field}: it holds {_kinds(kinds[field])}, not dates (ISO 8601 text)"
+            )
+
+
 def _unknown_field(field: str, kinds: Mapping[str, object], shown: Shown) -> str:
     fields = sorted(f for f in kinds if shown(f))
     guess = closest(field, fields)

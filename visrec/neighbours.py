@@ -27,7 +27,7 @@ from visrec.errors import InvalidQuery, NoMatch, closest
 from visrec.filters import Filters
 from visrec.index import Hit, SearchRequest, VectorIndex
 from visrec.index.points import payload_key
-from visrec.matches import check_matches
+from visrec.matches import check_matches, check_scored
 from visrec.payload import HIDDEN_FROM_OPERATORS, addressable
 from visrec.rules import MAX_K, Rules
 
@@ -67,14 +67,18 @@ class FeedRules:
                 raise InvalidQuery(f"--same takes a product field, got {name!r}")
 
     def describe(self) -> dict[str, Any]:
-        """The options as data: what a previous feed must have been made with for a delta on it."""
+        """The options as data: what a previous feed must have been made with for a delta on it (the
+        shop's rules only where given: a feed made before they existed stays comparable)."""
+        rules = self.rules
+        shop = {"exclude": sorted(set(rules.exclude)), "boost": rules.boost, "decay": rules.decay}
         return {
             "k": self.k,
             "filters": self.filters.model_dump(include=set(Filters.model_fields) - {"where_kinds"}),
-            "diversity": self.rules.diversity,
-            "max_per": sorted(self.rules.max_per),
+            "diversity": rules.diversity,
+            "max_per": sorted(rules.max_per),
             "colour_weight": self.colour_weight,
             "same": sorted(self.same),
+            **{name: value for name, value in shop.items() if value},
         }
 
     @property
@@ -83,7 +87,7 @@ class FeedRules:
 
     def hit_fields(self) -> list[str]:
         """The payload fields a neighbour's hit must carry: its id, its photos and what the rules read."""
-        read = [*self.rules.caps, *(["colour_lab"] if self.colour_weight else [])]
+        read = [*self.rules.read_fields, *(["colour_lab"] if self.colour_weight else [])]
         return list(dict.fromkeys([*HIT_FIELDS, *read]))
 
     def listed_fields(self) -> list[str]:
@@ -106,6 +110,7 @@ def check_against(index: VectorIndex, feed: FeedRules) -> None:
     field no product holds, before any list is computed."""
     feed.check()
     check_matches(index, feed.filters, [])
+    check_scored(index, feed.rules.boosts, feed.rules.decays)
     known = index.field_kinds()
     for name in feed.same:
         if name not in known and not index.count(Filters(numbers_in=[name])):
@@ -193,7 +198,8 @@ def lists_for(
         searched = query.query_rows(rows, size, bounds)
         plans.append((product_id, payload, rows, filters, len(searched)))
         fetched = query.fetch_depth(size)
-        requests += [SearchRequest(row, fetched, filters, [product_id], fields) for row in searched]
+        exclude = [product_id, *feed.rules.exclude]
+        requests += [SearchRequest(row, fetched, filters, exclude, fields) for row in searched]
     found = iter(index.search_batch(requests, exact=feed.exact))
     listed = []
     for product_id, payload, rows, among, searches in plans:
@@ -222,7 +228,7 @@ def _search_again(
     """A product's search (by its row) again, n deep: where ties reach the cut (`query.cut_at_k`)."""
 
     def search(row: int, n: int) -> list[Hit]:
-        request = SearchRequest(rows[row], n, filters, [product_id], fields)
+        request = SearchRequest(rows[row], n, filters, [product_id, *feed.rules.exclude], fields)
         return index.search_batch([request], exact=feed.exact)[0]
 
     return search
@@ -255,7 +261,7 @@ def _choose(
     if not feed.rules.active and not weight:
         return pool[: feed.k]
     colour = (payload["colour_lab"], weight) if weight else None
-    exclude = [str(payload["product_id"])]
+    exclude = [str(payload["product_id"]), *feed.rules.exclude]
     return query.chosen(
         index, rows, feed.k, filters, exclude, feed.rules, colour, bounds, pool=pool, exact=feed.exact
     )

@@ -24,11 +24,11 @@ from visrec.embed import Embedder
 from visrec.errors import InvalidQuery, NotFound
 from visrec.images import ImageLimits, decode_image
 from visrec.index import Filters, Hit, VectorIndex
-from visrec.matches import Shown, check_caps, check_matches, to_operators
+from visrec.matches import Shown, check_caps, check_matches, check_scored, to_operators
 from visrec.matches import why_empty as why_empty  # named here too: callers say `query.why_empty`
 from visrec.rules import CAP_PATTERN as CAP_PATTERN  # likewise `query.CAP_PATTERN`, `query.MAX_CAPS`
 from visrec.rules import MAX_CAPS as MAX_CAPS
-from visrec.rules import MAX_K, NEAREST, Rules, choose
+from visrec.rules import MAX_K, NEAREST, Rules, choose, ranked
 
 RERANK_POOL = 5  # a colour re-rank chooses k among k x this many visual neighbours
 RULES_POOL = 10  # diversity and caps choose k among k x this many neighbours (at least POOL_MIN) …
@@ -171,9 +171,10 @@ def _neighbours(
     if vectors.ndim != 2 or not np.isfinite(vectors).all():
         raise InvalidQuery("the query vector must be one-dimensional and finite")
     filters = filters or Filters()
-    hits = chosen(index, vectors, k, filters, exclude, rules, colour, bounds)
+    hits = chosen(index, vectors, k, filters, [*exclude, *rules.exclude], rules, colour, bounds)
     check_matches(index, filters, [hit.payload for hit in hits], shown)
     check_caps(index, rules.caps, [hit.payload for hit in hits], shown)
+    check_scored(index, rules.boosts, rules.decays, shown)
     return hits
 
 
@@ -204,9 +205,11 @@ def chosen(
     pool: list[Hit] | None = None,
     exact: bool = False,
 ) -> list[Hit]:
-    """The k hits the rules and the colour re-rank choose (no filter check: `_neighbours` does it).
-    `pool`: the first pool already searched (`nearest` at `pool_sizes`' first size), as a batch of
-    queries does; searched here otherwise."""
+    """The k hits the rules and the colour re-rank choose (no filter check: `_neighbours` does it), in
+    this order: the nearest pool, the colour re-rank, the boosts and decays (`rules.ranked`), then
+    diversity and caps in that order. `pool`: the first pool already searched (`nearest` at
+    `pool_sizes`' first size), as a batch of queries does; searched here otherwise. `exclude` is the
+    engine's (the caller adds `rules.exclude`)."""
     if colour is not None and not 0 <= colour[1] <= 1:
         raise InvalidQuery(f"colour_weight must be between 0 and 1, got {colour[1]}")
     pool_size, limit = pool_sizes(k, len(vectors), rules, colour[1] if colour else 0.0, bounds)
@@ -215,6 +218,7 @@ def chosen(
             pool = nearest(index, vectors, pool_size, filters, exclude, bounds, exact)
         if colour and colour[1]:
             pool = rerank_by_colour(pool, colour[0], colour[1], len(pool))
+        pool = ranked(pool, rules)
         picked = choose(index, pool, vectors, k, rules) if rules.active else pool[:k]
         if len(picked) == k or len(pool) < pool_size or pool_size >= limit:
             return picked

@@ -23,6 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from visrec import __version__
 from visrec.api import docs, gallery, ops, products, search, writes
+from visrec.api.caching import settings_tag
 from visrec.api.deps import known_parameters
 from visrec.api.errors import add_handlers
 from visrec.api.exposure import ExposureRefused, check_exposure
@@ -124,6 +125,7 @@ def create_app(
     app.state.service = Service(settings, device)
     app.state.metrics = CollectorRegistry()
     app.state.query_parameters = {}  # (path, method) → the query parameters it takes (`known_parameters`)
+    app.state.settings_tag = settings_tag(settings)  # what settings and code add to every ETag
     app.state.on_ready = on_ready
     app.state.claim = claim
     api = settings.api

@@ -89,11 +89,12 @@ def check_filters(filters: Filters, service: Service, colour_weight: float = 0.0
 
 
 def check_caps(rules: query.Rules, service: Service) -> query.Rules:
-    """Caps only on fields callers are shown: grouping results by a field they cannot see would tell
-    them which hits share its value."""
-    hidden = [field for field in rules.caps if _hidden(field, service)]
-    if hidden:
-        raise InvalidQuery(f"max_per cannot cap {hidden[0]!r}: not a field this service shows")
+    """Caps, boosts and decays only on fields callers are shown: grouping or ordering results by a
+    field they cannot see would tell them its values."""
+    for name, fields in (("max_per", rules.caps), ("boost", rules.boosts), ("decay", rules.decays)):
+        hidden = [field for field in fields if _hidden(field, service)]
+        if hidden:
+            raise InvalidQuery(f"{name} cannot use {hidden[0]!r}: not a field this service shows")
     return rules
 
 

@@ -109,6 +109,10 @@ class HitOut(BaseModel):
     distance: float = Field(
         description="Euclidean distance on the embedding to the product's nearest photo; smaller is closer"
     )
+    score: float = Field(
+        description="what the answer is ranked by, smaller first: the distance, or with colour_weight, "
+        "boost or decay the score they give it (docs/queries.md)"
+    )
     matched_image: int = Field(
         description="which of the product's photos matched (0: the first): "
         "GET /products/{product_id}/images/{matched_image}"
@@ -167,15 +171,11 @@ class CallerQuery(CallerFilters):
     )
 
 
-class RecommendRequest(CallerQuery, query.Rules):
-    """The examples and `k`, and the filters and result rules as on every search route; no other field
-    (a misspelt one would otherwise be ignored, the answer silently unfiltered)."""
+class _KnownFields(BaseModel):
+    """A body of no other field than its model's (a misspelt one would otherwise be ignored, the answer
+    silently unfiltered), each unknown one named with what was likely meant."""
 
     model_config = ConfigDict(extra="forbid")
-
-    positive: list[str] = Field(min_length=1, max_length=100, description="e.g. the basket")
-    negative: list[str] = Field(default=[], max_length=100, description="e.g. items skipped")
-    k: int = Field(default=10, ge=1, le=query.MAX_K)
 
     @model_validator(mode="before")
     @classmethod
@@ -186,6 +186,28 @@ class RecommendRequest(CallerQuery, query.Rules):
                 said = [unknown_input(n, data[n], cls.model_fields, body=True) for n in unknown]
                 raise PydanticCustomError("extra_forbidden", "{said}", {"said": "; ".join(said)})
         return data
+
+
+class RecommendRequest(_KnownFields, CallerQuery, query.Rules):
+    """The examples and `k`, and the filters and result rules as on every search route; no other field."""
+
+    positive: list[str] = Field(min_length=1, max_length=100, description="e.g. the basket")
+    negative: list[str] = Field(default=[], max_length=100, description="e.g. items skipped")
+    k: int = Field(default=10, ge=1, le=query.MAX_K)
+
+
+class SimilarRequest(_KnownFields, CallerQuery, query.Rules):
+    """`GET /products/{product_id}/similar`'s parameters as a JSON body (an `exclude` list longer than a
+    URL holds); no other field."""
+
+    k: int = Field(default=10, ge=1, le=query.MAX_K)
+    colour_weight: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="0: visual order; up to 1: prefer its colour",
+    )
 
 
 def shown(payload: dict[str, Any], settings: Settings) -> dict[str, Any]:

@@ -11,13 +11,14 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path as FilePath
-from typing import Annotated, BinaryIO
+from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from PIL import Image
 
 from visrec import query
+from visrec.api import caching
 from visrec.api.deps import (
     ColourWeight,
     FilterDep,
@@ -25,36 +26,52 @@ from visrec.api.deps import (
     ProductId,
     RulesDep,
     ServiceDep,
+    check_caps,
     check_filters,
     heavy,
     shown_to_callers,
 )
 from visrec.api.errors import hidden
-from visrec.api.models import Page, Product, Results, errors, product_out, results
+from visrec.api.models import Page, Product, Results, SimilarRequest, errors, product_out, results
 from visrec.catalogue import MAX_PHOTOS
 from visrec.errors import ImageError
+from visrec.filters import Filters
 from visrec.images import ANY_FOLDER, open_local, read_image_bytes
+from visrec.live import Live
 from visrec.payload import photos
+from visrec.service import Service
 from visrec.urls import is_url
 
 router = APIRouter()
 CURSOR = r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$"
 
 
-@router.get("/products", response_model=Page, responses=errors(401, 422, 503))
+# Every GET answer below carries an ETag and is answered 304 for If-None-Match (`caching`).
+CACHED: dict[int | str, dict[str, Any]] = {
+    304: {"description": "not modified: the answer the request's If-None-Match names still holds"}
+}
+
+
+@router.get("/products", response_model=Page, responses={**errors(401, 422, 503), **CACHED})
 def products(
+    request: Request,
+    response: Response,
     service: ServiceDep,
     filters: FilterDep,
     limit: Annotated[int, Query(ge=1, le=500)] = 24,
     after: Annotated[str | None, Query(pattern=CURSOR, description="the `next` of the previous page")] = None,
-) -> Page:
+) -> Page | Response:
     """Browse the indexed products, filtered, a page at a time."""
     # Cursors are point ids (UUIDs, as `next` writes them): anything else is a 422 here, not a store error
     # (500). A pattern, not pydantic's UUID, which also takes forms the schema's `uuid` format refuses.
     cursor = None if after is None else str(uuid.UUID(after))
     with service.reading() as live:
+        tag, unchanged = caching.cached(request, service.settings, live)
+        if unchanged is not None:
+            return unchanged
         items, next_page = query.browse(live.index, filters, limit, cursor, shown_to_callers(service))
         note = None if items or cursor else query.why_empty(live.index, filters)
+    response.headers.update(caching.headers(service.settings, tag))
     return Page(
         products=[product_out(i, p, service.settings) for i, p in items],
         next=next_page,
@@ -126,38 +143,84 @@ def _chunks(file: BinaryIO, size: int = 256 * 1024) -> Iterator[bytes]:
 
 
 @router.get(
-    "/products/{product_id:path}/similar", response_model=Results, responses=errors(401, 404, 422, 503)
+    "/products/{product_id:path}/similar",
+    response_model=Results,
+    responses={**errors(401, 404, 422, 503), **CACHED},
 )
 async def similar(
     product_id: ProductId,
     request: Request,
+    response: Response,
     service: ServiceDep,
     filters: FilterDep,
     rules: RulesDep,
     k: K = 10,
     colour_weight: ColourWeight = 0.0,
-) -> Results:
-    """Products that look like this one (any of its photos), itself excluded."""
-    bounds = query.Bounds.from_settings(service.settings.api)
+) -> Results | Response:
+    """Products that look like this one (any of its photos), itself excluded. A list of ids to exclude
+    too long for a URL goes in the body of the POST form."""
     check_filters(filters, service, colour_weight)
 
-    shown = shown_to_callers(service)
-
-    def work() -> Results:
+    def work() -> Results | Response:
         with service.reading() as live:
-            hits = query.similar_to_product(
-                live.index, product_id, k, filters, colour_weight, rules, bounds, shown
-            )
-            note = None if hits else query.why_empty(live.index, filters, [product_id])
-        return results(hits, service.settings, note)
+            tag, unchanged = caching.cached(request, service.settings, live, rules)
+            if unchanged is not None:  # no search
+                return unchanged
+            answer = similar_answer(live, service, product_id, filters, rules, k, colour_weight)
+        response.headers.update(caching.headers(service.settings, tag))
+        return answer
 
     return await heavy(request, work)
 
 
-@router.get("/products/{product_id:path}", response_model=Product, responses=errors(401, 404, 422, 503))
-def product(product_id: ProductId, service: ServiceDep) -> Product:
+@router.post(
+    "/products/{product_id:path}/similar", response_model=Results, responses=errors(401, 404, 413, 422, 503)
+)
+async def similar_by_body(
+    product_id: ProductId, body: SimilarRequest, request: Request, service: ServiceDep
+) -> Results:
+    """`GET …/similar` with its parameters in a JSON body: for an `exclude` list (a cart, what was seen)
+    longer than a URL holds. Not cached (a POST)."""
+    rules = check_caps(query.Rules.of(body), service)
+    filters = check_filters(Filters.of(body), service, body.colour_weight)
+
+    def work() -> Results:
+        with service.reading() as live:
+            return similar_answer(live, service, product_id, filters, rules, body.k, body.colour_weight)
+
+    return await heavy(request, work)
+
+
+def similar_answer(
+    live: Live,
+    service: Service,
+    product_id: str,
+    filters: Filters,
+    rules: query.Rules,
+    k: int,
+    colour_weight: float,
+) -> Results:
+    bounds = query.Bounds.from_settings(service.settings.api)
+    shown = shown_to_callers(service)
+    hits = query.similar_to_product(live.index, product_id, k, filters, colour_weight, rules, bounds, shown)
+    note = None if hits else query.why_empty(live.index, filters, [product_id, *rules.exclude])
+    return results(hits, service.settings, note)
+
+
+@router.get(
+    "/products/{product_id:path}",
+    response_model=Product,
+    responses={**errors(401, 404, 422, 503), **CACHED},
+)
+def product(
+    product_id: ProductId, request: Request, response: Response, service: ServiceDep
+) -> Product | Response:
     with service.reading() as live:
+        tag, unchanged = caching.cached(request, service.settings, live)
+        if unchanged is not None:
+            return unchanged
         payload = query.indexed(live.index, product_id)[1]
+    response.headers.update(caching.headers(service.settings, tag))
     return product_out(product_id, payload, service.settings)
 
 

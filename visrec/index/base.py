@@ -4,8 +4,10 @@ its writes and the copies it is optimized in; backends translate it to Qdrant's 
 from __future__ import annotations
 
 import threading
+import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -13,7 +15,7 @@ from typing import Any, Self
 
 import numpy as np
 
-from visrec.errors import PointRejected
+from visrec.errors import PointRejected, VisrecError
 from visrec.filters import Filters
 from visrec.index.fields import PayloadFields
 from visrec.index.points import Hit, IndexPoint, SearchRequest, SyncRecord, point_id
@@ -114,6 +116,8 @@ class VectorIndex(PayloadFields, Closing):
     multivector: bool = True  # False: a collection from before several photos per product
     owned_store: Closing | None = None  # its store, closed with it (`Store.open(..., owner=True)`)
     _change_logs: tuple[ChangeLog, ...] = ()  # watching this handle's writes (`watch`)
+    _writes: int = 0  # writes through this handle (`state`)
+    _epoch: str | None = None  # this handle's own, random: no other handle's counter can repeat it
 
     def create(self, dim: int, metadata: dict[str, str] | None = None) -> None:
         """Create the collection (Euclidean, `dim`) with payload indexes; no-op if it exists with `dim`.
@@ -134,30 +138,58 @@ class VectorIndex(PayloadFields, Closing):
     # that write, and one still under way is noted for the next round (`visrec.catchup`).
     def upsert(self, points: Sequence[IndexPoint]) -> None:
         """Insert or replace points (idempotent: ids derive from product ids)."""
-        try:
+        with self._writing(p.product_id for p in points):
             if points:
                 self._index_new_fields(p.payload for p in points)
             self._upsert(points)
-        finally:
-            self._noting(p.product_id for p in points)
 
     def delete(self, product_ids: Iterable[str]) -> None:
         """Delete the products' points; unknown ids are ignored."""
         ids = list(product_ids)
-        try:
+        with self._writing(ids):
             self._delete(ids)
-        finally:
-            self._noting(ids)
 
     def overwrite_payloads(self, payloads: Mapping[str, dict[str, Any]]) -> None:
         """Replace the payloads of indexed products (product id → payload), vectors untouched; needs no
         optimize() and is visible to the next query."""
-        try:
+        with self._writing(payloads):
             if payloads:
                 self._index_new_fields(payloads.values())
             self._overwrite_payloads(payloads)
+
+    @contextmanager
+    def _writing(self, product_ids: Iterable[str]) -> Iterator[None]:
+        """Around a write: afterwards, failed or not (a failed one may have written part), the write is
+        counted and stamped (`state`) and the change logs told. A stamp that fails after a failed write
+        leaves that write's error to be raised."""
+        ids = list(product_ids)
+        try:
+            yield
+        except BaseException:
+            self._writes += 1
+            with suppress(VisrecError):
+                self._stamp()
+            self._noting(ids)
+            raise
+        self._writes += 1
+        try:
+            self._stamp()
         finally:
-            self._noting(payloads)
+            self._noting(ids)
+
+    def _stamp(self) -> None:
+        """Record in the store that a write happened, for other processes' `state` (a server's); the
+        embedded engine needs none: only one process can hold its folder, this one."""
+
+    def state(self) -> str:
+        """A token that changes whenever the collection's points or payloads may have changed, written
+        by any process: what a cached answer (its ETag) is valid for. On the embedded engine, this
+        handle's writes (the engine locks its folder: no other process can write meanwhile, and a handle
+        opened later, in any process, has an epoch of its own); a server overrides it with the stamp
+        every writer leaves in the collection."""
+        if self._epoch is None:
+            self._epoch = uuid.uuid4().hex
+        return f"{self._epoch}.{self._writes}"
 
     def watch(self) -> ChangeLog:
         """A log of the product ids written through this handle from now on (until it is closed)."""

@@ -53,7 +53,7 @@ class Hit:
     distance: float  # Euclidean, from the query to the product's nearest photo
     payload: dict[str, Any]
     matched: int = 0  # which of the product's photos (`payload.photos`) is the nearest
-    score: float | None = None  # what a rule ranked it by, where that is more than the distance
+    score: float | None = None  # what a rule ranked it by (smaller first), beyond the distance
 
     @classmethod
     def of(cls, payload: dict[str, Any] | None, distance: float) -> Hit:
@@ -66,6 +66,7 @@ class Hit:
         return {
             "product_id": self.product_id,
             "distance": self.distance,
+            "score": self.distance if self.score is None else self.score,
             "matched_image": self.matched,
             "payload": shown(self.payload),
         }

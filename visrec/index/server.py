@@ -8,6 +8,7 @@ retried with bounded exponential backoff; once that runs out, `IndexUnavailable`
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar, assert_never
 
@@ -28,6 +29,7 @@ from visrec.payload import INDEXED, IndexType
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+WRITTEN = "visrec_written"  # the collection metadata key of the last write's stamp (`ServerIndex._stamp`)
 SCHEMA_TYPES: dict[IndexType, qm.PayloadSchemaType] = {
     "keyword": qm.PayloadSchemaType.KEYWORD,
     "float": qm.PayloadSchemaType.FLOAT,
@@ -167,7 +169,20 @@ class ServerIndex(VectorIndex):
     def metadata(self) -> dict[str, str]:
         self._require()
         info = self._call(self.client.get_collection, self.collection)
-        return {k: str(v) for k, v in (info.config.metadata or {}).items()}
+        return {k: str(v) for k, v in (info.config.metadata or {}).items() if k != WRITTEN}
+
+    def _stamp(self) -> None:
+        """A fresh random stamp in the collection's metadata (merged: the other keys stay): a separate
+        ingest job writing to this server changes it too. Random, not a count: two writers never need to
+        read each other's value, and never write the same one."""
+        if self._exists:
+            self._call(self.client.update_collection, self.collection, metadata={WRITTEN: uuid.uuid4().hex})
+
+    def state(self) -> str:
+        """The stamp the last write left (`_stamp`), read from the server each time."""
+        self._require()
+        info = self._call(self.client.get_collection, self.collection)
+        return str((info.config.metadata or {}).get(WRITTEN, "-"))
 
     def _vector_params(self) -> qm.VectorParams:
         vectors = self._call(self.client.get_collection, self.collection).config.params.vectors

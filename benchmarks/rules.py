@@ -1,0 +1,197 @@
+"""The shop's rules at --products products (default 5,000; the target is `--products 100000`): query p50
+with and without boosts, a decay and a 100-id exclude, side by side on the same queries in one run, the
+over-fetch each rule needs, and the CPU a 304 costs against the search it stands for.
+
+The store is written directly (clustered random 1000-d vectors, as benchmarks/neighbours.py makes
+them), each product with `in_stock` (a boolean, or CSV text), a `margin` and an arrival date `added`,
+into the embedded engine as the service serves it (`<path>/bench__v1`); `--optimize` builds the HNSW
+graph first (minutes at 50k+), else every query is an exact scan of the unindexed segment.
+
+Query p50: `query.similar_to_product`, k=10, each configuration on the same --queries products,
+interleaved (one product, every configuration, then the next). The 304: a `visrec serve` process on the
+store (its CPU read from /proc), --requests GETs of one product's similar products with a boost and a
+decay, answered 200 (searched), then the same with If-None-Match, answered 304.
+
+    nice -n 10 .venv/bin/python benchmarks/rules.py --store /tmp/rulesbench
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from datetime import date, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from visrec import query
+from visrec.config import QdrantSettings, Settings
+from visrec.index import VectorIndex, open_store
+from visrec.rules import Rules
+
+from common import new_parser, write_results
+from neighbours import clustered, point
+
+K = 10
+CONFIGS: dict[str, dict[str, Any]] = {
+    "plain": {},
+    "boost in_stock=1, margin=0.05": {"boost": ["in_stock=1", "margin=0.05"]},
+    "decay added=30d": {"decay": ["added=30d"]},
+    "exclude 100 ids": {"exclude": "100"},
+    "all three": {"boost": ["in_stock=1", "margin=0.05"], "decay": ["added=30d"], "exclude": "100"},
+}
+
+
+def made(args: Any) -> tuple[Settings, VectorIndex]:
+    """The store, written directly (a fresh one each run)."""
+    shutil.rmtree(args.store, ignore_errors=True)
+    settings = Settings(
+        qdrant=QdrantSettings(path=args.store, collection="bench"), artefact=args.store / "none"
+    )
+    rng = np.random.default_rng(args.seed)
+    vectors, labels = clustered(args.products, 50, rng)
+    store = open_store(settings.qdrant)
+    index = store.open("bench__v1", owner=True)
+    index.create(vectors.shape[1], {"model_version": "bench"})
+    today = date.today()
+    for start in range(0, args.products, 1000):
+        points = []
+        for i in range(start, min(start + 1000, args.products)):
+            p = point(i, vectors[i], int(labels[i]), 10.0 + i % 90)
+            stock = bool(rng.random() < 0.6)
+            p.payload["in_stock"] = stock if i % 2 else str(stock).lower()  # JSON, or a CSV's text
+            p.payload["margin"] = round(float(rng.random() * 30), 1)
+            p.payload["added"] = (today - timedelta(days=int(rng.integers(0, 720)))).isoformat()
+            points.append(p)
+        index.upsert(points)
+    if args.optimize:
+        index.optimize()
+    return settings, index
+
+
+def rules_of(config: dict[str, Any], rng: np.random.Generator, products: int) -> Rules:
+    chosen = dict(config)
+    if "exclude" in chosen:
+        chosen["exclude"] = [f"b{i:06d}" for i in rng.choice(products, int(chosen["exclude"]), replace=False)]
+    return Rules(**chosen)
+
+
+def query_p50(index: VectorIndex, args: Any) -> dict[str, dict[str, float]]:
+    rng = np.random.default_rng(args.seed + 1)
+    asked = [f"b{i:06d}" for i in rng.choice(args.products, args.queries, replace=False)]
+    times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    for product_id in asked:
+        for name, config in CONFIGS.items():
+            rules = rules_of(config, rng, args.products)
+            started = time.perf_counter()
+            query.similar_to_product(index, product_id, K, rules=rules)
+            times[name].append(time.perf_counter() - started)
+    plain = statistics.median(times["plain"])
+    figures = {}
+    for name, config in CONFIGS.items():
+        p50 = statistics.median(times[name])
+        rules = rules_of(config, rng, args.products)
+        figures[name] = {
+            "p50_ms": round(p50 * 1000, 2),
+            "vs_plain": round(p50 / plain - 1, 3),
+            "fetched": query.pool_sizes(K, 1, rules, 0.0)[0],
+        }
+    return figures
+
+
+def _cpu_s(pid: int) -> float:
+    """User and system CPU seconds of process `pid` so far (/proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def not_modified_cpu(settings: Settings, args: Any) -> dict[str, float]:
+    """The server's CPU (a `visrec serve` process, read from /proc) per request: answered 200 (the
+    search) and answered 304 (If-None-Match)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **os.environ,
+        "VISREC_QDRANT__PATH": str(settings.qdrant.path),
+        "VISREC_QDRANT__COLLECTION": "bench",
+        "VISREC_ARTEFACT": str(settings.artefact),
+        "VISREC_API__PORT": str(port),
+    }
+    server = subprocess.Popen([sys.executable, "-m", "visrec", "serve"], env=env, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}/products/b000001/similar"
+    params: dict[str, str | int] = {"k": K, "boost": "in_stock=1", "decay": "added=30d"}
+    try:
+        with httpx.Client(timeout=30) as client:
+            for _ in range(600):
+                try:
+                    if client.get(url, params=params).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+            tag = client.get(url, params=params).headers["ETag"]
+
+            def cpu(headers: dict[str, str], status: int) -> float:
+                before = _cpu_s(server.pid)
+                for _ in range(args.requests):
+                    assert client.get(url, params=params, headers=headers).status_code == status
+                return (_cpu_s(server.pid) - before) / args.requests
+
+            searched = cpu({}, 200)
+            unchanged = cpu({"If-None-Match": tag}, 304)
+    finally:
+        server.terminate()
+        server.wait(30)
+    return {
+        "search_cpu_ms": round(searched * 1000, 2),
+        "not_modified_cpu_ms": round(unchanged * 1000, 2),
+        "share": round(unchanged / searched, 3),
+    }
+
+
+def main() -> None:
+    p = new_parser(__doc__)
+    p.add_argument("--products", type=int, default=5000)
+    p.add_argument("--queries", type=int, default=50)
+    p.add_argument("--requests", type=int, default=50)
+    p.add_argument("--optimize", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--store", type=Path, default=Path("/tmp/visrec-rules-bench"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = p.parse_args()
+    settings, index = made(args)
+    try:
+        figures = query_p50(index, args)
+    finally:
+        index.close()  # the service opens the store next
+    caching = not_modified_cpu(settings, args)
+    lines = [
+        f"{args.products:,} products, k={K}, {args.queries} queries, "
+        f"{'HNSW (optimized)' if args.optimize else 'exact scan (not optimized)'}",
+        "",
+        "| rules | p50 ms | vs plain | neighbours fetched |",
+        "| --- | --- | --- | --- |",
+        *(
+            f"| {name} | {f['p50_ms']} | {f['vs_plain']:+.1%} | {f['fetched']} |"
+            for name, f in figures.items()
+        ),
+        "",
+        f"304 vs the search (server CPU per request, a `visrec serve` process, {args.requests} each): "
+        f"{caching['not_modified_cpu_ms']} ms vs {caching['search_cpu_ms']} ms = {caching['share']:.1%}",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    write_results(args.out, f"rules-{args.products}", {"queries": figures, "not_modified": caching}, text)
+    shutil.rmtree(args.store, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
