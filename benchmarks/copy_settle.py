@@ -39,7 +39,8 @@ from visrec.config import QdrantSettings
 from visrec.filters import Filters
 from visrec.fs import allocated_bytes, copy_tree_sparse
 from visrec.index import IndexPoint, open_index
-from visrec.index.edge import EdgeCopy, EdgeIndex
+from visrec.index.edge import EdgeIndex
+from visrec.index.edge_copy import EdgeCopy
 
 from common import new_parser
 

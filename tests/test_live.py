@@ -31,7 +31,8 @@ from visrec.artefact import Manifest
 from visrec.config import Settings
 from visrec.errors import NotFound, VisrecError, WritesWouldBeLost
 from visrec.index import open_store
-from visrec.index.edge import GENERATION, current_folder
+from visrec.index.edge import current_folder
+from visrec.index.edge_copy import GENERATION
 from visrec.jobs import ReindexJob, RollbackJob
 from visrec.product_writes import ProductWrites
 from visrec.service import Service

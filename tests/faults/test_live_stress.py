@@ -35,7 +35,8 @@ from tests.fetch_servers import serve as serve_images
 from tests.helpers import draw_product
 from visrec.artefact import Manifest
 from visrec.config import Settings
-from visrec.index.edge import GENERATION, current_folder
+from visrec.index.edge import current_folder
+from visrec.index.edge_copy import GENERATION
 
 STEPS = int(os.environ.get("VISREC_STRESS_STEPS", "24"))
 SEEDS = [int(s) for s in os.environ.get("VISREC_STRESS_SEEDS", "0").split(",")]

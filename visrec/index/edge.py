@@ -1,6 +1,6 @@
 """Embedded backend: one collection of the Qdrant engine in-process (qdrant-edge), a shard folder per
-collection (`EdgeIndex`), and the optimized copies of that folder (`EdgeCopy`). The store of its versions
-is `edge_store`; every call into the engine goes through `edge_errors.engine_errors`."""
+collection (`EdgeIndex`). Copies of that folder are `edge_copy`'s, the store of its versions is
+`edge_store`'s; every call into the engine goes through `edge_errors.engine_errors`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,6 @@ import itertools
 import json
 import logging
 import shutil
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager, suppress
@@ -22,8 +20,9 @@ import qdrant_edge as qe
 from visrec.config import QdrantSettings
 from visrec.errors import CollectionMissing, DiskFull, IndexUnavailable, InvalidFilter, VisrecError
 from visrec.filters import Filters
-from visrec.fs import allocated_bytes, copy_tree_sparse, match_tree, write_atomically
-from visrec.index.base import IndexCopy, VectorIndex
+from visrec.fs import write_atomically
+from visrec.index.base import VectorIndex
+from visrec.index.edge_copy import EdgeCopy, optimize_in_child, take_copy
 from visrec.index.edge_errors import StoreBusy, engine_errors
 from visrec.index.edge_filter import edge_filter
 from visrec.index.points import Hit, IndexPoint, SearchRequest, payload_key, point_id
@@ -39,13 +38,6 @@ SCHEMA_TYPES: dict[IndexType, qe.PayloadSchemaType] = {
 }
 LOCK_POLL_S = 0.1
 _NEVER_CREATED = "no segments were loaded"  # a folder a crashed or failed create() left: it holds nothing
-GENERATION = ".g"  # `products__v1.g3`: the third optimized copy of version 1 (collection names have no dot)
-COPY_HEADROOM = 1.1  # a copy may grow while it is optimized; refused unless the disk holds 110 % of it
-# And this much beside it: the engine preallocates what it maps (a shard opened with 48 MiB free on a
-# tmpfs died of SIGBUS here, with 80 MiB it ran), and both the child optimizing the copy and the live
-# version's writes meanwhile need their share. Running out is no error the engine can return: a mapped
-# page it cannot allocate kills the process.
-COPY_SPARE_BYTES = 256 * 1024**2
 
 
 def current_folder(root: Path, collection: str) -> Path:
@@ -349,7 +341,7 @@ class EdgeIndex(VectorIndex):
             return
         self._close()  # the child process takes the folder's lock, then gives it back
         try:
-            _optimize_in_child(self.path)
+            optimize_in_child(self.path)
         finally:
             self._shard = self._load()
 
@@ -358,26 +350,12 @@ class EdgeIndex(VectorIndex):
             self.shard.flush()
 
     def copy(self) -> EdgeCopy:
-        """Flush, then copy this collection's folder (sparse) to its next generation, if the disk has
-        room for it, beside writes: `EdgeCopy.settle`, with them held, makes it exact. Raises
-        `IndexUnavailable` (nothing left behind) if it cannot."""
-        self.flush()
-        needed = int(allocated_bytes(self.path) * COPY_HEADROOM) + COPY_SPARE_BYTES
-        free = shutil.disk_usage(self.root).free
-        if free < needed:
-            raise IndexUnavailable(
-                f"embedded store {self.root}: not copied to optimize it: {free // 2**20} MiB free, "
-                f"{needed // 2**20} MiB needed"
-            )
-        target = _next_copy(self.root, self.collection)
-        try:
-            copy_tree_sparse(self.path, target)
-            self.flush()
-            match_tree(self.path, target)  # what was written during the copy: the settle then finds less
-        except OSError as exc:
-            shutil.rmtree(target, ignore_errors=True)
-            raise IndexUnavailable(f"embedded store {self.path}: cannot copy it to optimize: {exc}") from exc
-        return EdgeCopy(self, target)
+        """Copy this collection's folder beside writes (`edge_copy.take_copy`); `EdgeCopy.settle`, with
+        them held, makes it exact."""
+        return take_copy(self.path, self.root / f"{self.collection}.current", self.flush, self._reopen)
+
+    def _reopen(self, folder: Path) -> EdgeIndex:
+        return EdgeIndex(self.root, self.collection, self.settings, folder=folder)
 
     def _close(self) -> None:
         if self._shard is not None:
@@ -387,67 +365,6 @@ class EdgeIndex(VectorIndex):
                     shard.flush()
                 finally:
                     shard.close()
-
-
-class EdgeCopy(IndexCopy):
-    """A copy of an embedded collection's folder (`EdgeIndex.copy`)."""
-
-    def __init__(self, index: EdgeIndex, folder: Path) -> None:
-        self.source = index
-        self.root, self.collection, self.settings = index.root, index.collection, index.settings
-        self.folder = folder
-
-    def settle(self) -> None:
-        try:
-            self.source.flush()
-            rewritten = match_tree(self.source.path, self.folder)
-        except OSError as exc:
-            self.discard()
-            raise IndexUnavailable(f"embedded store {self.source.path}: cannot copy it: {exc}") from exc
-        log.info("%s: copy settled, %d bytes rewritten", self.folder.name, rewritten)
-
-    def optimize(self) -> None:
-        _optimize_in_child(self.folder)
-
-    def open(self) -> EdgeIndex:
-        return EdgeIndex(self.root, self.collection, self.settings, folder=self.folder)
-
-    def make_current(self) -> None:
-        write_atomically(self.root / f"{self.collection}.current", self.folder.name)
-
-    def discard(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
-
-
-def _next_copy(root: Path, collection: str) -> Path:
-    """A new, empty folder for the next copy of `collection`, above every copy there is (one a crash
-    left too), made here: two copies taken at once (an optimized copy, a snapshot) never share one."""
-    while True:
-        taken = [
-            int(p.name.rpartition(GENERATION)[2])
-            for p in root.glob(f"{collection}{GENERATION}*")
-            if p.name.rpartition(GENERATION)[2].isdigit()
-        ]
-        folder = root / f"{collection}{GENERATION}{max(taken, default=0) + 1}"
-        try:
-            folder.mkdir()
-        except FileExistsError:
-            continue
-        return folder
-
-
-def _optimize_in_child(folder: Path) -> None:
-    """optimize() of `folder` in a process of its own (`visrec.index.compact`): the GIL stays free."""
-    done = subprocess.run(
-        [sys.executable, "-m", "visrec.index.compact", str(folder)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        cause = (done.stderr.strip().splitlines() or ["no message"])[-1]
-        raise IndexUnavailable(f"embedded store {folder}: optimize failed in its process: {cause}")
-    log.info("%s", done.stderr.strip())
 
 
 def _culprit(p: IndexPoint) -> str:

@@ -12,7 +12,8 @@ from pathlib import Path
 from visrec.config import QdrantSettings
 from visrec.errors import InvalidSetting
 from visrec.fs import folder_problem, sweep_temporaries, write_atomically
-from visrec.index.edge import GENERATION, EdgeIndex, current_folder
+from visrec.index.edge import EdgeIndex, current_folder
+from visrec.index.edge_copy import GENERATION
 from visrec.index.store import Store
 
 log = logging.getLogger(__name__)
