@@ -190,8 +190,8 @@ def _run(job: Job, settings: Settings, show_progress: bool) -> dict[str, Any]:
     """Run a command that uses the store: handed to the service that owns the embedded store when one
     runs (`visrec.owner`: a writing command through its writer, a reading one beside it), else here.
     Either way the same stages, progress, result and exit codes."""
+    from visrec.handover import find_owner, hand_over
     from visrec.jobs import READS, run_here
-    from visrec.owner import find_owner, hand_over
     from visrec.reads import read_here
 
     owner = find_owner(settings.qdrant)

@@ -1,4 +1,4 @@
-"""What a command says when the service it handed a job to (`visrec.owner.hand_over`) stops answering
+"""What a command says when the service it handed a job to (`visrec.handover.hand_over`) stops answering
 before the result. A service that ended (killed, crashed) is told from one that is alive and closed the
 connection or fell silent: by the process that answered the connection (its pid and start time, from
 SO_PEERCRED and /proc), not by whether something answers on the socket now, which a supervisor's

@@ -152,8 +152,8 @@ def test_a_request_the_service_refuses_says_so(tmp_path: Path, artefact: tuple[P
     """A query photo over the service's own limit (its settings may be smaller than the command's): the
     service reads the whole request and answers why, exit 2; the command is not told the service hung."""
     from visrec.api import create_app
+    from visrec.handover import HandedOverError, find_owner, hand_over
     from visrec.jobs import SimilarJob
-    from visrec.owner import HandedOverError, find_owner, hand_over
 
     settings = synced_store(tmp_path, artefact[0], n=3)
     ingest = settings.ingest.model_copy(update={"max_image_bytes": 1000})
@@ -173,8 +173,8 @@ def test_a_request_the_service_refuses_says_so(tmp_path: Path, artefact: tuple[P
 def test_reads_do_not_wait_for_the_writer(tmp_path: Path, artefact: tuple[Path, Manifest]) -> None:
     """A reading command handed over while the writer is held (a job, a write) is answered at once."""
     from visrec.api import create_app
+    from visrec.handover import find_owner, hand_over
     from visrec.jobs import SimilarJob, StatusJob
-    from visrec.owner import find_owner, hand_over
 
     settings = synced_store(tmp_path, artefact[0], n=6)
     with TestClient(create_app(settings, torch.device("cpu"))) as client:

@@ -25,8 +25,8 @@ from tests.helpers import draw_product, export_like, run_sync
 from visrec.artefact import Manifest, load_artefact
 from visrec.catalogue import read_catalogue
 from visrec.config import QdrantSettings
+from visrec.handover import find_owner
 from visrec.index import open_index
-from visrec.owner import find_owner
 
 TIMING = {"seconds", "optimize_seconds", "images_per_second", "failure_report"}
 

@@ -32,18 +32,10 @@ from tests.helpers import draw_product, small_settings
 from visrec.artefact import Manifest
 from visrec.config import QdrantSettings, Settings
 from visrec.errors import IndexUnavailable
+from visrec.handover import HandedOverError, Owner, find_owner, hand_over
 from visrec.index import open_index
 from visrec.jobs import PROTOCOL, Job, JobRequest, Progress, RollbackJob, StoreId
-from visrec.owner import (
-    HandedOverError,
-    Owner,
-    OwnerChannel,
-    StoreClaim,
-    find_owner,
-    hand_over,
-    marker,
-    store_id,
-)
+from visrec.owner import OwnerChannel, StoreClaim, marker, store_id
 
 NOBODY = 65534
 IDLE_S = 5.0  # the shortest idle timeout the settings take
