@@ -155,7 +155,7 @@ def test_user_errors_are_one_line_and_an_exit_code(
 def test_flags_merge_over_environment_and_bad_settings_are_one_line(
     env: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from visrec.cli import _settings
+    from visrec.cli_common import _settings
 
     monkeypatch.setenv("VISREC_TRAIN__EPOCHS_FROZEN", "7")
     merged = _settings(**{"train.image_size": 48, "train.backbone": None})
