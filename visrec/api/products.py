@@ -174,7 +174,9 @@ async def similar(
 
 
 @router.post(
-    "/products/{product_id:path}/similar", response_model=Results, responses=errors(401, 404, 413, 422, 503)
+    "/products/{product_id:path}/similar",
+    response_model=Results,
+    responses=errors(400, 401, 404, 408, 413, 422, 503),
 )
 async def similar_by_body(
     product_id: ProductId, body: SimilarRequest, request: Request, service: ServiceDep
