@@ -90,17 +90,15 @@ def nearest(
     exclude: Sequence[str] = (),
     bounds: Bounds = BOUNDS,
     exact: bool = False,
-    fields: Sequence[str] | None = None,
 ) -> list[Hit]:
     """The k products nearest to any of `vectors` (one row per query photo), each ranked by its
     nearest pair of photos: one search per row, merged, ties at the k-th place taken by product id
     (`cut_at_k`). Exact whenever each search is (`exact`: a full scan). At most `bounds.max_neighbours`
-    neighbours in all: the first rows that fit (at least one). `fields`: those of each payload the hits
-    carry (None: all)."""
+    neighbours in all: the first rows that fit (at least one)."""
     rows = query_rows(vectors, k, bounds)
 
     def search(row: int, depth: int) -> list[Hit]:
-        return index.search(rows[row], depth, filters, exclude, exact, fields)
+        return index.search(rows[row], depth, filters, exclude, exact)
 
     return cut_at_k([search(row, fetch_depth(k)) for row in range(len(rows))], k, search)
 
@@ -215,26 +213,16 @@ def chosen(
     if colour is not None and not 0 <= colour[1] <= 1:
         raise InvalidQuery(f"colour_weight must be between 0 and 1, got {colour[1]}")
     pool_size, limit = pool_sizes(k, len(vectors), rules, colour[1] if colour else 0.0, bounds)
-    # A pool larger than the answer carries only what the rules read of each payload; the chosen get
-    # theirs whole (converting a payload is most of what a pool's hit costs).
-    fields = [*rules.read_fields, "colour_lab"] if pool_size > k else None
     while True:
-        searched = pool is None
         if pool is None:
-            pool = nearest(index, vectors, pool_size, filters, exclude, bounds, exact, fields)
+            pool = nearest(index, vectors, pool_size, filters, exclude, bounds, exact)
         if colour and colour[1]:
             pool = rerank_by_colour(pool, colour[0], colour[1], len(pool))
         pool = ranked(pool, rules)
         picked = choose(index, pool, vectors, k, rules) if rules.active else pool[:k]
         if len(picked) == k or len(pool) < pool_size or pool_size >= limit:
-            return _whole(index, picked) if searched and fields is not None else picked
+            return picked
         pool, pool_size = None, limit  # caps left too few: look further, once, as far as the bounds allow
-
-
-def _whole(index: VectorIndex, hits: list[Hit]) -> list[Hit]:
-    """`hits` with their whole payloads (a hit whose product was deleted meanwhile keeps what it has)."""
-    payloads = index.payloads([hit.product_id for hit in hits])
-    return [replace(hit, payload=payloads.get(hit.product_id, hit.payload)) for hit in hits]
 
 
 def similar_to_vector(

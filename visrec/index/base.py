@@ -335,24 +335,14 @@ class VectorIndex(PayloadFields, Closing):
         {}) of the indexed ones."""
 
     def search(
-        self,
-        vector: np.ndarray,
-        k: int,
-        filters: Filters,
-        exclude: Sequence[str] = (),
-        exact: bool = False,
-        fields: Sequence[str] | None = None,
+        self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str] = (), exact: bool = False
     ) -> list[Hit]:
         """The k products nearest to `vector` (by their nearest photo) meeting `filters`, nearest first,
         without the `exclude` product ids; each hit says which photo matched. `exact` skips the HNSW
         graph (a full scan): the ground truth for measuring recall. Which photo matched is worked out
         for the hits whose payload lists several (`images`, as sync writes it): only their vectors
         are read back. A `where` field no single payload index covers is searched exactly (a full scan),
-        where the graph alone could miss hits the filter keeps. `fields`: those of each payload the
-        hits carry (None: all; `product_id` and `images` always)."""
-        if fields is not None:
-            wanted = list(dict.fromkeys(["product_id", "images", *fields]))
-            return self.search_batch([SearchRequest(vector, k, filters, exclude, wanted)], exact)[0]
+        where the graph alone could miss hits the filter keeps."""
         filters = self._resolved(filters)
         hits = self._search(vector, k, filters, exclude, exact or filters.needs_scan())
         return self._with_matched([vector], [hits])[0]
