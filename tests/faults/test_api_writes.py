@@ -372,10 +372,15 @@ def test_a_path_names_one_product_on_every_method(served: Served, host: Server) 
     every method the path takes (OPTIONS /products/batch said `Allow: PUT`)."""
     row = {"image": host.url("/31.png")}
     with client(served, WRITE) as writer:
-        for path in ("/products/x/similar", "/products/x/image", "/products/x/images/0"):
+        allowed = {
+            "/products/x/similar": "GET, POST",
+            "/products/x/image": "GET",
+            "/products/x/images/0": "GET",
+        }
+        for path, allow in allowed.items():  # POST …/similar: its parameters as a body (a long exclude)
             for method in ("PUT", "PATCH", "DELETE"):
                 refused = writer.request(method, path, json=row)
-                assert refused.status_code == 405 and refused.headers["allow"] == "GET", (method, path)
+                assert refused.status_code == 405 and refused.headers["allow"] == allow, (method, path)
         assert writer.options("/products/batch").headers["allow"] == "DELETE, GET, PATCH, POST, PUT"
         assert writer.put("/products/x%2Fsimilar", json=row).json() == {
             "product_id": "x/similar",

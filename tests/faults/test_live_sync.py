@@ -156,7 +156,8 @@ def test_a_service_killed_mid_sync_loses_nothing(tmp_path: Path, artefact: tuple
             time.sleep(0.2)
         served.process.send_signal(signal.SIGKILL)
         _, stderr = command.communicate(timeout=60)
-        assert command.returncode == 4 and "run the command again" in stderr, stderr
+        assert command.returncode == 4 and "ended during the sync" in stderr, stderr
+        assert "run the sync again to finish it" in stderr, stderr
     again = visrec(settings, "sync", str(catalogue), "--json")  # no service now: runs here
     assert again.returncode == 0, again.stderr
     summary: dict[str, Any] = json.loads(again.stdout)
