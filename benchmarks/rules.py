@@ -165,7 +165,7 @@ def main() -> None:
     p.add_argument("--optimize", action="store_true")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--store", type=Path, default=Path("/tmp/visrec-rules-bench"))
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--out", type=Path, default=Path(".visrec/rules"))
     args = p.parse_args()
     settings, index = made(args)
     try:
