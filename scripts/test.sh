@@ -17,4 +17,6 @@ if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null;
 fi
 .venv/bin/ruff check --quiet visrec tests scripts benchmarks
 .venv/bin/mypy visrec tests benchmarks
-.venv/bin/python -m pytest "$@"
+# Two workers (pytest-xdist; fewer on a 1-CPU machine): the suite runs real services, processes and
+# models, and waits on them as much as it computes; each worker trains the session's tiny model once.
+.venv/bin/python -m pytest -n auto --maxprocesses 2 "$@"
