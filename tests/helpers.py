@@ -49,6 +49,13 @@ class MakeCatalogue(Protocol):
 
 
 def draw_product(path: Path, shape: str, colour: str, size: int = 48, variant: int = 0) -> Path:
+    """A product photo (`product_image`) saved at `path`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    product_image(shape, colour, size, variant).save(path)
+    return path
+
+
+def product_image(shape: str, colour: str, size: int = 48, variant: int = 0) -> Image.Image:
     """A product photo: a coloured shape on a white background, slightly varied by `variant`."""
     image = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(image)
@@ -61,9 +68,7 @@ def draw_product(path: Path, shape: str, colour: str, size: int = 48, variant: i
         draw.rectangle(box, fill=rgb)
     else:
         draw.polygon([(size // 2, m), (m, size - m), (size - m, size - m)], fill=rgb)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path)
-    return path
+    return image
 
 
 def write_csv(path: Path, rows: list[dict[str, Any]]) -> Path:

@@ -19,13 +19,12 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
-from PIL import Image
 
 from tests.faults.helpers import run_visrec
 from tests.faults.served import Served, serve, synced_store
 from tests.fetch_servers import Handler, Server
 from tests.fetch_servers import serve as serve_images
-from tests.helpers import COLOURS, SHAPES, draw_product
+from tests.helpers import COLOURS, SHAPES, product_image
 from visrec.artefact import Manifest
 from visrec.config import Settings
 
@@ -36,9 +35,7 @@ def photos(handler: Handler) -> None:
     """/<n>.png: a drawn product photo, different for each n."""
     n = int(handler.path.strip("/").split(".")[0] or 0)
     buffer = io.BytesIO()
-    tmp = Path(f"/tmp/visrec-writes-{n}.png")
-    draw_product(tmp, SHAPES[n % 3], list(COLOURS)[n % 3], variant=n)
-    Image.open(tmp).save(buffer, "PNG")
+    product_image(SHAPES[n % 3], list(COLOURS)[n % 3], variant=n).save(buffer, "PNG")
     handler.reply(200, buffer.getvalue(), {"Content-Type": "image/png"})
 
 

@@ -27,13 +27,12 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from PIL import Image
 
 from tests.faults.helpers import run_visrec
 from tests.faults.served import Served, serve, synced_store
 from tests.fetch_servers import Handler, Server
 from tests.fetch_servers import serve as serve_images
-from tests.helpers import COLOURS, SHAPES, draw_product, write_csv
+from tests.helpers import COLOURS, SHAPES, product_image, write_csv
 from visrec.artefact import Manifest
 from visrec.config import Settings
 from visrec.filters import Filters
@@ -49,11 +48,8 @@ TITLES = st.one_of(st.none(), st.text("ab ", max_size=5))
 
 def photo(handler: Handler) -> None:
     n = int(handler.path.strip("/").split(".")[0])
-    path = Path(f"/tmp/visrec-model-{n}.png")
-    if not path.exists():
-        draw_product(path, SHAPES[n % 3], list(COLOURS)[(n + 1) % 3], variant=300 + n)
     buffer = io.BytesIO()
-    Image.open(path).save(buffer, "PNG")
+    product_image(SHAPES[n % 3], list(COLOURS)[(n + 1) % 3], variant=300 + n).save(buffer, "PNG")
     handler.reply(200, buffer.getvalue(), {"Content-Type": "image/png"})
 
 
