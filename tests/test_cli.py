@@ -137,6 +137,7 @@ def test_train_with_normalized_softmax(make_catalogue: MakeCatalogue, env: Setti
         (["similar", "nope"], "collection", 4),  # nothing synced yet
         (["similar"], "either a PRODUCT_ID or --image", 2),
         (["similar", "p1", "--where", "brand"], "FIELD=VALUE", 2),
+        (["similar", "p1", "--price-max", "nan"], "price_max: Input should be a finite number", 2),
         (["similar", "--image", "x.png", "--model", "no-such-model"], "no-such-model", 3),
         (["sync", "missing.csv"], "catalogue not found", 2),
         (["sync", "missing.csv", "--shard", "3/3"], "i/N", 2),

@@ -213,6 +213,13 @@ class CallerFilters(BaseModel):
         return [Where.parse(clause) for clause in self.where]
 
 
+def _named(error: Any) -> str:
+    """One validation error, named by its field (as the option and the parameter are) unless it says it."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    field = str(error["loc"][0]) if error["loc"] else ""
+    return message if message.startswith(field) else f"{field}: {message}"
+
+
 class Filters(CallerFilters):
     equals: dict[str, PayloadValue] = {}  # exact match on any payload field
     numbers_in: list[str] = []  # fields that must hold a number, any (did a range miss, or the field?)
@@ -226,9 +233,7 @@ class Filters(CallerFilters):
         try:
             return cls(**fields)
         except ValidationError as exc:
-            raise InvalidFilter(
-                "; ".join(e["msg"].removeprefix("Value error, ") for e in exc.errors())
-            ) from exc
+            raise InvalidFilter("; ".join(_named(e) for e in exc.errors())) from exc
 
     @classmethod
     def of(cls, chosen: CallerFilters) -> Filters:
