@@ -89,7 +89,8 @@ def _in_stock(hit: Hit) -> bool:
 @pytest.mark.parametrize(
     ("value", "counts"),
     [(True, 1), (False, 0), ("true", 1), ("False", 0), (" 2.5 ", 2.5), ("-3", -3), (4, 4), (None, 0)]
-    + [("red", 0), ("nan", 0), ("inf", 0), (float("nan"), 0), ([1], 0), ({"a": 1}, 0), ("1e999", 0)],
+    + [("red", 0), ("nan", 0), ("inf", 0), (float("nan"), 0), ([1], 0), ({"a": 1}, 0)]
+    + [("1e999", math.inf), ("-1e999", -math.inf), (10**400, math.inf)],  # too large: largest, never 0
 )
 def test_what_a_value_counts_as(value: object, counts: float) -> None:
     assert value_of(value) == counts
@@ -129,9 +130,33 @@ _values = st.one_of(
     st.booleans(),
     st.floats(-1e6, 1e6),
     st.integers(-1000, 1000),
-    st.sampled_from(["true", "false", "3", "-2.5", "x", ""]),
+    st.sampled_from(["true", "false", "3", "-2.5", "x", "", "1e306", "1e309", "-1e309"]),
     st.none(),
 )
+
+
+@hypothesis_settings(max_examples=300, deadline=None)
+@given(
+    distances=st.lists(st.floats(0.01, 100), min_size=2, max_size=12),
+    weights=st.lists(st.floats(-100, 100).filter(bool), min_size=1, max_size=3),
+    values=st.data(),
+    exponents=st.lists(st.integers(-2, 400), min_size=2, max_size=2),
+)
+def test_a_value_spelt_too_large_for_a_float_still_ranks_by_size(
+    distances: list[float], weights: list[float], values: st.DataObject, exponents: list[int]
+) -> None:
+    """The outside review's orders: text numbers near and past a float's range ("1e309" is infinite), on
+    one field or beside another, never rank a product lower as its boosted value rises."""
+    fields = [f"f{i}" for i in range(len(weights))]
+    boosts = dict(zip(fields, weights, strict=True))
+    hits = [Hit(f"p{i}", d, {f: values.draw(_values) for f in fields}) for i, d in enumerate(distances)]
+    low, high = sorted(exponents)
+    raised = fields[0]
+    ranks = []
+    for power in (low, high):
+        hits[0] = Hit("p0", distances[0], {**hits[0].payload, raised: f"1e{power}"})
+        ranks.append([h.product_id for h in rescore(hits, boosts, {}, 0.0)].index("p0"))
+    assert (ranks[1] <= ranks[0]) if boosts[raised] > 0 else (ranks[1] >= ranks[0])
 
 
 @hypothesis_settings(max_examples=200, deadline=None)

@@ -1,7 +1,7 @@
 """The shop's preferences as one score: boosts on numeric or boolean payload fields and a decay on a date
 field, composed with the closeness a query ranks by (docs/queries.md, "Boost and decay", works an example).
 
-    score = closeness × 2 ^ clip(Σ min(age / SCALE, 64) − Σ WEIGHT × value, −1000, 1000)
+    score = closeness × 2 ^ clip(Σ min(age / SCALE, 64) − Σ clip(WEIGHT × value, ±10⁹), −1000, 1000)
 
 `closeness` is the distance (or, with a colour re-rank, its blend); smaller ranks first. A boost of
 WEIGHT 1 on a field holding 1 halves a product's score: it ranks as if half as far. A product SCALE
@@ -10,9 +10,10 @@ is the plain order (2⁰ = 1), and the score only falls as a boosted value rises
 each value. The clips keep every score finite (a 100-year-old product, a price of 1e300).
 
 Values: a boolean is 1 or 0; a number is itself; text counts as the boolean (`true`/`false`, any case)
-or the number (JSON's spelling) it spells, as CSV columns are all text; anything else, or a missing
-field, is 0. A date is ISO 8601 text (`2024-05-01`, `2024-05-01T09:30:00+02:00`; no zone: UTC); a
-missing or unreadable date is as old as the decay counts (64 SCALEs), a future one is new (age 0).
+or the number (JSON's spelling) it spells, as CSV columns are all text (one too large for a float is
+infinitely large); anything else, or a missing field, is 0. A date is ISO 8601 text (`2024-05-01`,
+`2024-05-01T09:30:00+02:00`; no zone: UTC); a missing or unreadable date is as old as the decay counts
+(64 SCALEs), a future one is new (age 0).
 Ages are measured from the start of the current time bucket, a hundredth of SCALE (`bucket`): an answer
 stays the same within it, which is what lets a cache keep it (its ETag names the bucket).
 """
@@ -30,6 +31,7 @@ from visrec.index import Hit
 
 MAX_AGE = 64.0  # SCALEs: an older (or undated) product counts as this old
 MAX_EXPONENT = 1000.0  # 2^±1000 × any distance stays a finite, normal double
+MAX_TERM = 1e9  # a boost's WEIGHT × value is bounded to this (a text number may be too large for a float)
 BUCKETS = 100  # time buckets a SCALE: the decay's clock ticks once a bucket
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 _NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
@@ -49,18 +51,20 @@ def duration_s(text: str) -> float | None:
 
 
 def value_of(value: Any) -> float:
-    """What a payload value counts as in a boost (the module's docstring says the rule)."""
+    """What a payload value counts as in a boost (the module's docstring says the rule). A number too
+    large for a float counts as infinitely large, never as 0: a value that rises never counts less."""
     if isinstance(value, bool):
         return float(value)
-    if isinstance(value, int | float):
-        return float(value) if math.isfinite(value) else 0.0
+    if isinstance(value, int):
+        return float(value) if abs(value) < 2**1023 else (math.inf if value > 0 else -math.inf)
+    if isinstance(value, float):
+        return 0.0 if math.isnan(value) else value
     if isinstance(value, str):
         text = value.strip()
         if text.lower() in ("true", "false"):
             return float(text.lower() == "true")
         if _NUMBER.fullmatch(text):
-            number = float(text)
-            return number if math.isfinite(number) else 0.0
+            return float(text)  # "1e999" is inf
     return 0.0
 
 
@@ -99,8 +103,9 @@ def exponent(
         age = MAX_AGE if stamp is None else min(max(origin(now, scale) - stamp, 0.0) / scale, MAX_AGE)
         total += age
     for field, weight in boosts.items():
-        term = weight * value_of(payload.get(field))
-        total -= term if math.isfinite(term) else math.copysign(MAX_EXPONENT, term)
+        # Each term bounded before they are summed: a bound is monotone, so the exponent stays monotone in
+        # every value (an infinite term replaced after the fact could count less than a finite one).
+        total -= min(max(weight * value_of(payload.get(field)), -MAX_TERM), MAX_TERM)
     return min(max(total, -MAX_EXPONENT), MAX_EXPONENT)
 
 

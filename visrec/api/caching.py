@@ -78,12 +78,13 @@ def headers(settings: Settings, tag: str) -> dict[str, str]:
 
 
 def matches(request: Request, tag: str) -> bool:
-    """Whether If-None-Match names `tag` (weak comparison, as RFC 9110 has it for GET; `*` names any)."""
+    """Whether If-None-Match names `tag` (weak comparison, as RFC 9110 has it for GET). `*` names none:
+    it would be true only if the answer exists, which only the search knows (a deleted product, a rule
+    on an unknown field: a 304 there would pass a stale page off as current)."""
     given = request.headers.get("if-none-match")
     if not given:
         return False
-    listed = [part.strip().removeprefix("W/") for part in given.split(",")]
-    return "*" in listed or tag in listed
+    return tag in [part.strip().removeprefix("W/") for part in given.split(",")]
 
 
 def cached(
