@@ -240,6 +240,15 @@ def test_a_malformed_setting_names_its_variable_and_form(
     assert "Traceback" not in result.stderr
 
 
+def test_status_of_an_empty_store_says_nothing_is_indexed(env: Settings) -> None:
+    """A report, exit 0, but it says so: a misspelt store or collection must not look like a healthy one."""
+    result = runner.invoke(app, ["status", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["points"] == 0 and data["versions"] == []
+    assert "nothing is indexed in" in data["problem"] and "visrec sync" in data["problem"]
+
+
 def test_filter_mistakes_are_one_line_naming_what_there_is(env: Settings, tmp_path: Path) -> None:
     """On a shop's catalogue: a condition no product meets exits 2 naming the values or fields there are
     (the engine's facet counts); conditions that only together match nothing answer [] (exit 0) and say

@@ -105,18 +105,26 @@ def status(as_json: JsonFlag = False) -> None:
 
     settings = _settings()
     indexed = _run(StatusJob(), settings, False)
+    where = settings.qdrant.url or str(settings.qdrant.path)
+    problems = []
+    if not indexed["versions"]:  # a report, not a failure (exit 0), but said: a typo'd store looks empty
+        problems.append(
+            f"nothing is indexed in {where} (collection {settings.qdrant.collection!r}): "
+            "`visrec sync CATALOGUE` makes it"
+        )
     try:
         manifest = read_manifest(settings.artefact)
         model_info: dict[str, Any] = {"model_version": manifest.model_version, "metrics": manifest.metrics}
     except VisrecError as exc:
-        model_info = {"model_version": None, "problem": str(exc)}
-    where = settings.qdrant.url or str(settings.qdrant.path)
+        model_info = {"model_version": None}
+        problems.append(str(exc))
     data = {
         "store": where,
         "collection": settings.qdrant.collection,
         **indexed,
         "artefact": str(settings.artefact),
         **model_info,
+        **({"problem": "; ".join(problems)} if problems else {}),
     }
     emit(as_json, data, status_table(data))
 
