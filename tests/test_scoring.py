@@ -361,7 +361,9 @@ def test_any_text_parses_or_is_refused_clearly(text: str, kind: str) -> None:
 
 def test_a_rule_on_a_field_no_product_has_is_a_mistake(both: tuple[VectorIndex, VectorIndex]) -> None:
     for index in both:
-        with pytest.raises(NoMatch, match="cannot boost by in_stok: .*did you mean 'in_stock'"):
+        with pytest.raises(NoMatch, match="cannot boost by in_stok: .*did you mean 'in_stock'") as said:
             similar_to_vector(index, _query(0), 4, rules=Rules(boost=["in_stok=1"]))
+        listed = str(said.value).rpartition("fields: ")[2].split(", ")
+        assert "in_stock" in listed and not {"product_id", "source"} & set(listed)  # rules refuse those
         with pytest.raises(NoMatch, match="cannot decay by price: it holds numbers, not dates"):
             similar_to_vector(index, _query(0), 4, rules=Rules(decay=["price=30d"]))

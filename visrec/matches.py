@@ -11,7 +11,7 @@ from typing import Any
 from visrec.errors import NoMatch, closest
 from visrec.filters import Part
 from visrec.index import Filters, VectorIndex
-from visrec.payload import HIDDEN_FROM_OPERATORS
+from visrec.payload import HIDDEN_FROM_CALLERS, HIDDEN_FROM_OPERATORS
 
 FACET_SHOWN = 10  # values a NoMatch message lists, the most frequent first
 Shown = Callable[[str], bool]  # which payload fields the asker may see: messages name no other
@@ -66,7 +66,7 @@ def check_caps(
             continue
         kinds = index.field_kinds()
         if field not in kinds:
-            raise NoMatch(f"cannot cap by {field}: {_unknown_field(field, kinds, shown)}")
+            raise NoMatch(f"cannot cap by {field}: {_unknown_field(field, kinds, _ruled(shown))}")
         values = index.facet(field, 1)  # (kinds are recorded for good: products may have lost the field)
         if values is not None and not any(count for _, count in values):
             raise NoMatch(f"cannot cap by {field}: no product has a {field} now")
@@ -84,11 +84,17 @@ def check_scored(
     kinds = index.field_kinds()
     for rule, field in fields:
         if field not in kinds or not shown(field):
-            raise NoMatch(f"cannot {rule} by {field}: {_unknown_field(field, kinds, shown)}")
+            raise NoMatch(f"cannot {rule} by {field}: {_unknown_field(field, kinds, _ruled(shown))}")
         if rule == "decay" and "text" not in kinds[field]:
             raise NoMatch(
                 f"cannot decay by {field}: it holds {_kinds(kinds[field])}, not dates (ISO 8601 text)"
             )
+
+
+def _ruled(shown: Shown) -> Shown:
+    """The fields a rule (a cap, a boost, a decay) may name: those shown, but for visrec's own (the rules
+    refuse them: `rules.Rules`), so that no list offers one."""
+    return lambda field: shown(field) and field not in HIDDEN_FROM_CALLERS
 
 
 def _unknown_field(field: str, kinds: Mapping[str, object], shown: Shown) -> str:
