@@ -4,11 +4,11 @@ restore`; docs/operations.md#backups-snapshot-and-restore).
 
 A snapshot is read from a version nobody writes to while it is read: on the embedded store beside a
 service, a copy of the live folder the writer takes beside writes and settles with them held
-(`Writer.snapshot`: the last flush and what changed during the copy; reads go on); with no service, the store this command opened (the engine admits no other
-process); on a server, the live collection itself, scrolled while others may write (no cut: the docs
-say what that guarantees). The points go out page by page; the cut, the version and alias record and the
-model that built it (its manifest and weights checksum, with `--with-model` the artefact itself) go with
-them.
+(`Writer.snapshot`: the last flush and what changed during the copy; reads go on); with no service,
+the store this command opened (the engine admits no other process); on a server, the live collection
+itself, scrolled while others may write (no cut: the docs say what that guarantees). The points go out
+page by page; the cut, the version and alias record and the model that built it (its manifest and
+weights checksum, with `--with-model` the artefact itself) go with them.
 
 A restore builds a new version from the archive beside the live one and switches the alias to it, as a
 reindex does, so that `visrec rollback` undoes it. Before anything is written it refuses a damaged
