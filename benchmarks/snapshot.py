@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 import numpy as np
 from embed_throughput import random_artefact
+from live_sync import wait_ready
 
 from visrec.config import QdrantSettings
 from visrec.fs import allocated_bytes
@@ -174,7 +175,7 @@ def run(root: Path, n: int, restore: bool = True) -> None:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, server)
+        wait_ready(url, server, timeout_s=300)
         with Reads(url, n) as idle:
             time.sleep(10)
         with Reads(url, n) as busy:
@@ -188,20 +189,6 @@ def run(root: Path, n: int, restore: bool = True) -> None:
     finally:
         server.terminate()
         server.wait(timeout=60)
-
-
-def wait_ready(url: str, server: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit("visrec serve exited")
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise SystemExit("visrec serve did not get ready")
 
 
 if __name__ == "__main__":
