@@ -18,7 +18,8 @@ from fastapi.responses import StreamingResponse
 from PIL import Image
 
 from visrec import query
-from visrec.api import caching
+from visrec.api.caching import cached
+from visrec.api.caching import headers as cache_headers
 from visrec.api.deps import (
     ColourWeight,
     FilterDep,
@@ -66,12 +67,12 @@ def products(
     # (500). A pattern, not pydantic's UUID, which also takes forms the schema's `uuid` format refuses.
     cursor = None if after is None else str(uuid.UUID(after))
     with service.reading() as live:
-        tag, unchanged = caching.cached(request, service.settings, live)
+        tag, unchanged = cached(request, service.settings, live)
         if unchanged is not None:
             return unchanged
         items, next_page = query.browse(live.index, filters, limit, cursor, shown_to_callers(service))
         note = None if items or cursor else query.why_empty(live.index, filters)
-    response.headers.update(caching.headers(service.settings, tag))
+    response.headers.update(cache_headers(service.settings, tag))
     return Page(
         products=[product_out(i, p, service.settings) for i, p in items],
         next=next_page,
@@ -163,11 +164,11 @@ async def similar(
 
     def work() -> Results | Response:
         with service.reading() as live:
-            tag, unchanged = caching.cached(request, service.settings, live, rules)
+            tag, unchanged = cached(request, service.settings, live, rules)
             if unchanged is not None:  # no search
                 return unchanged
             answer = similar_answer(live, service, product_id, filters, rules, k, colour_weight)
-        response.headers.update(caching.headers(service.settings, tag))
+        response.headers.update(cache_headers(service.settings, tag))
         return answer
 
     return await heavy(request, work)
@@ -218,11 +219,11 @@ def product(
     product_id: ProductId, request: Request, response: Response, service: ServiceDep
 ) -> Product | Response:
     with service.reading() as live:
-        tag, unchanged = caching.cached(request, service.settings, live)
+        tag, unchanged = cached(request, service.settings, live)
         if unchanged is not None:
             return unchanged
         payload = query.indexed(live.index, product_id)[1]
-    response.headers.update(caching.headers(service.settings, tag))
+    response.headers.update(cache_headers(service.settings, tag))
     return product_out(product_id, payload, service.settings)
 
 
