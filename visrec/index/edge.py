@@ -22,7 +22,7 @@ from visrec.errors import CollectionMissing, DiskFull, IndexUnavailable, Invalid
 from visrec.filters import Filters
 from visrec.fs import write_atomically
 from visrec.index.base import VectorIndex
-from visrec.index.edge_copy import EdgeCopy, optimize_in_child, take_copy
+from visrec.index.edge_copy import EdgeCopy, optimize_in_child, pointer, take_copy
 from visrec.index.edge_errors import StoreBusy, engine_errors
 from visrec.index.edge_filter import edge_filter
 from visrec.index.points import Hit, IndexPoint, SearchRequest, payload_key, point_id
@@ -44,7 +44,7 @@ def current_folder(root: Path, collection: str) -> Path:
     """The folder that holds `collection` now: the optimized copy its pointer file
     (`<collection>.current`, replaced atomically) names, else `root/<collection>`."""
     try:
-        name = (root / f"{collection}.current").read_text().strip()
+        name = pointer(root, collection).read_text().strip()
     except FileNotFoundError:
         return root / collection
     return root / name if name else root / collection
@@ -352,7 +352,7 @@ class EdgeIndex(VectorIndex):
     def copy(self) -> EdgeCopy:
         """Copy this collection's folder beside writes (`edge_copy.take_copy`); `EdgeCopy.settle`, with
         them held, makes it exact."""
-        return take_copy(self.path, self.root / f"{self.collection}.current", self.flush, self._reopen)
+        return take_copy(self.path, self.collection, self.flush, self._reopen)
 
     def _reopen(self, folder: Path) -> EdgeIndex:
         return EdgeIndex(self.root, self.collection, self.settings, folder=folder)

@@ -26,14 +26,18 @@ COPY_HEADROOM = 1.1  # a copy may grow while it is optimized; refused unless the
 COPY_SPARE_BYTES = 256 * 1024**2
 
 
+def pointer(root: Path, collection: str) -> Path:
+    """The file naming the folder that holds `collection` now (`<collection>.current`), when a copy does."""
+    return root / f"{collection}.current"
+
+
 def take_copy(
-    source: Path, pointer: Path, flush: Callable[[], None], opener: Callable[[Path], VectorIndex]
+    source: Path, collection: str, flush: Callable[[], None], opener: Callable[[Path], VectorIndex]
 ) -> EdgeCopy:
     """Copy the collection folder `source` (sparse) to its next generation beside writes, if the disk has
     room for it, then match it once more with what was written meanwhile (the settle, with writes held,
-    then finds less). `pointer`: the collection's `.current` file; `flush`: the live handle's;
-    `opener`: a handle on a folder of this collection. Raises `IndexUnavailable` (nothing left
-    behind) if it cannot."""
+    then finds less). `flush`: the live handle's; `opener`: a handle on a folder of this collection.
+    Raises `IndexUnavailable` (nothing left behind) if it cannot."""
     flush()
     root = source.parent
     needed = int(allocated_bytes(source) * COPY_HEADROOM) + COPY_SPARE_BYTES
@@ -43,7 +47,7 @@ def take_copy(
             f"embedded store {root}: not copied to optimize it: {free // 2**20} MiB free, "
             f"{needed // 2**20} MiB needed"
         )
-    target = _next_copy(root, pointer.name.removesuffix(".current"))
+    target = _next_copy(root, collection)
     try:
         copy_tree_sparse(source, target)
         flush()
@@ -51,7 +55,7 @@ def take_copy(
     except OSError as exc:
         shutil.rmtree(target, ignore_errors=True)
         raise IndexUnavailable(f"embedded store {source}: cannot copy it to optimize: {exc}") from exc
-    return EdgeCopy(source, target, pointer, flush, opener)
+    return EdgeCopy(source, target, pointer(root, collection), flush, opener)
 
 
 class EdgeCopy(IndexCopy):
@@ -61,11 +65,11 @@ class EdgeCopy(IndexCopy):
         self,
         source: Path,
         folder: Path,
-        pointer: Path,
+        pointer_file: Path,
         flush: Callable[[], None],
         opener: Callable[[Path], VectorIndex],
     ) -> None:
-        self.source, self.folder, self.pointer = source, folder, pointer
+        self.source, self.folder, self.pointer = source, folder, pointer_file
         self._flush, self._opener = flush, opener
 
     def settle(self) -> None:

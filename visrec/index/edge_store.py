@@ -13,7 +13,7 @@ from visrec.config import QdrantSettings
 from visrec.errors import InvalidSetting
 from visrec.fs import folder_problem, sweep_temporaries, write_atomically
 from visrec.index.edge import EdgeIndex, current_folder
-from visrec.index.edge_copy import GENERATION
+from visrec.index.edge_copy import GENERATION, pointer
 from visrec.index.store import Store
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ class EdgeStore(Store):
         or reindex rebuilds)."""
         for folder in self._folders().get(collection, []):
             shutil.rmtree(folder, ignore_errors=True)
-        (self.root / f"{collection}.current").unlink(missing_ok=True)
+        pointer(self.root, collection).unlink(missing_ok=True)
         (self.root / f"{collection}.json").unlink(missing_ok=True)
 
     def sweep_temporaries(self) -> list[str]:
