@@ -103,8 +103,8 @@ def _full(
 
     def produce(writer: FeedWriter, state: StateWriter) -> None:
         _tell(progress, "neighbours", 0, total)
-        for batch in batches(index, rules):
-            for listed in lists_for(index, batch, rules):
+        for batch, searcher in batches(index, rules):
+            for listed in lists_for(index, batch, rules, searcher=searcher):
                 writer.write_list(listed.product_id, listed.hits)
                 state.record(listed)
                 counts["products"] += 1

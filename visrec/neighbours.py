@@ -16,13 +16,15 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from visrec import query
+from visrec.class_matrix import ClassMatrix
 from visrec.errors import InvalidQuery, NoMatch, closest
 from visrec.filters import Filters
 from visrec.index import Hit, SearchRequest, VectorIndex
@@ -36,6 +38,9 @@ BATCH = 256  # products whose searches go to the engine in one call
 # list whose neighbours moved away from those left, without a search, while k of them remain.
 RESERVE = 2
 MAX_SAME = 5  # --same fields
+# Classes read whole, the largest first: each read is a filtered scroll (a scan of the store where
+# the field has no payload index), so many small classes (a `--same title`) go to the engine.
+CLASSES_READ = 64
 # What a search hands back of each neighbour: its id, its photos (which one matched) and what the rules read.
 HIT_FIELDS = ("product_id", "image", "images")
 
@@ -173,15 +178,27 @@ class Listed:
     uncoloured: bool = False  # a colour re-rank was asked, and the product has no colour: not re-ranked
 
 
+class Searcher(Protocol):
+    """What answers a batch's searches: the engine (`VectorIndex`) or a class held in memory
+    (`ClassMatrix`)."""
+
+    def vectors(self, product_ids: Sequence[str]) -> dict[str, np.ndarray]: ...
+
+    def search_batch(self, requests: Sequence[SearchRequest], exact: bool = False) -> list[list[Hit]]: ...
+
+
 def lists_for(
     index: VectorIndex,
     products: Sequence[tuple[str, dict[str, Any]]],
     feed: FeedRules,
     bounds: query.Bounds = query.BOUNDS,
+    searcher: Searcher | None = None,
 ) -> list[Listed]:
     """The lists of `products` ((id, payload) pairs; the indexed ones: one gone meanwhile is left out):
-    every search of the batch in one engine call, then each product's rules."""
-    vectors = index.vectors([product_id for product_id, _ in products])
+    every search of the batch in one call of `searcher` (the engine by default), then each product's
+    rules."""
+    searcher = searcher or index
+    vectors = searcher.vectors([product_id for product_id, _ in products])
     plans: list[tuple[str, dict[str, Any], np.ndarray, Filters | None, int]] = []
     requests: list[SearchRequest] = []
     fields = feed.hit_fields()
@@ -200,7 +217,7 @@ def lists_for(
         fetched = query.fetch_depth(size)
         exclude = [product_id, *feed.rules.exclude]
         requests += [SearchRequest(row, fetched, filters, exclude, fields) for row in searched]
-    found = iter(index.search_batch(requests, exact=feed.exact))
+    found = iter(searcher.search_batch(requests, exact=feed.exact))
     listed = []
     for product_id, payload, rows, among, searches in plans:
         key = same_key(payload, feed.same)
@@ -209,7 +226,9 @@ def lists_for(
             listed.append(Listed(product_id, [], fingerprint(payload, rows), key, [], -1.0, uncoloured))
             continue
         depth = _depth(feed, len(rows), _weight(feed, payload), bounds)
-        again = _search_again(index, query.query_rows(rows, depth, bounds), among, product_id, fields, feed)
+        again = _search_again(
+            searcher, query.query_rows(rows, depth, bounds), among, product_id, fields, feed
+        )
         pool = query.cut_at_k([next(found) for _ in range(searches)], depth, again)
         hits = _choose(index, feed, payload, rows, among, pool, bounds)
         within = pool[-1].distance if len(pool) >= depth else None
@@ -218,7 +237,7 @@ def lists_for(
 
 
 def _search_again(
-    index: VectorIndex,
+    searcher: Searcher,
     rows: np.ndarray,
     filters: Filters,
     product_id: str,
@@ -229,7 +248,7 @@ def _search_again(
 
     def search(row: int, n: int) -> list[Hit]:
         request = SearchRequest(rows[row], n, filters, [product_id, *feed.rules.exclude], fields)
-        return index.search_batch([request], exact=feed.exact)[0]
+        return searcher.search_batch([request], exact=feed.exact)[0]
 
     return search
 
@@ -269,7 +288,58 @@ def _choose(
 
 def batches(
     index: VectorIndex, feed: FeedRules, size: int = BATCH
-) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+) -> Iterator[tuple[list[tuple[str, dict[str, Any]]], Searcher]]:
+    """The products the filters choose, (id, payload) a batch at a time, each with what searches it,
+    every product once: those without `same` values (no search), then the `CLASSES_READ` largest
+    classes read whole into memory one after the other (`ClassMatrix`: exact, and far cheaper a product
+    than the engine; a class over its memory budget is left), then the rest, in point-id order, through
+    the engine."""
+    sizes: Counter[tuple[tuple[str, SameValue], ...]] = Counter()
+    listed: set[str] = set()  # a product whose class changes meanwhile is listed once, in the first
+    for batch in _scrolled(index, feed, size):
+        keyless = [(p, payload) for p, payload in batch if same_key(payload, feed.same) is None]
+        if keyless:
+            listed.update(p for p, _ in keyless)
+            yield keyless, index
+        sizes.update(c for _, payload in batch if (c := class_of(payload, feed.same)) is not None)
+    fields = list(dict.fromkeys([*feed.listed_fields(), *feed.hit_fields()]))
+    held: set[tuple[tuple[str, SameValue], ...]] = set()
+    for known, count in sizes.most_common(CLASSES_READ):
+        key = tuple(value for _, value in known)
+        matrix = (
+            ClassMatrix.load(index, with_same(feed.filters, feed.same, key), fields) if count > 1 else None
+        )
+        if matrix is None:
+            continue
+        held.add(known)
+        members = [
+            (p, payload)
+            for p, payload in zip(matrix.ids, matrix.payloads, strict=True)
+            if class_of(payload, feed.same) == known and p not in listed
+        ]
+        listed.update(p for p, _ in members)
+        for begin in range(0, len(members), size):
+            yield members[begin : begin + size], matrix
+    if held == set(sizes):
+        return
+    for batch in _scrolled(index, feed, size):
+        rest = [
+            (p, payload)
+            for p, payload in batch
+            if (c := class_of(payload, feed.same)) is not None and c not in held and p not in listed
+        ]
+        if rest:
+            yield rest, index
+
+
+def class_of(payload: dict[str, Any], same: Sequence[str]) -> tuple[tuple[str, SameValue], ...] | None:
+    """A product's class by its `same` values, typed (True, 1 and 1.0 are three: the engine's filters
+    for them differ), or None where it has none."""
+    key = same_key(payload, same)
+    return None if key is None else tuple((type(value).__name__, value) for value in key)
+
+
+def _scrolled(index: VectorIndex, feed: FeedRules, size: int) -> Iterator[list[tuple[str, dict[str, Any]]]]:
     """The products the filters choose, (id, payload) a batch at a time, in point-id order."""
     batch: list[tuple[str, dict[str, Any]]] = []
     fields = [payload_key(name) for name in feed.listed_fields()]  # quoted: a field may hold a space

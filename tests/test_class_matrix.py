@@ -1,0 +1,229 @@
+"""A feed's class searched in memory (`ClassMatrix`) answers exactly what the engine's exact scan answers:
+the same products in the same order (distance, then product id), the same distances to float32
+precision, the same matched photo, the same payload fields, the excluded left out; any request
+naming other filters goes to the engine. Generated catalogues: products of one to four photos, shared
+photos (exact ties), near-ties, large norms (where float32 rounding misplaces products), classes by a
+`same` field with text, booleans, integers and floats. And a feed made through the class matrices is the
+feed made through the engine, on both backends. Real embedded engine; qdrant-client's local mode."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from visrec import class_matrix, neighbours
+from visrec.class_matrix import ClassMatrix
+from visrec.config import QdrantSettings
+from visrec.feed_run import make_feed
+from visrec.filters import Filters
+from visrec.index import IndexPoint, SearchRequest, open_index
+from visrec.neighbours import FeedRules
+
+DIM = 24
+FIELDS = ["product_id", "images", "brand"]
+
+
+@st.composite
+def catalogues(draw: st.DrawFn) -> tuple[list[IndexPoint], int]:
+    """Products p0… with 1–4 photos each, some photos shared with another product (ties), near-ties
+    (a shared photo nudged by one float32 step) and an offset that makes norms large."""
+    seed = draw(st.integers(0, 2**32 - 1))
+    n = draw(st.integers(2, 40))
+    rng = np.random.default_rng(seed)
+    offset = draw(st.sampled_from([0.0, 30.0, 1000.0]))
+    pool = rng.standard_normal((n * 2, DIM)).astype(np.float32) * draw(st.sampled_from([0.01, 1.0]))
+    pool += offset
+    points = []
+    for i in range(n):
+        photos = draw(st.integers(1, 4))
+        chosen = rng.integers(0, len(pool), photos)
+        vectors = pool[chosen].copy()
+        if draw(st.booleans()):
+            vectors[0] = np.nextafter(vectors[0], np.float32(np.inf))  # a near-tie with a shared photo
+        payload = {
+            "product_id": f"p{i}",
+            "images": [f"i{j}.png" for j in range(photos)],
+            "brand": draw(st.sampled_from(["a", "b"])),
+            "kind": draw(st.sampled_from(["shoe", True, 1, 1.0, 2])),
+        }
+        points.append(IndexPoint(f"p{i}", vectors, payload))
+    return points, seed
+
+
+@hypothesis_settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(catalogue=catalogues(), k=st.integers(1, 12), data=st.data())
+def test_the_class_in_memory_answers_what_the_exact_scan_answers(
+    catalogue: tuple[list[IndexPoint], int], k: int, data: st.DataObject, tmp_path: Path
+) -> None:
+    points, seed = catalogue
+    store = tmp_path / f"s{seed}-{k}"
+    with open_index(QdrantSettings(path=store, collection="c")) as index:
+        index.create(DIM, {"model_version": "m"})
+        index.upsert(points)
+        filters = data.draw(st.sampled_from([Filters(), Filters(equals={"brand": "a"})]))
+        matrix = ClassMatrix.load(index, filters, FIELDS)
+        listed = {
+            p.product_id
+            for p in points
+            if p.payload["brand"] == filters.equals.get("brand", p.payload["brand"])
+        }
+        if matrix is None:
+            assert not listed
+            return
+        assert set(matrix.ids) == listed
+        requests = []
+        for point in points[:8]:
+            exclude = [
+                point.product_id,
+                *data.draw(st.lists(st.sampled_from([p.product_id for p in points]))),
+            ]
+            vector = data.draw(st.sampled_from(list(point.photo_vectors)))
+            other = data.draw(st.sampled_from([filters, Filters(equals={"brand": "b"}), filters]))
+            requests.append(SearchRequest(vector, k, other, exclude, FIELDS))
+        got = matrix.search_batch(requests)
+        want = index.search_batch(requests, exact=True)
+        for request, mine, engine in zip(requests, got, want, strict=True):
+            engine_order = sorted(engine, key=lambda h: (h.distance, h.product_id))
+            assert [h.product_id for h in mine] == [h.product_id for h in engine_order] or _tied(
+                mine, engine_order
+            ), request
+            assert np.allclose([h.distance for h in mine], [h.distance for h in engine_order], rtol=1e-5)
+            assert all(h.product_id not in request.exclude for h in mine)
+            assert [(h.matched, h.payload) for h in mine] == [
+                (h.matched, h.payload) for h in engine_order
+            ] or _tied(mine, engine_order)
+            assert (
+                matrix.vectors([request.exclude[0]])[request.exclude[0]].tolist()
+                == index.vectors([request.exclude[0]])[request.exclude[0]].tolist()
+            )
+
+
+def _tied(mine: list[Any], engine: list[Any]) -> bool:
+    """Orders that differ only where the engine's float32 distances tie or cross within its rounding (a
+    photo one float32 step from another): the matrix orders by exact distance."""
+    if len(mine) != len(engine):
+        return False
+    return all(
+        a.product_id == b.product_id or abs(a.distance - b.distance) <= 1e-4 * max(1.0, a.distance)
+        for a, b in zip(mine, engine, strict=True)
+    )
+
+
+@pytest.mark.parametrize("backend", ["embedded", "server-local"])
+@pytest.mark.parametrize(
+    "rules",
+    [
+        FeedRules(k=4, same=("kind",)),
+        FeedRules(k=3, same=("brand",), filters=Filters(where=["kind=1..2"])),
+        FeedRules(k=5),
+    ],
+)
+def test_a_feed_through_class_matrices_is_the_feed_through_the_engine(
+    backend: str, rules: FeedRules, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(7)
+    points = [
+        IndexPoint(
+            f"p{i}",
+            rng.standard_normal((1 + i % 3, DIM)).astype(np.float32),
+            {
+                "product_id": f"p{i}",
+                "images": [f"{j}.png" for j in range(1 + i % 3)],
+                "brand": "ab"[i % 2],
+                "kind": ["shoe", True, 1, 1.0, 2, None, [1, 2]][i % 7],
+            },
+        )
+        for i in range(120)
+    ]
+    settings = (
+        QdrantSettings(path=tmp_path / "store", collection="c")
+        if backend == "embedded"
+        else QdrantSettings(url=":memory:", collection="c")
+    )
+    feeds = {}
+    with open_index(settings) as index:
+        index.create(DIM, {"model_version": "m"})
+        index.upsert(points)
+        for name, budget in (("engine", 0), ("matrix", class_matrix.MATRIX_BYTES)):
+            monkeypatch.setattr(class_matrix, "MATRIX_BYTES", budget)
+            out = tmp_path / f"{name}.jsonl"
+            make_feed(index, FeedRules(**{**rules.__dict__, "exact": True}), out, "jsonl")
+            feeds[name] = sorted(out.read_text().splitlines())
+    assert _lists(feeds["matrix"]) == _lists(feeds["engine"])
+
+
+def _lists(lines: list[str]) -> dict[str, list[tuple[str, int]]]:
+    found: dict[str, list[tuple[str, int]]] = {}
+    for line in lines:
+        entry = json.loads(line)
+        assert entry["product_id"] not in found
+        found[entry["product_id"]] = [(n["product_id"], n["matched_image"]) for n in entry["neighbours"]]
+    return found
+
+
+@hypothesis_settings(
+    max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    kinds=st.lists(st.sampled_from(["shoe", "bag", True, 1, 1.0, None, [1]]), min_size=1, max_size=30),
+    read=st.integers(1, 4),
+    edit_at=st.integers(0, 6),
+    edits=st.lists(
+        st.tuples(st.integers(0, 35), st.sampled_from(["shoe", "bag", 2, None, "gone"])), max_size=8
+    ),
+)
+def test_every_product_is_listed_once_while_classes_change_beneath(
+    kinds: list[Any],
+    read: int,
+    edit_at: int,
+    edits: list[tuple[int, Any]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """However many classes there are (more than are read whole), and whatever changes class, appears
+    or goes between the batches: no product twice, and every product left alone throughout listed."""
+    rng = np.random.default_rng(len(kinds))
+    store = tmp_path_factory.mktemp("classes")
+    rules = FeedRules(k=3, same=("kind",))
+    listed: list[str] = []
+    with open_index(QdrantSettings(path=store, collection="c")) as index:
+        index.create(DIM, {"model_version": "m"})
+        index.upsert([_point(i, kind, rng) for i, kind in enumerate(kinds)])
+        untouched = {f"p{i}" for i in range(len(kinds))} - {f"p{i}" for i, _ in edits}
+        original = neighbours.CLASSES_READ
+        neighbours.CLASSES_READ = read
+        try:
+            for step, (batch, searcher) in enumerate(neighbours.batches(index, rules, size=4)):
+                if step == edit_at:
+                    _edit(index, edits, rng)
+                listed += [
+                    listed_.product_id
+                    for listed_ in neighbours.lists_for(index, batch, rules, searcher=searcher)
+                ]
+        finally:
+            neighbours.CLASSES_READ = original
+    assert len(listed) == len(set(listed))
+    assert untouched <= set(listed)
+
+
+def _point(i: int, kind: Any, rng: np.random.Generator) -> IndexPoint:
+    payload = {"product_id": f"p{i}", "images": ["0.png"]}
+    if kind is not None:
+        payload["kind"] = kind
+    return IndexPoint(f"p{i}", rng.standard_normal((1, DIM)).astype(np.float32), payload)
+
+
+def _edit(index: Any, edits: list[tuple[int, Any]], rng: np.random.Generator) -> None:
+    for i, kind in edits:
+        if kind == "gone":
+            index.delete([f"p{i}"])
+        else:
+            index.upsert([_point(i, kind, rng)])
