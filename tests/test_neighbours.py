@@ -246,6 +246,38 @@ def test_mistakes_are_one_line_and_an_exit_code(
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda lines: lines[:3] + [b'{"id": "p1", "fp"\n'] + lines[4:], "is damaged at byte"),
+        (lambda lines: lines[:3] + [b'{"id": "p1"}\n'] + lines[4:], "is damaged at byte"),
+        (lambda lines: lines[:3] + [b"[1, 2]\n"] + lines[4:], "is damaged at byte"),
+        (lambda lines: lines[:-1], "is unfinished"),
+        (lambda lines: lines[:-1] + [lines[-1][:-9] + b"\n"], "cannot be read"),
+        (lambda lines: lines[:1], "is unfinished"),
+    ],
+)
+def test_a_damaged_state_is_refused_in_one_line(
+    synced: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, damage: Any, message: str
+) -> None:
+    """A state edited or cut after it was written: `--since` refuses it (exit 2, one line, make a full
+    feed), wherever the damage lies, and writes nothing."""
+    for name, value in settings_env(synced).items():
+        monkeypatch.setenv(name, value)
+    runner = CliRunner()
+    base = tmp_path / "base.jsonl"
+    assert runner.invoke(app, ["neighbours", "--out", str(base), "-k", "3"]).exit_code == 0
+    lines = state_path(base).read_bytes().splitlines(keepends=True)
+    state_path(base).write_bytes(b"".join(damage(lines)))
+    result = runner.invoke(
+        app, ["neighbours", "--out", str(tmp_path / "d.jsonl"), "-k", "3", "--since", str(base)]
+    )
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr and "make a full feed" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+    assert not (tmp_path / "d.jsonl").exists()
+
+
 def test_parquet_without_pyarrow_names_the_extra(
     synced: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

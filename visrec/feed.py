@@ -17,6 +17,7 @@ import csv
 import hashlib
 import io
 import json
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
@@ -325,6 +326,9 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+_RECORD_KEYS = {"id", "fp", "key", "n", "r"}  # what `state_record` writes
+
+
 @dataclass(frozen=True)
 class StateFile:
     """A previous feed's state: its header and trailer (records are read by `records`)."""
@@ -334,13 +338,22 @@ class StateFile:
     trailer: dict[str, Any]
 
     def records(self) -> Iterator[tuple[dict[str, Any], int, int]]:
-        """Each product's record, and where its line lies in the file (offset, length)."""
+        """Each product's record, and where its line lies in the file (offset, length). Raises `Refused`
+        for a line that is not one (the state was damaged after it was written)."""
         with self.path.open("rb") as f:
             offset = len(f.readline())  # the header
             for line in f:
-                record = json.loads(line)
-                if "end" in record:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    record = None
+                if isinstance(record, dict) and "end" in record:
                     return
+                if not isinstance(record, dict) or not record.keys() >= _RECORD_KEYS:
+                    raise Refused(
+                        f"the state {self.path} is damaged at byte {offset}: "
+                        "make a full feed (without --since)"
+                    )
                 yield record, offset, len(line)
                 offset += len(line)
 
@@ -365,6 +378,14 @@ class StateFile:
         state.products += products
 
 
+def _last_line(f: IO[bytes], tail: int = 1 << 16) -> bytes:
+    """The file's last line (the trailer; b"" if the last `tail` bytes hold no whole line)."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - tail))
+    lines = f.read().rstrip(b"\n").split(b"\n")
+    return lines[-1] if len(lines) > 1 or size <= tail else b""
+
+
 def read_state(feed: Path) -> StateFile:
     """The state of the feed at `feed` (a link is followed: the state is beside the file it names).
     Raises `Refused` (make a full feed) for a missing, unfinished or foreign state, or a feed that is
@@ -377,9 +398,7 @@ def read_state(feed: Path) -> StateFile:
     try:
         with path.open("rb") as f:
             header = json.loads(f.readline())
-            trailer: dict[str, Any] = {}
-            for line in f:
-                trailer = json.loads(line)
+            trailer = json.loads(_last_line(f))
     except (OSError, ValueError) as exc:
         raise Refused(f"the state of {feed} cannot be read ({exc}): {fresh}") from None
     if (
