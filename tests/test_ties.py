@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -137,3 +138,44 @@ def test_any_catalogue_of_shared_photos_cuts_by_distance_then_id(
             want = expected(photos, product, k, dim)
             assert [h.product_id for h in query.similar_to_product(index, product, k, Filters())] == want
             assert listed[product] == want
+
+
+@pytest.mark.parametrize("budget", [0, None], ids=["engine", "class matrix"])
+def test_a_delta_does_not_let_a_moved_product_pass_unseen_ties_at_a_lists_reach(
+    tmp_path: Path, budget: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A list keeps its nearest 2k by (distance, id): at its reach, tied products with larger ids than
+    the last one kept were left out. A product moved to that very distance with a still larger id does
+    not come within reach: mended from it, the list would skip the unseen ties (t2 … t9 here)."""
+    from visrec import class_matrix
+
+    if budget is not None:
+        monkeypatch.setattr(class_matrix, "MATRIX_BYTES", budget)
+    dim = 12
+    photos = {"q": 1, **{f"t{i}": 2 for i in range(10)}, "far": 3}
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    with open_index(QdrantSettings(path=tmp_path / "store", collection="c")) as index:
+        write_points(index, photos, dim, "m")
+        rules = FeedRules(k=1, exact=True)
+        make_feed(index, rules, feeds / "full.jsonl", "jsonl")
+        index.delete(["t0", "t1"])
+        index.upsert([IndexPoint("t95", base(dim, 2)[None, :], {"product_id": "t95", "model_version": "m"})])
+        make_feed(index, rules, feeds / "delta.jsonl", "jsonl", since=feeds / "full.jsonl")
+        make_feed(index, rules, feeds / "now.jsonl", "jsonl")
+
+    def lists(path: Path) -> dict[str, Any]:
+        return {
+            e["product_id"]: e.get("deleted") or [n["product_id"] for n in e["neighbours"]]
+            for e in map(json.loads, path.read_text().splitlines())
+        }
+
+    applied = lists(feeds / "full.jsonl")
+    for product_id, entry in lists(feeds / "delta.jsonl").items():
+        if entry is True:
+            applied.pop(product_id)
+        else:
+            applied[product_id] = entry
+    now = lists(feeds / "now.jsonl")
+    assert now["q"] == ["t2"]
+    assert applied == now

@@ -8,8 +8,9 @@ queries at a time (one float32 matrix product, all cores) costs a fraction of an
 and is exact: at 100,000 products in 10 classes, ~0.1 ms a product against ~3 ms of the engine's CPU.
 
 Distances are chosen in float32 and then made exact: the products nearest by the matrix product are
-measured again in float64, and a row is redone deeper unless every product left out is provably
-further than the last one kept (the float32 error bound below). Answers are ordered by (distance,
+measured again (float32 differences summed in float64: no cancellation, unlike |q|² + |c|² - 2q·c),
+and a row is redone deeper unless every product left out is provably further than the last one kept
+(the float32 error bound below). Answers are ordered by (distance,
 product id), each at its nearest photo, as `VectorIndex.search_batch` answers (whose place this takes
 for the requests that name this class's filters; any other request goes to the engine).
 """
@@ -31,12 +32,13 @@ MATRIX_BYTES = 1 << 30  # a class's photo vectors held at once (float32); a larg
 BLOCK_BYTES = 64 << 20  # the distances of one block of queries
 PAGE = 1024  # products read from the engine a call
 EXTRA = 16  # products measured again beyond those asked for: what float32 rounding may have misplaced
-# |fl(x.y) - x.y| <= GAMMA |x||y| for a float32 dot product of this many terms (Higham, any summation
-# order): the bound each squared distance of the matrix product is within, with the two norms' terms.
-_UNIT = 2.0**-24
+_UNIT = 2.0**-24  # float32's unit roundoff
 
 
 def _gamma(dim: int) -> float:
+    """|fl(x·y) - x·y| <= gamma |x||y| for a float32 sum of `dim` products, in any order (Higham). The
+    matrix product's |q|² + |c|² - 2q·c is then within 2 gamma (|q| + |c|)² of the exact squared
+    distance (the three terms and two additions); twice that is the margin a row is checked with."""
     return (dim + 2) * _UNIT / (1 - (dim + 2) * _UNIT)
 
 

@@ -126,6 +126,15 @@ class _Old:
     neighbours: tuple[str, ...]  # the products it kept (`Listed.kept`)
     radius: float | None  # what it kept is complete this far (None: all of its class; -1: no class)
 
+    def reaches(self, distance: float, product_id: str) -> bool:
+        """Whether a product this far would have been kept: before the last one kept by (distance,
+        product id), the order lists are cut in (at the radius itself, a product with a larger id than
+        the last kept one was left out, and so might others tied with it)."""
+        if self.radius is None:
+            return True
+        last = self.neighbours[-1] if self.neighbours else ""
+        return distance < self.radius or (distance == self.radius and product_id <= last)
+
 
 def refuse_untracked(rules: FeedRules) -> None:
     """Raise `Refused` for rules a delta does not track: diversity, caps and the colour re-rank choose
@@ -365,7 +374,7 @@ def _reached(
                         nearest[hit.product_id] = (hit.distance, photo)
             for listed_id, (distance, photo) in nearest.items():
                 listing = old.get(listed_id)
-                if listing is not None and (listing.radius is None or distance <= listing.radius):
+                if listing is not None and listing.reaches(distance, product_id):
                     entered.setdefault(listed_id, []).append((product_id, distance, photo))
             if any(len(s) == limit and s[-1].distance <= reach for s in searches) and limit < products:
                 pending.append((product_id, limit * 4))  # more of the class may lie within reach
