@@ -196,6 +196,53 @@ def test_a_decay_orders_equally_close_products_by_date(ages: list[float], scale:
     assert all(h.score is not None and math.isfinite(h.score) for h in ranked)
 
 
+def _documented(
+    payload: dict[str, Any], boosts: dict[str, float], decays: dict[str, float], now: float
+) -> float:
+    """The exponent as docs/queries.md writes it, one product at a time."""
+    total = 0.0
+    for field, scale in decays.items():
+        stamp = timestamp_of(payload.get(field))
+        total += 64.0 if stamp is None else min(max(origin(now, scale) - stamp, 0.0) / scale, 64.0)
+    for field, weight in boosts.items():
+        total -= min(max(weight * value_of(payload.get(field)), -1e9), 1e9)
+    return min(max(total, -1000.0), 1000.0)
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(
+    distances=st.lists(st.floats(0, 100), min_size=1, max_size=40),
+    values=st.data(),
+    weights=st.lists(st.floats(-100, 100).filter(bool), max_size=3),
+    scales=st.lists(st.sampled_from([3600.0, 86400.0, 30 * 86400.0]), max_size=2),
+    dates=st.lists(st.one_of(st.none(), st.integers(-5, 900)), min_size=40, max_size=40),
+)
+def test_the_pool_is_scored_by_the_documented_formula(
+    distances: list[float],
+    values: st.DataObject,
+    weights: list[float],
+    scales: list[float],
+    dates: list[int | None],
+) -> None:
+    """`rescore` works on the pool as arrays: each score is the documented formula's, to the last bit
+    but for 2^x itself, and the order is (score, exponent, closeness, id)."""
+    now = NOW.timestamp() + 1234.5
+    boosts = {f"b{i}": w for i, w in enumerate(weights)}
+    decays = {f"d{i}": s for i, s in enumerate(scales)}
+    hits = []
+    for i, distance in enumerate(distances):
+        payload: dict[str, Any] = {field: values.draw(_values) for field in boosts}
+        if (days := dates[i]) is not None:
+            payload |= {field: (NOW - timedelta(days=days)).isoformat() for field in decays}
+        hits.append(Hit(f"p{i % 7}-{i}", distance, payload))
+    ranked = rescore(hits, boosts, decays, now)
+    expected = {h.product_id: _documented(h.payload, boosts, decays, now) for h in hits}
+    for hit in ranked:
+        assert hit.score == pytest.approx(hit.distance * 2.0 ** expected[hit.product_id], rel=1e-12, abs=0)
+    keys = [(h.score, expected[h.product_id], h.distance, h.product_id) for h in ranked]
+    assert keys == sorted(keys)
+
+
 def test_scores_stay_finite_at_the_extremes() -> None:
     hits = [Hit("old", 1e3, {"added": "1900-01-01", "price": -1e300}), Hit("new", 1e-3, {"price": 1e300})]
     ranked = rescore(hits, {"price": 100.0}, {"added": 1.0}, NOW.timestamp())

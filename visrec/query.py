@@ -174,7 +174,7 @@ def _neighbours(
     hits = chosen(index, vectors, k, filters, [*exclude, *rules.exclude], rules, colour, bounds)
     check_matches(index, filters, [hit.payload for hit in hits], shown)
     check_caps(index, rules.caps, [hit.payload for hit in hits], shown)
-    check_scored(index, rules.boosts, rules.decays, shown)
+    check_scored(index, rules.boosts, rules.decays, shown, [hit.payload for hit in hits])
     return hits
 
 
