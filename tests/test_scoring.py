@@ -319,6 +319,31 @@ def test_a_large_boost_puts_every_in_stock_neighbour_first(
     assert [h.product_id for h in hits] == [h.product_id for h in expected]
 
 
+@pytest.mark.parametrize("k", [1, 5, 10, 40])
+def test_the_pool_each_rule_over_fetches(k: int) -> None:
+    """Boosts and decays alone: the 2 x k nearest, at least 20 (docs/queries.md); with caps or diversity
+    those rules' 10 x k, at least 50; with a colour re-rank at least its 5 x k."""
+    boost, decay = Rules(boost=["in_stock=1"]), Rules(decay=["added=30d"])
+    assert pool_sizes(k, 1, boost, 0.0)[0] == pool_sizes(k, 1, decay, 0.0)[0] == max(2 * k, 20)
+    assert pool_sizes(k, 1, Rules(boost=["in_stock=1"], max_per=["brand=1"]), 0.0)[0] == max(10 * k, 50)
+    assert pool_sizes(k, 1, Rules(decay=["added=30d"], diversity=0.5), 0.0)[0] == max(10 * k, 50)
+    assert pool_sizes(k, 1, boost, 0.5)[0] == max(5 * k, 2 * k, 20)
+    assert pool_sizes(k, 1, Rules(boost=["in_stock=0"]), 0.0)[0] == k  # weight 0: no rule, no pool
+
+
+def test_a_boost_reaches_the_pool_and_no_further(tmp_path: Path) -> None:
+    """However boosted, a product past the pool is not lifted into the answer; one inside it is."""
+    with _open(tmp_path, None) as index:
+        k, rules = 5, Rules(boost=["lift=100"])
+        pool = pool_sizes(k, 1, rules, 0.0)[0]
+        ranked = nearest(index, _query(0)[None, :], pool + 10, Filters())
+        inside, outside = ranked[pool - 1], ranked[pool + 5]
+        for hit in (inside, outside):
+            index.overwrite_payloads({hit.product_id: {**hit.payload, "lift": True}})
+        answer = [h.product_id for h in similar_to_vector(index, _query(0), k, rules=rules)]
+        assert answer[0] == inside.product_id and outside.product_id not in answer
+
+
 def test_raising_one_products_value_through_the_store(tmp_path: Path) -> None:
     """Without diversity or caps, a product whose margin rises never ranks lower (written, re-read)."""
     with _open(tmp_path, None) as index:
