@@ -23,6 +23,7 @@ tagged) goes to the route, which answers as it always has.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
@@ -30,7 +31,6 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
-import anyio
 from fastapi import Request, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -137,7 +137,8 @@ class Revalidation:
             return
         request = Request(scope)
         if any(tag in self.sent for tag in named(request)):  # else no tag to compute: the route's
-            tag = await anyio.to_thread.run_sync(_tag_now, request)
+            # The loop's executor, not anyio's pool the routes' work runs in: it never waits behind searches.
+            tag = await asyncio.get_running_loop().run_in_executor(None, _tag_now, request)
             if tag is not None and tag in self.sent and matches(request, tag):
                 self.sent.move_to_end(tag)
                 scope["route"] = self.sent[tag]
@@ -169,7 +170,8 @@ def _tag_now(request: Request) -> str | None:
     of the query (its bucket), so only the decays are parsed, as the route parses them."""
     service = request.app.state.service
     try:
-        rules = Rules(decay=request.query_params.getlist("decay"))
+        decays = request.query_params.getlist("decay")
+        rules = Rules(decay=decays) if decays else None
         with service.reading() as live:
             return etag(request, service.settings, live, rules)
     except Exception:  # whatever it is, the route meets it too and answers it
