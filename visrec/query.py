@@ -35,7 +35,7 @@ RULES_POOL = 10  # diversity and caps choose k among k x this many neighbours (a
 POOL_MIN = 50  # … and, when caps leave fewer than k, among as many as `Bounds` allow
 # Boosts and decays alone re-score k x this many neighbours (at least SCORED_MIN): their reach, smaller
 # than the result rules' pool because every neighbour fetched costs the search (at 100,000 products,
-# 10 x k cost a query +24 %, 2 x k +5 %: docs/queries.md).
+# 10 x k cost a query +24 %, 2 x k +5 to 7 %: docs/queries.md).
 SCORED_POOL = 2
 SCORED_MIN = 20
 # Ties at the k-th place go by product id: each search fetches this many past k, and deeper while its last
