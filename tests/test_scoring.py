@@ -196,6 +196,53 @@ def test_a_decay_orders_equally_close_products_by_date(ages: list[float], scale:
     assert all(h.score is not None and math.isfinite(h.score) for h in ranked)
 
 
+def _documented(
+    payload: dict[str, Any], boosts: dict[str, float], decays: dict[str, float], now: float
+) -> float:
+    """The exponent as docs/queries.md writes it, one product at a time."""
+    total = 0.0
+    for field, scale in decays.items():
+        stamp = timestamp_of(payload.get(field))
+        total += 64.0 if stamp is None else min(max(origin(now, scale) - stamp, 0.0) / scale, 64.0)
+    for field, weight in boosts.items():
+        total -= min(max(weight * value_of(payload.get(field)), -1e9), 1e9)
+    return min(max(total, -1000.0), 1000.0)
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(
+    distances=st.lists(st.floats(0, 100), min_size=1, max_size=40),
+    values=st.data(),
+    weights=st.lists(st.floats(-100, 100).filter(bool), max_size=3),
+    scales=st.lists(st.sampled_from([3600.0, 86400.0, 30 * 86400.0]), max_size=2),
+    dates=st.lists(st.one_of(st.none(), st.integers(-5, 900)), min_size=40, max_size=40),
+)
+def test_the_pool_is_scored_by_the_documented_formula(
+    distances: list[float],
+    values: st.DataObject,
+    weights: list[float],
+    scales: list[float],
+    dates: list[int | None],
+) -> None:
+    """`rescore` works on the pool as arrays: each score is the documented formula's, to the last bit
+    but for 2^x itself, and the order is (score, exponent, closeness, id)."""
+    now = NOW.timestamp() + 1234.5
+    boosts = {f"b{i}": w for i, w in enumerate(weights)}
+    decays = {f"d{i}": s for i, s in enumerate(scales)}
+    hits = []
+    for i, distance in enumerate(distances):
+        payload: dict[str, Any] = {field: values.draw(_values) for field in boosts}
+        if (days := dates[i]) is not None:
+            payload |= {field: (NOW - timedelta(days=days)).isoformat() for field in decays}
+        hits.append(Hit(f"p{i % 7}-{i}", distance, payload))
+    ranked = rescore(hits, boosts, decays, now)
+    expected = {h.product_id: _documented(h.payload, boosts, decays, now) for h in hits}
+    for hit in ranked:
+        assert hit.score == pytest.approx(hit.distance * 2.0 ** expected[hit.product_id], rel=1e-12, abs=0)
+    keys = [(h.score, expected[h.product_id], h.distance, h.product_id) for h in ranked]
+    assert keys == sorted(keys)
+
+
 def test_scores_stay_finite_at_the_extremes() -> None:
     hits = [Hit("old", 1e3, {"added": "1900-01-01", "price": -1e300}), Hit("new", 1e-3, {"price": 1e300})]
     ranked = rescore(hits, {"price": 100.0}, {"added": 1.0}, NOW.timestamp())
@@ -270,6 +317,31 @@ def test_a_large_boost_puts_every_in_stock_neighbour_first(
     hits = similar_to_vector(index, _query(which), k, rules=rules)
     expected = (in_stock + [h for h in pool if not _in_stock(h)])[:k]
     assert [h.product_id for h in hits] == [h.product_id for h in expected]
+
+
+@pytest.mark.parametrize("k", [1, 5, 10, 40])
+def test_the_pool_each_rule_over_fetches(k: int) -> None:
+    """Boosts and decays alone: the 2 x k nearest, at least 20 (docs/queries.md); with caps or diversity
+    those rules' 10 x k, at least 50; with a colour re-rank at least its 5 x k."""
+    boost, decay = Rules(boost=["in_stock=1"]), Rules(decay=["added=30d"])
+    assert pool_sizes(k, 1, boost, 0.0)[0] == pool_sizes(k, 1, decay, 0.0)[0] == max(2 * k, 20)
+    assert pool_sizes(k, 1, Rules(boost=["in_stock=1"], max_per=["brand=1"]), 0.0)[0] == max(10 * k, 50)
+    assert pool_sizes(k, 1, Rules(decay=["added=30d"], diversity=0.5), 0.0)[0] == max(10 * k, 50)
+    assert pool_sizes(k, 1, boost, 0.5)[0] == max(5 * k, 2 * k, 20)
+    assert pool_sizes(k, 1, Rules(boost=["in_stock=0"]), 0.0)[0] == k  # weight 0: no rule, no pool
+
+
+def test_a_boost_reaches_the_pool_and_no_further(tmp_path: Path) -> None:
+    """However boosted, a product past the pool is not lifted into the answer; one inside it is."""
+    with _open(tmp_path, None) as index:
+        k, rules = 5, Rules(boost=["lift=100"])
+        pool = pool_sizes(k, 1, rules, 0.0)[0]
+        ranked = nearest(index, _query(0)[None, :], pool + 10, Filters())
+        inside, outside = ranked[pool - 1], ranked[pool + 5]
+        for hit in (inside, outside):
+            index.overwrite_payloads({hit.product_id: {**hit.payload, "lift": True}})
+        answer = [h.product_id for h in similar_to_vector(index, _query(0), k, rules=rules)]
+        assert answer[0] == inside.product_id and outside.product_id not in answer
 
 
 def test_raising_one_products_value_through_the_store(tmp_path: Path) -> None:

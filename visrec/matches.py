@@ -73,16 +73,24 @@ def check_caps(
 
 
 def check_scored(
-    index: VectorIndex, boosts: Iterable[str], decays: Iterable[str], shown: Shown = to_operators
+    index: VectorIndex,
+    boosts: Iterable[str],
+    decays: Iterable[str],
+    shown: Shown = to_operators,
+    found: Sequence[dict[str, Any]] = (),
 ) -> None:
     """Raise `NoMatch` for a boost or a decay on a field no product was ever written with (a misspelt
     field would weigh nothing, silently), or a decay on a field that holds no text (dates are ISO 8601
-    text). One look at the recorded field kinds, no search."""
+    text). `found`: payloads of the answer, which settle most fields at no cost (a field one holds is
+    written; text there is text); the others cost one look at the recorded field kinds, no search."""
     fields = [("boost", field) for field in boosts] + [("decay", field) for field in decays]
-    if not fields:
-        return
-    kinds = index.field_kinds()
+    kinds: Mapping[str, frozenset[str]] | None = None
     for rule, field in fields:
+        if shown(field) and any(
+            field in payload and (rule == "boost" or isinstance(payload[field], str)) for payload in found
+        ):
+            continue
+        kinds = index.field_kinds() if kinds is None else kinds
         if field not in kinds or not shown(field):
             raise NoMatch(f"cannot {rule} by {field}: {_unknown_field(field, kinds, _ruled(shown))}")
         if rule == "decay" and "text" not in kinds[field]:

@@ -33,6 +33,11 @@ from visrec.rules import MAX_K, NEAREST, Rules, choose, ranked
 RERANK_POOL = 5  # a colour re-rank chooses k among k x this many visual neighbours
 RULES_POOL = 10  # diversity and caps choose k among k x this many neighbours (at least POOL_MIN) …
 POOL_MIN = 50  # … and, when caps leave fewer than k, among as many as `Bounds` allow
+# Boosts and decays alone re-score k x this many neighbours (at least SCORED_MIN): their reach, smaller
+# than the result rules' pool because every neighbour fetched costs the search (at 100,000 products,
+# 10 x k cost a query +24 %, 2 x k +5 to 7 %: docs/queries.md).
+SCORED_POOL = 2
+SCORED_MIN = 20
 # Ties at the k-th place go by product id: each search fetches this many past k, and deeper while its last
 # hit still ties the k-th (`cut_at_k`), at most MAX_TIE_DEPTH (past that, many products share one photo).
 TIES_AHEAD = 4
@@ -174,7 +179,7 @@ def _neighbours(
     hits = chosen(index, vectors, k, filters, [*exclude, *rules.exclude], rules, colour, bounds)
     check_matches(index, filters, [hit.payload for hit in hits], shown)
     check_caps(index, rules.caps, [hit.payload for hit in hits], shown)
-    check_scored(index, rules.boosts, rules.decays, shown)
+    check_scored(index, rules.boosts, rules.decays, shown, [hit.payload for hit in hits])
     return hits
 
 
@@ -182,10 +187,16 @@ def pool_sizes(
     k: int, photos: int, rules: Rules, colour_weight: float, bounds: Bounds = BOUNDS
 ) -> tuple[int, int]:
     """(the pool a query first chooses among, the furthest it may look when caps leave too few): k and k
-    for plain nearest-first."""
+    for plain nearest-first; else the largest pool the rules and the colour re-rank in use want."""
     if not rules.active and not colour_weight:
         return k, k
-    wanted = min(MAX_K, k * RERANK_POOL) if not rules.active else max(POOL_MIN, k * RULES_POOL)
+    wanted = 0
+    if colour_weight:
+        wanted = min(MAX_K, k * RERANK_POOL)
+    if rules.scores:
+        wanted = max(wanted, SCORED_MIN, k * SCORED_POOL)
+    if rules.diversity or rules.max_per:
+        wanted = max(wanted, POOL_MIN, k * RULES_POOL)
     # Every search of a query photo fetches the whole pool: a pool the photos' searches cannot afford
     # shrinks towards k first.
     limit = max(k, bounds.max_neighbours // photos)

@@ -9,6 +9,7 @@ import json
 import re
 import time
 from collections import Counter
+from functools import lru_cache
 from typing import Annotated, Any
 
 import numpy as np
@@ -124,13 +125,12 @@ class Rules(BaseModel):
     @property
     def boosts(self) -> dict[str, float]:
         """field → weight (the last of a field given twice); weights of 0 are left out."""
-        weights = {field: _weight(weight) for field, weight in map(_split, self.boost)}
-        return {field: weight for field, weight in weights.items() if weight}
+        return dict(_boosts(tuple(self.boost)))
 
     @property
     def decays(self) -> dict[str, float]:
         """field → SCALE in seconds."""
-        return {field: duration_s(scale) or 1.0 for field, scale in map(_split, self.decay)}
+        return dict(_decays(tuple(self.decay)))
 
     @property
     def scores(self) -> bool:
@@ -183,6 +183,18 @@ def _split(text: str) -> tuple[str, str]:
     return (found.group(1), found.group(2)) if found else ("", "")
 
 
+# Parsed once per distinct text: a query asks for its rules' boosts and decays several times.
+@lru_cache(maxsize=1024)
+def _boosts(boosts: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    weights = {field: _weight(weight) for field, weight in map(_split, boosts)}
+    return tuple((field, weight) for field, weight in weights.items() if weight)
+
+
+@lru_cache(maxsize=1024)
+def _decays(decays: tuple[str, ...]) -> tuple[tuple[str, float], ...]:
+    return tuple({field: duration_s(scale) or 1.0 for field, scale in map(_split, decays)}.items())
+
+
 def _weight(text: str) -> float | None:
     """A boost's WEIGHT as a number, or None if it is not a decimal within ±MAX_WEIGHT."""
     if not re.fullmatch(r"[-+]?[0-9]+(?:\.[0-9]+)?", text):
@@ -194,9 +206,10 @@ def _weight(text: str) -> float | None:
 def ranked(pool: list[Hit], rules: Rules, now: float | None = None) -> list[Hit]:
     """`pool` in the order the rules' boosts and decays give (`visrec.scoring`), each hit carrying its
     score; as it is without them. `now`: the clock (the current time)."""
-    if not rules.scores:
+    boosts, decays = rules.boosts, rules.decays  # (each parses the rules' text)
+    if not boosts and not decays:
         return pool
-    return rescore(pool, rules.boosts, rules.decays, time.time() if now is None else now)
+    return rescore(pool, boosts, decays, time.time() if now is None else now)
 
 
 def choose(index: VectorIndex, pool: list[Hit], query: np.ndarray, k: int, rules: Rules) -> list[Hit]:
@@ -212,6 +225,9 @@ def choose(index: VectorIndex, pool: list[Hit], query: np.ndarray, k: int, rules
     a few array operations: O(pool² · dim + k · pool) in all, not a Python loop over k × pool.
     """
     caps = rules.caps
+    d = rules.diversity
+    if not caps and not d:  # nothing to choose: the pool's first k
+        return pool[:k]
     keys = [_cap_keys(hit, caps) for hit in pool]
     holders: dict[tuple[str, str], list[int]] = {}
     for i, hit_keys in enumerate(keys):
@@ -219,7 +235,6 @@ def choose(index: VectorIndex, pool: list[Hit], query: np.ndarray, k: int, rules
             holders.setdefault(key, []).append(i)
     counts: Counter[tuple[str, str]] = Counter()
     available = np.ones(len(pool), dtype=bool)
-    d = rules.diversity
     if d:  # relevance is what the pool is ordered by: the score a boost or a re-rank gave, else distance
         scored = rules.scores
         distance = np.array(

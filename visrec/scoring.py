@@ -23,9 +23,11 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
+
+import numpy as np
 
 from visrec.index import Hit
 
@@ -60,11 +62,23 @@ def value_of(value: Any) -> float:
     if isinstance(value, float):
         return 0.0 if math.isnan(value) else value
     if isinstance(value, str):
-        text = value.strip()
-        if text.lower() in ("true", "false"):
-            return float(text.lower() == "true")
-        if _NUMBER.fullmatch(text):
-            return float(text)  # "1e999" is inf
+        return _short_text_value(value) if len(value) <= 64 else _text_value(value)
+    return 0.0
+
+
+@lru_cache(maxsize=4096)
+def _short_text_value(text: str) -> float:
+    """A catalogue's short text values repeat ("true", a CSV's prices): each is read once (long ones,
+    which could hold much memory here, each time)."""
+    return _text_value(text)
+
+
+def _text_value(text: str) -> float:
+    text = text.strip()
+    if text.lower() in ("true", "false"):
+        return float(text.lower() == "true")
+    if _NUMBER.fullmatch(text):
+        return float(text)  # "1e999" is inf
     return 0.0
 
 
@@ -72,8 +86,13 @@ def timestamp_of(value: Any) -> float | None:
     """Seconds since the epoch of an ISO 8601 date or date-time (no zone: UTC); None if it is not one."""
     if not isinstance(value, str) or not 8 <= len(value.strip()) <= 40:
         return None
+    return _timestamp(value.strip())
+
+
+@lru_cache(maxsize=4096)  # dates repeat across a catalogue: each is parsed once
+def _timestamp(text: str) -> float | None:
     try:
-        moment = datetime.fromisoformat(value.strip())
+        moment = datetime.fromisoformat(text)
     except ValueError:
         return None
     if moment.tzinfo is None:
@@ -92,21 +111,26 @@ def origin(now: float, scale_s: float) -> float:
     return bucket(now, scale_s) * (scale_s / BUCKETS)
 
 
-def exponent(
-    payload: Mapping[str, Any], boosts: Mapping[str, float], decays: Mapping[str, float], now: float
-) -> float:
-    """The power of 2 a product's closeness is multiplied by (`boosts`: field → weight; `decays`: field →
-    SCALE in seconds)."""
-    total = 0.0
+def exponents(
+    payloads: Sequence[Mapping[str, Any]],
+    boosts: Mapping[str, float],
+    decays: Mapping[str, float],
+    now: float,
+) -> np.ndarray:
+    """Each payload's exponent, the power of 2 its closeness is multiplied by (`boosts`: field → weight;
+    `decays`: field → SCALE in seconds), as one array: only reading the values is a Python loop (a pool
+    of 100 cost a few hundred microseconds as one loop a product)."""
+    total = np.zeros(len(payloads))
     for field, scale in decays.items():
-        stamp = timestamp_of(payload.get(field))
-        age = MAX_AGE if stamp is None else min(max(origin(now, scale) - stamp, 0.0) / scale, MAX_AGE)
-        total += age
+        stamps = np.array([timestamp_of(p.get(field)) for p in payloads], dtype=np.float64)  # None: nan
+        ages = np.minimum(np.maximum(origin(now, scale) - stamps, 0.0) / scale, MAX_AGE)
+        total += np.where(np.isnan(stamps), MAX_AGE, ages)
     for field, weight in boosts.items():
         # Each term bounded before they are summed: a bound is monotone, so the exponent stays monotone in
         # every value (an infinite term replaced after the fact could count less than a finite one).
-        total -= min(max(weight * value_of(payload.get(field)), -MAX_TERM), MAX_TERM)
-    return min(max(total, -MAX_EXPONENT), MAX_EXPONENT)
+        values = np.array([value_of(p.get(field)) for p in payloads], dtype=np.float64)
+        total -= np.minimum(np.maximum(weight * values, -MAX_TERM), MAX_TERM)
+    return np.minimum(np.maximum(total, -MAX_EXPONENT), MAX_EXPONENT)
 
 
 def rescore(
@@ -116,10 +140,13 @@ def rescore(
     re-rank gave them, else their distance. Ties (products equally close, as at distance 0, where every
     score is 0) go to the smaller exponent (the more boosted, the newer), then the closer, then the
     product id: the order stays monotone in each value."""
-    keyed = []
-    for hit in hits:
-        closeness = hit.distance if hit.score is None else hit.score
-        power = exponent(hit.payload, boosts, decays, now)
-        score = closeness * 2.0**power
-        keyed.append(((score, power, closeness, hit.product_id), replace(hit, score=score)))
-    return [hit for _, hit in sorted(keyed, key=lambda pair: pair[0])]
+    if not hits:
+        return []
+    closeness = np.array([h.distance if h.score is None else h.score for h in hits], dtype=np.float64)
+    power = exponents([h.payload for h in hits], boosts, decays, now)
+    scores = closeness * np.exp2(power)
+    order = np.lexsort((np.array([h.product_id for h in hits]), closeness, power, scores))  # last key first
+    return [  # made whole, not by dataclasses.replace (several times slower a hit)
+        Hit(hits[i].product_id, hits[i].distance, hits[i].payload, hits[i].matched, float(scores[i]))
+        for i in order.tolist()
+    ]

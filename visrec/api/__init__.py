@@ -4,9 +4,9 @@ The live index and its model come from `visrec.service` (loaded at start-up, swi
 or a rollback without a failed request); routes are plain `def`s, so FastAPI runs the CPU-bound work
 (embedding, search) in its thread pool, off the event loop; `/healthz` answers from the loop itself.
 Every request first passes `visrec.guard` (key, body limits as bytes arrive, load shedding, deadlines,
-metrics); `errors` maps failures to answers. This module only wires the app; the routes are in `ops`
-(probes, metrics), `gallery` (the web page), `products`, `search` and `writes`, what they share in
-`deps`, the schema in `models`.
+metrics), then `caching.Revalidation` (a 304 answered before routing); `errors` maps failures to
+answers. This module only wires the app; the routes are in `ops` (probes, metrics), `gallery` (the web
+page), `products`, `search` and `writes`, what they share in `deps`, the schema in `models`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from prometheus_client import CollectorRegistry
 
 from visrec import __version__
 from visrec.api import docs, gallery, ops, products, search, writes
-from visrec.api.caching import settings_tag
+from visrec.api.caching import Revalidation, settings_tag
 from visrec.api.deps import known_parameters
 from visrec.api.errors import add_handlers
 from visrec.api.exposure import ExposureRefused, check_exposure
@@ -130,6 +130,9 @@ def create_app(
     app.state.claim = claim
     api = settings.api
     app.state.slots = Slots(api.max_heavy_requests, api.queue_depth, api.queue_wait_s)
+    # Added first, so inside the guard (the last added is outermost): a revalidation answered before
+    # routing has passed the key, rate and body checks as every request does.
+    app.add_middleware(Revalidation)
     app.add_middleware(
         Guard, settings=_guard_settings(settings), registry=app.state.metrics, slots=app.state.slots
     )

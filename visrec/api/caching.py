@@ -12,16 +12,27 @@ request, seeing the write's stamp, gets a new tag; read after, a stale answer co
 - the request: its path and query, and which key it came with (read, write or none: a cached answer
   is never good for another key);
 - for a decayed ranking, the time bucket its ages are measured from (`scoring.bucket`).
+
+A revalidation is answered before routing (`Revalidation`, a pure ASGI layer inside the guard, so keys,
+rate limits and body limits apply as to any request): FastAPI's routing, validation and dependencies
+cost a 304 more than the tag does. It answers 304 only for a tag this process sent with a 200 and that
+the request, tagged now, still has: the tag covers everything the answer depends on, so the same request
+would be that 200 again. Anything else (a tag sent before a restart, `*`, a request that cannot be
+tagged) goes to the route, which answers as it always has.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
+from typing import Any
 
 from fastapi import Request, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from visrec import __version__
 from visrec.config import Settings
@@ -30,6 +41,9 @@ from visrec.rules import Rules
 from visrec.scoring import bucket
 
 NOT_MODIFIED = 304
+# Tags of 200 answers `Revalidation` remembers (about 160 bytes each, 10 MB in all): past that, the least
+# recently revalidated go to the route again.
+REMEMBERED = 65_536
 
 
 def settings_tag(settings: Settings) -> str:
@@ -77,14 +91,24 @@ def headers(settings: Settings, tag: str) -> dict[str, str]:
     return found
 
 
-def matches(request: Request, tag: str) -> bool:
-    """Whether If-None-Match names `tag` (weak comparison, as RFC 9110 has it for GET). `*` names none:
-    it would be true only if the answer exists, which only the search knows (a deleted product, a rule
-    on an unknown field: a 304 there would pass a stale page off as current)."""
+def named(request: Request) -> list[str]:
+    """The tags If-None-Match names (weak comparison, as RFC 9110 has it for GET: `W/` dropped). `*`
+    names none: it would hold only if the answer exists, which only the search knows (a deleted product,
+    a rule on an unknown field: a 304 there would pass a stale page off as current)."""
     given = request.headers.get("if-none-match")
     if not given:
-        return False
-    return tag in [part.strip().removeprefix("W/") for part in given.split(",")]
+        return []
+    return [part.strip().removeprefix("W/") for part in given.split(",")]
+
+
+def matches(request: Request, tag: str) -> bool:
+    """Whether If-None-Match names `tag` (`named`)."""
+    return tag in named(request)
+
+
+def not_modified(settings: Settings, tag: str) -> Response:
+    """The 304 for `tag`: no body, the headers its 200 had."""
+    return Response(status_code=NOT_MODIFIED, headers=headers(settings, tag))
 
 
 def cached(
@@ -94,5 +118,61 @@ def cached(
     compute the answer, and send `headers` with it)."""
     tag = etag(request, settings, live, rules)
     if matches(request, tag):
-        return tag, Response(status_code=NOT_MODIFIED, headers=headers(settings, tag))
+        return tag, not_modified(settings, tag)
     return tag, None
+
+
+class Revalidation:
+    """The pure ASGI layer that answers a GET's If-None-Match before routing (the module's docstring
+    says when). It remembers the tag of every 200 a cacheable route (one whose schema lists a 304) sends
+    through it, with that route (the guard's metrics label the 304 by it, as if routed)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self.sent: OrderedDict[str, Any] = OrderedDict()  # tag → route; touched on the event loop only
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "GET":
+            await self.app(scope, receive, send)
+            return
+        request = Request(scope)
+        if any(tag in self.sent for tag in named(request)):  # else no tag to compute: the route's
+            # The loop's executor, not anyio's pool the routes' work runs in: it never waits behind searches.
+            tag = await asyncio.get_running_loop().run_in_executor(None, _tag_now, request)
+            if tag is not None and tag in self.sent and matches(request, tag):
+                self.sent.move_to_end(tag)
+                scope["route"] = self.sent[tag]
+                await not_modified(request.app.state.service.settings, tag)(scope, receive, send)
+                return
+        await self.app(scope, receive, self._noting(scope, send))
+
+    def _noting(self, scope: Scope, send: Send) -> Send:
+        """`send`, remembering the tag of a cacheable route's 200."""
+
+        async def noting(message: Message) -> None:
+            if message["type"] == "http.response.start" and message["status"] == 200:
+                route = scope.get("route")
+                tag = next((v for k, v in message.get("headers", []) if k.lower() == b"etag"), None)
+                if tag is not None and NOT_MODIFIED in getattr(route, "responses", {}):
+                    self.sent[tag.decode("latin-1")] = route
+                    self.sent.move_to_end(tag.decode("latin-1"))  # sent again: the newest
+                    if len(self.sent) > REMEMBERED:
+                        self.sent.popitem(last=False)
+            await send(message)
+
+        return noting
+
+
+def _tag_now(request: Request) -> str | None:
+    """The tag the route would give `request` now (in a worker thread: opening the live version, or a
+    server's write stamp, may wait on the store), or None when it cannot be told here: the route then
+    answers (a 503, a 422, ...) as it would without this layer. Only a decay adds to what the tag reads
+    of the query (its bucket), so only the decays are parsed, as the route parses them."""
+    service = request.app.state.service
+    try:
+        decays = request.query_params.getlist("decay")
+        rules = Rules(decay=decays) if decays else None
+        with service.reading() as live:
+            return etag(request, service.settings, live, rules)
+    except Exception:  # whatever it is, the route meets it too and answers it
+        return None
