@@ -27,7 +27,7 @@ from visrec.errors import CollectionMissing, IndexUnavailable, InvalidFilter, Po
 from visrec.filters import Where
 from visrec.index import Filters, IndexPoint, VectorIndex, open_index, open_store, point_id
 from visrec.index.edge import SCHEMA_TYPES, EdgeIndex
-from visrec.index.points import field_of
+from visrec.index.points import POINT_NAMESPACE, field_of
 from visrec.payload import INDEXED
 
 DIM = 8
@@ -178,6 +178,18 @@ def test_backends_are_congruent(tmp_path: Path) -> None:
 
 def test_point_ids_are_deterministic() -> None:
     assert point_id("sku-1") == point_id("sku-1") != point_id("sku-2")
+
+
+@given(st.text())
+def test_a_point_id_is_uuid5_of_the_product_id(product_id: str) -> None:
+    """Point ids written by every earlier version stay the ids of their products."""
+    try:
+        expected = str(uuid.uuid5(POINT_NAMESPACE, product_id))
+    except UnicodeEncodeError:  # a lone surrogate: no product id (the catalogue reads UTF-8)
+        with pytest.raises(UnicodeEncodeError):
+            point_id(product_id)
+        return
+    assert point_id(product_id) == expected
     assert uuid.UUID(point_id("sku-1")).version == 5
 
 

@@ -3,6 +3,7 @@ of a product for sync, and the point ids and payload keys the engines address th
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from visrec.filters import Filters
 
 # Fixed namespace: the same product id gives the same point id on every machine, forever.
 POINT_NAMESPACE = uuid.UUID("6f1c2a56-3d7e-5b8a-9c41-2e0f7d8b9a10")
+_NAMESPACE_BYTES = POINT_NAMESPACE.bytes
 
 
 def payload_key(field: str) -> str:
@@ -28,8 +30,13 @@ def field_of(key: str) -> str:
 
 
 def point_id(product_id: str) -> str:
-    """The point id of a product: UUIDv5, so a rerun upserts the same point instead of a duplicate."""
-    return str(uuid.uuid5(POINT_NAMESPACE, product_id))
+    """The point id of a product: UUIDv5, so a rerun upserts the same point instead of a duplicate.
+    `uuid.uuid5` made directly (a third of its time: a 100-id exclude is 100 of them a query)."""
+    digest = bytearray(hashlib.sha1(_NAMESPACE_BYTES + product_id.encode()).digest()[:16])
+    digest[6] = (digest[6] & 0x0F) | 0x50  # version 5
+    digest[8] = (digest[8] & 0x3F) | 0x80  # the RFC 4122 variant
+    text = digest.hex()
+    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
 
 
 @dataclass(frozen=True)
