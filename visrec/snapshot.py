@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import resource
 import signal
 import subprocess
 import sys
@@ -329,9 +328,21 @@ def _child() -> int:
         traceback.print_exc()
         send({"error": f"the snapshot's process failed: {type(exc).__name__}: {exc}", "exit_code": 1})
         return 0
-    result["process_max_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+    result["process_max_rss_mib"] = _peak_rss_mib()
     send({"result": result})
     return 0
+
+
+def _peak_rss_mib() -> int | None:
+    """This process's peak resident memory (VmHWM: its own since exec, unlike getrusage's ru_maxrss,
+    which keeps the forking service's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _stop_when_parent_ends() -> None:
