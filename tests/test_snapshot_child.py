@@ -13,6 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -72,6 +73,7 @@ class Writes:
 
     def __init__(self, served: Served) -> None:
         self.acknowledged: list[tuple[int, float]] = []
+        self.acknowledged_at: list[datetime] = []  # the same, on the clock a snapshot's cut is read on
         self._client = httpx.Client(base_url=served.url, timeout=30, headers={"X-API-Key": WRITE_KEY})
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -82,6 +84,7 @@ class Writes:
                 return
             if self._client.patch(f"/products/r{i}", json={"price": PRICE + i}).status_code == 200:
                 self.acknowledged.append((i, time.monotonic()))
+                self.acknowledged_at.append(datetime.now(UTC))
 
     def __enter__(self) -> Writes:
         self._thread.start()
@@ -208,6 +211,10 @@ def test_the_archive_process_killed_or_out_of_room_leaves_nothing_and_the_next_h
     cut = len(written)
     assert written == list(range(cut)), "the writes a snapshot holds are those up to its cut"
     assert all(i < cut for i, at in writes.acknowledged if at < began)  # acknowledged before it began: in it
+    # Acknowledged before its cut (the moment its writer held writes to settle the copy): in it too.
+    cut_at = datetime.fromisoformat(taken["cut"]["at"])
+    late = [i for (i, _), at in zip(writes.acknowledged, writes.acknowledged_at, strict=True) if at < cut_at]
+    assert all(i < cut for i in late), (cut, max(late))
     assert any(i >= cut for i, _ in writes.acknowledged)  # and the writes after its cut are not
     for product_id, point in held.items():  # point by point: as the live version held it at the cut
         at_cut = after[product_id] if product_id in {f"r{i}" for i in written} else before[product_id]
