@@ -220,3 +220,40 @@ def test_the_archive_process_killed_or_out_of_room_leaves_nothing_and_the_next_h
         at_cut = after[product_id] if product_id in {f"r{i}" for i in written} else before[product_id]
         np.testing.assert_array_equal(point.photo_vectors, at_cut.photo_vectors)
         assert point.payload == at_cut.payload, product_id
+
+
+def ended(pid: int) -> bool:
+    """Whether the process is gone (or a zombie nobody has reaped yet)."""
+    try:
+        return process_state(pid) in "ZX"
+    except OSError:
+        return True
+
+
+def test_the_archive_process_ends_with_a_killed_service(
+    tmp_path: Path, artefact: tuple[Path, Manifest]
+) -> None:
+    """The service killed (SIGKILL) while its archive's process is midway: that process ends at once (its
+    stdin closed); the next start sweeps the copy, the next snapshot the partial archive left."""
+    settings = written_store(tmp_path, artefact[0])
+    copies = settings.qdrant.path
+    snaps = tmp_path / "snaps"
+    env = settings_env(settings)
+    with serve(settings, tmp_path / "serve.log") as served:
+        command = spawn_visrec(env, tmp_path / "handed.log", tmp_path, "snapshot", str(snaps))
+        child = archive_process(served.process.pid)
+        stop_midway(child, snaps)
+        served.process.send_signal(signal.SIGKILL)
+        assert served.process.wait(30) == -signal.SIGKILL
+        os.kill(child, signal.SIGCONT)  # it goes on only to find its stdin closed
+        wait_for(lambda: ended(child), timeout=30)
+        assert command.wait(60) == 4
+    # No archive: a partial nobody holds (or none, if it found its answers' pipe closed first and removed it).
+    assert not list(snaps.glob("*.tar"))
+    assert list(copies.glob("products__v1.g*"))  # the copy it was reading, until the next start
+    with serve(settings, tmp_path / "serve2.log"):
+        assert not list(copies.glob("products__v1.g*"))
+        taken = visrec(settings, "snapshot", str(snaps))
+        name = Path(taken["snapshot"]).name
+        assert sorted(p.name for p in snaps.iterdir()) == [name, name + ".sha256"]
+        assert taken["points"] == PRODUCTS + 3
