@@ -183,6 +183,10 @@ class ArchiveWriter:
     def abort(self) -> None:
         with contextlib.suppress(OSError):
             self.partial.unlink()
+        # The tar stream first (its last blocks go to the unlinked partial, or fail on a full disk): left
+        # open, it would write them into the closed file when collected ("Exception ignored" in the log).
+        with contextlib.suppress(OSError, ValueError, tarfile.TarError):
+            self._tar.close()
         with contextlib.suppress(OSError, tarfile.TarError):
             self._file.close()
 

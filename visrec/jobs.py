@@ -28,7 +28,16 @@ from visrec.index import VectorIndex, engine_version, open_index, open_store
 from visrec.ingest import SyncOptions, Writing, sync
 from visrec.plan import Shard
 from visrec.rules import Rules
-from visrec.snapshot import CUT_ALONE, CUT_SCROLL, Cut, Serving, restore, take, version_record
+from visrec.snapshot import (
+    CUT_ALONE,
+    CUT_SCROLL,
+    Cut,
+    Serving,
+    restore,
+    take,
+    take_apart,
+    version_record,
+)
 from visrec.versions import Beside, reindex, rollback
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -312,6 +321,32 @@ def run_snapshot(
     says); `record`: its alias and version (`snapshot.version_record`)."""
     return take(
         index,
+        job.out,
+        record=record,
+        cut=cut,
+        engine=engine_version(settings.qdrant),
+        configured_model=settings.artefact,
+        with_model=job.with_model,
+        keep=job.keep,
+        progress=progress,
+    )
+
+
+def run_snapshot_apart(
+    job: SnapshotJob,
+    settings: Settings,
+    folder: Path,
+    collection: str,
+    record: dict[str, Any],
+    cut: Cut,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """`run_snapshot` of the embedded version `collection` held in `folder` (a settled copy nobody
+    writes to), in a process of its own (`snapshot.take_apart`)."""
+    return take_apart(
+        folder,
+        collection,
+        settings.qdrant,
         job.out,
         record=record,
         cut=cut,

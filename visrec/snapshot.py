@@ -10,6 +10,13 @@ itself, scrolled while others may write (no cut: the docs say what that guarante
 page by page; the cut, the version and alias record and the model that built it (its manifest and
 weights checksum, with `--with-model` the artefact itself) go with them.
 
+Beside a service, the archive is written by a process of its own (`take_apart`, `python -m
+visrec.snapshot`): the copy is opened there (nobody else writes it) and read into the archive at a lower
+priority, so the service's requests keep its GIL and most of the CPU; the service waits for it, passes
+its progress on, and removes the copy whatever becomes of it. The process ends with the service (its
+stdin closes): what it leaves, a partial archive nobody holds and the copy nothing names, the next
+snapshot and the service's next start sweep.
+
 A restore builds a new version from the archive beside the live one and switches the alias to it, as a
 reindex does, so that `visrec rollback` undoes it. Before anything is written it refuses a damaged
 archive, a model that is not here (found by its checksum, wherever it lies) and vectors that do not fit
@@ -18,8 +25,15 @@ that model; before the switch, one that would drop products written since the sn
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -41,7 +55,8 @@ from visrec.archive import (
     snapshot_name,
     sweep_partials,
 )
-from visrec.errors import ModelError, VisrecError, WritesWouldBeLost
+from visrec.config import QdrantSettings
+from visrec.errors import ModelError, OutputUnwritable, VisrecError, WritesWouldBeLost
 from visrec.filters import Filters
 from visrec.index import IndexPoint, Store, VectorIndex
 from visrec.manifest import MANIFEST, Manifest, artefact_for, read_manifest, sha256_file
@@ -101,6 +116,50 @@ def take(
         raise ModelError(f"not snapshotted: --with-model, but {problem}")
     total = index.count() if index.exists() else 0
     name = snapshot_name(record["name"], cut.at)
+    try:
+        path, size, digest, points, photos = _write(
+            index, out, name, total, record, cut, engine, metadata, model, artefact, with_model, progress
+        )
+    except OSError as exc:  # the archive's disk (the store's reads are the engine's, mapped to its errors)
+        raise OutputUnwritable(
+            f"not snapshotted: cannot write the snapshot into {out}: {exc.strerror or exc}; the live "
+            "version is untouched"
+        ) from None
+    removed = keep_last(out, record["name"], keep) if keep else []
+    log.info("snapshot of %s: %s (%d points, %d bytes)", record["version"], path, points, size)
+    return {
+        "snapshot": str(path),
+        "checksum_file": str(path) + ".sha256",
+        "sha256": digest,
+        "bytes": size,
+        "version": record["version"],
+        "points": points,
+        "photos": photos,
+        "model_version": metadata.get("model_version"),
+        "model_included": bool(with_model),
+        "model_problem": problem,
+        "cut": cut.to_dict(),
+        "seconds": round(time.perf_counter() - started, 3),
+        "removed": removed + swept,
+    }
+
+
+def _write(
+    index: VectorIndex,
+    out: Path,
+    name: str,
+    total: int,
+    record: dict[str, Any],
+    cut: Cut,
+    engine: str,
+    metadata: dict[str, str],
+    model: dict[str, Any] | None,
+    artefact: Path | None,
+    with_model: bool,
+    progress: Progress | None,
+) -> tuple[Path, int, str, int, int]:
+    """The archive itself (`take`): its path, bytes, sha256, points and photos. A partial one is removed
+    if this raises."""
     with ArchiveWriter(out, name) as writer:
         after: str | None = None
         while total:
@@ -133,23 +192,165 @@ def take(
             "model": model,
         }
         path, size, digest = writer.finish(header)
-    removed = keep_last(out, record["name"], keep) if keep else []
-    log.info("snapshot of %s: %s (%d points, %d bytes)", record["version"], path, writer.points, size)
-    return {
-        "snapshot": str(path),
-        "checksum_file": str(path) + ".sha256",
-        "sha256": digest,
-        "bytes": size,
-        "version": record["version"],
-        "points": writer.points,
-        "photos": writer.photos,
-        "model_version": metadata.get("model_version"),
-        "model_included": bool(with_model),
-        "model_problem": problem,
+    return path, size, digest, writer.points, writer.photos
+
+
+NICENESS = 10  # the archive's process gives the CPU to the service's requests and writes first
+
+
+class ArchiveFailed(VisrecError):
+    """The process writing a snapshot's archive failed (`take_apart`): its one line and exit code, as the
+    same failure says them when the archive is written in the command's own process."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def take_apart(
+    folder: Path,
+    collection: str,
+    qdrant: QdrantSettings,
+    out: Path,
+    *,
+    record: dict[str, Any],
+    cut: Cut,
+    engine: str,
+    configured_model: Path,
+    with_model: bool = False,
+    keep: int | None = None,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
+    """`take` of the embedded collection version `collection` held in `folder` (a settled copy nobody
+    writes to), run in a process of its own at a lower priority (`python -m visrec.snapshot`): this one
+    waits, passing its progress on. The archive is the one `take` writes here. Raises `ArchiveFailed`
+    with the child's own line (or how it ended, if it said none); the folder is the caller's to remove."""
+    request = {
+        "folder": str(folder),
+        "collection": collection,
+        "qdrant": qdrant.model_dump(mode="json"),
+        "out": str(out),
+        "record": record,
         "cut": cut.to_dict(),
-        "seconds": round(time.perf_counter() - started, 3),
-        "removed": removed + swept,
+        "engine": engine,
+        "configured_model": str(configured_model),
+        "with_model": with_model,
+        "keep": keep,
     }
+    # Its stdin stays open while it runs: when this process ends, however, the child reads its end and
+    # stops (`_child`), so a killed service leaves no archive being written from a copy it no longer owns.
+    child = subprocess.Popen(
+        [sys.executable, "-m", "visrec.snapshot"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    log.info("snapshot of %s: the archive is written by process %d", record["version"], child.pid)
+    final: dict[str, Any] = {}
+    try:
+        assert child.stdin is not None and child.stdout is not None
+        try:
+            child.stdin.write(json.dumps(request).encode() + b"\n")
+            child.stdin.flush()
+        except OSError:  # it died at once: said below by how it ended
+            pass
+        for line in child.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if "progress" in message:
+                _tell(progress, *message["progress"])
+            else:
+                final = message
+        code = child.wait()
+    finally:
+        if child.poll() is None:  # this thread failed meanwhile (a bug): the child goes with it
+            child.kill()
+            child.wait()
+        for pipe in (child.stdin, child.stdout):
+            if pipe is not None:
+                pipe.close()
+    if "result" in final and code == 0:
+        return dict(final["result"])
+    if "error" in final:
+        raise ArchiveFailed(str(final["error"]), int(final.get("exit_code", 1)))
+    how = f"was killed ({signal.Signals(-code).name})" if code < 0 else f"exited with {code}"
+    raise ArchiveFailed(
+        f"not snapshotted: the process writing the archive {how} before it finished; the live version is "
+        "untouched and no snapshot was written: run it again"
+    )
+
+
+def _child() -> int:
+    """`python -m visrec.snapshot`: `take_apart`'s process. Reads its request (one JSON line) on stdin,
+    writes the archive from the copy, sends `{"progress": [stage, done, total]}` lines and then
+    `{"result": …}` or `{"error": line, "exit_code": n}` on stdout; stops when its stdin closes."""
+    answers = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything else printed (the engine's own output) goes to stderr, not into the answers
+    line = b""
+    while not line.endswith(b"\n"):  # unbuffered, as the watch below reads it: nothing is read ahead
+        block = os.read(0, 1)
+        if not block:
+            return 3
+        line += block
+    request = json.loads(line)
+    threading.Thread(target=_stop_when_parent_ends, daemon=True).start()
+    os.nice(NICENESS)
+    logging.basicConfig(level=logging.WARNING, format="snapshot process: %(levelname)s %(message)s")
+
+    def send(message: dict[str, Any]) -> None:
+        answers.write(json.dumps(message) + "\n")
+
+    from visrec.index.edge import EdgeIndex  # the embedded engine: only a service's copies come here
+
+    folder = Path(request["folder"])
+    try:
+        qdrant = QdrantSettings.model_validate(request["qdrant"])
+        cut = Cut(
+            datetime.fromisoformat(request["cut"]["at"]),
+            request["cut"]["holds"],
+            request["cut"]["writes_held_s"],
+        )
+        with EdgeIndex(folder.parent, request["collection"], qdrant, folder=folder) as index:
+            result = take(
+                index,
+                Path(request["out"]),
+                record=request["record"],
+                cut=cut,
+                engine=request["engine"],
+                configured_model=Path(request["configured_model"]),
+                with_model=request["with_model"],
+                keep=request["keep"],
+                progress=lambda stage, done, total: send({"progress": [stage, done, total]}),
+            )
+    except VisrecError as exc:
+        send({"error": str(exc), "exit_code": exc.exit_code})
+        return 0
+    except Exception as exc:  # a bug: its traceback in the service's log, its line to the command
+        traceback.print_exc()
+        send({"error": f"the snapshot's process failed: {type(exc).__name__}: {exc}", "exit_code": 1})
+        return 0
+    result["process_max_rss_mib"] = _peak_rss_mib()
+    send({"result": result})
+    return 0
+
+
+def _peak_rss_mib() -> int | None:
+    """This process's peak resident memory (VmHWM: its own since exec, unlike getrusage's ru_maxrss,
+    which keeps the forking service's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) // 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _stop_when_parent_ends() -> None:
+    """The parent never writes after the request: end of file means it ended (killed, too). (A raw read:
+    a thread blocked in `sys.stdin`'s buffered one stops the interpreter's exit with a fatal error.)"""
+    while os.read(0, 65536):
+        pass
+    os._exit(3)
 
 
 def _model_record(
@@ -244,8 +445,10 @@ def restore(
                 with serving.version(target) if serving else store.opened(target, held or {}) as index:
                     began = True
                     points = _build(archive, index, dim, metadata, progress)
+                    optimizing = time.perf_counter()
                     if points:  # a service's handle is optimized apart: the GIL stays free for its requests
                         index.optimize(apart=serving is not None)
+                    optimize_s = time.perf_counter() - optimizing
                     with serving.writes_held() if serving else nullcontext():
                         meanwhile = changes.take() if changes else set()
                         if meanwhile and live_index is not None:
@@ -270,6 +473,7 @@ def restore(
         "model": str(artefact) if artefact else None,
         "cut": header.cut.get("at"),
         "seconds": round(time.perf_counter() - started, 3),
+        "optimize_seconds": round(optimize_s, 3),  # of those: the new version's optimize()
     }
 
 
@@ -392,3 +596,7 @@ def _some(ids: set[str], shown: int = 5) -> str:
 def _tell(progress: Progress | None, stage: str, done: int, total: int) -> None:
     if progress is not None:
         progress(stage, done, total)
+
+
+if __name__ == "__main__":
+    sys.exit(_child())

@@ -54,6 +54,7 @@ from visrec.jobs import (
     run_restore,
     run_rollback,
     run_snapshot,
+    run_snapshot_apart,
     run_sync,
 )
 from visrec.live import Live
@@ -331,10 +332,13 @@ class Writer:
 
     def snapshot(self, job: SnapshotJob, progress: Progress) -> dict[str, Any]:
         """`visrec snapshot` of the live version: copied beside writes, which are held only while the
-        copy is settled (the last flush and what changed since, as for an optimized copy); it is read into the
-        archive while requests and writes go on, then removed. Its cut: every write acknowledged before
-        the copy, none after. A copy left by a killed service is removed by the next start's sweep."""
+        copy is settled (the last flush and what changed since, as for an optimized copy); a process of
+        its own reads it into the archive (`snapshot.take_apart`: the GIL stays this one's, for requests
+        and writes) while this thread waits, then the copy is removed, whatever became of that process.
+        Its cut: every write acknowledged before the copy, none after. A copy left by a killed service
+        is removed by the next start's sweep (the process ends with the service)."""
         store = self.service.store()
+        started = time.perf_counter()
         with self.service.reading() as live:
             copy = live.index.copy()  # most of it, beside writes: with them held, what changed since
             if copy is None:  # a server: not handed over, so not reached; read the live one if it were
@@ -344,17 +348,19 @@ class Writer:
                     job, self.service.settings, live.index, record, Cut(at, CUT_COPY), progress
                 )
             try:
-                started = time.perf_counter()
+                holding = time.perf_counter()
                 with self.lock:
                     at = datetime.now(UTC)
                     copy.settle()
                     record = version_record(store, live.collection)
-                held_s = time.perf_counter() - started
-                with copy.open() as index:
-                    cut = Cut(at, CUT_COPY, held_s)
-                    return run_snapshot(job, self.service.settings, index, record, cut, progress)
+                cut = Cut(at, CUT_COPY, time.perf_counter() - holding)
+                result = run_snapshot_apart(
+                    job, self.service.settings, copy.folder, live.collection, record, cut, progress
+                )
             finally:
                 copy.discard()
+        # The whole of it, as the command waited: the copy, its settling and the archive's process.
+        return result | {"seconds": round(time.perf_counter() - started, 3)}
 
     def _restore(self, job: RestoreJob, progress: Progress) -> dict[str, Any]:
         """Build the snapshot's version beside the live one while writes go on into it; switch, and
