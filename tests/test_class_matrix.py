@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from visrec import class_matrix, neighbours
+from visrec import class_matrix, neighbours, query
 from visrec.class_matrix import ClassMatrix
 from visrec.config import QdrantSettings
 from visrec.feed_run import make_feed
@@ -227,3 +227,57 @@ def _edit(index: Any, edits: list[tuple[int, Any]], rng: np.random.Generator) ->
             index.delete([f"p{i}"])
         else:
             index.upsert([_point(i, kind, rng)])
+
+
+def _pt(product_id: str, vector: list[float]) -> IndexPoint:
+    return IndexPoint(
+        product_id,
+        np.asarray(vector, np.float32),
+        {"product_id": product_id, "vectors_hash": "h" + product_id},
+    )
+
+
+def _read(path: Path) -> dict[str, Any]:
+    return {
+        e["product_id"]: e.get("deleted") or [(n["product_id"], n["distance"]) for n in e["neighbours"]]
+        for e in map(json.loads, path.read_text().splitlines())
+    }
+
+
+def test_distances_that_tie_in_float32_tie_as_the_engines_do(tmp_path: Path) -> None:
+    """b is 1.2e-4 nearer X than a in float64, but the two distances round to one float32: the engine
+    (and `similar`) ties them and cuts by id, and so does the feed. (An outside review's case.)"""
+    a = [7202.5166, 0, 0, 0]
+    b = [7202.51513671875, 4.4069013595581055, 0, 0]
+    with open_index(QdrantSettings(path=tmp_path / "s", collection="c")) as index:
+        index.create(4)
+        index.upsert([_pt("X", [0, 0, 0, 0]), _pt("a", a), _pt("b", b), _pt("far", [9e3, 9e3, 0, 0])])
+        make_feed(index, FeedRules(k=1), tmp_path / "feed.jsonl", "jsonl")
+        engine = query.similar_to_product(index, "X", 1)
+    assert (
+        _read(tmp_path / "feed.jsonl")["X"]
+        == [(engine[0].product_id, engine[0].distance)]
+        == [("a", 7202.5166015625)]
+    )
+
+
+def test_a_delta_ties_a_newcomer_with_a_kept_neighbour_as_a_full_feed_does(tmp_path: Path) -> None:
+    """A new product on a kept neighbour's very photo, with a smaller id: previous feed + delta puts it
+    first, as a full feed now does (the delta's engine distances and the state's agree to the bit).
+    (An outside review's case.)"""
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    with open_index(QdrantSettings(path=tmp_path / "s", collection="c")) as index:
+        index.create(4)
+        index.upsert(
+            [_pt("X", [0, 0, 0, 0]), _pt("M", [3, 0, 0, 0]), _pt("Z", [0, 5, 0, 0]), _pt("W", [9, 9, 9, 9])]
+        )
+        rules = FeedRules(k=2)
+        make_feed(index, rules, feeds / "full.jsonl", "jsonl")
+        index.upsert([_pt("A", [0, 5, 0, 0])])
+        make_feed(index, rules, feeds / "delta.jsonl", "jsonl", since=feeds / "full.jsonl")
+        make_feed(index, rules, feeds / "now.jsonl", "jsonl")
+    applied = _read(feeds / "full.jsonl")
+    applied.update(_read(feeds / "delta.jsonl"))
+    assert applied == _read(feeds / "now.jsonl")
+    assert [n for n, _ in applied["W"]] == ["A", "Z"]

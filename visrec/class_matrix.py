@@ -170,11 +170,11 @@ class ClassMatrix:
         taken = min(len(self), depth + 1)
         values, order = torch.topk(squared, taken, dim=1, largest=False, sorted=True)
         picked = order[:, :depth].numpy()
-        exact, matched = self._exact(queries, picked)
-        exact[~np.isfinite(values[:, :depth].numpy())] = np.inf
-        ranking = np.lexsort((self._id_rank[picked], exact), axis=-1)
+        distance, matched = self._exact(queries, picked)
+        distance[~np.isfinite(values[:, :depth].numpy())] = np.inf
+        ranking = np.lexsort((self._id_rank[picked], distance), axis=-1)
         order_of = np.take_along_axis(picked, ranking, axis=1).tolist()
-        distance_of = np.sqrt(np.take_along_axis(exact, ranking, axis=1)).tolist()
+        distance_of = np.take_along_axis(distance, ranking, axis=1).astype(np.float64).tolist()
         matched_of = np.take_along_axis(matched, ranking, axis=1).tolist()
         beyond = values[:, depth].numpy() - bounds if taken > depth else None
         sure: dict[int, list[Hit]] = {}
@@ -182,8 +182,10 @@ class ClassMatrix:
             k = requests[i].k
             distances = distance_of[row]
             kept = min(k, sum(1 for d in distances[:k] if d != np.inf))
-            last = distances[kept - 1] ** 2 if kept == k else np.inf
-            if beyond is not None and beyond[row] <= last:
+            # A product left out must be further than the next float32 distance after the k-th: at the
+            # k-th's own, it would tie with it, and ties go by id.
+            last = float(np.nextafter(np.float32(distances[kept - 1]), np.float32(np.inf))) ** 2
+            if beyond is not None and beyond[row] <= (last if kept == k else np.inf):
                 continue
             shown = self._shown(requests[i].fields)
             sure[i] = [
@@ -204,8 +206,9 @@ class ClassMatrix:
         return self._payloads_shown[key]
 
     def _exact(self, queries: np.ndarray, picked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The squared distances (float64) of each query to each of its picked products' nearest
-        photo, and which photo that is."""
+        """The distance of each query to each of its picked products' nearest photo, as the engine
+        gives distances (float32: products whose distances round alike tie, and ties go by id), and
+        which photo that is (the first of equally near ones)."""
         first = self.start[picked]
         photos = self.start[picked + 1] - first
         most = int(photos.max())
@@ -218,7 +221,8 @@ class ClassMatrix:
             # float32 differences, summed in float64: no cancellation, unlike the matrix product
             squared[begin : begin + chunk] = np.einsum("qdpx,qdpx->qdp", near, near, dtype=np.float64)
         squared[np.arange(most) >= photos[..., None]] = np.inf
-        return squared.min(-1), squared.argmin(-1)  # the first of equally near photos, as the engine's
+        distance = np.sqrt(squared).astype(np.float32)
+        return distance.min(-1), distance.argmin(-1)
 
 
 def _pages(payloads: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
