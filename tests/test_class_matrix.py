@@ -281,3 +281,27 @@ def test_a_delta_ties_a_newcomer_with_a_kept_neighbour_as_a_full_feed_does(tmp_p
     applied.update(_read(feeds / "delta.jsonl"))
     assert applied == _read(feeds / "now.jsonl")
     assert [n for n, _ in applied["W"]] == ["A", "Z"]
+
+
+def test_a_delta_finds_the_lists_a_moved_product_reaches_by_a_later_photo(tmp_path: Path) -> None:
+    """N's second photo lies half a unit from X, its first in a crowd; a list far away (Z) reaches so far
+    that N's searches go deep: every photo is searched to the end, and X's list takes N. (An outside
+    review's case: the deeper searches kept only the first photo.)"""
+    rng = np.random.default_rng(0)
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    with open_index(QdrantSettings(path=tmp_path / "s", collection="c")) as index:
+        index.create(4)
+        crowd = [_pt(f"C{i:03d}", rng.standard_normal(4).tolist()) for i in range(300)]
+        index.upsert([*crowd, _pt("Z", [1000, 0, 0, 0]), _pt("X", [0, 50, 0, 0])])
+        rules = FeedRules(k=2)
+        make_feed(index, rules, feeds / "full.jsonl", "jsonl")
+        index.upsert(
+            [IndexPoint("N", np.array([[0.1, 0, 0, 0], [0, 49.5, 0, 0]], np.float32), {"product_id": "N"})]
+        )
+        make_feed(index, rules, feeds / "delta.jsonl", "jsonl", since=feeds / "full.jsonl")
+        make_feed(index, rules, feeds / "now.jsonl", "jsonl")
+    applied = _read(feeds / "full.jsonl")
+    applied.update(_read(feeds / "delta.jsonl"))
+    assert applied["X"][0] == ("N", 0.5)
+    assert applied == _read(feeds / "now.jsonl")

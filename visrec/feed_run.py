@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from visrec import query
 from visrec.errors import Refused
 from visrec.feed import FeedWriter, Format, StateFile, StateWriter, Written, read_state, write_feed
@@ -330,6 +332,20 @@ def _same_list(hits: list[Hit], before: list[list[Any]] | None, k: int) -> bool:
     )
 
 
+def _enter(product_id: str, searches: dict[int, list[Hit]], old: dict[str, _Old], entered: Entered) -> None:
+    """Add a moved product to each previous list it comes within reach of, at its nearest photo's
+    distance (its photos' searches, by photo)."""
+    nearest: dict[str, tuple[float, int]] = {}  # list → (distance, which photo of the moved one)
+    for photo in sorted(searches):
+        for hit in searches[photo]:
+            if hit.product_id not in nearest or hit.distance < nearest[hit.product_id][0]:
+                nearest[hit.product_id] = (hit.distance, photo)
+    for listed_id, (distance, photo) in nearest.items():
+        listing = old.get(listed_id)
+        if listing is not None and listing.reaches(distance, product_id):
+            entered.setdefault(listed_id, []).append((product_id, distance, photo))
+
+
 def _reached(
     index: VectorIndex,
     rules: FeedRules,
@@ -346,41 +362,47 @@ def _reached(
         if record.key is not None and record.radius != -1.0:
             reach = math.inf if record.radius is None else record.radius
             farthest[record.key] = max(farthest.get(record.key, -math.inf), reach)
-    pending = [(p, REACH_START * rules.k) for p in moved if now[p][1] in farthest]
+    start = REACH_START * rules.k
+    # Each photo of a moved product is searched on its own, deeper while its hits stay within reach;
+    # the product's reach is settled once none of its photos is searched any more.
+    pending: list[tuple[str, int | None, int]] = [(p, None, start) for p in moved if now[p][1] in farthest]
+    rows_of: dict[str, np.ndarray] = {}
+    found: dict[str, dict[int, list[Hit]]] = {}
+    open_searches = {p: 1 for p, _, _ in pending}  # a product's searches queued or under way
     entered: Entered = {}
     searched, products = 0, index.count()
     while pending:
         batch, pending = pending[:BATCH], pending[BATCH:]
-        vectors = index.vectors([p for p, _ in batch])
+        unread = [p for p, _, _ in batch if p not in rows_of]
+        vectors = index.vectors(unread) if unread else {}
+        for product_id in unread:  # the photos `similar` would search with (none: deleted meanwhile)
+            held = product_id in vectors
+            rows_of[product_id] = query.query_rows(vectors[product_id], start) if held else np.zeros((0, 0))
         requests: list[SearchRequest] = []
         plans: list[tuple[str, int, int]] = []
-        for product_id, limit in batch:
-            if product_id not in vectors:
-                continue
-            key = now[product_id][1]
-            assert key is not None
-            rows = query.query_rows(vectors[product_id], limit)
-            filters = with_same(rules.filters, rules.same, key)
-            requests += [SearchRequest(row, limit, filters, [product_id], ["product_id"]) for row in rows]
-            plans.append((product_id, limit, len(rows)))
-        results = iter(index.search_batch(requests, exact=rules.exact))
-        for product_id, limit, count in plans:
-            searches = [next(results) for _ in range(count)]
+        for product_id, photo, limit in batch:
+            rows = rows_of[product_id]
+            photos = range(len(rows)) if photo is None else [photo]
+            if photo is None:  # one queued for all of them
+                open_searches[product_id] += len(photos) - 1
+                if not photos:
+                    found.setdefault(product_id, {})
+            filters = with_same(rules.filters, rules.same, now[product_id][1] or ())
+            for i in photos:
+                requests.append(SearchRequest(rows[i], limit, filters, [product_id], ["product_id"]))
+                plans.append((product_id, i, limit))
+        for (product_id, photo, limit), hits in zip(
+            plans, index.search_batch(requests, exact=rules.exact), strict=True
+        ):
+            found.setdefault(product_id, {})[photo] = hits
             reach = farthest[now[product_id][1]]  # type: ignore[index]
-            nearest: dict[str, tuple[float, int]] = {}  # list → (distance, which photo of the moved one)
-            for photo, hits in enumerate(searches):
-                for hit in hits:
-                    if hit.product_id not in nearest or hit.distance < nearest[hit.product_id][0]:
-                        nearest[hit.product_id] = (hit.distance, photo)
-            for listed_id, (distance, photo) in nearest.items():
-                listing = old.get(listed_id)
-                if listing is not None and listing.reaches(distance, product_id):
-                    entered.setdefault(listed_id, []).append((product_id, distance, photo))
-            if any(len(s) == limit and s[-1].distance <= reach for s in searches) and limit < products:
-                pending.append((product_id, limit * 4))  # more of the class may lie within reach
-                for listed_id in nearest:  # searched again, deeper: counted then
-                    found = entered.get(listed_id, [])
-                    entered[listed_id] = [e for e in found if e[0] != product_id]
-        searched += len(plans)
+            if len(hits) == limit and hits[-1].distance <= reach and limit < products:
+                pending.append((product_id, photo, limit * 4))  # more of the class may lie within reach
+            else:
+                open_searches[product_id] -= 1
+        for product_id in {p for p, _, _ in batch}:
+            if not open_searches[product_id] and product_id in found:
+                _enter(product_id, found.pop(product_id), old, entered)
+        searched += len({p for p, _, _ in plans})
         _tell(progress, "nearby", searched, searched + len(pending))
     return {p: e for p, e in entered.items() if e}
