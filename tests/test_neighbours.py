@@ -255,6 +255,14 @@ def test_mistakes_are_one_line_and_an_exit_code(
         (lambda lines: lines[:-1], "is unfinished"),
         (lambda lines: lines[:-1] + [lines[-1][:-9] + b"\n"], "cannot be read"),
         (lambda lines: lines[:1], "is unfinished"),
+        (
+            lambda lines: [*lines[:2], lines[2].replace(b'"p', b'"q', 2), *lines[3:]],
+            "changed after it was written",
+        ),
+        (
+            lambda lines: [*lines[:-2], lines[-2].replace(b", ", b",  ", 1), lines[-1]],
+            "changed after it was written",
+        ),
     ],
 )
 def test_a_damaged_state_is_refused_in_one_line(

@@ -232,11 +232,12 @@ class StateWriter:
 
     def __init__(self, raw: IO[bytes], header: dict[str, Any]) -> None:
         self._raw = raw
+        self._sha256 = hashlib.sha256()  # of every line before the trailer: a delta checks it
         self.products = 0
         self._line({"kind": STATE_KIND, "version": STATE_VERSION, **header})
 
     def _line(self, data: dict[str, Any]) -> None:
-        self._raw.write(json.dumps(data, ensure_ascii=False).encode() + b"\n")
+        self.write_raw(json.dumps(data, ensure_ascii=False).encode() + b"\n")
 
     def record(self, listed: Listed) -> None:
         self._line(state_record(listed))
@@ -244,10 +245,12 @@ class StateWriter:
 
     def write_raw(self, data: bytes) -> None:
         """Lines copied as they were (a delta's unchanged records: `StateFile.copy_span`)."""
+        self._sha256.update(data)
         self._raw.write(data)
 
     def finish(self, feed_sha256: str) -> None:
-        self._line({"end": True, "products": self.products, "feed_sha256": feed_sha256})
+        trailer = {"end": True, "products": self.products, "feed_sha256": feed_sha256}
+        self._raw.write(json.dumps({**trailer, "state_sha256": self._sha256.hexdigest()}).encode() + b"\n")
 
 
 @dataclass
@@ -341,14 +344,21 @@ class StateFile:
         """Each product's record, and where its line lies in the file (offset, length). Raises `Refused`
         for a line that is not one (the state was damaged after it was written)."""
         with self.path.open("rb") as f:
-            offset = len(f.readline())  # the header
+            header = f.readline()
+            offset, digest = len(header), hashlib.sha256(header)
             for line in f:
                 try:
                     record = json.loads(line)
                 except ValueError:
                     record = None
                 if isinstance(record, dict) and "end" in record:
+                    if record.get("state_sha256", digest.hexdigest()) != digest.hexdigest():
+                        raise Refused(
+                            f"the state {self.path} was changed after it was written (its checksum "
+                            "differs): make a full feed (without --since)"
+                        )
                     return
+                digest.update(line)
                 if not isinstance(record, dict) or not record.keys() >= _RECORD_KEYS:
                     raise Refused(
                         f"the state {self.path} is damaged at byte {offset}: "
