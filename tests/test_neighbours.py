@@ -260,7 +260,7 @@ def test_mistakes_are_one_line_and_an_exit_code(
             "changed after it was written",
         ),
         (
-            lambda lines: [*lines[:-2], lines[-2].replace(b", ", b",  ", 1), lines[-1]],
+            lambda lines: [*lines[:-2], lines[-2].replace(b'"n":', b'"n" :', 1), lines[-1]],
             "changed after it was written",
         ),
     ],

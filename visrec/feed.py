@@ -27,6 +27,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Literal
 
+import orjson
+
 from visrec.errors import InvalidSetting, OutputUnwritable, Refused
 from visrec.fs import replacing, sweep_temporaries
 from visrec.index import Hit
@@ -227,6 +229,23 @@ def state_record(listed: Listed) -> dict[str, Any]:
     }
 
 
+def _state_line(data: dict[str, Any]) -> bytes:
+    """A line of the state: orjson (a 100,000-product state parses in a fifth of json's time, and a
+    delta reads all of it); json where orjson cannot (an integer past 64 bits)."""
+    try:
+        return orjson.dumps(data) + b"\n"
+    except TypeError:
+        return json.dumps(data, ensure_ascii=False).encode() + b"\n"
+
+
+def _state_parsed(line: bytes) -> Any:
+    """A line of a state, whichever wrote it (`_state_line`, or json before it)."""
+    try:
+        return orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return json.loads(line)
+
+
 class StateWriter:
     """The state's lines: the header, a record per product, the trailer (`finish`)."""
 
@@ -237,7 +256,7 @@ class StateWriter:
         self._line({"kind": STATE_KIND, "version": STATE_VERSION, **header})
 
     def _line(self, data: dict[str, Any]) -> None:
-        self.write_raw(json.dumps(data, ensure_ascii=False).encode() + b"\n")
+        self.write_raw(_state_line(data))
 
     def record(self, listed: Listed) -> None:
         self._line(state_record(listed))
@@ -250,7 +269,7 @@ class StateWriter:
 
     def finish(self, feed_sha256: str) -> None:
         trailer = {"end": True, "products": self.products, "feed_sha256": feed_sha256}
-        self._raw.write(json.dumps({**trailer, "state_sha256": self._sha256.hexdigest()}).encode() + b"\n")
+        self._raw.write(_state_line({**trailer, "state_sha256": self._sha256.hexdigest()}))
 
 
 @dataclass
@@ -348,7 +367,7 @@ class StateFile:
             offset, digest = len(header), hashlib.sha256(header)
             for line in f:
                 try:
-                    record = json.loads(line)
+                    record = _state_parsed(line)
                 except ValueError:
                     record = None
                 if isinstance(record, dict) and "end" in record:
@@ -372,7 +391,7 @@ class StateFile:
         with self.path.open("rb") as f:
             for offset, length in spans:
                 f.seek(offset)
-                yield json.loads(f.read(length))
+                yield _state_parsed(f.read(length))
 
     def copy_span(self, state: StateWriter, start: int, end: int, products: int) -> None:
         """Copy the lines from `start` to `end` (`products` records, kept as they were) into `state`."""
@@ -407,8 +426,8 @@ def read_state(feed: Path) -> StateFile:
         raise Refused(f"{feed} has no state beside it ({path.name}: kept by `visrec neighbours`): {fresh}")
     try:
         with path.open("rb") as f:
-            header = json.loads(f.readline())
-            trailer = json.loads(_last_line(f))
+            header = _state_parsed(f.readline())
+            trailer = _state_parsed(_last_line(f))
     except (OSError, ValueError) as exc:
         raise Refused(f"the state of {feed} cannot be read ({exc}): {fresh}") from None
     if (
