@@ -17,6 +17,7 @@ for the requests that name this class's filters; any other request goes to the e
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -223,6 +224,46 @@ class ClassMatrix:
         squared[np.arange(most) >= photos[..., None]] = np.inf
         distance = np.sqrt(squared).astype(np.float32)
         return distance.min(-1), distance.argmin(-1)
+
+
+class Classes:
+    """Searches routed by their filters: those of a class named in `whole` to that class held in memory
+    (read on first use; the least recently used let go past `MATRIX_BYTES` in all), any other to the
+    engine. A delta searches so, in the arithmetic of the full feed it mends."""
+
+    def __init__(self, index: VectorIndex, fields: Sequence[str], whole: Sequence[Filters]) -> None:
+        self.index = index
+        self.fields = list(fields)
+        self._whole = {filters.model_dump_json() for filters in whole}
+        self._held: OrderedDict[str, ClassMatrix | None] = OrderedDict()
+        self._bytes = 0
+
+    def vectors(self, product_ids: Sequence[str]) -> dict[str, np.ndarray]:
+        return self.index.vectors(product_ids)
+
+    def search_batch(self, requests: Sequence[SearchRequest], exact: bool = False) -> list[list[Hit]]:
+        by_filters: dict[str, list[int]] = {}
+        for i, request in enumerate(requests):
+            by_filters.setdefault(request.filters.model_dump_json(), []).append(i)
+        found: dict[int, list[Hit]] = {}
+        for key, members in by_filters.items():
+            matrix = self._matrix(key, requests[members[0]].filters) if key in self._whole else None
+            searcher: VectorIndex | ClassMatrix = self.index if matrix is None else matrix
+            found.update(
+                zip(members, searcher.search_batch([requests[i] for i in members], exact), strict=True)
+            )
+        return [found[i] for i in range(len(requests))]
+
+    def _matrix(self, key: str, filters: Filters) -> ClassMatrix | None:
+        if key in self._held:
+            self._held.move_to_end(key)
+            return self._held[key]
+        matrix = self._held[key] = ClassMatrix.load(self.index, filters, self.fields)
+        self._bytes += 0 if matrix is None else matrix.rows.nbytes
+        while self._bytes > MATRIX_BYTES and len(self._held) > 1:
+            _, dropped = self._held.popitem(last=False)
+            self._bytes -= 0 if dropped is None else dropped.rows.nbytes
+        return matrix
 
 
 def _pages(payloads: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from visrec import query
+from visrec.class_matrix import Classes
 from visrec.errors import Refused
 from visrec.feed import FeedWriter, Format, StateFile, StateWriter, Written, read_state, write_feed
 from visrec.index import Hit, SearchRequest, VectorIndex
@@ -40,10 +42,14 @@ from visrec.index.points import payload_key
 from visrec.neighbours import (
     BATCH,
     RESERVE,
+    ClassKey,
     FeedRules,
     Listed,
     batches,
     check_against,
+    class_filters,
+    class_of,
+    classes_read,
     fingerprint,
     lists_for,
     same_key,
@@ -180,17 +186,20 @@ def _said(options: Any) -> str:
 
 def _now(
     index: VectorIndex, rules: FeedRules, progress: Progress | None
-) -> dict[str, tuple[str, tuple[Any, ...] | None]]:
+) -> tuple[dict[str, tuple[str, tuple[Any, ...] | None]], Counter[ClassKey]]:
     """Each product listed now: what says its vectors changed, and its `same` values; read from the
-    payloads (vectors only for points without a vectors hash)."""
+    payloads (vectors only for points without a vectors hash). And the classes' sizes."""
     fields = [payload_key(name) for name in ("product_id", "vectors_hash", "model_version", *rules.same)]
     now: dict[str, tuple[str, tuple[Any, ...] | None]] = {}
+    sizes: Counter[ClassKey] = Counter()
     unhashed: list[str] = []
     total = index.count(rules.filters)
     for payload in index.all_payloads(rules.filters, fields):
         product_id = str(payload["product_id"])
         key = same_key(payload, rules.same)
         now[product_id] = (fingerprint(payload, None), key)
+        if (known := class_of(payload, rules.same)) is not None:
+            sizes[known] += 1
         if not payload.get("vectors_hash"):
             unhashed.append(product_id)
         if len(now) % 10_000 == 0:
@@ -200,7 +209,7 @@ def _now(
         for product_id, vectors in found.items():
             now[product_id] = (fingerprint({}, vectors), now[product_id][1])
     _tell(progress, "changes", len(now), len(now))
-    return now
+    return now, sizes
 
 
 Entered = dict[str, list[tuple[str, float, int]]]  # list → (moved product, its distance, its photo)
@@ -221,7 +230,9 @@ def _delta(
         key = None if record["key"] is None else tuple(record["key"])
         old[record["id"]] = _Old(record["fp"], key, tuple(n[0] for n in record["n"]), record["r"])
         spans[record["id"]] = (offset, length)
-    now = _now(index, rules, progress)
+    now, sizes = _now(index, rules, progress)
+    fields = list(dict.fromkeys([*rules.listed_fields(), *rules.hit_fields()]))
+    classes = Classes(index, fields, [class_filters(rules, known) for known in classes_read(sizes)])
     gone = old.keys() - now.keys()
     moved = {
         p for p, (fp, key) in now.items() if p not in old or old[p].fingerprint != fp or old[p].key != key
@@ -229,7 +240,7 @@ def _delta(
     # A neighbour deleted while the previous feed ran is in lists but had no line of its own.
     vanished = set().union(*(record.neighbours for record in old.values())) - now.keys()
     touched = gone | moved | vanished
-    entered = _reached(index, rules, sorted(moved), now, old, progress)
+    entered = _reached(index, classes, rules, sorted(moved), now, old, progress)
     # Every other list: none of its kept products changed and nothing new came within its reach.
     mend = {
         p
@@ -250,7 +261,9 @@ def _delta(
     for start in range(0, len(ordered), BATCH):
         ids = ordered[start : start + BATCH]
         payloads = index.payloads(ids)
-        for listed in lists_for(index, [(p, payloads[p]) for p in ids if p in payloads], rules):
+        for listed in lists_for(
+            index, [(p, payloads[p]) for p in ids if p in payloads], rules, searcher=classes
+        ):
             lists[listed.product_id] = listed
         _tell(progress, "neighbours", min(start + BATCH, len(ordered)), len(ordered))
     gone |= {p for p in search if p in old and p not in lists}  # deleted since it was read
@@ -348,6 +361,7 @@ def _enter(product_id: str, searches: dict[int, list[Hit]], old: dict[str, _Old]
 
 def _reached(
     index: VectorIndex,
+    classes: Classes,
     rules: FeedRules,
     moved: Sequence[str],
     now: dict[str, tuple[str, tuple[Any, ...] | None]],
@@ -392,7 +406,7 @@ def _reached(
                 requests.append(SearchRequest(rows[i], limit, filters, [product_id], ["product_id"]))
                 plans.append((product_id, i, limit))
         for (product_id, photo, limit), hits in zip(
-            plans, index.search_batch(requests, exact=rules.exact), strict=True
+            plans, classes.search_batch(requests, exact=rules.exact), strict=True
         ):
             found.setdefault(product_id, {})[photo] = hits
             reach = farthest[now[product_id][1]]  # type: ignore[index]

@@ -45,6 +45,7 @@ CLASSES_READ = 64
 HIT_FIELDS = ("product_id", "image", "images")
 
 SameValue = str | bool | int | float
+ClassKey = tuple[tuple[str, SameValue], ...]  # a class's `same` values, typed (`class_of`)
 
 
 @dataclass(frozen=True)
@@ -294,7 +295,7 @@ def batches(
     classes read whole into memory one after the other (`ClassMatrix`: exact, and far cheaper a product
     than the engine; a class over its memory budget is left), then the rest, in point-id order, through
     the engine."""
-    sizes: Counter[tuple[tuple[str, SameValue], ...]] = Counter()
+    sizes: Counter[ClassKey] = Counter()
     listed: set[str] = set()  # a product whose class changes meanwhile is listed once, in the first
     for batch in _scrolled(index, feed, size):
         keyless = [(p, payload) for p, payload in batch if same_key(payload, feed.same) is None]
@@ -303,12 +304,9 @@ def batches(
             yield keyless, index
         sizes.update(c for _, payload in batch if (c := class_of(payload, feed.same)) is not None)
     fields = list(dict.fromkeys([*feed.listed_fields(), *feed.hit_fields()]))
-    held: set[tuple[tuple[str, SameValue], ...]] = set()
-    for known, count in sizes.most_common(CLASSES_READ):
-        key = tuple(value for _, value in known)
-        matrix = (
-            ClassMatrix.load(index, with_same(feed.filters, feed.same, key), fields) if count > 1 else None
-        )
+    held: set[ClassKey] = set()
+    for known in classes_read(sizes):
+        matrix = ClassMatrix.load(index, class_filters(feed, known), fields)
         if matrix is None:
             continue
         held.add(known)
@@ -332,7 +330,18 @@ def batches(
             yield rest, index
 
 
-def class_of(payload: dict[str, Any], same: Sequence[str]) -> tuple[tuple[str, SameValue], ...] | None:
+def classes_read(sizes: Counter[ClassKey]) -> list[ClassKey]:
+    """The classes a feed reads whole, by their sizes: the `CLASSES_READ` largest of two products or
+    more (a delta reads the same ones, to search in the arithmetic of the full feed it mends)."""
+    return [known for known, count in sizes.most_common(CLASSES_READ) if count > 1]
+
+
+def class_filters(feed: FeedRules, known: ClassKey) -> Filters:
+    """The filters whose searches a class answers: the feed's and its `same` values."""
+    return with_same(feed.filters, feed.same, tuple(value for _, value in known))
+
+
+def class_of(payload: dict[str, Any], same: Sequence[str]) -> ClassKey | None:
     """A product's class by its `same` values, typed (True, 1 and 1.0 are three: the engine's filters
     for them differ), or None where it has none."""
     key = same_key(payload, same)
