@@ -305,3 +305,62 @@ def test_a_delta_finds_the_lists_a_moved_product_reaches_by_a_later_photo(tmp_pa
     applied.update(_read(feeds / "delta.jsonl"))
     assert applied["X"][0] == ("N", 0.5)
     assert applied == _read(feeds / "now.jsonl")
+
+
+@hypothesis_settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(catalogue=catalogues(), edits=st.lists(st.tuples(st.integers(0, 45), st.integers(0, 3)), max_size=8))
+def test_previous_feed_and_delta_are_the_full_feed_to_the_bit(
+    catalogue: tuple[list[IndexPoint], int],
+    edits: list[tuple[int, int]],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """Near-twins (photos one float32 step apart), shared photos, products of several photos, large norms:
+    after any edits, previous feed + delta equals a full feed made now in ids, order and the photo
+    matched, exactly (both search a class in one arithmetic), and in distances to the float32 step a
+    delta leaves unwritten (a list whose distances moved by less is not a changed list)."""
+    points, seed = catalogue
+    rng = np.random.default_rng(seed)
+    feeds = tmp_path_factory.mktemp("delta")
+    rules = FeedRules(k=3, same=("brand",))
+    with open_index(QdrantSettings(path=feeds / "s", collection="c")) as index:
+        index.create(DIM, {"model_version": "m"})
+        index.upsert(points)
+        make_feed(index, rules, feeds / "full.jsonl", "jsonl")
+        for i, what in edits:
+            product_id, twin = f"p{i}", points[i % len(points)]
+            if what == 0:
+                index.delete([product_id])
+            else:  # a new or changed product: on another's photo, one step beside it, or elsewhere
+                vectors = twin.photo_vectors.copy()
+                if what == 2:
+                    vectors = np.nextafter(vectors, np.float32(np.inf))
+                if what == 3:
+                    vectors = vectors + rng.standard_normal(vectors.shape).astype(np.float32)
+                payload = {**twin.payload, "product_id": product_id, "vectors_hash": f"e{i}{what}"}
+                index.upsert([IndexPoint(product_id, vectors, payload)])
+        make_feed(index, rules, feeds / "delta.jsonl", "jsonl", since=feeds / "full.jsonl")
+        make_feed(index, rules, feeds / "now.jsonl", "jsonl")
+
+    def lists(path: Path) -> dict[str, Any]:
+        return {
+            e["product_id"]: e.get("deleted")
+            or [(n["product_id"], n["distance"], n["matched_image"]) for n in e["neighbours"]]
+            for e in map(json.loads, path.read_text().splitlines())
+        }
+
+    applied = lists(feeds / "full.jsonl")
+    for product_id, entry in lists(feeds / "delta.jsonl").items():
+        if entry is True:
+            applied.pop(product_id, None)
+        else:
+            applied[product_id] = entry
+    now = lists(feeds / "now.jsonl")
+    assert {p: [(n, m) for n, _, m in entry] for p, entry in applied.items()} == {
+        p: [(n, m) for n, _, m in entry] for p, entry in now.items()
+    }
+    for product_id, entry in now.items():
+        assert np.allclose(
+            [d for _, d, _ in entry], [d for _, d, _ in applied[product_id]], rtol=1e-6, atol=0
+        )
