@@ -364,3 +364,34 @@ def test_previous_feed_and_delta_are_the_full_feed_to_the_bit(
         assert np.allclose(
             [d for _, d, _ in entry], [d for _, d, _ in applied[product_id]], rtol=1e-6, atol=0
         )
+
+
+@pytest.mark.parametrize(("before", "after"), [(1, True), (True, 1), (1, 1.0), (1.0, True)])
+def test_a_same_value_that_changes_only_its_type_moves_the_product(
+    before: Any, after: Any, tmp_path: Path
+) -> None:
+    """1, 1.0 and True are three classes (the engine's filters tell them apart) though Python holds
+    them equal: a product whose `same` value changes only its type leaves its class, and a delta says
+    so as a full feed does. (An outside review's edit loop, seed 110.)"""
+    rng = np.random.default_rng(5)
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+
+    def product(i: int, kind: Any) -> IndexPoint:
+        payload = {"product_id": f"p{i}", "kind": kind, "vectors_hash": f"h{i}"}
+        return IndexPoint(f"p{i}", vectors[i], payload)
+
+    vectors = rng.standard_normal((8, 4)).astype(np.float32)
+    with open_index(QdrantSettings(path=tmp_path / "s", collection="c")) as index:
+        index.create(4)
+        index.upsert([product(i, before if i < 5 else after) for i in range(8)])
+        rules = FeedRules(k=3, same=("kind",))
+        make_feed(index, rules, feeds / "full.jsonl", "jsonl")
+        index.upsert([product(0, after)])
+        make_feed(index, rules, feeds / "delta.jsonl", "jsonl", since=feeds / "full.jsonl")
+        make_feed(index, rules, feeds / "now.jsonl", "jsonl")
+    applied = _read(feeds / "full.jsonl")
+    applied.update(_read(feeds / "delta.jsonl"))
+    now = _read(feeds / "now.jsonl")
+    assert "p0" not in [n for n, _ in now["p1"]]
+    assert applied == now

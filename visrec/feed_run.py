@@ -235,7 +235,9 @@ def _delta(
     classes = Classes(index, fields, [class_filters(rules, known) for known in classes_read(sizes)])
     gone = old.keys() - now.keys()
     moved = {
-        p for p, (fp, key) in now.items() if p not in old or old[p].fingerprint != fp or old[p].key != key
+        p
+        for p, (fp, key) in now.items()
+        if p not in old or old[p].fingerprint != fp or _typed(old[p].key) != _typed(key)
     }
     # A neighbour deleted while the previous feed ran is in lists but had no line of its own.
     vanished = set().union(*(record.neighbours for record in old.values())) - now.keys()
@@ -303,6 +305,12 @@ def _delta(
         "deleted": written.deleted,
         "uncoloured": 0,
     }
+
+
+def _typed(key: tuple[Any, ...] | None) -> tuple[tuple[str, Any], ...] | None:
+    """`same` values with their types: True, 1 and 1.0 are three classes (`neighbours.class_of`),
+    though Python holds them equal."""
+    return None if key is None else tuple((type(value).__name__, value) for value in key)
 
 
 def _mended(
