@@ -319,17 +319,7 @@ def run_snapshot(
 ) -> dict[str, Any]:
     """`visrec snapshot` of `index`, a version nobody writes to while it is read (or a server's: `cut`
     says); `record`: its alias and version (`snapshot.version_record`)."""
-    return take(
-        index,
-        job.out,
-        record=record,
-        cut=cut,
-        engine=engine_version(settings.qdrant),
-        configured_model=settings.artefact,
-        with_model=job.with_model,
-        keep=job.keep,
-        progress=progress,
-    )
+    return take(index, job.out, **_archive_options(job, settings, record, cut, progress))
 
 
 def run_snapshot_apart(
@@ -343,19 +333,23 @@ def run_snapshot_apart(
 ) -> dict[str, Any]:
     """`run_snapshot` of the embedded version `collection` held in `folder` (a settled copy nobody
     writes to), in a process of its own (`snapshot.take_apart`)."""
-    return take_apart(
-        folder,
-        collection,
-        settings.qdrant,
-        job.out,
-        record=record,
-        cut=cut,
-        engine=engine_version(settings.qdrant),
-        configured_model=settings.artefact,
-        with_model=job.with_model,
-        keep=job.keep,
-        progress=progress,
-    )
+    options = _archive_options(job, settings, record, cut, progress)
+    return take_apart(folder, collection, settings.qdrant, job.out, **options)
+
+
+def _archive_options(
+    job: SnapshotJob, settings: Settings, record: dict[str, Any], cut: Cut, progress: Progress | None
+) -> dict[str, Any]:
+    """What `snapshot.take` and `take_apart` are told besides where to read and write."""
+    return {
+        "record": record,
+        "cut": cut,
+        "engine": engine_version(settings.qdrant),
+        "configured_model": settings.artefact,
+        "with_model": job.with_model,
+        "keep": job.keep,
+        "progress": progress,
+    }
 
 
 def run_snapshot_here(job: SnapshotJob, settings: Settings, progress: Progress | None) -> dict[str, Any]:
