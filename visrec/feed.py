@@ -218,15 +218,18 @@ def _writer(fmt: Format, raw: IO[bytes], scored: bool) -> FeedWriter:
 
 
 def state_record(listed: Listed) -> dict[str, Any]:
-    """A product's line in the state: what says its vectors changed, its `same` values, its nearest
-    (beyond the list: `Listed.kept`) and how far they are complete."""
-    return {
+    """A product's line in the state: what says its vectors changed, its `same` values (or the lists'
+    values that hold it), its nearest (beyond the list: `Listed.kept`) and how far they are complete."""
+    record: dict[str, Any] = {
         "id": listed.product_id,
         "fp": listed.fingerprint,
         "key": None if listed.key is None else list(listed.key),
         "n": [[h.product_id, h.distance, h.matched] for h in listed.kept],
         "r": listed.within,
     }
+    if listed.listed_by is not None:  # no class of its own, yet lists hold it: `neighbours.listed_by`
+        record["in"] = [list(values) for values in listed.listed_by]
+    return record
 
 
 def _state_line(data: dict[str, Any]) -> bytes:

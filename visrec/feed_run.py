@@ -5,12 +5,14 @@ keeps each list beside it (`feed.StateWriter`). A delta (`--since PREVIOUS`) rea
 store's bookkeeping now (no vectors), and recomputes only the lists a change can reach:
 
 - a product new to the feed, gone from it, whose vectors changed (its vectors hash) or whose `same`
-  values changed is *moved*; its own list is recomputed (a gone one is written as deleted);
+  values changed (a list's too) is *moved*; its own list is recomputed (a gone one is written as
+  deleted);
 - a list holding a moved or gone product is recomputed;
 - a list a moved product may now enter: the moved product's surroundings are searched within its class
-  (the filters, and its `same` values), further and further until past the farthest k-th distance of
-  that class's lists; each list found whose own k-th distance is not below the moved product's
-  distance to it (or that is short of k) is recomputed.
+  (the filters, and its `same` values; with a list there, within each class whose filter matches it,
+  `neighbours.listed_by`), further and further until past the farthest k-th distance of that class's
+  lists; each list found whose own k-th distance is not below the moved product's distance to it (or
+  that is short of k) is recomputed.
 
 Every other list cannot have changed: its k neighbours are unchanged and nothing new came closer than
 its k-th. A change of a field no rule reads (a price, with no price filter) moves nothing. The delta
@@ -29,7 +31,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -45,13 +47,18 @@ from visrec.neighbours import (
     ClassKey,
     FeedRules,
     Listed,
+    MatchKey,
+    SameValue,
     batches,
     check_against,
     class_filters,
     class_of,
+    classes_listing,
     classes_read,
     fingerprint,
+    listed_by,
     lists_for,
+    match_key,
     same_key,
     with_same,
 )
@@ -133,6 +140,7 @@ class _Old:
     key: tuple[Any, ...] | None
     neighbours: tuple[str, ...]  # the products it kept (`Listed.kept`)
     radius: float | None  # what it kept is complete this far (None: all of its class; -1: no class)
+    listed_by: Any  # with no class: the lists' values that hold it (`neighbours.listed_by`), as read
 
     def reaches(self, distance: float, product_id: str) -> bool:
         """Whether a product this far would have been kept: before the last one kept by (distance,
@@ -184,20 +192,28 @@ def _said(options: Any) -> str:
     return ", ".join(parts)
 
 
+class _Now(NamedTuple):
+    """A product listed now, as a delta compares it with its previous record."""
+
+    fingerprint: str  # what says its vectors changed
+    key: tuple[SameValue, ...] | None  # its `same` values
+    listed_by: tuple[tuple[SameValue, ...], ...] | None  # with no class: the values lists hold it by
+
+
 def _now(
     index: VectorIndex, rules: FeedRules, progress: Progress | None
-) -> tuple[dict[str, tuple[str, tuple[Any, ...] | None]], Counter[ClassKey]]:
-    """Each product listed now: what says its vectors changed, and its `same` values; read from the
-    payloads (vectors only for points without a vectors hash). And the classes' sizes."""
+) -> tuple[dict[str, _Now], Counter[ClassKey]]:
+    """Each product listed now, read from the payloads (vectors only for points without a vectors
+    hash). And the classes' sizes."""
     fields = [payload_key(name) for name in ("product_id", "vectors_hash", "model_version", *rules.same)]
-    now: dict[str, tuple[str, tuple[Any, ...] | None]] = {}
+    now: dict[str, _Now] = {}
     sizes: Counter[ClassKey] = Counter()
     unhashed: list[str] = []
     total = index.count(rules.filters)
     for payload in index.all_payloads(rules.filters, fields):
         product_id = str(payload["product_id"])
         key = same_key(payload, rules.same)
-        now[product_id] = (fingerprint(payload, None), key)
+        now[product_id] = _Now(fingerprint(payload, None), key, listed_by(payload, rules.same))
         if (known := class_of(payload, rules.same)) is not None:
             sizes[known] += 1
         if not payload.get("vectors_hash"):
@@ -207,7 +223,7 @@ def _now(
     for start in range(0, len(unhashed), BATCH):
         found = index.vectors(unhashed[start : start + BATCH])
         for product_id, vectors in found.items():
-            now[product_id] = (fingerprint({}, vectors), now[product_id][1])
+            now[product_id] = now[product_id]._replace(fingerprint=fingerprint({}, vectors))
     _tell(progress, "changes", len(now), len(now))
     return now, sizes
 
@@ -228,7 +244,8 @@ def _delta(
     spans: dict[str, tuple[int, int]] = {}  # where each record lies in the previous state
     for record, offset, length in previous.records():
         key = None if record["key"] is None else tuple(record["key"])
-        old[record["id"]] = _Old(record["fp"], key, tuple(n[0] for n in record["n"]), record["r"])
+        neighbours = tuple(n[0] for n in record["n"])
+        old[record["id"]] = _Old(record["fp"], key, neighbours, record["r"], record.get("in"))
         spans[record["id"]] = (offset, length)
     now, sizes = _now(index, rules, progress)
     fields = list(dict.fromkeys([*rules.listed_fields(), *rules.hit_fields()]))
@@ -236,13 +253,16 @@ def _delta(
     gone = old.keys() - now.keys()
     moved = {
         p
-        for p, (fp, key) in now.items()
-        if p not in old or old[p].fingerprint != fp or _typed(old[p].key) != _typed(key)
+        for p, listed in now.items()
+        if p not in old
+        or old[p].fingerprint != listed.fingerprint
+        or _typed(old[p].key) != _typed(listed.key)
+        or _typed(old[p].listed_by) != _typed(listed.listed_by)
     }
     # A neighbour deleted while the previous feed ran is in lists but had no line of its own.
     vanished = set().union(*(record.neighbours for record in old.values())) - now.keys()
     touched = gone | moved | vanished
-    entered = _reached(index, classes, rules, sorted(moved), now, old, progress)
+    entered, searched_around = _reached(index, classes, rules, sorted(moved), now, old, progress)
     # Every other list: none of its kept products changed and nothing new came within its reach.
     mend = {
         p
@@ -298,7 +318,7 @@ def _delta(
     return {
         "products": written.state_products,
         "moved": len(moved),
-        "searched_around": len([p for p in moved if now[p][1] is not None]),
+        "searched_around": searched_around,
         "queried": len(ordered),
         "mended": len(mend) - len(search - moved),
         "lists_written": written.lists,
@@ -307,10 +327,12 @@ def _delta(
     }
 
 
-def _typed(key: tuple[Any, ...] | None) -> tuple[tuple[str, Any], ...] | None:
-    """`same` values with their types: True, 1 and 1.0 are three classes (`neighbours.class_of`),
-    though Python holds them equal."""
-    return None if key is None else tuple((type(value).__name__, value) for value in key)
+def _typed(values: Sequence[Any] | None) -> tuple[Any, ...] | None:
+    """`same` values (or `listed_by`'s lists of them) with their types: True, 1 and 1.0 are three
+    classes (`neighbours.class_of`), though Python holds them equal."""
+    if values is None:
+        return None
+    return tuple(_typed(v) if isinstance(v, list | tuple) else (type(v).__name__, v) for v in values)
 
 
 def _mended(
@@ -319,7 +341,7 @@ def _mended(
     entered: list[tuple[str, float, int]],
     touched: set[str],
     old: dict[str, _Old],
-    now: dict[str, tuple[str, tuple[Any, ...] | None]],
+    now: dict[str, _Now],
     rules: FeedRules,
 ) -> Listed | None:
     """A list mended without a search: its kept products that did not change and the moved ones that
@@ -334,7 +356,7 @@ def _mended(
     if len(candidates) > depth:
         candidates, within = candidates[:depth], candidates[depth - 1][1]
     hits = [Hit(n, d, {}, m) for n, d, m in candidates]
-    fingerprint, key = now[product_id]
+    fingerprint, key, _ = now[product_id]
     return Listed(product_id, hits[: rules.k], fingerprint, key, hits, within)
 
 
@@ -353,12 +375,14 @@ def _same_list(hits: list[Hit], before: list[list[Any]] | None, k: int) -> bool:
     )
 
 
-def _enter(product_id: str, searches: dict[int, list[Hit]], old: dict[str, _Old], entered: Entered) -> None:
+def _enter(
+    product_id: str, searches: dict[tuple[int, int], list[Hit]], old: dict[str, _Old], entered: Entered
+) -> None:
     """Add a moved product to each previous list it comes within reach of, at its nearest photo's
-    distance (its photos' searches, by photo)."""
+    distance (its searches, by (photo, class searched))."""
     nearest: dict[str, tuple[float, int]] = {}  # list → (distance, which photo of the moved one)
-    for photo in sorted(searches):
-        for hit in searches[photo]:
+    for photo, searched in sorted(searches):
+        for hit in searches[photo, searched]:
             if hit.product_id not in nearest or hit.distance < nearest[hit.product_id][0]:
                 nearest[hit.product_id] = (hit.distance, photo)
     for listed_id, (distance, photo) in nearest.items():
@@ -372,25 +396,35 @@ def _reached(
     classes: Classes,
     rules: FeedRules,
     moved: Sequence[str],
-    now: dict[str, tuple[str, tuple[Any, ...] | None]],
+    now: dict[str, _Now],
     old: dict[str, _Old],
     progress: Progress | None,
-) -> Entered:
+) -> tuple[Entered, int]:
     """The previous lists each moved product now comes within reach of, with its distance and photo:
-    its surroundings within its class, searched until past the class's farthest reach (all of the class
-    where a list there holds all of it)."""
-    farthest: dict[tuple[Any, ...], float] = {}
+    its surroundings within its class (each class listing it, `neighbours.listed_by`), searched until
+    past the class's farthest reach (all of the class where a list there holds all of it). And how many
+    moved products were searched around."""
+    farthest: dict[MatchKey, tuple[tuple[Any, ...], float]] = {}  # class → (its values, its reach)
     for record in old.values():
         if record.key is not None and record.radius != -1.0:
             reach = math.inf if record.radius is None else record.radius
-            farthest[record.key] = max(farthest.get(record.key, -math.inf), reach)
+            known = match_key(record.key)
+            farthest[known] = (record.key, max(farthest.get(known, (record.key, -math.inf))[1], reach))
+    around: dict[str, list[MatchKey]] = {}  # moved product → the classes searched around it
+    for product_id in moved:
+        key, held_by = now[product_id].key, now[product_id].listed_by
+        if key is not None and match_key(key) in farthest:
+            around[product_id] = [match_key(key)]
+        elif held_by is not None and (listing := classes_listing(held_by, farthest)):
+            around[product_id] = listing
     start = REACH_START * rules.k
-    # Each photo of a moved product is searched on its own, deeper while its hits stay within reach;
-    # the product's reach is settled once none of its photos is searched any more.
-    pending: list[tuple[str, int | None, int]] = [(p, None, start) for p in moved if now[p][1] in farthest]
+    # Each photo of a moved product is searched on its own in each class, deeper while its hits stay
+    # within reach; the product's reach is settled once none of its searches goes on.
+    Search = tuple[str, tuple[int, int] | None, int]  # (product, (photo, class) or all of them, limit)
+    pending: list[Search] = [(p, None, start) for p in around]
     rows_of: dict[str, np.ndarray] = {}
-    found: dict[str, dict[int, list[Hit]]] = {}
-    open_searches = {p: 1 for p, _, _ in pending}  # a product's searches queued or under way
+    found: dict[str, dict[tuple[int, int], list[Hit]]] = {}
+    open_searches = {p: 1 for p in around}  # a product's searches queued or under way
     entered: Entered = {}
     searched, products = 0, index.count()
     while pending:
@@ -401,25 +435,28 @@ def _reached(
             held = product_id in vectors
             rows_of[product_id] = query.query_rows(vectors[product_id], start) if held else np.zeros((0, 0))
         requests: list[SearchRequest] = []
-        plans: list[tuple[str, int, int]] = []
-        for product_id, photo, limit in batch:
+        plans: list[tuple[str, tuple[int, int], int]] = []
+        for product_id, which, limit in batch:
             rows = rows_of[product_id]
-            photos = range(len(rows)) if photo is None else [photo]
-            if photo is None:  # one queued for all of them
-                open_searches[product_id] += len(photos) - 1
-                if not photos:
+            if which is None:  # one queued for all of them
+                each = [(i, c) for i in range(len(rows)) for c in range(len(around[product_id]))]
+                open_searches[product_id] += len(each) - 1
+                if not each:
                     found.setdefault(product_id, {})
-            filters = with_same(rules.filters, rules.same, now[product_id][1] or ())
-            for i in photos:
-                requests.append(SearchRequest(rows[i], limit, filters, [product_id], ["product_id"]))
-                plans.append((product_id, i, limit))
-        for (product_id, photo, limit), hits in zip(
+            else:
+                each = [which]
+            for photo, searched_class in each:
+                values = farthest[around[product_id][searched_class]][0]
+                filters = with_same(rules.filters, rules.same, values)
+                requests.append(SearchRequest(rows[photo], limit, filters, [product_id], ["product_id"]))
+                plans.append((product_id, (photo, searched_class), limit))
+        for (product_id, which, limit), hits in zip(
             plans, classes.search_batch(requests, exact=rules.exact), strict=True
         ):
-            found.setdefault(product_id, {})[photo] = hits
-            reach = farthest[now[product_id][1]]  # type: ignore[index]
+            found.setdefault(product_id, {})[which] = hits
+            reach = farthest[around[product_id][which[1]]][1]
             if len(hits) == limit and hits[-1].distance <= reach and limit < products:
-                pending.append((product_id, photo, limit * 4))  # more of the class may lie within reach
+                pending.append((product_id, which, limit * 4))  # more of the class may lie within reach
             else:
                 open_searches[product_id] -= 1
         for product_id in {p for p, _, _ in batch}:
@@ -427,4 +464,4 @@ def _reached(
                 _enter(product_id, found.pop(product_id), old, entered)
         searched += len({p for p, _, _ in plans})
         _tell(progress, "nearby", searched, searched + len(pending))
-    return {p: e for p, e in entered.items() if e}
+    return {p: e for p, e in entered.items() if e}, len(around)

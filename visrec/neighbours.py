@@ -8,18 +8,19 @@ choose the products listed as well as their neighbours. A batch's searches (one 
 to the engine in one call (`VectorIndex.search_batch`); the rules then choose per product, as a single
 query does (`query.chosen`). Memory is a batch's vectors and pools, whatever the catalogue's size.
 
-`visrec.feed` writes the lists and keeps what a later delta needs; `visrec.feed_delta` works out which
+`visrec.feed` writes the lists and keeps what a later delta needs; `visrec.feed_run` works out which
 lists a change can reach.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import math
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import numpy as np
 
@@ -46,6 +47,7 @@ HIT_FIELDS = ("product_id", "image", "images")
 
 SameValue = str | bool | int | float
 ClassKey = tuple[tuple[str, SameValue], ...]  # a class's `same` values, typed (`class_of`)
+MatchKey = tuple[tuple[str, SameValue], ...]  # what its filters compare of them (`match_key`)
 
 
 @dataclass(frozen=True)
@@ -131,11 +133,49 @@ def same_key(payload: dict[str, Any], same: Sequence[str]) -> tuple[SameValue, .
     values: list[SameValue] = []
     for name in same:
         value = payload.get(name)
-        if isinstance(value, str | bool) or (isinstance(value, int | float) and math.isfinite(value)):
-            values.append(value)
-        else:
+        if not _is_same_value(value):
             return None
+        values.append(value)
     return tuple(values)
+
+
+def listed_by(payload: dict[str, Any], same: Sequence[str]) -> tuple[tuple[SameValue, ...], ...] | None:
+    """Each `same` field's values by which other classes' lists hold a product that has no class of its
+    own (`same_key` is None) because a field holds a list: a class's filter matches a list holding its
+    value (the list's own elements: not a nested list's). None where the product has a class, or lies
+    in none (a field missing, or holding no such value)."""
+    if not same or same_key(payload, same) is not None:
+        return None
+    fields: list[tuple[SameValue, ...]] = []
+    for name in same:
+        value = payload.get(name)
+        values = tuple(v for v in (value if isinstance(value, list) else [value]) if _is_same_value(v))
+        if not values:
+            return None
+        fields.append(values)
+    return tuple(fields)
+
+
+def match_key(key: Sequence[SameValue]) -> MatchKey:
+    """What a class's filters compare of its `same` values: 1 and 1.0 are one number (`with_same` asks a
+    number's range), True is no number. Classes of one match key hold the same products."""
+    return tuple(_matched(value) for value in key)
+
+
+def classes_listing(values: Sequence[Sequence[SameValue]], known: Collection[MatchKey]) -> list[MatchKey]:
+    """Those of the classes `known` whose filters match a product of `listed_by` `values`."""
+    options = [{_matched(value) for value in field} for field in values]
+    if math.prod(len(o) for o in options) <= len(known):
+        return [c for c in itertools.product(*options) if c in known]
+    return [c for c in known if all(m in o for m, o in zip(c, options, strict=True))]
+
+
+def _matched(value: SameValue) -> tuple[str, SameValue]:
+    return ("bool" if isinstance(value, bool) else "text" if isinstance(value, str) else "number", value)
+
+
+def _is_same_value(value: Any) -> TypeGuard[SameValue]:
+    return isinstance(value, str | bool) or (isinstance(value, int | float) and math.isfinite(value))
 
 
 def with_same(filters: Filters, same: Sequence[str], key: Sequence[SameValue]) -> Filters:
@@ -177,6 +217,7 @@ class Listed:
     kept: list[Hit]
     within: float | None
     uncoloured: bool = False  # a colour re-rank was asked, and the product has no colour: not re-ranked
+    listed_by: tuple[tuple[SameValue, ...], ...] | None = None  # with no class: the classes holding it
 
 
 class Searcher(Protocol):
@@ -224,7 +265,10 @@ def lists_for(
         key = same_key(payload, feed.same)
         uncoloured = bool(feed.colour_weight) and "colour_lab" not in payload
         if among is None:
-            listed.append(Listed(product_id, [], fingerprint(payload, rows), key, [], -1.0, uncoloured))
+            held_by = listed_by(payload, feed.same)
+            listed.append(
+                Listed(product_id, [], fingerprint(payload, rows), key, [], -1.0, uncoloured, held_by)
+            )
             continue
         depth = _depth(feed, len(rows), _weight(feed, payload), bounds)
         again = _search_again(
