@@ -29,18 +29,23 @@ from visrec.filters import Filters
 from visrec.index import Hit, SearchRequest, VectorIndex
 from visrec.index.points import payload_key
 
-MATRIX_BYTES = 1 << 30  # a class's photo vectors held at once (float32); a larger one goes to the engine
+MATRIX_BYTES = 1 << 30  # classes' photo vectors held (float32, twice); a larger class goes to the engine
 BLOCK_BYTES = 64 << 20  # the distances of one block of queries
 PAGE = 1024  # products read from the engine a call
 EXTRA = 16  # products measured again beyond those asked for: what float32 rounding may have misplaced
 _UNIT = 2.0**-24  # float32's unit roundoff
 
 
-def _gamma(dim: int) -> float:
-    """|fl(x·y) - x·y| <= gamma |x||y| for a float32 sum of `dim` products, in any order (Higham). The
-    matrix product's |q|² + |c|² - 2q·c is then within 2 gamma (|q| + |c|)² of the exact squared
-    distance (the three terms and two additions); twice that is the margin a row is checked with."""
-    return (dim + 2) * _UNIT / (1 - (dim + 2) * _UNIT)
+def _error(dim: int, query: np.ndarray, largest: float) -> np.ndarray:
+    """How far a row's float32 |c|² - 2q·c plus its |q|² (float64) may lie from the exact squared
+    distance of the vectors before centring, for centred norms |q| = `query` and |c| <= `largest`:
+    gamma = |fl(x·y) - x·y| / |x||y| for a float32 sum of `dim` products in any order (Higham) bounds
+    |c|²'s and q·c's sums, one more rounding the sum of the two; centring moved each vector by at most
+    one float32 rounding of it. Doubled for the margin a row is checked with."""
+    gamma = (dim + 2) * _UNIT / (1 - (dim + 2) * _UNIT)
+    product = (gamma + _UNIT) * (1 + gamma) * (largest**2 + 2 * query * largest)
+    centring = 3 * _UNIT * (query + largest) ** 2
+    return 2 * (product + centring + 2.0**-50 * query**2)
 
 
 @dataclass
@@ -57,8 +62,15 @@ class ClassMatrix:
 
     def __post_init__(self) -> None:
         self._rows = torch.from_numpy(self.rows)
-        self._squared = (self._rows * self._rows).sum(1)
-        self._largest = float(self._squared.max().sqrt()) if len(self.rows) else 0.0
+        # The product runs on the rows less their mean: distances are the same, norms smaller, and so is
+        # float32's error, which grows with them (a shop's embeddings share a large common part). Any
+        # float32 vector near the mean does: every vector moves by it alike.
+        mean = self.rows.mean(0, dtype=np.float64) if len(self.rows) else np.zeros(self.rows.shape[1])
+        self._mean = torch.from_numpy(mean.astype(np.float32))
+        self._centred = self._centre(self.rows)
+        self._squared = (self._centred * self._centred).sum(1)
+        held = (self._centred.double() ** 2).sum(1).max() if len(self.rows) else torch.tensor(0.0)
+        self._largest = float(held.sqrt()) * (1 + 1e-9)
         self._payloads_shown: dict[tuple[str, ...] | None, list[dict[str, Any]]] = {}
         self._position = {product_id: i for i, product_id in enumerate(self.ids)}
         self._id_rank = np.argsort(np.argsort(np.array(self.ids, dtype=object), kind="stable"))
@@ -85,7 +97,7 @@ class ClassMatrix:
                 if product_id not in vectors:  # deleted between the two reads
                     continue
                 rows = np.atleast_2d(vectors[product_id]).astype(np.float32, copy=False)
-                held += rows.nbytes
+                held += 2 * rows.nbytes  # as read, and centred
                 if held > budget:
                     return None
                 ids.append(product_id)
@@ -98,6 +110,11 @@ class ClassMatrix:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def nbytes(self) -> int:
+        """The memory its photos take (as read, and centred)."""
+        return self.rows.nbytes + self._centred.numel() * 4
 
     def vectors(self, product_ids: Sequence[str]) -> dict[str, np.ndarray]:
         """`VectorIndex.vectors`, from memory for this class's products."""
@@ -127,29 +144,30 @@ class ClassMatrix:
     def _nearest(self, requests: Sequence[SearchRequest]) -> list[list[Hit]]:
         """Each request's nearest products of the class, exactly (see the module's doc)."""
         queries = np.stack([np.asarray(r.vector, np.float32).reshape(-1) for r in requests])
-        squared = self._distances(torch.from_numpy(queries))
+        centred = self._centre(queries)
+        scores = self._scores(centred)
         for row, request in enumerate(requests):
             gone = [self._position[p] for p in request.exclude if p in self._position]
             if gone:
-                squared[row, gone] = torch.inf
-        norms = np.linalg.norm(queries.astype(np.float64), axis=1)
-        bounds = 4 * _gamma(self.rows.shape[1]) * (norms + self._largest) ** 2
+                scores[row, gone] = torch.inf
+        own = (centred.double() ** 2).sum(1).numpy()  # what a row's scores lack of its squared distances
+        bounds = _error(self.rows.shape[1], np.sqrt(own), self._largest) - own
         answers: dict[int, list[Hit]] = {}
         pending = list(range(len(requests)))
         depth = max(r.k for r in requests) + EXTRA
         while pending:
             rows = torch.tensor(pending)
-            sure = self._ranked(queries[pending], squared[rows], bounds[pending], depth, requests, pending)
+            sure = self._ranked(queries[pending], scores[rows], bounds[pending], depth, requests, pending)
             answers.update(sure)
             pending = [i for i in pending if i not in sure]  # a row whose cut float32 could misplace
             depth *= 4
         return [answers[i] for i in range(len(requests))]
 
-    def _distances(self, queries: torch.Tensor) -> torch.Tensor:
-        """Squared distances, float32, of each query to each product's nearest photo."""
-        per_row = (
-            (queries * queries).sum(1, keepdim=True) + self._squared[None, :] - 2.0 * queries @ self._rows.T
-        )
+    def _scores(self, queries: torch.Tensor) -> torch.Tensor:
+        """|c|² - 2q·c, float32, of each query q to each product's nearest photo c: its squared distance
+        but for |q|², which orders no row (one fused matrix product: a whole pass over the block
+        less)."""
+        per_row = torch.addmm(self._squared[None, :], queries, self._centred.T, beta=1.0, alpha=-2.0)
         if self._owner is None:
             return per_row
         per_product = torch.full((len(queries), len(self)), torch.inf)
@@ -158,7 +176,7 @@ class ClassMatrix:
     def _ranked(
         self,
         queries: np.ndarray,
-        squared: torch.Tensor,
+        scores: torch.Tensor,
         bounds: np.ndarray,
         depth: int,
         requests: Sequence[SearchRequest],
@@ -166,10 +184,10 @@ class ClassMatrix:
     ) -> dict[int, list[Hit]]:
         """The rows whose nearest k (by exact distance, then product id) lie among their `depth`
         nearest by float32 for sure: every product further down is further than the k-th by more than
-        float32 can misplace it."""
+        float32 can misplace it (`bounds`: that error, less the |q|² the scores lack)."""
         depth = min(depth, len(self))
         taken = min(len(self), depth + 1)
-        values, order = torch.topk(squared, taken, dim=1, largest=False, sorted=True)
+        values, order = torch.topk(scores, taken, dim=1, largest=False, sorted=True)
         picked = order[:, :depth].numpy()
         distance, matched = self._exact(queries, picked)
         distance[~np.isfinite(values[:, :depth].numpy())] = np.inf
@@ -195,6 +213,9 @@ class ClassMatrix:
             ]
         return sure
 
+    def _centre(self, vectors: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(vectors) - self._mean  # one float32 rounding of each difference
+
     def _shown(self, fields: Sequence[str] | None) -> list[dict[str, Any]]:
         """Each product's payload as a hit carries it (`fields` of it, None for one without), made once
         for the class: every request of a feed asks the same fields, and nothing changes a hit's."""
@@ -215,12 +236,13 @@ class ClassMatrix:
         most = int(photos.max())
         rows = first[..., None] + np.minimum(np.arange(most), photos[..., None] - 1)  # (q, depth, most)
         squared = np.empty(rows.shape)
-        chunk = max(1, (64 << 20) // (4 * rows[0].size * self.rows.shape[1]))
+        chunk = max(1, (1 << 20) // (8 * rows[0].size * self.rows.shape[1]))  # held in cache
         for begin in range(0, len(queries), chunk):
             near = np.take(self.rows, rows[begin : begin + chunk], axis=0)
             near -= queries[begin : begin + chunk, None, None, :]
             # float32 differences, summed in float64: no cancellation, unlike the matrix product
-            squared[begin : begin + chunk] = np.einsum("qdpx,qdpx->qdp", near, near, dtype=np.float64)
+            wide = near.astype(np.float64)
+            squared[begin : begin + chunk] = np.einsum("qdpx,qdpx->qdp", wide, wide)
         squared[np.arange(most) >= photos[..., None]] = np.inf
         distance = np.sqrt(squared).astype(np.float32)
         return distance.min(-1), distance.argmin(-1)
@@ -259,10 +281,10 @@ class Classes:
             self._held.move_to_end(key)
             return self._held[key]
         matrix = self._held[key] = ClassMatrix.load(self.index, filters, self.fields)
-        self._bytes += 0 if matrix is None else matrix.rows.nbytes
+        self._bytes += 0 if matrix is None else matrix.nbytes
         while self._bytes > MATRIX_BYTES and len(self._held) > 1:
             _, dropped = self._held.popitem(last=False)
-            self._bytes -= 0 if dropped is None else dropped.rows.nbytes
+            self._bytes -= 0 if dropped is None else dropped.nbytes
         return matrix
 
 

@@ -224,7 +224,7 @@ def state_record(listed: Listed) -> dict[str, Any]:
         "id": listed.product_id,
         "fp": listed.fingerprint,
         "key": None if listed.key is None else list(listed.key),
-        "n": [[h.product_id, h.distance, h.matched] for h in listed.kept],
+        "n": listed.kept,
         "r": listed.within,
     }
     if listed.listed_by is not None:  # no class of its own, yet lists hold it: `neighbours.listed_by`

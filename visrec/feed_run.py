@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -347,17 +348,18 @@ def _mended(
     """A list mended without a search: its kept products that did not change and the moved ones that
     came within its reach, while at least k of them (or all of its class) remain; None otherwise."""
     within = old[product_id].radius
-    candidates = [(n[0], float(n[1]), int(n[2])) for n in kept if n[0] not in touched]
+    # [id, distance, photo] as the state holds them (its checksum vouches for their types)
+    candidates: list[Any] = [n for n in kept if n[0] not in touched]
     candidates += entered
-    candidates.sort(key=lambda c: (c[1], c[0]))
+    candidates.sort(key=itemgetter(1, 0))
     if within is not None and len(candidates) < rules.k:
         return None  # too few left: only a search knows what lies beyond its reach
     depth = min(MAX_K, RESERVE * rules.k)
     if len(candidates) > depth:
         candidates, within = candidates[:depth], candidates[depth - 1][1]
-    hits = [Hit(n, d, {}, m) for n, d, m in candidates]
+    hits = [Hit(n, d, {}, m) for n, d, m in candidates[: rules.k]]
     fingerprint, key, _ = now[product_id]
-    return Listed(product_id, hits[: rules.k], fingerprint, key, hits, within)
+    return Listed(product_id, hits, fingerprint, key, candidates, within)
 
 
 def _same_list(hits: list[Hit], before: list[list[Any]] | None, k: int) -> bool:

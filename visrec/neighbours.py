@@ -214,7 +214,7 @@ class Listed:
     hits: list[Hit]
     fingerprint: str
     key: tuple[SameValue, ...] | None  # its `same` values (None: it has none, its list is empty)
-    kept: list[Hit]
+    kept: Sequence[Sequence[Any]]  # (product id, distance, photo) of its nearest, nearest first
     within: float | None
     uncoloured: bool = False  # a colour re-rank was asked, and the product has no colour: not re-ranked
     listed_by: tuple[tuple[SameValue, ...], ...] | None = None  # with no class: the classes holding it
@@ -277,7 +277,8 @@ def lists_for(
         pool = query.cut_at_k([next(found) for _ in range(searches)], depth, again)
         hits = _choose(index, feed, payload, rows, among, pool, bounds)
         within = pool[-1].distance if len(pool) >= depth else None
-        listed.append(Listed(product_id, hits, fingerprint(payload, rows), key, pool, within, uncoloured))
+        kept = [(h.product_id, h.distance, h.matched) for h in pool]
+        listed.append(Listed(product_id, hits, fingerprint(payload, rows), key, kept, within, uncoloured))
     return listed
 
 
