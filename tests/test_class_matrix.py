@@ -107,6 +107,32 @@ def test_the_class_in_memory_answers_what_the_exact_scan_answers(
             )
 
 
+@hypothesis_settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    dim=st.sampled_from([3, 24, 1000]),
+    offset=st.sampled_from([0.0, 30.0, 1e4]),
+    scale=st.sampled_from([1e-3, 1.0, 100.0]),
+)
+def test_the_float32_product_lies_within_its_error_bound(
+    seed: int, dim: int, offset: float, scale: float
+) -> None:
+    """What a row is checked with: the fused float32 product on centred rows, plus |q|², is within half
+    the margin (`class_matrix._error`) of the exact squared distance of the vectors as read, for any
+    norms and spreads (a bound too tight would let float32 misplace a product unseen)."""
+    rng = np.random.default_rng(seed)
+    rows = (offset + scale * rng.standard_normal((300, dim))).astype(np.float32)
+    queries = (offset + scale * rng.standard_normal((7, dim))).astype(np.float32)
+    ids = [f"p{i}" for i in range(len(rows))]
+    matrix = ClassMatrix(Filters(), None, ids, [{}] * len(ids), rows, np.arange(len(rows) + 1))  # type: ignore[arg-type]
+    centred = matrix._centre(queries)
+    own = (centred.double() ** 2).sum(1).numpy()
+    computed = matrix._scores(centred).double().numpy() + own[:, None]
+    exact = ((queries[:, None, :].astype(np.float64) - rows[None, :, :]) ** 2).sum(-1)
+    margin = class_matrix._error(dim, np.sqrt(own), matrix._largest)
+    assert (np.abs(computed - exact) <= margin[:, None] / 2).all()
+
+
 def _tied(mine: list[Any], engine: list[Any]) -> bool:
     """Orders that differ only where the engine's float32 distances tie or cross within its rounding (a
     photo one float32 step from another): the matrix orders by exact distance."""
