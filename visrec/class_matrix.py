@@ -18,6 +18,7 @@ for the requests that name this class's filters; any other request goes to the e
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -37,13 +38,17 @@ EXTRA = 16  # products measured again beyond those asked for: what float32 round
 _UNIT = 2.0**-24  # float32's unit roundoff
 
 
+def _gamma(dim: int) -> float:
+    """|fl(x·y) - x·y| <= gamma |x||y| for a float32 sum of `dim` products, in any order (Higham)."""
+    return (dim + 2) * _UNIT / (1 - (dim + 2) * _UNIT)
+
+
 def _error(dim: int, query: np.ndarray, largest: float) -> np.ndarray:
     """How far a row's float32 |c|² - 2q·c plus its |q|² (float64) may lie from the exact squared
     distance of the vectors before centring, for centred norms |q| = `query` and |c| <= `largest`:
-    gamma = |fl(x·y) - x·y| / |x||y| for a float32 sum of `dim` products in any order (Higham) bounds
-    |c|²'s and q·c's sums, one more rounding the sum of the two; centring moved each vector by at most
-    one float32 rounding of it. Doubled for the margin a row is checked with."""
-    gamma = (dim + 2) * _UNIT / (1 - (dim + 2) * _UNIT)
+    `_gamma` bounds |c|²'s and q·c's sums, one more rounding the sum of the two; centring moved each
+    vector by at most one float32 rounding of it. Doubled for the margin a row is checked with."""
+    gamma = _gamma(dim)
     product = (gamma + _UNIT) * (1 + gamma) * (largest**2 + 2 * query * largest)
     centring = 3 * _UNIT * (query + largest) ** 2
     wide = (dim + 4) * 2.0**-53 * (query + largest) ** 2  # |q|² summed, and added, in float64
@@ -71,8 +76,9 @@ class ClassMatrix:
         self._mean = torch.from_numpy(mean.astype(np.float32))
         self._centred = self._centre(self.rows)
         self._squared = (self._centred * self._centred).sum(1)
-        held = (self._centred.double() ** 2).sum(1).max() if len(self.rows) else torch.tensor(0.0)
-        self._largest = float(held.sqrt()) * (1 + 1e-9)
+        # float32's sum is at most gamma below the exact |c|² (`_error`): the bound holds the largest norm
+        most = float(self._squared.max()) if len(self.rows) else 0.0
+        self._largest = math.sqrt(most / (1 - _gamma(self.rows.shape[1])))
         self._payloads_shown: dict[tuple[str, ...] | None, list[dict[str, Any]]] = {}
         self._position = {product_id: i for i, product_id in enumerate(self.ids)}
         self._id_rank = np.argsort(np.argsort(np.array(self.ids, dtype=object), kind="stable"))
