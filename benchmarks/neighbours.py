@@ -12,7 +12,13 @@ timed once). Then, through `visrec.feed_run.make_feed`:
    its time as a share of the full feed's;
 3. every price changes (no rule reads price), then a delta on the last: its time and its size (empty).
 
+`--one-class N` instead times what dominates a full feed at scale, without a store: one class of N
+clustered products held in memory (`class_matrix.ClassMatrix`) and --rows of them searched as a full
+feed searches them (256 a call, k's pool deep), in ms a row; a feed of 1M products in 10 classes
+searches 1M rows of classes of 100,000.
+
     nice -n 10 .venv/bin/python benchmarks/neighbours.py --store /tmp/nbbench
+    nice -n 10 .venv/bin/python benchmarks/neighbours.py --one-class 100000 --rows 5120
 """
 
 from __future__ import annotations
@@ -26,12 +32,15 @@ from typing import Any
 
 import numpy as np
 
+from visrec import query
+from visrec.class_matrix import ClassMatrix
 from visrec.config import QdrantSettings
 from visrec.feed_run import make_feed
+from visrec.filters import Filters
 from visrec.fs import copy_tree_sparse
-from visrec.index import IndexPoint, VectorIndex
+from visrec.index import IndexPoint, SearchRequest, VectorIndex
 from visrec.index.edge import EdgeIndex
-from visrec.neighbours import FeedRules
+from visrec.neighbours import BATCH, RESERVE, FeedRules
 
 from common import new_parser, write_results
 
@@ -136,6 +145,27 @@ def change_prices(index: VectorIndex, size: int) -> None:
         index.overwrite_payloads({p: {**payloads[p], "price": payloads[p]["price"] + 1} for p in ids})
 
 
+def one_class(size: int, rows: int, k: int, seed: int) -> None:
+    """Time `rows` rows of one class of `size` products searched in memory (see the module's doc)."""
+    vectors, _ = clustered(size, 1, np.random.default_rng(seed))
+    ids = [f"b{i:07d}" for i in range(size)]
+    started = time.perf_counter()
+    matrix = ClassMatrix(Filters(), None, ids, [{"product_id": p} for p in ids], vectors, np.arange(size + 1))  # type: ignore[arg-type]
+    held_s = time.perf_counter() - started
+    depth = query.fetch_depth(RESERVE * k)
+    started = time.perf_counter()
+    for begin in range(0, rows, BATCH):
+        chosen = range(begin, min(begin + BATCH, rows))
+        matrix.search_batch(
+            [SearchRequest(vectors[i], depth, Filters(), [ids[i]], ["product_id"]) for i in chosen]
+        )
+    per_row = (time.perf_counter() - started) / rows
+    print(
+        f"one class of {size} products in memory ({held_s:.1f} s to centre), {rows} rows searched "
+        f"{depth} deep: {per_row * 1e3:.3f} ms a row (1M rows: {per_row * 1e6 / 60:.1f} min)"
+    )
+
+
 def main() -> None:
     p = new_parser(__doc__)
     p.add_argument("--store", type=Path, default=Path("/tmp/visrec-neighbours-bench"))
@@ -145,7 +175,12 @@ def main() -> None:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--sample", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--one-class", type=int, default=0, help="time one class of this many in memory")
+    p.add_argument("--rows", type=int, default=5120, help="with --one-class: the rows searched")
     args = p.parse_args()
+    if args.one_class:
+        one_class(args.one_class, min(args.rows, args.one_class), args.k, args.seed)
+        return
 
     index, vectors, labels, timing = made_store(args)
     rules = FeedRules(k=args.k, same=("category",))
