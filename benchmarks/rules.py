@@ -1,6 +1,8 @@
 """The shop's rules at --products products (default 5,000; the target is `--products 100000`): query p50
-with and without boosts, a decay and a 100-id exclude, side by side on the same queries in one run, the
-over-fetch each rule needs, and the CPU a 304 costs against the search it stands for.
+with and without boosts, a decay and a 100-id exclude (and the same exclude left to the engine, as before
+#32), side by side on the same queries in one run, the depth the engine is asked for (the over-fetch each
+rule needs) and its searches a query (past 1: deeper for ties, or an exclude's fallback), and the CPU a
+304 costs against the search it stands for.
 
 The store is written directly (clustered random 1000-d vectors, as benchmarks/neighbours.py makes
 them), each product with `in_stock` (a boolean, or CSV text), a `margin` and an arrival date `added`,
@@ -30,16 +32,18 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import httpx
 import numpy as np
 
 from visrec import query
 from visrec.config import QdrantSettings, Settings
-from visrec.index import VectorIndex, open_store
+from visrec.index import Hit, VectorIndex, exclusion, open_store
 from visrec.rules import Rules
 
 from common import new_parser, write_results
@@ -51,8 +55,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "boost in_stock=1, margin=0.05": {"boost": ["in_stock=1", "margin=0.05"]},
     "decay added=30d": {"decay": ["added=30d"]},
     "exclude 100 ids": {"exclude": "100"},
+    "exclude 100 ids, the engine's (before #32)": {"exclude": "100"},
     "all three": {"boost": ["in_stock=1", "margin=0.05"], "decay": ["added=30d"], "exclude": "100"},
 }
+# Excluded by the engine whatever the list's length: what every exclude did before it was dropped
+# after the search (`visrec.index.exclusion`), timed beside it.
+BY_THE_ENGINE = {"exclude 100 ids, the engine's (before #32)"}
 
 
 def made(args: Any) -> tuple[Settings, VectorIndex]:
@@ -104,6 +112,7 @@ def query_p50(index: VectorIndex, args: Any) -> dict[str, dict[str, float]]:
     rng = np.random.default_rng(args.seed + 1)
     asked = [f"b{i:06d}" for i in rng.choice(args.products, args.queries, replace=False)]
     times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    queries: dict[str, list[tuple[str, Rules]]] = {name: [] for name in CONFIGS}
     names = list(CONFIGS)
     stride = max(1, len(asked) // len(names))
     for turn in range(len(asked)):
@@ -113,20 +122,44 @@ def query_p50(index: VectorIndex, args: Any) -> dict[str, dict[str, float]]:
         for j, name in enumerate(names):
             product_id = asked[(turn + j * stride) % len(asked)]
             rules = rules_of(CONFIGS[name], rng, args.products)
-            started = time.perf_counter()
-            query.similar_to_product(index, product_id, K, rules=rules)
-            times[name].append(time.perf_counter() - started)
+            queries[name].append((product_id, rules))
+            with exclusion.by_the_engine() if name in BY_THE_ENGINE else nullcontext():
+                started = time.perf_counter()
+                query.similar_to_product(index, product_id, K, rules=rules)
+                times[name].append(time.perf_counter() - started)
     plain = statistics.median(times["plain"])
     figures = {}
-    for name, config in CONFIGS.items():
+    for name in CONFIGS:
         p50 = statistics.median(times[name])
-        rules = rules_of(config, rng, args.products)
+        with exclusion.by_the_engine() if name in BY_THE_ENGINE else nullcontext():
+            depths = engine_depths(index, queries[name])
         figures[name] = {
             "p50_ms": round(p50 * 1000, 2),
             "vs_plain": round(p50 / plain - 1, 3),
-            "fetched": query.pool_sizes(K, 1, rules, 0.0)[0],
+            "fetched": statistics.median(d[0] for d in depths),
+            "searches": round(statistics.mean(len(d) for d in depths), 3),
         }
     return figures
+
+
+def engine_depths(index: VectorIndex, asked: list[tuple[str, Rules]]) -> list[list[int]]:
+    """The depth of each search the engine ran for each query (again, untimed): the first is what the
+    rules and an exclude's over-fetch fetch; more than one, a deeper search for ties or an exclude's
+    fallback."""
+    depths: list[int] = []
+    search = index._search
+
+    def counted(vector: np.ndarray, k: int, *rest: Any) -> list[Hit]:
+        depths.append(k)
+        return search(vector, k, *rest)
+
+    each = []
+    with patch.object(index, "_search", counted):
+        for product_id, rules in asked:
+            depths.clear()
+            query.similar_to_product(index, product_id, K, rules=rules)
+            each.append(list(depths))
+    return each
 
 
 def _cpu_s(pid: int) -> float:
@@ -206,10 +239,10 @@ def main() -> None:
         f"{args.products:,} products, k={K}, {args.queries} queries, "
         f"{'HNSW (optimized)' if args.optimize else 'exact scan (not optimized)'}",
         "",
-        "| rules | p50 ms | vs plain | neighbours fetched |",
-        "| --- | --- | --- | --- |",
+        "| rules | p50 ms | vs plain | engine's depth (median) | searches a query |",
+        "| --- | --- | --- | --- | --- |",
         *(
-            f"| {name} | {f['p50_ms']} | {f['vs_plain']:+.1%} | {f['fetched']} |"
+            f"| {name} | {f['p50_ms']} | {f['vs_plain']:+.1%} | {f['fetched']:g} | {f['searches']} |"
             for name, f in figures.items()
         ),
         "",

@@ -16,7 +16,9 @@ ids costs the engine less than the over-fetch, and those searches keep the exact
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import replace
 
 from visrec.index.points import Hit, SearchRequest
@@ -60,3 +62,15 @@ def _kept(request: SearchRequest, asked: SearchRequest, hits: list[Hit]) -> list
     if len(kept) >= request.k or len(hits) < asked.k:
         return kept[: request.k]
     return None
+
+
+@contextmanager
+def by_the_engine() -> Iterator[None]:
+    """Within: every exclude the engine's, however long (as before long ones were dropped after it): what
+    the tests and benchmarks/rules.py compare with. One module setting: not for concurrent queries."""
+    global ENGINE_EXCLUDE
+    kept, ENGINE_EXCLUDE = ENGINE_EXCLUDE, sys.maxsize
+    try:
+        yield
+    finally:
+        ENGINE_EXCLUDE = kept
