@@ -50,7 +50,7 @@ from common import new_parser, write_results
 from neighbours import clustered, point
 
 K = 10
-NEAREST = 10  # of each product's nearest, the most a cart holds
+NEAREST = 20  # of each product's nearest, the most a cart holds
 CONFIGS: dict[str, dict[str, Any]] = {
     "plain": {},
     "boost in_stock=1, margin=0.05": {"boost": ["in_stock=1", "margin=0.05"]},
@@ -59,8 +59,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "exclude 100 ids, the engine's (before #32)": {"exclude": "100"},
     # A cart of items like the product: n of its nearest among the 100 (past EXCLUDE_SLACK - 1 of them, the
     # over-fetched pool runs short and the engine searches again: the fallback's cost).
-    "exclude 100 ids, 5 of them the nearest": {"exclude": "100", "nearest": 5},
     "exclude 100 ids, 10 of them the nearest": {"exclude": "100", "nearest": 10},
+    "exclude 100 ids, 20 of them the nearest": {"exclude": "100", "nearest": 20},
     "all three": {"boost": ["in_stock=1", "margin=0.05"], "decay": ["added=30d"], "exclude": "100"},
 }
 # Excluded by the engine whatever the list's length: what every exclude did before it was dropped

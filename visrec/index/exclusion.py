@@ -1,17 +1,17 @@
 """Where a search's `exclude` is applied: a short list by the engine (a `must_not` on point ids), a long one
-(a cart) after the engine, from a pool over-fetched by a few, with the engine's exclude as the fallback
-when the pool runs short. The answers are those of the engine's exclude either way, wherever the search
-is exact (and ties at the cut are `query.cut_at_k`'s, which searches deeper whichever way the list
-was cut).
+(a cart, what was seen) after the engine, from a pool over-fetched by `EXCLUDE_SLACK`, the engine's
+exclude the fallback when the pool runs short. Either way the answers are the engine's exclude's
+wherever the search is exact (ties at the cut are `query.cut_at_k`'s, which searches deeper however the
+list was cut); on the HNSW graph they are the same in every query measured (docs/measured.md).
 
-Why not always the engine's: at 100,000 products a 100-id exclude cost the query +13.7 %, of it
-~0.25 ms of Python a query (100 point ids, uuid5 each, and the binding's conversion of them) and
-~5 % the engine's check of every point it visits. Each id an over-fetch reads costs ~1/300 of that
-query (its payload read and converted), and one id in the cart displaces at most one hit: dropping
-them afterwards from a pool `EXCLUDE_SLACK` deeper than asked costs ~2 %, and a second search (the
-fallback, exact by construction) only when more than that many of the nearest are excluded. A
-short list (the query product itself, a recommendation's examples) stays the engine's: a handful of
-ids costs the engine less than the over-fetch, and those searches keep the exact path they had.
+Why: at 100,000 products (HNSW) the engine's 100-id exclude cost a query +13 to 15 %: ~0.25 ms of
+Python (100 point ids, uuid5 each, then the binding's conversion of them) and ~5 % the engine's check
+of every point it visits. An id cannot displace more than one hit, and a hit more costs ~4 µs (its
+payload, read and converted) while the graph's ef (128) exceeds the depth: dropping the ids from a
+pool 20 deeper costs ~3 %, and a second search (+100 %) only when more than 19 of the nearest (the
+query product counts) are excluded. A short list (the query product itself, a recommendation's
+examples) stays the engine's: a few ids cost it less than the over-fetch, and those searches keep the
+path they had.
 """
 
 from __future__ import annotations
@@ -23,8 +23,8 @@ from dataclasses import replace
 
 from visrec.index.points import Hit, SearchRequest
 
-ENGINE_EXCLUDE = 16  # distinct ids up to which the engine excludes (~4 µs an id at 100k: under 2 %)
-EXCLUDE_SLACK = 10  # hits a long exclude over-fetches (+10 of k+4: ~2 % of a query at 100k)
+ENGINE_EXCLUDE = 16  # distinct ids up to which the engine excludes (~4 µs an id at 100k: < 2 %)
+EXCLUDE_SLACK = 20  # hits a long exclude over-fetches: excluded among the nearest it absorbs
 
 # search(requests, which): the engine's hits for `requests`, the positions `which` of the originals.
 Searcher = Callable[[Sequence[SearchRequest], Sequence[int]], list[list[Hit]]]
