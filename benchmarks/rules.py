@@ -1,6 +1,9 @@
 """The shop's rules at --products products (default 5,000; the target is `--products 100000`): query p50
-with and without boosts, a decay and a 100-id exclude, side by side on the same queries in one run, the
-over-fetch each rule needs, and the CPU a 304 costs against the search it stands for.
+with and without boosts, a decay and a 100-id exclude (and the same exclude left to the engine, as before
+#32), side by side on the same queries in one run, the depth the engine is asked for (the over-fetch each
+rule needs) and its searches a query (past 1: deeper for ties, or an exclude's fallback), how many of
+the excluding queries answer exactly what the engine's exclude answers, and the CPU a 304 costs against
+the search it stands for.
 
 The store is written directly (clustered random 1000-d vectors, as benchmarks/neighbours.py makes
 them), each product with `in_stock` (a boolean, or CSV text), a `margin` and an arrival date `added`,
@@ -30,29 +33,40 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import httpx
 import numpy as np
 
 from visrec import query
 from visrec.config import QdrantSettings, Settings
-from visrec.index import VectorIndex, open_store
+from visrec.index import Hit, VectorIndex, exclusion, open_store
 from visrec.rules import Rules
 
 from common import new_parser, write_results
 from neighbours import clustered, point
 
 K = 10
+NEAREST = 20  # of each product's nearest, the most a cart holds
 CONFIGS: dict[str, dict[str, Any]] = {
     "plain": {},
     "boost in_stock=1, margin=0.05": {"boost": ["in_stock=1", "margin=0.05"]},
     "decay added=30d": {"decay": ["added=30d"]},
     "exclude 100 ids": {"exclude": "100"},
+    "exclude 100 ids, the engine's (before #32)": {"exclude": "100"},
+    # A cart of items like the product: n of its nearest among the 100 (past EXCLUDE_SLACK - 1 of them, the
+    # over-fetched pool runs short and the engine searches again: the fallback's cost).
+    "exclude 100 ids, 10 of them the nearest": {"exclude": "100", "nearest": 10},
+    "exclude 100 ids, 20 of them the nearest": {"exclude": "100", "nearest": 20},
     "all three": {"boost": ["in_stock=1", "margin=0.05"], "decay": ["added=30d"], "exclude": "100"},
 }
+# Excluded by the engine whatever the list's length: what every exclude did before it was dropped
+# after the search (`visrec.index.exclusion`), timed beside it.
+BY_THE_ENGINE = {"exclude 100 ids, the engine's (before #32)"}
 
 
 def made(args: Any) -> tuple[Settings, VectorIndex]:
@@ -93,17 +107,24 @@ def made(args: Any) -> tuple[Settings, VectorIndex]:
     return settings, index
 
 
-def rules_of(config: dict[str, Any], rng: np.random.Generator, products: int) -> Rules:
+def rules_of(config: dict[str, Any], rng: np.random.Generator, products: int, nearest: list[str]) -> Rules:
+    """`config`'s rules: its exclude, `nearest[:n]` (the product's n nearest) and random other ids."""
     chosen = dict(config)
+    near = nearest[: chosen.pop("nearest", 0)]
     if "exclude" in chosen:
-        chosen["exclude"] = [f"b{i:06d}" for i in rng.choice(products, int(chosen["exclude"]), replace=False)]
+        n = int(chosen["exclude"])
+        others = [f"b{i:06d}" for i in rng.choice(products, n, replace=False)]
+        chosen["exclude"] = [*near, *[p for p in others if p not in near][: n - len(near)]]
     return Rules(**chosen)
 
 
-def query_p50(index: VectorIndex, args: Any) -> dict[str, dict[str, float]]:
+def query_p50(index: VectorIndex, args: Any) -> dict[str, dict[str, Any]]:
     rng = np.random.default_rng(args.seed + 1)
     asked = [f"b{i:06d}" for i in rng.choice(args.products, args.queries, replace=False)]
     times: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    queries: dict[str, list[tuple[str, Rules]]] = {name: [] for name in CONFIGS}
+    # Untimed: each product's nearest, for the carts of items like it.
+    nearest = {p: [h.product_id for h in query.similar_to_product(index, p, NEAREST)] for p in asked}
     names = list(CONFIGS)
     stride = max(1, len(asked) // len(names))
     for turn in range(len(asked)):
@@ -112,21 +133,63 @@ def query_p50(index: VectorIndex, args: Any) -> dict[str, dict[str, float]]:
         # neighbourhood in the CPU's caches, which a storefront's next query (another product) does not.
         for j, name in enumerate(names):
             product_id = asked[(turn + j * stride) % len(asked)]
-            rules = rules_of(CONFIGS[name], rng, args.products)
-            started = time.perf_counter()
-            query.similar_to_product(index, product_id, K, rules=rules)
-            times[name].append(time.perf_counter() - started)
+            rules = rules_of(CONFIGS[name], rng, args.products, nearest[product_id])
+            queries[name].append((product_id, rules))
+            with exclusion.by_the_engine() if name in BY_THE_ENGINE else nullcontext():
+                started = time.perf_counter()
+                query.similar_to_product(index, product_id, K, rules=rules)
+                times[name].append(time.perf_counter() - started)
     plain = statistics.median(times["plain"])
     figures = {}
-    for name, config in CONFIGS.items():
+    for name in CONFIGS:
         p50 = statistics.median(times[name])
-        rules = rules_of(config, rng, args.products)
+        with exclusion.by_the_engine() if name in BY_THE_ENGINE else nullcontext():
+            depths = engine_depths(index, queries[name])
         figures[name] = {
             "p50_ms": round(p50 * 1000, 2),
             "vs_plain": round(p50 / plain - 1, 3),
-            "fetched": query.pool_sizes(K, 1, rules, 0.0)[0],
+            "fetched": statistics.median(d[0] for d in depths),
+            "searches": round(statistics.mean(len(d) for d in depths), 3),
+            "same": same_as_the_engines(index, queries[name]) if "exclude" in CONFIGS[name] else None,
         }
     return figures
+
+
+def same_as_the_engines(index: VectorIndex, asked: list[tuple[str, Rules]]) -> str:
+    """Of these queries (again, untimed), how many answer what the engine's exclude answers: the same
+    products, distances and photos (on the HNSW graph, where dropping ids after the search could walk
+    the graph otherwise)."""
+
+    def answer(product_id: str, rules: Rules) -> list[tuple[str, float, int]]:
+        hits = query.similar_to_product(index, product_id, K, rules=rules)
+        return [(h.product_id, h.distance, h.matched) for h in hits]
+
+    same = 0
+    for product_id, rules in asked:
+        dropped = answer(product_id, rules)
+        with exclusion.by_the_engine():
+            same += dropped == answer(product_id, rules)
+    return f"{same}/{len(asked)}"
+
+
+def engine_depths(index: VectorIndex, asked: list[tuple[str, Rules]]) -> list[list[int]]:
+    """The depth of each search the engine ran for each query (again, untimed): the first is what the
+    rules and an exclude's over-fetch fetch; more than one, a deeper search for ties or an exclude's
+    fallback."""
+    depths: list[int] = []
+    search = index._search
+
+    def counted(vector: np.ndarray, k: int, *rest: Any) -> list[Hit]:
+        depths.append(k)
+        return search(vector, k, *rest)
+
+    each = []
+    with patch.object(index, "_search", counted):
+        for product_id, rules in asked:
+            depths.clear()
+            query.similar_to_product(index, product_id, K, rules=rules)
+            each.append(list(depths))
+    return each
 
 
 def _cpu_s(pid: int) -> float:
@@ -206,10 +269,11 @@ def main() -> None:
         f"{args.products:,} products, k={K}, {args.queries} queries, "
         f"{'HNSW (optimized)' if args.optimize else 'exact scan (not optimized)'}",
         "",
-        "| rules | p50 ms | vs plain | neighbours fetched |",
-        "| --- | --- | --- | --- |",
+        "| rules | p50 ms | vs plain | engine's depth (median) | searches a query | same as the engine's |",
+        "| --- | --- | --- | --- | --- | --- |",
         *(
-            f"| {name} | {f['p50_ms']} | {f['vs_plain']:+.1%} | {f['fetched']} |"
+            f"| {name} | {f['p50_ms']} | {f['vs_plain']:+.1%} | {f['fetched']:g} | {f['searches']} | "
+            f"{f['same'] or '-'} |"
             for name, f in figures.items()
         ),
         "",

@@ -220,7 +220,7 @@ def chosen(
     this order: the nearest pool, the colour re-rank, the boosts and decays (`rules.ranked`), then
     diversity and caps in that order. `pool`: the first pool already searched (`nearest` at
     `pool_sizes`' first size), as a batch of queries does; searched here otherwise. `exclude` is the
-    engine's (the caller adds `rules.exclude`)."""
+    search's (`VectorIndex.search`; the caller adds `rules.exclude`)."""
     if colour is not None and not 0 <= colour[1] <= 1:
         raise InvalidQuery(f"colour_weight must be between 0 and 1, got {colour[1]}")
     pool_size, limit = pool_sizes(k, len(vectors), rules, colour[1] if colour else 0.0, bounds)

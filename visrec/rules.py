@@ -144,7 +144,8 @@ class Rules(BaseModel):
 
     @property
     def active(self) -> bool:
-        """Whether the rules choose among an over-fetched pool (`exclude` is the engine's, and needs none)."""
+        """Whether the rules choose among an over-fetched pool (`exclude` is the search's own:
+        `visrec.index.exclusion`)."""
         return bool(self.diversity or self.max_per or self.scores)
 
     @classmethod

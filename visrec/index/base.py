@@ -17,6 +17,7 @@ import numpy as np
 
 from visrec.errors import PointRejected, VisrecError
 from visrec.filters import Filters
+from visrec.index.exclusion import without_excluded
 from visrec.index.fields import PayloadFields
 from visrec.index.points import Hit, IndexPoint, SearchRequest, SyncRecord, point_id
 from visrec.payload import SYNC_FIELDS, photos
@@ -338,14 +339,20 @@ class VectorIndex(PayloadFields, Closing):
         self, vector: np.ndarray, k: int, filters: Filters, exclude: Sequence[str] = (), exact: bool = False
     ) -> list[Hit]:
         """The k products nearest to `vector` (by their nearest photo) meeting `filters`, nearest first,
-        without the `exclude` product ids; each hit says which photo matched. `exact` skips the HNSW
-        graph (a full scan): the ground truth for measuring recall. Which photo matched is worked out
-        for the hits whose payload lists several (`images`, as sync writes it): only their vectors
-        are read back. A `where` field no single payload index covers is searched exactly (a full scan),
+        without the `exclude` product ids (the engine's, or dropped from a deeper pool after it:
+        `visrec.index.exclusion`); each hit says which photo matched. `exact` skips the HNSW graph (a
+        full scan): the ground truth for measuring recall. Which photo matched is worked out for the
+        hits whose payload lists several (`images`, as sync writes it): only their vectors are read
+        back. A `where` field no single payload index covers is searched exactly (a full scan),
         where the graph alone could miss hits the filter keeps."""
         filters = self._resolved(filters)
-        hits = self._search(vector, k, filters, exclude, exact or filters.needs_scan())
-        return self._with_matched([vector], [hits])[0]
+        scan = exact or filters.needs_scan()
+
+        def search(requests: Sequence[SearchRequest], _: Sequence[int]) -> list[list[Hit]]:
+            return [self._search(r.vector, r.k, r.filters, r.exclude, scan) for r in requests]
+
+        hits = without_excluded([SearchRequest(vector, k, filters, exclude)], search)
+        return self._with_matched([vector], hits)[0]
 
     def search_batch(self, requests: Sequence[SearchRequest], exact: bool = False) -> list[list[Hit]]:
         """`search` for each request, in one call to the engine (qdrant-edge's `query_batch`, a server's
@@ -356,7 +363,11 @@ class VectorIndex(PayloadFields, Closing):
             SearchRequest(r.vector, r.k, self._resolved(r.filters), r.exclude, r.fields) for r in requests
         ]
         scans = [exact or r.filters.needs_scan() for r in resolved]
-        found = self._search_batch(resolved, scans) if resolved else []
+
+        def search(asked: Sequence[SearchRequest], which: Sequence[int]) -> list[list[Hit]]:
+            return self._search_batch(asked, [scans[i] for i in which]) if asked else []
+
+        found = without_excluded(resolved, search)
         return self._with_matched([r.vector for r in resolved], found)
 
     def _search_batch(self, requests: Sequence[SearchRequest], exact: Sequence[bool]) -> list[list[Hit]]:
