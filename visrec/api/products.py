@@ -86,20 +86,6 @@ PHOTO_RESPONSES: dict[int | str, dict[str, object]] = {
 }
 
 
-@router.get("/products/{product_id:path}/image", response_class=Response, responses=PHOTO_RESPONSES)
-async def product_image(product_id: ProductId, service: ServiceDep, request: Request) -> Response:
-    """The product's first photo (as `/images/0`)."""
-    return await heavy(request, lambda: _photo(product_id, 0, service, request))
-
-
-@router.get("/products/{product_id:path}/images/{n}", response_class=Response, responses=PHOTO_RESPONSES)
-async def product_photo(
-    product_id: ProductId, n: Annotated[int, Path(ge=0, lt=MAX_PHOTOS)], service: ServiceDep, request: Request
-) -> Response:
-    """The product's photo number `n` (0: the first; a hit's `matched_image`)."""
-    return await heavy(request, lambda: _photo(product_id, n, service, request))
-
-
 def _photo(product_id: str, n: int, service: ServiceDep, request: Request) -> Response:
     """A photo as indexed, served from here: a remote one is fetched through the same guard as at sync
     (never a redirect, which would carry the caller's key to the image host). Why one cannot be served
@@ -192,6 +178,21 @@ async def similar_by_body(
             return similar_answer(live, service, product_id, filters, rules, body.k, body.colour_weight)
 
     return await heavy(request, work)
+
+
+# After /similar: "…/images/similar" is similar-to "…/images" on GET as on POST, not photo "similar".
+@router.get("/products/{product_id:path}/image", response_class=Response, responses=PHOTO_RESPONSES)
+async def product_image(product_id: ProductId, service: ServiceDep, request: Request) -> Response:
+    """The product's first photo (as `/images/0`)."""
+    return await heavy(request, lambda: _photo(product_id, 0, service, request))
+
+
+@router.get("/products/{product_id:path}/images/{n}", response_class=Response, responses=PHOTO_RESPONSES)
+async def product_photo(
+    product_id: ProductId, n: Annotated[int, Path(ge=0, lt=MAX_PHOTOS)], service: ServiceDep, request: Request
+) -> Response:
+    """The product's photo number `n` (0: the first; a hit's `matched_image`)."""
+    return await heavy(request, lambda: _photo(product_id, n, service, request))
 
 
 def similar_answer(
