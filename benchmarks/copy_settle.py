@@ -221,9 +221,9 @@ def main() -> None:
             busy = [round_(index, args.products, True, not args.no_verify) for _ in range(args.rounds)]
             idle = [round_(index, args.products, False, False) for _ in range(args.rounds)]
             beside = {
-                f"{settle}, {readers} readers": statistics.median(
+                f"{settle}, {readers} readers": [
                     settle_beside_reads(index, args.products, settle, readers) for _ in range(args.rounds)
-                )
+                ]
                 for settle in SETTLES
                 for readers in (0, args.readers)
             }
@@ -236,7 +236,7 @@ def main() -> None:
             "settle_s_median_idle": statistics.median(r["settle_s"] for r in idle),
             "busy": busy,
             "idle": idle,
-            "settle_s_median": {way: round(seconds, 3) for way, seconds in beside.items()},
+            "settle_s": {way: [round(t, 3) for t in times] for way, times in beside.items()},
             "child_start_s_median": round(start_s, 3),
         }
         print(json.dumps(result))
@@ -249,7 +249,10 @@ def main() -> None:
             f"  writes held now (settle), no writes meanwhile: {result['settle_s_median_idle']:6.3f} s\n"
             f"  copy taken beside writes: {statistics.median(r['copy_s'] for r in busy):.2f} s (median)\n"
             f"  settle (median of {args.rounds}), copy taken beside writes:\n"
-            + "".join(f"    {way:<24} {seconds:6.3f} s\n" for way, seconds in beside.items())
+            + "".join(
+                f"    {way:<24} {statistics.median(times):6.3f} s ({min(times):.3f}-{max(times):.3f})\n"
+                for way, times in beside.items()
+            )
             + f"  a process of its own starts in {start_s:.3f} s (median of 5)"
         )
     finally:
