@@ -5,8 +5,9 @@ In the service it stalled: no call of the embedded engine gives Python's GIL bac
 files gives it up and takes it again on every read, each time waiting behind the request threads'
 searches. A copy's settle, which holds writes, read both folders 36,000 times at 1M products: writes
 were held 90 s with readers polling, 1.4-3 s without. Here nothing waits for the GIL; the service's
-thread waits for one answer (docs/scale.md, "Copy beside writes"). Its imports are the standard
-library's and `visrec.fs`: it starts in ~30 ms, paid with writes held."""
+thread waits for one answer (docs/scale.md, "The settle in a process of its own"). Its imports are the
+standard library's and `visrec.fs`: it starts in ~55 ms (Python's own start most of it), paid with
+writes held."""
 
 from __future__ import annotations
 
