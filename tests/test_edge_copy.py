@@ -1,14 +1,14 @@
 """A copy of a live embedded collection (`EdgeIndex.copy`, `EdgeCopy.settle`), its bytes read and written
 in a process of its own (`visrec.fs_apart`): taken while a thread writes, then settled with the writes
 stopped, it holds the live collection point by point; that process failing or killed raises one clear
-error and leaves no copy behind; and it keeps its pace while the service's threads hold the GIL. Real
-engine, real files, real processes."""
+error and leaves no copy behind. Real engine, real files, real processes. (Its pace beside threads that
+hold the GIL is `benchmarks/copy_settle.py`'s to show: how long the old in-process match waited depends
+on how the machine schedules those threads, 0.1-1.3 s here for the same work, too loose for a test.)"""
 
 from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
 import threading
 import time
@@ -21,8 +21,6 @@ import pytest
 from visrec.config import QdrantSettings
 from visrec.errors import IndexUnavailable
 from visrec.filters import Filters
-from visrec.fs import copy_tree_sparse, match_tree
-from visrec.fs_apart import match_apart
 from visrec.index import IndexPoint, open_index
 from visrec.index.edge import EdgeIndex
 
@@ -151,36 +149,3 @@ def test_a_copy_whose_process_is_killed_raises_one_line_and_leaves_nothing(live:
     assert len(errors) == 1 and isinstance(errors[0], IndexUnavailable), errors
     assert "was killed (SIGKILL)" in str(errors[0]) and "\n" not in str(errors[0])
     assert not copy.folder.exists()
-
-
-def hold_the_gil(stop: threading.Event) -> None:
-    """Hold the GIL in stretches of some 10 ms (one C call), as the engine's searches do in the service."""
-    while not stop.is_set():
-        sum(range(500_000))
-
-
-def test_the_match_in_its_own_process_keeps_its_pace_while_threads_hold_the_gil(tmp_path: Path) -> None:
-    """In this process every read of the match waits for the GIL behind the holders (the old settle, 90 s
-    for writes at 1M products beside readers); in its own it does not. Both timed under the same load."""
-    source, target = tmp_path / "source", tmp_path / "copy"
-    source.mkdir()
-    rng = random.Random(0)
-    for n in range(4):
-        (source / f"f{n}").write_bytes(rng.randbytes(8 << 20))
-    copy_tree_sparse(source, target)
-    stop = threading.Event()
-    holders = [threading.Thread(target=hold_the_gil, args=(stop,)) for _ in range(2)]
-    for holder in holders:
-        holder.start()
-    try:
-        started = time.perf_counter()
-        match_tree(source, target)
-        here = time.perf_counter() - started
-        started = time.perf_counter()
-        match_apart(source, target)
-        apart = time.perf_counter() - started
-    finally:
-        stop.set()
-        for holder in holders:
-            holder.join()
-    assert apart < here / 2, (apart, here)
