@@ -28,10 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
-import threading
 import time
 import traceback
 from collections.abc import Callable, Mapping
@@ -55,6 +52,7 @@ from visrec.archive import (
     snapshot_name,
     sweep_partials,
 )
+from visrec.child import PARENT_GONE, ChildProcess, answer_channel, how_it_ended, read_request
 from visrec.config import QdrantSettings
 from visrec.errors import ModelError, OutputUnwritable, VisrecError, WritesWouldBeLost
 from visrec.filters import Filters
@@ -237,45 +235,24 @@ def take_apart(
         "with_model": with_model,
         "keep": keep,
     }
-    # Its stdin stays open while it runs: when this process ends, however, the child reads its end and
-    # stops (`_child`), so a killed service leaves no archive being written from a copy it no longer owns.
-    child = subprocess.Popen(
-        [sys.executable, "-m", "visrec.snapshot"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    log.info("snapshot of %s: the archive is written by process %d", record["version"], child.pid)
+    # The child ends with this process (`visrec.child`): a killed service leaves no archive being
+    # written from a copy it no longer owns.
     final: dict[str, Any] = {}
-    try:
-        assert child.stdin is not None and child.stdout is not None
-        try:
-            child.stdin.write(json.dumps(request).encode() + b"\n")
-            child.stdin.flush()
-        except OSError:  # it died at once: said below by how it ended
-            pass
-        for line in child.stdout:
-            try:
-                message = json.loads(line)
-            except ValueError:
-                continue
+    with ChildProcess("visrec.snapshot", request) as child:
+        log.info("snapshot of %s: the archive is written by process %d", record["version"], child.pid)
+        for message in child.messages():
             if "progress" in message:
                 _tell(progress, *message["progress"])
             else:
                 final = message
         code = child.wait()
-    finally:
-        if child.poll() is None:  # this thread failed meanwhile (a bug): the child goes with it
-            child.kill()
-            child.wait()
-        for pipe in (child.stdin, child.stdout):
-            if pipe is not None:
-                pipe.close()
     if "result" in final and code == 0:
         return dict(final["result"])
     if "error" in final:
         raise ArchiveFailed(str(final["error"]), int(final.get("exit_code", 1)))
-    how = f"was killed ({signal.Signals(-code).name})" if code < 0 else f"exited with {code}"
     raise ArchiveFailed(
-        f"not snapshotted: the process writing the archive {how} before it finished; the live version is "
-        "untouched and no snapshot was written: run it again"
+        f"not snapshotted: the process writing the archive {how_it_ended(code)} before it finished; the "
+        "live version is untouched and no snapshot was written: run it again"
     )
 
 
@@ -283,16 +260,10 @@ def _child() -> int:
     """`python -m visrec.snapshot`: `take_apart`'s process. Reads its request (one JSON line) on stdin,
     writes the archive from the copy, sends `{"progress": [stage, done, total]}` lines and then
     `{"result": …}` or `{"error": line, "exit_code": n}` on stdout; stops when its stdin closes."""
-    answers = os.fdopen(os.dup(1), "w", buffering=1)
-    os.dup2(2, 1)  # anything else printed (the engine's own output) goes to stderr, not into the answers
-    line = b""
-    while not line.endswith(b"\n"):  # unbuffered, as the watch below reads it: nothing is read ahead
-        block = os.read(0, 1)
-        if not block:
-            return 3
-        line += block
-    request = json.loads(line)
-    threading.Thread(target=_stop_when_parent_ends, daemon=True).start()
+    answers = answer_channel()
+    request = read_request()
+    if request is None:
+        return PARENT_GONE
     os.nice(NICENESS)
     logging.basicConfig(level=logging.WARNING, format="snapshot process: %(levelname)s %(message)s")
 
@@ -343,14 +314,6 @@ def _peak_rss_mib() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _stop_when_parent_ends() -> None:
-    """The parent never writes after the request: end of file means it ended (killed, too). (A raw read:
-    a thread blocked in `sys.stdin`'s buffered one stops the interpreter's exit with a fatal error.)"""
-    while os.read(0, 65536):
-        pass
-    os._exit(3)
 
 
 def _model_record(

@@ -17,7 +17,8 @@ so a switch or a rollback is served by the next request.
 optimize() holds the GIL (every request would wait while it runs), so the service never runs it in its
 own process: once `qdrant.optimize_after` points have changed, a maintenance thread replaces the live
 version by an optimized copy. The copy is taken beside writes (a sparse copy of the folder); writes
-wait only while it is settled (the last flush, then rewriting what changed since: `fs.match_tree`). A
+wait only while it is settled (the last flush, then rewriting what changed since: `fs.match_tree`, in a
+process of its own, `visrec.fs_apart`, where the requests' searches cannot stall it on the GIL). A
 child process optimizes it while they go on into the live version, then it is caught up with them
 (`visrec.catchup`: the last round with writes held, the switch inside it). A copy that
 fails changes nothing a write was told: it is logged, counted in /metrics and tried again later, each

@@ -1,6 +1,8 @@
 """Copies of an embedded collection's folder, taken beside its writes and settled with them held: to
 optimize apart (`Writer`'s optimized copy) and to snapshot. A copy lives in the collection's next
-generation folder (`products__v1.g3`: the third copy of version 1) until its pointer names it."""
+generation folder (`products__v1.g3`: the third copy of version 1) until its pointer names it. Its
+bytes are read and written in a process of its own (`visrec.fs_apart`): in the service's, every read
+would wait for the GIL behind the request threads' searches, with writes held."""
 
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from visrec.errors import IndexUnavailable
-from visrec.fs import allocated_bytes, copy_tree_sparse, match_tree, write_atomically
+from visrec.fs import allocated_bytes, write_atomically
+from visrec.fs_apart import copy_apart, match_apart
 from visrec.index.base import IndexCopy, VectorIndex
 
 log = logging.getLogger(__name__)
@@ -49,9 +52,9 @@ def take_copy(
         )
     target = _next_copy(root, collection)
     try:
-        copy_tree_sparse(source, target)
+        copy_apart(source, target)
         flush()
-        match_tree(source, target)  # what was written during the copy: the settle then finds less
+        match_apart(source, target)  # what was written during the copy: the settle then finds less
     except OSError as exc:
         shutil.rmtree(target, ignore_errors=True)
         raise IndexUnavailable(f"embedded store {source}: cannot copy it to optimize: {exc}") from exc
@@ -74,8 +77,8 @@ class EdgeCopy(IndexCopy):
 
     def settle(self) -> None:
         try:
-            self._flush()
-            rewritten = match_tree(self.source, self.folder)
+            self._flush()  # here: the engine's handle is this process's
+            rewritten = match_apart(self.source, self.folder)
         except OSError as exc:
             self.discard()
             raise IndexUnavailable(f"embedded store {self.source}: cannot copy it: {exc}") from exc
