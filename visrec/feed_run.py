@@ -48,7 +48,6 @@ from visrec.neighbours import (
     ClassKey,
     FeedRules,
     Listed,
-    MatchKey,
     SameValue,
     batches,
     check_against,
@@ -329,8 +328,9 @@ def _delta(
 
 
 def _typed(values: Sequence[Any] | None) -> tuple[Any, ...] | None:
-    """`same` values (or `listed_by`'s lists of them) with their types: True, 1 and 1.0 are three
-    classes (`neighbours.class_of`), though Python holds them equal."""
+    """`same` values (or `listed_by`'s lists of them) with their types: any change of spelling moves a
+    product (True and 1 are two classes though Python holds them equal; 1 and 1.0 are one, and moving
+    such a product costs a search, never a list)."""
     if values is None:
         return None
     return tuple(_typed(v) if isinstance(v, list | tuple) else (type(v).__name__, v) for v in values)
@@ -406,13 +406,13 @@ def _reached(
     its surroundings within its class (each class listing it, `neighbours.listed_by`), searched until
     past the class's farthest reach (all of the class where a list there holds all of it). And how many
     moved products were searched around."""
-    farthest: dict[MatchKey, tuple[tuple[Any, ...], float]] = {}  # class → (its values, its reach)
+    farthest: dict[ClassKey, tuple[tuple[Any, ...], float]] = {}  # class → (its values, its reach)
     for record in old.values():
         if record.key is not None and record.radius != -1.0:
             reach = math.inf if record.radius is None else record.radius
             known = match_key(record.key)
             farthest[known] = (record.key, max(farthest.get(known, (record.key, -math.inf))[1], reach))
-    around: dict[str, list[MatchKey]] = {}  # moved product → the classes searched around it
+    around: dict[str, list[ClassKey]] = {}  # moved product → the classes searched around it
     for product_id in moved:
         key, held_by = now[product_id].key, now[product_id].listed_by
         if key is not None and match_key(key) in farthest:

@@ -46,8 +46,7 @@ CLASSES_READ = 64
 HIT_FIELDS = ("product_id", "image", "images")
 
 SameValue = str | bool | int | float
-ClassKey = tuple[tuple[str, SameValue], ...]  # a class's `same` values, typed (`class_of`)
-MatchKey = tuple[tuple[str, SameValue], ...]  # what its filters compare of them (`match_key`)
+ClassKey = tuple[tuple[str, SameValue], ...]  # what a class's filters compare of its values (`match_key`)
 
 
 @dataclass(frozen=True)
@@ -156,13 +155,13 @@ def listed_by(payload: dict[str, Any], same: Sequence[str]) -> tuple[tuple[SameV
     return tuple(fields)
 
 
-def match_key(key: Sequence[SameValue]) -> MatchKey:
-    """What a class's filters compare of its `same` values: 1 and 1.0 are one number (`with_same` asks a
-    number's range), True is no number. Classes of one match key hold the same products."""
+def match_key(key: Sequence[SameValue]) -> ClassKey:
+    """What a class's filters compare of its `same` values: the class itself. 1, 1.0 and -0.0 against
+    0 are one number each (`with_same` asks a number's range, as a float), True is no number."""
     return tuple(_matched(value) for value in key)
 
 
-def classes_listing(values: Sequence[Sequence[SameValue]], known: Collection[MatchKey]) -> list[MatchKey]:
+def classes_listing(values: Sequence[Sequence[SameValue]], known: Collection[ClassKey]) -> list[ClassKey]:
     """Those of the classes `known` whose filters match a product of `listed_by` `values`."""
     options = [{_matched(value) for value in field} for field in values]
     if math.prod(len(o) for o in options) <= len(known):
@@ -171,11 +170,23 @@ def classes_listing(values: Sequence[Sequence[SameValue]], known: Collection[Mat
 
 
 def _matched(value: SameValue) -> tuple[str, SameValue]:
-    return ("bool" if isinstance(value, bool) else "text" if isinstance(value, str) else "number", value)
+    if isinstance(value, bool | str):
+        return ("bool" if isinstance(value, bool) else "text", value)
+    return ("number", _number(value))
+
+
+def _number(value: float) -> float:
+    """A number as a class's filter compares it: a float (2**53 + 1 is 2**53 to the engine), -0.0 as 0.0."""
+    return float(value) + 0.0
 
 
 def _is_same_value(value: Any) -> TypeGuard[SameValue]:
-    return isinstance(value, str | bool) or (isinstance(value, int | float) and math.isfinite(value))
+    if isinstance(value, str | bool):
+        return True
+    try:
+        return isinstance(value, int | float) and math.isfinite(value)
+    except OverflowError:  # an integer past any float: no filter asks for it
+        return False
 
 
 def with_same(filters: Filters, same: Sequence[str], key: Sequence[SameValue]) -> Filters:
@@ -188,8 +199,9 @@ def with_same(filters: Filters, same: Sequence[str], key: Sequence[SameValue]) -
     for name, value in zip(same, key, strict=True):
         if isinstance(value, str | bool):
             equals[name] = value
-        else:
-            where.append(f"{name}={value!r}..{value!r}")
+        else:  # spelled one way for every spelling of the number: one class, one filter
+            number = _number(value)
+            where.append(f"{name}={number!r}..{number!r}")
     return filters.model_copy(update={"equals": equals, "where": where})
 
 
@@ -387,10 +399,10 @@ def class_filters(feed: FeedRules, known: ClassKey) -> Filters:
 
 
 def class_of(payload: dict[str, Any], same: Sequence[str]) -> ClassKey | None:
-    """A product's class by its `same` values, typed (True, 1 and 1.0 are three: the engine's filters
-    for them differ), or None where it has none."""
+    """A product's class by its `same` values as the engine's filters compare them (True and 1 are two,
+    1 and 1.0 one: `match_key`), or None where it has none."""
     key = same_key(payload, same)
-    return None if key is None else tuple((type(value).__name__, value) for value in key)
+    return None if key is None else match_key(key)
 
 
 def _scrolled(index: VectorIndex, feed: FeedRules, size: int) -> Iterator[list[tuple[str, dict[str, Any]]]]:
