@@ -538,3 +538,63 @@ def test_every_spelling_of_a_number_is_one_class(spelled: Any, other: Any, tmp_p
     now = _read(feeds / "now.jsonl")
     assert now["zf"] and all(now[p] for p in vectors)
     assert applied == now
+
+
+def _photos(product_id: str, vectors: Any, fields: dict[str, Any] | None = None) -> IndexPoint:
+    rows = np.atleast_2d(np.asarray(vectors, np.float32))
+    payload = {"product_id": product_id, "images": [f"{product_id}-{j}.png" for j in range(len(rows))]}
+    return IndexPoint(
+        product_id, rows, {**payload, "vectors_hash": f"h{rows.tobytes().hex()}", **(fields or {})}
+    )
+
+
+@pytest.mark.parametrize("seed", [2, 3, 7])
+@pytest.mark.parametrize("change", ["grow", "shrink"])
+def test_a_class_that_grows_into_a_matrix_or_shrinks_out_of_one_is_searched_again(
+    seed: int, change: str, tmp_path: Path
+) -> None:
+    """A class of one product is searched by the engine, of two or more read whole: X's list holds
+    products by their list values (exact ties: permuted twins), which the two arithmetics can order
+    differently. When Y joins far away (or leaves), nothing reaches X's list, yet a full feed now
+    orders it as the class's new arithmetic does: the delta searches such a class's lists again.
+    (An outside review, F2.)"""
+    rng = np.random.default_rng(seed)
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    points = [_photos("X", np.zeros(8), {"g": "x"})]
+    for i in range(2):
+        b = rng.standard_normal(8).astype(np.float32) * (1 + i * 0.01)
+        points += [_photos(f"L{i}b", b, {"g": ["x"]}), _photos(f"L{i}a", b[rng.permutation(8)], {"g": ["x"]})]
+    far = _photos("Y", np.full(8, 1000.0), {"g": "x"})
+    rules = FeedRules(k=4, same=("g",))
+    with open_index(QdrantSettings(path=tmp_path / "s", collection="c")) as index:
+        index.create(8)
+        index.upsert(points + ([far] if change == "shrink" else []))
+        make_feed(index, rules, feeds / "full.jsonl", "jsonl")
+        if change == "grow":
+            index.upsert([far])
+        else:
+            index.delete(["Y"])
+        make_feed(index, rules, feeds / "delta.jsonl", "jsonl", since=feeds / "full.jsonl")
+        make_feed(index, rules, feeds / "now.jsonl", "jsonl")
+    _assert_delta_makes_now(feeds)
+
+
+def test_a_newcomer_tied_through_two_pairs_of_photos_matches_the_photo_a_full_feed_matches(
+    tmp_path: Path,
+) -> None:
+    """X has photos [P, Q]; N comes with [R, Q, P]: at distance 0 through two pairs. A full feed
+    matches X's first photo, P, that is N's photo 2; the delta says so too. (An outside review, F3.)"""
+    P, Q, R = [0.0, 0.0], [5.0, 0.0], [100.0, 100.0]
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+    with open_index(QdrantSettings(path=tmp_path / "s", collection="c")) as index:
+        index.create(2)
+        index.upsert([_photos("X", [P, Q]), _photos("A", [0.0, 3.0]), _photos("B", [0.0, -4.0])])
+        make_feed(index, FeedRules(k=2), feeds / "full.jsonl", "jsonl")
+        index.upsert([_photos("N", [R, Q, P])])
+        make_feed(index, FeedRules(k=2), feeds / "delta.jsonl", "jsonl", since=feeds / "full.jsonl")
+        make_feed(index, FeedRules(k=2), feeds / "now.jsonl", "jsonl")
+    _assert_delta_makes_now(feeds)
+    now = [json.loads(line) for line in (feeds / "now.jsonl").read_text().splitlines()]
+    assert next(e for e in now if e["product_id"] == "X")["neighbours"][0]["matched_image"] == 2

@@ -44,6 +44,7 @@ from visrec.index import Hit, SearchRequest, VectorIndex
 from visrec.index.points import payload_key
 from visrec.neighbours import (
     BATCH,
+    HIT_FIELDS,
     RESERVE,
     ClassKey,
     FeedRules,
@@ -249,7 +250,8 @@ def _delta(
         spans[record["id"]] = (offset, length)
     now, sizes = _now(index, rules, progress)
     fields = list(dict.fromkeys([*rules.listed_fields(), *rules.hit_fields()]))
-    classes = Classes(index, fields, [class_filters(rules, known) for known in classes_read(sizes)])
+    read = classes_read(sizes)
+    classes = Classes(index, fields, [class_filters(rules, known) for known in read])
     gone = old.keys() - now.keys()
     moved = {
         p
@@ -263,16 +265,21 @@ def _delta(
     vanished = set().union(*(record.neighbours for record in old.values())) - now.keys()
     touched = gone | moved | vanished
     entered, searched_around = _reached(index, classes, rules, sorted(moved), now, old, progress)
+    # A class read whole now and not by the previous feed, or the other way round (it grew, shrank, or
+    # passed another): its lists are searched again, in the arithmetic a full feed now uses for them.
+    before = Counter(match_key(r.key) for r in old.values() if r.key is not None)
+    switched = set(read).symmetric_difference(classes_read(before))
+    redo = {p for p in old.keys() & now.keys() - touched if _class(old[p]) in switched}
     # Every other list: none of its kept products changed and nothing new came within its reach.
     mend = {
         p
         for p, record in old.items()
-        if p not in touched and (p in entered or touched.intersection(record.neighbours))
+        if p not in touched | redo and (p in entered or touched.intersection(record.neighbours))
     }
-    compared = mend | (moved & old.keys())  # their lists as the previous feed held them
+    compared = mend | redo | (moved & old.keys())  # their lists as the previous feed held them
     kept = {r["id"]: r["n"] for r in previous.read_at(sorted(spans[p] for p in compared))}
     lists: dict[str, Listed] = {}
-    search = set(moved)
+    search = moved | redo
     for product_id in sorted(mend):
         mended = _mended(product_id, kept[product_id], entered.get(product_id, []), touched, old, now, rules)
         if mended is None:
@@ -320,11 +327,15 @@ def _delta(
         "moved": len(moved),
         "searched_around": searched_around,
         "queried": len(ordered),
-        "mended": len(mend) - len(search - moved),
+        "mended": len(mend) - len(search - moved - redo),
         "lists_written": written.lists,
         "deleted": written.deleted,
         "uncoloured": 0,
     }
+
+
+def _class(record: _Old) -> ClassKey | None:
+    return None if record.key is None else match_key(record.key)
 
 
 def _typed(values: Sequence[Any] | None) -> tuple[Any, ...] | None:
@@ -381,13 +392,16 @@ def _enter(
     product_id: str, searches: dict[tuple[int, int], list[Hit]], old: dict[str, _Old], entered: Entered
 ) -> None:
     """Add a moved product to each previous list it comes within reach of, at its nearest photo's
-    distance (its searches, by (photo, class searched))."""
-    nearest: dict[str, tuple[float, int]] = {}  # list → (distance, which photo of the moved one)
-    for photo, searched in sorted(searches):
-        for hit in searches[photo, searched]:
-            if hit.product_id not in nearest or hit.distance < nearest[hit.product_id][0]:
-                nearest[hit.product_id] = (hit.distance, photo)
-    for listed_id, (distance, photo) in nearest.items():
+    distance (its searches, by (photo, class searched)). Of equally near pairs of photos, the one a
+    full feed matches: the list's first photo, then the moved product's first (each search's hits say
+    which of the list's photos matched)."""
+    nearest: dict[str, tuple[float, int, int]] = {}  # list → (distance, its photo, the moved one's photo)
+    for (photo, _), hits in searches.items():
+        for hit in hits:
+            pair = (hit.distance, hit.matched, photo)
+            if hit.product_id not in nearest or pair < nearest[hit.product_id]:
+                nearest[hit.product_id] = pair
+    for listed_id, (distance, _, photo) in nearest.items():
         listing = old.get(listed_id)
         if listing is not None and listing.reaches(distance, product_id):
             entered.setdefault(listed_id, []).append((product_id, distance, photo))
@@ -450,7 +464,8 @@ def _reached(
             for photo, searched_class in each:
                 values = farthest[around[product_id][searched_class]][0]
                 filters = with_same(rules.filters, rules.same, values)
-                requests.append(SearchRequest(rows[photo], limit, filters, [product_id], ["product_id"]))
+                # its photos too: which of them matched (`_enter`)
+                requests.append(SearchRequest(rows[photo], limit, filters, [product_id], list(HIT_FIELDS)))
                 plans.append((product_id, (photo, searched_class), limit))
         for (product_id, which, limit), hits in zip(
             plans, classes.search_batch(requests, exact=rules.exact), strict=True

@@ -389,8 +389,10 @@ def batches(
 
 def classes_read(sizes: Counter[ClassKey]) -> list[ClassKey]:
     """The classes a feed reads whole, by their sizes: the `CLASSES_READ` largest of two products or
-    more (a delta reads the same ones, to search in the arithmetic of the full feed it mends)."""
-    return [known for known, count in sizes.most_common(CLASSES_READ) if count > 1]
+    more, equal sizes by their values (a delta reads the same ones, to search in the arithmetic of the
+    full feed it mends, and knows which a previous feed read from its state)."""
+    ranked = sorted((-count, known) for known, count in sizes.items() if count > 1)
+    return [known for _, known in ranked[:CLASSES_READ]]
 
 
 def class_filters(feed: FeedRules, known: ClassKey) -> Filters:
