@@ -129,7 +129,8 @@ def exponents(
         # Each term bounded before they are summed: a bound is monotone, so the exponent stays monotone in
         # every value (an infinite term replaced after the fact could count less than a finite one).
         values = np.array([value_of(p.get(field)) for p in payloads], dtype=np.float64)
-        total -= np.minimum(np.maximum(weight * values, -MAX_TERM), MAX_TERM)
+        with np.errstate(over="ignore"):  # a product past float's range is infinite, then bounded
+            total -= np.minimum(np.maximum(weight * values, -MAX_TERM), MAX_TERM)
     return np.minimum(np.maximum(total, -MAX_EXPONENT), MAX_EXPONENT)
 
 
