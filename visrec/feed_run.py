@@ -61,7 +61,6 @@ from visrec.neighbours import (
     lists_for,
     match_key,
     same_key,
-    with_same,
 )
 from visrec.rules import MAX_K
 
@@ -267,7 +266,7 @@ def _delta(
     entered, searched_around = _reached(index, classes, rules, sorted(moved), now, old, progress)
     # A class read whole now and not by the previous feed, or the other way round (it grew, shrank, or
     # passed another): its lists are searched again, in the arithmetic a full feed now uses for them.
-    before = Counter(match_key(r.key) for r in old.values() if r.key is not None)
+    before = Counter(known for r in old.values() if (known := _class(r)) is not None)
     switched = set(read).symmetric_difference(classes_read(before))
     redo = {p for p in old.keys() & now.keys() - touched if _class(old[p]) in switched}
     # Every other list: none of its kept products changed and nothing new came within its reach.
@@ -420,12 +419,11 @@ def _reached(
     its surroundings within its class (each class listing it, `neighbours.listed_by`), searched until
     past the class's farthest reach (all of the class where a list there holds all of it). And how many
     moved products were searched around."""
-    farthest: dict[ClassKey, tuple[tuple[Any, ...], float]] = {}  # class → (its values, its reach)
+    farthest: dict[ClassKey, float] = {}  # class → how far its lists reach
     for record in old.values():
-        if record.key is not None and record.radius != -1.0:
+        if (known := _class(record)) is not None and record.radius != -1.0:
             reach = math.inf if record.radius is None else record.radius
-            known = match_key(record.key)
-            farthest[known] = (record.key, max(farthest.get(known, (record.key, -math.inf))[1], reach))
+            farthest[known] = max(farthest.get(known, -math.inf), reach)
     around: dict[str, list[ClassKey]] = {}  # moved product → the classes searched around it
     for product_id in moved:
         key, held_by = now[product_id].key, now[product_id].listed_by
@@ -462,8 +460,7 @@ def _reached(
             else:
                 each = [which]
             for photo, searched_class in each:
-                values = farthest[around[product_id][searched_class]][0]
-                filters = with_same(rules.filters, rules.same, values)
+                filters = class_filters(rules, around[product_id][searched_class])
                 # its photos too: which of them matched (`_enter`)
                 requests.append(SearchRequest(rows[photo], limit, filters, [product_id], list(HIT_FIELDS)))
                 plans.append((product_id, (photo, searched_class), limit))
@@ -471,7 +468,7 @@ def _reached(
             plans, classes.search_batch(requests, exact=rules.exact), strict=True
         ):
             found.setdefault(product_id, {})[which] = hits
-            reach = farthest[around[product_id][which[1]]][1]
+            reach = farthest[around[product_id][which[1]]]
             if len(hits) == limit and hits[-1].distance <= reach and limit < products:
                 pending.append((product_id, which, limit * 4))  # more of the class may lie within reach
             else:
