@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,7 @@ from visrec.filters import Filters
 from visrec.index import Hit, SearchRequest, VectorIndex
 from visrec.index.points import payload_key
 
+Photos = Callable[[Sequence[dict[str, Any]]], dict[str, np.ndarray]]  # a page's payloads → their photos
 MATRIX_BYTES = 1 << 30  # classes' photo vectors held (float32, twice); a larger class goes to the engine
 BLOCK_BYTES = 64 << 20  # the distances of one block of queries
 PAGE = 1024  # products read from the engine a call
@@ -89,17 +90,24 @@ class ClassMatrix:
 
     @classmethod
     def load(
-        cls, index: VectorIndex, filters: Filters, fields: Sequence[str], budget: int | None = None
+        cls,
+        index: VectorIndex,
+        filters: Filters,
+        fields: Sequence[str],
+        budget: int | None = None,
+        photos: Photos | None = None,
     ) -> ClassMatrix | None:
         """The class of `filters` with `fields` of each payload, or None if it is empty or its photos
-        pass `budget` bytes (`MATRIX_BYTES`; then the engine searches it)."""
+        pass `budget` bytes (`MATRIX_BYTES`; then the engine searches it). Its photos come from
+        `photos` (given the page's payloads), the engine's by default."""
         budget = MATRIX_BYTES if budget is None else budget
         ids: list[str] = []
         payloads: list[dict[str, Any]] = []
         blocks: list[np.ndarray] = []
         held = 0
+        read = photos or (lambda payloads: index.vectors([str(p["product_id"]) for p in payloads]))
         for page in _pages(index.all_payloads(filters, [payload_key(name) for name in fields])):
-            vectors = index.vectors([str(p["product_id"]) for p in page])
+            vectors = read(page)
             for payload in page:
                 product_id = str(payload["product_id"])
                 if product_id not in vectors:  # deleted between the two reads
@@ -258,12 +266,20 @@ class ClassMatrix:
 
 class Classes:
     """Searches routed by their filters: those of a class named in `whole` to that class held in memory
-    (read on first use; the least recently used let go past `MATRIX_BYTES` in all), any other to the
-    engine. A delta searches so, in the arithmetic of the full feed it mends."""
+    (read on first use, its photos from `photos`; the least recently used let go past `MATRIX_BYTES`
+    in all), any other to the engine. A delta searches so, in the arithmetic of the full feed it
+    mends."""
 
-    def __init__(self, index: VectorIndex, fields: Sequence[str], whole: Sequence[Filters]) -> None:
+    def __init__(
+        self,
+        index: VectorIndex,
+        fields: Sequence[str],
+        whole: Sequence[Filters],
+        photos: Photos | None = None,
+    ) -> None:
         self.index = index
         self.fields = list(fields)
+        self.photos = photos
         self._whole = {filters.model_dump_json() for filters in whole}
         self._held: OrderedDict[str, ClassMatrix | None] = OrderedDict()
         self._bytes = 0
@@ -288,7 +304,7 @@ class Classes:
         if key in self._held:
             self._held.move_to_end(key)
             return self._held[key]
-        matrix = self._held[key] = ClassMatrix.load(self.index, filters, self.fields)
+        matrix = self._held[key] = ClassMatrix.load(self.index, filters, self.fields, photos=self.photos)
         self._bytes += 0 if matrix is None else matrix.nbytes
         while self._bytes > MATRIX_BYTES and len(self._held) > 1:
             _, dropped = self._held.popitem(last=False)

@@ -304,7 +304,7 @@ def write_feed(out: Path, fmt: Format, scored: bool, header: dict[str, Any], pro
     that cannot be written."""
     written = Written()
     # What an earlier run of this feed left when it was killed (and nobody holds): this feed's only.
-    sweep_temporaries(out.parent, re.escape(out.name) + r"(\.state)?")
+    sweep_temporaries(out.parent, re.escape(out.name) + r"(\.state|\.vectors)?")
     try:
         with ExitStack() as stack:
             raw_feed = stack.enter_context(replacing(out))

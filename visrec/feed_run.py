@@ -40,6 +40,7 @@ from visrec import query
 from visrec.class_matrix import Classes
 from visrec.errors import Refused
 from visrec.feed import FeedWriter, Format, StateFile, StateWriter, Written, read_state, write_feed
+from visrec.feed_vectors import KeptVectors, Photos, kept_vectors, vectors_path
 from visrec.index import Hit, SearchRequest, VectorIndex
 from visrec.index.points import payload_key
 from visrec.neighbours import (
@@ -96,7 +97,7 @@ def make_feed(
         summary = _full(index, rules, out, fmt, progress)
     else:
         refuse_untracked(rules)
-        summary = _delta(index, rules, read_state(since), out, fmt, progress)
+        summary = _delta(index, rules, since, out, fmt, progress)
     return {
         "feed": str(out),
         "state": str(out.with_name(out.name + ".state")),
@@ -118,7 +119,7 @@ def _full(
 
     def produce(writer: FeedWriter, state: StateWriter) -> None:
         _tell(progress, "neighbours", 0, total)
-        for batch, searcher in batches(index, rules):
+        for batch, searcher in batches(index, rules, photos=photos):
             for listed in lists_for(index, batch, rules, searcher=searcher):
                 writer.write_list(listed.product_id, listed.hits)
                 state.record(listed)
@@ -128,8 +129,14 @@ def _full(
             done = counts["queried"]
             _tell(progress, "neighbours", done, max(total, done))  # products written meanwhile count too
 
-    written = write_feed(out, fmt, rules.ranks_by_more_than_distance, _header(index, rules), produce)
+    with kept_vectors(out) as kept:
+        photos = Photos(index.vectors, _recorded_fingerprint, kept)
+        written = write_feed(out, fmt, rules.ranks_by_more_than_distance, _header(index, rules), produce)
     return {**counts, "lists_written": written.lists, "deleted": 0}
+
+
+def _recorded_fingerprint(payload: dict[str, Any]) -> str:
+    return fingerprint(payload, None)
 
 
 @dataclass(frozen=True)
@@ -232,14 +239,26 @@ Entered = dict[str, list[tuple[str, float, int]]]  # list → (moved product, it
 
 
 def _delta(
+    index: VectorIndex, rules: FeedRules, since: Path, out: Path, fmt: Format, progress: Progress | None
+) -> dict[str, Any]:
+    previous = read_state(since)
+    _check_comparable(previous, index, rules)
+    with kept_vectors(out) as kept:
+        photos = Photos(index.vectors, _recorded_fingerprint, kept, KeptVectors(vectors_path(since)))
+        return _delta_kept(index, rules, previous, photos, out, fmt, progress)
+
+
+def _delta_kept(
     index: VectorIndex,
     rules: FeedRules,
     previous: StateFile,
+    photos: Photos,
     out: Path,
     fmt: Format,
     progress: Progress | None,
 ) -> dict[str, Any]:
-    _check_comparable(previous, index, rules)
+    """A delta on `previous`, its classes' photos read through `photos` (the previous feed's where they
+    did not change), which keeps them for the next."""
     old: dict[str, _Old] = {}
     spans: dict[str, tuple[int, int]] = {}  # where each record lies in the previous state
     for record, offset, length in previous.records():
@@ -250,7 +269,7 @@ def _delta(
     now, sizes = _now(index, rules, progress)
     fields = list(dict.fromkeys([*rules.listed_fields(), *rules.hit_fields()]))
     read = classes_read(sizes)
-    classes = Classes(index, fields, [class_filters(rules, known) for known in read])
+    classes = Classes(index, fields, [class_filters(rules, known) for known in read], photos)
     gone = old.keys() - now.keys()
     moved = {
         p
@@ -295,6 +314,7 @@ def _delta(
             lists[listed.product_id] = listed
         _tell(progress, "neighbours", min(start + BATCH, len(ordered)), len(ordered))
     gone |= {p for p in search if p in old and p not in lists}  # deleted since it was read
+    photos.carry({p: listed.fingerprint for p, listed in now.items()})  # the classes it did not read
 
     def produce(writer: FeedWriter, state: StateWriter) -> None:
         for product_id in sorted(lists):
@@ -330,6 +350,7 @@ def _delta(
         "lists_written": written.lists,
         "deleted": written.deleted,
         "uncoloured": 0,
+        "photos_reused": photos.reused,
     }
 
 

@@ -25,7 +25,7 @@ from typing import Any, Protocol, TypeGuard
 import numpy as np
 
 from visrec import query
-from visrec.class_matrix import ClassMatrix
+from visrec.class_matrix import ClassMatrix, Photos
 from visrec.errors import InvalidQuery, NoMatch, closest
 from visrec.filters import Filters
 from visrec.index import Hit, SearchRequest, VectorIndex
@@ -345,13 +345,13 @@ def _choose(
 
 
 def batches(
-    index: VectorIndex, feed: FeedRules, size: int = BATCH
+    index: VectorIndex, feed: FeedRules, size: int = BATCH, photos: Photos | None = None
 ) -> Iterator[tuple[list[tuple[str, dict[str, Any]]], Searcher]]:
     """The products the filters choose, (id, payload) a batch at a time, each with what searches it,
     every product once: those without `same` values (no search), then the `CLASSES_READ` largest
     classes read whole into memory one after the other (`ClassMatrix`: exact, and far cheaper a product
     than the engine; a class over its memory budget is left), then the rest, in point-id order, through
-    the engine."""
+    the engine. The classes read their photos from `photos` (the engine's by default)."""
     sizes: Counter[ClassKey] = Counter()
     listed: set[str] = set()  # a product whose class changes meanwhile is listed once, in the first
     for batch in _scrolled(index, feed, size):
@@ -363,7 +363,7 @@ def batches(
     fields = list(dict.fromkeys([*feed.listed_fields(), *feed.hit_fields()]))
     held: set[ClassKey] = set()
     for known in classes_read(sizes):
-        matrix = ClassMatrix.load(index, class_filters(feed, known), fields)
+        matrix = ClassMatrix.load(index, class_filters(feed, known), fields, photos=photos)
         if matrix is None:
             continue
         held.add(known)

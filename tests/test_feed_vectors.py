@@ -1,0 +1,170 @@
+"""The photo vectors a feed keeps beside it (`FEED.vectors`): a delta reads from the engine only the
+photos of products whose vectors changed, and is the delta it would be without them (previous +
+delta == a full feed now); a vectors file cut short, damaged, or of another format is ignored, never
+trusted and never an error; chained deltas keep what they did not read. Real embedded engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
+
+from tests.test_class_matrix import _assert_delta_makes_now
+from visrec.config import QdrantSettings
+from visrec.feed_run import make_feed
+from visrec.feed_vectors import KeptVectors, vectors_path
+from visrec.index import IndexPoint, VectorIndex, open_index
+from visrec.neighbours import FeedRules
+
+RULES = FeedRules(k=3, same=("kind",))
+
+
+def _catalogue(rng: np.random.Generator, n: int = 36) -> list[IndexPoint]:
+    """Three classes; some products with two photos; one without a vectors hash (never kept)."""
+    points = []
+    for i in range(n):
+        payload: dict[str, Any] = {"product_id": f"p{i:02d}", "kind": i % 3, "price": float(i)}
+        if i != 5:
+            payload["vectors_hash"] = f"h{i}"
+        photos = rng.standard_normal((1 + (i % 4 == 0), 6)).astype(np.float32)
+        points.append(IndexPoint(f"p{i:02d}", photos, payload))
+    return points
+
+
+def _photo(point: IndexPoint, rng: np.random.Generator, step: int) -> IndexPoint:
+    """The product with a new photo (and a new vectors hash, as sync records one)."""
+    photos = rng.standard_normal((1, 6)).astype(np.float32)
+    return IndexPoint(point.product_id, photos, {**point.payload, "vectors_hash": f"e{step}"})
+
+
+def _engine_reads(index: VectorIndex, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The product ids whose vectors the engine is asked for from now on."""
+    asked: list[str] = []
+    read = index.vectors
+
+    def counted(product_ids: Any) -> dict[str, np.ndarray]:
+        asked.extend(product_ids)
+        return read(product_ids)
+
+    monkeypatch.setattr(index, "vectors", counted)
+    return asked
+
+
+def test_a_delta_reads_from_the_engine_only_the_photos_that_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(3)
+    feeds = tmp_path / "feeds"
+    points = _catalogue(rng)
+    with open_index(QdrantSettings(path=tmp_path / "s", collection="c")) as index:
+        index.create(6)
+        index.upsert(points)
+        full = make_feed(index, RULES, feeds / "full.jsonl", "jsonl")
+        assert len(KeptVectors(vectors_path(feeds / "full.jsonl"))) == len(points) - 1  # p05: no hash
+        index.upsert([_photo(points[7], rng, 1), _photo(points[8], rng, 1)])
+        index.delete(["p09"])
+        added = {**points[9].payload, "product_id": "p99", "vectors_hash": "n99"}
+        index.upsert([IndexPoint("p99", rng.standard_normal((1, 6)).astype(np.float32), added)])
+        asked = _engine_reads(index, monkeypatch)
+        delta = make_feed(index, RULES, feeds / "delta.jsonl", "jsonl", since=feeds / "full.jsonl")
+        monkeypatch.undo()
+        make_feed(index, RULES, feeds / "now.jsonl", "jsonl")
+    assert full["lists_written"] == len(points)
+    # Every class is read whole again (each holds a moved product); the photos of the 33 products
+    # whose hashes did not change come from the file; the engine's: the moved ones, p05, and those
+    # whose lists a delta searches again (their own photos, to search with).
+    assert delta["photos_reused"] == len(points) - 1 - 3
+    searched = set(asked) - {"p07", "p08", "p99", "p05"}
+    assert len(searched) <= delta["queried"]
+    _assert_delta_makes_now(feeds)
+
+
+def test_chained_deltas_keep_what_they_did_not_read(tmp_path: Path) -> None:
+    """A delta that reads one class keeps the others' photos from the feed before it: the next delta,
+    on it, still takes them from the file."""
+    rng = np.random.default_rng(4)
+    feeds = tmp_path / "feeds"
+    points = _catalogue(rng)
+    with open_index(QdrantSettings(path=tmp_path / "s", collection="c")) as index:
+        index.create(6)
+        index.upsert(points)
+        make_feed(index, RULES, feeds / "f0.jsonl", "jsonl")
+        index.upsert([_photo(points[3], rng, 1)])  # class 0 only
+        first = make_feed(index, RULES, feeds / "f1.jsonl", "jsonl", since=feeds / "f0.jsonl")
+        assert first["photos_reused"] == 12 - 1  # class 0: 12 products, one moved
+        assert len(KeptVectors(vectors_path(feeds / "f1.jsonl"))) == len(points) - 1
+        index.upsert([_photo(points[4], rng, 2)])  # class 1, which the first delta did not read
+        second = make_feed(index, RULES, feeds / "delta.jsonl", "jsonl", since=feeds / "f1.jsonl")
+        make_feed(index, RULES, feeds / "now.jsonl", "jsonl")
+    assert second["photos_reused"] == 12 - 1
+    lines = {}  # the first feed with the first delta applied, as one feed
+    for name in ("f0.jsonl", "f1.jsonl"):
+        for line in (feeds / name).read_text().splitlines():
+            lines[json.loads(line)["product_id"]] = line
+    applied = [line for line in lines.values() if not json.loads(line).get("deleted")]
+    (feeds / "full.jsonl").write_text("".join(f"{line}\n" for line in applied))
+    _assert_delta_makes_now(feeds)
+
+
+damage = st.one_of(
+    st.tuples(st.just("cut"), st.floats(0, 1, exclude_max=True)),
+    st.tuples(st.just("flip"), st.floats(0, 1, exclude_max=True)),
+    st.tuples(st.just("append"), st.binary(min_size=1, max_size=64)),
+    st.tuples(st.just("replace"), st.binary(max_size=256)),
+)
+
+
+@hypothesis_settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(seed=st.integers(0, 2**32 - 1), how=damage)
+def test_a_damaged_vectors_file_is_ignored(
+    seed: int, how: tuple[str, Any], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """Whatever happened to the vectors file beside the previous feed (cut short anywhere, one byte
+    changed anywhere, bytes added, another content), a delta takes nothing from it, raises nothing, and
+    is the delta made without it."""
+    rng = np.random.default_rng(seed)
+    root = tmp_path_factory.mktemp("damaged")
+    feeds = root / "feeds"
+    points = _catalogue(rng, 18)
+    with open_index(QdrantSettings(path=root / "s", collection="c")) as index:
+        index.create(6)
+        index.upsert(points)
+        make_feed(index, RULES, feeds / "full.jsonl", "jsonl")
+        kept = vectors_path(feeds / "full.jsonl")
+        data = bytearray(kept.read_bytes())
+        kind, value = how
+        if kind == "cut":
+            data = data[: int(value * len(data))]
+        elif kind == "flip":
+            data[int(value * len(data))] ^= 1 + int(value * 1e6) % 255
+        elif kind == "append":
+            data += value
+        else:
+            data = bytearray(value)
+        kept.write_bytes(bytes(data))
+        assert len(KeptVectors(kept)) == 0
+        index.upsert([_photo(points[int(rng.integers(len(points)))], rng, 1)])
+        delta = make_feed(index, RULES, feeds / "delta.jsonl", "jsonl", since=feeds / "full.jsonl")
+        make_feed(index, RULES, feeds / "now.jsonl", "jsonl")
+    assert delta["photos_reused"] == 0
+    _assert_delta_makes_now(feeds)
+
+
+@hypothesis_settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=512), magic=st.booleans())
+def test_any_bytes_read_as_a_vectors_file_or_as_none(data: bytes, magic: bool, tmp_path_factory: Any) -> None:
+    """Arbitrary bytes, with or without the format's magic at their end: read as nothing kept, never an
+    error."""
+    from visrec.feed_vectors import MAGIC
+
+    path = tmp_path_factory.mktemp("bytes") / "f.vectors"
+    path.write_bytes(data + (MAGIC if magic else b""))
+    assert len(KeptVectors(path)) == 0

@@ -1,0 +1,191 @@
+"""The photo vectors a feed read, kept beside it (`FEED.vectors`), so that a delta on it reads from the
+engine only those of the products whose vectors changed.
+
+A feed reads every class it searches in memory whole (`class_matrix.ClassMatrix`), and a delta reads
+the classes it searches again, to search them in the arithmetic of the full feed it mends: through the
+engine's binding that is ~60 µs a photo (a Python list of 1000 floats built, then converted), most of
+a small delta's time. The file holds each product's photos with what says they are its (the vectors
+hash sync records, under the model: `neighbours.fingerprint`), so a photo is taken from it only while
+that is still the product's: what a delta already trusts to leave a product's list alone. Products
+without a recorded vectors hash are not kept (only their vectors say what they are).
+
+Layout: float32 rows, then a JSON index ({"dim", "entries": [[product id, fingerprint, first row,
+rows], ...]}), a CRC-32 of both (4 bytes), the index's length (8 bytes, both little-endian) and `MAGIC`.
+A file that does not read so (cut short, damaged, another format) is ignored: everything is read from
+the engine. Written as the feed is (a temporary file renamed when the feed is), 4 KB a photo of
+1000-d.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from visrec.fs import replacing
+
+MAGIC = b"visrec-feed-vectors-1\n"
+_TRAILER = 4 + 8 + len(MAGIC)
+
+
+def vectors_path(feed: Path) -> Path:
+    """Where a feed's photo vectors live: beside it, `FEED.vectors`."""
+    return feed.with_name(feed.name + ".vectors")
+
+
+class KeptVectors:
+    """A previous feed's photo vectors (empty when it kept none, or what it kept does not read)."""
+
+    def __init__(self, path: Path | None) -> None:
+        self._entries: dict[str, tuple[str, int, int]] = {}
+        self._rows = np.zeros((0, 0), np.float32)
+        self._map: mmap.mmap | None = None
+        if path is not None:
+            try:
+                self._open(path)
+            except (OSError, ValueError, TypeError, KeyError):  # not a file this reads: read the engine
+                self._entries, self._rows = {}, np.zeros((0, 0), np.float32)
+
+    def _open(self, path: Path) -> None:
+        with path.open("rb") as f:
+            size = f.seek(0, 2)
+            if size < _TRAILER:
+                raise ValueError("too short")
+            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        if mapped[size - len(MAGIC) :] != MAGIC:
+            raise ValueError("not a vectors file")
+        check = int.from_bytes(mapped[size - _TRAILER : size - _TRAILER + 4], "little")
+        length = int.from_bytes(mapped[size - _TRAILER + 4 : size - len(MAGIC)], "little")
+        body = size - _TRAILER - length
+        if body < 0 or zlib.crc32(memoryview(mapped)[: size - _TRAILER]) != check:
+            raise ValueError("damaged")
+        index = json.loads(mapped[body : size - _TRAILER])
+        dim = int(index["dim"])
+        if dim <= 0 or body % (4 * dim):
+            raise ValueError("rows cut short")
+        rows = np.frombuffer(mapped, np.float32, body // 4).reshape(-1, dim)
+        entries = {}
+        for product_id, fingerprint, first, count in index["entries"]:
+            if not (isinstance(product_id, str) and isinstance(fingerprint, str)):
+                raise ValueError("an entry's names")
+            first, count = int(first), int(count)
+            if first < 0 or count < 1 or first + count > len(rows):
+                raise ValueError("an entry past the rows")
+            entries[product_id] = (fingerprint, first, count)
+        self._entries, self._rows, self._map = entries, rows, mapped
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, product_id: str, fingerprint: str) -> np.ndarray | None:
+        """The product's photos as kept, if they are still its own (the same fingerprint)."""
+        entry = self._entries.get(product_id)
+        if entry is None or entry[0] != fingerprint:
+            return None
+        _, first, count = entry
+        return np.array(self._rows[first : first + count])
+
+    def items(self) -> Iterator[tuple[str, str]]:
+        """(product id, fingerprint) of each product kept."""
+        return ((p, entry[0]) for p, entry in self._entries.items())
+
+
+class VectorsWriter:
+    """A feed's photo vectors as it reads them, kept for the next delta."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self._raw = raw
+        self._check = 0
+        self._entries: dict[str, list[Any]] = {}
+        self._rows = 0
+        self._dim = 0
+
+    def keep(self, product_id: str, fingerprint: str, rows: np.ndarray) -> None:
+        """Keep a product's photos (once: a product in two classes is one entry)."""
+        if product_id in self._entries or not is_recorded(fingerprint):
+            return
+        rows = np.ascontiguousarray(np.atleast_2d(rows), dtype=np.float32)
+        if self._dim and rows.shape[1] != self._dim:
+            return
+        self._dim = rows.shape[1]
+        self._write(rows.tobytes())
+        self._entries[product_id] = [product_id, fingerprint, self._rows, len(rows)]
+        self._rows += len(rows)
+
+    def kept(self, product_id: str) -> bool:
+        return product_id in self._entries
+
+    def finish(self) -> None:
+        index = json.dumps({"dim": self._dim or 1, "entries": list(self._entries.values())}).encode()
+        self._write(index)
+        self._raw.write(self._check.to_bytes(4, "little") + len(index).to_bytes(8, "little") + MAGIC)
+
+    def _write(self, data: bytes) -> None:
+        self._raw.write(data)
+        self._check = zlib.crc32(data, self._check)
+
+
+def is_recorded(fingerprint: str) -> bool:
+    """Whether a fingerprint is one sync recorded (the vectors hash), which says what the vectors are
+    without reading them; one hashed from the vectors is not kept."""
+    return not fingerprint.startswith("vectors:")
+
+
+@contextmanager
+def kept_vectors(feed: Path) -> Iterator[VectorsWriter]:
+    """The writer of `feed`'s photo vectors; the file replaces the one beside it when the block ends
+    without an error (see `feed.write_feed`, which this encloses: renamed after the feed)."""
+    with replacing(vectors_path(feed)) as raw:
+        writer = VectorsWriter(raw)
+        yield writer
+        writer.finish()
+
+
+class Photos:
+    """Where a feed's classes read their photos: the previous feed's kept vectors for the products that
+    did not change since, the engine for the others; every photo read is kept for the next delta."""
+
+    def __init__(
+        self,
+        read: Callable[[Sequence[str]], dict[str, np.ndarray]],
+        fingerprint: Callable[[dict[str, Any]], str],
+        writer: VectorsWriter,
+        previous: KeptVectors | None = None,
+    ) -> None:
+        self._read, self._fingerprint = read, fingerprint
+        self._writer, self._previous = writer, previous or KeptVectors(None)
+        self.reused = 0
+
+    def __call__(self, payloads: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+        found: dict[str, np.ndarray] = {}
+        prints = {str(p["product_id"]): self._fingerprint(p) for p in payloads}
+        for product_id, fingerprint in prints.items():
+            if is_recorded(fingerprint) and (rows := self._previous.get(product_id, fingerprint)) is not None:
+                found[product_id] = rows
+        self.reused += len(found)
+        unread = [p for p in prints if p not in found]
+        if unread:
+            found.update(self._read(unread))
+        for product_id, rows in found.items():
+            if is_recorded(prints[product_id]):
+                self._writer.keep(product_id, prints[product_id], rows)
+        return found
+
+    def carry(self, current: dict[str, str]) -> int:
+        """Keep the previous feed's vectors of the products (id → fingerprint now) not read by this
+        run, where they are still theirs; returns how many."""
+        carried = 0
+        for product_id, fingerprint in self._previous.items():
+            if self._writer.kept(product_id) or current.get(product_id) != fingerprint:
+                continue
+            rows = self._previous.get(product_id, fingerprint)
+            if rows is not None:
+                self._writer.keep(product_id, fingerprint, rows)
+                carried += 1
+        return carried
