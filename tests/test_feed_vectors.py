@@ -6,6 +6,8 @@ trusted and never an error; chained deltas keep what they did not read. Real emb
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,15 @@ def _catalogue(rng: np.random.Generator, n: int = 36) -> list[IndexPoint]:
     return points
 
 
+@contextmanager
+def _store(root: Path, points: list[IndexPoint]) -> Iterator[VectorIndex]:
+    """An embedded store holding `points`."""
+    with open_index(QdrantSettings(path=root / "s", collection="c")) as index:
+        index.create(6)
+        index.upsert(points)
+        yield index
+
+
 def _photo(point: IndexPoint, rng: np.random.Generator, step: int) -> IndexPoint:
     """The product with a new photo (and a new vectors hash, as sync records one)."""
     photos = rng.standard_normal((1, 6)).astype(np.float32)
@@ -62,9 +73,7 @@ def test_a_delta_reads_from_the_engine_only_the_photos_that_changed(
     rng = np.random.default_rng(3)
     feeds = tmp_path / "feeds"
     points = _catalogue(rng)
-    with open_index(QdrantSettings(path=tmp_path / "s", collection="c")) as index:
-        index.create(6)
-        index.upsert(points)
+    with _store(tmp_path, points) as index:
         full = make_feed(index, RULES, feeds / "full.jsonl", "jsonl")
         assert len(KeptVectors(vectors_path(feeds / "full.jsonl"))) == len(points) - 1  # p05: no hash
         index.upsert([_photo(points[7], rng, 1), _photo(points[8], rng, 1)])
@@ -91,9 +100,7 @@ def test_chained_deltas_keep_what_they_did_not_read(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     feeds = tmp_path / "feeds"
     points = _catalogue(rng)
-    with open_index(QdrantSettings(path=tmp_path / "s", collection="c")) as index:
-        index.create(6)
-        index.upsert(points)
+    with _store(tmp_path, points) as index:
         make_feed(index, RULES, feeds / "f0.jsonl", "jsonl")
         index.upsert([_photo(points[3], rng, 1)])  # class 0 only
         first = make_feed(index, RULES, feeds / "f1.jsonl", "jsonl", since=feeds / "f0.jsonl")
@@ -134,9 +141,7 @@ def test_a_damaged_vectors_file_is_ignored(
     root = tmp_path_factory.mktemp("damaged")
     feeds = root / "feeds"
     points = _catalogue(rng, 18)
-    with open_index(QdrantSettings(path=root / "s", collection="c")) as index:
-        index.create(6)
-        index.upsert(points)
+    with _store(root, points) as index:
         make_feed(index, RULES, feeds / "full.jsonl", "jsonl")
         kept = vectors_path(feeds / "full.jsonl")
         data = bytearray(kept.read_bytes())
