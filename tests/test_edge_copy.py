@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -149,3 +151,68 @@ def test_a_copy_whose_process_is_killed_raises_one_line_and_leaves_nothing(live:
     assert len(errors) == 1 and isinstance(errors[0], IndexUnavailable), errors
     assert "was killed (SIGKILL)" in str(errors[0]) and "\n" not in str(errors[0])
     assert not copy.folder.exists()
+
+
+def _optimizing_store(root: Path) -> Path:
+    """A collection folder whose optimize() takes seconds (an HNSW graph of 20,000 points to build)."""
+    with open_index(QdrantSettings(path=root)) as index:
+        assert isinstance(index, EdgeIndex)
+        index.create(512, {"model_version": "test"})
+        rng = np.random.default_rng(1)
+        for start in range(0, 20_000, 2000):
+            index.upsert(
+                [
+                    IndexPoint(f"p{i}", rng.standard_normal((1, 512), np.float32), {"product_id": f"p{i}"})
+                    for i in range(start, start + 2000)
+                ]
+            )
+        return index.path
+
+
+def _gone(pid: int) -> bool:
+    """Whether a process has ended (a zombie nobody reaped yet counts)."""
+    try:
+        return "\nState:\tZ" in (Path("/proc") / str(pid) / "status").read_text()
+    except OSError:
+        return True
+
+
+def test_an_optimize_ends_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """The engine's optimize() holds its process's GIL, so the child that runs it cannot watch for its
+    parent's end: killed (kill -9) mid-optimize, the service's process takes its optimizing child with
+    it, which would otherwise build a graph for nobody (minutes at 1M)."""
+    folder = _optimizing_store(tmp_path / "qdrant")
+    code = f"import pathlib, visrec.index.edge_copy as e; e.optimize_in_child(pathlib.Path({str(folder)!r}))"
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline, child = time.monotonic() + 30, None
+        while child is None:
+            assert parent.poll() is None, "optimized before it could be killed"
+            assert time.monotonic() < deadline, "no optimizing process appeared"
+            found = [
+                int(pid)
+                for task in Path(f"/proc/{parent.pid}/task").iterdir()
+                for pid in (task / "children").read_text().split()
+            ]
+            child = found[0] if found else None
+            time.sleep(0.05)
+        time.sleep(1.0)  # the child has loaded the store and optimizes
+        assert not _gone(child)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 5
+        while not _gone(child):
+            assert time.monotonic() < deadline, "the optimizing process outlived the one that started it"
+            time.sleep(0.05)
+    finally:
+        parent.kill()
+        parent.wait()
+
+
+def test_an_optimize_that_fails_raises_one_line(tmp_path: Path) -> None:
+    from visrec.index.edge_copy import optimize_in_child
+
+    (tmp_path / "not-a-store").mkdir()
+    with pytest.raises(IndexUnavailable, match=r"optimize failed in its process: \w") as raised:
+        optimize_in_child(tmp_path / "not-a-store")
+    assert "\n" not in str(raised.value)

@@ -97,6 +97,25 @@ def read_request() -> dict[str, Any] | None:
     return request
 
 
+def die_with_parent(parent: int) -> None:
+    """In a child whose work holds the GIL (the engine's optimize(): the watch of stdin cannot run
+    meanwhile): on Linux, the kernel kills it when the thread that started it ends (that thread waits
+    for it), and at once if its parent (pid `parent`) already has. Elsewhere only the watch remains."""
+    import ctypes  # here: only such a child pays for it
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL) != 0:
+            return
+    except (OSError, AttributeError):  # not Linux
+        return
+    if os.getppid() != parent:  # it ended before the prctl: nobody would kill this one
+        os._exit(PARENT_GONE)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
 def _stop_when_parent_ends() -> None:
     """The parent never writes after the request: end of file means it ended (killed, too). (A raw read:
     a thread blocked in `sys.stdin`'s buffered one stops the interpreter's exit with a fatal error.)"""

@@ -7,12 +7,12 @@ would wait for the GIL behind the request threads' searches, with writes held.""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from visrec.child import ChildProcess, how_it_ended
 from visrec.errors import IndexUnavailable
 from visrec.fs import allocated_bytes, write_atomically
 from visrec.fs_apart import copy_apart, match_apart
@@ -115,14 +115,13 @@ def _next_copy(root: Path, collection: str) -> Path:
 
 
 def optimize_in_child(folder: Path) -> None:
-    """optimize() of `folder` in a process of its own (`visrec.index.compact`): the GIL stays free."""
-    done = subprocess.run(
-        [sys.executable, "-m", "visrec.index.compact", str(folder)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        cause = (done.stderr.strip().splitlines() or ["no message"])[-1]
+    """optimize() of `folder` in a process of its own (`visrec.index.compact`): the GIL stays free. The
+    child ends with this thread, which waits for it."""
+    request = {"folder": str(folder), "parent": os.getpid()}
+    with ChildProcess("visrec.index.compact", request) as child:
+        answers = list(child.messages())
+        code = child.wait()
+    if code != 0:
+        cause = next((str(a["error"]) for a in answers if "error" in a), f"it {how_it_ended(code)}")
         raise IndexUnavailable(f"embedded store {folder}: optimize failed in its process: {cause}")
-    log.info("%s", done.stderr.strip())
+    log.info("optimized %s in %.1f s", folder, next((a["seconds"] for a in answers if "seconds" in a), 0.0))
