@@ -3,14 +3,23 @@
 The store is made as the other scale benchmarks make theirs: points written directly, here clustered
 random 1000-d vectors (--categories categories, each a few looks around its centre, each product a look
 plus noise), with a category, a price and a vectors hash as sync records them; then `optimize()`, as
-a sync ends. The store is kept in --store and reused by the next run with the same size (its making is
-timed once). Then, through `visrec.feed_run.make_feed`:
+a sync ends (`--no-optimize` leaves it out: it builds the HNSW graph, far too slow at 1M; the feed with
+`--same` reads each class whole into memory and searches it by matrix products, `visrec.class_matrix`,
+which needs no graph; a class the feed leaves to the engine, over `MATRIX_BYTES` or past the
+`CLASSES_READ` largest, is then searched without one). `--layout int8-disk` makes the store as
+snapshot.py and docs/scale.md's 1M runs do: int8 codes in RAM, the original vectors on disk. The store
+is kept in --store and reused by the next run with the same size, seed, categories, layout and
+optimize (its making is timed once). Then, through `visrec.feed_run.make_feed`:
 
 1. a full feed (timed), and its recall@k against exact brute force (numpy, within each category) on
    --sample products;
 2. 1 % of the products get new photos (new vectors, a new vectors hash), then a delta on the full feed:
    its time as a share of the full feed's;
 3. every price changes (no rule reads price), then a delta on the last: its time and its size (empty).
+
+`--full-only` stops after 1 (the full feed and its recall), and then reads the made store itself rather
+than a copy (nothing is written to it). Besides the seconds, the results give the feed's and its state
+file's sizes and the process's peak RSS.
 
 `--one-class N` instead times what dominates a full feed at scale, without a store: one class of N
 clustered products held in memory (`class_matrix.ClassMatrix`) and --rows of them searched as a full
@@ -19,11 +28,14 @@ searches 1M rows of classes of 100,000.
 
     nice -n 10 .venv/bin/python benchmarks/neighbours.py --store /tmp/nbbench
     nice -n 10 .venv/bin/python benchmarks/neighbours.py --one-class 100000 --rows 5120
+    nice -n 10 .venv/bin/python benchmarks/neighbours.py --size 1000000 --categories 100 \
+        --layout int8-disk --no-optimize --full-only --store /tmp/nb1m-store --out /tmp/nb1m-out
 """
 
 from __future__ import annotations
 
 import json
+import resource
 import shutil
 import sys
 import time
@@ -45,17 +57,28 @@ from visrec.neighbours import BATCH, RESERVE, FeedRules
 from common import new_parser, write_results
 
 DIM = 1000
+# The store's layouts, as benchmarks/snapshot.py's LAYOUTS (its imports are heavier: not imported here).
+LAYOUTS: dict[str, dict[str, Any]] = {
+    "float32": {},
+    "int8-disk": {"quantization": "int8", "vectors_on_disk": True},
+}
 
 
 def clustered(n: int, categories: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """(vectors, category of each): each category a centre, 20 looks around it, each product a look
-    plus noise, at the spread of a trained model's embeddings (norms ~ 30)."""
+    plus noise, at the spread of a trained model's embeddings (norms ~ 30). The noise is drawn
+    10,000 rows at a time (the same numbers as one draw: the generator's stream is sequential), so 1M
+    products hold 4 GB, not the 20 GB of float64 temporaries of a single draw."""
     centres = rng.standard_normal((categories, DIM)).astype(np.float32) * 0.6
     looks = centres[:, None, :] + rng.standard_normal((categories, 20, DIM)).astype(np.float32) * 0.35
     labels = rng.integers(0, categories, n)
     look = rng.integers(0, 20, n)
-    vectors = looks[labels, look] + rng.standard_normal((n, DIM)).astype(np.float32) * 0.25
-    return vectors.astype(np.float32), labels
+    vectors = np.empty((n, DIM), np.float32)
+    for start in range(0, n, 10_000):
+        end = min(start + 10_000, n)
+        noise = rng.standard_normal((end - start, DIM)).astype(np.float32) * 0.25
+        vectors[start:end] = looks[labels[start:end], look[start:end]] + noise
+    return vectors, labels
 
 
 def point(i: int, vector: np.ndarray, label: int, price: float, version: int = 0) -> IndexPoint:
@@ -70,32 +93,44 @@ def point(i: int, vector: np.ndarray, label: int, price: float, version: int = 0
 
 
 def made_store(args: Any) -> tuple[EdgeIndex, np.ndarray, np.ndarray, dict[str, float]]:
-    """The store, made and optimized once in `--store/made`; each run changes a sparse copy of it
-    (`--store/run`: a payload rewrite moves a point out of the optimized segments, so a store a run
-    changed is no longer the one a sync leaves)."""
+    """The store, made (and optimized, unless --no-optimize) once in `--store/made`; each run changes a
+    sparse copy of it (`--store/run`: a payload rewrite moves a point out of the optimized segments, so
+    a store a run changed is no longer the one a sync leaves); --full-only writes nothing and reads the
+    made store itself. A store made with other options (`made.json` says which) is made anew."""
     rng = np.random.default_rng(args.seed)
     vectors, labels = clustered(args.size, args.categories, rng)
     made, run = args.store / "made", args.store / "run"
     marker = args.store / "made.json"
+    made_as = {
+        "size": args.size,
+        "seed": args.seed,
+        "categories": args.categories,
+        "layout": args.layout,
+        "optimized": not args.no_optimize,
+    }
+    settings = LAYOUTS[args.layout]
     timing: dict[str, float] = {}
-    if not (marker.is_file() and json.loads(marker.read_text()).get("size") == args.size):
+    if not (marker.is_file() and json.loads(marker.read_text()).get("made_as") == made_as):
         shutil.rmtree(args.store, ignore_errors=True)
-        index = EdgeIndex(made, "bench", QdrantSettings(path=made))
+        index = EdgeIndex(made, "bench", QdrantSettings(path=made, **settings))
         index.create(DIM, {"model_version": "bench"})
         started = time.perf_counter()
         for start in range(0, args.size, 1000):
             end = min(start + 1000, args.size)
             index.upsert([point(i, vectors[i], int(labels[i]), 10.0 + i % 90) for i in range(start, end)])
         timing["upsert_s"] = round(time.perf_counter() - started, 1)
-        started = time.perf_counter()
-        index.optimize()
-        timing["optimize_s"] = round(time.perf_counter() - started, 1)
+        if not args.no_optimize:
+            started = time.perf_counter()
+            index.optimize()
+            timing["optimize_s"] = round(time.perf_counter() - started, 1)
         index.close()
-        marker.write_text(json.dumps({"size": args.size, "timing": timing}))
+        marker.write_text(json.dumps({"size": args.size, "made_as": made_as, "timing": timing}))
         print(f"store made: {timing}", file=sys.stderr)
     shutil.rmtree(run, ignore_errors=True)
-    copy_tree_sparse(made, run)
-    index = EdgeIndex(run, "bench", QdrantSettings(path=run))
+    if not args.full_only:
+        copy_tree_sparse(made, run)
+    used = made if args.full_only else run
+    index = EdgeIndex(used, "bench", QdrantSettings(path=used, **settings))
     return index, vectors, labels, json.loads(marker.read_text())["timing"]
 
 
@@ -110,14 +145,21 @@ def recall(feed: Path, vectors: np.ndarray, labels: np.ndarray, sample: int, k: 
             i = int(entry["product_id"][1:])
             if i in chosen:
                 lists[i] = [n["product_id"] for n in entry["neighbours"]]
-    squared = (vectors.astype(np.float64) ** 2).sum(1)
+    squared = np.concatenate(
+        [(vectors[s : s + 10_000].astype(np.float64) ** 2).sum(1) for s in range(0, len(vectors), 10_000)]
+    )
     found = 0
-    for i, got in lists.items():
-        same = np.flatnonzero(labels == labels[i])
-        same = same[same != i]
-        d = squared[same] - 2 * vectors[same].astype(np.float64) @ vectors[i].astype(np.float64)
-        truth = {f"b{j:06d}" for j in same[np.argsort(d, kind="stable")[:k]]}
-        found += len(truth & set(got))
+    for label in sorted({int(labels[i]) for i in lists}):  # a class's rows made float64 once
+        members = np.flatnonzero(labels == label)
+        rows = vectors[members].astype(np.float64)
+        for i, got in lists.items():
+            if labels[i] != label:
+                continue
+            keep = members != i
+            same = members[keep]
+            d = squared[same] - 2 * rows[keep] @ vectors[i].astype(np.float64)
+            truth = {f"b{j:06d}" for j in same[np.argsort(d, kind="stable")[:k]]}
+            found += len(truth & set(got))
     return found / (k * len(lists))
 
 
@@ -177,6 +219,24 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--one-class", type=int, default=0, help="time one class of this many in memory")
     p.add_argument("--rows", type=int, default=5120, help="with --one-class: the rows searched")
+    p.add_argument(
+        "--layout",
+        choices=sorted(LAYOUTS),
+        default="float32",
+        help="the store's layout: float32 in RAM, or int8-disk (int8 codes in RAM, originals on disk, "
+        "as snapshot.py and docs/scale.md's 1M runs)",
+    )
+    p.add_argument(
+        "--no-optimize",
+        action="store_true",
+        help="skip optimize() (the HNSW graph: far too slow at 1M); the feed's classes read into memory "
+        "(class_matrix) need no graph, only a class left to the engine is then searched without one",
+    )
+    p.add_argument(
+        "--full-only",
+        action="store_true",
+        help="the full feed and its recall only (no deltas); reads the made store, not a copy",
+    )
     args = p.parse_args()
     if args.one_class:
         one_class(args.one_class, min(args.rows, args.one_class), args.k, args.seed)
@@ -186,11 +246,26 @@ def main() -> None:
     rules = FeedRules(k=args.k, same=("category",))
     feeds = args.out / "feeds"
     feeds.mkdir(parents=True, exist_ok=True)
-    row: dict[str, Any] = {"n": args.size, "k": args.k, "same": "category", **timing}
+    row: dict[str, Any] = {
+        "n": args.size,
+        "categories": args.categories,
+        "layout": args.layout,
+        "optimized": not args.no_optimize,
+        "k": args.k,
+        "same": "category",
+        **timing,
+    }
     full = make_feed(index, rules, feeds / "full.jsonl", "jsonl")
     row["full_s"] = full["seconds"]
+    row["full_queried"] = full["queried"]
+    row["feed_bytes"] = Path(full["feed"]).stat().st_size
+    row["state_bytes"] = Path(full["state"]).stat().st_size
     print(f"full feed: {full}", file=sys.stderr)
     row["recall"] = round(recall(feeds / "full.jsonl", vectors, labels, args.sample, args.k, args.seed), 4)
+    if args.full_only:
+        index.close()
+        full_only(args, row, full, timing)
+        return
     row["photos_changed"] = change_photos(index, vectors, labels, args.seed)
     delta = make_feed(index, rules, feeds / "delta-photos.jsonl", "jsonl", since=feeds / "full.jsonl")
     print(f"delta after 1 % photos: {delta}", file=sys.stderr)
@@ -217,6 +292,34 @@ def main() -> None:
         f"{row['photos_delta']['queried']} | {row['photos_delta']['lists_written']} | ≤ 25 % |",
         f"| delta, every price changed | {row['prices_delta']['seconds']} | {price_share:.1%} | "
         f"{row['prices_delta']['queried']} | {row['prices_delta']['lists_written']} | ≤ 5 %, empty |",
+        "",
+        f"recall@{args.k} against exact brute force on {args.sample} products: {row['recall']} "
+        "(target ≥ 0.99)",
+    ]
+    text = "\n".join(lines)
+    print(text)
+    write_results(args.out, "neighbours", row, text)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB (ru_maxrss: KiB on Linux)."""
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def full_only(args: Any, row: dict[str, Any], full: dict[str, Any], timing: dict[str, float]) -> None:
+    """--full-only's results: the store's making, the full feed, its sizes and recall, the peak RSS."""
+    row["max_rss_mib"] = peak_rss_mib()
+    made = f"upsert {timing.get('upsert_s')} s" + (
+        f", optimize {timing['optimize_s']} s" if "optimize_s" in timing else ", not optimized"
+    )
+    lines = [
+        f"{args.size} products, {args.categories} categories, k={args.k}, --same category, layout "
+        f"{args.layout}; store: {made} (timed when made, not by a run that reused it)",
+        "",
+        "| run | seconds | queried | lists written | feed MB | state MB | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
+        f"| full feed | {row['full_s']} | {full['queried']} | {full['lists_written']} | "
+        f"{row['feed_bytes'] / 1e6:.0f} | {row['state_bytes'] / 1e6:.0f} | {row['max_rss_mib']} |",
         "",
         f"recall@{args.k} against exact brute force on {args.sample} products: {row['recall']} "
         "(target ≥ 0.99)",
