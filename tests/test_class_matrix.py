@@ -224,18 +224,12 @@ def test_every_product_is_listed_once_while_classes_change_beneath(
         index.create(DIM, {"model_version": "m"})
         index.upsert([_point(i, kind, rng) for i, kind in enumerate(kinds)])
         untouched = {f"p{i}" for i in range(len(kinds))} - {f"p{i}" for i, _ in edits}
-        original = neighbours.CLASSES_READ
-        neighbours.CLASSES_READ = read
-        try:
-            for step, (batch, searcher) in enumerate(neighbours.batches(index, rules, size=4)):
-                if step == edit_at:
-                    _edit(index, edits, rng)
-                listed += [
-                    listed_.product_id
-                    for listed_ in neighbours.lists_for(index, batch, rules, searcher=searcher)
-                ]
-        finally:
-            neighbours.CLASSES_READ = original
+        for step, (batch, searcher) in enumerate(neighbours.batches(index, rules, size=4, limit=read)):
+            if step == edit_at:
+                _edit(index, edits, rng)
+            listed += [
+                listed_.product_id for listed_ in neighbours.lists_for(index, batch, rules, searcher=searcher)
+            ]
     assert len(listed) == len(set(listed))
     assert untouched <= set(listed)
 

@@ -45,6 +45,7 @@ from visrec.index import Hit, SearchRequest, VectorIndex
 from visrec.index.points import payload_key
 from visrec.neighbours import (
     BATCH,
+    CLASSES_READ,
     HIT_FIELDS,
     RESERVE,
     ClassKey,
@@ -61,6 +62,7 @@ from visrec.neighbours import (
     listed_by,
     lists_for,
     match_key,
+    read_limit,
     same_key,
 )
 from visrec.rules import MAX_K
@@ -74,11 +76,13 @@ def _tell(progress: Progress | None, stage: str, done: int, total: int) -> None:
         progress(stage, done, total)
 
 
-def _header(index: VectorIndex, rules: FeedRules) -> dict[str, Any]:
+def _header(index: VectorIndex, rules: FeedRules, limit: int | None = None) -> dict[str, Any]:
+    """What a feed's state says of how it was made (`limit`: how many classes it read whole)."""
     return {
         "options": rules.describe(),
         "collection": index.collection,
         "model_version": index.metadata().get("model_version", ""),
+        "classes_read": limit,
     }
 
 
@@ -119,7 +123,7 @@ def _full(
 
     def produce(writer: FeedWriter, state: StateWriter) -> None:
         _tell(progress, "neighbours", 0, total)
-        for batch, searcher in batches(index, rules, photos=photos):
+        for batch, searcher in batches(index, rules, photos=photos, limit=limit):
             for listed in lists_for(index, batch, rules, searcher=searcher):
                 writer.write_list(listed.product_id, listed.hits)
                 state.record(listed)
@@ -129,9 +133,11 @@ def _full(
             done = counts["queried"]
             _tell(progress, "neighbours", done, max(total, done))  # products written meanwhile count too
 
+    limit = read_limit(index, rules)
+    header = _header(index, rules, limit)
     with kept_vectors(out) as kept:
         photos = Photos(index.vectors, _recorded_fingerprint, kept)
-        written = write_feed(out, fmt, rules.ranks_by_more_than_distance, _header(index, rules), produce)
+        written = write_feed(out, fmt, rules.ranks_by_more_than_distance, header, produce)
     return {**counts, "lists_written": written.lists, "deleted": 0}
 
 
@@ -268,7 +274,8 @@ def _delta_kept(
         spans[record["id"]] = (offset, length)
     now, sizes = _now(index, rules, progress)
     fields = list(dict.fromkeys([*rules.listed_fields(), *rules.hit_fields()]))
-    read = classes_read(sizes)
+    limit = read_limit(index, rules)
+    read = classes_read(sizes, limit)
     classes = Classes(index, fields, [class_filters(rules, known) for known in read], photos)
     gone = old.keys() - now.keys()
     moved = {
@@ -286,7 +293,10 @@ def _delta_kept(
     # A class read whole now and not by the previous feed, or the other way round (it grew, shrank, or
     # passed another): its lists are searched again, in the arithmetic a full feed now uses for them.
     before = Counter(known for r in old.values() if (known := _class(r)) is not None)
-    switched = set(read).symmetric_difference(classes_read(before))
+    read_before = previous.header.get("classes_read", CLASSES_READ)  # a state from before: 64
+    if not (read_before is None or (isinstance(read_before, int) and read_before >= 0)):
+        read_before = CLASSES_READ
+    switched = set(read).symmetric_difference(classes_read(before, read_before))
     redo = {p for p in old.keys() & now.keys() - touched if _class(old[p]) in switched}
     # Every other list: none of its kept products changed and nothing new came within its reach.
     mend = {
@@ -340,7 +350,7 @@ def _delta_kept(
         for listed in lists.values():  # new to the feed
             state.record(listed)
 
-    written: Written = write_feed(out, fmt, False, _header(index, rules), produce)
+    written: Written = write_feed(out, fmt, False, _header(index, rules, limit), produce)
     return {
         "products": written.state_products,
         "moved": len(moved),

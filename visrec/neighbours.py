@@ -39,8 +39,9 @@ BATCH = 256  # products whose searches go to the engine in one call
 # list whose neighbours moved away from those left, without a search, while k of them remain.
 RESERVE = 2
 MAX_SAME = 5  # --same fields
-# Classes read whole, the largest first: each read is a filtered scroll (a scan of the store where
-# the field has no payload index), so many small classes (a `--same title`) go to the engine.
+# Classes read whole, the largest first, where a `--same` field is not filtered through a payload index:
+# each read is then a scan of the store, so many small classes (a `--same title`) go to the engine.
+# Where every `--same` field is, each read costs what it finds, and every class is read whole.
 CLASSES_READ = 64
 # What a search hands back of each neighbour: its id, its photos (which one matched) and what the rules read.
 HIT_FIELDS = ("product_id", "image", "images")
@@ -345,13 +346,19 @@ def _choose(
 
 
 def batches(
-    index: VectorIndex, feed: FeedRules, size: int = BATCH, photos: Photos | None = None
+    index: VectorIndex,
+    feed: FeedRules,
+    size: int = BATCH,
+    photos: Photos | None = None,
+    *,
+    limit: int | None,
 ) -> Iterator[tuple[list[tuple[str, dict[str, Any]]], Searcher]]:
     """The products the filters choose, (id, payload) a batch at a time, each with what searches it,
-    every product once: those without `same` values (no search), then the `CLASSES_READ` largest
-    classes read whole into memory one after the other (`ClassMatrix`: exact, and far cheaper a product
-    than the engine; a class over its memory budget is left), then the rest, in point-id order, through
-    the engine. The classes read their photos from `photos` (the engine's by default)."""
+    every product once: those without `same` values (no search), then the classes read whole
+    (`classes_read`: the `limit` largest) into memory one after the other (`ClassMatrix`: exact, and
+    far cheaper a product than the engine; a class over its memory budget is left), then the rest, in
+    point-id order, through the engine. The classes read their photos from `photos` (the engine's by
+    default)."""
     sizes: Counter[ClassKey] = Counter()
     listed: set[str] = set()  # a product whose class changes meanwhile is listed once, in the first
     for batch in _scrolled(index, feed, size):
@@ -362,7 +369,7 @@ def batches(
         sizes.update(c for _, payload in batch if (c := class_of(payload, feed.same)) is not None)
     fields = list(dict.fromkeys([*feed.listed_fields(), *feed.hit_fields()]))
     held: set[ClassKey] = set()
-    for known in classes_read(sizes):
+    for known in classes_read(sizes, limit):
         matrix = ClassMatrix.load(index, class_filters(feed, known), fields, photos=photos)
         if matrix is None:
             continue
@@ -387,12 +394,19 @@ def batches(
             yield rest, index
 
 
-def classes_read(sizes: Counter[ClassKey]) -> list[ClassKey]:
-    """The classes a feed reads whole, by their sizes: the `CLASSES_READ` largest of two products or
-    more, equal sizes by their values (a delta reads the same ones, to search in the arithmetic of the
-    full feed it mends, and knows which a previous feed read from its state)."""
+def read_limit(index: VectorIndex, feed: FeedRules) -> int | None:
+    """How many classes a feed reads whole: all (None) where the engine filters every `--same` field
+    through a payload index, else the `CLASSES_READ` largest. A feed's state records it (a delta
+    knows which classes the previous feed read)."""
+    return None if all(index.filtered_by_index(name) for name in feed.same) else CLASSES_READ
+
+
+def classes_read(sizes: Counter[ClassKey], limit: int | None) -> list[ClassKey]:
+    """The classes a feed reads whole, by their sizes: those of two products or more, the `limit`
+    largest (`read_limit`; equal sizes by their values). A delta reads the same ones, to search in
+    the arithmetic of the full feed it mends."""
     ranked = sorted((-count, known) for known, count in sizes.items() if count > 1)
-    return [known for _, known in ranked[:CLASSES_READ]]
+    return [known for _, known in ranked[:limit]]
 
 
 def class_filters(feed: FeedRules, known: ClassKey) -> Filters:

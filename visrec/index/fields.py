@@ -136,6 +136,16 @@ class PayloadFields(ABC):
         fields = {where.field for where in filters.clauses}
         return filters.model_copy(update={"where_kinds": {f: kinds[f] for f in fields if f in kinds}})
 
+    def filtered_by_index(self, field: str) -> bool:
+        """Whether the engine filters `field` through a payload index: one kind of value written to it
+        (one index serves one kind) and its index made. A scroll of one of its values then costs what it
+        finds, not a scan of the store."""
+        kinds = self.field_kinds().get(field, frozenset())
+        if len(kinds) != 1:
+            return False
+        have = {field_of(key): engine for key, engine in self._payload_schema().items()}
+        return have.get(field) == self.SCHEMA_TYPES[INDEX_OF[next(iter(kinds))]]
+
     def facet(self, field: str, limit: int) -> list[tuple[str | bool, int]] | None:
         """The `limit` most frequent values of a text or boolean field and how many products hold each,
         as the engine counts them from its payload index; None for a field of numbers, of several
