@@ -173,3 +173,29 @@ def test_any_bytes_read_as_a_vectors_file_or_as_none(data: bytes, magic: bool, t
     path = tmp_path_factory.mktemp("bytes") / "f.vectors"
     path.write_bytes(data + (MAGIC if magic else b""))
     assert len(KeptVectors(path)) == 0
+
+
+def test_a_delta_that_reads_no_photo_keeps_the_file_as_it_is(tmp_path: Path) -> None:
+    """After prices alone changed, a delta reads no photo: its vectors file is the previous one (a link,
+    nothing copied), the next delta still takes every unchanged photo from it, and a delta written over
+    its own `--since` keeps its file too."""
+    rng = np.random.default_rng(5)
+    feeds = tmp_path / "feeds"
+    points = _catalogue(rng)
+    with _store(tmp_path, points) as index:
+        make_feed(index, RULES, feeds / "f0.jsonl", "jsonl")
+        index.upsert([IndexPoint(p.product_id, p.photo_vectors, {**p.payload, "price": 1.0}) for p in points])
+        prices = make_feed(index, RULES, feeds / "f1.jsonl", "jsonl", since=feeds / "f0.jsonl")
+        assert prices["lists_written"] == 0 and prices["photos_reused"] == 0
+        assert vectors_path(feeds / "f1.jsonl").samefile(vectors_path(feeds / "f0.jsonl"))
+        again = make_feed(index, RULES, feeds / "f1.jsonl", "jsonl", since=feeds / "f1.jsonl")
+        assert again["lists_written"] == 0
+        assert len(KeptVectors(vectors_path(feeds / "f1.jsonl"))) == len(points) - 1
+        index.upsert([_photo(points[3], rng, 1)])
+        photos = make_feed(index, RULES, feeds / "delta.jsonl", "jsonl", since=feeds / "f1.jsonl")
+        make_feed(index, RULES, feeds / "now.jsonl", "jsonl")
+    assert photos["photos_reused"] == 12 - 1
+    for name in ("f0.jsonl", "f1.jsonl"):  # the price delta wrote no line: f1 is f0
+        assert (feeds / name).exists()
+    (feeds / "full.jsonl").write_bytes((feeds / "f0.jsonl").read_bytes())
+    _assert_delta_makes_now(feeds)

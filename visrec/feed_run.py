@@ -249,7 +249,7 @@ def _delta(
 ) -> dict[str, Any]:
     previous = read_state(since)
     _check_comparable(previous, index, rules)
-    with kept_vectors(out) as kept:
+    with kept_vectors(out, vectors_path(since)) as kept:
         photos = Photos(index.vectors, _recorded_fingerprint, kept, KeptVectors(vectors_path(since)))
         return _delta_kept(index, rules, previous, photos, out, fmt, progress)
 

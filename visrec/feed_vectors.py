@@ -18,20 +18,27 @@ the engine. Written as the feed is (a temporary file renamed when the feed is), 
 
 from __future__ import annotations
 
+import fcntl
 import json
+import logging
 import mmap
+import os
+import shutil
+import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 
-from visrec.fs import replacing
+from visrec.fs import TEMP_SUFFIX, replacing, sync_folder
 
 MAGIC = b"visrec-feed-vectors-1\n"
+log = logging.getLogger(__name__)
 _TRAILER = 4 + 8 + len(MAGIC)
+_WRITE_BYTES = 8 << 20
 
 
 def vectors_path(feed: Path) -> Path:
@@ -97,14 +104,17 @@ class KeptVectors:
 
 
 class VectorsWriter:
-    """A feed's photo vectors as it reads them, kept for the next delta."""
+    """A feed's photo vectors as it reads them, kept for the next delta (its file opened at the first)."""
 
-    def __init__(self, raw: IO[bytes]) -> None:
-        self._raw = raw
+    def __init__(self, open_file: Callable[[], IO[bytes]]) -> None:
+        self._open = open_file
+        self._raw: IO[bytes] | None = None
         self._check = 0
         self._entries: dict[str, list[Any]] = {}
         self._rows = 0
         self._dim = 0
+        self._pending: list[bytes] = []  # rows not yet written: written a few MiB at a time
+        self._pending_bytes = 0
 
     def keep(self, product_id: str, fingerprint: str, rows: np.ndarray) -> None:
         """Keep a product's photos (once: a product in two classes is one entry)."""
@@ -114,21 +124,34 @@ class VectorsWriter:
         if self._dim and rows.shape[1] != self._dim:
             return
         self._dim = rows.shape[1]
-        self._write(rows.tobytes())
+        self._pending.append(rows.tobytes())
+        self._pending_bytes += rows.nbytes
+        if self._pending_bytes >= _WRITE_BYTES:
+            self._write(b"".join(self._pending))
+            self._pending, self._pending_bytes = [], 0
         self._entries[product_id] = [product_id, fingerprint, self._rows, len(rows)]
         self._rows += len(rows)
 
     def kept(self, product_id: str) -> bool:
         return product_id in self._entries
 
+    def __len__(self) -> int:
+        return len(self._entries)
+
     def finish(self) -> None:
         index = json.dumps({"dim": self._dim or 1, "entries": list(self._entries.values())}).encode()
-        self._write(index)
-        self._raw.write(self._check.to_bytes(4, "little") + len(index).to_bytes(8, "little") + MAGIC)
+        self._write(b"".join([*self._pending, index]))
+        trailer = self._check.to_bytes(4, "little") + len(index).to_bytes(8, "little") + MAGIC
+        self._file().write(trailer)
 
     def _write(self, data: bytes) -> None:
-        self._raw.write(data)
+        self._file().write(data)
         self._check = zlib.crc32(data, self._check)
+
+    def _file(self) -> IO[bytes]:
+        if self._raw is None:
+            self._raw = self._open()
+        return self._raw
 
 
 def is_recorded(fingerprint: str) -> bool:
@@ -138,13 +161,45 @@ def is_recorded(fingerprint: str) -> bool:
 
 
 @contextmanager
-def kept_vectors(feed: Path) -> Iterator[VectorsWriter]:
+def kept_vectors(feed: Path, previous: Path | None = None) -> Iterator[VectorsWriter]:
     """The writer of `feed`'s photo vectors; the file replaces the one beside it when the block ends
-    without an error (see `feed.write_feed`, which this encloses: renamed after the feed)."""
-    with replacing(vectors_path(feed)) as raw:
-        writer = VectorsWriter(raw)
+    without an error (see `feed.write_feed`, which this encloses: renamed after the feed). A delta that
+    read no photo (`previous`: the vectors file of the feed it mends) keeps that file as it is, a link
+    to it: what it holds of products changed or gone since is never taken (their fingerprints differ)."""
+    target = vectors_path(feed)
+    with ExitStack() as stack:
+        writer = VectorsWriter(lambda: stack.enter_context(replacing(target, durable=False)))
         yield writer
-        writer.finish()
+        if len(writer) or previous is None or not previous.is_file():
+            writer.finish()
+        elif not (target.exists() and os.path.samefile(previous, target)):
+            _link(previous, target)
+
+
+def _link(previous: Path, target: Path) -> None:
+    """`target` names `previous`'s file too: a hard link under a temporary name (as `fs.replacing` names
+    and locks its own: no sweep takes it), renamed into place; a copy where the file system cannot
+    link. A cache: where this fails, the file is left as it was (what it holds is checked when read)."""
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TEMP_SUFFIX, dir=target.parent)
+    os.close(fd)
+    temporary, held = Path(name), None
+    try:
+        try:
+            temporary.unlink()
+            os.link(previous, temporary)
+        except OSError:  # another file system, or one without links
+            with previous.open("rb") as source, temporary.open("wb") as copy:
+                shutil.copyfileobj(source, copy, 1 << 20)
+        held = os.open(temporary, os.O_RDONLY | os.O_CLOEXEC)
+        fcntl.flock(held, fcntl.LOCK_EX)
+        os.replace(temporary, target)
+        sync_folder(target.parent)
+    except OSError as exc:
+        log.warning("%s kept as it was (%s): the next delta reads what it lacks from the store", target, exc)
+        temporary.unlink(missing_ok=True)
+    finally:
+        if held is not None:
+            os.close(held)
 
 
 class Photos:
@@ -180,6 +235,8 @@ class Photos:
     def carry(self, current: dict[str, str]) -> int:
         """Keep the previous feed's vectors of the products (id → fingerprint now) not read by this
         run, where they are still theirs; returns how many."""
+        if not len(self._writer):  # it read no photo: the previous file is kept as it is (`kept_vectors`)
+            return len(self._previous)
         carried = 0
         for product_id, fingerprint in self._previous.items():
             if self._writer.kept(product_id) or current.get(product_id) != fingerprint:

@@ -40,9 +40,11 @@ def folder_problem(folder: Path, writing: bool = True) -> str | None:
 
 
 @contextmanager
-def replacing(path: Path) -> Iterator[IO[bytes]]:
+def replacing(path: Path, durable: bool = True) -> Iterator[IO[bytes]]:
     """A binary file to write `path`'s new content to; it replaces `path` when the block ends without an
-    error, and is removed otherwise (the old content stays). Creates the parent folders.
+    error, and is removed otherwise (the old content stays). Creates the parent folders. Not `durable`:
+    its bytes are not forced to disk before the rename (a cache that checks itself: after a power cut
+    it may read as damaged, never as another content).
 
     The temporary file, `.NAME.XXXXXXXX.tmp` beside it, is locked (flock) until it is renamed: one a
     killed writer left is unlocked, which is how `sweep_temporaries` knows it may go."""
@@ -54,7 +56,8 @@ def replacing(path: Path) -> Iterator[IO[bytes]]:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX)
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
             os.replace(tmp, path)  # with the lock still held: never a sweep between
     except BaseException:
         tmp.unlink(missing_ok=True)
