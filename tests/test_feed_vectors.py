@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 from tests.test_class_matrix import _assert_delta_makes_now
 from visrec.config import QdrantSettings
 from visrec.feed_run import make_feed
-from visrec.feed_vectors import KeptVectors, vectors_path
+from visrec.feed_vectors import KeptVectors, Photos, kept_vectors, vectors_path
 from visrec.index import IndexPoint, VectorIndex, open_index
-from visrec.neighbours import FeedRules
+from visrec.neighbours import FeedRules, fingerprint
 
 RULES = FeedRules(k=3, same=("kind",))
 
@@ -55,15 +55,16 @@ def _photo(point: IndexPoint, rng: np.random.Generator, step: int) -> IndexPoint
 
 
 def _engine_reads(index: VectorIndex, monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The product ids whose vectors the engine is asked for from now on."""
+    """The product ids whose vectors the engine is asked for from now on (a spy: the engine answers)."""
     asked: list[str] = []
-    read = index.vectors
+    for name in ("vectors", "points"):
+        read = getattr(index, name)
 
-    def counted(product_ids: Any) -> dict[str, np.ndarray]:
-        asked.extend(product_ids)
-        return read(product_ids)
+        def counted(product_ids: Any, read: Any = read) -> Any:
+            asked.extend(product_ids)
+            return read(product_ids)
 
-    monkeypatch.setattr(index, "vectors", counted)
+        monkeypatch.setattr(index, name, counted)
     return asked
 
 
@@ -199,3 +200,20 @@ def test_a_delta_that_reads_no_photo_keeps_the_file_as_it_is(tmp_path: Path) -> 
         assert (feeds / name).exists()
     (feeds / "full.jsonl").write_bytes((feeds / "f0.jsonl").read_bytes())
     _assert_delta_makes_now(feeds)
+
+
+def test_photos_are_kept_under_the_fingerprint_read_with_them(tmp_path: Path) -> None:
+    """A product whose photos changed between the class's scroll (its payload said h1) and the read of
+    its vectors (now h2's) is kept under h2: kept under h1, a later return to its first photos (h1 again)
+    would take h2's vectors from the file."""
+    later = np.ones((1, 6), np.float32)
+
+    def read(product_ids: Any) -> list[IndexPoint]:
+        return [IndexPoint(p, later, {"product_id": p, "vectors_hash": "h2"}) for p in product_ids]
+
+    with kept_vectors(tmp_path / "feed.jsonl") as writer:
+        photos = Photos(read, lambda payload: fingerprint(payload, None), writer)
+        assert photos([{"product_id": "p", "vectors_hash": "h1"}])["p"].tolist() == later.tolist()
+    kept = KeptVectors(vectors_path(tmp_path / "feed.jsonl"))
+    assert kept.get("p", ":h1") is None
+    assert kept.get("p", ":h2") is not None

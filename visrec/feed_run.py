@@ -136,7 +136,7 @@ def _full(
     limit = read_limit(index, rules)
     header = _header(index, rules, limit)
     with kept_vectors(out) as kept:
-        photos = Photos(index.vectors, _recorded_fingerprint, kept)
+        photos = Photos(index.points, _recorded_fingerprint, kept)
         written = write_feed(out, fmt, rules.ranks_by_more_than_distance, header, produce)
     return {**counts, "lists_written": written.lists, "deleted": 0}
 
@@ -250,7 +250,7 @@ def _delta(
     previous = read_state(since)
     _check_comparable(previous, index, rules)
     with kept_vectors(out, vectors_path(since)) as kept:
-        photos = Photos(index.vectors, _recorded_fingerprint, kept, KeptVectors(vectors_path(since)))
+        photos = Photos(index.points, _recorded_fingerprint, kept, KeptVectors(vectors_path(since)))
         return _delta_kept(index, rules, previous, photos, out, fmt, progress)
 
 

@@ -34,6 +34,7 @@ from typing import IO, Any
 import numpy as np
 
 from visrec.fs import TEMP_SUFFIX, replacing, sync_folder
+from visrec.index.points import IndexPoint
 
 MAGIC = b"visrec-feed-vectors-1\n"
 log = logging.getLogger(__name__)
@@ -204,11 +205,13 @@ def _link(previous: Path, target: Path) -> None:
 
 class Photos:
     """Where a feed's classes read their photos: the previous feed's kept vectors for the products that
-    did not change since, the engine for the others; every photo read is kept for the next delta."""
+    did not change since, the engine for the others; every photo read is kept for the next delta, under
+    the fingerprint read with it (one read of the point: a product changed between the class's scroll
+    and this read is never kept under the older fingerprint, which it might hold again later)."""
 
     def __init__(
         self,
-        read: Callable[[Sequence[str]], dict[str, np.ndarray]],
+        read: Callable[[Sequence[str]], Sequence[IndexPoint]],
         fingerprint: Callable[[dict[str, Any]], str],
         writer: VectorsWriter,
         previous: KeptVectors | None = None,
@@ -223,13 +226,12 @@ class Photos:
         for product_id, fingerprint in prints.items():
             if is_recorded(fingerprint) and (rows := self._previous.get(product_id, fingerprint)) is not None:
                 found[product_id] = rows
+                self._writer.keep(product_id, fingerprint, rows)
         self.reused += len(found)
         unread = [p for p in prints if p not in found]
-        if unread:
-            found.update(self._read(unread))
-        for product_id, rows in found.items():
-            if is_recorded(prints[product_id]):
-                self._writer.keep(product_id, prints[product_id], rows)
+        for point in self._read(unread) if unread else ():
+            found[point.product_id] = point.photo_vectors
+            self._writer.keep(point.product_id, self._fingerprint(point.payload), point.photo_vectors)
         return found
 
     def carry(self, current: dict[str, str]) -> int:
