@@ -592,3 +592,38 @@ def test_a_newcomer_tied_through_two_pairs_of_photos_matches_the_photo_a_full_fe
     _assert_delta_makes_now(feeds)
     now = [json.loads(line) for line in (feeds / "now.jsonl").read_text().splitlines()]
     assert next(e for e in now if e["product_id"] == "X")["neighbours"][0]["matched_image"] == 2
+
+
+@pytest.mark.parametrize("images", [None, ["x.png", "y.png"]])
+@pytest.mark.parametrize("whole", [False, True])
+def test_which_photo_matched_is_said_only_where_the_payload_lists_them(
+    images: list[str] | None, whole: bool, tmp_path: Path
+) -> None:
+    """A product of several vectors whose payload lists no photos (points written directly) matched
+    photo 0, as the engine's hits say it, whether its class is searched in memory or by the engine,
+    and in a delta's lists it enters; with its photos listed, the nearest one. (An outside review: a
+    delta wrote 1 where the full feed said 0.)"""
+    feeds = tmp_path / "feeds"
+    feeds.mkdir()
+
+    def point(product_id: str, photos: list[list[float]], **fields: Any) -> IndexPoint:
+        payload = {"product_id": product_id, "vectors_hash": "h" + product_id, **fields}
+        return IndexPoint(product_id, np.asarray(photos, np.float32), payload)
+
+    rules = FeedRules(k=1, same=("cat",))
+    listed = {} if images is None else {"images": images}
+    with open_index(QdrantSettings(path=tmp_path / "s", collection="c")) as index:
+        index.create(4)
+        index.upsert([point("a", [[0, 0, 0, 0]], cat="a"), point("b", [[5, 0, 0, 0]], cat="b")])
+        if whole:  # a second product makes class a one read whole
+            index.upsert([point("a2", [[0, 9, 9, 0]], cat="a")])
+        make_feed(index, rules, feeds / "full.jsonl", "jsonl")
+        index.upsert([point("c", [[9, 9, 9, 9], [1, 0, 0, 0]], cat=["a"], **listed)])  # photo 1 nearest a
+        make_feed(index, rules, feeds / "delta.jsonl", "jsonl", since=feeds / "full.jsonl")
+        make_feed(index, rules, feeds / "now.jsonl", "jsonl")
+    now = {
+        e["product_id"]: e["neighbours"]
+        for e in map(json.loads, (feeds / "now.jsonl").read_text().splitlines())
+    }
+    assert now["a"] == [{"product_id": "c", "distance": 1.0, "matched_image": 0 if images is None else 1}]
+    _assert_delta_makes_now(feeds)

@@ -6,7 +6,7 @@ trusted and never an error; chained deltas keep what they did not read. Real emb
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,11 @@ def _catalogue(rng: np.random.Generator, n: int = 36) -> list[IndexPoint]:
         photos = rng.standard_normal((1 + (i % 4 == 0), 6)).astype(np.float32)
         points.append(IndexPoint(f"p{i:02d}", photos, payload))
     return points
+
+
+def _photos(points: list[IndexPoint], chosen: Callable[[int], bool]) -> int:
+    """The photos of the chosen products (by number)."""
+    return sum(len(p.photo_vectors) for i, p in enumerate(points) if chosen(i))
 
 
 @contextmanager
@@ -89,7 +94,7 @@ def test_a_delta_reads_from_the_engine_only_the_photos_that_changed(
     # Every class is read whole again (each holds a moved product); the photos of the 33 products
     # whose hashes did not change come from the file; the engine's: the moved ones, p05, and those
     # whose lists a delta searches again (their own photos, to search with).
-    assert delta["photos_reused"] == len(points) - 1 - 3
+    assert delta["photos_reused"] == _photos(points, lambda i: i not in (5, 7, 8, 9))
     searched = set(asked) - {"p07", "p08", "p99", "p05"}
     assert len(searched) <= delta["queried"]
     _assert_delta_makes_now(feeds)
@@ -105,12 +110,12 @@ def test_chained_deltas_keep_what_they_did_not_read(tmp_path: Path) -> None:
         make_feed(index, RULES, feeds / "f0.jsonl", "jsonl")
         index.upsert([_photo(points[3], rng, 1)])  # class 0 only
         first = make_feed(index, RULES, feeds / "f1.jsonl", "jsonl", since=feeds / "f0.jsonl")
-        assert first["photos_reused"] == 12 - 1  # class 0: 12 products, one moved
+        assert first["photos_reused"] == _photos(points, lambda i: i % 3 == 0 and i != 3)  # class 0
         assert len(KeptVectors(vectors_path(feeds / "f1.jsonl"))) == len(points) - 1
         index.upsert([_photo(points[4], rng, 2)])  # class 1, which the first delta did not read
         second = make_feed(index, RULES, feeds / "delta.jsonl", "jsonl", since=feeds / "f1.jsonl")
         make_feed(index, RULES, feeds / "now.jsonl", "jsonl")
-    assert second["photos_reused"] == 12 - 1
+    assert second["photos_reused"] == _photos(points, lambda i: i % 3 == 1 and i != 4)
     lines = {}  # the first feed with the first delta applied, as one feed
     for name in ("f0.jsonl", "f1.jsonl"):
         for line in (feeds / name).read_text().splitlines():
@@ -195,7 +200,7 @@ def test_a_delta_that_reads_no_photo_keeps_the_file_as_it_is(tmp_path: Path) -> 
         index.upsert([_photo(points[3], rng, 1)])
         photos = make_feed(index, RULES, feeds / "delta.jsonl", "jsonl", since=feeds / "f1.jsonl")
         make_feed(index, RULES, feeds / "now.jsonl", "jsonl")
-    assert photos["photos_reused"] == 12 - 1
+    assert photos["photos_reused"] == _photos(points, lambda i: i % 3 == 0 and i != 3)
     for name in ("f0.jsonl", "f1.jsonl"):  # the price delta wrote no line: f1 is f0
         assert (feeds / name).exists()
     (feeds / "full.jsonl").write_bytes((feeds / "f0.jsonl").read_bytes())
@@ -217,3 +222,27 @@ def test_photos_are_kept_under_the_fingerprint_read_with_them(tmp_path: Path) ->
     kept = KeptVectors(vectors_path(tmp_path / "feed.jsonl"))
     assert kept.get("p", ":h1") is None
     assert kept.get("p", ":h2") is not None
+
+
+def test_a_vectors_file_of_photos_of_another_length_is_not_taken(tmp_path: Path) -> None:
+    """Another store's feed vectors beside the previous feed, its products of the same ids and hashes
+    but their photos of another length: nothing is taken from it (no traceback), the delta is right."""
+    rng = np.random.default_rng(6)
+    other = [
+        IndexPoint(p.product_id, rng.standard_normal((1, 8)).astype(np.float32), p.payload)
+        for p in _catalogue(rng)
+    ]
+    with open_index(QdrantSettings(path=tmp_path / "o", collection="c")) as index:
+        index.create(8)
+        index.upsert(other)
+        make_feed(index, RULES, tmp_path / "other.jsonl", "jsonl")
+    feeds = tmp_path / "feeds"
+    points = _catalogue(rng)
+    with _store(tmp_path, points) as index:
+        make_feed(index, RULES, feeds / "full.jsonl", "jsonl")
+        vectors_path(feeds / "full.jsonl").write_bytes(vectors_path(tmp_path / "other.jsonl").read_bytes())
+        index.upsert([_photo(points[3], rng, 1)])
+        delta = make_feed(index, RULES, feeds / "delta.jsonl", "jsonl", since=feeds / "full.jsonl")
+        make_feed(index, RULES, feeds / "now.jsonl", "jsonl")
+    assert delta["photos_reused"] == 0
+    _assert_delta_makes_now(feeds)

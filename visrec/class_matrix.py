@@ -30,6 +30,7 @@ import torch
 from visrec.filters import Filters
 from visrec.index import Hit, SearchRequest, VectorIndex
 from visrec.index.points import payload_key
+from visrec.payload import photos
 
 Photos = Callable[[Sequence[dict[str, Any]]], dict[str, np.ndarray]]  # a page's payloads → their photos
 MATRIX_BYTES = 1 << 30  # classes' photo vectors held (float32, twice); a larger class goes to the engine
@@ -83,9 +84,12 @@ class ClassMatrix:
         self._payloads_shown: dict[tuple[str, ...] | None, list[dict[str, Any]]] = {}
         self._position = {product_id: i for i, product_id in enumerate(self.ids)}
         self._id_rank = np.argsort(np.argsort(np.array(self.ids, dtype=object), kind="stable"))
-        photos = np.diff(self.start)
+        # Which photo matched is said where the payload lists several, as the engine's hits say it
+        # (`VectorIndex.search`): a product of several vectors and no list of them matched photo 0.
+        self._several = [len(photos(payload)) > 1 for payload in self.payloads]
+        photos_of = np.diff(self.start)
         self._owner = (
-            None if (photos == 1).all() else torch.from_numpy(np.repeat(np.arange(len(self)), photos))
+            None if (photos_of == 1).all() else torch.from_numpy(np.repeat(np.arange(len(self)), photos_of))
         )
 
     @classmethod
@@ -224,7 +228,7 @@ class ClassMatrix:
                 continue
             shown = self._shown(requests[i].fields)
             sure[i] = [
-                Hit(self.ids[p], distance, shown[p], photo)
+                Hit(self.ids[p], distance, shown[p], photo if self._several[p] else 0)
                 for p, distance, photo in zip(order_of[row][:kept], distances, matched_of[row], strict=False)
             ]
         return sure

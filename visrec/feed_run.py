@@ -65,6 +65,7 @@ from visrec.neighbours import (
     read_limit,
     same_key,
 )
+from visrec.payload import photos
 from visrec.rules import MAX_K
 
 Progress = Callable[[str, int, int], None]
@@ -419,12 +420,17 @@ def _same_list(hits: list[Hit], before: list[list[Any]] | None, k: int) -> bool:
 
 
 def _enter(
-    product_id: str, searches: dict[tuple[int, int], list[Hit]], old: dict[str, _Old], entered: Entered
+    product_id: str,
+    searches: dict[tuple[int, int], list[Hit]],
+    old: dict[str, _Old],
+    entered: Entered,
+    several: bool,
 ) -> None:
     """Add a moved product to each previous list it comes within reach of, at its nearest photo's
     distance (its searches, by (photo, class searched)). Of equally near pairs of photos, the one a
     full feed matches: the list's first photo, then the moved product's first (each search's hits say
-    which of the list's photos matched)."""
+    which of the list's photos matched); photo 0 where its payload does not list `several` (as a
+    search's hit says it)."""
     nearest: dict[str, tuple[float, int, int]] = {}  # list → (distance, its photo, the moved one's photo)
     for (photo, _), hits in searches.items():
         for hit in hits:
@@ -434,7 +440,7 @@ def _enter(
     for listed_id, (distance, _, photo) in nearest.items():
         listing = old.get(listed_id)
         if listing is not None and listing.reaches(distance, product_id):
-            entered.setdefault(listed_id, []).append((product_id, distance, photo))
+            entered.setdefault(listed_id, []).append((product_id, distance, photo if several else 0))
 
 
 def _reached(
@@ -468,6 +474,7 @@ def _reached(
     Search = tuple[str, tuple[int, int] | None, int]  # (product, (photo, class) or all of them, limit)
     pending: list[Search] = [(p, None, start) for p in around]
     rows_of: dict[str, np.ndarray] = {}
+    several: dict[str, bool] = {}  # whether its payload lists several photos (which one matched counts)
     found: dict[str, dict[tuple[int, int], list[Hit]]] = {}
     open_searches = {p: 1 for p in around}  # a product's searches queued or under way
     entered: Entered = {}
@@ -475,10 +482,11 @@ def _reached(
     while pending:
         batch, pending = pending[:BATCH], pending[BATCH:]
         unread = [p for p, _, _ in batch if p not in rows_of]
-        vectors = index.vectors(unread) if unread else {}
+        points = {p.product_id: p for p in index.points(unread)} if unread else {}
         for product_id in unread:  # the photos `similar` would search with (none: deleted meanwhile)
-            held = product_id in vectors
-            rows_of[product_id] = query.query_rows(vectors[product_id], start) if held else np.zeros((0, 0))
+            point = points.get(product_id)
+            rows_of[product_id] = query.query_rows(point.vectors, start) if point else np.zeros((0, 0))
+            several[product_id] = point is not None and len(photos(point.payload)) > 1
         requests: list[SearchRequest] = []
         plans: list[tuple[str, tuple[int, int], int]] = []
         for product_id, which, limit in batch:
@@ -506,7 +514,7 @@ def _reached(
                 open_searches[product_id] -= 1
         for product_id in {p for p, _, _ in batch}:
             if not open_searches[product_id] and product_id in found:
-                _enter(product_id, found.pop(product_id), old, entered)
+                _enter(product_id, found.pop(product_id), old, entered, several[product_id])
         searched += len({p for p, _, _ in plans})
         _tell(progress, "nearby", searched, searched + len(pending))
     return {p: e for p, e in entered.items() if e}, len(around)

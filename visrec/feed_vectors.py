@@ -57,10 +57,12 @@ class KeptVectors:
         if path is not None:
             try:
                 self._open(path)
-            except (OSError, ValueError, TypeError, KeyError):  # not a file this reads: read the engine
+            except Exception:  # noqa: BLE001 - whatever does not read as one (even crafted): not trusted
                 self._entries, self._rows = {}, np.zeros((0, 0), np.float32)
 
     def _open(self, path: Path) -> None:
+        if not path.is_file():  # a pipe would block the open, a folder not read
+            raise ValueError("not a file")
         with path.open("rb") as f:
             size = f.seek(0, 2)
             if size < _TRAILER:
@@ -90,6 +92,10 @@ class KeptVectors:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def dim(self) -> int:
+        return int(self._rows.shape[1])
 
     def get(self, product_id: str, fingerprint: str) -> np.ndarray | None:
         """The product's photos as kept, if they are still its own (the same fingerprint)."""
@@ -218,16 +224,22 @@ class Photos:
     ) -> None:
         self._read, self._fingerprint = read, fingerprint
         self._writer, self._previous = writer, previous or KeptVectors(None)
+        self._unchecked = len(self._previous) > 0
         self.reused = 0
 
     def __call__(self, payloads: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
         prints = {str(p["product_id"]): self._fingerprint(p) for p in payloads}
+        if self._unchecked and prints:  # photos of another length than the store's: not this store's
+            self._unchecked = False
+            probe = self._read(list(prints)[:1])
+            if probe and probe[0].photo_vectors.shape[1] != self._previous.dim:
+                self._previous = KeptVectors(None)
         for product_id, fingerprint in prints.items():
             if is_recorded(fingerprint) and (rows := self._previous.get(product_id, fingerprint)) is not None:
                 found[product_id] = rows
                 self._writer.keep(product_id, fingerprint, rows)
-        self.reused += len(found)
+        self.reused += sum(len(rows) for rows in found.values())
         unread = [p for p in prints if p not in found]
         for point in self._read(unread) if unread else ():
             found[point.product_id] = point.photo_vectors

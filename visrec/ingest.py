@@ -29,7 +29,7 @@ from visrec.config import IngestSettings, Settings
 from visrec.errors import CatalogueError, ModelError, PointRejected
 from visrec.handle import ModelHandle
 from visrec.index import IndexPoint, SyncRecord, VectorIndex
-from visrec.plan import PARTIAL, PAYLOAD_VERSION, Desired, Shard, SyncPlan, plan_sync
+from visrec.plan import PAYLOAD_VERSION, Desired, Shard, SyncPlan, partial_hash, plan_sync
 from visrec.sync_summary import SyncSummary, failure, reported, summarize, write_report
 
 if TYPE_CHECKING:  # torch: imported only once a photo needs embedding
@@ -358,7 +358,7 @@ def _embed_and_write(
         desired = todo[n]
         record = desired.bookkeeping
         if got.errors:  # a photo that failed is tried again next sync: the recorded hash cannot match
-            record = replace(record, vectors_hash=record.vectors_hash + PARTIAL)
+            record = replace(record, vectors_hash=partial_hash(record.vectors_hash, got.refs))
         return IndexPoint(
             desired.product.id,
             np.stack(got.vectors),

@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +30,18 @@ from visrec.urls import is_url
 # Part of every vectors hash: bump it when what a point takes from its photos changes (as when colour was
 # added), so the next sync re-processes every photo. The catalogue's own fields need no bump.
 PAYLOAD_VERSION = 2
-PARTIAL = "+partial"  # ends the vectors hash of a product indexed without some of its photos
+PARTIAL = "+partial"  # marks the vectors hash of a product indexed without some of its photos
+
+
+def partial_hash(vectors_hash: str, embedded: Sequence[str]) -> str:
+    """The vectors hash of a product indexed with only the photos `embedded` (the others failed): never
+    the hash a sync desires (those are tried again), and naming which photos the vectors are of, as a
+    vectors hash must (a feed's delta trusts it: two nights that each failed another photo of one
+    product hold other vectors, and say so)."""
+    held = hashlib.sha256("\n".join(embedded).encode()).hexdigest()[:16]
+    return f"{vectors_hash}{PARTIAL}:{held}"
+
+
 _UNREADABLE = "unreadable"
 
 
