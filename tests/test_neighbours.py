@@ -9,6 +9,7 @@ import csv
 import json
 import shutil
 import signal
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -25,6 +26,7 @@ from typer.testing import CliRunner
 
 from tests.faults.helpers import run_visrec, settings_env, spawn_visrec
 from tests.helpers import COLOURS, SHAPES, draw_product, run_sync, small_settings, write_csv
+from tests.test_class_matrix import _assert_delta_makes_now
 from visrec import query
 from visrec.artefact import Manifest
 from visrec.cli import app
@@ -439,3 +441,54 @@ def test_previous_feed_and_delta_make_the_full_feed_now(
         if all(kind == "price" for kind, _ in chosen):
             assert summary["queried"] == 0 and changes == {}
         feed = delta
+
+
+KILLED_BETWEEN_RENAMES = """
+import os, runpy, signal, sys
+rename = os.replace
+def replace(source, target, *args, **kwargs):  # the real rename, then SIGKILL once the state is in place
+    rename(source, target, *args, **kwargs)
+    if str(target).endswith(".state"):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace
+sys.argv = ["visrec", *sys.argv[1:]]
+runpy.run_module("visrec", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("since", [True, False])
+def test_a_feed_killed_between_its_two_renames_leaves_one_a_delta_reads(tmp_path: Path, since: bool) -> None:
+    """A feed (or a delta over its own `--since`) written to the path of the previous feed, killed
+    after its state replaced the previous one and before the feed did: the next delta on that path reads
+    the previous feed with the state kept beside it, and is right (an outside review: it refused)."""
+    settings = small_settings(tmp_path)
+    rng = np.random.default_rng(1)
+    with open_index(settings.qdrant) as index:
+        index.create(8)
+        points = [
+            IndexPoint(
+                f"r{i}",
+                rng.standard_normal(8).astype(np.float32),
+                {"product_id": f"r{i}", "vectors_hash": f"h{i}"},
+            )
+            for i in range(200)
+        ]
+        index.upsert(points)
+        make_feed(index, FeedRules(k=3), tmp_path / "full.jsonl", "jsonl")
+        index.upsert([IndexPoint("r1", np.ones(8, np.float32), {"product_id": "r1", "vectors_hash": "new"})])
+    feed = tmp_path / "feed.jsonl"
+    shutil.copy(tmp_path / "full.jsonl", feed)
+    shutil.copy(state_path(tmp_path / "full.jsonl"), state_path(feed))
+    args = ["neighbours", "-k", "3", "--out", str(feed), *(["--since", str(feed)] if since else [])]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_BETWEEN_RENAMES, *args], env=settings_env(settings), capture_output=True
+    )
+    assert killed.returncode == -signal.SIGKILL
+    assert feed.read_bytes() == (tmp_path / "full.jsonl").read_bytes()  # the old feed, a new state
+    delta = run_visrec(
+        settings, "neighbours", "-k", "3", "--since", str(feed), "--out", str(tmp_path / "delta.jsonl")
+    )
+    assert delta.returncode == 0, delta.stderr
+    with open_index(settings.qdrant) as index:
+        make_feed(index, FeedRules(k=3), tmp_path / "now.jsonl", "jsonl")
+    _assert_delta_makes_now(tmp_path)

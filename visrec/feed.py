@@ -13,12 +13,14 @@ trailer does not match the feed, and a delta on it refuses.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import io
 import json
 import os
 import re
+import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
@@ -30,7 +32,7 @@ from typing import IO, Any, Literal
 import orjson
 
 from visrec.errors import InvalidSetting, OutputUnwritable, Refused
-from visrec.fs import replacing, sweep_temporaries
+from visrec.fs import TEMP_SUFFIX, replacing, sweep_temporaries
 from visrec.index import Hit
 from visrec.neighbours import Listed
 
@@ -298,13 +300,38 @@ def check_writable(out: Path) -> None:
         raise OutputUnwritable(f"{out}: a name ending in .state is a feed's state; name the feed itself")
 
 
+def previous_state_path(feed: Path) -> Path:
+    """Where a feed's state is kept while a new feed and state replace the two (`write_feed`)."""
+    return feed.with_name(feed.name + ".state.previous")
+
+
+def _keep_previous_state(out: Path) -> None:
+    """Link the state beside `out` as its previous one while it describes the feed there (atomically: a
+    temporary name renamed); otherwise the one kept stays, if any."""
+    current = state_path(out)
+    try:
+        _state_of(out, out, current)
+    except Refused:
+        return
+    kept = previous_state_path(out)
+    fd, name = tempfile.mkstemp(prefix=f".{kept.name}.", suffix=TEMP_SUFFIX, dir=out.parent)
+    os.close(fd)
+    temporary = Path(name)
+    try:
+        temporary.unlink()
+        os.link(current, temporary)
+        os.replace(temporary, kept)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 def write_feed(out: Path, fmt: Format, scored: bool, header: dict[str, Any], produce: Produce) -> Written:
     """Write the feed at `out` and its state beside it: `produce` writes both through the writers.
     Either both are replaced (the state first) or neither; raises `OutputUnwritable` for a file
     that cannot be written."""
     written = Written()
     # What an earlier run of this feed left when it was killed (and nobody holds): this feed's only.
-    sweep_temporaries(out.parent, re.escape(out.name) + r"(\.state|\.vectors)?")
+    sweep_temporaries(out.parent, re.escape(out.name) + r"(\.state|\.state\.previous|\.vectors)?")
     try:
         with ExitStack() as stack:
             raw_feed = stack.enter_context(replacing(out))
@@ -319,6 +346,10 @@ def write_feed(out: Path, fmt: Format, scored: bool, header: dict[str, Any], pro
                 hashing.flush()
                 state.finish(hashing.sha256.hexdigest())
                 written.state_products = state.products
+                # The state of the feed there now stays beside it until the new feed replaces it: a
+                # run killed between the two renames leaves the old feed with one that describes it.
+                _keep_previous_state(out)
+        previous_state_path(out).unlink(missing_ok=True)
     except OSError as exc:
         raise OutputUnwritable(f"cannot write {out}: {exc.strerror or exc}") from exc
     return written
@@ -423,7 +454,18 @@ def read_state(feed: Path) -> StateFile:
     Raises `Refused` (make a full feed) for a missing, unfinished or foreign state, or a feed that is
     not the one it describes."""
     target = feed.resolve()
-    path = state_path(target)
+    try:
+        return _state_of(feed, target, state_path(target))
+    except Refused:
+        kept = previous_state_path(target)  # a run killed between writing the state and the feed
+        if kept.is_file():
+            with contextlib.suppress(Refused):
+                return _state_of(feed, target, kept)
+        raise
+
+
+def _state_of(feed: Path, target: Path, path: Path) -> StateFile:
+    """The state at `path` if it describes the feed at `target` (`read_state`)."""
     fresh = "make a full feed (without --since)"
     if not path.is_file():
         raise Refused(f"{feed} has no state beside it ({path.name}: kept by `visrec neighbours`): {fresh}")
