@@ -48,17 +48,35 @@ def vectors_path(feed: Path) -> Path:
 
 
 class KeptVectors:
-    """A previous feed's photo vectors (empty when it kept none, or what it kept does not read)."""
+    """A previous feed's photo vectors (empty when it kept none, or what it kept does not read), read
+    and checked when first asked for: a delta that reads no photo never reads the file."""
 
     def __init__(self, path: Path | None) -> None:
-        self._entries: dict[str, tuple[str, int, int]] = {}
-        self._rows = np.zeros((0, 0), np.float32)
+        self._path = path
+        self._opened = False
+        self._entries_read: dict[str, tuple[str, int, int]] = {}
+        self._rows_read = np.zeros((0, 0), np.float32)
         self._map: mmap.mmap | None = None
-        if path is not None:
+
+    @property
+    def _entries(self) -> dict[str, tuple[str, int, int]]:
+        self._read()
+        return self._entries_read
+
+    @property
+    def _rows(self) -> np.ndarray:
+        self._read()
+        return self._rows_read
+
+    def _read(self) -> None:
+        if self._opened:
+            return
+        self._opened = True
+        if self._path is not None:
             try:
-                self._open(path)
+                self._open(self._path)
             except Exception:  # noqa: BLE001 - whatever does not read as one (even crafted): not trusted
-                self._entries, self._rows = {}, np.zeros((0, 0), np.float32)
+                self._entries_read, self._rows_read = {}, np.zeros((0, 0), np.float32)
 
     def _open(self, path: Path) -> None:
         if not path.is_file():  # a pipe would block the open, a folder not read
@@ -88,7 +106,7 @@ class KeptVectors:
             if first < 0 or count < 1 or first + count > len(rows):
                 raise ValueError("an entry past the rows")
             entries[product_id] = (fingerprint, first, count)
-        self._entries, self._rows, self._map = entries, rows, mapped
+        self._entries_read, self._rows_read, self._map = entries, rows, mapped
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -224,13 +242,13 @@ class Photos:
     ) -> None:
         self._read, self._fingerprint = read, fingerprint
         self._writer, self._previous = writer, previous or KeptVectors(None)
-        self._unchecked = len(self._previous) > 0
+        self._unchecked = True  # its photos' length, against the store's: at the first class read
         self.reused = 0
 
     def __call__(self, payloads: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
         found: dict[str, np.ndarray] = {}
         prints = {str(p["product_id"]): self._fingerprint(p) for p in payloads}
-        if self._unchecked and prints:  # photos of another length than the store's: not this store's
+        if self._unchecked and prints and len(self._previous):  # photos of another length: not this store's
             self._unchecked = False
             probe = self._read(list(prints)[:1])
             if probe and probe[0].photo_vectors.shape[1] != self._previous.dim:
@@ -250,7 +268,7 @@ class Photos:
         """Keep the previous feed's vectors of the products (id → fingerprint now) not read by this
         run, where they are still theirs; returns how many."""
         if not len(self._writer):  # it read no photo: the previous file is kept as it is (`kept_vectors`)
-            return len(self._previous)
+            return 0
         carried = 0
         for product_id, fingerprint in self._previous.items():
             if self._writer.kept(product_id) or current.get(product_id) != fingerprint:
