@@ -292,6 +292,13 @@ def main() -> None:
         f"{row['photos_delta']['queried']} | {row['photos_delta']['lists_written']} | ≤ 25 % |",
         f"| delta, every price changed | {row['prices_delta']['seconds']} | {price_share:.1%} | "
         f"{row['prices_delta']['queried']} | {row['prices_delta']['lists_written']} | ≤ 5 %, empty |",
+    ]
+    _report(args, row, lines)
+
+
+def _report(args: Any, row: dict[str, Any], lines: list[str]) -> None:
+    """Print the table `lines` with the recall line after it, and write both (`write_results`)."""
+    lines += [
         "",
         f"recall@{args.k} against exact brute force on {args.sample} products: {row['recall']} "
         "(target ≥ 0.99)",
@@ -320,13 +327,8 @@ def full_only(args: Any, row: dict[str, Any], full: dict[str, Any], timing: dict
         "|---|---|---|---|---|---|---|",
         f"| full feed | {row['full_s']} | {full['queried']} | {full['lists_written']} | "
         f"{row['feed_bytes'] / 1e6:.0f} | {row['state_bytes'] / 1e6:.0f} | {row['max_rss_mib']} |",
-        "",
-        f"recall@{args.k} against exact brute force on {args.sample} products: {row['recall']} "
-        "(target ≥ 0.99)",
     ]
-    text = "\n".join(lines)
-    print(text)
-    write_results(args.out, "neighbours", row, text)
+    _report(args, row, lines)
 
 
 if __name__ == "__main__":
