@@ -122,7 +122,7 @@ class KeptVectors:
         if entry is None or entry[0] != fingerprint:
             return None
         _, first, count = entry
-        return np.array(self._rows[first : first + count])
+        return self._rows[first : first + count]  # a read-only view of the file: copied where it is held
 
     def items(self) -> Iterator[tuple[str, str]]:
         """(product id, fingerprint) of each product kept."""
@@ -139,7 +139,7 @@ class VectorsWriter:
         self._entries: dict[str, list[Any]] = {}
         self._rows = 0
         self._dim = 0
-        self._pending: list[bytes] = []  # rows not yet written: written a few MiB at a time
+        self._pending: list[memoryview] = []  # rows not yet written: written a few MiB at a time
         self._pending_bytes = 0
 
     def keep(self, product_id: str, fingerprint: str, rows: np.ndarray) -> None:
@@ -150,7 +150,7 @@ class VectorsWriter:
         if self._dim and rows.shape[1] != self._dim:
             return
         self._dim = rows.shape[1]
-        self._pending.append(rows.tobytes())
+        self._pending.append(rows.data)
         self._pending_bytes += rows.nbytes
         if self._pending_bytes >= _WRITE_BYTES:
             self._write(b"".join(self._pending))
@@ -166,7 +166,7 @@ class VectorsWriter:
 
     def finish(self) -> None:
         index = json.dumps({"dim": self._dim or 1, "entries": list(self._entries.values())}).encode()
-        self._write(b"".join([*self._pending, index]))
+        self._write(b"".join([*self._pending, memoryview(index)]))
         trailer = self._check.to_bytes(4, "little") + len(index).to_bytes(8, "little") + MAGIC
         self._file().write(trailer)
 
