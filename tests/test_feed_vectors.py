@@ -6,6 +6,7 @@ trusted and never an error; chained deltas keep what they did not read. Real emb
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -141,8 +142,9 @@ def test_a_damaged_vectors_file_is_ignored(
     seed: int, how: tuple[str, Any], tmp_path_factory: pytest.TempPathFactory
 ) -> None:
     """Whatever happened to the vectors file beside the previous feed (cut short anywhere, one byte
-    changed anywhere, bytes added, another content), a delta takes nothing from it, raises nothing, and
-    is the delta made without it."""
+    changed anywhere, bytes added, another content), a delta raises nothing and is the delta made
+    without it: it takes nothing from a file whose index does not check, and no product whose rows do
+    not."""
     rng = np.random.default_rng(seed)
     root = tmp_path_factory.mktemp("damaged")
     feeds = root / "feeds"
@@ -161,11 +163,12 @@ def test_a_damaged_vectors_file_is_ignored(
         else:
             data = bytearray(value)
         kept.write_bytes(bytes(data))
-        assert len(KeptVectors(kept)) == 0
+        whole = kind != "flip"  # a byte changed in a product's rows loses that product only
+        assert len(KeptVectors(kept)) == 0 or not whole
         index.upsert([_photo(points[int(rng.integers(len(points)))], rng, 1)])
         delta = make_feed(index, RULES, feeds / "delta.jsonl", "jsonl", since=feeds / "full.jsonl")
         make_feed(index, RULES, feeds / "now.jsonl", "jsonl")
-    assert delta["photos_reused"] == 0
+    assert delta["photos_reused"] == 0 or not whole
     _assert_delta_makes_now(feeds)
 
 
@@ -246,3 +249,28 @@ def test_a_vectors_file_of_photos_of_another_length_is_not_taken(tmp_path: Path)
         make_feed(index, RULES, feeds / "now.jsonl", "jsonl")
     assert delta["photos_reused"] == 0
     _assert_delta_makes_now(feeds)
+
+
+def test_a_vectors_file_cut_or_changed_while_a_delta_reads_it_costs_only_those_photos(
+    tmp_path: Path,
+) -> None:
+    """The file cut short, or changed in place, after a delta opened it: the photos that no longer read
+    as written are taken from the engine (the file is read, not mapped: a mapping would end the process
+    with SIGBUS). An outside review's case."""
+    rng = np.random.default_rng(7)
+    feeds = tmp_path / "feeds"
+    points = _catalogue(rng)
+    with _store(tmp_path, points) as index:
+        make_feed(index, RULES, feeds / "full.jsonl", "jsonl")
+        path = vectors_path(feeds / "full.jsonl")
+        kept = KeptVectors(path)
+        assert kept.get("p00", ":h0") is not None
+        first = kept._entries["p00"][1] * kept.dim * 4  # where p00's photos start
+        with path.open("r+b") as f:  # one byte of them changed, in place
+            f.seek(first)
+            byte = f.read(1)[0]
+            f.seek(first)
+            f.write(bytes([byte ^ 0xFF]))
+        assert kept.get("p00", ":h0") is None and kept.get("p01", ":h1") is not None
+        os.truncate(path, 0)
+        assert kept.get("p01", ":h1") is None

@@ -11,10 +11,11 @@ a product's list alone. Products without a recorded vectors hash are not kept (o
 what they are).
 
 Layout: float32 rows, then a JSON index ({"dim", "entries": [[product id, fingerprint, first row,
-rows], ...]}), a CRC-32 of both (4 bytes), the index's length (8 bytes, both little-endian) and `MAGIC`.
-A file that does not read so (cut short, damaged, another format) is ignored: everything is read from
-the engine. Written as the feed is (a temporary file, renamed after the feed; not forced to disk: a
-cache that checks itself), 4 KB a photo of 1000-d.
+rows, CRC-32 of its rows], ...]}), the index's CRC-32 (4 bytes) and length (8 bytes, both
+little-endian) and `MAGIC`. A file whose index does not read so (cut short, damaged, another format)
+is ignored, and a product whose rows do not check: those are read from the engine. Written as the
+feed is (a temporary file, renamed after the feed; not forced to disk: a cache that checks itself),
+4 KB a photo of 1000-d.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
-import mmap
 import os
 import shutil
 import tempfile
+import weakref
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -37,7 +38,7 @@ import numpy as np
 from visrec.fs import TEMP_SUFFIX, replacing, sync_folder
 from visrec.index.points import IndexPoint
 
-MAGIC = b"visrec-feed-vectors-1\n"
+MAGIC = b"visrec-feed-vectors-2\n"
 log = logging.getLogger(__name__)
 _TRAILER = 4 + 8 + len(MAGIC)
 _WRITE_BYTES = 8 << 20
@@ -49,80 +50,78 @@ def vectors_path(feed: Path) -> Path:
 
 
 class KeptVectors:
-    """A previous feed's photo vectors (empty when it kept none, or what it kept does not read), read
-    and checked when first asked for: a delta that reads no photo never reads the file."""
+    """A previous feed's photo vectors (empty when it kept none, or what it kept does not read), its
+    index read and checked when first asked for (a delta that reads no photo never reads the file), each
+    product's photos read, and checked, when asked for: read with `pread`, not mapped, so a file cut or
+    changed meanwhile gives a photo that does not check (taken from the engine), never a SIGBUS."""
 
     def __init__(self, path: Path | None) -> None:
         self._path = path
         self._opened = False
-        self._entries_read: dict[str, tuple[str, int, int]] = {}
-        self._rows_read = np.zeros((0, 0), np.float32)
-        self._map: mmap.mmap | None = None
+        self._entries_read: dict[str, tuple[str, int, int, int]] = {}
+        self._dim = 0
+        self._fd: int | None = None
 
     @property
-    def _entries(self) -> dict[str, tuple[str, int, int]]:
-        self._read()
+    def _entries(self) -> dict[str, tuple[str, int, int, int]]:
+        if not self._opened:
+            self._opened = True
+            try:
+                self._open()
+            except Exception:  # noqa: BLE001 - whatever does not read as one (even crafted): not trusted
+                self._entries_read, self._dim = {}, 0
         return self._entries_read
 
-    @property
-    def _rows(self) -> np.ndarray:
-        self._read()
-        return self._rows_read
-
-    def _read(self) -> None:
-        if self._opened:
+    def _open(self) -> None:
+        if self._path is None or not self._path.is_file():  # a pipe would block the open
             return
-        self._opened = True
-        if self._path is not None:
-            try:
-                self._open(self._path)
-            except Exception:  # noqa: BLE001 - whatever does not read as one (even crafted): not trusted
-                self._entries_read, self._rows_read = {}, np.zeros((0, 0), np.float32)
-
-    def _open(self, path: Path) -> None:
-        if not path.is_file():  # a pipe would block the open, a folder not read
-            raise ValueError("not a file")
-        with path.open("rb") as f:
-            size = f.seek(0, 2)
-            if size < _TRAILER:
-                raise ValueError("too short")
-            mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        if mapped[size - len(MAGIC) :] != MAGIC:
+        fd = os.open(self._path, os.O_RDONLY | os.O_CLOEXEC)
+        weakref.finalize(self, os.close, fd)
+        size = os.fstat(fd).st_size
+        trailer = os.pread(fd, _TRAILER, size - _TRAILER) if size >= _TRAILER else b""
+        if len(trailer) != _TRAILER or trailer[-len(MAGIC) :] != MAGIC:
             raise ValueError("not a vectors file")
-        check = int.from_bytes(mapped[size - _TRAILER : size - _TRAILER + 4], "little")
-        length = int.from_bytes(mapped[size - _TRAILER + 4 : size - len(MAGIC)], "little")
+        check = int.from_bytes(trailer[:4], "little")
+        length = int.from_bytes(trailer[4:12], "little")
         body = size - _TRAILER - length
-        if body < 0 or zlib.crc32(memoryview(mapped)[: size - _TRAILER]) != check:
+        data = os.pread(fd, length, body) if body >= 0 else b""
+        if len(data) != length or zlib.crc32(data) != check:
             raise ValueError("damaged")
-        index = json.loads(mapped[body : size - _TRAILER])
+        index = json.loads(data)
         dim = int(index["dim"])
         if dim <= 0 or body % (4 * dim):
             raise ValueError("rows cut short")
-        rows = np.frombuffer(mapped, np.float32, body // 4).reshape(-1, dim)
+        rows = body // (4 * dim)
         entries = {}
-        for product_id, fingerprint, first, count in index["entries"]:
+        for product_id, fingerprint, first, count, crc in index["entries"]:
             if not (isinstance(product_id, str) and isinstance(fingerprint, str)):
                 raise ValueError("an entry's names")
             first, count = int(first), int(count)
-            if first < 0 or count < 1 or first + count > len(rows):
+            if first < 0 or count < 1 or first + count > rows:
                 raise ValueError("an entry past the rows")
-            entries[product_id] = (fingerprint, first, count)
-        self._entries_read, self._rows_read, self._map = entries, rows, mapped
+            entries[product_id] = (fingerprint, first, count, int(crc))
+        self._entries_read, self._dim, self._fd = entries, dim, fd
 
     def __len__(self) -> int:
         return len(self._entries)
 
     @property
     def dim(self) -> int:
-        return int(self._rows.shape[1])
+        self._entries  # noqa: B018 - read on first use
+        return self._dim
 
     def get(self, product_id: str, fingerprint: str) -> np.ndarray | None:
-        """The product's photos as kept, if they are still its own (the same fingerprint)."""
+        """The product's photos as kept, if they are still its own (the same fingerprint) and read
+        back as they were written (their CRC-32)."""
         entry = self._entries.get(product_id)
-        if entry is None or entry[0] != fingerprint:
+        if entry is None or entry[0] != fingerprint or self._fd is None:
             return None
-        _, first, count = entry
-        return self._rows[first : first + count]  # a read-only view of the file: copied where it is held
+        _, first, count, crc = entry
+        size = 4 * self._dim
+        data = os.pread(self._fd, count * size, first * size)
+        if len(data) != count * size or zlib.crc32(data) != crc:
+            return None
+        return np.frombuffer(data, np.float32).reshape(count, self._dim)
 
     def items(self) -> Iterator[tuple[str, str]]:
         """(product id, fingerprint) of each product kept."""
@@ -135,7 +134,6 @@ class VectorsWriter:
     def __init__(self, open_file: Callable[[], IO[bytes]]) -> None:
         self._open = open_file
         self._raw: IO[bytes] | None = None
-        self._check = 0
         self._entries: dict[str, list[Any]] = {}
         self._rows = 0
         self._dim = 0
@@ -155,7 +153,7 @@ class VectorsWriter:
         if self._pending_bytes >= _WRITE_BYTES:
             self._write(b"".join(self._pending))
             self._pending, self._pending_bytes = [], 0
-        self._entries[product_id] = [product_id, fingerprint, self._rows, len(rows)]
+        self._entries[product_id] = [product_id, fingerprint, self._rows, len(rows), zlib.crc32(rows.data)]
         self._rows += len(rows)
 
     def kept(self, product_id: str) -> bool:
@@ -167,12 +165,11 @@ class VectorsWriter:
     def finish(self) -> None:
         index = json.dumps({"dim": self._dim or 1, "entries": list(self._entries.values())}).encode()
         self._write(b"".join([*self._pending, memoryview(index)]))
-        trailer = self._check.to_bytes(4, "little") + len(index).to_bytes(8, "little") + MAGIC
+        trailer = zlib.crc32(index).to_bytes(4, "little") + len(index).to_bytes(8, "little") + MAGIC
         self._file().write(trailer)
 
     def _write(self, data: bytes) -> None:
         self._file().write(data)
-        self._check = zlib.crc32(data, self._check)
 
     def _file(self) -> IO[bytes]:
         if self._raw is None:
