@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +21,7 @@ from hypothesis import strategies as st
 
 from tests.test_class_matrix import _assert_delta_makes_now
 from visrec.config import QdrantSettings
+from visrec.feed import read_state
 from visrec.feed_run import make_feed
 from visrec.feed_vectors import KeptVectors, Photos, kept_vectors, vectors_path
 from visrec.index import IndexPoint, VectorIndex, open_index
@@ -274,3 +276,74 @@ def test_a_vectors_file_cut_or_changed_while_a_delta_reads_it_costs_only_those_p
         assert kept.get("p00", ":h0") is None and kept.get("p01", ":h1") is not None
         os.truncate(path, 0)
         assert kept.get("p01", ":h1") is None
+
+
+def test_a_delta_through_a_link_takes_the_photos_beside_the_file_it_names(tmp_path: Path) -> None:
+    """`--since latest.jsonl`, a link to the last feed (the docs' nightly line): its photos are found
+    beside the file the link names, as its state is (an outside review: never found through a link)."""
+    rng = np.random.default_rng(8)
+    feeds = tmp_path / "feeds"
+    points = _catalogue(rng)
+    with _store(tmp_path, points) as index:
+        make_feed(index, RULES, feeds / "full.jsonl", "jsonl")
+        (feeds / "latest.jsonl").symlink_to("full.jsonl")
+        index.upsert([_photo(points[3], rng, 1)])
+        delta = make_feed(index, RULES, feeds / "delta.jsonl", "jsonl", since=feeds / "latest.jsonl")
+        make_feed(index, RULES, feeds / "now.jsonl", "jsonl")
+    assert delta["photos_reused"] == _photos(points, lambda i: i % 3 == 0 and i != 3)
+    _assert_delta_makes_now(feeds)
+
+
+def test_a_vectors_file_that_cannot_be_written_costs_only_the_cache(tmp_path: Path) -> None:
+    """A folder where the vectors file goes: the feed and the delta over it are written and succeed
+    (the cache is only logged as not written), and the delta is right."""
+    rng = np.random.default_rng(9)
+    feeds = tmp_path / "feeds"
+    points = _catalogue(rng)
+    vectors_path(feeds / "full.jsonl").mkdir(parents=True)
+    with _store(tmp_path, points) as index:
+        make_feed(index, RULES, feeds / "full.jsonl", "jsonl")
+        shutil.copy(feeds / "full.jsonl", feeds / "first.jsonl")
+        index.upsert([_photo(points[3], rng, 1)])
+        delta = make_feed(index, RULES, feeds / "full.jsonl", "jsonl", since=feeds / "full.jsonl")
+        make_feed(index, RULES, feeds / "now.jsonl", "jsonl")
+    assert delta["photos_reused"] == 0 and vectors_path(feeds / "full.jsonl").is_dir()
+    shutil.move(feeds / "full.jsonl", feeds / "delta.jsonl")
+    shutil.move(feeds / "first.jsonl", feeds / "full.jsonl")
+    _assert_delta_makes_now(feeds)
+
+
+def test_photos_of_a_product_in_two_classes_are_counted_once(tmp_path: Path) -> None:
+    rng = np.random.default_rng(10)
+    points = _catalogue(rng)
+    points[0] = IndexPoint("p00", points[0].photo_vectors, {**points[0].payload, "kind": [0, 1]})
+    with _store(tmp_path, points) as index:
+        make_feed(index, RULES, tmp_path / "full.jsonl", "jsonl")
+        index.upsert([_photo(points[3], rng, 1), _photo(points[4], rng, 1)])  # classes 0 and 1 read
+        delta = make_feed(index, RULES, tmp_path / "delta.jsonl", "jsonl", since=tmp_path / "full.jsonl")
+    assert delta["photos_reused"] == _photos(points, lambda i: i % 3 in (0, 1) and i not in (3, 4))
+
+
+def test_a_state_replaced_while_a_delta_reads_it_is_read_as_it_was(tmp_path: Path) -> None:
+    """Another run replaces the previous feed's state while a delta reads it: the delta's records and
+    the lines it copies are the state it opened (an outside review: it copied the new file at the old
+    offsets, and wrote a state every later delta refused)."""
+    rng = np.random.default_rng(11)
+    points = _catalogue(rng)
+    with _store(tmp_path, points) as index:
+        make_feed(index, RULES, tmp_path / "x.jsonl", "jsonl")
+        state = read_state(tmp_path / "x.jsonl")
+        spans = [(offset, length) for _, offset, length in state.records()]
+        before = [record["id"] for record in state.read_at(spans)]
+        index.upsert(
+            [
+                IndexPoint(
+                    "a-new",
+                    rng.standard_normal((1, 6)).astype(np.float32),
+                    {"product_id": "a-new", "vectors_hash": "n", "kind": 0},
+                )
+            ]
+        )
+        make_feed(index, RULES, tmp_path / "x.jsonl", "jsonl")  # replaces x's state
+    assert [record["id"] for record in state.read_at(spans)] == before
+    assert [record["id"] for record, _, _ in state.records()] == before

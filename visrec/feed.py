@@ -18,9 +18,11 @@ import csv
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import tempfile
+import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack
@@ -35,6 +37,8 @@ from visrec.errors import InvalidSetting, OutputUnwritable, Refused
 from visrec.fs import TEMP_SUFFIX, replacing, sweep_temporaries
 from visrec.index import Hit
 from visrec.neighbours import Listed
+
+log = logging.getLogger(__name__)
 
 Format = Literal["jsonl", "csv", "parquet"]
 FORMATS: tuple[Format, ...] = ("jsonl", "csv", "parquet")
@@ -321,6 +325,8 @@ def _keep_previous_state(out: Path) -> None:
         temporary.unlink()
         os.link(current, temporary)
         os.replace(temporary, kept)
+    except OSError as exc:  # the run goes on: only a kill between the two renames would have needed it
+        log.warning("%s: the previous state not kept (%s)", out, exc)
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -387,16 +393,20 @@ _RECORD_KEYS = {"id", "fp", "key", "n", "r"}  # what `state_record` writes
 
 @dataclass(frozen=True)
 class StateFile:
-    """A previous feed's state: its header and trailer (records are read by `records`)."""
+    """A previous feed's state: its header and trailer (records are read by `records`), all read from
+    one open file (`fd`): a run replacing the state meanwhile (writing over this feed) changes nothing a
+    delta reads of it, whose records' offsets are this file's."""
 
     path: Path
     header: dict[str, Any]
     trailer: dict[str, Any]
+    fd: int
 
     def records(self) -> Iterator[tuple[dict[str, Any], int, int]]:
         """Each product's record, and where its line lies in the file (offset, length). Raises `Refused`
         for a line that is not one (the state was damaged after it was written)."""
-        with self.path.open("rb") as f:
+        with os.fdopen(os.dup(self.fd), "rb") as f:
+            f.seek(0)
             header = f.readline()
             offset, digest = len(header), hashlib.sha256(header)
             for line in f:
@@ -422,22 +432,17 @@ class StateFile:
 
     def read_at(self, spans: Iterable[tuple[int, int]]) -> Iterator[dict[str, Any]]:
         """The records at these (offset, length) spans."""
-        with self.path.open("rb") as f:
-            for offset, length in spans:
-                f.seek(offset)
-                yield _state_parsed(f.read(length))
+        for offset, length in spans:
+            yield _state_parsed(os.pread(self.fd, length, offset))
 
     def copy_span(self, state: StateWriter, start: int, end: int, products: int) -> None:
         """Copy the lines from `start` to `end` (`products` records, kept as they were) into `state`."""
-        with self.path.open("rb") as f:
-            f.seek(start)
-            left = end - start
-            while left > 0:
-                chunk = f.read(min(left, 1 << 20))
-                if not chunk:
-                    raise OSError(f"{self.path} shrank while it was read")
-                state.write_raw(chunk)
-                left -= len(chunk)
+        while start < end:
+            chunk = os.pread(self.fd, min(end - start, 1 << 20), start)
+            if not chunk:
+                raise OSError(f"{self.path} shrank while it was read")
+            state.write_raw(chunk)
+            start += len(chunk)
         state.products += products
 
 
@@ -470,7 +475,13 @@ def _state_of(feed: Path, target: Path, path: Path) -> StateFile:
     if not path.is_file():
         raise Refused(f"{feed} has no state beside it ({path.name}: kept by `visrec neighbours`): {fresh}")
     try:
-        with path.open("rb") as f:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise Refused(f"the state of {feed} cannot be read ({exc}): {fresh}") from None
+    state = StateFile(path, {}, {}, fd)
+    weakref.finalize(state, os.close, fd)
+    try:
+        with os.fdopen(os.dup(fd), "rb") as f:
             header = _state_parsed(f.readline())
             trailer = _state_parsed(_last_line(f))
     except (OSError, ValueError) as exc:
@@ -488,4 +499,6 @@ def _state_of(feed: Path, target: Path, path: Path) -> StateFile:
             f"{feed} is not the feed its state describes (changed since, or a run was stopped between "
             f"writing the two): {fresh}"
         )
-    return StateFile(path, header, trailer)
+    state.header.update(header)
+    state.trailer.update(trailer)
+    return state

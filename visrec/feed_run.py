@@ -250,8 +250,9 @@ def _delta(
 ) -> dict[str, Any]:
     previous = read_state(since)
     _check_comparable(previous, index, rules)
-    with kept_vectors(out, vectors_path(since)) as kept:
-        photos = Photos(index.points, _recorded_fingerprint, kept, KeptVectors(vectors_path(since)))
+    beside = vectors_path(since.resolve())  # beside the file a link names, as its state is
+    with kept_vectors(out, beside) as kept:
+        photos = Photos(index.points, _recorded_fingerprint, kept, KeptVectors(beside))
         return _delta_kept(index, rules, previous, photos, out, fmt, progress)
 
 

@@ -138,11 +138,12 @@ class VectorsWriter:
         self._rows = 0
         self._dim = 0
         self._pending: list[memoryview] = []  # rows not yet written: written a few MiB at a time
+        self.failed: OSError | None = None  # what stopped it writing
         self._pending_bytes = 0
 
     def keep(self, product_id: str, fingerprint: str, rows: np.ndarray) -> None:
         """Keep a product's photos (once: a product in two classes is one entry)."""
-        if product_id in self._entries or not is_recorded(fingerprint):
+        if product_id in self._entries or not is_recorded(fingerprint) or self.failed is not None:
             return
         rows = np.ascontiguousarray(np.atleast_2d(rows), dtype=np.float32)
         if self._dim and rows.shape[1] != self._dim:
@@ -153,6 +154,8 @@ class VectorsWriter:
         if self._pending_bytes >= _WRITE_BYTES:
             self._write(b"".join(self._pending))
             self._pending, self._pending_bytes = [], 0
+            if self.failed is not None:
+                return
         self._entries[product_id] = [product_id, fingerprint, self._rows, len(rows), zlib.crc32(rows.data)]
         self._rows += len(rows)
 
@@ -165,11 +168,17 @@ class VectorsWriter:
     def finish(self) -> None:
         index = json.dumps({"dim": self._dim or 1, "entries": list(self._entries.values())}).encode()
         self._write(b"".join([*self._pending, memoryview(index)]))
-        trailer = zlib.crc32(index).to_bytes(4, "little") + len(index).to_bytes(8, "little") + MAGIC
-        self._file().write(trailer)
+        self._write(zlib.crc32(index).to_bytes(4, "little") + len(index).to_bytes(8, "little") + MAGIC)
+        if self.failed is not None:
+            raise self.failed
 
     def _write(self, data: bytes) -> None:
-        self._file().write(data)
+        if self.failed is not None:
+            return
+        try:
+            self._file().write(data)
+        except OSError as exc:  # a cache: the feed goes on without it (`kept_vectors` says so)
+            self.failed = exc
 
     def _file(self) -> IO[bytes]:
         if self._raw is None:
@@ -190,13 +199,22 @@ def kept_vectors(feed: Path, previous: Path | None = None) -> Iterator[VectorsWr
     read no photo (`previous`: the vectors file of the feed it mends) keeps that file as it is, a link
     to it: what it holds of products changed or gone since is never taken (their fingerprints differ)."""
     target = vectors_path(feed)
-    with ExitStack() as stack:
-        writer = VectorsWriter(lambda: stack.enter_context(replacing(target, durable=False)))
-        yield writer
-        if len(writer) or previous is None or not previous.is_file():
-            writer.finish()
-        elif not (target.exists() and os.path.samefile(previous, target)):
-            _link(previous, target)
+    made = False  # the feed is made: from here a failure of this cache's file is only logged
+    try:
+        with ExitStack() as stack:
+            writer = VectorsWriter(lambda: stack.enter_context(replacing(target, durable=False)))
+            yield writer
+            made = True
+            if writer.failed is not None:
+                raise writer.failed
+            if len(writer) or previous is None or not previous.is_file():
+                writer.finish()
+            elif not (target.exists() and os.path.samefile(previous, target)):
+                _link(previous, target)
+    except OSError as exc:
+        if not made:
+            raise
+        log.warning("%s not written (%s): the next delta reads its photos from the store", target, exc)
 
 
 def _link(previous: Path, target: Path) -> None:
@@ -254,8 +272,8 @@ class Photos:
         for product_id, fingerprint in prints.items():
             if is_recorded(fingerprint) and (rows := self._previous.get(product_id, fingerprint)) is not None:
                 found[product_id] = rows
+                self.reused += 0 if self._writer.kept(product_id) else len(rows)  # in two classes: once
                 self._writer.keep(product_id, fingerprint, rows)
-        self.reused += sum(len(rows) for rows in found.values())
         unread = [p for p in prints if p not in found]
         for point in self._read(unread) if unread else ():
             found[point.product_id] = point.photo_vectors
