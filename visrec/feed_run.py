@@ -30,6 +30,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -155,6 +156,11 @@ class _Old:
     neighbours: tuple[str, ...]  # the products it kept (`Listed.kept`)
     radius: float | None  # what it kept is complete this far (None: all of its class; -1: no class)
     listed_by: Any  # with no class: the lists' values that hold it (`neighbours.listed_by`), as read
+
+    @cached_property
+    def known(self) -> ClassKey | None:
+        """Its class (`neighbours.match_key` of its `same` values), worked out once."""
+        return None if self.key is None else match_key(self.key)
 
     def reaches(self, distance: float, product_id: str) -> bool:
         """Whether a product this far would have been kept: before the last one kept by (distance,
@@ -294,17 +300,18 @@ def _delta_kept(
     entered, searched_around = _reached(index, classes, rules, sorted(moved), now, old, progress)
     # A class read whole now and not by the previous feed, or the other way round (it grew, shrank, or
     # passed another): its lists are searched again, in the arithmetic a full feed now uses for them.
-    before = Counter(known for r in old.values() if (known := _class(r)) is not None)
+    before = Counter(known for r in old.values() if (known := r.known) is not None)
     read_before = previous.header.get("classes_read", CLASSES_READ)  # a state from before: 64
     if not (read_before is None or (isinstance(read_before, int) and read_before >= 0)):
         read_before = CLASSES_READ
     switched = set(read).symmetric_difference(classes_read(before, read_before))
-    redo = {p for p in old.keys() & now.keys() - touched if _class(old[p]) in switched}
+    redo = {p for p in old.keys() & now.keys() - touched if old[p].known in switched}
     # Every other list: none of its kept products changed and nothing new came within its reach.
+    searched = touched | redo
     mend = {
         p
         for p, record in old.items()
-        if p not in touched | redo and (p in entered or touched.intersection(record.neighbours))
+        if p not in searched and (p in entered or touched.intersection(record.neighbours))
     }
     compared = mend | redo | (moved & old.keys())  # their lists as the previous feed held them
     kept = {r["id"]: r["n"] for r in previous.read_at(sorted(spans[p] for p in compared))}
@@ -364,10 +371,6 @@ def _delta_kept(
         "uncoloured": 0,
         "photos_reused": photos.reused,
     }
-
-
-def _class(record: _Old) -> ClassKey | None:
-    return None if record.key is None else match_key(record.key)
 
 
 def _typed(values: Sequence[Any] | None) -> tuple[Any, ...] | None:
@@ -459,7 +462,7 @@ def _reached(
     moved products were searched around."""
     farthest: dict[ClassKey, float] = {}  # class → how far its lists reach
     for record in old.values():
-        if (known := _class(record)) is not None and record.radius != -1.0:
+        if (known := record.known) is not None and record.radius != -1.0:
             reach = math.inf if record.radius is None else record.radius
             farthest[known] = max(farthest.get(known, -math.inf), reach)
     around: dict[str, list[ClassKey]] = {}  # moved product → the classes searched around it
