@@ -17,6 +17,12 @@ if [ ${#need[@]} -gt 0 ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null;
 fi
 .venv/bin/ruff check --quiet visrec tests scripts benchmarks
 .venv/bin/mypy visrec tests benchmarks
+# The suite writes real stores, models and snapshots under the temporary folder (docs/reliability.md,
+# the suite's disk): say so up front when the disk is nearly full, not as 200 failed tests.
+free_mb=$(df -Pm "${TMPDIR:-/tmp}" | awk 'NR==2 {print $4}')
+if [ "${free_mb:-0}" -lt 3072 ]; then
+  echo "warning: ${free_mb} MiB free under ${TMPDIR:-/tmp}; the tests need about 3 GiB and will fail for want of it" >&2
+fi
 # Two workers (pytest-xdist; fewer on a 1-CPU machine): the suite runs real services, processes and
 # models, and waits on them as much as it computes; each worker trains the session's tiny model once.
 .venv/bin/python -m pytest -n auto --maxprocesses 2 "$@"
