@@ -34,7 +34,9 @@ searches 1M rows of classes of 100,000.
 
 from __future__ import annotations
 
+import cProfile
 import json
+import pstats
 import resource
 import shutil
 import sys
@@ -237,6 +239,12 @@ def main() -> None:
         action="store_true",
         help="the full feed and its recall only (no deltas); reads the made store, not a copy",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="run each delta under cProfile: its 25 costliest calls printed, the stats kept beside the "
+        "feeds (DELTA.prof); its seconds then include the profiler's cost",
+    )
     args = p.parse_args()
     if args.one_class:
         one_class(args.one_class, min(args.rows, args.one_class), args.k, args.seed)
@@ -267,15 +275,13 @@ def main() -> None:
         full_only(args, row, full, timing)
         return
     row["photos_changed"] = change_photos(index, vectors, labels, args.seed)
-    delta = make_feed(index, rules, feeds / "delta-photos.jsonl", "jsonl", since=feeds / "full.jsonl")
+    delta = _delta(args, index, rules, feeds / "delta-photos.jsonl", feeds / "full.jsonl")
     print(f"delta after 1 % photos: {delta}", file=sys.stderr)
     row["photos_delta"] = {k: delta[k] for k in ("seconds", "moved", "queried", "lists_written", "deleted")}
     started = time.perf_counter()
     change_prices(index, args.size)
     row["price_rewrite_s"] = round(time.perf_counter() - started, 1)
-    prices = make_feed(
-        index, rules, feeds / "delta-prices.jsonl", "jsonl", since=feeds / "delta-photos.jsonl"
-    )
+    prices = _delta(args, index, rules, feeds / "delta-prices.jsonl", feeds / "delta-photos.jsonl")
     print(f"delta after every price: {prices}", file=sys.stderr)
     row["prices_delta"] = {k: prices[k] for k in ("seconds", "moved", "queried", "lists_written", "deleted")}
     index.close()
@@ -294,6 +300,17 @@ def main() -> None:
         f"{row['prices_delta']['queried']} | {row['prices_delta']['lists_written']} | ≤ 5 %, empty |",
     ]
     _report(args, row, lines)
+
+
+def _delta(args: Any, index: VectorIndex, rules: FeedRules, out: Path, since: Path) -> dict[str, Any]:
+    """A delta on `since` at `out`, profiled with --profile."""
+    if not args.profile:
+        return make_feed(index, rules, out, "jsonl", since=since)
+    profiler = cProfile.Profile()
+    summary = profiler.runcall(make_feed, index, rules, out, "jsonl", since=since)
+    profiler.dump_stats(out.with_suffix(".prof"))
+    pstats.Stats(profiler, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
+    return summary
 
 
 def _report(args: Any, row: dict[str, Any], lines: list[str]) -> None:

@@ -256,12 +256,17 @@ def _state_parsed(line: bytes) -> Any:
 
 
 class StateWriter:
-    """The state's lines: the header, a record per product, the trailer (`finish`)."""
+    """The state's lines: the header, a record per product, the trailer (`finish`). The trailer names
+    the products its lists hold that have no record (deleted while the feed ran: `unlisted`), so that a
+    delta need not gather every list's products to find them."""
 
     def __init__(self, raw: IO[bytes], header: dict[str, Any]) -> None:
         self._raw = raw
-        self._sha256 = hashlib.sha256()  # of every line before the trailer: a delta checks it
+        self._sha256 = hashlib.sha256()  # of the lines before the trailer, and its `unlisted`
         self.products = 0
+        self.recorded: set[str] = set()  # the products recorded through `record`
+        self.held: set[str] = set()  # the products their lists hold
+        self.unlisted: set[str] | None = None  # set by a writer that also copies records (a delta)
         self._line({"kind": STATE_KIND, "version": STATE_VERSION, **header})
 
     def _line(self, data: dict[str, Any]) -> None:
@@ -270,6 +275,8 @@ class StateWriter:
     def record(self, listed: Listed) -> None:
         self._line(state_record(listed))
         self.products += 1
+        self.recorded.add(listed.product_id)
+        self.held.update(n[0] for n in listed.kept)
 
     def write_raw(self, data: bytes) -> None:
         """Lines copied as they were (a delta's unchanged records: `StateFile.copy_span`)."""
@@ -277,8 +284,15 @@ class StateWriter:
         self._raw.write(data)
 
     def finish(self, feed_sha256: str) -> None:
-        trailer = {"end": True, "products": self.products, "feed_sha256": feed_sha256}
+        unlisted = sorted(self.held - self.recorded if self.unlisted is None else self.unlisted)
+        self._sha256.update(_unlisted_bytes(unlisted))
+        trailer = {"end": True, "products": self.products, "feed_sha256": feed_sha256, "unlisted": unlisted}
         self._raw.write(_state_line({**trailer, "state_sha256": self._sha256.hexdigest()}))
+
+
+def _unlisted_bytes(unlisted: list[str]) -> bytes:
+    """What the state's checksum covers of its trailer's `unlisted`."""
+    return b"unlisted:" + orjson.dumps(unlisted)
 
 
 @dataclass
@@ -404,24 +418,21 @@ class StateFile:
 
     def records(self) -> Iterator[tuple[dict[str, Any], int, int]]:
         """Each product's record, and where its line lies in the file (offset, length). Raises `Refused`
-        for a line that is not one (the state was damaged after it was written)."""
+        for a line that is not one, or lines the trailer's checksum does not match (the state was
+        damaged after it was written), once it comes to them."""
         with os.fdopen(os.dup(self.fd), "rb") as f:
             f.seek(0)
-            header = f.readline()
-            offset, digest = len(header), hashlib.sha256(header)
+            offset = len(f.readline())  # the header's
             for line in f:
                 try:
                     record = _state_parsed(line)
                 except ValueError:
                     record = None
                 if isinstance(record, dict) and "end" in record:
-                    if record.get("state_sha256", digest.hexdigest()) != digest.hexdigest():
-                        raise Refused(
-                            f"the state {self.path} was changed after it was written (its checksum "
-                            "differs): make a full feed (without --since)"
-                        )
+                    self._check(offset, record)
+                    self.trailer.clear()
+                    self.trailer.update(record)  # the one checked
                     return
-                digest.update(line)
                 if not isinstance(record, dict) or not record.keys() >= _RECORD_KEYS:
                     raise Refused(
                         f"the state {self.path} is damaged at byte {offset}: "
@@ -429,6 +440,37 @@ class StateFile:
                     )
                 yield record, offset, len(line)
                 offset += len(line)
+
+    def _check(self, end: int, trailer: dict[str, Any]) -> None:
+        """Raise `Refused` unless the trailer's checksum is that of the lines before it (read again, a
+        few MiB at a time: hashing line by line costs twice as much) and its `unlisted`."""
+        digest, done = hashlib.sha256(), 0
+        while done < end:
+            chunk = os.pread(self.fd, min(end - done, 8 << 20), done)
+            if not chunk:
+                break
+            digest.update(chunk)
+            done += len(chunk)
+        if "unlisted" in trailer:  # from before it, a state has none: `unlisted` says None
+            try:
+                digest.update(_unlisted_bytes(trailer["unlisted"]))
+            except TypeError:
+                digest = hashlib.sha256(b"not a list of ids")
+        if trailer.get("state_sha256", digest.hexdigest()) != digest.hexdigest():
+            raise Refused(
+                f"the state {self.path} was changed after it was written (its checksum differs): "
+                "make a full feed (without --since)"
+            )
+
+    @property
+    def unlisted(self) -> set[str] | None:
+        """The products its lists hold without a record of their own (`StateWriter`), as its trailer
+        names them, or None for a state from before the trailer did (read `records` first: its end
+        checks the trailer against the checksum)."""
+        unlisted = self.trailer.get("unlisted")
+        if not (isinstance(unlisted, list) and all(isinstance(p, str) for p in unlisted)):
+            return None
+        return set(unlisted)
 
     def read_at(self, spans: Iterable[tuple[int, int]]) -> Iterator[dict[str, Any]]:
         """The records at these (offset, length) spans."""

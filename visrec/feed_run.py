@@ -25,12 +25,14 @@ left out of every search, the previous feed's as this one's (a delta needs the s
 
 from __future__ import annotations
 
+import gc
 import math
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from functools import cached_property
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import replace
 from operator import itemgetter
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -56,7 +58,6 @@ from visrec.neighbours import (
     batches,
     check_against,
     class_filters,
-    class_of,
     classes_listing,
     classes_read,
     fingerprint,
@@ -99,11 +100,12 @@ def make_feed(
     """The feed at `out` (a delta on `since`'s state when given) and its summary."""
     started = time.monotonic()
     check_against(index, rules)
-    if since is None:
-        summary = _full(index, rules, out, fmt, progress)
-    else:
-        refuse_untracked(rules)
-        summary = _delta(index, rules, since, out, fmt, progress)
+    with _cycles_uncollected():
+        if since is None:
+            summary = _full(index, rules, out, fmt, progress)
+        else:
+            refuse_untracked(rules)
+            summary = _delta(index, rules, since, out, fmt, progress)
     return {
         "feed": str(out),
         "state": str(out.with_name(out.name + ".state")),
@@ -115,6 +117,33 @@ def make_feed(
         **summary,
         "seconds": round(time.monotonic() - started, 2),
     }
+
+
+_runs_lock = threading.Lock()
+_runs = 0  # feeds under way in this process (a service runs them as read jobs, several at a time)
+_collecting = False  # whether the cycle collector ran before the first of them
+
+
+@contextmanager
+def _cycles_uncollected() -> Iterator[None]:
+    """Pause Python's cycle collector while feeds run (the first one in pauses it, the last one out
+    resumes it as it was): a delta holds a previous state's 100,000 records and parses tens of
+    thousands more, and every collection walks them all: 3.7x the parsing's own time, measured.
+    Cycles made meanwhile (by the feed, or by a service's other threads) are collected once the last
+    feed ends; memory freed by reference counts, nearly all of it, is freed as before."""
+    global _runs, _collecting
+    with _runs_lock:
+        if not _runs:
+            _collecting = gc.isenabled()
+            gc.disable()
+        _runs += 1
+    try:
+        yield
+    finally:
+        with _runs_lock:
+            _runs -= 1
+            if not _runs and _collecting:
+                gc.enable()
 
 
 def _full(
@@ -147,20 +176,30 @@ def _recorded_fingerprint(payload: dict[str, Any]) -> str:
     return fingerprint(payload, None)
 
 
-@dataclass(frozen=True)
 class _Old:
-    """What a delta keeps of a previous list: what says its product changed, and its reach."""
+    """What a delta keeps of a previous list: what says its product changed, and its reach (a plain
+    class with slots: a delta makes one per product of the previous feed)."""
 
-    fingerprint: str
-    key: tuple[Any, ...] | None
-    neighbours: tuple[str, ...]  # the products it kept (`Listed.kept`)
-    radius: float | None  # what it kept is complete this far (None: all of its class; -1: no class)
-    listed_by: Any  # with no class: the lists' values that hold it (`neighbours.listed_by`), as read
+    __slots__ = ("fingerprint", "key", "neighbours", "radius", "listed_by", "_known")
 
-    @cached_property
+    def __init__(
+        self,
+        fingerprint: str,
+        key: tuple[Any, ...] | None,
+        neighbours: tuple[str, ...],  # the products it kept (`Listed.kept`)
+        radius: float | None,  # what it kept is complete this far (None: all of its class; -1: no class)
+        listed_by: Any,  # with no class: the lists' values that hold it (`neighbours.listed_by`), as read
+    ) -> None:
+        self.fingerprint, self.key, self.neighbours = fingerprint, key, neighbours
+        self.radius, self.listed_by = radius, listed_by
+        self._known: ClassKey | None | bool = False  # False: not worked out yet
+
+    @property
     def known(self) -> ClassKey | None:
         """Its class (`neighbours.match_key` of its `same` values), worked out once."""
-        return None if self.key is None else match_key(self.key)
+        if self._known is False:
+            self._known = None if self.key is None else match_key(self.key)
+        return self._known  # type: ignore[return-value]
 
     def reaches(self, distance: float, product_id: str) -> bool:
         """Whether a product this far would have been kept: before the last one kept by (distance,
@@ -233,9 +272,10 @@ def _now(
     for payload in index.all_payloads(rules.filters, fields):
         product_id = str(payload["product_id"])
         key = same_key(payload, rules.same)
-        now[product_id] = _Now(fingerprint(payload, None), key, listed_by(payload, rules.same))
-        if (known := class_of(payload, rules.same)) is not None:
-            sizes[known] += 1
+        held = listed_by(payload, rules.same) if key is None else None  # `listed_by`: None with a class
+        now[product_id] = _Now(fingerprint(payload, None), key, held)
+        if key is not None:
+            sizes[match_key(key)] += 1
         if not payload.get("vectors_hash"):
             unhashed.append(product_id)
         if len(now) % 10_000 == 0:
@@ -275,9 +315,14 @@ def _delta_kept(
     did not change), which keeps them for the next."""
     old: dict[str, _Old] = {}
     spans: dict[str, tuple[int, int]] = {}  # where each record lies in the previous state
+    in_lists: set[str] = set()  # every product the previous lists hold, where its trailer does not say
+    gather = previous.unlisted is None  # which of them have no record (`StateFile.unlisted`)
+    first = itemgetter(0)
     for record, offset, length in previous.records():
         key = None if record["key"] is None else tuple(record["key"])
-        neighbours = tuple(n[0] for n in record["n"])
+        neighbours = tuple(map(first, record["n"]))
+        if gather:
+            in_lists.update(neighbours)
         old[record["id"]] = _Old(record["fp"], key, neighbours, record["r"], record.get("in"))
         spans[record["id"]] = (offset, length)
     now, sizes = _now(index, rules, progress)
@@ -291,11 +336,14 @@ def _delta_kept(
         for p, listed in now.items()
         if p not in old
         or old[p].fingerprint != listed.fingerprint
-        or _typed(old[p].key) != _typed(listed.key)
-        or _typed(old[p].listed_by) != _typed(listed.listed_by)
+        or not _alike(old[p].key, listed.key)
+        or not _alike(old[p].listed_by, listed.listed_by)
     }
     # A neighbour deleted while the previous feed ran is in lists but had no line of its own.
-    vanished = set().union(*(record.neighbours for record in old.values())) - now.keys()
+    unlisted = in_lists if gather else previous.unlisted  # now checked against the state's checksum
+    if unlisted is None:
+        raise Refused(f"the state {previous.path} changed while it was read: make a full feed (no --since)")
+    vanished = unlisted - now.keys()
     touched = gone | moved | vanished
     entered, searched_around = _reached(index, classes, rules, sorted(moved), now, old, progress)
     # A class read whole now and not by the previous feed, or the other way round (it grew, shrank, or
@@ -330,9 +378,10 @@ def _delta_kept(
         for listed in lists_for(
             index, [(p, payloads[p]) for p in ids if p in payloads], rules, searcher=classes
         ):
-            lists[listed.product_id] = listed
+            lists[listed.product_id] = _as_read_first(listed, now.get(listed.product_id))
         _tell(progress, "neighbours", min(start + BATCH, len(ordered)), len(ordered))
-    gone |= {p for p in search if p in old and p not in lists}  # deleted since it was read
+    late = {p for p in search if p in old and p not in lists}  # deleted since it was read
+    gone |= late
     photos.carry({p: listed.fingerprint for p, listed in now.items()})  # the classes it did not read
 
     def produce(writer: FeedWriter, state: StateWriter) -> None:
@@ -358,6 +407,10 @@ def _delta_kept(
             previous.copy_span(state, run_start, run_end, run)
         for listed in lists.values():  # new to the feed
             state.record(listed)
+        # The lists copied hold products unchanged, all recorded but those deleted since they were read
+        # (`late`); the lists written may hold those, products added since, and products gone before
+        # the store was read and written again since (a class read after it holds them), none recorded.
+        state.unlisted = late | {p for p in state.held - state.recorded if p not in old or p in gone}
 
     written: Written = write_feed(out, fmt, False, _header(index, rules, limit), produce)
     return {
@@ -373,13 +426,34 @@ def _delta_kept(
     }
 
 
-def _typed(values: Sequence[Any] | None) -> tuple[Any, ...] | None:
-    """`same` values (or `listed_by`'s lists of them) with their types: any change of spelling moves a
-    product (True and 1 are two classes though Python holds them equal; 1 and 1.0 are one, and moving
-    such a product costs a search, never a list)."""
-    if values is None:
-        return None
-    return tuple(_typed(v) if isinstance(v, list | tuple) else (type(v).__name__, v) for v in values)
+def _as_read_first(listed: Listed, first: _Now | None) -> Listed:
+    """A list searched by a delta, recorded under what the delta read of its product first (`_now`),
+    not what the search read: a write meanwhile (new photos, another class) may postdate vectors
+    other lists were chosen with (a class read earlier), and a record that already says it would
+    never move the product, so those lists would never be searched again. Recorded as read first,
+    the next delta sees the change and moves it. A product added since is recorded under no
+    fingerprint (one no read gives), and moves too."""
+    if first is None:
+        return replace(listed, fingerprint="")
+    return replace(listed, fingerprint=first.fingerprint, key=first.key, listed_by=first.listed_by)
+
+
+def _alike(before: Sequence[Any] | None, now: Sequence[Any] | None) -> bool:
+    """Whether `same` values (or `listed_by`'s lists of them) are spelled alike, types too: any change
+    of spelling moves a product (True and 1 are two classes though Python holds them equal; 1 and 1.0
+    are one, and moving such a product costs a search, never a list). A list read from the state and
+    a tuple made now are alike where their values are."""
+    if before is None or now is None:
+        return before is now
+    if len(before) != len(now):
+        return False
+    for b, n in zip(before, now, strict=True):
+        if isinstance(b, list | tuple):
+            if not (isinstance(n, list | tuple) and _alike(b, n)):
+                return False
+        elif type(b) is not type(n) or b != n:
+            return False
+    return True
 
 
 def _mended(

@@ -257,7 +257,8 @@ class Photos:
         previous: KeptVectors | None = None,
     ) -> None:
         self._read, self._fingerprint = read, fingerprint
-        self._writer, self._previous = writer, previous or KeptVectors(None)
+        self._writer = writer
+        self._previous = KeptVectors(None) if previous is None else previous  # `or` would read its index
         self._unchecked = True  # its photos' length, against the store's: at the first class read
         self.reused = 0
 

@@ -159,7 +159,7 @@ def listed_by(payload: dict[str, Any], same: Sequence[str]) -> tuple[tuple[SameV
 def match_key(key: Sequence[SameValue]) -> ClassKey:
     """What a class's filters compare of its `same` values: the class itself. 1, 1.0 and -0.0 against
     0 are one number each (`with_same` asks a number's range, as a float), True is no number."""
-    return tuple(_matched(value) for value in key)
+    return tuple(map(_matched, key))
 
 
 def classes_listing(values: Sequence[Sequence[SameValue]], known: Collection[ClassKey]) -> list[ClassKey]:
