@@ -388,7 +388,7 @@ def _assert_delta_makes_now(feeds: Path) -> None:
     assert {p: [(n, m) for n, _, m in entry] for p, entry in applied.items()} == {
         p: [(n, m) for n, _, m in entry] for p, entry in now.items()
     }
-    for product_id, entry in now.items():  # a list moved by less is the same list (`feed_run._same_list`)
+    for product_id, entry in now.items():  # a list moved by less is the same list (`feed_delta._same_list`)
         assert np.allclose(
             [d for _, d, _ in entry], [d for _, d, _ in applied[product_id]], rtol=1e-6, atol=1e-6
         )

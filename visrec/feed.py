@@ -35,8 +35,8 @@ import orjson
 
 from visrec.errors import InvalidSetting, OutputUnwritable, Refused
 from visrec.fs import TEMP_SUFFIX, replacing, sweep_temporaries
-from visrec.index import Hit
-from visrec.neighbours import Listed
+from visrec.index import Hit, VectorIndex
+from visrec.neighbours import FeedRules, Listed, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,29 @@ STATE_KIND = "visrec neighbours state"
 STATE_VERSION = 1
 COLUMNS = ("product_id", "rank", "neighbour_id", "distance", "matched_image", "score", "deleted")
 PARQUET_ROWS = 65_536  # rows a Parquet row group holds: memory stays a row group's
+
+
+Progress = Callable[[str, int, int], None]
+
+
+def tell(progress: Progress | None, stage: str, done: int, total: int) -> None:
+    if progress is not None:
+        progress(stage, done, total)
+
+
+def state_header(index: VectorIndex, rules: FeedRules, limit: int | None = None) -> dict[str, Any]:
+    """What a feed's state says of how it was made (`limit`: how many classes it read whole)."""
+    return {
+        "options": rules.describe(),
+        "collection": index.collection,
+        "model_version": index.metadata().get("model_version", ""),
+        "classes_read": limit,
+    }
+
+
+def recorded_fingerprint(payload: dict[str, Any]) -> str:
+    """What a state records of a product's vectors: the hash sync recorded (`neighbours.fingerprint`)."""
+    return fingerprint(payload, None)
 
 
 def format_of(out: Path, chosen: str | None) -> Format:

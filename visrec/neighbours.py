@@ -8,7 +8,7 @@ choose the products listed as well as their neighbours. A batch's searches (one 
 to the engine in one call (`VectorIndex.search_batch`); the rules then choose per product, as a single
 query does (`query.chosen`). Memory is a batch's vectors and pools, whatever the catalogue's size.
 
-`visrec.feed` writes the lists and keeps what a later delta needs; `visrec.feed_run` works out which
+`visrec.feed` writes the lists and keeps what a later delta needs; `visrec.feed_delta` works out which
 lists a change can reach.
 """
 
