@@ -80,6 +80,24 @@ def _lines(path: Path) -> dict[str, Any]:
     }
 
 
+def _assert_applied_is_now(folder: Path, deltas: list[str]) -> None:
+    """full.jsonl with the deltas applied in turn == now.jsonl: ids, order, photos matched exactly,
+    distances to 1e-6."""
+    applied = _lines(folder / "full.jsonl")
+    for delta in deltas:
+        for product_id, entry in _lines(folder / delta).items():
+            if entry is True:
+                applied.pop(product_id, None)
+            else:
+                applied[product_id] = entry
+    now = _lines(folder / "now.jsonl")
+    assert {p: [(n, m) for n, m, _ in e] for p, e in applied.items()} == {
+        p: [(n, m) for n, m, _ in e] for p, e in now.items()
+    }
+    for product_id, entry in now.items():
+        assert np.allclose([d for *_, d in entry], [d for *_, d in applied[product_id]], rtol=1e-6, atol=1e-6)
+
+
 def _records(feed: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in state_path(feed).read_text().splitlines()[1:-1]]
 
@@ -141,19 +159,7 @@ def test_writes_during_feeds_leave_states_a_quiet_delta_makes_now_from(
         # the delta ran may be named though no list holds it: it costs nothing)
         named, records = set(read_state(root / feed).trailer["unlisted"]), _recorded(root / feed)
         assert named >= _unlisted_as_it_is(root / feed) and not named & records, feed
-    applied = _lines(root / "full.jsonl")
-    for delta in ("delta-1.jsonl", "delta-2.jsonl"):
-        for product_id, entry in _lines(root / delta).items():
-            if entry is True:
-                applied.pop(product_id, None)
-            else:
-                applied[product_id] = entry
-    now = _lines(root / "now.jsonl")
-    assert {p: [(n, m) for n, m, _ in e] for p, e in applied.items()} == {
-        p: [(n, m) for n, m, _ in e] for p, e in now.items()
-    }
-    for product_id, entry in now.items():
-        assert np.allclose([d for *_, d in entry], [d for *_, d in applied[product_id]], rtol=1e-6, atol=1e-6)
+    _assert_applied_is_now(root, ["delta-1.jsonl", "delta-2.jsonl"])
 
 
 def test_a_changed_unlisted_is_refused_and_a_state_without_one_is_read(tmp_path: Path) -> None:
@@ -182,16 +188,7 @@ def test_a_changed_unlisted_is_refused_and_a_state_without_one_is_read(tmp_path:
         summary = make_feed(index, RULES, tmp_path / "delta.jsonl", "jsonl", since=tmp_path / "full.jsonl")
         make_feed(index, RULES, tmp_path / "now.jsonl", "jsonl")
     assert summary["deleted"] == 1
-    applied = _lines(tmp_path / "full.jsonl")
-    for product_id, entry in _lines(tmp_path / "delta.jsonl").items():
-        if entry is True:
-            applied.pop(product_id)
-        else:
-            applied[product_id] = entry
-    now = _lines(tmp_path / "now.jsonl")
-    assert {p: [n for n, _, _ in e] for p, e in applied.items()} == {
-        p: [n for n, _, _ in e] for p, e in now.items()
-    }
+    _assert_applied_is_now(tmp_path, ["delta.jsonl"])
 
 
 def test_a_product_deleted_while_a_delta_searches_its_list_is_named_for_the_lists_it_copied(
@@ -237,14 +234,4 @@ def test_a_product_deleted_while_a_delta_searches_its_list_is_named_for_the_list
     assert "q" in read_state(tmp_path / "delta.jsonl").trailer["unlisted"]
     assert "q" in {n[0] for r in _records(tmp_path / "delta.jsonl") if r["id"] == "p" for n in r["n"]}
     assert summary["queried"] >= 1  # q's list searched
-    applied = _lines(tmp_path / "full.jsonl")
-    for delta in ("delta.jsonl", "after.jsonl"):
-        for product_id, entry in _lines(tmp_path / delta).items():
-            if entry is True:
-                applied.pop(product_id, None)
-            else:
-                applied[product_id] = entry
-    now = _lines(tmp_path / "now.jsonl")
-    assert {p: [n for n, _, _ in e] for p, e in applied.items()} == {
-        p: [n for n, _, _ in e] for p, e in now.items()
-    }
+    _assert_applied_is_now(tmp_path, ["delta.jsonl", "after.jsonl"])
