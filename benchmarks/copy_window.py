@@ -84,7 +84,7 @@ REPLACED = re.compile(
     r"(\d+)\s+written\s+meanwhile\)"
 )
 CAUGHT_UP = re.compile(r"caught\s+up:\s+(\d+)\s+written\s+meanwhile,\s+(\d+)\s+with\s+writes\s+held")
-OPTIMIZED = re.compile(r"optimized\s+\S+\s+in\s+([\d.]+)\s+s")  # visrec.index.compact's line
+OPTIMIZED = re.compile(r"optimized\s+\S+\s+in\s+([\d.]+)\s+s")  # edge_copy's log line of the optimize child
 TARGET_WRITE_P99_MS = 1000.0
 TARGET_SIMILAR_RATIO = 3.0
 TARGET_COPY_RATIO = 1.1

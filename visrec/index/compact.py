@@ -42,7 +42,6 @@ def main() -> int:
         answers.write(json.dumps({"error": f"{type(exc).__name__}: {exc}"}) + "\n")
         return 1
     seconds = time.perf_counter() - started
-    print(f"optimized {folder} in {seconds:.1f} s", file=sys.stderr)
     answers.write(json.dumps({"seconds": seconds}) + "\n")
     return 0
 
