@@ -235,3 +235,44 @@ def test_a_product_deleted_while_a_delta_searches_its_list_is_named_for_the_list
     assert "q" in {n[0] for r in _records(tmp_path / "delta.jsonl") if r["id"] == "p" for n in r["n"]}
     assert summary["queried"] >= 1  # q's list searched
     _assert_applied_is_now(tmp_path, ["delta.jsonl", "after.jsonl"])
+
+
+def test_the_cycle_collector_pauses_while_any_feed_runs_and_resumes_after_the_last(tmp_path: Path) -> None:
+    """Two feeds in two threads of one process (a service runs them as read jobs), each ending while
+    the other runs in turn: the collector is off while either runs, on again once both ended."""
+    import gc
+    import threading
+
+    rng = np.random.default_rng(5)
+    seen: list[bool] = []
+    with open_index(QdrantSettings(path=tmp_path / "s", collection="c")) as index:
+        index.create(6)
+        index.upsert([_point(f"p{i:04d}", i, rng) for i in range(60)])
+        a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+
+        def feed_a() -> None:
+            def progress(*_: Any) -> None:
+                a_in.set()
+                b_in.wait(30)  # B starts while A runs
+                seen.append(gc.isenabled())
+
+            make_feed(index, RULES, tmp_path / "a.jsonl", "jsonl", progress=progress)
+            a_out.set()
+
+        def feed_b() -> None:
+            def progress(*_: Any) -> None:
+                b_in.set()
+                a_out.wait(30)  # A ends while B runs
+                seen.append(gc.isenabled())
+
+            a_in.wait(30)
+            make_feed(index, RULES, tmp_path / "b.jsonl", "jsonl", progress=progress)
+
+        assert gc.isenabled()
+        threads = [threading.Thread(target=feed_a), threading.Thread(target=feed_b)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+    assert seen and not any(seen)
+    assert a_out.is_set() and gc.isenabled()
