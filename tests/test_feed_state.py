@@ -32,15 +32,25 @@ def _kind(n: int) -> int:
     return n % CLASSES if n < 200 else n
 
 
-def _point(product_id: str, n: int, rng: np.random.Generator, step: int = 0) -> IndexPoint:
-    photos = rng.standard_normal((1, 6)).astype(np.float32)
-    payload = {"product_id": product_id, "kind": _kind(n), "vectors_hash": f"{product_id}-{step}"}
+def _point(
+    product_id: str, n: int, rng: np.random.Generator, step: int = 0, kind: int | None = None
+) -> IndexPoint:
+    """A product's point; at step 0 the same photo and vectors hash whenever it is written (so that a
+    product written, then written back, is what it was), at another step a new photo."""
+    photos = (np.random.default_rng(n) if step == 0 else rng).standard_normal((1, 6)).astype(np.float32)
+    chosen = _kind(n) if kind is None else kind
+    payload = {"product_id": product_id, "kind": chosen, "vectors_hash": f"{product_id}-{step}"}
     return IndexPoint(product_id, photos, payload)
 
 
-Write = tuple[str, int]  # (delete | add | photo, which product: in a class read whole, or one of its own)
+# (delete | add | photo | move to another class | back as it was first, which product: in a class read
+# whole, or one of its own)
+Write = tuple[str, int]
 writes = st.lists(
-    st.tuples(st.sampled_from(["delete", "add", "photo"]), st.sampled_from([*range(12), *range(200, 224)])),
+    st.tuples(
+        st.sampled_from(["delete", "add", "photo", "move", "back"]),
+        st.sampled_from([*range(12), *range(200, 224)]),
+    ),
     min_size=1,
     max_size=12,
 )
@@ -51,8 +61,7 @@ WHEN = [1, 2, CLASSES, CLASSES + 1, CLASSES + 2, CLASSES + 3]
 
 
 def _writing_at(index: VectorIndex, at: int, chosen: list[Write], rng: np.random.Generator, step: int) -> Any:
-    """A progress callback that makes the chosen writes at its `at`-th call (the feed goes on after):
-    a product deleted, one added to its class, or its photo changed."""
+    """A progress callback that makes the chosen writes at its `at`-th call (the feed goes on after)."""
     calls = [0]
 
     def progress(stage: str, done: int, total: int) -> None:
@@ -64,9 +73,13 @@ def _writing_at(index: VectorIndex, at: int, chosen: list[Write], rng: np.random
             if kind == "delete":
                 index.delete([product_id])
             elif kind == "add":
-                index.upsert([_point(f"n{step}-{n}", n, rng)])
-            else:
+                index.upsert([_point(f"n{step}-{n}", n, rng, step)])
+            elif kind == "photo":
                 index.upsert([_point(product_id, n, rng, step)])
+            elif kind == "move":
+                index.upsert([_point(product_id, n, rng, 0, kind=_kind(n + 1))])
+            else:
+                index.upsert([_point(product_id, n, rng)])
 
     return progress
 
@@ -121,6 +134,7 @@ def _unlisted_as_it_is(feed: Path) -> set[str]:
     between=writes,
     during_delta=writes,
     delta_at=st.integers(1, 3),
+    written_back=st.lists(st.sampled_from([*range(12), *range(200, 224)]), max_size=4),
 )
 def test_writes_during_feeds_leave_states_a_quiet_delta_makes_now_from(
     tmp_path_factory: pytest.TempPathFactory,
@@ -130,8 +144,15 @@ def test_writes_during_feeds_leave_states_a_quiet_delta_makes_now_from(
     between: list[Write],
     during_delta: list[Write],
     delta_at: int,
+    written_back: list[int],
 ) -> None:
+    """`written_back`: products moved to another class or given a new photo while a feed runs, and
+    written back as they were before the next (a record that matches the store again, though lists
+    made meanwhile saw them otherwise)."""
     root = tmp_path_factory.mktemp("unlisted")
+    changed = [("move" if i % 2 else "photo", n) for i, n in enumerate(written_back)]
+    during_full, during_delta = during_full + changed, during_delta + changed
+    back = [("back", n) for n in written_back]
     rng = np.random.default_rng(seed)
     with open_index(QdrantSettings(path=root / "s", collection="c")) as index:
         index.create(6)
@@ -143,7 +164,7 @@ def test_writes_during_feeds_leave_states_a_quiet_delta_makes_now_from(
             "jsonl",
             progress=_writing_at(index, full_at, during_full, rng, 1),
         )
-        _writing_at(index, 1, between, rng, 2)("sync", 0, 0)  # a sync between the two
+        _writing_at(index, 1, back + between, rng, 2)("sync", 0, 0)  # a sync between the two
         make_feed(
             index,
             RULES,
@@ -152,6 +173,7 @@ def test_writes_during_feeds_leave_states_a_quiet_delta_makes_now_from(
             since=root / "full.jsonl",
             progress=_writing_at(index, delta_at, during_delta, rng, 3),
         )
+        _writing_at(index, 1, back, rng, 4)("sync", 0, 0)
         make_feed(index, RULES, root / "delta-2.jsonl", "jsonl", since=root / "delta-1.jsonl")
         make_feed(index, RULES, root / "now.jsonl", "jsonl")
     for feed in ("full.jsonl", "delta-1.jsonl", "delta-2.jsonl", "now.jsonl"):
@@ -182,7 +204,7 @@ def test_a_changed_unlisted_is_refused_and_a_state_without_one_is_read(tmp_path:
         with pytest.raises(Refused, match="changed after it was written"):
             make_feed(index, RULES, tmp_path / "delta.jsonl", "jsonl", since=tmp_path / "full.jsonl")
 
-        del end["unlisted"]
+        del end["unlisted"], end["written"]
         end["state_sha256"] = hashlib.sha256(b"".join(lines)).hexdigest()
         state.write_bytes(b"".join(lines) + json.dumps(end).encode() + b"\n")
         summary = make_feed(index, RULES, tmp_path / "delta.jsonl", "jsonl", since=tmp_path / "full.jsonl")
@@ -276,3 +298,45 @@ def test_the_cycle_collector_pauses_while_any_feed_runs_and_resumes_after_the_la
             thread.join(60)
     assert seen and not any(seen)
     assert a_out.is_set() and gc.isenabled()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        "no checksum",  # an outside review: a trailer without one passed every edit
+        "a record of other types, checksummed again",  # the checksum is no seal: a clear refusal all the same
+        "a loop of links",
+    ],
+)
+def test_a_state_without_its_checksum_of_other_types_or_behind_a_loop_is_refused(
+    tmp_path: Path, edit: str
+) -> None:
+    import hashlib
+
+    rng = np.random.default_rng(4)
+    with open_index(QdrantSettings(path=tmp_path / "s", collection="c")) as index:
+        index.create(6)
+        index.upsert([_point(f"p{i:04d}", i, rng) for i in range(30)])
+        make_feed(index, RULES, tmp_path / "full.jsonl", "jsonl")
+        state = state_path(tmp_path / "full.jsonl")
+        header, *records, trailer = state.read_bytes().splitlines(keepends=True)
+        end = json.loads(trailer)
+        since = tmp_path / "full.jsonl"
+        if edit == "no checksum":
+            del end["state_sha256"]
+            state.write_bytes(header + b"".join(records) + json.dumps(end).encode() + b"\n")
+        elif edit.startswith("a record"):
+            first = json.loads(records[0])
+            records[0] = json.dumps({**first, "n": 7, "key": 3}).encode() + b"\n"
+            lists = b"".join(
+                name.encode() + b":" + json.dumps(end[name]).encode() for name in ("unlisted", "written")
+            )
+            end["state_sha256"] = hashlib.sha256(header + b"".join(records) + lists).hexdigest()
+            state.write_bytes(header + b"".join(records) + json.dumps(end).encode() + b"\n")
+        else:
+            since = tmp_path / "loop-a"
+            since.symlink_to(tmp_path / "loop-b")
+            (tmp_path / "loop-b").symlink_to(since)
+        said = {"no checksum": "changed after it was written", "a loop of links": "cannot be followed"}
+        with pytest.raises(Refused, match=said.get(edit, "is damaged at byte")):
+            make_feed(index, RULES, tmp_path / "delta.jsonl", "jsonl", since=since)

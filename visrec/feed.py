@@ -285,11 +285,12 @@ class StateWriter:
 
     def __init__(self, raw: IO[bytes], header: dict[str, Any]) -> None:
         self._raw = raw
-        self._sha256 = hashlib.sha256()  # of the lines before the trailer, and its `unlisted`
+        self._sha256 = hashlib.sha256()  # of the lines before the trailer, and its lists of ids
         self.products = 0
         self.recorded: set[str] = set()  # the products recorded through `record`
         self.held: set[str] = set()  # the products their lists hold
         self.unlisted: set[str] | None = None  # set by a writer that also copies records (a delta)
+        self.written: set[str] = set()  # the products written while the feed ran (`make_feed` says)
         self._line({"kind": STATE_KIND, "version": STATE_VERSION, **header})
 
     def _line(self, data: dict[str, Any]) -> None:
@@ -308,14 +309,26 @@ class StateWriter:
 
     def finish(self, feed_sha256: str) -> None:
         unlisted = sorted(self.held - self.recorded if self.unlisted is None else self.unlisted)
-        self._sha256.update(_unlisted_bytes(unlisted))
-        trailer = {"end": True, "products": self.products, "feed_sha256": feed_sha256, "unlisted": unlisted}
+        trailer = {
+            "end": True,
+            "products": self.products,
+            "feed_sha256": feed_sha256,
+            "unlisted": unlisted,
+            "written": sorted(self.written),
+        }
+        self._sha256.update(_listed_bytes(trailer))
         self._raw.write(_state_line({**trailer, "state_sha256": self._sha256.hexdigest()}))
 
 
-def _unlisted_bytes(unlisted: list[str]) -> bytes:
-    """What the state's checksum covers of its trailer's `unlisted`."""
-    return b"unlisted:" + orjson.dumps(unlisted)
+TRAILER_LISTS = ("unlisted", "written")  # a state from before them has neither: each then says None
+
+
+def _listed_bytes(trailer: dict[str, Any]) -> bytes:
+    """What the state's checksum covers of its trailer's lists of ids (raises TypeError for a list that
+    is not one)."""
+    return b"".join(
+        name.encode() + b":" + orjson.dumps(trailer[name]) for name in TRAILER_LISTS if name in trailer
+    )
 
 
 @dataclass
@@ -368,8 +381,16 @@ def _keep_previous_state(out: Path) -> None:
         temporary.unlink(missing_ok=True)
 
 
-def write_feed(out: Path, fmt: Format, scored: bool, header: dict[str, Any], produce: Produce) -> Written:
-    """Write the feed at `out` and its state beside it: `produce` writes both through the writers.
+def write_feed(
+    out: Path,
+    fmt: Format,
+    scored: bool,
+    header: dict[str, Any],
+    produce: Produce,
+    meanwhile: Callable[[], set[str]] = set,
+) -> Written:
+    """Write the feed at `out` and its state beside it: `produce` writes both through the writers;
+    `meanwhile` names the products written meanwhile, once it is done (`StateWriter.written`).
     Either both are replaced (the state first) or neither; raises `OutputUnwritable` for a file
     that cannot be written."""
     written = Written()
@@ -385,6 +406,7 @@ def write_feed(out: Path, fmt: Format, scored: bool, header: dict[str, Any], pro
                 header = {**header, "feed": out.name, "format": fmt, "made_at": datetime.now(UTC).isoformat()}
                 state = StateWriter(raw_state, header)
                 produce(counting, state)
+                state.written = meanwhile()
                 writer.close()
                 hashing.flush()
                 state.finish(hashing.sha256.hexdigest())
@@ -466,7 +488,7 @@ class StateFile:
 
     def _check(self, end: int, trailer: dict[str, Any]) -> None:
         """Raise `Refused` unless the trailer's checksum is that of the lines before it (read again, a
-        few MiB at a time: hashing line by line costs twice as much) and its `unlisted`."""
+        few MiB at a time: hashing line by line costs twice as much) and its lists of ids."""
         digest, done = hashlib.sha256(), 0
         while done < end:
             chunk = os.pread(self.fd, min(end - done, 8 << 20), done)
@@ -474,12 +496,11 @@ class StateFile:
                 break
             digest.update(chunk)
             done += len(chunk)
-        if "unlisted" in trailer:  # from before it, a state has none: `unlisted` says None
-            try:
-                digest.update(_unlisted_bytes(trailer["unlisted"]))
-            except TypeError:
-                digest = hashlib.sha256(b"not a list of ids")
-        if trailer.get("state_sha256", digest.hexdigest()) != digest.hexdigest():
+        try:
+            digest.update(_listed_bytes(trailer))
+        except TypeError:
+            digest = hashlib.sha256(b"not lists of ids")
+        if trailer.get("state_sha256") != digest.hexdigest():  # one without a checksum too
             raise Refused(
                 f"the state {self.path} was changed after it was written (its checksum differs): "
                 "make a full feed (without --since)"
@@ -490,10 +511,19 @@ class StateFile:
         """The products its lists hold without a record of their own (`StateWriter`), as its trailer
         names them, or None for a state from before the trailer did (read `records` first: its end
         checks the trailer against the checksum)."""
-        unlisted = self.trailer.get("unlisted")
-        if not (isinstance(unlisted, list) and all(isinstance(p, str) for p in unlisted)):
+        return self._ids("unlisted")
+
+    @property
+    def written(self) -> set[str]:
+        """The products written while its feed ran, as its trailer names them (none for a state from
+        before it did; read `records` first)."""
+        return self._ids("written") or set()
+
+    def _ids(self, name: str) -> set[str] | None:
+        ids = self.trailer.get(name)
+        if not (isinstance(ids, list) and all(isinstance(p, str) for p in ids)):
             return None
-        return set(unlisted)
+        return set(ids)
 
     def read_at(self, spans: Iterable[tuple[int, int]]) -> Iterator[dict[str, Any]]:
         """The records at these (offset, length) spans."""
@@ -523,7 +553,10 @@ def read_state(feed: Path) -> StateFile:
     """The state of the feed at `feed` (a link is followed: the state is beside the file it names).
     Raises `Refused` (make a full feed) for a missing, unfinished or foreign state, or a feed that is
     not the one it describes."""
-    target = feed.resolve()
+    try:
+        target = feed.resolve()
+    except (OSError, RuntimeError) as exc:  # a loop of links
+        raise Refused(f"{feed} cannot be followed ({exc}): make a full feed (without --since)") from None
     try:
         return _state_of(feed, target, state_path(target))
     except Refused:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from operator import itemgetter
 from pathlib import Path
@@ -192,14 +192,20 @@ Entered = dict[str, list[tuple[str, float, int]]]  # list → (moved product, it
 
 
 def delta(
-    index: VectorIndex, rules: FeedRules, since: Path, out: Path, fmt: Format, progress: Progress | None
+    index: VectorIndex,
+    rules: FeedRules,
+    since: Path,
+    out: Path,
+    fmt: Format,
+    progress: Progress | None,
+    written: Callable[[], set[str]],
 ) -> dict[str, Any]:
     previous = read_state(since)
     _check_comparable(previous, index, rules)
     beside = vectors_path(since.resolve())  # beside the file a link names, as its state is
     with kept_vectors(out, beside) as kept:
         photos = Photos(index.points, recorded_fingerprint, kept, KeptVectors(beside))
-        return _delta_kept(index, rules, previous, photos, out, fmt, progress)
+        return _delta_kept(index, rules, previous, photos, out, fmt, progress, written)
 
 
 def _delta_kept(
@@ -210,6 +216,7 @@ def _delta_kept(
     out: Path,
     fmt: Format,
     progress: Progress | None,
+    written: Callable[[], set[str]],
 ) -> dict[str, Any]:
     """A delta on `previous`, its classes' photos read through `photos` (the previous feed's where they
     did not change), which keeps them for the next."""
@@ -219,11 +226,16 @@ def _delta_kept(
     gather = previous.unlisted is None  # which of them have no record (`StateFile.unlisted`)
     first = itemgetter(0)
     for record, offset, length in previous.records():
-        key = None if record["key"] is None else tuple(record["key"])
-        neighbours = tuple(map(first, record["n"]))
-        if gather:
-            in_lists.update(neighbours)
-        old[record["id"]] = _Old(record["fp"], key, neighbours, record["r"], record.get("in"))
+        try:
+            key = None if record["key"] is None else tuple(record["key"])
+            neighbours = tuple(map(first, record["n"]))
+            if gather:
+                in_lists.update(neighbours)
+            old[record["id"]] = _Old(record["fp"], key, neighbours, record["r"], record.get("in"))
+        except (TypeError, KeyError, IndexError):  # fields of other types than a state writes
+            raise Refused(
+                f"the state {previous.path} is damaged at byte {offset}: make a full feed (without --since)"
+            ) from None
         spans[record["id"]] = (offset, length)
     now, sizes = _now(index, rules, progress)
     fields = list(dict.fromkeys([*rules.listed_fields(), *rules.hit_fields()]))
@@ -231,10 +243,12 @@ def _delta_kept(
     read = classes_read(sizes, limit)
     classes = Classes(index, fields, [class_filters(rules, known) for known in read], photos)
     gone = old.keys() - now.keys()
+    rewritten = previous.written  # while the previous feed ran: its lists may hold them as they were then
     moved = {
         p
         for p, listed in now.items()
         if p not in old
+        or p in rewritten
         or old[p].fingerprint != listed.fingerprint
         or not _alike(old[p].key, listed.key)
         or not _alike(old[p].listed_by, listed.listed_by)
@@ -312,15 +326,15 @@ def _delta_kept(
         # the store was read and written again since (a class read after it holds them), none recorded.
         state.unlisted = late | {p for p in state.held - state.recorded if p not in old or p in gone}
 
-    written: Written = write_feed(out, fmt, False, state_header(index, rules, limit), produce)
+    made: Written = write_feed(out, fmt, False, state_header(index, rules, limit), produce, written)
     return {
-        "products": written.state_products,
+        "products": made.state_products,
         "moved": len(moved),
         "searched_around": searched_around,
         "queried": len(ordered),
         "mended": len(mend) - len(search - moved - redo),
-        "lists_written": written.lists,
-        "deleted": written.deleted,
+        "lists_written": made.lists,
+        "deleted": made.deleted,
         "uncoloured": 0,
         "photos_reused": photos.reused,
     }

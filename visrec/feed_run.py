@@ -10,7 +10,7 @@ from __future__ import annotations
 import gc
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -42,12 +42,19 @@ def make_feed(
     """The feed at `out` (a delta on `since`'s state when given) and its summary."""
     started = time.monotonic()
     check_against(index, rules)
-    with _cycles_uncollected():
-        if since is None:
-            summary = _full(index, rules, out, fmt, progress)
-        else:
-            refuse_untracked(rules)
-            summary = delta(index, rules, since, out, fmt, progress)
+    # The products written while it runs (through this handle: on the embedded store, the service's,
+    # all of them) are named in its state's trailer, and the next delta moves them: a list may hold
+    # one as it was between its record and now (written, then written back).
+    watched = index.watch()
+    try:
+        with _cycles_uncollected():
+            if since is None:
+                summary = _full(index, rules, out, fmt, progress, watched.peek)
+            else:
+                refuse_untracked(rules)
+                summary = delta(index, rules, since, out, fmt, progress, watched.peek)
+    finally:
+        watched.close()
     return {
         "feed": str(out),
         "state": str(out.with_name(out.name + ".state")),
@@ -89,7 +96,12 @@ def _cycles_uncollected() -> Iterator[None]:
 
 
 def _full(
-    index: VectorIndex, rules: FeedRules, out: Path, fmt: Format, progress: Progress | None
+    index: VectorIndex,
+    rules: FeedRules,
+    out: Path,
+    fmt: Format,
+    progress: Progress | None,
+    written: Callable[[], set[str]],
 ) -> dict[str, Any]:
     total = index.count(rules.filters)
     counts = {"products": 0, "queried": 0, "uncoloured": 0}
@@ -110,5 +122,5 @@ def _full(
     header = state_header(index, rules, limit)
     with kept_vectors(out) as kept:
         photos = Photos(index.points, recorded_fingerprint, kept)
-        written = write_feed(out, fmt, rules.ranks_by_more_than_distance, header, produce)
-    return {**counts, "lists_written": written.lists, "deleted": 0}
+        made = write_feed(out, fmt, rules.ranks_by_more_than_distance, header, produce, written)
+    return {**counts, "lists_written": made.lists, "deleted": 0}
